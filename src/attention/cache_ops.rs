@@ -1,0 +1,36 @@
+//! Attention directly on a [`KvCache`]: builds the page table and layer view, then runs
+//! the same kernels as [`crate::attention::decode`] / [`crate::attention::prefill`].
+
+use crate::attention::{decode, prefill, AttentionParams};
+use crate::error::Result;
+use crate::kv::{KvCache, SeqId};
+use crate::tensor::{TensorView, TensorViewMut};
+
+impl KvCache {
+    /// Decode attention of one query token per sequence in `ids` at `layer`.
+    /// Shapes as in [`crate::attention::decode`].
+    pub fn decode(&self, layer: usize, ids: &[SeqId], q: &TensorView, out: &mut TensorViewMut, lse: Option<&mut [f32]>, params: &AttentionParams) -> Result<()> {
+        let table = self.page_table(ids)?;
+        let kv = self.layer_view(layer, &table)?;
+        decode(&kv, q, out, lse, params)
+    }
+
+    /// Prefill attention of the last `qo_indptr[b+1] - qo_indptr[b]` tokens of each sequence
+    /// in `ids` at `layer`. Shapes as in [`crate::attention::prefill`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill(
+        &self,
+        layer: usize,
+        ids: &[SeqId],
+        q: &TensorView,
+        qo_indptr: &[i32],
+        out: &mut TensorViewMut,
+        lse: Option<&mut [f32]>,
+        params: &AttentionParams,
+        causal: bool,
+    ) -> Result<()> {
+        let table = self.page_table(ids)?;
+        let kv = self.layer_view(layer, &table)?;
+        prefill(&kv, q, qo_indptr, out, lse, params, causal)
+    }
+}

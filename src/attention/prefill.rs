@@ -1,0 +1,102 @@
+//! Prefill: a chunk of new tokens' queries against the cache, causal.
+
+use rayon::prelude::*;
+
+use crate::attention::kernel::{attend, scaled_queries, write_partials, Ctx, Partial, RowState, Scratch};
+use crate::attention::AttentionParams;
+use crate::error::{Error, Result};
+use crate::kv::PagedKv;
+use crate::tensor::{TensorView, TensorViewMut};
+
+/// Query tokens per task.
+const TILE: usize = 16;
+
+/// Check a ragged query index against the view; returns per-sequence query counts.
+pub(crate) fn check_qo_indptr(kv: &PagedKv, qo_indptr: &[i32], total: usize) -> Result<()> {
+    let batch = kv.batch_size();
+    if qo_indptr.len() != batch + 1 {
+        return Err(Error::shape("qo_indptr", format!("[{}] (batch + 1)", batch + 1), format!("[{}]", qo_indptr.len())));
+    }
+    if qo_indptr[0] != 0 || qo_indptr[batch] as usize != total {
+        return Err(Error::invalid("qo_indptr", format!("qo_indptr[0] == 0 and qo_indptr[batch] == {total} (query rows)")));
+    }
+    for b in 0..batch {
+        let n = qo_indptr[b + 1] - qo_indptr[b];
+        if n < 0 {
+            return Err(Error::invalid("qo_indptr", format!("non-decreasing values, qo_indptr[{}] < qo_indptr[{b}]", b + 1)));
+        }
+        if n as usize > kv.seq_len(b) {
+            return Err(Error::invalid(
+                "qo_indptr",
+                format!("at most seq_len = {} queries for sequence {b} (queries are its last tokens), got {n}", kv.seq_len(b)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Prefill attention. `q` is `[total, num_qo_heads, head_dim]`; rows
+/// `qo_indptr[b]..qo_indptr[b+1]` are the queries of sequence `b` of `kv`'s table, and are its
+/// last tokens (append and write them to the cache first). With `causal`, query `i` of `n`
+/// sees tokens `0..=seq_len - n + i`; without, every token. `out` has q's shape; `lse`, if
+/// given, is `[total, num_qo_heads]`.
+pub fn prefill(
+    kv: &PagedKv,
+    q: &TensorView,
+    qo_indptr: &[i32],
+    out: &mut TensorViewMut,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams,
+    causal: bool,
+) -> Result<()> {
+    let ctx = Ctx::new(kv, q, out, lse.as_deref(), params, "total")?;
+    check_qo_indptr(kv, qo_indptr, q.shape()[0])?;
+    let qs = scaled_queries(q, ctx.scale);
+    let (hq, d, g) = (ctx.num_qo_heads, ctx.d, ctx.group);
+
+    let mut tasks = Vec::new();
+    for b in 0..kv.batch_size() {
+        let (s, e) = (qo_indptr[b] as usize, qo_indptr[b + 1] as usize);
+        for kh in 0..kv.num_kv_heads() {
+            for t0 in (s..e).step_by(TILE) {
+                tasks.push((b, kh, t0, (t0 + TILE).min(e), s, e));
+            }
+        }
+    }
+    // Longest tasks (latest queries see the most keys) first, for better balance.
+    tasks.sort_by_key(|&(b, _, t0, _, s, e)| std::cmp::Reverse(kv.seq_len(b) - (e - s) + (t0 - s)));
+    let parts: Vec<Partial> = tasks
+        .par_iter()
+        .map_init(
+            || Scratch::new(TILE * g, d),
+            |sc, &(b, kh, t0, t1, s, e)| {
+                let nt = t1 - t0;
+                let rows = nt * g;
+                let mut qrows = vec![0f32; rows * d];
+                for i in 0..nt {
+                    for r in 0..g {
+                        let src = ((t0 + i) * hq + kh * g + r) * d;
+                        qrows[(i * g + r) * d..(i * g + r + 1) * d].copy_from_slice(&qs[src..src + d]);
+                    }
+                }
+                let len = kv.seq_len(b);
+                let first = len - (e - s) + (t0 - s);
+                let limit = |r: usize| if causal { first + r / g } else { usize::MAX };
+                let mut st = RowState::new(rows, d);
+                attend(&ctx, b, kh, &qrows, rows, 0..len, &limit, &mut st, sc);
+                let mut res = Vec::with_capacity(rows);
+                for i in 0..nt {
+                    for r in 0..g {
+                        let mut o = vec![0f32; d];
+                        let lse = st.finish_row(i * g + r, d, &mut o);
+                        res.push(Partial { token: t0 + i, head: kh * g + r, out: o, lse });
+                    }
+                }
+                res
+            },
+        )
+        .flatten()
+        .collect();
+    write_partials(&parts, hq, out, lse);
+    Ok(())
+}

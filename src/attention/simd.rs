@@ -1,0 +1,299 @@
+//! The inner loops of CPU attention, with an AVX2 + FMA + F16C path chosen at run time
+//! and a portable fallback. K and V rows are read in their storage dtype and converted to
+//! f32 in registers.
+//!
+//! Shapes: `q` holds `rows` query vectors of `d` channels; `k_rows` / `v_rows` point at
+//! `t = k_rows.len()` key / value rows of `d` elements of `dtype`; scores and weights are
+//! `[rows][t]` row-major.
+
+use crate::dtype::DType;
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")
+    })
+}
+
+/// Name of the instruction set the kernels use on this machine.
+pub fn isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        return "avx2+fma+f16c";
+    }
+    "portable"
+}
+
+/// `out[r][j] = q[r] · k_rows[j]`.
+///
+/// # Safety
+/// 1. every pointer in `k_rows` is valid for reads of `d` elements of `dtype`;
+/// 2. `q.len() >= rows * d` and `out.len() >= rows * k_rows.len()`; `d` is a multiple of 8.
+pub(crate) unsafe fn scores(q: &[f32], rows: usize, d: usize, k_rows: &[*const u8], dtype: DType, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        return match dtype {
+            DType::F32 => avx2::scores::<avx2::F32>(q, rows, d, k_rows, out),
+            DType::F16 => avx2::scores::<avx2::F16>(q, rows, d, k_rows, out),
+            DType::BF16 => avx2::scores::<avx2::BF16>(q, rows, d, k_rows, out),
+        };
+    }
+    portable::scores(q, rows, d, k_rows, dtype, out)
+}
+
+/// `o[r] += sum_j p[r][j] * v_rows[j]`.
+///
+/// # Safety
+/// 1. every pointer in `v_rows` is valid for reads of `d` elements of `dtype`;
+/// 2. `o.len() >= rows * d` and `p.len() >= rows * v_rows.len()`; `d` is a multiple of 8.
+pub(crate) unsafe fn accumulate(o: &mut [f32], rows: usize, d: usize, v_rows: &[*const u8], dtype: DType, p: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        return match dtype {
+            DType::F32 => avx2::accumulate::<avx2::F32>(o, rows, d, v_rows, p),
+            DType::F16 => avx2::accumulate::<avx2::F16>(o, rows, d, v_rows, p),
+            DType::BF16 => avx2::accumulate::<avx2::BF16>(o, rows, d, v_rows, p),
+        };
+    }
+    portable::accumulate(o, rows, d, v_rows, dtype, p)
+}
+
+/// `x[i] = exp(x[i] - m)`, returning the sum. `-inf` inputs give 0.
+pub(crate) fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked above).
+        return unsafe { avx2::exp_sub_sum(x, m) };
+    }
+    let mut s = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    s
+}
+
+mod portable {
+    use crate::dtype::{load_f32, DType};
+
+    unsafe fn row<'a>(p: *const u8, d: usize, dtype: DType) -> &'a [u8] {
+        std::slice::from_raw_parts(p, d * dtype.size())
+    }
+
+    pub unsafe fn scores(q: &[f32], rows: usize, d: usize, k_rows: &[*const u8], dtype: DType, out: &mut [f32]) {
+        let t = k_rows.len();
+        let mut k = vec![0f32; d];
+        for (j, &kp) in k_rows.iter().enumerate() {
+            let kb = row(kp, d, dtype);
+            for (c, x) in k.iter_mut().enumerate() {
+                *x = load_f32(kb, dtype, c);
+            }
+            for r in 0..rows {
+                out[r * t + j] = q[r * d..(r + 1) * d].iter().zip(&k).map(|(a, b)| a * b).sum();
+            }
+        }
+    }
+
+    pub unsafe fn accumulate(o: &mut [f32], rows: usize, d: usize, v_rows: &[*const u8], dtype: DType, p: &[f32]) {
+        let t = v_rows.len();
+        let mut v = vec![0f32; d];
+        for (j, &vp) in v_rows.iter().enumerate() {
+            let vb = row(vp, d, dtype);
+            for (c, x) in v.iter_mut().enumerate() {
+                *x = load_f32(vb, dtype, c);
+            }
+            for r in 0..rows {
+                let w = p[r * t + j];
+                for (oc, vc) in o[r * d..(r + 1) * d].iter_mut().zip(&v) {
+                    *oc += w * vc;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Loads 8 consecutive elements of a storage type as f32.
+    pub trait Load {
+        const SIZE: usize;
+        unsafe fn load8(p: *const u8) -> __m256;
+    }
+    pub struct F32;
+    pub struct F16;
+    pub struct BF16;
+
+    impl Load for F32 {
+        const SIZE: usize = 4;
+        #[inline(always)]
+        unsafe fn load8(p: *const u8) -> __m256 {
+            _mm256_loadu_ps(p as *const f32)
+        }
+    }
+    impl Load for F16 {
+        const SIZE: usize = 2;
+        #[inline(always)]
+        unsafe fn load8(p: *const u8) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+    }
+    impl Load for BF16 {
+        const SIZE: usize = 2;
+        #[inline(always)]
+        unsafe fn load8(p: *const u8) -> __m256 {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))))
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Dot products of G query rows with one key row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dot_rows<L: Load, const G: usize>(q: *const f32, d: usize, k: *const u8, out: *mut f32, out_stride: usize) {
+        let mut acc = [_mm256_setzero_ps(); G];
+        let mut c = 0;
+        while c < d {
+            let kv = L::load8(k.add(c * L::SIZE));
+            for (g, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), kv, *a);
+            }
+            c += 8;
+        }
+        for (g, a) in acc.iter().enumerate() {
+            *out.add(g * out_stride) = hsum(*a);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores<L: Load>(q: &[f32], rows: usize, d: usize, k_rows: &[*const u8], out: &mut [f32]) {
+        let t = k_rows.len();
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        for (j, &k) in k_rows.iter().enumerate() {
+            let mut r = 0;
+            while r + 4 <= rows {
+                dot_rows::<L, 4>(qp.add(r * d), d, k, op.add(r * t + j), t);
+                r += 4;
+            }
+            match rows - r {
+                3 => dot_rows::<L, 3>(qp.add(r * d), d, k, op.add(r * t + j), t),
+                2 => dot_rows::<L, 2>(qp.add(r * d), d, k, op.add(r * t + j), t),
+                1 => dot_rows::<L, 1>(qp.add(r * d), d, k, op.add(r * t + j), t),
+                _ => {}
+            }
+        }
+    }
+
+    /// o[g][c..c+8*W] += sum_j p[g][j] * v_j[c..c+8*W] for G rows, with the accumulators in registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn acc_block<L: Load, const G: usize, const W: usize>(o: *mut f32, d: usize, c: usize, v_rows: &[*const u8], p: *const f32, t: usize) {
+        let mut acc = [[_mm256_setzero_ps(); W]; G];
+        for (j, &v) in v_rows.iter().enumerate() {
+            let mut vv = [_mm256_setzero_ps(); W];
+            for (w, x) in vv.iter_mut().enumerate() {
+                *x = L::load8(v.add((c + 8 * w) * L::SIZE));
+            }
+            for (g, a) in acc.iter_mut().enumerate() {
+                let pw = _mm256_broadcast_ss(&*p.add(g * t + j));
+                for w in 0..W {
+                    a[w] = _mm256_fmadd_ps(pw, vv[w], a[w]);
+                }
+            }
+        }
+        for (g, a) in acc.iter().enumerate() {
+            for (w, x) in a.iter().enumerate() {
+                let dst = o.add(g * d + c + 8 * w);
+                _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), *x));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn acc_rows<L: Load, const G: usize>(o: *mut f32, d: usize, v_rows: &[*const u8], p: *const f32, t: usize) {
+        let mut c = 0;
+        while c + 16 <= d {
+            acc_block::<L, G, 2>(o, d, c, v_rows, p, t);
+            c += 16;
+        }
+        if c < d {
+            acc_block::<L, G, 1>(o, d, c, v_rows, p, t);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn accumulate<L: Load>(o: &mut [f32], rows: usize, d: usize, v_rows: &[*const u8], p: &[f32]) {
+        let t = v_rows.len();
+        let (opp, pp) = (o.as_mut_ptr(), p.as_ptr());
+        let mut r = 0;
+        while r + 4 <= rows {
+            acc_rows::<L, 4>(opp.add(r * d), d, v_rows, pp.add(r * t), t);
+            r += 4;
+        }
+        match rows - r {
+            3 => acc_rows::<L, 3>(opp.add(r * d), d, v_rows, pp.add(r * t), t),
+            2 => acc_rows::<L, 2>(opp.add(r * d), d, v_rows, pp.add(r * t), t),
+            1 => acc_rows::<L, 1>(opp.add(r * d), d, v_rows, pp.add(r * t), t),
+            _ => {}
+        }
+    }
+
+    /// exp(x) for 8 lanes: range reduction by ln 2 and a degree-6 polynomial; relative
+    /// error about 2e-7 over the f32 range; inputs below -87.3 give 0.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let lo = _mm256_set1_ps(-87.33);
+        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
+        let x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+        // r = x - n ln2, ln2 split in two parts for accuracy.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut y = _mm256_set1_ps(1.0 / 720.0);
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0 / 120.0));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0 / 24.0));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0 / 6.0));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0));
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        let y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+        _mm256_andnot_ps(underflow, y)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+        let mv = _mm256_set1_ps(m);
+        let mut sum = _mm256_setzero_ps();
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+            _mm256_storeu_ps(p.add(i), e);
+            sum = _mm256_add_ps(sum, e);
+            i += 8;
+        }
+        let mut s = hsum(sum);
+        while i < n {
+            let e = (*p.add(i) - m).exp();
+            *p.add(i) = e;
+            s += e;
+            i += 1;
+        }
+        s
+    }
+}

@@ -1,0 +1,524 @@
+//! `KvCache`: kvsieve-owned paged KV storage for many sequences.
+//!
+//! # Threads
+//! `KvCache` is `Send + Sync`. Calls taking `&self` (views, page tables, attention,
+//! statistics, positions, bounds) may run from any number of threads at once. Calls that
+//! change the cache take `&mut self` and need exclusive access. To share one cache between
+//! threads, wrap it in a reader-writer lock ([`SharedKvCache`]); the C and Python handles do
+//! exactly that, so their readers run concurrently and writers are serialised.
+//!
+//! # Failure
+//! Every call validates its arguments before it changes anything: a call that returns an
+//! error, including running out of pages, leaves every sequence exactly as it was.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::config::{CacheConfig, KeyRope};
+use crate::dtype::{load_f32, store_f32};
+use crate::error::{Error, Result};
+use crate::kv::bounds::KeyBounds;
+use crate::kv::pool::PagePool;
+use crate::kv::storage::Buffer;
+use crate::kv::table::PageTable;
+use crate::kv::view::{PagedKv, PagedKvLayout};
+use crate::tensor::TensorView;
+
+/// Identifier of a sequence in a [`KvCache`]. Never reused within one cache.
+pub type SeqId = u64;
+
+/// A cache shared between threads: readers run concurrently, writers exclusively.
+pub type SharedKvCache = Arc<parking_lot::RwLock<KvCache>>;
+
+#[derive(Debug, Clone, Default)]
+struct Sequence {
+    /// Page ids in token order. Every page but the last is full.
+    pages: Vec<u32>,
+    len: usize,
+}
+
+/// Memory statistics of a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub pages_total: usize,
+    pub pages_used: usize,
+    pub pages_free: usize,
+    /// Bytes of K and V per page, all layers.
+    pub bytes_per_page: usize,
+    /// Bytes of K and V in used pages.
+    pub bytes_used: usize,
+    /// Bytes allocated for K, V, positions and key bounds.
+    pub bytes_reserved: usize,
+    pub num_sequences: usize,
+    /// Tokens held by all sequences (shared tokens counted once per sequence).
+    pub num_tokens: usize,
+}
+
+/// Paged KV storage owned by kvsieve. See the module docs for threading and failure rules.
+pub struct KvCache {
+    cfg: CacheConfig,
+    pool: PagePool,
+    k: Vec<Buffer>,
+    v: Vec<Buffer>,
+    /// Original position of each slot, `[page][slot]`.
+    positions: Vec<i32>,
+    bounds: Option<KeyBounds>,
+    seqs: BTreeMap<SeqId, Sequence>,
+    next_id: SeqId,
+}
+
+impl KvCache {
+    pub fn new(cfg: CacheConfig) -> Result<Self> {
+        cfg.validate()?;
+        let layer_bytes = cfg.capacity_pages * cfg.page_elems() * cfg.dtype.size();
+        Ok(KvCache {
+            pool: PagePool::new(cfg.capacity_pages),
+            k: (0..cfg.num_layers).map(|_| Buffer::zeroed(layer_bytes)).collect(),
+            v: (0..cfg.num_layers).map(|_| Buffer::zeroed(layer_bytes)).collect(),
+            positions: vec![0; cfg.capacity_pages * cfg.page_size],
+            bounds: cfg.track_key_bounds.then(|| KeyBounds::new(&cfg)),
+            seqs: BTreeMap::new(),
+            next_id: 0,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    fn seq(&self, id: SeqId) -> Result<&Sequence> {
+        self.seqs.get(&id).ok_or(Error::UnknownSequence(id))
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.cfg.num_layers {
+            return Err(Error::out_of_range("layer", layer as i64, format!("0..{}", self.cfg.num_layers)));
+        }
+        Ok(())
+    }
+
+    /// Slots used in the last page of a sequence (0 if it has no pages).
+    fn last_len(&self, s: &Sequence) -> usize {
+        if s.pages.is_empty() {
+            0
+        } else {
+            s.len - (s.pages.len() - 1) * self.cfg.page_size
+        }
+    }
+
+    /// Create an empty sequence.
+    pub fn create_sequence(&mut self) -> SeqId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(id, Sequence::default());
+        id
+    }
+
+    /// A new sequence sharing all of `src`'s pages (prefix sharing). Shared pages are
+    /// copied on the first write to them by either side, so the two then diverge safely.
+    pub fn fork(&mut self, src: SeqId) -> Result<SeqId> {
+        let s = self.seq(src)?.clone();
+        for &p in &s.pages {
+            self.pool.incref(p);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(id, s);
+        Ok(id)
+    }
+
+    /// Drop a sequence; pages no other sequence shares go back to the pool.
+    pub fn free_sequence(&mut self, id: SeqId) -> Result<()> {
+        let s = self.seqs.remove(&id).ok_or(Error::UnknownSequence(id))?;
+        for p in s.pages {
+            self.pool.decref(p);
+        }
+        Ok(())
+    }
+
+    /// Ids of all live sequences, ascending.
+    pub fn sequences(&self) -> Vec<SeqId> {
+        self.seqs.keys().copied().collect()
+    }
+
+    /// Tokens held by a sequence.
+    pub fn seq_len(&self, id: SeqId) -> Result<usize> {
+        Ok(self.seq(id)?.len)
+    }
+
+    /// Original position of every token of a sequence, in token order.
+    pub fn positions(&self, id: SeqId) -> Result<Vec<i32>> {
+        let s = self.seq(id)?;
+        let ps = self.cfg.page_size;
+        Ok((0..s.len).map(|t| self.positions[s.pages[t / ps] as usize * ps + t % ps]).collect())
+    }
+
+    /// Page ids of a sequence, in token order.
+    pub fn seq_pages(&self, id: SeqId) -> Result<Vec<u32>> {
+        Ok(self.seq(id)?.pages.clone())
+    }
+
+    /// Copy page `src` into a freshly allocated page (all layers, positions, bounds)
+    /// keeping the first `keep` slots' bounds. The caller reserved the page.
+    fn copy_page(&mut self, src: u32, keep: usize) -> u32 {
+        let dst = self.pool.alloc();
+        let n = self.cfg.page_elems() * self.cfg.dtype.size();
+        let (s, d) = (src as usize, dst as usize);
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            buf.bytes_mut().copy_within(s * n..(s + 1) * n, d * n);
+        }
+        let ps = self.cfg.page_size;
+        self.positions.copy_within(s * ps..(s + 1) * ps, d * ps);
+        if let Some(b) = self.bounds.as_mut() {
+            b.copy_page(&self.cfg, s, d);
+            if keep < ps {
+                b.truncate_page(&self.cfg, d, keep, &self.k);
+            }
+        }
+        self.pool.decref(src);
+        dst
+    }
+
+    fn alloc_fresh(&mut self) -> u32 {
+        let p = self.pool.alloc();
+        if let Some(b) = self.bounds.as_mut() {
+            b.clear_page(&self.cfg, p as usize);
+        }
+        p
+    }
+
+    /// Append `n` token slots to a sequence and record their original positions
+    /// (`positions`, or by default one past the last stored position, 0 for an empty
+    /// sequence). Returns the slot mapping: slot `page * page_size + offset` of each new
+    /// token. K and V of the new tokens must then be written for every layer (see
+    /// [`KvCache::write`]) before attention reads them.
+    pub fn append(&mut self, id: SeqId, n: usize, positions: Option<&[i32]>) -> Result<Vec<i64>> {
+        let s = self.seq(id)?;
+        if let Some(p) = positions {
+            if p.len() != n {
+                return Err(Error::shape("positions", format!("[{n}] (one per appended token)"), format!("[{}]", p.len())));
+            }
+        }
+        let ps = self.cfg.page_size;
+        let last_len = self.last_len(s);
+        let room = if s.pages.is_empty() { 0 } else { ps - last_len };
+        let cow = usize::from(n > 0 && room > 0 && self.pool.refcount(*s.pages.last().unwrap()) > 1);
+        let fresh = (n - n.min(room)).div_ceil(ps);
+        self.pool.reserve(cow + fresh)?;
+
+        let next_pos = if s.len == 0 {
+            0
+        } else {
+            self.positions[*s.pages.last().unwrap() as usize * ps + last_len - 1].wrapping_add(1)
+        };
+        let mut s = self.seqs.remove(&id).expect("checked above");
+        if cow == 1 {
+            let last = s.pages.pop().unwrap();
+            let copy = self.copy_page(last, last_len);
+            s.pages.push(copy);
+        }
+        for _ in 0..fresh {
+            let p = self.alloc_fresh();
+            s.pages.push(p);
+        }
+        let mut slots = Vec::with_capacity(n);
+        for i in 0..n {
+            let t = s.len + i;
+            let slot = s.pages[t / ps] as usize * ps + t % ps;
+            self.positions[slot] = positions.map_or(next_pos.wrapping_add(i as i32), |p| p[i]);
+            slots.push(slot as i64);
+        }
+        s.len += n;
+        self.seqs.insert(id, s);
+        Ok(slots)
+    }
+
+    /// Write K and V of one layer for tokens `start..start + n` of a sequence.
+    /// `k` and `v` have shape `[n, num_kv_heads, head_dim]`, any dtype (converted to the
+    /// cache dtype, rounding to nearest), any non-negative strides. Pages shared with
+    /// another sequence are copied first. Key bounds are updated.
+    pub fn write(&mut self, id: SeqId, layer: usize, start: usize, k: &TensorView, v: &TensorView) -> Result<()> {
+        let n = k.shape().first().copied().unwrap_or(0);
+        let s = self.seq(id)?;
+        if start.checked_add(n).map_or(true, |e| e > s.len) {
+            return Err(Error::out_of_range("start", start as i64, format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len)));
+        }
+        let ps = self.cfg.page_size;
+        let tokens: Vec<usize> = (start..start + n).collect();
+        self.write_tokens(id, layer, &tokens, k, v, ps)
+    }
+
+    /// Write K and V of one layer into slots from a slot mapping returned by
+    /// [`KvCache::append`] (each slot must hold a token of sequence `id`).
+    pub fn write_slots(&mut self, id: SeqId, layer: usize, slots: &[i64], k: &TensorView, v: &TensorView) -> Result<()> {
+        let s = self.seq(id)?;
+        let ps = self.cfg.page_size;
+        let page_index: std::collections::HashMap<u32, usize> = s.pages.iter().enumerate().map(|(i, &p)| (p, i)).collect();
+        let mut tokens = Vec::with_capacity(slots.len());
+        for (i, &slot) in slots.iter().enumerate() {
+            let t = (slot >= 0)
+                .then(|| page_index.get(&((slot as usize / ps) as u32)).map(|&pi| pi * ps + slot as usize % ps))
+                .flatten()
+                .filter(|&t| t < s.len);
+            match t {
+                Some(t) => tokens.push(t),
+                None => {
+                    return Err(Error::out_of_range(format!("slots[{i}]"), slot, format!("the slots of sequence {id}'s {} tokens", s.len)))
+                }
+            }
+        }
+        self.write_tokens(id, layer, &tokens, k, v, ps)
+    }
+
+    fn write_tokens(&mut self, id: SeqId, layer: usize, tokens: &[usize], k: &TensorView, v: &TensorView, ps: usize) -> Result<()> {
+        self.check_layer(layer)?;
+        let (h, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let want = [Some(tokens.len()), Some(h), Some(d)];
+        k.expect_shape("k", &want)?;
+        v.expect_shape("v", &want)?;
+        let s = self.seq(id)?;
+        // Shared pages touched by the write are copied first: count them before changing anything.
+        let mut touched: Vec<usize> = tokens.iter().map(|&t| t / ps).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let shared: Vec<usize> = touched.iter().copied().filter(|&pi| self.pool.refcount(s.pages[pi]) > 1).collect();
+        self.pool.reserve(shared.len())?;
+
+        let mut s = self.seqs.remove(&id).expect("checked above");
+        for &pi in &shared {
+            let keep = if pi + 1 == s.pages.len() { self.last_len(&s) } else { ps };
+            s.pages[pi] = self.copy_page(s.pages[pi], keep);
+        }
+        let cfg = self.cfg;
+        let strides = cfg.strides();
+        let dt = cfg.dtype;
+        let mut recompute = Vec::new();
+        let mut offs = vec![0usize; h];
+        for (i, &t) in tokens.iter().enumerate() {
+            let page = s.pages[t / ps] as usize;
+            let slot = t % ps;
+            for (head, off) in offs.iter_mut().enumerate() {
+                *off = page * strides[0] + slot * strides[1] + head * strides[2];
+                store_row(self.k[layer].bytes_mut(), dt, *off, k, &[i, head], d);
+                store_row(self.v[layer].bytes_mut(), dt, *off, v, &[i, head], d);
+            }
+            if let Some(b) = self.bounds.as_mut() {
+                if !b.note_write(&cfg, layer, page, slot, self.k[layer].bytes(), &offs) {
+                    recompute.push(page);
+                }
+            }
+        }
+        if let Some(b) = self.bounds.as_mut() {
+            recompute.sort_unstable();
+            recompute.dedup();
+            for page in recompute {
+                b.recompute(&cfg, layer, page, self.k[layer].bytes());
+            }
+        }
+        self.seqs.insert(id, s);
+        Ok(())
+    }
+
+    /// Keep the first `new_len` tokens of a sequence. Pages past the end go back to the
+    /// pool; the key bounds of a partly truncated page are recomputed (a page still shared
+    /// with another sequence keeps its bounds, which stay valid upper and lower bounds).
+    pub fn truncate(&mut self, id: SeqId, new_len: usize) -> Result<()> {
+        let s = self.seq(id)?;
+        if new_len > s.len {
+            return Err(Error::out_of_range("new_len", new_len as i64, format!("0..={}", s.len)));
+        }
+        let ps = self.cfg.page_size;
+        let mut s = self.seqs.remove(&id).expect("checked above");
+        let keep_pages = new_len.div_ceil(ps);
+        for p in s.pages.drain(keep_pages..) {
+            self.pool.decref(p);
+        }
+        s.len = new_len;
+        let last_len = self.last_len(&s);
+        if let (Some(&last), Some(b)) = (s.pages.last(), self.bounds.as_mut()) {
+            if last_len < ps && self.pool.refcount(last) == 1 {
+                b.truncate_page(&self.cfg, last as usize, last_len, &self.k);
+            }
+        }
+        self.seqs.insert(id, s);
+        Ok(())
+    }
+
+    /// Evict whole pages from anywhere in a sequence (for example pages that left a
+    /// sliding window). `page_indices` index the sequence's page list and must be strictly
+    /// increasing. Remaining tokens keep their original positions; token indices after an
+    /// evicted page shift down.
+    pub fn evict_pages(&mut self, id: SeqId, page_indices: &[usize]) -> Result<()> {
+        let s = self.seq(id)?;
+        let np = s.pages.len();
+        for (i, &pi) in page_indices.iter().enumerate() {
+            if pi >= np {
+                return Err(Error::out_of_range(format!("page_indices[{i}]"), pi as i64, format!("0..{np} (pages of sequence {id})")));
+            }
+            if i > 0 && page_indices[i - 1] >= pi {
+                return Err(Error::invalid("page_indices", "strictly increasing page indices"));
+            }
+        }
+        let ps = self.cfg.page_size;
+        let mut s = self.seqs.remove(&id).expect("checked above");
+        let last_len = self.last_len(&s);
+        let mut removed_tokens = 0;
+        for &pi in page_indices.iter().rev() {
+            removed_tokens += if pi + 1 == np { last_len } else { ps };
+            let p = s.pages.remove(pi);
+            self.pool.decref(p);
+        }
+        s.len -= removed_tokens;
+        self.seqs.insert(id, s);
+        Ok(())
+    }
+
+    /// The CSR page table of a batch of sequences, in the given order.
+    pub fn page_table(&self, ids: &[SeqId]) -> Result<PageTable> {
+        let mut t = PageTable { indptr: vec![0], ..Default::default() };
+        for &id in ids {
+            let s = self.seq(id)?;
+            t.indices.extend(s.pages.iter().map(|&p| p as i32));
+            t.indptr.push(t.indices.len() as i32);
+            t.last_page_len.push(self.last_len(s) as i32);
+        }
+        Ok(t)
+    }
+
+    /// A read-only view of one layer over a page table from [`KvCache::page_table`],
+    /// with slot positions attached. Attention reads through it.
+    pub fn layer_view<'a>(&'a self, layer: usize, table: &'a PageTable) -> Result<PagedKv<'a>> {
+        self.check_layer(layer)?;
+        let c = &self.cfg;
+        let s = c.strides();
+        let layout = PagedKvLayout {
+            dtype: c.dtype,
+            num_pages: c.capacity_pages,
+            page_size: c.page_size,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            k_strides: s,
+            v_strides: s,
+        };
+        // SAFETY: the buffers hold capacity_pages pages in this layout, are aligned to 8 bytes,
+        // and cannot be written while `self` is borrowed immutably for 'a.
+        let view = unsafe { PagedKv::from_raw(self.k[layer].as_ptr(), self.v[layer].as_ptr(), layout, table.as_ref())? };
+        Ok(view.with_positions(&self.positions)?.with_key_rope(c.key_rope))
+    }
+
+    /// Key bounds (per-channel min, max; each `[num_kv_heads * head_dim]`, head-major) of
+    /// page `page_index` of a sequence at a layer. Empty pages give +inf / -inf.
+    pub fn page_key_bounds(&self, id: SeqId, layer: usize, page_index: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_layer(layer)?;
+        let s = self.seq(id)?;
+        let b = self.bounds.as_ref().ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
+        let page = *s.pages.get(page_index).ok_or_else(|| {
+            Error::out_of_range("page_index", page_index as i64, format!("0..{}", s.pages.len()))
+        })? as usize;
+        let (mut min, mut max) = (Vec::new(), Vec::new());
+        for h in 0..self.cfg.num_kv_heads {
+            let (a, b2) = b.get(&self.cfg, layer, page, h);
+            min.extend(a);
+            max.extend(b2);
+        }
+        Ok((min, max))
+    }
+
+    /// Keys of a sequence at a layer as f32, `[seq_len, num_kv_heads, head_dim]` flattened.
+    pub fn read_keys(&self, id: SeqId, layer: usize) -> Result<Vec<f32>> {
+        self.read(id, layer, true)
+    }
+
+    /// Values of a sequence at a layer as f32, `[seq_len, num_kv_heads, head_dim]` flattened.
+    pub fn read_values(&self, id: SeqId, layer: usize) -> Result<Vec<f32>> {
+        self.read(id, layer, false)
+    }
+
+    fn read(&self, id: SeqId, layer: usize, keys: bool) -> Result<Vec<f32>> {
+        self.check_layer(layer)?;
+        let s = self.seq(id)?;
+        let c = &self.cfg;
+        let st = c.strides();
+        let buf = if keys { self.k[layer].bytes() } else { self.v[layer].bytes() };
+        let mut out = Vec::with_capacity(s.len * c.num_kv_heads * c.head_dim);
+        for t in 0..s.len {
+            let page = s.pages[t / c.page_size] as usize;
+            for h in 0..c.num_kv_heads {
+                let base = page * st[0] + (t % c.page_size) * st[1] + h * st[2];
+                out.extend((0..c.head_dim).map(|i| load_f32(buf, c.dtype, base + i)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether stored keys carry RoPE.
+    pub fn key_rope(&self) -> KeyRope {
+        self.cfg.key_rope
+    }
+
+    pub fn stats(&self) -> MemoryStats {
+        let c = &self.cfg;
+        let used = self.pool.capacity() - self.pool.free_count();
+        let bytes_per_page = c.page_bytes();
+        MemoryStats {
+            pages_total: self.pool.capacity(),
+            pages_used: used,
+            pages_free: self.pool.free_count(),
+            bytes_per_page,
+            bytes_used: used * bytes_per_page,
+            bytes_reserved: c.capacity_pages * bytes_per_page
+                + self.positions.len() * 4
+                + self.bounds.as_ref().map_or(0, |b| b.bytes()),
+            num_sequences: self.seqs.len(),
+            num_tokens: self.seqs.values().map(|s| s.len).sum(),
+        }
+    }
+
+    /// Reference count of a page (0 = free). For diagnostics and tests.
+    pub fn page_refcount(&self, page: u32) -> Result<u32> {
+        if page as usize >= self.pool.capacity() {
+            return Err(Error::out_of_range("page", page as i64, format!("0..{}", self.pool.capacity())));
+        }
+        Ok(self.pool.refcount(page))
+    }
+
+    /// Check every internal invariant: each page's reference count equals the number of
+    /// sequences holding it, free pages are free exactly once, sequence lengths match their
+    /// pages. Returns a description of the first violation. Meant for tests and debugging.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        self.pool.check()?;
+        let mut counts = vec![0u32; self.pool.capacity()];
+        let ps = self.cfg.page_size;
+        for (id, s) in &self.seqs {
+            for &p in &s.pages {
+                counts[p as usize] += 1;
+            }
+            let ok = if s.pages.is_empty() { s.len == 0 } else { s.len > (s.pages.len() - 1) * ps && s.len <= s.pages.len() * ps };
+            if !ok {
+                return Err(format!("sequence {id}: len {} does not fit {} pages of {ps}", s.len, s.pages.len()));
+            }
+        }
+        for (p, &c) in counts.iter().enumerate() {
+            if c != self.pool.refcount(p as u32) {
+                return Err(format!("page {p}: refcount {} but held by {c} sequences", self.pool.refcount(p as u32)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Store row `src[index, :]` (d elements) at element offset `off` of `dst`.
+fn store_row(dst: &mut [u8], dt: crate::dtype::DType, off: usize, src: &TensorView, index: &[usize], d: usize) {
+    let inner = src.strides()[2];
+    if src.dtype() == dt && inner == 1 {
+        let sz = dt.size();
+        let from = src.offset(index) * sz;
+        dst[off * sz..(off + d) * sz].copy_from_slice(&src.bytes()[from..from + d * sz]);
+    } else {
+        let base = src.offset(index);
+        for c in 0..d {
+            store_f32(dst, dt, off + c, src.get_at(base + c * inner));
+        }
+    }
+}

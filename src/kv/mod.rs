@@ -1,0 +1,13 @@
+//! Paged KV storage: the page pool, the CSR page table, kvsieve-owned caches and views
+//! over engine-owned memory.
+
+mod bounds;
+mod cache;
+mod pool;
+mod storage;
+mod table;
+mod view;
+
+pub use cache::{KvCache, MemoryStats, SeqId, SharedKvCache};
+pub use table::{PageTable, PageTableRef};
+pub use view::{PagedKv, PagedKvLayout};

@@ -67,6 +67,12 @@ pub struct KvCache {
     next_id: SeqId,
 }
 
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache").field("config", &self.cfg).field("stats", &self.stats()).finish()
+    }
+}
+
 impl KvCache {
     pub fn new(cfg: CacheConfig) -> Result<Self> {
         cfg.validate()?;
@@ -321,24 +327,34 @@ impl KvCache {
     }
 
     /// Keep the first `new_len` tokens of a sequence. Pages past the end go back to the
-    /// pool; the key bounds of a partly truncated page are recomputed (a page still shared
-    /// with another sequence keeps its bounds, which stay valid upper and lower bounds).
+    /// pool and the key bounds of a partly kept page are recomputed. A partly kept page that
+    /// is shared with another sequence is copied first (so it can fail with `OutOfPages`,
+    /// changing nothing): every holder of a page always holds the same slots of it.
     pub fn truncate(&mut self, id: SeqId, new_len: usize) -> Result<()> {
         let s = self.seq(id)?;
         if new_len > s.len {
             return Err(Error::out_of_range("new_len", new_len as i64, format!("0..={}", s.len)));
         }
         let ps = self.cfg.page_size;
-        let mut s = self.seqs.remove(&id).expect("checked above");
         let keep_pages = new_len.div_ceil(ps);
+        let keep_last = new_len - keep_pages.saturating_sub(1) * ps;
+        let partial = keep_pages > 0 && keep_last < ps && new_len < s.len;
+        let cow = partial && self.pool.refcount(s.pages[keep_pages - 1]) > 1;
+        self.pool.reserve(usize::from(cow))?;
+
+        let mut s = self.seqs.remove(&id).expect("checked above");
         for p in s.pages.drain(keep_pages..) {
             self.pool.decref(p);
         }
         s.len = new_len;
-        let last_len = self.last_len(&s);
-        if let (Some(&last), Some(b)) = (s.pages.last(), self.bounds.as_mut()) {
-            if last_len < ps && self.pool.refcount(last) == 1 {
-                b.truncate_page(&self.cfg, last as usize, last_len, &self.k);
+        if cow {
+            let last = s.pages.pop().unwrap();
+            let copy = self.copy_page(last, keep_last);
+            s.pages.push(copy);
+        } else if partial {
+            let last = *s.pages.last().unwrap() as usize;
+            if let Some(b) = self.bounds.as_mut() {
+                b.truncate_page(&self.cfg, last, keep_last, &self.k);
             }
         }
         self.seqs.insert(id, s);

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::attention::kernel::{attend, merge_into, scaled_queries, write_partials, Ctx, Partial, RowState, Scratch, BLOCK};
+use crate::attention::kernel::{attend_block, merge_into, Block, Tokens, scaled_queries, write_partials, Ctx, Partial, RowState, Scratch, BLOCK};
 use crate::attention::AttentionParams;
 use crate::error::{Error, Result};
 use crate::kv::PagedKv;
@@ -50,10 +50,24 @@ pub fn decode(kv: &PagedKv, q: &TensorView, out: &mut TensorViewMut, lse: Option
             |sc, &(b, start, end)| {
                 let mut o = vec![0f32; hq * d];
                 let mut l = vec![f32::NEG_INFINITY; hq];
-                for kh in 0..kv.num_kv_heads() {
-                    let mut st = RowState::new(g, d);
-                    let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
-                    attend(&ctx, b, kh, qrows, g, start..end, &|_| usize::MAX, &mut st, sc);
+                let hk = kv.num_kv_heads();
+                let mut states: Vec<RowState> = (0..hk).map(|_| RowState::new(g, d)).collect();
+                // Blocks outermost, heads inside: the sequence's memory is read once, in order.
+                let toks = Tokens::Range(start, end);
+                let n = toks.len();
+                let (mut cur, mut next) = (Block::default(), Block::default());
+                cur.fill(kv, b, &toks, 0, n.min(BLOCK));
+                for i0 in (0..n).step_by(BLOCK) {
+                    let i1 = (i0 + BLOCK).min(n);
+                    next.fill(kv, b, &toks, i1, (i1 + BLOCK).min(n));
+                    next.prefetch(kv, 0..hk);
+                    for (kh, st) in states.iter_mut().enumerate() {
+                        let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
+                        attend_block(&ctx, b, kh, qrows, g, &cur, &|_| usize::MAX, usize::MAX, st, sc);
+                    }
+                    std::mem::swap(&mut cur, &mut next);
+                }
+                for (kh, st) in states.iter().enumerate() {
                     for r in 0..g {
                         let h = kh * g + r;
                         l[h] = st.finish_row(r, d, &mut o[h * d..(h + 1) * d]);

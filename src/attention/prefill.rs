@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::attention::kernel::{attend, scaled_queries, write_partials, Ctx, Partial, RowState, Scratch};
+use crate::attention::kernel::{attend, Tokens, scaled_queries, write_partials, Ctx, Partial, RowState, Scratch};
 use crate::attention::AttentionParams;
 use crate::error::{Error, Result};
 use crate::kv::PagedKv;
@@ -83,7 +83,7 @@ pub fn prefill(
                 let first = len - (e - s) + (t0 - s);
                 let limit = |r: usize| if causal { first + r / g } else { usize::MAX };
                 let mut st = RowState::new(rows, d);
-                attend(&ctx, b, kh, &qrows, rows, 0..len, &limit, &mut st, sc);
+                attend(&ctx, b, kh, &qrows, rows, Tokens::Range(0, len), &limit, &mut st, sc);
                 let mut res = Vec::with_capacity(rows);
                 for i in 0..nt {
                     for r in 0..g {

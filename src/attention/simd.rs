@@ -35,9 +35,9 @@ pub(crate) unsafe fn scores(q: &[f32], rows: usize, d: usize, k_rows: &[*const u
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         return match dtype {
-            DType::F32 => avx2::scores::<avx2::F32>(q, rows, d, k_rows, out),
-            DType::F16 => avx2::scores::<avx2::F16>(q, rows, d, k_rows, out),
-            DType::BF16 => avx2::scores::<avx2::BF16>(q, rows, d, k_rows, out),
+            DType::F32 => avx2::scores::<{ avx2::F32 }>(q, rows, d, k_rows, out),
+            DType::F16 => avx2::scores::<{ avx2::F16 }>(q, rows, d, k_rows, out),
+            DType::BF16 => avx2::scores::<{ avx2::BF16 }>(q, rows, d, k_rows, out),
         };
     }
     portable::scores(q, rows, d, k_rows, dtype, out)
@@ -52,9 +52,9 @@ pub(crate) unsafe fn accumulate(o: &mut [f32], rows: usize, d: usize, v_rows: &[
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         return match dtype {
-            DType::F32 => avx2::accumulate::<avx2::F32>(o, rows, d, v_rows, p),
-            DType::F16 => avx2::accumulate::<avx2::F16>(o, rows, d, v_rows, p),
-            DType::BF16 => avx2::accumulate::<avx2::BF16>(o, rows, d, v_rows, p),
+            DType::F32 => avx2::accumulate::<{ avx2::F32 }>(o, rows, d, v_rows, p),
+            DType::F16 => avx2::accumulate::<{ avx2::F16 }>(o, rows, d, v_rows, p),
+            DType::BF16 => avx2::accumulate::<{ avx2::BF16 }>(o, rows, d, v_rows, p),
         };
     }
     portable::accumulate(o, rows, d, v_rows, dtype, p)
@@ -118,34 +118,29 @@ mod portable {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Loads 8 consecutive elements of a storage type as f32.
-    pub trait Load {
-        const SIZE: usize;
-        unsafe fn load8(p: *const u8) -> __m256;
-    }
-    pub struct F32;
-    pub struct F16;
-    pub struct BF16;
+    /// Storage types as const-generic tags (a trait method could not carry the target
+    /// features, and its intrinsics would then not inline).
+    pub const F32: u8 = 0;
+    pub const F16: u8 = 1;
+    pub const BF16: u8 = 2;
 
-    impl Load for F32 {
-        const SIZE: usize = 4;
-        #[inline(always)]
-        unsafe fn load8(p: *const u8) -> __m256 {
-            _mm256_loadu_ps(p as *const f32)
+    #[inline(always)]
+    const fn size<const L: u8>() -> usize {
+        if L == F32 {
+            4
+        } else {
+            2
         }
     }
-    impl Load for F16 {
-        const SIZE: usize = 2;
-        #[inline(always)]
-        unsafe fn load8(p: *const u8) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-        }
-    }
-    impl Load for BF16 {
-        const SIZE: usize = 2;
-        #[inline(always)]
-        unsafe fn load8(p: *const u8) -> __m256 {
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))))
+
+    /// Loads 8 consecutive elements of storage type `L` as f32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8<const L: u8>(p: *const u8) -> __m256 {
+        match L {
+            F32 => _mm256_loadu_ps(p as *const f32),
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)))),
         }
     }
 
@@ -161,11 +156,11 @@ mod avx2 {
     /// Dot products of G query rows with one key row.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn dot_rows<L: Load, const G: usize>(q: *const f32, d: usize, k: *const u8, out: *mut f32, out_stride: usize) {
+    unsafe fn dot_rows<const L: u8, const G: usize>(q: *const f32, d: usize, k: *const u8, out: *mut f32, out_stride: usize) {
         let mut acc = [_mm256_setzero_ps(); G];
         let mut c = 0;
         while c < d {
-            let kv = L::load8(k.add(c * L::SIZE));
+            let kv = load8::<L>(k.add(c * size::<L>()));
             for (g, a) in acc.iter_mut().enumerate() {
                 *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), kv, *a);
             }
@@ -176,21 +171,87 @@ mod avx2 {
         }
     }
 
+    /// Dot products of 2 query rows with 2 key rows, reduced together:
+    /// out[0][0], out[0][1] for row 0 and out[1][0], out[1][1] for row 1 (row stride `os`).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores<L: Load>(q: &[f32], rows: usize, d: usize, k_rows: &[*const u8], out: &mut [f32]) {
+    #[inline]
+    unsafe fn dot_2x2<const L: u8>(q: *const f32, d: usize, k0: *const u8, k1: *const u8, out: *mut f32, os: usize) {
+        let (mut a00, mut a01, mut a10, mut a11) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut c = 0;
+        while c < d {
+            let x0 = load8::<L>(k0.add(c * size::<L>()));
+            let x1 = load8::<L>(k1.add(c * size::<L>()));
+            let q0 = _mm256_loadu_ps(q.add(c));
+            let q1 = _mm256_loadu_ps(q.add(d + c));
+            a00 = _mm256_fmadd_ps(q0, x0, a00);
+            a01 = _mm256_fmadd_ps(q0, x1, a01);
+            a10 = _mm256_fmadd_ps(q1, x0, a10);
+            a11 = _mm256_fmadd_ps(q1, x1, a11);
+            c += 8;
+        }
+        // [r0t0, r0t1, r1t0, r1t1] in one vector by three horizontal adds.
+        let w = _mm256_hadd_ps(_mm256_hadd_ps(a00, a01), _mm256_hadd_ps(a10, a11));
+        let s = _mm_add_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps::<1>(w));
+        _mm_storel_pd(out as *mut f64, _mm_castps_pd(s));
+        _mm_storeh_pd(out.add(os) as *mut f64, _mm_castps_pd(s));
+    }
+
+    /// Dot products of 4 query rows with 2 key rows (two 2x2 tiles sharing the key loads).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dot_4x2<const L: u8>(q: *const f32, d: usize, k0: *const u8, k1: *const u8, out: *mut f32, os: usize) {
+        let mut a = [_mm256_setzero_ps(); 8];
+        let mut c = 0;
+        while c < d {
+            let x0 = load8::<L>(k0.add(c * size::<L>()));
+            let x1 = load8::<L>(k1.add(c * size::<L>()));
+            for r in 0..4 {
+                let qr = _mm256_loadu_ps(q.add(r * d + c));
+                a[2 * r] = _mm256_fmadd_ps(qr, x0, a[2 * r]);
+                a[2 * r + 1] = _mm256_fmadd_ps(qr, x1, a[2 * r + 1]);
+            }
+            c += 8;
+        }
+        for r in (0..4).step_by(2) {
+            let w = _mm256_hadd_ps(_mm256_hadd_ps(a[2 * r], a[2 * r + 1]), _mm256_hadd_ps(a[2 * r + 2], a[2 * r + 3]));
+            let s = _mm_add_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps::<1>(w));
+            _mm_storel_pd(out.add(r * os) as *mut f64, _mm_castps_pd(s));
+            _mm_storeh_pd(out.add((r + 1) * os) as *mut f64, _mm_castps_pd(s));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores<const L: u8>(q: &[f32], rows: usize, d: usize, k_rows: &[*const u8], out: &mut [f32]) {
         let t = k_rows.len();
         let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
-        for (j, &k) in k_rows.iter().enumerate() {
+        let mut j = 0;
+        while j + 2 <= t {
+            let (k0, k1) = (k_rows[j], k_rows[j + 1]);
+            let mut r = 0;
+            while r + 4 <= rows {
+                dot_4x2::<L>(qp.add(r * d), d, k0, k1, op.add(r * t + j), t);
+                r += 4;
+            }
+            if r + 2 <= rows {
+                dot_2x2::<L>(qp.add(r * d), d, k0, k1, op.add(r * t + j), t);
+                r += 2;
+            }
+            if r < rows {
+                dot_rows::<L, 1>(qp.add(r * d), d, k0, op.add(r * t + j), t);
+                dot_rows::<L, 1>(qp.add(r * d), d, k1, op.add(r * t + j + 1), t);
+            }
+            j += 2;
+        }
+        if j < t {
+            let k = k_rows[j];
             let mut r = 0;
             while r + 4 <= rows {
                 dot_rows::<L, 4>(qp.add(r * d), d, k, op.add(r * t + j), t);
                 r += 4;
             }
-            match rows - r {
-                3 => dot_rows::<L, 3>(qp.add(r * d), d, k, op.add(r * t + j), t),
-                2 => dot_rows::<L, 2>(qp.add(r * d), d, k, op.add(r * t + j), t),
-                1 => dot_rows::<L, 1>(qp.add(r * d), d, k, op.add(r * t + j), t),
-                _ => {}
+            while r < rows {
+                dot_rows::<L, 1>(qp.add(r * d), d, k, op.add(r * t + j), t);
+                r += 1;
             }
         }
     }
@@ -198,12 +259,12 @@ mod avx2 {
     /// o[g][c..c+8*W] += sum_j p[g][j] * v_j[c..c+8*W] for G rows, with the accumulators in registers.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn acc_block<L: Load, const G: usize, const W: usize>(o: *mut f32, d: usize, c: usize, v_rows: &[*const u8], p: *const f32, t: usize) {
+    unsafe fn acc_block<const L: u8, const G: usize, const W: usize>(o: *mut f32, d: usize, c: usize, v_rows: &[*const u8], p: *const f32, t: usize) {
         let mut acc = [[_mm256_setzero_ps(); W]; G];
         for (j, &v) in v_rows.iter().enumerate() {
             let mut vv = [_mm256_setzero_ps(); W];
             for (w, x) in vv.iter_mut().enumerate() {
-                *x = L::load8(v.add((c + 8 * w) * L::SIZE));
+                *x = load8::<L>(v.add((c + 8 * w) * size::<L>()));
             }
             for (g, a) in acc.iter_mut().enumerate() {
                 let pw = _mm256_broadcast_ss(&*p.add(g * t + j));
@@ -222,7 +283,7 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn acc_rows<L: Load, const G: usize>(o: *mut f32, d: usize, v_rows: &[*const u8], p: *const f32, t: usize) {
+    unsafe fn acc_rows<const L: u8, const G: usize>(o: *mut f32, d: usize, v_rows: &[*const u8], p: *const f32, t: usize) {
         let mut c = 0;
         while c + 16 <= d {
             acc_block::<L, G, 2>(o, d, c, v_rows, p, t);
@@ -234,7 +295,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn accumulate<L: Load>(o: &mut [f32], rows: usize, d: usize, v_rows: &[*const u8], p: &[f32]) {
+    pub unsafe fn accumulate<const L: u8>(o: &mut [f32], rows: usize, d: usize, v_rows: &[*const u8], p: &[f32]) {
         let t = v_rows.len();
         let (opp, pp) = (o.as_mut_ptr(), p.as_ptr());
         let mut r = 0;

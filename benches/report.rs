@@ -1,0 +1,108 @@
+//! Figures for `scripts/bench.sh`: dense decode time against memory-read bandwidth measured
+//! in the same process with the same thread count. Prints a table and, with
+//! `--json PATH`, writes a flat JSON object of named figures.
+//!
+//! Shape (f16, head_dim 128, 8 KV heads, 32 query heads, page size 16, 32K tokens, batch 1
+//! and batch 8) can be changed with `--tokens N` for a quick run.
+
+use std::time::Instant;
+
+use kvsieve::attention::AttentionParams;
+use kvsieve::{CacheConfig, DType, KvCache, TensorView, TensorViewMut};
+use rayon::prelude::*;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Bytes per second for reading `buf` once with all threads (median of several passes).
+fn read_bandwidth(buf: &[u64]) -> f64 {
+    let chunk = buf.len().div_ceil(rayon::current_num_threads() * 8);
+    let mut times = Vec::new();
+    let mut sink = 0u64;
+    for _ in 0..7 {
+        let t = Instant::now();
+        sink ^= buf.par_chunks(chunk).map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x))).reduce(|| 0, |a, b| a ^ b);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink);
+    (buf.len() * 8) as f64 / median(times)
+}
+
+struct DecodeFigures {
+    secs: f64,
+    kv_bytes: f64,
+}
+
+fn bench_decode(batch: usize, tokens: usize) -> DecodeFigures {
+    let (hk, hq, d, ps) = (8, 32, 128, 16);
+    let pages = batch * tokens.div_ceil(ps);
+    let mut cache = KvCache::new(CacheConfig::new(1, hk, d, ps, pages).with_dtype(DType::F16).with_key_bounds(false)).unwrap();
+    // Random-ish K/V written in slabs so the pages hold real data.
+    let slab = 1024;
+    let mut x = 0x1234_5678u32;
+    let mut data = vec![0f32; slab * hk * d];
+    let ids: Vec<u64> = (0..batch)
+        .map(|_| {
+            let id = cache.create_sequence();
+            cache.append(id, tokens, None).unwrap();
+            for s in (0..tokens).step_by(slab) {
+                let n = slab.min(tokens - s);
+                for v in data.iter_mut() {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    *v = (x as f32 / u32::MAX as f32) * 2.0 - 1.0;
+                }
+                let t = TensorView::new(&data[..n * hk * d], &[n, hk, d]).unwrap();
+                cache.write(id, 0, s, &t, &t).unwrap();
+            }
+            id
+        })
+        .collect();
+    let q: Vec<f32> = (0..batch * hq * d).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let qv = TensorView::new(&q, &[batch, hq, d]).unwrap();
+    let mut out = vec![0f32; batch * hq * d];
+    let mut lse = vec![0f32; batch * hq];
+    let p = AttentionParams::default();
+    let mut times = Vec::new();
+    for i in 0..12 {
+        let t = Instant::now();
+        cache.decode(0, &ids, &qv, &mut TensorViewMut::new(&mut out, &[batch, hq, d]).unwrap(), Some(&mut lse), &p).unwrap();
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let kv_bytes = (batch * tokens * hk * d * 2 * 2) as f64;
+    DecodeFigures { secs: median(times), kv_bytes }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let tokens: usize = arg("--tokens").map_or(32768, |s| s.parse().expect("--tokens N"));
+    let threads = rayon::current_num_threads();
+
+    let buf: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
+    let bw = read_bandwidth(&buf);
+    drop(buf);
+
+    let b1 = bench_decode(1, tokens);
+    let b8 = bench_decode(8, tokens);
+    let frac1 = b1.kv_bytes / b1.secs / bw;
+    let frac8 = b8.kv_bytes / b8.secs / bw;
+
+    println!("kvsieve dense decode, f16, head_dim 128, 8 KV / 32 query heads, page 16, {tokens} tokens, {threads} threads, isa {}", kvsieve::attention::isa());
+    println!("{:<34} {:>12}", "memory read bandwidth (GB/s)", format!("{:.2}", bw / 1e9));
+    for (name, f, fr) in [("batch 1", &b1, frac1), ("batch 8", &b8, frac8)] {
+        println!("{:<34} {:>9.3} ms  {:>7.2} GB/s  {:.3} of bandwidth", format!("decode {name}"), f.secs * 1e3, f.kv_bytes / f.secs / 1e9, fr);
+    }
+    if let Some(path) = arg("--json") {
+        let json = format!(
+            "{{\n  \"memory_read_gbps\": {:.4},\n  \"decode_dense_b1_ms\": {:.4},\n  \"decode_dense_b8_ms\": {:.4},\n  \"decode_dense_bw_fraction_b1\": {:.4},\n  \"decode_dense_bw_fraction\": {:.4},\n  \"decode_tokens\": {tokens},\n  \"threads\": {threads}\n}}\n",
+            bw / 1e9, b1.secs * 1e3, b8.secs * 1e3, frac1, frac8
+        );
+        std::fs::write(&path, json).expect("write --json file");
+    }
+}

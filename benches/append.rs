@@ -1,1 +1,33 @@
-fn main() {}
+//! Criterion benches of appending tokens and writing their K/V (f32 input into f16 pages,
+//! key bounds on), as a prefill chunk and as single decode tokens.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kvsieve::{CacheConfig, DType, KvCache, TensorView};
+
+fn append(c: &mut Criterion) {
+    let (layers, hk, d, ps) = (4, 8, 128, 16);
+    let mut g = c.benchmark_group("append_write_f16");
+    g.sample_size(10);
+    for &chunk in &[1usize, 512] {
+        let data: Vec<f32> = (0..chunk * hk * d).map(|i| (i % 101) as f32 / 50.0 - 1.0).collect();
+        let total = 8192;
+        g.throughput(Throughput::Elements(total as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(format!("chunk{chunk}")), &(), |b, _| {
+            b.iter(|| {
+                let mut cache = KvCache::new(CacheConfig::new(layers, hk, d, ps, total / ps).with_dtype(DType::F16)).unwrap();
+                let id = cache.create_sequence();
+                let t = TensorView::new(&data, &[chunk, hk, d]).unwrap();
+                for start in (0..total).step_by(chunk) {
+                    cache.append(id, chunk, None).unwrap();
+                    for layer in 0..layers {
+                        cache.write(id, layer, start, &t, &t).unwrap();
+                    }
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, append);
+criterion_main!(benches);

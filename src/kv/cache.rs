@@ -526,15 +526,37 @@ impl KvCache {
 
 /// Store row `src[index, :]` (d elements) at element offset `off` of `dst`.
 fn store_row(dst: &mut [u8], dt: crate::dtype::DType, off: usize, src: &TensorView, index: &[usize], d: usize) {
+    use crate::dtype::DType;
+    use half::slice::HalfFloatSliceExt;
     let inner = src.strides()[2];
-    if src.dtype() == dt && inner == 1 {
-        let sz = dt.size();
-        let from = src.offset(index) * sz;
-        dst[off * sz..(off + d) * sz].copy_from_slice(&src.bytes()[from..from + d * sz]);
-    } else {
-        let base = src.offset(index);
-        for c in 0..d {
-            store_f32(dst, dt, off + c, src.get_at(base + c * inner));
+    let sz = dt.size();
+    let out = &mut dst[off * sz..(off + d) * sz];
+    if inner == 1 {
+        let from = src.offset(index) * src.dtype().size();
+        let bytes = &src.bytes()[from..from + d * src.dtype().size()];
+        if src.dtype() == dt {
+            out.copy_from_slice(bytes);
+            return;
         }
+        // f32 rows into half-precision pages: convert the whole row with SIMD where aligned.
+        if let (DType::F32, Ok(row)) = (src.dtype(), bytemuck::try_cast_slice::<u8, f32>(bytes)) {
+            match dt {
+                DType::F16 => {
+                    if let Ok(o) = bytemuck::try_cast_slice_mut::<u8, half::f16>(out) {
+                        return o.convert_from_f32_slice(row);
+                    }
+                }
+                DType::BF16 => {
+                    if let Ok(o) = bytemuck::try_cast_slice_mut::<u8, half::bf16>(out) {
+                        return o.convert_from_f32_slice(row);
+                    }
+                }
+                DType::F32 => {}
+            }
+        }
+    }
+    let base = src.offset(index);
+    for c in 0..d {
+        store_f32(out, dt, c, src.get_at(base + c * inner));
     }
 }

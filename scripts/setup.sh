@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the tests and benchmarks need: libclang (for the header check), valgrind
+# (C tests run under it when present) and a Python venv inside the repo with maturin,
+# numpy and pytest. Idempotent; safe to run every time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+ldconfig -p 2>/dev/null | grep -q 'libclang' || need_apt+=(libclang-dev)
+command -v valgrind >/dev/null || need_apt+=(valgrind)
+command -v nm >/dev/null || need_apt+=(binutils)
+command -v cc >/dev/null || need_apt+=(gcc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing Debian packages: ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check maturin numpy pytest "$@"

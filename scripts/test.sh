@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every test: Rust (unit, property, integration, C programs against the header and the
+# built library, header/export check), the examples, and pytest on the installed wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+bash scripts/setup.sh
+
+echo "== cargo build (library for the C tests, examples, benches)"
+cargo build --lib --examples --benches
+echo "== cargo test"
+cargo test --no-fail-fast
+cargo test --doc
+
+echo "== examples"
+cargo run -q --example 01_store_and_decode
+
+echo "== python wheel"
+bash scripts/build-wheel.sh --release
+.venv/bin/python examples/python/01_store_and_decode.py
+echo "== pytest"
+.venv/bin/python -m pytest -q bindings/python/tests

@@ -124,6 +124,11 @@ impl KeyBounds {
         (min, max)
     }
 
+    /// Raw bounds of one layer: `[page][head][min|max][head_dim]` in the cache dtype.
+    pub fn layer_bytes(&self, layer: usize) -> &[u8] {
+        self.data[layer].bytes()
+    }
+
     pub fn bytes(&self) -> usize {
         self.data.iter().map(|b| b.bytes().len()).sum::<usize>() + self.written.iter().map(|w| w.len() * 8).sum::<usize>()
     }

@@ -54,6 +54,28 @@ pub struct MemoryStats {
     pub num_tokens: usize,
 }
 
+/// Per-page key bounds of one layer, borrowed from a [`KvCache`].
+///
+/// Layout: `[page][head][min | max][head_dim]` elements of `dtype` (native endian), for
+/// every page of the pool. A page with no written slot has min = +inf and max = -inf.
+#[derive(Clone, Copy)]
+pub struct KeyBoundsRef<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: crate::dtype::DType,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<'a> KeyBoundsRef<'a> {
+    /// Bytes of (min, max) for one page and KV head, each `head_dim` elements of `dtype`.
+    #[inline]
+    pub fn page_head(&self, page: usize, head: usize) -> (&'a [u8], &'a [u8]) {
+        let row = self.head_dim * self.dtype.size();
+        let base = (page * self.num_kv_heads + head) * 2 * row;
+        (&self.bytes[base..base + row], &self.bytes[base + row..base + 2 * row])
+    }
+}
+
 /// Paged KV storage owned by kvsieve. See the module docs for threading and failure rules.
 pub struct KvCache {
     cfg: CacheConfig,
@@ -439,6 +461,13 @@ impl KvCache {
             max.extend(b2);
         }
         Ok((min, max))
+    }
+
+    /// Key bounds of every page of the pool at one layer, for page-bound scoring.
+    pub fn key_bounds(&self, layer: usize) -> Result<KeyBoundsRef<'_>> {
+        self.check_layer(layer)?;
+        let b = self.bounds.as_ref().ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
+        Ok(KeyBoundsRef { bytes: b.layer_bytes(layer), dtype: self.cfg.dtype, num_kv_heads: self.cfg.num_kv_heads, head_dim: self.cfg.head_dim })
     }
 
     /// Keys of a sequence at a layer as f32, `[seq_len, num_kv_heads, head_dim]` flattened.

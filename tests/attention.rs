@@ -103,9 +103,10 @@ proptest! {
         let mut qrow = vec![0f32; hq * d];
         qv.read_row(&[0, 0], &mut qrow[..d]);
         for h in 0..hq { qv.read_row(&[0, h], &mut qrow[h * d..(h + 1) * d]); }
-        let a = reference::attend_one(&kv, 0, &qrow, hq, &p, &|t| t < len_a);
-        let b = reference::attend_one(&kv, 0, &qrow, hq, &p, &|t| t >= len_a);
-        let all = reference::attend_one(&kv, 0, &qrow, hq, &p, &|_| true);
+        let last = len_a + len_b - 1;
+        let a = reference::attend_one(&kv, 0, &qrow, hq, &p, last, &|_, t| t < len_a);
+        let b = reference::attend_one(&kv, 0, &qrow, hq, &p, last, &|_, t| t >= len_a);
+        let all = reference::attend_one(&kv, 0, &qrow, hq, &p, last, &|_, _| true);
         let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         let (va, vb, la, lb) = (f(&a.out), f(&b.out), f(&a.lse), f(&b.lse));
         let mut out = vec![f32::NAN; hq * d];
@@ -166,7 +167,8 @@ fn engine_owned_memory_through_a_view_matches_reference() {
 
 #[test]
 fn pre_rope_keys_are_rotated_at_read_time() {
-    // Store raw keys with RoPE off in one cache and rotated keys in another; decode must agree.
+    // Raw keys and queries in a pre-RoPE cache must give what rotated keys and a query rotated
+    // by its own position give in a post-RoPE cache.
     let (hk, hq, d, n) = (2, 4, 64, 150);
     let rope = RopeConfig::new(10000.0, RopeStyle::AdjacentPairs);
     let mut rng = Rng(11);
@@ -185,16 +187,18 @@ fn pre_rope_keys_are_rotated_at_read_time() {
     let (pre, a) = mk(KeyRope::PreRope, &k);
     let (post, b) = mk(KeyRope::PostRope, &rotated);
     let q = rng.vec(hq * d, 1.0);
-    let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
-    let run = |c: &KvCache, id, p: &AttentionParams| {
+    let mut q_rot = q.clone();
+    apply_rope(&mut TensorViewMut::new(&mut q_rot, &[1, hq, d]).unwrap(), &[positions[n - 1]], &rope).unwrap();
+    let run = |c: &KvCache, id, q: &[f32], p: &AttentionParams| {
         let mut out = vec![f32::NAN; hq * d];
+        let qv = TensorView::new(q, &[1, hq, d]).unwrap();
         c.decode(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, p).map(|_| out)
     };
-    let e = run(&pre, a, &AttentionParams::default()).unwrap_err();
+    let e = run(&pre, a, &q, &AttentionParams::default()).unwrap_err();
     assert!(e.to_string().contains("rope"), "{e}");
     let with_rope = AttentionParams { rope: Some(rope), ..Default::default() };
-    let x = run(&pre, a, &with_rope).unwrap();
-    let y = run(&post, b, &AttentionParams::default()).unwrap();
+    let x = run(&pre, a, &q, &with_rope).unwrap();
+    let y = run(&post, b, &q_rot, &AttentionParams::default()).unwrap();
     let err = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(err < 1e-4, "{err}");
 }

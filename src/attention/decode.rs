@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
-use crate::attention::kernel::{attend_block, merge_into, Block, Tokens, scaled_queries, write_partials, Ctx, Partial, RowState, Scratch, BLOCK};
-use crate::attention::AttentionParams;
+use crate::attention::kernel::{attend_block, merge_into, scaled_queries, write_partials, Block, Ctx, Partial, Pass, RowState, Scratch, Tokens, BLOCK};
+use crate::attention::{AttentionParams, HeadTokens};
 use crate::error::{Error, Result};
 use crate::kv::PagedKv;
 use crate::tensor::{TensorView, TensorViewMut};
@@ -22,15 +22,52 @@ pub(crate) fn chunk_len(params: &AttentionParams, total_tokens: usize) -> Result
     }
 }
 
+fn check_batch(kv: &PagedKv, q: &TensorView) -> Result<usize> {
+    let batch = q.shape()[0];
+    if batch != kv.batch_size() {
+        return Err(Error::shape("q", format!("[{}, ...] (batch of the page table)", kv.batch_size()), format!("{:?}", q.shape())));
+    }
+    Ok(batch)
+}
+
+/// Check that per-sequence selections match the view: one per sequence, the view's KV
+/// heads and length, every head's indices strictly ascending and in range.
+pub(crate) fn check_selections<S: HeadTokens + ?Sized>(kv: &PagedKv, selections: &[&S]) -> Result<()> {
+    if selections.len() != kv.batch_size() {
+        return Err(Error::shape("selections", format!("{} selections (one per sequence)", kv.batch_size()), format!("{}", selections.len())));
+    }
+    for (b, s) in selections.iter().enumerate() {
+        if s.num_kv_heads() != kv.num_kv_heads() {
+            return Err(Error::shape(format!("selections[{b}]"), format!("{} KV heads", kv.num_kv_heads()), format!("{}", s.num_kv_heads())));
+        }
+        if s.seq_len() != kv.seq_len(b) {
+            return Err(Error::invalid(format!("selections[{b}]"), format!("a selection over the sequence's {} tokens, built over {}", kv.seq_len(b), s.seq_len())));
+        }
+        for h in 0..s.num_kv_heads() {
+            let l = s.head(h);
+            if let Some(i) = (0..l.len()).find(|&i| l[i] as usize >= s.seq_len() || (i > 0 && l[i] <= l[i - 1])) {
+                return Err(Error::invalid(
+                    format!("selections[{b}].head({h})[{i}]"),
+                    format!("strictly ascending token indices below {}, got {}", s.seq_len(), l[i]),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Decode attention for a batch: `q` is `[batch, num_qo_heads, head_dim]` (one token per
 /// sequence of `kv`'s table, any dtype and strides); `out` has the same shape (any dtype);
 /// `lse`, if given, receives `[batch, num_qo_heads]` natural-log LSEs. Every token of each
 /// sequence is attended.
+///
+/// When the keys are stored before RoPE, `q` is taken before RoPE too and both are rotated
+/// here, with positions numbered by `params.positions`; the query is the sequence's last token.
 pub fn decode(kv: &PagedKv, q: &TensorView, out: &mut TensorViewMut, lse: Option<&mut [f32]>, params: &AttentionParams) -> Result<()> {
     let ctx = Ctx::new(kv, q, out, lse.as_deref(), params, "batch")?;
-    let batch = q.shape()[0];
-    if batch != kv.batch_size() {
-        return Err(Error::shape("q", format!("[{}, ...] (batch of the page table)", kv.batch_size()), format!("{:?}", q.shape())));
+    let batch = check_batch(kv, q)?;
+    if ctx.rope.is_some() {
+        return decode_lists(&ctx, q, out, lse, params, &|b, _| Tokens::Range(0, kv.seq_len(b)));
     }
     let total: usize = (0..batch).map(|b| kv.seq_len(b)).sum();
     let chunk = chunk_len(params, total)?;
@@ -63,7 +100,7 @@ pub fn decode(kv: &PagedKv, q: &TensorView, out: &mut TensorViewMut, lse: Option
                     next.prefetch(kv, 0..hk);
                     for (kh, st) in states.iter_mut().enumerate() {
                         let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
-                        attend_block(&ctx, b, kh, qrows, g, &cur, &|_| usize::MAX, usize::MAX, st, sc);
+                        attend_block(&ctx, b, kh, qrows, g, &cur, &Pass::ALL, usize::MAX, st, sc);
                     }
                     std::mem::swap(&mut cur, &mut next);
                 }
@@ -90,6 +127,78 @@ pub fn decode(kv: &PagedKv, q: &TensorView, out: &mut TensorViewMut, lse: Option
             let m = &mut merged[b * hq + h];
             merge_into(&mut m.out, &mut m.lse, &o[h * d..(h + 1) * d], l[h]);
         }
+    }
+    write_partials(&merged, hq, out, lse);
+    Ok(())
+}
+
+/// Sparse decode: like [`decode`], but KV head `h` of sequence `b` reads only the tokens
+/// `selections[b].head(h)` (query heads of a GQA group share their KV head's tokens).
+/// The result equals dense attention over exactly those tokens. With pre-RoPE keys and
+/// `PositionMode::Contiguous`, the tokens a head reads are numbered 0.. in order.
+pub fn decode_sparse<S: HeadTokens + ?Sized>(
+    kv: &PagedKv,
+    q: &TensorView,
+    selections: &[&S],
+    out: &mut TensorViewMut,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams,
+) -> Result<()> {
+    let ctx = Ctx::new(kv, q, out, lse.as_deref(), params, "batch")?;
+    check_batch(kv, q)?;
+    check_selections(kv, selections)?;
+    decode_lists(&ctx, q, out, lse, params, &|b, h| Tokens::List(selections[b].head(h)))
+}
+
+/// Decode where each (sequence, KV head) reads its own token list, split into chunks.
+fn decode_lists<'l>(
+    ctx: &Ctx,
+    q: &TensorView,
+    out: &mut TensorViewMut,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams,
+    lists: &(dyn Fn(usize, usize) -> Tokens<'l> + Sync),
+) -> Result<()> {
+    let kv = ctx.kv;
+    let batch = q.shape()[0];
+    let (hq, d, g, hk) = (ctx.num_qo_heads, ctx.d, ctx.group, kv.num_kv_heads());
+    let total: usize = (0..batch).map(|b| (0..hk).map(|h| lists(b, h).len()).sum::<usize>()).sum::<usize>() / hk;
+    let chunk = chunk_len(params, total)?;
+    let qs = scaled_queries(q, ctx.scale);
+    let mut tasks = Vec::new();
+    for b in 0..batch {
+        for kh in 0..hk {
+            let n = lists(b, kh).len();
+            for c in 0..n.div_ceil(chunk) {
+                tasks.push((b, kh, c * chunk, ((c + 1) * chunk).min(n)));
+            }
+        }
+    }
+    let parts: Vec<Partial> = tasks
+        .par_iter()
+        .map_init(
+            || Scratch::new(g, d),
+            |sc, &(b, kh, i0, i1)| {
+                let all = lists(b, kh);
+                let last = kv.seq_len(b) - 1;
+                let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
+                let st = ctx.attend_rows(b, kh, qrows, g, &|_| last, all, i0, all.slice(i0, i1), &|_| usize::MAX, None, sc);
+                (0..g)
+                    .map(|r| {
+                        let mut o = vec![0f32; d];
+                        let lse = st.finish_row(r, d, &mut o);
+                        Partial { token: b, head: kh * g + r, out: o, lse }
+                    })
+                    .collect::<Vec<_>>()
+            },
+        )
+        .flatten()
+        .collect();
+    let mut merged: Vec<Partial> =
+        (0..batch * hq).map(|i| Partial { token: i / hq, head: i % hq, out: vec![0f32; d], lse: f32::NEG_INFINITY }).collect();
+    for p in &parts {
+        let m = &mut merged[p.token * hq + p.head];
+        merge_into(&mut m.out, &mut m.lse, &p.out, p.lse);
     }
     write_partials(&merged, hq, out, lse);
     Ok(())

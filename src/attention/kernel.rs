@@ -3,7 +3,7 @@
 //! times the query tokens of a prefill tile).
 
 use crate::attention::simd;
-use crate::attention::{AttentionParams, RopeConfig};
+use crate::attention::{AttentionParams, PositionMode, RopeConfig};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kv::PagedKv;
@@ -26,8 +26,9 @@ pub(crate) struct Ctx<'a> {
     pub d: usize,
     pub scale: f32,
     pub soft_cap: Option<f32>,
-    /// RoPE applied to keys at read time (keys stored before RoPE).
+    /// RoPE applied to keys and queries at read time (keys stored before RoPE).
     pub rope: Option<(RopeConfig, Vec<f32>)>,
+    pub positions: PositionMode,
 }
 
 impl<'a> Ctx<'a> {
@@ -67,7 +68,86 @@ impl<'a> Ctx<'a> {
             }
             (KeyRope::PostRope, _) => None,
         };
-        Ok(Ctx { kv, num_qo_heads: hq, group: hq / hk, d, scale, soft_cap: params.logit_soft_cap, rope })
+        if rope.is_none() && params.positions != PositionMode::Original {
+            return Err(Error::invalid(
+                "positions",
+                "PositionMode::Original for keys stored after RoPE (Contiguous and Capped re-rotate keys, which needs KeyRope::PreRope and a RopeConfig)",
+            ));
+        }
+        if let PositionMode::Capped { max_distance: 0 } = params.positions {
+            return Err(Error::invalid("positions.max_distance", "at least 1"));
+        }
+        Ok(Ctx { kv, num_qo_heads: hq, group: hq / hk, d, scale, soft_cap: params.logit_soft_cap, rope, positions: params.positions })
+    }
+
+    /// Rotate `rows` query rows (each `d` long) by `pos` when keys are read pre-RoPE.
+    pub fn rotate_rows(&self, q: &mut [f32], pos: f32) {
+        if let Some((rope, inv)) = &self.rope {
+            for row in q.chunks_exact_mut(self.d) {
+                rope.rotate(row, pos, inv);
+            }
+        }
+    }
+
+    /// Attend one set of query rows of sequence `b`, head `kh` to `tokens` (a slice of the
+    /// head's full token list `all`, starting at list index `base`) under the position mode.
+    /// `q` holds the scaled, unrotated rows; `q_token(r)` is row r's query token index and
+    /// `limit`/`filter` restrict what each row sees.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_rows(
+        &self,
+        b: usize,
+        kh: usize,
+        q: &[f32],
+        rows: usize,
+        q_token: &(dyn Fn(usize) -> usize + Sync),
+        all: Tokens,
+        base: usize,
+        tokens: Tokens,
+        limit: &(dyn Fn(usize) -> usize + Sync),
+        filter: Option<&(dyn Fn(usize, usize) -> bool + Sync)>,
+        sc: &mut Scratch,
+    ) -> RowState {
+        let d = self.d;
+        let kv = self.kv;
+        let mut st = RowState::new(rows, d);
+        let rows_per_token = rows.min(self.group).max(1);
+        let rotate_each = |qr: &mut Vec<f32>, pos: &dyn Fn(usize) -> f32| {
+            for (i, chunk) in qr.chunks_exact_mut(rows_per_token * d).enumerate() {
+                self.rotate_rows(chunk, pos(i * rows_per_token));
+            }
+        };
+        if self.rope.is_none() {
+            attend(self, b, kh, q, rows, tokens, &Pass { key_pos: KeyPos::Stored, limit, filter }, &mut st, sc);
+            return st;
+        }
+        let mut qr = q.to_vec();
+        match self.positions {
+            PositionMode::Original => {
+                rotate_each(&mut qr, &|r| kv.position(b, q_token(r)) as f32);
+                attend(self, b, kh, &qr, rows, tokens, &Pass { key_pos: KeyPos::Stored, limit, filter }, &mut st, sc);
+            }
+            PositionMode::Contiguous => {
+                rotate_each(&mut qr, &|r| all.count_below(q_token(r)) as f32);
+                attend(self, b, kh, &qr, rows, tokens, &Pass { key_pos: KeyPos::Index(base), limit, filter }, &mut st, sc);
+            }
+            PositionMode::Capped { max_distance } => {
+                // Near keys keep their true relative distance; far keys all sit at max_distance,
+                // which a rotation of the query alone expresses (RoPE depends only on the difference).
+                let m = max_distance as i64;
+                let dist = |r: usize, t: usize| kv.position(b, q_token(r)) as i64 - kv.position(b, t) as i64;
+                let near = |r: usize, t: usize| dist(r, t) < m && filter.map_or(true, |f| f(r, t));
+                let far = |r: usize, t: usize| dist(r, t) >= m && filter.map_or(true, |f| f(r, t));
+                rotate_each(&mut qr, &|r| kv.position(b, q_token(r)) as f32);
+                attend(self, b, kh, &qr, rows, tokens, &Pass { key_pos: KeyPos::Stored, limit, filter: Some(&near) }, &mut st, sc);
+                qr.copy_from_slice(q);
+                self.rotate_rows(&mut qr, max_distance as f32);
+                let mut far_st = RowState::new(rows, d);
+                attend(self, b, kh, &qr, rows, tokens, &Pass { key_pos: KeyPos::Raw, limit, filter: Some(&far) }, &mut far_st, sc);
+                st.absorb(&far_st, d);
+            }
+        }
+        st
     }
 }
 
@@ -81,6 +161,23 @@ pub(crate) struct RowState {
 impl RowState {
     pub fn new(rows: usize, d: usize) -> Self {
         RowState { o: vec![0.0; rows * d], m: vec![f32::NEG_INFINITY; rows], l: vec![0.0; rows] }
+    }
+
+    /// Fold another state over a disjoint key set into this one.
+    pub fn absorb(&mut self, other: &RowState, d: usize) {
+        for r in 0..self.m.len() {
+            let (m1, m2) = (self.m[r], other.m[r]);
+            if m2 == f32::NEG_INFINITY {
+                continue;
+            }
+            let m = m1.max(m2);
+            let (a, b) = ((m1 - m).exp(), (m2 - m).exp());
+            for (x, &y) in self.o[r * d..(r + 1) * d].iter_mut().zip(&other.o[r * d..(r + 1) * d]) {
+                *x = *x * a + y * b;
+            }
+            self.l[r] = self.l[r] * a + other.l[r] * b;
+            self.m[r] = m;
+        }
     }
 
     /// Normalised output of row `r` and its LSE (zeros and -inf for a row that saw no key).
@@ -115,10 +212,10 @@ impl Scratch {
 #[derive(Clone, Copy)]
 pub(crate) enum Tokens<'a> {
     Range(usize, usize),
-    List(&'a [usize]),
+    List(&'a [u32]),
 }
 
-impl Tokens<'_> {
+impl<'a> Tokens<'a> {
     pub fn len(&self) -> usize {
         match *self {
             Tokens::Range(s, e) => e.saturating_sub(s),
@@ -126,25 +223,65 @@ impl Tokens<'_> {
         }
     }
     #[inline(always)]
-    fn get(&self, i: usize) -> usize {
+    pub fn get(&self, i: usize) -> usize {
         match *self {
             Tokens::Range(s, _) => s + i,
-            Tokens::List(l) => l[i],
+            Tokens::List(l) => l[i] as usize,
         }
     }
     /// Number of leading tokens not greater than `limit`.
-    fn count_upto(&self, limit: usize) -> usize {
+    pub fn count_upto(&self, limit: usize) -> usize {
         match *self {
             Tokens::Range(s, e) => e.min(limit.saturating_add(1)).saturating_sub(s),
-            Tokens::List(l) => l.partition_point(|&t| t <= limit),
+            Tokens::List(l) => l.partition_point(|&t| (t as usize) <= limit),
         }
     }
+    /// Number of tokens strictly below `t`.
+    pub fn count_below(&self, t: usize) -> usize {
+        if t == 0 {
+            0
+        } else {
+            self.count_upto(t - 1)
+        }
+    }
+    /// Entries `i0..i1`.
+    pub fn slice(&self, i0: usize, i1: usize) -> Tokens<'a> {
+        match *self {
+            Tokens::Range(s, _) => Tokens::Range(s + i0, s + i1),
+            Tokens::List(l) => Tokens::List(&l[i0..i1]),
+        }
+    }
+}
+
+/// Where the RoPE position of a key read in a pass comes from (keys stored before RoPE).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyPos {
+    /// The position stored in the key's slot.
+    Stored,
+    /// Its index in the head's token list: `base` + index within the pass.
+    Index(usize),
+    /// No rotation: the query carries the whole relative rotation (LM-Infinite far keys).
+    Raw,
+}
+
+/// Which keys one pass reads and how: row `r` sees token `t` if `t <= limit(r)` and
+/// `filter(r, t)` (when given).
+pub(crate) struct Pass<'f> {
+    pub key_pos: KeyPos,
+    pub limit: &'f (dyn Fn(usize) -> usize + Sync),
+    pub filter: Option<&'f (dyn Fn(usize, usize) -> bool + Sync)>,
+}
+
+impl Pass<'_> {
+    pub const ALL: Pass<'static> = Pass { key_pos: KeyPos::Stored, limit: &|_| usize::MAX, filter: None };
 }
 
 /// A block of at most [`BLOCK`] tokens of one sequence and where each lives.
 #[derive(Default)]
 pub(crate) struct Block {
     pub tokens: Vec<usize>,
+    /// Index in the token list of the first token.
+    first: usize,
     /// K and V of head 0 of each token; head `h` is `h * head stride` further.
     k0: Vec<*const u8>,
     v0: Vec<*const u8>,
@@ -159,6 +296,7 @@ impl Block {
         self.tokens.clear();
         self.k0.clear();
         self.v0.clear();
+        self.first = i0;
         for i in i0..i1 {
             let t = tokens.get(i);
             let (page, slot) = kv.locate(b, t);
@@ -201,23 +339,13 @@ impl Block {
     }
 }
 
-/// Attend `rows` query rows (`q`, already multiplied by the scale) to `tokens` of sequence
-/// `b`, KV head `kh`, one block after another. Row `r` sees token `t` only if `t <= limit(r)`.
+/// Attend `rows` query rows (`q`, already multiplied by the scale and rotated as the pass
+/// needs) to `tokens` of sequence `b`, KV head `kh`, one block after another.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attend(
-    ctx: &Ctx,
-    b: usize,
-    kh: usize,
-    q: &[f32],
-    rows: usize,
-    tokens: Tokens,
-    limit: &dyn Fn(usize) -> usize,
-    st: &mut RowState,
-    sc: &mut Scratch,
-) {
+pub(crate) fn attend(ctx: &Ctx, b: usize, kh: usize, q: &[f32], rows: usize, tokens: Tokens, pass: &Pass, st: &mut RowState, sc: &mut Scratch) {
     let kv = ctx.kv;
-    let max_limit = (0..rows).map(limit).max().unwrap_or(0);
-    let min_limit = (0..rows).map(limit).min().unwrap_or(0);
+    let max_limit = (0..rows).map(pass.limit).max().unwrap_or(0);
+    let min_limit = (0..rows).map(pass.limit).min().unwrap_or(0);
     let n = tokens.count_upto(max_limit);
     let (mut cur, mut next) = (Block::default(), Block::default());
     cur.fill(kv, b, &tokens, 0, n.min(BLOCK));
@@ -226,13 +354,13 @@ pub(crate) fn attend(
         let i1 = (i0 + BLOCK).min(n);
         next.fill(kv, b, &tokens, i1, (i1 + BLOCK).min(n));
         next.prefetch(kv, kh..kh + 1);
-        attend_block(ctx, b, kh, q, rows, &cur, limit, min_limit, st, sc);
+        attend_block(ctx, b, kh, q, rows, &cur, pass, min_limit, st, sc);
         std::mem::swap(&mut cur, &mut next);
     }
 }
 
 /// Attend `rows` query rows to one block of tokens of KV head `kh` (see [`attend`]);
-/// `min_limit` is the smallest `limit(r)`, so blocks below it skip masking.
+/// `min_limit` is the smallest `limit(r)`, so blocks below it skip the causal mask.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_block(
     ctx: &Ctx,
@@ -241,7 +369,7 @@ pub(crate) fn attend_block(
     q: &[f32],
     rows: usize,
     blk: &Block,
-    limit: &dyn Fn(usize) -> usize,
+    pass: &Pass,
     min_limit: usize,
     st: &mut RowState,
     sc: &mut Scratch,
@@ -261,7 +389,7 @@ pub(crate) fn attend_block(
         sc.v_ptrs.push(v.wrapping_add(vo));
     }
     let mut k_dtype = kv.dtype();
-    if let Some((rope, inv)) = &ctx.rope {
+    if let (Some((rope, inv)), false) = (&ctx.rope, pass.key_pos == KeyPos::Raw) {
         for (j, &tok) in blk.tokens.iter().enumerate() {
             let row = &mut sc.k_rot[j * d..(j + 1) * d];
             // SAFETY: k_ptrs[j] points at d valid elements (PagedKv contract).
@@ -269,7 +397,11 @@ pub(crate) fn attend_block(
             for (c, x) in row.iter_mut().enumerate() {
                 *x = crate::dtype::load_f32(bytes, k_dtype, c);
             }
-            rope.rotate(row, kv.position(b, tok) as f32, inv);
+            let pos = match pass.key_pos {
+                KeyPos::Index(base) => (base + blk.first + j) as f32,
+                _ => kv.position(b, tok) as f32,
+            };
+            rope.rotate(row, pos, inv);
             sc.k_ptrs[j] = row.as_ptr() as *const u8;
         }
         k_dtype = DType::F32;
@@ -277,7 +409,7 @@ pub(crate) fn attend_block(
     let s = &mut sc.s[..rows * t];
     // SAFETY: pointers come from the view (or k_rot), each valid for d elements.
     unsafe { simd::scores(q, rows, d, &sc.k_ptrs, k_dtype, s) };
-    let masked = *blk.tokens.last().unwrap() > min_limit;
+    let masked = *blk.tokens.last().unwrap() > min_limit || pass.filter.is_some();
     for r in 0..rows {
         let sr = &mut s[r * t..(r + 1) * t];
         if let Some(c) = ctx.soft_cap {
@@ -286,9 +418,9 @@ pub(crate) fn attend_block(
             }
         }
         if masked {
-            let lim = limit(r);
+            let lim = (pass.limit)(r);
             for (x, &tok) in sr.iter_mut().zip(&blk.tokens) {
-                if tok > lim {
+                if tok > lim || pass.filter.is_some_and(|f| !f(r, tok)) {
                     *x = f32::NEG_INFINITY;
                 }
             }

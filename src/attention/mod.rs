@@ -19,10 +19,19 @@ mod simd;
 
 pub use simd::isa;
 
-pub use decode::decode;
+pub use decode::{decode, decode_sparse};
 pub use merge::merge_states;
-pub use prefill::prefill;
+pub use prefill::{prefill, prefill_sparse, StreamingWindow};
 pub use rope::{apply_rope, RopeConfig, RopeStyle};
+
+/// Per-KV-head token lists that sparse attention reads: for each KV head, strictly ascending
+/// token indices of one sequence. [`crate::select::Selection`] is the standard implementation.
+pub trait HeadTokens: Sync {
+    fn num_kv_heads(&self) -> usize;
+    /// Tokens in the sequence the lists index into.
+    fn seq_len(&self) -> usize;
+    fn head(&self, h: usize) -> &[u32];
+}
 
 /// How key and query positions are numbered when RoPE is applied at read time (keys stored
 /// before RoPE). With post-RoPE keys only `Original` is meaningful.
@@ -52,4 +61,6 @@ pub struct AttentionParams {
     pub rope: Option<RopeConfig>,
     /// Tokens per work chunk for splitting long sequences across threads; `None` picks one.
     pub chunk_size: Option<usize>,
+    /// Position numbering for RoPE at read time (pre-RoPE keys only).
+    pub positions: PositionMode,
 }

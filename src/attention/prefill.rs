@@ -2,8 +2,9 @@
 
 use rayon::prelude::*;
 
-use crate::attention::kernel::{attend, Tokens, scaled_queries, write_partials, Ctx, Partial, RowState, Scratch};
-use crate::attention::AttentionParams;
+use crate::attention::decode::check_selections;
+use crate::attention::kernel::{scaled_queries, write_partials, Ctx, Partial, Scratch, Tokens};
+use crate::attention::{AttentionParams, HeadTokens};
 use crate::error::{Error, Result};
 use crate::kv::PagedKv;
 use crate::tensor::{TensorView, TensorViewMut};
@@ -35,11 +36,20 @@ pub(crate) fn check_qo_indptr(kv: &PagedKv, qo_indptr: &[i32], total: usize) -> 
     Ok(())
 }
 
+/// Row-relative sinks + sliding-window mask of one KV head in prefill (the Λ-mask of
+/// LM-Infinite; StreamingLLM's window): query token `i` sees token `t` only if
+/// `t < sinks` or `i - t < window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamingWindow {
+    pub sinks: usize,
+    pub window: usize,
+}
+
 /// Prefill attention. `q` is `[total, num_qo_heads, head_dim]`; rows
 /// `qo_indptr[b]..qo_indptr[b+1]` are the queries of sequence `b` of `kv`'s table, and are its
 /// last tokens (append and write them to the cache first). With `causal`, query `i` of `n`
 /// sees tokens `0..=seq_len - n + i`; without, every token. `out` has q's shape; `lse`, if
-/// given, is `[total, num_qo_heads]`.
+/// given, is `[total, num_qo_heads]`. With pre-RoPE keys, `q` is taken before RoPE as well.
 pub fn prefill(
     kv: &PagedKv,
     q: &TensorView,
@@ -51,6 +61,47 @@ pub fn prefill(
 ) -> Result<()> {
     let ctx = Ctx::new(kv, q, out, lse.as_deref(), params, "total")?;
     check_qo_indptr(kv, qo_indptr, q.shape()[0])?;
+    run(&ctx, q, qo_indptr, out, lse, causal, &|b, _| Tokens::Range(0, kv.seq_len(b)), &[])
+}
+
+/// Sparse prefill (causal): KV head `h` of sequence `b` reads only `selections[b].head(h)`,
+/// further restricted per query row by `windows[h]` when given (`windows` is empty or has
+/// one entry per KV head). The result equals causal attention over exactly those tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_sparse<S: HeadTokens + ?Sized>(
+    kv: &PagedKv,
+    q: &TensorView,
+    qo_indptr: &[i32],
+    selections: &[&S],
+    windows: &[Option<StreamingWindow>],
+    out: &mut TensorViewMut,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams,
+) -> Result<()> {
+    let ctx = Ctx::new(kv, q, out, lse.as_deref(), params, "total")?;
+    check_qo_indptr(kv, qo_indptr, q.shape()[0])?;
+    check_selections(kv, selections)?;
+    if !windows.is_empty() && windows.len() != kv.num_kv_heads() {
+        return Err(Error::shape("windows", format!("0 or {} entries (one per KV head)", kv.num_kv_heads()), format!("{}", windows.len())));
+    }
+    if let Some(h) = windows.iter().position(|w| matches!(w, Some(w) if w.window == 0)) {
+        return Err(Error::invalid(format!("windows[{h}].window"), "at least 1"));
+    }
+    run(&ctx, q, qo_indptr, out, lse, true, &|b, h| Tokens::List(selections[b].head(h)), windows)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<'l>(
+    ctx: &Ctx,
+    q: &TensorView,
+    qo_indptr: &[i32],
+    out: &mut TensorViewMut,
+    lse: Option<&mut [f32]>,
+    causal: bool,
+    lists: &(dyn Fn(usize, usize) -> Tokens<'l> + Sync),
+    windows: &[Option<StreamingWindow>],
+) -> Result<()> {
+    let kv = ctx.kv;
     let qs = scaled_queries(q, ctx.scale);
     let (hq, d, g) = (ctx.num_qo_heads, ctx.d, ctx.group);
 
@@ -81,9 +132,13 @@ pub fn prefill(
                 }
                 let len = kv.seq_len(b);
                 let first = len - (e - s) + (t0 - s);
+                let q_token = |r: usize| first + r / g;
                 let limit = |r: usize| if causal { first + r / g } else { usize::MAX };
-                let mut st = RowState::new(rows, d);
-                attend(&ctx, b, kh, &qrows, rows, Tokens::Range(0, len), &limit, &mut st, sc);
+                let window = windows.get(kh).copied().flatten();
+                let in_window = |r: usize, t: usize| window.is_some_and(|w| t < w.sinks || q_token(r).saturating_sub(t) < w.window);
+                let filter: Option<&(dyn Fn(usize, usize) -> bool + Sync)> = if window.is_some() { Some(&in_window) } else { None };
+                let all = lists(b, kh);
+                let st = ctx.attend_rows(b, kh, &qrows, rows, &q_token, all, 0, all, &limit, filter, sc);
                 let mut res = Vec::with_capacity(rows);
                 for i in 0..nt {
                     for r in 0..g {

@@ -1,7 +1,8 @@
 //! A plain f64 implementation of attention, for tests only. Slow and obviously correct:
-//! it reads keys and values one at a time through [`PagedKv::key`] / [`PagedKv::value`].
+//! it reads keys and values one at a time through [`PagedKv::key`] / [`PagedKv::value`] and
+//! applies RoPE and position modes literally.
 
-use crate::attention::AttentionParams;
+use crate::attention::{AttentionParams, PositionMode};
 use crate::error::Result;
 use crate::kv::PagedKv;
 use crate::tensor::TensorView;
@@ -14,30 +15,68 @@ pub struct RefState {
     pub lse: Vec<f64>,
 }
 
-/// Attention of one query token (`q`: `[num_qo_heads * head_dim]`) over the keys and values
-/// of sequence `b` whose token index passes `keep`.
-pub fn attend_one(kv: &PagedKv, b: usize, q: &[f32], num_qo_heads: usize, params: &AttentionParams, keep: &dyn Fn(usize) -> bool) -> RefState {
+fn rotate(x: &mut [f64], pos: f64, params: &AttentionParams) {
+    let r = params.rope.expect("rope checked by the caller");
+    let d = x.len();
+    let rd = r.rotary_dim_for(d);
+    let p = pos / r.position_scale as f64;
+    for i in 0..rd / 2 {
+        let ang = p * (r.theta as f64).powf(-2.0 * i as f64 / rd as f64);
+        let (a, b) = match r.style {
+            crate::attention::RopeStyle::HalfSplit => (i, i + rd / 2),
+            crate::attention::RopeStyle::AdjacentPairs => (2 * i, 2 * i + 1),
+        };
+        let (xa, xb) = (x[a], x[b]);
+        x[a] = xa * ang.cos() - xb * ang.sin();
+        x[b] = xa * ang.sin() + xb * ang.cos();
+    }
+}
+
+/// Attention of query token `q_token` of sequence `b` (`q`: `[num_qo_heads * head_dim]`)
+/// over the tokens `t` with `keep(kv_head, t)`. With pre-RoPE keys the query and keys are
+/// rotated as `params.positions` says.
+pub fn attend_one(
+    kv: &PagedKv,
+    b: usize,
+    q: &[f32],
+    num_qo_heads: usize,
+    params: &AttentionParams,
+    q_token: usize,
+    keep: &dyn Fn(usize, usize) -> bool,
+) -> RefState {
     let d = kv.head_dim();
     let hk = kv.num_kv_heads();
     let group = num_qo_heads / hk;
     let scale = params.scale.map_or(1.0 / (d as f64).sqrt(), |s| s as f64);
     let n = kv.seq_len(b);
+    let pre = kv.key_rope() == KeyRope::PreRope;
     let mut out = vec![0f64; num_qo_heads * d];
     let mut lse = vec![f64::NEG_INFINITY; num_qo_heads];
-    let inv = params.rope.map(|r| (r, r.inv_freq(d)));
     for h in 0..num_qo_heads {
         let kh = h / group;
-        let qh = &q[h * d..(h + 1) * d];
+        let kept: Vec<usize> = (0..n).filter(|&t| keep(kh, t)).collect();
+        let pos = |t: usize| kv.position(b, t) as f64;
+        let q_pos = match params.positions {
+            PositionMode::Contiguous => kept.iter().filter(|&&t| t < q_token).count() as f64,
+            _ => pos(q_token),
+        };
+        let mut qh: Vec<f64> = q[h * d..(h + 1) * d].iter().map(|&x| x as f64).collect();
+        if pre {
+            rotate(&mut qh, q_pos, params);
+        }
         let mut scores = Vec::new();
         let mut vals = Vec::new();
-        for t in (0..n).filter(|&t| keep(t)) {
-            let mut k = kv.key(b, t, kh);
-            if kv.key_rope() == KeyRope::PreRope {
-                if let Some((r, inv)) = &inv {
-                    r.rotate(&mut k, kv.position(b, t) as f32, inv);
-                }
+        for (rank, &t) in kept.iter().enumerate() {
+            let mut k: Vec<f64> = kv.key(b, t, kh).iter().map(|&x| x as f64).collect();
+            if pre {
+                let k_pos = match params.positions {
+                    PositionMode::Original => pos(t),
+                    PositionMode::Contiguous => rank as f64,
+                    PositionMode::Capped { max_distance } => q_pos - (q_pos - pos(t)).min(max_distance as f64),
+                };
+                rotate(&mut k, k_pos, params);
             }
-            let mut s = scale * qh.iter().zip(&k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+            let mut s = scale * qh.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>();
             if let Some(c) = params.logit_soft_cap {
                 s = c as f64 * (s / c as f64).tanh();
             }
@@ -60,37 +99,53 @@ pub fn attend_one(kv: &PagedKv, b: usize, q: &[f32], num_qo_heads: usize, params
     RefState { out, lse }
 }
 
-/// Reference decode: one query token per sequence, `q` of shape `[batch, num_qo_heads, head_dim]`.
-pub fn decode(kv: &PagedKv, q: &TensorView, params: &AttentionParams) -> Result<Vec<RefState>> {
-    let (batch, hq, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    let mut res = Vec::with_capacity(batch);
+fn query_row(q: &TensorView, i: usize) -> Vec<f32> {
+    let (hq, d) = (q.shape()[1], q.shape()[2]);
     let mut row = vec![0f32; hq * d];
-    for b in 0..batch {
-        for h in 0..hq {
-            q.read_row(&[b, h], &mut row[h * d..(h + 1) * d]);
-        }
-        res.push(attend_one(kv, b, &row, hq, params, &|_| true));
+    for h in 0..hq {
+        q.read_row(&[i, h], &mut row[h * d..(h + 1) * d]);
     }
-    Ok(res)
+    row
+}
+
+/// Reference decode: one query token (the sequence's last) per sequence, `q` of shape
+/// `[batch, num_qo_heads, head_dim]`; every token attended.
+pub fn decode(kv: &PagedKv, q: &TensorView, params: &AttentionParams) -> Result<Vec<RefState>> {
+    decode_selected(kv, q, params, &|_, _, _| true)
+}
+
+/// Reference decode where KV head `h` of sequence `b` reads token `t` iff `keep(b, h, t)`.
+pub fn decode_selected(kv: &PagedKv, q: &TensorView, params: &AttentionParams, keep: &dyn Fn(usize, usize, usize) -> bool) -> Result<Vec<RefState>> {
+    let hq = q.shape()[1];
+    Ok((0..q.shape()[0])
+        .map(|b| attend_one(kv, b, &query_row(q, b), hq, params, kv.seq_len(b).saturating_sub(1), &|h, t| keep(b, h, t)))
+        .collect())
 }
 
 /// Reference prefill: `q` `[total, num_qo_heads, head_dim]`, sequence `b` owning query rows
 /// `qo_indptr[b]..qo_indptr[b+1]`, which are the last tokens of that sequence. With `causal`,
 /// query `i` of `n` sees tokens `0..=seq_len - n + i`.
 pub fn prefill(kv: &PagedKv, q: &TensorView, qo_indptr: &[i32], params: &AttentionParams, causal: bool) -> Result<Vec<RefState>> {
-    let (hq, d) = (q.shape()[1], q.shape()[2]);
+    prefill_selected(kv, q, qo_indptr, params, &|_, _, qt, t| !causal || t <= qt)
+}
+
+/// Reference prefill where query token `qt` of sequence `b`, KV head `h`, reads token `t`
+/// iff `keep(b, h, qt, t)` (the caller includes causality).
+pub fn prefill_selected(
+    kv: &PagedKv,
+    q: &TensorView,
+    qo_indptr: &[i32],
+    params: &AttentionParams,
+    keep: &dyn Fn(usize, usize, usize, usize) -> bool,
+) -> Result<Vec<RefState>> {
+    let hq = q.shape()[1];
     let mut res = Vec::new();
-    let mut row = vec![0f32; hq * d];
     for b in 0..qo_indptr.len() - 1 {
         let (s, e) = (qo_indptr[b] as usize, qo_indptr[b + 1] as usize);
-        let n = e - s;
         let len = kv.seq_len(b);
-        for i in 0..n {
-            for h in 0..hq {
-                q.read_row(&[s + i, h], &mut row[h * d..(h + 1) * d]);
-            }
-            let last = len - n + i;
-            res.push(attend_one(kv, b, &row, hq, params, &|t| !causal || t <= last));
+        for i in 0..e - s {
+            let qt = len - (e - s) + i;
+            res.push(attend_one(kv, b, &query_row(q, s + i), hq, params, qt, &|h, t| keep(b, h, qt, t)));
         }
     }
     Ok(res)

@@ -1,0 +1,348 @@
+//! `KvCache`: the kvsieve-owned paged cache behind a reader-writer lock. Reads (attention,
+//! page tables, statistics) from several Python threads run at once; writes are serialised.
+//! The lock is only taken with the GIL released, so a thread waiting for it never blocks
+//! the interpreter.
+
+use kvsieve::{CacheConfig, Error, KvCache};
+use parking_lot::RwLock;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::arrays::{i32_vec, int_vec, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, FloatArray, OutBuf};
+use crate::errors::KvResultExt;
+use crate::options::{attention_params, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape};
+use crate::rope::PyRopeConfig;
+
+/// Shape and storage of a :class:`KvCache` (read-only).
+#[pyclass(name = "CacheConfig", module = "kvsieve", frozen, get_all)]
+#[derive(Clone)]
+pub struct PyCacheConfig {
+    num_layers: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    page_size: usize,
+    capacity_pages: usize,
+    dtype: &'static str,
+    layout: &'static str,
+    key_rope: &'static str,
+    track_key_bounds: bool,
+}
+
+#[pymethods]
+impl PyCacheConfig {
+    fn __repr__(&self) -> String {
+        format!(
+            "CacheConfig(num_layers={}, num_kv_heads={}, head_dim={}, page_size={}, capacity_pages={}, dtype={:?}, layout={:?}, key_rope={:?}, track_key_bounds={})",
+            self.num_layers,
+            self.num_kv_heads,
+            self.head_dim,
+            self.page_size,
+            self.capacity_pages,
+            self.dtype,
+            self.layout,
+            self.key_rope,
+            if self.track_key_bounds { "True" } else { "False" }
+        )
+    }
+}
+
+impl From<&CacheConfig> for PyCacheConfig {
+    fn from(c: &CacheConfig) -> Self {
+        PyCacheConfig {
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            page_size: c.page_size,
+            capacity_pages: c.capacity_pages,
+            dtype: c.dtype.name(),
+            layout: layout_name(c.layout),
+            key_rope: key_rope_name(c.key_rope),
+            track_key_bounds: c.track_key_bounds,
+        }
+    }
+}
+
+/// Paged KV storage owned by kvsieve, for many sequences. See the stub for the full docs.
+#[pyclass(name = "KvCache", module = "kvsieve", frozen)]
+pub struct PyKvCache {
+    inner: RwLock<KvCache>,
+}
+
+impl PyKvCache {
+    /// Run `f` on the cache under the read lock, with the GIL released.
+    fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&KvCache) -> Result<T, Error> + Send) -> PyResult<T> {
+        py.detach(|| f(&self.inner.read())).kv()
+    }
+
+    /// Run `f` on the cache under the write lock, with the GIL released.
+    fn with_write<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut KvCache) -> Result<T, Error> + Send) -> PyResult<T> {
+        py.detach(|| f(&mut self.inner.write())).kv()
+    }
+}
+
+#[pymethods]
+impl PyKvCache {
+    #[new]
+    #[pyo3(signature = (num_layers, num_kv_heads, head_dim, page_size, capacity_pages, dtype = "f16", layout = "nhd", key_rope = "post", track_key_bounds = true))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        num_layers: i64,
+        num_kv_heads: i64,
+        head_dim: i64,
+        page_size: i64,
+        capacity_pages: i64,
+        dtype: &str,
+        layout: &str,
+        key_rope: &str,
+        track_key_bounds: bool,
+    ) -> PyResult<Self> {
+        let cfg = CacheConfig {
+            num_layers: usize_arg(num_layers, "num_layers")?,
+            num_kv_heads: usize_arg(num_kv_heads, "num_kv_heads")?,
+            head_dim: usize_arg(head_dim, "head_dim")?,
+            page_size: usize_arg(page_size, "page_size")?,
+            capacity_pages: usize_arg(capacity_pages, "capacity_pages")?,
+            dtype: parse_dtype("dtype", dtype).kv()?,
+            layout: parse_layout("layout", layout).kv()?,
+            key_rope: parse_key_rope("key_rope", key_rope).kv()?,
+            track_key_bounds,
+        };
+        let cache = py.detach(|| KvCache::new(cfg)).kv()?;
+        Ok(PyKvCache { inner: RwLock::new(cache) })
+    }
+
+    /// The cache's configuration.
+    #[getter]
+    fn config(&self, py: Python<'_>) -> PyResult<PyCacheConfig> {
+        self.with_read(py, |c| Ok(PyCacheConfig::from(c.config())))
+    }
+
+    /// Create an empty sequence; returns its id.
+    fn create_sequence(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with_write(py, |c| Ok(c.create_sequence()))
+    }
+
+    /// A new sequence sharing all of ``seq``'s pages (copied on the first write by either side).
+    fn fork(&self, py: Python<'_>, seq: i64) -> PyResult<u64> {
+        let seq = seq_id(seq, "seq")?;
+        self.with_write(py, |c| c.fork(seq))
+    }
+
+    /// Drop a sequence; pages no other sequence shares go back to the pool.
+    fn free_sequence(&self, py: Python<'_>, seq: i64) -> PyResult<()> {
+        let seq = seq_id(seq, "seq")?;
+        self.with_write(py, |c| c.free_sequence(seq))
+    }
+
+    /// Ids of all live sequences, ascending.
+    fn sequences(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
+        self.with_read(py, |c| Ok(c.sequences()))
+    }
+
+    /// Append ``n`` token slots to a sequence; returns the slot mapping (int64).
+    #[pyo3(signature = (seq, n, positions = None))]
+    fn append<'py>(&self, py: Python<'py>, seq: i64, n: i64, positions: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+        let seq = seq_id(seq, "seq")?;
+        let n = usize_arg(n, "n")?;
+        let positions = positions.map(|p| i32_vec(p, "positions")).transpose()?;
+        let slots = self.with_write(py, |c| c.append(seq, n, positions.as_deref()))?;
+        let len = slots.len();
+        to_numpy(py, slots, &[len])
+    }
+
+    /// Write K and V of one layer for tokens ``start .. start + n`` of a sequence.
+    fn write(&self, py: Python<'_>, seq: i64, layer: i64, start: i64, k: &Bound<'_, PyAny>, v: &Bound<'_, PyAny>) -> PyResult<()> {
+        let seq = seq_id(seq, "seq")?;
+        let layer = usize_arg(layer, "layer")?;
+        let start = usize_arg(start, "start")?;
+        let (k, v) = (FloatArray::extract(k, "k", true)?, FloatArray::extract(v, "v", true)?);
+        let (kv, vv) = (k.view().kv()?, v.view().kv()?);
+        self.with_write(py, |c| c.write(seq, layer, start, &kv, &vv))
+    }
+
+    /// Write K and V of one layer into slots from a slot mapping returned by ``append``.
+    fn write_slots(&self, py: Python<'_>, seq: i64, layer: i64, slots: &Bound<'_, PyAny>, k: &Bound<'_, PyAny>, v: &Bound<'_, PyAny>) -> PyResult<()> {
+        let seq = seq_id(seq, "seq")?;
+        let layer = usize_arg(layer, "layer")?;
+        let slots = int_vec(slots, "slots")?;
+        let (k, v) = (FloatArray::extract(k, "k", true)?, FloatArray::extract(v, "v", true)?);
+        let (kv, vv) = (k.view().kv()?, v.view().kv()?);
+        self.with_write(py, |c| c.write_slots(seq, layer, &slots, &kv, &vv))
+    }
+
+    /// Keep the first ``new_len`` tokens of a sequence.
+    fn truncate(&self, py: Python<'_>, seq: i64, new_len: i64) -> PyResult<()> {
+        let seq = seq_id(seq, "seq")?;
+        let new_len = usize_arg(new_len, "new_len")?;
+        self.with_write(py, |c| c.truncate(seq, new_len))
+    }
+
+    /// Evict whole pages (indices into the sequence's page list, strictly increasing).
+    fn evict_pages(&self, py: Python<'_>, seq: i64, page_indices: &Bound<'_, PyAny>) -> PyResult<()> {
+        let seq = seq_id(seq, "seq")?;
+        let pages = usize_vec(page_indices, "page_indices")?;
+        self.with_write(py, |c| c.evict_pages(seq, &pages))
+    }
+
+    /// Tokens held by a sequence.
+    fn seq_len(&self, py: Python<'_>, seq: i64) -> PyResult<usize> {
+        let seq = seq_id(seq, "seq")?;
+        self.with_read(py, |c| c.seq_len(seq))
+    }
+
+    /// Original position of every token of a sequence (int32).
+    fn positions<'py>(&self, py: Python<'py>, seq: i64) -> PyResult<Bound<'py, PyAny>> {
+        let seq = seq_id(seq, "seq")?;
+        let p = self.with_read(py, |c| c.positions(seq))?;
+        let n = p.len();
+        to_numpy(py, p, &[n])
+    }
+
+    /// Page ids of a sequence in token order (int32).
+    fn seq_pages<'py>(&self, py: Python<'py>, seq: i64) -> PyResult<Bound<'py, PyAny>> {
+        let seq = seq_id(seq, "seq")?;
+        let pages: Vec<i32> = self.with_read(py, |c| c.seq_pages(seq))?.into_iter().map(|p| p as i32).collect();
+        let n = pages.len();
+        to_numpy(py, pages, &[n])
+    }
+
+    /// Reference count of a page id (0 = free).
+    fn page_refcount(&self, py: Python<'_>, page: i64) -> PyResult<u32> {
+        let page = u32::try_from(page)
+            .map_err(|_| Error::OutOfRange { param: "page".into(), value: page, range: "page ids 0..2^32".into() })
+            .kv()?;
+        self.with_read(py, |c| c.page_refcount(page))
+    }
+
+    /// The CSR page table of a batch: ``(indptr, indices, last_page_len)``, int32 arrays.
+    fn page_table<'py>(&self, py: Python<'py>, seqs: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let ids = seq_ids(seqs, "seqs")?;
+        let t = self.with_read(py, |c| c.page_table(&ids))?;
+        let (a, b, c) = (t.indptr.len(), t.indices.len(), t.last_page_len.len());
+        Ok((to_numpy(py, t.indptr, &[a])?, to_numpy(py, t.indices, &[b])?, to_numpy(py, t.last_page_len, &[c])?))
+    }
+
+    /// Per-channel key ``(min, max)`` of one page at one layer, each float32 ``[num_kv_heads, head_dim]``.
+    fn page_key_bounds<'py>(&self, py: Python<'py>, seq: i64, layer: i64, page_index: i64) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let seq = seq_id(seq, "seq")?;
+        let layer = usize_arg(layer, "layer")?;
+        let page_index = usize_arg(page_index, "page_index")?;
+        let (min, max, h, d) = self.with_read(py, |c| {
+            let (min, max) = c.page_key_bounds(seq, layer, page_index)?;
+            Ok((min, max, c.config().num_kv_heads, c.config().head_dim))
+        })?;
+        Ok((to_numpy(py, min, &[h, d])?, to_numpy(py, max, &[h, d])?))
+    }
+
+    /// Keys of a sequence at a layer, float32 ``[seq_len, num_kv_heads, head_dim]``.
+    fn read_keys<'py>(&self, py: Python<'py>, seq: i64, layer: i64) -> PyResult<Bound<'py, PyAny>> {
+        self.read_kv(py, seq, layer, true)
+    }
+
+    /// Values of a sequence at a layer, float32 ``[seq_len, num_kv_heads, head_dim]``.
+    fn read_values<'py>(&self, py: Python<'py>, seq: i64, layer: i64) -> PyResult<Bound<'py, PyAny>> {
+        self.read_kv(py, seq, layer, false)
+    }
+
+    /// Memory statistics as a dict.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.with_read(py, |c| Ok(c.stats()))?;
+        let d = PyDict::new(py);
+        d.set_item("pages_total", s.pages_total)?;
+        d.set_item("pages_used", s.pages_used)?;
+        d.set_item("pages_free", s.pages_free)?;
+        d.set_item("bytes_per_page", s.bytes_per_page)?;
+        d.set_item("bytes_used", s.bytes_used)?;
+        d.set_item("bytes_reserved", s.bytes_reserved)?;
+        d.set_item("num_sequences", s.num_sequences)?;
+        d.set_item("num_tokens", s.num_tokens)?;
+        Ok(d)
+    }
+
+    /// Check every internal invariant; raises ``InternalError`` naming the first violation.
+    fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
+        self.with_read(py, |c| c.check_invariants().map_err(|m| Error::Internal(format!("cache invariant violated: {m}"))))
+    }
+
+    /// Decode attention of one query token per sequence at ``layer``; returns ``(out, lse)``.
+    #[pyo3(signature = (layer, seqs, q, *, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
+    #[allow(clippy::too_many_arguments)]
+    fn decode<'py>(
+        &self,
+        py: Python<'py>,
+        layer: i64,
+        seqs: &Bound<'py, PyAny>,
+        q: &Bound<'py, PyAny>,
+        scale: Option<f32>,
+        logit_soft_cap: Option<f32>,
+        rope: Option<PyRef<'py, PyRopeConfig>>,
+        chunk_size: Option<i64>,
+        out_dtype: &str,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let layer = usize_arg(layer, "layer")?;
+        let ids = seq_ids(seqs, "seqs")?;
+        let params = attention_params(scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let q = FloatArray::extract(q, "q", true)?;
+        let shape = query_shape(q.shape(), "batch").kv()?;
+        let qv = q.view().kv()?;
+        let mut out = OutBuf::new(out_dtype, &shape).kv()?;
+        let mut lse = vec![0f32; shape[0] * shape[1]];
+        self.with_read(py, |c| c.decode(layer, &ids, &qv, &mut out.view_mut(&shape)?, Some(&mut lse), &params))?;
+        Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
+    }
+
+    /// Prefill attention of the last tokens of each sequence at ``layer``; returns ``(out, lse)``.
+    #[pyo3(signature = (layer, seqs, q, qo_indptr, *, causal = true, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
+    #[allow(clippy::too_many_arguments)]
+    fn prefill<'py>(
+        &self,
+        py: Python<'py>,
+        layer: i64,
+        seqs: &Bound<'py, PyAny>,
+        q: &Bound<'py, PyAny>,
+        qo_indptr: &Bound<'py, PyAny>,
+        causal: bool,
+        scale: Option<f32>,
+        logit_soft_cap: Option<f32>,
+        rope: Option<PyRef<'py, PyRopeConfig>>,
+        chunk_size: Option<i64>,
+        out_dtype: &str,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let layer = usize_arg(layer, "layer")?;
+        let ids = seq_ids(seqs, "seqs")?;
+        let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
+        let params = attention_params(scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let q = FloatArray::extract(q, "q", true)?;
+        let shape = query_shape(q.shape(), "total").kv()?;
+        let qv = q.view().kv()?;
+        let mut out = OutBuf::new(out_dtype, &shape).kv()?;
+        let mut lse = vec![0f32; shape[0] * shape[1]];
+        self.with_read(py, |c| c.prefill(layer, &ids, &qv, &qo_indptr, &mut out.view_mut(&shape)?, Some(&mut lse), &params, causal))?;
+        Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let (cfg, s) = self.with_read(py, |c| Ok((PyCacheConfig::from(c.config()), c.stats())))?;
+        Ok(format!(
+            "KvCache({}, sequences={}, pages_used={}/{})",
+            cfg.__repr__(),
+            s.num_sequences,
+            s.pages_used,
+            s.pages_total
+        ))
+    }
+}
+
+impl PyKvCache {
+    fn read_kv<'py>(&self, py: Python<'py>, seq: i64, layer: i64, keys: bool) -> PyResult<Bound<'py, PyAny>> {
+        let seq = seq_id(seq, "seq")?;
+        let layer = usize_arg(layer, "layer")?;
+        let (data, h, d) = self.with_read(py, |c| {
+            let data = if keys { c.read_keys(seq, layer)? } else { c.read_values(seq, layer)? };
+            Ok((data, c.config().num_kv_heads, c.config().head_dim))
+        })?;
+        let n = data.len() / (h * d);
+        to_numpy(py, data, &[n, h, d])
+    }
+}

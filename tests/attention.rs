@@ -104,9 +104,9 @@ proptest! {
         qv.read_row(&[0, 0], &mut qrow[..d]);
         for h in 0..hq { qv.read_row(&[0, h], &mut qrow[h * d..(h + 1) * d]); }
         let last = len_a + len_b - 1;
-        let a = reference::attend_one(&kv, 0, &qrow, hq, &p, last, &|_, t| t < len_a);
-        let b = reference::attend_one(&kv, 0, &qrow, hq, &p, last, &|_, t| t >= len_a);
-        let all = reference::attend_one(&kv, 0, &qrow, hq, &p, last, &|_, _| true);
+        let a = reference::attend_one(&kv, 0, &qrow, hq, &p, last, &|_, t| t < len_a, &|_, _| true);
+        let b = reference::attend_one(&kv, 0, &qrow, hq, &p, last, &|_, t| t >= len_a, &|_, _| true);
+        let all = reference::attend_one(&kv, 0, &qrow, hq, &p, last, &|_, _| true, &|_, _| true);
         let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         let (va, vb, la, lb) = (f(&a.out), f(&b.out), f(&a.lse), f(&b.lse));
         let mut out = vec![f32::NAN; hq * d];

@@ -33,8 +33,10 @@ fn rotate(x: &mut [f64], pos: f64, params: &AttentionParams) {
 }
 
 /// Attention of query token `q_token` of sequence `b` (`q`: `[num_qo_heads * head_dim]`)
-/// over the tokens `t` with `keep(kv_head, t)`. With pre-RoPE keys the query and keys are
-/// rotated as `params.positions` says.
+/// over the tokens `t` with `keep(kv_head, t)` (the head's selection) and
+/// `visible(kv_head, t)` (a row mask such as causality or a window). With pre-RoPE keys the
+/// query and keys are rotated as `params.positions` says; `Contiguous` numbers the selected
+/// tokens 0.. in order, whatever the row mask hides.
 pub fn attend_one(
     kv: &PagedKv,
     b: usize,
@@ -43,6 +45,7 @@ pub fn attend_one(
     params: &AttentionParams,
     q_token: usize,
     keep: &dyn Fn(usize, usize) -> bool,
+    visible: &dyn Fn(usize, usize) -> bool,
 ) -> RefState {
     let d = kv.head_dim();
     let hk = kv.num_kv_heads();
@@ -67,6 +70,9 @@ pub fn attend_one(
         let mut scores = Vec::new();
         let mut vals = Vec::new();
         for (rank, &t) in kept.iter().enumerate() {
+            if !visible(kh, t) {
+                continue;
+            }
             let mut k: Vec<f64> = kv.key(b, t, kh).iter().map(|&x| x as f64).collect();
             if pre {
                 let k_pos = match params.positions {
@@ -118,7 +124,7 @@ pub fn decode(kv: &PagedKv, q: &TensorView, params: &AttentionParams) -> Result<
 pub fn decode_selected(kv: &PagedKv, q: &TensorView, params: &AttentionParams, keep: &dyn Fn(usize, usize, usize) -> bool) -> Result<Vec<RefState>> {
     let hq = q.shape()[1];
     Ok((0..q.shape()[0])
-        .map(|b| attend_one(kv, b, &query_row(q, b), hq, params, kv.seq_len(b).saturating_sub(1), &|h, t| keep(b, h, t)))
+        .map(|b| attend_one(kv, b, &query_row(q, b), hq, params, kv.seq_len(b).saturating_sub(1), &|h, t| keep(b, h, t), &|_, _| true))
         .collect())
 }
 
@@ -126,17 +132,19 @@ pub fn decode_selected(kv: &PagedKv, q: &TensorView, params: &AttentionParams, k
 /// `qo_indptr[b]..qo_indptr[b+1]`, which are the last tokens of that sequence. With `causal`,
 /// query `i` of `n` sees tokens `0..=seq_len - n + i`.
 pub fn prefill(kv: &PagedKv, q: &TensorView, qo_indptr: &[i32], params: &AttentionParams, causal: bool) -> Result<Vec<RefState>> {
-    prefill_selected(kv, q, qo_indptr, params, &|_, _, qt, t| !causal || t <= qt)
+    prefill_selected(kv, q, qo_indptr, params, &|_, _, _| true, &|_, _, qt, t| !causal || t <= qt)
 }
 
-/// Reference prefill where query token `qt` of sequence `b`, KV head `h`, reads token `t`
-/// iff `keep(b, h, qt, t)` (the caller includes causality).
+/// Reference prefill where KV head `h` of sequence `b` has selected the tokens with
+/// `keep(b, h, t)`, and query token `qt` reads those with `visible(b, h, qt, t)` (the caller
+/// includes causality).
 pub fn prefill_selected(
     kv: &PagedKv,
     q: &TensorView,
     qo_indptr: &[i32],
     params: &AttentionParams,
-    keep: &dyn Fn(usize, usize, usize, usize) -> bool,
+    keep: &dyn Fn(usize, usize, usize) -> bool,
+    visible: &dyn Fn(usize, usize, usize, usize) -> bool,
 ) -> Result<Vec<RefState>> {
     let hq = q.shape()[1];
     let mut res = Vec::new();
@@ -145,7 +153,7 @@ pub fn prefill_selected(
         let len = kv.seq_len(b);
         for i in 0..e - s {
             let qt = len - (e - s) + i;
-            res.push(attend_one(kv, b, &query_row(q, s + i), hq, params, qt, &|h, t| keep(b, h, qt, t)));
+            res.push(attend_one(kv, b, &query_row(q, s + i), hq, params, qt, &|h, t| keep(b, h, t), &|h, t| visible(b, h, qt, t)));
         }
     }
     Ok(res)

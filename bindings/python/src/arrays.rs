@@ -6,8 +6,8 @@ use half::f16;
 use kvsieve::{DType, Error, TensorView, TensorViewMut};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{
-    Element, PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
-    PyUntypedArray, PyUntypedArrayMethods,
+    Element, PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
@@ -43,11 +43,8 @@ fn strides_usable(a: &Bound<'_, PyUntypedArray>) -> bool {
 }
 
 fn borrow_error(param: &str, writable: bool) -> PyErr {
-    let expected = if writable {
-        "a writable array that no other kvsieve call is using"
-    } else {
-        "an array that no kvsieve call is writing"
-    };
+    let expected =
+        if writable { "a writable array that no other kvsieve call is using" } else { "an array that no kvsieve call is writing" };
     to_py_err(Error::InvalidArgument { param: param.into(), expected: expected.into() })
 }
 
@@ -228,16 +225,12 @@ pub fn seq_ids(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<Vec<u64>> {
 
 /// A non-negative integer argument.
 pub fn usize_arg(x: i64, param: &str) -> PyResult<usize> {
-    usize::try_from(x)
-        .map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative integers".into() })
-        .kv()
+    usize::try_from(x).map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative integers".into() }).kv()
 }
 
 /// A sequence id (sequence ids are non-negative).
 pub fn seq_id(x: i64, param: &str) -> PyResult<u64> {
-    u64::try_from(x)
-        .map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative sequence ids".into() })
-        .kv()
+    u64::try_from(x).map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative sequence ids".into() }).kv()
 }
 
 /// A new numpy array of `shape` owning `data` (C order).
@@ -248,6 +241,26 @@ pub fn to_numpy<'py, T: Element>(py: Python<'py>, data: Vec<T>, shape: &[usize])
     Ok(numpy::PyArray::from_owned_array(py, arr).into_any())
 }
 
+/// A vector of `n` copies of `x`, or an error naming `param` when it cannot be allocated
+/// (an absurd shape must not abort the interpreter).
+pub fn filled<T: Clone>(param: &str, n: usize, x: T) -> Result<Vec<T>, Error> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::InvalidArgument {
+        param: param.into(),
+        expected: format!("a shape whose result ({n} elements) fits in memory"),
+    })?;
+    v.resize(n, x);
+    Ok(v)
+}
+
+/// Number of elements of a shape, or an error naming `param` on overflow.
+pub fn numel(param: &str, shape: &[usize]) -> Result<usize, Error> {
+    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| Error::InvalidArgument {
+        param: param.into(),
+        expected: format!("a shape whose size fits in memory, got {}", fmt_shape(shape)),
+    })
+}
+
 /// Output buffer of an attention call, in the dtype the caller asked for.
 pub enum OutBuf {
     F32(Vec<f32>),
@@ -255,20 +268,15 @@ pub enum OutBuf {
 }
 
 impl OutBuf {
-    /// `out_dtype` is "f32"/"float32" or "f16"/"float16" (numpy has no bfloat16).
-    pub fn new(out_dtype: &str, shape: &[usize]) -> Result<Self, Error> {
-        let n = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| Error::InvalidArgument { param: "q".into(), expected: "an output size that fits in memory".into() })?;
+    /// `out_dtype` is "f32"/"float32" or "f16"/"float16" (numpy has no bfloat16); `param`
+    /// names the input whose shape the output takes.
+    pub fn new(out_dtype: &str, param: &str, shape: &[usize]) -> Result<Self, Error> {
+        let n = numel(param, shape)?;
         match DType::parse(out_dtype) {
-            Some(DType::F32) => Ok(OutBuf::F32(vec![0.0; n])),
-            Some(DType::F16) => Ok(OutBuf::F16(vec![f16::ZERO; n])),
+            Some(DType::F32) => Ok(OutBuf::F32(filled(param, n, 0.0)?)),
+            Some(DType::F16) => Ok(OutBuf::F16(filled(param, n, f16::ZERO)?)),
             Some(DType::BF16) => Err(Error::Unsupported("out_dtype bf16: numpy has no bfloat16 dtype; use \"f32\" or \"f16\"".into())),
-            None => Err(Error::InvalidArgument {
-                param: "out_dtype".into(),
-                expected: format!("\"f32\" or \"f16\", got {out_dtype:?}"),
-            }),
+            None => Err(Error::InvalidArgument { param: "out_dtype".into(), expected: format!("\"f32\" or \"f16\", got {out_dtype:?}") }),
         }
     }
 

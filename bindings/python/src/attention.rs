@@ -5,7 +5,7 @@ use kvsieve::attention::{self, AttentionParams};
 use kvsieve::{Error, PageLayout, PageTableRef, PagedKv, PagedKvLayout};
 use pyo3::prelude::*;
 
-use crate::arrays::{i32_vec, to_numpy, FloatArray, OutBuf};
+use crate::arrays::{filled, i32_vec, numel, to_numpy, FloatArray, OutBuf};
 use crate::errors::KvResultExt;
 use crate::options::{attention_params, parse_key_rope, parse_layout, query_shape};
 use crate::rope::PyRopeConfig;
@@ -28,7 +28,11 @@ fn pages_layout(k: &FloatArray, v: &FloatArray, layout: PageLayout) -> Result<Pa
         });
     }
     if v.dtype() != k.dtype() {
-        return Err(Error::DType { param: "v_pages".into(), expected: format!("k_pages' dtype {}", k.dtype()), got: v.dtype().to_string() });
+        return Err(Error::DType {
+            param: "v_pages".into(),
+            expected: format!("k_pages' dtype {}", k.dtype()),
+            got: v.dtype().to_string(),
+        });
     }
     let (ks, vs) = (k.strides(), v.strides());
     // numpy gives empty arrays all-zero strides; nothing of them is ever read.
@@ -174,8 +178,8 @@ fn run<'py>(
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let kv = pages.view().kv()?;
     let qv = q.view().kv()?;
-    let mut out = OutBuf::new(out_dtype, &shape).kv()?;
-    let mut lse = vec![0f32; shape[0] * shape[1]];
+    let mut out = OutBuf::new(out_dtype, "q", &shape).kv()?;
+    let mut lse = filled("q", numel("q", &shape[..2]).kv()?, 0f32).kv()?;
     py.detach(|| f(&kv, &qv, &mut out.view_mut(&shape)?, &mut lse)).kv()?;
     Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
 }
@@ -192,17 +196,16 @@ pub fn merge_states<'py>(
     out_dtype: &str,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let (va, vb) = (FloatArray::extract(v_a, "v_a", true)?, FloatArray::extract(v_b, "v_b", true)?);
-    let shape: [usize; 3] = va.shape().try_into().map_err(|_| Error::Shape {
-        param: "v_a".into(),
-        expected: "[n, heads, head_dim]".into(),
-        got: format!("{:?}", va.shape()),
-    })
-    .kv()?;
+    let shape: [usize; 3] = va
+        .shape()
+        .try_into()
+        .map_err(|_| Error::Shape { param: "v_a".into(), expected: "[n, heads, head_dim]".into(), got: format!("{:?}", va.shape()) })
+        .kv()?;
     let la = FloatArray::extract(lse_a, "lse_a", true)?.to_f32_vec();
     let lb = FloatArray::extract(lse_b, "lse_b", true)?.to_f32_vec();
     let (av, bv) = (va.view().kv()?, vb.view().kv()?);
-    let mut out = OutBuf::new(out_dtype, &shape).kv()?;
-    let mut lse = vec![0f32; shape[0] * shape[1]];
+    let mut out = OutBuf::new(out_dtype, "v_a", &shape).kv()?;
+    let mut lse = filled("v_a", numel("v_a", &shape[..2]).kv()?, 0f32).kv()?;
     py.detach(|| attention::merge_states(&av, &la, &bv, &lb, &mut out.view_mut(&shape)?, &mut lse)).kv()?;
     Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
 }

@@ -8,7 +8,7 @@ use parking_lot::RwLock;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::arrays::{i32_vec, int_vec, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, FloatArray, OutBuf};
+use crate::arrays::{filled, i32_vec, int_vec, numel, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, FloatArray, OutBuf};
 use crate::errors::KvResultExt;
 use crate::options::{attention_params, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape};
 use crate::rope::PyRopeConfig;
@@ -162,7 +162,15 @@ impl PyKvCache {
     }
 
     /// Write K and V of one layer into slots from a slot mapping returned by ``append``.
-    fn write_slots(&self, py: Python<'_>, seq: i64, layer: i64, slots: &Bound<'_, PyAny>, k: &Bound<'_, PyAny>, v: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn write_slots(
+        &self,
+        py: Python<'_>,
+        seq: i64,
+        layer: i64,
+        slots: &Bound<'_, PyAny>,
+        k: &Bound<'_, PyAny>,
+        v: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
         let layer = usize_arg(layer, "layer")?;
         let slots = int_vec(slots, "slots")?;
@@ -216,7 +224,11 @@ impl PyKvCache {
     }
 
     /// The CSR page table of a batch: ``(indptr, indices, last_page_len)``, int32 arrays.
-    fn page_table<'py>(&self, py: Python<'py>, seqs: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    fn page_table<'py>(
+        &self,
+        py: Python<'py>,
+        seqs: &Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
         let ids = seq_ids(seqs, "seqs")?;
         let t = self.with_read(py, |c| c.page_table(&ids))?;
         let (a, b, c) = (t.indptr.len(), t.indices.len(), t.last_page_len.len());
@@ -224,7 +236,13 @@ impl PyKvCache {
     }
 
     /// Per-channel key ``(min, max)`` of one page at one layer, each float32 ``[num_kv_heads, head_dim]``.
-    fn page_key_bounds<'py>(&self, py: Python<'py>, seq: i64, layer: i64, page_index: i64) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    fn page_key_bounds<'py>(
+        &self,
+        py: Python<'py>,
+        seq: i64,
+        layer: i64,
+        page_index: i64,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
         let seq = seq_id(seq, "seq")?;
         let layer = usize_arg(layer, "layer")?;
         let page_index = usize_arg(page_index, "page_index")?;
@@ -286,8 +304,8 @@ impl PyKvCache {
         let q = FloatArray::extract(q, "q", true)?;
         let shape = query_shape(q.shape(), "batch").kv()?;
         let qv = q.view().kv()?;
-        let mut out = OutBuf::new(out_dtype, &shape).kv()?;
-        let mut lse = vec![0f32; shape[0] * shape[1]];
+        let mut out = OutBuf::new(out_dtype, "q", &shape).kv()?;
+        let mut lse = filled("q", numel("q", &shape[..2]).kv()?, 0f32).kv()?;
         self.with_read(py, |c| c.decode(layer, &ids, &qv, &mut out.view_mut(&shape)?, Some(&mut lse), &params))?;
         Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
     }
@@ -316,21 +334,15 @@ impl PyKvCache {
         let q = FloatArray::extract(q, "q", true)?;
         let shape = query_shape(q.shape(), "total").kv()?;
         let qv = q.view().kv()?;
-        let mut out = OutBuf::new(out_dtype, &shape).kv()?;
-        let mut lse = vec![0f32; shape[0] * shape[1]];
+        let mut out = OutBuf::new(out_dtype, "q", &shape).kv()?;
+        let mut lse = filled("q", numel("q", &shape[..2]).kv()?, 0f32).kv()?;
         self.with_read(py, |c| c.prefill(layer, &ids, &qv, &qo_indptr, &mut out.view_mut(&shape)?, Some(&mut lse), &params, causal))?;
         Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let (cfg, s) = self.with_read(py, |c| Ok((PyCacheConfig::from(c.config()), c.stats())))?;
-        Ok(format!(
-            "KvCache({}, sequences={}, pages_used={}/{})",
-            cfg.__repr__(),
-            s.num_sequences,
-            s.pages_used,
-            s.pages_total
-        ))
+        Ok(format!("KvCache({}, sequences={}, pages_used={}/{})", cfg.__repr__(), s.num_sequences, s.pages_used, s.pages_total))
     }
 }
 

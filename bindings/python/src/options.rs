@@ -79,10 +79,6 @@ pub fn attention_params(
 pub fn query_shape(q: &[usize], tokens: &str) -> Result<[usize; 3], Error> {
     match q {
         &[n, h, d] => Ok([n, h, d]),
-        _ => Err(Error::Shape {
-            param: "q".into(),
-            expected: format!("[{tokens}, num_qo_heads, head_dim]"),
-            got: format!("{q:?}"),
-        }),
+        _ => Err(Error::Shape { param: "q".into(), expected: format!("[{tokens}, num_qo_heads, head_dim]"), got: format!("{q:?}") }),
     }
 }

@@ -73,6 +73,18 @@ def test_write_and_read_back(rng, dtype, layout):
         assert c.read_keys(s, layer).dtype == np.float32
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_float16_input_into_every_cache_dtype(rng, dtype):
+    c = make_cache(dtype)
+    s = c.create_sequence()
+    c.append(s, 7)
+    k = rng.standard_normal((7, H, D)).astype(np.float16)
+    v = rng.standard_normal((7, H, D)).astype(np.float16)
+    c.write(s, 0, 0, k, v)
+    np.testing.assert_allclose(c.read_keys(s, 0), k.astype(np.float32), rtol=STORE_RTOL[dtype], atol=1e-6)
+    np.testing.assert_allclose(c.read_values(s, 0), v.astype(np.float32), rtol=STORE_RTOL[dtype], atol=1e-6)
+
+
 def test_write_accepts_float16_and_strided_views(rng):
     c = make_cache("f32")
     s = c.create_sequence()

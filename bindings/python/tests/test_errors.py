@@ -320,3 +320,7 @@ def test_odd_arrays_never_panic(cache):
     assert out.shape == (0, 1, 8)
     out, lse = kvsieve.merge_states(np.zeros((0, 2, 8), np.float32), np.zeros((0, 2), np.float32), np.zeros((0, 2, 8), np.float32), np.zeros((0, 2), np.float32))
     assert out.shape == (0, 2, 8)
+    # A result too large to allocate is an error, not an abort.
+    huge = np.broadcast_to(np.float32(1.0), (2**40, H, D))
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`q`", "fits in memory"):
+        c.decode(0, [s], huge)

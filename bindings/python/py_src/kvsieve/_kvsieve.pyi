@@ -53,9 +53,10 @@ class ErrorCode(enum.IntEnum):
 class KvsieveError(Exception):
     """Base class of every error raised by kvsieve.
 
-    ``code`` is the stable :class:`ErrorCode` of the error's kind and ``code_name`` its
-    short lowercase name (``"shape"``, ``"out_of_pages"``, ...). The message names the
-    parameter at fault and what was expected.
+    kvsieve always raises one of the subclasses below, one per :class:`ErrorCode`; each
+    carries, as class attributes, ``code`` (the stable :class:`ErrorCode` of its kind) and
+    ``code_name`` (its short lowercase name: ``"shape"``, ``"out_of_pages"``, ...). The
+    message names the parameter at fault and what was expected.
     """
 
     code: ClassVar[ErrorCode]

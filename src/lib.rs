@@ -19,7 +19,7 @@ pub mod tensor;
 pub use config::{CacheConfig, KeyRope, PageLayout};
 pub use dtype::{DType, Element};
 pub use error::{Error, ErrorCode, Result};
-pub use kv::{KvCache, MemoryStats, PageTable, PageTableRef, PagedKv, PagedKvLayout, SeqId, SharedKvCache};
+pub use kv::{KeepTokens, KvCache, MemoryStats, PageTable, PageTableRef, PagedKv, PagedKvLayout, SeqId, SharedKvCache};
 pub use tensor::{TensorView, TensorViewMut};
 
 /// The library version, `MAJOR.MINOR.PATCH`.

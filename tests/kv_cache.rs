@@ -298,3 +298,84 @@ fn bad_input_names_the_parameter_and_changes_nothing() {
     assert!(TensorView::new(&k, &[5, 2, 9]).unwrap_err().to_string().contains("bytes"));
     assert_eq!(before, snapshot(&c));
 }
+
+mod compaction {
+    use super::common::{fill_sequence, max_err, Rng};
+    use kvsieve::attention::{reference, AttentionParams};
+    use kvsieve::{CacheConfig, DType, Error, KeepTokens, KvCache, TensorView, TensorViewMut};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn attention_after_compaction_equals_reference_over_kept_tokens(
+            len in 1usize..200, density in 0.05f32..1.0, per_head in any::<bool>(), seed in any::<u64>(),
+        ) {
+            let (layers, hk, d, hq) = (2, 2, 64, 4);
+            let mut rng = Rng(seed);
+            let mut cache = KvCache::new(CacheConfig::new(layers, hk, d, 16, 2 * len.div_ceil(16) + 1).with_dtype(DType::F16)).unwrap();
+            let id = fill_sequence(&mut cache, len, &mut rng, 2.0);
+            let other = cache.fork(id).unwrap();
+            let k = ((len as f32 * density) as usize).clamp(1, len);
+            let pick = |rng: &mut Rng| -> Vec<u32> {
+                let mut all: Vec<u32> = (0..len as u32).collect();
+                for i in 0..k { let j = i + rng.below(len - i); all.swap(i, j); }
+                let mut v = all[..k].to_vec(); v.sort_unstable(); v
+            };
+            let lists: Vec<Vec<u32>> = if per_head { (0..layers * hk).map(|_| pick(&mut rng)).collect() } else { vec![pick(&mut rng)] };
+            let q = rng.vec(hq * d, 1.0);
+            let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
+            let p = AttentionParams::default();
+            let table = cache.page_table(&[id]).unwrap();
+            let want: Vec<_> = (0..layers).map(|layer| {
+                let kv = cache.layer_view(layer, &table).unwrap();
+                let list = |h: usize| if per_head { &lists[layer * hk + h] } else { &lists[0] };
+                reference::decode_selected(&kv, &qv, &p, &|_, h, t| list(h).binary_search(&(t as u32)).is_ok()).unwrap()
+            }).collect();
+            let positions_before = cache.positions(id).unwrap();
+            let keep = if per_head { KeepTokens::PerHead(&lists) } else { KeepTokens::All(&lists[0]) };
+            cache.compact(id, keep).unwrap();
+            cache.check_invariants().unwrap();
+            prop_assert_eq!(cache.seq_len(id).unwrap(), k);
+            let expect_pos: Vec<i32> = lists[0].iter().map(|&t| positions_before[t as usize]).collect();
+            prop_assert_eq!(cache.positions(id).unwrap(), expect_pos);
+            prop_assert_eq!(cache.seq_len(other).unwrap(), len);
+            for layer in 0..layers {
+                let mut out = vec![f32::NAN; hq * d];
+                let mut lse = vec![f32::NAN; hq];
+                // The query token of the reference is the original last token; after compaction
+                // decode attends every kept token, which is the same set.
+                cache.decode(layer, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), Some(&mut lse), &p).unwrap();
+                let (eo, el) = max_err(&out, &lse, &want[layer]);
+                prop_assert!(eo < 5e-5 && el < 5e-5, "layer {layer}: {eo} {el}");
+                for pi in 0..k.div_ceil(16) {
+                    let (mn, mx) = cache.page_key_bounds(id, layer, pi).unwrap();
+                    let keys = cache.read_keys(id, layer).unwrap();
+                    for c in 0..hk * d {
+                        let col: Vec<f32> = (pi * 16..((pi + 1) * 16).min(k)).map(|t| keys[t * hk * d + c]).collect();
+                        prop_assert_eq!(mn[c], col.iter().cloned().fold(f32::INFINITY, f32::min));
+                        prop_assert_eq!(mx[c], col.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn compaction_errors_change_nothing() {
+        let mut rng = Rng(2);
+        let mut cache = KvCache::new(CacheConfig::new(1, 1, 8, 4, 4)).unwrap();
+        let id = fill_sequence(&mut cache, 12, &mut rng, 1.0);
+        let before = super::snapshot(&cache);
+        let e = cache.compact(id, KeepTokens::All(&vec![3, 2])).unwrap_err();
+        assert!(e.to_string().contains("keep[0][1]"), "{e}");
+        let e = cache.compact(id, KeepTokens::All(&vec![12])).unwrap_err();
+        assert!(e.to_string().contains("keep[0][0]"), "{e}");
+        let e = cache.compact(id, KeepTokens::PerLayer(&[vec![1], vec![2]])).unwrap_err();
+        assert!(e.to_string().contains("keep"), "{e}");
+        // 12 tokens fill 3 pages of 4; keeping 5 needs 2 free pages, the pool has 1.
+        let e = cache.compact(id, KeepTokens::All(&vec![0, 1, 2, 3, 4])).unwrap_err();
+        assert!(matches!(e, Error::OutOfPages { needed: 2, free: 1 }), "{e}");
+        assert_eq!(before, super::snapshot(&cache));
+    }
+}

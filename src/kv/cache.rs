@@ -37,6 +37,17 @@ struct Sequence {
     len: usize,
 }
 
+/// Which tokens [`KvCache::compact`] keeps.
+#[derive(Debug, Clone, Copy)]
+pub enum KeepTokens<'a> {
+    /// One ascending list for every layer and head.
+    All(&'a Vec<u32>),
+    /// One ascending list per layer, all the same length.
+    PerLayer(&'a [Vec<u32>]),
+    /// One ascending list per (layer, KV head), layer-major, all the same length.
+    PerHead(&'a [Vec<u32>]),
+}
+
 /// Memory statistics of a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryStats {
@@ -409,6 +420,82 @@ impl KvCache {
         }
         s.len -= removed_tokens;
         self.seqs.insert(id, s);
+        Ok(())
+    }
+
+    /// Keep only some tokens of a sequence, moved into fresh pages in order (with their
+    /// original positions); the old pages go back to the pool (or stay with the sequences
+    /// they are shared with). Needs `ceil(k / page_size)` free pages for `k` kept tokens,
+    /// checked before anything changes.
+    ///
+    /// `keep` is one list for every layer and head, or one per layer
+    /// (`KeepTokens::PerLayer`) or per (layer, KV head) (`KeepTokens::PerHead`, layer-major),
+    /// all of the same length: slot `i` then holds each list's `i`-th token. Slot positions
+    /// come from the first list, so lists that differ need keys stored after RoPE.
+    pub fn compact(&mut self, id: SeqId, keep: KeepTokens) -> Result<()> {
+        let s = self.seq(id)?;
+        let c = self.cfg;
+        let (lists, want): (&[Vec<u32>], usize) = match keep {
+            KeepTokens::All(l) => (std::slice::from_ref(l), 1),
+            KeepTokens::PerLayer(l) => (l, c.num_layers),
+            KeepTokens::PerHead(l) => (l, c.num_layers * c.num_kv_heads),
+        };
+        if lists.len() != want {
+            return Err(Error::shape("keep", format!("{want} token lists"), format!("{}", lists.len())));
+        }
+        let k = lists[0].len();
+        for (li, l) in lists.iter().enumerate() {
+            if l.len() != k {
+                return Err(Error::shape(format!("keep[{li}]"), format!("{k} tokens (as keep[0])"), format!("{}", l.len())));
+            }
+            if let Some(i) = (0..l.len()).find(|&i| l[i] as usize >= s.len || (i > 0 && l[i] <= l[i - 1])) {
+                return Err(Error::invalid(format!("keep[{li}][{i}]"), format!("strictly ascending token indices below seq_len {}, got {}", s.len, l[i])));
+            }
+        }
+        if c.key_rope == KeyRope::PreRope && lists.iter().any(|l| l != &lists[0]) {
+            return Err(Error::invalid("keep", "the same tokens in every list: keys stored before RoPE need one position per slot"));
+        }
+        let ps = c.page_size;
+        let new_pages = k.div_ceil(ps);
+        self.pool.reserve(new_pages)?;
+
+        let old = self.seqs.remove(&id).expect("checked above");
+        let pages: Vec<u32> = (0..new_pages).map(|_| self.alloc_fresh()).collect();
+        let st = c.strides();
+        let es = c.dtype.size();
+        let loc = |pages: &[u32], t: usize| pages[t / ps] as usize * ps + t % ps;
+        for i in 0..k {
+            self.positions[loc(&pages, i)] = self.positions[loc(&old.pages, lists[0][i] as usize)];
+        }
+        let mut offs = vec![0usize; c.num_kv_heads];
+        for layer in 0..c.num_layers {
+            for i in 0..k {
+                let (dp, ds) = (pages[i / ps] as usize, i % ps);
+                for h in 0..c.num_kv_heads {
+                    let list = match keep {
+                        KeepTokens::All(l) => l,
+                        KeepTokens::PerLayer(l) => &l[layer],
+                        KeepTokens::PerHead(l) => &l[layer * c.num_kv_heads + h],
+                    };
+                    let t = list[i] as usize;
+                    let (sp, ss) = (old.pages[t / ps] as usize, t % ps);
+                    let src = (sp * st[0] + ss * st[1] + h * st[2]) * es;
+                    let dst = (dp * st[0] + ds * st[1] + h * st[2]) * es;
+                    offs[h] = dp * st[0] + ds * st[1] + h * st[2];
+                    let n = c.head_dim * es;
+                    for buf in [&mut self.k[layer], &mut self.v[layer]] {
+                        buf.bytes_mut().copy_within(src..src + n, dst);
+                    }
+                }
+                if let Some(b) = self.bounds.as_mut() {
+                    b.note_write(&c, layer, dp, ds, self.k[layer].bytes(), &offs);
+                }
+            }
+        }
+        for p in old.pages {
+            self.pool.decref(p);
+        }
+        self.seqs.insert(id, Sequence { pages, len: k });
         Ok(())
     }
 

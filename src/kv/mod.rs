@@ -8,6 +8,6 @@ mod storage;
 mod table;
 mod view;
 
-pub use cache::{KeyBoundsRef, KvCache, MemoryStats, SeqId, SharedKvCache};
+pub use cache::{KeepTokens, KeyBoundsRef, KvCache, MemoryStats, SeqId, SharedKvCache};
 pub use table::{PageTable, PageTableRef};
 pub use view::{PagedKv, PagedKvLayout};

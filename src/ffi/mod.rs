@@ -1,1 +1,46 @@
-//! The C ABI (see include/kvsieve.h).
+//! The C ABI declared in `include/kvsieve.h`. A thin layer: it checks raw arguments
+//! (pointers, DLPack tensor descriptors, enum values), converts them to the core's types,
+//! runs the core under a panic guard and turns every failure into a `kvsieve_error_t`.
+//!
+//! Rules every entry point follows:
+//! - a panic never unwinds into C; it becomes a `KVSIEVE_ERROR_INTERNAL` error;
+//! - every pointer is checked (NULL gives `KVSIEVE_ERROR_NULL_POINTER` naming the parameter)
+//!   and every shape before anything changes; out-parameters are written only on success;
+//! - a buffer kvsieve writes never overlaps one the same call reads (an error otherwise);
+//! - the cache handle holds its [`crate::KvCache`] behind a reader-writer lock: queries and
+//!   attention take the read lock and run concurrently, changes take the write lock.
+//!
+//! Every public `#[repr(C)]` struct has its size and field offsets asserted at compile
+//! time (on 64-bit targets), and the header's layout is compared with these by the tests.
+
+mod args;
+mod attention;
+mod cache;
+mod error;
+mod params;
+mod query;
+mod rope;
+mod sequence;
+mod tensor;
+mod version;
+mod view;
+
+pub use attention::{kvsieve_cache_decode, kvsieve_cache_prefill, kvsieve_merge_states};
+pub use cache::{
+    kvsieve_cache_config_default, kvsieve_cache_config_t, kvsieve_cache_free, kvsieve_cache_get_config, kvsieve_cache_new,
+    kvsieve_cache_stats, kvsieve_cache_stats_t, kvsieve_cache_t,
+};
+pub use error::{kvsieve_error_code, kvsieve_error_code_name, kvsieve_error_free, kvsieve_error_message, kvsieve_error_t};
+pub use params::{kvsieve_attention_params_t, kvsieve_rope_config_t};
+pub use query::{
+    kvsieve_cache_page_key_bounds, kvsieve_cache_page_table, kvsieve_cache_page_table_size, kvsieve_cache_positions,
+    kvsieve_cache_read, kvsieve_cache_seq_len,
+};
+pub use rope::kvsieve_apply_rope;
+pub use sequence::{
+    kvsieve_cache_append, kvsieve_cache_create_sequence, kvsieve_cache_evict_pages, kvsieve_cache_fork, kvsieve_cache_free_sequence,
+    kvsieve_cache_truncate, kvsieve_cache_write, kvsieve_cache_write_slots,
+};
+pub use tensor::{kvsieve_device_t, kvsieve_dtype_t, kvsieve_tensor_t, DEVICE_CPU, DTYPE_CODE_BFLOAT, DTYPE_CODE_FLOAT};
+pub use version::{kvsieve_isa, kvsieve_version, kvsieve_version_major, kvsieve_version_minor, kvsieve_version_patch};
+pub use view::{kvsieve_paged_decode, kvsieve_paged_prefill, kvsieve_paged_kv_t};

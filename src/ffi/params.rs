@@ -3,7 +3,7 @@
 
 use std::mem::{align_of, offset_of, size_of};
 
-use crate::attention::{AttentionParams, RopeConfig, RopeStyle};
+use crate::attention::{AttentionParams, PositionMode, RopeConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::ffi::args::non_null;
 
@@ -35,6 +35,12 @@ pub struct kvsieve_attention_params_t {
     pub rope: *const kvsieve_rope_config_t,
     /// Tokens per work chunk; 0 picks one.
     pub chunk_size: usize,
+    /// How positions are numbered when RoPE is applied at read time:
+    /// `KVSIEVE_POSITIONS_ORIGINAL` (0), `KVSIEVE_POSITIONS_CONTIGUOUS` (1) or
+    /// `KVSIEVE_POSITIONS_CAPPED` (2).
+    pub position_mode: u32,
+    /// Largest relative distance for `KVSIEVE_POSITIONS_CAPPED`; ignored otherwise.
+    pub max_distance: u32,
 }
 
 const _: () = {
@@ -46,10 +52,12 @@ const _: () = {
 
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_attention_params_t>() == 24 && align_of::<kvsieve_attention_params_t>() == 8);
+    assert!(size_of::<kvsieve_attention_params_t>() == 32 && align_of::<kvsieve_attention_params_t>() == 8);
     assert!(offset_of!(kvsieve_attention_params_t, logit_soft_cap) == 4);
     assert!(offset_of!(kvsieve_attention_params_t, rope) == 8);
     assert!(offset_of!(kvsieve_attention_params_t, chunk_size) == 16);
+    assert!(offset_of!(kvsieve_attention_params_t, position_mode) == 24);
+    assert!(offset_of!(kvsieve_attention_params_t, max_distance) == 28);
 };
 
 impl kvsieve_rope_config_t {
@@ -90,11 +98,22 @@ pub(crate) unsafe fn attention_params(params: *const kvsieve_attention_params_t)
         return Ok(AttentionParams::default());
     };
     let rope = if p.rope.is_null() { None } else { Some(rope_config(p.rope, "rope")?) };
+    let positions = match p.position_mode {
+        0 => PositionMode::Original,
+        1 => PositionMode::Contiguous,
+        2 => PositionMode::Capped { max_distance: p.max_distance },
+        m => {
+            return Err(Error::invalid(
+                "position_mode",
+                format!("KVSIEVE_POSITIONS_ORIGINAL (0), KVSIEVE_POSITIONS_CONTIGUOUS (1) or KVSIEVE_POSITIONS_CAPPED (2), got {m}"),
+            ))
+        }
+    };
     Ok(AttentionParams {
         scale: (p.scale != 0.0).then_some(p.scale),
         logit_soft_cap: (p.logit_soft_cap != 0.0).then_some(p.logit_soft_cap),
         rope,
         chunk_size: (p.chunk_size != 0).then_some(p.chunk_size),
-        ..AttentionParams::default()
+        positions,
     })
 }

@@ -57,13 +57,25 @@ extern "C" {
  */
 const char *kvsieve_version(void);
 
-/** \brief The library's major version. Thread safety: thread-safe. */
+/**
+ * \brief The library's major version. Thread safety: thread-safe.
+ *
+ * Ownership: returns a value; nothing to free.
+ */
 uint32_t kvsieve_version_major(void);
 
-/** \brief The library's minor version. Thread safety: thread-safe. */
+/**
+ * \brief The library's minor version. Thread safety: thread-safe.
+ *
+ * Ownership: returns a value; nothing to free.
+ */
 uint32_t kvsieve_version_minor(void);
 
-/** \brief The library's patch version. Thread safety: thread-safe. */
+/**
+ * \brief The library's patch version. Thread safety: thread-safe.
+ *
+ * Ownership: returns a value; nothing to free.
+ */
 uint32_t kvsieve_version_patch(void);
 
 /**
@@ -126,8 +138,10 @@ typedef struct kvsieve_error kvsieve_error_t;
  * "kvsieve_cache_write: bad shape for `k`: expected [4, 2, 64], got [4, 2, 32]".
  *
  * \param error An error, or NULL (gives "").
- * \return A NUL-terminated UTF-8 string borrowed from `error`, valid until
- *         kvsieve_error_free(error). Do not free it.
+ * \return A NUL-terminated UTF-8 string.
+ *
+ * Ownership: the string is borrowed from `error` and valid until kvsieve_error_free(error);
+ * do not free it.
  *
  * Thread safety: thread-safe.
  */
@@ -137,6 +151,8 @@ const char *kvsieve_error_message(const kvsieve_error_t *error);
  * \brief The error's stable code (a ::kvsieve_error_code_t value).
  *
  * \param error An error, or NULL (gives #KVSIEVE_OK).
+ *
+ * Ownership: `error` stays owned by the caller.
  *
  * Thread safety: thread-safe.
  */
@@ -415,6 +431,8 @@ typedef struct kvsieve_cache kvsieve_cache_t;
  * \brief A configuration with the given shape, float16 storage, NHD layout, post-RoPE keys
  * and key bounds on. Nothing is validated here; kvsieve_cache_new() validates.
  *
+ * Ownership: returns a struct by value; nothing to free.
+ *
  * Thread safety: thread-safe.
  */
 kvsieve_cache_config_t kvsieve_cache_config_default(size_t num_layers, size_t num_kv_heads, size_t head_dim,
@@ -450,6 +468,8 @@ void kvsieve_cache_free(kvsieve_cache_t *cache);
  * \param cache The cache (required).
  * \param out Receives the configuration (required); untouched on failure.
  *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
+ *
  * Thread safety: thread-safe (shared lock).
  */
 kvsieve_error_t *kvsieve_cache_get_config(const kvsieve_cache_t *cache, kvsieve_cache_config_t *out);
@@ -459,6 +479,8 @@ kvsieve_error_t *kvsieve_cache_get_config(const kvsieve_cache_t *cache, kvsieve_
  *
  * \param cache The cache (required).
  * \param out Receives the statistics (required); untouched on failure.
+ *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
  *
  * Thread safety: thread-safe (shared lock).
  */
@@ -473,6 +495,9 @@ kvsieve_error_t *kvsieve_cache_stats(const kvsieve_cache_t *cache, kvsieve_cache
  * \param out_seq Receives the new sequence id (required); ids are never reused within a
  *        cache. Untouched on failure.
  *
+ * Ownership: the sequence lives in the cache until kvsieve_cache_free_sequence() or
+ * kvsieve_cache_free(); the caller frees any returned error.
+ *
  * Thread safety: thread-safe (exclusive lock).
  */
 kvsieve_error_t *kvsieve_cache_create_sequence(kvsieve_cache_t *cache, uint64_t *out_seq);
@@ -486,12 +511,17 @@ kvsieve_error_t *kvsieve_cache_create_sequence(kvsieve_cache_t *cache, uint64_t 
  * \param seq The sequence to fork (#KVSIEVE_ERROR_UNKNOWN_SEQUENCE if the cache does not hold it).
  * \param out_seq Receives the new sequence id (required); untouched on failure.
  *
+ * Ownership: the new sequence lives in the cache until freed like any other; the caller
+ * frees any returned error.
+ *
  * Thread safety: thread-safe (exclusive lock).
  */
 kvsieve_error_t *kvsieve_cache_fork(kvsieve_cache_t *cache, uint64_t seq, uint64_t *out_seq);
 
 /**
  * \brief Drop a sequence; pages no other sequence shares return to the pool.
+ *
+ * Ownership: the caller frees any returned error.
  *
  * Thread safety: thread-safe (exclusive lock).
  */
@@ -513,6 +543,9 @@ kvsieve_error_t *kvsieve_cache_free_sequence(kvsieve_cache_t *cache, uint64_t se
  * \return NULL on success, or an error (owned by the caller), e.g. #KVSIEVE_ERROR_OUT_OF_PAGES
  *         when the pool is exhausted; the sequence is then unchanged.
  *
+ * Ownership: kvsieve reads (and copies what it keeps of) the caller's buffers during the
+ * call only and retains no pointer; the caller frees any returned error.
+ *
  * Thread safety: thread-safe (exclusive lock).
  */
 kvsieve_error_t *kvsieve_cache_append(kvsieve_cache_t *cache, uint64_t seq, size_t n, const int32_t *positions,
@@ -531,6 +564,9 @@ kvsieve_error_t *kvsieve_cache_append(kvsieve_cache_t *cache, uint64_t seq, size
  * \return NULL on success, or an error (owned by the caller). Pages shared with another
  *         sequence are copied first, which can fail with #KVSIEVE_ERROR_OUT_OF_PAGES.
  *
+ * Ownership: kvsieve reads (and copies what it keeps of) the caller's buffers during the
+ * call only and retains no pointer; the caller frees any returned error.
+ *
  * Thread safety: thread-safe (exclusive lock).
  */
 kvsieve_error_t *kvsieve_cache_write(kvsieve_cache_t *cache, uint64_t seq, size_t layer, size_t start,
@@ -548,6 +584,9 @@ kvsieve_error_t *kvsieve_cache_write(kvsieve_cache_t *cache, uint64_t seq, size_
  * \param k Keys `[num_slots, num_kv_heads, head_dim]`.
  * \param v Values, same shape.
  *
+ * Ownership: kvsieve reads (and copies what it keeps of) the caller's buffers during the
+ * call only and retains no pointer; the caller frees any returned error.
+ *
  * Thread safety: thread-safe (exclusive lock).
  */
 kvsieve_error_t *kvsieve_cache_write_slots(kvsieve_cache_t *cache, uint64_t seq, size_t layer, const int64_t *slots,
@@ -556,6 +595,8 @@ kvsieve_error_t *kvsieve_cache_write_slots(kvsieve_cache_t *cache, uint64_t seq,
 /**
  * \brief Keep the first `new_len` tokens of a sequence (`new_len` <= its length). Pages past
  * the end return to the pool.
+ *
+ * Ownership: the caller frees any returned error.
  *
  * Thread safety: thread-safe (exclusive lock).
  */
@@ -572,6 +613,9 @@ kvsieve_error_t *kvsieve_cache_truncate(kvsieve_cache_t *cache, uint64_t seq, si
  *        increasing.
  * \param num_page_indices Length of `page_indices`.
  *
+ * Ownership: kvsieve reads (and copies what it keeps of) the caller's buffers during the
+ * call only and retains no pointer; the caller frees any returned error.
+ *
  * Thread safety: thread-safe (exclusive lock).
  */
 kvsieve_error_t *kvsieve_cache_evict_pages(kvsieve_cache_t *cache, uint64_t seq, const size_t *page_indices,
@@ -583,6 +627,8 @@ kvsieve_error_t *kvsieve_cache_evict_pages(kvsieve_cache_t *cache, uint64_t seq,
  * \brief Number of tokens a sequence holds.
  *
  * \param out_len Receives the length (required); untouched on failure.
+ *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
  *
  * Thread safety: thread-safe (shared lock).
  */
@@ -598,6 +644,8 @@ kvsieve_error_t *kvsieve_cache_seq_len(const kvsieve_cache_t *cache, uint64_t se
  *        #KVSIEVE_ERROR_INVALID_ARGUMENT naming `capacity` (nothing is written).
  * \param out_len Optional: receives the number of positions written (the sequence length).
  *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
+ *
  * Thread safety: thread-safe (shared lock).
  */
 kvsieve_error_t *kvsieve_cache_positions(const kvsieve_cache_t *cache, uint64_t seq, int32_t *positions, size_t capacity,
@@ -612,6 +660,8 @@ kvsieve_error_t *kvsieve_cache_positions(const kvsieve_cache_t *cache, uint64_t 
  *
  * \param seq_ids `batch` sequence ids.
  * \param out_num_indices Receives the count (required); untouched on failure.
+ *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
  *
  * Thread safety: thread-safe (shared lock).
  */
@@ -635,6 +685,8 @@ kvsieve_error_t *kvsieve_cache_page_table_size(const kvsieve_cache_t *cache, con
  * \param indices_capacity Length of `indices`.
  * \param last_page_len Receives `batch` values.
  *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
+ *
  * Thread safety: thread-safe (shared lock).
  */
 kvsieve_error_t *kvsieve_cache_page_table(const kvsieve_cache_t *cache, const uint64_t *seq_ids, size_t batch,
@@ -652,6 +704,8 @@ kvsieve_error_t *kvsieve_cache_page_table(const kvsieve_cache_t *cache, const ui
  * \param capacity Length of each of `min` and `max`; too small gives
  *        #KVSIEVE_ERROR_INVALID_ARGUMENT naming `capacity`.
  *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
+ *
  * Thread safety: thread-safe (shared lock).
  */
 kvsieve_error_t *kvsieve_cache_page_key_bounds(const kvsieve_cache_t *cache, uint64_t seq, size_t layer,
@@ -665,6 +719,8 @@ kvsieve_error_t *kvsieve_cache_page_key_bounds(const kvsieve_cache_t *cache, uin
  * \param values Optional: receives the values. At least one of `keys` and `values` is required.
  * \param capacity Length of each given buffer in floats; at least
  *        `seq_len * num_kv_heads * head_dim` (#KVSIEVE_ERROR_INVALID_ARGUMENT otherwise).
+ *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
  *
  * Thread safety: thread-safe (shared lock).
  */
@@ -690,6 +746,9 @@ kvsieve_error_t *kvsieve_cache_read(const kvsieve_cache_t *cache, uint64_t seq, 
  * \param params Optional (NULL = defaults); see ::kvsieve_attention_params_t.
  * \return NULL on success, or an error (owned by the caller); `out` and `lse` untouched on failure.
  *
+ * Ownership: kvsieve reads and writes the caller's tensors and buffers during the call
+ * only and retains no pointer; the caller frees any returned error.
+ *
  * Thread safety: thread-safe (shared lock): decodes run concurrently with each other and
  * with other readers. The work itself is spread over kvsieve's worker threads.
  */
@@ -714,6 +773,9 @@ kvsieve_error_t *kvsieve_cache_decode(const kvsieve_cache_t *cache, size_t layer
  * \param out Output, same shape as `q`; must not overlap `q`.
  * \param lse Optional: receives `total * num_qo_heads` LSEs.
  * \param params Optional (NULL = defaults).
+ *
+ * Ownership: kvsieve reads and writes the caller's tensors and buffers during the call
+ * only and retains no pointer; the caller frees any returned error.
  *
  * Thread safety: thread-safe (shared lock).
  */

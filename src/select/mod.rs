@@ -1,0 +1,27 @@
+//! Token selection: which cached tokens each KV head reads.
+//!
+//! Every method produces a [`Selection`] for one (sequence, layer): per KV head, strictly
+//! ascending token indices, in CSR form over heads. Sparse attention consumes it, and
+//! selections compose by [`Selection::union`].
+//!
+//! - [`streaming`] (StreamingLLM sinks + window) and [`lambda`] (LM-Infinite's Λ-mask),
+//!   with [`window_pages_to_evict`] for caches that drop what a window no longer reads;
+//! - [`page_bounds`] (Quest): pages ranked by an upper bound of the query's logits, kept
+//!   to a token budget, scored by [`page_scores`];
+//! - [`top_k`]: the linear-time ranking the methods share;
+//! - [`Policy`]: per-layer and per-head compositions of these, with a text form
+//!   (`sinks=4,window=1024,pages=2048;layers=0-1:dense`).
+
+mod bounds_kernel;
+mod pages;
+mod policy;
+mod policy_text;
+mod selection;
+mod topk;
+mod window;
+
+pub use pages::{page_bounds, page_scores, page_scores_into, pages_to_keep, PageBoundsConfig};
+pub use policy::{HeadOverride, LayerOverride, Policy, PositionKind, Spec};
+pub use selection::{Selection, SelectionStats};
+pub use topk::top_k;
+pub use window::{lambda, streaming, window_pages_to_evict};

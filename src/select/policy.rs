@@ -1,0 +1,630 @@
+//! Selection policies: which tokens each (layer, KV head) reads, and how positions are
+//! numbered, composed from the selection methods, with a compact text form.
+//!
+//! A [`Spec`] composes methods for one head: `dense`, or any of attention sinks, a recent
+//! window and page bounds (the head reads the union of their tokens), plus a position
+//! mode. A [`Policy`] holds a default spec, layer overrides and (layer, head) overrides.
+//!
+//! # Text form
+//!
+//! ```text
+//! sinks=4,window=1024,pages=2048;layers=0-1:dense;heads=2.0,2.5:sinks=4,window=256
+//! ```
+//! reads: every head keeps 4 sink tokens, the last 1024 tokens and the pages of the best
+//! bounds up to 2048 tokens; layers 0 and 1 are dense; heads 0 and 5 of layer 2 keep only
+//! 4 sinks and the last 256 tokens.
+//!
+//! Grammar (EBNF; `ws` is any run of spaces, tabs and newlines, allowed between any two
+//! tokens and at both ends):
+//! ```text
+//! policy      = [ clause , { ";" , clause } ] ;            (* empty text = "dense" *)
+//! clause      = layers-clause | heads-clause | spec ;
+//! layers-clause = "layers" , "=" , layer-range , { "," , layer-range } , ":" , spec ;
+//! layer-range = number , [ "-" , number ] ;               (* a or a-b, inclusive, a <= b *)
+//! heads-clause = "heads" , "=" , head , { "," , head } , ":" , spec ;
+//! head        = number , "." , number ;                   (* layer.head *)
+//! spec        = item , { "," , item } ;
+//! item        = "dense"
+//!             | ( "sinks" | "window" | "pages" | "min_pages"
+//!               | "global" | "local" | "max_distance" ) , "=" , number
+//!             | "positions" , "=" , ( "original" | "contiguous" | "capped" ) ;
+//! number      = digit , { digit } ;
+//! ```
+//!
+//! Meaning of the items:
+//! - `dense`: every token. May only be joined by `positions=` and `max_distance=`.
+//! - `sinks=N`: the first N tokens (StreamingLLM's attention sinks). `window=N`: the last
+//!   N tokens. `pages=N`: page-bound selection ([`crate::select::page_bounds`]) to a budget
+//!   of N tokens per KV head; `min_pages=N`: keep at least N pages.
+//! - `global=N` / `local=N`: LM-Infinite's Λ-mask, aliases of `sinks=` / `window=` that
+//!   also set `positions=capped`.
+//! - `positions=original|contiguous|capped` ([`PositionMode`]); `max_distance=N` is the cap
+//!   of `capped`, which requires it.
+//!
+//! Rules: the clause without a `layers=` / `heads=` prefix is the default spec (at most
+//! one; without one the default is `dense`). An override replaces the whole spec of the
+//! layers or heads it names; among clauses of one kind later ones win, and a head override
+//! beats any layer override. An item may be given once per spec (`global=` counts as
+//! `sinks=`, `local=` as `window=`). Parse errors are [`Error::Parse`] with the byte
+//! offset of the offending token and what was expected there, e.g.
+//! `window=x` → offset 7, "expected a number after `window=`".
+//!
+//! More examples:
+//! ```text
+//! dense
+//! sinks=4,window=2048,positions=contiguous
+//! global=4,local=4096,max_distance=4096
+//! window=512;layers=0-1,30-31:dense;heads=5.1:pages=4096,min_pages=2
+//! ```
+//!
+//! `Display` prints a canonical form (items in the order `dense, sinks, window, pages,
+//! min_pages, positions, max_distance`; the default first, then layer clauses, then head
+//! clauses; ranges sorted and merged) that parses back to an equal policy.
+//!
+//! # Checks
+//! Parsing checks syntax only. [`Policy::validate`] checks a policy against a model:
+//! layers and heads in range, `window`/`pages`/`max_distance` at least 1, a spec that
+//! selects something, `min_pages` only with `pages`, `capped` with `max_distance` and
+//! `max_distance` only with `capped`, and one position mode for all heads of a layer
+//! (attention applies one position mode per layer call). That page bounds need a cache
+//! with key bounds and post-RoPE keys is checked by [`Policy::select`].
+
+use std::fmt;
+
+use crate::attention::PositionMode;
+use crate::error::{Error, Result};
+use crate::kv::{KvCache, SeqId};
+use crate::select::pages::{read_query, score_sequence, PageBoundsConfig, SeqPageScores};
+use crate::select::selection::{merge_union, Selection};
+use crate::select::window::first_and_last;
+use crate::tensor::TensorView;
+
+/// The position numbering a spec asks for, as written in `positions=`. With `Capped`, the
+/// cap comes from [`Spec::max_distance`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PositionKind {
+    /// Positions as stored ([`PositionMode::Original`]).
+    Original,
+    /// Kept tokens renumbered 0, 1, ... ([`PositionMode::Contiguous`]).
+    Contiguous,
+    /// Relative distances capped at `max_distance` ([`PositionMode::Capped`]).
+    Capped,
+}
+
+impl PositionKind {
+    /// The word used in the text form.
+    pub fn name(self) -> &'static str {
+        match self {
+            PositionKind::Original => "original",
+            PositionKind::Contiguous => "contiguous",
+            PositionKind::Capped => "capped",
+        }
+    }
+}
+
+/// What one KV head reads: every token (`dense`), or the union of the parts that are set.
+/// Fields mirror the text keys (see the module docs); `Default` sets nothing, which
+/// [`Policy::validate`] rejects.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Spec {
+    /// Read every token.
+    pub dense: bool,
+    /// The first `sinks` tokens.
+    pub sinks: Option<usize>,
+    /// The last `window` tokens (at least 1).
+    pub window: Option<usize>,
+    /// Page-bound selection to this many tokens per KV head (at least 1).
+    pub pages: Option<usize>,
+    /// With `pages`: keep at least this many pages.
+    pub min_pages: Option<usize>,
+    /// Position numbering; `None` means original positions.
+    pub positions: Option<PositionKind>,
+    /// The cap of `positions = Capped` (at least 1).
+    pub max_distance: Option<u32>,
+}
+
+impl Spec {
+    /// Every token, original positions.
+    pub fn dense() -> Spec {
+        Spec { dense: true, ..Spec::default() }
+    }
+
+    /// StreamingLLM: `sinks` first tokens and the last `window`, renumbered contiguously.
+    pub fn streaming(sinks: usize, window: usize) -> Spec {
+        Spec { sinks: Some(sinks), window: Some(window), positions: Some(PositionKind::Contiguous), ..Spec::default() }
+    }
+
+    /// LM-Infinite: `global` first tokens and the last `local`, distances capped at
+    /// `max_distance`.
+    pub fn lambda(global: usize, local: usize, max_distance: u32) -> Spec {
+        Spec {
+            sinks: Some(global),
+            window: Some(local),
+            positions: Some(PositionKind::Capped),
+            max_distance: Some(max_distance),
+            ..Spec::default()
+        }
+    }
+
+    /// Page-bound selection to `budget_tokens` tokens per KV head.
+    pub fn page_bounds(budget_tokens: usize) -> Spec {
+        Spec { pages: Some(budget_tokens), ..Spec::default() }
+    }
+
+    /// The same spec, also keeping the first `sinks` tokens.
+    pub fn with_sinks(mut self, sinks: usize) -> Spec {
+        self.sinks = Some(sinks);
+        self
+    }
+
+    /// The same spec, also keeping the last `window` tokens.
+    pub fn with_window(mut self, window: usize) -> Spec {
+        self.window = Some(window);
+        self
+    }
+
+    /// The same spec, also keeping page-bound selected pages to `budget_tokens`.
+    pub fn with_pages(mut self, budget_tokens: usize) -> Spec {
+        self.pages = Some(budget_tokens);
+        self
+    }
+
+    /// The same spec, keeping at least `min_pages` pages under page bounds.
+    pub fn with_min_pages(mut self, min_pages: usize) -> Spec {
+        self.min_pages = Some(min_pages);
+        self
+    }
+
+    /// The same spec with position numbering `mode`.
+    pub fn with_position_mode(mut self, mode: PositionMode) -> Spec {
+        match mode {
+            PositionMode::Original => {
+                self.positions = Some(PositionKind::Original);
+                self.max_distance = None;
+            }
+            PositionMode::Contiguous => {
+                self.positions = Some(PositionKind::Contiguous);
+                self.max_distance = None;
+            }
+            PositionMode::Capped { max_distance } => {
+                self.positions = Some(PositionKind::Capped);
+                self.max_distance = Some(max_distance);
+            }
+        }
+        self
+    }
+
+    /// The position mode attention should use. `Capped` without a `max_distance` (which
+    /// [`Policy::validate`] rejects) reads as no cap, `u32::MAX`.
+    pub fn position_mode(&self) -> PositionMode {
+        match self.positions {
+            None | Some(PositionKind::Original) => PositionMode::Original,
+            Some(PositionKind::Contiguous) => PositionMode::Contiguous,
+            Some(PositionKind::Capped) => PositionMode::Capped { max_distance: self.max_distance.unwrap_or(u32::MAX) },
+        }
+    }
+
+    /// Whether the spec selects no token at all (no `dense`, window or pages, and no sinks).
+    pub fn is_empty(&self) -> bool {
+        !self.dense && self.window.is_none() && self.pages.is_none() && self.sinks.unwrap_or(0) == 0
+    }
+
+    /// The page-bound settings, when `pages` is set.
+    pub fn page_bounds_config(&self) -> Option<PageBoundsConfig> {
+        self.pages.map(|b| PageBoundsConfig { budget_tokens: b, min_pages: self.min_pages.unwrap_or(0) })
+    }
+
+    /// Semantic problems, as what was expected.
+    fn problem(&self) -> Option<String> {
+        if self.dense && (self.sinks.is_some() || self.window.is_some() || self.pages.is_some() || self.min_pages.is_some()) {
+            return Some("`dense` alone, or with only `positions=` and `max_distance=`".into());
+        }
+        if self.is_empty() {
+            return Some("a spec that selects tokens: `dense` or at least one of `sinks=` (above 0), `window=`, `pages=`".into());
+        }
+        if self.window == Some(0) {
+            return Some("window=N with N >= 1 (window=0 hides the query's own recent context)".into());
+        }
+        if self.pages == Some(0) {
+            return Some("pages=N with a token budget N >= 1".into());
+        }
+        if self.min_pages.is_some() && self.pages.is_none() {
+            return Some("`min_pages=` only together with `pages=`".into());
+        }
+        match (self.positions, self.max_distance) {
+            (Some(PositionKind::Capped), None) => Some("`max_distance=N` with `positions=capped` (or `global=`/`local=`)".into()),
+            (Some(PositionKind::Capped), Some(0)) => Some("max_distance=N with N >= 1".into()),
+            (Some(PositionKind::Capped), Some(_)) => None,
+            (_, Some(_)) => Some("`positions=capped` (or `global=`/`local=`) with `max_distance=`, which only caps capped positions".into()),
+            _ => None,
+        }
+    }
+}
+
+/// A layer override: `layers=a-b,...:spec`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LayerOverride {
+    /// Inclusive `(first, last)` layer ranges, sorted, disjoint and not adjacent.
+    pub layers: Vec<(usize, usize)>,
+    pub spec: Spec,
+}
+
+/// A head override: `heads=layer.head,...:spec`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HeadOverride {
+    /// `(layer, kv_head)` pairs, sorted, without duplicates.
+    pub heads: Vec<(usize, usize)>,
+    pub spec: Spec,
+}
+
+impl LayerOverride {
+    /// An override of the given inclusive ranges (normalised: sorted, overlapping or
+    /// adjacent ranges merged; a range with `first > last` is empty and dropped).
+    pub fn new(layers: impl IntoIterator<Item = (usize, usize)>, spec: Spec) -> Self {
+        let mut r: Vec<(usize, usize)> = layers.into_iter().filter(|&(a, b)| a <= b).collect();
+        r.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(r.len());
+        for (a, b) in r {
+            match merged.last_mut() {
+                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        LayerOverride { layers: merged, spec }
+    }
+
+    /// Whether the override names `layer`.
+    pub fn contains(&self, layer: usize) -> bool {
+        self.layers.iter().any(|&(a, b)| a <= layer && layer <= b)
+    }
+}
+
+impl HeadOverride {
+    /// An override of the given `(layer, kv_head)` pairs (sorted, duplicates removed).
+    pub fn new(heads: impl IntoIterator<Item = (usize, usize)>, spec: Spec) -> Self {
+        let mut h: Vec<(usize, usize)> = heads.into_iter().collect();
+        h.sort_unstable();
+        h.dedup();
+        HeadOverride { heads: h, spec }
+    }
+
+    /// Whether the override names (`layer`, `head`).
+    pub fn contains(&self, layer: usize, head: usize) -> bool {
+        self.heads.binary_search(&(layer, head)).is_ok()
+    }
+}
+
+/// Which clause gave a (layer, head) its spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Default,
+    Layer(usize),
+    Head(usize),
+}
+
+/// A selection policy for every (layer, KV head) of a model. See the module docs for the
+/// text form; build one with [`Policy::parse`] (or `str::parse`) or with
+/// [`Policy::new`] and the `with_*` methods.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Policy {
+    default: Spec,
+    layers: Vec<LayerOverride>,
+    heads: Vec<HeadOverride>,
+}
+
+impl Default for Policy {
+    /// Dense everywhere.
+    fn default() -> Self {
+        Policy::dense()
+    }
+}
+
+impl Policy {
+    /// `default` for every layer and head, no overrides.
+    pub fn new(default: Spec) -> Self {
+        Policy { default, layers: Vec::new(), heads: Vec::new() }
+    }
+
+    /// Dense everywhere.
+    pub fn dense() -> Self {
+        Policy::new(Spec::dense())
+    }
+
+    /// Parse the text form (see the module docs). Checks syntax only; see [`Policy::validate`].
+    pub fn parse(text: &str) -> Result<Self> {
+        crate::select::policy_text::parse(text)
+    }
+
+    /// Add a layer override (applied after the existing ones) for inclusive layer ranges.
+    pub fn with_layers(mut self, layers: impl IntoIterator<Item = (usize, usize)>, spec: Spec) -> Self {
+        self.layers.push(LayerOverride::new(layers, spec));
+        self
+    }
+
+    /// Add a head override (applied after the existing ones) for `(layer, kv_head)` pairs.
+    pub fn with_heads(mut self, heads: impl IntoIterator<Item = (usize, usize)>, spec: Spec) -> Self {
+        self.heads.push(HeadOverride::new(heads, spec));
+        self
+    }
+
+    pub(crate) fn from_parts(default: Spec, layers: Vec<LayerOverride>, heads: Vec<HeadOverride>) -> Self {
+        Policy { default, layers, heads }
+    }
+
+    /// The default spec.
+    pub fn default_spec(&self) -> &Spec {
+        &self.default
+    }
+
+    /// Layer overrides, in the order they apply (later wins).
+    pub fn layer_overrides(&self) -> &[LayerOverride] {
+        &self.layers
+    }
+
+    /// Head overrides, in the order they apply (later wins).
+    pub fn head_overrides(&self) -> &[HeadOverride] {
+        &self.heads
+    }
+
+    fn source(&self, layer: usize, head: usize) -> Source {
+        if let Some(i) = self.heads.iter().rposition(|o| o.contains(layer, head)) {
+            return Source::Head(i);
+        }
+        if let Some(i) = self.layers.iter().rposition(|o| o.contains(layer)) {
+            return Source::Layer(i);
+        }
+        Source::Default
+    }
+
+    fn spec_of(&self, src: Source) -> &Spec {
+        match src {
+            Source::Default => &self.default,
+            Source::Layer(i) => &self.layers[i].spec,
+            Source::Head(i) => &self.heads[i].spec,
+        }
+    }
+
+    /// The clause's canonical text, to name it in messages.
+    fn clause_text(&self, src: Source) -> String {
+        match src {
+            Source::Default => self.default.to_string(),
+            Source::Layer(i) => self.layers[i].to_string(),
+            Source::Head(i) => self.heads[i].to_string(),
+        }
+    }
+
+    /// The spec of KV head `head` in `layer`: the last head override naming it, else the
+    /// last layer override naming the layer, else the default.
+    pub fn spec(&self, layer: usize, head: usize) -> &Spec {
+        self.spec_of(self.source(layer, head))
+    }
+
+    /// The position mode of `layer` (that of its head 0; [`Policy::validate`] makes sure
+    /// all heads of a layer agree).
+    pub fn position_mode(&self, layer: usize) -> PositionMode {
+        self.spec(layer, 0).position_mode()
+    }
+
+    /// Whether every head of `layer` is dense, so attention can skip selection. Judged
+    /// without the head count: a layer whose spec is sparse is reported not dense even if
+    /// head overrides make every head dense (then a dense selection is simply computed).
+    pub fn is_dense(&self, layer: usize) -> bool {
+        let layer_spec = self.spec_of(self.layers.iter().rposition(|o| o.contains(layer)).map_or(Source::Default, Source::Layer));
+        layer_spec.dense && self.heads.iter().all(|o| o.spec.dense || !o.heads.iter().any(|&(l, _)| l == layer))
+    }
+
+    /// Every check that needs no per-layer walk: each clause's spec and its layer and head
+    /// numbers. Messages name the clause.
+    fn validate_clauses(&self, num_layers: usize, num_kv_heads: usize) -> Result<()> {
+        let mut sources = vec![Source::Default];
+        sources.extend((0..self.layers.len()).map(Source::Layer));
+        sources.extend((0..self.heads.len()).map(Source::Head));
+        for src in sources {
+            if let Some(problem) = self.spec_of(src).problem() {
+                return Err(Error::invalid(self.clause_text(src), problem));
+            }
+            match src {
+                Source::Default => {}
+                Source::Layer(i) => {
+                    if let Some(&(_, last)) = self.layers[i].layers.last() {
+                        if last >= num_layers {
+                            return Err(Error::out_of_range(self.clause_text(src), last as i64, format!("0..{num_layers} (the model's layers)")));
+                        }
+                    }
+                }
+                Source::Head(i) => {
+                    for &(l, h) in &self.heads[i].heads {
+                        if l >= num_layers {
+                            return Err(Error::out_of_range(self.clause_text(src), l as i64, format!("0..{num_layers} (the model's layers)")));
+                        }
+                        if h >= num_kv_heads {
+                            return Err(Error::out_of_range(self.clause_text(src), h as i64, format!("0..{num_kv_heads} (KV heads of layer {l})")));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Check that all heads of `layer` use one position mode.
+    fn validate_layer_positions(&self, layer: usize, num_kv_heads: usize) -> Result<()> {
+        let first = self.source(layer, 0);
+        let mode = self.spec_of(first).position_mode();
+        for h in 1..num_kv_heads {
+            let src = self.source(layer, h);
+            let m = self.spec_of(src).position_mode();
+            if m != mode {
+                return Err(Error::invalid(
+                    self.clause_text(src),
+                    format!(
+                        "one position mode for all heads of layer {layer} (attention applies one per layer call): head {h} gets {} here, head 0 gets {} from `{}`",
+                        mode_text(m),
+                        mode_text(mode),
+                        self.clause_text(first)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Check the policy against a model of `num_layers` layers and `num_kv_heads` KV heads
+    /// (see the module docs for the list). Errors name the clause at fault.
+    pub fn validate(&self, num_layers: usize, num_kv_heads: usize) -> Result<()> {
+        self.validate_clauses(num_layers, num_kv_heads)?;
+        for layer in 0..num_layers {
+            self.validate_layer_positions(layer, num_kv_heads)?;
+        }
+        Ok(())
+    }
+
+    /// The tokens each KV head of `layer` reads for the decode query `q` of sequence `seq`
+    /// (`[num_qo_heads, head_dim]` or `[1, num_qo_heads, head_dim]`): per head, every
+    /// token if its spec is dense, else the union of its sinks, window and page-bound
+    /// parts. Page scores are computed once per call, for every head that needs them.
+    ///
+    /// Errors: the policy fails [`Policy::validate`] for the cache's shape (clauses, and
+    /// the position modes of this layer); an unknown sequence or layer; a badly shaped
+    /// `q`; page bounds on a cache without key bounds or with pre-RoPE keys.
+    pub fn select(&self, cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView) -> Result<Selection> {
+        let c = cache.config();
+        self.validate_clauses(c.num_layers, c.num_kv_heads)?;
+        if layer >= c.num_layers {
+            return Err(Error::out_of_range("layer", layer as i64, format!("0..{}", c.num_layers)));
+        }
+        self.validate_layer_positions(layer, c.num_kv_heads)?;
+        let (_, hq) = read_query(q, c.head_dim)?;
+        if hq == 0 || hq % c.num_kv_heads != 0 {
+            return Err(Error::invalid("q", format!("a number of query heads that is a positive multiple of num_kv_heads ({}), got {hq}", c.num_kv_heads)));
+        }
+        let seq_len = cache.seq_len(seq)?;
+        if seq_len > u32::MAX as usize {
+            return Err(Error::out_of_range("seq_len", seq_len as i64, format!("0..={} (token indices are u32)", u32::MAX)));
+        }
+        let specs: Vec<&Spec> = (0..c.num_kv_heads).map(|h| self.spec(layer, h)).collect();
+        // Page scores are only needed when some head's budget is below the sequence length.
+        let smallest_budget = specs.iter().filter(|s| !s.dense).filter_map(|s| s.pages).min();
+        let scores: Option<SeqPageScores> = match smallest_budget {
+            Some(b) => Some(score_sequence(cache, seq, layer, q, b)?),
+            None => None,
+        };
+        let mut heads = Vec::with_capacity(specs.len());
+        let mut total = 0usize;
+        for (h, spec) in specs.iter().enumerate() {
+            let tokens = if spec.dense {
+                (0..seq_len as u32).collect()
+            } else {
+                let ends = first_and_last(seq_len, spec.sinks.unwrap_or(0), spec.window.unwrap_or(0));
+                match (spec.page_bounds_config(), &scores) {
+                    (Some(cfg), Some(s)) => {
+                        let mut out = Vec::with_capacity(ends.len() + cfg.budget_tokens.min(seq_len));
+                        merge_union(&ends, &s.keep_tokens(h, &cfg), &mut out);
+                        out
+                    }
+                    _ => ends,
+                }
+            };
+            total += tokens.len();
+            heads.push(tokens);
+        }
+        if total > u32::MAX as usize {
+            return Err(Error::invalid("policy", "selections whose tokens over all heads fit u32 offsets"));
+        }
+        Ok(Selection::from_heads_unchecked(seq_len, &heads))
+    }
+
+    /// Pages of a sequence that no (layer, head) of the policy reads again, so a cache can
+    /// evict them ([`crate::KvCache::evict_pages`]): only when every spec in use is made of
+    /// sinks and a window alone (no `dense`, no `pages`), the pages outside the largest
+    /// sinks and the largest window (see [`crate::select::window_pages_to_evict`]);
+    /// otherwise none. Page ids are shared by all layers, so every layer must agree.
+    ///
+    /// Errors: the policy fails [`Policy::validate`]; `page_size` 0.
+    pub fn window_pages_to_evict(&self, num_layers: usize, num_kv_heads: usize, seq_len: usize, page_size: usize) -> Result<Vec<usize>> {
+        self.validate(num_layers, num_kv_heads)?;
+        let (mut sinks, mut window) = (0usize, 0usize);
+        for layer in 0..num_layers {
+            for h in 0..num_kv_heads {
+                let s = self.spec(layer, h);
+                match s.window {
+                    Some(w) if !s.dense && s.pages.is_none() => {
+                        window = window.max(w);
+                        sinks = sinks.max(s.sinks.unwrap_or(0));
+                    }
+                    _ => {
+                        if page_size == 0 {
+                            return Err(Error::invalid("page_size", "at least 1"));
+                        }
+                        return Ok(Vec::new());
+                    }
+                }
+            }
+        }
+        crate::select::window::window_pages_to_evict(seq_len, page_size, sinks, window)
+    }
+}
+
+/// A position mode as the text form writes it.
+fn mode_text(mode: PositionMode) -> String {
+    match mode {
+        PositionMode::Original => "positions=original".into(),
+        PositionMode::Contiguous => "positions=contiguous".into(),
+        PositionMode::Capped { max_distance } => format!("positions=capped,max_distance={max_distance}"),
+    }
+}
+
+impl fmt::Display for Spec {
+    /// Canonical order: `dense, sinks, window, pages, min_pages, positions, max_distance`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut items: Vec<String> = Vec::new();
+        if self.dense {
+            items.push("dense".into());
+        }
+        let numbers = [("sinks", self.sinks), ("window", self.window), ("pages", self.pages), ("min_pages", self.min_pages)];
+        items.extend(numbers.iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))));
+        if let Some(p) = self.positions {
+            items.push(format!("positions={}", p.name()));
+        }
+        if let Some(m) = self.max_distance {
+            items.push(format!("max_distance={m}"));
+        }
+        f.write_str(&items.join(","))
+    }
+}
+
+impl fmt::Display for LayerOverride {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ranges: Vec<String> = self.layers.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+        write!(f, "layers={}:{}", ranges.join(","), self.spec)
+    }
+}
+
+impl fmt::Display for HeadOverride {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let heads: Vec<String> = self.heads.iter().map(|(l, h)| format!("{l}.{h}")).collect();
+        write!(f, "heads={}:{}", heads.join(","), self.spec)
+    }
+}
+
+impl fmt::Display for Policy {
+    /// The canonical text form: the default spec, then layer clauses, then head clauses.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.default)?;
+        for o in &self.layers {
+            write!(f, ";{o}")?;
+        }
+        for o in &self.heads {
+            write!(f, ";{o}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Policy::parse(s)
+    }
+}

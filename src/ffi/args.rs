@@ -69,6 +69,15 @@ pub(crate) unsafe fn opt_slice<'a, T>(ptr: *const T, len: usize, param: &str) ->
     slice(ptr, len, param).map(Some)
 }
 
+/// Copy a caller struct passed by pointer (any alignment); `NullPointer` naming `param` if NULL.
+///
+/// # Safety
+/// 1. `ptr` is NULL or valid for a read of one `T`.
+pub(crate) unsafe fn read_struct<T: Copy>(ptr: *const T, param: &str) -> Result<T> {
+    non_null(ptr, param)?;
+    Ok(ptr.read_unaligned())
+}
+
 /// Write an out-parameter (already checked non-NULL). Called only once nothing can fail.
 ///
 /// # Safety

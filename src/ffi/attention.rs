@@ -50,7 +50,7 @@ impl AttentionArgs {
     /// # Safety
     /// As for [`AttentionArgs::parse`], for the lifetime `'a`.
     pub unsafe fn views<'a>(&self) -> Result<(TensorView<'a>, TensorViewMut<'a>, Option<&'a mut [f32]>)> {
-        let lse_len = self.q.shape()[0] * self.q.shape()[1];
+        let lse_len = self.q.shape()[0].saturating_mul(self.q.shape()[1]);
         Ok((self.q.view()?, self.out.view_mut()?, opt_slice_mut(self.lse, lse_len, "lse")?))
     }
 }

@@ -7,7 +7,7 @@ use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::config::{CacheConfig, KeyRope, PageLayout};
 use crate::error::{Error, Result};
-use crate::ffi::args::{non_null, write_out};
+use crate::ffi::args::{non_null, read_struct, write_out};
 use crate::ffi::error::{guard, guard_value, kvsieve_error_t};
 use crate::ffi::tensor::kvsieve_dtype_t;
 use crate::kv::{KvCache, MemoryStats};
@@ -34,6 +34,9 @@ impl kvsieve_cache_t {
 /// 1. `cache` is NULL or a live handle from `kvsieve_cache_new`, not freed while `'a` lasts.
 pub(crate) unsafe fn cache_ref<'a>(cache: *const kvsieve_cache_t) -> Result<&'a kvsieve_cache_t> {
     non_null(cache, "cache")?;
+    if (cache as usize) % std::mem::align_of::<kvsieve_cache_t>() != 0 {
+        return Err(Error::invalid("cache", "a handle returned by kvsieve_cache_new"));
+    }
     Ok(&*cache)
 }
 
@@ -165,9 +168,9 @@ pub extern "C" fn kvsieve_cache_config_default(
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_cache_new(config: *const kvsieve_cache_config_t, out: *mut *mut kvsieve_cache_t) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_new", || {
-        non_null(config, "config")?;
+        let config = read_struct(config, "config")?;
         non_null(out, "out")?;
-        let cache = KvCache::new((*config).to_core()?)?;
+        let cache = KvCache::new(config.to_core()?)?;
         let handle = Box::new(kvsieve_cache_t { inner: RwLock::new(cache) });
         write_out(out, Box::into_raw(handle));
         Ok(())

@@ -5,7 +5,7 @@ use std::mem::{align_of, offset_of, size_of};
 
 use crate::attention::{AttentionParams, PositionMode, RopeConfig, RopeStyle};
 use crate::error::{Error, Result};
-use crate::ffi::args::non_null;
+use crate::ffi::args::read_struct;
 
 /// RoPE parameters (see `kvsieve_rope_config_t` in the header).
 #[allow(non_camel_case_types)]
@@ -84,8 +84,7 @@ impl kvsieve_rope_config_t {
 /// # Safety
 /// 1. `rope` is NULL or points at a readable `kvsieve_rope_config_t`.
 pub(crate) unsafe fn rope_config(rope: *const kvsieve_rope_config_t, param: &str) -> Result<RopeConfig> {
-    non_null(rope, param)?;
-    (*rope).to_core(param)
+    read_struct(rope, param)?.to_core(param)
 }
 
 /// Attention parameters passed by pointer; NULL means all defaults.
@@ -94,9 +93,10 @@ pub(crate) unsafe fn rope_config(rope: *const kvsieve_rope_config_t, param: &str
 /// 1. `params` is NULL or points at a readable `kvsieve_attention_params_t`, whose `rope`
 ///    is NULL or points at a readable `kvsieve_rope_config_t`.
 pub(crate) unsafe fn attention_params(params: *const kvsieve_attention_params_t) -> Result<AttentionParams> {
-    let Some(p) = params.as_ref() else {
+    if params.is_null() {
         return Ok(AttentionParams::default());
-    };
+    }
+    let p = read_struct(params, "params")?;
     let rope = if p.rope.is_null() { None } else { Some(rope_config(p.rope, "rope")?) };
     let positions = match p.position_mode {
         0 => PositionMode::Original,

@@ -7,7 +7,7 @@ use std::mem::{align_of, offset_of, size_of};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ffi::args::{non_null, Region};
+use crate::ffi::args::{non_null, read_struct, slice, Region};
 use crate::tensor::{contiguous_strides, TensorView, TensorViewMut};
 
 /// DLPack `kDLCPU`.
@@ -131,8 +131,7 @@ impl Tensor {
     /// 2. when `ndim` equals `dims.len()`, `shape` (and `strides`, unless NULL) point at
     ///    `ndim` readable values.
     pub unsafe fn parse(t: *const kvsieve_tensor_t, name: &str, dims: &[&str]) -> Result<Tensor> {
-        non_null(t, name)?;
-        let t = &*t;
+        let t = read_struct(t, name)?;
         check_device(t.device, &format!("{name}.device"))?;
         let dtype = t.dtype.to_dtype(name)?;
         let want = format!("[{}]", dims.join(", "));
@@ -144,7 +143,7 @@ impl Tensor {
             &[]
         } else {
             non_null(t.shape, &format!("{name}.shape"))?;
-            std::slice::from_raw_parts(t.shape, nd)
+            slice(t.shape, nd, &format!("{name}.shape"))?
         };
         if raw_shape.iter().any(|&d| d < 0) {
             return Err(Error::shape(name, want, fmt_i64s(raw_shape)));
@@ -153,7 +152,7 @@ impl Tensor {
         let strides = if t.strides.is_null() {
             contiguous_strides(&shape)
         } else {
-            let raw = if nd == 0 { &[][..] } else { std::slice::from_raw_parts(t.strides, nd) };
+            let raw = slice(t.strides, nd, &format!("{name}.strides"))?;
             if raw.iter().any(|&s| s < 0) {
                 return Err(Error::shape(format!("{name}.strides"), "non-negative strides (in elements)", fmt_i64s(raw)));
             }

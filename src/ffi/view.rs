@@ -9,7 +9,7 @@ use crate::attention::{decode, prefill};
 use crate::config::{validate_head_dim, validate_page_size, KeyRope};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ffi::args::{non_null, opt_slice, slice, Region};
+use crate::ffi::args::{non_null, opt_slice, read_struct, slice, Region};
 use crate::ffi::attention::{AttentionArgs, DECODE_DIMS, PREFILL_DIMS};
 use crate::ffi::cache::key_rope;
 use crate::ffi::error::{guard, kvsieve_error_t};
@@ -95,8 +95,7 @@ impl<'a> View<'a> {
     /// 1. `kv` is NULL or points at a readable descriptor whose pointers are valid as the
     ///    header documents, for `'a`.
     unsafe fn parse(kv: *const kvsieve_paged_kv_t) -> Result<Self> {
-        non_null(kv, "kv")?;
-        let d = &*kv;
+        let d = &read_struct(kv, "kv")?;
         check_device(d.device, "device")?;
         let dtype: DType = d.dtype.to_dtype("dtype")?;
         let key_rope = key_rope(d.key_rope, "key_rope")?;

@@ -11,7 +11,7 @@ use kvsieve::select::{
     lambda, page_bounds, page_scores, pages_to_keep, streaming, top_k, window_pages_to_evict, PageBoundsConfig, Policy,
     PositionKind, Selection, Spec,
 };
-use kvsieve::{CacheConfig, DType, Error, KeyRope, KvCache, SeqId, TensorView};
+use kvsieve::{CacheConfig, DType, Error, KeyRope, KvCache, PageLayout, SeqId, TensorView};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------
@@ -225,11 +225,12 @@ struct Setup {
     written: usize,
 }
 
-/// A one-sequence cache with `len` tokens, the first `written` written with random keys
+/// A one-sequence cache (NHD or HND pages) with `len` tokens, the first `written` written with random keys
 /// whose scale varies by channel (so bounds differ between channels and pages).
 fn setup(dtype: DType, hk: usize, d: usize, ps: usize, len: usize, written: usize, rng: &mut Rng) -> Setup {
     let layers = 2;
-    let cfg = CacheConfig::new(layers, hk, d, ps, len.div_ceil(ps) + 3).with_dtype(dtype);
+    let layout = if rng.below(2) == 0 { PageLayout::Nhd } else { PageLayout::Hnd };
+    let cfg = CacheConfig::new(layers, hk, d, ps, len.div_ceil(ps) + 3).with_dtype(dtype).with_layout(layout);
     let mut cache = KvCache::new(cfg).unwrap();
     // Burn a page so page ids are not just 0..n.
     let other = cache.create_sequence();

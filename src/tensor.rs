@@ -111,6 +111,18 @@ impl<'a> TensorView<'a> {
         index.iter().zip(&self.strides).map(|(i, s)| i * s).sum()
     }
 
+    /// The sub-tensor at index `i` of the first dimension, keeping that dimension (size 1).
+    pub fn narrow0(&self, i: usize) -> Result<TensorView<'a>> {
+        let n = self.shape.first().copied().unwrap_or(0);
+        if i >= n {
+            return Err(Error::out_of_range("index", i as i64, format!("0..{n}")));
+        }
+        let start = i * self.strides[0] * self.dtype.size();
+        let mut shape = self.shape.clone();
+        shape[0] = 1;
+        TensorView::from_bytes(&self.data[start..], self.dtype, &shape, &self.strides)
+    }
+
     /// Element at a multi-index, converted to f32.
     #[inline(always)]
     pub fn get(&self, index: &[usize]) -> f32 {

@@ -34,3 +34,42 @@ impl KvCache {
         prefill(&kv, q, qo_indptr, out, lse, params, causal)
     }
 }
+
+impl KvCache {
+    /// Sparse decode on the cache: KV head `h` of `ids[b]` reads `selections[b].head(h)`.
+    /// Shapes as in [`crate::attention::decode_sparse`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_sparse(
+        &self,
+        layer: usize,
+        ids: &[SeqId],
+        q: &TensorView,
+        selections: &[&crate::select::Selection],
+        out: &mut TensorViewMut,
+        lse: Option<&mut [f32]>,
+        params: &AttentionParams,
+    ) -> Result<()> {
+        let table = self.page_table(ids)?;
+        let kv = self.layer_view(layer, &table)?;
+        crate::attention::decode_sparse(&kv, q, selections, out, lse, params)
+    }
+
+    /// Sparse causal prefill on the cache, as [`crate::attention::prefill_sparse`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_sparse(
+        &self,
+        layer: usize,
+        ids: &[SeqId],
+        q: &TensorView,
+        qo_indptr: &[i32],
+        selections: &[&crate::select::Selection],
+        windows: &[Option<crate::attention::StreamingWindow>],
+        out: &mut TensorViewMut,
+        lse: Option<&mut [f32]>,
+        params: &AttentionParams,
+    ) -> Result<()> {
+        let table = self.page_table(ids)?;
+        let kv = self.layer_view(layer, &table)?;
+        crate::attention::prefill_sparse(&kv, q, qo_indptr, selections, windows, out, lse, params)
+    }
+}

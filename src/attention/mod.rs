@@ -33,6 +33,18 @@ pub trait HeadTokens: Sync {
     fn head(&self, h: usize) -> &[u32];
 }
 
+impl HeadTokens for crate::select::Selection {
+    fn num_kv_heads(&self) -> usize {
+        crate::select::Selection::num_kv_heads(self)
+    }
+    fn seq_len(&self) -> usize {
+        crate::select::Selection::seq_len(self)
+    }
+    fn head(&self, h: usize) -> &[u32] {
+        crate::select::Selection::head(self, h)
+    }
+}
+
 /// How key and query positions are numbered when RoPE is applied at read time (keys stored
 /// before RoPE). With post-RoPE keys only `Original` is meaningful.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]

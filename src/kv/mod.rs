@@ -6,6 +6,7 @@ mod cache;
 mod pool;
 mod storage;
 mod table;
+mod policy;
 mod view;
 
 pub use cache::{KeepTokens, KeyBoundsRef, KvCache, MemoryStats, SeqId, SharedKvCache};

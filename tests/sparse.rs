@@ -207,3 +207,69 @@ fn sparse_bad_selections_are_refused() {
     let e = decode_sparse(&kv, &qv, &[&Lists { len: 40, heads: vec![vec![], vec![]] }], &mut TensorViewMut::new(&mut out, &[1, 4, 64]).unwrap(), None, &pre).unwrap_err();
     assert!(e.to_string().contains("positions"), "{e}");
 }
+
+#[test]
+fn streaming_with_eviction_keeps_memory_bounded_over_100k_tokens() {
+    // 100,000 tokens through a cache of 64 pages of 16 tokens under sinks=4, window=512.
+    use kvsieve::select::Policy;
+    let (hk, hq, d, ps, pages) = (1, 2, 16, 16, 64);
+    let (sinks, window) = (4usize, 512usize);
+    let policy = Policy::parse(&format!("sinks={sinks},window={window}")).unwrap();
+    let mut cache = KvCache::new(CacheConfig::new(1, hk, d, ps, pages).with_dtype(DType::F32)).unwrap();
+    let id = cache.create_sequence();
+    let mut rng = Rng(99);
+    // The stream's keys and values, kept only for the sinks and the window, for the check.
+    let mut sink_rows: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+    let mut recent: std::collections::VecDeque<(Vec<f32>, Vec<f32>)> = std::collections::VecDeque::new();
+    let (total, chunk) = (100_000usize, 100usize);
+    // Bound: the sink page, the pages the window touches, and one chunk's worth of new pages.
+    let bound = sinks.div_ceil(ps) + window.div_ceil(ps) + 1 + chunk.div_ceil(ps) + 1;
+    assert!(bound <= pages);
+    let mut max_used = 0;
+    for start in (0..total).step_by(chunk) {
+        let n = chunk.min(total - start);
+        cache.append(id, n, None).unwrap();
+        let k = rng.vec(n * d, 1.0);
+        let v = rng.vec(n * d, 1.0);
+        let len = cache.seq_len(id).unwrap();
+        cache.write(id, 0, len - n, &TensorView::new(&k, &[n, 1, d]).unwrap(), &TensorView::new(&v, &[n, 1, d]).unwrap()).unwrap();
+        for t in 0..n {
+            let row = (k[t * d..(t + 1) * d].to_vec(), v[t * d..(t + 1) * d].to_vec());
+            if start + t < sinks {
+                sink_rows.push(row);
+            } else {
+                recent.push_back(row);
+                if recent.len() > window {
+                    recent.pop_front();
+                }
+            }
+        }
+        max_used = max_used.max(cache.stats().pages_used);
+        cache.evict_for_policy(id, &policy).unwrap();
+        cache.check_invariants().unwrap();
+    }
+    assert!(max_used <= bound, "pages used peaked at {max_used}, bound {bound}");
+    let positions = cache.positions(id).unwrap();
+    assert_eq!(&positions[..sinks], &[0, 1, 2, 3]);
+    assert_eq!(*positions.last().unwrap(), total as i32 - 1);
+
+    // Decode under the policy equals dense attention over exactly sinks + window.
+    let q = rng.vec(hq * d, 1.0);
+    let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
+    let mut out = vec![f32::NAN; hq * d];
+    let sels = cache.decode_with_policy(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &policy, &AttentionParams::default()).unwrap();
+    assert_eq!(sels[0].head(0).len(), sinks + window);
+    let kept: Vec<&(Vec<f32>, Vec<f32>)> = sink_rows.iter().chain(recent.iter()).collect();
+    let mut check = KvCache::new(CacheConfig::new(1, hk, d, ps, (sinks + window).div_ceil(ps)).with_dtype(DType::F32)).unwrap();
+    let cid = check.create_sequence();
+    check.append(cid, kept.len(), None).unwrap();
+    let kk: Vec<f32> = kept.iter().flat_map(|r| r.0.clone()).collect();
+    let vv: Vec<f32> = kept.iter().flat_map(|r| r.1.clone()).collect();
+    check.write(cid, 0, 0, &TensorView::new(&kk, &[kept.len(), 1, d]).unwrap(), &TensorView::new(&vv, &[kept.len(), 1, d]).unwrap()).unwrap();
+    let table = check.page_table(&[cid]).unwrap();
+    let want = reference::decode(&check.layer_view(0, &table).unwrap(), &qv, &AttentionParams::default()).unwrap();
+    let mut lse = vec![f32::NAN; hq];
+    cache.decode_with_policy(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), Some(&mut lse), &policy, &AttentionParams::default()).unwrap();
+    let (eo, el) = max_err(&out, &lse, &want);
+    assert!(eo < 1e-5 && el < 1e-5, "{eo} {el}");
+}

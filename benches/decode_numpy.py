@@ -2,9 +2,9 @@
 measured in one process on the same data.
 
 Shape: f16 storage, head_dim 128, 8 KV heads, 32 query heads, page size 16, batch 8.
-numpy gets its best case: K and V already converted to float32 and laid out per head as
-[kv_heads, tokens, head_dim], so each step is two batched BLAS matrix products and a
-softmax. kvsieve reads its f16 pages through the Python binding (cache.decode).
+numpy gets its best case: K and V already converted to float32, K laid out as
+[kv_heads, head_dim, tokens] and V as [kv_heads, tokens, head_dim] (both contiguous), so
+each step is two batched BLAS matrix products and a softmax. kvsieve reads its f16 pages through the Python binding (cache.decode).
 """
 import argparse
 import json
@@ -43,8 +43,8 @@ def main():
         cache.append(sid, a.tokens)
         cache.write(sid, 0, 0, k, v)
         ids.append(sid)
-        # numpy's copy: float32, [hk, tokens, d]
-        ks.append(np.ascontiguousarray(k.astype(np.float32).transpose(1, 0, 2)))
+        # numpy's copies: float32, K as [hk, d, tokens], V as [hk, tokens, d]
+        ks.append(np.ascontiguousarray(k.astype(np.float32).transpose(1, 2, 0)))
         vs.append(np.ascontiguousarray(v.astype(np.float32).transpose(1, 0, 2)))
     q = rng.standard_normal((a.batch, hq, d), dtype=np.float32)
     scale = 1.0 / np.sqrt(d)
@@ -53,7 +53,7 @@ def main():
         outs = []
         for b in range(a.batch):
             qb = q[b].reshape(hk, g, d) * scale
-            s = np.matmul(qb, ks[b].transpose(0, 2, 1))  # [hk, g, tokens]
+            s = np.matmul(qb, ks[b])  # [hk, g, tokens]
             m = s.max(axis=-1, keepdims=True)
             p = np.exp(s - m)
             l = p.sum(axis=-1, keepdims=True)

@@ -78,6 +78,61 @@ fn bench_decode(batch: usize, tokens: usize) -> DecodeFigures {
     DecodeFigures { secs: median(times), kv_bytes }
 }
 
+struct SparseFigures {
+    dense_secs: f64,
+    sparse_secs: f64,
+    select_secs: f64,
+    selected_tokens: usize,
+}
+
+/// Dense decode against policy-driven sparse decode (selection included) at one long context.
+fn bench_sparse(tokens: usize, policy_text: &str) -> SparseFigures {
+    let (hk, hq, d, ps) = (8, 32, 128, 16);
+    let mut cache = KvCache::new(CacheConfig::new(1, hk, d, ps, tokens.div_ceil(ps)).with_dtype(DType::F16)).unwrap();
+    let id = cache.create_sequence();
+    cache.append(id, tokens, None).unwrap();
+    let slab = 1024;
+    let mut x = 0x9e37_79b9u32;
+    let mut data = vec![0f32; slab * hk * d];
+    for s in (0..tokens).step_by(slab) {
+        let n = slab.min(tokens - s);
+        for v in data.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *v = (x as f32 / u32::MAX as f32) * 2.0 - 1.0;
+        }
+        let t = TensorView::new(&data[..n * hk * d], &[n, hk, d]).unwrap();
+        cache.write(id, 0, s, &t, &t).unwrap();
+    }
+    let policy = kvsieve::Policy::parse(policy_text).unwrap();
+    let q: Vec<f32> = (0..hq * d).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
+    let mut out = vec![0f32; hq * d];
+    let p = AttentionParams::default();
+    let time = |f: &mut dyn FnMut()| {
+        let mut v = Vec::new();
+        for i in 0..12 {
+            let t = Instant::now();
+            f();
+            if i >= 2 {
+                v.push(t.elapsed().as_secs_f64());
+            }
+        }
+        median(v)
+    };
+    let dense_secs = time(&mut || cache.decode(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &p).unwrap());
+    let mut selected_tokens = 0;
+    let sparse_secs = time(&mut || {
+        let sels = cache.decode_with_policy(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &policy, &p).unwrap();
+        selected_tokens = sels[0].len() / hk;
+    });
+    let select_secs = time(&mut || {
+        std::hint::black_box(policy.select(&cache, id, 0, &qv).unwrap());
+    });
+    SparseFigures { dense_secs, sparse_secs, select_secs, selected_tokens }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
@@ -92,16 +147,25 @@ fn main() {
     let b8 = bench_decode(8, tokens);
     let frac1 = b1.kv_bytes / b1.secs / bw;
     let frac8 = b8.kv_bytes / b8.secs / bw;
+    let sparse_tokens: usize = arg("--sparse-tokens").map_or(131072, |s| s.parse().expect("--sparse-tokens N"));
+    // Budget 2048 of 128K (1/64): sinks 64 + window 512 + page bounds for the rest.
+    let sp = bench_sparse(sparse_tokens, "sinks=64,window=512,pages=1472");
 
     println!("kvsieve dense decode, f16, head_dim 128, 8 KV / 32 query heads, page 16, {tokens} tokens, {threads} threads, isa {}", kvsieve::attention::isa());
     println!("{:<34} {:>12}", "memory read bandwidth (GB/s)", format!("{:.2}", bw / 1e9));
     for (name, f, fr) in [("batch 1", &b1, frac1), ("batch 8", &b8, frac8)] {
         println!("{:<34} {:>9.3} ms  {:>7.2} GB/s  {:.3} of bandwidth", format!("decode {name}"), f.secs * 1e3, f.kv_bytes / f.secs / 1e9, fr);
     }
+    println!(
+        "{:<34} dense {:.3} ms, sparse {:.3} ms (selection {:.3} ms), {} tokens per head of {sparse_tokens}",
+        "sparse decode (sinks+window+pages)", sp.dense_secs * 1e3, sp.sparse_secs * 1e3, sp.select_secs * 1e3, sp.selected_tokens
+    );
+    println!("{:<34} {:.2}x, selection {:.3} of the sparse step", "", sp.dense_secs / sp.sparse_secs, sp.select_secs / sp.sparse_secs);
     if let Some(path) = arg("--json") {
         let json = format!(
-            "{{\n  \"memory_read_gbps\": {:.4},\n  \"decode_dense_b1_ms\": {:.4},\n  \"decode_dense_b8_ms\": {:.4},\n  \"decode_dense_bw_fraction_b1\": {:.4},\n  \"decode_dense_bw_fraction\": {:.4},\n  \"decode_tokens\": {tokens},\n  \"threads\": {threads}\n}}\n",
-            bw / 1e9, b1.secs * 1e3, b8.secs * 1e3, frac1, frac8
+            "{{\n  \"memory_read_gbps\": {:.4},\n  \"decode_dense_b1_ms\": {:.4},\n  \"decode_dense_b8_ms\": {:.4},\n  \"decode_dense_bw_fraction_b1\": {:.4},\n  \"decode_dense_bw_fraction\": {:.4},\n  \"decode_tokens\": {tokens},\n  \"threads\": {threads},\n  \"decode_sparse_speedup_128k\": {:.4},\n  \"selection_overhead_fraction\": {:.4},\n  \"decode_sparse_selected_tokens\": {},\n  \"decode_sparse_context_tokens\": {sparse_tokens}\n}}\n",
+            bw / 1e9, b1.secs * 1e3, b8.secs * 1e3, frac1, frac8,
+            sp.dense_secs / sp.sparse_secs, sp.select_secs / sp.sparse_secs, sp.selected_tokens
         );
         std::fs::write(&path, json).expect("write --json file");
     }

@@ -83,6 +83,7 @@ struct SparseFigures {
     sparse_secs: f64,
     select_secs: f64,
     selected_tokens: usize,
+    gemfilter_secs: f64,
 }
 
 /// Dense decode against policy-driven sparse decode (selection included) at one long context.
@@ -130,7 +131,12 @@ fn bench_sparse(tokens: usize, policy_text: &str) -> SparseFigures {
     let select_secs = time(&mut || {
         std::hint::black_box(policy.select(&cache, id, 0, &qv).unwrap());
     });
-    SparseFigures { dense_secs, sparse_secs, select_secs, selected_tokens }
+    let gcfg = kvsieve::select::gemfilter::GemFilterConfig::new(2048);
+    let src = kvsieve::select::gemfilter::KeySource::Cache { cache: &cache, seq: id, layer: 0 };
+    let gemfilter_secs = time(&mut || {
+        std::hint::black_box(kvsieve::select::gemfilter::select(&qv, src, &gcfg).unwrap());
+    });
+    SparseFigures { dense_secs, sparse_secs, select_secs, selected_tokens, gemfilter_secs }
 }
 
 fn main() {
@@ -161,11 +167,13 @@ fn main() {
         "sparse decode (sinks+window+pages)", sp.dense_secs * 1e3, sp.sparse_secs * 1e3, sp.select_secs * 1e3, sp.selected_tokens
     );
     println!("{:<34} {:.2}x, selection {:.3} of the sparse step", "", sp.dense_secs / sp.sparse_secs, sp.select_secs / sp.sparse_secs);
+    println!("{:<34} {:.3} ms = {:.3} dense decode steps", "GemFilter select (k 2048)", sp.gemfilter_secs * 1e3, sp.gemfilter_secs / sp.dense_secs);
     if let Some(path) = arg("--json") {
         let json = format!(
-            "{{\n  \"memory_read_gbps\": {:.4},\n  \"decode_dense_b1_ms\": {:.4},\n  \"decode_dense_b8_ms\": {:.4},\n  \"decode_dense_bw_fraction_b1\": {:.4},\n  \"decode_dense_bw_fraction\": {:.4},\n  \"decode_tokens\": {tokens},\n  \"threads\": {threads},\n  \"decode_sparse_speedup_128k\": {:.4},\n  \"selection_overhead_fraction\": {:.4},\n  \"decode_sparse_selected_tokens\": {},\n  \"decode_sparse_context_tokens\": {sparse_tokens}\n}}\n",
+            "{{\n  \"memory_read_gbps\": {:.4},\n  \"decode_dense_b1_ms\": {:.4},\n  \"decode_dense_b8_ms\": {:.4},\n  \"decode_dense_bw_fraction_b1\": {:.4},\n  \"decode_dense_bw_fraction\": {:.4},\n  \"decode_tokens\": {tokens},\n  \"threads\": {threads},\n  \"decode_sparse_speedup_128k\": {:.4},\n  \"selection_overhead_fraction\": {:.4},\n  \"decode_sparse_selected_tokens\": {},\n  \"decode_sparse_context_tokens\": {sparse_tokens},\n  \"gemfilter_vs_dense_decode_128k\": {:.4}\n}}\n",
             bw / 1e9, b1.secs * 1e3, b8.secs * 1e3, frac1, frac8,
-            sp.dense_secs / sp.sparse_secs, sp.select_secs / sp.sparse_secs, sp.selected_tokens
+            sp.dense_secs / sp.sparse_secs, sp.select_secs / sp.sparse_secs, sp.selected_tokens,
+            sp.gemfilter_secs / sp.dense_secs
         );
         std::fs::write(&path, json).expect("write --json file");
     }

@@ -15,7 +15,7 @@ mod decode;
 mod kernel;
 mod merge;
 mod prefill;
-mod simd;
+pub(crate) mod simd;
 
 pub use simd::isa;
 

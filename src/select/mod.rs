@@ -8,11 +8,14 @@
 //!   with [`window_pages_to_evict`] for caches that drop what a window no longer reads;
 //! - [`page_bounds`] (Quest): pages ranked by an upper bound of the query's logits, kept
 //!   to a token budget, scored by [`page_scores`];
+//! - [`gemfilter`]: one-shot prompt filtering from an early layer (GemFilter) and
+//!   observation-window scoring (SnapKV);
 //! - [`top_k`]: the linear-time ranking the methods share;
 //! - [`Policy`]: per-layer and per-head compositions of these, with a text form
 //!   (`sinks=4,window=1024,pages=2048;layers=0-1:dense`).
 
 mod bounds_kernel;
+pub mod gemfilter;
 mod pages;
 mod policy;
 mod policy_text;

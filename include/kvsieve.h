@@ -19,9 +19,12 @@
  *   as #KVSIEVE_ERROR_INTERNAL.
  * - **Threads.** Functions without a handle are thread-safe. A ::kvsieve_cache_t may be used
  *   from any number of threads at once: calls that only read it (queries, statistics, page
- *   table export, decode and prefill) take a shared lock and run concurrently; calls that
- *   change it take an exclusive lock and wait for the readers. kvsieve_cache_free() is the
- *   exception: no other call on that cache may be running or start afterwards.
+ *   table export, selection, decode and prefill) take a shared lock and run concurrently;
+ *   calls that change it (including eviction for a policy and compaction) take an exclusive
+ *   lock and wait for the readers. kvsieve_cache_free() is the exception: no other call on
+ *   that cache may be running or start afterwards. A ::kvsieve_selection_t or
+ *   ::kvsieve_policy_t never changes once made, so it may be read from any number of threads
+ *   at once, and shared between caches; only its `_free` must run alone.
  * - **Tensors.** ::kvsieve_tensor_t has the layout of DLPack's `DLTensor` (host memory
  *   only for now). kvsieve reads and writes through descriptors only during a call.
  */
@@ -157,6 +160,21 @@ const char *kvsieve_error_message(const kvsieve_error_t *error);
  * Thread safety: thread-safe.
  */
 kvsieve_error_code_t kvsieve_error_code(const kvsieve_error_t *error);
+
+/**
+ * \brief Where a parse error was found: the byte offset into the parsed text (for
+ * kvsieve_policy_parse(), into `text`) of the token at fault, or the text's length when it
+ * ended too early.
+ *
+ * \param error An error, or NULL.
+ * \return The offset for an error with code #KVSIEVE_ERROR_PARSE; -1 for NULL and for every
+ *         other error.
+ *
+ * Ownership: `error` stays owned by the caller.
+ *
+ * Thread safety: thread-safe.
+ */
+int64_t kvsieve_error_parse_offset(const kvsieve_error_t *error);
 
 /**
  * \brief Release an error.
@@ -785,6 +803,653 @@ kvsieve_error_t *kvsieve_cache_prefill(const kvsieve_cache_t *cache, size_t laye
                                        const kvsieve_attention_params_t *params);
 
 /* ------------------------------------------------------------------------------------ */
+/* Selections                                                                            */
+/* ------------------------------------------------------------------------------------ */
+
+/**
+ * \brief Which cached tokens each KV head of one (sequence, layer) reads. Opaque.
+ *
+ * CSR over KV heads: head h reads tokens `indices[head_indptr[h] .. head_indptr[h+1]]`,
+ * strictly ascending, each below `seq_len` (the sequence's length when the selection was
+ * made). A token index counts the sequence's tokens in cache order: token t lives in page
+ * `t / page_size`, slot `t % page_size` of the sequence's page list. Query heads of a GQA
+ * group share their KV head's tokens. Every selection method makes one; sparse attention
+ * reads one; selections compose by kvsieve_selection_union().
+ *
+ * Made by the `kvsieve_selection_*` constructors, kvsieve_policy_select() and
+ * kvsieve_cache_decode_with_policy(); released by kvsieve_selection_free().
+ *
+ * Thread safety: a selection never changes once made. Any number of threads may read it
+ * (inspect it, pass it to attention) at once; kvsieve_selection_free() must run alone.
+ */
+typedef struct kvsieve_selection kvsieve_selection_t;
+
+/**
+ * \brief How much of a sequence a selection keeps (see kvsieve_selection_stats()).
+ *
+ * - `seq_len`, `num_kv_heads`: the selection's shape.
+ * - `total`: selected tokens summed over heads.
+ * - `density`: `total / (num_kv_heads * seq_len)`; 0 when `seq_len` is 0.
+ * - `min_density`, `max_density`: smallest and largest per-head fraction of `seq_len`;
+ *   0 when `seq_len` is 0.
+ */
+typedef struct kvsieve_selection_stats {
+    size_t seq_len;
+    size_t num_kv_heads;
+    size_t total;
+    double density;
+    double min_density;
+    double max_density;
+} kvsieve_selection_stats_t;
+
+/**
+ * \brief A selection from its CSR arrays, copied and validated.
+ *
+ * \param seq_len Tokens in the sequence the selection is for (at most UINT32_MAX).
+ * \param head_indptr `head_indptr_len` offsets (required): `head_indptr[0] = 0`,
+ *        non-decreasing, `head_indptr[num_kv_heads] = nnz`.
+ * \param head_indptr_len `num_kv_heads + 1`, at least 2 (#KVSIEVE_ERROR_SHAPE naming
+ *        `head_indptr` otherwise).
+ * \param indices `nnz` token indices; within each head strictly ascending
+ *        (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `indices` and the first offending position
+ *        otherwise) and below `seq_len` (#KVSIEVE_ERROR_OUT_OF_RANGE naming `indices[i]`).
+ * \param nnz Length of `indices`.
+ * \param out Receives the new selection (required); untouched on failure.
+ *
+ * Ownership: the arrays are copied, not retained; the caller owns `*out` and releases it
+ * with kvsieve_selection_free(), and frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_from_csr(size_t seq_len, const uint32_t *head_indptr, size_t head_indptr_len,
+                                            const uint32_t *indices, size_t nnz, kvsieve_selection_t **out);
+
+/**
+ * \brief Every token for every head.
+ *
+ * \param num_kv_heads At least 1.
+ * \param seq_len Tokens in the sequence; `num_kv_heads * seq_len` at most UINT32_MAX.
+ * \param out Receives the new selection (required); untouched on failure.
+ *
+ * Ownership: the caller owns `*out` (release with kvsieve_selection_free()) and frees any
+ * returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_dense(size_t num_kv_heads, size_t seq_len, kvsieve_selection_t **out);
+
+/**
+ * \brief The same token list for every head.
+ *
+ * \param num_kv_heads At least 1.
+ * \param seq_len Tokens in the sequence.
+ * \param tokens `num_tokens` token indices, strictly ascending, below `seq_len`.
+ * \param num_tokens Length of `tokens`.
+ * \param out Receives the new selection (required); untouched on failure.
+ *
+ * Ownership: `tokens` is copied, not retained; the caller owns `*out` (release with
+ * kvsieve_selection_free()) and frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_same_for_all_heads(size_t num_kv_heads, size_t seq_len, const uint32_t *tokens,
+                                                      size_t num_tokens, kvsieve_selection_t **out);
+
+/**
+ * \brief StreamingLLM: every head reads the first `sinks` tokens (attention sinks) and the
+ * last `window` tokens; the two ranges merge when they overlap, and a sequence shorter than
+ * `sinks + window` is read whole.
+ *
+ * \param num_kv_heads At least 1.
+ * \param seq_len Tokens in the sequence.
+ * \param sinks First tokens kept; 0 gives a plain sliding window.
+ * \param window Last tokens kept, at least 1 (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `window`).
+ * \param out Receives the new selection (required); untouched on failure.
+ *
+ * Ownership: the caller owns `*out` (release with kvsieve_selection_free()) and frees any
+ * returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_streaming(size_t num_kv_heads, size_t seq_len, size_t sinks, size_t window,
+                                             kvsieve_selection_t **out);
+
+/**
+ * \brief LM-Infinite's Λ-shaped mask for the sequence's last query: every head reads the
+ * first `global` tokens and the last `local` tokens. Attention should then cap distances
+ * (#KVSIEVE_POSITIONS_CAPPED).
+ *
+ * \param num_kv_heads At least 1.
+ * \param seq_len Tokens in the sequence.
+ * \param global First tokens kept; may be 0.
+ * \param local Last tokens kept, at least 1 (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `local`).
+ * \param out Receives the new selection (required); untouched on failure.
+ *
+ * Ownership: the caller owns `*out` (release with kvsieve_selection_free()) and frees any
+ * returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_lambda(size_t num_kv_heads, size_t seq_len, size_t global, size_t local,
+                                          kvsieve_selection_t **out);
+
+/**
+ * \brief Per head, the tokens read by either selection.
+ *
+ * \param selection A selection (required).
+ * \param other A selection of the same `num_kv_heads` and `seq_len` (required;
+ *        #KVSIEVE_ERROR_INVALID_ARGUMENT naming `other` otherwise).
+ * \param out Receives the new selection (required); untouched on failure.
+ *
+ * Ownership: the inputs stay owned by the caller; the caller owns `*out` (release with
+ * kvsieve_selection_free()) and frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_union(const kvsieve_selection_t *selection, const kvsieve_selection_t *other,
+                                         kvsieve_selection_t **out);
+
+/**
+ * \brief Per head, the tokens read by both selections.
+ *
+ * \param selection A selection (required).
+ * \param other A selection of the same `num_kv_heads` and `seq_len` (required).
+ * \param out Receives the new selection (required); untouched on failure.
+ *
+ * Ownership: the inputs stay owned by the caller; the caller owns `*out` (release with
+ * kvsieve_selection_free()) and frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_intersection(const kvsieve_selection_t *selection, const kvsieve_selection_t *other,
+                                                kvsieve_selection_t **out);
+
+/**
+ * \brief Release a selection.
+ *
+ * \param selection A selection, or NULL (ignored). Ownership: taken; the handle must not be
+ *        used afterwards.
+ *
+ * Thread safety: not thread-safe with respect to `selection`: no other call on it may be
+ * running or start afterwards.
+ */
+void kvsieve_selection_free(kvsieve_selection_t *selection);
+
+/**
+ * \brief Number of KV heads of a selection.
+ *
+ * \param selection The selection (required).
+ * \param out Receives the count (required); untouched on failure.
+ *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_num_kv_heads(const kvsieve_selection_t *selection, size_t *out);
+
+/**
+ * \brief Tokens in the sequence a selection was made for.
+ *
+ * \param selection The selection (required).
+ * \param out Receives the length (required); untouched on failure.
+ *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_seq_len(const kvsieve_selection_t *selection, size_t *out);
+
+/**
+ * \brief Selected tokens summed over heads: the length of the indices array
+ * (`head_indptr[num_kv_heads]`).
+ *
+ * \param selection The selection (required).
+ * \param out Receives the count (required); untouched on failure.
+ *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_len(const kvsieve_selection_t *selection, size_t *out);
+
+/**
+ * \brief Copy a selection's CSR offsets out: `num_kv_heads + 1` values.
+ *
+ * \param selection The selection (required).
+ * \param head_indptr Caller buffer of `capacity` values (NULL only if `capacity` is 0).
+ * \param capacity Its length; fewer than `num_kv_heads + 1` gives
+ *        #KVSIEVE_ERROR_INVALID_ARGUMENT naming `capacity` (nothing is written).
+ * \param out_len Optional: receives the number of values written.
+ *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_head_indptr(const kvsieve_selection_t *selection, uint32_t *head_indptr,
+                                               size_t capacity, size_t *out_len);
+
+/**
+ * \brief Copy every head's token indices out, concatenated in head order (kvsieve_selection_len()
+ * values).
+ *
+ * \param selection The selection (required).
+ * \param indices Caller buffer of `capacity` values (NULL only if `capacity` is 0).
+ * \param capacity Its length; too small gives #KVSIEVE_ERROR_INVALID_ARGUMENT naming
+ *        `capacity` (nothing is written).
+ * \param out_len Optional: receives the number of values written.
+ *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_indices(const kvsieve_selection_t *selection, uint32_t *indices, size_t capacity,
+                                           size_t *out_len);
+
+/**
+ * \brief Copy the token indices one KV head reads out (strictly ascending).
+ *
+ * \param selection The selection (required).
+ * \param head KV head, below num_kv_heads (#KVSIEVE_ERROR_OUT_OF_RANGE naming `head` otherwise).
+ * \param indices Caller buffer of `capacity` values (NULL only if `capacity` is 0). The head's
+ *        count is `head_indptr[head+1] - head_indptr[head]`, or its entry of
+ *        kvsieve_selection_stats()'s `per_head`.
+ * \param capacity Its length; too small gives #KVSIEVE_ERROR_INVALID_ARGUMENT naming
+ *        `capacity` (nothing is written).
+ * \param out_len Optional: receives the number of values written.
+ *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_head(const kvsieve_selection_t *selection, size_t head, uint32_t *indices,
+                                        size_t capacity, size_t *out_len);
+
+/**
+ * \brief Kept-token counts and densities of a selection.
+ *
+ * \param selection The selection (required).
+ * \param out Receives the statistics (required); untouched on failure.
+ * \param per_head Optional: receives the count of each KV head (`num_kv_heads` values).
+ * \param per_head_capacity Length of `per_head`; fewer than num_kv_heads gives
+ *        #KVSIEVE_ERROR_INVALID_ARGUMENT naming `per_head_capacity`. Ignored when `per_head`
+ *        is NULL.
+ *
+ * Ownership: the results are copied into caller memory; the caller frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_selection_stats(const kvsieve_selection_t *selection, kvsieve_selection_stats_t *out,
+                                         size_t *per_head, size_t per_head_capacity);
+
+/**
+ * \brief Settings of page-bound selection (Quest).
+ *
+ * - `budget_tokens`: tokens to keep per KV head, at least 1 (#KVSIEVE_ERROR_INVALID_ARGUMENT
+ *   naming `budget_tokens` otherwise). Pages are taken best first until the kept tokens
+ *   reach the budget, so a head keeps less than one page more than the budget; a sequence no
+ *   longer than the budget is kept whole.
+ * - `min_pages`: pages kept per KV head whatever the budget (capped at the page count).
+ */
+typedef struct kvsieve_page_bounds_config {
+    size_t budget_tokens;
+    size_t min_pages;
+} kvsieve_page_bounds_config_t;
+
+/**
+ * \brief Page-bound selection (Quest) for a decode query: pages ranked, per KV head, by an
+ * upper bound of the query's logits over each page (from the page key bounds; for GQA the
+ * largest bound over the group's query heads), whole pages kept best first to the budget.
+ *
+ * \param cache The cache (required); created with `track_key_bounds` and post-RoPE keys
+ *        (#KVSIEVE_ERROR_INVALID_ARGUMENT otherwise).
+ * \param seq The sequence.
+ * \param layer Layer index.
+ * \param q The sequence's query, `[num_qo_heads, head_dim]` or `[1, num_qo_heads, head_dim]`,
+ *        any accepted dtype and strides; num_qo_heads a positive multiple of num_kv_heads.
+ * \param config The settings (required); copied.
+ * \param out Receives the new selection (required); untouched on failure.
+ *
+ * Ownership: the caller owns `*out` (release with kvsieve_selection_free()) and frees any
+ * returned error; nothing else is retained.
+ *
+ * Thread safety: thread-safe (shared lock).
+ */
+kvsieve_error_t *kvsieve_selection_page_bounds(const kvsieve_cache_t *cache, uint64_t seq, size_t layer,
+                                               const kvsieve_tensor_t *q, const kvsieve_page_bounds_config_t *config,
+                                               kvsieve_selection_t **out);
+
+/* ------------------------------------------------------------------------------------ */
+/* Policies                                                                              */
+/* ------------------------------------------------------------------------------------ */
+
+/**
+ * \brief A selection policy for every (layer, KV head) of a model, parsed from its text
+ * form. Opaque.
+ *
+ * Text form (whitespace allowed between tokens):
+ * `spec ; layers=a-b,c:spec ; heads=layer.head,...:spec`, where a spec is `dense`, or a
+ * comma-separated list of `sinks=N`, `window=N`, `pages=N` (page bounds to N tokens per KV
+ * head), `min_pages=N`, `global=N` / `local=N` (Λ-mask: sinks / window with capped
+ * positions), `positions=original|contiguous|capped` and `max_distance=N`. The clause
+ * without a prefix is the default (dense if absent); a head clause beats a layer clause,
+ * and later clauses of one kind beat earlier ones. For example
+ * `sinks=4,window=1024,pages=2048;layers=0-1:dense` keeps 4 sink tokens, the last 1024
+ * tokens and the best pages up to 2048 tokens everywhere except layers 0 and 1, which are
+ * dense. An empty text means dense everywhere.
+ *
+ * Made by kvsieve_policy_parse(), released by kvsieve_policy_free().
+ *
+ * Thread safety: a policy never changes once parsed. Any number of threads may use it at
+ * once, with any caches; kvsieve_policy_free() must run alone.
+ */
+typedef struct kvsieve_policy kvsieve_policy_t;
+
+/**
+ * \brief Parse a policy from its text form. Checks syntax only; kvsieve_policy_validate()
+ * checks it against a model.
+ *
+ * \param text NUL-terminated UTF-8 text (required).
+ * \param out Receives the new policy (required); untouched on failure.
+ * \return NULL on success, or an error (owned by the caller): #KVSIEVE_ERROR_PARSE for
+ *         malformed text, whose message gives the byte offset of the token at fault and what
+ *         was expected there (e.g. "window=x" fails at byte 7, "expected a number after
+ *         `window=`"); kvsieve_error_parse_offset() returns that offset.
+ *
+ * Ownership: `text` is read during the call only; the caller owns `*out` and releases it
+ * with kvsieve_policy_free().
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_policy_parse(const char *text, kvsieve_policy_t **out);
+
+/**
+ * \brief Release a policy.
+ *
+ * \param policy A policy, or NULL (ignored). Ownership: taken; the handle must not be used
+ *        afterwards.
+ *
+ * Thread safety: not thread-safe with respect to `policy`: no other call on it may be
+ * running or start afterwards.
+ */
+void kvsieve_policy_free(kvsieve_policy_t *policy);
+
+/**
+ * \brief The policy's canonical text form, which parses back to an equal policy: items in
+ * the order `dense, sinks, window, pages, min_pages, positions, max_distance` (`global=` and
+ * `local=` written as `sinks=`, `window=` and `positions=capped`), the default first, then
+ * layer clauses, then head clauses, ranges sorted and merged.
+ *
+ * Two-step use: call with `buf` NULL to learn the size, allocate, call again.
+ *
+ * \param policy The policy (required).
+ * \param buf Optional: receives the NUL-terminated text. NULL asks for the size only.
+ * \param capacity Length of `buf` in bytes; with a `buf`, fewer than the size gives
+ *        #KVSIEVE_ERROR_INVALID_ARGUMENT naming `capacity`, and nothing is written.
+ * \param out_size Receives the bytes the text needs, its NUL included (required when `buf`
+ *        is NULL, optional otherwise); untouched on failure.
+ *
+ * Ownership: the result is copied into caller memory; the caller frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_policy_to_string(const kvsieve_policy_t *policy, char *buf, size_t capacity,
+                                          size_t *out_size);
+
+/**
+ * \brief Check a policy against a model of `num_layers` layers and `num_kv_heads` KV heads:
+ * layers and heads in range (#KVSIEVE_ERROR_OUT_OF_RANGE), and per spec `window`, `pages`
+ * and `max_distance` at least 1, something selected, `min_pages` only with `pages`, `capped`
+ * positions with `max_distance` and `max_distance` only with them, and one position mode for
+ * all heads of a layer (#KVSIEVE_ERROR_INVALID_ARGUMENT). Messages name the clause at fault.
+ * The cache calls taking a policy run this check themselves.
+ *
+ * \param policy The policy (required).
+ *
+ * Ownership: the caller frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_policy_validate(const kvsieve_policy_t *policy, size_t num_layers, size_t num_kv_heads);
+
+/**
+ * \brief The position mode attention uses at `layer` under a policy (that of the layer's
+ * KV head 0; a valid policy gives all heads of a layer the same). The calls that attend
+ * under a policy apply it themselves; engines running their own attention use this.
+ *
+ * \param policy The policy (required).
+ * \param layer A layer; the policy does not know the model's depth, so a layer no clause
+ *        names gets the default spec's mode.
+ * \param out_mode Receives a ::kvsieve_position_mode_t value (required); untouched on failure.
+ * \param out_max_distance Optional: receives the cap of #KVSIEVE_POSITIONS_CAPPED (UINT32_MAX
+ *        when a policy that fails validation gives none), 0 for the other modes.
+ *
+ * Ownership: the results are copied into caller memory; the caller frees any returned error.
+ *
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_policy_position_mode(const kvsieve_policy_t *policy, size_t layer, uint32_t *out_mode,
+                                              uint32_t *out_max_distance);
+
+/**
+ * \brief The tokens a policy has each KV head of `layer` read for the decode query `q` of
+ * sequence `seq`: per head, every token if its spec is dense, else the union of its sinks,
+ * window and page-bound parts.
+ *
+ * \param policy The policy (required); validated against the cache's shape.
+ * \param cache The cache (required). Page bounds need `track_key_bounds` and post-RoPE keys.
+ * \param seq The sequence.
+ * \param layer Layer index (#KVSIEVE_ERROR_OUT_OF_RANGE naming `layer` if past num_layers).
+ * \param q The sequence's query, `[num_qo_heads, head_dim]` or `[1, num_qo_heads, head_dim]`,
+ *        any accepted dtype and strides.
+ * \param out Receives the new selection (required); untouched on failure.
+ *
+ * Ownership: the caller owns `*out` (release with kvsieve_selection_free()) and frees any
+ * returned error; nothing else is retained.
+ *
+ * Thread safety: thread-safe (shared lock).
+ */
+kvsieve_error_t *kvsieve_policy_select(const kvsieve_policy_t *policy, const kvsieve_cache_t *cache, uint64_t seq,
+                                       size_t layer, const kvsieve_tensor_t *q, kvsieve_selection_t **out);
+
+/* ------------------------------------------------------------------------------------ */
+/* Sparse attention on the cache                                                         */
+/* ------------------------------------------------------------------------------------ */
+
+/**
+ * \brief Row mask of one KV head in sparse prefill (StreamingLLM's window, LM-Infinite's
+ * Λ-mask): query token i sees token t only if `t < sinks` or `i - t < window`.
+ *
+ * An entry with `window` 0 means **no window** for that KV head (its queries see every
+ * selected token up to themselves); its `sinks` must then be 0 too, so a zero-initialised
+ * entry is "no window". A window of 0 tokens cannot be asked for: it would hide even the
+ * query's own token.
+ */
+typedef struct kvsieve_streaming_window {
+    size_t sinks;
+    size_t window;
+} kvsieve_streaming_window_t;
+
+/**
+ * \brief Sparse decode: like kvsieve_cache_decode(), but KV head h of `seq_ids[b]` reads
+ * only the tokens of head h of `selections[b]` (query heads of a GQA group share them). The
+ * result equals dense attention over exactly those tokens. With pre-RoPE keys and
+ * #KVSIEVE_POSITIONS_CONTIGUOUS, the tokens a head reads are numbered 0, 1, ... in order.
+ *
+ * \param cache The cache (required).
+ * \param layer Layer index.
+ * \param seq_ids `batch` sequence ids.
+ * \param batch Number of sequences.
+ * \param q Queries `[batch, num_qo_heads, head_dim]`.
+ * \param selections `batch` selection handles (the array and every entry required): entry b
+ *        must have the cache's num_kv_heads (#KVSIEVE_ERROR_SHAPE) and be made for the
+ *        sequence's current length (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `selections[b]`).
+ * \param out Output, same shape as `q`; must not overlap `q`.
+ * \param lse Optional: `batch * num_qo_heads` LSEs (-inf for a head that reads no token, whose
+ *        output is zero).
+ * \param params Optional (NULL = defaults).
+ * \return NULL on success, or an error (owned by the caller); `out` and `lse` untouched on failure.
+ *
+ * Ownership: the selections stay owned by the caller; nothing is retained.
+ *
+ * Thread safety: thread-safe (shared lock).
+ */
+kvsieve_error_t *kvsieve_cache_decode_sparse(const kvsieve_cache_t *cache, size_t layer, const uint64_t *seq_ids,
+                                             size_t batch, const kvsieve_tensor_t *q,
+                                             kvsieve_selection_t *const *selections, const kvsieve_tensor_t *out,
+                                             float *lse, const kvsieve_attention_params_t *params);
+
+/**
+ * \brief Sparse causal prefill: like kvsieve_cache_prefill() with `causal`, but KV head h of
+ * `seq_ids[b]` reads only head h of `selections[b]`, and with a window for h, query token i
+ * sees only the sinks and its own last `window` tokens among them.
+ *
+ * \param cache The cache (required).
+ * \param layer Layer index.
+ * \param seq_ids `batch` sequence ids.
+ * \param batch Number of sequences.
+ * \param q Queries `[total, num_qo_heads, head_dim]`, `total = qo_indptr[batch]`.
+ * \param qo_indptr `batch + 1` row offsets (required).
+ * \param selections `batch` selection handles (required), as in kvsieve_cache_decode_sparse().
+ * \param windows Optional: `num_windows` entries, one per KV head, or NULL.
+ * \param num_windows 0 (no windows) or num_kv_heads (#KVSIEVE_ERROR_SHAPE naming `windows`
+ *        otherwise).
+ * \param out Output, same shape as `q`; must not overlap the inputs.
+ * \param lse Optional: `total * num_qo_heads` LSEs.
+ * \param params Optional (NULL = defaults).
+ *
+ * Ownership: the selections and windows stay owned by the caller; nothing is retained.
+ *
+ * Thread safety: thread-safe (shared lock).
+ */
+kvsieve_error_t *kvsieve_cache_prefill_sparse(const kvsieve_cache_t *cache, size_t layer, const uint64_t *seq_ids,
+                                              size_t batch, const kvsieve_tensor_t *q, const int32_t *qo_indptr,
+                                              kvsieve_selection_t *const *selections,
+                                              const kvsieve_streaming_window_t *windows, size_t num_windows,
+                                              const kvsieve_tensor_t *out, float *lse,
+                                              const kvsieve_attention_params_t *params);
+
+/**
+ * \brief Decode under a policy: per sequence, kvsieve_policy_select() picks each KV head's
+ * tokens for that sequence's query, then sparse decode reads exactly those. A layer whose
+ * heads are all dense runs dense decode.
+ *
+ * The policy's position mode for the layer (kvsieve_policy_position_mode()) replaces
+ * `params->position_mode` and `params->max_distance`; the rest of `params` applies.
+ *
+ * \param cache The cache (required).
+ * \param layer Layer index.
+ * \param seq_ids `batch` sequence ids.
+ * \param batch Number of sequences.
+ * \param q Queries `[batch, num_qo_heads, head_dim]`.
+ * \param policy The policy (required); validated against the cache's shape.
+ * \param out Output, same shape as `q`.
+ * \param lse Optional: `batch * num_qo_heads` LSEs.
+ * \param params Optional (NULL = defaults).
+ * \param out_selections Optional: an array of `batch` slots that receives, per sequence, a
+ *        new handle to the selection that was read, or NULL in every slot when the layer is
+ *        dense. NULL discards the selections. Untouched on failure.
+ *
+ * Ownership: the caller owns every handle written to `out_selections` and releases each with
+ * kvsieve_selection_free(); nothing else is retained.
+ *
+ * Thread safety: thread-safe (shared lock).
+ */
+kvsieve_error_t *kvsieve_cache_decode_with_policy(const kvsieve_cache_t *cache, size_t layer, const uint64_t *seq_ids,
+                                                  size_t batch, const kvsieve_tensor_t *q,
+                                                  const kvsieve_policy_t *policy, const kvsieve_tensor_t *out,
+                                                  float *lse, const kvsieve_attention_params_t *params,
+                                                  kvsieve_selection_t **out_selections);
+
+/**
+ * \brief Causal prefill under a policy. Per KV head of `layer`: a spec made of sinks and a
+ * window alone masks each query row to the sinks and its own last `window` tokens (as a
+ * ::kvsieve_streaming_window_t); any other spec (dense, or with page bounds, which choose
+ * tokens per decode query) attends every earlier token. The policy's position mode for the
+ * layer replaces `params->position_mode` and `params->max_distance`.
+ *
+ * \param cache The cache (required).
+ * \param layer Layer index.
+ * \param seq_ids `batch` sequence ids.
+ * \param batch Number of sequences.
+ * \param q Queries `[total, num_qo_heads, head_dim]`.
+ * \param qo_indptr `batch + 1` row offsets (required).
+ * \param policy The policy (required); validated against the cache's shape.
+ * \param out Output, same shape as `q`.
+ * \param lse Optional: `total * num_qo_heads` LSEs.
+ * \param params Optional (NULL = defaults).
+ *
+ * Ownership: nothing is retained; the caller frees any returned error.
+ *
+ * Thread safety: thread-safe (shared lock).
+ */
+kvsieve_error_t *kvsieve_cache_prefill_with_policy(const kvsieve_cache_t *cache, size_t layer, const uint64_t *seq_ids,
+                                                   size_t batch, const kvsieve_tensor_t *q, const int32_t *qo_indptr,
+                                                   const kvsieve_policy_t *policy, const kvsieve_tensor_t *out,
+                                                   float *lse, const kvsieve_attention_params_t *params);
+
+/* Memory under a policy ---------------------------------------------------------------- */
+
+/**
+ * \brief Evict the pages of a sequence that a policy never reads again, so memory stays
+ * bounded however long the stream. Only a policy whose every (layer, head) spec is made of
+ * sinks and a window alone has such pages: those whose tokens all lie outside the largest
+ * sinks and the largest window (the page holding the last token is always kept); for any
+ * other policy nothing is evicted. Remaining tokens keep their original positions; token
+ * indices after an evicted page shift down, so selections made before go stale.
+ *
+ * \param cache The cache (required).
+ * \param seq The sequence.
+ * \param policy The policy (required); validated against the cache's shape.
+ * \param out_pages_evicted Optional: receives the number of pages evicted; untouched on failure.
+ *
+ * Ownership: the caller frees any returned error.
+ *
+ * Thread safety: thread-safe (exclusive lock).
+ */
+kvsieve_error_t *kvsieve_cache_evict_for_policy(kvsieve_cache_t *cache, uint64_t seq, const kvsieve_policy_t *policy,
+                                                size_t *out_pages_evicted);
+
+/** \brief How the token lists of kvsieve_cache_compact() apply. */
+typedef enum kvsieve_keep_kind {
+    /** One list for every layer and KV head. */
+    KVSIEVE_KEEP_ALL = 0,
+    /** One list per layer (num_layers lists, layer order). */
+    KVSIEVE_KEEP_PER_LAYER = 1,
+    /** One list per (layer, KV head), layer-major: list `layer * num_kv_heads + head`. */
+    KVSIEVE_KEEP_PER_HEAD = 2
+} kvsieve_keep_kind_t;
+
+/**
+ * \brief Keep only the listed tokens of a sequence: they move, in order and with their
+ * original positions, into fresh pages (slot i holds each list's i-th token); the old pages
+ * return to the pool, or stay with the sequences that share them. Needs
+ * `ceil(k / page_size)` free pages for `k` kept tokens (#KVSIEVE_ERROR_OUT_OF_PAGES
+ * otherwise, checked before anything changes).
+ *
+ * The lists are CSR: list l is `keep[keep_indptr[l] .. keep_indptr[l+1]]`. Messages name a
+ * bad token as `keep[l][i]` (entry i of list l).
+ *
+ * \param cache The cache (required).
+ * \param seq The sequence.
+ * \param kind A ::kvsieve_keep_kind_t value.
+ * \param keep_indptr `num_lists + 1` offsets (required): `keep_indptr[0] = 0`,
+ *        non-decreasing, `keep_indptr[num_lists] = keep_len`.
+ * \param num_lists 1 for #KVSIEVE_KEEP_ALL, num_layers for #KVSIEVE_KEEP_PER_LAYER,
+ *        `num_layers * num_kv_heads` for #KVSIEVE_KEEP_PER_HEAD
+ *        (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `num_lists` otherwise).
+ * \param keep The token indices of every list; each list strictly ascending and below the
+ *        sequence's length, all lists of one length. Lists that differ need keys stored
+ *        after RoPE (slot positions come from the first list).
+ * \param keep_len Length of `keep`.
+ *
+ * Ownership: the lists are read during the call only; the caller frees any returned error.
+ *
+ * Thread safety: thread-safe (exclusive lock).
+ */
+kvsieve_error_t *kvsieve_cache_compact(kvsieve_cache_t *cache, uint64_t seq, uint32_t kind, const uint32_t *keep_indptr,
+                                       size_t num_lists, const uint32_t *keep, size_t keep_len);
+
+/* ------------------------------------------------------------------------------------ */
 /* Views over engine-owned paged memory                                                  */
 /* ------------------------------------------------------------------------------------ */
 
@@ -867,6 +1532,49 @@ kvsieve_error_t *kvsieve_paged_decode(const kvsieve_paged_kv_t *kv, const kvsiev
 kvsieve_error_t *kvsieve_paged_prefill(const kvsieve_paged_kv_t *kv, const kvsieve_tensor_t *q,
                                        const int32_t *qo_indptr, bool causal, const kvsieve_tensor_t *out, float *lse,
                                        const kvsieve_attention_params_t *params);
+
+/**
+ * \brief Sparse decode over engine-owned paged memory: as kvsieve_cache_decode_sparse(), with
+ * `batch = kv->batch` and token indices counting each sequence's tokens in page-table order.
+ *
+ * \param kv The descriptor (required).
+ * \param q Queries `[batch, num_qo_heads, head_dim]`.
+ * \param selections `kv->batch` selection handles (required), entry b made for sequence b's
+ *        length.
+ * \param out Output, same shape; must not overlap `q` or the memory `kv` describes.
+ * \param lse Optional: `batch * num_qo_heads` floats.
+ * \param params Optional (NULL = defaults).
+ *
+ * Ownership: nothing is retained; the selections stay owned by the caller. Thread safety:
+ * thread-safe.
+ */
+kvsieve_error_t *kvsieve_paged_decode_sparse(const kvsieve_paged_kv_t *kv, const kvsieve_tensor_t *q,
+                                             kvsieve_selection_t *const *selections, const kvsieve_tensor_t *out,
+                                             float *lse, const kvsieve_attention_params_t *params);
+
+/**
+ * \brief Sparse causal prefill over engine-owned paged memory: as kvsieve_cache_prefill_sparse(),
+ * with `batch = kv->batch`.
+ *
+ * \param kv The descriptor (required).
+ * \param q Queries `[total, num_qo_heads, head_dim]`.
+ * \param qo_indptr `kv->batch + 1` row offsets (required).
+ * \param selections `kv->batch` selection handles (required).
+ * \param windows Optional: `num_windows` entries (0 or `kv->num_kv_heads`); see
+ *        ::kvsieve_streaming_window_t.
+ * \param num_windows Length of `windows`.
+ * \param out Output, same shape; must not overlap the inputs.
+ * \param lse Optional: `total * num_qo_heads` floats.
+ * \param params Optional (NULL = defaults).
+ *
+ * Ownership: nothing is retained; the selections and windows stay owned by the caller.
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_paged_prefill_sparse(const kvsieve_paged_kv_t *kv, const kvsieve_tensor_t *q,
+                                              const int32_t *qo_indptr, kvsieve_selection_t *const *selections,
+                                              const kvsieve_streaming_window_t *windows, size_t num_windows,
+                                              const kvsieve_tensor_t *out, float *lse,
+                                              const kvsieve_attention_params_t *params);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -10,8 +10,8 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use kvsieve::ffi::{
-    kvsieve_attention_params_t, kvsieve_cache_config_t, kvsieve_cache_stats_t, kvsieve_device_t, kvsieve_dtype_t, kvsieve_paged_kv_t,
-    kvsieve_rope_config_t, kvsieve_tensor_t,
+    kvsieve_attention_params_t, kvsieve_cache_config_t, kvsieve_cache_stats_t, kvsieve_device_t, kvsieve_dtype_t, kvsieve_page_bounds_config_t,
+    kvsieve_paged_kv_t, kvsieve_rope_config_t, kvsieve_selection_stats_t, kvsieve_streaming_window_t, kvsieve_tensor_t,
 };
 
 fn root() -> PathBuf {
@@ -240,6 +240,8 @@ macro_rules! layout_lines {
 #[test]
 fn struct_layouts_match_rust() {
     let mut expected = vec![format!("layout kvsieve_error_code_t size {} align {}", size_of::<u32>(), align_of::<u32>())];
+    // The `kind` parameter of kvsieve_cache_compact is a uint32_t holding a kvsieve_keep_kind_t.
+    expected.push(format!("layout kvsieve_keep_kind_t size {} align {}", size_of::<u32>(), align_of::<u32>()));
     expected.extend(layout_lines! {
         kvsieve_device_t { device_type, device_id }
         kvsieve_dtype_t { code, bits, lanes }
@@ -256,6 +258,9 @@ fn struct_layouts_match_rust() {
             k, v, device, dtype, key_rope, num_pages, page_size, num_kv_heads, head_dim, k_strides, v_strides, batch,
             indptr, indices, last_page_len, positions
         }
+        kvsieve_selection_stats_t { seq_len, num_kv_heads, total, density, min_density, max_density }
+        kvsieve_page_bounds_config_t { budget_tokens, min_pages }
+        kvsieve_streaming_window_t { sinks, window }
     });
     let stdout = c_test("layout", &Expect { lines: &["ok - dlpack layout", "ok - dlpack tensor passed as is"], summary: true });
     let got: Vec<String> = stdout.lines().filter(|l| l.starts_with("layout ")).map(str::to_string).collect();

@@ -135,6 +135,12 @@ fn header_constants_match_the_crate() {
         ("KVSIEVE_KEYS_PRE_ROPE", kvsieve::KeyRope::PreRope as i64),
         ("KVSIEVE_ROPE_HALF_SPLIT", kvsieve::attention::RopeStyle::HalfSplit as i64),
         ("KVSIEVE_ROPE_ADJACENT_PAIRS", kvsieve::attention::RopeStyle::AdjacentPairs as i64),
+        ("KVSIEVE_POSITIONS_ORIGINAL", kvsieve::ffi::POSITIONS_ORIGINAL as i64),
+        ("KVSIEVE_POSITIONS_CONTIGUOUS", kvsieve::ffi::POSITIONS_CONTIGUOUS as i64),
+        ("KVSIEVE_POSITIONS_CAPPED", kvsieve::ffi::POSITIONS_CAPPED as i64),
+        ("KVSIEVE_KEEP_ALL", kvsieve::ffi::KEEP_ALL as i64),
+        ("KVSIEVE_KEEP_PER_LAYER", kvsieve::ffi::KEEP_PER_LAYER as i64),
+        ("KVSIEVE_KEEP_PER_HEAD", kvsieve::ffi::KEEP_PER_HEAD as i64),
     ];
     for (name, value) in expect {
         assert_eq!(v.get(name), Some(&value), "{name}");

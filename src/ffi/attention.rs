@@ -45,6 +45,12 @@ impl AttentionArgs {
         Ok(AttentionArgs { q, out, lse, params })
     }
 
+    /// The regions of `q`, `out` and `lse`, for overlap checks against further buffers.
+    pub fn regions(&self) -> Vec<Region> {
+        let lse_len = self.q.shape()[0].saturating_mul(self.q.shape()[1]);
+        vec![self.q.region(), self.out.region(), Region::of(self.lse, lse_len, "lse")]
+    }
+
     /// Views over the caller's memory.
     ///
     /// # Safety

@@ -8,19 +8,25 @@ use std::sync::OnceLock;
 
 use crate::error::{Error, ErrorCode, Result};
 
-/// An error returned to C: its stable code and a message that starts with the name of
-/// the function that failed. Owned by the caller until `kvsieve_error_free`.
+/// An error returned to C: its stable code, a message that starts with the name of the
+/// function that failed, and for a parse error the byte offset where parsing stopped.
+/// Owned by the caller until `kvsieve_error_free`.
 #[allow(non_camel_case_types)]
 pub struct kvsieve_error_t {
     code: ErrorCode,
     message: CString,
+    parse_offset: Option<usize>,
 }
 
 impl kvsieve_error_t {
     fn new(func: &str, err: &Error) -> Self {
         let text = format!("{func}: {err}").replace('\0', "\\0");
         let message = CString::new(text).unwrap_or_default();
-        kvsieve_error_t { code: err.code(), message }
+        let parse_offset = match err {
+            Error::Parse { offset, .. } => Some(*offset),
+            _ => None,
+        };
+        kvsieve_error_t { code: err.code(), message, parse_offset }
     }
 
     pub fn code(&self) -> ErrorCode {
@@ -79,6 +85,19 @@ pub unsafe extern "C" fn kvsieve_error_message(error: *const kvsieve_error_t) ->
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_error_code(error: *const kvsieve_error_t) -> u32 {
     guard_value(ErrorCode::Internal as u32, || error.as_ref().map_or(0, |e| e.code as u32))
+}
+
+/// The byte offset of a parse error in the text that was parsed; -1 for NULL and for
+/// every other kind of error.
+///
+/// # Safety
+/// 1. `error` is NULL or a live error returned by kvsieve, not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn kvsieve_error_parse_offset(error: *const kvsieve_error_t) -> i64 {
+    guard_value(-1, || match error.as_ref().and_then(|e| e.parse_offset) {
+        Some(offset) => i64::try_from(offset).unwrap_or(i64::MAX),
+        None => -1,
+    })
 }
 
 /// Free an error. NULL is ignored.
@@ -142,5 +161,19 @@ mod tests {
             kvsieve_error_free(err);
         }
         assert!(guard("kvsieve_test", || Ok(())).is_null());
+    }
+
+    #[test]
+    fn parse_errors_carry_their_offset() {
+        let parse = guard("kvsieve_test", || Err(Error::Parse { offset: 7, message: "expected a number".into() }));
+        let other = guard("kvsieve_test", || Err(Error::invalid("x", "y")));
+        // SAFETY: live errors from guard, each freed once below.
+        unsafe {
+            assert_eq!(kvsieve_error_parse_offset(parse), 7);
+            assert_eq!(kvsieve_error_parse_offset(other), -1);
+            assert_eq!(kvsieve_error_parse_offset(std::ptr::null()), -1);
+            kvsieve_error_free(parse);
+            kvsieve_error_free(other);
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::mem::{align_of, offset_of, size_of};
 use crate::attention::{AttentionParams, PositionMode, RopeConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::ffi::args::read_struct;
+use crate::ffi::policy::{POSITIONS_CAPPED, POSITIONS_CONTIGUOUS, POSITIONS_ORIGINAL};
 
 /// RoPE parameters (see `kvsieve_rope_config_t` in the header).
 #[allow(non_camel_case_types)]
@@ -99,9 +100,9 @@ pub(crate) unsafe fn attention_params(params: *const kvsieve_attention_params_t)
     let p = read_struct(params, "params")?;
     let rope = if p.rope.is_null() { None } else { Some(rope_config(p.rope, "rope")?) };
     let positions = match p.position_mode {
-        0 => PositionMode::Original,
-        1 => PositionMode::Contiguous,
-        2 => PositionMode::Capped { max_distance: p.max_distance },
+        POSITIONS_ORIGINAL => PositionMode::Original,
+        POSITIONS_CONTIGUOUS => PositionMode::Contiguous,
+        POSITIONS_CAPPED => PositionMode::Capped { max_distance: p.max_distance },
         m => {
             return Err(Error::invalid(
                 "position_mode",

@@ -1,10 +1,13 @@
 //! Calls that change a cache's sequences: create, fork, free, append, write, truncate,
-//! evict. Each takes the cache's write lock.
+//! evict (pages, or what a policy no longer reads), compact. Each takes the cache's write lock.
 
+use crate::error::{Error, Result};
 use crate::ffi::args::{check_disjoint, non_null, opt_slice, opt_slice_mut, slice, write_out, Region};
 use crate::ffi::cache::{cache_ref, kvsieve_cache_t};
 use crate::ffi::error::{guard, kvsieve_error_t};
+use crate::ffi::policy::{kvsieve_policy_t, policy_ref};
 use crate::ffi::tensor::Tensor;
+use crate::kv::KeepTokens;
 
 const KV_DIMS: [&str; 3] = ["n", "num_kv_heads", "head_dim"];
 
@@ -146,5 +149,105 @@ pub unsafe extern "C" fn kvsieve_cache_evict_pages(
         let c = cache_ref(cache)?;
         let pages = slice(page_indices, num_page_indices, "page_indices")?;
         c.write().evict_pages(seq, pages)
+    })
+}
+
+/// `KVSIEVE_KEEP_ALL`: one token list for every layer and KV head.
+pub const KEEP_ALL: u32 = 0;
+/// `KVSIEVE_KEEP_PER_LAYER`: one token list per layer.
+pub const KEEP_PER_LAYER: u32 = 1;
+/// `KVSIEVE_KEEP_PER_HEAD`: one token list per (layer, KV head), layer-major.
+pub const KEEP_PER_HEAD: u32 = 2;
+
+/// Evict the pages of a sequence that a policy never reads again; `*out_pages_evicted`
+/// (optional) receives their number.
+///
+/// # Safety
+/// 1. `cache` and `policy` are NULL or live handles; `out_pages_evicted` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvsieve_cache_evict_for_policy(
+    cache: *mut kvsieve_cache_t,
+    seq: u64,
+    policy: *const kvsieve_policy_t,
+    out_pages_evicted: *mut usize,
+) -> *mut kvsieve_error_t {
+    guard("kvsieve_cache_evict_for_policy", || {
+        let c = cache_ref(cache)?;
+        let p = policy_ref(policy)?;
+        let n = c.write().evict_for_policy(seq, p)?;
+        if !out_pages_evicted.is_null() {
+            write_out(out_pages_evicted, n);
+        }
+        Ok(())
+    })
+}
+
+/// The token lists of `kvsieve_cache_compact`: list `i` is
+/// `keep[keep_indptr[i]..keep_indptr[i + 1]]`.
+fn keep_lists(indptr: &[u32], keep: &[u32]) -> Result<Vec<Vec<u32>>> {
+    if indptr[0] != 0 {
+        return Err(Error::invalid("keep_indptr", format!("keep_indptr[0] == 0, got {}", indptr[0])));
+    }
+    for i in 1..indptr.len() {
+        if indptr[i] < indptr[i - 1] {
+            return Err(Error::invalid(
+                "keep_indptr",
+                format!("non-decreasing offsets, but keep_indptr[{i}] = {} is less than keep_indptr[{}] = {}", indptr[i], i - 1, indptr[i - 1]),
+            ));
+        }
+    }
+    let last = indptr.len() - 1;
+    if indptr[last] as usize != keep.len() {
+        return Err(Error::invalid("keep_indptr", format!("keep_indptr[{last}] == keep_len = {}, got {}", keep.len(), indptr[last])));
+    }
+    Ok(indptr.windows(2).map(|w| keep[w[0] as usize..w[1] as usize].to_vec()).collect())
+}
+
+/// Keep only the listed tokens of a sequence, moved into fresh pages.
+///
+/// # Safety
+/// 1. `cache` is NULL or a live handle; `keep_indptr` is NULL or readable for
+///    `num_lists + 1` values; `keep` is NULL or readable for `keep_len` values.
+#[no_mangle]
+pub unsafe extern "C" fn kvsieve_cache_compact(
+    cache: *mut kvsieve_cache_t,
+    seq: u64,
+    kind: u32,
+    keep_indptr: *const u32,
+    num_lists: usize,
+    keep: *const u32,
+    keep_len: usize,
+) -> *mut kvsieve_error_t {
+    guard("kvsieve_cache_compact", || {
+        let c = cache_ref(cache)?;
+        if kind > KEEP_PER_HEAD {
+            return Err(Error::invalid(
+                "kind",
+                format!("KVSIEVE_KEEP_ALL (0), KVSIEVE_KEEP_PER_LAYER (1) or KVSIEVE_KEEP_PER_HEAD (2), got {kind}"),
+            ));
+        }
+        non_null(keep_indptr, "keep_indptr")?;
+        let indptr_len = num_lists.checked_add(1).ok_or_else(|| Error::invalid("num_lists", "a count that fits in memory"))?;
+        let indptr = slice(keep_indptr, indptr_len, "keep_indptr")?;
+        let lists = keep_lists(indptr, slice(keep, keep_len, "keep")?)?;
+        let mut g = c.write();
+        let cfg = *g.config();
+        let (want, what) = match kind {
+            KEEP_ALL => (1, "1 (KVSIEVE_KEEP_ALL)".to_string()),
+            KEEP_PER_LAYER => (cfg.num_layers, format!("num_layers = {} (KVSIEVE_KEEP_PER_LAYER)", cfg.num_layers)),
+            _ => {
+                let n = cfg.num_layers * cfg.num_kv_heads;
+                (n, format!("num_layers * num_kv_heads = {n} (KVSIEVE_KEEP_PER_HEAD)"))
+            }
+        };
+        if num_lists != want {
+            return Err(Error::invalid("num_lists", format!("{what}, got {num_lists}")));
+        }
+        let keep = match kind {
+            KEEP_ALL => KeepTokens::All(&lists[0]),
+            KEEP_PER_LAYER => KeepTokens::PerLayer(&lists),
+            _ => KeepTokens::PerHead(&lists),
+        };
+        g.compact(seq, keep)
     })
 }

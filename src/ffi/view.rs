@@ -1,11 +1,12 @@
 //! Views over engine-owned paged KV memory (`kvsieve_paged_kv_t`) and attention over them
-//! (`kvsieve_paged_decode`, `kvsieve_paged_prefill`). Nothing is copied: the descriptor is
-//! validated into a [`PagedKv`] for the duration of one call.
+//! (`kvsieve_paged_decode`, `kvsieve_paged_prefill`, and their sparse forms over selections).
+//! Nothing is copied: the descriptor is validated into a [`PagedKv`] for the duration of one
+//! call.
 
 use std::ffi::c_void;
 use std::mem::{align_of, offset_of, size_of};
 
-use crate::attention::{decode, prefill};
+use crate::attention::{decode, decode_sparse, prefill, prefill_sparse};
 use crate::config::{validate_head_dim, validate_page_size, KeyRope};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -14,6 +15,8 @@ use crate::ffi::attention::{AttentionArgs, DECODE_DIMS, PREFILL_DIMS};
 use crate::ffi::cache::key_rope;
 use crate::ffi::error::{guard, kvsieve_error_t};
 use crate::ffi::params::kvsieve_attention_params_t;
+use crate::ffi::selection::{kvsieve_selection_t, selection_list};
+use crate::ffi::sparse::{self, kvsieve_streaming_window_t};
 use crate::ffi::tensor::{check_device, kvsieve_device_t, kvsieve_dtype_t, kvsieve_tensor_t};
 use crate::kv::{PageTableRef, PagedKv, PagedKvLayout};
 
@@ -205,5 +208,70 @@ pub unsafe extern "C" fn kvsieve_paged_prefill(
         let args = AttentionArgs::parse(q, out, lse, params, &PREFILL_DIMS, reads)?;
         let (q, mut out, lse) = args.views()?;
         prefill(&paged, &q, qo, &mut out, lse, &args.params, causal)
+    })
+}
+
+/// Sparse decode over engine-owned paged memory: KV head `h` of sequence `b` reads only
+/// `selections[b]`'s head `h`.
+///
+/// # Safety
+/// 1. `kv` is NULL or a descriptor valid as the header documents; `selections` is NULL or
+///    readable for `kv->batch` handles, each NULL or live;
+/// 2. `q`, `out`, `lse` and `params` as for `kvsieve_cache_decode`.
+#[no_mangle]
+pub unsafe extern "C" fn kvsieve_paged_decode_sparse(
+    kv: *const kvsieve_paged_kv_t,
+    q: *const kvsieve_tensor_t,
+    selections: *const *const kvsieve_selection_t,
+    out: *const kvsieve_tensor_t,
+    lse: *mut f32,
+    params: *const kvsieve_attention_params_t,
+) -> *mut kvsieve_error_t {
+    guard("kvsieve_paged_decode_sparse", || {
+        let view = View::parse(kv)?;
+        let paged = view.paged()?;
+        let batch = view.table.batch_size();
+        let sels = selection_list(selections, batch, "selections")?;
+        let mut reads = view.regions.clone();
+        reads.push(Region::of(selections, batch, "selections"));
+        let args = AttentionArgs::parse(q, out, lse, params, &DECODE_DIMS, reads)?;
+        let (q, mut out, lse) = args.views()?;
+        decode_sparse(&paged, &q, &sels, &mut out, lse, &args.params)
+    })
+}
+
+/// Sparse causal prefill over engine-owned paged memory, with optional per-KV-head windows.
+///
+/// # Safety
+/// 1. `kv` is NULL or a descriptor valid as the header documents; `qo_indptr` is NULL or
+///    readable for `kv->batch + 1` values; `selections` is NULL or readable for `kv->batch`
+///    handles, each NULL or live; `windows` is NULL or readable for `num_windows` entries;
+/// 2. `q`, `out`, `lse` and `params` as for `kvsieve_cache_prefill`.
+#[no_mangle]
+pub unsafe extern "C" fn kvsieve_paged_prefill_sparse(
+    kv: *const kvsieve_paged_kv_t,
+    q: *const kvsieve_tensor_t,
+    qo_indptr: *const i32,
+    selections: *const *const kvsieve_selection_t,
+    windows: *const kvsieve_streaming_window_t,
+    num_windows: usize,
+    out: *const kvsieve_tensor_t,
+    lse: *mut f32,
+    params: *const kvsieve_attention_params_t,
+) -> *mut kvsieve_error_t {
+    guard("kvsieve_paged_prefill_sparse", || {
+        let view = View::parse(kv)?;
+        let paged = view.paged()?;
+        let batch = view.table.batch_size();
+        let qo = slice(qo_indptr, batch + 1, "qo_indptr")?;
+        let sels = selection_list(selections, batch, "selections")?;
+        let wins = sparse::windows(windows, num_windows)?;
+        let mut reads = view.regions.clone();
+        reads.push(Region::of(qo_indptr, batch + 1, "qo_indptr"));
+        reads.push(Region::of(selections, batch, "selections"));
+        reads.push(Region::of(windows, num_windows, "windows"));
+        let args = AttentionArgs::parse(q, out, lse, params, &PREFILL_DIMS, reads)?;
+        let (q, mut out, lse) = args.views()?;
+        prefill_sparse(&paged, &q, qo, &sels, &wins, &mut out, lse, &args.params)
     })
 }

@@ -95,6 +95,20 @@ static void print_layouts(void) {
     FIELD(kvsieve_paged_kv_t, indices);
     FIELD(kvsieve_paged_kv_t, last_page_len);
     FIELD(kvsieve_paged_kv_t, positions);
+    SIZE(kvsieve_selection_stats_t);
+    FIELD(kvsieve_selection_stats_t, seq_len);
+    FIELD(kvsieve_selection_stats_t, num_kv_heads);
+    FIELD(kvsieve_selection_stats_t, total);
+    FIELD(kvsieve_selection_stats_t, density);
+    FIELD(kvsieve_selection_stats_t, min_density);
+    FIELD(kvsieve_selection_stats_t, max_density);
+    SIZE(kvsieve_page_bounds_config_t);
+    FIELD(kvsieve_page_bounds_config_t, budget_tokens);
+    FIELD(kvsieve_page_bounds_config_t, min_pages);
+    SIZE(kvsieve_streaming_window_t);
+    FIELD(kvsieve_streaming_window_t, sinks);
+    FIELD(kvsieve_streaming_window_t, window);
+    SIZE(kvsieve_keep_kind_t);
 }
 
 static void dlpack_layout(void) {

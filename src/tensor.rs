@@ -10,12 +10,13 @@ fn fmt_shape(shape: &[usize]) -> String {
     format!("[{}]", parts.join(", "))
 }
 
-/// Number of elements the view must be able to reach: 1 + the largest offset, 0 if empty.
-fn extent(shape: &[usize], strides: &[usize]) -> usize {
+/// Number of elements the view must be able to reach: 1 + the largest offset, 0 if empty;
+/// `None` if that does not fit in `usize`.
+fn extent(shape: &[usize], strides: &[usize]) -> Option<usize> {
     if shape.iter().any(|&d| d == 0) {
-        return 0;
+        return Some(0);
     }
-    1 + shape.iter().zip(strides).map(|(&d, &s)| (d - 1) * s).sum::<usize>()
+    shape.iter().zip(strides).try_fold(1usize, |acc, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x)))
 }
 
 /// Row-major strides of a contiguous tensor.
@@ -36,7 +37,7 @@ fn check_layout(param: &str, len_bytes: usize, dtype: DType, shape: &[usize], st
         ));
     }
     let need = extent(shape, strides)
-        .checked_mul(dtype.size())
+        .and_then(|e| e.checked_mul(dtype.size()))
         .ok_or_else(|| Error::invalid(param, "a tensor whose extent fits in memory"))?;
     if need > len_bytes {
         return Err(Error::shape(
@@ -84,7 +85,10 @@ impl<'a> TensorView<'a> {
         if shape.len() != strides.len() {
             return Err(Error::shape("tensor.strides", format!("{} strides", shape.len()), format!("{}", strides.len())));
         }
-        let n = extent(shape, strides) * dtype.size();
+        let n = extent(shape, strides)
+            .and_then(|e| e.checked_mul(dtype.size()))
+            .filter(|&n| n <= isize::MAX as usize)
+            .ok_or_else(|| Error::invalid("tensor", "a tensor whose extent fits in memory"))?;
         if n > 0 && ptr.is_null() {
             return Err(Error::NullPointer { param: "tensor.data".into() });
         }
@@ -187,7 +191,10 @@ impl<'a> TensorViewMut<'a> {
         if shape.len() != strides.len() {
             return Err(Error::shape("tensor.strides", format!("{} strides", shape.len()), format!("{}", strides.len())));
         }
-        let n = extent(shape, strides) * dtype.size();
+        let n = extent(shape, strides)
+            .and_then(|e| e.checked_mul(dtype.size()))
+            .filter(|&n| n <= isize::MAX as usize)
+            .ok_or_else(|| Error::invalid("tensor", "a tensor whose extent fits in memory"))?;
         if n > 0 && ptr.is_null() {
             return Err(Error::NullPointer { param: "tensor.data".into() });
         }

@@ -39,12 +39,14 @@ impl PagedKvLayout {
         PagedKvLayout { dtype, num_pages, page_size, num_kv_heads, head_dim, k_strides: s, v_strides: s }
     }
 
-    /// Elements a buffer must hold for this layout with the given strides.
-    fn extent(&self, s: [usize; 3]) -> usize {
+    /// Elements a buffer must hold for this layout with the given strides (`None` if that
+    /// overflows `usize`).
+    fn extent(&self, s: [usize; 3]) -> Option<usize> {
         if self.num_pages == 0 {
-            return 0;
+            return Some(0);
         }
-        (self.num_pages - 1) * s[0] + (self.page_size - 1) * s[1] + (self.num_kv_heads - 1) * s[2] + self.head_dim
+        let parts = [(self.num_pages - 1, s[0]), (self.page_size - 1, s[1]), (self.num_kv_heads - 1, s[2])];
+        parts.iter().try_fold(self.head_dim, |acc, &(n, st)| n.checked_mul(st).and_then(|x| acc.checked_add(x)))
     }
 
     fn validate(&self) -> Result<()> {
@@ -83,7 +85,7 @@ impl<'a> PagedKv<'a> {
         }
         layout.validate()?;
         for (name, buf, s) in [("k", k.len(), layout.k_strides), ("v", v.len(), layout.v_strides)] {
-            let need = layout.extent(s);
+            let need = layout.extent(s).ok_or_else(|| Error::invalid(name, "a layout whose extent fits in memory"))?;
             if buf < need {
                 return Err(Error::shape(name, format!("at least {need} elements for the layout"), format!("{buf}")));
             }
@@ -109,8 +111,15 @@ impl<'a> PagedKv<'a> {
                 return Err(Error::NullPointer { param: "v".into() });
             }
             let align = layout.dtype.size();
-            if (k as usize) % align != 0 || (v as usize) % align != 0 {
-                return Err(Error::invalid("k/v", format!("pointers aligned to {align} bytes")));
+            for (name, p) in [("k", k), ("v", v)] {
+                if (p as usize) % align != 0 {
+                    return Err(Error::invalid(name, format!("a pointer aligned to {align} bytes")));
+                }
+            }
+            for (name, s) in [("k_strides", layout.k_strides), ("v_strides", layout.v_strides)] {
+                if layout.extent(s).and_then(|e| e.checked_mul(align)).is_none_or(|b| b > isize::MAX as usize) {
+                    return Err(Error::invalid(name, "strides whose extent fits in memory"));
+                }
             }
         }
         table.validate(layout.page_size, layout.num_pages)?;

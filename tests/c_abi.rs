@@ -343,6 +343,37 @@ fn sequence_lifecycle() {
 }
 
 #[test]
+fn selections() {
+    c_test(
+        "selection",
+        &Expect {
+            lines: &[
+                "ok - selection from CSR: inspection round trip",
+                "ok - dense, same-for-all-heads, streaming and lambda selections",
+                "ok - union and intersection",
+                "ok - page bounds selection matches the ranking of the page key bounds",
+            ],
+            summary: true,
+        },
+    );
+}
+
+#[test]
+fn sparse_attention_matches_reference() {
+    c_test(
+        "sparse",
+        &Expect {
+            lines: &[
+                "ok - f32 cache: sparse decode and prefill match the reference",
+                "ok - f16 cache: sparse decode and prefill match the reference",
+                "ok - engine-owned pages: sparse decode and prefill match the reference",
+            ],
+            summary: true,
+        },
+    );
+}
+
+#[test]
 fn threads_share_a_cache() {
     c_test("threads", &Expect { lines: &["ok - concurrent decode with a writer"], summary: true });
 }

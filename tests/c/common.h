@@ -352,4 +352,54 @@ static inline void ref_attention_rope(const float *q, const float *k, const floa
     free(kr);
 }
 
+/**
+ * Attention of one query token over per-KV-head token lists, in double precision.
+ * q: [hq][d]; k, v: token-major [n][hk][d] for the whole sequence. KV head kh reads the
+ * tokens `indices[head_indptr[kh] .. head_indptr[kh+1]]` that are at most `q_token`; with
+ * `windows` (NULL or hk entries) and `windows[kh].window > 0`, only those with
+ * `t < sinks` or `q_token - t < window`. scale 1/sqrt(d). out: [hq][d]; lse: [hq].
+ */
+static inline void ref_attention_sel(const float *q, const float *k, const float *v, size_t hq, size_t hk, size_t d,
+                                     const uint32_t *head_indptr, const uint32_t *indices, size_t q_token,
+                                     const kvsieve_streaming_window_t *windows, float *out, float *lse) {
+    size_t group = hq / hk, h, i, c;
+    double scale = 1.0 / sqrt((double)d);
+    for (h = 0; h < hq; h++) {
+        size_t kh = h / group, n = 0;
+        size_t start = head_indptr[kh], end = head_indptr[kh + 1];
+        double *s = (double *)malloc((end - start + 1) * sizeof(double));
+        size_t *tok = (size_t *)malloc((end - start + 1) * sizeof(size_t));
+        double m = -INFINITY, sum = 0.0;
+        for (i = start; i < end; i++) {
+            size_t t = indices[i];
+            double dot = 0.0;
+            if (t > q_token) continue;
+            if (windows && windows[kh].window > 0 && !(t < windows[kh].sinks || q_token - t < windows[kh].window)) continue;
+            for (c = 0; c < d; c++) dot += (double)q[h * d + c] * (double)k[(t * hk + kh) * d + c];
+            s[n] = dot * scale;
+            tok[n++] = t;
+            if (dot * scale > m) m = dot * scale;
+        }
+        for (c = 0; c < d; c++) out[h * d + c] = 0.0f;
+        for (i = 0; i < n; i++) sum += exp(s[i] - m);
+        for (c = 0; c < d; c++) {
+            double acc = 0.0;
+            for (i = 0; i < n; i++) acc += exp(s[i] - m) / sum * (double)v[(tok[i] * hk + kh) * d + c];
+            out[h * d + c] = n ? (float)acc : 0.0f;
+        }
+        lse[h] = n ? (float)(m + log(sum)) : -INFINITY;
+        free(s);
+        free(tok);
+    }
+}
+
+/** Sorted random subset of 0..n-1, each token kept with probability `p`; returns its size. */
+static inline size_t rand_subset(uint32_t *out, size_t n, double p) {
+    size_t t, m = 0;
+    for (t = 0; t < n; t++) {
+        if ((double)(rng_next() >> 11) / 9007199254740992.0 < p) out[m++] = (uint32_t)t;
+    }
+    return m;
+}
+
 #endif /* KVSIEVE_TEST_COMMON_H */

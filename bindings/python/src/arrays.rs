@@ -19,7 +19,7 @@ fn fmt_shape(shape: &[usize]) -> String {
 }
 
 /// Python type name of an object, for messages.
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
+pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "object".into())
 }
 
@@ -211,6 +211,33 @@ pub fn i32_vec(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<Vec<i32>> {
         })
         .collect::<Result<_, _>>()
         .kv()
+}
+
+/// Token indices, which are u32 in the core.
+pub fn u32_vec(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<Vec<u32>> {
+    int_vec(obj, param)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| {
+            u32::try_from(x).map_err(|_| Error::OutOfRange { param: format!("{param}[{i}]"), value: x, range: format!("0..={} (uint32)", u32::MAX) })
+        })
+        .collect::<Result<_, _>>()
+        .kv()
+}
+
+/// The items of a list or tuple argument (or of any iterable but a string), or a DType
+/// error naming the parameter.
+pub fn items<'py>(obj: &Bound<'py, PyAny>, param: &str, expected: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let not_a_sequence = || {
+        Error::DType { param: param.into(), expected: format!("a sequence of {expected}"), got: format!("an object of type {}", type_name(obj)) }
+    };
+    if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<pyo3::types::PyBytes>() {
+        return Err(not_a_sequence()).kv();
+    }
+    match obj.try_iter() {
+        Ok(it) => it.collect(),
+        Err(_) => Err(not_a_sequence()).kv(),
+    }
 }
 
 /// Non-negative integers (indices).

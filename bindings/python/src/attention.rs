@@ -1,14 +1,16 @@
-//! Attention over engine-owned paged KV memory (`paged_decode`, `paged_prefill`) and
-//! `merge_states`. The page arrays are read in place through their own strides.
+//! Attention over engine-owned paged KV memory (`paged_decode`, `paged_prefill` and their
+//! sparse forms over `Selection`s) and `merge_states`. The page arrays are read in place through their own strides.
 
 use kvsieve::attention::{self, AttentionParams};
-use kvsieve::{Error, PageLayout, PageTableRef, PagedKv, PagedKvLayout};
+use kvsieve::{Error, PageLayout, PageTableRef, PagedKv, PagedKvLayout, Selection};
 use pyo3::prelude::*;
 
 use crate::arrays::{filled, i32_vec, numel, to_numpy, FloatArray, OutBuf};
 use crate::errors::KvResultExt;
-use crate::options::{attention_params, parse_key_rope, parse_layout, query_shape};
+use crate::options::{attention_params, check_position_mode, parse_key_rope, parse_layout, query_shape};
 use crate::rope::PyRopeConfig;
+use crate::selection::selections_arg;
+use crate::sparse::windows_arg;
 
 /// The layout of an engine's K and V page arrays, read from their shapes and strides.
 fn pages_layout(k: &FloatArray, v: &FloatArray, layout: PageLayout) -> Result<PagedKvLayout, Error> {
@@ -110,7 +112,7 @@ impl<'py> EnginePages<'py> {
 
 /// Decode attention over engine-owned paged K/V arrays; returns ``(out, lse)``.
 #[pyfunction]
-#[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, *, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
+#[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, *, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
 #[allow(clippy::too_many_arguments)]
 pub fn paged_decode<'py>(
     py: Python<'py>,
@@ -126,19 +128,21 @@ pub fn paged_decode<'py>(
     scale: Option<f32>,
     logit_soft_cap: Option<f32>,
     rope: Option<PyRef<'py, PyRopeConfig>>,
+    position_mode: &str,
+    max_distance: Option<i64>,
     chunk_size: Option<i64>,
     out_dtype: &str,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let pages = EnginePages::extract(k_pages, v_pages, indptr, indices, last_page_len, layout, positions, key_rope)?;
-    let params = attention_params(scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "batch").kv()?;
-    run(py, &pages, &q, shape, out_dtype, |kv, qv, out, lse| attention::decode(kv, qv, out, Some(lse), &params))
+    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::decode(kv, qv, out, Some(lse), &params))
 }
 
 /// Prefill attention over engine-owned paged K/V arrays; returns ``(out, lse)``.
 #[pyfunction]
-#[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, qo_indptr, *, causal = true, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
+#[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, qo_indptr, *, causal = true, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
 #[allow(clippy::too_many_arguments)]
 pub fn paged_prefill<'py>(
     py: Python<'py>,
@@ -156,27 +160,105 @@ pub fn paged_prefill<'py>(
     scale: Option<f32>,
     logit_soft_cap: Option<f32>,
     rope: Option<PyRef<'py, PyRopeConfig>>,
+    position_mode: &str,
+    max_distance: Option<i64>,
     chunk_size: Option<i64>,
     out_dtype: &str,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let pages = EnginePages::extract(k_pages, v_pages, indptr, indices, last_page_len, layout, positions, key_rope)?;
     let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
-    let params: AttentionParams = attention_params(scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "total").kv()?;
-    run(py, &pages, &q, shape, out_dtype, |kv, qv, out, lse| attention::prefill(kv, qv, &qo_indptr, out, Some(lse), &params, causal))
+    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::prefill(kv, qv, &qo_indptr, out, Some(lse), &params, causal))
+}
+
+/// Sparse decode over engine-owned paged K/V arrays: KV head ``h`` of sequence ``b`` reads
+/// only ``selections[b].head(h)``; returns ``(out, lse)``.
+#[pyfunction]
+#[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, selections, *, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode_sparse<'py>(
+    py: Python<'py>,
+    k_pages: &Bound<'py, PyAny>,
+    v_pages: &Bound<'py, PyAny>,
+    indptr: &Bound<'py, PyAny>,
+    indices: &Bound<'py, PyAny>,
+    last_page_len: &Bound<'py, PyAny>,
+    q: &Bound<'py, PyAny>,
+    selections: &Bound<'py, PyAny>,
+    layout: &str,
+    positions: Option<&Bound<'py, PyAny>>,
+    key_rope: &str,
+    scale: Option<f32>,
+    logit_soft_cap: Option<f32>,
+    rope: Option<PyRef<'py, PyRopeConfig>>,
+    position_mode: &str,
+    max_distance: Option<i64>,
+    chunk_size: Option<i64>,
+    out_dtype: &str,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let pages = EnginePages::extract(k_pages, v_pages, indptr, indices, last_page_len, layout, positions, key_rope)?;
+    let sels = selections_arg(selections, "selections")?;
+    let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
+    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let q = FloatArray::extract(q, "q", true)?;
+    let shape = query_shape(q.shape(), "batch").kv()?;
+    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::decode_sparse(kv, qv, &sels, out, Some(lse), &params))
+}
+
+/// Sparse causal prefill over engine-owned paged K/V arrays, with optional per-KV-head row
+/// windows; returns ``(out, lse)``.
+#[pyfunction]
+#[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, qo_indptr, selections, windows = None, *, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
+#[allow(clippy::too_many_arguments)]
+pub fn paged_prefill_sparse<'py>(
+    py: Python<'py>,
+    k_pages: &Bound<'py, PyAny>,
+    v_pages: &Bound<'py, PyAny>,
+    indptr: &Bound<'py, PyAny>,
+    indices: &Bound<'py, PyAny>,
+    last_page_len: &Bound<'py, PyAny>,
+    q: &Bound<'py, PyAny>,
+    qo_indptr: &Bound<'py, PyAny>,
+    selections: &Bound<'py, PyAny>,
+    windows: Option<&Bound<'py, PyAny>>,
+    layout: &str,
+    positions: Option<&Bound<'py, PyAny>>,
+    key_rope: &str,
+    scale: Option<f32>,
+    logit_soft_cap: Option<f32>,
+    rope: Option<PyRef<'py, PyRopeConfig>>,
+    position_mode: &str,
+    max_distance: Option<i64>,
+    chunk_size: Option<i64>,
+    out_dtype: &str,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let pages = EnginePages::extract(k_pages, v_pages, indptr, indices, last_page_len, layout, positions, key_rope)?;
+    let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
+    let sels = selections_arg(selections, "selections")?;
+    let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
+    let windows = windows_arg(windows)?;
+    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let q = FloatArray::extract(q, "q", true)?;
+    let shape = query_shape(q.shape(), "total").kv()?;
+    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| {
+        attention::prefill_sparse(kv, qv, &qo_indptr, &sels, &windows, out, Some(lse), &params)
+    })
 }
 
 /// Build the view, run `f` with the GIL released, and return `(out, lse)` as numpy arrays.
 fn run<'py>(
     py: Python<'py>,
     pages: &EnginePages<'_>,
+    params: &AttentionParams,
     q: &FloatArray<'_>,
     shape: [usize; 3],
     out_dtype: &str,
     f: impl FnOnce(&PagedKv, &kvsieve::TensorView, &mut kvsieve::TensorViewMut, &mut [f32]) -> Result<(), Error> + Send,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let kv = pages.view().kv()?;
+    check_position_mode(pages.key_rope, params).kv()?;
     let qv = q.view().kv()?;
     let mut out = OutBuf::new(out_dtype, "q", &shape).kv()?;
     let mut lse = filled("q", numel("q", &shape[..2]).kv()?, 0f32).kv()?;

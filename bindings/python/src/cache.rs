@@ -1,17 +1,22 @@
 //! `KvCache`: the kvsieve-owned paged cache behind a reader-writer lock. Reads (attention,
 //! page tables, statistics) from several Python threads run at once; writes are serialised.
 //! The lock is only taken with the GIL released, so a thread waiting for it never blocks
-//! the interpreter.
+//! the interpreter. Sparse and policy-driven attention, eviction and compaction are methods
+//! here too; their argument types live in `selection`, `policy` and `sparse`.
 
-use kvsieve::{CacheConfig, Error, KvCache};
+use kvsieve::attention::AttentionParams;
+use kvsieve::{CacheConfig, Error, KeepTokens, KvCache, Selection, TensorView, TensorViewMut};
 use parking_lot::RwLock;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::arrays::{filled, i32_vec, int_vec, numel, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, FloatArray, OutBuf};
 use crate::errors::KvResultExt;
-use crate::options::{attention_params, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape};
+use crate::options::{attention_params, check_position_mode, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape};
+use crate::policy::policy_arg;
 use crate::rope::PyRopeConfig;
+use crate::selection::{selections_arg, PySelection};
+use crate::sparse::{keep_lists, parse_keep_per, windows_arg, KeepPer};
 
 /// Shape and storage of a :class:`KvCache` (read-only).
 #[pyclass(name = "CacheConfig", module = "kvsieve", frozen, get_all)]
@@ -70,7 +75,7 @@ pub struct PyKvCache {
 
 impl PyKvCache {
     /// Run `f` on the cache under the read lock, with the GIL released.
-    fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&KvCache) -> Result<T, Error> + Send) -> PyResult<T> {
+    pub(crate) fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&KvCache) -> Result<T, Error> + Send) -> PyResult<T> {
         py.detach(|| f(&self.inner.read())).kv()
     }
 
@@ -284,7 +289,7 @@ impl PyKvCache {
     }
 
     /// Decode attention of one query token per sequence at ``layer``; returns ``(out, lse)``.
-    #[pyo3(signature = (layer, seqs, q, *, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
+    #[pyo3(signature = (layer, seqs, q, *, scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn decode<'py>(
         &self,
@@ -295,23 +300,21 @@ impl PyKvCache {
         scale: Option<f32>,
         logit_soft_cap: Option<f32>,
         rope: Option<PyRef<'py, PyRopeConfig>>,
+        position_mode: &str,
+        max_distance: Option<i64>,
         chunk_size: Option<i64>,
         out_dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
         let layer = usize_arg(layer, "layer")?;
         let ids = seq_ids(seqs, "seqs")?;
-        let params = attention_params(scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
         let q = FloatArray::extract(q, "q", true)?;
-        let shape = query_shape(q.shape(), "batch").kv()?;
-        let qv = q.view().kv()?;
-        let mut out = OutBuf::new(out_dtype, "q", &shape).kv()?;
-        let mut lse = filled("q", numel("q", &shape[..2]).kv()?, 0f32).kv()?;
-        self.with_read(py, |c| c.decode(layer, &ids, &qv, &mut out.view_mut(&shape)?, Some(&mut lse), &params))?;
-        Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
+        let (out, lse, ()) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode(layer, &ids, qv, out, Some(lse), &params))?;
+        Ok((out, lse))
     }
 
     /// Prefill attention of the last tokens of each sequence at ``layer``; returns ``(out, lse)``.
-    #[pyo3(signature = (layer, seqs, q, qo_indptr, *, causal = true, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
+    #[pyo3(signature = (layer, seqs, q, qo_indptr, *, causal = true, scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn prefill<'py>(
         &self,
@@ -324,20 +327,163 @@ impl PyKvCache {
         scale: Option<f32>,
         logit_soft_cap: Option<f32>,
         rope: Option<PyRef<'py, PyRopeConfig>>,
+        position_mode: &str,
+        max_distance: Option<i64>,
         chunk_size: Option<i64>,
         out_dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
         let layer = usize_arg(layer, "layer")?;
         let ids = seq_ids(seqs, "seqs")?;
         let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
-        let params = attention_params(scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
         let q = FloatArray::extract(q, "q", true)?;
-        let shape = query_shape(q.shape(), "total").kv()?;
-        let qv = q.view().kv()?;
-        let mut out = OutBuf::new(out_dtype, "q", &shape).kv()?;
-        let mut lse = filled("q", numel("q", &shape[..2]).kv()?, 0f32).kv()?;
-        self.with_read(py, |c| c.prefill(layer, &ids, &qv, &qo_indptr, &mut out.view_mut(&shape)?, Some(&mut lse), &params, causal))?;
-        Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
+        let (out, lse, ()) =
+            self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| c.prefill(layer, &ids, qv, &qo_indptr, out, Some(lse), &params, causal))?;
+        Ok((out, lse))
+    }
+
+    /// Decode attention where KV head ``h`` of ``seqs[b]`` reads only ``selections[b].head(h)``.
+    #[pyo3(signature = (layer, seqs, q, selections, *, scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
+    #[allow(clippy::too_many_arguments)]
+    fn decode_sparse<'py>(
+        &self,
+        py: Python<'py>,
+        layer: i64,
+        seqs: &Bound<'py, PyAny>,
+        q: &Bound<'py, PyAny>,
+        selections: &Bound<'py, PyAny>,
+        scale: Option<f32>,
+        logit_soft_cap: Option<f32>,
+        rope: Option<PyRef<'py, PyRopeConfig>>,
+        position_mode: &str,
+        max_distance: Option<i64>,
+        chunk_size: Option<i64>,
+        out_dtype: &str,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let layer = usize_arg(layer, "layer")?;
+        let ids = seq_ids(seqs, "seqs")?;
+        let sels = selections_arg(selections, "selections")?;
+        let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
+        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let q = FloatArray::extract(q, "q", true)?;
+        let (out, lse, ()) =
+            self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode_sparse(layer, &ids, qv, &sels, out, Some(lse), &params))?;
+        Ok((out, lse))
+    }
+
+    /// Causal prefill where KV head ``h`` of ``seqs[b]`` reads only ``selections[b].head(h)``,
+    /// restricted per query row by ``windows[h]``; returns ``(out, lse)``.
+    #[pyo3(signature = (layer, seqs, q, qo_indptr, selections, windows = None, *, scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_sparse<'py>(
+        &self,
+        py: Python<'py>,
+        layer: i64,
+        seqs: &Bound<'py, PyAny>,
+        q: &Bound<'py, PyAny>,
+        qo_indptr: &Bound<'py, PyAny>,
+        selections: &Bound<'py, PyAny>,
+        windows: Option<&Bound<'py, PyAny>>,
+        scale: Option<f32>,
+        logit_soft_cap: Option<f32>,
+        rope: Option<PyRef<'py, PyRopeConfig>>,
+        position_mode: &str,
+        max_distance: Option<i64>,
+        chunk_size: Option<i64>,
+        out_dtype: &str,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let layer = usize_arg(layer, "layer")?;
+        let ids = seq_ids(seqs, "seqs")?;
+        let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
+        let sels = selections_arg(selections, "selections")?;
+        let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
+        let windows = windows_arg(windows)?;
+        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let q = FloatArray::extract(q, "q", true)?;
+        let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
+            c.prefill_sparse(layer, &ids, qv, &qo_indptr, &sels, &windows, out, Some(lse), &params)
+        })?;
+        Ok((out, lse))
+    }
+
+    /// Decode under a policy; returns ``(out, lse, selections)`` (``selections`` empty for a
+    /// dense layer).
+    #[pyo3(signature = (layer, seqs, q, policy, *, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
+    #[allow(clippy::too_many_arguments)]
+    fn decode_with_policy<'py>(
+        &self,
+        py: Python<'py>,
+        layer: i64,
+        seqs: &Bound<'py, PyAny>,
+        q: &Bound<'py, PyAny>,
+        policy: &Bound<'py, PyAny>,
+        scale: Option<f32>,
+        logit_soft_cap: Option<f32>,
+        rope: Option<PyRef<'py, PyRopeConfig>>,
+        chunk_size: Option<i64>,
+        out_dtype: &str,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<PySelection>)> {
+        let layer = usize_arg(layer, "layer")?;
+        let ids = seq_ids(seqs, "seqs")?;
+        let policy = policy_arg(policy)?;
+        // The policy sets the position mode of the layer.
+        let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let q = FloatArray::extract(q, "q", true)?;
+        let (out, lse, sels) =
+            self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode_with_policy(layer, &ids, qv, out, Some(lse), &policy, &params))?;
+        Ok((out, lse, sels.into_iter().map(PySelection::from).collect()))
+    }
+
+    /// Causal prefill under a policy; returns ``(out, lse)``.
+    #[pyo3(signature = (layer, seqs, q, qo_indptr, policy, *, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_with_policy<'py>(
+        &self,
+        py: Python<'py>,
+        layer: i64,
+        seqs: &Bound<'py, PyAny>,
+        q: &Bound<'py, PyAny>,
+        qo_indptr: &Bound<'py, PyAny>,
+        policy: &Bound<'py, PyAny>,
+        scale: Option<f32>,
+        logit_soft_cap: Option<f32>,
+        rope: Option<PyRef<'py, PyRopeConfig>>,
+        chunk_size: Option<i64>,
+        out_dtype: &str,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let layer = usize_arg(layer, "layer")?;
+        let ids = seq_ids(seqs, "seqs")?;
+        let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
+        let policy = policy_arg(policy)?;
+        let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let q = FloatArray::extract(q, "q", true)?;
+        let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
+            c.prefill_with_policy(layer, &ids, qv, &qo_indptr, out, Some(lse), &policy, &params)
+        })?;
+        Ok((out, lse))
+    }
+
+    /// Evict the pages of a sequence that the policy never reads again; returns how many.
+    fn evict_for_policy(&self, py: Python<'_>, seq: i64, policy: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let seq = seq_id(seq, "seq")?;
+        let policy = policy_arg(policy)?;
+        self.with_write(py, |c| c.evict_for_policy(seq, &policy))
+    }
+
+    /// Keep only the tokens ``keep`` of a sequence, moved into fresh pages in order.
+    #[pyo3(signature = (seq, keep, per = "all"))]
+    fn compact(&self, py: Python<'_>, seq: i64, keep: &Bound<'_, PyAny>, per: &str) -> PyResult<()> {
+        let seq = seq_id(seq, "seq")?;
+        let per = parse_keep_per(per).kv()?;
+        let lists = keep_lists(keep, per)?;
+        self.with_write(py, |c| {
+            let keep = match per {
+                KeepPer::All => KeepTokens::All(&lists[0]),
+                KeepPer::Layer => KeepTokens::PerLayer(&lists),
+                KeepPer::Head => KeepTokens::PerHead(&lists),
+            };
+            c.compact(seq, keep)
+        })
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -347,6 +493,29 @@ impl PyKvCache {
 }
 
 impl PyKvCache {
+    /// Run an attention call `f` on the cache (read lock, GIL released) with output buffers
+    /// shaped like `q` (`[tokens, num_qo_heads, head_dim]`); returns `(out, lse, f's result)`.
+    /// `params` is checked against the cache's key storage first.
+    fn attend<'py, T: Send>(
+        &self,
+        py: Python<'py>,
+        params: &AttentionParams,
+        q: &FloatArray<'_>,
+        tokens: &str,
+        out_dtype: &str,
+        f: impl FnOnce(&KvCache, &TensorView, &mut TensorViewMut, &mut [f32]) -> Result<T, Error> + Send,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, T)> {
+        let shape = query_shape(q.shape(), tokens).kv()?;
+        let qv = q.view().kv()?;
+        let mut out = OutBuf::new(out_dtype, "q", &shape).kv()?;
+        let mut lse = filled("q", numel("q", &shape[..2]).kv()?, 0f32).kv()?;
+        let res = self.with_read(py, |c| {
+            check_position_mode(c.config().key_rope, params)?;
+            f(c, &qv, &mut out.view_mut(&shape)?, &mut lse)
+        })?;
+        Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?, res))
+    }
+
     fn read_kv<'py>(&self, py: Python<'py>, seq: i64, layer: i64, keys: bool) -> PyResult<Bound<'py, PyAny>> {
         let seq = seq_id(seq, "seq")?;
         let layer = usize_arg(layer, "layer")?;

@@ -1,6 +1,7 @@
 //! kvsieve errors as Python exceptions: one base class, `KvsieveError`, and one subclass
 //! per error kind. Every class carries the stable numeric `code` of `kvsieve::ErrorCode`
-//! (as a member of the `ErrorCode` IntEnum) and its `code_name`.
+//! (as a member of the `ErrorCode` IntEnum) and its `code_name`; a `ParseError` instance
+//! also carries the byte `offset` where parsing failed.
 
 use kvsieve::{Error, ErrorCode};
 use pyo3::create_exception;
@@ -59,8 +60,18 @@ fn class_name(code: ErrorCode) -> &'static str {
 }
 
 /// The Python exception for a kvsieve error: its kind's class, with the core's message.
+/// A `ParseError` also carries the byte `offset` of the offending token as an attribute.
 pub fn to_py_err(err: Error) -> PyErr {
     let msg = err.to_string();
+    if let Error::Parse { offset, .. } = err {
+        return Python::attach(|py| {
+            let e = PyErr::new::<ParseError, _>(msg);
+            match e.value(py).setattr("offset", offset) {
+                Ok(()) => e,
+                Err(set_failed) => set_failed,
+            }
+        });
+    }
     match err.code() {
         ErrorCode::InvalidArgument => PyErr::new::<InvalidArgumentError, _>(msg),
         ErrorCode::Shape => PyErr::new::<ShapeError, _>(msg),

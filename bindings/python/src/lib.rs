@@ -7,7 +7,10 @@ mod attention;
 mod cache;
 mod errors;
 mod options;
+mod policy;
 mod rope;
+mod selection;
+mod sparse;
 
 use pyo3::prelude::*;
 
@@ -26,10 +29,19 @@ fn _kvsieve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<cache::PyKvCache>()?;
     m.add_class::<cache::PyCacheConfig>()?;
     m.add_class::<rope::PyRopeConfig>()?;
+    m.add_class::<selection::PySelection>()?;
+    m.add_class::<policy::PyPolicy>()?;
     m.add_function(wrap_pyfunction!(isa, m)?)?;
     m.add_function(wrap_pyfunction!(rope::apply_rope, m)?)?;
     m.add_function(wrap_pyfunction!(attention::paged_decode, m)?)?;
     m.add_function(wrap_pyfunction!(attention::paged_prefill, m)?)?;
+    m.add_function(wrap_pyfunction!(attention::paged_decode_sparse, m)?)?;
+    m.add_function(wrap_pyfunction!(attention::paged_prefill_sparse, m)?)?;
     m.add_function(wrap_pyfunction!(attention::merge_states, m)?)?;
+    m.add_function(wrap_pyfunction!(selection::streaming, m)?)?;
+    m.add_function(wrap_pyfunction!(selection::lambda_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(selection::page_bounds, m)?)?;
+    m.add_function(wrap_pyfunction!(selection::top_k, m)?)?;
+    m.add_function(wrap_pyfunction!(selection::window_pages_to_evict, m)?)?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! String options and keyword arguments translated to the core's types.
 
-use kvsieve::attention::{AttentionParams, RopeStyle};
+use kvsieve::attention::{AttentionParams, PositionMode, RopeStyle};
 use kvsieve::{DType, Error, KeyRope, PageLayout};
 
 fn invalid(param: &str, expected: &str, got: &str) -> Error {
@@ -56,14 +56,71 @@ pub fn style_name(s: RopeStyle) -> &'static str {
     }
 }
 
+/// `position_mode="original"|"contiguous"|"capped"` and its `max_distance`, which capped
+/// positions require and the other modes refuse.
+pub fn parse_position_mode(mode: &str, max_distance: Option<i64>) -> Result<PositionMode, Error> {
+    let mode = match mode.to_ascii_lowercase().as_str() {
+        "original" => PositionMode::Original,
+        "contiguous" => PositionMode::Contiguous,
+        "capped" => {
+            let Some(m) = max_distance else {
+                return Err(Error::InvalidArgument {
+                    param: "max_distance".into(),
+                    expected: "an int >= 1 with position_mode=\"capped\", got None".into(),
+                });
+            };
+            let max_distance = u32::try_from(m).ok().filter(|&m| m >= 1).ok_or_else(|| Error::OutOfRange {
+                param: "max_distance".into(),
+                value: m,
+                range: format!("1..={}", u32::MAX),
+            })?;
+            return Ok(PositionMode::Capped { max_distance });
+        }
+        _ => return Err(invalid("position_mode", "\"original\", \"contiguous\" or \"capped\"", mode)),
+    };
+    match max_distance {
+        None => Ok(mode),
+        Some(m) => Err(Error::InvalidArgument {
+            param: "max_distance".into(),
+            expected: format!("None unless position_mode=\"capped\" (it only caps capped distances), got {m}"),
+        }),
+    }
+}
+
+/// Position modes other than "original" re-rotate keys, so they need keys stored before
+/// RoPE; checked here so that the error names the Python parameter.
+pub fn check_position_mode(key_rope: KeyRope, params: &AttentionParams) -> Result<(), Error> {
+    if key_rope == KeyRope::PostRope && params.positions != PositionMode::Original {
+        let (name, _) = position_mode_parts(params.positions);
+        return Err(Error::InvalidArgument {
+            param: "position_mode".into(),
+            expected: format!(
+                "\"original\" for keys stored after RoPE (key_rope=\"post\"), got {name:?}: \"contiguous\" and \"capped\" re-rotate keys, which needs key_rope=\"pre\" and rope="
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The name and cap of a position mode, as `position_mode=` and `max_distance=` take them.
+pub fn position_mode_parts(mode: PositionMode) -> (&'static str, Option<u32>) {
+    match mode {
+        PositionMode::Original => ("original", None),
+        PositionMode::Contiguous => ("contiguous", None),
+        PositionMode::Capped { max_distance } => ("capped", Some(max_distance)),
+    }
+}
+
 /// The keyword arguments shared by every attention call.
-#[allow(clippy::needless_update)]
 pub fn attention_params(
+    position_mode: &str,
+    max_distance: Option<i64>,
     scale: Option<f32>,
     logit_soft_cap: Option<f32>,
     rope: Option<&crate::rope::PyRopeConfig>,
     chunk_size: Option<i64>,
 ) -> Result<AttentionParams, Error> {
+    let positions = parse_position_mode(position_mode, max_distance)?;
     let chunk_size = match chunk_size {
         None => None,
         Some(c) => Some(usize::try_from(c).map_err(|_| Error::InvalidArgument {
@@ -71,8 +128,7 @@ pub fn attention_params(
             expected: format!("at least 1 (or None for automatic), got {c}"),
         })?),
     };
-    // Fields the Python surface does not expose yet keep the core's defaults.
-    Ok(AttentionParams { scale, logit_soft_cap, rope: rope.map(|r| r.inner), chunk_size, ..Default::default() })
+    Ok(AttentionParams { scale, logit_soft_cap, rope: rope.map(|r| r.inner), chunk_size, positions })
 }
 
 /// Shape of an attention query: `[tokens, num_qo_heads, head_dim]`.

@@ -68,3 +68,75 @@ def merge(v_a, lse_a, v_b, lse_b):
     lse = m + np.log(wa + wb)
     v = (v_a * wa[..., None] + v_b * wb[..., None]) / (wa + wb)[..., None]
     return v, lse
+
+
+def selected_attention(
+    q,
+    q_tokens,
+    k,
+    v,
+    heads,
+    *,
+    positions=None,
+    rope_cfg=None,
+    position_mode="original",
+    max_distance=None,
+    windows=None,
+    scale=None,
+):
+    """Attention of queries q [nq, Hq, D], query i at token index q_tokens[i], over only the
+    selected tokens of k, v [n, Hk, D] (the whole sequence, as stored). Returns (out, lse)
+    in float64.
+
+    heads[h] lists the tokens KV head h selected (ascending). Query token qt sees the
+    selected tokens t <= qt; with windows[h] = (sinks, window) only those with t < sinks or
+    qt - t < window.
+
+    rope_cfg (a dict of `rope()`'s keyword arguments, theta required) means the keys (and the
+    queries) are given before RoPE and rotated here, with positions numbered as
+    position_mode says:
+    - "original": keys at positions[t], the query at positions[qt];
+    - "contiguous": a head's selected tokens numbered 0, 1, ... in order (whatever the window
+      hides), the query at the count of selected tokens below qt;
+    - "capped": the query at positions[qt], a key at positions[qt] - min(positions[qt] -
+      positions[t], max_distance).
+    """
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    nq, hq, d = q.shape
+    n, hk, _ = k.shape
+    group = hq // hk
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    positions = np.arange(n) if positions is None else np.asarray(positions, dtype=np.int64)
+    out = np.zeros((nq, hq, d))
+    lse = np.full((nq, hq), -np.inf)
+    for i, qt in enumerate(q_tokens):
+        for h in range(hq):
+            kh = h // group
+            kept = np.asarray(heads[kh], dtype=np.int64)
+            vis = kept[kept <= qt]
+            if windows is not None and windows[kh] is not None:
+                sinks, window = windows[kh]
+                vis = vis[(vis < sinks) | (qt - vis < window)]
+            if len(vis) == 0:
+                continue
+            qh = q[i, h]
+            kk = k[vis, kh]
+            if rope_cfg is not None:
+                if position_mode == "contiguous":
+                    q_pos = np.sum(kept < qt)
+                    k_pos = np.searchsorted(kept, vis)
+                elif position_mode == "capped":
+                    q_pos = positions[qt]
+                    k_pos = q_pos - np.minimum(q_pos - positions[vis], max_distance)
+                else:
+                    q_pos = positions[qt]
+                    k_pos = positions[vis]
+                qh = rope(qh[None, None, :], [q_pos], **rope_cfg)[0, 0]
+                kk = rope(kk[:, None, :], k_pos, **rope_cfg)[:, 0]
+            s = kk @ qh * scale
+            m = s.max()
+            p = np.exp(s - m)
+            out[i, h] = p @ v[vis, kh] / p.sum()
+            lse[i, h] = m + np.log(p.sum())
+    return out, lse
+

@@ -7,6 +7,13 @@ Two ways to use it:
 * :func:`paged_decode` / :func:`paged_prefill` read K/V pages that the engine owns
   (numpy arrays, NHD or HND, any strides) through a CSR page table, without copying.
 
+Sparse attention reads only the tokens a :class:`Selection` names per KV head. Selections
+come from :func:`streaming`, :func:`lambda_mask`, :func:`page_bounds`, or a
+:class:`Policy` (a text form such as ``"sinks=4,window=1024;layers=0-1:dense"``), and feed
+:meth:`KvCache.decode_sparse` / :meth:`KvCache.prefill_sparse` (or
+:func:`paged_decode_sparse` / :func:`paged_prefill_sparse`); :meth:`KvCache.decode_with_policy`
+does both steps, and :meth:`KvCache.evict_for_policy` frees what a policy never reads again.
+
 Every error is a :class:`KvsieveError` (one subclass per kind) carrying a stable
 :class:`ErrorCode`.
 """
@@ -27,16 +34,25 @@ from kvsieve._kvsieve import (
     OutOfPagesError,
     OutOfRangeError,
     ParseError,
+    Policy,
     RopeConfig,
+    Selection,
     ShapeError,
     UnknownSequenceError,
     UnsupportedError,
     __version__,
     apply_rope,
     isa,
+    lambda_mask,
     merge_states,
+    page_bounds,
     paged_decode,
+    paged_decode_sparse,
     paged_prefill,
+    paged_prefill_sparse,
+    streaming,
+    top_k,
+    window_pages_to_evict,
 )
 
 __all__ = [
@@ -55,14 +71,23 @@ __all__ = [
     "OutOfPagesError",
     "OutOfRangeError",
     "ParseError",
+    "Policy",
     "RopeConfig",
+    "Selection",
     "ShapeError",
     "UnknownSequenceError",
     "UnsupportedError",
     "__version__",
     "apply_rope",
     "isa",
+    "lambda_mask",
     "merge_states",
+    "page_bounds",
     "paged_decode",
+    "paged_decode_sparse",
     "paged_prefill",
+    "paged_prefill_sparse",
+    "streaming",
+    "top_k",
+    "window_pages_to_evict",
 ]

@@ -11,13 +11,23 @@ Conventions shared by every call:
   ``num_kv_heads`` (query head ``h`` reads KV head ``h // (num_qo_heads // num_kv_heads)``).
 * ``scale`` defaults to ``1 / sqrt(head_dim)``; the LSE is the natural log of the sum of
   ``exp(score)``; a query that sees no key gets a zero output and an LSE of ``-inf``.
+* ``position_mode`` numbers key and query positions when RoPE is applied at read time
+  (keys stored before RoPE, ``key_rope="pre"``): ``"original"`` (positions as stored; the
+  query at its own token's position), ``"contiguous"`` (StreamingLLM: the tokens a KV head
+  reads are numbered 0, 1, ... in cache order, and a query sits at the count of those
+  below its own token) or ``"capped"`` (LM-Infinite: a key at distance ``d`` from the query
+  is rotated as if at distance ``min(d, max_distance)``; ``max_distance`` is required with
+  ``"capped"`` and refused otherwise). With keys stored after RoPE only ``"original"`` is
+  accepted.
+* Token indices (selections, ``keep=`` lists) count a sequence's tokens in cache order,
+  from 0; they are uint32 and strictly ascending within each head.
 * Every error is a :class:`KvsieveError` subclass; a call that raises changed nothing.
 * The GIL is released while kvsieve works, so calls from several Python threads run in
   parallel (a :class:`KvCache` serialises writers and lets readers share it).
 """
 
 import enum
-from typing import ClassVar, Sequence, Union
+from typing import Any, ClassVar, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -93,7 +103,13 @@ class IoError(KvsieveError):
     """Reading or writing a file failed, or its contents are malformed."""
 
 class ParseError(KvsieveError):
-    """Text (such as a policy) could not be parsed."""
+    """Text (such as a policy) could not be parsed.
+
+    Raised by kvsieve, an instance carries ``offset``: the byte offset (in the UTF-8 text)
+    of the offending token, or the text's length when it ended too early.
+    """
+
+    offset: int
 
 class InternalError(KvsieveError):
     """A bug inside kvsieve (or a failed :meth:`KvCache.check_invariants`). Please report it."""
@@ -159,6 +175,160 @@ class CacheConfig:
     @property
     def track_key_bounds(self) -> bool:
         """Whether per-page key min/max are kept."""
+
+class Selection:
+    """Which cached tokens each KV head of one (sequence, layer) reads.
+
+    CSR over KV heads: head ``h`` reads ``indices[head_indptr[h]:head_indptr[h + 1]]``,
+    strictly ascending token indices below ``seq_len``. Query heads of a GQA group share
+    their KV head's tokens. Immutable; equal selections compare equal and hash alike.
+
+    Make one with the static constructors below, :func:`streaming`, :func:`lambda_mask`,
+    :func:`page_bounds` or :meth:`Policy.select`.
+    """
+
+    @staticmethod
+    def from_csr(seq_len: int, head_indptr: IntArray, indices: IntArray) -> Selection:
+        """A selection from its CSR arrays.
+
+        Raises:
+            ShapeError: ``head_indptr`` with fewer than 2 entries.
+            InvalidArgumentError: ``head_indptr`` not starting at 0, decreasing, or not ending
+                at ``len(indices)``; a head's indices not strictly ascending (``indices``
+                named, with the position).
+            OutOfRangeError: an index ``>= seq_len`` or negative (``indices[i]`` named).
+        """
+    @staticmethod
+    def from_heads(seq_len: int, heads: Sequence[IntArray]) -> Selection:
+        """A selection from one strictly ascending token list per KV head.
+
+        Raises:
+            InvalidArgumentError: no heads; a list not strictly ascending (``heads[h][i]``).
+            OutOfRangeError: an index ``>= seq_len`` or negative (``heads[h][i]``).
+        """
+    @staticmethod
+    def dense(num_kv_heads: int, seq_len: int) -> Selection:
+        """Every token for every head.
+
+        Raises:
+            InvalidArgumentError: ``num_kv_heads`` 0.
+        """
+    @staticmethod
+    def same_for_all_heads(num_kv_heads: int, seq_len: int, tokens: IntArray) -> Selection:
+        """The same strictly ascending token list for every head (checked as in
+        :meth:`from_heads`, ``tokens[i]`` named)."""
+    @property
+    def num_kv_heads(self) -> int:
+        """Number of KV heads."""
+    @property
+    def seq_len(self) -> int:
+        """Tokens in the sequence the selection was made for."""
+    @property
+    def head_indptr(self) -> npt.NDArray[np.uint32]:
+        """The CSR offsets, uint32 ``[num_kv_heads + 1]`` (a copy)."""
+    @property
+    def indices(self) -> npt.NDArray[np.uint32]:
+        """Every head's token indices, concatenated in head order, uint32 (a copy)."""
+    def head(self, h: int) -> npt.NDArray[np.uint32]:
+        """Token indices read by KV head ``h``, uint32, strictly ascending.
+
+        Raises:
+            OutOfRangeError: ``h`` not in ``0 .. num_kv_heads``.
+        """
+    def len(self) -> int:
+        """Selected tokens summed over heads (also ``len(selection)``)."""
+    def __len__(self) -> int: ...
+    def is_empty(self) -> bool:
+        """Whether no head reads any token."""
+    def is_dense(self) -> bool:
+        """Whether every head reads every token."""
+    def union(self, other: Selection) -> Selection:
+        """Per head, the tokens read by either selection.
+
+        Raises:
+            InvalidArgumentError: ``other`` has another ``num_kv_heads`` or ``seq_len``.
+        """
+    def intersection(self, other: Selection) -> Selection:
+        """Per head, the tokens read by both selections (errors as :meth:`union`)."""
+    def stats(self) -> dict[str, Any]:
+        """``seq_len``; ``per_head`` (list of kept counts); ``total``; ``density``
+        (``total / (num_kv_heads * seq_len)``); ``min_density`` and ``max_density`` over
+        heads (densities are 0.0 when ``seq_len`` is 0)."""
+    def __eq__(self, other: object) -> bool: ...
+
+class Policy:
+    """A selection policy for every (layer, KV head) of a model, from its text form.
+
+    A spec says what one KV head reads: ``dense``, or the union of ``sinks=N`` (the first N
+    tokens), ``window=N`` (the last N) and ``pages=N`` (page bounds to N tokens, with
+    optional ``min_pages=N``), plus ``positions=original|contiguous|capped`` and
+    ``max_distance=N``; ``global=N`` / ``local=N`` are ``sinks`` / ``window`` that also set
+    ``positions=capped`` (LM-Infinite). Clauses are separated by ``;``: one default spec,
+    ``layers=a-b,c:spec`` overrides and ``heads=layer.head,...:spec`` overrides (later
+    clauses of a kind win; a head override beats a layer override). Empty text means dense.
+    Examples::
+
+        sinks=4,window=1024,pages=2048;layers=0-1:dense;heads=2.0,2.5:sinks=4,window=256
+        global=4,local=4096,max_distance=4096
+
+    ``str(policy)`` is the canonical text, which parses back to an equal policy. Parsing
+    checks syntax only; :meth:`validate` checks against a model. Policies compare equal and
+    hash by value.
+
+    Args:
+        text: the text form.
+
+    Raises:
+        ParseError: malformed text; the exception's ``offset`` is the byte offset of the
+            offending token.
+    """
+
+    def __init__(self, text: str) -> None: ...
+    @staticmethod
+    def parse(text: str) -> Policy:
+        """Same as ``Policy(text)``."""
+    def validate(self, num_layers: int, num_kv_heads: int) -> None:
+        """Check the policy against a model: layers and heads in range, ``window``,
+        ``pages`` and ``max_distance`` at least 1, a spec that selects something,
+        ``min_pages`` only with ``pages``, ``max_distance`` exactly with ``capped``, and
+        one position mode for all heads of a layer.
+
+        Raises:
+            InvalidArgumentError: a bad spec (the message names its clause).
+            OutOfRangeError: a layer or head the model does not have (clause named).
+        """
+    def select(self, cache: KvCache, seq: int, layer: int, q: FloatArray) -> Selection:
+        """The tokens each KV head of ``layer`` reads for the decode query ``q`` of ``seq``.
+
+        Args:
+            q: ``[num_qo_heads, head_dim]`` or ``[1, num_qo_heads, head_dim]``, the query as
+                attention takes it (page-bound scores aggregate a GQA group's queries).
+
+        Raises:
+            InvalidArgumentError, OutOfRangeError: the policy does not fit the cache; page
+                bounds on a cache without key bounds or with pre-RoPE keys.
+            OutOfRangeError: ``layer`` out of range.
+            UnknownSequenceError, ShapeError: a bad ``seq`` or ``q``.
+        """
+    def position_mode(self, layer: int) -> tuple[str, int | None]:
+        """``(position_mode, max_distance)`` attention uses at ``layer``, as the
+        ``position_mode=`` / ``max_distance=`` arguments take them (``max_distance`` is
+        None unless the mode is ``"capped"``)."""
+    def is_dense(self, layer: int) -> bool:
+        """Whether every head of ``layer`` is dense (so attention needs no selection)."""
+    def spec(self, layer: int, head: int) -> str:
+        """The canonical text of the spec KV head ``head`` of ``layer`` gets."""
+    def window_pages_to_evict(
+        self, num_layers: int, num_kv_heads: int, seq_len: int, page_size: int
+    ) -> npt.NDArray[np.int64]:
+        """Pages of a sequence (indices into its page list) that no (layer, head) reads
+        again: when every spec is sinks and a window alone, the pages outside the largest
+        sinks and the largest window; otherwise none. See :meth:`KvCache.evict_for_policy`.
+
+        Raises:
+            InvalidArgumentError, OutOfRangeError: the policy fails :meth:`validate`.
+        """
+    def __eq__(self, other: object) -> bool: ...
 
 class KvCache:
     """Paged KV storage owned by kvsieve, for many sequences.
@@ -334,6 +504,8 @@ class KvCache:
         scale: float | None = None,
         logit_soft_cap: float | None = None,
         rope: RopeConfig | None = None,
+        position_mode: str = "original",
+        max_distance: int | None = None,
         chunk_size: int | None = None,
         out_dtype: str = "f32",
     ) -> tuple[FloatArray, npt.NDArray[np.float32]]:
@@ -348,6 +520,8 @@ class KvCache:
             rope: required for a ``key_rope="pre"`` cache, whose queries are then given
                 before RoPE and rotated at the position of the sequence's last token
                 (ignored for ``"post"`` caches).
+            position_mode, max_distance: position numbering for RoPE at read time (see the
+                module docs); only ``"original"`` on a ``"post"`` cache.
             chunk_size: tokens per work chunk (flash-decoding split); None picks one.
             out_dtype: ``"f32"`` or ``"f16"``.
 
@@ -366,6 +540,8 @@ class KvCache:
         scale: float | None = None,
         logit_soft_cap: float | None = None,
         rope: RopeConfig | None = None,
+        position_mode: str = "original",
+        max_distance: int | None = None,
         chunk_size: int | None = None,
         out_dtype: str = "f32",
     ) -> tuple[FloatArray, npt.NDArray[np.float32]]:
@@ -378,6 +554,160 @@ class KvCache:
 
         Returns:
             ``(out, lse)``: ``out`` like ``q``; ``lse`` float32 ``[total, num_qo_heads]``.
+        """
+    def decode_sparse(
+        self,
+        layer: int,
+        seqs: IntArray,
+        q: FloatArray,
+        selections: Sequence[Selection],
+        *,
+        scale: float | None = None,
+        logit_soft_cap: float | None = None,
+        rope: RopeConfig | None = None,
+        position_mode: str = "original",
+        max_distance: int | None = None,
+        chunk_size: int | None = None,
+        out_dtype: str = "f32",
+    ) -> tuple[FloatArray, npt.NDArray[np.float32]]:
+        """Sparse decode: KV head ``h`` of ``seqs[b]`` reads only ``selections[b].head(h)``.
+
+        The result equals dense attention over exactly the selected tokens (query heads of a
+        GQA group share their KV head's tokens; a head that reads nothing gives a zero
+        output and an LSE of ``-inf``). With a ``key_rope="pre"`` cache the query is given
+        before RoPE and rotated at its token's position as ``position_mode`` numbers it.
+
+        Args:
+            selections: one :class:`Selection` per sequence, made for that sequence's
+                current length and the cache's ``num_kv_heads``.
+            Others: as in :meth:`decode`.
+
+        Raises:
+            ShapeError: not one selection per sequence, or a selection with another number
+                of KV heads (``selections[b]`` named).
+            InvalidArgumentError: a selection made for another ``seq_len``
+                (``selections[b]`` named).
+            DTypeError: an item that is not a :class:`Selection`.
+        """
+    def prefill_sparse(
+        self,
+        layer: int,
+        seqs: IntArray,
+        q: FloatArray,
+        qo_indptr: IntArray,
+        selections: Sequence[Selection],
+        windows: Sequence[tuple[int, int] | None] | None = None,
+        *,
+        scale: float | None = None,
+        logit_soft_cap: float | None = None,
+        rope: RopeConfig | None = None,
+        position_mode: str = "original",
+        max_distance: int | None = None,
+        chunk_size: int | None = None,
+        out_dtype: str = "f32",
+    ) -> tuple[FloatArray, npt.NDArray[np.float32]]:
+        """Sparse causal prefill: query row ``i`` of ``seqs[b]`` (token ``qt``) reads, per KV
+        head ``h``, the tokens ``t <= qt`` of ``selections[b].head(h)``, further restricted
+        by ``windows[h]`` when given.
+
+        Args:
+            windows: None (no row mask), or one entry per KV head: None, or
+                ``(sinks, window)``: the row of token ``qt`` then only sees ``t < sinks`` or
+                ``qt - t < window`` (token indices; LM-Infinite's Λ-mask, StreamingLLM's
+                window). ``window`` is at least 1.
+            Others: as in :meth:`prefill` and :meth:`decode_sparse`. With
+                ``position_mode="contiguous"`` the numbering counts every selected token of
+                the head, whatever the row window hides.
+
+        Raises:
+            ShapeError: ``windows`` not one entry per KV head.
+            InvalidArgumentError: a window of 0 (``windows[h].window`` named) or an entry
+                that is not None or a pair of ints.
+        """
+    def decode_with_policy(
+        self,
+        layer: int,
+        seqs: IntArray,
+        q: FloatArray,
+        policy: Policy | str,
+        *,
+        scale: float | None = None,
+        logit_soft_cap: float | None = None,
+        rope: RopeConfig | None = None,
+        chunk_size: int | None = None,
+        out_dtype: str = "f32",
+    ) -> tuple[FloatArray, npt.NDArray[np.float32], list[Selection]]:
+        """Decode under a policy: per sequence, :meth:`Policy.select` chooses each KV head's
+        tokens for that sequence's query, then :meth:`decode_sparse` reads exactly those,
+        with the layer's position mode (:meth:`Policy.position_mode`). A layer whose heads
+        are all dense runs dense decode.
+
+        Args:
+            policy: a :class:`Policy` or its text form.
+            Others: as in :meth:`decode`.
+
+        Returns:
+            ``(out, lse, selections)``: ``selections`` holds one :class:`Selection` per
+            sequence, or is empty for a dense layer.
+
+        Raises:
+            ParseError: ``policy`` is malformed text.
+            InvalidArgumentError, OutOfRangeError: the policy does not fit the cache
+                (:meth:`Policy.validate`; the message names the clause), or page bounds on a
+                cache without key bounds or with pre-RoPE keys.
+        """
+    def prefill_with_policy(
+        self,
+        layer: int,
+        seqs: IntArray,
+        q: FloatArray,
+        qo_indptr: IntArray,
+        policy: Policy | str,
+        *,
+        scale: float | None = None,
+        logit_soft_cap: float | None = None,
+        rope: RopeConfig | None = None,
+        chunk_size: int | None = None,
+        out_dtype: str = "f32",
+    ) -> tuple[FloatArray, npt.NDArray[np.float32]]:
+        """Causal prefill under a policy, with the layer's position mode. Per KV head, a spec
+        made of sinks and a window alone becomes a row window ``(sinks, window)`` as in
+        :meth:`prefill_sparse`; any other spec (dense, or with page bounds, which choose
+        tokens per decode query) attends every earlier token.
+        """
+    def evict_for_policy(self, seq: int, policy: Policy | str) -> int:
+        """Evict the pages of a sequence that the policy never reads again; returns how many.
+
+        Only a policy whose every (layer, head) spec is sinks and a window alone has such
+        pages (see :meth:`Policy.window_pages_to_evict`); for any other policy this evicts
+        nothing. Remaining tokens keep their original positions, so memory stays bounded
+        over an arbitrarily long stream.
+
+        Raises:
+            ParseError, InvalidArgumentError, OutOfRangeError: a malformed policy or one
+                that does not fit the cache.
+            UnknownSequenceError: ``seq`` is not in the cache.
+        """
+    def compact(self, seq: int, keep: IntArray | Sequence[IntArray], per: str = "all") -> None:
+        """Keep only some tokens of a sequence, moved into fresh pages in order, with their
+        original positions; the old pages go back to the pool (or stay with the sequences
+        sharing them). Slot ``i`` of the compacted sequence holds each list's ``i``-th token.
+
+        Args:
+            keep: with ``per="all"``, one strictly ascending token list for every layer and
+                KV head; with ``per="layer"``, one list per layer; with ``per="head"``, one
+                list per (layer, KV head), layer-major (``keep[layer * num_kv_heads + h]``).
+                All lists have the same length. Lists that differ need a ``key_rope="post"``
+                cache (slot positions come from the first list).
+            per: ``"all"``, ``"layer"`` or ``"head"``.
+
+        Raises:
+            ShapeError: the wrong number of lists, or lists of different lengths.
+            InvalidArgumentError: a list not strictly ascending or an index past the
+                sequence (``keep[i][j]`` named), differing lists on a pre-RoPE cache, or an
+                unknown ``per``.
+            OutOfRangeError: a negative index.
+            OutOfPagesError: fewer free pages than ``ceil(len(list) / page_size)``.
         """
 
 def paged_decode(
@@ -394,6 +724,8 @@ def paged_decode(
     scale: float | None = None,
     logit_soft_cap: float | None = None,
     rope: RopeConfig | None = None,
+    position_mode: str = "original",
+    max_distance: int | None = None,
     chunk_size: int | None = None,
     out_dtype: str = "f32",
 ) -> tuple[FloatArray, npt.NDArray[np.float32]]:
@@ -414,6 +746,7 @@ def paged_decode(
             index in its sequence.
         key_rope: ``"pre"`` if the keys are stored before RoPE (then ``rope`` is required,
             ``q`` is before RoPE too, and each query is rotated at its token's position).
+        position_mode, max_distance: position numbering for RoPE at read time (module docs).
         Others: as in :meth:`KvCache.decode`.
 
     The page arrays must not be written while the call runs.
@@ -439,6 +772,8 @@ def paged_prefill(
     scale: float | None = None,
     logit_soft_cap: float | None = None,
     rope: RopeConfig | None = None,
+    position_mode: str = "original",
+    max_distance: int | None = None,
     chunk_size: int | None = None,
     out_dtype: str = "f32",
 ) -> tuple[FloatArray, npt.NDArray[np.float32]]:
@@ -446,6 +781,115 @@ def paged_prefill(
 
     Pages and table as in :func:`paged_decode`; ``q`` and ``qo_indptr`` as in
     :meth:`KvCache.prefill`.
+    """
+
+def paged_decode_sparse(
+    k_pages: FloatArray,
+    v_pages: FloatArray,
+    indptr: IntArray,
+    indices: IntArray,
+    last_page_len: IntArray,
+    q: FloatArray,
+    selections: Sequence[Selection],
+    *,
+    layout: str = "nhd",
+    positions: IntArray | None = None,
+    key_rope: str = "post",
+    scale: float | None = None,
+    logit_soft_cap: float | None = None,
+    rope: RopeConfig | None = None,
+    position_mode: str = "original",
+    max_distance: int | None = None,
+    chunk_size: int | None = None,
+    out_dtype: str = "f32",
+) -> tuple[FloatArray, npt.NDArray[np.float32]]:
+    """Sparse decode over K/V pages the engine owns: KV head ``h`` of sequence ``b`` reads
+    only ``selections[b].head(h)`` (token indices into that sequence, in page-table order).
+
+    Pages and table as in :func:`paged_decode`; ``selections`` as in
+    :meth:`KvCache.decode_sparse`.
+    """
+
+def paged_prefill_sparse(
+    k_pages: FloatArray,
+    v_pages: FloatArray,
+    indptr: IntArray,
+    indices: IntArray,
+    last_page_len: IntArray,
+    q: FloatArray,
+    qo_indptr: IntArray,
+    selections: Sequence[Selection],
+    windows: Sequence[tuple[int, int] | None] | None = None,
+    *,
+    layout: str = "nhd",
+    positions: IntArray | None = None,
+    key_rope: str = "post",
+    scale: float | None = None,
+    logit_soft_cap: float | None = None,
+    rope: RopeConfig | None = None,
+    position_mode: str = "original",
+    max_distance: int | None = None,
+    chunk_size: int | None = None,
+    out_dtype: str = "f32",
+) -> tuple[FloatArray, npt.NDArray[np.float32]]:
+    """Sparse causal prefill over K/V pages the engine owns.
+
+    Pages and table as in :func:`paged_decode`; ``q``, ``qo_indptr``, ``selections`` and
+    ``windows`` as in :meth:`KvCache.prefill_sparse`.
+    """
+
+def streaming(num_kv_heads: int, seq_len: int, sinks: int, window: int) -> Selection:
+    """StreamingLLM: every head reads the first ``sinks`` tokens (attention sinks) and the
+    last ``window`` tokens; overlapping ranges merge, so a short sequence is read whole.
+
+    Raises:
+        InvalidArgumentError: ``window`` 0 or ``num_kv_heads`` 0 (``sinks`` 0 is a plain
+            sliding window).
+    """
+
+def lambda_mask(num_kv_heads: int, seq_len: int, global_: int, local: int) -> Selection:
+    """LM-Infinite's Λ-mask for the sequence's last query: every head reads the first
+    ``global_`` tokens and the last ``local`` tokens. Attend with
+    ``position_mode="capped"`` to cap relative distances.
+
+    Raises:
+        InvalidArgumentError: ``local`` 0 or ``num_kv_heads`` 0.
+    """
+
+def page_bounds(cache: KvCache, seq: int, layer: int, q: FloatArray, budget_tokens: int, min_pages: int = 0) -> Selection:
+    """Quest page bounds: per KV head, rank the sequence's pages by an upper bound of the
+    query's logits (from each page's per-channel key min/max; a GQA group takes the largest
+    of its queries' bounds) and keep the best pages until they hold ``budget_tokens``
+    tokens, and at least ``min_pages`` pages. A sequence no longer than the budget is kept
+    whole.
+
+    Args:
+        q: the decode query, ``[num_qo_heads, head_dim]`` or ``[1, num_qo_heads, head_dim]``.
+
+    Raises:
+        InvalidArgumentError: ``budget_tokens`` 0; a cache with ``track_key_bounds=False``
+            or ``key_rope="pre"``.
+        OutOfRangeError: ``layer`` out of range. UnknownSequenceError, ShapeError: as usual.
+    """
+
+def top_k(scores: FloatArray, k: int) -> npt.NDArray[np.uint32]:
+    """Indices of the ``k`` largest of a 1-D array of scores, in ascending index order.
+
+    Ties go to the lower index; NaN counts as ``-inf``; a ``k`` of at least ``len(scores)``
+    returns every index.
+
+    Raises:
+        ShapeError: ``scores`` not 1-D. DTypeError: not float32 or float16.
+    """
+
+def window_pages_to_evict(seq_len: int, page_size: int, sinks: int, window: int) -> npt.NDArray[np.int64]:
+    """Pages of a sequence (ascending indices into its page list) whose tokens all lie
+    outside the first ``sinks`` and the last ``window`` tokens, so a sinks + window
+    selection never reads them again (pass them to :meth:`KvCache.evict_pages`). The page
+    of the last token is never listed.
+
+    Raises:
+        InvalidArgumentError: ``page_size`` 0 or ``window`` 0.
     """
 
 def merge_states(

@@ -1,0 +1,278 @@
+//! `Selection` (which tokens each KV head reads) and the functions that make one:
+//! `streaming`, `lambda_mask`, `page_bounds`, plus `top_k` and `window_pages_to_evict`.
+
+use kvsieve::select::{self, PageBoundsConfig};
+use kvsieve::{Error, Selection};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::arrays::{items, seq_id, to_numpy, type_name, u32_vec, usize_arg, FloatArray};
+use crate::cache::PyKvCache;
+use crate::errors::KvResultExt;
+
+/// Tokens read by each KV head of one (sequence, layer), in CSR form over heads. See the
+/// stub for the full docs.
+#[pyclass(name = "Selection", module = "kvsieve", frozen, eq, hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PySelection {
+    pub inner: Selection,
+}
+
+impl From<Selection> for PySelection {
+    fn from(inner: Selection) -> Self {
+        PySelection { inner }
+    }
+}
+
+/// Check one head's token list before it reaches the core, so errors name the Python
+/// parameter (`heads[1][3]`, `tokens[0]`): strictly ascending, each below `seq_len`.
+fn check_tokens(tokens: &[u32], param: &str, seq_len: usize) -> Result<(), Error> {
+    for (i, &t) in tokens.iter().enumerate() {
+        if i > 0 && t <= tokens[i - 1] {
+            return Err(Error::InvalidArgument {
+                param: format!("{param}[{i}]"),
+                expected: format!("strictly ascending token indices, got {t} after {}", tokens[i - 1]),
+            });
+        }
+        if t as usize >= seq_len {
+            return Err(Error::OutOfRange { param: format!("{param}[{i}]"), value: t as i64, range: format!("0..{seq_len} (seq_len)") });
+        }
+    }
+    Ok(())
+}
+
+#[pymethods]
+impl PySelection {
+    /// A selection from its CSR arrays.
+    #[staticmethod]
+    fn from_csr(py: Python<'_>, seq_len: i64, head_indptr: &Bound<'_, PyAny>, indices: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let seq_len = usize_arg(seq_len, "seq_len")?;
+        let head_indptr = u32_vec(head_indptr, "head_indptr")?;
+        let indices = u32_vec(indices, "indices")?;
+        py.detach(|| Selection::from_csr(seq_len, head_indptr, indices)).kv().map(Self::from)
+    }
+
+    /// A selection from one strictly ascending token list per KV head.
+    #[staticmethod]
+    fn from_heads(py: Python<'_>, seq_len: i64, heads: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let seq_len = usize_arg(seq_len, "seq_len")?;
+        let lists = items(heads, "heads", "1-D integer arrays (one per KV head)")?
+            .iter()
+            .enumerate()
+            .map(|(h, obj)| {
+                let param = format!("heads[{h}]");
+                let tokens = u32_vec(obj, &param)?;
+                check_tokens(&tokens, &param, seq_len).kv()?;
+                Ok(tokens)
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        py.detach(|| Selection::from_heads(seq_len, lists)).kv().map(Self::from)
+    }
+
+    /// Every token for every head.
+    #[staticmethod]
+    fn dense(py: Python<'_>, num_kv_heads: i64, seq_len: i64) -> PyResult<Self> {
+        let num_kv_heads = usize_arg(num_kv_heads, "num_kv_heads")?;
+        let seq_len = usize_arg(seq_len, "seq_len")?;
+        py.detach(|| Selection::dense(num_kv_heads, seq_len)).kv().map(Self::from)
+    }
+
+    /// The same strictly ascending token list for every head.
+    #[staticmethod]
+    fn same_for_all_heads(py: Python<'_>, num_kv_heads: i64, seq_len: i64, tokens: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let num_kv_heads = usize_arg(num_kv_heads, "num_kv_heads")?;
+        let seq_len = usize_arg(seq_len, "seq_len")?;
+        let tokens = u32_vec(tokens, "tokens")?;
+        check_tokens(&tokens, "tokens", seq_len).kv()?;
+        py.detach(|| Selection::same_for_all_heads(num_kv_heads, seq_len, tokens)).kv().map(Self::from)
+    }
+
+    /// Number of KV heads.
+    #[getter]
+    fn num_kv_heads(&self) -> usize {
+        self.inner.num_kv_heads()
+    }
+
+    /// Tokens in the sequence the selection was made for.
+    #[getter]
+    fn seq_len(&self) -> usize {
+        self.inner.seq_len()
+    }
+
+    /// The CSR offsets, uint32 ``[num_kv_heads + 1]``.
+    #[getter]
+    fn head_indptr<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let v = self.inner.head_indptr().to_vec();
+        let n = v.len();
+        to_numpy(py, v, &[n])
+    }
+
+    /// Every head's token indices, concatenated in head order (uint32).
+    #[getter]
+    fn indices<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let v = self.inner.indices().to_vec();
+        let n = v.len();
+        to_numpy(py, v, &[n])
+    }
+
+    /// Token indices read by KV head ``h`` (uint32, strictly ascending).
+    fn head<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
+        let hk = self.inner.num_kv_heads();
+        let h = usize::try_from(h)
+            .ok()
+            .filter(|&h| h < hk)
+            .ok_or_else(|| Error::OutOfRange { param: "h".into(), value: h, range: format!("0..{hk} (num_kv_heads)") })
+            .kv()?;
+        let v = self.inner.head(h).to_vec();
+        let n = v.len();
+        to_numpy(py, v, &[n])
+    }
+
+    /// Selected tokens summed over heads.
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Whether no head reads any token.
+    fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+
+    /// Whether every head reads every token.
+    fn is_dense(&self) -> bool {
+        self.inner.is_dense()
+    }
+
+    /// Per head, the tokens read by either selection.
+    fn union(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let other = selection_arg(other, "other")?;
+        let other = &other.get().inner;
+        py.detach(|| self.inner.union(other)).kv().map(Self::from)
+    }
+
+    /// Per head, the tokens read by both selections.
+    fn intersection(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let other = selection_arg(other, "other")?;
+        let other = &other.get().inner;
+        py.detach(|| self.inner.intersection(other)).kv().map(Self::from)
+    }
+
+    /// Kept-token counts and densities, as a dict.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("seq_len", s.seq_len)?;
+        d.set_item("per_head", s.per_head)?;
+        d.set_item("total", s.total)?;
+        d.set_item("density", s.density)?;
+        d.set_item("min_density", s.min_density)?;
+        d.set_item("max_density", s.max_density)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        let s = &self.inner;
+        let per_head: Vec<String> = (0..s.num_kv_heads()).map(|h| s.head(h).len().to_string()).collect();
+        format!(
+            "Selection(num_kv_heads={}, seq_len={}, per_head=[{}], density={:.4})",
+            s.num_kv_heads(),
+            s.seq_len(),
+            per_head.join(", "),
+            s.stats().density
+        )
+    }
+}
+
+/// A `Selection` argument, or a DType error naming the parameter.
+pub fn selection_arg<'py>(obj: &Bound<'py, PyAny>, param: &str) -> PyResult<Bound<'py, PySelection>> {
+    obj.cast::<PySelection>().map(|b| b.clone()).or_else(|_| {
+        Err(Error::DType { param: param.into(), expected: "a kvsieve.Selection".into(), got: format!("an object of type {}", type_name(obj)) })
+            .kv()
+    })
+}
+
+/// A sequence of `Selection`s (one per sequence of a batch).
+pub fn selections_arg<'py>(obj: &Bound<'py, PyAny>, param: &str) -> PyResult<Vec<Bound<'py, PySelection>>> {
+    items(obj, param, "kvsieve.Selection objects (one per sequence)")?
+        .iter()
+        .enumerate()
+        .map(|(i, s)| selection_arg(s, &format!("{param}[{i}]")))
+        .collect()
+}
+
+/// StreamingLLM: every head reads the first ``sinks`` tokens and the last ``window``.
+#[pyfunction]
+pub fn streaming(py: Python<'_>, num_kv_heads: i64, seq_len: i64, sinks: i64, window: i64) -> PyResult<PySelection> {
+    let num_kv_heads = usize_arg(num_kv_heads, "num_kv_heads")?;
+    let seq_len = usize_arg(seq_len, "seq_len")?;
+    let sinks = usize_arg(sinks, "sinks")?;
+    let window = usize_arg(window, "window")?;
+    py.detach(|| select::streaming(num_kv_heads, seq_len, sinks, window)).kv().map(PySelection::from)
+}
+
+/// LM-Infinite's Λ-mask: every head reads the first ``global_`` tokens and the last ``local``.
+#[pyfunction]
+pub fn lambda_mask(py: Python<'_>, num_kv_heads: i64, seq_len: i64, global_: i64, local: i64) -> PyResult<PySelection> {
+    let num_kv_heads = usize_arg(num_kv_heads, "num_kv_heads")?;
+    let seq_len = usize_arg(seq_len, "seq_len")?;
+    let global = usize_arg(global_, "global_")?;
+    let local = usize_arg(local, "local")?;
+    py.detach(|| select::lambda(num_kv_heads, seq_len, global, local)).kv().map(PySelection::from)
+}
+
+/// Quest page bounds: per KV head, the pages with the best upper bound of the query's
+/// logits, up to ``budget_tokens`` tokens.
+#[pyfunction]
+#[pyo3(signature = (cache, seq, layer, q, budget_tokens, min_pages = 0))]
+pub fn page_bounds(
+    py: Python<'_>,
+    cache: &Bound<'_, PyKvCache>,
+    seq: i64,
+    layer: i64,
+    q: &Bound<'_, PyAny>,
+    budget_tokens: i64,
+    min_pages: i64,
+) -> PyResult<PySelection> {
+    let seq = seq_id(seq, "seq")?;
+    let layer = usize_arg(layer, "layer")?;
+    let cfg = PageBoundsConfig { budget_tokens: usize_arg(budget_tokens, "budget_tokens")?, min_pages: usize_arg(min_pages, "min_pages")? };
+    let q = FloatArray::extract(q, "q", true)?;
+    let qv = q.view().kv()?;
+    cache.get().with_read(py, |c| select::page_bounds(c, seq, layer, &qv, &cfg)).map(PySelection::from)
+}
+
+/// Indices of the ``k`` largest scores, ascending (ties: lower index first; NaN ranks last).
+#[pyfunction]
+pub fn top_k<'py>(py: Python<'py>, scores: &Bound<'py, PyAny>, k: i64) -> PyResult<Bound<'py, PyAny>> {
+    let k = usize_arg(k, "k")?;
+    let arr = FloatArray::extract(scores, "scores", true)?;
+    if arr.shape().len() != 1 {
+        return Err(Error::Shape { param: "scores".into(), expected: "a 1-D array".into(), got: format!("{:?}", arr.shape()) }).kv();
+    }
+    let n = arr.shape()[0];
+    if n > u32::MAX as usize {
+        return Err(Error::Shape { param: "scores".into(), expected: format!("at most {} scores", u32::MAX), got: format!("[{n}]") }).kv();
+    }
+    let values = arr.to_f32_vec();
+    let idx = py.detach(|| select::top_k(&values, k));
+    let n = idx.len();
+    to_numpy(py, idx, &[n])
+}
+
+/// Pages of a sequence (indices into its page list) that a sinks + window selection never
+/// reads again.
+#[pyfunction]
+pub fn window_pages_to_evict<'py>(py: Python<'py>, seq_len: i64, page_size: i64, sinks: i64, window: i64) -> PyResult<Bound<'py, PyAny>> {
+    let seq_len = usize_arg(seq_len, "seq_len")?;
+    let page_size = usize_arg(page_size, "page_size")?;
+    let sinks = usize_arg(sinks, "sinks")?;
+    let window = usize_arg(window, "window")?;
+    let pages = select::window_pages_to_evict(seq_len, page_size, sinks, window).kv()?;
+    let pages: Vec<i64> = pages.into_iter().map(|p| p as i64).collect();
+    let n = pages.len();
+    to_numpy(py, pages, &[n])
+}

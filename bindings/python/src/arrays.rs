@@ -219,7 +219,11 @@ pub fn u32_vec(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<Vec<u32>> {
         .into_iter()
         .enumerate()
         .map(|(i, x)| {
-            u32::try_from(x).map_err(|_| Error::OutOfRange { param: format!("{param}[{i}]"), value: x, range: format!("0..={} (uint32)", u32::MAX) })
+            u32::try_from(x).map_err(|_| Error::OutOfRange {
+                param: format!("{param}[{i}]"),
+                value: x,
+                range: format!("0..={} (uint32)", u32::MAX),
+            })
         })
         .collect::<Result<_, _>>()
         .kv()
@@ -228,8 +232,10 @@ pub fn u32_vec(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<Vec<u32>> {
 /// The items of a list or tuple argument (or of any iterable but a string), or a DType
 /// error naming the parameter.
 pub fn items<'py>(obj: &Bound<'py, PyAny>, param: &str, expected: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    let not_a_sequence = || {
-        Error::DType { param: param.into(), expected: format!("a sequence of {expected}"), got: format!("an object of type {}", type_name(obj)) }
+    let not_a_sequence = || Error::DType {
+        param: param.into(),
+        expected: format!("a sequence of {expected}"),
+        got: format!("an object of type {}", type_name(obj)),
     };
     if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<pyo3::types::PyBytes>() {
         return Err(not_a_sequence()).kv();

@@ -170,7 +170,9 @@ pub fn paged_prefill<'py>(
     let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "total").kv()?;
-    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::prefill(kv, qv, &qo_indptr, out, Some(lse), &params, causal))
+    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| {
+        attention::prefill(kv, qv, &qo_indptr, out, Some(lse), &params, causal)
+    })
 }
 
 /// Sparse decode over engine-owned paged K/V arrays: KV head ``h`` of sequence ``b`` reads

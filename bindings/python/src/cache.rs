@@ -12,7 +12,9 @@ use pyo3::types::PyDict;
 
 use crate::arrays::{filled, i32_vec, int_vec, numel, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, FloatArray, OutBuf};
 use crate::errors::KvResultExt;
-use crate::options::{attention_params, check_position_mode, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape};
+use crate::options::{
+    attention_params, check_position_mode, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape,
+};
 use crate::policy::policy_arg;
 use crate::rope::PyRopeConfig;
 use crate::selection::{selections_arg, PySelection};
@@ -309,7 +311,8 @@ impl PyKvCache {
         let ids = seq_ids(seqs, "seqs")?;
         let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
         let q = FloatArray::extract(q, "q", true)?;
-        let (out, lse, ()) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode(layer, &ids, qv, out, Some(lse), &params))?;
+        let (out, lse, ()) =
+            self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode(layer, &ids, qv, out, Some(lse), &params))?;
         Ok((out, lse))
     }
 
@@ -337,8 +340,9 @@ impl PyKvCache {
         let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
         let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
         let q = FloatArray::extract(q, "q", true)?;
-        let (out, lse, ()) =
-            self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| c.prefill(layer, &ids, qv, &qo_indptr, out, Some(lse), &params, causal))?;
+        let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
+            c.prefill(layer, &ids, qv, &qo_indptr, out, Some(lse), &params, causal)
+        })?;
         Ok((out, lse))
     }
 
@@ -366,8 +370,9 @@ impl PyKvCache {
         let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
         let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
         let q = FloatArray::extract(q, "q", true)?;
-        let (out, lse, ()) =
-            self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode_sparse(layer, &ids, qv, &sels, out, Some(lse), &params))?;
+        let (out, lse, ()) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| {
+            c.decode_sparse(layer, &ids, qv, &sels, out, Some(lse), &params)
+        })?;
         Ok((out, lse))
     }
 
@@ -429,8 +434,9 @@ impl PyKvCache {
         // The policy sets the position mode of the layer.
         let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
         let q = FloatArray::extract(q, "q", true)?;
-        let (out, lse, sels) =
-            self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode_with_policy(layer, &ids, qv, out, Some(lse), &policy, &params))?;
+        let (out, lse, sels) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| {
+            c.decode_with_policy(layer, &ids, qv, out, Some(lse), &policy, &params)
+        })?;
         Ok((out, lse, sels.into_iter().map(PySelection::from).collect()))
     }
 

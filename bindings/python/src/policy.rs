@@ -31,8 +31,12 @@ pub fn policy_arg(obj: &Bound<'_, PyAny>) -> PyResult<Policy> {
     if let Ok(text) = obj.cast::<PyString>() {
         return Ok(PyPolicy::parse_text(&text.to_cow()?)?.inner);
     }
-    Err(Error::DType { param: "policy".into(), expected: "a kvsieve.Policy or its text form (str)".into(), got: format!("an object of type {}", type_name(obj)) })
-        .kv()
+    Err(Error::DType {
+        param: "policy".into(),
+        expected: "a kvsieve.Policy or its text form (str)".into(),
+        got: format!("an object of type {}", type_name(obj)),
+    })
+    .kv()
 }
 
 #[pymethods]

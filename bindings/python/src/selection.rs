@@ -189,9 +189,13 @@ impl PySelection {
 
 /// A `Selection` argument, or a DType error naming the parameter.
 pub fn selection_arg<'py>(obj: &Bound<'py, PyAny>, param: &str) -> PyResult<Bound<'py, PySelection>> {
-    obj.cast::<PySelection>().map(|b| b.clone()).or_else(|_| {
-        Err(Error::DType { param: param.into(), expected: "a kvsieve.Selection".into(), got: format!("an object of type {}", type_name(obj)) })
-            .kv()
+    obj.cast::<PySelection>().cloned().or_else(|_| {
+        Err(Error::DType {
+            param: param.into(),
+            expected: "a kvsieve.Selection".into(),
+            got: format!("an object of type {}", type_name(obj)),
+        })
+        .kv()
     })
 }
 

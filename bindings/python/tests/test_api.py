@@ -69,18 +69,29 @@ def test_stub_names_and_signatures_match_the_module():
             for item in node.body:
                 if not isinstance(item, ast.FunctionDef) or item.name == "__eq__":
                     continue
-                is_property = any(isinstance(d, ast.Name) and d.id == "property" for d in item.decorator_list)
+                decorators = {d.id for d in item.decorator_list if isinstance(d, ast.Name)}
+                where = f"{node.name}.{item.name}"
                 if item.name == "__init__":
                     assert stub_params(item) == runtime_params(cls), node.name
-                elif is_property:
-                    assert isinstance(inspect.getattr_static(cls, item.name), property) or hasattr(cls, item.name)
+                elif "property" in decorators:
+                    # A Python property or a getter of the extension type, not a method.
+                    assert inspect.isdatadescriptor(inspect.getattr_static(cls, item.name)), where
                 else:
-                    assert stub_params(item) == runtime_params(getattr(cls, item.name)), f"{node.name}.{item.name}"
+                    is_static = isinstance(inspect.getattr_static(cls, item.name), staticmethod)
+                    assert is_static == ("staticmethod" in decorators), f"{where}: staticmethod in one of stub and module only"
+                    assert stub_params(item) == runtime_params(getattr(cls, item.name)), where
             # Every public method of the class is in the stub.
             stub_members = {i.name for i in node.body if isinstance(i, ast.FunctionDef)}
             stub_members |= {t.target.id for t in node.body if isinstance(t, ast.AnnAssign)}
             stub_members |= {t.targets[0].id for t in node.body if isinstance(t, ast.Assign)}
             runtime_members = {n for n in vars(cls) if not n.startswith("_")}
+            # Getters of the extension type are properties in the stub, and the other way round.
+            stub_properties = {
+                i.name for i in node.body if isinstance(i, ast.FunctionDef) and any(isinstance(d, ast.Name) and d.id == "property" for d in i.decorator_list)
+            }
+            runtime_getters = {n for n in runtime_members if inspect.isdatadescriptor(inspect.getattr_static(cls, n))}
+            if not issubclass(cls, BaseException):
+                assert runtime_getters == stub_properties, f"{node.name}: properties differ"
             if issubclass(cls, BaseException):
                 runtime_members -= {"code", "code_name"}
             elif issubclass(cls, int):
@@ -98,3 +109,24 @@ def test_error_code_stub_values():
     enum_node = next(n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "ErrorCode")
     values = {t.targets[0].id: ast.literal_eval(t.value) for t in enum_node.body if isinstance(t, ast.Assign)}
     assert values == {m.name: int(m) for m in kvsieve.ErrorCode}
+
+
+def test_attention_calls_take_position_mode():
+    """Every decode / prefill takes position_mode and max_distance (keyword-only, defaults
+    "original" and None), except the policy-driven ones, whose policy sets them."""
+    calls = [getattr(ext, n) for n in dir(ext) if n.startswith(("paged_decode", "paged_prefill"))]
+    calls += [getattr(ext.KvCache, n) for n in dir(ext.KvCache) if n.startswith(("decode", "prefill"))]
+    assert len(calls) == 10
+    for fn in calls:
+        params = dict((name, (kind, default)) for name, kind, default in runtime_params(fn))
+        if fn.__name__.endswith("_with_policy"):
+            assert "position_mode" not in params and "max_distance" not in params, fn.__name__
+        else:
+            assert params["position_mode"] == ("keyword", "original"), fn.__name__
+            assert params["max_distance"] == ("keyword", None), fn.__name__
+
+
+def test_parse_error_offset_in_stub():
+    stub = load_stub("_kvsieve.pyi")
+    cls = next(n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "ParseError")
+    assert any(isinstance(t, ast.AnnAssign) and t.target.id == "offset" for t in cls.body)

@@ -324,3 +324,218 @@ def test_odd_arrays_never_panic(cache):
     huge = np.broadcast_to(np.float32(1.0), (2**40, H, D))
     with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`q`", "fits in memory"):
         c.decode(0, [s], huge)
+
+
+def snapshot(c, s):
+    """What a failed call must leave unchanged."""
+    return (c.seq_len(s), c.positions(s).tolist(), c.seq_pages(s).tolist(), c.stats(), [c.read_keys(s, l).tolist() for l in range(2)])
+
+
+def test_selection_errors():
+    S = kvsieve.Selection
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "indices", "ascending"):
+        S.from_csr(10, [0, 3], [1, 0, 2])
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "indices[2]", "10"):
+        S.from_csr(10, [0, 3], [1, 2, 10])
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "indices[0]", "-1"):
+        S.from_csr(10, [0, 3], [-1, 2, 3])
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "head_indptr"):
+        S.from_csr(10, [0], [])
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "head_indptr"):
+        S.from_csr(10, [0, 2], [1, 2, 3])
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "indices", "float64"):
+        S.from_csr(10, [0, 1], np.array([1.0]))
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "heads[1][1]", "ascending"):
+        S.from_heads(10, [[1, 2], [3, 3]])
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "heads[0][1]", "seq_len"):
+        S.from_heads(10, [[1, 12]])
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "num_kv_heads"):
+        S.from_heads(10, [])
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "heads"):
+        S.from_heads(10, "abc")
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "tokens[1]"):
+        S.same_for_all_heads(2, 5, [0, 5])
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "num_kv_heads"):
+        S.dense(0, 5)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "num_kv_heads"):
+        S.dense(-1, 5)
+    sel = S.dense(2, 5)
+    for h in (2, -1):
+        with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`h`", "0..2"):
+            sel.head(h)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "other", "seq_len"):
+        sel.union(S.dense(2, 6))
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "other", "num_kv_heads"):
+        sel.intersection(S.dense(3, 5))
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "other", "Selection"):
+        sel.union([0, 1])
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "window"):
+        kvsieve.streaming(2, 10, 4, 0)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "local"):
+        kvsieve.lambda_mask(2, 10, 4, 0)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "num_kv_heads"):
+        kvsieve.streaming(0, 10, 4, 4)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "sinks"):
+        kvsieve.streaming(1, 10, -4, 4)
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "scores"):
+        kvsieve.top_k(np.zeros((2, 3), np.float32), 1)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "scores", "float64"):
+        kvsieve.top_k(np.zeros(3), 1)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`k`"):
+        kvsieve.top_k(np.zeros(3, np.float32), -1)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "page_size"):
+        kvsieve.window_pages_to_evict(10, 0, 1, 1)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "window"):
+        kvsieve.window_pages_to_evict(10, 4, 1, 0)
+
+
+def test_policy_errors(cache):
+    c, s = cache
+    before = snapshot(c, s)
+    q = np.ones((1, 4, D), np.float32)
+    for text, cls, code, words in [
+        ("window=0", kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, ["window=0", "N >= 1"]),
+        ("pages=0", kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, ["pages=0"]),
+        ("sinks=0", kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, ["selects tokens"]),
+        ("layers=5:dense", kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, ["layers=5:dense", "0..2"]),
+        ("heads=0.7:window=4", kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, ["heads=0.7", "0..2"]),
+        ("window=4,positions=capped", kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, ["max_distance"]),
+        ("window=4,positions=contiguous;heads=1.1:window=8", kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, ["one position mode", "layer 1"]),
+    ]:
+        p = kvsieve.Policy(text)
+        with raises(cls, code, *words):
+            p.validate(2, H)
+        with raises(cls, code, *words):
+            c.decode_with_policy(1, [s], q, p)
+        with raises(cls, code, *words):
+            c.evict_for_policy(s, text)
+    with raises(kvsieve.ParseError, ErrorCode.PARSE, "byte 7") as info:
+        c.decode_with_policy(0, [s], q, "window=x")
+    assert info.value.offset == 7
+    with raises(kvsieve.ParseError, ErrorCode.PARSE) as info:
+        c.evict_for_policy(s, "sinks=4;;")
+    assert info.value.offset == 8
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "policy", "int"):
+        c.prefill_with_policy(0, [s], q, [0, 1], 5)
+    p = kvsieve.Policy("sinks=2,window=2,pages=4")
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "layer", "0..2"):
+        p.select(c, s, 2, q[0])
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "layer"):
+        c.decode_with_policy(2, [s], q, p)
+    with raises(kvsieve.UnknownSequenceError, ErrorCode.UNKNOWN_SEQUENCE, "99"):
+        p.select(c, 99, 0, q[0])
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`q`"):
+        p.select(c, s, 0, np.ones((2, 4, D), np.float32))
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "budget_tokens"):
+        kvsieve.page_bounds(c, s, 0, q[0], 0)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "min_pages"):
+        kvsieve.page_bounds(c, s, 0, q[0], 4, min_pages=-1)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "layer"):
+        kvsieve.page_bounds(c, s, 7, q[0], 4)
+    pre = kvsieve.KvCache(1, H, D, PS, 4, key_rope="pre")
+    ps_ = pre.create_sequence()
+    pre.append(ps_, 9)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "key_rope"):
+        kvsieve.page_bounds(pre, ps_, 0, q[0], 4)
+    off = kvsieve.KvCache(1, H, D, PS, 4, track_key_bounds=False)
+    os_ = off.create_sequence()
+    off.append(os_, 9)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "track_key_bounds"):
+        p.select(off, os_, 0, q[0])
+    assert snapshot(c, s) == before
+
+
+def test_sparse_attention_errors(cache):
+    c, s = cache  # 6 tokens, 2 layers, 2 KV heads
+    q = np.ones((1, 4, D), np.float32)
+    ok = [kvsieve.Selection.dense(H, 6)]
+    c.decode_sparse(0, [s], q, ok)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "selections[0]", "6 tokens"):
+        c.decode_sparse(0, [s], q, [kvsieve.Selection.dense(H, 5)])
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "selections"):
+        c.decode_sparse(0, [s], q, ok * 2)
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "selections[0]", "KV heads"):
+        c.decode_sparse(0, [s], q, [kvsieve.Selection.dense(3, 6)])
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "selections[1]", "Selection"):
+        c.decode_sparse(0, [s, s], np.ones((2, 4, D), np.float32), [ok[0], [0, 1]])
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "selections"):
+        c.decode_sparse(0, [s], q, ok[0])
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "layer"):
+        c.decode_sparse(2, [s], q, ok)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "position_mode", "sideways"):
+        c.decode_sparse(0, [s], q, ok, position_mode="sideways")
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "max_distance", "capped"):
+        c.decode(0, [s], q, position_mode="capped")
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "max_distance"):
+        c.prefill(0, [s], q, [0, 1], position_mode="capped", max_distance=0)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "max_distance", "None"):
+        c.decode_sparse(0, [s], q, ok, max_distance=4)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "position_mode", "key_rope"):
+        c.decode_sparse(0, [s], q, ok, position_mode="contiguous")
+    qo = [0, 2]
+    q2 = np.ones((2, 4, D), np.float32)
+    c.prefill_sparse(0, [s], q2, qo, ok, [(1, 2), None])
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "windows[0].window"):
+        c.prefill_sparse(0, [s], q2, qo, ok, [(0, 0), None])
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "windows"):
+        c.prefill_sparse(0, [s], q2, qo, ok, [(1, 2)])
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "windows[1]", "pair"):
+        c.prefill_sparse(0, [s], q2, qo, ok, [None, (1, 2, 3)])
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "windows[0].sinks"):
+        c.prefill_sparse(0, [s], q2, qo, ok, [(-1, 2), None])
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "qo_indptr"):
+        c.prefill_sparse(0, [s], np.ones((7, 4, D), np.float32), [0, 7], ok)
+    k = np.ones((2, PS, H, D), np.float32)
+    table = ([0, 2], [0, 1], [2])  # 6 tokens
+    kvsieve.paged_decode_sparse(k, k, *table, q, ok)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "selections[0]"):
+        kvsieve.paged_decode_sparse(k, k, *table, q, [kvsieve.Selection.dense(H, 7)])
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "position_mode"):
+        kvsieve.paged_decode(k, k, *table, q, position_mode="capped", max_distance=3)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "windows[1].window"):
+        kvsieve.paged_prefill_sparse(k, k, *table, q2, qo, ok, [None, (0, 0)])
+
+
+def test_compact_errors_change_nothing(cache):
+    c, s = cache
+    before = snapshot(c, s)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "keep[0][1]", "ascending"):
+        c.compact(s, [3, 1])
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "keep[0][1]", "seq_len 6"):
+        c.compact(s, [0, 6])
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "keep[0]"):
+        c.compact(s, [-1])
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "keep", "2 token lists"):
+        c.compact(s, [[0, 1]], per="layer")
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "keep", "4 token lists"):
+        c.compact(s, [[0, 1], [0, 1]], per="head")
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "keep[1]"):
+        c.compact(s, [[0, 1], [0]], per="layer")
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "keep[1][0]"):
+        c.compact(s, [[0, 1], [-2, 1]], per="layer")
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "per", "token"):
+        c.compact(s, [0], per="token")
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "keep"):
+        c.compact(s, 3, per="layer")
+    with raises(kvsieve.UnknownSequenceError, ErrorCode.UNKNOWN_SEQUENCE, "99"):
+        c.compact(99, [0])
+    assert snapshot(c, s) == before
+    c.check_invariants()
+    # Keys stored before RoPE need the same tokens in every list.
+    pre = kvsieve.KvCache(2, H, D, PS, 8, key_rope="pre")
+    ps_ = pre.create_sequence()
+    pre.append(ps_, 5)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "keep", "same tokens"):
+        pre.compact(ps_, [[0, 1], [0, 2]], per="layer")
+    # Compaction needs fresh pages before it frees the old ones.
+    full = kvsieve.KvCache(2, H, D, PS, 3, dtype="f32")
+    fs = full.create_sequence()
+    full.append(fs, 8)
+    kv_ = np.arange(8 * H * D, dtype=np.float32).reshape(8, H, D)
+    full.write(fs, 0, 0, kv_, kv_)
+    full.write(fs, 1, 0, kv_, kv_)
+    before = snapshot(full, fs)
+    with raises(kvsieve.OutOfPagesError, ErrorCode.OUT_OF_PAGES):
+        full.compact(fs, [0, 1, 2, 3, 7])
+    assert snapshot(full, fs) == before
+    full.check_invariants()

@@ -19,3 +19,14 @@ def test_example_runs(path):
 
 def test_examples_exist():
     assert glob.glob(os.path.join(EXAMPLES, "*.py"))
+
+
+def test_sparse_policy_example_inspects_its_selection():
+    path = os.path.join(EXAMPLES, "02_sparse_policy.py")
+    done = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "canonical form: sinks=4,window=64,pages=128;layers=0:dense" in out
+    assert "ParseError at byte 24" in out
+    assert "layer 0: dense" in out and "Selection(num_kv_heads=2, seq_len=1001" in out
+    assert out.strip().endswith("ok")

@@ -87,3 +87,56 @@ def test_gil_released_during_decode(rng):
     t.join()
     # Were the GIL held across the call, this loop could not run until the call returned.
     assert ticks >= 3, ticks
+
+
+def test_threads_policy_decode_while_another_sequence_streams(rng):
+    """Policy-driven decodes (select + sparse attention under the read lock) run in several
+    threads while a writer streams into another sequence and evicts under the same policy."""
+    policy = kvsieve.Policy("sinks=4,window=64,pages=96")
+    stream_policy = kvsieve.Policy("sinks=4,window=32")
+    c = kvsieve.KvCache(2, 2, D, 16, 200, dtype="f32")
+    seqs = []
+    for n in (500, 130):
+        s = c.create_sequence()
+        c.append(s, n)
+        for layer in range(2):
+            c.write(s, layer, 0, *(rng.standard_normal((2, n, 2, D)).astype(np.float32)))
+        seqs.append(s)
+    qs = [rng.standard_normal((2, 4, D)).astype(np.float32) for _ in range(3)]
+    expected = [c.decode_with_policy(i % 2, seqs, q, policy) for i, q in enumerate(qs)]
+    errors = []
+    start = threading.Barrier(4)
+
+    def reader(i):
+        try:
+            start.wait()
+            for _ in range(20):
+                out, lse, sels = c.decode_with_policy(i % 2, seqs, qs[i], policy)
+                np.testing.assert_array_equal(out, expected[i][0])
+                np.testing.assert_array_equal(lse, expected[i][1])
+                assert sels == expected[i][2]
+        except Exception as e:  # reported to the main thread below
+            errors.append(e)
+
+    def streamer():
+        try:
+            start.wait()
+            s = c.create_sequence()
+            for _ in range(200):
+                c.append(s, 1)
+                t = c.seq_len(s) - 1
+                for layer in range(2):
+                    c.write(s, layer, t, *(np.ones((2, 1, 2, D), np.float32)))
+                c.evict_for_policy(s, stream_policy)
+            assert c.seq_len(s) <= 4 + 32 + 2 * 16
+            c.free_sequence(s)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(3)] + [threading.Thread(target=streamer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    c.check_invariants()

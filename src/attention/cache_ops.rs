@@ -7,12 +7,16 @@ use crate::kv::{KvCache, SeqId};
 use crate::tensor::{TensorView, TensorViewMut};
 
 impl KvCache {
+    /// Run `f` on the view of `layer` over the batch `ids`.
+    pub(crate) fn with_layer_view<R>(&self, layer: usize, ids: &[SeqId], f: impl FnOnce(&crate::kv::PagedKv) -> Result<R>) -> Result<R> {
+        let table = self.page_table(ids)?;
+        f(&self.layer_view(layer, &table)?)
+    }
+
     /// Decode attention of one query token per sequence in `ids` at `layer`.
     /// Shapes as in [`crate::attention::decode`].
     pub fn decode(&self, layer: usize, ids: &[SeqId], q: &TensorView, out: &mut TensorViewMut, lse: Option<&mut [f32]>, params: &AttentionParams) -> Result<()> {
-        let table = self.page_table(ids)?;
-        let kv = self.layer_view(layer, &table)?;
-        decode(&kv, q, out, lse, params)
+        self.with_layer_view(layer, ids, |kv| decode(kv, q, out, lse, params))
     }
 
     /// Prefill attention of the last `qo_indptr[b+1] - qo_indptr[b]` tokens of each sequence
@@ -29,9 +33,7 @@ impl KvCache {
         params: &AttentionParams,
         causal: bool,
     ) -> Result<()> {
-        let table = self.page_table(ids)?;
-        let kv = self.layer_view(layer, &table)?;
-        prefill(&kv, q, qo_indptr, out, lse, params, causal)
+        self.with_layer_view(layer, ids, |kv| prefill(kv, q, qo_indptr, out, lse, params, causal))
     }
 }
 
@@ -49,9 +51,7 @@ impl KvCache {
         lse: Option<&mut [f32]>,
         params: &AttentionParams,
     ) -> Result<()> {
-        let table = self.page_table(ids)?;
-        let kv = self.layer_view(layer, &table)?;
-        crate::attention::decode_sparse(&kv, q, selections, out, lse, params)
+        self.with_layer_view(layer, ids, |kv| crate::attention::decode_sparse(kv, q, selections, out, lse, params))
     }
 
     /// Sparse causal prefill on the cache, as [`crate::attention::prefill_sparse`].
@@ -68,8 +68,6 @@ impl KvCache {
         lse: Option<&mut [f32]>,
         params: &AttentionParams,
     ) -> Result<()> {
-        let table = self.page_table(ids)?;
-        let kv = self.layer_view(layer, &table)?;
-        crate::attention::prefill_sparse(&kv, q, qo_indptr, selections, windows, out, lse, params)
+        self.with_layer_view(layer, ids, |kv| crate::attention::prefill_sparse(kv, q, qo_indptr, selections, windows, out, lse, params))
     }
 }

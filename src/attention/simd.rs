@@ -8,8 +8,9 @@
 
 use crate::dtype::DType;
 
+/// Whether the AVX2 + FMA + F16C kernels can run here (checked once).
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
@@ -114,8 +115,9 @@ mod portable {
     }
 }
 
+/// AVX2 building blocks, shared with the other SIMD kernels of the crate.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     /// Storage types as const-generic tags (a trait method could not carry the target
@@ -124,8 +126,9 @@ mod avx2 {
     pub const F16: u8 = 1;
     pub const BF16: u8 = 2;
 
+    /// Bytes per element of storage type `L`.
     #[inline(always)]
-    const fn size<const L: u8>() -> usize {
+    pub const fn size<const L: u8>() -> usize {
         if L == F32 {
             4
         } else {
@@ -136,7 +139,7 @@ mod avx2 {
     /// Loads 8 consecutive elements of storage type `L` as f32.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load8<const L: u8>(p: *const u8) -> __m256 {
+    pub unsafe fn load8<const L: u8>(p: *const u8) -> __m256 {
         match L {
             F32 => _mm256_loadu_ps(p as *const f32),
             F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
@@ -144,9 +147,10 @@ mod avx2 {
         }
     }
 
+    /// Sum of the 8 lanes.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));

@@ -26,10 +26,8 @@ impl KvCache {
         let c = self.config();
         policy.validate(c.num_layers, c.num_kv_heads)?;
         let params = AttentionParams { positions: policy.position_mode(layer), ..*params };
-        let table = self.page_table(ids)?;
-        let kv = self.layer_view(layer, &table)?;
         if policy.is_dense(layer) {
-            decode(&kv, q, out, lse, &params)?;
+            self.with_layer_view(layer, ids, |kv| decode(kv, q, out, lse, &params))?;
             return Ok(Vec::new());
         }
         if q.shape().first() != Some(&ids.len()) {
@@ -37,7 +35,7 @@ impl KvCache {
         }
         let sels = ids.iter().enumerate().map(|(b, &id)| policy.select(self, id, layer, &q.narrow0(b)?)).collect::<Result<Vec<_>>>()?;
         let refs: Vec<&Selection> = sels.iter().collect();
-        decode_sparse(&kv, q, &refs, out, lse, &params)?;
+        self.with_layer_view(layer, ids, |kv| decode_sparse(kv, q, &refs, out, lse, &params))?;
         Ok(sels)
     }
 
@@ -72,11 +70,9 @@ impl KvCache {
                 }
             })
             .collect();
-        let table = self.page_table(ids)?;
-        let kv = self.layer_view(layer, &table)?;
         let sels = ids.iter().map(|&id| Selection::dense(c.num_kv_heads, self.seq_len(id)?)).collect::<Result<Vec<_>>>()?;
         let refs: Vec<&Selection> = sels.iter().collect();
-        prefill_sparse(&kv, q, qo_indptr, &refs, &windows, out, lse, &params)
+        self.with_layer_view(layer, ids, |kv| prefill_sparse(kv, q, qo_indptr, &refs, &windows, out, lse, &params))
     }
 
     /// Evict the pages of a sequence that the policy will never read again (only a policy made

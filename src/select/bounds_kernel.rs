@@ -10,13 +10,7 @@
 use crate::dtype::{load_f32, DType};
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")
-    })
-}
+use crate::attention::simd::has_avx2;
 
 /// Geometry of one layer's bounds: `[page][head][min | max][head_dim]` elements of `dtype`.
 #[derive(Clone, Copy)]
@@ -109,39 +103,8 @@ mod avx2 {
     use super::{is_empty, BoundsLayout};
     use std::arch::x86_64::*;
 
-    /// Storage types as const-generic tags, so each dtype gets its own inlined loop.
-    pub const F32: u8 = 0;
-    pub const F16: u8 = 1;
-    pub const BF16: u8 = 2;
-
-    #[inline(always)]
-    const fn size<const L: u8>() -> usize {
-        if L == F32 {
-            4
-        } else {
-            2
-        }
-    }
-
-    /// Loads 8 consecutive elements of storage type `L` as f32.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn load8<const L: u8>(p: *const u8) -> __m256 {
-        match L {
-            F32 => _mm256_loadu_ps(p as *const f32),
-            F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-            _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)))),
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
+    pub use crate::attention::simd::avx2::{BF16, F16, F32};
+    use crate::attention::simd::avx2::{hsum, load8, size};
 
     /// `acc += q * (q < 0 ? lo : hi)` on 8 lanes (the sign bit of q picks `lo`).
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -13,7 +13,9 @@ pub mod generate;
 pub mod gguf;
 pub mod matmul;
 pub mod model;
+pub mod perplexity;
 pub mod quant;
+pub mod text;
 pub mod tokenizer;
 
 /// Where scripts/fetch-model.sh leaves the model.

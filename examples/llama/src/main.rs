@@ -36,6 +36,18 @@ enum Cmd {
         #[arg(long, default_value = "dense")]
         policy: String,
     },
+    /// Perplexity of the first `tokens` tokens of a text (default: the KJV) under dense
+    /// attention; prints JSON with the perplexity, the token ids and the time taken.
+    Perplexity {
+        /// A UTF-8 text file (default: the KJV from scripts/fetch-text.sh).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long, default_value_t = 2048)]
+        tokens: usize,
+        /// Also write the token ids, one per line, to this file.
+        #[arg(long)]
+        dump_tokens: Option<PathBuf>,
+    },
     /// Print the token ids of a text as JSON.
     Tokenize {
         #[arg(long)]
@@ -68,6 +80,23 @@ fn run() -> Result<()> {
             let policy = Policy::parse(&policy)?;
             let out = generate::generate(&model, &tok, &prompt, max_tokens, &policy)?;
             println!("{}", tok.decode(&out));
+        }
+        Cmd::Perplexity { file, tokens, dump_tokens } => {
+            let text = match file {
+                Some(f) => std::fs::read_to_string(f)?,
+                None => kvsieve_llama::text::kjv()?,
+            };
+            let mut ids = tok.encode(&text);
+            if ids.len() < tokens {
+                return Err(format!("the text has {} tokens, fewer than {tokens}", ids.len()).into());
+            }
+            ids.truncate(tokens);
+            if let Some(p) = dump_tokens {
+                std::fs::write(p, ids.iter().map(|t| format!("{t}\n")).collect::<String>())?;
+            }
+            let t0 = std::time::Instant::now();
+            let ppl = kvsieve_llama::perplexity::perplexity(&model, &ids)?;
+            println!("{}", serde_json::json!({ "perplexity": ppl, "tokens": tokens, "seconds": t0.elapsed().as_secs_f64() }));
         }
         Cmd::Tokenize { text } => {
             println!("{}", serde_json::json!(tok.encode(&text)));

@@ -11,6 +11,7 @@
 //! prefilled once can fill both (`Step::mirror`), and each policy then decodes in the cache
 //! its positions need.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use kvsieve::attention::{apply_rope, AttentionParams, PositionMode};
@@ -64,7 +65,7 @@ impl Kv {
         }
     }
 
-    fn cache_mut(&mut self, side: Side) -> &mut KvCache {
+    pub fn cache_mut(&mut self, side: Side) -> &mut KvCache {
         match side {
             Side::Post => &mut self.post,
             Side::Pre => self.pre.as_mut().expect("a Kv with a pre-RoPE cache"),
@@ -109,14 +110,27 @@ pub enum Logits {
     All,
 }
 
+/// One sequence in a forward step: which cache its attention reads and under which policy.
+#[derive(Clone, Copy)]
+pub struct Lane<'a> {
+    pub seq: SeqId,
+    pub side: Side,
+    pub policy: &'a Policy,
+}
+
+impl<'a> Lane<'a> {
+    /// A lane in the cache `policy` needs.
+    pub fn new(seq: SeqId, policy: &'a Policy, num_layers: usize) -> Self {
+        Lane { seq, side: side_for(policy, num_layers), policy }
+    }
+}
+
 /// How one forward step runs.
 #[derive(Clone, Copy)]
-pub struct Step<'a> {
-    pub side: Side,
-    /// Also store keys (before RoPE) and values in the pre-RoPE cache: a context prefilled
-    /// once for policies of both sides.
+pub struct Step {
+    /// Also store K and V in the other cache of the [`Kv`] (keys before RoPE in the
+    /// pre-RoPE one): a context prefilled once for policies of both sides.
     pub mirror: bool,
-    pub policy: &'a Policy,
     pub logits: Logits,
     /// Run only the first `n` layers (no logits then).
     pub layers: Option<usize>,
@@ -124,9 +138,9 @@ pub struct Step<'a> {
     pub capture_queries: bool,
 }
 
-impl<'a> Step<'a> {
-    pub fn new(policy: &'a Policy) -> Self {
-        Step { side: Side::Post, mirror: false, policy, logits: Logits::Last, layers: None, capture_queries: false }
+impl Default for Step {
+    fn default() -> Self {
+        Step { mirror: false, logits: Logits::Last, layers: None, capture_queries: false }
     }
 }
 
@@ -139,26 +153,37 @@ pub struct StepOut {
     pub queries: Vec<Vec<f32>>,
 }
 
-/// Counters kept across steps.
+/// Decode counters of one sequence, kept across steps.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Stats {
-    /// Seconds in kvsieve attention calls (selection included).
-    pub attention_secs: f64,
-    /// Seconds in kvsieve cache writes.
-    pub write_secs: f64,
-    /// Decode attention: sequence-steps (one query token of one sequence through all layers).
+    /// Decode steps (one query token through all layers).
     pub decode_steps: usize,
     /// Seconds of decode attention over those steps.
     pub decode_attention_secs: f64,
     /// Bytes of K and V rows read by decode attention, plus page key bounds scanned.
     pub decode_kv_bytes: f64,
-    /// Bytes dense decode attention would have read over the same steps.
+    /// Bytes dense decode attention would have read over the same steps of this sequence
+    /// (after any eviction, what the sequence still holds).
     pub decode_dense_kv_bytes: f64,
+}
+
+impl Stats {
+    /// Mean decode attention seconds per step (all layers, selection included).
+    pub fn attention_secs_per_step(&self) -> f64 {
+        self.decode_attention_secs / self.decode_steps.max(1) as f64
+    }
+    /// Mean KV bytes read per decode step (all layers).
+    pub fn kv_bytes_per_step(&self) -> f64 {
+        self.decode_kv_bytes / self.decode_steps.max(1) as f64
+    }
 }
 
 pub struct Engine<'m> {
     pub model: &'m Model,
-    pub stats: Stats,
+    /// Decode counters per sequence.
+    pub stats: HashMap<SeqId, Stats>,
+    /// Seconds in kvsieve attention calls, all steps (selection included).
+    pub attention_secs: f64,
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -179,39 +204,65 @@ fn positions_of(cache: &KvCache, seq: SeqId, n: usize) -> Result<Vec<i32>> {
 
 impl<'m> Engine<'m> {
     pub fn new(model: &'m Model) -> Self {
-        Engine { model, stats: Stats::default() }
+        Engine { model, stats: HashMap::new(), attention_secs: 0.0 }
     }
 
-    /// Run new tokens through the model. With one sequence, `tokens` are its new tokens (a
-    /// prefill, or a decode step when there is one); with several, one token each (a
-    /// batched decode step). Appends the tokens to the caches.
-    pub fn forward(&mut self, kv: &mut Kv, seqs: &[SeqId], tokens: &[u32], step: &Step) -> Result<StepOut> {
+    /// Run new tokens through the model. With one lane, `tokens` are its sequence's new
+    /// tokens (a prefill, or a decode step when there is one); with several, one token each
+    /// (a batched decode step: the linear layers run once for the batch, attention per
+    /// group of lanes sharing a cache and a policy). Appends the tokens to the caches.
+    pub fn forward(&mut self, kv: &mut Kv, lanes: &[Lane], tokens: &[u32], step: &Step) -> Result<StepOut> {
         let m = self.model;
         let c = &m.cfg;
         let n = tokens.len();
-        if seqs.is_empty() || n == 0 || (seqs.len() > 1 && n != seqs.len()) {
-            return Err(format!("forward: {} sequences and {n} tokens (one sequence with any tokens, or one token per sequence)", seqs.len()).into());
+        if lanes.is_empty() || n == 0 || (lanes.len() > 1 && n != lanes.len()) {
+            return Err(format!("forward: {} lanes and {n} tokens (one lane with any tokens, or one token per lane)", lanes.len()).into());
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(format!("token {t} is outside the vocabulary of {}", c.vocab_size).into());
         }
-        if step.mirror && kv.pre.is_none() {
-            return Err("Step::mirror needs a Kv with a pre-RoPE cache".into());
+        let needs_pre = step.mirror || lanes.iter().any(|l| l.side == Side::Pre);
+        if needs_pre && kv.pre.is_none() {
+            return Err("a lane on the pre-RoPE side (or Step::mirror) needs a Kv with a pre-RoPE cache".into());
         }
-        let decode = n == seqs.len();
-        // Rows of each sequence: (seq, first row, rows).
-        let groups: Vec<(SeqId, usize, usize)> = if seqs.len() == 1 { vec![(seqs[0], 0, n)] } else { seqs.iter().enumerate().map(|(i, &s)| (s, i, 1)).collect() };
-        let sides: Vec<Side> = if step.mirror { vec![step.side, if step.side == Side::Post { Side::Pre } else { Side::Post }] } else { vec![step.side] };
-        let mut starts = Vec::with_capacity(groups.len());
-        for &(seq, _, rows) in &groups {
-            starts.push(kv.cache(step.side).seq_len(seq)?);
-            for &side in &sides {
-                kv.cache_mut(side).append(seq, rows, None)?;
-            }
+        for l in lanes {
+            l.policy.validate(c.num_layers, c.num_kv_heads)?;
         }
+        let decode = n == lanes.len();
+        // Per lane: first row, rows, start in its caches, whether it writes pre / post keys.
+        struct Rows {
+            first: usize,
+            rows: usize,
+            start: usize,
+            pre: bool,
+            post: bool,
+        }
+        let mut rows = Vec::with_capacity(lanes.len());
         let mut positions = Vec::with_capacity(n);
-        for &(seq, _, rows) in &groups {
-            positions.extend(positions_of(kv.cache(step.side), seq, rows)?);
+        for (i, l) in lanes.iter().enumerate() {
+            let (first, count) = if decode { (i, 1) } else { (0, n) };
+            let r = Rows {
+                first,
+                rows: count,
+                start: kv.cache(l.side).seq_len(l.seq)?,
+                pre: l.side == Side::Pre || step.mirror,
+                post: l.side == Side::Post || step.mirror,
+            };
+            for (side, on) in [(Side::Pre, r.pre), (Side::Post, r.post)] {
+                if on {
+                    kv.cache_mut(side).append(l.seq, count, None)?;
+                }
+            }
+            positions.extend(positions_of(kv.cache(l.side), l.seq, count)?);
+            rows.push(r);
+        }
+        // Attention groups: lanes with the same cache and policy (one call each).
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (i, l) in lanes.iter().enumerate() {
+            match groups.iter_mut().find(|g| lanes[g[0]].side == l.side && std::ptr::eq(lanes[g[0]].policy, l.policy)) {
+                Some(g) => g.push(i),
+                None => groups.push(vec![i]),
+            }
         }
 
         let (d, hd, hq, hk) = (c.d_model, c.head_dim, c.num_heads, c.num_kv_heads);
@@ -232,6 +283,7 @@ impl<'m> Engine<'m> {
         let layers = step.layers.unwrap_or(c.num_layers).min(c.num_layers);
         let params_post = AttentionParams::default();
         let params_pre = AttentionParams { rope: Some(rope), ..AttentionParams::default() };
+        let (qrow, krow) = (hq * hd, hk * hd);
 
         for (li, layer) in m.layers[..layers].iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut xn);
@@ -239,40 +291,66 @@ impl<'m> Engine<'m> {
             matmul(&xn, n, &layer.wk, &mut k);
             matmul(&xn, n, &layer.wv, &mut v);
 
-            let t0 = Instant::now();
-            if sides.contains(&Side::Pre) {
-                self.write(kv.cache_mut(Side::Pre), &groups, &starts, li, &k, &v)?;
-            }
-            if step.side == Side::Post || step.capture_queries {
-                apply_rope(&mut TensorViewMut::new(&mut q, &[n, hq, hd])?, &positions, &rope)?;
-            }
-            if sides.contains(&Side::Post) {
-                apply_rope(&mut TensorViewMut::new(&mut k, &[n, hk, hd])?, &positions, &rope)?;
-                self.write(kv.cache_mut(Side::Post), &groups, &starts, li, &k, &v)?;
-            }
-            if step.capture_queries {
-                out.queries.push(q[(n - 1) * hq * hd..].to_vec());
-                if step.side == Side::Pre {
-                    // Queries go to a pre-RoPE cache unrotated: undo by recomputing.
-                    matmul(&xn, n, &layer.wq, &mut q);
+            // Keys before RoPE to pre-RoPE caches, then rotate and store in post-RoPE ones;
+            // queries are rotated for lanes reading post-RoPE keys (kvsieve rotates the
+            // others' when it reads).
+            for (l, r) in lanes.iter().zip(&rows) {
+                let (a, b) = (r.first, r.first + r.rows);
+                let pos = &positions[a..b];
+                if r.pre {
+                    write(kv.cache_mut(Side::Pre), l.seq, li, r.start, &k[a * krow..b * krow], &v[a * krow..b * krow], hk, hd)?;
+                }
+                if r.post {
+                    apply_rope(&mut TensorViewMut::new(&mut k[a * krow..b * krow], &[r.rows, hk, hd])?, pos, &rope)?;
+                    write(kv.cache_mut(Side::Post), l.seq, li, r.start, &k[a * krow..b * krow], &v[a * krow..b * krow], hk, hd)?;
+                }
+                if l.side == Side::Post {
+                    apply_rope(&mut TensorViewMut::new(&mut q[a * qrow..b * qrow], &[r.rows, hq, hd])?, pos, &rope)?;
                 }
             }
-            self.stats.write_secs += t0.elapsed().as_secs_f64();
-
-            let cache = kv.cache(step.side);
-            let params = if step.side == Side::Pre { &params_pre } else { &params_post };
-            let qv = TensorView::new(&q, &[n, hq, hd])?;
-            let mut ov = TensorViewMut::new(&mut att, &[n, hq, hd])?;
-            let t0 = Instant::now();
-            if decode {
-                let sels = cache.decode_with_policy(li, seqs, &qv, &mut ov, None, step.policy, params)?;
-                let dt = t0.elapsed().as_secs_f64();
-                self.stats.decode_attention_secs += dt;
-                self.count_decode_bytes(cache, seqs, li, step.policy, &sels)?;
-            } else {
-                cache.prefill_with_policy(li, seqs, &qv, &[0, n as i32], &mut ov, None, step.policy, params)?;
+            if step.capture_queries {
+                let mut last = q[(n - 1) * qrow..].to_vec();
+                if lanes[lanes.len() - 1].side == Side::Pre {
+                    let p = [positions[n - 1]];
+                    apply_rope(&mut TensorViewMut::new(&mut last, &[1, hq, hd])?, &p, &rope)?;
+                }
+                out.queries.push(last);
             }
-            self.stats.attention_secs += t0.elapsed().as_secs_f64();
+
+            let t0 = Instant::now();
+            for g in &groups {
+                let l0 = lanes[g[0]];
+                let cache = kv.cache(l0.side);
+                let params = if l0.side == Side::Pre { &params_pre } else { &params_post };
+                if decode {
+                    let ids: Vec<SeqId> = g.iter().map(|&i| lanes[i].seq).collect();
+                    let mut qg = Vec::with_capacity(g.len() * qrow);
+                    for &i in g {
+                        qg.extend_from_slice(&q[i * qrow..(i + 1) * qrow]);
+                    }
+                    let mut og = vec![0f32; g.len() * qrow];
+                    let tg = Instant::now();
+                    let sels = cache.decode_with_policy(
+                        li,
+                        &ids,
+                        &TensorView::new(&qg, &[g.len(), hq, hd])?,
+                        &mut TensorViewMut::new(&mut og, &[g.len(), hq, hd])?,
+                        None,
+                        l0.policy,
+                        params,
+                    )?;
+                    let dt = tg.elapsed().as_secs_f64() / g.len() as f64;
+                    for (j, &i) in g.iter().enumerate() {
+                        att[i * qrow..(i + 1) * qrow].copy_from_slice(&og[j * qrow..(j + 1) * qrow]);
+                        self.count_decode(cache, lanes[i].seq, li, l0.policy, sels.get(j), dt)?;
+                    }
+                } else {
+                    let qv = TensorView::new(&q, &[n, hq, hd])?;
+                    let mut ov = TensorViewMut::new(&mut att, &[n, hq, hd])?;
+                    cache.prefill_with_policy(li, &[l0.seq], &qv, &[0, n as i32], &mut ov, None, l0.policy, params)?;
+                }
+            }
+            self.attention_secs += t0.elapsed().as_secs_f64();
 
             matmul(&att, n, &layer.wo, &mut proj);
             x.par_iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
@@ -284,58 +362,57 @@ impl<'m> Engine<'m> {
             matmul(&gate, n, &layer.w_down, &mut proj);
             x.par_iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
-        if decode {
-            self.stats.decode_steps += seqs.len();
+        if decode && layers == c.num_layers {
+            for l in lanes {
+                self.stats.entry(l.seq).or_default().decode_steps += 1;
+            }
         }
         if layers < c.num_layers || step.logits == Logits::None {
             return Ok(out);
         }
-        let rows: Vec<usize> = match step.logits {
+        let out_rows: Vec<usize> = match step.logits {
             Logits::All => (0..n).collect(),
-            _ => groups.iter().map(|&(_, first, rows)| first + rows - 1).collect(),
+            _ => rows.iter().map(|r| r.first + r.rows - 1).collect(),
         };
-        let mut h = vec![0f32; rows.len() * d];
-        for (o, &r) in h.chunks_mut(d).zip(&rows) {
+        let mut h = vec![0f32; out_rows.len() * d];
+        for (o, &r) in h.chunks_mut(d).zip(&out_rows) {
             o.copy_from_slice(&x[r * d..(r + 1) * d]);
         }
         let mut hn = vec![0f32; h.len()];
         rms_norm(&h, &m.out_norm, c.rms_eps, &mut hn);
-        out.logits = vec![0f32; rows.len() * c.vocab_size];
-        matmul(&hn, rows.len(), m.lm_head(), &mut out.logits);
+        out.logits = vec![0f32; out_rows.len() * c.vocab_size];
+        matmul(&hn, out_rows.len(), m.lm_head(), &mut out.logits);
         Ok(out)
     }
 
-    fn write(&mut self, cache: &mut KvCache, groups: &[(SeqId, usize, usize)], starts: &[usize], layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
-        let (hk, hd) = (self.model.cfg.num_kv_heads, self.model.cfg.head_dim);
-        let row = hk * hd;
-        for (&(seq, first, rows), &start) in groups.iter().zip(starts) {
-            let kr = &k[first * row..(first + rows) * row];
-            let vr = &v[first * row..(first + rows) * row];
-            cache.write(seq, layer, start, &TensorView::new(kr, &[rows, hk, hd])?, &TensorView::new(vr, &[rows, hk, hd])?)?;
-        }
-        Ok(())
-    }
-
-    /// KV bytes a decode step read at one layer: the selected K and V rows, plus the page
-    /// key bounds that page-bound selection scanned; and what dense attention reads.
-    fn count_decode_bytes(&mut self, cache: &KvCache, seqs: &[SeqId], layer: usize, policy: &Policy, sels: &[kvsieve::Selection]) -> Result<()> {
+    /// Count one layer of a decode step of `seq`: the K and V rows its selection read (all
+    /// rows for a dense layer), plus the page key bounds that page-bound selection scanned,
+    /// against what dense attention reads; and its share of the attention time.
+    fn count_decode(&mut self, cache: &KvCache, seq: SeqId, layer: usize, policy: &Policy, sel: Option<&kvsieve::Selection>, secs: f64) -> Result<()> {
         let c = cache.config();
         let row = 2.0 * (c.head_dim * c.dtype.size()) as f64;
-        for (b, &seq) in seqs.iter().enumerate() {
-            let len = cache.seq_len(seq)?;
-            let dense = (len * c.num_kv_heads) as f64 * row;
-            self.stats.decode_dense_kv_bytes += dense;
-            match sels.get(b) {
-                None => self.stats.decode_kv_bytes += dense,
-                Some(s) => {
-                    self.stats.decode_kv_bytes += s.len() as f64 * row;
-                    let paged = (0..c.num_kv_heads).filter(|&h| policy.spec(layer, h).pages.is_some_and(|p| p < len)).count();
-                    self.stats.decode_kv_bytes += (len.div_ceil(c.page_size) * paged) as f64 * row;
-                }
+        let len = cache.seq_len(seq)?;
+        let dense = (len * c.num_kv_heads) as f64 * row;
+        let st = self.stats.entry(seq).or_default();
+        st.decode_attention_secs += secs;
+        st.decode_dense_kv_bytes += dense;
+        match sel {
+            None => st.decode_kv_bytes += dense,
+            Some(s) => {
+                st.decode_kv_bytes += s.len() as f64 * row;
+                let paged = (0..c.num_kv_heads).filter(|&h| policy.spec(layer, h).pages.is_some_and(|p| p < len)).count();
+                st.decode_kv_bytes += (len.div_ceil(c.page_size) * paged) as f64 * row;
             }
         }
         Ok(())
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write(cache: &mut KvCache, seq: SeqId, layer: usize, start: usize, k: &[f32], v: &[f32], hk: usize, hd: usize) -> Result<()> {
+    let n = k.len() / (hk * hd);
+    cache.write(seq, layer, start, &TensorView::new(k, &[n, hk, hd])?, &TensorView::new(v, &[n, hk, hd])?)?;
+    Ok(())
 }
 
 /// Log-softmax probability of `target` in a row of logits.

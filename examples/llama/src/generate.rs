@@ -2,7 +2,7 @@
 
 use kvsieve::Policy;
 
-use crate::engine::{argmax, top_k, Engine, Kv, Logits, Result, Step};
+use crate::engine::{argmax, top_k, Engine, Kv, Lane, Logits, Result, Step, StepOut};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
@@ -10,12 +10,12 @@ use crate::tokenizer::Tokenizer;
 pub const PREFILL_CHUNK: usize = 1024;
 
 /// Prefill `tokens` into sequence `seq` in chunks; returns the last token's logits.
-pub fn prefill(engine: &mut Engine, kv: &mut Kv, seq: u64, tokens: &[u32], step: &Step) -> Result<Vec<f32>> {
-    let mut last = Vec::new();
+pub fn prefill(engine: &mut Engine, kv: &mut Kv, lane: &Lane, tokens: &[u32], step: &Step) -> Result<StepOut> {
+    let mut last = StepOut::default();
     for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
         let is_last = (i + 1) * PREFILL_CHUNK >= tokens.len();
-        let s = Step { logits: if is_last { step.logits } else { Logits::None }, ..*step };
-        last = engine.forward(kv, &[seq], chunk, &s)?.logits;
+        let s = Step { logits: if is_last { step.logits } else { Logits::None }, capture_queries: is_last && step.capture_queries, ..*step };
+        last = engine.forward(kv, std::slice::from_ref(lane), chunk, &s)?;
     }
     Ok(last)
 }
@@ -27,7 +27,8 @@ pub fn next_token_top_k(model: &Model, tok: &Tokenizer, prompt: &str, k: usize) 
     let seq = kv.create();
     let mut engine = Engine::new(model);
     let policy = Policy::dense();
-    let logits = prefill(&mut engine, &mut kv, seq, &ids, &Step::new(&policy))?;
+    let lane = Lane::new(seq, &policy, model.cfg.num_layers);
+    let logits = prefill(&mut engine, &mut kv, &lane, &ids, &Step::default())?.logits;
     Ok(top_k(&logits, k))
 }
 
@@ -39,8 +40,9 @@ pub fn generate(model: &Model, tok: &Tokenizer, prompt: &str, max_tokens: usize,
     let mut kv = Kv::new(model, ids.len() + max_tokens + 1, 16, 1, side == crate::engine::Side::Pre)?;
     let seq = kv.create();
     let mut engine = Engine::new(model);
-    let step = Step { side, ..Step::new(policy) };
-    let mut logits = prefill(&mut engine, &mut kv, seq, &ids, &step)?;
+    let lane = Lane { seq, side, policy };
+    let step = Step::default();
+    let mut logits = prefill(&mut engine, &mut kv, &lane, &ids, &step)?.logits;
     let mut out = Vec::new();
     for _ in 0..max_tokens {
         let t = argmax(&logits);
@@ -48,7 +50,7 @@ pub fn generate(model: &Model, tok: &Tokenizer, prompt: &str, max_tokens: usize,
             break;
         }
         out.push(t);
-        logits = engine.forward(&mut kv, &[seq], &[t], &step)?.logits;
+        logits = engine.forward(&mut kv, &[lane], &[t], &step)?.logits;
     }
     Ok(out)
 }

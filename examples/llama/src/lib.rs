@@ -6,7 +6,8 @@
 //! - [`tokenizer`]: byte-level BPE from the file's metadata;
 //! - [`model`], [`matmul`]: configuration, weights and the linear layers;
 //! - [`engine`]: the forward pass over kvsieve caches;
-//! - [`generate`]: prompts, greedy generation and next-token probabilities.
+//! - [`generate`]: prompts, greedy generation and next-token probabilities;
+//! - [`tasks`], [`perplexity`], [`sweep`], [`report`]: the evaluation of kvsieve's policies.
 
 pub mod engine;
 pub mod generate;
@@ -15,6 +16,9 @@ pub mod matmul;
 pub mod model;
 pub mod perplexity;
 pub mod quant;
+pub mod report;
+pub mod sweep;
+pub mod tasks;
 pub mod text;
 pub mod tokenizer;
 

@@ -48,11 +48,127 @@ enum Cmd {
         #[arg(long)]
         dump_tokens: Option<PathBuf>,
     },
+    /// Evaluate policies × KV budgets × context lengths: passkey and needle accuracy,
+    /// perplexity change, KV bytes read and attention time per decode step, prefill time.
+    /// Writes sweep.csv and accuracy.svg to --out and prints a table. Defaults are a short
+    /// run; --full is the whole grid.
+    Sweep(SweepArgs),
     /// Print the token ids of a text as JSON.
     Tokenize {
         #[arg(long)]
         text: String,
     },
+}
+
+#[derive(clap::Args)]
+struct SweepArgs {
+    /// The full grid: contexts 2048,4096,8192, budgets 1/2..1/16, 20 passkey and 10 needle
+    /// trials, 2 perplexity windows per context (hours on 2 cores).
+    #[arg(long)]
+    full: bool,
+    /// Context lengths in tokens, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    contexts: Option<Vec<usize>>,
+    /// KV budgets as fractions of the context (1/8 or 0.125), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    budgets: Option<Vec<String>>,
+    /// Only these policies (names), comma-separated: dense is always run.
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// Add or replace a policy: NAME=TEXT in kvsieve's policy text, where {budget} is the
+    /// budget in tokens and {budget-N} the budget less N.
+    #[arg(long = "policy", value_name = "NAME=TEXT")]
+    extra: Vec<String>,
+    /// Leave GemFilter out.
+    #[arg(long)]
+    no_gemfilter: bool,
+    /// GemFilter's filter layer (default: calibrated on needle prompts).
+    #[arg(long)]
+    gemfilter_layer: Option<usize>,
+    #[arg(long)]
+    passkey_trials: Option<usize>,
+    #[arg(long)]
+    needle_trials: Option<usize>,
+    /// Perplexity windows per context.
+    #[arg(long)]
+    ppl_windows: Option<usize>,
+    /// Tokens evaluated at the end of each perplexity window.
+    #[arg(long, default_value_t = 128)]
+    ppl_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    page_size: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output folder for sweep.csv and accuracy.svg.
+    #[arg(long, default_value = "target/llama-eval")]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_frac(s: &str) -> Result<f64> {
+    let f = match s.split_once('/') {
+        Some((a, b)) => a.trim().parse::<f64>()? / b.trim().parse::<f64>()?,
+        None => s.trim().parse::<f64>()?,
+    };
+    if !(f > 0.0 && f <= 1.0) {
+        return Err(format!("budget {s}: expected a fraction in (0, 1]").into());
+    }
+    Ok(f)
+}
+
+fn sweep(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: SweepArgs) -> Result<()> {
+    use kvsieve_llama::sweep::{default_policies, PolicyDef, Sweep, SweepConfig};
+    let full = a.full;
+    let budgets = match a.budgets {
+        Some(b) => b.iter().map(|s| parse_frac(s)).collect::<Result<Vec<_>>>()?,
+        None if full => vec![0.5, 0.25, 0.125, 0.0625],
+        None => vec![0.25, 0.125],
+    };
+    let mut policies = default_policies();
+    for e in &a.extra {
+        let (name, text) = e.split_once('=').ok_or_else(|| format!("--policy {e}: expected NAME=TEXT"))?;
+        policies.retain(|p| p.name != name);
+        policies.push(PolicyDef::new(name, text));
+    }
+    let mut gemfilter = !a.no_gemfilter;
+    if let Some(only) = &a.only {
+        policies.retain(|p| only.contains(&p.name));
+        gemfilter &= only.iter().any(|o| o == "gemfilter");
+    }
+    let cfg = SweepConfig {
+        contexts: a.contexts.unwrap_or(if full { vec![2048, 4096, 8192] } else { vec![2048] }),
+        budgets,
+        policies,
+        gemfilter,
+        gemfilter_layer: a.gemfilter_layer,
+        passkey_trials: a.passkey_trials.unwrap_or(if full { 20 } else { 4 }),
+        needle_trials: a.needle_trials.unwrap_or(if full { 10 } else { 2 }),
+        ppl_windows: a.ppl_windows.unwrap_or(if full { 2 } else { 1 }),
+        ppl_eval_tokens: a.ppl_tokens,
+        page_size: a.page_size,
+        seed: a.seed,
+    };
+    let kjv = kvsieve_llama::text::kjv()?;
+    let t0 = std::time::Instant::now();
+    let result = Sweep { model, tok, kjv: &kjv, cfg, cells: Default::default() }.run(!a.quiet)?;
+    std::fs::create_dir_all(&a.out)?;
+    let csv = a.out.join("sweep.csv");
+    let svg = a.out.join("accuracy.svg");
+    kvsieve_llama::report::write_csv(&result, &csv)?;
+    kvsieve_llama::report::write_svg(&result, &svg)?;
+    if let Some((layer, recall)) = &result.gemfilter_layer {
+        if recall.is_empty() {
+            println!("GemFilter filter layer: {layer} (given)");
+        } else {
+            let r: Vec<String> = recall.iter().map(|r| format!("{r:.2}")).collect();
+            println!("GemFilter filter layer: {layer} (earliest within 0.05 of the best needle recall at 1/8 budget; recall per layer: {})", r.join(" "));
+        }
+    }
+    print!("{}", kvsieve_llama::report::table(&result));
+    println!("({:.0} s) CSV: {}  plot: {}", t0.elapsed().as_secs_f64(), csv.display(), svg.display());
+    Ok(())
 }
 
 fn main() {
@@ -98,6 +214,7 @@ fn run() -> Result<()> {
             let ppl = kvsieve_llama::perplexity::perplexity(&model, &ids)?;
             println!("{}", serde_json::json!({ "perplexity": ppl, "tokens": tokens, "seconds": t0.elapsed().as_secs_f64() }));
         }
+        Cmd::Sweep(a) => sweep(&model, &tok, a)?,
         Cmd::Tokenize { text } => {
             println!("{}", serde_json::json!(tok.encode(&text)));
         }

@@ -4,7 +4,7 @@
 
 use kvsieve::Policy;
 
-use crate::engine::{log_prob, Engine, Kv, Logits, Result, Step};
+use crate::engine::{log_prob, Engine, Kv, Lane, Logits, Result, Step};
 use crate::generate::PREFILL_CHUNK;
 use crate::model::Model;
 
@@ -15,11 +15,12 @@ pub fn perplexity(model: &Model, tokens: &[u32]) -> Result<f64> {
     let seq = kv.create();
     let mut engine = Engine::new(model);
     let policy = Policy::dense();
-    let step = Step { logits: Logits::All, ..Step::new(&policy) };
+    let lane = Lane::new(seq, &policy, model.cfg.num_layers);
+    let step = Step { logits: Logits::All, ..Step::default() };
     let v = model.cfg.vocab_size;
     let mut nll = 0.0;
     for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-        let logits = engine.forward(&mut kv, &[seq], chunk, &step)?.logits;
+        let logits = engine.forward(&mut kv, &[lane], chunk, &step)?.logits;
         for (i, row) in logits.chunks(v).enumerate() {
             let next = ci * PREFILL_CHUNK + i + 1;
             if next < tokens.len() {

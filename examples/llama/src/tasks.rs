@@ -1,0 +1,150 @@
+//! Seeded evaluation prompts: passkey retrieval in filler text, a needle (a number tied to a
+//! word) in the King James Bible, and long-text windows for perplexity.
+//!
+//! A prompt is split into a context, prefilled once, and a question, which is decoded token
+//! by token, so that every token after the context reads the context through the policy
+//! under test.
+
+use std::ops::Range;
+
+use crate::text::Rng;
+use crate::tokenizer::Tokenizer;
+
+/// Which task a trial belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Task {
+    Passkey,
+    Needle,
+}
+
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Passkey => "passkey",
+            Task::Needle => "needle",
+        }
+    }
+}
+
+/// One retrieval prompt.
+#[derive(Debug, Clone)]
+pub struct Trial {
+    pub task: Task,
+    /// Context tokens (prefilled).
+    pub context: Vec<u32>,
+    /// Question tokens (decoded under the policy), ending where the answer starts.
+    pub question: Vec<u32>,
+    /// The digits the answer must contain.
+    pub answer: String,
+    /// Token range of the planted fact inside `context`.
+    pub needle: Range<usize>,
+    /// Where the fact sits, as a fraction of the context.
+    pub depth: f64,
+    /// Tokens to generate for the answer.
+    pub answer_tokens: usize,
+}
+
+impl Trial {
+    /// Whether generated text answers the trial: its first run of digits is the answer.
+    pub fn is_correct(&self, generated: &str) -> bool {
+        let digits: String = generated.chars().skip_while(|c| !c.is_ascii_digit()).take_while(|c| c.is_ascii_digit()).collect();
+        digits == self.answer
+    }
+}
+
+const PASSKEY_INTRO: &str =
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n";
+const PASSKEY_FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n";
+
+/// Assemble a context from text before a fact, the fact, and text after it.
+fn assemble(tok: &Tokenizer, before: &str, fact: &str, after: &str) -> (Vec<u32>, Range<usize>) {
+    let mut ids = tok.encode(before);
+    let a = ids.len();
+    ids.extend(tok.encode(fact));
+    let b = ids.len();
+    ids.extend(tok.encode(after));
+    (ids, a..b)
+}
+
+/// Passkey retrieval: a random 5-digit key at `depth` (0 = start, 1 = end) of filler text,
+/// about `context_tokens` tokens of context.
+pub fn passkey(tok: &Tokenizer, context_tokens: usize, depth: f64, seed: u64) -> Trial {
+    let mut rng = Rng::new(seed);
+    let key = rng.range(10000, 100000).to_string();
+    let fact = format!("The pass key is {key}. Remember it. {key} is the pass key.\n");
+    let per = tok.encode(PASSKEY_FILLER).len();
+    let fixed = tok.encode(PASSKEY_INTRO).len() + tok.encode(&fact).len();
+    let reps = context_tokens.saturating_sub(fixed) / per;
+    let at = ((reps as f64 * depth).round() as usize).min(reps);
+    let before = format!("{PASSKEY_INTRO}{}", PASSKEY_FILLER.repeat(at));
+    let (context, needle) = assemble(tok, &before, &fact, &PASSKEY_FILLER.repeat(reps - at));
+    Trial {
+        task: Task::Passkey,
+        context,
+        question: tok.encode("What is the pass key? The pass key is"),
+        answer: key,
+        needle,
+        depth,
+        answer_tokens: 7,
+    }
+}
+
+const NEEDLE_WORDS: [&str; 16] = [
+    "apple", "river", "lantern", "falcon", "copper", "meadow", "violet", "harbor", "summit", "cedar", "marble", "thunder", "orchid", "compass", "ember", "glacier",
+];
+
+/// Needle in a haystack: "The special magic number for WORD is: NNNNNNN." at `depth` of
+/// about `context_tokens` tokens of the KJV starting at a seeded verse.
+pub fn needle(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth: f64, seed: u64) -> Trial {
+    let mut rng = Rng::new(seed ^ 0x6e65_6564_6c65);
+    let word = NEEDLE_WORDS[rng.range(0, NEEDLE_WORDS.len() as u64) as usize];
+    let number = rng.range(1_000_000, 10_000_000).to_string();
+    let fact = format!("The special magic number for {word} is: {number}.\n");
+    let verses: Vec<&str> = kjv.lines().collect();
+    // About 4 characters per token: take enough verses, then trim by tokens.
+    let start = rng.range(0, verses.len() as u64 / 2) as usize;
+    let budget = context_tokens.saturating_sub(tok.encode(&fact).len());
+    let mut lines = Vec::new();
+    let mut count = 0;
+    for v in verses[start..].iter().chain(verses.iter()) {
+        let n = tok.encode(v).len() + 1;
+        if count + n > budget {
+            break;
+        }
+        count += n;
+        lines.push(*v);
+    }
+    let at = ((lines.len() as f64 * depth).round() as usize).min(lines.len());
+    let join = |ls: &[&str]| ls.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let (context, needle) = assemble(tok, &join(&lines[..at]), &fact, &join(&lines[at..]));
+    Trial {
+        task: Task::Needle,
+        context,
+        question: tok.encode(&format!("What is the special magic number for {word} mentioned in the text above? The special magic number for {word} is:")),
+        answer: number,
+        needle,
+        depth,
+        answer_tokens: 9,
+    }
+}
+
+/// A window of `tokens` KJV tokens from a seeded verse, for perplexity.
+pub fn text_window(tok: &Tokenizer, kjv: &str, tokens: usize, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed ^ 0x7070_6c);
+    let verses: Vec<&str> = kjv.lines().collect();
+    let start = rng.range(0, verses.len() as u64 / 2) as usize;
+    let mut ids = Vec::new();
+    for v in verses[start..].iter().chain(verses.iter()) {
+        ids.extend(tok.encode(&format!("{v}\n")));
+        if ids.len() >= tokens {
+            break;
+        }
+    }
+    ids.truncate(tokens);
+    ids
+}
+
+/// The depth of trial `i` of `n`: evenly spread over (0, 1).
+pub fn depth(i: usize, n: usize) -> f64 {
+    (i as f64 + 0.5) / n as f64
+}

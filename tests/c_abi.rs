@@ -374,6 +374,40 @@ fn sparse_attention_matches_reference() {
 }
 
 #[test]
+fn policies() {
+    c_test(
+        "policy",
+        &Expect {
+            lines: &[
+                "ok - policy text: parse, canonical form, round trip",
+                "ok - policy text: malformed texts fail at the expected byte offset",
+                "ok - policy validation against a model",
+                "ok - policy select on a cache: sinks + window, head overrides, page bounds, dense layers",
+                "ok - decode_with_policy equals decode_sparse over policy_select's selections",
+                "ok - prefill_with_policy matches the windowed reference",
+                "ok - position modes of a policy",
+            ],
+            summary: true,
+        },
+    );
+}
+
+#[test]
+fn eviction_and_compaction() {
+    c_test(
+        "evict_compact",
+        &Expect {
+            lines: &[
+                "ok - streaming: bounded pages, attention over sinks + window",
+                "ok - streaming with contiguous positions: bounded pages, attention over sinks + window",
+                "ok - compact: decode after compaction equals the reference over the kept tokens",
+            ],
+            summary: true,
+        },
+    );
+}
+
+#[test]
 fn threads_share_a_cache() {
     c_test("threads", &Expect { lines: &["ok - concurrent decode with a writer"], summary: true });
 }

@@ -49,7 +49,7 @@ pub unsafe extern "C" fn kvsieve_policy_parse(text: *const c_char, out: *mut *mu
         let bytes = CStr::from_ptr(text).to_bytes();
         let text = std::str::from_utf8(bytes).map_err(|e| Error::Parse {
             offset: e.valid_up_to(),
-            message: "expected UTF-8 text, found a byte that does not continue a valid UTF-8 sequence".into(),
+            message: "expected UTF-8 text, found a byte that is not valid UTF-8 here".into(),
         })?;
         let policy = Policy::parse(text)?;
         write_out(out, Box::into_raw(Box::new(kvsieve_policy_t { inner: policy })));

@@ -883,17 +883,19 @@ kvsieve_error_t *kvsieve_selection_dense(size_t num_kv_heads, size_t seq_len, kv
  *
  * \param num_kv_heads At least 1.
  * \param seq_len Tokens in the sequence.
- * \param tokens `num_tokens` token indices, strictly ascending, below `seq_len`.
- * \param num_tokens Length of `tokens`.
+ * \param indices `num_indices` token indices, strictly ascending
+ *        (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `indices`), below `seq_len`
+ *        (#KVSIEVE_ERROR_OUT_OF_RANGE naming `indices[i]`).
+ * \param num_indices Length of `indices`.
  * \param out Receives the new selection (required); untouched on failure.
  *
- * Ownership: `tokens` is copied, not retained; the caller owns `*out` (release with
+ * Ownership: `indices` is copied, not retained; the caller owns `*out` (release with
  * kvsieve_selection_free()) and frees any returned error.
  *
  * Thread safety: thread-safe.
  */
-kvsieve_error_t *kvsieve_selection_same_for_all_heads(size_t num_kv_heads, size_t seq_len, const uint32_t *tokens,
-                                                      size_t num_tokens, kvsieve_selection_t **out);
+kvsieve_error_t *kvsieve_selection_same_for_all_heads(size_t num_kv_heads, size_t seq_len, const uint32_t *indices,
+                                                      size_t num_indices, kvsieve_selection_t **out);
 
 /**
  * \brief StreamingLLM: every head reads the first `sinks` tokens (attention sinks) and the

@@ -327,6 +327,25 @@ fn bad_input_is_reported() {
 }
 
 #[test]
+fn bad_selection_input_is_reported() {
+    c_test(
+        "select_errors",
+        &Expect {
+            lines: &[
+                "ok - selection construction errors",
+                "ok - selection inspection errors",
+                "ok - policy errors",
+                "ok - selection on a cache errors",
+                "ok - sparse attention errors",
+                "ok - view sparse attention errors",
+                "ok - eviction and compaction errors",
+            ],
+            summary: true,
+        },
+    );
+}
+
+#[test]
 fn sequence_lifecycle() {
     c_test(
         "lifecycle",

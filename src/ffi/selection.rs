@@ -119,17 +119,17 @@ pub unsafe extern "C" fn kvsieve_selection_dense(num_kv_heads: usize, seq_len: u
 /// The same token list (copied) for every head.
 ///
 /// # Safety
-/// 1. `tokens` is NULL or readable for `num_tokens` values; `out` is NULL or writable.
+/// 1. `indices` is NULL or readable for `num_indices` values; `out` is NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_selection_same_for_all_heads(
     num_kv_heads: usize,
     seq_len: usize,
-    tokens: *const u32,
-    num_tokens: usize,
+    indices: *const u32,
+    num_indices: usize,
     out: *mut *mut kvsieve_selection_t,
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_selection_same_for_all_heads", || {
-        let t = slice(tokens, num_tokens, "tokens")?;
+        let t = slice(indices, num_indices, "indices")?;
         make(out, || Selection::same_for_all_heads(num_kv_heads, seq_len, t.to_vec()))
     })
 }

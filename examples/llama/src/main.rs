@@ -72,7 +72,8 @@ struct SweepArgs {
     /// KV budgets as fractions of the context (1/8 or 0.125), comma-separated.
     #[arg(long, value_delimiter = ',')]
     budgets: Option<Vec<String>>,
-    /// Only these policies (names), comma-separated: dense is always run.
+    /// Only these of the built-in policies (names, `gemfilter` included), comma-separated;
+    /// dense and --policy ones always run.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Add or replace a policy: NAME=TEXT in kvsieve's policy text, where {budget} is the
@@ -127,15 +128,15 @@ fn sweep(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: SweepArgs)
         None => vec![0.25, 0.125],
     };
     let mut policies = default_policies();
-    for e in &a.extra {
-        let (name, text) = e.split_once('=').ok_or_else(|| format!("--policy {e}: expected NAME=TEXT"))?;
-        policies.retain(|p| p.name != name);
-        policies.push(PolicyDef::new(name, text));
-    }
     let mut gemfilter = !a.no_gemfilter;
     if let Some(only) = &a.only {
         policies.retain(|p| only.contains(&p.name));
         gemfilter &= only.iter().any(|o| o == "gemfilter");
+    }
+    for e in &a.extra {
+        let (name, text) = e.split_once('=').ok_or_else(|| format!("--policy {e}: expected NAME=TEXT"))?;
+        policies.retain(|p| p.name != name);
+        policies.push(PolicyDef::new(name, text));
     }
     let cfg = SweepConfig {
         contexts: a.contexts.unwrap_or(if full { vec![2048, 4096, 8192] } else { vec![2048] }),
@@ -163,7 +164,7 @@ fn sweep(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: SweepArgs)
             println!("GemFilter filter layer: {layer} (given)");
         } else {
             let r: Vec<String> = recall.iter().map(|r| format!("{r:.2}")).collect();
-            println!("GemFilter filter layer: {layer} (earliest within 0.05 of the best needle recall at 1/8 budget; recall per layer: {})", r.join(" "));
+            println!("GemFilter filter layer: {layer} (calibrated: earliest within 0.05 of the best recall of planted facts at a 1/8 budget; recall per layer: {})", r.join(" "));
         }
     }
     print!("{}", kvsieve_llama::report::table(&result));

@@ -63,7 +63,7 @@ pub fn default_policies() -> Vec<PolicyDef> {
     vec![
         PolicyDef::new("sinks+window", "sinks=4,window={budget-4},positions=contiguous"),
         PolicyDef::new("lambda", "global=4,local={budget-4},max_distance={budget}"),
-        PolicyDef::new("page-bounds", "window=16,pages={budget-16}"),
+        PolicyDef::new("page-bounds", "sinks=4,window=64,pages={budget-68}"),
     ]
 }
 
@@ -164,14 +164,14 @@ impl<'a> Sweep<'a> {
     }
 
     /// Pick GemFilter's layer: per layer, the share of the planted fact's tokens that the
-    /// filter keeps at 1/8 of the context, averaged over passkey and needle prompts at three
+    /// filter keeps at 1/8 of the context, averaged over passkey and needle prompts at two
     /// depths; the earliest layer within 0.05 of the best.
     pub fn calibrate_gemfilter(&self, context: usize) -> Result<(usize, Vec<f64>)> {
         let m = self.model;
         let layers = m.cfg.num_layers;
         let mut sum = vec![0f64; layers];
         let mut prompts = 0;
-        for (i, depth) in [0.25, 0.5, 0.75].into_iter().enumerate() {
+        for (i, depth) in [0.3, 0.7].into_iter().enumerate() {
             let seed = self.cfg.seed ^ 0xca11_b000 ^ i as u64;
             for trial in [tasks::passkey(self.tok, context, depth, seed), tasks::needle(self.tok, self.kjv, context, depth, seed)] {
                 let prompt: Vec<u32> = trial.context.iter().chain(&trial.question).copied().collect();
@@ -210,7 +210,7 @@ impl<'a> Sweep<'a> {
                 Some(l) => (l, Vec::new()),
                 None => {
                     bar.set_message("calibrating GemFilter's layer");
-                    self.calibrate_gemfilter(*self.cfg.contexts.iter().min().unwrap_or(&2048))?
+                    self.calibrate_gemfilter(self.cfg.contexts.iter().copied().min().unwrap_or(2048).min(2048))?
                 }
             };
             gem_layer = Some(layer);

@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # The main job. Builds kvsieve, runs the "store a prompt, decode a token" examples in
-# Rust, C and Python, then the dense decode benchmark (a quick shape by default).
-#   --full    the decode benchmark at the 32K-token shape of scripts/bench.sh
+# Rust, C and Python, then the dense decode benchmark (a quick shape by default), then
+# SmolLM2-135M-Instruct on kvsieve (examples/llama): the next-token check and a short
+# evaluation of the selection policies (2K-token context, budgets 1/4 and 1/8).
+#   --full    the decode benchmark at the 32K-token shape of scripts/bench.sh, and the
+#             full policy sweep (contexts 2K/4K/8K, budgets 1/2..1/16; hours on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tokens=4096
-[ "${1:-}" = "--full" ] && tokens=32768
+llama_args=()
+if [ "${1:-}" = "--full" ]; then
+  tokens=32768
+  llama_args=(--full)
+fi
 
 bash scripts/setup.sh
 echo "== building (release)"
@@ -25,3 +32,12 @@ echo; echo "== Python: examples/python/01_store_and_decode.py"
 
 echo; echo "== dense decode benchmark ($tokens tokens)"
 cargo bench -q --bench report -- --tokens "$tokens"
+
+echo; echo "== SmolLM2-135M-Instruct on kvsieve (examples/llama)"
+model=$(bash scripts/fetch-model.sh)
+bash examples/llama/scripts/fetch-text.sh >/dev/null
+cargo build --release -q -p kvsieve-llama
+echo "next token after \"The capital of France is\":"
+target/release/kvsieve-llama --model "$model" logits --prompt "The capital of France is" --top 5
+echo; echo "== policy evaluation (passkey, needle in the KJV, perplexity; KV read and attention time per decode step)"
+target/release/kvsieve-llama --model "$model" sweep --out target/llama-eval "${llama_args[@]}"

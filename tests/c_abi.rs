@@ -428,7 +428,13 @@ fn eviction_and_compaction() {
 
 #[test]
 fn threads_share_a_cache() {
-    c_test("threads", &Expect { lines: &["ok - concurrent decode with a writer"], summary: true });
+    c_test(
+        "threads",
+        &Expect {
+            lines: &["ok - concurrent decode with a writer", "ok - policy decode and shared selections across threads"],
+            summary: true,
+        },
+    );
 }
 
 #[test]

@@ -33,33 +33,33 @@ mod view;
 
 pub use attention::{kvsieve_cache_decode, kvsieve_cache_prefill, kvsieve_merge_states};
 pub use cache::{
-    kvsieve_cache_config_default, kvsieve_cache_config_t, kvsieve_cache_free, kvsieve_cache_get_config, kvsieve_cache_new,
-    kvsieve_cache_stats, kvsieve_cache_stats_t, kvsieve_cache_t,
+    kvsieve_cache_config_default, kvsieve_cache_config_t, kvsieve_cache_free, kvsieve_cache_get_config, kvsieve_cache_new, kvsieve_cache_stats,
+    kvsieve_cache_stats_t, kvsieve_cache_t,
 };
 pub use error::{
     kvsieve_error_code, kvsieve_error_code_name, kvsieve_error_free, kvsieve_error_message, kvsieve_error_parse_offset, kvsieve_error_t,
 };
 pub use params::{kvsieve_attention_params_t, kvsieve_rope_config_t};
-pub use query::{
-    kvsieve_cache_page_key_bounds, kvsieve_cache_page_table, kvsieve_cache_page_table_size, kvsieve_cache_positions,
-    kvsieve_cache_read, kvsieve_cache_seq_len,
-};
 pub use policy::{
-    kvsieve_policy_free, kvsieve_policy_parse, kvsieve_policy_position_mode, kvsieve_policy_t, kvsieve_policy_to_string,
-    kvsieve_policy_validate, POSITIONS_CAPPED, POSITIONS_CONTIGUOUS, POSITIONS_ORIGINAL,
+    kvsieve_policy_free, kvsieve_policy_parse, kvsieve_policy_position_mode, kvsieve_policy_t, kvsieve_policy_to_string, kvsieve_policy_validate,
+    POSITIONS_CAPPED, POSITIONS_CONTIGUOUS, POSITIONS_ORIGINAL,
+};
+pub use query::{
+    kvsieve_cache_page_key_bounds, kvsieve_cache_page_table, kvsieve_cache_page_table_size, kvsieve_cache_positions, kvsieve_cache_read,
+    kvsieve_cache_seq_len,
 };
 pub use rope::kvsieve_apply_rope;
 pub use select::{kvsieve_page_bounds_config_t, kvsieve_policy_select, kvsieve_selection_page_bounds};
 pub use selection::{
     kvsieve_selection_dense, kvsieve_selection_free, kvsieve_selection_from_csr, kvsieve_selection_head, kvsieve_selection_head_indptr,
-    kvsieve_selection_indices, kvsieve_selection_intersection, kvsieve_selection_lambda, kvsieve_selection_len,
-    kvsieve_selection_num_kv_heads, kvsieve_selection_same_for_all_heads, kvsieve_selection_seq_len, kvsieve_selection_stats,
-    kvsieve_selection_stats_t, kvsieve_selection_streaming, kvsieve_selection_t, kvsieve_selection_union,
+    kvsieve_selection_indices, kvsieve_selection_intersection, kvsieve_selection_lambda, kvsieve_selection_len, kvsieve_selection_num_kv_heads,
+    kvsieve_selection_same_for_all_heads, kvsieve_selection_seq_len, kvsieve_selection_stats, kvsieve_selection_stats_t, kvsieve_selection_streaming,
+    kvsieve_selection_t, kvsieve_selection_union,
 };
 pub use sequence::{
     kvsieve_cache_append, kvsieve_cache_compact, kvsieve_cache_create_sequence, kvsieve_cache_evict_for_policy, kvsieve_cache_evict_pages,
-    kvsieve_cache_fork, kvsieve_cache_free_sequence, kvsieve_cache_truncate, kvsieve_cache_write, kvsieve_cache_write_slots, KEEP_ALL,
-    KEEP_PER_HEAD, KEEP_PER_LAYER,
+    kvsieve_cache_fork, kvsieve_cache_free_sequence, kvsieve_cache_truncate, kvsieve_cache_write, kvsieve_cache_write_slots, KEEP_ALL, KEEP_PER_HEAD,
+    KEEP_PER_LAYER,
 };
 pub use sparse::{
     kvsieve_cache_decode_sparse, kvsieve_cache_decode_with_policy, kvsieve_cache_prefill_sparse, kvsieve_cache_prefill_with_policy,

@@ -112,9 +112,7 @@ pub unsafe extern "C" fn kvsieve_policy_to_string(
 /// 1. `policy` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_policy_validate(policy: *const kvsieve_policy_t, num_layers: usize, num_kv_heads: usize) -> *mut kvsieve_error_t {
-    guard("kvsieve_policy_validate", || {
-        policy_ref(policy)?.validate(num_layers, num_kv_heads)
-    })
+    guard("kvsieve_policy_validate", || policy_ref(policy)?.validate(num_layers, num_kv_heads))
 }
 
 /// The position mode attention uses at `layer` (`KVSIEVE_POSITIONS_*`), and its cap.

@@ -221,10 +221,7 @@ pub unsafe extern "C" fn kvsieve_cache_compact(
     guard("kvsieve_cache_compact", || {
         let c = cache_ref(cache)?;
         if kind > KEEP_PER_HEAD {
-            return Err(Error::invalid(
-                "kind",
-                format!("KVSIEVE_KEEP_ALL (0), KVSIEVE_KEEP_PER_LAYER (1) or KVSIEVE_KEEP_PER_HEAD (2), got {kind}"),
-            ));
+            return Err(Error::invalid("kind", format!("KVSIEVE_KEEP_ALL (0), KVSIEVE_KEEP_PER_LAYER (1) or KVSIEVE_KEEP_PER_HEAD (2), got {kind}")));
         }
         non_null(keep_indptr, "keep_indptr")?;
         let indptr_len = num_lists.checked_add(1).ok_or_else(|| Error::invalid("num_lists", "a count that fits in memory"))?;

@@ -1,7 +1,9 @@
 /* One cache used from several threads at once: reader threads run decode and queries on
  * the same sequences (shared lock) while a writer thread creates, fills, forks, truncates
  * and frees other sequences (exclusive lock). Every decode must give the result of a
- * single-threaded decode (to 1e-6), and the cache must end as it started. */
+ * single-threaded decode (to 1e-6), and the cache must end as it started. Then one policy
+ * and one set of selections are shared by reader threads running decode under the policy,
+ * selection and sparse decode, again beside the writer. */
 #include <pthread.h>
 
 #include "common.h"
@@ -107,6 +109,77 @@ static void *writer(void *arg) {
     return NULL;
 }
 
+static kvsieve_policy_t *policy;
+static kvsieve_selection_t *shared[BATCH];
+static uint32_t shared_indices[BATCH][HK * 300];
+static size_t shared_len[BATCH];
+static float expect_policy_out[BATCH * HQ * D];
+
+/* Decode under the shared policy, then sparse decode over the shared selections. */
+static void *policy_reader(void *arg) {
+    worker *w = (worker *)arg;
+    float out[BATCH * HQ * D], lse[BATCH * HQ];
+    uint32_t got[HK * 300];
+    test_tensor tq, to;
+    int it;
+    size_t b, n;
+    for (it = 0; it < ITERS; it++) {
+        kvsieve_selection_t *sels[BATCH] = {NULL, NULL, NULL};
+        kvsieve_error_t *err = kvsieve_cache_decode_with_policy(cache, 0, ids, BATCH, tensor3(&tq, q, dt_f32(), BATCH, HQ, D),
+                                                                policy, tensor3(&to, out, dt_f32(), BATCH, HQ, D), lse, NULL,
+                                                                sels);
+        if (!err && max_abs_diff(out, expect_policy_out, BATCH * HQ * D) > 1e-6) w->mismatches++;
+        for (b = 0; b < BATCH && !err; b++) {
+            err = kvsieve_selection_indices(sels[b], got, HK * 300, &n);
+            if (!err && (n != shared_len[b] || memcmp(got, shared_indices[b], n * sizeof(uint32_t)) != 0)) w->mismatches++;
+        }
+        for (b = 0; b < BATCH; b++) kvsieve_selection_free(sels[b]);
+        if (!err)
+            err = kvsieve_cache_decode_sparse(cache, 0, ids, BATCH, tensor3(&tq, q, dt_f32(), BATCH, HQ, D), shared,
+                                              tensor3(&to, out, dt_f32(), BATCH, HQ, D), lse, NULL);
+        if (!err && max_abs_diff(out, expect_policy_out, BATCH * HQ * D) > 1e-6) w->mismatches++;
+        if (err) {
+            w->errors++;
+            printf("policy reader %d: %s\n", w->index, kvsieve_error_message(err));
+            kvsieve_error_free(err);
+        } else {
+            w->decodes++;
+        }
+    }
+    return NULL;
+}
+
+static void shared_policy(void) {
+    pthread_t threads[READERS + 1];
+    worker workers[READERS + 1];
+    test_tensor tq, to;
+    int i, started = 0, decodes = 0, mismatches = 0, errors = 0, failed_before = g_failed;
+    size_t b;
+
+    EXPECT_OK(kvsieve_policy_parse("sinks=8,window=32,pages=64;layers=1:dense", &policy));
+    EXPECT_OK(kvsieve_cache_decode_with_policy(cache, 0, ids, BATCH, tensor3(&tq, q, dt_f32(), BATCH, HQ, D), policy,
+                                               tensor3(&to, expect_policy_out, dt_f32(), BATCH, HQ, D), NULL, NULL, shared));
+    for (b = 0; b < BATCH; b++) EXPECT_OK(kvsieve_selection_indices(shared[b], shared_indices[b], HK * 300, &shared_len[b]));
+    memset(workers, 0, sizeof workers);
+    for (i = 0; i <= READERS; i++) {
+        workers[i].index = i;
+        if (pthread_create(&threads[i], NULL, i < READERS ? policy_reader : writer, &workers[i]) == 0) started++;
+    }
+    CHECK(started == READERS + 1, "started %d threads", started);
+    for (i = 0; i < started; i++) pthread_join(threads[i], NULL);
+    for (i = 0; i <= READERS; i++) {
+        if (i < READERS) decodes += workers[i].decodes;
+        mismatches += workers[i].mismatches;
+        errors += workers[i].errors;
+    }
+    CHECK(errors == 0, "no call failed (%d errors)", errors);
+    CHECK(decodes == READERS * ITERS, "%d rounds of policy and sparse decode ran", decodes);
+    CHECK(mismatches == 0, "every round matches the single-threaded result (%d mismatches)", mismatches);
+    for (b = 0; b < BATCH; b++) kvsieve_selection_free(shared[b]);
+    kvsieve_policy_free(policy);
+    section_done("policy decode and shared selections across threads", failed_before);
+}
+
 int main(void) {
     kvsieve_cache_config_t cfg = kvsieve_cache_config_default(LAYERS, HK, D, PS, PAGES);
     kvsieve_cache_stats_t before, after;
@@ -153,6 +226,7 @@ int main(void) {
           "cache ends as it started");
     printf("%d decodes on %d threads beside a writer\n", total_decodes, READERS);
     section_done("concurrent decode with a writer", failed_before);
+    shared_policy();
     kvsieve_cache_free(cache);
     return finish();
 }

@@ -6,6 +6,7 @@ mod arrays;
 mod attention;
 mod cache;
 mod errors;
+mod gemfilter;
 mod options;
 mod policy;
 mod rope;
@@ -43,5 +44,10 @@ fn _kvsieve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(selection::page_bounds, m)?)?;
     m.add_function(wrap_pyfunction!(selection::top_k, m)?)?;
     m.add_function(wrap_pyfunction!(selection::window_pages_to_evict, m)?)?;
+    m.add_function(wrap_pyfunction!(gemfilter::gemfilter_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(gemfilter::avg_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(gemfilter::gemfilter_select, m)?)?;
+    m.add_function(wrap_pyfunction!(gemfilter::snapkv, m)?)?;
+    m.add_function(wrap_pyfunction!(gemfilter::calibrate_filter_layer, m)?)?;
     Ok(())
 }

@@ -539,3 +539,140 @@ def test_compact_errors_change_nothing(cache):
         full.compact(fs, [0, 1, 2, 3, 7])
     assert snapshot(full, fs) == before
     full.check_invariants()
+
+
+def test_gemfilter_errors(cache):
+    c, s = cache  # 6 tokens, 2 layers, 2 KV heads of D channels
+    before = snapshot(c, s)
+    q = np.ones((4, D), np.float32)
+    keys = np.ones((6, H, D), np.float32)
+    src = dict(cache=c, seq=s, layer=0)
+    kvsieve.gemfilter_select(q, keys, k=2)
+    kvsieve.gemfilter_select(q, k=2, **src)
+    # k, pooling and the forced tokens, from either key source.
+    for where in (dict(keys=keys), src):
+        for k in (0, 7):
+            with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`k`", "1..=6"):
+                kvsieve.gemfilter_select(q, k=k, **where)
+        for kernel in (0, 4):
+            with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`pool_kernel`", "odd"):
+                kvsieve.gemfilter_select(q, k=2, pool_kernel=kernel, **where)
+        with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`k`", "keep_first + keep_last"):
+            kvsieve.gemfilter_select(q, k=5, keep_first=3, keep_last=3, **where)
+        with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`q`", "num_kv_heads 2", "3 query heads"):
+            kvsieve.gemfilter_select(np.ones((3, D), np.float32), k=2, **where)
+        with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`q`", f"[num_qo_heads, {D}]"):
+            kvsieve.gemfilter_scores(np.ones((4, D + 8), np.float32), **where)
+        with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`q`"):
+            kvsieve.gemfilter_scores(np.ones((2, 4, D), np.float32), **where)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`k`"):
+        kvsieve.gemfilter_select(q, keys, k=-1)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`keep_last`"):
+        kvsieve.gemfilter_select(q, keys, k=2, keep_last=-1)
+    # Exactly one key source.
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`cache`", "keys", "not both"):
+        kvsieve.gemfilter_select(q, keys, k=2, **src)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`layer`", "keys"):
+        kvsieve.gemfilter_scores(q, keys, layer=0)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`keys`", "cache=", "neither"):
+        kvsieve.gemfilter_select(q, k=2)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`cache`", "seq="):
+        kvsieve.gemfilter_scores(q, seq=s, layer=0)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`seq`", "cache="):
+        kvsieve.gemfilter_scores(q, cache=c, layer=0)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`layer`", "cache="):
+        kvsieve.snapkv(q[None], cache=c, seq=s, k=2)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`cache`", "KvCache", "dict"):
+        kvsieve.gemfilter_scores(q, cache={}, seq=s, layer=0)
+    # Bad keys.
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`keys`", "[n, num_kv_heads, head_dim]"):
+        kvsieve.gemfilter_scores(q, keys[0])
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`keys`", "KV head"):
+        kvsieve.gemfilter_scores(q, np.ones((6, 0, D), np.float32))
+    with raises(kvsieve.UnsupportedError, ErrorCode.UNSUPPORTED, "`keys`", "head_dim 12"):
+        kvsieve.gemfilter_scores(np.ones((4, 12), np.float32), np.ones((6, H, 12), np.float32))
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "keys", "int32"):
+        kvsieve.gemfilter_scores(q, keys.astype(np.int32))
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "keys", "list"):
+        kvsieve.gemfilter_scores(q, keys.tolist())
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`q`", "float64"):
+        kvsieve.gemfilter_scores(q.astype(np.float64), keys)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`keys`", "non-empty"):
+        kvsieve.gemfilter_select(q, keys[:0], k=1)
+    # Bad cache sources.
+    with raises(kvsieve.UnknownSequenceError, ErrorCode.UNKNOWN_SEQUENCE, "99"):
+        kvsieve.gemfilter_scores(q, cache=c, seq=99, layer=0)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "layer"):
+        kvsieve.gemfilter_select(q, cache=c, seq=s, layer=2, k=2)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`seq`"):
+        kvsieve.gemfilter_scores(q, cache=c, seq=-1, layer=0)
+    empty = c.create_sequence()
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`seq`", "empty"):
+        kvsieve.gemfilter_select(q, cache=c, seq=empty, layer=0, k=1)
+    c.free_sequence(empty)
+    pre = kvsieve.KvCache(1, H, D, PS, 4, key_rope="pre")
+    ps_ = pre.create_sequence()
+    pre.append(ps_, 5)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`cache`", "key_rope"):
+        kvsieve.gemfilter_select(q, cache=pre, seq=ps_, layer=0, k=2)
+    # avg_pool.
+    for kernel in (0, 2):
+        with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`kernel`", "odd"):
+            kvsieve.avg_pool(np.ones(5, np.float32), kernel)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`kernel`"):
+        kvsieve.avg_pool(np.ones(5, np.float32), -3)
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`scores`", "1-D"):
+        kvsieve.avg_pool(np.ones((2, 3), np.float32), 3)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "scores", "float64"):
+        kvsieve.avg_pool(np.ones(5), 3)
+    # SnapKV.
+    qw = np.ones((2, 4, D), np.float32)
+    kvsieve.snapkv(qw, k=3, **src)
+    for where in (dict(keys=keys), src):
+        for k in (1, 7):
+            with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`k`", "2..=6"):
+                kvsieve.snapkv(qw, k=k, **where)
+        with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`pool_kernel`"):
+            kvsieve.snapkv(qw, k=3, pool_kernel=2, **where)
+        with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`q_window`", "num_kv_heads 2"):
+            kvsieve.snapkv(np.ones((2, 3, D), np.float32), k=3, **where)
+        with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`q_window`"):
+            kvsieve.snapkv(q, k=3, **where)
+        with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`q_window`", "w >= 1"):
+            kvsieve.snapkv(qw[:0], k=3, **where)
+        with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`q_window`", "1..=6"):
+            kvsieve.snapkv(np.ones((7, 4, D), np.float32), k=7, **where)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`scale`", "finite"):
+        kvsieve.snapkv(qw, keys, k=3, scale=float("nan"))
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`cache`", "not both"):
+        kvsieve.snapkv(qw, keys, k=3, cache=c)
+    # Calibration.
+    qs, ks = [q, q], [keys, keys]
+    assert kvsieve.calibrate_filter_layer(qs, ks, 1, 3, k=2).shape == (2,)
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`keys`", "2 key arrays"):
+        kvsieve.calibrate_filter_layer(qs, ks[:1], 1, 3, k=2)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`queries`", "at least one layer"):
+        kvsieve.calibrate_filter_layer([], [], 1, 3, k=2)
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`queries[1]`", "num_kv_heads 2"):
+        kvsieve.calibrate_filter_layer([q, q[:3]], ks, 1, 3, k=2)
+    with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`keys[0]`"):
+        kvsieve.calibrate_filter_layer(qs, [keys[0], keys], 1, 3, k=2)
+    with raises(kvsieve.UnsupportedError, ErrorCode.UNSUPPORTED, "`keys[1]`", "head_dim 12"):
+        kvsieve.calibrate_filter_layer(qs, [keys, np.ones((6, H, 12), np.float32)], 1, 3, k=2)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "queries[0]", "float64"):
+        kvsieve.calibrate_filter_layer([q.astype(np.float64), q], ks, 1, 3, k=2)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "queries", "int"):
+        kvsieve.calibrate_filter_layer(3, ks, 1, 3, k=2)
+    for start, end in [(3, 3), (3, 1)]:
+        with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`needle_end`", "needle_start"):
+            kvsieve.calibrate_filter_layer(qs, ks, start, end, k=2)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`needle_end`", "`keys[0]` holds 6 tokens"):
+        kvsieve.calibrate_filter_layer(qs, ks, 1, 7, k=2)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`needle_start`"):
+        kvsieve.calibrate_filter_layer(qs, ks, -1, 3, k=2)
+    with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`k`", "1..=6"):
+        kvsieve.calibrate_filter_layer(qs, ks, 1, 3, k=0)
+    with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`pool_kernel`"):
+        kvsieve.calibrate_filter_layer(qs, ks, 1, 3, k=2, pool_kernel=6)
+    assert snapshot(c, s) == before
+    c.check_invariants()

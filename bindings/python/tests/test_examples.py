@@ -30,3 +30,16 @@ def test_sparse_policy_example_inspects_its_selection():
     assert "ParseError at byte 24" in out
     assert "layer 0: dense" in out and "Selection(num_kv_heads=2, seq_len=1001" in out
     assert out.strip().endswith("ok")
+
+
+def test_gemfilter_example_finds_the_needle_and_answers_from_it():
+    path = os.path.join(EXAMPLES, "03_gemfilter.py")
+    done = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "needle recall per layer: 0: 0.06, 1: 1.00" in out
+    assert "filter layer 1 (the earliest that finds the needle)" in out
+    assert "kept 256 of 6000 tokens" in out and "needle kept: yes" in out
+    assert "layer 3: decode over 257 tokens vs all 6001" in out
+    assert "17 after freeing the long one" in out
+    assert out.strip().endswith("ok")

@@ -14,6 +14,12 @@ come from :func:`streaming`, :func:`lambda_mask`, :func:`page_bounds`, or a
 :func:`paged_decode_sparse` / :func:`paged_prefill_sparse`); :meth:`KvCache.decode_with_policy`
 does both steps, and :meth:`KvCache.evict_for_policy` frees what a policy never reads again.
 
+One-shot prompt filtering picks the tokens worth keeping from an early layer:
+:func:`gemfilter_select` (GemFilter: the last query's pooled logits, from
+:func:`gemfilter_scores` and :func:`avg_pool`), :func:`snapkv` (SnapKV: the attention of an
+observation window, per KV head) and :func:`calibrate_filter_layer` (which layer finds a
+known needle).
+
 Every error is a :class:`KvsieveError` (one subclass per kind) carrying a stable
 :class:`ErrorCode`.
 """
@@ -42,6 +48,10 @@ from kvsieve._kvsieve import (
     UnsupportedError,
     __version__,
     apply_rope,
+    avg_pool,
+    calibrate_filter_layer,
+    gemfilter_scores,
+    gemfilter_select,
     isa,
     lambda_mask,
     merge_states,
@@ -50,6 +60,7 @@ from kvsieve._kvsieve import (
     paged_decode_sparse,
     paged_prefill,
     paged_prefill_sparse,
+    snapkv,
     streaming,
     top_k,
     window_pages_to_evict,
@@ -79,6 +90,10 @@ __all__ = [
     "UnsupportedError",
     "__version__",
     "apply_rope",
+    "avg_pool",
+    "calibrate_filter_layer",
+    "gemfilter_scores",
+    "gemfilter_select",
     "isa",
     "lambda_mask",
     "merge_states",
@@ -87,6 +102,7 @@ __all__ = [
     "paged_decode_sparse",
     "paged_prefill",
     "paged_prefill_sparse",
+    "snapkv",
     "streaming",
     "top_k",
     "window_pages_to_evict",

@@ -892,6 +892,175 @@ def window_pages_to_evict(seq_len: int, page_size: int, sinks: int, window: int)
         InvalidArgumentError: ``page_size`` 0 or ``window`` 0.
     """
 
+def gemfilter_scores(
+    q: FloatArray,
+    keys: FloatArray | None = None,
+    *,
+    cache: KvCache | None = None,
+    seq: int | None = None,
+    layer: int | None = None,
+) -> npt.NDArray[np.float32]:
+    """GemFilter's unpooled token scores: for every token ``t``, the sum over query heads
+    ``h`` of ``q[h] · keys[t, h // group]`` (unscaled logits, before softmax; ``group =
+    num_qo_heads // num_kv_heads``).
+
+    The keys come from exactly one source: ``keys``, an array ``[n, num_kv_heads,
+    head_dim]`` (after RoPE; float32 or float16, any strides), or ``cache=``, ``seq=`` and
+    ``layer=``, the keys of that sequence at that layer in a ``key_rope="post"`` cache.
+
+    Args:
+        q: the filter layer's last query (after RoPE), ``[num_qo_heads, head_dim]`` or
+            ``[1, num_qo_heads, head_dim]``.
+
+    Returns:
+        float32 ``[n]``.
+
+    Raises:
+        InvalidArgumentError: both key sources or neither (the message names ``keys`` and
+            the cache arguments), ``cache=`` without ``seq=`` or ``layer=``, or a cache with
+            ``key_rope="pre"`` (``cache`` named).
+        ShapeError: ``keys`` not ``[n, num_kv_heads >= 1, head_dim]``; ``q`` not
+            ``[num_qo_heads, head_dim]`` with the keys' head_dim and a positive multiple of
+            their ``num_kv_heads`` as its number of heads.
+        UnsupportedError: a ``keys`` head_dim that is not a multiple of 8 from 8 to
+            :data:`MAX_HEAD_DIM`.
+        DTypeError: ``q`` or ``keys`` not float32 / float16, ``cache`` not a :class:`KvCache`.
+        UnknownSequenceError, OutOfRangeError: a bad ``seq`` or ``layer``.
+    """
+
+def avg_pool(scores: FloatArray, kernel: int) -> npt.NDArray[np.float32]:
+    """Centred 1-D average pool: entry ``i`` becomes the mean of the entries ``i - r ..= i +
+    r`` (``r = kernel // 2``) that exist, so entries near the ends average fewer values.
+
+    Args:
+        scores: 1-D, float32 or float16.
+        kernel: the window width, odd; 1 returns the scores unchanged (as float32).
+
+    Returns:
+        float32, like ``scores``.
+
+    Raises:
+        InvalidArgumentError: an even ``kernel`` (0 included).
+        OutOfRangeError: a negative ``kernel``.
+        ShapeError: ``scores`` not 1-D.
+    """
+
+def gemfilter_select(
+    q: FloatArray,
+    keys: FloatArray | None = None,
+    *,
+    cache: KvCache | None = None,
+    seq: int | None = None,
+    layer: int | None = None,
+    k: int,
+    pool_kernel: int = 5,
+    keep_first: int = 0,
+    keep_last: int = 0,
+) -> npt.NDArray[np.uint32]:
+    """GemFilter: the ``k`` prompt tokens a filter layer's last query points at.
+
+    Tokens are ranked by :func:`avg_pool` (width ``pool_kernel``) of
+    :func:`gemfilter_scores`; the first ``keep_first`` and last ``keep_last`` tokens are
+    always kept and count towards ``k``; equal scores go to the lower index. An engine
+    runs the first layers on the whole prompt, calls this with the filter layer's last
+    query, then prefills only the returned tokens (with fresh positions) and answers from
+    them.
+
+    Args:
+        q, keys, cache, seq, layer: as in :func:`gemfilter_scores`.
+        k: tokens to keep in all, ``1 ..= n``.
+        pool_kernel: width of the average pool, odd (1 = no pooling).
+        keep_first: always keep this many first tokens (attention sinks).
+        keep_last: always keep this many last tokens (the question).
+
+    Returns:
+        uint32 ``[k]``, ascending token indices.
+
+    Raises:
+        OutOfRangeError: ``k`` not in ``1 ..= n`` (``k`` named); a negative count.
+        InvalidArgumentError: ``keep_first + keep_last > k`` (``k`` named, with
+            ``keep_first + keep_last``); an even ``pool_kernel``; an empty context (``keys``
+            or ``seq`` named); and as :func:`gemfilter_scores`.
+        ShapeError, DTypeError, UnsupportedError, UnknownSequenceError: as
+            :func:`gemfilter_scores`.
+    """
+
+def snapkv(
+    q_window: FloatArray,
+    keys: FloatArray | None = None,
+    *,
+    cache: KvCache | None = None,
+    seq: int | None = None,
+    layer: int | None = None,
+    k: int,
+    pool_kernel: int = 7,
+    scale: float | None = None,
+) -> tuple[Selection, npt.NDArray[np.uint32]]:
+    """SnapKV: per KV head, the prompt tokens the observation window attends to most.
+
+    ``q_window`` holds the queries (after RoPE) of the prompt's last ``w`` tokens. Each
+    window query attends causally to the keys (softmax per query head, logits ``scale * q ·
+    k``); the probabilities it gives the prefix (the ``n - w`` tokens before the window) are
+    summed over the window and over the query heads of each KV head, pooled with
+    :func:`avg_pool` (width ``pool_kernel``), and the best ``k - w`` prefix tokens of each KV
+    head are kept (ties to the lower index), plus the whole window.
+
+    Args:
+        q_window: ``[w, num_qo_heads, head_dim]``, ``1 <= w <= n``.
+        keys, cache, seq, layer: as in :func:`gemfilter_scores`.
+        k: tokens kept per KV head, window included, ``w ..= n``.
+        pool_kernel: width of the average pool over the votes, odd.
+        scale: multiplier of ``q · k`` before softmax (default ``1 / sqrt(head_dim)``).
+
+    Returns:
+        ``(selection, union)``: the :class:`Selection` of ``k`` tokens per KV head (for
+        :meth:`KvCache.compact` with ``per="head"`` or sparse attention), and the union of
+        the heads' tokens, uint32 ascending (for prefilling once).
+
+    Raises:
+        OutOfRangeError: ``k`` not in ``w ..= n`` (``k`` named); ``w > n`` (``q_window``).
+        ShapeError: ``q_window`` not ``[w >= 1, num_qo_heads, head_dim]`` with the keys'
+            head_dim and a positive multiple of their ``num_kv_heads``.
+        InvalidArgumentError: an even ``pool_kernel``; a non-finite ``scale``; and as
+            :func:`gemfilter_scores`.
+    """
+
+def calibrate_filter_layer(
+    queries: Sequence[FloatArray],
+    keys: Sequence[FloatArray],
+    needle_start: int,
+    needle_end: int,
+    *,
+    k: int,
+    pool_kernel: int = 5,
+    keep_first: int = 0,
+    keep_last: int = 0,
+) -> npt.NDArray[np.float64]:
+    """Choose GemFilter's filter layer: for each layer, the share of a known needle (tokens
+    ``needle_start .. needle_end`` of the prompt) that :func:`gemfilter_select` keeps from
+    that layer's last query and keys. The best filter layer is the earliest with high
+    recall.
+
+    Args:
+        queries: per layer, the last query ``[num_qo_heads, head_dim]`` (or
+            ``[1, num_qo_heads, head_dim]``).
+        keys: per layer, the prompt's keys ``[n, num_kv_heads, head_dim]`` (same number of
+            layers as ``queries``).
+        needle_start, needle_end: the needle's token range, non-empty, inside every layer's
+            keys.
+        k, pool_kernel, keep_first, keep_last: as in :func:`gemfilter_select`.
+
+    Returns:
+        float64 ``[num_layers]``: recall of the needle per layer, in ``[0, 1]``.
+
+    Raises:
+        InvalidArgumentError: no layers; ``needle_end <= needle_start``.
+        OutOfRangeError: ``needle_end`` past a layer's keys; ``k`` as in
+            :func:`gemfilter_select`.
+        ShapeError: ``keys`` not as long as ``queries``; a malformed ``queries[l]`` or
+            ``keys[l]`` (named with its index).
+    """
+
 def merge_states(
     v_a: FloatArray,
     lse_a: FloatArray,

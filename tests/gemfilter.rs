@@ -66,7 +66,7 @@ proptest! {
         for (a, b) in got.iter().zip(&want) { prop_assert!((*a as f64 - b).abs() < 1e-3 * (1.0 + b.abs()), "{a} {b}"); }
         let pooled = avg_pool(&got, kernel).unwrap();
         for (a, b) in pooled.iter().zip(ref_pool(&want, kernel)) { prop_assert!((*a as f64 - b).abs() < 1e-3 * (1.0 + b.abs())); }
-        let k = ((n as f64 * kfrac) as usize).clamp(first + last, n).max(1);
+        let k = ((n as f64 * kfrac) as usize).clamp((first + last).min(n), n).max(1);
         let cfg = GemFilterConfig { k, pool_kernel: kernel, keep_first: first.min(n), keep_last: last.min(n) };
         if cfg.keep_first + cfg.keep_last > k { return Ok(()); }
         let kept = select(&qv, src, &cfg).unwrap();
@@ -159,6 +159,15 @@ fn gemfilter_bad_input() {
     assert!(select(&q3, src, &GemFilterConfig::new(5)).unwrap_err().to_string().contains("`q`"));
     let e = select(&qv, src, &GemFilterConfig { keep_first: 4, keep_last: 4, ..GemFilterConfig::new(5) }).unwrap_err();
     assert!(e.to_string().contains("keep_first"), "{e}");
+    // Key tensors the kernels cannot read are refused, not read past their rows.
+    let odd = vec![0.5f32; 10 * 2 * 12];
+    let ov = TensorView::new(&odd, &[10, 2, 12]).unwrap();
+    let q12 = vec![0.5f32; 4 * 12];
+    let e = select(&TensorView::new(&q12, &[4, 12]).unwrap(), KeySource::Tensor(&ov), &GemFilterConfig::new(2)).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unsupported, "{e}");
+    let none: Vec<f32> = Vec::new();
+    let nv = TensorView::new(&none, &[10, 0, 64]).unwrap();
+    assert!(select(&qv, KeySource::Tensor(&nv), &GemFilterConfig::new(2)).unwrap_err().to_string().contains("keys"));
     let qw = TensorView::new(&q, &[1, 4, 64]).unwrap();
     let e = snapkv(&qw, src, &SnapKvConfig { k: 0, pool_kernel: 7, scale: None }).unwrap_err();
     assert!(e.to_string().contains("`k`"), "{e}");

@@ -86,6 +86,11 @@ fn keys<'a>(src: &KeySource<'a>, view: Option<PagedKv<'a>>) -> Result<Keys<'a>> 
                 return Err(Error::shape("keys", "[n, num_kv_heads, head_dim]", format!("{:?}", t.shape())));
             }
             let (n, hk, d) = (t.shape()[0], t.shape()[1], t.shape()[2]);
+            if hk == 0 {
+                return Err(Error::shape("keys", "[n, num_kv_heads >= 1, head_dim]", format!("{:?}", t.shape())));
+            }
+            // The kernels read 8 channels at a time.
+            crate::config::validate_head_dim(d)?;
             let st = [t.strides()[0], t.strides()[1]];
             let es = t.dtype().size();
             let bytes = t.bytes();

@@ -10,8 +10,9 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use kvsieve::ffi::{
-    kvsieve_attention_params_t, kvsieve_cache_config_t, kvsieve_cache_stats_t, kvsieve_device_t, kvsieve_dtype_t, kvsieve_page_bounds_config_t,
-    kvsieve_paged_kv_t, kvsieve_rope_config_t, kvsieve_selection_stats_t, kvsieve_streaming_window_t, kvsieve_tensor_t,
+    kvsieve_attention_params_t, kvsieve_cache_config_t, kvsieve_cache_stats_t, kvsieve_device_t, kvsieve_dtype_t, kvsieve_gemfilter_config_t,
+    kvsieve_key_source_t, kvsieve_page_bounds_config_t, kvsieve_paged_kv_t, kvsieve_rope_config_t, kvsieve_selection_stats_t,
+    kvsieve_snapkv_config_t, kvsieve_streaming_window_t, kvsieve_tensor_t,
 };
 
 fn root() -> PathBuf {
@@ -261,6 +262,9 @@ fn struct_layouts_match_rust() {
         kvsieve_selection_stats_t { seq_len, num_kv_heads, total, density, min_density, max_density }
         kvsieve_page_bounds_config_t { budget_tokens, min_pages }
         kvsieve_streaming_window_t { sinks, window }
+        kvsieve_key_source_t { tensor, cache, seq, layer }
+        kvsieve_gemfilter_config_t { k, pool_kernel, keep_first, keep_last }
+        kvsieve_snapkv_config_t { k, pool_kernel, scale }
     });
     let stdout = c_test("layout", &Expect { lines: &["ok - dlpack layout", "ok - dlpack tensor passed as is"], summary: true });
     let got: Vec<String> = stdout.lines().filter(|l| l.starts_with("layout ")).map(str::to_string).collect();
@@ -420,6 +424,24 @@ fn eviction_and_compaction() {
                 "ok - streaming: bounded pages, attention over sinks + window",
                 "ok - streaming with contiguous positions: bounded pages, attention over sinks + window",
                 "ok - compact: decode after compaction equals the reference over the kept tokens",
+            ],
+            summary: true,
+        },
+    );
+}
+
+#[test]
+fn gemfilter_and_snapkv() {
+    c_test(
+        "gemfilter",
+        &Expect {
+            lines: &[
+                "ok - gemfilter scores and avg_pool match the C reference",
+                "ok - gemfilter selection keeps the forced tokens and the best-scoring ones",
+                "ok - snapkv matches the C reference of its definition",
+                "ok - calibration finds the layer holding the needle",
+                "ok - snapkv selection compacts the cache per head; decode equals the reference over the kept tokens",
+                "ok - gemfilter and snapkv bad input: right codes, parameter named, nothing written",
             ],
             summary: true,
         },

@@ -33,9 +33,17 @@ impl kvsieve_cache_t {
 /// # Safety
 /// 1. `cache` is NULL or a live handle from `kvsieve_cache_new`, not freed while `'a` lasts.
 pub(crate) unsafe fn cache_ref<'a>(cache: *const kvsieve_cache_t) -> Result<&'a kvsieve_cache_t> {
-    non_null(cache, "cache")?;
+    cache_ref_named(cache, "cache")
+}
+
+/// As [`cache_ref`], naming `param` in errors (a cache passed inside a struct).
+///
+/// # Safety
+/// As for [`cache_ref`].
+pub(crate) unsafe fn cache_ref_named<'a>(cache: *const kvsieve_cache_t, param: &str) -> Result<&'a kvsieve_cache_t> {
+    non_null(cache, param)?;
     if (cache as usize) % std::mem::align_of::<kvsieve_cache_t>() != 0 {
-        return Err(Error::invalid("cache", "a handle returned by kvsieve_cache_new"));
+        return Err(Error::invalid(param, "a handle returned by kvsieve_cache_new"));
     }
     Ok(&*cache)
 }

@@ -19,6 +19,7 @@ mod args;
 mod attention;
 mod cache;
 mod error;
+mod gemfilter;
 mod params;
 mod policy;
 mod query;
@@ -38,6 +39,10 @@ pub use cache::{
 };
 pub use error::{
     kvsieve_error_code, kvsieve_error_code_name, kvsieve_error_free, kvsieve_error_message, kvsieve_error_parse_offset, kvsieve_error_t,
+};
+pub use gemfilter::{
+    kvsieve_avg_pool, kvsieve_gemfilter_calibrate_layers, kvsieve_gemfilter_config_default, kvsieve_gemfilter_config_t, kvsieve_gemfilter_scores,
+    kvsieve_gemfilter_select, kvsieve_key_source_t, kvsieve_snapkv, kvsieve_snapkv_config_t,
 };
 pub use params::{kvsieve_attention_params_t, kvsieve_rope_config_t};
 pub use policy::{

@@ -28,16 +28,17 @@ const _: () = {
     assert!(offset_of!(kvsieve_page_bounds_config_t, min_pages) == 8);
 };
 
-/// A decode query of one sequence: `[num_qo_heads, head_dim]` or `[1, num_qo_heads, head_dim]`.
+/// A decode query of one sequence named `name`: `[num_qo_heads, head_dim]` or
+/// `[1, num_qo_heads, head_dim]`.
 ///
 /// # Safety
 /// As for [`Tensor::parse`].
-unsafe fn parse_query(q: *const kvsieve_tensor_t) -> Result<Tensor> {
-    let ndim = read_struct(q, "q")?.ndim;
+pub(crate) unsafe fn parse_query(q: *const kvsieve_tensor_t, name: &str) -> Result<Tensor> {
+    let ndim = read_struct(q, name)?.ndim;
     if ndim == 2 {
-        Tensor::parse(q, "q", &["num_qo_heads", "head_dim"])
+        Tensor::parse(q, name, &["num_qo_heads", "head_dim"])
     } else {
-        Tensor::parse(q, "q", &["1", "num_qo_heads", "head_dim"])
+        Tensor::parse(q, name, &["1", "num_qo_heads", "head_dim"])
     }
 }
 
@@ -60,7 +61,7 @@ pub unsafe extern "C" fn kvsieve_selection_page_bounds(
         let c = cache_ref(cache)?;
         let cfg = read_struct(config, "config")?;
         non_null(out, "out")?;
-        let q = parse_query(q)?.view()?;
+        let q = parse_query(q, "q")?.view()?;
         let cfg = PageBoundsConfig { budget_tokens: cfg.budget_tokens, min_pages: cfg.min_pages };
         let sel = page_bounds(&c.read(), seq, layer, &q, &cfg)?;
         write_out(out, into_handle(sel));
@@ -87,7 +88,7 @@ pub unsafe extern "C" fn kvsieve_policy_select(
         let p = policy_ref(policy)?;
         let c = cache_ref(cache)?;
         non_null(out, "out")?;
-        let q = parse_query(q)?.view()?;
+        let q = parse_query(q, "q")?.view()?;
         let sel = p.select(&c.read(), seq, layer, &q)?;
         write_out(out, into_handle(sel));
         Ok(())

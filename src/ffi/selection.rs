@@ -78,7 +78,7 @@ unsafe fn make(out: *mut *mut kvsieve_selection_t, f: impl FnOnce() -> Result<Se
     Ok(())
 }
 
-fn check_capacity(param: &str, capacity: usize, need: usize, what: &str) -> Result<()> {
+pub(crate) fn check_capacity(param: &str, capacity: usize, need: usize, what: &str) -> Result<()> {
     if capacity < need {
         return Err(Error::invalid(param, format!("room for at least {need} values ({what}), got {capacity}")));
     }

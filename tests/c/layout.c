@@ -109,6 +109,20 @@ static void print_layouts(void) {
     FIELD(kvsieve_streaming_window_t, sinks);
     FIELD(kvsieve_streaming_window_t, window);
     SIZE(kvsieve_keep_kind_t);
+    SIZE(kvsieve_key_source_t);
+    FIELD(kvsieve_key_source_t, tensor);
+    FIELD(kvsieve_key_source_t, cache);
+    FIELD(kvsieve_key_source_t, seq);
+    FIELD(kvsieve_key_source_t, layer);
+    SIZE(kvsieve_gemfilter_config_t);
+    FIELD(kvsieve_gemfilter_config_t, k);
+    FIELD(kvsieve_gemfilter_config_t, pool_kernel);
+    FIELD(kvsieve_gemfilter_config_t, keep_first);
+    FIELD(kvsieve_gemfilter_config_t, keep_last);
+    SIZE(kvsieve_snapkv_config_t);
+    FIELD(kvsieve_snapkv_config_t, k);
+    FIELD(kvsieve_snapkv_config_t, pool_kernel);
+    FIELD(kvsieve_snapkv_config_t, scale);
 }
 
 static void dlpack_layout(void) {

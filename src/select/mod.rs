@@ -8,6 +8,8 @@
 //!   with [`window_pages_to_evict`] for caches that drop what a window no longer reads;
 //! - [`page_bounds`] (Quest): pages ranked by an upper bound of the query's logits, kept
 //!   to a token budget, scored by [`page_scores`];
+//! - [`cluster`]: K-means clusters of keys and centroid retrieval (Squeezed Attention),
+//!   by threshold or token budget, flat or through a coarse level;
 //! - [`gemfilter`]: one-shot prompt filtering from an early layer (GemFilter) and
 //!   observation-window scoring (SnapKV);
 //! - [`top_k`]: the linear-time ranking the methods share;
@@ -15,6 +17,7 @@
 //!   (`sinks=4,window=1024,pages=2048;layers=0-1:dense`).
 
 mod bounds_kernel;
+pub mod cluster;
 pub mod gemfilter;
 mod pages;
 mod policy;

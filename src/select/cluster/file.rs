@@ -1,0 +1,381 @@
+//! Saving and loading a [`ClusterIndex`]: a safetensors file of little-endian tensors plus
+//! string metadata, versioned and checksummed.
+//!
+//! Tensors (`hk` KV heads, `C` fine clusters, `C1` coarse clusters, `m` clustered tokens,
+//! `d` head_dim):
+//!
+//! | name | dtype | shape |
+//! |---|---|---|
+//! | `centroids` (raw-key means) | F32 | `[hk, C, d]` |
+//! | `centroids_normalized` | F32 | `[hk, C, d]` |
+//! | `sizes` | U32 | `[hk, C]` |
+//! | `member_offsets` | U32 | `[hk, C + 1]` |
+//! | `members` | U32 | `[hk, m]` |
+//! | `inertia` | F64 | `[hk]` |
+//! | `iterations` | U32 | `[hk]` |
+//! | `converged` | U8 | `[hk]` |
+//! | `coarse_centroids` (only with a coarse level) | F32 | `[hk, C1, d]` |
+//! | `coarse_sizes` | U32 | `[hk, C1]` |
+//! | `coarse_child_offsets` | U32 | `[hk, C1 + 1]` |
+//! | `coarse_children` | U32 | `[hk, C]` |
+//!
+//! Metadata: `format` = `kvsieve.cluster_index`, `format_version` = `1`, `num_kv_heads`,
+//! `head_dim`, `num_clusters`, `num_coarse_clusters` (0 without a coarse level), `seq_len`,
+//! `seq_len_at_build`, `clustered_len`, `config.clusters` / `config.coarse`
+//! (`absolute:N`, `fraction:F` or `none`), `config.exclude_window`, `config.max_iter`,
+//! `config.seed`, and `checksum`: FNV-1a 64 (16 hex digits) over every other metadata entry
+//! (`key=value\n`, keys sorted) and then every tensor in the order of the table above (name,
+//! shape as u64 LE, data bytes).
+//!
+//! Loading checks the container, the format and version, every field, every tensor's dtype
+//! and shape, the checksum, and the index's invariants (offsets, members forming each
+//! token exactly once and ascending per cluster, sizes, finite centroids, the coarse
+//! children forming each fine cluster once); any failure is [`Error::Io`] naming the file and
+//! what is wrong.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView as StView};
+
+use crate::config::validate_head_dim;
+use crate::error::{Error, Result};
+use crate::select::cluster::index::{ClusterConfig, ClusterIndex, CoarseLevel};
+use crate::select::cluster::keys::with_keys;
+use crate::select::cluster::kmeans::{ClusterCount, Clustering};
+use crate::select::gemfilter::KeySource;
+
+const FORMAT: &str = "kvsieve.cluster_index";
+const VERSION: u32 = 1;
+
+/// FNV-1a, 64 bits.
+struct Fnv(u64);
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+fn count_text(c: Option<ClusterCount>) -> String {
+    match c {
+        None => "none".into(),
+        Some(ClusterCount::Absolute(n)) => format!("absolute:{n}"),
+        Some(ClusterCount::Fraction(f)) => format!("fraction:{f}"),
+    }
+}
+
+fn parse_count(s: &str) -> Option<Option<ClusterCount>> {
+    if s == "none" {
+        return Some(None);
+    }
+    if let Some(n) = s.strip_prefix("absolute:") {
+        return n.parse().ok().map(|n| Some(ClusterCount::Absolute(n)));
+    }
+    s.strip_prefix("fraction:").and_then(|f| f.parse().ok()).map(|f| Some(ClusterCount::Fraction(f)))
+}
+
+/// One named tensor, owned, little-endian.
+struct Tensor {
+    name: &'static str,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+fn le<T: Copy, const N: usize>(v: &[T], f: fn(T) -> [u8; N]) -> Vec<u8> {
+    v.iter().flat_map(|&x| f(x)).collect()
+}
+
+fn checksum(meta: &HashMap<String, String>, tensors: &[(&str, Vec<usize>, &[u8])]) -> String {
+    let mut h = Fnv::new();
+    let mut keys: Vec<&String> = meta.keys().filter(|k| k.as_str() != "checksum").collect();
+    keys.sort();
+    for k in keys {
+        h.write(format!("{k}={}\n", meta[k]).as_bytes());
+    }
+    for (name, shape, data) in tensors {
+        h.write(name.as_bytes());
+        for &s in shape {
+            h.write(&(s as u64).to_le_bytes());
+        }
+        h.write(data);
+    }
+    format!("{:016x}", h.0)
+}
+
+const FINE: [&str; 8] = ["centroids", "centroids_normalized", "sizes", "member_offsets", "members", "inertia", "iterations", "converged"];
+const COARSE: [&str; 4] = ["coarse_centroids", "coarse_sizes", "coarse_child_offsets", "coarse_children"];
+
+impl ClusterIndex {
+    fn tensors(&self) -> Vec<Tensor> {
+        let (hk, k, d, m) = (self.num_kv_heads, self.num_clusters(), self.head_dim, self.clustered_len);
+        let cat_f32 = |f: &dyn Fn(&Clustering) -> &[f32]| le(&self.heads.iter().flat_map(|c| f(c).iter().copied()).collect::<Vec<_>>(), f32::to_le_bytes);
+        let cat_u32 = |f: &dyn Fn(&Clustering) -> &[u32]| le(&self.heads.iter().flat_map(|c| f(c).iter().copied()).collect::<Vec<_>>(), u32::to_le_bytes);
+        let mut t = vec![
+            Tensor { name: "centroids", dtype: Dtype::F32, shape: vec![hk, k, d], data: cat_f32(&|c| &c.centroids) },
+            Tensor { name: "centroids_normalized", dtype: Dtype::F32, shape: vec![hk, k, d], data: cat_f32(&|c| &c.centroids_normalized) },
+            Tensor { name: "sizes", dtype: Dtype::U32, shape: vec![hk, k], data: cat_u32(&|c| &c.sizes) },
+            Tensor { name: "member_offsets", dtype: Dtype::U32, shape: vec![hk, k + 1], data: cat_u32(&|c| &c.member_offsets) },
+            Tensor { name: "members", dtype: Dtype::U32, shape: vec![hk, m], data: cat_u32(&|c| &c.members) },
+            Tensor {
+                name: "inertia",
+                dtype: Dtype::F64,
+                shape: vec![hk],
+                data: le(&self.heads.iter().map(|c| c.inertia).collect::<Vec<_>>(), f64::to_le_bytes),
+            },
+            Tensor {
+                name: "iterations",
+                dtype: Dtype::U32,
+                shape: vec![hk],
+                data: le(&self.heads.iter().map(|c| c.iterations as u32).collect::<Vec<_>>(), u32::to_le_bytes),
+            },
+            Tensor { name: "converged", dtype: Dtype::U8, shape: vec![hk], data: self.heads.iter().map(|c| c.converged as u8).collect() },
+        ];
+        if !self.coarse.is_empty() {
+            let k1 = self.num_coarse_clusters();
+            let cat = |f: &dyn Fn(&CoarseLevel) -> &[u32]| le(&self.coarse.iter().flat_map(|c| f(c).iter().copied()).collect::<Vec<_>>(), u32::to_le_bytes);
+            t.push(Tensor {
+                name: "coarse_centroids",
+                dtype: Dtype::F32,
+                shape: vec![hk, k1, d],
+                data: le(&self.coarse.iter().flat_map(|c| c.centroids.iter().copied()).collect::<Vec<_>>(), f32::to_le_bytes),
+            });
+            t.push(Tensor { name: "coarse_sizes", dtype: Dtype::U32, shape: vec![hk, k1], data: cat(&|c| &c.sizes) });
+            t.push(Tensor { name: "coarse_child_offsets", dtype: Dtype::U32, shape: vec![hk, k1 + 1], data: cat(&|c| &c.child_offsets) });
+            t.push(Tensor { name: "coarse_children", dtype: Dtype::U32, shape: vec![hk, k], data: cat(&|c| &c.children) });
+        }
+        t
+    }
+
+    /// The index as safetensors bytes (see the module docs for the layout).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let c = &self.config;
+        let mut meta: HashMap<String, String> = [
+            ("format", FORMAT.to_string()),
+            ("format_version", VERSION.to_string()),
+            ("num_kv_heads", self.num_kv_heads.to_string()),
+            ("head_dim", self.head_dim.to_string()),
+            ("num_clusters", self.num_clusters().to_string()),
+            ("num_coarse_clusters", self.num_coarse_clusters().to_string()),
+            ("seq_len", self.seq_len.to_string()),
+            ("seq_len_at_build", self.seq_len_at_build.to_string()),
+            ("clustered_len", self.clustered_len.to_string()),
+            ("config.clusters", count_text(Some(c.clusters))),
+            ("config.coarse", count_text(c.coarse)),
+            ("config.exclude_window", c.exclude_window.to_string()),
+            ("config.max_iter", c.max_iter.to_string()),
+            ("config.seed", c.seed.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let tensors = self.tensors();
+        let parts: Vec<(&str, Vec<usize>, &[u8])> = tensors.iter().map(|t| (t.name, t.shape.clone(), &t.data[..])).collect();
+        meta.insert("checksum".into(), checksum(&meta, &parts));
+        let views = tensors
+            .iter()
+            .map(|t| StView::new(t.dtype, t.shape.clone(), &t.data).map(|v| (t.name, v)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Internal(format!("cluster index tensor: {e}")))?;
+        safetensors::serialize(views, Some(meta)).map_err(|e| Error::Io(format!("serializing the cluster index: {e}")))
+    }
+
+    /// Write the index to `path` (see the module docs for the format).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_bytes()?;
+        std::fs::write(path, bytes).map_err(|e| Error::Io(format!("writing cluster index {}: {e}", path.display())))
+    }
+
+    /// Read an index written by [`ClusterIndex::save`], verifying everything (see the module
+    /// docs). Every failure is [`Error::Io`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::Io(format!("reading cluster index {}: {e}", path.display())))?;
+        Self::from_bytes(&bytes).map_err(|e| match e {
+            Error::Io(m) => Error::Io(format!("cluster index {}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// [`ClusterIndex::load`], then check that the index fits `src`: same `num_kv_heads`
+    /// and `head_dim`, and a sequence at least as long as the index covers. A mismatch is
+    /// [`Error::Io`] too (the file is for another cache or sequence).
+    pub fn load_for(path: impl AsRef<Path>, src: KeySource<'_>) -> Result<Self> {
+        let path = path.as_ref();
+        let index = Self::load(path)?;
+        with_keys(src, |keys| {
+            if keys.hk != index.num_kv_heads || keys.d != index.head_dim {
+                return Err(Error::Io(format!(
+                    "cluster index {} has num_kv_heads {} and head_dim {}, the keys have num_kv_heads {} and head_dim {}",
+                    path.display(),
+                    index.num_kv_heads,
+                    index.head_dim,
+                    keys.hk,
+                    keys.d
+                )));
+            }
+            if keys.n < index.seq_len {
+                return Err(Error::Io(format!("cluster index {} covers {} tokens, the sequence holds only {}", path.display(), index.seq_len, keys.n)));
+            }
+            Ok(())
+        })?;
+        Ok(index)
+    }
+
+    /// Parse and verify safetensors bytes (see [`ClusterIndex::load`]).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let io = |m: String| Error::Io(m);
+        let st = SafeTensors::deserialize(bytes).map_err(|e| io(format!("not a valid safetensors file: {e}")))?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| io(format!("not a valid safetensors file: {e}")))?;
+        let meta = header.metadata().clone().ok_or_else(|| io("no metadata (not a kvsieve cluster index)".into()))?;
+        let field = |k: &str| meta.get(k).ok_or_else(|| io(format!("metadata field `{k}` missing")));
+        if field("format")? != FORMAT {
+            return Err(io(format!("format `{}`, expected `{FORMAT}`", field("format")?)));
+        }
+        let version = field("format_version")?;
+        if version != &VERSION.to_string() {
+            return Err(io(format!("format version {version}, this build reads version {VERSION}")));
+        }
+        let num = |k: &str| -> Result<usize> { field(k)?.parse::<usize>().map_err(|_| io(format!("metadata field `{k}` is not a count: `{}`", meta[k]))) };
+        let (hk, d, k, k1) = (num("num_kv_heads")?, num("head_dim")?, num("num_clusters")?, num("num_coarse_clusters")?);
+        let (seq_len, seq_len_at_build, m) = (num("seq_len")?, num("seq_len_at_build")?, num("clustered_len")?);
+        let clusters = parse_count(field("config.clusters")?).flatten().ok_or_else(|| io("metadata field `config.clusters` malformed".into()))?;
+        let coarse_cfg = parse_count(field("config.coarse")?).ok_or_else(|| io("metadata field `config.coarse` malformed".into()))?;
+        let config = ClusterConfig {
+            clusters,
+            exclude_window: num("config.exclude_window")?,
+            max_iter: num("config.max_iter")?,
+            seed: field("config.seed")?.parse().map_err(|_| io("metadata field `config.seed` malformed".into()))?,
+            coarse: coarse_cfg,
+        };
+        validate_head_dim(d).map_err(|e| io(format!("head_dim: {e}")))?;
+        if hk == 0 || k == 0 || k > m || m > seq_len || seq_len > u32::MAX as usize || seq_len_at_build > seq_len || k1 > k || (k1 > 0) != coarse_cfg.is_some()
+        {
+            return Err(io(format!(
+                "inconsistent sizes: num_kv_heads {hk}, num_clusters {k}, num_coarse_clusters {k1}, clustered_len {m}, seq_len {seq_len}, seq_len_at_build {seq_len_at_build}"
+            )));
+        }
+        let mut shapes: Vec<(&str, Dtype, Vec<usize>)> = vec![
+            ("centroids", Dtype::F32, vec![hk, k, d]),
+            ("centroids_normalized", Dtype::F32, vec![hk, k, d]),
+            ("sizes", Dtype::U32, vec![hk, k]),
+            ("member_offsets", Dtype::U32, vec![hk, k + 1]),
+            ("members", Dtype::U32, vec![hk, m]),
+            ("inertia", Dtype::F64, vec![hk]),
+            ("iterations", Dtype::U32, vec![hk]),
+            ("converged", Dtype::U8, vec![hk]),
+        ];
+        if k1 > 0 {
+            shapes.push(("coarse_centroids", Dtype::F32, vec![hk, k1, d]));
+            shapes.push(("coarse_sizes", Dtype::U32, vec![hk, k1]));
+            shapes.push(("coarse_child_offsets", Dtype::U32, vec![hk, k1 + 1]));
+            shapes.push(("coarse_children", Dtype::U32, vec![hk, k]));
+        }
+        let expected: Vec<&str> = FINE.iter().chain(if k1 > 0 { &COARSE[..] } else { &[] }).copied().collect();
+        if st.len() != expected.len() {
+            let mut names = st.names();
+            names.sort();
+            return Err(io(format!("tensors {names:?}, expected {expected:?}")));
+        }
+        let mut data: HashMap<&str, &[u8]> = HashMap::new();
+        for (name, dtype, shape) in &shapes {
+            let t = st.tensor(name).map_err(|_| io(format!("tensor `{name}` missing")))?;
+            if t.dtype() != *dtype || t.shape() != &shape[..] {
+                return Err(io(format!("tensor `{name}`: expected {dtype:?} {shape:?}, got {:?} {:?}", t.dtype(), t.shape())));
+            }
+            data.insert(name, t.data());
+        }
+        let parts: Vec<(&str, Vec<usize>, &[u8])> = shapes.iter().map(|(n, _, s)| (*n, s.clone(), data[n])).collect();
+        let stored = field("checksum")?;
+        let computed = checksum(&meta, &parts);
+        if *stored != computed {
+            return Err(io(format!("checksum mismatch (stored {stored}, computed {computed}): the file is corrupted")));
+        }
+        let f32s = |n: &str| -> Vec<f32> { data[n].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect() };
+        let u32s = |n: &str| -> Vec<u32> { data[n].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect() };
+        let (cents, cnorm, sizes, offs, mems) = (f32s("centroids"), f32s("centroids_normalized"), u32s("sizes"), u32s("member_offsets"), u32s("members"));
+        let inertia: Vec<f64> = data["inertia"].chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+        let iters = u32s("iterations");
+        let conv = data["converged"];
+        if let Some(i) = cents.iter().chain(&cnorm).position(|v| !v.is_finite()) {
+            return Err(io(format!("non-finite centroid value at flat position {i}")));
+        }
+        let mut heads = Vec::with_capacity(hk);
+        for h in 0..hk {
+            let off = offs[h * (k + 1)..(h + 1) * (k + 1)].to_vec();
+            let members = mems[h * m..(h + 1) * m].to_vec();
+            let hsizes = sizes[h * k..(h + 1) * k].to_vec();
+            let assignment = check_csr(&off, &members, &hsizes, m).map_err(|e| io(format!("head {h}: members: {e}")))?;
+            if conv[h] > 1 || !inertia[h].is_finite() || inertia[h] < 0.0 {
+                return Err(io(format!("head {h}: bad inertia {} or converged flag {}", inertia[h], conv[h])));
+            }
+            heads.push(Clustering {
+                d,
+                centroids: cents[h * k * d..(h + 1) * k * d].to_vec(),
+                centroids_normalized: cnorm[h * k * d..(h + 1) * k * d].to_vec(),
+                sizes: hsizes,
+                member_offsets: off,
+                members,
+                assignment,
+                inertia: inertia[h],
+                inertia_history: vec![inertia[h]],
+                iterations: iters[h] as usize,
+                converged: conv[h] == 1,
+                seeds: Vec::new(),
+            });
+        }
+        let mut coarse = Vec::new();
+        if k1 > 0 {
+            let (cc, cs, co, ch) = (f32s("coarse_centroids"), u32s("coarse_sizes"), u32s("coarse_child_offsets"), u32s("coarse_children"));
+            if let Some(i) = cc.iter().position(|v| !v.is_finite()) {
+                return Err(io(format!("non-finite coarse centroid value at flat position {i}")));
+            }
+            for h in 0..hk {
+                let off = co[h * (k1 + 1)..(h + 1) * (k1 + 1)].to_vec();
+                let children = ch[h * k..(h + 1) * k].to_vec();
+                let csizes = cs[h * k1..(h + 1) * k1].to_vec();
+                let child_counts: Vec<u32> = off.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+                check_csr(&off, &children, &child_counts, k).map_err(|e| io(format!("head {h}: coarse children: {e}")))?;
+                for c in 0..k1 {
+                    let total: u64 = children[off[c] as usize..off[c + 1] as usize].iter().map(|&f| heads[h].sizes[f as usize] as u64).sum();
+                    if total != csizes[c] as u64 {
+                        return Err(io(format!("head {h}: coarse cluster {c} has size {}, its children hold {total}", csizes[c])));
+                    }
+                }
+                coarse.push(CoarseLevel { centroids: cc[h * k1 * d..(h + 1) * k1 * d].to_vec(), sizes: csizes, child_offsets: off, children });
+            }
+        }
+        Ok(ClusterIndex { config, num_kv_heads: hk, head_dim: d, seq_len_at_build, seq_len, clustered_len: m, heads, coarse })
+    }
+}
+
+/// Check a CSR grouping of the items `0..n` into `sizes.len()` groups: offsets from 0 to
+/// `n`, non-decreasing, group sizes equal to `sizes`, items ascending within a group, every
+/// item exactly once. Returns each item's group.
+fn check_csr(offsets: &[u32], items: &[u32], sizes: &[u32], n: usize) -> std::result::Result<Vec<u32>, String> {
+    let k = sizes.len();
+    if offsets[0] != 0 || offsets[k] as usize != n {
+        return Err(format!("offsets run from {} to {}, expected 0 to {n}", offsets[0], offsets[k]));
+    }
+    let mut group = vec![u32::MAX; n];
+    for c in 0..k {
+        let (a, b) = (offsets[c] as usize, offsets[c + 1] as usize);
+        if b < a || b > n || (b - a) as u64 != sizes[c] as u64 || sizes[c] == 0 {
+            return Err(format!("group {c}: offsets {a}..{b} and size {} disagree (or the group is empty)", sizes[c]));
+        }
+        for (j, &t) in items[a..b].iter().enumerate() {
+            if t as usize >= n || group[t as usize] != u32::MAX || (j > 0 && t <= items[a + j - 1]) {
+                return Err(format!("group {c}: item {t} out of range, repeated or out of order"));
+            }
+            group[t as usize] = c as u32;
+        }
+    }
+    Ok(group)
+}

@@ -1,0 +1,308 @@
+//! [`ClusterIndex`]: the K-means clusterings of every KV head of one (sequence, layer),
+//! optionally with a coarse level over the fine centroids, kept up to date as tokens are
+//! appended.
+
+use crate::error::{Error, Result};
+use crate::select::cluster::assign::{nearest, PackedCentroids};
+use crate::select::cluster::keys::{with_keys, KeyRows};
+use crate::select::cluster::kmeans::{cluster_normalized, members_csr, normalize_rows, ClusterCount, Clustering};
+use crate::select::gemfilter::KeySource;
+
+/// Mixed into the seed of the coarse level so it draws differently from the fine one.
+const COARSE_SEED_SALT: u64 = 0xC0A2_5E5E_ED00_0001;
+
+/// Options of [`ClusterIndex::build`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClusterConfig {
+    /// Fine clusters per KV head: absolute, or a fraction of the tokens clustered.
+    pub clusters: ClusterCount,
+    /// Leave the last `exclude_window` tokens out (the observation window that a local
+    /// window selection reads anyway). The same trailing window stays out after
+    /// [`ClusterIndex::assign_new`].
+    pub exclude_window: usize,
+    /// Lloyd iterations at most (fine and coarse). Default 20.
+    pub max_iter: usize,
+    /// k-means++ seed; every head uses it, the coarse level uses it xor a fixed salt.
+    pub seed: u64,
+    /// Coarse clusters per head over the fine centroids (absolute, or a fraction of the
+    /// fine clusters), for [`ClusterIndex::retrieve_hierarchical`]. `None`: no coarse level.
+    pub coarse: Option<ClusterCount>,
+}
+
+impl ClusterConfig {
+    pub fn new(clusters: ClusterCount) -> Self {
+        ClusterConfig { clusters, exclude_window: 0, max_iter: 20, seed: 0, coarse: None }
+    }
+    pub fn with_exclude_window(mut self, w: usize) -> Self {
+        self.exclude_window = w;
+        self
+    }
+    pub fn with_max_iter(mut self, it: usize) -> Self {
+        self.max_iter = it;
+        self
+    }
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+    pub fn with_coarse(mut self, coarse: ClusterCount) -> Self {
+        self.coarse = Some(coarse);
+        self
+    }
+}
+
+/// The coarse level of one head: a K-means over the fine centroids.
+///
+/// A coarse cluster's children are fine cluster ids (ascending); its size is the sum of its
+/// children's sizes, and its centroid (what queries are scored against) is the mean of the
+/// raw keys beneath it: the size-weighted mean of its children's raw centroids. The coarse
+/// K-means itself assigns the fine raw centroids by cosine, unweighted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoarseLevel {
+    pub(crate) centroids: Vec<f32>,
+    pub(crate) sizes: Vec<u32>,
+    pub(crate) child_offsets: Vec<u32>,
+    pub(crate) children: Vec<u32>,
+}
+
+impl CoarseLevel {
+    pub fn num_clusters(&self) -> usize {
+        self.sizes.len()
+    }
+    /// Size-weighted means of the children's raw centroids, `[num_clusters][head_dim]`.
+    pub fn centroids(&self) -> &[f32] {
+        &self.centroids
+    }
+    /// Tokens beneath each coarse cluster.
+    pub fn sizes(&self) -> &[u32] {
+        &self.sizes
+    }
+    /// CSR offsets into [`CoarseLevel::all_children`].
+    pub fn child_offsets(&self) -> &[u32] {
+        &self.child_offsets
+    }
+    pub fn all_children(&self) -> &[u32] {
+        &self.children
+    }
+    /// Fine clusters (ascending) under coarse cluster `c`.
+    pub fn children(&self, c: usize) -> &[u32] {
+        &self.children[self.child_offsets[c] as usize..self.child_offsets[c + 1] as usize]
+    }
+
+    /// Sizes and centroids from the fine level (after the fine sizes changed).
+    fn refresh(&mut self, fine: &Clustering) {
+        let d = fine.d;
+        for c in 0..self.sizes.len() {
+            let kids = &self.children[self.child_offsets[c] as usize..self.child_offsets[c + 1] as usize];
+            let total: u64 = kids.iter().map(|&f| fine.sizes[f as usize] as u64).sum();
+            let mut acc = vec![0f64; d];
+            for &f in kids {
+                let w = fine.sizes[f as usize] as f64;
+                for (a, &v) in acc.iter_mut().zip(fine.centroid(f as usize)) {
+                    *a += w * v as f64;
+                }
+            }
+            self.sizes[c] = total as u32;
+            for (o, a) in self.centroids[c * d..(c + 1) * d].iter_mut().zip(acc) {
+                *o = if total > 0 { (a / total as f64) as f32 } else { 0.0 };
+            }
+        }
+    }
+
+    fn build(fine: &Clustering, k1: usize, seed: u64, max_iter: usize) -> Self {
+        let d = fine.d;
+        let (x, xsq) = normalize_rows(&fine.centroids, d);
+        let cl = cluster_normalized(&fine.centroids, &x, &xsq, d, k1, seed ^ COARSE_SEED_SALT, max_iter);
+        let mut level = CoarseLevel { centroids: vec![0f32; k1 * d], sizes: vec![0; k1], child_offsets: cl.member_offsets, children: cl.members };
+        level.refresh(fine);
+        level
+    }
+}
+
+/// K-means clusters of the keys of one (sequence, layer), every KV head, for centroid
+/// retrieval (Squeezed Attention).
+///
+/// Tokens `0..clustered_len()` are clustered; the rest (`clustered_len()..seq_len()`, the
+/// excluded window) are in no cluster and are never returned by retrieval: union a window
+/// selection for them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterIndex {
+    pub(crate) config: ClusterConfig,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) seq_len_at_build: usize,
+    pub(crate) seq_len: usize,
+    pub(crate) clustered_len: usize,
+    pub(crate) heads: Vec<Clustering>,
+    /// One per head, or empty when the index has no coarse level.
+    pub(crate) coarse: Vec<CoarseLevel>,
+}
+
+impl ClusterIndex {
+    /// Cluster every KV head of the keys in `src` (a cache's pages, read in place, or a
+    /// key tensor `[n, num_kv_heads, head_dim]`).
+    ///
+    /// Errors: an empty context; `exclude_window` leaving no token; a cluster count of 0 or
+    /// above the tokens clustered; a coarse count of 0 or above the fine clusters; a NaN or
+    /// infinite key (the message names the token and head); a cache storing keys before
+    /// RoPE; a bad `head_dim`.
+    pub fn build(src: KeySource<'_>, cfg: &ClusterConfig) -> Result<Self> {
+        with_keys(src, |keys| Self::build_from(keys, cfg))
+    }
+
+    fn build_from(keys: &KeyRows<'_>, cfg: &ClusterConfig) -> Result<Self> {
+        let n = keys.n;
+        if n == 0 {
+            return Err(Error::invalid("keys", "a non-empty context (the sequence holds no tokens)"));
+        }
+        if cfg.exclude_window >= n {
+            return Err(Error::invalid(
+                "exclude_window",
+                format!("fewer than the {n} tokens of the context, so that some are clustered, got {}", cfg.exclude_window),
+            ));
+        }
+        let m = n - cfg.exclude_window;
+        let k = cfg.clusters.resolve(m, "clusters")?;
+        let k1 = cfg.coarse.map(|c| c.resolve(k, "coarse")).transpose()?;
+        let d = keys.d;
+        let mut heads = Vec::with_capacity(keys.hk);
+        let mut coarse = Vec::new();
+        for h in 0..keys.hk {
+            let raw = keys.read(h, 0..m)?;
+            let (x, xsq) = normalize_rows(&raw, d);
+            let fine = cluster_normalized(&raw, &x, &xsq, d, k, cfg.seed, cfg.max_iter);
+            if let Some(k1) = k1 {
+                coarse.push(CoarseLevel::build(&fine, k1, cfg.seed, cfg.max_iter));
+            }
+            heads.push(fine);
+        }
+        Ok(ClusterIndex { config: *cfg, num_kv_heads: keys.hk, head_dim: d, seq_len_at_build: n, seq_len: n, clustered_len: m, heads, coarse })
+    }
+
+    /// Assign the keys that arrived since the index was built or last updated (tokens
+    /// `clustered_len()..current_len - exclude_window`) to their nearest normalised
+    /// centroid, updating sizes, member lists and the coarse level's sizes and centroids.
+    /// Returns the number of tokens assigned per head.
+    ///
+    /// Centroids do not move, so they drift from their members' mean as tokens arrive:
+    /// retrieval scores stale centroids (and the raw centroid no longer equals the mean of
+    /// the members). This is cheap (one dot product per new key and cluster); call
+    /// [`ClusterIndex::rebuild`] when many tokens have arrived.
+    ///
+    /// Errors: a source with a different `num_kv_heads` or `head_dim`; a sequence shorter
+    /// than [`ClusterIndex::seq_len`] (it was truncated or compacted: rebuild); NaN or
+    /// infinite keys. On error the index is unchanged.
+    pub fn assign_new(&mut self, src: KeySource<'_>) -> Result<usize> {
+        with_keys(src, |keys| {
+            self.check_source(keys)?;
+            let n = keys.n;
+            let end = n.saturating_sub(self.config.exclude_window).max(self.clustered_len);
+            let start = self.clustered_len;
+            let d = self.head_dim;
+            let mut fresh = Vec::with_capacity(self.num_kv_heads);
+            for h in 0..self.num_kv_heads {
+                fresh.push(if end > start { keys.read(h, start..end)? } else { Vec::new() });
+            }
+            for (h, raw) in fresh.into_iter().enumerate() {
+                if raw.is_empty() {
+                    continue;
+                }
+                let (x, _) = normalize_rows(&raw, d);
+                let head = &mut self.heads[h];
+                let k = head.sizes.len();
+                let mut a = vec![0u32; end - start];
+                let mut best = vec![0f32; end - start];
+                nearest(&x, d, &PackedCentroids::new(&head.centroids_normalized, k, d), &mut a, &mut best);
+                let (new_off, new_mem) = members_csr(&a, k);
+                let mut members = Vec::with_capacity(head.members.len() + a.len());
+                let mut offsets = Vec::with_capacity(k + 1);
+                offsets.push(0u32);
+                for c in 0..k {
+                    members.extend_from_slice(head.members(c));
+                    members.extend(new_mem[new_off[c] as usize..new_off[c + 1] as usize].iter().map(|&i| i + start as u32));
+                    offsets.push(members.len() as u32);
+                }
+                head.sizes = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+                head.member_offsets = offsets;
+                head.members = members;
+                head.assignment.extend_from_slice(&a);
+                if let Some(level) = self.coarse.get_mut(h) {
+                    level.refresh(head);
+                }
+            }
+            self.clustered_len = end;
+            self.seq_len = n;
+            Ok(end - start)
+        })
+    }
+
+    /// Cluster again from scratch with the same configuration over the source's current
+    /// tokens (replaces the index only on success).
+    pub fn rebuild(&mut self, src: KeySource<'_>) -> Result<()> {
+        let cfg = self.config;
+        let fresh = with_keys(src, |keys| {
+            self.check_source(keys)?;
+            Self::build_from(keys, &cfg)
+        })?;
+        *self = fresh;
+        Ok(())
+    }
+
+    fn check_source(&self, keys: &KeyRows<'_>) -> Result<()> {
+        if keys.hk != self.num_kv_heads || keys.d != self.head_dim {
+            return Err(Error::shape(
+                "keys",
+                format!("num_kv_heads {} and head_dim {} (as the index)", self.num_kv_heads, self.head_dim),
+                format!("num_kv_heads {} and head_dim {}", keys.hk, keys.d),
+            ));
+        }
+        if keys.n < self.seq_len {
+            return Err(Error::invalid(
+                "keys",
+                format!(
+                    "a sequence at least as long as when the index was last updated ({} tokens), got {} (truncated or compacted since: rebuild the index)",
+                    self.seq_len, keys.n
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_kv_heads
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    /// Fine clusters per head.
+    pub fn num_clusters(&self) -> usize {
+        self.heads[0].sizes.len()
+    }
+    /// Coarse clusters per head (0 without a coarse level).
+    pub fn num_coarse_clusters(&self) -> usize {
+        self.coarse.first().map_or(0, |c| c.sizes.len())
+    }
+    /// Sequence length when the index was built.
+    pub fn seq_len_at_build(&self) -> usize {
+        self.seq_len_at_build
+    }
+    /// Sequence length when the index was built or last updated by `assign_new`.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+    /// Tokens `0..clustered_len()` are in clusters.
+    pub fn clustered_len(&self) -> usize {
+        self.clustered_len
+    }
+    /// The clustering of KV head `h`. Panics if `h >= num_kv_heads()`.
+    pub fn head(&self, h: usize) -> &Clustering {
+        &self.heads[h]
+    }
+    /// The coarse level of KV head `h`, if the index has one.
+    pub fn coarse(&self, h: usize) -> Option<&CoarseLevel> {
+        self.coarse.get(h)
+    }
+}

@@ -1,0 +1,500 @@
+//! Spherical K-means over the keys of one KV head: k-means++ seeding, Lloyd iterations,
+//! empty-cluster repair, with the retrieval centroid taken as the mean of raw keys.
+//!
+//! Definitions (every function here follows them):
+//! - **Normalised space**: each key `x` becomes `x̂ = x / ‖x‖` (a zero key stays zero).
+//!   Assignment is by the largest `x̂ · ĉ`, that is the nearest unit centroid (cosine).
+//! - **Normalised centroid** `ĉ`: the mean of its members' `x̂`, scaled to unit length (the
+//!   minimiser of the cluster's squared distances among unit vectors); a mean of length 0
+//!   keeps the previous centroid.
+//! - **Raw centroid** `C`: the mean of its members' raw keys; it is what retrieval scores
+//!   queries against.
+//! - **Inertia**: `Σ_i ‖x̂_i − ĉ_{a(i)}‖² = Σ_i (‖x̂_i‖² + ‖ĉ‖² − 2 x̂_i·ĉ)`, summed in f64 over
+//!   the final assignment `a` and normalised centroids (squared L2 in normalised space; for
+//!   unit vectors `2 − 2 cos`).
+//! - **k-means++** with a [`SplitMix64`] seeded by `seed`: the first seed is point
+//!   `below(n)`; each further seed draws `u = next_f64() · Σ D²` and takes the first point
+//!   (ascending index, among those with `D² > 0`) at which the running f64 sum of `D²`
+//!   exceeds `u`, `D²` being the squared distance to the nearest seed so far. If every
+//!   `D²` is 0 (fewer distinct keys than clusters) the lowest-index point not yet a seed is
+//!   taken. Distances are only recomputed for points the triangle inequality cannot rule
+//!   out (`‖s_new − s_near‖ < 2·D`), which changes no result.
+//! - **Lloyd**: assign; then up to `max_iter` times: update the normalised centroids,
+//!   assign again; stop when an assignment pass changes nothing and needed no repair.
+//!   Assignment ties go to the lowest cluster index.
+//! - **Empty-cluster repair** after every assignment pass: for each empty cluster in
+//!   ascending order, the largest cluster (lowest index on ties) gives up its member
+//!   farthest from its normalised centroid (lowest index on ties); that key becomes the
+//!   empty cluster's normalised centroid and its only member. Repair never raises the
+//!   inertia, and the loop does not stop on a repaired pass.
+//!
+//! Assignment and updates run in parallel (rayon) and the result is the same for every
+//! thread count: each point's dot products and each cluster's sums are computed in a fixed
+//! order.
+
+use rayon::prelude::*;
+
+use crate::attention::simd;
+use crate::config::validate_head_dim;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::select::cluster::assign::{nearest, PackedCentroids};
+use crate::select::cluster::rng::SplitMix64;
+
+/// How many clusters: a number, or a fraction of the keys clustered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ClusterCount {
+    /// Exactly this many (1 ..= the number of keys).
+    Absolute(usize),
+    /// `round(f * n)` clusters for `n` keys, `0 < f <= 1`; must come to at least 1.
+    Fraction(f64),
+}
+
+impl ClusterCount {
+    /// The number of clusters for `n` keys. Errors: `n` 0, zero clusters, more clusters than
+    /// keys, a fraction outside `(0, 1]` or one that rounds to 0 clusters.
+    pub fn resolve(&self, n: usize, param: &str) -> Result<usize> {
+        if n == 0 {
+            return Err(Error::invalid(param, "at least one key to cluster (the context is empty)"));
+        }
+        let k = match *self {
+            ClusterCount::Absolute(k) => k,
+            ClusterCount::Fraction(f) => {
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(Error::invalid(param, format!("a fraction of the keys in (0, 1], got {f}")));
+                }
+                (f * n as f64).round() as usize
+            }
+        };
+        if k == 0 {
+            return Err(Error::invalid(param, format!("at least 1 cluster, got 0 ({self:?} of {n} keys)")));
+        }
+        if k > n {
+            return Err(Error::invalid(param, format!("at most one cluster per key ({n} keys), got {k} clusters")));
+        }
+        Ok(k)
+    }
+}
+
+/// Options of [`kmeans`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KMeansConfig {
+    pub clusters: ClusterCount,
+    /// Centroid updates at most (each followed by an assignment pass). Default 20.
+    pub max_iter: usize,
+    /// Seed of the k-means++ draws.
+    pub seed: u64,
+}
+
+impl KMeansConfig {
+    pub fn new(clusters: ClusterCount) -> Self {
+        KMeansConfig { clusters, max_iter: 20, seed: 0 }
+    }
+}
+
+/// The K-means clustering of one head's keys.
+///
+/// Invariants: `sizes[c] = member_offsets[c + 1] - member_offsets[c] >= 1` at build time
+/// (after [`crate::select::cluster::ClusterIndex::assign_new`] still >= 1); each cluster's
+/// members are ascending token indices; every token `0..num_points` is a member of exactly
+/// the cluster `assignment[token]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Clustering {
+    pub(crate) d: usize,
+    pub(crate) centroids: Vec<f32>,
+    pub(crate) centroids_normalized: Vec<f32>,
+    pub(crate) sizes: Vec<u32>,
+    pub(crate) member_offsets: Vec<u32>,
+    pub(crate) members: Vec<u32>,
+    pub(crate) assignment: Vec<u32>,
+    pub(crate) inertia: f64,
+    pub(crate) inertia_history: Vec<f64>,
+    pub(crate) iterations: usize,
+    pub(crate) converged: bool,
+    pub(crate) seeds: Vec<u32>,
+}
+
+impl Clustering {
+    pub fn num_clusters(&self) -> usize {
+        self.sizes.len()
+    }
+    pub fn head_dim(&self) -> usize {
+        self.d
+    }
+    /// Keys clustered (tokens `0..num_points`).
+    pub fn num_points(&self) -> usize {
+        self.assignment.len()
+    }
+    /// Raw-key means, `[num_clusters][head_dim]` row-major.
+    pub fn centroids(&self) -> &[f32] {
+        &self.centroids
+    }
+    /// Raw-key mean of cluster `c`.
+    pub fn centroid(&self, c: usize) -> &[f32] {
+        &self.centroids[c * self.d..(c + 1) * self.d]
+    }
+    /// Unit centroids used for assignment, `[num_clusters][head_dim]`.
+    pub fn centroids_normalized(&self) -> &[f32] {
+        &self.centroids_normalized
+    }
+    pub fn sizes(&self) -> &[u32] {
+        &self.sizes
+    }
+    /// CSR offsets into [`Clustering::all_members`], `num_clusters + 1` long.
+    pub fn member_offsets(&self) -> &[u32] {
+        &self.member_offsets
+    }
+    /// Every cluster's members, concatenated in cluster order.
+    pub fn all_members(&self) -> &[u32] {
+        &self.members
+    }
+    /// Members (token indices, ascending) of cluster `c`.
+    pub fn members(&self, c: usize) -> &[u32] {
+        &self.members[self.member_offsets[c] as usize..self.member_offsets[c + 1] as usize]
+    }
+    /// Cluster of each token `0..num_points`.
+    pub fn assignment(&self) -> &[u32] {
+        &self.assignment
+    }
+    /// Inertia of the final assignment (see the module docs).
+    pub fn inertia(&self) -> f64 {
+        self.inertia
+    }
+    /// Inertia after the first assignment and after each iteration (build-time diagnostics;
+    /// a loaded index holds only the final value).
+    pub fn inertia_history(&self) -> &[f64] {
+        &self.inertia_history
+    }
+    /// Centroid updates done.
+    pub fn iterations(&self) -> usize {
+        self.iterations
+    }
+    /// Whether the last assignment pass changed nothing (then every key is assigned to a
+    /// nearest normalised centroid).
+    pub fn converged(&self) -> bool {
+        self.converged
+    }
+    /// Point indices picked by k-means++ (empty when the clustering started from given
+    /// centroids or was loaded from a file).
+    pub fn seeds(&self) -> &[u32] {
+        &self.seeds
+    }
+}
+
+/// Cluster `keys` (`[n][head_dim]` row-major, raw) with k-means++ and Lloyd iterations.
+///
+/// Errors: `head_dim` not a multiple of 8 in `8..=512`, `keys.len()` not a multiple of it,
+/// no keys, a bad cluster count, a NaN or infinite key (named by index).
+pub fn kmeans(keys: &[f32], head_dim: usize, cfg: &KMeansConfig) -> Result<Clustering> {
+    let n = check_keys(keys, head_dim)?;
+    let k = cfg.clusters.resolve(n, "clusters")?;
+    let (x, xsq) = normalize_rows(keys, head_dim);
+    Ok(cluster_normalized(keys, &x, &xsq, head_dim, k, cfg.seed, cfg.max_iter))
+}
+
+/// Lloyd iterations from given initial centroids (`[k][head_dim]`, any length; scaled to
+/// unit length, zero rows kept), with the same repair and stopping rule as [`kmeans`].
+pub fn kmeans_from_centroids(keys: &[f32], head_dim: usize, init: &[f32], max_iter: usize) -> Result<Clustering> {
+    let n = check_keys(keys, head_dim)?;
+    if init.is_empty() || init.len() % head_dim != 0 {
+        return Err(Error::shape("init", format!("[k >= 1, {head_dim}]"), format!("{} values", init.len())));
+    }
+    let k = init.len() / head_dim;
+    ClusterCount::Absolute(k).resolve(n, "init")?;
+    if let Some(i) = init.iter().position(|v| !v.is_finite()) {
+        return Err(Error::invalid("init", format!("finite centroids, but centroid {} holds {}", i / head_dim, init[i])));
+    }
+    let (x, xsq) = normalize_rows(keys, head_dim);
+    let (cn, _) = normalize_rows(init, head_dim);
+    Ok(lloyd(keys, &x, &xsq, head_dim, cn, max_iter))
+}
+
+/// The k-means++ seeds (point indices, in the order drawn) that [`kmeans`] starts from.
+pub fn seed_plus_plus(keys: &[f32], head_dim: usize, k: usize, seed: u64) -> Result<Vec<u32>> {
+    let n = check_keys(keys, head_dim)?;
+    ClusterCount::Absolute(k).resolve(n, "k")?;
+    let (x, xsq) = normalize_rows(keys, head_dim);
+    Ok(plus_plus(&x, &xsq, head_dim, k, seed))
+}
+
+fn check_keys(keys: &[f32], d: usize) -> Result<usize> {
+    validate_head_dim(d)?;
+    if keys.len() % d != 0 {
+        return Err(Error::shape("keys", format!("[n, {d}]"), format!("{} values (not a multiple of {d})", keys.len())));
+    }
+    if let Some(i) = keys.iter().position(|v| !v.is_finite()) {
+        return Err(Error::invalid("keys", format!("finite values, but key {} holds {} at channel {}", i / d, keys[i], i % d)));
+    }
+    Ok(keys.len() / d)
+}
+
+/// Unit rows and their squared norms (1, or 0 for a zero row).
+pub(crate) fn normalize_rows(keys: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = keys.len() / d;
+    let mut x = vec![0f32; keys.len()];
+    let mut xsq = vec![0f32; n];
+    x.par_chunks_mut(d).zip(xsq.par_iter_mut()).zip(keys.par_chunks(d)).for_each(|((o, s), r)| {
+        let norm = r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            for (o, &v) in o.iter_mut().zip(r) {
+                *o = (v as f64 / norm) as f32;
+            }
+            *s = 1.0;
+        }
+    });
+    (x, xsq)
+}
+
+/// `out[j] = q · x[idx[j]]` for rows of `x` (`[n][d]`), in parallel for long lists.
+pub(crate) fn dots(x: &[f32], d: usize, q: &[f32], idx: &[u32], out: &mut [f32]) {
+    const CHUNK: usize = 1024;
+    let run = |idx: &[u32], out: &mut [f32]| {
+        let ptrs: Vec<*const u8> = idx.iter().map(|&i| x[i as usize * d..].as_ptr() as *const u8).collect();
+        // SAFETY: every pointer addresses a full row of d f32 inside `x`; d is a multiple of 8.
+        unsafe { simd::scores(q, 1, d, &ptrs, DType::F32, out) };
+    };
+    if idx.len() <= CHUNK {
+        run(idx, &mut out[..idx.len()]);
+    } else {
+        out[..idx.len()].par_chunks_mut(CHUNK).zip(idx.par_chunks(CHUNK)).for_each(|(o, i)| run(i, o));
+    }
+}
+
+/// k-means++ over unit rows (see the module docs for the exact draws).
+fn plus_plus(x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64) -> Vec<u32> {
+    let n = xsq.len();
+    let mut rng = SplitMix64::new(seed);
+    let first = rng.below(n);
+    let mut chosen = vec![first as u32];
+    let mut is_chosen = vec![false; n];
+    is_chosen[first] = true;
+    let mut d2 = vec![0f32; n];
+    let mut near = vec![0u32; n];
+    let mut buf = vec![0f32; n];
+    let all: Vec<u32> = (0..n as u32).collect();
+    dots(x, d, &x[first * d..(first + 1) * d], &all, &mut buf);
+    for i in 0..n {
+        d2[i] = (xsq[i] + xsq[first] - 2.0 * buf[i]).max(0.0);
+    }
+    d2[first] = 0.0;
+    let mut ss2 = vec![0f32; k];
+    let mut cand = Vec::with_capacity(n);
+    for s in 1..k {
+        let total: f64 = d2.iter().map(|&v| v as f64).sum();
+        let u = rng.next_f64() * total;
+        let p = if total > 0.0 {
+            let (mut cum, mut last, mut pick) = (0f64, 0usize, None);
+            for (i, &v) in d2.iter().enumerate() {
+                if v > 0.0 {
+                    cum += v as f64;
+                    last = i;
+                    if cum > u {
+                        pick = Some(i);
+                        break;
+                    }
+                }
+            }
+            pick.unwrap_or(last)
+        } else {
+            (0..n).find(|&i| !is_chosen[i]).expect("k <= n leaves a point that is not a seed")
+        };
+        let xp = &x[p * d..(p + 1) * d];
+        dots(x, d, xp, &chosen, &mut ss2[..s]);
+        for (j, v) in ss2[..s].iter_mut().enumerate() {
+            *v = (xsq[chosen[j] as usize] + xsq[p] - 2.0 * *v).max(0.0);
+        }
+        cand.clear();
+        cand.extend((0..n as u32).filter(|&i| {
+            let i = i as usize;
+            // ‖s_new − s_near‖ >= 2·D means the new seed cannot be nearer (triangle inequality);
+            // a small margin keeps rounding on the safe side.
+            d2[i] > 0.0 && ss2[near[i] as usize] < 4.0 * d2[i] * (1.0 + 1e-4) + 1e-6
+        }));
+        dots(x, d, xp, &cand, &mut buf);
+        for (j, &i) in cand.iter().enumerate() {
+            let i = i as usize;
+            let nd = (xsq[i] + xsq[p] - 2.0 * buf[j]).max(0.0);
+            if nd < d2[i] {
+                d2[i] = nd;
+                near[i] = s as u32;
+            }
+        }
+        d2[p] = 0.0;
+        near[p] = s as u32;
+        is_chosen[p] = true;
+        chosen.push(p as u32);
+    }
+    chosen
+}
+
+/// k-means++ then Lloyd, on keys already normalised (`x`, `xsq`) with `raw` for the means.
+pub(crate) fn cluster_normalized(raw: &[f32], x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64, max_iter: usize) -> Clustering {
+    let seeds = plus_plus(x, xsq, d, k, seed);
+    let mut init = Vec::with_capacity(k * d);
+    for &s in &seeds {
+        init.extend_from_slice(&x[s as usize * d..(s as usize + 1) * d]);
+    }
+    let mut c = lloyd(raw, x, xsq, d, init, max_iter);
+    c.seeds = seeds;
+    c
+}
+
+/// Members of each cluster in CSR form (counting sort; ascending within a cluster).
+pub(crate) fn members_csr(a: &[u32], k: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut offsets = vec![0u32; k + 1];
+    for &c in a {
+        offsets[c as usize + 1] += 1;
+    }
+    for c in 0..k {
+        offsets[c + 1] += offsets[c];
+    }
+    let mut fill: Vec<u32> = offsets[..k].to_vec();
+    let mut members = vec![0u32; a.len()];
+    for (i, &c) in a.iter().enumerate() {
+        members[fill[c as usize] as usize] = i as u32;
+        fill[c as usize] += 1;
+    }
+    (offsets, members)
+}
+
+fn row_sq(cn: &[f32], d: usize) -> Vec<f32> {
+    cn.chunks_exact(d).map(|r| r.iter().map(|&v| v * v).sum()).collect()
+}
+
+fn inertia(xsq: &[f32], csq: &[f32], a: &[u32], best: &[f32]) -> f64 {
+    a.iter().zip(best).zip(xsq).map(|((&c, &b), &s)| ((s + csq[c as usize] - 2.0 * b) as f64).max(0.0)).sum()
+}
+
+/// Normalised means of the members of each cluster; a cluster with no members or a mean
+/// of length 0 keeps its centroid.
+fn update(x: &[f32], d: usize, a: &[u32], cn: &mut [f32]) {
+    let k = cn.len() / d;
+    let (offsets, members) = members_csr(a, k);
+    cn.par_chunks_mut(d).enumerate().for_each(|(c, row)| {
+        let m = &members[offsets[c] as usize..offsets[c + 1] as usize];
+        if m.is_empty() {
+            return;
+        }
+        let mut s = vec![0f32; d];
+        for &i in m {
+            for (acc, &v) in s.iter_mut().zip(&x[i as usize * d..(i as usize + 1) * d]) {
+                *acc += v;
+            }
+        }
+        let norm = s.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+        if norm > 1e-12 {
+            for (o, &v) in row.iter_mut().zip(&s) {
+                *o = (v as f64 / norm) as f32;
+            }
+        }
+    });
+}
+
+/// Refill empty clusters (see the module docs). Returns whether anything moved.
+fn repair(x: &[f32], xsq: &[f32], d: usize, a: &mut [u32], best: &mut [f32], cn: &mut [f32], csq: &mut [f32]) -> bool {
+    let k = csq.len();
+    let mut sizes = vec![0usize; k];
+    for &c in a.iter() {
+        sizes[c as usize] += 1;
+    }
+    if !sizes.contains(&0) {
+        return false;
+    }
+    for e in 0..k {
+        if sizes[e] != 0 {
+            continue;
+        }
+        let mut l = 0;
+        for c in 1..k {
+            if sizes[c] > sizes[l] {
+                l = c;
+            }
+        }
+        // n >= k and an empty cluster exist, so the largest has at least 2 members.
+        let (mut p, mut far) = (usize::MAX, f32::NEG_INFINITY);
+        for (i, &c) in a.iter().enumerate() {
+            if c as usize == l {
+                let dist = xsq[i] - 2.0 * best[i];
+                if dist > far {
+                    far = dist;
+                    p = i;
+                }
+            }
+        }
+        a[p] = e as u32;
+        sizes[l] -= 1;
+        sizes[e] = 1;
+        cn[e * d..(e + 1) * d].copy_from_slice(&x[p * d..(p + 1) * d]);
+        csq[e] = xsq[p];
+        best[p] = xsq[p];
+    }
+    true
+}
+
+/// Lloyd iterations from unit centroids `cn` (see the module docs).
+fn lloyd(raw: &[f32], x: &[f32], xsq: &[f32], d: usize, mut cn: Vec<f32>, max_iter: usize) -> Clustering {
+    let n = xsq.len();
+    let k = cn.len() / d;
+    let mut csq = row_sq(&cn, d);
+    let mut a = vec![0u32; n];
+    let mut a2 = vec![0u32; n];
+    let mut best = vec![0f32; n];
+    nearest(x, d, &PackedCentroids::new(&cn, k, d), &mut a, &mut best);
+    repair(x, xsq, d, &mut a, &mut best, &mut cn, &mut csq);
+    let mut history = vec![inertia(xsq, &csq, &a, &best)];
+    let (mut iterations, mut converged) = (0, false);
+    while iterations < max_iter {
+        update(x, d, &a, &mut cn);
+        csq = row_sq(&cn, d);
+        nearest(x, d, &PackedCentroids::new(&cn, k, d), &mut a2, &mut best);
+        let repaired = repair(x, xsq, d, &mut a2, &mut best, &mut cn, &mut csq);
+        let changed = a != a2;
+        std::mem::swap(&mut a, &mut a2);
+        iterations += 1;
+        history.push(inertia(xsq, &csq, &a, &best));
+        if !changed && !repaired {
+            converged = true;
+            break;
+        }
+    }
+    let (member_offsets, members) = members_csr(&a, k);
+    let sizes: Vec<u32> = member_offsets.windows(2).map(|w| w[1] - w[0]).collect();
+    let centroids = raw_means(raw, d, &member_offsets, &members);
+    Clustering {
+        d,
+        centroids,
+        centroids_normalized: cn,
+        sizes,
+        member_offsets,
+        members,
+        assignment: a,
+        inertia: *history.last().expect("one pass at least"),
+        inertia_history: history,
+        iterations,
+        converged,
+        seeds: Vec::new(),
+    }
+}
+
+/// Mean of each cluster's raw keys (f64 sums), `[k][d]`. A cluster with no members gets
+/// a zero centroid.
+pub(crate) fn raw_means(raw: &[f32], d: usize, offsets: &[u32], members: &[u32]) -> Vec<f32> {
+    let k = offsets.len() - 1;
+    let mut out = vec![0f32; k * d];
+    out.par_chunks_mut(d).enumerate().for_each(|(c, row)| {
+        let m = &members[offsets[c] as usize..offsets[c + 1] as usize];
+        if m.is_empty() {
+            return;
+        }
+        let mut s = vec![0f64; d];
+        for &i in m {
+            for (acc, &v) in s.iter_mut().zip(&raw[i as usize * d..(i as usize + 1) * d]) {
+                *acc += v as f64;
+            }
+        }
+        for (o, v) in row.iter_mut().zip(s) {
+            *o = (v / m.len() as f64) as f32;
+        }
+    });
+    out
+}

@@ -113,7 +113,7 @@ fn write_npy(path: &str, data: &[f32], shape: &[usize]) -> std::io::Result<()> {
 fn json_number(text: &str, key: &str) -> Option<f64> {
     let at = text.find(&format!("\"{key}\""))?;
     let rest = text[at + key.len() + 2..].trim_start().strip_prefix(':')?.trim_start();
-    let end = rest.find(|c: char| c == ',' || c == '}').unwrap_or(rest.len());
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
     rest[..end].trim().parse().ok()
 }
 
@@ -213,7 +213,9 @@ fn bench_planted(n: usize, d: usize, k: usize) -> (f64, f64) {
     let (mut recall, mut oracle) = (0f64, 0f64);
     let queries = 16;
     for _ in 0..queries {
-        let q: Vec<f32> = (0..hk * g).flat_map(|j| dirs[j / g].iter().map(|&x| QUERY_GAIN * x + QUERY_NOISE / (d as f32).sqrt() * rng.normal()).collect::<Vec<_>>()).collect();
+        let q: Vec<f32> = (0..hk * g)
+            .flat_map(|j| dirs[j / g].iter().map(|&x| QUERY_GAIN * x + QUERY_NOISE / (d as f32).sqrt() * rng.normal()).collect::<Vec<_>>())
+            .collect();
         let sel = index.retrieve(&TensorView::new(&q, &[hk * g, d]).unwrap(), &Retrieve::Budget(budget), n).unwrap().selection;
         for h in 0..hk {
             let mass = attention_mass(&q[h * g * d..(h + 1) * g * d], g, &head_keys[h], d);
@@ -268,9 +270,8 @@ fn bench_hier(n: usize, d: usize, k: usize, k1: usize) -> HierFigures {
     for mult in [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0] {
         let (mut rec, mut evals) = (0f64, 0f64);
         for (q, m) in queries.iter().zip(&masses) {
-            let r = index
-                .retrieve_hierarchical(&TensorView::new(q, &[g, d]).unwrap(), CoarseRetrieve::BudgetMultiple(mult), &Retrieve::Budget(budget), n)
-                .unwrap();
+            let r =
+                index.retrieve_hierarchical(&TensorView::new(q, &[g, d]).unwrap(), CoarseRetrieve::BudgetMultiple(mult), &Retrieve::Budget(budget), n).unwrap();
             rec += recall_of(&r.selection, m) / queries.len() as f64;
             evals += r.stats.centroid_evals as f64 / queries.len() as f64;
         }

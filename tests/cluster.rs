@@ -294,6 +294,18 @@ proptest! {
 }
 
 #[test]
+fn seeding_over_many_chunks_matches_reference() {
+    // More points than one bookkeeping chunk (2048), with structure so pruning kicks in.
+    let (n, d) = (5000, 16);
+    for seed in [1u64, 2, 3] {
+        let mut rng = Rng(seed);
+        let keys = clustered_keys(&mut rng, n, 1, d, 30, 0.2);
+        let k = 60;
+        assert_eq!(seed_plus_plus(&keys, d, k, seed).unwrap(), ref_seeds(&keys, d, k, seed), "seed {seed}");
+    }
+}
+
+#[test]
 fn empty_clusters_are_repaired_like_the_reference() {
     let (n, d) = (60, 16);
     let mut rng = Rng(11);
@@ -714,7 +726,8 @@ fn with_meta(bytes: &[u8], edit: impl Fn(&mut std::collections::HashMap<String, 
 fn mismatched_files_are_io_errors_with_reasons() {
     let (index, ..) = sample_index(false);
     let bytes = index.to_bytes().unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut std::collections::HashMap<String, String>)>)> = vec![
+    type Edit = Box<dyn Fn(&mut std::collections::HashMap<String, String>)>;
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "version",
             Box::new(|m| {

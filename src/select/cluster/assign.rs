@@ -73,15 +73,19 @@ pub(crate) fn nearest(points: &[f32], d: usize, cents: &PackedCentroids, idx: &m
     assert_eq!(cents.d, d);
     let n = idx.len();
     assert!(points.len() == n * d && best.len() == n && cents.k >= 1);
+    #[cfg(target_arch = "x86_64")]
+    let simd = has_avx2_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
     idx.par_chunks_mut(BLOCK).zip(best.par_chunks_mut(BLOCK)).enumerate().for_each(|(b, (idx, best))| {
         let rows = idx.len();
         let x = &points[b * BLOCK * d..(b * BLOCK + rows) * d];
-        block(x, rows, d, cents, idx, best);
+        block(x, rows, d, cents, idx, best, simd);
     });
 }
 
-/// One block of up to [`BLOCK`] rows.
-fn block(x: &[f32], rows: usize, d: usize, cents: &PackedCentroids, idx: &mut [u32], best: &mut [f32]) {
+/// One block of up to [`BLOCK`] rows; `simd` only where the CPU has AVX2 and FMA.
+fn block(x: &[f32], rows: usize, d: usize, cents: &PackedCentroids, idx: &mut [u32], best: &mut [f32], simd: bool) {
     let padded = rows.div_ceil(MR) * MR;
     // Rows padded with zeros to whole micro-tiles (their results are dropped).
     let mut buf;
@@ -95,8 +99,6 @@ fn block(x: &[f32], rows: usize, d: usize, cents: &PackedCentroids, idx: &mut [u
     let mut bv = [f32::NEG_INFINITY; BLOCK * PANEL];
     let mut bi = [0i32; BLOCK * PANEL];
     let panels = cents.panels();
-    #[cfg(target_arch = "x86_64")]
-    let simd = has_avx2_fma();
     for g0 in (0..panels).step_by(GROUP) {
         for t in 0..padded / MR {
             let xt = &x[t * MR * d..(t + 1) * MR * d];
@@ -105,7 +107,7 @@ fn block(x: &[f32], rows: usize, d: usize, cents: &PackedCentroids, idx: &mut [u
                 let (panel, valid, col0) = (cents.panel(p), cents.valid(p), (p * PANEL) as i32);
                 #[cfg(target_arch = "x86_64")]
                 if simd {
-                    // SAFETY: the CPU has AVX2 and FMA (checked); `xt` holds MR rows of d,
+                    // SAFETY: the CPU has AVX2 and FMA (the caller checked); `xt` holds MR rows of d,
                     // `panel` d * PANEL values, `tv`/`ti` MR * PANEL entries.
                     unsafe { avx2::tile(xt, d, panel, valid, col0, tv, ti) };
                     continue;
@@ -197,6 +199,60 @@ mod avx2 {
                 _mm256_storeu_ps(vp.add(o), _mm256_blendv_ps(cur, *v, gt));
                 let ci = _mm256_loadu_si256(ip.add(o / 8));
                 _mm256_storeu_si256(ip.add(o / 8), _mm256_blendv_epi8(ci, lanes[h], _mm256_castps_si256(gt)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both paths against a plain argmax over f64 dot products, on shapes with partial
+    /// micro-tiles, partial panels and several panel groups.
+    #[test]
+    fn portable_and_simd_match_plain_argmax() {
+        let mut state = 0x1234_5678_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        for &(n, k, d) in &[(1usize, 1usize, 8usize), (7, 5, 16), (48, 16, 8), (53, 17, 24), (100, 300, 32), (13, 257, 64)] {
+            let x: Vec<f32> = (0..n * d).map(|_| next()).collect();
+            let c: Vec<f32> = (0..k * d).map(|_| next()).collect();
+            let packed = PackedCentroids::new(&c, k, d);
+            let want: Vec<(u32, f64)> = x
+                .chunks(d)
+                .map(|p| {
+                    let dots = c.chunks(d).map(|q| p.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>());
+                    dots.enumerate().fold((0u32, f64::NEG_INFINITY), |(bi, bv), (i, v)| if v > bv { (i as u32, v) } else { (bi, bv) })
+                })
+                .collect();
+            #[cfg(target_arch = "x86_64")]
+            let simd_ok = has_avx2_fma();
+            #[cfg(not(target_arch = "x86_64"))]
+            let simd_ok = false;
+            for simd in [false, true] {
+                if simd && !simd_ok {
+                    continue;
+                }
+                let (mut idx, mut best) = (vec![0u32; n], vec![0f32; n]);
+                for b in 0..n.div_ceil(BLOCK) {
+                    let rows = (n - b * BLOCK).min(BLOCK);
+                    let r = b * BLOCK..b * BLOCK + rows;
+                    block(&x[r.start * d..r.end * d], rows, d, &packed, &mut idx[r.clone()], &mut best[r], simd);
+                }
+                for i in 0..n {
+                    let (wi, wv) = want[i];
+                    assert!((best[i] as f64 - wv).abs() < 1e-4, "n {n} k {k} d {d} simd {simd}: best {} vs {wv}", best[i]);
+                    if idx[i] != wi {
+                        // Only a near tie may pick another centroid.
+                        let other: f64 = x[i * d..(i + 1) * d].iter().zip(&c[idx[i] as usize * d..]).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        assert!((other - wv).abs() < 1e-5, "n {n} k {k} d {d} simd {simd}: point {i} got {} not {wi}", idx[i]);
+                    }
+                }
             }
         }
     }

@@ -15,7 +15,7 @@
 //! - **k-means++** with a [`SplitMix64`] seeded by `seed`: the first seed is point
 //!   `below(n)`; each further seed draws `u = next_f64() · Σ D²` and takes the first point
 //!   (ascending index, among those with `D² > 0`) at which the running f64 sum of `D²`
-//!   exceeds `u`, `D²` being the squared distance to the nearest seed so far. If every
+//!   exceeds `u` (summed per chunk of 2048 points, then over chunks in order), `D²` being the squared distance to the nearest seed so far. If every
 //!   `D²` is 0 (fewer distinct keys than clusters) the lowest-index point not yet a seed is
 //!   taken. Distances are only recomputed for points the triangle inequality cannot rule
 //!   out (`‖s_new − s_near‖ < 2·D`), which changes no result.
@@ -260,7 +260,44 @@ pub(crate) fn dots(x: &[f32], d: usize, q: &[f32], idx: &[u32], out: &mut [f32])
     }
 }
 
-/// k-means++ over unit rows (see the module docs for the exact draws).
+/// Points per chunk of the k-means++ bookkeeping (fixed, so sums do not depend on threads).
+const SEED_CHUNK: usize = 2048;
+
+/// One chunk's share of a k-means++ step: lower `d2` / update `near` for the points the new
+/// seed `p` (index `s`) may be nearest to, and return the chunk's f64 sum of `d2`.
+#[allow(clippy::too_many_arguments)]
+fn seed_update(x: &[f32], xsq: &[f32], d: usize, p: usize, s: u32, ss2: &[f32], base: usize, d2: &mut [f32], near: &mut [u32]) -> f64 {
+    let xp = &x[p * d..(p + 1) * d];
+    let mut ptrs = Vec::with_capacity(d2.len());
+    let mut idx = Vec::with_capacity(d2.len());
+    for (j, (&v, &m)) in d2.iter().zip(near.iter()).enumerate() {
+        // ‖s_new − s_near‖ >= 2·D means the new seed cannot be nearer (triangle inequality);
+        // a small margin keeps rounding on the safe side.
+        if v > 0.0 && ss2[m as usize] < 4.0 * v * (1.0 + 1e-4) + 1e-6 {
+            ptrs.push(x[(base + j) * d..].as_ptr() as *const u8);
+            idx.push(j);
+        }
+    }
+    let mut dots = vec![0f32; idx.len()];
+    // SAFETY: every pointer addresses a full row of d f32 inside `x`; d is a multiple of 8.
+    unsafe { simd::scores(xp, 1, d, &ptrs, DType::F32, &mut dots) };
+    for (&j, &dp) in idx.iter().zip(&dots) {
+        let nd = (xsq[base + j] + xsq[p] - 2.0 * dp).max(0.0);
+        if nd < d2[j] {
+            d2[j] = nd;
+            near[j] = s;
+        }
+    }
+    if (base..base + d2.len()).contains(&p) {
+        d2[p - base] = 0.0;
+        near[p - base] = s;
+    }
+    d2.iter().map(|&v| v as f64).sum()
+}
+
+/// k-means++ over unit rows (see the module docs for the exact draws). The squared
+/// distances are kept per chunk of [`SEED_CHUNK`] points with the chunk's f64 sum, so a
+/// step updates the chunks in parallel and a draw walks the chunk sums, then one chunk.
 fn plus_plus(x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64) -> Vec<u32> {
     let n = xsq.len();
     let mut rng = SplitMix64::new(seed);
@@ -268,59 +305,60 @@ fn plus_plus(x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64) -> Vec<u32> 
     let mut chosen = vec![first as u32];
     let mut is_chosen = vec![false; n];
     is_chosen[first] = true;
-    let mut d2 = vec![0f32; n];
+    // Before the first seed every point is "infinitely" far: all are evaluated against it.
+    let mut d2 = vec![f32::INFINITY; n];
     let mut near = vec![0u32; n];
-    let mut buf = vec![0f32; n];
-    let all: Vec<u32> = (0..n as u32).collect();
-    dots(x, d, &x[first * d..(first + 1) * d], &all, &mut buf);
-    for i in 0..n {
-        d2[i] = (xsq[i] + xsq[first] - 2.0 * buf[i]).max(0.0);
-    }
-    d2[first] = 0.0;
+    // The first step compares with no earlier seed: nothing is pruned.
     let mut ss2 = vec![0f32; k];
-    let mut cand = Vec::with_capacity(n);
+    let step = |p: usize, s: u32, ss2: &[f32], d2: &mut [f32], near: &mut [u32]| -> Vec<f64> {
+        d2.par_chunks_mut(SEED_CHUNK)
+            .zip(near.par_chunks_mut(SEED_CHUNK))
+            .enumerate()
+            .map(|(c, (d2, near))| seed_update(x, xsq, d, p, s, ss2, c * SEED_CHUNK, d2, near))
+            .collect()
+    };
+    let mut sums = step(first, 0, &ss2, &mut d2, &mut near);
     for s in 1..k {
-        let total: f64 = d2.iter().map(|&v| v as f64).sum();
+        let total: f64 = sums.iter().sum();
         let u = rng.next_f64() * total;
         let p = if total > 0.0 {
-            let (mut cum, mut last, mut pick) = (0f64, 0usize, None);
-            for (i, &v) in d2.iter().enumerate() {
-                if v > 0.0 {
-                    cum += v as f64;
-                    last = i;
-                    if cum > u {
-                        pick = Some(i);
-                        break;
+            let (mut cum, mut last, mut pick) = (0f64, None, None);
+            for (c, &cs) in sums.iter().enumerate() {
+                if cum + cs <= u {
+                    cum += cs;
+                    if cs > 0.0 {
+                        last = Some(c);
+                    }
+                    continue;
+                }
+                for (j, &v) in d2[c * SEED_CHUNK..((c + 1) * SEED_CHUNK).min(n)].iter().enumerate() {
+                    if v > 0.0 {
+                        cum += v as f64;
+                        last = Some(c);
+                        if cum > u {
+                            pick = Some(c * SEED_CHUNK + j);
+                            break;
+                        }
                     }
                 }
+                if pick.is_some() {
+                    break;
+                }
             }
-            pick.unwrap_or(last)
+            // Rounding can leave u beyond the running sum: take the last point with D² > 0.
+            pick.unwrap_or_else(|| {
+                let c = last.expect("total > 0");
+                let chunk = &d2[c * SEED_CHUNK..((c + 1) * SEED_CHUNK).min(n)];
+                c * SEED_CHUNK + chunk.iter().rposition(|&v| v > 0.0).expect("chunk sum > 0")
+            })
         } else {
             (0..n).find(|&i| !is_chosen[i]).expect("k <= n leaves a point that is not a seed")
         };
-        let xp = &x[p * d..(p + 1) * d];
-        dots(x, d, xp, &chosen, &mut ss2[..s]);
+        dots(x, d, &x[p * d..(p + 1) * d], &chosen, &mut ss2[..s]);
         for (j, v) in ss2[..s].iter_mut().enumerate() {
             *v = (xsq[chosen[j] as usize] + xsq[p] - 2.0 * *v).max(0.0);
         }
-        cand.clear();
-        cand.extend((0..n as u32).filter(|&i| {
-            let i = i as usize;
-            // ‖s_new − s_near‖ >= 2·D means the new seed cannot be nearer (triangle inequality);
-            // a small margin keeps rounding on the safe side.
-            d2[i] > 0.0 && ss2[near[i] as usize] < 4.0 * d2[i] * (1.0 + 1e-4) + 1e-6
-        }));
-        dots(x, d, xp, &cand, &mut buf);
-        for (j, &i) in cand.iter().enumerate() {
-            let i = i as usize;
-            let nd = (xsq[i] + xsq[p] - 2.0 * buf[j]).max(0.0);
-            if nd < d2[i] {
-                d2[i] = nd;
-                near[i] = s as u32;
-            }
-        }
-        d2[p] = 0.0;
-        near[p] = s as u32;
+        sums = step(p, s as u32, &ss2, &mut d2, &mut near);
         is_chosen[p] = true;
         chosen.push(p as u32);
     }

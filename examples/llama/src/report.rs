@@ -144,13 +144,13 @@ pub fn write_svg(r: &SweepResult, path: &Path) -> std::io::Result<()> {
     policies.sort_by_key(|p| p != "dense");
     let fracs: Vec<f64> = r.cells.keys().map(|k| k.2 as f64 / 65536.0).collect();
     let lo = fracs.iter().cloned().fold(1.0, f64::min).log2().floor().min(-1.0);
-    let (pw, ph, ml, mt, gap) = (300.0, 220.0, 60.0, 40.0, 40.0);
-    let width = ml + contexts.len() as f64 * (pw + gap) + 150.0;
+    let (pw, ph, ml, mt, gap) = (300.0, 220.0, 60.0, 60.0, 40.0);
+    let width = (ml + contexts.len() as f64 * (pw + gap) + 150.0).max(640.0);
     let height = mt + ph + 60.0;
     let mut s = String::new();
     writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#).unwrap();
     writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#).unwrap();
-    writeln!(s, r#"<text x="{ml}" y="20" font-size="14">Retrieval accuracy (passkey + needle) against KV budget, SmolLM2-135M on kvsieve</text>"#).unwrap();
+    writeln!(s, r#"<text x="{ml}" y="20" font-size="14">Retrieval accuracy (passkey + needle) vs KV budget: SmolLM2-135M on kvsieve</text>"#).unwrap();
     for (ci, &ctx) in contexts.iter().enumerate() {
         let x0 = ml + ci as f64 * (pw + gap);
         let (y0, y1) = (mt, mt + ph);
@@ -189,7 +189,8 @@ pub fn write_svg(r: &SweepResult, path: &Path) -> std::io::Result<()> {
             }
             let path: Vec<String> = pts.iter().map(|&(f, a)| format!("{:.1},{:.1}", sx(f), sy(a))).collect();
             if !path.is_empty() {
-                writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, path.join(" ")).unwrap();
+                let dash = if pi % 2 == 0 { r#" stroke-dasharray="7 3""# } else { "" };
+                writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#, path.join(" ")).unwrap();
             }
             for &(f, a) in &pts {
                 writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, sx(f), sy(a)).unwrap();
@@ -199,7 +200,13 @@ pub fn write_svg(r: &SweepResult, path: &Path) -> std::io::Result<()> {
     let lx = ml + contexts.len() as f64 * (pw + gap);
     for (pi, p) in policies.iter().enumerate() {
         let y = mt + 10.0 + pi as f64 * 18.0;
-        let dash = if p == "dense" { r#" stroke-dasharray="4 3""# } else { "" };
+        let dash = if p == "dense" {
+            r#" stroke-dasharray="4 3""#
+        } else if pi % 2 == 0 {
+            r#" stroke-dasharray="7 3""#
+        } else {
+            ""
+        };
         writeln!(s, r#"<line x1="{lx}" x2="{}" y1="{y}" y2="{y}" stroke="{}" stroke-width="2"{dash}/><text x="{}" y="{}">{p}</text>"#, lx + 20.0, COLORS[pi % COLORS.len()], lx + 26.0, y + 4.0).unwrap();
     }
     writeln!(s, "</svg>").unwrap();

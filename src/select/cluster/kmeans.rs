@@ -278,9 +278,21 @@ fn seed_update(x: &[f32], xsq: &[f32], d: usize, p: usize, s: u32, ss2: &[f32], 
             idx.push(j);
         }
     }
-    let mut dots = vec![0f32; idx.len()];
-    // SAFETY: every pointer addresses a full row of d f32 inside `x`; d is a multiple of 8.
-    unsafe { simd::scores(xp, 1, d, &ptrs, DType::F32, &mut dots) };
+    let len = d2.len();
+    let dots = if idx.len() * 4 >= len {
+        // Many candidates: score the whole chunk with the chunk's rows as the query side,
+        // four independent rows at a time (the same per-row arithmetic as one at a time).
+        let mut all = vec![0f32; len];
+        // SAFETY: the chunk's rows are len * d f32 inside `x`; `xp` is a full row; d is a
+        // multiple of 8.
+        unsafe { simd::scores(&x[base * d..(base + len) * d], len, d, &[xp.as_ptr() as *const u8], DType::F32, &mut all) };
+        idx.iter().map(|&j| all[j]).collect()
+    } else {
+        let mut dots = vec![0f32; idx.len()];
+        // SAFETY: every pointer addresses a full row of d f32 inside `x`; d is a multiple of 8.
+        unsafe { simd::scores(xp, 1, d, &ptrs, DType::F32, &mut dots) };
+        dots
+    };
     for (&j, &dp) in idx.iter().zip(&dots) {
         let nd = (xsq[base + j] + xsq[p] - 2.0 * dp).max(0.0);
         if nd < d2[j] {

@@ -50,12 +50,33 @@ impl Kv {
     /// Caches for `model` with room for `tokens` tokens (rounded up to pages, plus a margin
     /// of `extra_pages`), f16 storage, NHD pages of `page_size`; with a pre-RoPE twin when
     /// `with_pre` is set.
-    pub fn new(model: &Model, tokens: usize, page_size: usize, extra_pages: usize, with_pre: bool) -> Result<Kv> {
+    pub fn new(
+        model: &Model,
+        tokens: usize,
+        page_size: usize,
+        extra_pages: usize,
+        with_pre: bool,
+    ) -> Result<Kv> {
         let c = &model.cfg;
-        let cfg = CacheConfig::new(c.num_layers, c.num_kv_heads, c.head_dim, page_size, tokens.div_ceil(page_size) + extra_pages)
-            .with_dtype(DType::F16);
-        let pre = if with_pre { Some(KvCache::new(cfg.with_key_rope(KeyRope::PreRope).with_key_bounds(false))?) } else { None };
-        Ok(Kv { post: KvCache::new(cfg)?, pre })
+        let cfg = CacheConfig::new(
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            page_size,
+            tokens.div_ceil(page_size) + extra_pages,
+        )
+        .with_dtype(DType::F16);
+        let pre = if with_pre {
+            Some(KvCache::new(
+                cfg.with_key_rope(KeyRope::PreRope).with_key_bounds(false),
+            )?)
+        } else {
+            None
+        };
+        Ok(Kv {
+            post: KvCache::new(cfg)?,
+            pre,
+        })
     }
 
     pub fn cache(&self, side: Side) -> &KvCache {
@@ -121,7 +142,11 @@ pub struct Lane<'a> {
 impl<'a> Lane<'a> {
     /// A lane in the cache `policy` needs.
     pub fn new(seq: SeqId, policy: &'a Policy, num_layers: usize) -> Self {
-        Lane { seq, side: side_for(policy, num_layers), policy }
+        Lane {
+            seq,
+            side: side_for(policy, num_layers),
+            policy,
+        }
     }
 }
 
@@ -140,7 +165,12 @@ pub struct Step {
 
 impl Default for Step {
     fn default() -> Self {
-        Step { mirror: false, logits: Logits::Last, layers: None, capture_queries: false }
+        Step {
+            mirror: false,
+            logits: Logits::Last,
+            layers: None,
+            capture_queries: false,
+        }
     }
 }
 
@@ -188,13 +218,15 @@ pub struct Engine<'m> {
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
-        let ms = r.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let s = 1.0 / (ms + eps).sqrt();
-        for ((o, &v), &g) in o.iter_mut().zip(r).zip(w) {
-            *o = v * s * g;
-        }
-    });
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, r)| {
+            let ms = r.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let s = 1.0 / (ms + eps).sqrt();
+            for ((o, &v), &g) in o.iter_mut().zip(r).zip(w) {
+                *o = v * s * g;
+            }
+        });
 }
 
 fn positions_of(cache: &KvCache, seq: SeqId, n: usize) -> Result<Vec<i32>> {
@@ -204,14 +236,24 @@ fn positions_of(cache: &KvCache, seq: SeqId, n: usize) -> Result<Vec<i32>> {
 
 impl<'m> Engine<'m> {
     pub fn new(model: &'m Model) -> Self {
-        Engine { model, stats: HashMap::new(), attention_secs: 0.0 }
+        Engine {
+            model,
+            stats: HashMap::new(),
+            attention_secs: 0.0,
+        }
     }
 
     /// Run new tokens through the model. With one lane, `tokens` are its sequence's new
     /// tokens (a prefill, or a decode step when there is one); with several, one token each
     /// (a batched decode step: the linear layers run once for the batch, attention per
     /// group of lanes sharing a cache and a policy). Appends the tokens to the caches.
-    pub fn forward(&mut self, kv: &mut Kv, lanes: &[Lane], tokens: &[u32], step: &Step) -> Result<StepOut> {
+    pub fn forward(
+        &mut self,
+        kv: &mut Kv,
+        lanes: &[Lane],
+        tokens: &[u32],
+        step: &Step,
+    ) -> Result<StepOut> {
         let m = self.model;
         let c = &m.cfg;
         let n = tokens.len();
@@ -223,7 +265,10 @@ impl<'m> Engine<'m> {
         }
         let needs_pre = step.mirror || lanes.iter().any(|l| l.side == Side::Pre);
         if needs_pre && kv.pre.is_none() {
-            return Err("a lane on the pre-RoPE side (or Step::mirror) needs a Kv with a pre-RoPE cache".into());
+            return Err(
+                "a lane on the pre-RoPE side (or Step::mirror) needs a Kv with a pre-RoPE cache"
+                    .into(),
+            );
         }
         for l in lanes {
             l.policy.validate(c.num_layers, c.num_kv_heads)?;
@@ -259,7 +304,10 @@ impl<'m> Engine<'m> {
         // Attention groups: lanes with the same cache and policy (one call each).
         let mut groups: Vec<Vec<usize>> = Vec::new();
         for (i, l) in lanes.iter().enumerate() {
-            match groups.iter_mut().find(|g| lanes[g[0]].side == l.side && std::ptr::eq(lanes[g[0]].policy, l.policy)) {
+            match groups
+                .iter_mut()
+                .find(|g| lanes[g[0]].side == l.side && std::ptr::eq(lanes[g[0]].policy, l.policy))
+            {
                 Some(g) => g.push(i),
                 None => groups.push(vec![i]),
             }
@@ -282,7 +330,10 @@ impl<'m> Engine<'m> {
         let mut out = StepOut::default();
         let layers = step.layers.unwrap_or(c.num_layers).min(c.num_layers);
         let params_post = AttentionParams::default();
-        let params_pre = AttentionParams { rope: Some(rope), ..AttentionParams::default() };
+        let params_pre = AttentionParams {
+            rope: Some(rope),
+            ..AttentionParams::default()
+        };
         let (qrow, krow) = (hq * hd, hk * hd);
 
         for (li, layer) in m.layers[..layers].iter().enumerate() {
@@ -298,14 +349,40 @@ impl<'m> Engine<'m> {
                 let (a, b) = (r.first, r.first + r.rows);
                 let pos = &positions[a..b];
                 if r.pre {
-                    write(kv.cache_mut(Side::Pre), l.seq, li, r.start, &k[a * krow..b * krow], &v[a * krow..b * krow], hk, hd)?;
+                    write(
+                        kv.cache_mut(Side::Pre),
+                        l.seq,
+                        li,
+                        r.start,
+                        &k[a * krow..b * krow],
+                        &v[a * krow..b * krow],
+                        hk,
+                        hd,
+                    )?;
                 }
                 if r.post {
-                    apply_rope(&mut TensorViewMut::new(&mut k[a * krow..b * krow], &[r.rows, hk, hd])?, pos, &rope)?;
-                    write(kv.cache_mut(Side::Post), l.seq, li, r.start, &k[a * krow..b * krow], &v[a * krow..b * krow], hk, hd)?;
+                    apply_rope(
+                        &mut TensorViewMut::new(&mut k[a * krow..b * krow], &[r.rows, hk, hd])?,
+                        pos,
+                        &rope,
+                    )?;
+                    write(
+                        kv.cache_mut(Side::Post),
+                        l.seq,
+                        li,
+                        r.start,
+                        &k[a * krow..b * krow],
+                        &v[a * krow..b * krow],
+                        hk,
+                        hd,
+                    )?;
                 }
                 if l.side == Side::Post {
-                    apply_rope(&mut TensorViewMut::new(&mut q[a * qrow..b * qrow], &[r.rows, hq, hd])?, pos, &rope)?;
+                    apply_rope(
+                        &mut TensorViewMut::new(&mut q[a * qrow..b * qrow], &[r.rows, hq, hd])?,
+                        pos,
+                        &rope,
+                    )?;
                 }
             }
             if step.capture_queries {
@@ -321,7 +398,11 @@ impl<'m> Engine<'m> {
             for g in &groups {
                 let l0 = lanes[g[0]];
                 let cache = kv.cache(l0.side);
-                let params = if l0.side == Side::Pre { &params_pre } else { &params_post };
+                let params = if l0.side == Side::Pre {
+                    &params_pre
+                } else {
+                    &params_post
+                };
                 if decode {
                     let ids: Vec<SeqId> = g.iter().map(|&i| lanes[i].seq).collect();
                     let mut qg = Vec::with_capacity(g.len() * qrow);
@@ -341,13 +422,23 @@ impl<'m> Engine<'m> {
                     )?;
                     let dt = tg.elapsed().as_secs_f64() / g.len() as f64;
                     for (j, &i) in g.iter().enumerate() {
-                        att[i * qrow..(i + 1) * qrow].copy_from_slice(&og[j * qrow..(j + 1) * qrow]);
+                        att[i * qrow..(i + 1) * qrow]
+                            .copy_from_slice(&og[j * qrow..(j + 1) * qrow]);
                         self.count_decode(cache, lanes[i].seq, li, l0.policy, sels.get(j), dt)?;
                     }
                 } else {
                     let qv = TensorView::new(&q, &[n, hq, hd])?;
                     let mut ov = TensorViewMut::new(&mut att, &[n, hq, hd])?;
-                    cache.prefill_with_policy(li, &[l0.seq], &qv, &[0, n as i32], &mut ov, None, l0.policy, params)?;
+                    cache.prefill_with_policy(
+                        li,
+                        &[l0.seq],
+                        &qv,
+                        &[0, n as i32],
+                        &mut ov,
+                        None,
+                        l0.policy,
+                        params,
+                    )?;
                 }
             }
             self.attention_secs += t0.elapsed().as_secs_f64();
@@ -358,7 +449,9 @@ impl<'m> Engine<'m> {
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut xn);
             matmul(&xn, n, &layer.w_gate, &mut gate);
             matmul(&xn, n, &layer.w_up, &mut up);
-            gate.par_iter_mut().zip(&up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            gate.par_iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
             matmul(&gate, n, &layer.w_down, &mut proj);
             x.par_iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
@@ -388,7 +481,15 @@ impl<'m> Engine<'m> {
     /// Count one layer of a decode step of `seq`: the K and V rows its selection read (all
     /// rows for a dense layer), plus the page key bounds that page-bound selection scanned,
     /// against what dense attention reads; and its share of the attention time.
-    fn count_decode(&mut self, cache: &KvCache, seq: SeqId, layer: usize, policy: &Policy, sel: Option<&kvsieve::Selection>, secs: f64) -> Result<()> {
+    fn count_decode(
+        &mut self,
+        cache: &KvCache,
+        seq: SeqId,
+        layer: usize,
+        policy: &Policy,
+        sel: Option<&kvsieve::Selection>,
+        secs: f64,
+    ) -> Result<()> {
         let c = cache.config();
         let row = 2.0 * (c.head_dim * c.dtype.size()) as f64;
         let len = cache.seq_len(seq)?;
@@ -400,7 +501,9 @@ impl<'m> Engine<'m> {
             None => st.decode_kv_bytes += dense,
             Some(s) => {
                 st.decode_kv_bytes += s.len() as f64 * row;
-                let paged = (0..c.num_kv_heads).filter(|&h| policy.spec(layer, h).pages.is_some_and(|p| p < len)).count();
+                let paged = (0..c.num_kv_heads)
+                    .filter(|&h| policy.spec(layer, h).pages.is_some_and(|p| p < len))
+                    .count();
                 st.decode_kv_bytes += (len.div_ceil(c.page_size) * paged) as f64 * row;
             }
         }
@@ -409,9 +512,24 @@ impl<'m> Engine<'m> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn write(cache: &mut KvCache, seq: SeqId, layer: usize, start: usize, k: &[f32], v: &[f32], hk: usize, hd: usize) -> Result<()> {
+fn write(
+    cache: &mut KvCache,
+    seq: SeqId,
+    layer: usize,
+    start: usize,
+    k: &[f32],
+    v: &[f32],
+    hk: usize,
+    hd: usize,
+) -> Result<()> {
     let n = k.len() / (hk * hd);
-    cache.write(seq, layer, start, &TensorView::new(k, &[n, hk, hd])?, &TensorView::new(v, &[n, hk, hd])?)?;
+    cache.write(
+        seq,
+        layer,
+        start,
+        &TensorView::new(k, &[n, hk, hd])?,
+        &TensorView::new(v, &[n, hk, hd])?,
+    )?;
     Ok(())
 }
 
@@ -428,10 +546,18 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
     let sum: f64 = logits.iter().map(|&l| (l as f64 - mx).exp()).sum();
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let k = k.min(idx.len());
-    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| {
+        logits[b as usize].total_cmp(&logits[a as usize])
+    });
     idx.truncate(k);
-    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-    idx.into_iter().map(|i| (i, (logits[i as usize] as f64 - mx).exp() / sum)).collect()
+    idx.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    idx.into_iter()
+        .map(|i| (i, (logits[i as usize] as f64 - mx).exp() / sum))
+        .collect()
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {

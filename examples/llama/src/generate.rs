@@ -10,18 +10,33 @@ use crate::tokenizer::Tokenizer;
 pub const PREFILL_CHUNK: usize = 1024;
 
 /// Prefill `tokens` into sequence `seq` in chunks; returns the last token's logits.
-pub fn prefill(engine: &mut Engine, kv: &mut Kv, lane: &Lane, tokens: &[u32], step: &Step) -> Result<StepOut> {
+pub fn prefill(
+    engine: &mut Engine,
+    kv: &mut Kv,
+    lane: &Lane,
+    tokens: &[u32],
+    step: &Step,
+) -> Result<StepOut> {
     let mut last = StepOut::default();
     for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
         let is_last = (i + 1) * PREFILL_CHUNK >= tokens.len();
-        let s = Step { logits: if is_last { step.logits } else { Logits::None }, capture_queries: is_last && step.capture_queries, ..*step };
+        let s = Step {
+            logits: if is_last { step.logits } else { Logits::None },
+            capture_queries: is_last && step.capture_queries,
+            ..*step
+        };
         last = engine.forward(kv, std::slice::from_ref(lane), chunk, &s)?;
     }
     Ok(last)
 }
 
 /// The next-token distribution's `k` most likely tokens after `prompt` (dense attention).
-pub fn next_token_top_k(model: &Model, tok: &Tokenizer, prompt: &str, k: usize) -> Result<Vec<(u32, f64)>> {
+pub fn next_token_top_k(
+    model: &Model,
+    tok: &Tokenizer,
+    prompt: &str,
+    k: usize,
+) -> Result<Vec<(u32, f64)>> {
     let ids = tok.encode(prompt);
     let mut kv = Kv::new(model, ids.len() + 1, 16, 1, false)?;
     let seq = kv.create();
@@ -34,10 +49,22 @@ pub fn next_token_top_k(model: &Model, tok: &Tokenizer, prompt: &str, k: usize) 
 
 /// Greedy generation of at most `max_tokens` after `prompt` under `policy`, stopping at the
 /// end-of-sequence token. Returns the new tokens.
-pub fn generate(model: &Model, tok: &Tokenizer, prompt: &str, max_tokens: usize, policy: &Policy) -> Result<Vec<u32>> {
+pub fn generate(
+    model: &Model,
+    tok: &Tokenizer,
+    prompt: &str,
+    max_tokens: usize,
+    policy: &Policy,
+) -> Result<Vec<u32>> {
     let ids = tok.encode(prompt);
     let side = crate::engine::side_for(policy, model.cfg.num_layers);
-    let mut kv = Kv::new(model, ids.len() + max_tokens + 1, 16, 1, side == crate::engine::Side::Pre)?;
+    let mut kv = Kv::new(
+        model,
+        ids.len() + max_tokens + 1,
+        16,
+        1,
+        side == crate::engine::Side::Pre,
+    )?;
     let seq = kv.create();
     let mut engine = Engine::new(model);
     let lane = Lane { seq, side, policy };

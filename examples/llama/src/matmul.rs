@@ -62,6 +62,8 @@ pub fn matmul(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
         let block = m.div_ceil(threads * 8).max(16);
         let out = SendPtr(y.as_mut_ptr());
         (0..m.div_ceil(block)).into_par_iter().for_each(|b| {
+            // The whole wrapper is captured (a closure would otherwise take the raw field).
+            #[allow(clippy::redundant_locals)]
             let out = out;
             for j in b * block..((b + 1) * block).min(m) {
                 let wr = w.row(j);
@@ -76,6 +78,7 @@ pub fn matmul(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     let block = m.div_ceil(threads * 2).max(64).next_multiple_of(16);
     let out = SendPtr(y.as_mut_ptr());
     (0..m.div_ceil(block)).into_par_iter().for_each(|b| {
+        #[allow(clippy::redundant_locals)]
         let out = out;
         let j0 = b * block;
         let cols = block.min(m - j0);
@@ -111,7 +114,9 @@ mod tests {
         let mut y = vec![0f32; n * w.rows];
         for i in 0..n {
             for j in 0..w.rows {
-                y[i * w.rows + j] = (0..w.cols).map(|p| x[i * w.cols + p] as f64 * w.row(j)[p] as f64).sum::<f64>() as f32;
+                y[i * w.rows + j] = (0..w.cols)
+                    .map(|p| x[i * w.cols + p] as f64 * w.row(j)[p] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         y
@@ -121,7 +126,9 @@ mod tests {
     fn matches_naive_for_gemv_and_gemm_shapes() {
         let mut s = 12345u64;
         let mut rnd = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
         for &(n, k, m) in &[(1, 70, 33), (3, 64, 200), (17, 130, 301), (64, 576, 192)] {

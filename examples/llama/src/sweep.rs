@@ -32,7 +32,10 @@ pub struct PolicyDef {
 
 impl PolicyDef {
     pub fn new(name: &str, template: &str) -> Self {
-        PolicyDef { name: name.into(), template: template.into() }
+        PolicyDef {
+            name: name.into(),
+            template: template.into(),
+        }
     }
 
     /// The policy text for a budget, or `None` when the budget is too small for it.
@@ -44,7 +47,9 @@ impl PolicyDef {
             let end = p + rest[p..].find('}')?;
             let inner = &rest[p + "{budget".len()..end];
             let value = match inner.strip_prefix('-') {
-                Some(n) => budget.checked_sub(n.trim().parse().ok()?).filter(|&v| v > 0)?,
+                Some(n) => budget
+                    .checked_sub(n.trim().parse().ok()?)
+                    .filter(|&v| v > 0)?,
                 None if inner.is_empty() => budget,
                 None => return None,
             };
@@ -61,7 +66,10 @@ impl PolicyDef {
 /// can express them.
 pub fn default_policies() -> Vec<PolicyDef> {
     vec![
-        PolicyDef::new("sinks+window", "sinks=4,window={budget-4},positions=contiguous"),
+        PolicyDef::new(
+            "sinks+window",
+            "sinks=4,window={budget-4},positions=contiguous",
+        ),
         PolicyDef::new("lambda", "global=4,local={budget-4},max_distance={budget}"),
         PolicyDef::new("page-bounds", "sinks=4,window=64,pages={budget-68}"),
     ]
@@ -105,7 +113,10 @@ pub struct Cell {
 
 impl Cell {
     pub fn accuracy(&self, task: Task) -> Option<f64> {
-        self.correct.get(task.name()).filter(|c| c.1 > 0).map(|&(ok, n)| ok as f64 / n as f64)
+        self.correct
+            .get(task.name())
+            .filter(|c| c.1 > 0)
+            .map(|&(ok, n)| ok as f64 / n as f64)
     }
     pub fn perplexity(&self) -> Option<f64> {
         (self.nll_count > 0).then(|| (self.nll / self.nll_count as f64).exp())
@@ -133,15 +144,33 @@ struct LaneDef {
     budget: usize,
 }
 
-fn lane_defs(cfg: &SweepConfig, context: usize, num_layers: usize, num_kv_heads: usize) -> Result<Vec<LaneDef>> {
-    let mut defs = vec![LaneDef { key: (context, "dense".into(), frac_key(1.0)), policy: Policy::dense(), text: "dense".into(), budget: context }];
+fn lane_defs(
+    cfg: &SweepConfig,
+    context: usize,
+    num_layers: usize,
+    num_kv_heads: usize,
+) -> Result<Vec<LaneDef>> {
+    let mut defs = vec![LaneDef {
+        key: (context, "dense".into(), frac_key(1.0)),
+        policy: Policy::dense(),
+        text: "dense".into(),
+        budget: context,
+    }];
     for p in &cfg.policies {
         for &f in &cfg.budgets {
             let budget = ((context as f64) * f).round() as usize;
             let Some(text) = p.text(budget) else { continue };
-            let policy = Policy::parse(&text).map_err(|e| format!("policy {} ({text}): {e}", p.name))?;
-            policy.validate(num_layers, num_kv_heads).map_err(|e| format!("policy {} ({text}): {e}", p.name))?;
-            defs.push(LaneDef { key: (context, p.name.clone(), frac_key(f)), policy, text, budget });
+            let policy =
+                Policy::parse(&text).map_err(|e| format!("policy {} ({text}): {e}", p.name))?;
+            policy
+                .validate(num_layers, num_kv_heads)
+                .map_err(|e| format!("policy {} ({text}): {e}", p.name))?;
+            defs.push(LaneDef {
+                key: (context, p.name.clone(), frac_key(f)),
+                policy,
+                text,
+                budget,
+            });
         }
     }
     Ok(defs)
@@ -173,19 +202,45 @@ impl<'a> Sweep<'a> {
         let mut prompts = 0;
         for (i, depth) in [0.3, 0.7].into_iter().enumerate() {
             let seed = self.cfg.seed ^ 0xca11_b000 ^ i as u64;
-            for trial in [tasks::passkey(self.tok, context, depth, seed), tasks::needle(self.tok, self.kjv, context, depth, seed)] {
-                let prompt: Vec<u32> = trial.context.iter().chain(&trial.question).copied().collect();
+            for trial in [
+                tasks::passkey(self.tok, context, depth, seed),
+                tasks::needle(self.tok, self.kjv, context, depth, seed),
+            ] {
+                let prompt: Vec<u32> = trial
+                    .context
+                    .iter()
+                    .chain(&trial.question)
+                    .copied()
+                    .collect();
                 let mut kv = Kv::new(m, prompt.len(), self.cfg.page_size, 1, false)?;
                 let seq = kv.create();
                 let mut engine = Engine::new(m);
                 let dense = Policy::dense();
                 let lane = Lane::new(seq, &dense, layers);
-                let out = prefill(&mut engine, &mut kv, &lane, &prompt, &Step { capture_queries: true, logits: Logits::None, ..Step::default() })?;
+                let out = prefill(
+                    &mut engine,
+                    &mut kv,
+                    &lane,
+                    &prompt,
+                    &Step {
+                        capture_queries: true,
+                        logits: Logits::None,
+                        ..Step::default()
+                    },
+                )?;
                 let gcfg = filter_config(prompt.len() / 8, trial.question.len());
                 let (hq, hd) = (m.cfg.num_heads, m.cfg.head_dim);
-                let recalls = gemfilter::calibrate_layers(layers, trial.needle.clone(), &gcfg, &mut |l| {
-                    Ok((TensorView::new(&out.queries[l], &[hq, hd])?, KeySource::Cache { cache: &kv.post, seq, layer: l }))
-                })?;
+                let recalls =
+                    gemfilter::calibrate_layers(layers, trial.needle.clone(), &gcfg, &mut |l| {
+                        Ok((
+                            TensorView::new(&out.queries[l], &[hq, hd])?,
+                            KeySource::Cache {
+                                cache: &kv.post,
+                                seq,
+                                layer: l,
+                            },
+                        ))
+                    })?;
                 for r in recalls {
                     sum[r.layer] += r.recall;
                 }
@@ -202,15 +257,31 @@ impl<'a> Sweep<'a> {
         let m = self.model;
         let (layers, hk) = (m.cfg.num_layers, m.cfg.num_kv_heads);
         let per_context = self.cfg.passkey_trials + self.cfg.needle_trials + self.cfg.ppl_windows;
-        let bar = if progress { ProgressBar::new((per_context * self.cfg.contexts.len()) as u64) } else { ProgressBar::hidden() };
-        bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}").unwrap().progress_chars("=> "));
+        let bar = if progress {
+            ProgressBar::new((per_context * self.cfg.contexts.len()) as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+                .unwrap()
+                .progress_chars("=> "),
+        );
         let mut gem_layer = None;
         if self.cfg.gemfilter {
             let layer = match self.cfg.gemfilter_layer {
                 Some(l) => (l, Vec::new()),
                 None => {
                     bar.set_message("calibrating GemFilter's layer");
-                    self.calibrate_gemfilter(self.cfg.contexts.iter().copied().min().unwrap_or(2048).min(2048))?
+                    self.calibrate_gemfilter(
+                        self.cfg
+                            .contexts
+                            .iter()
+                            .copied()
+                            .min()
+                            .unwrap_or(2048)
+                            .min(2048),
+                    )?
                 }
             };
             gem_layer = Some(layer);
@@ -218,47 +289,99 @@ impl<'a> Sweep<'a> {
         for &context in &self.cfg.contexts.clone() {
             let defs = lane_defs(&self.cfg, context, layers, hk)?;
             for i in 0..self.cfg.passkey_trials {
-                bar.set_message(format!("{context} tokens: passkey {}/{}", i + 1, self.cfg.passkey_trials));
+                bar.set_message(format!(
+                    "{context} tokens: passkey {}/{}",
+                    i + 1,
+                    self.cfg.passkey_trials
+                ));
                 let seed = self.cfg.seed.wrapping_add(1000 * context as u64 + i as u64);
-                let trial = tasks::passkey(self.tok, context, tasks::depth(i, self.cfg.passkey_trials), seed);
+                let trial = tasks::passkey(
+                    self.tok,
+                    context,
+                    tasks::depth(i, self.cfg.passkey_trials),
+                    seed,
+                );
                 self.retrieval(&defs, &trial, gem_layer.as_ref().map(|g| g.0))?;
                 bar.inc(1);
             }
             for i in 0..self.cfg.needle_trials {
-                bar.set_message(format!("{context} tokens: needle {}/{}", i + 1, self.cfg.needle_trials));
-                let seed = self.cfg.seed.wrapping_add(7_000_000 + 1000 * context as u64 + i as u64);
-                let trial = tasks::needle(self.tok, self.kjv, context, tasks::depth(i, self.cfg.needle_trials), seed);
+                bar.set_message(format!(
+                    "{context} tokens: needle {}/{}",
+                    i + 1,
+                    self.cfg.needle_trials
+                ));
+                let seed = self
+                    .cfg
+                    .seed
+                    .wrapping_add(7_000_000 + 1000 * context as u64 + i as u64);
+                let trial = tasks::needle(
+                    self.tok,
+                    self.kjv,
+                    context,
+                    tasks::depth(i, self.cfg.needle_trials),
+                    seed,
+                );
                 self.retrieval(&defs, &trial, gem_layer.as_ref().map(|g| g.0))?;
                 bar.inc(1);
             }
             for i in 0..self.cfg.ppl_windows {
-                bar.set_message(format!("{context} tokens: perplexity {}/{}", i + 1, self.cfg.ppl_windows));
-                let seed = self.cfg.seed.wrapping_add(13_000_000 + 1000 * context as u64 + i as u64);
+                bar.set_message(format!(
+                    "{context} tokens: perplexity {}/{}",
+                    i + 1,
+                    self.cfg.ppl_windows
+                ));
+                let seed = self
+                    .cfg
+                    .seed
+                    .wrapping_add(13_000_000 + 1000 * context as u64 + i as u64);
                 let window = tasks::text_window(self.tok, self.kjv, context, seed);
                 self.perplexity(&defs, &window, gem_layer.as_ref().map(|g| g.0))?;
                 bar.inc(1);
             }
         }
         bar.finish_and_clear();
-        Ok(SweepResult { cells: self.cells, gemfilter_layer: gem_layer })
+        Ok(SweepResult {
+            cells: self.cells,
+            gemfilter_layer: gem_layer,
+        })
     }
 
     /// Prefill `context` once and fork it for every lane. Returns the caches, the lanes'
     /// sequences and the prefill time.
-    fn fork_lanes(&mut self, defs: &[LaneDef], context: &[u32], extra_tokens: usize) -> Result<(Kv, Engine<'a>, Vec<u64>, f64)> {
+    fn fork_lanes(
+        &mut self,
+        defs: &[LaneDef],
+        context: &[u32],
+        extra_tokens: usize,
+    ) -> Result<(Kv, Engine<'a>, Vec<u64>, f64)> {
         let m = self.model;
         let layers = m.cfg.num_layers;
         let ps = self.cfg.page_size;
-        let with_pre = defs.iter().any(|d| side_for(&d.policy, layers) == Side::Pre);
+        let with_pre = defs
+            .iter()
+            .any(|d| side_for(&d.policy, layers) == Side::Pre);
         let extra = defs.len() * (extra_tokens.div_ceil(ps) + 2) + 2;
         let mut kv = Kv::new(m, context.len(), ps, extra, with_pre)?;
         let base = kv.create();
         let mut engine = Engine::new(m);
         let dense = Policy::dense();
         let t0 = Instant::now();
-        prefill(&mut engine, &mut kv, &Lane::new(base, &dense, layers), context, &Step { mirror: with_pre, logits: Logits::None, ..Step::default() })?;
+        prefill(
+            &mut engine,
+            &mut kv,
+            &Lane::new(base, &dense, layers),
+            context,
+            &Step {
+                mirror: with_pre,
+                logits: Logits::None,
+                ..Step::default()
+            },
+        )?;
         let secs = t0.elapsed().as_secs_f64();
-        let seqs = defs.iter().map(|_| kv.fork(base)).collect::<Result<Vec<_>>>()?;
+        let seqs = defs
+            .iter()
+            .map(|_| kv.fork(base))
+            .collect::<Result<Vec<_>>>()?;
         kv.free(base)?;
         Ok((kv, engine, seqs, secs))
     }
@@ -271,7 +394,14 @@ impl<'a> Sweep<'a> {
         Ok(())
     }
 
-    fn record_lane(&mut self, def: &LaneDef, kv: &Kv, lane: &Lane, engine: &Engine, prefill_secs: f64) -> Result<()> {
+    fn record_lane(
+        &mut self,
+        def: &LaneDef,
+        kv: &Kv,
+        lane: &Lane,
+        engine: &Engine,
+        prefill_secs: f64,
+    ) -> Result<()> {
         let cache = kv.cache(lane.side);
         let held = (cache.seq_pages(lane.seq)?.len() * cache.stats().bytes_per_page) as f64;
         let st = engine.stats.get(&lane.seq).copied().unwrap_or_default();
@@ -287,16 +417,29 @@ impl<'a> Sweep<'a> {
         Ok(())
     }
 
-    fn retrieval(&mut self, defs: &[LaneDef], trial: &Trial, gem_layer: Option<usize>) -> Result<()> {
+    fn retrieval(
+        &mut self,
+        defs: &[LaneDef],
+        trial: &Trial,
+        gem_layer: Option<usize>,
+    ) -> Result<()> {
         let layers = self.model.cfg.num_layers;
         let extra = trial.question.len() + trial.answer_tokens;
-        let (mut kv, mut engine, seqs, prefill_secs) = self.fork_lanes(defs, &trial.context, extra)?;
-        let lanes: Vec<Lane> = defs.iter().zip(&seqs).map(|(d, &s)| Lane::new(s, &d.policy, layers)).collect();
+        let (mut kv, mut engine, seqs, prefill_secs) =
+            self.fork_lanes(defs, &trial.context, extra)?;
+        let lanes: Vec<Lane> = defs
+            .iter()
+            .zip(&seqs)
+            .map(|(d, &s)| Lane::new(s, &d.policy, layers))
+            .collect();
         let n = lanes.len();
         let mut logits = Vec::new();
         for (i, &t) in trial.question.iter().enumerate() {
             let last = i + 1 == trial.question.len();
-            let step = Step { logits: if last { Logits::Last } else { Logits::None }, ..Step::default() };
+            let step = Step {
+                logits: if last { Logits::Last } else { Logits::None },
+                ..Step::default()
+            };
             logits = engine.forward(&mut kv, &lanes, &vec![t; n], &step)?.logits;
             self.evict(&mut kv, &lanes)?;
         }
@@ -308,7 +451,9 @@ impl<'a> Sweep<'a> {
                 g.push(t);
             }
             if step + 1 < trial.answer_tokens {
-                logits = engine.forward(&mut kv, &lanes, &next, &Step::default())?.logits;
+                logits = engine
+                    .forward(&mut kv, &lanes, &next, &Step::default())?
+                    .logits;
                 self.evict(&mut kv, &lanes)?;
             }
         }
@@ -321,8 +466,20 @@ impl<'a> Sweep<'a> {
             e.1 += 1;
         }
         if let Some(layer) = gem_layer {
-            let prompt: Vec<u32> = trial.context.iter().chain(&trial.question).copied().collect();
-            let runs = self.gemfilter(&prompt, trial.question.len(), layer, trial.context.len(), trial.answer_tokens, None)?;
+            let prompt: Vec<u32> = trial
+                .context
+                .iter()
+                .chain(&trial.question)
+                .copied()
+                .collect();
+            let runs = self.gemfilter(
+                &prompt,
+                trial.question.len(),
+                layer,
+                trial.context.len(),
+                trial.answer_tokens,
+                None,
+            )?;
             for run in runs {
                 let ok = trial.is_correct(&self.tok.decode(&run.generated));
                 let c = self.gem_cell(trial.context.len(), &run, layer);
@@ -351,13 +508,26 @@ impl<'a> Sweep<'a> {
 
     /// The configured context length a prompt of `len` tokens belongs to.
     fn context_of(&self, len: usize) -> usize {
-        *self.cfg.contexts.iter().min_by_key(|&&c| c.abs_diff(len)).unwrap_or(&len)
+        *self
+            .cfg
+            .contexts
+            .iter()
+            .min_by_key(|&&c| c.abs_diff(len))
+            .unwrap_or(&len)
     }
 
     /// GemFilter on `prompt` (its last `keep_last` tokens are kept): layers `0..=layer` over
     /// the whole prompt once, then per budget a re-prefill of the kept tokens with fresh
     /// positions and `answer_tokens` greedy tokens, or teacher-forced `eval` tokens.
-    fn gemfilter(&self, prompt: &[u32], keep_last: usize, layer: usize, context: usize, answer_tokens: usize, eval: Option<&[u32]>) -> Result<Vec<GemRun>> {
+    fn gemfilter(
+        &self,
+        prompt: &[u32],
+        keep_last: usize,
+        layer: usize,
+        context: usize,
+        answer_tokens: usize,
+        eval: Option<&[u32]>,
+    ) -> Result<Vec<GemRun>> {
         let m = self.model;
         let (hq, hd, layers) = (m.cfg.num_heads, m.cfg.head_dim, m.cfg.num_layers);
         let ps = self.cfg.page_size;
@@ -371,7 +541,12 @@ impl<'a> Sweep<'a> {
             &mut kv,
             &Lane::new(seq, &dense, layers),
             prompt,
-            &Step { layers: Some(layer + 1), capture_queries: true, logits: Logits::None, ..Step::default() },
+            &Step {
+                layers: Some(layer + 1),
+                capture_queries: true,
+                logits: Logits::None,
+                ..Step::default()
+            },
         )?;
         let q = TensorView::new(&out.queries[layer], &[hq, hd])?;
         let mut picks = Vec::new();
@@ -380,7 +555,19 @@ impl<'a> Sweep<'a> {
             if k < keep_last + 8 || k > prompt.len() {
                 continue;
             }
-            picks.push((f, k, gemfilter::select(&q, KeySource::Cache { cache: &kv.post, seq, layer }, &filter_config(k, keep_last))?));
+            picks.push((
+                f,
+                k,
+                gemfilter::select(
+                    &q,
+                    KeySource::Cache {
+                        cache: &kv.post,
+                        seq,
+                        layer,
+                    },
+                    &filter_config(k, keep_last),
+                )?,
+            ));
         }
         let first_pass = t0.elapsed().as_secs_f64();
         drop(kv);
@@ -394,7 +581,8 @@ impl<'a> Sweep<'a> {
             let seq = kv.create();
             let mut engine = Engine::new(m);
             let lane = Lane::new(seq, &dense, layers);
-            let mut logits = prefill(&mut engine, &mut kv, &lane, &tokens, &Step::default())?.logits;
+            let mut logits =
+                prefill(&mut engine, &mut kv, &lane, &tokens, &Step::default())?.logits;
             let prefill_secs = first_pass + t1.elapsed().as_secs_f64();
             let mut generated = Vec::new();
             let (mut nll, mut count) = (0.0, 0);
@@ -404,35 +592,59 @@ impl<'a> Sweep<'a> {
                         let t = argmax(&logits);
                         generated.push(t);
                         if step + 1 < answer_tokens {
-                            logits = engine.forward(&mut kv, &[lane], &[t], &Step::default())?.logits;
+                            logits = engine
+                                .forward(&mut kv, &[lane], &[t], &Step::default())?
+                                .logits;
                         }
                     }
                 }
                 Some(e) => {
                     for w in e.windows(2) {
-                        logits = engine.forward(&mut kv, &[lane], &[w[0]], &Step::default())?.logits;
+                        logits = engine
+                            .forward(&mut kv, &[lane], &[w[0]], &Step::default())?
+                            .logits;
                         nll -= log_prob(&logits[..v], w[1]);
                         count += 1;
                     }
                 }
             }
             let held = (kv.post.seq_pages(seq)?.len() * kv.post.stats().bytes_per_page) as f64;
-            runs.push(GemRun { frac, k, generated, nll, count, prefill_secs, kv_bytes_held: held, stats: engine.stats.get(&seq).copied().unwrap_or_default() });
+            runs.push(GemRun {
+                frac,
+                k,
+                generated,
+                nll,
+                count,
+                prefill_secs,
+                kv_bytes_held: held,
+                stats: engine.stats.get(&seq).copied().unwrap_or_default(),
+            });
         }
         Ok(runs)
     }
 
-    fn perplexity(&mut self, defs: &[LaneDef], window: &[u32], gem_layer: Option<usize>) -> Result<()> {
+    fn perplexity(
+        &mut self,
+        defs: &[LaneDef],
+        window: &[u32],
+        gem_layer: Option<usize>,
+    ) -> Result<()> {
         let layers = self.model.cfg.num_layers;
         let e = self.cfg.ppl_eval_tokens.min(window.len() / 2);
         let (context, eval) = window.split_at(window.len() - e);
         let (mut kv, mut engine, seqs, prefill_secs) = self.fork_lanes(defs, context, e)?;
-        let lanes: Vec<Lane> = defs.iter().zip(&seqs).map(|(d, &s)| Lane::new(s, &d.policy, layers)).collect();
+        let lanes: Vec<Lane> = defs
+            .iter()
+            .zip(&seqs)
+            .map(|(d, &s)| Lane::new(s, &d.policy, layers))
+            .collect();
         let n = lanes.len();
         let v = self.model.cfg.vocab_size;
         let mut nll = vec![0f64; n];
         for w in eval.windows(2) {
-            let logits = engine.forward(&mut kv, &lanes, &vec![w[0]; n], &Step::default())?.logits;
+            let logits = engine
+                .forward(&mut kv, &lanes, &vec![w[0]; n], &Step::default())?
+                .logits;
             for (i, row) in logits.chunks(v).enumerate() {
                 nll[i] -= log_prob(row, w[1]);
             }
@@ -461,7 +673,12 @@ impl<'a> Sweep<'a> {
 /// GemFilter's settings here: pool of 5, the first 4 tokens (attention sinks) and the
 /// question always kept.
 fn filter_config(k: usize, keep_last: usize) -> GemFilterConfig {
-    GemFilterConfig { k, pool_kernel: 5, keep_first: 4, keep_last }
+    GemFilterConfig {
+        k,
+        pool_kernel: 5,
+        keep_first: 4,
+        keep_last,
+    }
 }
 
 struct GemRun {

@@ -47,14 +47,19 @@ pub struct Trial {
 impl Trial {
     /// Whether generated text answers the trial: its first run of digits is the answer.
     pub fn is_correct(&self, generated: &str) -> bool {
-        let digits: String = generated.chars().skip_while(|c| !c.is_ascii_digit()).take_while(|c| c.is_ascii_digit()).collect();
+        let digits: String = generated
+            .chars()
+            .skip_while(|c| !c.is_ascii_digit())
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
         digits == self.answer
     }
 }
 
 const PASSKEY_INTRO: &str =
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n";
-const PASSKEY_FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n";
+const PASSKEY_FILLER: &str =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n";
 
 /// Assemble a context from text before a fact, the fact, and text after it.
 fn assemble(tok: &Tokenizer, before: &str, fact: &str, after: &str) -> (Vec<u32>, Range<usize>) {
@@ -90,7 +95,8 @@ pub fn passkey(tok: &Tokenizer, context_tokens: usize, depth: f64, seed: u64) ->
 }
 
 const NEEDLE_WORDS: [&str; 16] = [
-    "apple", "river", "lantern", "falcon", "copper", "meadow", "violet", "harbor", "summit", "cedar", "marble", "thunder", "orchid", "compass", "ember", "glacier",
+    "apple", "river", "lantern", "falcon", "copper", "meadow", "violet", "harbor", "summit",
+    "cedar", "marble", "thunder", "orchid", "compass", "ember", "glacier",
 ];
 
 /// Needle in a haystack: "The special magic number for WORD is: NNNNNNN." at `depth` of
@@ -130,7 +136,7 @@ pub fn needle(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth: f64, see
 
 /// A window of `tokens` KJV tokens from a seeded verse, for perplexity.
 pub fn text_window(tok: &Tokenizer, kjv: &str, tokens: usize, seed: u64) -> Vec<u32> {
-    let mut rng = Rng::new(seed ^ 0x7070_6c);
+    let mut rng = Rng::new(seed ^ 0x0070_706c);
     let verses: Vec<&str> = kjv.lines().collect();
     let start = rng.range(0, verses.len() as u64 / 2) as usize;
     let mut ids = Vec::new();

@@ -14,13 +14,13 @@ use crate::errors::KvResultExt;
 use crate::selection::PySelection;
 
 /// Where a call's keys come from.
-enum Keys<'py> {
+pub(crate) enum Keys<'py> {
     Array(FloatArray<'py>),
     Cache { cache: Bound<'py, PyKvCache>, seq: u64, layer: usize },
 }
 
 /// The key source from `keys=` or `cache=`, `seq=`, `layer=`: exactly one of the two.
-fn key_source<'py>(
+pub(crate) fn key_source<'py>(
     keys: Option<&Bound<'py, PyAny>>,
     cache: Option<&Bound<'py, PyAny>>,
     seq: Option<i64>,
@@ -135,7 +135,7 @@ fn check_cache(c: &KvCache, seq: u64, non_empty: bool, check_q: impl FnOnce(usiz
 
 /// Run `f` on the query view and the key source, with the GIL released (and the cache's read
 /// lock held for a cache source), after checking the query with `check_q(num_kv_heads, head_dim)`.
-fn with_keys<T: Send>(
+pub(crate) fn with_keys<T: Send>(
     py: Python<'_>,
     keys: &Keys<'_>,
     non_empty: bool,

@@ -5,6 +5,7 @@
 mod arrays;
 mod attention;
 mod cache;
+mod cluster;
 mod errors;
 mod gemfilter;
 mod options;
@@ -32,6 +33,8 @@ fn _kvsieve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<rope::PyRopeConfig>()?;
     m.add_class::<selection::PySelection>()?;
     m.add_class::<policy::PyPolicy>()?;
+    m.add_class::<cluster::PyClusterIndex>()?;
+    m.add_class::<cluster::PyClusterThresholds>()?;
     m.add_function(wrap_pyfunction!(isa, m)?)?;
     m.add_function(wrap_pyfunction!(rope::apply_rope, m)?)?;
     m.add_function(wrap_pyfunction!(attention::paged_decode, m)?)?;

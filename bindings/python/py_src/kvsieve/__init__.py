@@ -20,6 +20,12 @@ One-shot prompt filtering picks the tokens worth keeping from an early layer:
 observation window, per KV head) and :func:`calibrate_filter_layer` (which layer finds a
 known needle).
 
+Centroid retrieval (Squeezed Attention) clusters a fixed context's keys once per (sequence,
+layer) with :meth:`ClusterIndex.build` (K-means per KV head, optionally with a coarse level);
+each decode query then keeps the clusters whose estimated attention passes a threshold
+(:meth:`ClusterIndex.calibrate` picks one for a target fraction) or fills a token budget
+(:meth:`ClusterIndex.retrieve`), as a :class:`Selection` to union with a local window.
+
 Every error is a :class:`KvsieveError` (one subclass per kind) carrying a stable
 :class:`ErrorCode`.
 """
@@ -28,6 +34,8 @@ from kvsieve._kvsieve import (
     MAX_HEAD_DIM,
     MAX_PAGE_SIZE,
     CacheConfig,
+    ClusterIndex,
+    ClusterThresholds,
     CudaUnavailableError,
     DTypeError,
     ErrorCode,
@@ -70,6 +78,8 @@ __all__ = [
     "MAX_HEAD_DIM",
     "MAX_PAGE_SIZE",
     "CacheConfig",
+    "ClusterIndex",
+    "ClusterThresholds",
     "CudaUnavailableError",
     "DTypeError",
     "ErrorCode",

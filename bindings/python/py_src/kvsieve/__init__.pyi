@@ -4,6 +4,8 @@ from kvsieve._kvsieve import (
     MAX_HEAD_DIM as MAX_HEAD_DIM,
     MAX_PAGE_SIZE as MAX_PAGE_SIZE,
     CacheConfig as CacheConfig,
+    ClusterIndex as ClusterIndex,
+    ClusterThresholds as ClusterThresholds,
     CudaUnavailableError as CudaUnavailableError,
     DTypeError as DTypeError,
     ErrorCode as ErrorCode,

@@ -27,6 +27,7 @@ Conventions shared by every call:
 """
 
 import enum
+import os
 from typing import Any, ClassVar, Sequence, Union
 
 import numpy as np
@@ -709,6 +710,287 @@ class KvCache:
             OutOfRangeError: a negative index.
             OutOfPagesError: fewer free pages than ``ceil(len(list) / page_size)``.
         """
+
+class ClusterThresholds:
+    """Thresholds from :meth:`ClusterIndex.calibrate`, one per KV head, and the fractions
+    of clustered keys they keep on the calibration queries. Pass it as ``threshold=`` to
+    :meth:`ClusterIndex.retrieve`; ``len()`` is the number of KV heads."""
+
+    @property
+    def per_head(self) -> npt.NDArray[np.float64]:
+        """τ per KV head (all equal unless calibrated with ``per_head=True``)."""
+    @property
+    def kept_fraction(self) -> npt.NDArray[np.float64]:
+        """Mean kept fraction of the clustered keys per KV head on the calibration queries."""
+    @property
+    def target(self) -> float:
+        """The ``target_fraction`` asked for."""
+    @property
+    def per_head_mode(self) -> bool:
+        """Whether each head was calibrated on its own."""
+    def mean_kept_fraction(self) -> float:
+        """:attr:`kept_fraction` averaged over heads."""
+    def __len__(self) -> int: ...
+
+class ClusterIndex:
+    """K-means clusters of the keys of one (sequence, layer), every KV head, for centroid
+    retrieval (Squeezed Attention).
+
+    Per KV head the keys of tokens ``0 .. clustered_len`` are clustered by cosine (keys
+    scaled to unit length; k-means++ seeding from ``seed``, then Lloyd iterations, empty
+    clusters repaired). Each cluster keeps its raw centroid ``C_c`` (the mean of its
+    members' raw keys, what queries are scored against), its size ``N_c`` and its members.
+
+    For a decode query, the estimated attention one key of cluster ``c`` of KV head ``h``
+    receives is ``s_c = mean_j exp(q_j·C_c/√d) / Σ_i N_i exp(q_j·C_i/√d)`` over the query
+    heads ``j`` of the head's GQA group (so ``Σ_c N_c s_c = 1``). :meth:`retrieve` keeps
+    the clusters with ``s_c > threshold``, or the best clusters (higher ``s_c`` first,
+    lower cluster index on ties) up to a token budget, the last one cut to its lowest
+    token indices.
+
+    A coarse level (``coarse=``) is a K-means over each head's fine centroids; a
+    hierarchical lookup scores the coarse centroids, opens the promising coarse clusters
+    and scores only their children, so its cost follows what is kept.
+
+    Tokens ``clustered_len .. seq_len`` (the excluded window, or tokens appended since the
+    last update) are in no cluster and never retrieved: union a window selection
+    (:func:`streaming`). Thread-safe: lookups share the index, :meth:`assign_new` and
+    :meth:`rebuild` take it exclusively.
+    """
+
+    @staticmethod
+    def build(
+        keys: FloatArray | None = None,
+        *,
+        cache: KvCache | None = None,
+        seq: int | None = None,
+        layer: int | None = None,
+        clusters: int | float,
+        max_iter: int = 20,
+        seed: int = 0,
+        exclude_window: int = 0,
+        coarse: int | float | None = None,
+    ) -> ClusterIndex:
+        """Cluster every KV head of the keys.
+
+        Args:
+            keys, cache, seq, layer: the keys, from exactly one source, as in
+                :func:`gemfilter_scores` (an array ``[n, num_kv_heads, head_dim]`` after
+                RoPE, or a ``key_rope="post"`` cache's sequence at one layer).
+            clusters: fine clusters per KV head: an int (``1 ..=`` tokens clustered) or a
+                float fraction in ``(0, 1]`` of the tokens clustered (rounded; at least 1).
+            max_iter: Lloyd iterations at most (fine and coarse).
+            seed: k-means++ seed, ``0 ..= 2**64 - 1`` (every head uses it).
+            exclude_window: leave the last ``exclude_window`` tokens out (the observation
+                window a local selection reads anyway); the same trailing window stays out
+                after :meth:`assign_new`.
+            coarse: coarse clusters per KV head over the fine centroids (an int, or a float
+                fraction of the fine clusters), or None for no coarse level.
+
+        Raises:
+            InvalidArgumentError: an empty context (``keys`` or ``seq`` named);
+                ``exclude_window`` leaving no token; ``clusters`` 0 or more than the tokens
+                clustered, or a fraction outside ``(0, 1]`` or rounding to 0; ``coarse`` 0
+                or more than the fine clusters; a NaN or infinite key (``keys`` named, with
+                the token and head); key sources as in :func:`gemfilter_scores`.
+            OutOfRangeError: a negative count or ``seed``.
+            DTypeError: ``clusters`` / ``coarse`` neither an int nor a float.
+            ShapeError, UnsupportedError, UnknownSequenceError: as :func:`gemfilter_scores`.
+        """
+    @staticmethod
+    def load(path: str | os.PathLike[str]) -> ClusterIndex:
+        """Read an index written by :meth:`save`, verifying the format, version, checksum
+        and every invariant.
+
+        Raises:
+            IoError: a missing, unreadable, truncated, corrupted or foreign file.
+        """
+    @staticmethod
+    def load_for(
+        path: str | os.PathLike[str],
+        keys: FloatArray | None = None,
+        *,
+        cache: KvCache | None = None,
+        seq: int | None = None,
+        layer: int | None = None,
+    ) -> ClusterIndex:
+        """:meth:`load`, then check that the index fits the keys: the same
+        ``num_kv_heads`` and ``head_dim``, and a sequence at least as long as the index
+        covers.
+
+        Raises:
+            IoError: as :meth:`load`, or an index that does not fit the keys.
+            InvalidArgumentError, ShapeError, ...: bad key sources, as :func:`gemfilter_scores`.
+        """
+    @staticmethod
+    def from_bytes(data: bytes) -> ClusterIndex:
+        """Parse the bytes of :meth:`to_bytes` (a saved file's contents); errors as :meth:`load`."""
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the index to ``path``: a safetensors file of the centroids, sizes, member
+        lists, coarse level and build options, versioned and checksummed.
+
+        Raises:
+            IoError: the file cannot be written.
+        """
+    def to_bytes(self) -> bytes:
+        """The bytes :meth:`save` writes."""
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def num_clusters(self) -> int:
+        """Fine clusters per KV head."""
+    @property
+    def num_coarse_clusters(self) -> int:
+        """Coarse clusters per KV head (0 without a coarse level)."""
+    @property
+    def seq_len_at_build(self) -> int:
+        """Sequence length when the index was built (or last rebuilt)."""
+    @property
+    def seq_len(self) -> int:
+        """Sequence length when the index was built or last updated by :meth:`assign_new`."""
+    @property
+    def clustered_len(self) -> int:
+        """Tokens ``0 .. clustered_len`` are in clusters."""
+    @property
+    def config(self) -> dict[str, Any]:
+        """The build options: ``clusters`` and ``coarse`` (int, float fraction, or None for
+        ``coarse``), ``exclude_window``, ``max_iter``, ``seed``."""
+    def centroids(self, h: int) -> npt.NDArray[np.float32]:
+        """Raw-key means of the clusters of KV head ``h``, ``[num_clusters, head_dim]``
+        (what queries are scored against; they do not move in :meth:`assign_new`).
+
+        Raises:
+            OutOfRangeError: ``h`` not in ``0 .. num_kv_heads`` (also for the methods below).
+        """
+    def centroids_normalized(self, h: int) -> npt.NDArray[np.float32]:
+        """Unit centroids of KV head ``h`` used for assignment, ``[num_clusters, head_dim]``."""
+    def sizes(self, h: int) -> npt.NDArray[np.uint32]:
+        """Tokens in each cluster of KV head ``h``, ``[num_clusters]`` (each at least 1)."""
+    def member_offsets(self, h: int) -> npt.NDArray[np.uint32]:
+        """CSR offsets into ``members(h)``, ``[num_clusters + 1]``."""
+    def members(self, h: int, c: int | None = None) -> npt.NDArray[np.uint32]:
+        """The token indices (ascending) of cluster ``c`` of KV head ``h``, or with
+        ``c=None`` every cluster's members concatenated in cluster order
+        (``[clustered_len]``).
+
+        Raises:
+            OutOfRangeError: ``c`` not in ``0 .. num_clusters``.
+        """
+    def assignment(self, h: int) -> npt.NDArray[np.uint32]:
+        """The cluster of each clustered token of KV head ``h``, ``[clustered_len]``."""
+    def diagnostics(self, h: int) -> dict[str, Any]:
+        """Build diagnostics of KV head ``h``: ``inertia`` (``Σ ‖x̂ − ĉ‖²`` in unit-key
+        space), ``inertia_history`` (after the first assignment and each iteration; only
+        the final value for a loaded index), ``iterations``, ``converged`` (the last pass
+        changed nothing, so every key sits at a nearest unit centroid), ``seeds``
+        (k-means++ picks, uint32; empty for a loaded index)."""
+    def coarse_level(self, h: int) -> dict[str, npt.NDArray[Any]] | None:
+        """The coarse level of KV head ``h``: ``centroids`` (float32 ``[num_coarse_clusters,
+        head_dim]``, size-weighted means of the children's raw centroids), ``sizes``
+        (tokens beneath each, uint32), ``child_offsets`` (uint32 ``[num_coarse_clusters +
+        1]``) and ``children`` (fine cluster ids, uint32 ``[num_clusters]``); None without a
+        coarse level."""
+    def cluster_estimates(self, q: FloatArray) -> npt.NDArray[np.float64]:
+        """The estimates ``s_c`` of every fine cluster for a decode query ``q`` (after RoPE,
+        ``[num_qo_heads, head_dim]`` or ``[1, num_qo_heads, head_dim]``), float64
+        ``[num_kv_heads, num_clusters]``; errors as :meth:`retrieve`."""
+    def retrieve(
+        self,
+        q: FloatArray,
+        *,
+        threshold: float | ClusterThresholds | Sequence[float] | npt.NDArray[np.floating] | None = None,
+        budget: int | None = None,
+        seq_len: int | None = None,
+        hierarchical: bool = False,
+        coarse_threshold: float | None = None,
+        coarse_budget: int | None = None,
+        coarse_budget_multiple: float | None = None,
+    ) -> tuple[Selection, dict[str, Any]]:
+        """Centroid retrieval for one decode query.
+
+        Args:
+            q: the query after RoPE, ``[num_qo_heads, head_dim]`` or ``[1, num_qo_heads,
+                head_dim]``, ``num_qo_heads`` a positive multiple of ``num_kv_heads``.
+            threshold: keep clusters with ``s_c > threshold`` (a negative value keeps every
+                cluster): one float for every head, or one per KV head (a
+                :class:`ClusterThresholds` or a sequence / 1-D array).
+            budget: instead, keep exactly ``min(budget, clustered_len)`` tokens per head:
+                clusters in rank order, whole, the first that does not fit giving its lowest
+                token indices. Exactly one of ``threshold`` and ``budget``.
+            seq_len: the length of the sequence the selection is for (default
+                :attr:`seq_len`; at least that); tokens past :attr:`clustered_len` are not
+                returned.
+            hierarchical: score the coarse level first (the index needs ``coarse=``) and
+                only the children of the coarse clusters opened by exactly one of:
+            coarse_threshold: coarse clusters with estimate ``> coarse_threshold``;
+            coarse_budget: the best coarse clusters until the tokens beneath them reach
+                this many (the last may overshoot);
+            coarse_budget_multiple: ``coarse_budget = ceil(m * budget)`` (needs ``budget``).
+                With every coarse cluster opened the result equals the flat lookup's.
+
+        Returns:
+            ``(selection, stats)``: the :class:`Selection` and a dict of what the lookup
+            cost and kept: ``centroid_evals`` (query-centroid dot products, summed over
+            heads; ``coarse_evals + fine_evals``), ``coarse_evals``, ``fine_evals``, and per
+            KV head ``clusters_scored``, ``clusters_kept``, ``coarse_kept`` and
+            ``tokens_kept`` (lists).
+
+        Raises:
+            InvalidArgumentError: neither or both of ``threshold`` and ``budget``; a NaN
+                threshold; ``budget`` 0; a coarse argument without ``hierarchical=True``,
+                more than one or none with it, a NaN ``coarse_threshold``,
+                ``coarse_budget`` 0, ``coarse_budget_multiple`` not positive or without
+                ``budget``; ``hierarchical=True`` on an index without a coarse level; a
+                non-finite ``q``.
+            ShapeError: ``q`` of the wrong shape (another head_dim, heads not a multiple of
+                ``num_kv_heads``); per-head thresholds not one per KV head.
+            OutOfRangeError: ``seq_len`` shorter than :attr:`seq_len`; a negative budget.
+            DTypeError: ``q`` not float32 / float16; ``threshold`` of another type.
+        """
+    def calibrate(self, queries: FloatArray, target_fraction: float, per_head: bool = False) -> ClusterThresholds:
+        """Thresholds that keep on average ``target_fraction`` of the clustered keys on the
+        calibration ``queries`` (``[m, num_qo_heads, head_dim]``, after RoPE): one cut over
+        all heads, or one per head with ``per_head=True``. The cut falls between two
+        distinct estimates, where the kept fraction is closest to the target.
+
+        Raises:
+            InvalidArgumentError: ``target_fraction`` outside ``(0, 1]``; non-finite queries.
+            ShapeError: ``queries`` not ``[m >= 1, num_qo_heads, head_dim]`` as for
+                :meth:`retrieve`.
+        """
+    def assign_new(
+        self,
+        keys: FloatArray | None = None,
+        *,
+        cache: KvCache | None = None,
+        seq: int | None = None,
+        layer: int | None = None,
+    ) -> int:
+        """Assign the tokens that arrived since the index was built or last updated
+        (``clustered_len .. n - exclude_window``) to their nearest unit centroid, updating
+        sizes, members and the coarse level; centroids do not move (call :meth:`rebuild`
+        after many tokens). Returns the number of tokens assigned per head.
+
+        Raises:
+            ShapeError: keys with another ``num_kv_heads`` or ``head_dim`` (``keys`` or
+                ``cache`` named).
+            InvalidArgumentError: a sequence shorter than :attr:`seq_len` (truncated or
+                compacted: rebuild); NaN or infinite keys; key sources as in
+                :func:`gemfilter_scores`. On error the index is unchanged.
+        """
+    def rebuild(
+        self,
+        keys: FloatArray | None = None,
+        *,
+        cache: KvCache | None = None,
+        seq: int | None = None,
+        layer: int | None = None,
+    ) -> None:
+        """Cluster again from scratch with the same options over the keys' current tokens
+        (the index is replaced only on success); errors as :meth:`build` and
+        :meth:`assign_new`."""
 
 def paged_decode(
     k_pages: FloatArray,

@@ -1,0 +1,620 @@
+//! K-means clustering of keys and centroid retrieval (`kvsieve::select::cluster`,
+//! Squeezed Attention): `ClusterIndex` (build, inspect, retrieve flat or hierarchically,
+//! calibrate thresholds, assign new tokens, rebuild, save and load) and
+//! `ClusterThresholds`. Keys come from a numpy array or from a `KvCache` (`cache=`,
+//! `seq=`, `layer=`), exactly one of the two, as for GemFilter.
+
+use std::path::PathBuf;
+
+use kvsieve::select::cluster::{self, ClusterConfig, ClusterCount, ClusterIndex, CoarseRetrieve, Retrieve, Thresholds};
+use kvsieve::Error;
+use parking_lot::RwLock;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList};
+
+use crate::arrays::{to_numpy, type_name, usize_arg, FloatArray};
+use crate::errors::KvResultExt;
+use crate::gemfilter::{key_source, with_keys, Keys};
+use crate::selection::PySelection;
+
+/// A cluster count: an int (absolute) or a float (fraction of the tokens clustered).
+fn cluster_count(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<ClusterCount> {
+    let wrong = || Error::DType {
+        param: param.into(),
+        expected: "an int (clusters per KV head) or a float (a fraction of the tokens clustered, in (0, 1])".into(),
+        got: format!("an object of type {}", type_name(obj)),
+    };
+    if obj.is_instance_of::<PyBool>() {
+        return Err(wrong()).kv();
+    }
+    if obj.is_instance_of::<PyFloat>() {
+        return Ok(ClusterCount::Fraction(obj.extract::<f64>()?));
+    }
+    match obj.extract::<i64>() {
+        Ok(k) => Ok(ClusterCount::Absolute(usize_arg(k, param)?)),
+        Err(_) => Err(wrong()).kv(),
+    }
+}
+
+fn count_to_py<'py>(py: Python<'py>, c: ClusterCount) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match c {
+        ClusterCount::Absolute(k) => k.into_pyobject(py)?.into_any(),
+        ClusterCount::Fraction(f) => f.into_pyobject(py)?.into_any(),
+    })
+}
+
+/// A seed: an int in `0 ..= 2**64 - 1`.
+fn seed_arg(seed: i128) -> PyResult<u64> {
+    u64::try_from(seed)
+        .map_err(|_| Error::OutOfRange { param: "seed".into(), value: seed.clamp(i64::MIN as i128, i64::MAX as i128) as i64, range: "0..=2**64-1".into() })
+        .kv()
+}
+
+/// A file path: `str` or `os.PathLike`.
+fn path_arg(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<PathBuf> {
+    obj.extract::<PathBuf>().or_else(|_| {
+        Err(Error::DType { param: param.into(), expected: "a str or os.PathLike path".into(), got: format!("an object of type {}", type_name(obj)) })
+            .kv()
+    })
+}
+
+/// Check `(num_kv_heads, head_dim)` of a key source against an index, naming the Python
+/// argument the keys came from.
+fn check_same_heads(index: (usize, usize), param: &'static str) -> impl Fn(usize, usize) -> Result<(), Error> + Send + Sync {
+    move |hk, d| {
+        if (hk, d) != index {
+            return Err(Error::Shape {
+                param: param.into(),
+                expected: format!("keys with num_kv_heads {} and head_dim {} (as the index)", index.0, index.1),
+                got: format!("num_kv_heads {hk} and head_dim {d}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn source_param(keys: &Keys<'_>) -> &'static str {
+    match keys {
+        Keys::Array(_) => "keys",
+        Keys::Cache { .. } => "cache",
+    }
+}
+
+/// Thresholds chosen by [`PyClusterIndex::calibrate`]. See the stub for the full docs.
+#[pyclass(name = "ClusterThresholds", module = "kvsieve", frozen)]
+#[derive(Clone)]
+pub struct PyClusterThresholds {
+    inner: Thresholds,
+}
+
+#[pymethods]
+impl PyClusterThresholds {
+    /// τ per KV head (float64).
+    #[getter]
+    fn per_head<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let v = self.inner.per_head.clone();
+        let n = v.len();
+        to_numpy(py, v, &[n])
+    }
+
+    /// Mean kept fraction of the clustered keys per KV head on the calibration queries.
+    #[getter]
+    fn kept_fraction<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let v = self.inner.kept_fraction.clone();
+        let n = v.len();
+        to_numpy(py, v, &[n])
+    }
+
+    /// The fraction asked for.
+    #[getter]
+    fn target(&self) -> f64 {
+        self.inner.target
+    }
+
+    /// Whether each head was calibrated on its own.
+    #[getter]
+    fn per_head_mode(&self) -> bool {
+        self.inner.per_head_mode
+    }
+
+    /// The kept fraction averaged over heads.
+    fn mean_kept_fraction(&self) -> f64 {
+        self.inner.mean_kept_fraction()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.per_head.len()
+    }
+
+    fn __repr__(&self) -> String {
+        let taus: Vec<String> = self.inner.per_head.iter().map(|t| format!("{t:.6e}")).collect();
+        format!(
+            "ClusterThresholds(per_head=[{}], target={}, mean_kept_fraction={:.4}, per_head_mode={})",
+            taus.join(", "),
+            self.inner.target,
+            self.inner.mean_kept_fraction(),
+            if self.inner.per_head_mode { "True" } else { "False" }
+        )
+    }
+}
+
+/// The fine retrieval rule from `threshold=` / `budget=` (exactly one).
+fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usize) -> PyResult<Retrieve> {
+    match (threshold, budget) {
+        (None, None) => {
+            Err(Error::InvalidArgument { param: "threshold".into(), expected: "a threshold= or a budget= (neither was given)".into() }).kv()
+        }
+        (Some(_), Some(_)) => Err(Error::InvalidArgument {
+            param: "budget".into(),
+            expected: "None when threshold= is given (keep clusters by a threshold or by a token budget, not both)".into(),
+        })
+        .kv(),
+        (None, Some(b)) => Ok(Retrieve::Budget(usize_arg(b, "budget")?)),
+        (Some(t), None) => {
+            let taus: Vec<f64> = if let Ok(th) = t.cast::<PyClusterThresholds>() {
+                th.get().inner.per_head.clone()
+            } else if t.is_instance_of::<PyFloat>() || (t.extract::<i64>().is_ok() && !t.is_instance_of::<PyBool>()) {
+                let v = t.extract::<f64>()?;
+                if v.is_nan() {
+                    return Err(Error::InvalidArgument { param: "threshold".into(), expected: "a threshold that is not NaN".into() }).kv();
+                }
+                return Ok(Retrieve::Threshold(v));
+            } else {
+                let arr = t.call_method1("__array__", ()).ok();
+                let v = match arr {
+                    Some(a) => a.call_method1("astype", ("float64",)).and_then(|a| a.call_method0("tolist")).and_then(|l| l.extract::<Vec<f64>>()),
+                    None => t.extract::<Vec<f64>>(),
+                };
+                v.map_err(|_| Error::DType {
+                    param: "threshold".into(),
+                    expected: "a float, a ClusterThresholds, or one float per KV head (a sequence or 1-D array)".into(),
+                    got: format!("an object of type {}", type_name(t)),
+                })
+                .kv()?
+            };
+            if taus.len() != hk {
+                return Err(Error::Shape {
+                    param: "threshold".into(),
+                    expected: format!("[{hk}] (one threshold per KV head)"),
+                    got: format!("[{}]", taus.len()),
+                })
+                .kv();
+            }
+            if let Some(h) = taus.iter().position(|t| t.is_nan()) {
+                return Err(Error::InvalidArgument { param: format!("threshold[{h}]"), expected: "a threshold that is not NaN".into() }).kv();
+            }
+            Ok(Retrieve::PerHeadThreshold(taus))
+        }
+    }
+}
+
+/// The coarse rule from `coarse_threshold=` / `coarse_budget=` / `coarse_budget_multiple=`
+/// (exactly one, with `hierarchical=True`; none otherwise).
+fn coarse_rule(hierarchical: bool, threshold: Option<f64>, budget: Option<i64>, multiple: Option<f64>, fine: &Retrieve) -> PyResult<Option<CoarseRetrieve>> {
+    let given: Vec<&str> = [("coarse_threshold", threshold.is_some()), ("coarse_budget", budget.is_some()), ("coarse_budget_multiple", multiple.is_some())]
+        .iter()
+        .filter(|g| g.1)
+        .map(|g| g.0)
+        .collect();
+    if !hierarchical {
+        if let Some(&param) = given.first() {
+            return Err(Error::InvalidArgument { param: param.into(), expected: "None unless hierarchical=True".into() }).kv();
+        }
+        return Ok(None);
+    }
+    if given.len() > 1 {
+        return Err(Error::InvalidArgument {
+            param: given[1].into(),
+            expected: format!("None when {} is given (one coarse rule: coarse_threshold, coarse_budget or coarse_budget_multiple)", given[0]),
+        })
+        .kv();
+    }
+    if let Some(t) = threshold {
+        if t.is_nan() {
+            return Err(Error::InvalidArgument { param: "coarse_threshold".into(), expected: "a threshold that is not NaN".into() }).kv();
+        }
+        return Ok(Some(CoarseRetrieve::Threshold(t)));
+    }
+    if let Some(b) = budget {
+        let b = usize_arg(b, "coarse_budget")?;
+        if b == 0 {
+            return Err(Error::InvalidArgument { param: "coarse_budget".into(), expected: "at least 1 token".into() }).kv();
+        }
+        return Ok(Some(CoarseRetrieve::Budget(b)));
+    }
+    if let Some(m) = multiple {
+        if !(m > 0.0 && m.is_finite()) {
+            return Err(Error::InvalidArgument { param: "coarse_budget_multiple".into(), expected: format!("a positive finite multiple, got {m}") })
+                .kv();
+        }
+        if !matches!(fine, Retrieve::Budget(_)) {
+            return Err(Error::InvalidArgument {
+                param: "coarse_budget_multiple".into(),
+                expected: "a fine budget= to multiply (with threshold=, use coarse_threshold= or coarse_budget=)".into(),
+            })
+            .kv();
+        }
+        return Ok(Some(CoarseRetrieve::BudgetMultiple(m)));
+    }
+    Err(Error::InvalidArgument {
+        param: "hierarchical".into(),
+        expected: "a coarse rule with hierarchical=True: coarse_threshold=, coarse_budget= or coarse_budget_multiple=".into(),
+    })
+    .kv()
+}
+
+/// K-means clusters of the keys of one (sequence, layer), every KV head, for centroid
+/// retrieval. See the stub for the full docs.
+#[pyclass(name = "ClusterIndex", module = "kvsieve", frozen)]
+pub struct PyClusterIndex {
+    inner: RwLock<ClusterIndex>,
+}
+
+impl From<ClusterIndex> for PyClusterIndex {
+    fn from(index: ClusterIndex) -> Self {
+        PyClusterIndex { inner: RwLock::new(index) }
+    }
+}
+
+impl PyClusterIndex {
+    /// Run `f` on the index under the read lock, with the GIL released.
+    fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&ClusterIndex) -> Result<T, Error> + Send) -> PyResult<T> {
+        py.detach(|| f(&self.inner.read())).kv()
+    }
+
+    /// `h` checked against the index's KV heads.
+    fn head_arg(&self, h: i64) -> PyResult<usize> {
+        let hk = self.inner.read().num_kv_heads();
+        usize::try_from(h)
+            .ok()
+            .filter(|&h| h < hk)
+            .ok_or_else(|| Error::OutOfRange { param: "h".into(), value: h, range: format!("0..{hk} (num_kv_heads)") })
+            .kv()
+    }
+
+    /// One head's `[num_clusters, head_dim]` f32 rows.
+    fn head_rows<'py>(&self, py: Python<'py>, h: i64, f: impl Fn(&cluster::Clustering) -> &[f32]) -> PyResult<Bound<'py, PyAny>> {
+        let h = self.head_arg(h)?;
+        let (v, k, d) = {
+            let index = self.inner.read();
+            (f(index.head(h)).to_vec(), index.num_clusters(), index.head_dim())
+        };
+        to_numpy(py, v, &[k, d])
+    }
+
+    /// One head's u32 vector.
+    fn head_u32<'py>(&self, py: Python<'py>, h: i64, f: impl Fn(&cluster::Clustering) -> &[u32]) -> PyResult<Bound<'py, PyAny>> {
+        let h = self.head_arg(h)?;
+        let v = f(self.inner.read().head(h)).to_vec();
+        let n = v.len();
+        to_numpy(py, v, &[n])
+    }
+}
+
+#[pymethods]
+impl PyClusterIndex {
+    /// Cluster every KV head of the keys (an array or a cache's sequence at one layer).
+    #[staticmethod]
+    #[pyo3(signature = (keys = None, *, cache = None, seq = None, layer = None, clusters, max_iter = 20, seed = 0, exclude_window = 0, coarse = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        py: Python<'_>,
+        keys: Option<&Bound<'_, PyAny>>,
+        cache: Option<&Bound<'_, PyAny>>,
+        seq: Option<i64>,
+        layer: Option<i64>,
+        clusters: &Bound<'_, PyAny>,
+        max_iter: i64,
+        seed: i128,
+        exclude_window: i64,
+        coarse: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let cfg = ClusterConfig {
+            clusters: cluster_count(clusters, "clusters")?,
+            exclude_window: usize_arg(exclude_window, "exclude_window")?,
+            max_iter: usize_arg(max_iter, "max_iter")?,
+            seed: seed_arg(seed)?,
+            coarse: coarse.map(|c| cluster_count(c, "coarse")).transpose()?,
+        };
+        let keys = key_source(keys, cache, seq, layer)?;
+        with_keys(py, &keys, true, |_, _| Ok(()), |src| ClusterIndex::build(src, &cfg)).map(Self::from)
+    }
+
+    /// Read an index written by :meth:`save`.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let path = path_arg(path, "path")?;
+        py.detach(|| ClusterIndex::load(&path)).kv().map(Self::from)
+    }
+
+    /// :meth:`load`, then check that the index fits the keys (same heads, a sequence at
+    /// least as long as the index covers).
+    #[staticmethod]
+    #[pyo3(signature = (path, keys = None, *, cache = None, seq = None, layer = None))]
+    fn load_for(
+        py: Python<'_>,
+        path: &Bound<'_, PyAny>,
+        keys: Option<&Bound<'_, PyAny>>,
+        cache: Option<&Bound<'_, PyAny>>,
+        seq: Option<i64>,
+        layer: Option<i64>,
+    ) -> PyResult<Self> {
+        let path = path_arg(path, "path")?;
+        let keys = key_source(keys, cache, seq, layer)?;
+        with_keys(py, &keys, false, |_, _| Ok(()), |src| ClusterIndex::load_for(&path, src)).map(Self::from)
+    }
+
+    /// Parse the bytes of :meth:`to_bytes` (or of a saved file).
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let data = data
+            .cast::<PyBytes>()
+            .map_err(|_| Error::DType { param: "data".into(), expected: "bytes".into(), got: format!("an object of type {}", type_name(data)) })
+            .kv()?;
+        let bytes = data.as_bytes();
+        py.detach(|| ClusterIndex::from_bytes(bytes)).kv().map(Self::from)
+    }
+
+    /// Write the index to ``path`` (a checksummed safetensors file).
+    fn save(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+        let path = path_arg(path, "path")?;
+        self.with_read(py, |i| i.save(&path))
+    }
+
+    /// The index as the bytes :meth:`save` writes.
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = self.with_read(py, |i| i.to_bytes())?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    #[getter]
+    fn num_kv_heads(&self) -> usize {
+        self.inner.read().num_kv_heads()
+    }
+
+    #[getter]
+    fn head_dim(&self) -> usize {
+        self.inner.read().head_dim()
+    }
+
+    /// Fine clusters per KV head.
+    #[getter]
+    fn num_clusters(&self) -> usize {
+        self.inner.read().num_clusters()
+    }
+
+    /// Coarse clusters per KV head (0 without a coarse level).
+    #[getter]
+    fn num_coarse_clusters(&self) -> usize {
+        self.inner.read().num_coarse_clusters()
+    }
+
+    /// Sequence length when the index was built.
+    #[getter]
+    fn seq_len_at_build(&self) -> usize {
+        self.inner.read().seq_len_at_build()
+    }
+
+    /// Sequence length when the index was built or last updated.
+    #[getter]
+    fn seq_len(&self) -> usize {
+        self.inner.read().seq_len()
+    }
+
+    /// Tokens ``0 .. clustered_len`` are in clusters.
+    #[getter]
+    fn clustered_len(&self) -> usize {
+        self.inner.read().clustered_len()
+    }
+
+    /// The build options, as a dict.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = *self.inner.read().config();
+        let d = PyDict::new(py);
+        d.set_item("clusters", count_to_py(py, c.clusters)?)?;
+        d.set_item("coarse", c.coarse.map(|x| count_to_py(py, x)).transpose()?)?;
+        d.set_item("exclude_window", c.exclude_window)?;
+        d.set_item("max_iter", c.max_iter)?;
+        d.set_item("seed", c.seed)?;
+        Ok(d)
+    }
+
+    /// Raw-key mean of each cluster of KV head ``h``, float32 ``[num_clusters, head_dim]``.
+    fn centroids<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
+        self.head_rows(py, h, |c| c.centroids())
+    }
+
+    /// Unit centroids used for assignment, float32 ``[num_clusters, head_dim]``.
+    fn centroids_normalized<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
+        self.head_rows(py, h, |c| c.centroids_normalized())
+    }
+
+    /// Tokens per cluster of head ``h``, uint32 ``[num_clusters]``.
+    fn sizes<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
+        self.head_u32(py, h, |c| c.sizes())
+    }
+
+    /// CSR offsets into :meth:`members`, uint32 ``[num_clusters + 1]``.
+    fn member_offsets<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
+        self.head_u32(py, h, |c| c.member_offsets())
+    }
+
+    /// Members of cluster ``c`` of head ``h`` (ascending token indices), or with ``c=None``
+    /// every cluster's members concatenated in cluster order (uint32).
+    #[pyo3(signature = (h, c = None))]
+    fn members<'py>(&self, py: Python<'py>, h: i64, c: Option<i64>) -> PyResult<Bound<'py, PyAny>> {
+        let Some(c) = c else {
+            return self.head_u32(py, h, |cl| cl.all_members());
+        };
+        let h = self.head_arg(h)?;
+        let v = {
+            let index = self.inner.read();
+            let k = index.num_clusters();
+            let c = usize::try_from(c)
+                .ok()
+                .filter(|&c| c < k)
+                .ok_or_else(|| Error::OutOfRange { param: "c".into(), value: c, range: format!("0..{k} (num_clusters)") })
+                .kv()?;
+            index.head(h).members(c).to_vec()
+        };
+        let n = v.len();
+        to_numpy(py, v, &[n])
+    }
+
+    /// Cluster of each clustered token of head ``h``, uint32 ``[clustered_len]``.
+    fn assignment<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
+        self.head_u32(py, h, |c| c.assignment())
+    }
+
+    /// Build diagnostics of head ``h``: ``inertia``, ``inertia_history``, ``iterations``,
+    /// ``converged``, ``seeds``.
+    fn diagnostics<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyDict>> {
+        let h = self.head_arg(h)?;
+        let (inertia, history, iterations, converged, seeds) = {
+            let index = self.inner.read();
+            let c = index.head(h);
+            (c.inertia(), c.inertia_history().to_vec(), c.iterations(), c.converged(), c.seeds().to_vec())
+        };
+        let d = PyDict::new(py);
+        d.set_item("inertia", inertia)?;
+        d.set_item("inertia_history", PyList::new(py, history)?)?;
+        d.set_item("iterations", iterations)?;
+        d.set_item("converged", converged)?;
+        let n = seeds.len();
+        d.set_item("seeds", to_numpy(py, seeds, &[n])?)?;
+        Ok(d)
+    }
+
+    /// The coarse level of head ``h`` as a dict (``centroids``, ``sizes``,
+    /// ``child_offsets``, ``children``), or None without a coarse level.
+    fn coarse_level<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let h = self.head_arg(h)?;
+        let (level, d) = {
+            let index = self.inner.read();
+            (index.coarse(h).cloned(), index.head_dim())
+        };
+        let Some(level) = level else { return Ok(None) };
+        let k1 = level.num_clusters();
+        let out = PyDict::new(py);
+        out.set_item("centroids", to_numpy(py, level.centroids().to_vec(), &[k1, d])?)?;
+        out.set_item("sizes", to_numpy(py, level.sizes().to_vec(), &[k1])?)?;
+        out.set_item("child_offsets", to_numpy(py, level.child_offsets().to_vec(), &[k1 + 1])?)?;
+        let children = level.all_children().to_vec();
+        let n = children.len();
+        out.set_item("children", to_numpy(py, children, &[n])?)?;
+        Ok(Some(out))
+    }
+
+    /// Group-averaged estimated attention per key of every fine cluster, float64
+    /// ``[num_kv_heads, num_clusters]``.
+    fn cluster_estimates<'py>(&self, py: Python<'py>, q: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let q = FloatArray::extract(q, "q", true)?;
+        let qv = q.view().kv()?;
+        let est = self.with_read(py, |i| i.cluster_estimates(&qv))?;
+        let (hk, k) = (est.len(), est.first().map_or(0, |e| e.len()));
+        to_numpy(py, est.into_iter().flatten().collect(), &[hk, k])
+    }
+
+    /// Centroid retrieval for a decode query: ``(selection, stats)``.
+    #[pyo3(signature = (q, *, threshold = None, budget = None, seq_len = None, hierarchical = false, coarse_threshold = None, coarse_budget = None, coarse_budget_multiple = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn retrieve<'py>(
+        &self,
+        py: Python<'py>,
+        q: &Bound<'py, PyAny>,
+        threshold: Option<&Bound<'py, PyAny>>,
+        budget: Option<i64>,
+        seq_len: Option<i64>,
+        hierarchical: bool,
+        coarse_threshold: Option<f64>,
+        coarse_budget: Option<i64>,
+        coarse_budget_multiple: Option<f64>,
+    ) -> PyResult<(PySelection, Bound<'py, PyDict>)> {
+        let (hk, has_coarse, covered) = {
+            let i = self.inner.read();
+            (i.num_kv_heads(), i.num_coarse_clusters() > 0, i.seq_len())
+        };
+        let fine = fine_rule(threshold, budget, hk)?;
+        let coarse = coarse_rule(hierarchical, coarse_threshold, coarse_budget, coarse_budget_multiple, &fine)?;
+        if hierarchical && !has_coarse {
+            return Err(Error::InvalidArgument {
+                param: "hierarchical".into(),
+                expected: "False for an index built without coarse= (it has no coarse level)".into(),
+            })
+            .kv();
+        }
+        let seq_len = match seq_len {
+            Some(n) => usize_arg(n, "seq_len")?,
+            None => covered,
+        };
+        let q = FloatArray::extract(q, "q", true)?;
+        let qv = q.view().kv()?;
+        let r = self.with_read(py, |i| match coarse {
+            Some(c) => i.retrieve_hierarchical(&qv, c, &fine, seq_len),
+            None => i.retrieve(&qv, &fine, seq_len),
+        })?;
+        let s = r.stats;
+        let d = PyDict::new(py);
+        d.set_item("centroid_evals", s.centroid_evals)?;
+        d.set_item("coarse_evals", s.coarse_evals)?;
+        d.set_item("fine_evals", s.fine_evals)?;
+        d.set_item("clusters_scored", s.clusters_scored)?;
+        d.set_item("clusters_kept", s.clusters_kept)?;
+        d.set_item("coarse_kept", s.coarse_kept)?;
+        d.set_item("tokens_kept", s.tokens_kept)?;
+        Ok((PySelection::from(r.selection), d))
+    }
+
+    /// Thresholds that keep ``target_fraction`` of the clustered keys on calibration queries.
+    #[pyo3(signature = (queries, target_fraction, per_head = false))]
+    fn calibrate(&self, py: Python<'_>, queries: &Bound<'_, PyAny>, target_fraction: f64, per_head: bool) -> PyResult<PyClusterThresholds> {
+        let q = FloatArray::extract(queries, "queries", true)?;
+        let qv = q.view().kv()?;
+        self.with_read(py, |i| cluster::calibrate(i, &qv, target_fraction, per_head)).map(|inner| PyClusterThresholds { inner })
+    }
+
+    /// Assign the tokens that arrived since the last update to their nearest centroid;
+    /// returns how many tokens were assigned per head.
+    #[pyo3(signature = (keys = None, *, cache = None, seq = None, layer = None))]
+    fn assign_new(
+        &self,
+        py: Python<'_>,
+        keys: Option<&Bound<'_, PyAny>>,
+        cache: Option<&Bound<'_, PyAny>>,
+        seq: Option<i64>,
+        layer: Option<i64>,
+    ) -> PyResult<usize> {
+        let keys = key_source(keys, cache, seq, layer)?;
+        let heads = (self.num_kv_heads(), self.head_dim());
+        with_keys(py, &keys, false, check_same_heads(heads, source_param(&keys)), |src| self.inner.write().assign_new(src))
+    }
+
+    /// Cluster again from scratch, with the same options, over the keys' current tokens.
+    #[pyo3(signature = (keys = None, *, cache = None, seq = None, layer = None))]
+    fn rebuild(
+        &self,
+        py: Python<'_>,
+        keys: Option<&Bound<'_, PyAny>>,
+        cache: Option<&Bound<'_, PyAny>>,
+        seq: Option<i64>,
+        layer: Option<i64>,
+    ) -> PyResult<()> {
+        let keys = key_source(keys, cache, seq, layer)?;
+        let heads = (self.num_kv_heads(), self.head_dim());
+        with_keys(py, &keys, true, check_same_heads(heads, source_param(&keys)), |src| self.inner.write().rebuild(src))
+    }
+
+    fn __repr__(&self) -> String {
+        let i = self.inner.read();
+        format!(
+            "ClusterIndex(num_kv_heads={}, head_dim={}, num_clusters={}, num_coarse_clusters={}, seq_len={}, clustered_len={})",
+            i.num_kv_heads(),
+            i.head_dim(),
+            i.num_clusters(),
+            i.num_coarse_clusters(),
+            i.seq_len(),
+            i.clustered_len()
+        )
+    }
+}

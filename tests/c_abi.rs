@@ -10,9 +10,10 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use kvsieve::ffi::{
-    kvsieve_attention_params_t, kvsieve_cache_config_t, kvsieve_cache_stats_t, kvsieve_device_t, kvsieve_dtype_t, kvsieve_gemfilter_config_t,
-    kvsieve_key_source_t, kvsieve_page_bounds_config_t, kvsieve_paged_kv_t, kvsieve_rope_config_t, kvsieve_selection_stats_t,
-    kvsieve_snapkv_config_t, kvsieve_streaming_window_t, kvsieve_tensor_t,
+    kvsieve_attention_params_t, kvsieve_cache_config_t, kvsieve_cache_stats_t, kvsieve_cluster_config_t, kvsieve_device_t, kvsieve_dtype_t,
+    kvsieve_gemfilter_config_t, kvsieve_key_source_t, kvsieve_page_bounds_config_t, kvsieve_paged_kv_t, kvsieve_retrieve_config_t,
+    kvsieve_retrieve_stats_t, kvsieve_rope_config_t, kvsieve_selection_stats_t, kvsieve_snapkv_config_t, kvsieve_streaming_window_t,
+    kvsieve_tensor_t,
 };
 
 fn root() -> PathBuf {
@@ -43,11 +44,8 @@ fn built_library() -> PathBuf {
     let deps = exe.parent().expect("target/<profile>/deps").to_path_buf();
     let profile = deps.parent().expect("target/<profile>").to_path_buf();
     let candidates = [profile.join(lib_name()), deps.join(lib_name())];
-    let newest = candidates
-        .iter()
-        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p.clone())))
-        .max_by_key(|(t, _)| *t)
-        .map(|(_, p)| p);
+    let newest =
+        candidates.iter().filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p.clone()))).max_by_key(|(t, _)| *t).map(|(_, p)| p);
     newest.unwrap_or_else(|| {
         panic!(
             "{} not found: the C tests link against the shared library, run `cargo build` first \
@@ -265,6 +263,16 @@ fn struct_layouts_match_rust() {
         kvsieve_key_source_t { tensor, cache, seq, layer }
         kvsieve_gemfilter_config_t { k, pool_kernel, keep_first, keep_last }
         kvsieve_snapkv_config_t { k, pool_kernel, scale }
+        kvsieve_cluster_config_t {
+            num_clusters, cluster_fraction, exclude_window, max_iter, seed, num_coarse_clusters, coarse_fraction
+        }
+        kvsieve_retrieve_config_t {
+            mode, threshold, thresholds, num_thresholds, budget, seq_len, hierarchical, coarse_mode, coarse_threshold,
+            coarse_budget, coarse_budget_multiple
+        }
+        kvsieve_retrieve_stats_t {
+            centroid_evals, coarse_evals, fine_evals, clusters_scored, clusters_kept, coarse_kept, tokens_kept
+        }
     });
     let stdout = c_test("layout", &Expect { lines: &["ok - dlpack layout", "ok - dlpack tensor passed as is"], summary: true });
     let got: Vec<String> = stdout.lines().filter(|l| l.starts_with("layout ")).map(str::to_string).collect();
@@ -452,10 +460,7 @@ fn gemfilter_and_snapkv() {
 fn threads_share_a_cache() {
     c_test(
         "threads",
-        &Expect {
-            lines: &["ok - concurrent decode with a writer", "ok - policy decode and shared selections across threads"],
-            summary: true,
-        },
+        &Expect { lines: &["ok - concurrent decode with a writer", "ok - policy decode and shared selections across threads"], summary: true },
     );
 }
 

@@ -78,11 +78,7 @@ fn parse_header() -> Seen {
 
 fn exported_symbols() -> BTreeSet<String> {
     let lib = built_library();
-    let out = Command::new("nm")
-        .args(["-D", "--defined-only"])
-        .arg(&lib)
-        .output()
-        .unwrap_or_else(|e| panic!("run nm on {}: {e}", lib.display()));
+    let out = Command::new("nm").args(["-D", "--defined-only"]).arg(&lib).output().unwrap_or_else(|e| panic!("run nm on {}: {e}", lib.display()));
     assert!(out.status.success(), "nm failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -141,6 +137,12 @@ fn header_constants_match_the_crate() {
         ("KVSIEVE_KEEP_ALL", kvsieve::ffi::KEEP_ALL as i64),
         ("KVSIEVE_KEEP_PER_LAYER", kvsieve::ffi::KEEP_PER_LAYER as i64),
         ("KVSIEVE_KEEP_PER_HEAD", kvsieve::ffi::KEEP_PER_HEAD as i64),
+        ("KVSIEVE_RETRIEVE_THRESHOLD", kvsieve::ffi::RETRIEVE_THRESHOLD as i64),
+        ("KVSIEVE_RETRIEVE_PER_HEAD_THRESHOLD", kvsieve::ffi::RETRIEVE_PER_HEAD_THRESHOLD as i64),
+        ("KVSIEVE_RETRIEVE_BUDGET", kvsieve::ffi::RETRIEVE_BUDGET as i64),
+        ("KVSIEVE_COARSE_THRESHOLD", kvsieve::ffi::COARSE_THRESHOLD as i64),
+        ("KVSIEVE_COARSE_BUDGET", kvsieve::ffi::COARSE_BUDGET as i64),
+        ("KVSIEVE_COARSE_BUDGET_MULTIPLE", kvsieve::ffi::COARSE_BUDGET_MULTIPLE as i64),
     ];
     for (name, value) in expect {
         assert_eq!(v.get(name), Some(&value), "{name}");

@@ -76,7 +76,7 @@ const _: () = {
 const KEY_DIMS: [&str; 3] = ["n", "num_kv_heads", "head_dim"];
 
 /// A checked key source.
-enum Source<'a> {
+pub(crate) enum Source<'a> {
     Tensor(Tensor),
     Cache { cache: &'a kvsieve_cache_t, seq: u64, layer: usize, param: String },
 }
@@ -86,7 +86,7 @@ enum Source<'a> {
 /// # Safety
 /// 1. `src` is NULL or readable; its `tensor` is NULL or a valid descriptor; its `cache` is
 ///    NULL or a live handle, not freed while `'a` lasts.
-unsafe fn key_source<'a>(src: *const kvsieve_key_source_t, param: &str) -> Result<Source<'a>> {
+pub(crate) unsafe fn key_source<'a>(src: *const kvsieve_key_source_t, param: &str) -> Result<Source<'a>> {
     let s = read_struct(src, param)?;
     match (s.tensor.is_null(), s.cache.is_null()) {
         (false, true) => Ok(Source::Tensor(Tensor::parse(s.tensor, &format!("{param}.tensor"), &KEY_DIMS)?)),
@@ -103,7 +103,7 @@ unsafe fn key_source<'a>(src: *const kvsieve_key_source_t, param: &str) -> Resul
 
 impl Source<'_> {
     /// The bytes a key tensor spans (none for a cache, whose memory callers never see).
-    fn region(&self) -> Option<Region> {
+    pub(crate) fn region(&self) -> Option<Region> {
         match self {
             Source::Tensor(t) => Some(t.region()),
             Source::Cache { .. } => None,
@@ -114,7 +114,7 @@ impl Source<'_> {
     ///
     /// # Safety
     /// 1. a tensor's memory is readable and not written during the call.
-    unsafe fn run<T>(&self, f: impl FnOnce(KeySource) -> Result<T>) -> Result<T> {
+    pub(crate) unsafe fn run<T>(&self, f: impl FnOnce(KeySource) -> Result<T>) -> Result<T> {
         match self {
             Source::Tensor(t) => {
                 let v = t.view()?;
@@ -130,7 +130,7 @@ impl Source<'_> {
 
 /// `e` with its parameter renamed to `to` if it names `from` (the core names its own
 /// arguments; a C parameter may be called differently).
-fn rename(e: Error, from: &str, to: &str) -> Error {
+pub(crate) fn rename(e: Error, from: &str, to: &str) -> Error {
     match e {
         Error::InvalidArgument { param, expected } if param == from => Error::InvalidArgument { param: to.into(), expected },
         Error::Shape { param, expected, got } if param == from => Error::Shape { param: to.into(), expected, got },

@@ -18,6 +18,7 @@
 mod args;
 mod attention;
 mod cache;
+mod cluster;
 mod error;
 mod gemfilter;
 mod params;
@@ -36,6 +37,18 @@ pub use attention::{kvsieve_cache_decode, kvsieve_cache_prefill, kvsieve_merge_s
 pub use cache::{
     kvsieve_cache_config_default, kvsieve_cache_config_t, kvsieve_cache_free, kvsieve_cache_get_config, kvsieve_cache_new, kvsieve_cache_stats,
     kvsieve_cache_stats_t, kvsieve_cache_t,
+};
+pub use cluster::{
+    kvsieve_cluster_config_default, kvsieve_cluster_config_t, kvsieve_cluster_index_assign_new, kvsieve_cluster_index_build,
+    kvsieve_cluster_index_calibrate, kvsieve_cluster_index_centroids, kvsieve_cluster_index_centroids_normalized,
+    kvsieve_cluster_index_clustered_len, kvsieve_cluster_index_coarse_centroids, kvsieve_cluster_index_coarse_child_offsets,
+    kvsieve_cluster_index_coarse_children, kvsieve_cluster_index_coarse_sizes, kvsieve_cluster_index_estimates, kvsieve_cluster_index_free,
+    kvsieve_cluster_index_get_config, kvsieve_cluster_index_head_dim, kvsieve_cluster_index_load, kvsieve_cluster_index_load_for,
+    kvsieve_cluster_index_member_offsets, kvsieve_cluster_index_members, kvsieve_cluster_index_num_clusters,
+    kvsieve_cluster_index_num_coarse_clusters, kvsieve_cluster_index_num_kv_heads, kvsieve_cluster_index_rebuild, kvsieve_cluster_index_retrieve,
+    kvsieve_cluster_index_save, kvsieve_cluster_index_seq_len, kvsieve_cluster_index_seq_len_at_build, kvsieve_cluster_index_sizes,
+    kvsieve_cluster_index_t, kvsieve_retrieve_config_default, kvsieve_retrieve_config_t, kvsieve_retrieve_stats_t, COARSE_BUDGET,
+    COARSE_BUDGET_MULTIPLE, COARSE_THRESHOLD, RETRIEVE_BUDGET, RETRIEVE_PER_HEAD_THRESHOLD, RETRIEVE_THRESHOLD,
 };
 pub use error::{
     kvsieve_error_code, kvsieve_error_code_name, kvsieve_error_free, kvsieve_error_message, kvsieve_error_parse_offset, kvsieve_error_t,

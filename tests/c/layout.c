@@ -123,6 +123,34 @@ static void print_layouts(void) {
     FIELD(kvsieve_snapkv_config_t, k);
     FIELD(kvsieve_snapkv_config_t, pool_kernel);
     FIELD(kvsieve_snapkv_config_t, scale);
+    SIZE(kvsieve_cluster_config_t);
+    FIELD(kvsieve_cluster_config_t, num_clusters);
+    FIELD(kvsieve_cluster_config_t, cluster_fraction);
+    FIELD(kvsieve_cluster_config_t, exclude_window);
+    FIELD(kvsieve_cluster_config_t, max_iter);
+    FIELD(kvsieve_cluster_config_t, seed);
+    FIELD(kvsieve_cluster_config_t, num_coarse_clusters);
+    FIELD(kvsieve_cluster_config_t, coarse_fraction);
+    SIZE(kvsieve_retrieve_config_t);
+    FIELD(kvsieve_retrieve_config_t, mode);
+    FIELD(kvsieve_retrieve_config_t, threshold);
+    FIELD(kvsieve_retrieve_config_t, thresholds);
+    FIELD(kvsieve_retrieve_config_t, num_thresholds);
+    FIELD(kvsieve_retrieve_config_t, budget);
+    FIELD(kvsieve_retrieve_config_t, seq_len);
+    FIELD(kvsieve_retrieve_config_t, hierarchical);
+    FIELD(kvsieve_retrieve_config_t, coarse_mode);
+    FIELD(kvsieve_retrieve_config_t, coarse_threshold);
+    FIELD(kvsieve_retrieve_config_t, coarse_budget);
+    FIELD(kvsieve_retrieve_config_t, coarse_budget_multiple);
+    SIZE(kvsieve_retrieve_stats_t);
+    FIELD(kvsieve_retrieve_stats_t, centroid_evals);
+    FIELD(kvsieve_retrieve_stats_t, coarse_evals);
+    FIELD(kvsieve_retrieve_stats_t, fine_evals);
+    FIELD(kvsieve_retrieve_stats_t, clusters_scored);
+    FIELD(kvsieve_retrieve_stats_t, clusters_kept);
+    FIELD(kvsieve_retrieve_stats_t, coarse_kept);
+    FIELD(kvsieve_retrieve_stats_t, tokens_kept);
 }
 
 static void dlpack_layout(void) {

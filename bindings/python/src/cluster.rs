@@ -46,15 +46,23 @@ fn count_to_py<'py>(py: Python<'py>, c: ClusterCount) -> PyResult<Bound<'py, PyA
 /// A seed: an int in `0 ..= 2**64 - 1`.
 fn seed_arg(seed: i128) -> PyResult<u64> {
     u64::try_from(seed)
-        .map_err(|_| Error::OutOfRange { param: "seed".into(), value: seed.clamp(i64::MIN as i128, i64::MAX as i128) as i64, range: "0..=2**64-1".into() })
+        .map_err(|_| Error::OutOfRange {
+            param: "seed".into(),
+            value: seed.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+            range: "0..=2**64-1".into(),
+        })
         .kv()
 }
 
 /// A file path: `str` or `os.PathLike`.
 fn path_arg(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<PathBuf> {
     obj.extract::<PathBuf>().or_else(|_| {
-        Err(Error::DType { param: param.into(), expected: "a str or os.PathLike path".into(), got: format!("an object of type {}", type_name(obj)) })
-            .kv()
+        Err(Error::DType {
+            param: param.into(),
+            expected: "a str or os.PathLike path".into(),
+            got: format!("an object of type {}", type_name(obj)),
+        })
+        .kv()
     })
 }
 
@@ -162,7 +170,9 @@ fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usiz
             } else {
                 let arr = t.call_method1("__array__", ()).ok();
                 let v = match arr {
-                    Some(a) => a.call_method1("astype", ("float64",)).and_then(|a| a.call_method0("tolist")).and_then(|l| l.extract::<Vec<f64>>()),
+                    Some(a) => {
+                        a.call_method1("astype", ("float64",)).and_then(|a| a.call_method0("tolist")).and_then(|l| l.extract::<Vec<f64>>())
+                    }
                     None => t.extract::<Vec<f64>>(),
                 };
                 v.map_err(|_| Error::DType {
@@ -181,7 +191,8 @@ fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usiz
                 .kv();
             }
             if let Some(h) = taus.iter().position(|t| t.is_nan()) {
-                return Err(Error::InvalidArgument { param: format!("threshold[{h}]"), expected: "a threshold that is not NaN".into() }).kv();
+                return Err(Error::InvalidArgument { param: format!("threshold[{h}]"), expected: "a threshold that is not NaN".into() })
+                    .kv();
             }
             Ok(Retrieve::PerHeadThreshold(taus))
         }
@@ -190,12 +201,19 @@ fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usiz
 
 /// The coarse rule from `coarse_threshold=` / `coarse_budget=` / `coarse_budget_multiple=`
 /// (exactly one, with `hierarchical=True`; none otherwise).
-fn coarse_rule(hierarchical: bool, threshold: Option<f64>, budget: Option<i64>, multiple: Option<f64>, fine: &Retrieve) -> PyResult<Option<CoarseRetrieve>> {
-    let given: Vec<&str> = [("coarse_threshold", threshold.is_some()), ("coarse_budget", budget.is_some()), ("coarse_budget_multiple", multiple.is_some())]
-        .iter()
-        .filter(|g| g.1)
-        .map(|g| g.0)
-        .collect();
+fn coarse_rule(
+    hierarchical: bool,
+    threshold: Option<f64>,
+    budget: Option<i64>,
+    multiple: Option<f64>,
+    fine: &Retrieve,
+) -> PyResult<Option<CoarseRetrieve>> {
+    let given: Vec<&str> =
+        [("coarse_threshold", threshold.is_some()), ("coarse_budget", budget.is_some()), ("coarse_budget_multiple", multiple.is_some())]
+            .iter()
+            .filter(|g| g.1)
+            .map(|g| g.0)
+            .collect();
     if !hierarchical {
         if let Some(&param) = given.first() {
             return Err(Error::InvalidArgument { param: param.into(), expected: "None unless hierarchical=True".into() }).kv();
@@ -205,7 +223,10 @@ fn coarse_rule(hierarchical: bool, threshold: Option<f64>, budget: Option<i64>, 
     if given.len() > 1 {
         return Err(Error::InvalidArgument {
             param: given[1].into(),
-            expected: format!("None when {} is given (one coarse rule: coarse_threshold, coarse_budget or coarse_budget_multiple)", given[0]),
+            expected: format!(
+                "None when {} is given (one coarse rule: coarse_threshold, coarse_budget or coarse_budget_multiple)",
+                given[0]
+            ),
         })
         .kv();
     }
@@ -224,8 +245,11 @@ fn coarse_rule(hierarchical: bool, threshold: Option<f64>, budget: Option<i64>, 
     }
     if let Some(m) = multiple {
         if !(m > 0.0 && m.is_finite()) {
-            return Err(Error::InvalidArgument { param: "coarse_budget_multiple".into(), expected: format!("a positive finite multiple, got {m}") })
-                .kv();
+            return Err(Error::InvalidArgument {
+                param: "coarse_budget_multiple".into(),
+                expected: format!("a positive finite multiple, got {m}"),
+            })
+            .kv();
         }
         if !matches!(fine, Retrieve::Budget(_)) {
             return Err(Error::InvalidArgument {
@@ -349,7 +373,11 @@ impl PyClusterIndex {
     fn from_bytes(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Self> {
         let data = data
             .cast::<PyBytes>()
-            .map_err(|_| Error::DType { param: "data".into(), expected: "bytes".into(), got: format!("an object of type {}", type_name(data)) })
+            .map_err(|_| Error::DType {
+                param: "data".into(),
+                expected: "bytes".into(),
+                got: format!("an object of type {}", type_name(data)),
+            })
             .kv()?;
         let bytes = data.as_bytes();
         py.detach(|| ClusterIndex::from_bytes(bytes)).kv().map(Self::from)

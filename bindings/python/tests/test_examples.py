@@ -43,3 +43,14 @@ def test_gemfilter_example_finds_the_needle_and_answers_from_it():
     assert "layer 3: decode over 257 tokens vs all 6001" in out
     assert "17 after freeing the long one" in out
     assert out.strip().endswith("ok")
+
+
+def test_cluster_example_retrieves_calibrates_and_reloads():
+    path = os.path.join(EXAMPLES, "04_cluster_retrieval.py")
+    done = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "397 clusters and 40 coarse clusters per KV head" in out
+    assert "keeps 0.100 of the clustered keys (target 0.1)" in out
+    assert "appended 400 tokens: 400 assigned" in out
+    assert out.strip().endswith("ok")

@@ -457,6 +457,26 @@ fn gemfilter_and_snapkv() {
 }
 
 #[test]
+fn cluster_index() {
+    c_test(
+        "cluster",
+        &Expect {
+            lines: &[
+                "ok - build: shape, every key in the cluster of its nearest centroid, centroids the mean of their members",
+                "ok - estimates match the C formula; threshold and budget selections match a C ranking",
+                "ok - hierarchical retrieval: all coarse clusters open equals flat, budgets and evaluation counts",
+                "ok - calibration keeps close to the target fraction",
+                "ok - assign_new and rebuild from a cache",
+                "ok - save and load round trip; truncated and corrupted files are io errors",
+                "ok - retrieval unioned with a streaming window drives sparse decode",
+                "ok - cluster bad input: right codes, parameter named, nothing written",
+            ],
+            summary: true,
+        },
+    );
+}
+
+#[test]
 fn threads_share_a_cache() {
     c_test(
         "threads",

@@ -1,16 +1,17 @@
 //! K-means clustering of keys and centroid retrieval (`kvsieve::select::cluster`,
 //! Squeezed Attention): `ClusterIndex` (build, inspect, retrieve flat or hierarchically,
-//! calibrate thresholds, assign new tokens, rebuild, save and load) and
-//! `ClusterThresholds`. Keys come from a numpy array or from a `KvCache` (`cache=`,
+//! calibrate thresholds, assign new tokens, rebuild, save and load), `ClusterThresholds`,
+//! and one head's K-means on its own (`kmeans`, `kmeans_seeds`). Keys come from a numpy array or from a `KvCache` (`cache=`,
 //! `seq=`, `layer=`), exactly one of the two, as for GemFilter.
 
 use std::path::PathBuf;
 
 use kvsieve::select::cluster::{self, ClusterConfig, ClusterCount, ClusterIndex, CoarseRetrieve, Retrieve, Thresholds};
 use kvsieve::Error;
+use numpy::{PyUntypedArray, PyUntypedArrayMethods};
 use parking_lot::RwLock;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList, PyTuple};
 
 use crate::arrays::{to_numpy, type_name, usize_arg, FloatArray};
 use crate::errors::KvResultExt;
@@ -159,28 +160,38 @@ fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usiz
         .kv(),
         (None, Some(b)) => Ok(Retrieve::Budget(usize_arg(b, "budget")?)),
         (Some(t), None) => {
+            let wrong = || Error::DType {
+                param: "threshold".into(),
+                expected: "a float, a ClusterThresholds, or one float per KV head (a sequence or 1-D array)".into(),
+                got: format!("an object of type {}", type_name(t)),
+            };
+            let per_head =
+                t.is_instance_of::<PyList>() || t.is_instance_of::<PyTuple>() || t.cast::<PyUntypedArray>().is_ok_and(|a| a.ndim() > 0);
             let taus: Vec<f64> = if let Ok(th) = t.cast::<PyClusterThresholds>() {
                 th.get().inner.per_head.clone()
-            } else if t.is_instance_of::<PyFloat>() || (t.extract::<i64>().is_ok() && !t.is_instance_of::<PyBool>()) {
-                let v = t.extract::<f64>()?;
+            } else if per_head {
+                let list = match t.cast::<PyUntypedArray>() {
+                    Ok(a) if a.ndim() == 1 => a.call_method1("astype", ("float64",)).and_then(|a| a.call_method0("tolist")).ok(),
+                    Ok(a) => {
+                        return Err(Error::Shape {
+                            param: "threshold".into(),
+                            expected: format!("[{hk}] (one threshold per KV head)"),
+                            got: format!("{:?}", a.shape()),
+                        })
+                        .kv()
+                    }
+                    Err(_) => Some(t.clone()),
+                };
+                list.and_then(|l| l.extract::<Vec<f64>>().ok()).ok_or_else(wrong).kv()?
+            } else {
+                if t.is_instance_of::<PyBool>() {
+                    return Err(wrong()).kv();
+                }
+                let v = t.extract::<f64>().map_err(|_| wrong()).kv()?;
                 if v.is_nan() {
                     return Err(Error::InvalidArgument { param: "threshold".into(), expected: "a threshold that is not NaN".into() }).kv();
                 }
                 return Ok(Retrieve::Threshold(v));
-            } else {
-                let arr = t.call_method1("__array__", ()).ok();
-                let v = match arr {
-                    Some(a) => {
-                        a.call_method1("astype", ("float64",)).and_then(|a| a.call_method0("tolist")).and_then(|l| l.extract::<Vec<f64>>())
-                    }
-                    None => t.extract::<Vec<f64>>(),
-                };
-                v.map_err(|_| Error::DType {
-                    param: "threshold".into(),
-                    expected: "a float, a ClusterThresholds, or one float per KV head (a sequence or 1-D array)".into(),
-                    got: format!("an object of type {}", type_name(t)),
-                })
-                .kv()?
             };
             if taus.len() != hk {
                 return Err(Error::Shape {
@@ -645,4 +656,96 @@ impl PyClusterIndex {
             i.clustered_len()
         )
     }
+}
+
+/// One head's clustering as a dict of numpy arrays and numbers.
+fn clustering_dict<'py>(py: Python<'py>, c: cluster::Clustering) -> PyResult<Bound<'py, PyDict>> {
+    let (k, d, n) = (c.num_clusters(), c.head_dim(), c.num_points());
+    let out = PyDict::new(py);
+    out.set_item("centroids", to_numpy(py, c.centroids().to_vec(), &[k, d])?)?;
+    out.set_item("centroids_normalized", to_numpy(py, c.centroids_normalized().to_vec(), &[k, d])?)?;
+    out.set_item("sizes", to_numpy(py, c.sizes().to_vec(), &[k])?)?;
+    out.set_item("member_offsets", to_numpy(py, c.member_offsets().to_vec(), &[k + 1])?)?;
+    out.set_item("members", to_numpy(py, c.all_members().to_vec(), &[n])?)?;
+    out.set_item("assignment", to_numpy(py, c.assignment().to_vec(), &[n])?)?;
+    out.set_item("inertia", c.inertia())?;
+    out.set_item("inertia_history", PyList::new(py, c.inertia_history())?)?;
+    out.set_item("iterations", c.iterations())?;
+    out.set_item("converged", c.converged())?;
+    let seeds = c.seeds().to_vec();
+    let s = seeds.len();
+    out.set_item("seeds", to_numpy(py, seeds, &[s])?)?;
+    Ok(out)
+}
+
+/// Rows `[n, d]` of a 2-D float array, as f32 in C order, with `d`.
+fn rows_arg(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<(Vec<f32>, usize)> {
+    let a = FloatArray::extract(obj, param, true)?;
+    let &[_, d] = a.shape() else {
+        return Err(Error::Shape { param: param.into(), expected: "a 2-D array [rows, head_dim]".into(), got: format!("{:?}", a.shape()) })
+            .kv();
+    };
+    Ok((a.to_f32_vec(), d))
+}
+
+/// K-means over one head's keys: from k-means++ seeds (``clusters``) or from given
+/// centroids (``init``).
+#[pyfunction]
+#[pyo3(signature = (keys, clusters = None, *, init = None, max_iter = 20, seed = 0))]
+pub fn kmeans<'py>(
+    py: Python<'py>,
+    keys: &Bound<'py, PyAny>,
+    clusters: Option<&Bound<'py, PyAny>>,
+    init: Option<&Bound<'py, PyAny>>,
+    max_iter: i64,
+    seed: i128,
+) -> PyResult<Bound<'py, PyDict>> {
+    let max_iter = usize_arg(max_iter, "max_iter")?;
+    let seed = seed_arg(seed)?;
+    let (rows, d) = rows_arg(keys, "keys")?;
+    let cl = match (clusters, init) {
+        (Some(c), None) => {
+            let cfg = cluster::KMeansConfig { clusters: cluster_count(c, "clusters")?, max_iter, seed };
+            py.detach(|| cluster::kmeans(&rows, d, &cfg)).kv()?
+        }
+        (None, Some(i)) => {
+            let (init, di) = rows_arg(i, "init")?;
+            if di != d {
+                return Err(Error::Shape {
+                    param: "init".into(),
+                    expected: format!("[k, {d}] (head_dim of the keys)"),
+                    got: format!("[.., {di}]"),
+                })
+                .kv();
+            }
+            py.detach(|| cluster::kmeans_from_centroids(&rows, d, &init, max_iter)).kv()?
+        }
+        (None, None) => {
+            return Err(Error::InvalidArgument {
+                param: "clusters".into(),
+                expected: "a cluster count, or initial centroids as init= (neither was given)".into(),
+            })
+            .kv()
+        }
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidArgument {
+                param: "init".into(),
+                expected: "None when clusters= is given (start from k-means++ seeds or from given centroids, not both)".into(),
+            })
+            .kv()
+        }
+    };
+    clustering_dict(py, cl)
+}
+
+/// The k-means++ seeds (key indices, in the order drawn) that :func:`kmeans` starts from.
+#[pyfunction]
+#[pyo3(signature = (keys, k, seed = 0))]
+pub fn kmeans_seeds<'py>(py: Python<'py>, keys: &Bound<'py, PyAny>, k: i64, seed: i128) -> PyResult<Bound<'py, PyAny>> {
+    let k = usize_arg(k, "k")?;
+    let seed = seed_arg(seed)?;
+    let (rows, d) = rows_arg(keys, "keys")?;
+    let seeds = py.detach(|| cluster::seed_plus_plus(&rows, d, k, seed)).kv()?;
+    let n = seeds.len();
+    to_numpy(py, seeds, &[n])
 }

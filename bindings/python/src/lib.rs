@@ -52,5 +52,7 @@ fn _kvsieve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemfilter::gemfilter_select, m)?)?;
     m.add_function(wrap_pyfunction!(gemfilter::snapkv, m)?)?;
     m.add_function(wrap_pyfunction!(gemfilter::calibrate_filter_layer, m)?)?;
+    m.add_function(wrap_pyfunction!(cluster::kmeans, m)?)?;
+    m.add_function(wrap_pyfunction!(cluster::kmeans_seeds, m)?)?;
     Ok(())
 }

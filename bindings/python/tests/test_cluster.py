@@ -695,3 +695,112 @@ def test_assign_new_and_rebuild_errors(rng):
         index.save(3)
     with expect(kvsieve.DTypeError, "`data`"):
         kvsieve.ClusterIndex.from_bytes("not bytes")
+
+
+def test_threshold_argument_forms(rng):
+    keys = clustered_keys(rng, 120, 2)
+    index = kvsieve.ClusterIndex.build(keys, clusters=10)
+    q = rng.standard_normal((2, D)).astype(np.float32)
+    s = index.cluster_estimates(q)
+    tau = float(np.median(s))
+    want, _ = index.retrieve(q, threshold=tau)
+    for form in [np.float32(tau), np.float64(tau), np.array(tau)]:
+        got, _ = index.retrieve(q, threshold=form)
+        # float32 rounding may move tau past an estimate: compare against the same tau.
+        assert got == index.retrieve(q, threshold=float(form))[0]
+    assert index.retrieve(q, threshold=0)[0] == index.retrieve(q, threshold=0.0)[0]
+    assert want == index.retrieve(q, threshold=[tau, tau])[0] == index.retrieve(q, threshold=np.array([tau, tau], np.float32).astype(np.float64))[0]
+    with expect(kvsieve.ShapeError, "`threshold`"):
+        index.retrieve(q, threshold=np.full((2, 1), tau))
+    with expect(kvsieve.DTypeError, "`threshold`"):
+        index.retrieve(q, threshold=True)
+    with expect(kvsieve.DTypeError, "`threshold`"):
+        index.retrieve(q, threshold=["a", "b"])
+
+
+# --- one head's K-means ----------------------------------------------------------------
+
+
+def ref_lloyd(x, init, max_iter):
+    """Spherical Lloyd from unit centroids `init` (no empty cluster may arise): assign by the
+    largest x̂·ĉ (ties to the lower index), update ĉ to the normalised mean of the members'
+    x̂, stop when an assignment changes nothing. Returns (assignment, iterations)."""
+    xu = unit(x)
+    c = unit(init)
+    a = np.argmax(xu @ c.T, axis=1)
+    for it in range(1, max_iter + 1):
+        assert len(np.unique(a)) == len(c), "an empty cluster: the reference does not repair"
+        c = unit(np.stack([xu[a == j].mean(axis=0) for j in range(len(c))]))
+        b = np.argmax(xu @ c.T, axis=1)
+        if np.array_equal(a, b):
+            return a, it
+        a = b
+    return a, max_iter
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_kmeans_matches_numpy_lloyd_and_the_index(rng, dtype):
+    n, k = 400, 10
+    centers = 2.0 * rng.standard_normal((k, D))
+    x = (centers[np.arange(n) % k] + 0.5 * rng.standard_normal((n, D))).astype(dtype)
+    init = (centers + 0.5 * rng.standard_normal((k, D))).astype(np.float32)
+    got = kvsieve.kmeans(x, init=init, max_iter=50)
+    a, iters = ref_lloyd(x.astype(np.float64), init.astype(np.float64), 50)
+    np.testing.assert_array_equal(got["assignment"], a)
+    assert got["iterations"] == iters and got["converged"]
+    assert len(got["seeds"]) == 0
+    assert got["centroids"].shape == (k, D) and got["sizes"].sum() == n
+    for c in range(k):
+        np.testing.assert_allclose(got["centroids"][c], x[a == c].astype(np.float64).mean(axis=0), rtol=1e-4, atol=1e-4)
+    # From k-means++ seeds: the same seeds as kmeans_seeds, and the same clustering as the
+    # index's one head.
+    res = kvsieve.kmeans(x, 0.05, max_iter=30, seed=7)
+    seeds = kvsieve.kmeans_seeds(x, 20, seed=7)
+    assert seeds.dtype == np.uint32 and len(set(seeds.tolist())) == 20 and seeds.max() < n
+    np.testing.assert_array_equal(res["seeds"], seeds)
+    index = kvsieve.ClusterIndex.build(x[:, None, :], clusters=20, max_iter=30, seed=7)
+    np.testing.assert_array_equal(res["assignment"], index.assignment(0))
+    np.testing.assert_array_equal(res["centroids"], index.centroids(0))
+    np.testing.assert_array_equal(res["members"], index.members(0))
+    assert res["inertia"] == index.diagnostics(0)["inertia"]
+    assert res["inertia_history"] == index.diagnostics(0)["inertia_history"]
+    # Lloyd never raises the inertia.
+    h = res["inertia_history"]
+    assert all(b <= a + 1e-5 * (1 + a) for a, b in zip(h, h[1:]))
+    assert not np.array_equal(kvsieve.kmeans_seeds(x, 20, seed=8), seeds)
+
+
+def test_kmeans_errors(rng):
+    x = rng.standard_normal((30, D)).astype(np.float32)
+    with expect(kvsieve.InvalidArgumentError, "`clusters`", "neither"):
+        kvsieve.kmeans(x)
+    with expect(kvsieve.InvalidArgumentError, "`init`"):
+        kvsieve.kmeans(x, 3, init=x[:3])
+    with expect(kvsieve.InvalidArgumentError, "`clusters`"):
+        kvsieve.kmeans(x, 0)
+    with expect(kvsieve.InvalidArgumentError, "`clusters`"):
+        kvsieve.kmeans(x, 31)
+    with expect(kvsieve.InvalidArgumentError, "`clusters`", "empty"):
+        kvsieve.kmeans(x[:0], 1)
+    with expect(kvsieve.ShapeError, "`keys`"):
+        kvsieve.kmeans(x[None], 3)
+    with expect(kvsieve.ShapeError, "`init`"):
+        kvsieve.kmeans(x, init=x[:3, :32])
+    with expect(kvsieve.ShapeError, "`init`"):
+        kvsieve.kmeans(x, init=x[0])
+    with expect(kvsieve.InvalidArgumentError, "`init`"):
+        kvsieve.kmeans(x[:2], init=x[:3])
+    bad = x.copy()
+    bad[4, 9] = np.nan
+    with expect(kvsieve.InvalidArgumentError, "`keys`", "key 4"):
+        kvsieve.kmeans(bad, 3)
+    with expect(kvsieve.InvalidArgumentError, "`init`", "centroid 1"):
+        kvsieve.kmeans(x, init=bad[3:6])
+    with expect(kvsieve.UnsupportedError):
+        kvsieve.kmeans(np.ones((5, 12), np.float32), 2)
+    with expect(kvsieve.OutOfRangeError, "`seed`"):
+        kvsieve.kmeans(x, 2, seed=-5)
+    with expect(kvsieve.InvalidArgumentError, "`k`"):
+        kvsieve.kmeans_seeds(x, 0)
+    with expect(kvsieve.InvalidArgumentError, "`k`"):
+        kvsieve.kmeans_seeds(x, 31)

@@ -31,6 +31,8 @@ from kvsieve._kvsieve import (
     gemfilter_scores as gemfilter_scores,
     gemfilter_select as gemfilter_select,
     isa as isa,
+    kmeans as kmeans,
+    kmeans_seeds as kmeans_seeds,
     lambda_mask as lambda_mask,
     merge_states as merge_states,
     page_bounds as page_bounds,

@@ -1343,6 +1343,46 @@ def calibrate_filter_layer(
             ``keys[l]`` (named with its index).
     """
 
+def kmeans(
+    keys: FloatArray,
+    clusters: int | float | None = None,
+    *,
+    init: FloatArray | None = None,
+    max_iter: int = 20,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """K-means over one head's keys ``[n, head_dim]``, as :meth:`ClusterIndex.build` runs
+    per KV head: keys compared by cosine (scaled to unit length), k-means++ seeds drawn
+    from ``seed`` (or the given centroids ``init``, ``[k, head_dim]``, scaled to unit
+    length), then up to ``max_iter`` Lloyd iterations with empty clusters repaired;
+    assignment ties go to the lower cluster.
+
+    Args:
+        keys: ``[n, head_dim]``, float32 or float16.
+        clusters: an int, or a float fraction of ``n`` in ``(0, 1]``; exactly one of
+            ``clusters`` and ``init``.
+        init: initial centroids ``[k, head_dim]`` (``1 <= k <= n``).
+
+    Returns:
+        A dict: ``centroids`` (raw-key means, float32 ``[k, head_dim]``),
+        ``centroids_normalized``, ``sizes`` (uint32 ``[k]``), ``member_offsets`` (uint32
+        ``[k + 1]``), ``members`` (uint32 ``[n]``, ascending per cluster), ``assignment``
+        (uint32 ``[n]``), ``inertia``, ``inertia_history``, ``iterations``, ``converged``
+        and ``seeds`` (uint32; empty with ``init``), as in :meth:`ClusterIndex.diagnostics`.
+
+    Raises:
+        InvalidArgumentError: neither or both of ``clusters`` and ``init``; a bad count
+            (as :meth:`ClusterIndex.build`; with ``init``, more rows than keys); a NaN or
+            infinite key or initial centroid.
+        ShapeError: ``keys`` or ``init`` not 2-D, or ``init`` with another head_dim.
+        UnsupportedError: a head_dim that is not a multiple of 8 from 8 to :data:`MAX_HEAD_DIM`.
+        OutOfRangeError: a negative count, ``max_iter`` or ``seed``.
+    """
+
+def kmeans_seeds(keys: FloatArray, k: int, seed: int = 0) -> npt.NDArray[np.uint32]:
+    """The ``k`` k-means++ seeds (key indices, in the order drawn) that :func:`kmeans`
+    starts from with the same ``seed``; errors as :func:`kmeans` (``k`` named)."""
+
 def merge_states(
     v_a: FloatArray,
     lse_a: FloatArray,

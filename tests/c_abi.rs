@@ -469,6 +469,7 @@ fn cluster_index() {
                 "ok - assign_new and rebuild from a cache",
                 "ok - save and load round trip; truncated and corrupted files are io errors",
                 "ok - retrieval unioned with a streaming window drives sparse decode",
+                "ok - readers share one index beside a writer assigning new tokens",
                 "ok - cluster bad input: right codes, parameter named, nothing written",
             ],
             summary: true,

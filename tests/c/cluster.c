@@ -5,8 +5,10 @@
  * heads, threshold and budget selections from a ranking of the estimates, hierarchical
  * retrieval with every coarse cluster open equal to flat, calibration near its target,
  * incremental assignment from a cache, save/load round trips and damaged files, a retrieval
- * unioned with a streaming window driving sparse decode, and bad input. */
+ * unioned with a streaming window driving sparse decode, readers sharing one index beside a
+ * writer assigning new tokens, and bad input. */
 #define _POSIX_C_SOURCE 200809L
+#include <pthread.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -866,6 +868,139 @@ static void sparse_decode(void) {
     section_done("retrieval unioned with a streaming window drives sparse decode", before);
 }
 
+/* Readers beside a writer ------------------------------------------------------------------ */
+
+enum { TN0 = 160, TEXTRA = 48, TW = 8, READERS = 3, ITERS = 25, TBUDGET = 30 };
+
+typedef struct {
+    kvsieve_cluster_index_t *index;
+    const float *q;
+    const uint32_t *before, *after;
+    size_t before_len, after_len;
+    int runs, mismatches, errors, went_back;
+} reader_arg;
+
+static size_t sel_indices(const kvsieve_selection_t *sel, uint32_t *buf, size_t cap, int *errors) {
+    size_t len = 0;
+    kvsieve_error_t *err = kvsieve_selection_indices(sel, buf, cap, &len);
+    if (err) {
+        (*errors)++;
+        kvsieve_error_free(err);
+    }
+    return len;
+}
+
+static void *reader(void *p) {
+    reader_arg *r = (reader_arg *)p;
+    kvsieve_retrieve_config_t rc = kvsieve_retrieve_config_default(TBUDGET);
+    test_tensor tq;
+    uint32_t got[HK * (TN0 + TEXTRA)];
+    int i, seen_after = 0;
+    rc.seq_len = TN0 + TEXTRA;
+    tensor2(&tq, (void *)r->q, dt_f32(), HQ, D);
+    for (i = 0; i < ITERS; i++) {
+        kvsieve_selection_t *sel = NULL;
+        kvsieve_error_t *err = kvsieve_cluster_index_retrieve(r->index, &tq.t, &rc, &sel, NULL);
+        size_t len, clustered = 0;
+        if (err) {
+            r->errors++;
+            kvsieve_error_free(err);
+            continue;
+        }
+        len = sel_indices(sel, got, HK * (TN0 + TEXTRA), &r->errors);
+        kvsieve_selection_free(sel);
+        if (len == r->after_len && memcmp(got, r->after, len * sizeof *got) == 0) {
+            seen_after = 1;
+        } else if (len == r->before_len && memcmp(got, r->before, len * sizeof *got) == 0) {
+            r->went_back += seen_after;
+        } else {
+            r->mismatches++;
+        }
+        err = kvsieve_cluster_index_clustered_len(r->index, &clustered);
+        if (err) {
+            r->errors++;
+            kvsieve_error_free(err);
+        } else if (clustered != TN0 - TW && clustered != TN0 + TEXTRA - TW) {
+            r->mismatches++;
+        }
+        r->runs++;
+    }
+    return NULL;
+}
+
+static void threads(void) {
+    int before = g_failed;
+    kvsieve_cache_t *cache = new_cache(HK, D, PS, (TN0 + TEXTRA + PS - 1) / PS + 1, KVSIEVE_KEYS_POST_ROPE);
+    float *keys = clustered_keys(TN0 + TEXTRA, HK, D), *vals = rand_floats((TN0 + TEXTRA) * HK * D, 1.0f), *q = rand_floats(HQ * D, 1.5f);
+    kvsieve_cluster_index_t *ix = NULL, *ref = NULL;
+    kvsieve_cluster_config_t cfg = kvsieve_cluster_config_default(10);
+    kvsieve_retrieve_config_t rc = kvsieve_retrieve_config_default(TBUDGET);
+    kvsieve_selection_t *s_before = NULL, *s_after = NULL;
+    kvsieve_key_source_t src, full;
+    test_tensor tk, tq;
+    static uint32_t b_idx[HK * (TN0 + TEXTRA)], a_idx[HK * (TN0 + TEXTRA)];
+    reader_arg args[READERS];
+    pthread_t tid[READERS];
+    size_t added = 0;
+    int i, errors = 0;
+    uint64_t seq = 0;
+
+    cfg.exclude_window = TW;
+    /* The expected results, single-threaded: an index over the first TN0 tokens, before and
+     * after assigning the rest. */
+    full = from_tensor(tensor3(&tk, keys, dt_f32(), TN0 + TEXTRA, HK, D));
+    EXPECT_OK(kvsieve_cache_create_sequence(cache, &seq));
+    append_tokens(cache, seq, 0, TN0, HK, D, keys, vals);
+    src = from_cache(cache, seq, 0);
+    EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &ref));
+    rc.seq_len = TN0 + TEXTRA;
+    tensor2(&tq, q, dt_f32(), HQ, D);
+    EXPECT_OK(kvsieve_cluster_index_retrieve(ref, &tq.t, &rc, &s_before, NULL));
+    EXPECT_OK(kvsieve_cluster_index_assign_new(ref, &full, &added));
+    CHECK(added == TEXTRA, "reference: %zu tokens assigned", added);
+    EXPECT_OK(kvsieve_cluster_index_retrieve(ref, &tq.t, &rc, &s_after, NULL));
+    EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &ix));
+
+    for (i = 0; i < READERS; i++) {
+        memset(&args[i], 0, sizeof args[i]);
+        args[i].index = ix;
+        args[i].q = q;
+        args[i].before = b_idx;
+        args[i].after = a_idx;
+        args[i].before_len = sel_indices(s_before, b_idx, HK * (TN0 + TEXTRA), &errors);
+        args[i].after_len = sel_indices(s_after, a_idx, HK * (TN0 + TEXTRA), &errors);
+    }
+    CHECK(args[0].before_len == HK * TBUDGET && args[0].after_len == HK * TBUDGET && errors == 0, "expected selections");
+    for (i = 0; i < READERS; i++) pthread_create(&tid[i], NULL, reader, &args[i]);
+    /* The writer: the cache grows (its exclusive lock), then the index takes the new tokens
+     * (the index's exclusive lock, the cache's shared one). */
+    append_tokens(cache, seq, TN0, TEXTRA, HK, D, keys + TN0 * HK * D, vals + TN0 * HK * D);
+    EXPECT_OK(kvsieve_cluster_index_assign_new(ix, &src, &added));
+    CHECK(added == TEXTRA, "writer: %zu tokens assigned", added);
+    for (i = 0; i < READERS; i++) pthread_join(tid[i], NULL);
+    for (i = 0; i < READERS; i++) {
+        CHECK(args[i].runs == ITERS && args[i].errors == 0 && args[i].mismatches == 0 && args[i].went_back == 0,
+              "reader %d: %d retrievals, each the result before or after the update (%d errors, %d other, %d back)", i, args[i].runs,
+              args[i].errors, args[i].mismatches, args[i].went_back);
+    }
+    {
+        kvsieve_selection_t *last = NULL;
+        EXPECT_OK(kvsieve_cluster_index_retrieve(ix, &tq.t, &rc, &last, NULL));
+        CHECK(same_selection(last, s_after), "after the writer: the single-threaded result");
+        kvsieve_selection_free(last);
+    }
+
+    kvsieve_selection_free(s_before);
+    kvsieve_selection_free(s_after);
+    kvsieve_cluster_index_free(ix);
+    kvsieve_cluster_index_free(ref);
+    kvsieve_cache_free(cache);
+    free(keys);
+    free(vals);
+    free(q);
+    section_done("readers share one index beside a writer assigning new tokens", before);
+}
+
 /* Bad input ----------------------------------------------------------------------------------- */
 
 enum { EN = 40 };
@@ -1091,6 +1226,7 @@ int main(void) {
     incremental();
     save_load();
     sparse_decode();
+    threads();
     bad_input();
     return finish();
 }

@@ -468,6 +468,7 @@ fn cluster_index() {
                 "ok - calibration keeps close to the target fraction",
                 "ok - assign_new and rebuild from a cache",
                 "ok - save and load round trip; truncated and corrupted files are io errors",
+                "ok - float16, bfloat16 and cache keys give the index of their float32 values",
                 "ok - retrieval unioned with a streaming window drives sparse decode",
                 "ok - readers share one index beside a writer assigning new tokens",
                 "ok - cluster bad input: right codes, parameter named, nothing written",

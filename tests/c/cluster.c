@@ -806,6 +806,85 @@ static void save_load(void) {
     section_done("save and load round trip; truncated and corrupted files are io errors", before);
 }
 
+/* Key dtypes and sources -------------------------------------------------------------------- */
+
+/* Same index: every array of every head, and the lengths. */
+static int same_index(const kvsieve_cluster_index_t *x, const kvsieve_cluster_index_t *y, head_arrays *a, head_arrays *b) {
+    size_t h;
+    int ok = 1;
+    for (h = 0; h < HK; h++) {
+        read_head(x, h, a);
+        read_head(y, h, b);
+        ok &= same_arrays(a, b);
+    }
+    return ok;
+}
+
+static void dtypes_and_sources(void) {
+    int before = g_failed;
+    enum { DN = 150 };
+    kvsieve_cache_t *cache = NULL;
+    kvsieve_cache_config_t ccfg = kvsieve_cache_config_default(1, HK, D, PS, (DN + PS - 1) / PS);
+    float *keys = clustered_keys(DN, HK, D), *vals = rand_floats(DN * HK * D, 1.0f), *back = (float *)malloc(DN * HK * D * sizeof(float));
+    uint16_t *h16, *b16;
+    kvsieve_cluster_index_t *from_f32 = NULL, *from_f16 = NULL, *from_bf16 = NULL, *from_cache_ix = NULL, *from_back = NULL;
+    kvsieve_cluster_config_t cfg = kvsieve_cluster_config_default(8);
+    kvsieve_key_source_t src;
+    head_arrays *a = (head_arrays *)malloc(sizeof *a), *b = (head_arrays *)malloc(sizeof *b);
+    test_tensor tk;
+    uint64_t seq = 0;
+    size_t i;
+
+    cfg.num_coarse_clusters = 3;
+    /* float16 keys and the float32 tensor of the same values give the same index; likewise
+     * bfloat16. */
+    round_f16(keys, DN * HK * D);
+    h16 = to_f16(keys, DN * HK * D);
+    src = from_tensor(tensor3(&tk, keys, dt_f32(), DN, HK, D));
+    EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &from_f32));
+    src = from_tensor(tensor3(&tk, h16, dt_f16(), DN, HK, D));
+    EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &from_f16));
+    CHECK(same_index(from_f32, from_f16, a, b), "float16 keys: the index of their float32 values");
+    b16 = to_bf16(keys, DN * HK * D);
+    for (i = 0; i < DN * HK * D; i++) back[i] = bf16_to_f32(b16[i]);
+    src = from_tensor(tensor3(&tk, b16, dt_bf16(), DN, HK, D));
+    EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &from_bf16));
+    src = from_tensor(tensor3(&tk, back, dt_f32(), DN, HK, D));
+    EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &from_back));
+    CHECK(same_index(from_bf16, from_back, a, b), "bfloat16 keys: the index of their float32 values");
+    kvsieve_cluster_index_free(from_back);
+    from_back = NULL;
+
+    /* A float16 cache, read in place, and the float32 tensor of what it holds. */
+    ccfg.dtype = dt_f16();
+    ccfg.track_key_bounds = false;
+    EXPECT_OK(kvsieve_cache_new(&ccfg, &cache));
+    EXPECT_OK(kvsieve_cache_create_sequence(cache, &seq));
+    append_tokens(cache, seq, 0, DN, HK, D, keys, vals);
+    EXPECT_OK(kvsieve_cache_read(cache, seq, 0, back, NULL, DN * HK * D));
+    src = from_cache(cache, seq, 0);
+    EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &from_cache_ix));
+    src = from_tensor(tensor3(&tk, back, dt_f32(), DN, HK, D));
+    EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &from_back));
+    CHECK(same_index(from_cache_ix, from_back, a, b), "a float16 cache: the index of the float32 tensor it holds");
+    CHECK(same_index(from_cache_ix, from_f32, a, b), "the cache's float16 keys equal the rounded float32 keys");
+
+    kvsieve_cluster_index_free(from_f32);
+    kvsieve_cluster_index_free(from_f16);
+    kvsieve_cluster_index_free(from_bf16);
+    kvsieve_cluster_index_free(from_cache_ix);
+    kvsieve_cluster_index_free(from_back);
+    kvsieve_cache_free(cache);
+    free(keys);
+    free(vals);
+    free(back);
+    free(h16);
+    free(b16);
+    free(a);
+    free(b);
+    section_done("float16, bfloat16 and cache keys give the index of their float32 values", before);
+}
+
 /* Retrieval + streaming window -> sparse decode ---------------------------------------------- */
 
 enum { SN = 200, SW = 16, SINKS = 4, BUDGET = 48 };
@@ -1225,6 +1304,7 @@ int main(void) {
     calibration();
     incremental();
     save_load();
+    dtypes_and_sources();
     sparse_decode();
     threads();
     bad_input();

@@ -2091,8 +2091,8 @@ kvsieve_error_t *kvsieve_cluster_index_calibrate(const kvsieve_cluster_index_t *
  *        head_dim (#KVSIEVE_ERROR_SHAPE naming `keys`), at least kvsieve_cluster_index_seq_len()
  *        tokens (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `keys`: it was truncated or
  *        compacted, rebuild), finite.
- * \param out_added Optional: receives the number of tokens assigned per head; untouched on
- *        failure.
+ * \param out_added Optional: receives the number of tokens assigned per head; must not
+ *        overlap the key tensor; untouched on failure.
  * \return NULL on success, or an error (owned by the caller); the index is unchanged on
  *         failure.
  *

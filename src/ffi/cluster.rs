@@ -720,7 +720,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_retrieve(
         let q = parse_query(q, "q")?;
         let c = read_struct(config, "config")?;
         non_null(out, "out")?;
-        let reads = [q.region(), Region::of(c.thresholds, c.num_thresholds, "thresholds")];
+        let mut reads = vec![q.region()];
+        if c.mode == RETRIEVE_PER_HEAD_THRESHOLD {
+            reads.push(Region::of(c.thresholds, c.num_thresholds, "thresholds"));
+        }
         check_disjoint(&[Region::of(out, 1, "out"), Region::of(stats, 1, "stats")], &reads)?;
         let g = ix.inner.read();
         let (fine, coarse) = retrieval_rule(&c, &g)?;
@@ -789,6 +792,8 @@ pub unsafe extern "C" fn kvsieve_cluster_index_assign_new(
     guard("kvsieve_cluster_index_assign_new", || {
         let ix = index_ref(index, "index")?;
         let src = key_source(keys, "keys")?;
+        let reads: Vec<Region> = src.region().into_iter().collect();
+        check_disjoint(&[Region::of(out_added, 1, "out_added")], &reads)?;
         let mut g = ix.inner.write();
         let added = src.run(|k| g.assign_new(k))?;
         if !out_added.is_null() {

@@ -1246,6 +1246,15 @@ static void bad_input(void) {
     EXPECT_ERR(kvsieve_cluster_index_retrieve(ix, &tq.t, &r, &sel, (kvsieve_retrieve_stats_t *)&sel), KVSIEVE_ERROR_INVALID_ARGUMENT,
                "`out`");
     CHECK(sel == sel_sentinel && all_bytes(&st, sizeof st, 0xab), "retrieve: out and stats untouched");
+    {
+        /* Per-head thresholds are read only in that mode. */
+        kvsieve_selection_t *ok_sel = NULL;
+        r = rc;
+        r.thresholds = (const double *)&out_len;
+        r.num_thresholds = (size_t)-1;
+        EXPECT_OK(kvsieve_cluster_index_retrieve(ix, &tq.t, &r, &ok_sel, NULL));
+        kvsieve_selection_free(ok_sel);
+    }
 
     /* Calibration. */
     EXPECT_ERR(kvsieve_cluster_index_calibrate(ix, &tqs.t, 0.0, false, dbuf, HK, NULL), KVSIEVE_ERROR_INVALID_ARGUMENT, "`target_fraction`");
@@ -1268,6 +1277,7 @@ static void bad_input(void) {
     nan_keys[(EN + 2) * HK * D + 1] = NAN;
     tensor3(&tk_nan, nan_keys, dt_f32(), EN + 5, HK, D);
     EXPECT_ERR(kvsieve_cluster_index_assign_new(ix, &nan_src, &added), KVSIEVE_ERROR_INVALID_ARGUMENT, "token 42");
+    EXPECT_ERR(kvsieve_cluster_index_assign_new(ix, &nan_src, (size_t *)(nan_keys + 4)), KVSIEVE_ERROR_INVALID_ARGUMENT, "`out_added`");
     EXPECT_ERR(kvsieve_cluster_index_rebuild(ix, &narrow_src), KVSIEVE_ERROR_SHAPE, "`keys`");
     EXPECT_ERR(kvsieve_cluster_index_rebuild(ix, &nan_src), KVSIEVE_ERROR_INVALID_ARGUMENT, "`keys`");
     EXPECT_OK(kvsieve_cluster_index_clustered_len(ix, &v));

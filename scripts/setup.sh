@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need: libclang (for the header check), valgrind
 # (C tests run under it when present) and a Python venv inside the repo with maturin,
-# numpy and pytest. Idempotent; safe to run every time.
+# numpy and pytest, plus gguf and tokenizers for the real-model reference in
+# examples/llama/tests. Idempotent; safe to run every time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,4 +21,4 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check maturin numpy pytest "$@"
+.venv/bin/python -m pip install -q --disable-pip-version-check maturin numpy pytest gguf tokenizers "$@"

@@ -21,3 +21,8 @@ bash scripts/build-wheel.sh --release
 .venv/bin/python examples/python/01_store_and_decode.py
 echo "== pytest"
 .venv/bin/python -m pytest -q bindings/python/tests
+
+echo "== examples/llama: SmolLM2-135M-Instruct on kvsieve (release; fetches the model once)"
+bash scripts/fetch-model.sh >/dev/null
+bash examples/llama/scripts/fetch-text.sh >/dev/null
+cargo test --release -p kvsieve-llama --no-fail-fast

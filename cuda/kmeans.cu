@@ -1,0 +1,622 @@
+// Spherical K-means (Lloyd) on the device, with the semantics of
+// src/select/cluster/kmeans.rs: assignment to the nearest unit centroid by the largest
+// x̂·ĉ (ties to the lowest cluster), normalised-mean update (a cluster whose mean has
+// length <= 1e-12 keeps its centroid), empty-cluster repair in ascending order, and the
+// raw-key means of the final clusters.
+//
+// Keys are read in place: key (t, h) starts at keys + t * stride_t + h * stride_h
+// (elements; channels contiguous). x̂ = x / ‖x‖ is never stored: argmax_c x·ĉ equals
+// argmax_c x̂·ĉ, and the best dot product is scaled by inv_norm afterwards.
+//
+// State per KV head h (all arrays [hk][...]): cn[k][d] unit centroids (f32), csq[k],
+// sizes[k], assign[n], best[n] (x̂·ĉ of the assigned centroid), and a control word
+// ctl[h] = {done, iterations, changed, repaired, converged, pad, pad, pad}. Every kernel
+// skips a head whose `done` is set, so the host launches max_iter iterations without
+// reading anything back and the whole run can be captured in a CUDA graph.
+//
+// One iteration: kvs_kmeans_update_accumulate -> kvs_kmeans_update_finalize ->
+// kvs_kmeans_assign_* -> kvs_kmeans_repair -> kvs_kmeans_iter_end. Before the first:
+// kvs_kmeans_norms, kvs_kmeans_begin, kvs_kmeans_prep, assign, repair,
+// kvs_kmeans_iter_end(count = 0).
+//
+// Update sums use 64-bit fixed point (2^-40 steps) accumulated with integer atomics: the
+// result does not depend on the order in which points arrive.
+#include "select_common.cuh"
+
+#define KVS_CTL 8
+#define KVS_FIX_SCALE 1099511627776.0  // 2^40
+
+__device__ __forceinline__ bool kvs_done(const unsigned* ctl, unsigned h) { return ctl[h * KVS_CTL + 0] != 0u; }
+
+// inv_norm[h][t] = 1 / ‖key(t, h)‖ (0 for a zero key), xsq[h][t] = 1 or 0.
+// grid = (ceil(n / 8), hk), block = 256 (a warp per key).
+template <class L>
+__device__ __forceinline__ void norms(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h,
+                                      unsigned n, unsigned d, float* inv_norm, float* xsq) {
+    const unsigned lane = threadIdx.x & 31;
+    const unsigned t = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const unsigned h = blockIdx.y;
+    if (t >= n) return;
+    const typename L::T* x = keys + t * stride_t + h * stride_h;
+    double s = 0.0;
+    for (unsigned c = lane; c < d; c += 32) {
+        const double v = L::load(x, c);
+        s += v * v;
+    }
+    s = kvs_warp_sum_d(s);
+    if (lane == 0) {
+        const bool nz = s > 0.0;
+        inv_norm[(size_t)h * n + t] = nz ? (float)(1.0 / sqrt(s)) : 0.f;
+        xsq[(size_t)h * n + t] = nz ? 1.f : 0.f;
+    }
+}
+
+#define KVS_KM_NORMS(name, L)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+    name(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,          \
+         unsigned d, float* inv_norm, float* xsq) {                                                                \
+        norms<L>(keys, stride_t, stride_h, n, d, inv_norm, xsq);                                                   \
+    }
+KVS_KM_NORMS(kvs_kmeans_norms_f32, KvsF32)
+KVS_KM_NORMS(kvs_kmeans_norms_f16, KvsF16)
+KVS_KM_NORMS(kvs_kmeans_norms_bf16, KvsBF16)
+
+// Start of a run: cn[h][c] scaled to unit length (zero rows kept), csq, sizes and the
+// control words cleared, fixed-point sums zeroed. grid = (k, hk), block = 32.
+extern "C" __global__ void __launch_bounds__(32)
+kvs_kmeans_begin(float* cn, float* csq, unsigned k, unsigned d, unsigned* sizes, long long* sums, unsigned* ctl) {
+    const unsigned lane = threadIdx.x, c = blockIdx.x, h = blockIdx.y;
+    float* row = cn + ((size_t)h * k + c) * d;
+    double s = 0.0;
+    for (unsigned i = lane; i < d; i += 32) s += (double)row[i] * row[i];
+    s = kvs_warp_sum_d(s);
+    const double norm = sqrt(s);
+    float q = 0.f;
+    for (unsigned i = lane; i < d; i += 32) {
+        if (norm > 0.0) row[i] = (float)(row[i] / norm);
+        q += row[i] * row[i];
+        sums[((size_t)h * k + c) * d + i] = 0;
+    }
+    q = kvs_warp_sum(q);
+    if (lane == 0) {
+        csq[(size_t)h * k + c] = q;
+        sizes[(size_t)h * k + c] = 0;
+    }
+    if (c == 0 && lane < KVS_CTL) ctl[h * KVS_CTL + lane] = 0u;
+}
+
+// Tensor-core copies of the centroids: hi = round(cn), lo = round(cn - hi) in the key
+// dtype, [hk][kp][d] with rows k..kp zero. grid = (kp, hk), block = 32.
+template <class L>
+__device__ __forceinline__ void prep(const float* cn, unsigned k, unsigned kp, unsigned d, kvs_u16* chi, kvs_u16* clo) {
+    const unsigned c = blockIdx.x, h = blockIdx.y;
+    kvs_u16* oh = chi + ((size_t)h * kp + c) * d;
+    kvs_u16* ol = clo ? clo + ((size_t)h * kp + c) * d : nullptr;
+    for (unsigned i = threadIdx.x; i < d; i += 32) {
+        const float v = c < k ? cn[((size_t)h * k + c) * d + i] : 0.f;
+        const kvs_u16 hv = L::store(v);
+        oh[i] = hv;
+        if (ol) ol[i] = L::store(v - L::load(&hv, 0));
+    }
+}
+#define KVS_KM_PREP(name, L)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32)                                                               \
+    name(const float* cn, unsigned k, unsigned kp, unsigned d, kvs_u16* chi, kvs_u16* clo) {                        \
+        prep<L>(cn, k, kp, d, chi, clo);                                                                           \
+    }
+KVS_KM_PREP(kvs_kmeans_prep_f16, KvsF16)
+KVS_KM_PREP(kvs_kmeans_prep_bf16, KvsBF16)
+
+// Record point t's assignment: changed count, sizes, best (scaled to x̂·ĉ).
+__device__ __forceinline__ void kvs_km_record(unsigned h, unsigned t, unsigned n, unsigned k, unsigned c, float dot,
+                                              const float* inv_norm, unsigned* assign, float* best, unsigned* sizes,
+                                              unsigned* ctl) {
+    const size_t i = (size_t)h * n + t;
+    const unsigned old = assign[i];
+    if (old != c) atomicAdd(&ctl[h * KVS_CTL + 2], 1u);
+    assign[i] = c;
+    best[i] = dot * inv_norm[i];
+    atomicAdd(&sizes[(size_t)h * k + c], 1u);
+}
+
+// ------------------------------------------------------------ assignment, tensor cores
+//
+// A block of 8 warps takes 256 points of one head; warp w holds rows 32w..32w+31 as two
+// m16 A fragments for the whole head_dim in registers. Centroid tiles of NT rows stream
+// through shared memory (cp.async, double-buffered); each warp multiplies its rows with
+// every tile (mma.sync m16n8k16, f32 accumulate; with SPLIT also the low parts of the
+// centroids) and keeps a running (max, argmax) per row. grid = (ceil(n / 256), hk).
+
+__device__ __forceinline__ void kvs_cp_async16(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void kvs_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void kvs_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <bool BF16>
+__device__ __forceinline__ void kvs_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    if (BF16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+#define KVS_MMA_WARPS 8
+#define KVS_MMA_ROWS (32 * KVS_MMA_WARPS)
+
+template <int D, int NT, bool BF16, bool SPLIT>
+__device__ __forceinline__ void assign_mma(const kvs_u16* __restrict__ keys, unsigned long long stride_t,
+                                           unsigned long long stride_h, unsigned n, const kvs_u16* __restrict__ chi,
+                                           const kvs_u16* __restrict__ clo, unsigned k, unsigned kp,
+                                           const float* __restrict__ inv_norm, unsigned* __restrict__ assign,
+                                           float* __restrict__ best, unsigned* __restrict__ sizes,
+                                           unsigned* __restrict__ ctl) {
+    constexpr int LD = D + 8;            // padded smem row (halves): conflict-free fragment loads
+    constexpr int PARTS = SPLIT ? 2 : 1;  // hi (and lo) planes
+    constexpr int TILE = PARTS * NT * LD; // halves per buffer
+    constexpr int KS = D / 16;
+    constexpr int NF = NT / 8;
+    extern __shared__ __align__(16) kvs_u16 smem[];
+    const unsigned h = blockIdx.y;
+    if (kvs_done(ctl, h)) return;
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const unsigned gid = lane >> 2, tig = lane & 3;
+    const unsigned row0 = blockIdx.x * KVS_MMA_ROWS + warp * 32;
+
+    // A fragments: rows row0 + mf*16 + {gid, gid+8}, columns ks*16 + tig*2 + {0,1} (+8).
+    unsigned a[2][KS][4];
+#pragma unroll
+    for (int mf = 0; mf < 2; ++mf) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const unsigned t = row0 + mf * 16 + gid + r * 8;
+            const unsigned* x = (const unsigned*)(keys + (size_t)t * stride_t + (size_t)h * stride_h);
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                a[mf][ks][r] = t < n ? x[(ks * 16 + tig * 2) / 2] : 0u;
+                a[mf][ks][r + 2] = t < n ? x[(ks * 16 + 8 + tig * 2) / 2] : 0u;
+            }
+        }
+    }
+
+    const kvs_u16* ch = chi + (size_t)h * kp * D;
+    const kvs_u16* cl = SPLIT ? clo + (size_t)h * kp * D : nullptr;
+    auto load_tile = [&](unsigned tile, int buf) {
+        kvs_u16* dst = smem + buf * TILE;
+        constexpr int CHUNKS = NT * D / 8;  // 16-byte chunks per plane
+        for (int i = threadIdx.x; i < PARTS * CHUNKS; i += KVS_MMA_ROWS) {
+            const int part = i / CHUNKS, j = i % CHUNKS;
+            const int r = j / (D / 8), col = (j % (D / 8)) * 8;
+            const kvs_u16* src = (part ? cl : ch) + ((size_t)tile * NT + r) * D + col;
+            kvs_cp_async16(dst + part * NT * LD + r * LD + col, src);
+        }
+        kvs_cp_commit();
+    };
+
+    float bv[4];
+    unsigned bi[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        bv[i] = -INFINITY;
+        bi[i] = 0u;
+    }
+    const unsigned tiles = kp / NT;
+    load_tile(0, 0);
+    for (unsigned tile = 0; tile < tiles; ++tile) {
+        const int buf = tile & 1;
+        if (tile + 1 < tiles) {
+            load_tile(tile + 1, buf ^ 1);
+            kvs_cp_wait<1>();
+        } else {
+            kvs_cp_wait<0>();
+        }
+        __syncthreads();
+        const kvs_u16* sb = smem + buf * TILE;
+        float acc[2][NF][4];
+#pragma unroll
+        for (int mf = 0; mf < 2; ++mf)
+#pragma unroll
+            for (int nf = 0; nf < NF; ++nf)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[mf][nf][i] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+            for (int part = 0; part < PARTS; ++part) {
+#pragma unroll
+                for (int nf = 0; nf < NF; ++nf) {
+                    const kvs_u16* p = sb + part * NT * LD + (nf * 8 + gid) * LD + ks * 16 + tig * 2;
+                    const unsigned b0 = *(const unsigned*)p;
+                    const unsigned b1 = *(const unsigned*)(p + 8);
+                    kvs_mma<BF16>(acc[0][nf], a[0][ks], b0, b1);
+                    kvs_mma<BF16>(acc[1][nf], a[1][ks], b0, b1);
+                }
+            }
+        }
+        // Running argmax; columns are visited in increasing order, so a strict > keeps
+        // the lowest index on ties.
+#pragma unroll
+        for (int nf = 0; nf < NF; ++nf) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const unsigned col = tile * NT + nf * 8 + tig * 2 + e;
+                if (col < k) {
+#pragma unroll
+                    for (int mf = 0; mf < 2; ++mf) {
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            const float v = acc[mf][nf][r * 2 + e];
+                            const int s = mf * 2 + r;
+                            if (v > bv[s]) {
+                                bv[s] = v;
+                                bi[s] = col;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();  // the buffer is refilled by the next iteration's prefetch
+    }
+    // Reduce over the 4 lanes of a quad (they hold different columns of the same rows).
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            const float ov = __shfl_xor_sync(KVS_FULL_MASK, bv[s], o);
+            const unsigned oi = __shfl_xor_sync(KVS_FULL_MASK, bi[s], o);
+            if (ov > bv[s] || (ov == bv[s] && oi < bi[s])) {
+                bv[s] = ov;
+                bi[s] = oi;
+            }
+        }
+    }
+    if (tig == 0) {
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const unsigned t = row0 + (s >> 1) * 16 + gid + (s & 1) * 8;
+            if (t < n) kvs_km_record(h, t, n, k, bi[s], bv[s], inv_norm, assign, best, sizes, ctl);
+        }
+    }
+}
+
+#define KVS_KM_MMA(name, D, NT, BF, SPLIT)                                                                          \
+    extern "C" __global__ void __launch_bounds__(KVS_MMA_ROWS, 1)                                                  \
+    name(const kvs_u16* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,               \
+         const kvs_u16* chi, const kvs_u16* clo, unsigned k, unsigned kp, const float* inv_norm, unsigned* assign, \
+         float* best, unsigned* sizes, unsigned* ctl) {                                                            \
+        assign_mma<D, NT, BF, SPLIT>(keys, stride_t, stride_h, n, chi, clo, k, kp, inv_norm, assign, best, sizes,  \
+                                     ctl);                                                                         \
+    }
+// Dynamic shared memory: 2 * (SPLIT ? 2 : 1) * NT * (D + 8) * 2 bytes; kp a multiple of NT.
+KVS_KM_MMA(kvs_kmeans_assign_mma_f16_d64, 64, 64, false, false)
+KVS_KM_MMA(kvs_kmeans_assign_mma_f16_d128, 128, 64, false, false)
+KVS_KM_MMA(kvs_kmeans_assign_mma_bf16_d64, 64, 64, true, false)
+KVS_KM_MMA(kvs_kmeans_assign_mma_bf16_d128, 128, 64, true, false)
+KVS_KM_MMA(kvs_kmeans_assign_mma_split_f16_d64, 64, 32, false, true)
+KVS_KM_MMA(kvs_kmeans_assign_mma_split_f16_d128, 128, 32, false, true)
+KVS_KM_MMA(kvs_kmeans_assign_mma_split_bf16_d64, 64, 32, true, true)
+KVS_KM_MMA(kvs_kmeans_assign_mma_split_bf16_d128, 128, 32, true, true)
+
+// ------------------------------------------------------------ assignment, CUDA cores
+//
+// Any dtype and head_dim (multiple of 32 up to 512): a warp per point, the point's
+// channels spread over the lanes, every centroid in turn (f32 products and sums).
+// grid = (ceil(n / 8), hk), block = 256.
+template <class L>
+__device__ __forceinline__ void assign_simt(const typename L::T* keys, unsigned long long stride_t,
+                                            unsigned long long stride_h, unsigned n, unsigned d, const float* cn,
+                                            unsigned k, const float* inv_norm, unsigned* assign, float* best,
+                                            unsigned* sizes, unsigned* ctl) {
+    const unsigned h = blockIdx.y;
+    if (kvs_done(ctl, h)) return;
+    const unsigned lane = threadIdx.x & 31;
+    const unsigned t = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (t >= n) return;
+    const typename L::T* x = keys + t * stride_t + h * stride_h;
+    float xv[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const unsigned c = lane + 32 * j;
+        xv[j] = c < d ? L::load(x, c) : 0.f;
+    }
+    const float* ch = cn + (size_t)h * k * d;
+    float bv = -INFINITY;
+    unsigned bi = 0;
+    for (unsigned c = 0; c < k; ++c) {
+        const float* cr = ch + (size_t)c * d;
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const unsigned i = lane + 32 * j;
+            if (i < d) acc = fmaf(xv[j], cr[i], acc);
+        }
+        acc = kvs_warp_sum(acc);
+        if (acc > bv) {
+            bv = acc;
+            bi = c;
+        }
+    }
+    if (lane == 0) kvs_km_record(h, t, n, k, bi, bv, inv_norm, assign, best, sizes, ctl);
+}
+#define KVS_KM_SIMT(name, L)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+    name(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,          \
+         unsigned d, const float* cn, unsigned k, const float* inv_norm, unsigned* assign, float* best,            \
+         unsigned* sizes, unsigned* ctl) {                                                                         \
+        assign_simt<L>(keys, stride_t, stride_h, n, d, cn, k, inv_norm, assign, best, sizes, ctl);                \
+    }
+KVS_KM_SIMT(kvs_kmeans_assign_simt_f32, KvsF32)
+KVS_KM_SIMT(kvs_kmeans_assign_simt_f16, KvsF16)
+KVS_KM_SIMT(kvs_kmeans_assign_simt_bf16, KvsBF16)
+
+// ------------------------------------------------------------ update
+
+// sums[h][assign][c] += x̂_c in fixed point. grid = (ceil(n / 8), hk), block = 256.
+template <class L>
+__device__ __forceinline__ void accumulate(const typename L::T* keys, unsigned long long stride_t,
+                                           unsigned long long stride_h, unsigned n, unsigned d, unsigned k,
+                                           const float* inv_norm, const unsigned* assign, long long* sums,
+                                           const unsigned* ctl) {
+    const unsigned h = blockIdx.y;
+    if (kvs_done(ctl, h)) return;
+    const unsigned lane = threadIdx.x & 31;
+    const unsigned t = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (t >= n) return;
+    const float inv = inv_norm[(size_t)h * n + t];
+    if (inv == 0.f) return;
+    const typename L::T* x = keys + t * stride_t + h * stride_h;
+    long long* s = sums + ((size_t)h * k + assign[(size_t)h * n + t]) * d;
+    for (unsigned c = lane; c < d; c += 32) {
+        const float v = L::load(x, c) * inv;
+        atomicAdd((unsigned long long*)&s[c], (unsigned long long)__double2ll_rn((double)v * KVS_FIX_SCALE));
+    }
+}
+#define KVS_KM_ACC(name, L)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+    name(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,          \
+         unsigned d, unsigned k, const float* inv_norm, const unsigned* assign, long long* sums,                   \
+         const unsigned* ctl) {                                                                                    \
+        accumulate<L>(keys, stride_t, stride_h, n, d, k, inv_norm, assign, sums, ctl);                            \
+    }
+KVS_KM_ACC(kvs_kmeans_update_accumulate_f32, KvsF32)
+KVS_KM_ACC(kvs_kmeans_update_accumulate_f16, KvsF16)
+KVS_KM_ACC(kvs_kmeans_update_accumulate_bf16, KvsBF16)
+
+// cn[h][c] = sums / ‖sums‖ where that length exceeds 1e-12 (else unchanged); csq; sums,
+// sizes and the per-iteration counters cleared for the next assignment. grid = (k, hk),
+// block = 32.
+extern "C" __global__ void __launch_bounds__(32)
+kvs_kmeans_update_finalize(long long* sums, float* cn, float* csq, unsigned k, unsigned d, unsigned* sizes,
+                           unsigned* ctl) {
+    const unsigned lane = threadIdx.x, c = blockIdx.x, h = blockIdx.y;
+    if (kvs_done(ctl, h)) return;
+    long long* s = sums + ((size_t)h * k + c) * d;
+    float* row = cn + ((size_t)h * k + c) * d;
+    double q = 0.0;
+    for (unsigned i = lane; i < d; i += 32) {
+        const double v = (double)s[i] / KVS_FIX_SCALE;
+        q += v * v;
+    }
+    q = kvs_warp_sum_d(q);
+    const double norm = sqrt(q);
+    float r = 0.f;
+    for (unsigned i = lane; i < d; i += 32) {
+        if (norm > 1e-12) row[i] = (float)((double)s[i] / KVS_FIX_SCALE / norm);
+        r += row[i] * row[i];
+        s[i] = 0;
+    }
+    r = kvs_warp_sum(r);
+    if (lane == 0) {
+        csq[(size_t)h * k + c] = r;
+        sizes[(size_t)h * k + c] = 0;
+    }
+    if (c == 0 && lane == 0) {
+        ctl[h * KVS_CTL + 2] = 0u;
+        ctl[h * KVS_CTL + 3] = 0u;
+    }
+}
+
+// ------------------------------------------------------------ repair
+
+#define KVS_REPAIR_BLOCK 1024
+
+// Empty clusters in ascending order: the largest cluster (lowest index on ties) gives up
+// its member farthest from its centroid (largest xsq - 2 best, lowest index on ties),
+// which becomes the empty cluster's only member and centroid. Sets ctl.repaired.
+// grid = hk, block = KVS_REPAIR_BLOCK. chi/clo (optional) get the new centroid rows.
+template <class L>
+__device__ __forceinline__ void repair(const typename L::T* keys, unsigned long long stride_t,
+                                       unsigned long long stride_h, unsigned n, unsigned d, unsigned k, unsigned kp,
+                                       const float* inv_norm, const float* xsq, unsigned* assign, float* best,
+                                       unsigned* sizes, float* cn, float* csq, kvs_u16* chi, kvs_u16* clo,
+                                       unsigned* ctl) {
+    __shared__ unsigned sh[40];
+    __shared__ float shv[32];
+    __shared__ unsigned shi[32];
+    const unsigned h = blockIdx.x;
+    if (kvs_done(ctl, h)) return;
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    unsigned* sz = sizes + (size_t)h * k;
+    unsigned* a = assign + (size_t)h * n;
+    float* bh = best + (size_t)h * n;
+    const float* xs = xsq + (size_t)h * n;
+    unsigned empties = 0;
+    for (unsigned c = threadIdx.x; c < k; c += KVS_REPAIR_BLOCK) empties += sz[c] == 0u;
+    empties = kvs_block_sum_u<KVS_REPAIR_BLOCK>(empties, sh);
+    if (empties == 0) return;
+    // (value, index) argmax with the lowest index on ties, over the block.
+    auto argmax = [&](float v, unsigned i) -> unsigned {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(KVS_FULL_MASK, v, o);
+            const unsigned oi = __shfl_xor_sync(KVS_FULL_MASK, i, o);
+            if (ov > v || (ov == v && oi < i)) {
+                v = ov;
+                i = oi;
+            }
+        }
+        if (lane == 0) {
+            shv[warp] = v;
+            shi[warp] = i;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            v = lane < KVS_REPAIR_BLOCK / 32 ? shv[lane] : -INFINITY;
+            i = lane < KVS_REPAIR_BLOCK / 32 ? shi[lane] : 0xffffffffu;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ov = __shfl_xor_sync(KVS_FULL_MASK, v, o);
+                const unsigned oi = __shfl_xor_sync(KVS_FULL_MASK, i, o);
+                if (ov > v || (ov == v && oi < i)) {
+                    v = ov;
+                    i = oi;
+                }
+            }
+            if (lane == 0) sh[32] = i;
+        }
+        __syncthreads();
+        const unsigned r = sh[32];
+        __syncthreads();
+        return r;
+    };
+    for (unsigned e = 0; e < k; ++e) {
+        if (sz[e] != 0u) continue;  // uniform: sizes change only below, between barriers
+        float v = -INFINITY;
+        unsigned idx = 0xffffffffu;
+        for (unsigned c = threadIdx.x; c < k; c += KVS_REPAIR_BLOCK) {
+            const float s = (float)sz[c];
+            if (s > v || (s == v && c < idx)) {
+                v = s;
+                idx = c;
+            }
+        }
+        const unsigned l = argmax(v, idx);
+        v = -INFINITY;
+        idx = 0xffffffffu;
+        for (unsigned t = threadIdx.x; t < n; t += KVS_REPAIR_BLOCK) {
+            if (a[t] == l) {
+                const float dist = xs[t] - 2.f * bh[t];
+                if (dist > v || (dist == v && t < idx)) {
+                    v = dist;
+                    idx = t;
+                }
+            }
+        }
+        const unsigned p = argmax(v, idx);
+        const float inv = inv_norm[(size_t)h * n + p];
+        const typename L::T* x = keys + p * stride_t + h * stride_h;
+        float* row = cn + ((size_t)h * k + e) * d;
+        for (unsigned i = threadIdx.x; i < d; i += KVS_REPAIR_BLOCK) {
+            const float xv = L::load(x, i) * inv;
+            row[i] = xv;
+            if (chi) {
+                const kvs_u16 hv = L::store(xv);
+                chi[((size_t)h * kp + e) * d + i] = hv;
+                if (clo) clo[((size_t)h * kp + e) * d + i] = L::store(xv - L::load(&hv, 0));
+            }
+        }
+        if (threadIdx.x == 0) {
+            a[p] = e;
+            sz[l] -= 1u;
+            sz[e] = 1u;
+            csq[(size_t)h * k + e] = xs[p];
+            bh[p] = xs[p];
+            ctl[h * KVS_CTL + 3] = 1u;
+        }
+        __syncthreads();
+    }
+}
+// f32 keys never use tensor-core copies; their store is never called.
+struct KvsF32R : KvsF32 {
+    static __device__ __forceinline__ kvs_u16 store(float) { return 0; }
+    static __device__ __forceinline__ float load(const kvs_u16*, size_t) { return 0.f; }
+    using KvsF32::load;
+};
+#define KVS_KM_REPAIR(name, L)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(KVS_REPAIR_BLOCK)                                                 \
+    name(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,          \
+         unsigned d, unsigned k, unsigned kp, const float* inv_norm, const float* xsq, unsigned* assign,           \
+         float* best, unsigned* sizes, float* cn, float* csq, kvs_u16* chi, kvs_u16* clo, unsigned* ctl) {         \
+        repair<L>(keys, stride_t, stride_h, n, d, k, kp, inv_norm, xsq, assign, best, sizes, cn, csq, chi, clo,    \
+                  ctl);                                                                                            \
+    }
+KVS_KM_REPAIR(kvs_kmeans_repair_f32, KvsF32R)
+KVS_KM_REPAIR(kvs_kmeans_repair_f16, KvsF16)
+KVS_KM_REPAIR(kvs_kmeans_repair_bf16, KvsBF16)
+
+// End of an assignment pass: with count, iterations += 1 and, when nothing changed and
+// nothing was repaired, done = converged = 1. grid = 1, block = hk (<= 1024).
+extern "C" __global__ void kvs_kmeans_iter_end(unsigned* ctl, unsigned hk, unsigned count) {
+    const unsigned h = threadIdx.x;
+    if (h >= hk || kvs_done(ctl, h) || !count) return;
+    unsigned* c = ctl + h * KVS_CTL;
+    c[1] += 1u;
+    if (c[2] == 0u && c[3] == 0u) {
+        c[0] = 1u;
+        c[4] = 1u;
+    }
+}
+
+// out[h] = sum_t max(xsq + csq[assign] - 2 best, 0) in f64 (fixed order: deterministic).
+// grid = hk, block = 1024.
+extern "C" __global__ void __launch_bounds__(1024)
+kvs_kmeans_inertia(const float* xsq, const float* csq, const unsigned* assign, const float* best, unsigned n,
+                   unsigned k, double* out) {
+    __shared__ double sh[40];
+    const unsigned h = blockIdx.x;
+    double s = 0.0;
+    for (unsigned t = threadIdx.x; t < n; t += 1024) {
+        const size_t i = (size_t)h * n + t;
+        const float v = xsq[i] + csq[(size_t)h * k + assign[i]] - 2.f * best[i];
+        s += fmax((double)v, 0.0);
+    }
+    s = kvs_block_sum_d<1024>(s, sh);
+    if (threadIdx.x == 0) out[h] = s;
+}
+
+// Raw-key sums per cluster (f64 atomics) for the raw centroids: raw[h][assign][c] += x.
+// `raw` zeroed by the caller. grid = (ceil(n / 8), hk), block = 256.
+template <class L>
+__device__ __forceinline__ void raw_sums(const typename L::T* keys, unsigned long long stride_t,
+                                         unsigned long long stride_h, unsigned n, unsigned d, unsigned k,
+                                         const unsigned* assign, double* raw) {
+    const unsigned lane = threadIdx.x & 31;
+    const unsigned t = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const unsigned h = blockIdx.y;
+    if (t >= n) return;
+    const typename L::T* x = keys + t * stride_t + h * stride_h;
+    double* s = raw + ((size_t)h * k + assign[(size_t)h * n + t]) * d;
+    for (unsigned c = lane; c < d; c += 32) atomicAdd(&s[c], (double)L::load(x, c));
+}
+#define KVS_KM_RAW(name, L)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+    name(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,          \
+         unsigned d, unsigned k, const unsigned* assign, double* raw) {                                            \
+        raw_sums<L>(keys, stride_t, stride_h, n, d, k, assign, raw);                                               \
+    }
+KVS_KM_RAW(kvs_kmeans_raw_sums_f32, KvsF32)
+KVS_KM_RAW(kvs_kmeans_raw_sums_f16, KvsF16)
+KVS_KM_RAW(kvs_kmeans_raw_sums_bf16, KvsBF16)
+
+// centroids[h][c] = raw / sizes (0 for an empty cluster). grid = (k, hk), block = 32.
+extern "C" __global__ void __launch_bounds__(32)
+kvs_kmeans_raw_finish(const double* raw, const unsigned* sizes, unsigned k, unsigned d, float* centroids) {
+    const unsigned c = blockIdx.x, h = blockIdx.y;
+    const unsigned s = sizes[(size_t)h * k + c];
+    for (unsigned i = threadIdx.x; i < d; i += 32) {
+        const size_t j = ((size_t)h * k + c) * d + i;
+        centroids[j] = s ? (float)(raw[j] / (double)s) : 0.f;
+    }
+}

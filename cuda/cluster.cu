@@ -14,6 +14,7 @@
 //               with the closed coarse terms) -> kvs_cluster_gather
 // Every launch size depends only on host-known sizes (hk, k, k1, m): a retrieval can be
 // captured in a CUDA graph.
+// kvsieve-hot: kvs_cluster
 #include "select_common.cuh"
 
 #define KVS_CL_WARPS 8
@@ -21,10 +22,27 @@
 // logits[h][j][c] = (q_{h*g+j} . cent[h][c]) * scale for every cluster scored: all of them
 // without `parent`, else those whose coarse parent is open (open[h][parent] > 0); other
 // entries are left untouched. grid = (ceil(k / KVS_CL_WARPS), hk), block = 32 * KVS_CL_WARPS.
-extern "C" __global__ void __launch_bounds__(32 * KVS_CL_WARPS)
-kvs_cluster_logits(const float* __restrict__ q, const float* __restrict__ cent, unsigned k, unsigned d, unsigned g,
-                   float scale, const unsigned* __restrict__ parent, const unsigned* __restrict__ open, unsigned k1,
-                   float* __restrict__ logits) {
+struct KvsClusterLogitsParams {
+    const float* q;
+    const float* cent;
+    const unsigned* parent;
+    const unsigned* open;
+    float* logits;
+    unsigned k;
+    unsigned d;
+    unsigned g;
+    float scale;
+    unsigned k1;
+};
+
+extern "C" __global__ void __launch_bounds__(32 * KVS_CL_WARPS) kvs_cluster_logits(const KvsClusterLogitsParams p) {
+    const float* __restrict__ q = p.q;
+    const float* __restrict__ cent = p.cent;
+    const unsigned k = p.k, d = p.d, g = p.g, k1 = p.k1;
+    const float scale = p.scale;
+    const unsigned* __restrict__ parent = p.parent;
+    const unsigned* __restrict__ open = p.open;
+    float* __restrict__ logits = p.logits;
     const unsigned lane = threadIdx.x & 31;
     const unsigned c = blockIdx.x * KVS_CL_WARPS + (threadIdx.x >> 5);
     const unsigned h = blockIdx.y;
@@ -53,12 +71,37 @@ kvs_cluster_logits(const float* __restrict__ q, const float* __restrict__ cent, 
 // Outputs take[h][c] (tokens taken from cluster c, 0 for the rest), est[h][c] (0 for an
 // unscored cluster) and stats[h] = {clusters scored, clusters kept, tokens kept}.
 // Without `parent` every cluster is scored and there are no coarse terms. g <= 64.
+struct KvsClusterEstimateParams {
+    const float* logits;
+    const unsigned* sizes;
+    const unsigned* parent;
+    const unsigned* open;
+    const float* clogits;
+    const unsigned* csizes;
+    const double* thresholds;
+    double* est;
+    unsigned* take;
+    unsigned* stats;
+    unsigned k;
+    unsigned g;
+    unsigned k1;
+    unsigned mode;
+    unsigned budget;
+};
+
 extern "C" __global__ void __launch_bounds__(KVS_EST_BLOCK)
-kvs_cluster_estimate_select(const float* __restrict__ logits, const unsigned* __restrict__ sizes, unsigned k,
-                            unsigned g, const unsigned* __restrict__ parent, const unsigned* __restrict__ open,
-                            const float* __restrict__ clogits, const unsigned* __restrict__ csizes, unsigned k1,
-                            unsigned mode, const double* __restrict__ thresholds, unsigned budget,
-                            double* __restrict__ est, unsigned* __restrict__ take, unsigned* __restrict__ stats) {
+kvs_cluster_estimate_select(const KvsClusterEstimateParams p) {
+    const float* __restrict__ logits = p.logits;
+    const unsigned* __restrict__ sizes = p.sizes;
+    const unsigned k = p.k, g = p.g, k1 = p.k1, mode = p.mode, budget = p.budget;
+    const unsigned* __restrict__ parent = p.parent;
+    const unsigned* __restrict__ open = p.open;
+    const float* __restrict__ clogits = p.clogits;
+    const unsigned* __restrict__ csizes = p.csizes;
+    const double* __restrict__ thresholds = p.thresholds;
+    double* __restrict__ est = p.est;
+    unsigned* __restrict__ take = p.take;
+    unsigned* __restrict__ stats = p.stats;
     __shared__ unsigned hist[256];
     __shared__ unsigned sh[40];
     __shared__ double shd[40];
@@ -151,10 +194,25 @@ kvs_cluster_estimate_select(const float* __restrict__ logits, const unsigned* __
 // Selection CSR over heads: head_indptr[h] = tokens kept by heads before h, and per head
 // the clustered tokens t (ascending) with take[h][assign[h][t]] > rank[h][t].
 // grid = hk, block = KVS_GATHER_BLOCK. head_indptr has hk + 1 entries.
-extern "C" __global__ void __launch_bounds__(KVS_GATHER_BLOCK)
-kvs_cluster_gather(const unsigned* __restrict__ take, const unsigned* __restrict__ assign,
-                   const unsigned* __restrict__ rank, const unsigned* __restrict__ stats, unsigned k, unsigned m,
-                   unsigned* __restrict__ head_indptr, unsigned* __restrict__ out) {
+struct KvsClusterGatherParams {
+    const unsigned* take;
+    const unsigned* assign;
+    const unsigned* rank;
+    const unsigned* stats;
+    unsigned* head_indptr;
+    unsigned* out;
+    unsigned k;
+    unsigned m;
+};
+
+extern "C" __global__ void __launch_bounds__(KVS_GATHER_BLOCK) kvs_cluster_gather(const KvsClusterGatherParams p) {
+    const unsigned* __restrict__ take = p.take;
+    const unsigned* __restrict__ assign = p.assign;
+    const unsigned* __restrict__ rank = p.rank;
+    const unsigned* __restrict__ stats = p.stats;
+    const unsigned k = p.k, m = p.m;
+    unsigned* __restrict__ head_indptr = p.head_indptr;
+    unsigned* __restrict__ out = p.out;
     __shared__ unsigned sh[40];
     const unsigned h = blockIdx.x;
     unsigned offset = 0;

@@ -2,6 +2,7 @@
 // sum over query heads of q_h·k_t (unscaled), computed per KV head from the sum of its
 // group's queries; a centred average pool with the forced first / last tokens at +inf;
 // the top-k then comes from kvs_topk_segments (topk.cu). No host synchronisation.
+// kvsieve-hot: kvs_gemfilter_scores
 #include "select_common.cuh"
 
 #define KVS_GF_WARPS 8
@@ -37,11 +38,21 @@ __device__ __forceinline__ void gf_scores(const typename L::T* __restrict__ keys
     }
 }
 
+struct KvsGemfilterScoresParams {
+    const void* keys;
+    const float* q;
+    float* scores;
+    unsigned long long stride_t;
+    unsigned long long stride_h;
+    unsigned n;
+    unsigned hk;
+    unsigned d;
+    unsigned g;
+};
+
 #define KVS_GF_SCORES(name, L)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(32 * KVS_GF_WARPS)                                                \
-    name(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,          \
-         unsigned hk, unsigned d, unsigned g, const float* q, float* scores) {                                     \
-        gf_scores<L>(keys, stride_t, stride_h, n, hk, d, g, q, scores);                                            \
+    extern "C" __global__ void __launch_bounds__(32 * KVS_GF_WARPS) name(const KvsGemfilterScoresParams p) {       \
+        gf_scores<L>((const typename L::T*)p.keys, p.stride_t, p.stride_h, p.n, p.hk, p.d, p.g, p.q, p.scores);     \
     }
 KVS_GF_SCORES(kvs_gemfilter_scores_f32, KvsF32)
 KVS_GF_SCORES(kvs_gemfilter_scores_f16, KvsF16)
@@ -49,8 +60,19 @@ KVS_GF_SCORES(kvs_gemfilter_scores_bf16, KvsBF16)
 
 // out[i] = mean of in[i - r ..= i + r] that exist (r = kernel / 2, f64 sum), or +inf for
 // i < keep_first or i + keep_last >= n. grid-stride over n.
-extern "C" __global__ void kvs_avg_pool(const float* __restrict__ in, unsigned n, unsigned kernel, unsigned keep_first,
-                                        unsigned keep_last, float* __restrict__ out) {
+struct KvsAvgPoolParams {
+    const float* in;
+    float* out;
+    unsigned n;
+    unsigned kernel;
+    unsigned keep_first;
+    unsigned keep_last;
+};
+
+extern "C" __global__ void kvs_avg_pool(const KvsAvgPoolParams p) {
+    const float* __restrict__ in = p.in;
+    float* __restrict__ out = p.out;
+    const unsigned n = p.n, kernel = p.kernel, keep_first = p.keep_first, keep_last = p.keep_last;
     const unsigned r = kernel / 2;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         if (i < keep_first || (unsigned long long)i + keep_last >= n) {

@@ -21,7 +21,36 @@
 //
 // Update sums use 64-bit fixed point (2^-40 steps) accumulated with integer atomics: the
 // result does not depend on the order in which points arrive.
+// kvsieve-hot: kvs_kmeans_assign kvs_kmeans_update
 #include "select_common.cuh"
+
+// One parameter block for every kernel of this file (each reads the fields it needs).
+// Arrays are [hk][...] as described above; keys are `dtype` elements.
+struct KvsKmeansParams {
+    const void* keys;
+    float* inv_norm;     // [hk][n]
+    float* xsq;          // [hk][n]
+    float* cn;           // [hk][k][d]
+    float* csq;          // [hk][k]
+    unsigned* sizes;     // [hk][k]
+    long long* sums;     // [hk][k][d]
+    unsigned* ctl;       // [hk][8]
+    kvs_u16* chi;        // [hk][kp][d] (tensor-core paths)
+    kvs_u16* clo;        // [hk][kp][d] (split path)
+    unsigned* assign;    // [hk][n]
+    float* best;         // [hk][n]
+    double* raw;         // [hk][k][d]
+    float* centroids;    // [hk][k][d]
+    double* inertia;     // [hk]
+    unsigned long long stride_t;
+    unsigned long long stride_h;
+    unsigned n;
+    unsigned d;
+    unsigned k;
+    unsigned kp;
+    unsigned hk;
+    unsigned count;
+};
 
 #define KVS_CTL 8
 #define KVS_FIX_SCALE 1099511627776.0  // 2^40
@@ -52,10 +81,8 @@ __device__ __forceinline__ void norms(const typename L::T* keys, unsigned long l
 }
 
 #define KVS_KM_NORMS(name, L)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256)                                                              \
-    name(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,          \
-         unsigned d, float* inv_norm, float* xsq) {                                                                \
-        norms<L>(keys, stride_t, stride_h, n, d, inv_norm, xsq);                                                   \
+    extern "C" __global__ void __launch_bounds__(256) name(const KvsKmeansParams p) {                              \
+        norms<L>((const typename L::T*)p.keys, p.stride_t, p.stride_h, p.n, p.d, p.inv_norm, p.xsq);               \
     }
 KVS_KM_NORMS(kvs_kmeans_norms_f32, KvsF32)
 KVS_KM_NORMS(kvs_kmeans_norms_f16, KvsF16)
@@ -63,8 +90,13 @@ KVS_KM_NORMS(kvs_kmeans_norms_bf16, KvsBF16)
 
 // Start of a run: cn[h][c] scaled to unit length (zero rows kept), csq, sizes and the
 // control words cleared, fixed-point sums zeroed. grid = (k, hk), block = 32.
-extern "C" __global__ void __launch_bounds__(32)
-kvs_kmeans_begin(float* cn, float* csq, unsigned k, unsigned d, unsigned* sizes, long long* sums, unsigned* ctl) {
+extern "C" __global__ void __launch_bounds__(32) kvs_kmeans_begin(const KvsKmeansParams p) {
+    float* cn = p.cn;
+    float* csq = p.csq;
+    const unsigned k = p.k, d = p.d;
+    unsigned* sizes = p.sizes;
+    long long* sums = p.sums;
+    unsigned* ctl = p.ctl;
     const unsigned lane = threadIdx.x, c = blockIdx.x, h = blockIdx.y;
     float* row = cn + ((size_t)h * k + c) * d;
     double s = 0.0;
@@ -100,9 +132,8 @@ __device__ __forceinline__ void prep(const float* cn, unsigned k, unsigned kp, u
     }
 }
 #define KVS_KM_PREP(name, L)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32)                                                               \
-    name(const float* cn, unsigned k, unsigned kp, unsigned d, kvs_u16* chi, kvs_u16* clo) {                        \
-        prep<L>(cn, k, kp, d, chi, clo);                                                                           \
+    extern "C" __global__ void __launch_bounds__(32) name(const KvsKmeansParams p) {                               \
+        prep<L>(p.cn, p.k, p.kp, p.d, p.chi, p.clo);                                                               \
     }
 KVS_KM_PREP(kvs_kmeans_prep_f16, KvsF16)
 KVS_KM_PREP(kvs_kmeans_prep_bf16, KvsBF16)
@@ -292,12 +323,9 @@ __device__ __forceinline__ void assign_mma(const kvs_u16* __restrict__ keys, uns
 }
 
 #define KVS_KM_MMA(name, D, NT, BF, SPLIT)                                                                          \
-    extern "C" __global__ void __launch_bounds__(KVS_MMA_ROWS, 1)                                                  \
-    name(const kvs_u16* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,               \
-         const kvs_u16* chi, const kvs_u16* clo, unsigned k, unsigned kp, const float* inv_norm, unsigned* assign, \
-         float* best, unsigned* sizes, unsigned* ctl) {                                                            \
-        assign_mma<D, NT, BF, SPLIT>(keys, stride_t, stride_h, n, chi, clo, k, kp, inv_norm, assign, best, sizes,  \
-                                     ctl);                                                                         \
+    extern "C" __global__ void __launch_bounds__(KVS_MMA_ROWS, 1) name(const KvsKmeansParams p) {                  \
+        assign_mma<D, NT, BF, SPLIT>((const kvs_u16*)p.keys, p.stride_t, p.stride_h, p.n, p.chi, p.clo, p.k, p.kp, \
+                                     p.inv_norm, p.assign, p.best, p.sizes, p.ctl);                                \
     }
 // Dynamic shared memory: 2 * (SPLIT ? 2 : 1) * NT * (D + 8) * 2 bytes; kp a multiple of NT.
 KVS_KM_MMA(kvs_kmeans_assign_mma_f16_d64, 64, 64, false, false)
@@ -351,11 +379,9 @@ __device__ __forceinline__ void assign_simt(const typename L::T* keys, unsigned 
     if (lane == 0) kvs_km_record(h, t, n, k, bi, bv, inv_norm, assign, best, sizes, ctl);
 }
 #define KVS_KM_SIMT(name, L)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256)                                                              \
-    name(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,          \
-         unsigned d, const float* cn, unsigned k, const float* inv_norm, unsigned* assign, float* best,            \
-         unsigned* sizes, unsigned* ctl) {                                                                         \
-        assign_simt<L>(keys, stride_t, stride_h, n, d, cn, k, inv_norm, assign, best, sizes, ctl);                \
+    extern "C" __global__ void __launch_bounds__(256) name(const KvsKmeansParams p) {                              \
+        assign_simt<L>((const typename L::T*)p.keys, p.stride_t, p.stride_h, p.n, p.d, p.cn, p.k, p.inv_norm,      \
+                       p.assign, p.best, p.sizes, p.ctl);                                                          \
     }
 KVS_KM_SIMT(kvs_kmeans_assign_simt_f32, KvsF32)
 KVS_KM_SIMT(kvs_kmeans_assign_simt_f16, KvsF16)
@@ -384,11 +410,9 @@ __device__ __forceinline__ void accumulate(const typename L::T* keys, unsigned l
     }
 }
 #define KVS_KM_ACC(name, L)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(256)                                                              \
-    name(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,          \
-         unsigned d, unsigned k, const float* inv_norm, const unsigned* assign, long long* sums,                   \
-         const unsigned* ctl) {                                                                                    \
-        accumulate<L>(keys, stride_t, stride_h, n, d, k, inv_norm, assign, sums, ctl);                            \
+    extern "C" __global__ void __launch_bounds__(256) name(const KvsKmeansParams p) {                              \
+        accumulate<L>((const typename L::T*)p.keys, p.stride_t, p.stride_h, p.n, p.d, p.k, p.inv_norm, p.assign,   \
+                      p.sums, p.ctl);                                                                              \
     }
 KVS_KM_ACC(kvs_kmeans_update_accumulate_f32, KvsF32)
 KVS_KM_ACC(kvs_kmeans_update_accumulate_f16, KvsF16)
@@ -397,9 +421,13 @@ KVS_KM_ACC(kvs_kmeans_update_accumulate_bf16, KvsBF16)
 // cn[h][c] = sums / ‖sums‖ where that length exceeds 1e-12 (else unchanged); csq; sums,
 // sizes and the per-iteration counters cleared for the next assignment. grid = (k, hk),
 // block = 32.
-extern "C" __global__ void __launch_bounds__(32)
-kvs_kmeans_update_finalize(long long* sums, float* cn, float* csq, unsigned k, unsigned d, unsigned* sizes,
-                           unsigned* ctl) {
+extern "C" __global__ void __launch_bounds__(32) kvs_kmeans_update_finalize(const KvsKmeansParams p) {
+    long long* sums = p.sums;
+    float* cn = p.cn;
+    float* csq = p.csq;
+    const unsigned k = p.k, d = p.d;
+    unsigned* sizes = p.sizes;
+    unsigned* ctl = p.ctl;
     const unsigned lane = threadIdx.x, c = blockIdx.x, h = blockIdx.y;
     if (kvs_done(ctl, h)) return;
     long long* s = sums + ((size_t)h * k + c) * d;
@@ -545,12 +573,9 @@ struct KvsF32R : KvsF32 {
     using KvsF32::load;
 };
 #define KVS_KM_REPAIR(name, L)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(KVS_REPAIR_BLOCK)                                                 \
-    name(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,          \
-         unsigned d, unsigned k, unsigned kp, const float* inv_norm, const float* xsq, unsigned* assign,           \
-         float* best, unsigned* sizes, float* cn, float* csq, kvs_u16* chi, kvs_u16* clo, unsigned* ctl) {         \
-        repair<L>(keys, stride_t, stride_h, n, d, k, kp, inv_norm, xsq, assign, best, sizes, cn, csq, chi, clo,    \
-                  ctl);                                                                                            \
+    extern "C" __global__ void __launch_bounds__(KVS_REPAIR_BLOCK) name(const KvsKmeansParams p) {                 \
+        repair<L>((const typename L::T*)p.keys, p.stride_t, p.stride_h, p.n, p.d, p.k, p.kp, p.inv_norm, p.xsq,    \
+                  p.assign, p.best, p.sizes, p.cn, p.csq, p.chi, p.clo, p.ctl);                                     \
     }
 KVS_KM_REPAIR(kvs_kmeans_repair_f32, KvsF32R)
 KVS_KM_REPAIR(kvs_kmeans_repair_f16, KvsF16)
@@ -558,7 +583,9 @@ KVS_KM_REPAIR(kvs_kmeans_repair_bf16, KvsBF16)
 
 // End of an assignment pass: with count, iterations += 1 and, when nothing changed and
 // nothing was repaired, done = converged = 1. grid = 1, block = hk (<= 1024).
-extern "C" __global__ void kvs_kmeans_iter_end(unsigned* ctl, unsigned hk, unsigned count) {
+extern "C" __global__ void kvs_kmeans_iter_end(const KvsKmeansParams p) {
+    unsigned* ctl = p.ctl;
+    const unsigned hk = p.hk, count = p.count;
     const unsigned h = threadIdx.x;
     if (h >= hk || kvs_done(ctl, h) || !count) return;
     unsigned* c = ctl + h * KVS_CTL;
@@ -571,9 +598,13 @@ extern "C" __global__ void kvs_kmeans_iter_end(unsigned* ctl, unsigned hk, unsig
 
 // out[h] = sum_t max(xsq + csq[assign] - 2 best, 0) in f64 (fixed order: deterministic).
 // grid = hk, block = 1024.
-extern "C" __global__ void __launch_bounds__(1024)
-kvs_kmeans_inertia(const float* xsq, const float* csq, const unsigned* assign, const float* best, unsigned n,
-                   unsigned k, double* out) {
+extern "C" __global__ void __launch_bounds__(1024) kvs_kmeans_inertia(const KvsKmeansParams p) {
+    const float* xsq = p.xsq;
+    const float* csq = p.csq;
+    const unsigned* assign = p.assign;
+    const float* best = p.best;
+    const unsigned n = p.n, k = p.k;
+    double* out = p.inertia;
     __shared__ double sh[40];
     const unsigned h = blockIdx.x;
     double s = 0.0;
@@ -601,18 +632,19 @@ __device__ __forceinline__ void raw_sums(const typename L::T* keys, unsigned lon
     for (unsigned c = lane; c < d; c += 32) atomicAdd(&s[c], (double)L::load(x, c));
 }
 #define KVS_KM_RAW(name, L)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(256)                                                              \
-    name(const typename L::T* keys, unsigned long long stride_t, unsigned long long stride_h, unsigned n,          \
-         unsigned d, unsigned k, const unsigned* assign, double* raw) {                                            \
-        raw_sums<L>(keys, stride_t, stride_h, n, d, k, assign, raw);                                               \
+    extern "C" __global__ void __launch_bounds__(256) name(const KvsKmeansParams p) {                              \
+        raw_sums<L>((const typename L::T*)p.keys, p.stride_t, p.stride_h, p.n, p.d, p.k, p.assign, p.raw);         \
     }
 KVS_KM_RAW(kvs_kmeans_raw_sums_f32, KvsF32)
 KVS_KM_RAW(kvs_kmeans_raw_sums_f16, KvsF16)
 KVS_KM_RAW(kvs_kmeans_raw_sums_bf16, KvsBF16)
 
 // centroids[h][c] = raw / sizes (0 for an empty cluster). grid = (k, hk), block = 32.
-extern "C" __global__ void __launch_bounds__(32)
-kvs_kmeans_raw_finish(const double* raw, const unsigned* sizes, unsigned k, unsigned d, float* centroids) {
+extern "C" __global__ void __launch_bounds__(32) kvs_kmeans_raw_finish(const KvsKmeansParams p) {
+    const double* raw = p.raw;
+    const unsigned* sizes = p.sizes;
+    const unsigned k = p.k, d = p.d;
+    float* centroids = p.centroids;
     const unsigned c = blockIdx.x, h = blockIdx.y;
     const unsigned s = sizes[(size_t)h * k + c];
     for (unsigned i = threadIdx.x; i < d; i += 32) {

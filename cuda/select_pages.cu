@@ -18,6 +18,7 @@
 //
 // Launches depend only on host-known sizes (batch, nnz, num_kv_heads): the whole
 // selection can be captured in a CUDA graph.
+// kvsieve-hot: kvs_page_scores kvs_page_select
 #include "select_common.cuh"
 
 // Sequence of global page slot j: the largest b with indptr[b] <= j.
@@ -77,12 +78,24 @@ __device__ __forceinline__ void page_scores(const typename L::T* __restrict__ bo
     if (lane == 0) *o = best;
 }
 
+struct KvsPageScoresParams {
+    const void* bounds;
+    const unsigned* indptr;
+    const unsigned* indices;
+    const float* q;
+    float* out;
+    unsigned* status;
+    unsigned long long num_pool_pages;
+    unsigned batch;
+    unsigned hk;
+    unsigned d;
+    unsigned group;
+};
+
 #define KVS_PAGE_SCORES(name, L)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * KVS_PS_WARPS)                                              \
-    name(const typename L::T* bounds, unsigned long long num_pool_pages, const unsigned* indptr,                 \
-         const unsigned* indices, unsigned batch, const float* q, unsigned hk, unsigned d, unsigned group,        \
-         float* out, unsigned* status) {                                                                          \
-        page_scores<L>(bounds, num_pool_pages, indptr, indices, batch, q, hk, d, group, out, status);             \
+    extern "C" __global__ void __launch_bounds__(32 * KVS_PS_WARPS) name(const KvsPageScoresParams p) {           \
+        page_scores<L>((const typename L::T*)p.bounds, p.num_pool_pages, p.indptr, p.indices, p.batch, p.q, p.hk, \
+                       p.d, p.group, p.out, p.status);                                                           \
     }
 KVS_PAGE_SCORES(kvs_page_scores_f32, KvsF32)
 KVS_PAGE_SCORES(kvs_page_scores_f16, KvsF16)
@@ -91,11 +104,27 @@ KVS_PAGE_SCORES(kvs_page_scores_bf16, KvsBF16)
 #define KVS_SEL_BLOCK 512
 
 // grid = (hk, batch), block = KVS_SEL_BLOCK.
-extern "C" __global__ void __launch_bounds__(KVS_SEL_BLOCK)
-kvs_page_select(const float* __restrict__ scores, const unsigned* __restrict__ indptr,
-                const unsigned* __restrict__ last_page_len, unsigned hk, unsigned page_size, unsigned budget_tokens,
-                unsigned min_pages, unsigned* __restrict__ kept, unsigned* __restrict__ seg_pages,
-                unsigned* __restrict__ seg_tokens) {
+struct KvsPageSelectParams {
+    const float* scores;
+    const unsigned* indptr;
+    const unsigned* last_page_len;
+    unsigned* kept;
+    unsigned* seg_pages;
+    unsigned* seg_tokens;
+    unsigned hk;
+    unsigned page_size;
+    unsigned budget_tokens;
+    unsigned min_pages;
+};
+
+extern "C" __global__ void __launch_bounds__(KVS_SEL_BLOCK) kvs_page_select(const KvsPageSelectParams p) {
+    const float* __restrict__ scores = p.scores;
+    const unsigned* __restrict__ indptr = p.indptr;
+    const unsigned* __restrict__ last_page_len = p.last_page_len;
+    const unsigned hk = p.hk, page_size = p.page_size, budget_tokens = p.budget_tokens, min_pages = p.min_pages;
+    unsigned* __restrict__ kept = p.kept;
+    unsigned* __restrict__ seg_pages = p.seg_pages;
+    unsigned* __restrict__ seg_tokens = p.seg_tokens;
     __shared__ unsigned hist[256];
     __shared__ unsigned sh[40];
     const unsigned h = blockIdx.x, b = blockIdx.y;
@@ -132,10 +161,23 @@ kvs_page_select(const float* __restrict__ scores, const unsigned* __restrict__ i
 #define KVS_EXP_BLOCK 256
 
 // grid = (hk, batch), block = KVS_EXP_BLOCK. head_indptr has batch * hk + 1 entries.
-extern "C" __global__ void __launch_bounds__(KVS_EXP_BLOCK)
-kvs_page_expand(const unsigned* __restrict__ indptr, const unsigned* __restrict__ kept,
-                const unsigned* __restrict__ seg_tokens, unsigned hk, unsigned page_size,
-                unsigned* __restrict__ head_indptr, unsigned* __restrict__ out) {
+struct KvsPageExpandParams {
+    const unsigned* indptr;
+    const unsigned* kept;
+    const unsigned* seg_tokens;
+    unsigned* head_indptr;
+    unsigned* out;
+    unsigned hk;
+    unsigned page_size;
+};
+
+extern "C" __global__ void __launch_bounds__(KVS_EXP_BLOCK) kvs_page_expand(const KvsPageExpandParams p) {
+    const unsigned* __restrict__ indptr = p.indptr;
+    const unsigned* __restrict__ kept = p.kept;
+    const unsigned* __restrict__ seg_tokens = p.seg_tokens;
+    const unsigned hk = p.hk, page_size = p.page_size;
+    unsigned* __restrict__ head_indptr = p.head_indptr;
+    unsigned* __restrict__ out = p.out;
     __shared__ unsigned sh[40];
     const unsigned h = blockIdx.x, b = blockIdx.y;
     const unsigned seg = b * hk + h;

@@ -1,6 +1,8 @@
 // Device top-k (radix select) over segments of f32 scores, and the conversion of f16 /
 // bf16 vectors to f32 that the selection entry points use for their queries.
 //
+// kvsieve-hot: kvs_topk
+//
 // kvs_topk_segments: segment s is scores[seg_indptr[s] .. seg_indptr[s + 1]]; it keeps
 // the min(k, len) best entries (higher score first, ties to the lower index, NaN as
 // -inf) and writes their indices relative to the segment start, ascending, to
@@ -10,9 +12,20 @@
 
 #define KVS_TOPK_BLOCK 512
 
-extern "C" __global__ void __launch_bounds__(KVS_TOPK_BLOCK)
-kvs_topk_segments(const float* __restrict__ scores, const unsigned* __restrict__ seg_indptr, unsigned k,
-                  unsigned* __restrict__ out, unsigned* __restrict__ out_count) {
+struct KvsTopkParams {
+    const float* scores;
+    const unsigned* seg_indptr;
+    unsigned* out;
+    unsigned* out_count;
+    unsigned k;
+};
+
+extern "C" __global__ void __launch_bounds__(KVS_TOPK_BLOCK) kvs_topk_segments(const KvsTopkParams p) {
+    const float* __restrict__ scores = p.scores;
+    const unsigned* __restrict__ seg_indptr = p.seg_indptr;
+    const unsigned k = p.k;
+    unsigned* __restrict__ out = p.out;
+    unsigned* __restrict__ out_count = p.out_count;
     __shared__ unsigned hist[256];
     __shared__ unsigned sh[40];
     const unsigned s = blockIdx.x;
@@ -31,8 +44,18 @@ kvs_topk_segments(const float* __restrict__ scores, const unsigned* __restrict__
 }
 
 // out[i] = (float)in[i] for n elements of f16 (dtype 1) or bf16 (dtype 2); f32 is copied.
-extern "C" __global__ void kvs_to_f32(const void* __restrict__ in, unsigned dtype, unsigned long long n,
-                                      float* __restrict__ out) {
+struct KvsToF32Params {
+    const void* in;
+    float* out;
+    unsigned long long n;
+    unsigned dtype;
+};
+
+extern "C" __global__ void kvs_to_f32(const KvsToF32Params p) {
+    const void* __restrict__ in = p.in;
+    float* __restrict__ out = p.out;
+    const unsigned long long n = p.n;
+    const unsigned dtype = p.dtype;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         float v;

@@ -2165,6 +2165,164 @@ kvsieve_error_t *kvsieve_cluster_index_load(const char *path, kvsieve_cluster_in
 kvsieve_error_t *kvsieve_cluster_index_load_for(const char *path, const kvsieve_key_source_t *keys,
                                                 kvsieve_cluster_index_t **out);
 
+/* Centroid retrieval in policies ------------------------------------------------------- */
+
+/**
+ * \brief The cluster indexes that a policy with `clusters=` reads: one
+ * ::kvsieve_cluster_index_t per (sequence, layer), owned by the engine.
+ *
+ * Policy text: `clusters=N` keeps, per KV head, the best clusters of the layer's index up to
+ * N tokens (by estimated attention), united with the head's sinks and window and with every
+ * token the index does not cover yet. Options, only with `clusters=`: `clusters_k=K` fine
+ * clusters per head, or `cluster_size=S` one cluster per S tokens clustered (default 16);
+ * `hier=C` hierarchical lookup through C coarse clusters per head, opening the best coarse
+ * clusters until they hold twice the budget. Example:
+ * `sinks=4,window=64,clusters=512,cluster_size=16,hier=16;layers=0-1:dense`.
+ *
+ * Lifecycle and staleness rule: after a sequence's prefill, kvsieve_cluster_set_build()
+ * clusters the keys of every layer whose policy uses `clusters=`, leaving out the smallest
+ * `window=` of that layer's cluster heads. Tokens appended afterwards are in no cluster and
+ * are always read (so nothing new is missed); kvsieve_cluster_set_update() assigns those
+ * that have left the window to their nearest centroid, so the uncovered tail stays the
+ * window. After a truncation or compaction decoding fails naming the index: build again.
+ * The cache the keys come from must store keys after RoPE; an engine attending on a twin
+ * cache of pre-RoPE keys builds from the post-RoPE one (sequence ids tie them).
+ *
+ * Made by kvsieve_cluster_set_new(), released by kvsieve_cluster_set_free().
+ *
+ * Thread safety: the handle holds a reader-writer lock. kvsieve_cache_decode_with_clusters()
+ * and kvsieve_cluster_set_info() take the shared lock; build, update and remove take the
+ * exclusive lock. kvsieve_cluster_set_free() must run alone.
+ */
+typedef struct kvsieve_cluster_set kvsieve_cluster_set_t;
+
+/**
+ * \brief A new, empty cluster index set.
+ *
+ * \param seed k-means++ seed of the indexes it builds.
+ * \param out Receives the set (required); untouched on failure.
+ *
+ * Ownership: the caller owns `*out` (release with kvsieve_cluster_set_free()).
+ * Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_cluster_set_new(uint64_t seed, kvsieve_cluster_set_t **out);
+
+/**
+ * \brief Release a set and its indexes.
+ *
+ * \param set A set, or NULL (ignored). Ownership: taken.
+ *
+ * Thread safety: no other call on `set` may run concurrently or after.
+ */
+void kvsieve_cluster_set_free(kvsieve_cluster_set_t *set);
+
+/**
+ * \brief (Re)build the indexes of sequence `seq` for every layer where `policy` uses
+ * `clusters=`, from the keys in `cache`. The sequence's indexes are replaced only when every
+ * layer succeeds.
+ *
+ * \param set The set (required).
+ * \param cache The cache holding the keys after RoPE (required; #KVSIEVE_ERROR_INVALID_ARGUMENT
+ *        naming `keys` for a cache storing keys before RoPE).
+ * \param seq The sequence (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `seq` when it is empty).
+ * \param policy The policy (required); validated against the cache's shape.
+ * \param out_layers Optional: receives the number of layers indexed (0 for a policy without
+ *        `clusters=`).
+ * \return NULL on success, or an error (owned by the caller); the set is unchanged on failure.
+ *
+ * Ownership: nothing is retained; the indexes copy what they need.
+ * Thread safety: exclusive lock on `set`, shared lock on `cache`.
+ */
+kvsieve_error_t *kvsieve_cluster_set_build(kvsieve_cluster_set_t *set, const kvsieve_cache_t *cache, uint64_t seq,
+                                           const kvsieve_policy_t *policy, size_t *out_layers);
+
+/**
+ * \brief Assign the tokens of `seq` appended since its indexes were built or updated, and
+ * that have left the excluded window, to their nearest centroids, in every layer (centroids
+ * do not move). All layers or none.
+ *
+ * \param set The set (required).
+ * \param cache The cache the indexes were built from (required).
+ * \param seq The sequence; a sequence shorter than its indexes cover (truncated or compacted)
+ *        fails with #KVSIEVE_ERROR_INVALID_ARGUMENT naming `keys`.
+ * \param out_assigned Optional: tokens assigned per head, summed over layers.
+ * \return NULL on success, or an error (owned by the caller); the set is unchanged on failure.
+ *
+ * Thread safety: exclusive lock on `set`, shared lock on `cache`.
+ */
+kvsieve_error_t *kvsieve_cluster_set_update(kvsieve_cluster_set_t *set, const kvsieve_cache_t *cache, uint64_t seq,
+                                            size_t *out_assigned);
+
+/**
+ * \brief Drop every index of `seq` (for a freed sequence).
+ *
+ * \param set The set (required).
+ * \param seq The sequence (unknown sequences hold no index: 0 removed).
+ * \param out_removed Optional: receives the number of indexes dropped.
+ *
+ * Thread safety: exclusive lock on `set`.
+ */
+kvsieve_error_t *kvsieve_cluster_set_remove_sequence(kvsieve_cluster_set_t *set, uint64_t seq, size_t *out_removed);
+
+/**
+ * \brief What a set holds: the number of indexes, and for (`seq`, `layer`) the tokens its
+ * index covers (`0 .. clustered_len`) and its fine clusters per head, both 0 without one.
+ *
+ * \param set The set (required).
+ * \param seq A sequence.
+ * \param layer A layer.
+ * \param out_len Optional: indexes held over all sequences and layers.
+ * \param out_clustered_len Optional.
+ * \param out_num_clusters Optional.
+ *
+ * Thread safety: shared lock on `set`.
+ */
+kvsieve_error_t *kvsieve_cluster_set_info(const kvsieve_cluster_set_t *set, uint64_t seq, size_t layer, size_t *out_len,
+                                          size_t *out_clustered_len, size_t *out_num_clusters);
+
+/**
+ * \brief Decode under a policy with centroid retrieval: as kvsieve_cache_decode_with_policy(),
+ * and heads with `clusters=` also read what their (sequence, layer) index in `set`
+ * retrieves for the query, plus the tokens the index does not cover yet. The result equals
+ * dense attention over exactly retrieved ∪ sinks ∪ window ∪ uncovered tokens.
+ *
+ * With a cache storing keys after RoPE, `q` is after RoPE. With one storing them before RoPE
+ * (remapped positions: `positions=capped` or `contiguous`), `q` is before RoPE,
+ * `params->rope` is required (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `params.rope`), and a
+ * copy of `q` rotated to the query's original position is scored against the index (built
+ * from the same tokens' post-RoPE keys, e.g. in a twin cache).
+ *
+ * \param cache The cache (required).
+ * \param layer Layer index.
+ * \param seq_ids `batch` sequence ids.
+ * \param batch Number of sequences.
+ * \param q Queries `[batch, num_qo_heads, head_dim]`.
+ * \param policy The policy (required); validated against the cache's shape.
+ * \param set The index set (required). A sequence with no index at a `clusters=` layer
+ *        fails with #KVSIEVE_ERROR_INVALID_ARGUMENT naming `clusters` (call
+ *        kvsieve_cluster_set_build()); so does an index covering more tokens than the
+ *        sequence holds.
+ * \param out Output, same shape as `q`.
+ * \param lse Optional: `batch * num_qo_heads` LSEs.
+ * \param params Optional (NULL = defaults).
+ * \param out_selections Optional: `batch` slots receiving a new selection handle per sequence
+ *        (NULL in every slot when the layer is dense).
+ * \param out_centroids_scored Optional: `batch` slots receiving the centroid rows scored per
+ *        sequence (fine clusters scored plus every coarse centroid under `hier=`, summed over
+ *        the KV heads that retrieve; each row is head_dim floats).
+ * \return NULL on success, or an error (owned by the caller); `out`, `lse` and the optional
+ *         outputs untouched on failure.
+ *
+ * Ownership: the caller owns every handle written to `out_selections`.
+ * Thread safety: shared locks on `set` and `cache`.
+ */
+kvsieve_error_t *kvsieve_cache_decode_with_clusters(const kvsieve_cache_t *cache, size_t layer, const uint64_t *seq_ids,
+                                                    size_t batch, const kvsieve_tensor_t *q,
+                                                    const kvsieve_policy_t *policy, const kvsieve_cluster_set_t *set,
+                                                    const kvsieve_tensor_t *out, float *lse,
+                                                    const kvsieve_attention_params_t *params,
+                                                    kvsieve_selection_t **out_selections, size_t *out_centroids_scored);
+
 /* ------------------------------------------------------------------------------------ */
 /* Views over engine-owned paged memory                                                  */
 /* ------------------------------------------------------------------------------------ */

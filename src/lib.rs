@@ -21,7 +21,7 @@ pub use config::{CacheConfig, KeyRope, PageLayout};
 pub use dtype::{DType, Element};
 pub use error::{Error, ErrorCode, Result};
 pub use kv::{KeepTokens, KvCache, MemoryStats, PageTable, PageTableRef, PagedKv, PagedKvLayout, SeqId, SharedKvCache};
-pub use select::{Policy, Selection};
+pub use select::{ClusterIndexSet, Policy, Selection};
 pub use tensor::{TensorView, TensorViewMut};
 
 /// The library version, `MAJOR.MINOR.PATCH`.

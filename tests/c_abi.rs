@@ -472,6 +472,7 @@ fn cluster_index() {
                 "ok - retrieval unioned with a streaming window drives sparse decode",
                 "ok - readers share one index beside a writer assigning new tokens",
                 "ok - cluster bad input: right codes, parameter named, nothing written",
+                "ok - a clusters= policy through a cluster set: selection, decode, update, staleness and bad input",
             ],
             summary: true,
         },

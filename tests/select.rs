@@ -511,13 +511,17 @@ fn spec_strategy() -> impl Strategy<Value = Spec> {
         max_distance,
         ..Spec::default()
     });
-    let sparse = (n(), n(), n(), n(), positions_strategy(), proptest::option::of(any::<u32>()))
-        .prop_map(|(sinks, window, pages, min_pages, positions, max_distance)| Spec {
+    let sparse = (n(), n(), n(), n(), (n(), n(), n(), n()), positions_strategy(), proptest::option::of(any::<u32>()))
+        .prop_map(|(sinks, window, pages, min_pages, (clusters, clusters_k, cluster_size, hier), positions, max_distance)| Spec {
             dense: false,
             sinks,
             window,
             pages,
             min_pages,
+            clusters,
+            clusters_k,
+            cluster_size,
+            hier,
             positions,
             max_distance,
         })

@@ -19,6 +19,7 @@ mod args;
 mod attention;
 mod cache;
 mod cluster;
+mod cluster_set;
 mod error;
 mod gemfilter;
 mod params;
@@ -37,6 +38,10 @@ pub use attention::{kvsieve_cache_decode, kvsieve_cache_prefill, kvsieve_merge_s
 pub use cache::{
     kvsieve_cache_config_default, kvsieve_cache_config_t, kvsieve_cache_free, kvsieve_cache_get_config, kvsieve_cache_new, kvsieve_cache_stats,
     kvsieve_cache_stats_t, kvsieve_cache_t,
+};
+pub use cluster_set::{
+    kvsieve_cache_decode_with_clusters, kvsieve_cluster_set_build, kvsieve_cluster_set_free, kvsieve_cluster_set_info, kvsieve_cluster_set_new,
+    kvsieve_cluster_set_remove_sequence, kvsieve_cluster_set_t, kvsieve_cluster_set_update,
 };
 pub use cluster::{
     kvsieve_cluster_config_default, kvsieve_cluster_config_t, kvsieve_cluster_index_assign_new, kvsieve_cluster_index_build,

@@ -1,17 +1,19 @@
 //! Cache operations driven by a selection [`Policy`]: decode and prefill that read only what
 //! the policy selects, and eviction of the pages no head will read again.
 
-use crate::attention::{decode, decode_sparse, prefill_sparse, AttentionParams, StreamingWindow};
+use crate::attention::{apply_rope, decode, decode_sparse, prefill_sparse, AttentionParams, StreamingWindow};
+use crate::config::KeyRope;
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, SeqId};
-use crate::select::{Policy, Selection};
+use crate::select::{ClusterIndexSet, Policy, PolicySelection, Selection};
 use crate::tensor::{TensorView, TensorViewMut};
 
 impl KvCache {
     /// Decode under a policy: per sequence, `policy.select` chooses each KV head's tokens for
     /// that sequence's query, then sparse decode reads exactly those, with the layer's position
     /// mode. A layer whose heads are all dense runs dense decode. Returns the selections
-    /// (empty for a dense layer), so an engine can inspect or log them.
+    /// (empty for a dense layer), so an engine can inspect or log them. A policy with
+    /// `clusters=` needs [`KvCache::decode_with_clusters`].
     #[allow(clippy::too_many_arguments)]
     pub fn decode_with_policy(
         &self,
@@ -23,8 +25,51 @@ impl KvCache {
         policy: &Policy,
         params: &AttentionParams,
     ) -> Result<Vec<Selection>> {
+        let sels = self.decode_policy_inner(layer, ids, q, out, lse, policy, None, params)?;
+        Ok(sels.into_iter().map(|s| s.selection).collect())
+    }
+
+    /// [`KvCache::decode_with_policy`] for a policy with centroid retrieval: heads with
+    /// `clusters=` also read the tokens their (sequence, layer) index in `indexes` retrieves
+    /// (see [`Policy::select_with_clusters`] and [`ClusterIndexSet`] for building and the
+    /// staleness rule). `q` is as for decode: after RoPE when the cache stores post-RoPE
+    /// keys; before RoPE when it stores pre-RoPE keys (then `params.rope` is required and
+    /// a copy of `q` is rotated to the query's original position for scoring, against an
+    /// index built from the same tokens' post-RoPE keys, e.g. in a twin cache). Returns,
+    /// per sequence, the selection and the centroid rows scored (empty for a dense layer).
+    ///
+    /// Errors: as `decode_with_policy`, plus a missing, stale or mismatched index; a
+    /// pre-RoPE cache without `params.rope`. On error nothing is written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_with_clusters(
+        &self,
+        layer: usize,
+        ids: &[SeqId],
+        q: &TensorView,
+        out: &mut TensorViewMut,
+        lse: Option<&mut [f32]>,
+        policy: &Policy,
+        indexes: &ClusterIndexSet,
+        params: &AttentionParams,
+    ) -> Result<Vec<PolicySelection>> {
+        self.decode_policy_inner(layer, ids, q, out, lse, policy, Some(indexes), params)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_policy_inner(
+        &self,
+        layer: usize,
+        ids: &[SeqId],
+        q: &TensorView,
+        out: &mut TensorViewMut,
+        lse: Option<&mut [f32]>,
+        policy: &Policy,
+        indexes: Option<&ClusterIndexSet>,
+        params: &AttentionParams,
+    ) -> Result<Vec<PolicySelection>> {
         let c = self.config();
         policy.validate(c.num_layers, c.num_kv_heads)?;
+        let rope = params.rope;
         let params = AttentionParams { positions: policy.position_mode(layer), ..*params };
         if policy.is_dense(layer) {
             self.with_layer_view(layer, ids, |kv| decode(kv, q, out, lse, &params))?;
@@ -33,16 +78,41 @@ impl KvCache {
         if q.shape().first() != Some(&ids.len()) {
             return Err(Error::shape("q", format!("[{}, num_qo_heads, head_dim] (one query per sequence)", ids.len()), format!("{:?}", q.shape())));
         }
-        let sels = ids.iter().enumerate().map(|(b, &id)| policy.select(self, id, layer, &q.narrow0(b)?)).collect::<Result<Vec<_>>>()?;
-        let refs: Vec<&Selection> = sels.iter().collect();
+        let rotate = indexes.is_some() && c.key_rope == KeyRope::PreRope && policy.uses_clusters(layer, c.num_kv_heads);
+        let sels = ids
+            .iter()
+            .enumerate()
+            .map(|(b, &id)| {
+                let qb = q.narrow0(b)?;
+                if !rotate {
+                    return policy.select_inner(self, id, layer, &qb, indexes);
+                }
+                let Some(rope) = rope.as_ref() else {
+                    return Err(Error::invalid("params.rope", "a RoPE configuration: this cache stores keys before RoPE, and centroid retrieval scores the query after RoPE"));
+                };
+                let shape = qb.shape().to_vec();
+                let mut rows = vec![0f32; shape.iter().product()];
+                let d = c.head_dim;
+                let hq = rows.len() / d;
+                let lead: Vec<usize> = if shape.len() == 3 { vec![0] } else { Vec::new() };
+                for h in 0..hq {
+                    let idx: Vec<usize> = lead.iter().copied().chain([h]).collect();
+                    qb.read_row(&idx, &mut rows[h * d..(h + 1) * d]);
+                }
+                let pos = *self.positions(id)?.last().ok_or_else(|| Error::invalid("seq_ids", format!("sequence {id} holding the query's token (it is empty)")))?;
+                apply_rope(&mut TensorViewMut::new(&mut rows, &[1, hq, d])?, &[pos], rope)?;
+                policy.select_inner(self, id, layer, &TensorView::new(&rows, &[hq, d])?, indexes)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Selection> = sels.iter().map(|s| &s.selection).collect();
         self.with_layer_view(layer, ids, |kv| decode_sparse(kv, q, &refs, out, lse, &params))?;
         Ok(sels)
     }
 
     /// Prefill under a policy (causal). Per KV head of `layer`: a spec made of sinks and a
     /// window alone becomes a row mask (each query sees the sinks and its own last `window`
-    /// tokens: the Λ-mask); any other spec (dense, or with page bounds, which choose tokens
-    /// per decode query) attends every earlier token.
+    /// tokens: the Λ-mask); any other spec (dense, or with page bounds or centroid
+    /// retrieval, which choose tokens per decode query) attends every earlier token.
     #[allow(clippy::too_many_arguments)]
     pub fn prefill_with_policy(
         &self,
@@ -64,8 +134,8 @@ impl KvCache {
         let windows: Vec<Option<StreamingWindow>> = (0..c.num_kv_heads)
             .map(|h| {
                 let s = policy.spec(layer, h);
-                match (s.dense, s.pages, s.window) {
-                    (false, None, Some(window)) => Some(StreamingWindow { sinks: s.sinks.unwrap_or(0), window }),
+                match s.window {
+                    Some(window) if s.is_window_only() => Some(StreamingWindow { sinks: s.sinks.unwrap_or(0), window }),
                     _ => None,
                 }
             })

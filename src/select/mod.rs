@@ -14,10 +14,12 @@
 //!   observation-window scoring (SnapKV);
 //! - [`top_k`]: the linear-time ranking the methods share;
 //! - [`Policy`]: per-layer and per-head compositions of these, with a text form
-//!   (`sinks=4,window=1024,pages=2048;layers=0-1:dense`).
+//!   (`sinks=4,window=1024,pages=2048;layers=0-1:dense`), and [`ClusterIndexSet`], the
+//!   per-(sequence, layer) cluster indexes a policy with `clusters=` reads.
 
 mod bounds_kernel;
 pub mod cluster;
+mod cluster_set;
 pub mod gemfilter;
 mod pages;
 mod policy;
@@ -27,7 +29,8 @@ mod topk;
 mod window;
 
 pub use pages::{page_bounds, page_scores, page_scores_into, pages_to_keep, PageBoundsConfig};
-pub use policy::{HeadOverride, LayerOverride, Policy, PositionKind, Spec};
+pub use cluster_set::{ClusterBuild, ClusterIndexSet, ClusterSizing, DEFAULT_CLUSTER_SIZE};
+pub use policy::{HeadOverride, LayerOverride, Policy, PolicySelection, PositionKind, Spec, HIER_OPEN_MULTIPLE};
 pub use selection::{Selection, SelectionStats};
 pub use topk::top_k;
 pub use window::{lambda, streaming, window_pages_to_evict};

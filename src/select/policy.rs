@@ -2,8 +2,9 @@
 //! numbered, composed from the selection methods, with a compact text form.
 //!
 //! A [`Spec`] composes methods for one head: `dense`, or any of attention sinks, a recent
-//! window and page bounds (the head reads the union of their tokens), plus a position
-//! mode. A [`Policy`] holds a default spec, layer overrides and (layer, head) overrides.
+//! window, page bounds and centroid retrieval (the head reads the union of their tokens),
+//! plus a position mode. A [`Policy`] holds a default spec, layer overrides and
+//! (layer, head) overrides.
 //!
 //! # Text form
 //!
@@ -26,6 +27,7 @@
 //! spec        = item , { "," , item } ;
 //! item        = "dense"
 //!             | ( "sinks" | "window" | "pages" | "min_pages"
+//!               | "clusters" | "clusters_k" | "cluster_size" | "hier"
 //!               | "global" | "local" | "max_distance" ) , "=" , number
 //!             | "positions" , "=" , ( "original" | "contiguous" | "capped" ) ;
 //! number      = digit , { digit } ;
@@ -36,6 +38,18 @@
 //! - `sinks=N`: the first N tokens (StreamingLLM's attention sinks). `window=N`: the last
 //!   N tokens. `pages=N`: page-bound selection ([`crate::select::page_bounds`]) to a budget
 //!   of N tokens per KV head; `min_pages=N`: keep at least N pages.
+//! - `clusters=N`: centroid retrieval (Squeezed Attention, [`crate::select::cluster`]) to a
+//!   budget of N tokens per KV head: the best clusters of the (sequence, layer)'s K-means
+//!   index by estimated attention, plus every token the index does not cover yet. The
+//!   index lives in a [`ClusterIndexSet`] the engine owns (built after prefill, kept
+//!   current by [`ClusterIndexSet::update`]; see there for the staleness rule) and passes
+//!   to [`crate::KvCache::decode_with_clusters`]. Options, only with `clusters=`:
+//!   `clusters_k=K` fine clusters per KV head, or `cluster_size=S` one cluster per S tokens
+//!   clustered (default [`DEFAULT_CLUSTER_SIZE`]); `hier=C`: hierarchical lookup through
+//!   C coarse clusters per head, opening the best coarse clusters until they hold
+//!   [`HIER_OPEN_MULTIPLE`] times the budget. The index leaves out the smallest `window=`
+//!   of the layer's cluster heads (those tokens are read anyway). All heads of a layer
+//!   that use `clusters=` share its value and options.
 //! - `global=N` / `local=N`: LM-Infinite's Λ-mask, aliases of `sinks=` / `window=` that
 //!   also set `positions=capped`.
 //! - `positions=original|contiguous|capped` ([`PositionMode`]); `max_distance=N` is the cap
@@ -55,25 +69,34 @@
 //! sinks=4,window=2048,positions=contiguous
 //! global=4,local=4096,max_distance=4096
 //! window=512;layers=0-1,30-31:dense;heads=5.1:pages=4096,min_pages=2
+//! sinks=4,window=64,clusters=512,cluster_size=16
+//! sinks=4,window=64,clusters=512,clusters_k=256,hier=16;layers=0-1:dense
 //! ```
 //!
 //! `Display` prints a canonical form (items in the order `dense, sinks, window, pages,
-//! min_pages, positions, max_distance`; the default first, then layer clauses, then head
-//! clauses; ranges sorted and merged) that parses back to an equal policy.
+//! min_pages, clusters, clusters_k, cluster_size, hier, positions, max_distance`; the
+//! default first, then layer clauses, then head clauses; ranges sorted and merged) that
+//! parses back to an equal policy.
 //!
 //! # Checks
 //! Parsing checks syntax only. [`Policy::validate`] checks a policy against a model:
-//! layers and heads in range, `window`/`pages`/`max_distance` at least 1, a spec that
-//! selects something, `min_pages` only with `pages`, `capped` with `max_distance` and
-//! `max_distance` only with `capped`, and one position mode for all heads of a layer
-//! (attention applies one position mode per layer call). That page bounds need a cache
-//! with key bounds and post-RoPE keys is checked by [`Policy::select`].
+//! layers and heads in range, `window`/`pages`/`clusters`/`max_distance` at least 1, a
+//! spec that selects something, `min_pages` only with `pages`, `clusters_k`,
+//! `cluster_size` (not both, each at least 1) and `hier` (at least 1) only with
+//! `clusters`, `capped` with `max_distance` and `max_distance` only with `capped`, one
+//! position mode for all heads of a layer (attention applies one position mode per layer
+//! call), and one set of cluster options for the heads of a layer that use `clusters=`.
+//! That page bounds need a cache with key bounds and post-RoPE keys is checked by
+//! [`Policy::select`]; that centroid retrieval has an index, by
+//! [`Policy::select_with_clusters`].
 
 use std::fmt;
 
 use crate::attention::PositionMode;
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, SeqId};
+use crate::select::cluster::{CoarseRetrieve, Retrieve};
+use crate::select::cluster_set::{ClusterBuild, ClusterIndexSet, ClusterSizing, DEFAULT_CLUSTER_SIZE};
 use crate::select::pages::{read_query, score_sequence, PageBoundsConfig, SeqPageScores};
 use crate::select::selection::{merge_union, Selection};
 use crate::select::window::first_and_last;
@@ -117,6 +140,19 @@ pub struct Spec {
     pub pages: Option<usize>,
     /// With `pages`: keep at least this many pages.
     pub min_pages: Option<usize>,
+    /// Centroid retrieval to this many tokens per KV head (at least 1), from the layer's
+    /// [`ClusterIndexSet`] entry.
+    pub clusters: Option<usize>,
+    /// With `clusters`: this many fine clusters per KV head (capped at the tokens
+    /// clustered). Exclusive with `cluster_size`.
+    pub clusters_k: Option<usize>,
+    /// With `clusters`: one fine cluster per this many tokens clustered (rounded up);
+    /// the default when neither `clusters_k` nor `cluster_size` is given is
+    /// [`DEFAULT_CLUSTER_SIZE`].
+    pub cluster_size: Option<usize>,
+    /// With `clusters`: hierarchical lookup through this many coarse clusters per KV head
+    /// (capped at the fine clusters).
+    pub hier: Option<usize>,
     /// Position numbering; `None` means original positions.
     pub positions: Option<PositionKind>,
     /// The cap of `positions = Capped` (at least 1).
@@ -175,6 +211,30 @@ impl Spec {
         self
     }
 
+    /// The same spec, also keeping centroid-retrieved tokens to `budget_tokens` per KV head.
+    pub fn with_clusters(mut self, budget_tokens: usize) -> Spec {
+        self.clusters = Some(budget_tokens);
+        self
+    }
+
+    /// The same spec with `k` fine clusters per KV head (see [`Spec::clusters_k`]).
+    pub fn with_clusters_k(mut self, k: usize) -> Spec {
+        self.clusters_k = Some(k);
+        self
+    }
+
+    /// The same spec with one fine cluster per `tokens` tokens (see [`Spec::cluster_size`]).
+    pub fn with_cluster_size(mut self, tokens: usize) -> Spec {
+        self.cluster_size = Some(tokens);
+        self
+    }
+
+    /// The same spec with hierarchical lookup through `coarse` coarse clusters per head.
+    pub fn with_hier(mut self, coarse: usize) -> Spec {
+        self.hier = Some(coarse);
+        self
+    }
+
     /// The same spec with position numbering `mode`.
     pub fn with_position_mode(mut self, mode: PositionMode) -> Spec {
         match mode {
@@ -206,7 +266,25 @@ impl Spec {
 
     /// Whether the spec selects no token at all (no `dense`, window or pages, and no sinks).
     pub fn is_empty(&self) -> bool {
-        !self.dense && self.window.is_none() && self.pages.is_none() && self.sinks.unwrap_or(0) == 0
+        !self.dense && self.window.is_none() && self.pages.is_none() && self.clusters.is_none() && self.sinks.unwrap_or(0) == 0
+    }
+
+    /// Whether the spec is made of sinks and a window alone (no `dense`, `pages` or
+    /// `clusters`): the tokens it reads depend only on the sequence length.
+    pub fn is_window_only(&self) -> bool {
+        !self.dense && self.pages.is_none() && self.clusters.is_none()
+    }
+
+    /// The options that shape a layer's cluster index (`clusters_k`, `cluster_size`,
+    /// `hier`), when `clusters` is set.
+    pub fn cluster_build(&self) -> Option<ClusterBuild> {
+        self.clusters.map(|_| ClusterBuild {
+            count: match (self.clusters_k, self.cluster_size) {
+                (Some(k), _) => ClusterSizing::Count(k),
+                (None, s) => ClusterSizing::TokensPerCluster(s.unwrap_or(DEFAULT_CLUSTER_SIZE)),
+            },
+            coarse: self.hier,
+        })
     }
 
     /// The page-bound settings, when `pages` is set.
@@ -216,11 +294,11 @@ impl Spec {
 
     /// Semantic problems, as what was expected.
     fn problem(&self) -> Option<String> {
-        if self.dense && (self.sinks.is_some() || self.window.is_some() || self.pages.is_some() || self.min_pages.is_some()) {
+        if self.dense && (self.sinks.is_some() || self.window.is_some() || self.pages.is_some() || self.min_pages.is_some() || self.clusters.is_some()) {
             return Some("`dense` alone, or with only `positions=` and `max_distance=`".into());
         }
         if self.is_empty() {
-            return Some("a spec that selects tokens: `dense` or at least one of `sinks=` (above 0), `window=`, `pages=`".into());
+            return Some("a spec that selects tokens: `dense` or at least one of `sinks=` (above 0), `window=`, `pages=`, `clusters=`".into());
         }
         if self.window == Some(0) {
             return Some("window=N with N >= 1 (window=0 hides the query's own recent context)".into());
@@ -230,6 +308,24 @@ impl Spec {
         }
         if self.min_pages.is_some() && self.pages.is_none() {
             return Some("`min_pages=` only together with `pages=`".into());
+        }
+        if self.clusters == Some(0) {
+            return Some("clusters=N with a token budget N >= 1".into());
+        }
+        if self.clusters.is_none() {
+            for (key, v) in [("clusters_k", self.clusters_k), ("cluster_size", self.cluster_size), ("hier", self.hier)] {
+                if v.is_some() {
+                    return Some(format!("`{key}=` only together with `clusters=`"));
+                }
+            }
+        }
+        if self.clusters_k.is_some() && self.cluster_size.is_some() {
+            return Some("one of `clusters_k=` (clusters per head) and `cluster_size=` (tokens per cluster), not both".into());
+        }
+        for (key, v) in [("clusters_k", self.clusters_k), ("cluster_size", self.cluster_size), ("hier", self.hier)] {
+            if v == Some(0) {
+                return Some(format!("{key}=N with N >= 1"));
+            }
         }
         match (self.positions, self.max_distance) {
             (Some(PositionKind::Capped), None) => Some("`max_distance=N` with `positions=capped` (or `global=`/`local=`)".into()),
@@ -469,31 +565,99 @@ impl Policy {
         Ok(())
     }
 
+    /// Check that the heads of `layer` that use `clusters=` agree on the budget and the
+    /// index options (one index and one retrieval serve the layer).
+    fn validate_layer_clusters(&self, layer: usize, num_kv_heads: usize) -> Result<()> {
+        let mut first: Option<(usize, Source)> = None;
+        for h in 0..num_kv_heads {
+            let src = self.source(layer, h);
+            let s = self.spec_of(src);
+            if s.clusters.is_none() {
+                continue;
+            }
+            match first {
+                None => first = Some((h, src)),
+                Some((h0, src0)) => {
+                    let s0 = self.spec_of(src0);
+                    if (s0.clusters, s0.cluster_build()) != (s.clusters, s.cluster_build()) {
+                        return Err(Error::invalid(
+                            self.clause_text(src),
+                            format!(
+                                "the same `clusters=`, `clusters_k=`/`cluster_size=` and `hier=` for every head of layer {layer} that uses centroid retrieval (one index per layer): head {h} differs from head {h0}, which gets them from `{}`",
+                                self.clause_text(src0)
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Check the policy against a model of `num_layers` layers and `num_kv_heads` KV heads
     /// (see the module docs for the list). Errors name the clause at fault.
     pub fn validate(&self, num_layers: usize, num_kv_heads: usize) -> Result<()> {
         self.validate_clauses(num_layers, num_kv_heads)?;
         for layer in 0..num_layers {
             self.validate_layer_positions(layer, num_kv_heads)?;
+            self.validate_layer_clusters(layer, num_kv_heads)?;
         }
         Ok(())
+    }
+
+    /// Whether some KV head of `layer` uses centroid retrieval (`clusters=`).
+    pub fn uses_clusters(&self, layer: usize, num_kv_heads: usize) -> bool {
+        (0..num_kv_heads).any(|h| self.spec(layer, h).clusters.is_some())
+    }
+
+    /// What the cluster index of `layer` is built with, when some head uses `clusters=`:
+    /// the heads' shared index options, and as the trailing window left out of the
+    /// clustering the smallest `window=` among those heads (0 if one has none). Assumes a
+    /// validated policy.
+    pub fn cluster_plan(&self, layer: usize, num_kv_heads: usize) -> Option<(ClusterBuild, usize)> {
+        let specs: Vec<&Spec> = (0..num_kv_heads).map(|h| self.spec(layer, h)).filter(|s| s.clusters.is_some()).collect();
+        let build = specs.first()?.cluster_build()?;
+        let exclude = specs.iter().map(|s| s.window.unwrap_or(0)).min().unwrap_or(0);
+        Some((build, exclude))
     }
 
     /// The tokens each KV head of `layer` reads for the decode query `q` of sequence `seq`
     /// (`[num_qo_heads, head_dim]` or `[1, num_qo_heads, head_dim]`): per head, every
     /// token if its spec is dense, else the union of its sinks, window and page-bound
     /// parts. Page scores are computed once per call, for every head that needs them.
+    /// A policy with `clusters=` needs its cluster indexes: use [`Policy::select_with_clusters`].
     ///
     /// Errors: the policy fails [`Policy::validate`] for the cache's shape (clauses, and
     /// the position modes of this layer); an unknown sequence or layer; a badly shaped
-    /// `q`; page bounds on a cache without key bounds or with pre-RoPE keys.
+    /// `q`; page bounds on a cache without key bounds or with pre-RoPE keys; `clusters=`
+    /// at this layer.
     pub fn select(&self, cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView) -> Result<Selection> {
+        Ok(self.select_inner(cache, seq, layer, q, None)?.selection)
+    }
+
+    /// [`Policy::select`] with centroid retrieval: a head with `clusters=N` also reads the
+    /// best clusters of `indexes`' entry for (`seq`, `layer`) up to N tokens (flat, or
+    /// through the coarse level with `hier=`), plus every token the index does not cover
+    /// yet (past its [`ClusterIndex::clustered_len`](crate::select::cluster::ClusterIndex::clustered_len):
+    /// the recent tokens, which a `window=` at least as large as the index's left-out
+    /// window reads anyway). `q` is the query after RoPE at its original position, whatever
+    /// the cache stores (the index scores post-RoPE keys).
+    ///
+    /// Errors, beyond `select`'s: no index for (`seq`, `layer`) in `indexes` (build one with
+    /// [`ClusterIndexSet::build`]); an index longer than the sequence (truncated or
+    /// compacted since: build again) or of another shape.
+    pub fn select_with_clusters(&self, cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView, indexes: &ClusterIndexSet) -> Result<PolicySelection> {
+        self.select_inner(cache, seq, layer, q, Some(indexes))
+    }
+
+    pub(crate) fn select_inner(&self, cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView, indexes: Option<&ClusterIndexSet>) -> Result<PolicySelection> {
         let c = cache.config();
         self.validate_clauses(c.num_layers, c.num_kv_heads)?;
         if layer >= c.num_layers {
             return Err(Error::out_of_range("layer", layer as i64, format!("0..{}", c.num_layers)));
         }
         self.validate_layer_positions(layer, c.num_kv_heads)?;
+        self.validate_layer_clusters(layer, c.num_kv_heads)?;
         let (_, hq) = read_query(q, c.head_dim)?;
         if hq == 0 || hq % c.num_kv_heads != 0 {
             return Err(Error::invalid("q", format!("a number of query heads that is a positive multiple of num_kv_heads ({}), got {hq}", c.num_kv_heads)));
@@ -509,21 +673,30 @@ impl Policy {
             Some(b) => Some(score_sequence(cache, seq, layer, q, b)?),
             None => None,
         };
+        let retrieved = match specs.iter().position(|s| s.clusters.is_some()) {
+            None => None,
+            Some(h0) => Some(self.retrieve(cache, seq, layer, q, indexes, specs[h0], seq_len)?),
+        };
         let mut heads = Vec::with_capacity(specs.len());
         let mut total = 0usize;
+        let mut centroids_scored = 0usize;
         for (h, spec) in specs.iter().enumerate() {
             let tokens = if spec.dense {
                 (0..seq_len as u32).collect()
             } else {
-                let ends = first_and_last(seq_len, spec.sinks.unwrap_or(0), spec.window.unwrap_or(0));
-                match (spec.page_bounds_config(), &scores) {
-                    (Some(cfg), Some(s)) => {
-                        let mut out = Vec::with_capacity(ends.len() + cfg.budget_tokens.min(seq_len));
-                        merge_union(&ends, &s.keep_tokens(h, &cfg), &mut out);
-                        out
-                    }
-                    _ => ends,
+                let mut tokens = first_and_last(seq_len, spec.sinks.unwrap_or(0), spec.window.unwrap_or(0));
+                if let (Some(cfg), Some(s)) = (spec.page_bounds_config(), &scores) {
+                    let mut out = Vec::with_capacity(tokens.len() + cfg.budget_tokens.min(seq_len));
+                    merge_union(&tokens, &s.keep_tokens(h, &cfg), &mut out);
+                    tokens = out;
                 }
+                if let (Some(_), Some(r)) = (spec.clusters, &retrieved) {
+                    let mut out = Vec::with_capacity(tokens.len() + r.tokens[h].len());
+                    merge_union(&tokens, &r.tokens[h], &mut out);
+                    tokens = out;
+                    centroids_scored += r.centroids_scored[h];
+                }
+                tokens
             };
             total += tokens.len();
             heads.push(tokens);
@@ -531,7 +704,72 @@ impl Policy {
         if total > u32::MAX as usize {
             return Err(Error::invalid("policy", "selections whose tokens over all heads fit u32 offsets"));
         }
-        Ok(Selection::from_heads_unchecked(seq_len, &heads))
+        Ok(PolicySelection { selection: Selection::from_heads_unchecked(seq_len, &heads), centroids_scored })
+    }
+
+    /// Centroid retrieval for every head of `layer` with the budget of `spec`, each head's
+    /// tokens united with the ones the index does not cover.
+    #[allow(clippy::too_many_arguments)]
+    fn retrieve(
+        &self,
+        cache: &KvCache,
+        seq: SeqId,
+        layer: usize,
+        q: &TensorView,
+        indexes: Option<&ClusterIndexSet>,
+        spec: &Spec,
+        seq_len: usize,
+    ) -> Result<Retrieved> {
+        let c = cache.config();
+        let budget = spec.clusters.expect("a clusters spec");
+        let Some(set) = indexes else {
+            return Err(Error::invalid(
+                "policy",
+                format!(
+                    "no `clusters=` at layer {layer} here: centroid retrieval needs the cluster indexes, so call ClusterIndexSet::build after prefill and decode with KvCache::decode_with_clusters (C: kvsieve_cluster_set_build, kvsieve_cache_decode_with_clusters; Python: ClusterIndexSet.build, decode_with_policy(..., clusters=))"
+                ),
+            ));
+        };
+        let Some(index) = set.get(seq, layer) else {
+            return Err(Error::invalid(
+                "clusters",
+                format!("a cluster index for sequence {seq} at layer {layer} (its policy uses `clusters=`): call ClusterIndexSet::build (C: kvsieve_cluster_set_build; Python: ClusterIndexSet.build) for the sequence after prefill"),
+            ));
+        };
+        if index.num_kv_heads() != c.num_kv_heads || index.head_dim() != c.head_dim {
+            return Err(Error::shape(
+                "clusters",
+                format!("an index of num_kv_heads {} and head_dim {} (as the cache)", c.num_kv_heads, c.head_dim),
+                format!("num_kv_heads {} and head_dim {} (sequence {seq}, layer {layer})", index.num_kv_heads(), index.head_dim()),
+            ));
+        }
+        if index.seq_len() > seq_len {
+            return Err(Error::invalid(
+                "clusters",
+                format!(
+                    "an index of sequence {seq} at layer {layer} covering at most its {seq_len} tokens, but it was built or updated at {} tokens (truncated or compacted since: build it again)",
+                    index.seq_len()
+                ),
+            ));
+        }
+        let how = Retrieve::Budget(budget);
+        let r = match spec.hier {
+            Some(_) => index.retrieve_hierarchical(q, CoarseRetrieve::BudgetMultiple(HIER_OPEN_MULTIPLE), &how, seq_len)?,
+            None => index.retrieve(q, &how, seq_len)?,
+        };
+        let tail: Vec<u32> = (index.clustered_len() as u32..seq_len as u32).collect();
+        let hk = c.num_kv_heads;
+        let coarse = index.num_coarse_clusters();
+        let mut tokens = Vec::with_capacity(hk);
+        let mut centroids_scored = Vec::with_capacity(hk);
+        for h in 0..hk {
+            let mut out = Vec::new();
+            merge_union(r.selection.head(h), &tail, &mut out);
+            tokens.push(out);
+            let coarse_rows = if spec.hier.is_some() { coarse } else { 0 };
+            centroids_scored.push(r.stats.clusters_scored[h] + coarse_rows);
+        }
+        Ok(Retrieved { tokens, centroids_scored })
     }
 
     /// Pages of a sequence that no (layer, head) of the policy reads again, so a cache can
@@ -548,7 +786,7 @@ impl Policy {
             for h in 0..num_kv_heads {
                 let s = self.spec(layer, h);
                 match s.window {
-                    Some(w) if !s.dense && s.pages.is_none() => {
+                    Some(w) if s.is_window_only() => {
                         window = window.max(w);
                         sinks = sinks.max(s.sinks.unwrap_or(0));
                     }
@@ -565,6 +803,27 @@ impl Policy {
     }
 }
 
+/// Under `hier=`, hierarchical lookup opens coarse clusters (best first) until the tokens
+/// beneath them reach this multiple of the `clusters=` budget.
+pub const HIER_OPEN_MULTIPLE: f64 = 2.0;
+
+/// What [`Policy::select_with_clusters`] chose, and what choosing cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicySelection {
+    /// The tokens each KV head reads.
+    pub selection: Selection,
+    /// Centroid rows scored by centroid retrieval, summed over the KV heads that use it
+    /// (fine clusters scored, plus every coarse centroid under `hier=`); 0 without
+    /// `clusters=`. Each is `head_dim` f32 values read.
+    pub centroids_scored: usize,
+}
+
+/// Per-head retrieval result inside `select_inner`.
+struct Retrieved {
+    tokens: Vec<Vec<u32>>,
+    centroids_scored: Vec<usize>,
+}
+
 /// A position mode as the text form writes it.
 fn mode_text(mode: PositionMode) -> String {
     match mode {
@@ -575,13 +834,23 @@ fn mode_text(mode: PositionMode) -> String {
 }
 
 impl fmt::Display for Spec {
-    /// Canonical order: `dense, sinks, window, pages, min_pages, positions, max_distance`.
+    /// Canonical order: `dense, sinks, window, pages, min_pages, clusters, clusters_k,
+    /// cluster_size, hier, positions, max_distance`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut items: Vec<String> = Vec::new();
         if self.dense {
             items.push("dense".into());
         }
-        let numbers = [("sinks", self.sinks), ("window", self.window), ("pages", self.pages), ("min_pages", self.min_pages)];
+        let numbers = [
+            ("sinks", self.sinks),
+            ("window", self.window),
+            ("pages", self.pages),
+            ("min_pages", self.min_pages),
+            ("clusters", self.clusters),
+            ("clusters_k", self.clusters_k),
+            ("cluster_size", self.cluster_size),
+            ("hier", self.hier),
+        ];
         items.extend(numbers.iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))));
         if let Some(p) = self.positions {
             items.push(format!("positions={}", p.name()));

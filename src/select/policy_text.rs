@@ -61,7 +61,7 @@ fn tokenize(text: &str) -> Result<Vec<(usize, Tok<'_>)>> {
     Ok(toks)
 }
 
-const ITEMS: &str = "`dense`, `sinks=`, `window=`, `pages=`, `min_pages=`, `global=`, `local=`, `max_distance=` or `positions=`";
+const ITEMS: &str = "`dense`, `sinks=`, `window=`, `pages=`, `min_pages=`, `clusters=`, `clusters_k=`, `cluster_size=`, `hier=`, `global=`, `local=`, `max_distance=` or `positions=`";
 
 /// The fields of a spec that items set, with where each was set (for conflict messages).
 #[derive(Default)]
@@ -73,6 +73,10 @@ struct SpecBuilder {
     window_at: Option<(usize, &'static str)>,
     pages_at: Option<(usize, &'static str)>,
     min_pages_at: Option<(usize, &'static str)>,
+    clusters_at: Option<(usize, &'static str)>,
+    clusters_k_at: Option<(usize, &'static str)>,
+    cluster_size_at: Option<(usize, &'static str)>,
+    hier_at: Option<(usize, &'static str)>,
     max_distance_at: Option<(usize, &'static str)>,
     /// Where positions were given explicitly, and where an alias implied capped.
     positions_at: Option<(usize, &'static str)>,
@@ -246,6 +250,10 @@ impl<'a> Parser<'a> {
             "window" => "window",
             "pages" => "pages",
             "min_pages" => "min_pages",
+            "clusters" => "clusters",
+            "clusters_k" => "clusters_k",
+            "cluster_size" => "cluster_size",
+            "hier" => "hier",
             "global" => "global",
             "local" => "local",
             "max_distance" => "max_distance",
@@ -283,6 +291,22 @@ impl<'a> Parser<'a> {
             "min_pages" => {
                 set_once(&mut b.min_pages_at, off, key, "the page minimum")?;
                 b.spec.min_pages = Some(self.number("a number", &after_key, usize_max)? as usize);
+            }
+            "clusters" => {
+                set_once(&mut b.clusters_at, off, key, "the retrieval budget")?;
+                b.spec.clusters = Some(self.number("a number", &after_key, usize_max)? as usize);
+            }
+            "clusters_k" => {
+                set_once(&mut b.clusters_k_at, off, key, "the cluster count")?;
+                b.spec.clusters_k = Some(self.number("a number", &after_key, usize_max)? as usize);
+            }
+            "cluster_size" => {
+                set_once(&mut b.cluster_size_at, off, key, "the cluster size")?;
+                b.spec.cluster_size = Some(self.number("a number", &after_key, usize_max)? as usize);
+            }
+            "hier" => {
+                set_once(&mut b.hier_at, off, key, "the coarse cluster count")?;
+                b.spec.hier = Some(self.number("a number", &after_key, usize_max)? as usize);
             }
             "max_distance" => {
                 set_once(&mut b.max_distance_at, off, key, "the distance cap")?;
@@ -333,7 +357,7 @@ fn set_once(at: &mut Option<(usize, &'static str)>, off: usize, key: &'static st
 /// the later item (`key` at `off`).
 fn check_dense(b: &SpecBuilder, off: usize, key: &str) -> Result<()> {
     let Some((doff, _)) = b.dense_at else { return Ok(()) };
-    let others = [b.sinks_at, b.window_at, b.pages_at, b.min_pages_at];
+    let others = [b.sinks_at, b.window_at, b.pages_at, b.min_pages_at, b.clusters_at, b.clusters_k_at, b.cluster_size_at, b.hier_at];
     let Some((ooff, okey)) = others.iter().flatten().next().copied() else { return Ok(()) };
     let message = if key == "dense" {
         format!("expected `dense` alone (with `positions=` and `max_distance=` at most), but `{okey}=` was given at byte {ooff}")

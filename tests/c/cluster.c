@@ -1306,6 +1306,131 @@ static void bad_input(void) {
     section_done("cluster bad input: right codes, parameter named, nothing written", before);
 }
 
+/* A policy with clusters= through a cluster set ----------------------------------------------- */
+
+enum { PN = 200, PEXTRA = 24 };
+
+static void policy_clusters(void) {
+    int before = g_failed;
+    kvsieve_cache_t *cache = new_cache(HK, D, PS, (PN + PEXTRA + PS - 1) / PS, KVSIEVE_KEYS_POST_ROPE);
+    float *keys = clustered_keys(PN + PEXTRA, HK, D), *vals = rand_floats((PN + PEXTRA) * HK * D, 1.0f), *q = rand_floats(HQ * D, 1.5f);
+    float out[HQ * D], lse[HQ], want[HQ * D], want_lse[HQ], ref_out[HQ * D], ref_lse[HQ], poisoned[HQ * D];
+    kvsieve_policy_t *policy = NULL;
+    kvsieve_cluster_set_t *set = NULL;
+    kvsieve_cluster_index_t *ix = NULL;
+    kvsieve_cluster_config_t cfg = kvsieve_cluster_config_default(16);
+    kvsieve_retrieve_config_t rc = kvsieve_retrieve_config_default(BUDGET);
+    kvsieve_retrieve_stats_t st;
+    kvsieve_selection_t *ret = NULL, *win = NULL, *both = NULL, *got[1] = {NULL}, *sentinel = (kvsieve_selection_t *)&g_passed;
+    const kvsieve_selection_t *sels[1];
+    kvsieve_key_source_t src;
+    test_tensor tq, to, tp;
+    uint32_t indptr[HK + 1], idx[HK * PN], gindptr[HK + 1], gidx[HK * PN];
+    size_t len = 0, glen = 0, layers = 99, clustered = 0, nclusters = 0, held = 0, scored = 0, assigned = 0, removed = 0, i;
+    uint64_t seq = 0, other = 0;
+    int same;
+
+    EXPECT_OK(kvsieve_cache_create_sequence(cache, &seq));
+    append_tokens(cache, seq, 0, PN, HK, D, keys, vals);
+    EXPECT_OK(kvsieve_policy_parse("sinks=4,window=16,clusters=48,clusters_k=16", &policy));
+    EXPECT_OK(kvsieve_cluster_set_new(0, &set));
+    for (i = 0; i < HQ * D; i++) poisoned[i] = NAN;
+
+    /* Before the set is built: an error naming what to call, nothing written. */
+    EXPECT_ERR(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, tensor3(&tq, q, dt_f32(), 1, HQ, D), policy, set,
+                                                  tensor3(&tp, poisoned, dt_f32(), 1, HQ, D), NULL, NULL, got, &scored),
+               KVSIEVE_ERROR_INVALID_ARGUMENT, "kvsieve_cluster_set_build");
+    CHECK(got[0] == NULL && isnan(poisoned[0]) && isnan(poisoned[HQ * D - 1]), "nothing written on failure");
+    EXPECT_ERR(kvsieve_cache_decode_with_policy(cache, 0, &seq, 1, &tq.t, policy, &tp.t, NULL, NULL, NULL),
+               KVSIEVE_ERROR_INVALID_ARGUMENT, "clusters=");
+
+    EXPECT_OK(kvsieve_cluster_set_build(set, cache, seq, policy, &layers));
+    EXPECT_OK(kvsieve_cluster_set_info(set, seq, 0, &held, &clustered, &nclusters));
+    CHECK(layers == 1 && held == 1 && clustered == PN - 16 && nclusters == 16, "built: %zu layers, %zu indexes, %zu clustered, %zu clusters",
+          layers, held, clustered, nclusters);
+
+    /* The same index by hand: budget retrieval ∪ sinks + window, then sparse decode. */
+    src = from_cache(cache, seq, 0);
+    cfg.num_clusters = 16;
+    cfg.exclude_window = 16;
+    cfg.max_iter = 10;
+    EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &ix));
+    EXPECT_OK(kvsieve_cluster_index_retrieve(ix, tensor3(&tq, q, dt_f32(), 1, HQ, D), &rc, &ret, &st));
+    EXPECT_OK(kvsieve_selection_streaming(HK, PN, 4, 16, &win));
+    EXPECT_OK(kvsieve_selection_union(ret, win, &both));
+    sels[0] = both;
+    EXPECT_OK(kvsieve_cache_decode_sparse(cache, 0, &seq, 1, &tq.t, (kvsieve_selection_t *const *)sels, tensor3(&to, want, dt_f32(), 1, HQ, D),
+                                          want_lse, NULL));
+
+    got[0] = sentinel;
+    EXPECT_OK(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, policy, set, tensor3(&to, out, dt_f32(), 1, HQ, D), lse, NULL,
+                                                 got, &scored));
+    EXPECT_OK(kvsieve_selection_head_indptr(both, indptr, HK + 1, NULL));
+    EXPECT_OK(kvsieve_selection_indices(both, idx, HK * PN, &len));
+    same = got[0] != NULL && got[0] != sentinel;
+    if (same) {
+        EXPECT_OK(kvsieve_selection_head_indptr(got[0], gindptr, HK + 1, NULL));
+        EXPECT_OK(kvsieve_selection_indices(got[0], gidx, HK * PN, &glen));
+        same = glen == len && memcmp(gindptr, indptr, sizeof indptr) == 0 && memcmp(gidx, idx, len * sizeof(uint32_t)) == 0;
+    }
+    CHECK(same, "the policy's selection is retrieval ∪ sinks ∪ window (%zu vs %zu tokens)", glen, len);
+    CHECK(scored == HK * 16, "centroid rows scored: %zu", scored);
+    CHECK(max_abs_diff(out, want, HQ * D) == 0.0 && max_abs_diff(lse, want_lse, HQ) == 0.0, "decode equals decode_sparse over that selection");
+    ref_attention_sel(q, keys, vals, HQ, HK, D, indptr, idx, PN - 1, NULL, ref_out, ref_lse);
+    CHECK(max_abs_diff(out, ref_out, HQ * D) < 1e-4 && max_abs_diff(lse, ref_lse, HQ) < 1e-4, "and the reference (err %g)",
+          max_abs_diff(out, ref_out, HQ * D));
+    kvsieve_selection_free(got[0]);
+
+    /* New tokens are read until an update assigns those past the window. */
+    append_tokens(cache, seq, PN, PEXTRA, HK, D, keys + PN * HK * D, vals + PN * HK * D);
+    EXPECT_OK(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, policy, set, &to.t, NULL, NULL, got, NULL));
+    EXPECT_OK(kvsieve_selection_head_indptr(got[0], gindptr, HK + 1, NULL));
+    EXPECT_OK(kvsieve_selection_indices(got[0], gidx, HK * PN, &glen));
+    same = 1;
+    for (i = PN - 16; i < PN + PEXTRA; i++) {
+        size_t j;
+        int found = 0;
+        for (j = gindptr[0]; j < gindptr[1]; j++) found |= gidx[j] == i;
+        same &= found;
+    }
+    CHECK(same, "tokens not yet in the index are read");
+    kvsieve_selection_free(got[0]);
+    EXPECT_OK(kvsieve_cluster_set_update(set, cache, seq, &assigned));
+    EXPECT_OK(kvsieve_cluster_set_info(set, seq, 0, NULL, &clustered, NULL));
+    CHECK(assigned == PEXTRA && clustered == PN + PEXTRA - 16, "update assigned %zu, covers %zu", assigned, clustered);
+
+    /* Bad input: codes and parameter names, the set unchanged. */
+    EXPECT_ERR(kvsieve_cluster_set_build(NULL, cache, seq, policy, NULL), KVSIEVE_ERROR_NULL_POINTER, "set");
+    EXPECT_ERR(kvsieve_cluster_set_build(set, cache, 77, policy, NULL), KVSIEVE_ERROR_UNKNOWN_SEQUENCE, "77");
+    EXPECT_ERR(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, policy, NULL, &tp.t, NULL, NULL, NULL, NULL),
+               KVSIEVE_ERROR_NULL_POINTER, "set");
+    EXPECT_OK(kvsieve_cache_create_sequence(cache, &other));
+    EXPECT_ERR(kvsieve_cluster_set_build(set, cache, other, policy, NULL), KVSIEVE_ERROR_INVALID_ARGUMENT, "prefill first");
+    EXPECT_OK(kvsieve_cache_truncate(cache, seq, 100));
+    EXPECT_ERR(kvsieve_cluster_set_update(set, cache, seq, &assigned), KVSIEVE_ERROR_INVALID_ARGUMENT, "rebuild");
+    EXPECT_ERR(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, policy, set, &tp.t, NULL, NULL, NULL, NULL),
+               KVSIEVE_ERROR_INVALID_ARGUMENT, "build it again");
+    CHECK(isnan(poisoned[0]), "nothing written on failure");
+    EXPECT_OK(kvsieve_cluster_set_info(set, seq, 0, &held, &clustered, NULL));
+    CHECK(held == 1 && clustered == PN + PEXTRA - 16, "a failed update leaves the set unchanged");
+    EXPECT_OK(kvsieve_cluster_set_remove_sequence(set, seq, &removed));
+    EXPECT_OK(kvsieve_cluster_set_info(set, seq, 0, &held, &clustered, &nclusters));
+    CHECK(removed == 1 && held == 0 && clustered == 0 && nclusters == 0, "remove_sequence drops the index");
+
+    kvsieve_selection_free(ret);
+    kvsieve_selection_free(win);
+    kvsieve_selection_free(both);
+    kvsieve_cluster_index_free(ix);
+    kvsieve_cluster_set_free(set);
+    kvsieve_cluster_set_free(NULL);
+    kvsieve_policy_free(policy);
+    kvsieve_cache_free(cache);
+    free(keys);
+    free(vals);
+    free(q);
+    section_done("a clusters= policy through a cluster set: selection, decode, update, staleness and bad input", before);
+}
+
 int main(void) {
     rng_seed(2024);
     build();
@@ -1318,5 +1443,6 @@ int main(void) {
     sparse_decode();
     threads();
     bad_input();
+    policy_clusters();
     return finish();
 }

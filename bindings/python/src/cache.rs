@@ -15,6 +15,7 @@ use crate::errors::KvResultExt;
 use crate::options::{
     attention_params, check_position_mode, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape,
 };
+use crate::cluster_set::PyClusterIndexSet;
 use crate::policy::policy_arg;
 use crate::rope::PyRopeConfig;
 use crate::selection::{selections_arg, PySelection};
@@ -412,8 +413,8 @@ impl PyKvCache {
     }
 
     /// Decode under a policy; returns ``(out, lse, selections)`` (``selections`` empty for a
-    /// dense layer).
-    #[pyo3(signature = (layer, seqs, q, policy, *, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
+    /// dense layer). A policy with ``clusters=`` needs ``clusters``, a ``ClusterIndexSet``.
+    #[pyo3(signature = (layer, seqs, q, policy, *, clusters = None, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn decode_with_policy<'py>(
         &self,
@@ -422,6 +423,7 @@ impl PyKvCache {
         seqs: &Bound<'py, PyAny>,
         q: &Bound<'py, PyAny>,
         policy: &Bound<'py, PyAny>,
+        clusters: Option<&Bound<'py, PyClusterIndexSet>>,
         scale: Option<f32>,
         logit_soft_cap: Option<f32>,
         rope: Option<PyRef<'py, PyRopeConfig>>,
@@ -434,8 +436,10 @@ impl PyKvCache {
         // The policy sets the position mode of the layer.
         let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
         let q = FloatArray::extract(q, "q", true)?;
-        let (out, lse, sels) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| {
-            c.decode_with_policy(layer, &ids, qv, out, Some(lse), &policy, &params)
+        let set = clusters.map(|s| &s.get().inner);
+        let (out, lse, sels) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| match set {
+            Some(set) => Ok(c.decode_with_clusters(layer, &ids, qv, out, Some(lse), &policy, &set.read(), &params)?.into_iter().map(|s| s.selection).collect()),
+            None => c.decode_with_policy(layer, &ids, qv, out, Some(lse), &policy, &params),
         })?;
         Ok((out, lse, sels.into_iter().map(PySelection::from).collect()))
     }

@@ -45,7 +45,7 @@ fn count_to_py<'py>(py: Python<'py>, c: ClusterCount) -> PyResult<Bound<'py, PyA
 }
 
 /// A seed: an int in `0 ..= 2**64 - 1`.
-fn seed_arg(seed: i128) -> PyResult<u64> {
+pub(crate) fn seed_arg(seed: i128) -> PyResult<u64> {
     u64::try_from(seed)
         .map_err(|_| Error::OutOfRange {
             param: "seed".into(),

@@ -6,6 +6,7 @@ mod arrays;
 mod attention;
 mod cache;
 mod cluster;
+mod cluster_set;
 mod errors;
 mod gemfilter;
 mod options;
@@ -35,6 +36,7 @@ fn _kvsieve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<policy::PyPolicy>()?;
     m.add_class::<cluster::PyClusterIndex>()?;
     m.add_class::<cluster::PyClusterThresholds>()?;
+    m.add_class::<cluster_set::PyClusterIndexSet>()?;
     m.add_function(wrap_pyfunction!(isa, m)?)?;
     m.add_function(wrap_pyfunction!(rope::apply_rope, m)?)?;
     m.add_function(wrap_pyfunction!(attention::paged_decode, m)?)?;

@@ -24,7 +24,9 @@ Centroid retrieval (Squeezed Attention) clusters a fixed context's keys once per
 layer) with :meth:`ClusterIndex.build` (K-means per KV head, optionally with a coarse level);
 each decode query then keeps the clusters whose estimated attention passes a threshold
 (:meth:`ClusterIndex.calibrate` picks one for a target fraction) or fills a token budget
-(:meth:`ClusterIndex.retrieve`), as a :class:`Selection` to union with a local window.
+(:meth:`ClusterIndex.retrieve`), as a :class:`Selection` to union with a local window. In a
+policy, ``clusters=N`` does this per head: a :class:`ClusterIndexSet` holds the index of
+every (sequence, layer) and goes to :meth:`KvCache.decode_with_policy` as ``clusters=``.
 
 Every error is a :class:`KvsieveError` (one subclass per kind) carrying a stable
 :class:`ErrorCode`.
@@ -35,6 +37,7 @@ from kvsieve._kvsieve import (
     MAX_PAGE_SIZE,
     CacheConfig,
     ClusterIndex,
+    ClusterIndexSet,
     ClusterThresholds,
     CudaUnavailableError,
     DTypeError,
@@ -81,6 +84,7 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "CacheConfig",
     "ClusterIndex",
+    "ClusterIndexSet",
     "ClusterThresholds",
     "CudaUnavailableError",
     "DTypeError",

@@ -261,8 +261,12 @@ class Policy:
     """A selection policy for every (layer, KV head) of a model, from its text form.
 
     A spec says what one KV head reads: ``dense``, or the union of ``sinks=N`` (the first N
-    tokens), ``window=N`` (the last N) and ``pages=N`` (page bounds to N tokens, with
-    optional ``min_pages=N``), plus ``positions=original|contiguous|capped`` and
+    tokens), ``window=N`` (the last N), ``pages=N`` (page bounds to N tokens, with
+    optional ``min_pages=N``) and ``clusters=N`` (centroid retrieval to N tokens from the
+    (sequence, layer)'s index in a :class:`ClusterIndexSet`, with optional
+    ``clusters_k=K`` clusters per head or ``cluster_size=S`` tokens per cluster, default 16,
+    and ``hier=C`` for a hierarchical lookup through C coarse clusters that opens the best
+    ones until they hold twice the budget), plus ``positions=original|contiguous|capped`` and
     ``max_distance=N``; ``global=N`` / ``local=N`` are ``sinks`` / ``window`` that also set
     ``positions=capped`` (LM-Infinite). Clauses are separated by ``;``: one default spec,
     ``layers=a-b,c:spec`` overrides and ``heads=layer.head,...:spec`` overrides (later
@@ -271,6 +275,7 @@ class Policy:
 
         sinks=4,window=1024,pages=2048;layers=0-1:dense;heads=2.0,2.5:sinks=4,window=256
         global=4,local=4096,max_distance=4096
+        sinks=4,window=64,clusters=512,cluster_size=16,hier=16;layers=0-1:dense
 
     ``str(policy)`` is the canonical text, which parses back to an equal policy. Parsing
     checks syntax only; :meth:`validate` checks against a model. Policies compare equal and
@@ -290,9 +295,11 @@ class Policy:
         """Same as ``Policy(text)``."""
     def validate(self, num_layers: int, num_kv_heads: int) -> None:
         """Check the policy against a model: layers and heads in range, ``window``,
-        ``pages`` and ``max_distance`` at least 1, a spec that selects something,
-        ``min_pages`` only with ``pages``, ``max_distance`` exactly with ``capped``, and
-        one position mode for all heads of a layer.
+        ``pages``, ``clusters`` and ``max_distance`` at least 1, a spec that selects
+        something, ``min_pages`` only with ``pages``, ``clusters_k`` / ``cluster_size``
+        (not both) and ``hier`` only with ``clusters``, ``max_distance`` exactly with
+        ``capped``, one position mode for all heads of a layer, and one set of cluster
+        options for the heads of a layer that use ``clusters=``.
 
         Raises:
             InvalidArgumentError: a bad spec (the message names its clause).
@@ -632,6 +639,7 @@ class KvCache:
         q: FloatArray,
         policy: Policy | str,
         *,
+        clusters: ClusterIndexSet | None = None,
         scale: float | None = None,
         logit_soft_cap: float | None = None,
         rope: RopeConfig | None = None,
@@ -645,6 +653,12 @@ class KvCache:
 
         Args:
             policy: a :class:`Policy` or its text form.
+            clusters: the :class:`ClusterIndexSet` a policy with ``clusters=`` reads: heads
+                with ``clusters=N`` also read the best clusters of the sequence's index at
+                this layer up to N tokens, plus the tokens the index does not cover yet.
+                With a cache storing keys before RoPE, ``rope`` is required and a copy of
+                ``q`` is rotated to the query's position for scoring (build the set from a
+                cache of the same tokens' post-RoPE keys).
             Others: as in :meth:`decode`.
 
         Returns:
@@ -655,7 +669,10 @@ class KvCache:
             ParseError: ``policy`` is malformed text.
             InvalidArgumentError, OutOfRangeError: the policy does not fit the cache
                 (:meth:`Policy.validate`; the message names the clause), or page bounds on a
-                cache without key bounds or with pre-RoPE keys.
+                cache without key bounds or with pre-RoPE keys; ``clusters=`` without
+                ``clusters``, or with no index for a sequence (call
+                :meth:`ClusterIndexSet.build`), or with an index covering more tokens than
+                the sequence holds (truncated or compacted since: build again).
         """
     def prefill_with_policy(
         self,
@@ -730,6 +747,52 @@ class ClusterThresholds:
         """Whether each head was calibrated on its own."""
     def mean_kept_fraction(self) -> float:
         """:attr:`kept_fraction` averaged over heads."""
+    def __len__(self) -> int: ...
+
+class ClusterIndexSet:
+    """The cluster indexes a policy with ``clusters=`` reads: one :class:`ClusterIndex`
+    per (sequence, layer), owned by the engine and passed to
+    :meth:`KvCache.decode_with_policy` as ``clusters=``.
+
+    Staleness rule: :meth:`build` after a sequence's prefill clusters every layer whose
+    policy uses ``clusters=``, leaving out the smallest ``window=`` of that layer's cluster
+    heads. Tokens appended later are in no cluster and are always read, so nothing new is
+    missed; :meth:`update` assigns those that have left the window to their nearest
+    centroid. After a truncation or compaction decoding fails naming the index: build
+    again. Thread-safe: decoding shares the set; build, update and remove take it
+    exclusively.
+
+    Args:
+        seed: k-means++ seed of the indexes it builds.
+    """
+
+    def __init__(self, seed: int = 0) -> None: ...
+    def build(self, cache: KvCache, seq: int, policy: Policy | str) -> int:
+        """Build (or rebuild) the indexes of ``seq`` from ``cache``'s keys (stored after
+        RoPE) for every layer where ``policy`` uses ``clusters=``; returns the number of
+        layers indexed (0 for a policy without ``clusters=``). The set changes only if
+        every layer succeeds.
+
+        Raises:
+            InvalidArgumentError: a cache storing keys before RoPE (``keys`` named), an
+                empty sequence (``seq``), or a policy that fails validation.
+            UnknownSequenceError: ``seq`` is not in the cache.
+        """
+    def update(self, cache: KvCache, seq: int) -> int:
+        """Assign the tokens of ``seq`` appended since the last build or update, and that
+        have left the window, to their nearest centroids in every layer (all or none);
+        returns the tokens assigned per head, summed over layers.
+
+        Raises:
+            InvalidArgumentError: the sequence is shorter than an index covers (``keys``
+                named: rebuild).
+        """
+    def remove_sequence(self, seq: int) -> int:
+        """Drop every index of ``seq``; returns how many there were."""
+    def get(self, seq: int, layer: int) -> ClusterIndex | None:
+        """A copy of the index of (``seq``, ``layer``), or None."""
+    def keys(self) -> list[tuple[int, int]]:
+        """The (sequence, layer) pairs indexed, in order."""
     def __len__(self) -> int: ...
 
 class ClusterIndex:

@@ -1,0 +1,175 @@
+//! [`ClusterIndexSet`]: the cluster indexes that a policy with `clusters=` reads, one per
+//! (sequence, layer), owned by the engine and passed to
+//! [`KvCache::decode_with_clusters`](crate::KvCache::decode_with_clusters).
+//!
+//! Lifecycle and staleness rule:
+//! 1. after a sequence's prefill, [`ClusterIndexSet::build`] clusters the keys of every
+//!    layer whose policy uses `clusters=`, leaving out the trailing window the layer's
+//!    cluster heads read anyway (the smallest `window=` among them);
+//! 2. as tokens are appended, the index does not cover them: retrieval always adds every
+//!    token past the index's [`ClusterIndex::clustered_len`] to the selection, so nothing
+//!    new is missed, but the uncovered tail grows; [`ClusterIndexSet::update`] assigns the
+//!    tokens that have left the window to their nearest centroid (centroids stay put), so
+//!    after an update the tail is exactly the window again;
+//! 3. when a sequence is truncated or compacted, its indexes no longer match it: decoding
+//!    then fails, naming the index; build again. [`ClusterIndexSet::remove_sequence`] drops
+//!    a freed sequence's indexes.
+//!
+//! The cache the keys come from must store keys after RoPE (the index scores post-RoPE
+//! queries against them). An engine that attends on a twin cache of pre-RoPE keys (for
+//! remapped positions) builds the set from its post-RoPE cache: sequence ids and token
+//! indices are what tie an index to a sequence.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::kv::{KvCache, SeqId};
+use crate::select::cluster::{ClusterConfig, ClusterCount, ClusterIndex, KeySource};
+use crate::select::policy::Policy;
+
+/// Tokens per fine cluster when a `clusters=` spec gives neither `clusters_k=` nor
+/// `cluster_size=`.
+pub const DEFAULT_CLUSTER_SIZE: usize = 16;
+
+/// Lloyd iterations of the indexes a [`ClusterIndexSet`] builds.
+pub const SET_MAX_ITER: usize = 10;
+
+/// How many fine clusters a layer's index gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClusterSizing {
+    /// This many per KV head (`clusters_k=`), at most one per token clustered.
+    Count(usize),
+    /// One per this many tokens clustered, rounded up (`cluster_size=`).
+    TokensPerCluster(usize),
+}
+
+/// The index options of a `clusters=` spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClusterBuild {
+    pub count: ClusterSizing,
+    /// Coarse clusters per head (`hier=`), at most the fine clusters; `None`: flat lookup.
+    pub coarse: Option<usize>,
+}
+
+impl ClusterBuild {
+    /// The index configuration for a sequence of `n` tokens leaving out the last
+    /// `exclude_window` (reduced so that at least one token is clustered).
+    pub fn config(&self, n: usize, exclude_window: usize, seed: u64) -> Result<ClusterConfig> {
+        if n == 0 {
+            return Err(Error::invalid("seq", "a sequence holding tokens to cluster (it is empty: prefill first)"));
+        }
+        let exclude = exclude_window.min(n - 1);
+        let m = n - exclude;
+        let k = match self.count {
+            ClusterSizing::Count(k) => k.min(m),
+            ClusterSizing::TokensPerCluster(s) => m.div_ceil(s.max(1)),
+        }
+        .max(1);
+        let mut cfg = ClusterConfig::new(ClusterCount::Absolute(k)).with_exclude_window(exclude).with_seed(seed).with_max_iter(SET_MAX_ITER);
+        if let Some(c) = self.coarse {
+            cfg = cfg.with_coarse(ClusterCount::Absolute(c.clamp(1, k)));
+        }
+        Ok(cfg)
+    }
+}
+
+/// Cluster indexes keyed by (sequence, layer); see the module docs for when to build and
+/// update them.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterIndexSet {
+    indexes: BTreeMap<(SeqId, usize), ClusterIndex>,
+    seed: u64,
+}
+
+impl ClusterIndexSet {
+    /// An empty set; indexes are seeded with 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty set whose indexes use k-means++ seed `seed`.
+    pub fn with_seed(seed: u64) -> Self {
+        ClusterIndexSet { indexes: BTreeMap::new(), seed }
+    }
+
+    /// (Re)build the indexes of `seq` for every layer where `policy` uses `clusters=`,
+    /// from the keys in `cache` (stored after RoPE). Replaces that sequence's indexes only
+    /// when every layer succeeds. Returns the number of layers indexed (0 when the policy
+    /// has no `clusters=`).
+    ///
+    /// Errors: the policy fails validation for the cache's shape; an unknown or empty
+    /// sequence; a cache storing keys before RoPE; NaN or infinite keys.
+    pub fn build(&mut self, cache: &KvCache, seq: SeqId, policy: &Policy) -> Result<usize> {
+        let c = cache.config();
+        policy.validate(c.num_layers, c.num_kv_heads)?;
+        let n = cache.seq_len(seq)?;
+        let mut built = Vec::new();
+        for layer in 0..c.num_layers {
+            if let Some((plan, exclude)) = policy.cluster_plan(layer, c.num_kv_heads) {
+                let cfg = plan.config(n, exclude, self.seed)?;
+                built.push((layer, ClusterIndex::build(KeySource::Cache { cache, seq, layer }, &cfg)?));
+            }
+        }
+        let count = built.len();
+        self.indexes.retain(|&(s, _), _| s != seq);
+        for (layer, index) in built {
+            self.indexes.insert((seq, layer), index);
+        }
+        Ok(count)
+    }
+
+    /// Assign the tokens of `seq` appended since its indexes were built or updated, and
+    /// that have left the excluded window, to their nearest centroids
+    /// ([`ClusterIndex::assign_new`]), in every layer. All layers or none: on error the set is
+    /// unchanged. Returns the tokens assigned per head, summed over layers.
+    ///
+    /// Errors: an unknown sequence; a sequence shorter than an index covers (truncated or
+    /// compacted: build again); a cache of another shape or storing keys before RoPE.
+    pub fn update(&mut self, cache: &KvCache, seq: SeqId) -> Result<usize> {
+        cache.seq_len(seq)?;
+        let mut fresh = Vec::new();
+        let mut total = 0usize;
+        for (&(s, layer), index) in self.indexes.range((seq, 0)..=(seq, usize::MAX)) {
+            debug_assert_eq!(s, seq);
+            let mut next = index.clone();
+            total += next.assign_new(KeySource::Cache { cache, seq, layer })?;
+            fresh.push((layer, next));
+        }
+        for (layer, index) in fresh {
+            self.indexes.insert((seq, layer), index);
+        }
+        Ok(total)
+    }
+
+    /// Put an index made elsewhere (for instance [`ClusterIndex::load`]) for (`seq`,
+    /// `layer`); returns the one it replaces.
+    pub fn insert(&mut self, seq: SeqId, layer: usize, index: ClusterIndex) -> Option<ClusterIndex> {
+        self.indexes.insert((seq, layer), index)
+    }
+
+    /// The index of (`seq`, `layer`), if built.
+    pub fn get(&self, seq: SeqId, layer: usize) -> Option<&ClusterIndex> {
+        self.indexes.get(&(seq, layer))
+    }
+
+    /// Drop every index of `seq` (a freed sequence); returns how many there were.
+    pub fn remove_sequence(&mut self, seq: SeqId) -> usize {
+        let before = self.indexes.len();
+        self.indexes.retain(|&(s, _), _| s != seq);
+        before - self.indexes.len()
+    }
+
+    /// Indexes held, over all sequences and layers.
+    pub fn len(&self) -> usize {
+        self.indexes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.indexes.is_empty()
+    }
+
+    /// The (sequence, layer) pairs indexed, in order.
+    pub fn keys(&self) -> impl Iterator<Item = (SeqId, usize)> + '_ {
+        self.indexes.keys().copied()
+    }
+}

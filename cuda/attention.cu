@@ -69,7 +69,7 @@ __device__ __forceinline__ void rope_cs(const DecodeParams& p, float pos, int pa
     const double two_pi = 6.283185307179586;
     const double k = rint(ang * (1.0 / two_pi));
     const float r = (float)fma(-k, two_pi, ang);
-    sincosf(r, &s, &c);
+    __sincosf(r, &s, &c);
 }
 
 // Rotate a whole row in shared memory (rows x head_dim floats) by `pos`; threads over pairs.

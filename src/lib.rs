@@ -6,9 +6,11 @@
 //!   prefix sharing by fork, eviction, per-page key bounds, CSR page tables);
 //! - [`PagedKv`]: a validated view over one layer's paged K/V, owned by kvsieve or by the engine;
 //! - [`attention`]: dense decode and prefill over a `PagedKv`, `merge_states`, RoPE;
+//! - [`backend`]: [`Device`] and, with the `cuda` feature, the CUDA backend;
 //! - [`ffi`]: the C ABI declared in `include/kvsieve.h`.
 
 pub mod attention;
+pub mod backend;
 pub mod config;
 pub mod dtype;
 pub mod error;
@@ -17,6 +19,7 @@ pub mod kv;
 pub mod select;
 pub mod tensor;
 
+pub use backend::Device;
 pub use config::{CacheConfig, KeyRope, PageLayout};
 pub use dtype::{DType, Element};
 pub use error::{Error, ErrorCode, Result};

@@ -34,7 +34,7 @@ __device__ __forceinline__ unsigned kvs_seq_of(const unsigned* indptr, unsigned 
 
 #define KVS_PS_WARPS 8
 
-// grid.x = ceil(nnz * hk / KVS_PS_WARPS), block = 32 * KVS_PS_WARPS. q: f32 [hq][d].
+// grid.x = ceil(nnz * hk / KVS_PS_WARPS), block = 32 * KVS_PS_WARPS. q: f32 [batch][hq][d].
 template <class L>
 __device__ __forceinline__ void page_scores(const typename L::T* __restrict__ bounds, unsigned long long num_pool_pages,
                                             const unsigned* __restrict__ indptr, const unsigned* __restrict__ indices,
@@ -63,7 +63,7 @@ __device__ __forceinline__ void page_scores(const typename L::T* __restrict__ bo
         if (lane == 0) *o = -INFINITY;
         return;
     }
-    const float* qg = q + (size_t)h * group * d;
+    const float* qg = q + ((size_t)b * hk + h) * group * d;  // q of sequence b, head h's group
     float best = -INFINITY;
     for (unsigned g = 0; g < group; ++g) {
         const float* qr = qg + (size_t)g * d;

@@ -28,6 +28,8 @@ mod modules;
 
 mod view;
 
+pub mod select;
+
 pub use device::{device_count, CudaDevice, Stream};
 pub use launch::{launch, LaunchDims};
 pub use memory::{DeviceBuffer, DeviceTensor};

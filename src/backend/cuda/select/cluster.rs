@@ -447,6 +447,13 @@ impl ClusterWorkspace {
         Ok((0..self.hk).map(|h| all[h * self.k..(h + 1) * self.k].to_vec()).collect())
     }
 
+    /// Group-averaged estimates of the coarse clusters in the last hierarchical retrieval,
+    /// per KV head; waits for `stream`.
+    pub fn coarse_estimates(&self, stream: &Stream) -> Result<Vec<Vec<f64>>> {
+        let all: Vec<f64> = self.cest.to_vec(stream)?;
+        Ok((0..self.hk).map(|h| all[h * self.k1..(h + 1) * self.k1].to_vec()).collect())
+    }
+
     /// Cost and size of the last retrieval, as [`RetrievalStats`] (waits for `stream`).
     pub fn stats(&self, stream: &Stream) -> Result<RetrievalStats> {
         let Some((g, hier)) = self.last else {

@@ -26,6 +26,7 @@ struct AppendParams {
     uint32_t k_src_dtype;
     uint32_t v_src_dtype;
 };
+static_assert(sizeof(AppendParams) == 160, "AppendParams must match src/backend/cuda/attention.rs");
 
 // grid (n, num_kv_heads), threads over channels.
 template <typename T>
@@ -56,6 +57,7 @@ struct BoundsEntry {
     uint32_t reset;
     uint64_t mask;
 };
+static_assert(sizeof(BoundsEntry) == 16, "BoundsEntry must match src/backend/cuda/attention.rs");
 
 struct BoundsParams {
     uint64_t k_cache;
@@ -67,6 +69,7 @@ struct BoundsParams {
     int32_t head_dim;
     int32_t _pad;
 };
+static_assert(sizeof(BoundsParams) == 64, "BoundsParams must match src/backend/cuda/attention.rs");
 
 // grid (num_entries, num_kv_heads), threads over channels.
 template <typename T>

@@ -55,6 +55,7 @@ struct DecodeParams {
     int32_t max_distance;
     float inv_freq[KVS_MAX_HALF_ROTARY];
 };
+static_assert(sizeof(DecodeParams) == 480, "DecodeParams must match src/backend/cuda/attention.rs");
 
 #define ROPE_NONE 0u
 #define ROPE_ORIGINAL 1u
@@ -388,6 +389,7 @@ struct DecodeMergeParams {
     uint32_t out_dtype;
     int32_t _pad;
 };
+static_assert(sizeof(DecodeMergeParams) == 80, "DecodeMergeParams must match src/backend/cuda/attention.rs");
 
 // grid (batch * num_qo_heads), threads over channels.
 extern "C" __global__ void kvsieve_decode_merge(const DecodeMergeParams p) {
@@ -437,6 +439,7 @@ struct MergeStatesParams {
     uint32_t vb_dtype;
     uint32_t out_dtype;
 };
+static_assert(sizeof(MergeStatesParams) == 144, "MergeStatesParams must match src/backend/cuda/attention.rs");
 
 // grid (n * heads), threads over channels.
 extern "C" __global__ void kvsieve_merge_states(const MergeStatesParams p) {

@@ -3,7 +3,7 @@
 
 mod bounds;
 mod cache;
-mod pool;
+pub(crate) mod pool;
 mod storage;
 mod table;
 mod policy;

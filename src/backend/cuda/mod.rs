@@ -26,10 +26,12 @@ mod launch;
 mod memory;
 mod modules;
 
+pub mod attention;
+mod cache;
+pub mod select;
 mod view;
 
-pub mod select;
-
+pub use cache::CudaKvCache;
 pub use device::{device_count, CudaDevice, Stream};
 pub use launch::{launch, LaunchDims};
 pub use memory::{DeviceBuffer, DeviceTensor};

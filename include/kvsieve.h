@@ -2185,8 +2185,13 @@ kvsieve_error_t *kvsieve_cluster_index_load_for(const char *path, const kvsieve_
  * are always read (so nothing new is missed); kvsieve_cluster_set_update() assigns those
  * that have left the window to their nearest centroid, so the uncovered tail stays the
  * window. After a truncation or compaction decoding fails naming the index: build again.
- * The cache the keys come from must store keys after RoPE; an engine attending on a twin
- * cache of pre-RoPE keys builds from the post-RoPE one (sequence ids tie them).
+ * An index built from a cache of post-RoPE keys clusters them as stored, and decode scores
+ * the query after RoPE at its real position. One built from a cache of pre-RoPE keys
+ * clusters the raw keys, and decode under `positions=capped,max_distance=M` scores the query
+ * rotated to position M: exactly the logit attention gives a token at the capped distance
+ * (every token at least M back; LM-Infinite sets the window to M). For other position
+ * modes on a pre-RoPE cache, build the set from a twin cache of post-RoPE keys (same
+ * sequence ids and tokens).
  *
  * Made by kvsieve_cluster_set_new(), released by kvsieve_cluster_set_free().
  *
@@ -2222,8 +2227,8 @@ void kvsieve_cluster_set_free(kvsieve_cluster_set_t *set);
  * layer succeeds.
  *
  * \param set The set (required).
- * \param cache The cache holding the keys after RoPE (required; #KVSIEVE_ERROR_INVALID_ARGUMENT
- *        naming `keys` for a cache storing keys before RoPE).
+ * \param cache The cache holding the keys (required): post-RoPE keys are clustered as stored,
+ *        pre-RoPE keys raw (see ::kvsieve_cluster_set_t).
  * \param seq The sequence (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `seq` when it is empty).
  * \param policy The policy (required); validated against the cache's shape.
  * \param out_layers Optional: receives the number of layers indexed (0 for a policy without
@@ -2289,8 +2294,10 @@ kvsieve_error_t *kvsieve_cluster_set_info(const kvsieve_cluster_set_t *set, uint
  * With a cache storing keys after RoPE, `q` is after RoPE. With one storing them before RoPE
  * (remapped positions: `positions=capped` or `contiguous`), `q` is before RoPE,
  * `params->rope` is required (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `params.rope`), and a
- * copy of `q` rotated to the query's original position is scored against the index (built
- * from the same tokens' post-RoPE keys, e.g. in a twin cache).
+ * copy of `q` is rotated for scoring: to position `max_distance` against an index of this
+ * cache's raw keys (capped positions only), or to its original position against an index
+ * built from a twin cache of post-RoPE keys. A mismatch (raw keys under other positions,
+ * or with a post-RoPE cache) fails naming `clusters`.
  *
  * \param cache The cache (required).
  * \param layer Layer index.

@@ -7,7 +7,7 @@ mod common;
 use common::Rng;
 use kvsieve::attention::{apply_rope, reference, AttentionParams, PositionMode, RopeConfig, RopeStyle};
 use kvsieve::select::cluster::{CoarseRetrieve, Retrieve};
-use kvsieve::select::{streaming, ClusterIndexSet, Policy, Spec, HIER_OPEN_MULTIPLE};
+use kvsieve::select::{streaming, ClusterIndexSet, IndexedKeys, Policy, Spec, HIER_OPEN_MULTIPLE};
 use kvsieve::{CacheConfig, DType, Error, KeyRope, KvCache, SeqId, TensorView, TensorViewMut};
 use proptest::prelude::*;
 
@@ -145,9 +145,12 @@ proptest! {
         budget in 1usize..120,
         size in 1usize..20,
         hier in proptest::option::of(1usize..8),
-        pre in any::<bool>(),
+        mode in 0usize..3,
         seed in any::<u64>(),
     ) {
+        // 0: post-RoPE cache; 1: pre-RoPE cache, capped positions, index of the twin's
+        // post-RoPE keys; 2: pre-RoPE cache, capped positions, index of its raw keys.
+        let pre = mode > 0;
         let (layers, hk, d) = (2, 2, 16);
         let hq = hk * group;
         let rope = RopeConfig::new(1000.0, RopeStyle::AdjacentPairs);
@@ -159,12 +162,16 @@ proptest! {
         let text = format!("sinks={sinks},window={window},clusters={budget},cluster_size={size}{hier_text}{positions};layers=0:dense{positions}");
         let policy = Policy::parse(&text).unwrap();
         let mut set = ClusterIndexSet::with_seed(seed);
-        prop_assert_eq!(set.build(&t.post, t.seq, &policy).unwrap(), 1);
+        let source = if mode == 2 { t.pre.as_ref().unwrap() } else { &t.post };
+        prop_assert_eq!(set.build(source, t.seq, &policy).unwrap(), 1);
+        let frame = if mode == 2 { IndexedKeys::PreRope } else { IndexedKeys::PostRope };
+        prop_assert_eq!(set.indexed_keys(t.seq, 1), Some(frame));
         prop_assert!(set.get(t.seq, 0).is_none() && set.get(t.seq, 1).is_some());
         if grow > 0 {
             append(&mut t, grow, &rope, &mut rng);
             if update {
-                set.update(&t.post, t.seq).unwrap();
+                let source = if mode == 2 { t.pre.as_ref().unwrap() } else { &t.post };
+                set.update(source, t.seq).unwrap();
             }
         }
         let n = len + grow;
@@ -175,12 +182,16 @@ proptest! {
         let excluded = window.min(len - 1);
         let covered = if update { n } else { len };
         prop_assert_eq!(index.clustered_len(), covered - excluded);
-        // The query: after RoPE at position n - 1 (what retrieval scores); a pre-RoPE cache
-        // gets it before RoPE.
+        // The query after RoPE at position n - 1 (what a post-RoPE cache gets and an index of
+        // post-RoPE keys scores), or at the cap (what an index of raw keys scores); a
+        // pre-RoPE cache gets it before RoPE.
         let raw = rng.vec(hq * d, 1.0);
         let mut rotated = raw.clone();
         apply_rope(&mut TensorViewMut::new(&mut rotated, &[1, hq, d]).unwrap(), &[n as i32 - 1], &rope).unwrap();
-        let qr = TensorView::new(&rotated, &[hq, d]).unwrap();
+        let mut at_cap = raw.clone();
+        apply_rope(&mut TensorViewMut::new(&mut at_cap, &[1, hq, d]).unwrap(), &[cap as i32], &rope).unwrap();
+        let scored = if mode == 2 { &at_cap } else { &rotated };
+        let qr = TensorView::new(scored, &[hq, d]).unwrap();
         let how = Retrieve::Budget(budget);
         let r = match hier {
             Some(_) => index.retrieve_hierarchical(&qr, CoarseRetrieve::BudgetMultiple(HIER_OPEN_MULTIPLE), &how, n).unwrap(),
@@ -227,10 +238,24 @@ fn index_set_errors_and_staleness() {
     let mut t = twin(2, hk, d, 4, 100, 200, DType::F32, true, &rope, &mut rng);
     let policy = Policy::parse("sinks=2,window=16,clusters=24,clusters_k=10,hier=3").unwrap();
     let mut set = ClusterIndexSet::new();
-    // Keys before RoPE cannot be clustered.
-    let e = set.build(t.pre.as_ref().unwrap(), t.seq, &policy).unwrap_err();
-    assert!(e.to_string().contains("before RoPE"), "{e}");
-    assert!(set.is_empty());
+    // Raw pre-RoPE keys score capped positions only; such an index does not serve a
+    // post-RoPE cache either.
+    let pre = t.pre.as_ref().unwrap();
+    assert_eq!(set.build(pre, t.seq, &policy).unwrap(), 2);
+    assert_eq!(set.indexed_keys(t.seq, 0), Some(IndexedKeys::PreRope));
+    {
+        let q = rng.vec(hq * d, 1.0);
+        let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
+        let mut out = vec![f32::NAN; hq * d];
+        let rp = AttentionParams { rope: Some(rope), ..Default::default() };
+        let e = pre.decode_with_clusters(0, &[t.seq], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &policy, &set, &rp).unwrap_err();
+        assert!(e.to_string().contains("scores capped positions only"), "{e}");
+        let e = t.post.decode_with_clusters(0, &[t.seq], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &policy, &set, &rp).unwrap_err();
+        assert!(e.to_string().contains("built from keys before RoPE"), "{e}");
+        assert!(out.iter().all(|v| v.is_nan()));
+        let e = set.update(&t.post, t.seq).unwrap_err();
+        assert!(e.to_string().contains("a cache storing keys before RoPE"), "{e}");
+    }
     assert_eq!(set.build(&t.post, t.seq, &policy).unwrap(), 2);
     let index = set.get(t.seq, 0).unwrap();
     assert_eq!((index.num_clusters(), index.num_coarse_clusters(), index.clustered_len()), (10, 3, 84));
@@ -271,4 +296,55 @@ fn index_set_errors_and_staleness() {
     let empty = t.post.create_sequence();
     assert!(set.build(&t.post, empty, &policy).unwrap_err().to_string().contains("prefill first"));
     assert_eq!(set.build(&t.post, empty, &Policy::parse("window=4").unwrap()).unwrap(), 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Prefill under a Λ-mask policy, chunk by chunk (windowed heads read only what their
+    /// new queries can see), equals the f64 reference with the row mask.
+    #[test]
+    fn windowed_prefill_in_chunks_matches_reference(
+        len in 20usize..200,
+        chunk in 1usize..64,
+        sinks in 0usize..5,
+        window in 1usize..40,
+        capped in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let (hk, g, d, ps) = (2, 2, 16, 8);
+        let hq = hk * g;
+        let rope = RopeConfig::new(500.0, RopeStyle::AdjacentPairs);
+        let mut rng = Rng(seed);
+        let cfg = CacheConfig::new(1, hk, d, ps, len.div_ceil(ps) + 1).with_dtype(DType::F32).with_key_rope(KeyRope::PreRope).with_key_bounds(false);
+        let mut cache = KvCache::new(cfg).unwrap();
+        let id = cache.create_sequence();
+        let text = if capped { format!("global={sinks},local={window},max_distance={}", window + 3) } else { format!("sinks={sinks},window={window};heads=0.1:dense") };
+        let policy = Policy::parse(&text).unwrap();
+        let params = AttentionParams { rope: Some(rope), ..Default::default() };
+        let k = rng.vec(len * hk * d, 2.0);
+        let v = rng.vec(len * hk * d, 1.0);
+        let q = rng.vec(len * hq * d, 1.0);
+        let mut out = vec![f32::NAN; len * hq * d];
+        let mut lse = vec![f32::NAN; len * hq];
+        for s in (0..len).step_by(chunk) {
+            let e = (s + chunk).min(len);
+            let m = e - s;
+            cache.append(id, m, None).unwrap();
+            let shape = [m, hk, d];
+            cache.write(id, 0, s, &TensorView::new(&k[s * hk * d..e * hk * d], &shape).unwrap(), &TensorView::new(&v[s * hk * d..e * hk * d], &shape).unwrap()).unwrap();
+            let qv = TensorView::new(&q[s * hq * d..e * hq * d], &[m, hq, d]).unwrap();
+            let mut o = TensorViewMut::new(&mut out[s * hq * d..e * hq * d], &[m, hq, d]).unwrap();
+            cache.prefill_with_policy(0, &[id], &qv, &[0, m as i32], &mut o, Some(&mut lse[s * hq..e * hq]), &policy, &params).unwrap();
+        }
+        let table = cache.page_table(&[id]).unwrap();
+        let kv = cache.layer_view(0, &table).unwrap();
+        let qv = TensorView::new(&q, &[len, hq, d]).unwrap();
+        let rparams = AttentionParams { positions: policy.position_mode(0), ..params };
+        let windowed = |h: usize| capped || h == 0;
+        let visible = |_: usize, h: usize, qt: usize, t: usize| t <= qt && (!windowed(h) || t < sinks || qt - t < window);
+        let want = reference::prefill_selected(&kv, &qv, &[0, len as i32], &rparams, &|_, _, _| true, &visible).unwrap();
+        let (eo, el) = common::max_err(&out, &lse, &want);
+        prop_assert!(eo < 5e-5 && el < 5e-5, "out err {eo}, lse err {el}");
+    }
 }

@@ -5,7 +5,8 @@ use crate::attention::{apply_rope, decode, decode_sparse, prefill_sparse, Attent
 use crate::config::KeyRope;
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, SeqId};
-use crate::select::{ClusterIndexSet, Policy, PolicySelection, Selection};
+use crate::attention::PositionMode;
+use crate::select::{ClusterIndexSet, IndexedKeys, Policy, PolicySelection, Selection};
 use crate::tensor::{TensorView, TensorViewMut};
 
 impl KvCache {
@@ -33,12 +34,15 @@ impl KvCache {
     /// `clusters=` also read the tokens their (sequence, layer) index in `indexes` retrieves
     /// (see [`Policy::select_with_clusters`] and [`ClusterIndexSet`] for building and the
     /// staleness rule). `q` is as for decode: after RoPE when the cache stores post-RoPE
-    /// keys; before RoPE when it stores pre-RoPE keys (then `params.rope` is required and
-    /// a copy of `q` is rotated to the query's original position for scoring, against an
-    /// index built from the same tokens' post-RoPE keys, e.g. in a twin cache). Returns,
-    /// per sequence, the selection and the centroid rows scored (empty for a dense layer).
+    /// keys; before RoPE when it stores pre-RoPE keys. Then `params.rope` is required and
+    /// a copy of `q` is rotated for scoring: to position `max_distance` against an index
+    /// of this cache's raw keys under capped positions (the logit of a token at the capped
+    /// distance), or to its original position against an index built from a twin cache
+    /// of post-RoPE keys. Returns, per sequence, the selection and the centroid rows scored
+    /// (empty for a dense layer).
     ///
-    /// Errors: as `decode_with_policy`, plus a missing, stale or mismatched index; a
+    /// Errors: as `decode_with_policy`, plus a missing, stale or mismatched index (an index
+    /// of raw keys under positions other than capped, or with a post-RoPE cache); a
     /// pre-RoPE cache without `params.rope`. On error nothing is written.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_with_clusters(
@@ -78,15 +82,39 @@ impl KvCache {
         if q.shape().first() != Some(&ids.len()) {
             return Err(Error::shape("q", format!("[{}, num_qo_heads, head_dim] (one query per sequence)", ids.len()), format!("{:?}", q.shape())));
         }
-        let rotate = indexes.is_some() && c.key_rope == KeyRope::PreRope && policy.uses_clusters(layer, c.num_kv_heads);
+        let clusters = policy.uses_clusters(layer, c.num_kv_heads);
         let sels = ids
             .iter()
             .enumerate()
             .map(|(b, &id)| {
                 let qb = q.narrow0(b)?;
-                if !rotate {
+                let Some(set) = indexes.filter(|_| clusters) else {
                     return policy.select_inner(self, id, layer, &qb, indexes);
-                }
+                };
+                // The position the query is scored at (see ClusterIndexSet's docs), or none
+                // when the query is already after RoPE.
+                let at = match (c.key_rope, set.indexed_keys(id, layer), params.positions) {
+                    (_, None, _) | (KeyRope::PostRope, Some(IndexedKeys::PostRope), _) => None,
+                    (KeyRope::PostRope, Some(IndexedKeys::PreRope), _) => {
+                        return Err(Error::invalid(
+                            "clusters",
+                            format!("an index of post-RoPE keys for sequence {id} at layer {layer} (this cache stores keys after RoPE; the index was built from keys before RoPE)"),
+                        ))
+                    }
+                    (KeyRope::PreRope, Some(IndexedKeys::PreRope), PositionMode::Capped { max_distance }) => Some(max_distance.min(i32::MAX as u32) as i32),
+                    (KeyRope::PreRope, Some(IndexedKeys::PreRope), _) => {
+                        return Err(Error::invalid(
+                            "clusters",
+                            format!("an index of post-RoPE keys (built from a twin cache) for sequence {id} at layer {layer}: an index of raw pre-RoPE keys scores capped positions only, and layer {layer} uses {:?}", params.positions),
+                        ))
+                    }
+                    (KeyRope::PreRope, Some(IndexedKeys::PostRope), _) => {
+                        Some(*self.positions(id)?.last().ok_or_else(|| Error::invalid("seq_ids", format!("sequence {id} holding the query's token (it is empty)")))?)
+                    }
+                };
+                let Some(pos) = at else {
+                    return policy.select_inner(self, id, layer, &qb, indexes);
+                };
                 let Some(rope) = rope.as_ref() else {
                     return Err(Error::invalid("params.rope", "a RoPE configuration: this cache stores keys before RoPE, and centroid retrieval scores the query after RoPE"));
                 };
@@ -99,7 +127,6 @@ impl KvCache {
                     let idx: Vec<usize> = lead.iter().copied().chain([h]).collect();
                     qb.read_row(&idx, &mut rows[h * d..(h + 1) * d]);
                 }
-                let pos = *self.positions(id)?.last().ok_or_else(|| Error::invalid("seq_ids", format!("sequence {id} holding the query's token (it is empty)")))?;
                 apply_rope(&mut TensorViewMut::new(&mut rows, &[1, hq, d])?, &[pos], rope)?;
                 policy.select_inner(self, id, layer, &TensorView::new(&rows, &[hq, d])?, indexes)
             })
@@ -140,7 +167,29 @@ impl KvCache {
                 }
             })
             .collect();
-        let sels = ids.iter().map(|&id| Selection::dense(c.num_kv_heads, self.seq_len(id)?)).collect::<Result<Vec<_>>>()?;
+        // A windowed head's new queries see only the sinks and the last `window + new - 1`
+        // tokens: reading just those keeps a long windowed prefill linear in the context.
+        // (Contiguous positions number the tokens read, so they read everything.)
+        let narrow = params.positions != PositionMode::Contiguous && windows.iter().any(|w| w.is_some());
+        let sels = ids
+            .iter()
+            .enumerate()
+            .map(|(b, &id)| {
+                let len = self.seq_len(id)?;
+                let new = match (qo_indptr.get(b), qo_indptr.get(b + 1)) {
+                    (Some(&s), Some(&e)) if narrow && s >= 0 && e >= s && (e - s) as usize <= len => (e - s) as usize,
+                    _ => return Selection::dense(c.num_kv_heads, len),
+                };
+                let heads: Vec<Vec<u32>> = windows
+                    .iter()
+                    .map(|w| match w {
+                        Some(w) => first_and_last(len, w.sinks, w.window.saturating_add(new).saturating_sub(1)),
+                        None => (0..len as u32).collect(),
+                    })
+                    .collect();
+                Selection::from_heads(len, heads)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&Selection> = sels.iter().collect();
         self.with_layer_view(layer, ids, |kv| prefill_sparse(kv, q, qo_indptr, &refs, &windows, out, lse, &params))
     }
@@ -154,4 +203,11 @@ impl KvCache {
         self.evict_pages(id, &pages)?;
         Ok(pages.len())
     }
+}
+
+/// The first `first` and the last `last` of `len` token indices, ascending, each once.
+fn first_and_last(len: usize, first: usize, last: usize) -> Vec<u32> {
+    let head = first.min(len);
+    let tail = len.saturating_sub(last).max(head);
+    (0..head as u32).chain(tail as u32..len as u32).collect()
 }

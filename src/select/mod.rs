@@ -29,7 +29,7 @@ mod topk;
 mod window;
 
 pub use pages::{page_bounds, page_scores, page_scores_into, pages_to_keep, PageBoundsConfig};
-pub use cluster_set::{ClusterBuild, ClusterIndexSet, ClusterSizing, DEFAULT_CLUSTER_SIZE};
+pub use cluster_set::{ClusterBuild, ClusterIndexSet, ClusterSizing, IndexedKeys, DEFAULT_CLUSTER_SIZE};
 pub use policy::{HeadOverride, LayerOverride, Policy, PolicySelection, PositionKind, Spec, HIER_OPEN_MULTIPLE};
 pub use selection::{Selection, SelectionStats};
 pub use topk::top_k;

@@ -640,8 +640,10 @@ impl Policy {
     /// through the coarse level with `hier=`), plus every token the index does not cover
     /// yet (past its [`ClusterIndex::clustered_len`](crate::select::cluster::ClusterIndex::clustered_len):
     /// the recent tokens, which a `window=` at least as large as the index's left-out
-    /// window reads anyway). `q` is the query after RoPE at its original position, whatever
-    /// the cache stores (the index scores post-RoPE keys).
+    /// window reads anyway). `q` is the query as the index's keys need it: after RoPE at
+    /// its position for an index of post-RoPE keys, rotated to `max_distance` for an index
+    /// of raw pre-RoPE keys under capped positions ([`crate::KvCache::decode_with_clusters`]
+    /// does this).
     ///
     /// Errors, beyond `select`'s: no index for (`seq`, `layer`) in `indexes` (build one with
     /// [`ClusterIndexSet::build`]); an index longer than the sequence (truncated or

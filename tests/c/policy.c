@@ -337,8 +337,11 @@ static void prefill_with_policy(void) {
           "prefill_with_policy matches the windowed reference (err %g)", max_abs_diff(out, ref_out, TOTAL * HQ * D));
     EXPECT_OK(kvsieve_cache_prefill_sparse(f.cache, 0, f.ids, 2, tensor3(&tq, q, dt_f32(), TOTAL, HQ, D), qo_indptr, dense,
                                            windows, HK, tensor3(&to, out2, dt_f32(), TOTAL, HQ, D), lse2, NULL));
-    CHECK(max_abs_diff(out, out2, TOTAL * HQ * D) == 0.0 && max_abs_diff(lse, lse2, TOTAL * HQ) == 0.0,
-          "prefill_with_policy equals prefill_sparse with dense selections and the policy's windows");
+    /* Equal to rounding: windowed heads read only the tokens their queries can see, so
+     * the sums run over fewer (all masked-out) keys. */
+    CHECK(max_abs_diff(out, out2, TOTAL * HQ * D) < 1e-5 && max_abs_diff(lse, lse2, TOTAL * HQ) < 1e-5,
+          "prefill_with_policy equals prefill_sparse with dense selections and the policy's windows (err %g)",
+          max_abs_diff(out, out2, TOTAL * HQ * D));
     kvsieve_selection_free(dense[0]);
     kvsieve_selection_free(dense[1]);
     kvsieve_policy_free(p);

@@ -179,7 +179,8 @@ def test_prefill_with_policy(rng):
     for layer, windows in [(0, None), (1, [(3, 7), None]), (2, None)]:
         out, lse = c.prefill_with_policy(layer, [s], q, qo, policy)
         ref_out, ref_lse = c.prefill_sparse(layer, [s], q, qo, [kvsieve.Selection.dense(2, n)], windows)
-        np.testing.assert_array_equal(out, ref_out)
+        # Equal to rounding: windowed heads read only the tokens their queries can see.
+        np.testing.assert_allclose(out, ref_out, atol=1e-5)
         everything = [np.arange(n)] * 2
         ro, rl = reference.selected_attention(q, range(n - new, n), c.read_keys(s, layer), c.read_values(s, layer), everything, windows=windows)
         np.testing.assert_allclose(out, ro, atol=ATOL)

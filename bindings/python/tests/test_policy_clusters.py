@@ -116,11 +116,23 @@ def test_errors_name_what_to_call(rng):
     with pytest.raises(kvsieve.InvalidArgumentError, match="rebuild"):
         clusters.update(c, s)
     assert clusters.get(s, 0).clustered_len == before
+    # A pre-RoPE cache's raw keys are scored for capped positions only.
     pre = kvsieve.KvCache(1, 2, D, 8, 20, key_rope="pre", track_key_bounds=False)
     p = pre.create_sequence()
     fill(rng, pre, p, 30)
-    with pytest.raises(kvsieve.InvalidArgumentError, match="before RoPE"):
-        clusters.build(pre, p, policy)
-    assert clusters.remove_sequence(s) == 1 and len(clusters) == 0
+    assert clusters.build(pre, p, policy) == 1
+    rope = kvsieve.RopeConfig(1000.0)
+    with pytest.raises(kvsieve.InvalidArgumentError, match="capped positions only"):
+        pre.decode_with_policy(0, [p], q, policy, clusters=clusters, rope=rope)
+    capped = kvsieve.Policy("global=2,local=8,max_distance=8,clusters=16")
+    assert clusters.build(pre, p, capped) == 1
+    out, lse, sels = pre.decode_with_policy(0, [p], q, capped, clusters=clusters, rope=rope)
+    q_at_cap = kvsieve.apply_rope(q, [8], 1000.0)[0]
+    r, _ = clusters.get(p, 0).retrieve(q_at_cap, budget=16, seq_len=30)
+    win = kvsieve.streaming(2, 30, 2, 8)
+    for h in range(2):
+        np.testing.assert_array_equal(sels[0].head(h), union(r.head(h), win.head(h)))
+    # Both caches' first sequence is 0: the pre-RoPE build replaced the other's index.
+    assert clusters.remove_sequence(p) == 1 and len(clusters) == 0
     with pytest.raises(kvsieve.UnknownSequenceError):
         clusters.build(c, 999, policy)

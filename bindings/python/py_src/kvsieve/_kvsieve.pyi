@@ -657,8 +657,9 @@ class KvCache:
                 with ``clusters=N`` also read the best clusters of the sequence's index at
                 this layer up to N tokens, plus the tokens the index does not cover yet.
                 With a cache storing keys before RoPE, ``rope`` is required and a copy of
-                ``q`` is rotated to the query's position for scoring (build the set from a
-                cache of the same tokens' post-RoPE keys).
+                ``q`` is rotated for scoring: to ``max_distance`` against an index of the
+                cache's raw keys (capped positions only), or to the query's position
+                against a set built from a twin cache of post-RoPE keys.
             Others: as in :meth:`decode`.
 
         Returns:
@@ -754,6 +755,12 @@ class ClusterIndexSet:
     per (sequence, layer), owned by the engine and passed to
     :meth:`KvCache.decode_with_policy` as ``clusters=``.
 
+    Keys: a cache of post-RoPE keys is clustered as stored and the query scored after RoPE
+    at its position; a cache of pre-RoPE keys is clustered raw and, under
+    ``positions=capped,max_distance=M``, the query is scored rotated to position ``M`` (the
+    logit attention gives a token at the capped distance). Other position modes on a
+    pre-RoPE cache need a set built from a twin cache of post-RoPE keys.
+
     Staleness rule: :meth:`build` after a sequence's prefill clusters every layer whose
     policy uses ``clusters=``, leaving out the smallest ``window=`` of that layer's cluster
     heads. Tokens appended later are in no cluster and are always read, so nothing new is
@@ -768,14 +775,14 @@ class ClusterIndexSet:
 
     def __init__(self, seed: int = 0) -> None: ...
     def build(self, cache: KvCache, seq: int, policy: Policy | str) -> int:
-        """Build (or rebuild) the indexes of ``seq`` from ``cache``'s keys (stored after
-        RoPE) for every layer where ``policy`` uses ``clusters=``; returns the number of
-        layers indexed (0 for a policy without ``clusters=``). The set changes only if
-        every layer succeeds.
+        """Build (or rebuild) the indexes of ``seq`` from ``cache``'s keys (as stored, or
+        raw for a pre-RoPE cache) for every layer where ``policy`` uses ``clusters=``;
+        returns the number of layers indexed (0 for a policy without ``clusters=``). The
+        set changes only if every layer succeeds.
 
         Raises:
-            InvalidArgumentError: a cache storing keys before RoPE (``keys`` named), an
-                empty sequence (``seq``), or a policy that fails validation.
+            InvalidArgumentError: an empty sequence (``seq``), or a policy that fails
+                validation.
             UnknownSequenceError: ``seq`` is not in the cache.
         """
     def update(self, cache: KvCache, seq: int) -> int:

@@ -561,7 +561,7 @@ pub unsafe fn merge_states(
 
 /// Paged append on the device (the engine-owned-cache form, like vLLM's
 /// `reshape_and_cache`): write `k[i]`, `v[i]` (`[n, num_kv_heads, head_dim]`, f32, f16 or
-/// bf16, any strides) into slot `slot_mapping[i]` (int64 `[n]` device tensor,
+/// bf16, any strides) into slot `slot_mapping[i]` (device address of `n` contiguous int64,
 /// `page * page_size + slot`; negative entries are skipped) of the view's memory, converting
 /// to the cache dtype (round to nearest even). Key bounds are not touched: see
 /// [`update_key_bounds`]. Graph-capturable.
@@ -571,7 +571,7 @@ pub unsafe fn merge_states(
 ///    reads the written slots until the work completes);
 /// 2. `k`, `v`, `slot_mapping` are valid device memory for their shapes; every non-negative
 ///    slot is below `num_pages * page_size`.
-pub unsafe fn append(dev: &CudaDevice, kv: &CudaPagedKv, k: &DeviceTensor, v: &DeviceTensor, slot_mapping: &DeviceTensor, stream: &Stream) -> Result<()> {
+pub unsafe fn append(dev: &CudaDevice, kv: &CudaPagedKv, k: &DeviceTensor, v: &DeviceTensor, slot_mapping: u64, stream: &Stream) -> Result<()> {
     let l = *kv.layout();
     let all = [DType::F32, DType::F16, DType::BF16];
     let o = dev.ordinal();
@@ -581,17 +581,14 @@ pub unsafe fn append(dev: &CudaDevice, kv: &CudaPagedKv, k: &DeviceTensor, v: &D
     let n = k.shape[0];
     k.expect("k", &[Some(n), Some(l.num_kv_heads), Some(l.head_dim)], &all, o)?;
     v.expect("v", &[Some(n), Some(l.num_kv_heads), Some(l.head_dim)], &all, o)?;
-    if slot_mapping.shape != [n] || (n > 1 && slot_mapping.strides != [1]) {
-        return Err(Error::shape("slot_mapping", format!("[{n}] contiguous"), format!("{:?}", slot_mapping.shape)));
-    }
-    if slot_mapping.ptr == 0 && n > 0 {
+    if slot_mapping == 0 && n > 0 {
         return Err(Error::NullPointer { param: "slot_mapping".into() });
     }
-    if slot_mapping.ptr % 8 != 0 {
+    if slot_mapping % 8 != 0 {
         return Err(Error::invalid("slot_mapping", "int64 values at an address aligned to 8 bytes"));
     }
     let (kp, vp) = kv.kv_ptrs();
-    launch_append(dev, stream, &l, kp, vp, k, v, slot_mapping.ptr, n)
+    launch_append(dev, stream, &l, kp, vp, k, v, slot_mapping, n)
 }
 
 /// Queue the append kernel (arguments checked by the caller).

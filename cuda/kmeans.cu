@@ -1,3 +1,5 @@
+// Keys must be finite (the CPU entry points check; these kernels do not).
+//
 // Spherical K-means (Lloyd) on the device, with the semantics of
 // src/select/cluster/kmeans.rs: assignment to the nearest unit centroid by the largest
 // x̂·ĉ (ties to the lowest cluster), normalised-mean update (a cluster whose mean has
@@ -189,8 +191,8 @@ __device__ __forceinline__ void kvs_mma(float (&c)[4], const unsigned (&a)[4], u
 template <int D, int NT, bool BF16, bool SPLIT>
 __device__ __forceinline__ void assign_mma(const kvs_u16* __restrict__ keys, unsigned long long stride_t,
                                            unsigned long long stride_h, unsigned n, const kvs_u16* __restrict__ chi,
-                                           const kvs_u16* __restrict__ clo, unsigned k, unsigned kp,
-                                           const float* __restrict__ inv_norm, unsigned* __restrict__ assign,
+                                           const kvs_u16* __restrict__ clo, const float* __restrict__ cn, unsigned k,
+                                           unsigned kp, const float* __restrict__ inv_norm, unsigned* __restrict__ assign,
                                            float* __restrict__ best, unsigned* __restrict__ sizes,
                                            unsigned* __restrict__ ctl) {
     constexpr int LD = D + 8;            // padded smem row (halves): conflict-free fragment loads
@@ -313,19 +315,28 @@ __device__ __forceinline__ void assign_mma(const kvs_u16* __restrict__ keys, uns
             }
         }
     }
-    if (tig == 0) {
+    // Every lane of a quad now holds the 4 rows' winners; lane tig takes row tig and
+    // recomputes its dot product with the f32 centroid, so `best` (inertia, repair
+    // distances) does not carry the rounding of the tensor-core centroids.
+    unsigned ci = 0;
 #pragma unroll
-        for (int s = 0; s < 4; ++s) {
-            const unsigned t = row0 + (s >> 1) * 16 + gid + (s & 1) * 8;
-            if (t < n) kvs_km_record(h, t, n, k, bi[s], bv[s], inv_norm, assign, best, sizes, ctl);
-        }
+    for (int s = 0; s < 4; ++s)
+        if (s == (int)tig) ci = bi[s];
+    const unsigned t = row0 + (tig >> 1) * 16 + gid + (tig & 1) * 8;
+    if (t < n) {
+        const kvs_u16* x = keys + (size_t)t * stride_t + (size_t)h * stride_h;
+        const float* cr = cn + ((size_t)h * k + ci) * D;
+        float dot = 0.f;
+#pragma unroll 8
+        for (int c = 0; c < D; ++c) dot = fmaf(BF16 ? kvs_bf16_to_f32(x[c]) : kvs_f16_to_f32(x[c]), cr[c], dot);
+        kvs_km_record(h, t, n, k, ci, dot, inv_norm, assign, best, sizes, ctl);
     }
 }
 
 #define KVS_KM_MMA(name, D, NT, BF, SPLIT)                                                                          \
     extern "C" __global__ void __launch_bounds__(KVS_MMA_ROWS, 1) name(const KvsKmeansParams p) {                  \
-        assign_mma<D, NT, BF, SPLIT>((const kvs_u16*)p.keys, p.stride_t, p.stride_h, p.n, p.chi, p.clo, p.k, p.kp, \
-                                     p.inv_norm, p.assign, p.best, p.sizes, p.ctl);                                \
+        assign_mma<D, NT, BF, SPLIT>((const kvs_u16*)p.keys, p.stride_t, p.stride_h, p.n, p.chi, p.clo, p.cn, p.k, \
+                                     p.kp, p.inv_norm, p.assign, p.best, p.sizes, p.ctl);                                \
     }
 // Dynamic shared memory: 2 * (SPLIT ? 2 : 1) * NT * (D + 8) * 2 bytes; kp a multiple of NT.
 KVS_KM_MMA(kvs_kmeans_assign_mma_f16_d64, 64, 64, false, false)

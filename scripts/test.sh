@@ -26,3 +26,11 @@ echo "== examples/llama: SmolLM2-135M-Instruct on kvsieve (release; fetches the 
 bash scripts/fetch-model.sh >/dev/null
 bash examples/llama/scripts/fetch-text.sh >/dev/null
 cargo test --release -p kvsieve-llama --no-fail-fast
+
+# ---- CUDA backend: every kernel compiles (spills in hot kernels fail the build); the GPU
+# ---- tests run where a GPU is present and print "skipped: <reason>" elsewhere.
+echo "== CUDA: pinned nvcc, cargo build --features cuda, tests/cuda_*"
+NVCC="$(bash scripts/cuda-toolchain.sh)"
+export NVCC
+cargo build --features cuda
+cargo test --features cuda --test 'cuda_*' -- --test-threads=1

@@ -28,6 +28,7 @@ mod modules;
 
 pub mod attention;
 mod cache;
+pub mod prefill;
 pub mod select;
 mod view;
 

@@ -76,7 +76,8 @@ fn prefill_matches_cpu() {
             let qt = DeviceTensor::contiguous(qdev.ptr(), dtype, &[total, hq, d], dev.ordinal());
             let qv = TensorView::new(&qf, &[total, hq, d]).unwrap();
             let view = cache.layer_view(0, &table).unwrap();
-            let windows: Vec<Option<StreamingWindow>> = (0..hk).map(|h| if h % 2 == 0 { Some(StreamingWindow { sinks: 4, window: 50 }) } else { None }).collect();
+            let windows: Vec<Option<StreamingWindow>> =
+                (0..hk).map(|h| if h % 2 == 0 { Some(StreamingWindow { sinks: 4, window: 50 }) } else { None }).collect();
             let masks = PrefillMasks::upload(&dev, &windows, stream).unwrap();
             for (causal, cap_logits, windowed) in [(true, None, false), (false, None, false), (true, Some(20.0f32), false), (true, None, true)] {
                 let what = format!("{dtype} ps {ps} d {d} hk {hk} hq {hq} causal {causal} cap {cap_logits:?} windows {windowed}");

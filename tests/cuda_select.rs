@@ -127,7 +127,9 @@ fn page_bounds_match_cpu() {
             let vbuf = DeviceBuffer::zeroed(&dev, bytes, stream).unwrap();
             let layout = PagedKvLayout::packed(dtype, cap, ps, hk, d, PageLayout::Nhd);
             // SAFETY: K and V cover the layout; the bounds cover every page of the pool.
-            let kv = unsafe { CudaPagedKv::from_raw(kbuf.ptr(), vbuf.ptr(), layout, &dtable).unwrap().with_key_bounds(KeyBoundsLayout { ptr: bounds_dev.ptr() }).unwrap() };
+            let kv = unsafe {
+                CudaPagedKv::from_raw(kbuf.ptr(), vbuf.ptr(), layout, &dtable).unwrap().with_key_bounds(KeyBoundsLayout { ptr: bounds_dev.ptr() }).unwrap()
+            };
             let b = lens.len();
             let (qf, qbytes) = rounded(&rng.vec(b * hq * d, 1.5), dtype);
             let qdev = upload_bytes(&dev, &qbytes, stream);
@@ -162,7 +164,11 @@ fn page_bounds_match_cpu() {
                         let s = &want_scores[h * np..(h + 1) * np];
                         let cut = w.iter().map(|&p| s[p]).fold(f32::INFINITY, f32::min);
                         for p in g.iter().filter(|p| !w.contains(p)).chain(w.iter().filter(|p| !g.contains(p))) {
-                            assert!((s[*p] - cut).abs() <= 4e-3 + 1e-3 * cut.abs(), "{what} head {h}: page {p} (score {}) differs from the CPU's pages {w:?} (cut {cut}), got {g:?}", s[*p]);
+                            assert!(
+                                (s[*p] - cut).abs() <= 4e-3 + 1e-3 * cut.abs(),
+                                "{what} head {h}: page {p} (score {}) differs from the CPU's pages {w:?} (cut {cut}), got {g:?}",
+                                s[*p]
+                            );
                         }
                         assert_eq!(g.len(), w.len(), "{what} head {h}: page count");
                     }
@@ -258,7 +264,13 @@ fn cluster_retrieval_matches_cpu() {
             let tau = sorted[k / 2];
             let per_head: Vec<f64> = (0..hk).map(|h| cpu_est[h][k / 3]).collect();
             let all = vec![true; k];
-            for how in [Retrieve::Threshold(tau), Retrieve::PerHeadThreshold(per_head.clone()), Retrieve::Budget(150), Retrieve::Budget(n + 5), Retrieve::Threshold(-1.0)] {
+            for how in [
+                Retrieve::Threshold(tau),
+                Retrieve::PerHeadThreshold(per_head.clone()),
+                Retrieve::Budget(150),
+                Retrieve::Budget(n + 5),
+                Retrieve::Threshold(-1.0),
+            ] {
                 let (out, _keep) = poisoned_selections(&dev, stream, 1, hk, n);
                 cidx.retrieve(stream, &qt, &how, &mut ws, &out).unwrap();
                 let sel = out.to_host(&[n], stream).unwrap().remove(0);
@@ -325,7 +337,8 @@ fn cluster_retrieval_matches_cpu() {
                             scored[f as usize] = true;
                         }
                     }
-                    let extra: Vec<(Vec<f32>, u32)> = (0..k1).filter(|c| !open.contains(c)).map(|c| (lv.centroids()[c * d..(c + 1) * d].to_vec(), lv.sizes()[c])).collect();
+                    let extra: Vec<(Vec<f32>, u32)> =
+                        (0..k1).filter(|c| !open.contains(c)).map(|c| (lv.centroids()[c * d..(c + 1) * d].to_vec(), lv.sizes()[c])).collect();
                     let want_f = ref_estimates(qh, g, d, index.head(h).centroids(), index.head(h).sizes(), &scored, &extra);
                     assert_close64(&format!("{what} {coarse:?} fine estimates head {h}"), &est[h], &want_f, 2e-4);
                     let kept = choose(&est[h], &scored, index.head(h).sizes(), &fine, h);
@@ -371,7 +384,8 @@ fn kmeans_matches_cpu() {
     let mut rng = Rng(0x4eaa5);
     for &(n, hk, d, k) in &[(700usize, 2usize, 64usize, 12usize), (1300, 1, 128, 33), (500, 3, 128, 71)] {
         for dtype in DTYPES {
-            let paths: &[Assignment] = if dtype == DType::F32 { &[Assignment::CudaCore] } else { &[Assignment::Split, Assignment::TensorCore, Assignment::CudaCore] };
+            let paths: &[Assignment] =
+                if dtype == DType::F32 { &[Assignment::CudaCore] } else { &[Assignment::Split, Assignment::TensorCore, Assignment::CudaCore] };
             let (keys, bytes) = clustered_keys(&mut rng, n, hk, d, k, dtype);
             let kdev = upload_bytes(&dev, &bytes, stream);
             let kt = DeviceTensor::contiguous(kdev.ptr(), dtype, &[n, hk, d], dev.ordinal());
@@ -399,7 +413,12 @@ fn kmeans_matches_cpu() {
                     assert_eq!(g.iterations(), want.iterations(), "{what} head {h}: iterations");
                     assert_close(&format!("{what} head {h}: unit centroids"), g.centroids_normalized(), want.centroids_normalized(), 2e-5, 1e-4);
                     assert_close(&format!("{what} head {h}: raw centroids"), g.centroids(), want.centroids(), 2e-5, 1e-4);
-                    assert!((g.inertia() - want.inertia()).abs() <= 1e-3 * want.inertia().abs() + 1e-3, "{what} head {h}: inertia {} vs {}", g.inertia(), want.inertia());
+                    assert!(
+                        (g.inertia() - want.inertia()).abs() <= 1e-3 * want.inertia().abs() + 1e-3,
+                        "{what} head {h}: inertia {} vs {}",
+                        g.inertia(),
+                        want.inertia()
+                    );
                 }
             }
         }
@@ -449,7 +468,11 @@ fn gemfilter_matches_cpu() {
             let qv = TensorView::new(&qf, &[hq, d]).unwrap();
             let kmax = n.min(300);
             let mut ws = GemFilterWorkspace::new(&dev, n, hq, d, kmax, stream).unwrap();
-            for cfg in [GemFilterConfig { k: kmax, pool_kernel: 5, keep_first: 0, keep_last: 0 }, GemFilterConfig { k: kmax.min(64), pool_kernel: 1, keep_first: 1.min(n), keep_last: 0 }, GemFilterConfig { k: kmax, pool_kernel: 7, keep_first: 0, keep_last: kmax.min(10) }] {
+            for cfg in [
+                GemFilterConfig { k: kmax, pool_kernel: 5, keep_first: 0, keep_last: 0 },
+                GemFilterConfig { k: kmax.min(64), pool_kernel: 1, keep_first: 1.min(n), keep_last: 0 },
+                GemFilterConfig { k: kmax, pool_kernel: 7, keep_first: 0, keep_last: kmax.min(10) },
+            ] {
                 gemfilter_select(stream, &qt, &kt, &cfg, &mut ws).unwrap();
                 let scores = ws.scores_to_host(stream).unwrap();
                 let want_scores = token_scores(&qv, KeySource::Tensor(&kv)).unwrap();

@@ -76,7 +76,10 @@ impl PrefillQueries {
             }
             if let Some(lens) = table.seq_lens() {
                 if n as usize > lens[b] {
-                    return Err(Error::invalid("qo_indptr", format!("at most seq_len = {} queries for sequence {b} (queries are its last tokens), got {n}", lens[b])));
+                    return Err(Error::invalid(
+                        "qo_indptr",
+                        format!("at most seq_len = {} queries for sequence {b} (queries are its last tokens), got {n}", lens[b]),
+                    ));
                 }
             }
             max_q_len = max_q_len.max(n as usize);

@@ -296,7 +296,15 @@ impl CudaClusterIndex {
     /// Hierarchical retrieval (see [`ClusterIndex::retrieve_hierarchical`]): coarse
     /// centroids scored, coarse clusters opened by `coarse`, only their children scored
     /// and kept by `fine`. Graph-capturable (see the module docs for thresholds).
-    pub fn retrieve_hierarchical(&self, stream: &Stream, q: &DeviceTensor, coarse: CoarseRetrieve, fine: &Retrieve, ws: &mut ClusterWorkspace, out: &CudaSelections) -> Result<()> {
+    pub fn retrieve_hierarchical(
+        &self,
+        stream: &Stream,
+        q: &DeviceTensor,
+        coarse: CoarseRetrieve,
+        fine: &Retrieve,
+        ws: &mut ClusterWorkspace,
+        out: &CudaSelections,
+    ) -> Result<()> {
         let Some((ccent, csizes, parent)) = &self.coarse else {
             return Err(Error::invalid("coarse", "an index built with a coarse level (ClusterConfig::coarse)"));
         };

@@ -99,6 +99,8 @@ pub struct CudaKMeans {
     _bufs: Vec<DeviceBuffer>,
     inertia: DeviceBuffer,
     cn: DeviceBuffer,
+    /// Whether initial centroids were set.
+    seeded: std::sync::atomic::AtomicBool,
 }
 
 impl CudaKMeans {
@@ -128,10 +130,16 @@ impl CudaKMeans {
             return Err(Error::invalid("k", format!("1..={n} clusters (at most one per key), got {k}")));
         }
         to_u32("keys", n * hk)?;
+        if hk > 1024 {
+            return Err(Error::Unsupported(format!("device K-means over more than 1024 KV heads at once (got {hk})")));
+        }
         let tensor = matches!(assignment, Assignment::TensorCore | Assignment::Split);
         if tensor {
             if keys.dtype == DType::F32 || !(d == 64 || d == 128) {
-                return Err(Error::invalid("assignment", format!("Assignment::CudaCore for {} keys of head_dim {d} (tensor cores need f16 / bf16 keys of head_dim 64 or 128)", keys.dtype)));
+                return Err(Error::invalid(
+                    "assignment",
+                    format!("Assignment::CudaCore for {} keys of head_dim {d} (tensor cores need f16 / bf16 keys of head_dim 64 or 128)", keys.dtype),
+                ));
             }
             if keys.ptr % 4 != 0 || keys.strides[0] % 2 != 0 || keys.strides[1] % 2 != 0 {
                 return Err(Error::invalid("keys", "4-byte aligned key rows (even token and head strides) for the tensor-core assignment"));
@@ -187,7 +195,7 @@ impl CudaKMeans {
         let mut bufs = vec![inv_norm, xsq, csq, sizes, sums, ctl, assign, best, raw, centroids];
         bufs.extend(chi);
         bufs.extend(clo);
-        Ok(CudaKMeans { dev: dev.clone(), dtype: keys.dtype, n, hk, d, k, kp, assignment, max_iter, p, _bufs: bufs, inertia, cn })
+        Ok(CudaKMeans { dev: dev.clone(), dtype: keys.dtype, n, hk, d, k, kp, assignment, max_iter, p, _bufs: bufs, inertia, cn, seeded: false.into() })
     }
 
     /// Upload the initial centroids, `[num_kv_heads][k][head_dim]` f32 (any length; scaled
@@ -198,9 +206,14 @@ impl CudaKMeans {
             return Err(Error::shape("init", format!("[{}, {}, {}] = {want} values", self.hk, self.k, self.d), format!("{} values", init.len())));
         }
         if let Some(i) = init.iter().position(|v| !v.is_finite()) {
-            return Err(Error::invalid("init", format!("finite centroids, but head {} centroid {} holds {}", i / (self.k * self.d), i / self.d % self.k, init[i])));
+            return Err(Error::invalid(
+                "init",
+                format!("finite centroids, but head {} centroid {} holds {}", i / (self.k * self.d), i / self.d % self.k, init[i]),
+            ));
         }
-        self.cn.upload(0, bytemuck::cast_slice(init), stream)
+        self.cn.upload(0, bytemuck::cast_slice(init), stream)?;
+        self.seeded.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn go(&self, stream: &Stream, name: &'static str, grid: (u32, u32, u32), block: u32, shared: u32, p: &Params) -> Result<()> {
@@ -219,7 +232,7 @@ impl CudaKMeans {
     }
 
     fn assign_pass(&self, stream: &Stream, it: usize) -> Result<()> {
-        let (n, hk, k, kp) = (self.n as u32, self.hk as u32, self.k as u32, self.kp as u32);
+        let (n, hk, kp) = (self.n as u32, self.hk as u32, self.kp as u32);
         let tensor = self.assignment != Assignment::CudaCore;
         let p = self.p;
         if tensor {
@@ -253,15 +266,19 @@ impl CudaKMeans {
         };
         self.go(stream, repair, (hk, 1, 1), 1024, 0, &p)?;
         let pi = Params { inertia: self.p.inertia + (it * self.hk * 8) as u64, ..p };
-        self.go(stream, "kvs_kmeans_inertia", (hk, 1, 1), 1024, 0, &pi)?;
-        let _ = k;
-        Ok(())
+        self.go(stream, "kvs_kmeans_inertia", (hk, 1, 1), 1024, 0, &pi)
     }
 
     /// Queue a whole clustering from the centroids last set (graph-capturable): norms,
     /// initial assignment and repair, then up to `max_iter` update + assignment passes
-    /// (converged heads skip them on the device), then the raw means.
+    /// (converged heads skip them on the device), then the raw means. After a run the
+    /// centroids are the result: call [`CudaKMeans::set_centroids`] again to restart.
+    ///
+    /// Errors: no centroids set yet (`init`).
     pub fn run(&self, stream: &Stream) -> Result<()> {
+        if !self.seeded.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::invalid("init", "initial centroids set by CudaKMeans::set_centroids before run"));
+        }
         let (n, hk, k) = (self.n as u32, self.hk as u32, self.k as u32);
         let p = self.p;
         let s = self.suffix();

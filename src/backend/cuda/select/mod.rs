@@ -74,7 +74,8 @@ pub(crate) fn check_query(dev: &CudaDevice, q: &DeviceTensor, param: &str, rows:
         [r, hq, d] if r == rows && d == head_dim => hq,
         [hq, d] if rows == 1 && d == head_dim => hq,
         _ => {
-            let want = if rows == 1 { format!("[num_qo_heads, {head_dim}] or [1, num_qo_heads, {head_dim}]") } else { format!("[{rows}, num_qo_heads, {head_dim}]") };
+            let want =
+                if rows == 1 { format!("[num_qo_heads, {head_dim}] or [1, num_qo_heads, {head_dim}]") } else { format!("[{rows}, num_qo_heads, {head_dim}]") };
             return Err(Error::shape(param, want, format!("{:?}", q.shape)));
         }
     };

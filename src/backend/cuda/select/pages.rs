@@ -88,7 +88,15 @@ pub struct PageBoundsWorkspace {
 impl PageBoundsWorkspace {
     /// Scratch for `batch` sequences of at most `max_seq_len` tokens in pages of
     /// `page_size`, with `num_qo_heads` query and `num_kv_heads` KV heads of `head_dim`.
-    pub fn new(dev: &Arc<CudaDevice>, batch: usize, max_seq_len: usize, page_size: usize, num_qo_heads: usize, num_kv_heads: usize, head_dim: usize) -> Result<Self> {
+    pub fn new(
+        dev: &Arc<CudaDevice>,
+        batch: usize,
+        max_seq_len: usize,
+        page_size: usize,
+        num_qo_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
         if page_size == 0 {
             return Err(Error::invalid("page_size", "at least 1"));
         }
@@ -226,7 +234,14 @@ pub fn page_scores(stream: &Stream, kv: &CudaPagedKv, q: &DeviceTensor, ws: &mut
 ///
 /// Errors: an invalid `cfg` (or a budget above u32); a view without key bounds or storing
 /// keys before RoPE; a badly shaped `q`; a workspace or `out` of other sizes.
-pub fn page_bounds(stream: &Stream, kv: &CudaPagedKv, q: &DeviceTensor, cfg: &PageBoundsConfig, ws: &mut PageBoundsWorkspace, out: &CudaSelections) -> Result<()> {
+pub fn page_bounds(
+    stream: &Stream,
+    kv: &CudaPagedKv,
+    q: &DeviceTensor,
+    cfg: &PageBoundsConfig,
+    ws: &mut PageBoundsWorkspace,
+    out: &CudaSelections,
+) -> Result<()> {
     cfg.validate()?;
     let budget = to_u32("budget_tokens", cfg.budget_tokens)?;
     let min_pages = cfg.min_pages.min(u32::MAX as usize) as u32;

@@ -33,7 +33,17 @@ pub(crate) struct TopkParams {
 /// Device addresses on `dev`: `seg_indptr` holds `num_segments + 1` non-decreasing u32,
 /// `scores` at least `seg_indptr[num_segments]` f32, `out` `num_segments * k` u32 and
 /// `out_count` `num_segments` u32.
-pub unsafe fn top_k_segments_raw(dev: &CudaDevice, stream: &Stream, scores: u64, seg_indptr: u64, num_segments: usize, k: u32, out: u64, out_count: u64) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn top_k_segments_raw(
+    dev: &CudaDevice,
+    stream: &Stream,
+    scores: u64,
+    seg_indptr: u64,
+    num_segments: usize,
+    k: u32,
+    out: u64,
+    out_count: u64,
+) -> Result<()> {
     let p = TopkParams { scores, seg_indptr, out, out_count, k };
     let grid = to_u32("num_segments", num_segments)?;
     launch(dev, stream, ModuleId::Topk, "kvs_topk_segments", LaunchDims::new((grid, 1, 1), TOPK_BLOCK), &p)

@@ -202,10 +202,13 @@ const char *kvsieve_error_code_name(kvsieve_error_code_t code);
 
 /** \brief DLPack device types kvsieve knows (`DLDeviceType`). */
 typedef enum kvsieve_device_type {
-    /** Host memory (`kDLCPU`). The only device accepted for now. */
+    /** Host memory (`kDLCPU`), what every function but the `kvsieve_cuda_*` ones takes. */
     KVSIEVE_DEVICE_CPU = 1,
-    /** CUDA device memory (`kDLCUDA`); rejected with #KVSIEVE_ERROR_UNSUPPORTED for now. */
-    KVSIEVE_DEVICE_CUDA = 2
+    /** CUDA device memory (`kDLCUDA`): taken by the `kvsieve_cuda_*` functions only; the host
+     *  functions refuse it with #KVSIEVE_ERROR_UNSUPPORTED. */
+    KVSIEVE_DEVICE_CUDA = 2,
+    /** CUDA managed memory (`kDLCUDAManaged`): accepted wherever #KVSIEVE_DEVICE_CUDA is. */
+    KVSIEVE_DEVICE_CUDA_MANAGED = 13
 } kvsieve_device_type_t;
 
 /** \brief DLPack type codes kvsieve accepts (`DLDataTypeCode`). */
@@ -253,7 +256,8 @@ typedef struct kvsieve_dtype {
  *
  * - `data`: first byte of the allocation; the first element is at `data + byte_offset`.
  *   May be NULL only if the tensor has no elements.
- * - `device`: must be #KVSIEVE_DEVICE_CPU for now.
+ * - `device`: #KVSIEVE_DEVICE_CPU, except for the `kvsieve_cuda_*` functions, which take
+ *   #KVSIEVE_DEVICE_CUDA (or #KVSIEVE_DEVICE_CUDA_MANAGED) with `device_id` the device ordinal.
  * - `ndim`, `shape`: each function states the shape it expects; sizes are non-negative.
  * - `strides`: in elements, one per dimension, non-negative; NULL means contiguous
  *   row-major. Any stride is accepted, including for the last dimension.
@@ -2347,7 +2351,9 @@ kvsieve_error_t *kvsieve_cache_decode_with_clusters(const kvsieve_cache_t *cache
  *
  * - `k`, `v`: aligned to the element size and valid for every element of pages
  *   `0 .. num_pages` (NULL only if `num_pages` is 0).
- * - `device`: #KVSIEVE_DEVICE_CPU. `dtype`: float32, float16 or bfloat16.
+ * - `device`: #KVSIEVE_DEVICE_CPU (for the `kvsieve_cuda_paged_*` functions
+ *   #KVSIEVE_DEVICE_CUDA, and then every pointer, the page table's included, is a device
+ *   address). `dtype`: float32, float16 or bfloat16 (float16 or bfloat16 on CUDA).
  * - `key_rope`: a ::kvsieve_key_rope_t value.
  * - `page_size` 1..1024, `head_dim` a multiple of 8 up to 512, `num_kv_heads` >= 1.
  * - Page table (required): `indptr` has `batch + 1` values, `indices` has `indptr[batch]`
@@ -2456,6 +2462,138 @@ kvsieve_error_t *kvsieve_paged_prefill_sparse(const kvsieve_paged_kv_t *kv, cons
                                               const kvsieve_streaming_window_t *windows, size_t num_windows,
                                               const kvsieve_tensor_t *out, float *lse,
                                               const kvsieve_attention_params_t *params);
+
+/* ------------------------------------------------------------------------------------ */
+/* CUDA backend                                                                          */
+/* ------------------------------------------------------------------------------------ */
+
+/*
+ * The `kvsieve_cuda_*` functions run on an NVIDIA GPU (compute capability 8.0 or newer) over
+ * device memory the engine owns, on the engine's stream. They exist in every build; a
+ * library built without CUDA support, or a machine without a driver or device, answers
+ * #KVSIEVE_ERROR_CUDA_UNAVAILABLE with the reason (never a crash).
+ *
+ * Conventions shared by all of them:
+ * - Tensors and ::kvsieve_paged_kv_t descriptors have `device.device_type`
+ *   #KVSIEVE_DEVICE_CUDA and `device.device_id` the device ordinal; every pointer in them is
+ *   a device address. The descriptors themselves are host structs, read during the call.
+ * - `stream` is a `cudaStream_t` / `CUstream` of the device's primary context (the runtime
+ *   API's context), passed as `void *`; NULL is the legacy default stream. Work is queued on
+ *   it and the call returns without waiting: results are ready when the stream says so.
+ * - Descriptors, shapes, dtypes and parameters are checked on the host before anything is
+ *   queued (errors name the parameter). Device memory cannot be checked from the host: page
+ *   tables, selections and slot mappings must satisfy the documented invariants, and all
+ *   memory must stay valid, and not be written by others, until the queued work completes.
+ * - Kernel limits: pages float16 or bfloat16, `head_dim` 64 or 128, `page_size` a power of
+ *   two, K/V strides multiples of 8 elements and `k`, `v` aligned to 16 bytes; queries and
+ *   outputs float32, float16 or bfloat16 with any strides. Others give
+ *   #KVSIEVE_ERROR_UNSUPPORTED.
+ * - CUDA graphs: decode, sparse decode, append and merge_states queue kernels only (no host
+ *   copy, no synchronisation); decode needs a workspace that kvsieve allocates per (device,
+ *   stream) on first use and grows when a larger call needs it, so run a call of the
+ *   largest shape once before capturing. Launch sizes depend only on the host arguments
+ *   (`batch`, heads, `max_seq_len`, `max_per_head`, `chunk_size`), so a captured graph stays
+ *   valid while the engine rewrites page tables, selections and positions in place.
+ *
+ * Thread safety: all thread-safe; calls on one stream are ordered by the stream.
+ */
+
+/**
+ * \brief Number of CUDA devices the driver reports.
+ *
+ * \param out_count Receives the count (required).
+ * \return NULL on success; #KVSIEVE_ERROR_CUDA_UNAVAILABLE (with the reason) when there is no
+ * driver or the library was built without CUDA. `*out_count` untouched on failure.
+ *
+ * Ownership: nothing is retained. Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_cuda_device_count(size_t *out_count);
+
+/**
+ * \brief Check that CUDA device `device_id` can run kvsieve's kernels (driver present, device
+ * exists, compute capability 8.0 or newer). Creates the device's context and kvsieve's state
+ * for it on first use.
+ *
+ * \return NULL when usable, otherwise #KVSIEVE_ERROR_CUDA_UNAVAILABLE with the reason
+ * (#KVSIEVE_ERROR_INVALID_ARGUMENT for a negative id).
+ *
+ * Ownership: nothing is retained by the caller. Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_cuda_check(int32_t device_id);
+
+/**
+ * \brief Dense decode on the GPU over engine-owned paged memory: as kvsieve_paged_decode(),
+ * with every pointer a device address, queued on `stream`.
+ *
+ * \param kv Device descriptor (required); its page table and positions are device arrays.
+ * \param max_seq_len An upper bound on every sequence's length (sizes the split over chunks;
+ *        keep it fixed to replay a captured graph). Tokens past it are not read.
+ * \param q Queries `[batch, num_qo_heads, head_dim]` on the device.
+ * \param out Output, same shape, on the device; must not overlap the inputs.
+ * \param lse Optional: device memory for `batch * num_qo_heads` floats (natural-log LSEs).
+ * \param params Optional host struct (NULL = defaults); RoPE at read with every position mode.
+ * \param stream `cudaStream_t` as `void *` (NULL = legacy default stream).
+ * \return NULL when queued, or an error (owned by the caller); nothing queued on failure.
+ *
+ * Ownership: nothing is retained. Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_cuda_paged_decode(const kvsieve_paged_kv_t *kv, size_t max_seq_len, const kvsieve_tensor_t *q,
+                                           const kvsieve_tensor_t *out, float *lse,
+                                           const kvsieve_attention_params_t *params, void *stream);
+
+/**
+ * \brief Sparse decode on the GPU: KV head `h` of sequence `b` reads only the tokens of list
+ * `b * num_kv_heads + h` of a device CSR over (sequence, KV head): list `i` is
+ * `sel_indices[sel_indptr[i] .. sel_indptr[i + 1]]`, strictly ascending token indices below
+ * the sequence's length. The result equals dense attention over exactly those tokens.
+ *
+ * \param kv Device descriptor (required).
+ * \param max_seq_len As for kvsieve_cuda_paged_decode().
+ * \param sel_indptr Device array of `batch * num_kv_heads + 1` int32 offsets (required).
+ * \param sel_indices Device array of int32 token indices (required).
+ * \param max_per_head An upper bound on every list's length.
+ * \param q, out, lse, params, stream As for kvsieve_cuda_paged_decode().
+ * \return NULL when queued, or an error (owned by the caller).
+ *
+ * Ownership: nothing is retained. Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_cuda_paged_decode_sparse(const kvsieve_paged_kv_t *kv, size_t max_seq_len,
+                                                  const int32_t *sel_indptr, const int32_t *sel_indices,
+                                                  size_t max_per_head, const kvsieve_tensor_t *q,
+                                                  const kvsieve_tensor_t *out, float *lse,
+                                                  const kvsieve_attention_params_t *params, void *stream);
+
+/**
+ * \brief Paged append on the GPU (like vLLM's `reshape_and_cache`): write row `i` of `k` and
+ * `v` into slot `slot_mapping[i]` (`page * page_size + slot`) of the pages `kv` describes,
+ * converting to the page dtype (round to nearest even). Negative slots are skipped (padding).
+ * The page table of `kv` is not used; key bounds are not updated.
+ *
+ * \param kv Device descriptor (required); its pages are written.
+ * \param k Keys `[n, num_kv_heads, head_dim]` on the device, float32/float16/bfloat16.
+ * \param v Values, same shape.
+ * \param slot_mapping Device array of `n` int64 slots, each below `num_pages * page_size` or
+ *        negative (required when n > 0).
+ * \param stream `cudaStream_t` as `void *`.
+ * \return NULL when queued, or an error (owned by the caller).
+ *
+ * Ownership: nothing is retained. Thread safety: thread-safe, provided no other work reads
+ * or writes the target slots meanwhile.
+ */
+kvsieve_error_t *kvsieve_cuda_paged_append(const kvsieve_paged_kv_t *kv, const kvsieve_tensor_t *k,
+                                           const kvsieve_tensor_t *v, const int64_t *slot_mapping, void *stream);
+
+/**
+ * \brief merge_states on the GPU: as kvsieve_merge_states(), with device tensors and device
+ * LSE arrays (`n * heads` floats each).
+ *
+ * \return NULL when queued, or an error (owned by the caller).
+ *
+ * Ownership: nothing is retained. Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_cuda_merge_states(const kvsieve_tensor_t *v_a, const float *lse_a,
+                                           const kvsieve_tensor_t *v_b, const float *lse_b,
+                                           const kvsieve_tensor_t *out, float *lse_out, void *stream);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -123,6 +123,8 @@ fn header_constants_match_the_crate() {
 
     let expect = [
         ("KVSIEVE_DEVICE_CPU", kvsieve::ffi::DEVICE_CPU as i64),
+        ("KVSIEVE_DEVICE_CUDA", kvsieve::ffi::DEVICE_CUDA as i64),
+        ("KVSIEVE_DEVICE_CUDA_MANAGED", kvsieve::ffi::DEVICE_CUDA_MANAGED as i64),
         ("KVSIEVE_DTYPE_CODE_FLOAT", kvsieve::ffi::DTYPE_CODE_FLOAT as i64),
         ("KVSIEVE_DTYPE_CODE_BFLOAT", kvsieve::ffi::DTYPE_CODE_BFLOAT as i64),
         ("KVSIEVE_LAYOUT_NHD", kvsieve::PageLayout::Nhd as i64),

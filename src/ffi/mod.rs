@@ -20,6 +20,7 @@ mod attention;
 mod cache;
 mod cluster;
 mod cluster_set;
+mod cuda;
 mod error;
 mod gemfilter;
 mod params;
@@ -54,6 +55,10 @@ pub use cluster::{
     kvsieve_cluster_index_save, kvsieve_cluster_index_seq_len, kvsieve_cluster_index_seq_len_at_build, kvsieve_cluster_index_sizes,
     kvsieve_cluster_index_t, kvsieve_retrieve_config_default, kvsieve_retrieve_config_t, kvsieve_retrieve_stats_t, COARSE_BUDGET,
     COARSE_BUDGET_MULTIPLE, COARSE_THRESHOLD, RETRIEVE_BUDGET, RETRIEVE_PER_HEAD_THRESHOLD, RETRIEVE_THRESHOLD,
+};
+pub use cuda::{
+    kvsieve_cuda_check, kvsieve_cuda_device_count, kvsieve_cuda_merge_states, kvsieve_cuda_paged_append, kvsieve_cuda_paged_decode,
+    kvsieve_cuda_paged_decode_sparse, DEVICE_CUDA, DEVICE_CUDA_MANAGED,
 };
 pub use error::{
     kvsieve_error_code, kvsieve_error_code_name, kvsieve_error_free, kvsieve_error_message, kvsieve_error_parse_offset, kvsieve_error_t,

@@ -98,7 +98,7 @@ impl kvsieve_dtype_t {
 pub(crate) fn check_device(device: kvsieve_device_t, param: &str) -> Result<()> {
     if device.device_type != DEVICE_CPU {
         return Err(Error::Unsupported(format!(
-            "`{param}`: device_type {} (only kDLCPU = 1, host memory, is supported)",
+            "`{param}`: device_type {} (this function takes host memory, kDLCPU = 1; device memory goes to the kvsieve_cuda_* functions)",
             device.device_type
         )));
     }

@@ -1,0 +1,218 @@
+//! The `kvsieve_cuda_*` C entry points: argument checks and the no-driver answer run
+//! everywhere (with or without the `cuda` feature); with a GPU, append, dense and sparse
+//! decode through the C ABI on a borrowed stream against the host calls.
+
+use std::ffi::{c_void, CStr};
+use std::ptr;
+
+use kvsieve::ffi::*;
+use kvsieve::ErrorCode;
+
+/// (code, message) of an error, freed; None for success.
+unsafe fn take(e: *mut kvsieve_error_t) -> Option<(u32, String)> {
+    if e.is_null() {
+        return None;
+    }
+    let r = (kvsieve_error_code(e), CStr::from_ptr(kvsieve_error_message(e)).to_string_lossy().into_owned());
+    kvsieve_error_free(e);
+    Some(r)
+}
+
+fn tensor(data: *mut c_void, device_type: i32, shape: &[i64], bits: u8) -> kvsieve_tensor_t {
+    kvsieve_tensor_t {
+        data,
+        device: kvsieve_device_t { device_type, device_id: 0 },
+        ndim: shape.len() as i32,
+        dtype: kvsieve_dtype_t { code: DTYPE_CODE_FLOAT, bits, lanes: 1 },
+        shape: shape.as_ptr(),
+        strides: ptr::null(),
+        byte_offset: 0,
+    }
+}
+
+#[test]
+fn cuda_entry_points_check_arguments_and_never_panic() {
+    unsafe {
+        // Device count and check: success only with a driver and the feature.
+        let mut n = 0usize;
+        match take(kvsieve_cuda_device_count(&mut n)) {
+            None => assert!(cfg!(feature = "cuda")),
+            Some((code, msg)) => {
+                assert_eq!(code, ErrorCode::CudaUnavailable as u32, "{msg}");
+                assert_eq!(n, 0, "out_count written on failure");
+            }
+        }
+        let (code, msg) = take(kvsieve_cuda_device_count(ptr::null_mut())).expect("NULL out_count");
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("out_count"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_check(-1)).expect("negative id");
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("device_id"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_check(1 << 20)).expect("no such device");
+        assert_eq!(code, ErrorCode::CudaUnavailable as u32, "{msg}");
+
+        // Descriptors are checked before the device is touched.
+        let shape = [1i64, 4, 64];
+        let mut host = vec![0f32; 256];
+        let q_host = tensor(host.as_mut_ptr() as *mut c_void, DEVICE_CPU, &shape, 32);
+        let (code, msg) = take(kvsieve_cuda_paged_decode(ptr::null(), 16, &q_host, &q_host, ptr::null_mut(), ptr::null(), ptr::null_mut())).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("kv"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_merge_states(&q_host, ptr::null(), &q_host, ptr::null(), &q_host, ptr::null_mut(), ptr::null_mut())).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("v_a.device"), "{msg}");
+        let bad_rank = tensor(0x1000 as *mut c_void, DEVICE_CUDA, &shape[..2], 32);
+        let (code, msg) = take(kvsieve_cuda_merge_states(&bad_rank, ptr::null(), &bad_rank, ptr::null(), &bad_rank, ptr::null_mut(), ptr::null_mut())).unwrap();
+        assert_eq!(code, ErrorCode::Shape as u32, "{msg}");
+        assert!(msg.contains("v_a"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_paged_append(ptr::null(), ptr::null(), ptr::null(), ptr::null(), ptr::null_mut())).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        // The host functions refuse device memory with a pointer to the CUDA ones.
+        let q_dev = tensor(0x1000 as *mut c_void, DEVICE_CUDA, &shape, 32);
+        let mut lse = [0f32; 4];
+        let (code, msg) = take(kvsieve_merge_states(&q_dev, lse.as_ptr(), &q_dev, lse.as_ptr(), &q_dev, lse.as_mut_ptr())).unwrap();
+        assert_eq!(code, ErrorCode::Unsupported as u32, "{msg}");
+        assert!(msg.contains("kvsieve_cuda_"), "{msg}");
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use kvsieve::attention::{decode, decode_sparse, AttentionParams};
+    use kvsieve::backend::cuda::{CudaDevice, DeviceBuffer};
+    use kvsieve::{f16, DType, PageLayout, PageTable, PagedKv, PagedKvLayout, Selection, TensorView, TensorViewMut};
+    use std::io::Write;
+
+    fn dev_or_skip(test: &str) -> Option<std::sync::Arc<CudaDevice>> {
+        match CudaDevice::get(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "skipped: {test}: {e}");
+                None
+            }
+        }
+    }
+
+    fn rand(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Append through the C ABI, then dense and sparse decode on a borrowed stream, against
+    /// the CPU functions over the same pages.
+    #[test]
+    fn c_abi_append_and_decode_match_cpu() {
+        let Some(dev) = dev_or_skip("c_abi_append_and_decode_match_cpu") else { return };
+        let s = dev.stream();
+        let mut seed = 7u64;
+        let (num_pages, ps, hk, d, hq) = (12usize, 16usize, 2usize, 64usize, 6usize);
+        let layout = PagedKvLayout::packed(DType::F16, num_pages, ps, hk, d, PageLayout::Nhd);
+        let elems = num_pages * ps * hk * d;
+        let kb = DeviceBuffer::zeroed(&dev, elems * 2, s).unwrap();
+        let vb = DeviceBuffer::zeroed(&dev, elems * 2, s).unwrap();
+        let table = PageTable { indptr: vec![0, 3, 5], indices: vec![7, 2, 9, 0, 11], last_page_len: vec![5, 16] };
+        let lens = [37usize, 32];
+        let mut slots: Vec<i64> = Vec::new();
+        for (b, &n) in lens.iter().enumerate() {
+            for t in 0..n {
+                slots.push(table.indices[table.indptr[b] as usize + t / ps] as i64 * ps as i64 + (t % ps) as i64);
+            }
+        }
+        let total = slots.len();
+        let rows = rand(total * hk * d, &mut seed);
+        let rows_b = DeviceBuffer::from_slice(&dev, &rows, s).unwrap();
+        let slots_b = DeviceBuffer::from_slice(&dev, &slots, s).unwrap();
+        let ip = DeviceBuffer::from_slice(&dev, &table.indptr, s).unwrap();
+        let ix = DeviceBuffer::from_slice(&dev, &table.indices, s).unwrap();
+        let lp = DeviceBuffer::from_slice(&dev, &table.last_page_len, s).unwrap();
+        let st = layout.k_strides.map(|x| x as i64);
+        let desc = kvsieve_paged_kv_t {
+            k: kb.ptr() as *const c_void,
+            v: vb.ptr() as *const c_void,
+            device: kvsieve_device_t { device_type: DEVICE_CUDA, device_id: dev.ordinal() as i32 },
+            dtype: kvsieve_dtype_t { code: DTYPE_CODE_FLOAT, bits: 16, lanes: 1 },
+            key_rope: 0,
+            num_pages,
+            page_size: ps,
+            num_kv_heads: hk,
+            head_dim: d,
+            k_strides: st,
+            v_strides: st,
+            batch: 2,
+            indptr: ip.ptr() as *const i32,
+            indices: ix.ptr() as *const i32,
+            last_page_len: lp.ptr() as *const i32,
+            positions: ptr::null(),
+        };
+        let raw_stream = s.raw() as *mut c_void;
+        let kshape = [total as i64, hk as i64, d as i64];
+        let mut rt = tensor(rows_b.ptr() as *mut c_void, DEVICE_CUDA, &kshape, 32);
+        rt.device.device_id = dev.ordinal() as i32;
+        unsafe {
+            assert_eq!(take(kvsieve_cuda_paged_append(&desc, &rt, &rt, slots_b.ptr() as *const i64, raw_stream)), None);
+        }
+        s.synchronize().unwrap();
+        let k_host: Vec<f16> = kb.to_vec(s).unwrap();
+        let v_host: Vec<f16> = vb.to_vec(s).unwrap();
+        let cpu = PagedKv::new(&k_host, &v_host, layout, table.as_ref()).unwrap();
+
+        let q = rand(2 * hq * d, &mut seed);
+        let qb = DeviceBuffer::from_slice(&dev, &q, s).unwrap();
+        let qshape = [2i64, hq as i64, d as i64];
+        let qt = tensor(qb.ptr() as *mut c_void, DEVICE_CUDA, &qshape, 32);
+        let ob = DeviceBuffer::alloc(&dev, 2 * hq * d * 4).unwrap();
+        ob.memset(0xFF, s).unwrap();
+        let ot = tensor(ob.ptr() as *mut c_void, DEVICE_CUDA, &qshape, 32);
+        let lb = DeviceBuffer::alloc(&dev, 2 * hq * 4).unwrap();
+        lb.memset(0xFF, s).unwrap();
+        let qv = TensorView::new(&q, &[2, hq, d]).unwrap();
+        let check = |want: &[f32], want_lse: &[f32], what: &str| {
+            s.synchronize().unwrap();
+            let got: Vec<f32> = ob.to_vec(s).unwrap();
+            let got_lse: Vec<f32> = lb.to_vec(s).unwrap();
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!((g - w).abs() <= 2e-4 + 2e-3 * w.abs(), "{what} out[{i}]: {g} vs {w}");
+            }
+            for (i, (g, w)) in got_lse.iter().zip(want_lse).enumerate() {
+                assert!((g - w).abs() <= 1e-3, "{what} lse[{i}]: {g} vs {w}");
+            }
+        };
+        let mut want = vec![0f32; 2 * hq * d];
+        let mut want_lse = vec![0f32; 2 * hq];
+        decode(&cpu, &qv, &mut TensorViewMut::new(&mut want, &[2, hq, d]).unwrap(), Some(&mut want_lse), &AttentionParams::default()).unwrap();
+        unsafe {
+            assert_eq!(take(kvsieve_cuda_paged_decode(&desc, 64, &qt, &ot, lb.ptr() as *mut f32, ptr::null(), raw_stream)), None);
+        }
+        check(&want, &want_lse, "C dense decode");
+
+        // Sparse: every other token for head 0, the first 10 for head 1.
+        let sels: Vec<Selection> = lens
+            .iter()
+            .map(|&n| Selection::from_heads(n, vec![(0..n as u32).step_by(2).collect(), (0..10.min(n) as u32).collect()]).unwrap())
+            .collect();
+        let mut indptr = vec![0i32];
+        let mut indices: Vec<i32> = Vec::new();
+        for sel in &sels {
+            for h in 0..hk {
+                indices.extend(sel.head(h).iter().map(|&t| t as i32));
+                indptr.push(indices.len() as i32);
+            }
+        }
+        let sip = DeviceBuffer::from_slice(&dev, &indptr, s).unwrap();
+        let six = DeviceBuffer::from_slice(&dev, &indices, s).unwrap();
+        let refs: Vec<&Selection> = sels.iter().collect();
+        decode_sparse(&cpu, &qv, &refs, &mut TensorViewMut::new(&mut want, &[2, hq, d]).unwrap(), Some(&mut want_lse), &AttentionParams::default()).unwrap();
+        ob.memset(0xFF, s).unwrap();
+        lb.memset(0xFF, s).unwrap();
+        unsafe {
+            let e = kvsieve_cuda_paged_decode_sparse(&desc, 64, sip.ptr() as *const i32, six.ptr() as *const i32, 32, &qt, &ot, lb.ptr() as *mut f32, ptr::null(), raw_stream);
+            assert_eq!(take(e), None);
+        }
+        check(&want, &want_lse, "C sparse decode");
+    }
+}

@@ -44,14 +44,21 @@ struct KvsKmeansParams {
     double* raw;         // [hk][k][d]
     float* centroids;    // [hk][k][d]
     double* inertia;     // [hk]
+    float* d2;           // [hk][n] k-means++: squared distance to the nearest seed
+    double* chunk_sums;  // [hk][ceil(n / 2048)]
+    unsigned long long* rng;  // [hk] SplitMix64 states
+    unsigned* chosen;    // [hk][n] 1 once a point is a seed
+    unsigned* seeds;     // [hk][k]
     unsigned long long stride_t;
     unsigned long long stride_h;
+    unsigned long long seed;
     unsigned n;
     unsigned d;
     unsigned k;
     unsigned kp;
     unsigned hk;
     unsigned count;
+    unsigned step;       // k-means++: index of the seed being drawn
 };
 
 #define KVS_CTL 8
@@ -663,3 +670,147 @@ extern "C" __global__ void __launch_bounds__(32) kvs_kmeans_raw_finish(const Kvs
         centroids[j] = s ? (float)(raw[j] / (double)s) : 0.f;
     }
 }
+
+// ------------------------------------------------------------ k-means++ seeding
+//
+// The draws of src/select/cluster/kmeans.rs (`plus_plus`): a SplitMix64 seeded by `seed`
+// per head; the first seed is `below(n)`; each further seed draws u = next_f64() * total
+// (total = the f64 sum of the per-chunk f64 sums of D², chunks of 2048 points, each chunk
+// summed in point order) and takes the first point, in index order among those with
+// D² > 0, at which the running f64 sum exceeds u; with total 0 the lowest-index point not
+// yet a seed. D² = max(x̂sq_i + x̂sq_p - 2 x̂_i·x̂_p, 0) against the nearest seed so far.
+// Per seed: kvs_kmeans_pp_update (step s: fold seed s in) then kvs_kmeans_pp_draw (draw
+// seed s + 1). All sums are in the CPU's order; only the dot products differ in rounding.
+
+#define KVS_PP_CHUNK 2048
+
+__device__ __forceinline__ unsigned long long kvs_splitmix_next(unsigned long long* state) {
+    unsigned long long z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// d2 = +inf, rng = seed, chosen = 0, first seed below(n). grid = (ceil(n / 256), hk), block 256.
+extern "C" __global__ void __launch_bounds__(256) kvs_kmeans_pp_begin(const KvsKmeansParams p) {
+    const unsigned h = blockIdx.y;
+    for (unsigned t = blockIdx.x * 256 + threadIdx.x; t < p.n; t += gridDim.x * 256) {
+        p.d2[(size_t)h * p.n + t] = INFINITY;
+        p.chosen[(size_t)h * p.n + t] = 0u;
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        unsigned long long st = p.seed;
+        const unsigned first = (unsigned)__umul64hi(kvs_splitmix_next(&st), (unsigned long long)p.n);
+        p.rng[h] = st;
+        p.seeds[(size_t)h * p.k] = first;
+    }
+}
+
+// Fold seed `step` into D² and recompute the chunk sums. grid = (chunks, hk), block 256.
+// `chosen` of the new seed is set here (before any read by the next draw).
+template <class L>
+__device__ __forceinline__ void pp_update(const KvsKmeansParams& p) {
+    __shared__ float xp[512];
+    const unsigned h = blockIdx.y, c = blockIdx.x;
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const unsigned sp = p.seeds[(size_t)h * p.k + p.step];
+    const typename L::T* keys = (const typename L::T*)p.keys;
+    const float invp = p.inv_norm[(size_t)h * p.n + sp];
+    const float xsqp = p.xsq[(size_t)h * p.n + sp];
+    const typename L::T* xrow = keys + sp * p.stride_t + h * p.stride_h;
+    for (unsigned i = threadIdx.x; i < p.d; i += 256) xp[i] = L::load(xrow, i) * invp;
+    __syncthreads();
+    const unsigned t0 = c * KVS_PP_CHUNK, t1 = min(t0 + KVS_PP_CHUNK, p.n);
+    float* d2 = p.d2 + (size_t)h * p.n;
+    for (unsigned t = t0 + warp; t < t1; t += 8) {
+        const typename L::T* x = keys + t * p.stride_t + h * p.stride_h;
+        float acc = 0.f;
+        for (unsigned i = lane; i < p.d; i += 32) acc = fmaf(L::load(x, i), xp[i], acc);
+        acc = kvs_warp_sum(acc) * p.inv_norm[(size_t)h * p.n + t];
+        if (lane == 0) {
+            const float nd = fmaxf(p.xsq[(size_t)h * p.n + t] + xsqp - 2.f * acc, 0.f);
+            if (t == sp) d2[t] = 0.f;
+            else if (nd < d2[t]) d2[t] = nd;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;  // in point order, as the CPU
+        for (unsigned t = t0; t < t1; ++t) s += (double)d2[t];
+        p.chunk_sums[(size_t)h * gridDim.x + c] = s;
+        if (sp >= t0 && sp < t1) p.chosen[(size_t)h * p.n + sp] = 1u;
+    }
+}
+#define KVS_PP_UPDATE(name, L)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) name(const KvsKmeansParams p) { pp_update<L>(p); }
+KVS_PP_UPDATE(kvs_kmeans_pp_update_f32, KvsF32)
+KVS_PP_UPDATE(kvs_kmeans_pp_update_f16, KvsF16)
+KVS_PP_UPDATE(kvs_kmeans_pp_update_bf16, KvsBF16)
+
+// Draw seed step + 1 (see above). grid = hk, block = 32 (one thread walks, in order).
+extern "C" __global__ void __launch_bounds__(32) kvs_kmeans_pp_draw(const KvsKmeansParams p) {
+    if (threadIdx.x != 0) return;
+    const unsigned h = blockIdx.x;
+    const unsigned chunks = (p.n + KVS_PP_CHUNK - 1) / KVS_PP_CHUNK;
+    const double* cs = p.chunk_sums + (size_t)h * chunks;
+    const float* d2 = p.d2 + (size_t)h * p.n;
+    double total = 0.0;
+    for (unsigned c = 0; c < chunks; ++c) total += cs[c];
+    unsigned long long st = p.rng[h];
+    const double u = (double)(kvs_splitmix_next(&st) >> 11) * (1.0 / 9007199254740992.0) * total;
+    p.rng[h] = st;
+    unsigned pick = 0xffffffffu;
+    if (total > 0.0) {
+        double cum = 0.0;
+        int last = -1;
+        for (unsigned c = 0; c < chunks && pick == 0xffffffffu; ++c) {
+            if (cum + cs[c] <= u) {
+                cum += cs[c];
+                if (cs[c] > 0.0) last = (int)c;
+                continue;
+            }
+            const unsigned t1 = min((c + 1) * KVS_PP_CHUNK, p.n);
+            for (unsigned t = c * KVS_PP_CHUNK; t < t1; ++t) {
+                const float v = d2[t];
+                if (v > 0.f) {
+                    cum += (double)v;
+                    last = (int)c;
+                    if (cum > u) {
+                        pick = t;
+                        break;
+                    }
+                }
+            }
+        }
+        if (pick == 0xffffffffu && last >= 0) {
+            // Rounding left u beyond the running sum: the last point with D² > 0.
+            const unsigned t1 = min(((unsigned)last + 1) * KVS_PP_CHUNK, p.n);
+            for (unsigned t = (unsigned)last * KVS_PP_CHUNK; t < t1; ++t)
+                if (d2[t] > 0.f) pick = t;
+        }
+    }
+    if (pick == 0xffffffffu) {
+        const unsigned* ch = p.chosen + (size_t)h * p.n;
+        for (unsigned t = 0; t < p.n; ++t)
+            if (ch[t] == 0u) {
+                pick = t;
+                break;
+            }
+    }
+    p.seeds[(size_t)h * p.k + p.step + 1] = pick;
+}
+
+// Initial unit centroids from the seeds: cn[h][c] = x̂[seeds[h][c]]. grid = (k, hk), block 32.
+template <class L>
+__device__ __forceinline__ void pp_gather(const KvsKmeansParams& p) {
+    const unsigned c = blockIdx.x, h = blockIdx.y;
+    const unsigned t = p.seeds[(size_t)h * p.k + c];
+    const typename L::T* x = (const typename L::T*)p.keys + t * p.stride_t + h * p.stride_h;
+    const float inv = p.inv_norm[(size_t)h * p.n + t];
+    for (unsigned i = threadIdx.x; i < p.d; i += 32) p.cn[((size_t)h * p.k + c) * p.d + i] = L::load(x, i) * inv;
+}
+#define KVS_PP_GATHER(name, L)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(32) name(const KvsKmeansParams p) { pp_gather<L>(p); }
+KVS_PP_GATHER(kvs_kmeans_pp_gather_f32, KvsF32)
+KVS_PP_GATHER(kvs_kmeans_pp_gather_f16, KvsF16)
+KVS_PP_GATHER(kvs_kmeans_pp_gather_bf16, KvsBF16)

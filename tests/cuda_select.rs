@@ -14,7 +14,9 @@ use kvsieve::backend::cuda::select::kmeans::{Assignment, CudaKMeans};
 use kvsieve::backend::cuda::select::pages::{page_bounds, PageBoundsWorkspace};
 use kvsieve::backend::cuda::select::topk::top_k_segments;
 use kvsieve::backend::cuda::{CudaDevice, CudaPageTable, CudaPagedKv, CudaSelections, DeviceBuffer, DeviceTensor, KeyBoundsLayout, Stream};
-use kvsieve::select::cluster::{kmeans_from_centroids, ClusterConfig, ClusterCount, ClusterIndex, CoarseRetrieve, KeySource, Retrieve};
+use kvsieve::select::cluster::{
+    kmeans as cpu_kmeans, kmeans_from_centroids, seed_plus_plus, ClusterConfig, ClusterCount, ClusterIndex, CoarseRetrieve, KMeansConfig, KeySource, Retrieve,
+};
 use kvsieve::select::gemfilter::{avg_pool, select as gem_select, token_scores, GemFilterConfig};
 use kvsieve::select::{page_bounds as cpu_page_bounds, page_scores as cpu_page_scores, top_k, PageBoundsConfig, Selection};
 use kvsieve::{bf16, f16, CacheConfig, DType, KvCache, PageLayout, PagedKvLayout, TensorView};
@@ -420,6 +422,51 @@ fn kmeans_matches_cpu() {
                         want.inertia()
                     );
                 }
+            }
+        }
+    }
+}
+
+#[test]
+fn kmeans_plus_plus_matches_cpu() {
+    let Some(dev) = device_or_skip("kmeans_plus_plus_matches_cpu") else { return };
+    let stream = dev.stream();
+    let mut rng = Rng(0x5eed5);
+    for &(n, hk, d, k, seed) in &[(5000usize, 2usize, 64usize, 40usize, 7u64), (900, 1, 128, 31, 0), (64, 3, 64, 64, 11)] {
+        for dtype in DTYPES {
+            let what = format!("n {n} hk {hk} d {d} k {k} seed {seed} {dtype}");
+            let (keys, bytes) = rounded(&rng.vec(n * hk * d, 1.0), dtype);
+            let kdev = upload_bytes(&dev, &bytes, stream);
+            let kt = DeviceTensor::contiguous(kdev.ptr(), dtype, &[n, hk, d], dev.ordinal());
+            let km = CudaKMeans::new(&dev, &kt, k, 0, Assignment::default_for(dtype, d)).unwrap();
+            km.seed_plus_plus(seed, stream).unwrap();
+            let got = km.seeds(stream).unwrap();
+            for h in 0..hk {
+                let head: Vec<f32> = (0..n).flat_map(|t| keys[(t * hk + h) * d..(t * hk + h + 1) * d].iter().copied()).collect();
+                let want = seed_plus_plus(&head, d, k, seed).unwrap();
+                assert_eq!(got[h], want, "{what} head {h}: seeds");
+            }
+        }
+    }
+    // A whole K-means on the device against the CPU's, on well separated clusters.
+    for &(n, hk, d, k) in &[(3000usize, 2usize, 128usize, 24usize), (800, 1, 64, 10)] {
+        for dtype in DTYPES {
+            let what = format!("full n {n} hk {hk} d {d} k {k} {dtype}");
+            let (keys, bytes) = clustered_keys(&mut rng, n, hk, d, k, dtype);
+            let kdev = upload_bytes(&dev, &bytes, stream);
+            let kt = DeviceTensor::contiguous(kdev.ptr(), dtype, &[n, hk, d], dev.ordinal());
+            let km = CudaKMeans::new(&dev, &kt, k, 20, Assignment::default_for(dtype, d)).unwrap();
+            km.seed_plus_plus(5, stream).unwrap();
+            km.run(stream).unwrap();
+            let got = km.results(stream).unwrap();
+            for h in 0..hk {
+                let head: Vec<f32> = (0..n).flat_map(|t| keys[(t * hk + h) * d..(t * hk + h + 1) * d].iter().copied()).collect();
+                let cfg = KMeansConfig { clusters: ClusterCount::Absolute(k), max_iter: 20, seed: 5 };
+                let want = cpu_kmeans(&head, d, &cfg).unwrap();
+                assert_eq!(got[h].seeds(), want.seeds(), "{what} head {h}: seeds");
+                assert_eq!(got[h].assignment(), want.assignment(), "{what} head {h}: assignment");
+                assert_eq!(got[h].iterations(), want.iterations(), "{what} head {h}: iterations");
+                assert_close(&format!("{what} head {h}: raw centroids"), got[h].centroids(), want.centroids(), 2e-5, 1e-4);
             }
         }
     }

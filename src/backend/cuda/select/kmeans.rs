@@ -1,6 +1,8 @@
 //! Spherical K-means on the device (`cuda/kmeans.cu`), every KV head of a key tensor at
-//! once, with the semantics of [`crate::select::cluster::kmeans_from_centroids`]: Lloyd
-//! iterations from given centroids (scaled to unit length), assignment to the nearest unit
+//! once, with the semantics of [`crate::select::cluster::kmeans`] (k-means++ seeding with
+//! the CPU's draws, [`CudaKMeans::seed_plus_plus`]) and
+//! [`crate::select::cluster::kmeans_from_centroids`] (given centroids,
+//! [`CudaKMeans::set_centroids`]): Lloyd iterations from unit centroids, assignment to the nearest unit
 //! centroid (ties to the lowest index), normalised-mean update, empty-cluster repair,
 //! stop when a pass changes nothing and needed no repair; raw-key means at the end.
 //!
@@ -54,6 +56,8 @@ impl Assignment {
 /// Control word per head (see `cuda/kmeans.cu`): done, iterations, changed, repaired, converged.
 const CTL: usize = 8;
 const MMA_ROWS: usize = 256;
+/// Points per k-means++ chunk (as the CPU).
+const PP_CHUNK: usize = 2048;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -73,14 +77,21 @@ struct Params {
     raw: u64,
     centroids: u64,
     inertia: u64,
+    d2: u64,
+    chunk_sums: u64,
+    rng: u64,
+    chosen: u64,
+    seeds: u64,
     stride_t: u64,
     stride_h: u64,
+    seed: u64,
     n: u32,
     d: u32,
     k: u32,
     kp: u32,
     hk: u32,
     count: u32,
+    step: u32,
 }
 
 /// Device state of a K-means over the keys `[n, num_kv_heads, head_dim]` of one tensor,
@@ -101,6 +112,8 @@ pub struct CudaKMeans {
     cn: DeviceBuffer,
     /// Whether initial centroids were set.
     seeded: std::sync::atomic::AtomicBool,
+    /// Whether they came from [`CudaKMeans::seed_plus_plus`].
+    plus_plus: std::sync::atomic::AtomicBool,
 }
 
 impl CudaKMeans {
@@ -160,6 +173,11 @@ impl CudaKMeans {
         let raw = buffer::<f64>(dev, hk * k * d)?;
         let centroids = f4(hk * k * d)?;
         let inertia = buffer::<f64>(dev, hk * (max_iter + 1))?;
+        let d2 = f4(hk * n)?;
+        let chunk_sums = buffer::<f64>(dev, hk * n.div_ceil(PP_CHUNK))?;
+        let rng = buffer::<u64>(dev, hk)?;
+        let chosen = buffer::<u32>(dev, hk * n)?;
+        let seeds = buffer::<u32>(dev, hk * k)?;
         let (chi, clo) = if tensor {
             let chi = buffer::<u16>(dev, hk * kp * d)?;
             let clo = if assignment == Assignment::Split { Some(buffer::<u16>(dev, hk * kp * d)?) } else { None };
@@ -183,19 +201,42 @@ impl CudaKMeans {
             raw: raw.ptr(),
             centroids: centroids.ptr(),
             inertia: inertia.ptr(),
+            d2: d2.ptr(),
+            chunk_sums: chunk_sums.ptr(),
+            rng: rng.ptr(),
+            chosen: chosen.ptr(),
+            seeds: seeds.ptr(),
             stride_t: keys.strides[0] as u64,
             stride_h: keys.strides[1] as u64,
+            seed: 0,
             n: n as u32,
             d: d as u32,
             k: to_u32("k", k)?,
             kp: to_u32("k", kp)?,
             hk: to_u32("num_kv_heads", hk)?,
             count: 0,
+            step: 0,
         };
-        let mut bufs = vec![inv_norm, xsq, csq, sizes, sums, ctl, assign, best, raw, centroids];
+        let mut bufs = vec![inv_norm, xsq, csq, sizes, sums, ctl, assign, best, raw, centroids, d2, chunk_sums, rng, chosen, seeds];
         bufs.extend(chi);
         bufs.extend(clo);
-        Ok(CudaKMeans { dev: dev.clone(), dtype: keys.dtype, n, hk, d, k, kp, assignment, max_iter, p, _bufs: bufs, inertia, cn, seeded: false.into() })
+        Ok(CudaKMeans {
+            dev: dev.clone(),
+            dtype: keys.dtype,
+            n,
+            hk,
+            d,
+            k,
+            kp,
+            assignment,
+            max_iter,
+            p,
+            _bufs: bufs,
+            inertia,
+            cn,
+            seeded: false.into(),
+            plus_plus: false.into(),
+        })
     }
 
     /// Upload the initial centroids, `[num_kv_heads][k][head_dim]` f32 (any length; scaled
@@ -213,7 +254,53 @@ impl CudaKMeans {
         }
         self.cn.upload(0, bytemuck::cast_slice(init), stream)?;
         self.seeded.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.plus_plus.store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Queue k-means++ seeding on the device with the draws of
+    /// [`crate::select::cluster::seed_plus_plus`] (the same SplitMix64 stream from `seed`
+    /// for every head, D² sums in the same order; only dot products round differently),
+    /// and take the seeds' unit keys as the initial centroids. Graph-capturable
+    /// (`2 * (k - 1) + 4` launches). Every step reads all keys: about `k` passes over them.
+    pub fn seed_plus_plus(&self, seed: u64, stream: &Stream) -> Result<()> {
+        let (n, hk) = (self.n as u32, self.hk as u32);
+        let p = Params { seed, ..self.p };
+        self.go(stream, self.norms_name(), (n.div_ceil(8), hk, 1), 256, 0, &p)?;
+        self.go(stream, "kvs_kmeans_pp_begin", (n.div_ceil(256).min(1024), hk, 1), 256, 0, &p)?;
+        let chunks = self.n.div_ceil(PP_CHUNK) as u32;
+        let (update, gather) = match self.dtype {
+            DType::F32 => ("kvs_kmeans_pp_update_f32", "kvs_kmeans_pp_gather_f32"),
+            DType::F16 => ("kvs_kmeans_pp_update_f16", "kvs_kmeans_pp_gather_f16"),
+            DType::BF16 => ("kvs_kmeans_pp_update_bf16", "kvs_kmeans_pp_gather_bf16"),
+        };
+        for s in 0..self.k.saturating_sub(1) {
+            let ps = Params { step: s as u32, ..p };
+            self.go(stream, update, (chunks, hk, 1), 256, 0, &ps)?;
+            self.go(stream, "kvs_kmeans_pp_draw", (hk, 1, 1), 32, 0, &ps)?;
+        }
+        self.go(stream, gather, (self.k as u32, hk, 1), 32, 0, &p)?;
+        self.seeded.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.plus_plus.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The k-means++ seeds per head (point indices in the order drawn) of the last
+    /// [`CudaKMeans::seed_plus_plus`]; waits for `stream`.
+    pub fn seeds(&self, stream: &Stream) -> Result<Vec<Vec<u32>>> {
+        if !self.plus_plus.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::invalid("seeds", "centroids seeded by CudaKMeans::seed_plus_plus"));
+        }
+        let all: Vec<u32> = self._bufs[14].to_vec(stream)?;
+        Ok((0..self.hk).map(|h| all[h * self.k..(h + 1) * self.k].to_vec()).collect())
+    }
+
+    fn norms_name(&self) -> &'static str {
+        match self.dtype {
+            DType::F32 => "kvs_kmeans_norms_f32",
+            DType::F16 => "kvs_kmeans_norms_f16",
+            DType::BF16 => "kvs_kmeans_norms_bf16",
+        }
     }
 
     fn go(&self, stream: &Stream, name: &'static str, grid: (u32, u32, u32), block: u32, shared: u32, p: &Params) -> Result<()> {
@@ -282,12 +369,7 @@ impl CudaKMeans {
         let (n, hk, k) = (self.n as u32, self.hk as u32, self.k as u32);
         let p = self.p;
         let s = self.suffix();
-        let norms: &'static str = match s {
-            "f32" => "kvs_kmeans_norms_f32",
-            "f16" => "kvs_kmeans_norms_f16",
-            _ => "kvs_kmeans_norms_bf16",
-        };
-        self.go(stream, norms, (n.div_ceil(8), hk, 1), 256, 0, &p)?;
+        self.go(stream, self.norms_name(), (n.div_ceil(8), hk, 1), 256, 0, &p)?;
         self.go(stream, "kvs_kmeans_begin", (k, hk, 1), 32, 0, &p)?;
         self.assign_pass(stream, 0)?;
         let (acc, raw): (&'static str, &'static str) = match s {
@@ -316,7 +398,7 @@ impl CudaKMeans {
 
     /// Read the clusterings back, one per KV head (waits for `stream`): assignment, unit
     /// and raw centroids, sizes, members (CSR, ascending), inertia and its history,
-    /// iterations, convergence. `seeds` is empty.
+    /// iterations, convergence, and the k-means++ seeds when [`CudaKMeans::seed_plus_plus`] chose them.
     pub fn results(&self, stream: &Stream) -> Result<Vec<Clustering>> {
         let (n, hk, k, d) = (self.n, self.hk, self.k, self.d);
         let assign: Vec<u32> = self._bufs[6].to_vec(stream)?;
@@ -324,6 +406,7 @@ impl CudaKMeans {
         let raw: Vec<f32> = self._bufs[9].to_vec(stream)?;
         let ctl: Vec<u32> = self._bufs[5].to_vec(stream)?;
         let inertia: Vec<f64> = self.inertia.to_vec(stream)?;
+        let seeds = if self.plus_plus.load(std::sync::atomic::Ordering::Relaxed) { self.seeds(stream)? } else { vec![Vec::new(); hk] };
         let mut out = Vec::with_capacity(hk);
         for h in 0..hk {
             let a = assign[h * n..(h + 1) * n].to_vec();
@@ -358,7 +441,7 @@ impl CudaKMeans {
                 inertia_history: history,
                 iterations,
                 converged: ctl[h * CTL + 4] != 0,
-                seeds: Vec::new(),
+                seeds: seeds[h].clone(),
             });
         }
         Ok(out)

@@ -7,6 +7,7 @@ mod attention;
 mod cache;
 mod cluster;
 mod cluster_set;
+mod cuda;
 mod errors;
 mod gemfilter;
 mod options;
@@ -38,6 +39,10 @@ fn _kvsieve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<cluster::PyClusterThresholds>()?;
     m.add_class::<cluster_set::PyClusterIndexSet>()?;
     m.add_function(wrap_pyfunction!(isa, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_device_count, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_paged_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_paged_append, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_merge_states, m)?)?;
     m.add_function(wrap_pyfunction!(rope::apply_rope, m)?)?;
     m.add_function(wrap_pyfunction!(attention::paged_decode, m)?)?;
     m.add_function(wrap_pyfunction!(attention::paged_prefill, m)?)?;

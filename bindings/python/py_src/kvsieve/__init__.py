@@ -28,6 +28,10 @@ each decode query then keeps the clusters whose estimated attention passes a thr
 policy, ``clusters=N`` does this per head: a :class:`ClusterIndexSet` holds the index of
 every (sequence, layer) and goes to :meth:`KvCache.decode_with_policy` as ``clusters=``.
 
+On an NVIDIA GPU (a wheel built with the ``cuda`` feature), :func:`cuda_paged_decode`,
+:func:`cuda_paged_append` and :func:`cuda_merge_states` work on device arrays given through
+``__dlpack__`` (torch, cupy, jax), in place, on the caller's stream.
+
 Every error is a :class:`KvsieveError` (one subclass per kind) carrying a stable
 :class:`ErrorCode`.
 """
@@ -61,6 +65,10 @@ from kvsieve._kvsieve import (
     apply_rope,
     avg_pool,
     calibrate_filter_layer,
+    cuda_device_count,
+    cuda_merge_states,
+    cuda_paged_append,
+    cuda_paged_decode,
     gemfilter_scores,
     gemfilter_select,
     isa,
@@ -108,6 +116,10 @@ __all__ = [
     "apply_rope",
     "avg_pool",
     "calibrate_filter_layer",
+    "cuda_device_count",
+    "cuda_merge_states",
+    "cuda_paged_append",
+    "cuda_paged_decode",
     "gemfilter_scores",
     "gemfilter_select",
     "isa",

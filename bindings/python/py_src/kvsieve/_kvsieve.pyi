@@ -1490,3 +1490,80 @@ def apply_rope(
 
 def isa() -> str:
     """The SIMD instruction set the CPU kernels use on this machine (e.g. ``"avx2+fma+f16c"``)."""
+
+# ---- CUDA (device arrays through ``__dlpack__``) --------------------------------------
+#
+# Device arrays are any objects with ``__dlpack__`` (torch, cupy, jax) in CUDA memory.
+# Results are written in place into the output arrays, on ``stream`` (a ``cudaStream_t`` as
+# an int, e.g. ``torch.cuda.current_stream().cuda_stream``; None is the legacy default
+# stream), and the call returns without waiting. Kernel limits: pages float16 or bfloat16,
+# head_dim 64 or 128, page_size a power of two, K/V strides multiples of 8 elements.
+# A wheel built without the ``cuda`` feature, or a machine without a driver, raises
+# CudaUnavailableError.
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices (raises :class:`CudaUnavailableError` without a driver or CUDA support)."""
+
+def cuda_paged_decode(
+    k_pages: Any,
+    v_pages: Any,
+    indptr: Any,
+    indices: Any,
+    last_page_len: Any,
+    q: Any,
+    out: Any,
+    *,
+    max_seq_len: int,
+    lse: Any | None = None,
+    layout: str = "nhd",
+    positions: Any | None = None,
+    key_rope: str = "post",
+    scale: float | None = None,
+    logit_soft_cap: float | None = None,
+    rope: RopeConfig | None = None,
+    position_mode: str = "original",
+    max_distance: int | None = None,
+    chunk_size: int | None = None,
+    sel_indptr: Any | None = None,
+    sel_indices: Any | None = None,
+    max_per_head: int | None = None,
+    stream: int | None = None,
+) -> None:
+    """Decode on the GPU over engine-owned device pages, as :func:`paged_decode`.
+
+    ``k_pages``/``v_pages`` are ``[num_pages, page_size, num_kv_heads, head_dim]`` (``"nhd"``)
+    or ``[num_pages, num_kv_heads, page_size, head_dim]`` (``"hnd"``); ``indptr``,
+    ``indices``, ``last_page_len`` and ``positions`` int32 device arrays; ``q`` and ``out``
+    ``[batch, num_qo_heads, head_dim]``; ``lse`` a float32 ``[batch, num_qo_heads]`` device
+    array. ``max_seq_len`` bounds every sequence's length. With ``sel_indptr`` (int32,
+    ``batch * num_kv_heads + 1``) and ``sel_indices`` (int32) KV head ``h`` of sequence ``b``
+    reads only list ``b * num_kv_heads + h`` (strictly ascending tokens, at most
+    ``max_per_head``): sparse decode.
+    """
+
+def cuda_paged_append(
+    k_pages: Any,
+    v_pages: Any,
+    k: Any,
+    v: Any,
+    slot_mapping: Any,
+    *,
+    layout: str = "nhd",
+    stream: int | None = None,
+) -> None:
+    """Write row ``i`` of ``k``/``v`` (``[n, num_kv_heads, head_dim]``) into slot
+    ``slot_mapping[i]`` (int64, ``page * page_size + slot``; negative = skip) of the device
+    pages, converted to their dtype."""
+
+def cuda_merge_states(
+    v_a: Any,
+    lse_a: Any,
+    v_b: Any,
+    lse_b: Any,
+    out: Any,
+    lse_out: Any,
+    *,
+    stream: int | None = None,
+) -> None:
+    """:func:`merge_states` on device arrays: ``out`` and ``lse_out`` (float32
+    ``[n, heads]``) are written in place."""

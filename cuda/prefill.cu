@@ -10,6 +10,9 @@
 // Grid (ceil(max_q_len / 64), num_qo_heads, batch), block 128 (4 warps of 16 query rows).
 // K and V tiles of 64 tokens go through shared memory (V transposed), K/V read through
 // the CSR page table. head_dim 64 or 128. Graph-capturable (no host dependence).
+//
+// With sel_indptr, KV head h of sequence b reads only its token list (ascending, CSR over
+// (b, h) as CudaSelections), as prefill_sparse: the masks above then apply to those tokens.
 // kvsieve-hot: kvs_prefill
 #include "select_common.cuh"
 
@@ -25,6 +28,8 @@ struct KvsPrefillParams {
     const unsigned* last_page_len;
     const unsigned* sinks;      // [hk] or null (no windows)
     const unsigned* windows;    // [hk]; 0xffffffff: no window for that head
+    const unsigned* sel_indptr; // [batch * hk + 1] or null: token lists per (sequence, KV head)
+    const unsigned* sel_indices;
     unsigned long long k_stride_page, k_stride_slot, k_stride_head;
     unsigned long long v_stride_page, v_stride_slot, v_stride_head;
     unsigned batch;
@@ -114,20 +119,42 @@ __device__ __forceinline__ void prefill(const KvsPrefillParams& p) {
 
     // Keys the block's rows can see: causal end and window start (sinks aside).
     const unsigned last_row = min(tile0 + KVS_PF_ROWS, qlen) - 1;
-    const unsigned key_end = p.causal ? first_pos + last_row + 1 : seq_len;
+    const unsigned key_end = min(p.causal ? first_pos + last_row + 1 : seq_len, seq_len);
     const unsigned first_row_pos = first_pos + tile0;
     const unsigned win_start = windowed && first_row_pos + 1 > window ? first_row_pos + 1 - window : 0u;
+    // Keys in order: tokens 0..key_end, or the head's selected tokens below key_end.
+    const unsigned* list = nullptr;
+    unsigned nkeys = key_end;
+    if (p.sel_indptr) {
+        const unsigned s0 = p.sel_indptr[b * p.hk + hkv], s1 = p.sel_indptr[b * p.hk + hkv + 1];
+        list = p.sel_indices + s0;
+        unsigned lo = 0, hi = s1 - s0;  // first entry >= key_end (ascending lists)
+        while (lo < hi) {
+            const unsigned mid = (lo + hi) >> 1;
+            if (list[mid] < key_end) lo = mid + 1;
+            else hi = mid;
+        }
+        nkeys = lo;
+    }
+    __shared__ unsigned toks[KVS_PF_KEYS];
 
     const kvs_u16* kb = (const kvs_u16*)p.k;
     const kvs_u16* vb = (const kvs_u16*)p.v;
-    for (unsigned t0 = 0; t0 < key_end; t0 += KVS_PF_KEYS) {
-        if (windowed && t0 >= sinks && t0 + KVS_PF_KEYS <= win_start) continue;  // uniform
+    for (unsigned j0 = 0; j0 < nkeys; j0 += KVS_PF_KEYS) {
+        const unsigned jl = min(j0 + KVS_PF_KEYS, nkeys) - 1;
+        const unsigned tfirst = list ? list[j0] : j0, tlast = list ? list[jl] : jl;
+        if (windowed && tfirst >= sinks && tlast + 1 <= win_start) continue;  // uniform
         __syncthreads();  // previous tile fully read
+        if (threadIdx.x < KVS_PF_KEYS) {
+            const unsigned jj = j0 + threadIdx.x;
+            toks[threadIdx.x] = jj < nkeys ? (list ? list[jj] : jj) : 0xffffffffu;
+        }
         for (unsigned c = threadIdx.x; c < KVS_PF_KEYS * (D / 8); c += blockDim.x) {
             const unsigned r = c / (D / 8), col = (c % (D / 8)) * 8;
-            const unsigned t = t0 + r;
+            const unsigned jj = j0 + r;
             uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-            if (t < seq_len) {
+            if (jj < nkeys) {
+                const unsigned t = list ? list[jj] : jj;
                 const unsigned page = p.kv_indices[p0 + t / p.page_size], slot = t % p.page_size;
                 kv4 = *(const uint4*)(kb + page * p.k_stride_page + slot * p.k_stride_slot + hkv * p.k_stride_head + col);
                 vv4 = *(const uint4*)(vb + page * p.v_stride_page + slot * p.v_stride_slot + hkv * p.v_stride_head + col);
@@ -159,9 +186,9 @@ __device__ __forceinline__ void prefill(const KvsPrefillParams& p) {
             for (int e = 0; e < 4; ++e) {
                 const int r = e >> 1;
                 const unsigned i = rbase + gid + r * 8;
-                const unsigned t = t0 + n * 8 + tig * 2 + (e & 1);
+                const unsigned t = toks[n * 8 + tig * 2 + (e & 1)];
                 const unsigned pos = first_pos + i;
-                bool vis = i < qlen && t < seq_len && (!p.causal || t <= pos);
+                bool vis = i < qlen && t != 0xffffffffu && (!p.causal || t <= pos);
                 if (windowed) vis = vis && (t < sinks || (t > pos ? 0u : pos - t) < window);  // distance saturates at 0
                 float x = s[n][e] * p.scale;
                 if (p.soft_cap > 0.f) x = p.soft_cap * tanhf(x / p.soft_cap);

@@ -8,7 +8,7 @@ mod cuda_util;
 use cuda_util::{assert_close, device_or_skip, Rng, POISON_BYTE};
 use kvsieve::attention::{prefill as cpu_prefill, prefill_sparse, AttentionParams, StreamingWindow};
 use kvsieve::backend::cuda::prefill::{prefill, PrefillMasks, PrefillQueries};
-use kvsieve::backend::cuda::{CudaPageTable, CudaPagedKv, DeviceBuffer, DeviceTensor};
+use kvsieve::backend::cuda::{CudaPageTable, CudaPagedKv, CudaSelections, DeviceBuffer, DeviceTensor};
 use kvsieve::select::Selection;
 use kvsieve::{bf16, f16, CacheConfig, DType, KvCache, PageLayout, PagedKvLayout, TensorView, TensorViewMut};
 
@@ -79,17 +79,48 @@ fn prefill_matches_cpu() {
             let windows: Vec<Option<StreamingWindow>> =
                 (0..hk).map(|h| if h % 2 == 0 { Some(StreamingWindow { sinks: 4, window: 50 }) } else { None }).collect();
             let masks = PrefillMasks::upload(&dev, &windows, stream).unwrap();
-            for (causal, cap_logits, windowed) in [(true, None, false), (false, None, false), (true, Some(20.0f32), false), (true, None, true)] {
-                let what = format!("{dtype} ps {ps} d {d} hk {hk} hq {hq} causal {causal} cap {cap_logits:?} windows {windowed}");
+            // Random per-head selections: every token with probability 1/3, in blocks of 8
+            // for odd heads (a block-sparse pattern), plus the last token.
+            let sparse: Vec<Selection> = lens
+                .iter()
+                .map(|&l| {
+                    let heads: Vec<Vec<u32>> = (0..hk)
+                        .map(|h| {
+                            (0..l as u32)
+                                .filter(|&t| t + 1 == l as u32 || if h % 2 == 1 { (t / 8 * 7 + h as u32) % 3 == 0 } else { rng.below(3) == 0 })
+                                .collect()
+                        })
+                        .collect();
+                    let mut ip = vec![0u32];
+                    let mut ix = Vec::new();
+                    for x in &heads {
+                        ix.extend_from_slice(x);
+                        ip.push(ix.len() as u32);
+                    }
+                    Selection::from_csr(l, ip, ix).unwrap()
+                })
+                .collect();
+            let sparse_refs: Vec<&Selection> = sparse.iter().collect();
+            let sparse_dev = CudaSelections::upload(&dev, &sparse_refs, hk, stream).unwrap();
+            for (causal, cap_logits, windowed, selected) in [
+                (true, None, false, false),
+                (false, None, false, false),
+                (true, Some(20.0f32), false, false),
+                (true, None, true, false),
+                (true, None, false, true),
+                (true, None, true, true),
+            ] {
+                let what = format!("{dtype} ps {ps} d {d} hk {hk} hq {hq} causal {causal} cap {cap_logits:?} windows {windowed} selections {selected}");
                 let params = AttentionParams { logit_soft_cap: cap_logits, ..AttentionParams::default() };
                 let mut want = vec![0f32; total * hq * d];
                 let mut want_lse = vec![0f32; total * hq];
                 {
                     let mut ov = TensorViewMut::new(&mut want, &[total, hq, d]).unwrap();
-                    if windowed {
+                    if windowed || selected {
                         let sels: Vec<Selection> = lens.iter().map(|&l| Selection::dense(hk, l).unwrap()).collect();
-                        let refs: Vec<&Selection> = sels.iter().collect();
-                        prefill_sparse(&view, &qv, &qo, &refs, &windows, &mut ov, Some(&mut want_lse), &params).unwrap();
+                        let refs: Vec<&Selection> = if selected { sparse.iter().collect() } else { sels.iter().collect() };
+                        let none: Vec<Option<StreamingWindow>> = vec![None; hk];
+                        prefill_sparse(&view, &qv, &qo, &refs, if windowed { &windows } else { &none }, &mut ov, Some(&mut want_lse), &params).unwrap();
                     } else {
                         cpu_prefill(&view, &qv, &qo, &mut ov, Some(&mut want_lse), &params, causal).unwrap();
                     }
@@ -99,7 +130,9 @@ fn prefill_matches_cpu() {
                 out.memset(POISON_BYTE, stream).unwrap();
                 lse.memset(POISON_BYTE, stream).unwrap();
                 let ot = DeviceTensor::contiguous(out.ptr(), dtype, &[total, hq, d], dev.ordinal());
-                prefill(stream, &kv, &qt, &queries, if windowed { Some(&masks) } else { None }, &ot, Some(&lse), &params, causal).unwrap();
+                let masks_arg = if windowed { Some(&masks) } else { None };
+                let sel_arg = if selected { Some(&sparse_dev) } else { None };
+                prefill(stream, &kv, &qt, &queries, masks_arg, sel_arg, &ot, Some(&lse), &params, causal).unwrap();
                 let mut bytes = vec![0u8; out.len()];
                 out.download(0, &mut bytes, stream).unwrap();
                 let got = from_bytes(&bytes, dtype);
@@ -131,13 +164,13 @@ fn prefill_refuses_bad_input() {
     let queries = PrefillQueries::upload(&dev, &[0, 4], &dtable, stream).unwrap();
     let q = DeviceBuffer::zeroed(&dev, 4 * 4 * d * 2, stream).unwrap();
     let qt = DeviceTensor::contiguous(q.ptr(), DType::F16, &[4, 3, d], dev.ordinal());
-    let e = prefill(stream, &kv, &qt, &queries, None, &qt, None, &AttentionParams::default(), true).unwrap_err();
+    let e = prefill(stream, &kv, &qt, &queries, None, None, &qt, None, &AttentionParams::default(), true).unwrap_err();
     assert!(e.to_string().contains("`q`"), "{e}");
     let qt = DeviceTensor::contiguous(q.ptr(), DType::F16, &[4, 4, d], dev.ordinal());
     let params = AttentionParams { logit_soft_cap: Some(-1.0), ..AttentionParams::default() };
-    let e = prefill(stream, &kv, &qt, &queries, None, &qt, None, &params, true).unwrap_err();
+    let e = prefill(stream, &kv, &qt, &queries, None, None, &qt, None, &params, true).unwrap_err();
     assert!(e.to_string().contains("`logit_soft_cap`"), "{e}");
     let masks = PrefillMasks::upload(&dev, &[None], stream).unwrap();
-    let e = prefill(stream, &kv, &qt, &queries, Some(&masks), &qt, None, &AttentionParams::default(), true).unwrap_err();
+    let e = prefill(stream, &kv, &qt, &queries, Some(&masks), None, &qt, None, &AttentionParams::default(), true).unwrap_err();
     assert!(e.to_string().contains("`masks`"), "{e}");
 }

@@ -1,7 +1,7 @@
 //! Prefill attention on tensor cores (`cuda/prefill.cu`), with the semantics of
 //! [`crate::attention::prefill`] (dense, causal or not) and of
-//! [`crate::attention::prefill_sparse`] with dense selections and per-KV-head
-//! sinks + window masks ([`StreamingWindow`], the Λ-mask): f16 / bf16 K, V and queries,
+//! [`crate::attention::prefill_sparse`] (per-head token selections and per-KV-head
+//! sinks + window masks, [`StreamingWindow`], the Λ-mask): f16 / bf16 K, V and queries,
 //! f32 accumulation, GQA, head_dim 64 or 128, keys stored after RoPE.
 //!
 //! [`prefill`] is graph-capturable: the query index ([`PrefillQueries`]) and the masks
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::attention::{AttentionParams, StreamingWindow};
 use crate::backend::cuda::launch::{launch, LaunchDims};
 use crate::backend::cuda::memory::{DeviceBuffer, DeviceTensor};
-use crate::backend::cuda::{CudaDevice, CudaPageTable, CudaPagedKv, ModuleId, Stream};
+use crate::backend::cuda::{CudaDevice, CudaPageTable, CudaPagedKv, CudaSelections, ModuleId, Stream};
 use crate::config::KeyRope;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -33,6 +33,8 @@ struct Params {
     last_page_len: u64,
     sinks: u64,
     windows: u64,
+    sel_indptr: u64,
+    sel_indices: u64,
     k_stride_page: u64,
     k_stride_slot: u64,
     k_stride_head: u64,
@@ -133,7 +135,10 @@ impl PrefillMasks {
 /// Queue prefill attention (graph-capturable): `q` is `[total, num_qo_heads, head_dim]`
 /// (the view's dtype, f16 or bf16, contiguous), `out` the same shape and dtype, `lse`
 /// (optional) `total * num_qo_heads` f32. With `causal`, query `i` of `n` of a sequence of
-/// `seq_len` tokens sees tokens `0..=seq_len - n + i`; `masks` adds per-KV-head windows.
+/// `seq_len` tokens sees tokens `0..=seq_len - n + i`; `masks` adds per-KV-head windows;
+/// `selections` (one list per sequence and KV head) restricts KV head `h` of sequence `b`
+/// to its listed tokens, as [`crate::attention::prefill_sparse`] (block-sparse patterns are
+/// lists of whole blocks).
 ///
 /// Errors: an f32 view or a head_dim other than 64 / 128 (`Unsupported`); keys stored
 /// before RoPE or `params.rope` set; a bad soft cap or scale; shapes, dtypes or devices of
@@ -146,6 +151,7 @@ pub fn prefill(
     q: &DeviceTensor,
     queries: &PrefillQueries,
     masks: Option<&PrefillMasks>,
+    selections: Option<&CudaSelections>,
     out: &DeviceTensor,
     lse: Option<&DeviceBuffer>,
     params: &AttentionParams,
@@ -191,6 +197,15 @@ pub fn prefill(
             return Err(Error::shape("masks", format!("[{hk}] (one per KV head)"), format!("[{}]", m.num_kv_heads)));
         }
     }
+    if let Some(sel) = selections {
+        if sel.batch_size() != kv.batch_size() || sel.num_kv_heads() != hk || sel.device() != kv.device() {
+            return Err(Error::shape(
+                "selections",
+                format!("lists for batch {} and {hk} KV heads on device {}", kv.batch_size(), kv.device()),
+                format!("batch {}, {} KV heads, device {}", sel.batch_size(), sel.num_kv_heads(), sel.device()),
+            ));
+        }
+    }
     if queries.batch != kv.batch_size() {
         return Err(Error::shape("queries", format!("batch {}", kv.batch_size()), format!("batch {}", queries.batch)));
     }
@@ -213,6 +228,8 @@ pub fn prefill(
         last_page_len: last,
         sinks: masks.map_or(0, |m| m.sinks.ptr()),
         windows: masks.map_or(0, |m| m.windows.ptr()),
+        sel_indptr: selections.map_or(0, |x| x.device_ptrs().0),
+        sel_indices: selections.map_or(0, |x| x.device_ptrs().1),
         k_stride_page: l.k_strides[0] as u64,
         k_stride_slot: l.k_strides[1] as u64,
         k_stride_head: l.k_strides[2] as u64,

@@ -36,7 +36,10 @@ fn cuda_entry_points_check_arguments_and_never_panic() {
         // Device count and check: success only with a driver and the feature.
         let mut n = 0usize;
         match take(kvsieve_cuda_device_count(&mut n)) {
-            None => assert!(cfg!(feature = "cuda")),
+            None => {
+                let built_with_cuda = cfg!(feature = "cuda");
+                assert!(built_with_cuda, "a device count without the feature");
+            }
             Some((code, msg)) => {
                 assert_eq!(code, ErrorCode::CudaUnavailable as u32, "{msg}");
                 assert_eq!(n, 0, "out_count written on failure");

@@ -71,7 +71,10 @@ mod tests {
     fn missing_cuda_is_an_error_not_a_panic() {
         let r = std::panic::catch_unwind(|| Device::Cuda(0).check()).expect("Device::check must not panic");
         match r {
-            Ok(()) => assert!(cfg!(feature = "cuda"), "CUDA reported usable without the feature"),
+            Ok(()) => {
+                let built_with_cuda = cfg!(feature = "cuda");
+                assert!(built_with_cuda, "CUDA reported usable without the feature");
+            }
             Err(e) => {
                 assert_eq!(e.code(), ErrorCode::CudaUnavailable);
                 assert!(!e.to_string().is_empty());

@@ -203,8 +203,10 @@ mod imp {
 
     /// One decode workspace per (device, stream): calls on one stream are ordered, so they
     /// may share it.
+    type Workspaces = Mutex<HashMap<(usize, usize), Arc<Workspace>>>;
+
     fn workspace(dev: &Arc<CudaDevice>, stream: *mut c_void) -> Arc<Workspace> {
-        static MAP: OnceLock<Mutex<HashMap<(usize, usize), Arc<Workspace>>>> = OnceLock::new();
+        static MAP: OnceLock<Workspaces> = OnceLock::new();
         let mut m = MAP.get_or_init(|| Mutex::new(HashMap::new())).lock().unwrap_or_else(|e| e.into_inner());
         m.entry((dev.ordinal(), stream as usize)).or_insert_with(|| Arc::new(Workspace::new(dev))).clone()
     }

@@ -52,7 +52,7 @@ pub const POISON_BYTE: u8 = 0xFF;
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let ok = if w == f32::NEG_INFINITY || w == f32::INFINITY { g == w } else { (g - w).abs() <= atol + rtol * w.abs() };
+        let ok = if w.is_infinite() { g == w } else { (g - w).abs() <= atol + rtol * w.abs() };
         assert!(ok, "{what}[{i}]: got {g}, want {w} (atol {atol}, rtol {rtol})");
     }
 }

@@ -362,7 +362,7 @@ impl CudaKvCache {
             }
         };
         let s = self.seq(id)?;
-        if start.checked_add(n).is_none_or(|e| e > s.len) {
+        if start.checked_add(n).map_or(true, |e| e > s.len) {
             return Err(Error::out_of_range("start", start as i64, format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len)));
         }
         if n == 0 {

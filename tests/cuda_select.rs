@@ -8,7 +8,7 @@ mod cuda_util;
 use std::sync::Arc;
 
 use cuda_util::{assert_close, device_or_skip, Rng, POISON_BYTE};
-use kvsieve::backend::cuda::select::cluster::{ClusterWorkspace, CudaClusterIndex};
+use kvsieve::backend::cuda::select::cluster::{build_index, ClusterWorkspace, CudaClusterIndex};
 use kvsieve::backend::cuda::select::gemfilter::{gemfilter_select, GemFilterWorkspace};
 use kvsieve::backend::cuda::select::kmeans::{Assignment, CudaKMeans};
 use kvsieve::backend::cuda::select::pages::{page_bounds, PageBoundsWorkspace};
@@ -467,6 +467,37 @@ fn kmeans_plus_plus_matches_cpu() {
                 assert_eq!(got[h].assignment(), want.assignment(), "{what} head {h}: assignment");
                 assert_eq!(got[h].iterations(), want.iterations(), "{what} head {h}: iterations");
                 assert_close(&format!("{what} head {h}: raw centroids"), got[h].centroids(), want.centroids(), 2e-5, 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
+fn cluster_index_built_on_device_matches_cpu() {
+    let Some(dev) = device_or_skip("cluster_index_built_on_device_matches_cpu") else { return };
+    let stream = dev.stream();
+    let mut rng = Rng(0xb1d);
+    for &(n, hk, d, k, k1) in &[(2000usize, 2usize, 64usize, 20usize, 4usize), (1200, 1, 128, 13, 3)] {
+        for dtype in DTYPES {
+            let what = format!("n {n} hk {hk} d {d} k {k} {dtype}");
+            let (keys, bytes) = clustered_keys(&mut rng, n, hk, d, k, dtype);
+            let kdev = upload_bytes(&dev, &bytes, stream);
+            let kt = DeviceTensor::contiguous(kdev.ptr(), dtype, &[n, hk, d], dev.ordinal());
+            let cfg =
+                ClusterConfig::new(ClusterCount::Absolute(k)).with_coarse(ClusterCount::Absolute(k1)).with_exclude_window(50).with_max_iter(10).with_seed(9);
+            let (got, dindex) = build_index(&dev, &kt, &cfg, Assignment::default_for(dtype, d), stream).unwrap();
+            let kv = TensorView::new(&keys, &[n, hk, d]).unwrap();
+            let want = ClusterIndex::build(KeySource::Tensor(&kv), &cfg).unwrap();
+            assert_eq!(got.clustered_len(), want.clustered_len());
+            assert_eq!(dindex.clustered_len(), n - 50);
+            for h in 0..hk {
+                assert_eq!(got.head(h).seeds(), want.head(h).seeds(), "{what} head {h}: seeds");
+                assert_eq!(got.head(h).assignment(), want.head(h).assignment(), "{what} head {h}: assignment");
+                assert_eq!(got.head(h).all_members(), want.head(h).all_members(), "{what} head {h}: members");
+                assert_close(&format!("{what} head {h}: centroids"), got.head(h).centroids(), want.head(h).centroids(), 2e-5, 1e-4);
+                let (gc, wc) = (got.coarse(h).unwrap(), want.coarse(h).unwrap());
+                assert_eq!(gc.all_children(), wc.all_children(), "{what} head {h}: coarse children");
+                assert_eq!(gc.sizes(), wc.sizes(), "{what} head {h}: coarse sizes");
             }
         }
     }

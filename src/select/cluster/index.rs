@@ -109,7 +109,7 @@ impl CoarseLevel {
         }
     }
 
-    fn build(fine: &Clustering, k1: usize, seed: u64, max_iter: usize) -> Self {
+    pub(crate) fn build(fine: &Clustering, k1: usize, seed: u64, max_iter: usize) -> Self {
         let d = fine.d;
         let (x, xsq) = normalize_rows(&fine.centroids, d);
         let cl = cluster_normalized(&fine.centroids, &x, &xsq, d, k1, seed ^ COARSE_SEED_SALT, max_iter);

@@ -485,3 +485,51 @@ impl ClusterWorkspace {
         Ok(s)
     }
 }
+
+/// Build a [`ClusterIndex`] with the K-means on the device: the keys `[n, num_kv_heads,
+/// head_dim]` (device memory, channels contiguous) are clustered per head as
+/// [`ClusterIndex::build`] does (k-means++ with `cfg.seed`, Lloyd up to `cfg.max_iter`,
+/// the last `cfg.exclude_window` tokens left out), with `assignment` choosing the
+/// assignment path; the coarse level (a K-means over the fine centroids) runs on the CPU.
+/// Returns the index and its device copy. Waits for `stream`; keys must be finite (the
+/// device does not check them).
+///
+/// Errors: as [`ClusterIndex::build`] (empty context, `exclude_window` leaving no token,
+/// bad cluster counts, bad `head_dim`), a bad key tensor or assignment path.
+pub fn build_index(
+    dev: &Arc<CudaDevice>,
+    keys: &DeviceTensor,
+    cfg: &crate::select::cluster::ClusterConfig,
+    assignment: crate::backend::cuda::select::kmeans::Assignment,
+    stream: &Stream,
+) -> Result<(ClusterIndex, CudaClusterIndex)> {
+    use crate::backend::cuda::select::kmeans::CudaKMeans;
+    use crate::select::cluster::CoarseLevel;
+    let [n, hk, d] = keys.shape[..] else {
+        return Err(Error::shape("keys", "[n, num_kv_heads, head_dim]", format!("{:?}", keys.shape)));
+    };
+    if n == 0 {
+        return Err(Error::invalid("keys", "a non-empty context (the sequence holds no tokens)"));
+    }
+    if cfg.exclude_window >= n {
+        return Err(Error::invalid(
+            "exclude_window",
+            format!("fewer than the {n} tokens of the context, so that some are clustered, got {}", cfg.exclude_window),
+        ));
+    }
+    let m = n - cfg.exclude_window;
+    let k = cfg.clusters.resolve(m, "clusters")?;
+    let k1 = cfg.coarse.map(|c| c.resolve(k, "coarse")).transpose()?;
+    let head = DeviceTensor { shape: vec![m, hk, d], ..keys.clone() };
+    let km = CudaKMeans::new(dev, &head, k, cfg.max_iter, assignment)?;
+    km.seed_plus_plus(cfg.seed, stream)?;
+    km.run(stream)?;
+    let heads = km.results(stream)?;
+    let coarse = match k1 {
+        Some(k1) => heads.iter().map(|fine| CoarseLevel::build(fine, k1, cfg.seed, cfg.max_iter)).collect(),
+        None => Vec::new(),
+    };
+    let index = ClusterIndex { config: *cfg, num_kv_heads: hk, head_dim: d, seq_len_at_build: n, seq_len: n, clustered_len: m, heads, coarse };
+    let dindex = CudaClusterIndex::upload(dev, &index, stream)?;
+    Ok((index, dindex))
+}

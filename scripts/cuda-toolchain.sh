@@ -7,6 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# nvcc preprocesses with the host C++ compiler.
+if ! command -v g++ >/dev/null; then
+  echo "== installing g++ (nvcc's host compiler)" >&2
+  apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >&2
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv" >&2
   python3 -m venv .venv

@@ -565,3 +565,57 @@ fn decode_rejects_bad_input() {
     let e = CudaKvCache::new(&dev, cfg(DType::F32, 16, 2, 64, PageLayout::Nhd, 4)).unwrap_err();
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
 }
+
+/// Decode captured once in a CUDA graph and replayed with new queries gives the CPU's
+/// answers (no allocation, host copy or synchronisation inside the call).
+#[test]
+fn decode_replays_from_a_cuda_graph() {
+    use cudarc::driver::sys;
+    let Some(dev) = device_or_skip("decode_replays_from_a_cuda_graph") else { return };
+    let mut rng = Rng(700);
+    let c = cfg(DType::BF16, 32, 2, 128, PageLayout::Nhd, 128);
+    let p = filled(&dev, c, &[300, 41], &mut rng, false);
+    let (batch, hq, d) = (2, 8, 128);
+    let stream = dev.new_stream().unwrap();
+    let gt = p.gpu.page_table(&p.ids).unwrap();
+    let gv = p.gpu.layer_view(1, &gt).unwrap();
+    let qb = DeviceBuffer::zeroed(&dev, batch * hq * d * 4, &stream).unwrap();
+    let ob = DeviceBuffer::alloc(&dev, batch * hq * d * 4).unwrap();
+    let lb = DeviceBuffer::alloc(&dev, batch * hq * 4).unwrap();
+    let (qd, od, ld) = (qb.tensor(DType::F32, &[batch, hq, d]).unwrap(), ob.tensor(DType::F32, &[batch, hq, d]).unwrap(), lb.tensor(DType::F32, &[batch, hq]).unwrap());
+    let ws = Workspace::new(&dev);
+    let params = AttentionParams { chunk_size: Some(64), ..Default::default() };
+    // One call outside the capture loads the kernels and sizes the workspace.
+    unsafe { gpu::decode(&gv, &qd, &od, Some(&ld), &params, &ws, &stream).unwrap() };
+    stream.synchronize().unwrap();
+    let mut graph: sys::CUgraph = std::ptr::null_mut();
+    let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+    unsafe {
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        assert_eq!(sys::cuStreamBeginCapture_v2(stream.raw(), mode), sys::CUresult::CUDA_SUCCESS);
+        let r = gpu::decode(&gv, &qd, &od, Some(&ld), &params, &ws, &stream);
+        assert_eq!(sys::cuStreamEndCapture(stream.raw(), &mut graph), sys::CUresult::CUDA_SUCCESS);
+        r.unwrap();
+        assert_eq!(sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0), sys::CUresult::CUDA_SUCCESS);
+    }
+    let table = p.cpu.page_table(&p.ids).unwrap();
+    let view = p.cpu.layer_view(1, &table).unwrap();
+    for round in 0..2 {
+        let q = rng.vec(batch * hq * d, 1.0);
+        qb.upload(0, bytemuck::cast_slice(&q), &stream).unwrap();
+        ob.memset(POISON_BYTE, &stream).unwrap();
+        lb.memset(POISON_BYTE, &stream).unwrap();
+        unsafe { assert_eq!(sys::cuGraphLaunch(exec, stream.raw()), sys::CUresult::CUDA_SUCCESS) };
+        stream.synchronize().unwrap();
+        let mut want = vec![0f32; batch * hq * d];
+        let mut want_lse = vec![0f32; batch * hq];
+        let qt = TensorView::new(&q, &[batch, hq, d]).unwrap();
+        attention::decode(&view, &qt, &mut TensorViewMut::new(&mut want, &[batch, hq, d]).unwrap(), Some(&mut want_lse), &params).unwrap();
+        assert_close(&format!("graph replay {round}: out"), &ob.to_vec::<f32>(&stream).unwrap(), &want, 2e-4, 2e-3);
+        assert_close(&format!("graph replay {round}: lse"), &lb.to_vec::<f32>(&stream).unwrap(), &want_lse, 1e-3, 1e-4);
+    }
+    unsafe {
+        sys::cuGraphExecDestroy(exec);
+        sys::cuGraphDestroy(graph);
+    }
+}

@@ -14,7 +14,8 @@
 //! # CUDA graphs
 //! [`decode`], [`decode_sparse`], [`merge_states`] and [`append`] only queue kernels on the
 //! given stream: no allocation (once the [`Workspace`] is large enough, see
-//! [`Workspace::reserve`]), no copy from the host, no synchronisation. Their launch sizes
+//! [`Workspace::reserve`]), no copy from the host, no synchronisation. Make one call of the
+//! largest shape before capturing: it loads the kernel module and sizes the workspace. Their launch sizes
 //! depend on host-known values only (batch, heads, `max_seq_len` of the page table,
 //! `max_per_head` of the selections, `chunk_size`), so they can be captured in a CUDA graph
 //! and replayed while the engine updates the device page table, selections and positions.

@@ -49,6 +49,8 @@ struct KvsKmeansParams {
     unsigned long long* rng;  // [hk] SplitMix64 states
     unsigned* chosen;    // [hk][n] 1 once a point is a seed
     unsigned* seeds;     // [hk][k]
+    unsigned* near;      // [hk][n] k-means++: draw index of the nearest seed
+    float* ss2;          // [hk][k] k-means++: squared distance of the new seed to each earlier one
     unsigned long long stride_t;
     unsigned long long stride_h;
     unsigned long long seed;
@@ -697,7 +699,9 @@ extern "C" __global__ void __launch_bounds__(256) kvs_kmeans_pp_begin(const KvsK
     for (unsigned t = blockIdx.x * 256 + threadIdx.x; t < p.n; t += gridDim.x * 256) {
         p.d2[(size_t)h * p.n + t] = INFINITY;
         p.chosen[(size_t)h * p.n + t] = 0u;
+        p.near[(size_t)h * p.n + t] = 0u;
     }
+    for (unsigned j = blockIdx.x * 256 + threadIdx.x; j < p.k; j += gridDim.x * 256) p.ss2[(size_t)h * p.k + j] = 0.f;
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         unsigned long long st = p.seed;
         const unsigned first = (unsigned)__umul64hi(kvs_splitmix_next(&st), (unsigned long long)p.n);
@@ -706,11 +710,37 @@ extern "C" __global__ void __launch_bounds__(256) kvs_kmeans_pp_begin(const KvsK
     }
 }
 
-// Fold seed `step` into D² and recompute the chunk sums. grid = (chunks, hk), block 256.
-// `chosen` of the new seed is set here (before any read by the next draw).
+// ss2[h][j] = max(x̂sq(seed j) + x̂sq(seed step) - 2 x̂(seed j)·x̂(seed step), 0) for j < step.
+// grid = (ceil(step / 8), hk), block 256 (a warp per earlier seed).
+template <class L>
+__device__ __forceinline__ void pp_ss2(const KvsKmeansParams& p) {
+    const unsigned h = blockIdx.y, lane = threadIdx.x & 31;
+    const unsigned j = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (j >= p.step) return;
+    const typename L::T* keys = (const typename L::T*)p.keys;
+    const unsigned sp = p.seeds[(size_t)h * p.k + p.step], sj = p.seeds[(size_t)h * p.k + j];
+    const typename L::T* xp = keys + sp * p.stride_t + h * p.stride_h;
+    const typename L::T* xj = keys + sj * p.stride_t + h * p.stride_h;
+    float acc = 0.f;
+    for (unsigned i = lane; i < p.d; i += 32) acc = fmaf(L::load(xp, i), L::load(xj, i), acc);
+    acc = kvs_warp_sum(acc) * p.inv_norm[(size_t)h * p.n + sp] * p.inv_norm[(size_t)h * p.n + sj];
+    if (lane == 0) p.ss2[(size_t)h * p.k + j] = fmaxf(p.xsq[(size_t)h * p.n + sj] + p.xsq[(size_t)h * p.n + sp] - 2.f * acc, 0.f);
+}
+#define KVS_PP_SS2(name, L)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) name(const KvsKmeansParams p) { pp_ss2<L>(p); }
+KVS_PP_SS2(kvs_kmeans_pp_ss2_f32, KvsF32)
+KVS_PP_SS2(kvs_kmeans_pp_ss2_f16, KvsF16)
+KVS_PP_SS2(kvs_kmeans_pp_ss2_bf16, KvsBF16)
+
+// Fold seed `step` into D² and refresh the chunk sums. grid = (chunks, hk), block 256.
+// As the CPU, only points the new seed may be nearer to are evaluated (D² > 0 and
+// ss2[near] < 4 D² (1 + 1e-4) + 1e-6, by the triangle inequality), which changes no
+// result; a chunk whose D² did not change keeps its sum. `chosen` of the new seed is set
+// here (before any read by the next draw).
 template <class L>
 __device__ __forceinline__ void pp_update(const KvsKmeansParams& p) {
     __shared__ float xp[512];
+    __shared__ int changed;
     const unsigned h = blockIdx.y, c = blockIdx.x;
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const unsigned sp = p.seeds[(size_t)h * p.k + p.step];
@@ -719,25 +749,50 @@ __device__ __forceinline__ void pp_update(const KvsKmeansParams& p) {
     const float xsqp = p.xsq[(size_t)h * p.n + sp];
     const typename L::T* xrow = keys + sp * p.stride_t + h * p.stride_h;
     for (unsigned i = threadIdx.x; i < p.d; i += 256) xp[i] = L::load(xrow, i) * invp;
+    if (threadIdx.x == 0) changed = p.step == 0;
     __syncthreads();
     const unsigned t0 = c * KVS_PP_CHUNK, t1 = min(t0 + KVS_PP_CHUNK, p.n);
     float* d2 = p.d2 + (size_t)h * p.n;
-    for (unsigned t = t0 + warp; t < t1; t += 8) {
-        const typename L::T* x = keys + t * p.stride_t + h * p.stride_h;
-        float acc = 0.f;
-        for (unsigned i = lane; i < p.d; i += 32) acc = fmaf(L::load(x, i), xp[i], acc);
-        acc = kvs_warp_sum(acc) * p.inv_norm[(size_t)h * p.n + t];
-        if (lane == 0) {
-            const float nd = fmaxf(p.xsq[(size_t)h * p.n + t] + xsqp - 2.f * acc, 0.f);
-            if (t == sp) d2[t] = 0.f;
-            else if (nd < d2[t]) d2[t] = nd;
+    unsigned* near = p.near + (size_t)h * p.n;
+    const float* ss2 = p.ss2 + (size_t)h * p.k;
+    for (unsigned base = t0 + warp * 32; base < t1; base += 256) {
+        const unsigned t = base + lane;
+        float v = 0.f;
+        bool cand = false;
+        if (t < t1) {
+            v = d2[t];
+            cand = t == sp || (v > 0.f && ss2[near[t]] < 4.f * v * (1.f + 1e-4f) + 1e-6f);
+        }
+        unsigned mask = __ballot_sync(KVS_FULL_MASK, cand);
+        while (mask) {
+            const int src = __ffs(mask) - 1;
+            mask &= mask - 1;
+            const unsigned u = base + src;
+            const typename L::T* x = keys + u * p.stride_t + h * p.stride_h;
+            float acc = 0.f;
+            for (unsigned i = lane; i < p.d; i += 32) acc = fmaf(L::load(x, i), xp[i], acc);
+            acc = kvs_warp_sum(acc) * p.inv_norm[(size_t)h * p.n + u];
+            if (lane == src) {
+                const float nd = fmaxf(p.xsq[(size_t)h * p.n + u] + xsqp - 2.f * acc, 0.f);
+                if (u == sp) {
+                    d2[u] = 0.f;
+                    near[u] = p.step;
+                    changed = 1;
+                } else if (nd < v) {
+                    d2[u] = nd;
+                    near[u] = p.step;
+                    changed = 1;
+                }
+            }
         }
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        double s = 0.0;  // in point order, as the CPU
-        for (unsigned t = t0; t < t1; ++t) s += (double)d2[t];
-        p.chunk_sums[(size_t)h * gridDim.x + c] = s;
+        if (changed) {
+            double s = 0.0;  // in point order, as the CPU
+            for (unsigned t = t0; t < t1; ++t) s += (double)d2[t];
+            p.chunk_sums[(size_t)h * gridDim.x + c] = s;
+        }
         if (sp >= t0 && sp < t1) p.chosen[(size_t)h * p.n + sp] = 1u;
     }
 }

@@ -56,6 +56,12 @@ impl Assignment {
 /// Control word per head (see `cuda/kmeans.cu`): done, iterations, changed, repaired, converged.
 const CTL: usize = 8;
 const MMA_ROWS: usize = 256;
+/// Positions in `CudaKMeans::_bufs` (the order `new` pushes them).
+const BUF_CTL: usize = 5;
+const BUF_ASSIGN: usize = 6;
+const BUF_RAW: usize = 8;
+const BUF_CENTROIDS: usize = 9;
+const BUF_SEEDS: usize = 14;
 /// Points per k-means++ chunk (as the CPU).
 const PP_CHUNK: usize = 2048;
 
@@ -82,6 +88,8 @@ struct Params {
     rng: u64,
     chosen: u64,
     seeds: u64,
+    near: u64,
+    ss2: u64,
     stride_t: u64,
     stride_h: u64,
     seed: u64,
@@ -178,6 +186,8 @@ impl CudaKMeans {
         let rng = buffer::<u64>(dev, hk)?;
         let chosen = buffer::<u32>(dev, hk * n)?;
         let seeds = buffer::<u32>(dev, hk * k)?;
+        let near = buffer::<u32>(dev, hk * n)?;
+        let ss2 = f4(hk * k)?;
         let (chi, clo) = if tensor {
             let chi = buffer::<u16>(dev, hk * kp * d)?;
             let clo = if assignment == Assignment::Split { Some(buffer::<u16>(dev, hk * kp * d)?) } else { None };
@@ -206,6 +216,8 @@ impl CudaKMeans {
             rng: rng.ptr(),
             chosen: chosen.ptr(),
             seeds: seeds.ptr(),
+            near: near.ptr(),
+            ss2: ss2.ptr(),
             stride_t: keys.strides[0] as u64,
             stride_h: keys.strides[1] as u64,
             seed: 0,
@@ -217,7 +229,8 @@ impl CudaKMeans {
             count: 0,
             step: 0,
         };
-        let mut bufs = vec![inv_norm, xsq, csq, sizes, sums, ctl, assign, best, raw, centroids, d2, chunk_sums, rng, chosen, seeds];
+        // Order matters: see the BUF_* positions.
+        let mut bufs = vec![inv_norm, xsq, csq, sizes, sums, ctl, assign, best, raw, centroids, d2, chunk_sums, rng, chosen, seeds, near, ss2];
         bufs.extend(chi);
         bufs.extend(clo);
         Ok(CudaKMeans {
@@ -262,20 +275,24 @@ impl CudaKMeans {
     /// [`crate::select::cluster::seed_plus_plus`] (the same SplitMix64 stream from `seed`
     /// for every head, D² sums in the same order; only dot products round differently),
     /// and take the seeds' unit keys as the initial centroids. Graph-capturable
-    /// (`2 * (k - 1) + 4` launches). Every step reads all keys: about `k` passes over them.
+    /// (`3 * (k - 1) + 3` launches). As on the CPU, a step evaluates only the keys the new
+    /// seed may be nearest to (triangle inequality), and only changed chunks are re-summed.
     pub fn seed_plus_plus(&self, seed: u64, stream: &Stream) -> Result<()> {
         let (n, hk) = (self.n as u32, self.hk as u32);
         let p = Params { seed, ..self.p };
         self.go(stream, self.norms_name(), (n.div_ceil(8), hk, 1), 256, 0, &p)?;
         self.go(stream, "kvs_kmeans_pp_begin", (n.div_ceil(256).min(1024), hk, 1), 256, 0, &p)?;
         let chunks = self.n.div_ceil(PP_CHUNK) as u32;
-        let (update, gather) = match self.dtype {
-            DType::F32 => ("kvs_kmeans_pp_update_f32", "kvs_kmeans_pp_gather_f32"),
-            DType::F16 => ("kvs_kmeans_pp_update_f16", "kvs_kmeans_pp_gather_f16"),
-            DType::BF16 => ("kvs_kmeans_pp_update_bf16", "kvs_kmeans_pp_gather_bf16"),
+        let (ss2, update, gather) = match self.dtype {
+            DType::F32 => ("kvs_kmeans_pp_ss2_f32", "kvs_kmeans_pp_update_f32", "kvs_kmeans_pp_gather_f32"),
+            DType::F16 => ("kvs_kmeans_pp_ss2_f16", "kvs_kmeans_pp_update_f16", "kvs_kmeans_pp_gather_f16"),
+            DType::BF16 => ("kvs_kmeans_pp_ss2_bf16", "kvs_kmeans_pp_update_bf16", "kvs_kmeans_pp_gather_bf16"),
         };
         for s in 0..self.k.saturating_sub(1) {
             let ps = Params { step: s as u32, ..p };
+            if s > 0 {
+                self.go(stream, ss2, ((s as u32).div_ceil(8), hk, 1), 256, 0, &ps)?;
+            }
             self.go(stream, update, (chunks, hk, 1), 256, 0, &ps)?;
             self.go(stream, "kvs_kmeans_pp_draw", (hk, 1, 1), 32, 0, &ps)?;
         }
@@ -291,7 +308,7 @@ impl CudaKMeans {
         if !self.plus_plus.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Error::invalid("seeds", "centroids seeded by CudaKMeans::seed_plus_plus"));
         }
-        let all: Vec<u32> = self._bufs[14].to_vec(stream)?;
+        let all: Vec<u32> = self._bufs[BUF_SEEDS].to_vec(stream)?;
         Ok((0..self.hk).map(|h| all[h * self.k..(h + 1) * self.k].to_vec()).collect())
     }
 
@@ -390,8 +407,8 @@ impl CudaKMeans {
     fn raw_means(&self, stream: &Stream, raw: &'static str) -> Result<()> {
         let (n, hk, k) = (self.n as u32, self.hk as u32, self.k as u32);
         let p = self.p;
-        // Zero the f64 sums (the raw buffer is `_bufs[8]`).
-        self._bufs[8].memset(0, stream)?;
+        // Zero the f64 sums.
+        self._bufs[BUF_RAW].memset(0, stream)?;
         self.go(stream, raw, (n.div_ceil(8), hk, 1), 256, 0, &p)?;
         self.go(stream, "kvs_kmeans_raw_finish", (k, hk, 1), 32, 0, &p)
     }
@@ -401,10 +418,10 @@ impl CudaKMeans {
     /// iterations, convergence, and the k-means++ seeds when [`CudaKMeans::seed_plus_plus`] chose them.
     pub fn results(&self, stream: &Stream) -> Result<Vec<Clustering>> {
         let (n, hk, k, d) = (self.n, self.hk, self.k, self.d);
-        let assign: Vec<u32> = self._bufs[6].to_vec(stream)?;
+        let assign: Vec<u32> = self._bufs[BUF_ASSIGN].to_vec(stream)?;
         let cn: Vec<f32> = self.cn.to_vec(stream)?;
-        let raw: Vec<f32> = self._bufs[9].to_vec(stream)?;
-        let ctl: Vec<u32> = self._bufs[5].to_vec(stream)?;
+        let raw: Vec<f32> = self._bufs[BUF_CENTROIDS].to_vec(stream)?;
+        let ctl: Vec<u32> = self._bufs[BUF_CTL].to_vec(stream)?;
         let inertia: Vec<f64> = self.inertia.to_vec(stream)?;
         let seeds = if self.plus_plus.load(std::sync::atomic::Ordering::Relaxed) { self.seeds(stream)? } else { vec![Vec::new(); hk] };
         let mut out = Vec::with_capacity(hk);

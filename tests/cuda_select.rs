@@ -109,6 +109,30 @@ fn pages_of(sel: &Selection, h: usize, ps: usize) -> Vec<usize> {
     p
 }
 
+/// The device's page selection equals the CPU's, or differs only in pages whose CPU
+/// scores are within rounding of the cut (the page count agreeing).
+fn assert_pages_match(what: &str, got: &Selection, want: &Selection, want_scores: &[f32], np: usize, hk: usize, ps: usize) {
+    if got == want {
+        return;
+    }
+    for h in 0..hk {
+        let (g, w) = (pages_of(got, h, ps), pages_of(want, h, ps));
+        if g == w {
+            continue;
+        }
+        let s = &want_scores[h * np..(h + 1) * np];
+        let cut = w.iter().map(|&p| s[p]).fold(f32::INFINITY, f32::min);
+        for p in g.iter().filter(|p| !w.contains(p)).chain(w.iter().filter(|p| !g.contains(p))) {
+            assert!(
+                (s[*p] - cut).abs() <= 4e-3 + 1e-3 * cut.abs(),
+                "{what} head {h}: page {p} (score {}) differs from the CPU's pages {w:?} (cut {cut}), got {g:?}",
+                s[*p]
+            );
+        }
+        assert_eq!(g.len(), w.len(), "{what} head {h}: page count");
+    }
+}
+
 #[test]
 fn page_bounds_match_cpu() {
     let Some(dev) = device_or_skip("page_bounds_match_cpu") else { return };
@@ -152,28 +176,7 @@ fn page_bounds_match_cpu() {
                     assert_close(&format!("scores {what}"), &scores[i], &want_scores, 2e-3, 1e-4);
                     let qv = TensorView::new(qrow, &[hq, d]).unwrap();
                     let want = cpu_page_bounds(&cache, id, 0, &qv, &cfg).unwrap();
-                    if got[i] == want {
-                        continue;
-                    }
-                    // Pages may only differ where two scores are within rounding of each
-                    // other at the cut; the token count rule must hold either way.
-                    let np = pages.len();
-                    for h in 0..hk {
-                        let (g, w) = (pages_of(&got[i], h, ps), pages_of(&want, h, ps));
-                        if g == w {
-                            continue;
-                        }
-                        let s = &want_scores[h * np..(h + 1) * np];
-                        let cut = w.iter().map(|&p| s[p]).fold(f32::INFINITY, f32::min);
-                        for p in g.iter().filter(|p| !w.contains(p)).chain(w.iter().filter(|p| !g.contains(p))) {
-                            assert!(
-                                (s[*p] - cut).abs() <= 4e-3 + 1e-3 * cut.abs(),
-                                "{what} head {h}: page {p} (score {}) differs from the CPU's pages {w:?} (cut {cut}), got {g:?}",
-                                s[*p]
-                            );
-                        }
-                        assert_eq!(g.len(), w.len(), "{what} head {h}: page count");
-                    }
+                    assert_pages_match(&what, &got[i], &want, &want_scores, pages.len(), hk, ps);
                 }
             }
         }
@@ -603,4 +606,115 @@ fn bad_input_names_the_parameter() {
     assert!(e.to_string().contains("`k`"), "{e}");
     let e = gemfilter_select(stream, &q, &kt, &GemFilterConfig { k: 4, pool_kernel: 4, keep_first: 0, keep_last: 0 }, &mut ws).unwrap_err();
     assert!(e.to_string().contains("`pool_kernel`"), "{e}");
+}
+
+/// Page-bound selection, centroid retrieval and GemFilter captured once in a CUDA graph
+/// and replayed with new queries give the CPU's answers (the calls queue kernels only).
+#[test]
+fn selection_replays_from_a_cuda_graph() {
+    use cudarc::driver::sys;
+    let Some(dev) = device_or_skip("selection_replays_from_a_cuda_graph") else { return };
+    let stream = dev.new_stream().unwrap();
+    let mut rng = Rng(0x62a9);
+    let (dtype, ps, d, hk, hq) = (DType::F16, 16usize, 64usize, 2usize, 4usize);
+    // Page bounds over a two-sequence cache.
+    let lens = [300usize, 41];
+    let (cache, ids) = random_cache(&mut rng, dtype, ps, hk, d, &lens);
+    let cap = cache.config().capacity_pages;
+    let bounds = cache.key_bounds(0).unwrap();
+    let bounds_dev = upload_bytes(&dev, bounds.bytes, &stream);
+    let table = cache.page_table(&ids).unwrap();
+    let dtable = CudaPageTable::upload(&dev, table.as_ref(), ps, cap, &stream).unwrap();
+    let kvbuf = DeviceBuffer::zeroed(&dev, cap * ps * hk * d * 2, &stream).unwrap();
+    let layout = PagedKvLayout::packed(dtype, cap, ps, hk, d, PageLayout::Nhd);
+    // SAFETY: K and V cover the layout; the bounds cover every page of the pool.
+    let kv = unsafe {
+        CudaPagedKv::from_raw(kvbuf.ptr(), kvbuf.ptr(), layout, &dtable).unwrap().with_key_bounds(KeyBoundsLayout { ptr: bounds_dev.ptr() }).unwrap()
+    };
+    let pq = DeviceBuffer::zeroed(&dev, lens.len() * hq * d * 2, &stream).unwrap();
+    let pqt = DeviceTensor::contiguous(pq.ptr(), dtype, &[lens.len(), hq, d], dev.ordinal());
+    let mut pws = PageBoundsWorkspace::for_view(&dev, &kv, hq).unwrap();
+    let pcfg = PageBoundsConfig::new(64).with_min_pages(2);
+    let (pout, pbufs) = poisoned_selections(&dev, &stream, lens.len(), hk, dtable.max_seq_len());
+    // Centroid retrieval.
+    let n = 800;
+    let keys = rng.vec(n * hk * d, 1.0);
+    let kview = TensorView::new(&keys, &[n, hk, d]).unwrap();
+    let index = ClusterIndex::build(KeySource::Tensor(&kview), &ClusterConfig::new(ClusterCount::Absolute(50)).with_max_iter(5)).unwrap();
+    let cidx = CudaClusterIndex::upload(&dev, &index, &stream).unwrap();
+    let mut cws = ClusterWorkspace::new(&cidx, hq).unwrap();
+    let cq = DeviceBuffer::zeroed(&dev, hq * d * 4, &stream).unwrap();
+    let cqt = DeviceTensor::contiguous(cq.ptr(), DType::F32, &[hq, d], dev.ordinal());
+    let (cout, cbufs) = poisoned_selections(&dev, &stream, 1, hk, n);
+    let how = Retrieve::Budget(120);
+    // GemFilter over the same keys as f16.
+    let (gkeys, gbytes) = rounded(&keys, dtype);
+    let gk = upload_bytes(&dev, &gbytes, &stream);
+    let gkt = DeviceTensor::contiguous(gk.ptr(), dtype, &[n, hk, d], dev.ordinal());
+    let gq = DeviceBuffer::zeroed(&dev, hq * d * 2, &stream).unwrap();
+    let gqt = DeviceTensor::contiguous(gq.ptr(), dtype, &[hq, d], dev.ordinal());
+    let gcfg = GemFilterConfig { k: 40, pool_kernel: 5, keep_first: 2, keep_last: 3 };
+    let mut gws = GemFilterWorkspace::new(&dev, n, hq, d, gcfg.k, &stream).unwrap();
+
+    let queue = |pws: &mut PageBoundsWorkspace, cws: &mut ClusterWorkspace, gws: &mut GemFilterWorkspace| -> kvsieve::Result<()> {
+        page_bounds(&stream, &kv, &pqt, &pcfg, pws, &pout)?;
+        cidx.retrieve(&stream, &cqt, &how, cws, &cout)?;
+        gemfilter_select(&stream, &gqt, &gkt, &gcfg, gws)
+    };
+    // One call outside the capture loads the kernel modules.
+    queue(&mut pws, &mut cws, &mut gws).unwrap();
+    stream.synchronize().unwrap();
+    let mut graph: sys::CUgraph = std::ptr::null_mut();
+    let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+    unsafe {
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        assert_eq!(sys::cuStreamBeginCapture_v2(stream.raw(), mode), sys::CUresult::CUDA_SUCCESS);
+        let r = queue(&mut pws, &mut cws, &mut gws);
+        assert_eq!(sys::cuStreamEndCapture(stream.raw(), &mut graph), sys::CUresult::CUDA_SUCCESS);
+        r.unwrap();
+        assert_eq!(sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0), sys::CUresult::CUDA_SUCCESS);
+    }
+    for round in 0..2 {
+        let (pqf, pqb) = rounded(&rng.vec(lens.len() * hq * d, 1.5), dtype);
+        let cqf = rng.vec(hq * d, 3.0);
+        let (gqf, gqb) = rounded(&rng.vec(hq * d, 1.0), dtype);
+        pq.upload(0, &pqb, &stream).unwrap();
+        cq.upload(0, bytemuck::cast_slice(&cqf), &stream).unwrap();
+        gq.upload(0, &gqb, &stream).unwrap();
+        for b in pbufs.iter().chain(&cbufs) {
+            b.memset(POISON_BYTE, &stream).unwrap();
+        }
+        unsafe { assert_eq!(sys::cuGraphLaunch(exec, stream.raw()), sys::CUresult::CUDA_SUCCESS) };
+        stream.synchronize().unwrap();
+        let what = format!("graph replay {round}");
+        // Pages.
+        let got = pout.to_host(&lens, &stream).unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            let qrow = &pqf[i * hq * d..(i + 1) * hq * d];
+            let pages = cache.seq_pages(id).unwrap();
+            let want_scores = cpu_page_scores(bounds, &pages, qrow, hq).unwrap();
+            let want = cpu_page_bounds(&cache, id, 0, &TensorView::new(qrow, &[hq, d]).unwrap(), &pcfg).unwrap();
+            assert_pages_match(&format!("{what} pages seq {i}"), &got[i], &want, &want_scores, pages.len(), hk, ps);
+        }
+        // Clusters: estimates against the CPU, tokens by rule from the device estimates.
+        let sel = cout.to_host(&[n], &stream).unwrap().remove(0);
+        let est = cws.estimates(&stream).unwrap();
+        let cpu_est = index.cluster_estimates(&TensorView::new(&cqf, &[hq, d]).unwrap()).unwrap();
+        for h in 0..hk {
+            assert_close64(&format!("{what} estimates head {h}"), &est[h], &cpu_est[h], 2e-4);
+            let kept = choose(&est[h], &vec![true; 50], index.head(h).sizes(), &how, h);
+            assert_eq!(sel.head(h), &gather(&index, h, &kept)[..], "{what} cluster tokens head {h}");
+        }
+        // GemFilter: pooled scores against the CPU, selection by the device's pooled scores.
+        let gv = TensorView::new(&gkeys, &[n, hk, d]).unwrap();
+        let want_scores = token_scores(&TensorView::new(&gqf, &[hq, d]).unwrap(), KeySource::Tensor(&gv)).unwrap();
+        let scale = want_scores.iter().fold(0f32, |a, &b| a.max(b.abs())).max(1.0);
+        assert_close(&format!("{what} gemfilter scores"), &gws.scores_to_host(&stream).unwrap(), &want_scores, 1e-5 * scale * d as f32, 1e-4);
+        let pooled = gws.pooled_to_host(&stream).unwrap();
+        assert_eq!(gws.selected(&stream).unwrap(), top_k(&pooled, gcfg.k), "{what} gemfilter selection");
+    }
+    unsafe {
+        sys::cuGraphExecDestroy(exec);
+        sys::cuGraphDestroy(graph);
+    }
 }

@@ -17,7 +17,9 @@
 //! The calls marked "graph-capturable" queue kernels (and `cuMemsetD8Async`) only: no
 //! allocation, no host copy, no synchronisation, launch sizes from host-known sizes. Their
 //! workspaces are allocated beforehand; reading results back (`*_to_host`, `stats`,
-//! `check_status`) synchronises and is not capturable.
+//! `check_status`) synchronises and is not capturable. Make one call outside the capture
+//! first: it loads the kernel modules (as for decode). [`prefill`](crate::backend::cuda::prefill)
+//! follows the same rules.
 
 pub mod cluster;
 pub mod gemfilter;

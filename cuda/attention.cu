@@ -109,7 +109,7 @@ __device__ __forceinline__ void decode_body(const DecodeParams& p) {
     constexpr int TPG = D / VEC;  // threads per token
     constexpr int NT = 128;
     constexpr int NG = NT / TPG;  // token groups per block
-    constexpr int U = GR <= 2 ? 4 : 2;
+    constexpr int U = GR <= 4 ? 4 : 2;  // tokens in flight per thread group
 
     __shared__ __align__(16) float q_s[2][GR][D];
     __shared__ __align__(16) float red_o[NG][GR][D];

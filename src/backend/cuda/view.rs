@@ -26,6 +26,8 @@ pub struct CudaPageTable {
     device: usize,
     /// Per-sequence lengths when the table came from the host.
     seq_lens: Option<Vec<usize>>,
+    /// (page_size, num_pages) the table was validated against on upload.
+    validated_for: Option<(usize, usize)>,
     _owned: Vec<DeviceBuffer>,
 }
 
@@ -54,6 +56,7 @@ impl CudaPageTable {
             max_seq_len: seq_lens.iter().copied().max().unwrap_or(0),
             device: dev.ordinal(),
             seq_lens: Some(seq_lens),
+            validated_for: Some((page_size, num_pages)),
             _owned: vec![ip, ix, lp],
         })
     }
@@ -81,7 +84,7 @@ impl CudaPageTable {
         if max_seq_len > i32::MAX as usize {
             return Err(Error::out_of_range("max_seq_len", max_seq_len as i64, format!("0..={}", i32::MAX)));
         }
-        Ok(CudaPageTable { indptr, indices, last_page_len, batch, max_seq_len, device, seq_lens: None, _owned: Vec::new() })
+        Ok(CudaPageTable { indptr, indices, last_page_len, batch, max_seq_len, device, seq_lens: None, validated_for: None, _owned: Vec::new() })
     }
 
     pub fn batch_size(&self) -> usize {
@@ -153,6 +156,17 @@ impl<'a> CudaPagedKv<'a> {
         }
         if layout.num_pages > i32::MAX as usize {
             return Err(Error::out_of_range("num_pages", layout.num_pages as i64, format!("0..={}", i32::MAX)));
+        }
+        if let Some((ps, np)) = table.validated_for {
+            if ps != layout.page_size || np > layout.num_pages {
+                return Err(Error::invalid(
+                    "table",
+                    format!(
+                        "a page table checked for this memory (page_size {}, {} pages); it was checked for page_size {ps} and {np} pages",
+                        layout.page_size, layout.num_pages
+                    ),
+                ));
+            }
         }
         Ok(CudaPagedKv { k, v, layout, table, positions: None, key_bounds: None, key_rope: KeyRope::PostRope, device: table.device() })
     }

@@ -27,6 +27,7 @@ struct AppendParams {
     uint32_t v_src_dtype;
 };
 static_assert(sizeof(AppendParams) == 160, "AppendParams must match src/backend/cuda/attention.rs");
+static_assert(offsetof(AppendParams, n) == 136, "AppendParams layout");
 
 // grid (n, num_kv_heads), threads over channels.
 template <typename T>
@@ -70,6 +71,7 @@ struct BoundsParams {
     int32_t _pad;
 };
 static_assert(sizeof(BoundsParams) == 64, "BoundsParams must match src/backend/cuda/attention.rs");
+static_assert(offsetof(BoundsParams, num_entries) == 48, "BoundsParams layout");
 
 // grid (num_entries, num_kv_heads), threads over channels.
 template <typename T>

@@ -56,6 +56,8 @@ struct DecodeParams {
     float inv_freq[KVS_MAX_HALF_ROTARY];
 };
 static_assert(sizeof(DecodeParams) == 480, "DecodeParams must match src/backend/cuda/attention.rs");
+static_assert(offsetof(DecodeParams, k_stride) == 88 && offsetof(DecodeParams, batch) == 160, "DecodeParams layout");
+static_assert(offsetof(DecodeParams, q_dtype) == 192 && offsetof(DecodeParams, inv_freq) == 224, "DecodeParams layout");
 
 #define ROPE_NONE 0u
 #define ROPE_ORIGINAL 1u
@@ -390,6 +392,7 @@ struct DecodeMergeParams {
     int32_t _pad;
 };
 static_assert(sizeof(DecodeMergeParams) == 80, "DecodeMergeParams must match src/backend/cuda/attention.rs");
+static_assert(offsetof(DecodeMergeParams, batch) == 56, "DecodeMergeParams layout");
 
 // grid (batch * num_qo_heads), threads over channels.
 extern "C" __global__ void kvsieve_decode_merge(const DecodeMergeParams p) {
@@ -440,6 +443,7 @@ struct MergeStatesParams {
     uint32_t out_dtype;
 };
 static_assert(sizeof(MergeStatesParams) == 144, "MergeStatesParams must match src/backend/cuda/attention.rs");
+static_assert(offsetof(MergeStatesParams, n) == 120, "MergeStatesParams layout");
 
 // grid (n * heads), threads over channels.
 extern "C" __global__ void kvsieve_merge_states(const MergeStatesParams p) {

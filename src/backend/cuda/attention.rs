@@ -686,3 +686,80 @@ pub(crate) unsafe fn launch_key_bounds(dev: &CudaDevice, stream: &Stream, l: &Pa
     let threads = l.head_dim.clamp(32, 256) as u32;
     launch(dev, stream, ModuleId::Append, name, LaunchDims::new((num_entries as u32, l.num_kv_heads as u32, 1), threads), &p)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::CudaPageTable;
+    use crate::config::PageLayout;
+
+    /// Every kernel name the host side launches exists in the compiled modules (checked
+    /// against nvcc's report, so no GPU is needed).
+    #[test]
+    fn launched_kernels_exist_in_the_modules() {
+        let attention = ModuleId::Attention.ptxas_report();
+        let append = ModuleId::Append.ptxas_report();
+        let has = |report: &str, name: &str| report.contains(&format!("Compiling entry function '{name}' for 'sm_80'")) && report.contains(&format!("Compiling entry function '{name}' for 'sm_90'"));
+        for dtype in [DType::F16, DType::BF16] {
+            for d in [64, 128] {
+                for g in 1..=16 {
+                    let name = decode_kernel(dtype, d, rows_per_block(g));
+                    assert!(has(attention, name), "{name} missing from cuda/attention.cu");
+                }
+            }
+        }
+        for name in ["kvsieve_decode_merge", "kvsieve_merge_states"] {
+            assert!(has(attention, name), "{name}");
+        }
+        for name in ["kvsieve_append_f16", "kvsieve_append_bf16", "kvsieve_key_bounds_f16", "kvsieve_key_bounds_bf16"] {
+            assert!(has(append, name), "{name}");
+        }
+    }
+
+    #[test]
+    fn rows_per_block_covers_every_group() {
+        for g in 1..=64 {
+            let r = rows_per_block(g);
+            assert!(matches!(r, 1 | 2 | 4 | 8));
+            assert!(g.div_ceil(r) * r >= g);
+            assert!(r <= g.next_power_of_two().max(1));
+        }
+    }
+
+    /// Views the kernels cannot read are refused before any device work (no GPU needed:
+    /// nothing here touches the device).
+    #[test]
+    fn views_outside_the_kernel_limits_are_refused() {
+        // SAFETY: a table of an empty batch; its (null) addresses are never read.
+        let table = unsafe { CudaPageTable::from_device(0, 0, 0, 0, 0, 0).unwrap() };
+        let view = |dtype: DType, page_size: usize, d: usize, layout: PageLayout, k: u64| {
+            let l = PagedKvLayout::packed(dtype, 4, page_size, 2, d, layout);
+            // SAFETY: only validated, never read.
+            unsafe { CudaPagedKv::from_raw(k, 0x2000, l, &table).unwrap() }
+        };
+        assert!(check_kv_for_device(&view(DType::F16, 16, 128, PageLayout::Nhd, 0x1000)).is_ok());
+        assert!(check_kv_for_device(&view(DType::BF16, 64, 64, PageLayout::Hnd, 0x1000)).is_ok());
+        assert!(matches!(check_kv_for_device(&view(DType::F32, 16, 128, PageLayout::Nhd, 0x1000)), Err(Error::Unsupported(_))));
+        assert!(matches!(check_kv_for_device(&view(DType::F16, 16, 96, PageLayout::Nhd, 0x1000)), Err(Error::Unsupported(_))));
+        assert!(matches!(check_kv_for_device(&view(DType::F16, 24, 128, PageLayout::Nhd, 0x1000)), Err(Error::Unsupported(_))));
+        let e = check_kv_for_device(&view(DType::F16, 16, 128, PageLayout::Nhd, 0x1008)).unwrap_err();
+        assert!(matches!(&e, Error::InvalidArgument { param, .. } if param == "k"), "{e}");
+        let mut l = PagedKvLayout::packed(DType::F16, 4, 16, 2, 64, PageLayout::Nhd);
+        l.k_strides[2] = 68;
+        // SAFETY: only validated.
+        let v = unsafe { CudaPagedKv::from_raw(0x1000, 0x2000, l, &table).unwrap() };
+        assert!(matches!(check_kv_for_device(&v), Err(Error::Unsupported(_))));
+    }
+
+    #[test]
+    fn parameter_structs_have_the_kernel_layouts() {
+        assert_eq!(std::mem::offset_of!(DecodeParams, k_stride), 88);
+        assert_eq!(std::mem::offset_of!(DecodeParams, batch), 160);
+        assert_eq!(std::mem::offset_of!(DecodeParams, q_dtype), 192);
+        assert_eq!(std::mem::offset_of!(DecodeParams, inv_freq), 224);
+        assert_eq!(std::mem::offset_of!(AppendParams, n), 136);
+        assert_eq!(std::mem::offset_of!(BoundsParams, num_entries), 48);
+        assert_eq!(std::mem::offset_of!(MergeStatesParams, n), 120);
+        assert_eq!(std::mem::offset_of!(DecodeMergeParams, batch), 56);
+    }
+}

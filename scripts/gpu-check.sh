@@ -4,6 +4,7 @@
 #   bin/test-cuda_*      release builds of the CUDA integration tests (tests/cuda_*.rs)
 #   bin/bench-gpu_*      release builds of the GPU benches (benches/gpu_*.rs)
 #   gpu_sdpa.py          torch's scaled_dot_product_attention on the data gpu_report dumps
+#   py/                  a wheel built with the CUDA backend and the Python CUDA tests
 #   ptxas-report.txt     registers / spills / shared memory of every kernel
 #   run.sh               THE one command to run on the GPU machine (copy the folder there)
 # run.sh runs the GPU tests, then prints the figures: gpu_decode_bw_fraction_* (K/V bytes
@@ -43,6 +44,14 @@ echo "== building the CUDA tests and GPU benches (release, --features cuda)"
 cargo test --release --features cuda --no-run --message-format=json --test 'cuda_*' | collect test
 cargo bench --features cuda --no-run --message-format=json --bench 'gpu_*' | collect bench
 cp scripts/gpu_sdpa.py "$out/"
+echo "== building a wheel with the CUDA backend"
+mkdir -p "$out/py"
+if [ -x .venv/bin/maturin ]; then
+  (cd bindings/python && ../../.venv/bin/maturin build --release -q --features cuda -o "../../$out/py" -i ../../.venv/bin/python)
+  cp bindings/python/tests/test_cuda.py "$out/py/"
+else
+  echo "   (no maturin in .venv: run scripts/setup.sh for the Python check)"
+fi
 report=$(ls -t target/release/build/kvsieve-*/out/ptxas-report.txt 2>/dev/null | head -1 || true)
 [ -n "$report" ] && cp "$report" "$out/ptxas-report.txt"
 
@@ -67,6 +76,14 @@ for b in bin/bench-gpu_*; do
   echo "== $b"
   timeout 120 "$b" || fail=1
 done
+whl=$(ls py/kvsieve-*.whl 2>/dev/null | head -1 || true)
+if [ -n "$whl" ] && python3 -c "import numpy, pytest, torch" 2>/dev/null; then
+  echo "== Python: __dlpack__ device arrays (torch) through the wheel"
+  rm -rf py/site && python3 -m zipfile -e "$whl" py/site \
+    && PYTHONPATH=py/site timeout 120 python3 -m pytest -q -p no:cacheprovider py/test_cuda.py || fail=1
+else
+  echo "== Python check skipped (needs the wheel, numpy, pytest and torch)"
+fi
 if [ -f out/sdpa/meta.json ]; then
   echo "== dense decode against torch scaled_dot_product_attention"
   timeout 120 python3 gpu_sdpa.py out/sdpa --json out/sdpa.json || fail=1

@@ -15,7 +15,10 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use kvsieve::attention::{apply_rope, AttentionParams, PositionMode};
-use kvsieve::{CacheConfig, DType, KeyRope, KvCache, Policy, SeqId, TensorView, TensorViewMut};
+use kvsieve::select::PolicySelection;
+use kvsieve::{
+    CacheConfig, ClusterIndexSet, DType, KeyRope, KvCache, Policy, SeqId, TensorView, TensorViewMut,
+};
 use rayon::prelude::*;
 
 use crate::matmul::matmul;
@@ -57,9 +60,29 @@ impl Kv {
         extra_pages: usize,
         with_pre: bool,
     ) -> Result<Kv> {
+        Kv::with_layers(
+            model,
+            model.cfg.num_layers,
+            tokens,
+            page_size,
+            extra_pages,
+            with_pre,
+        )
+    }
+
+    /// As [`Kv::new`] with pages for only the first `layers` layers (a forward step limited
+    /// to those layers, such as GemFilter's first pass, needs no more).
+    pub fn with_layers(
+        model: &Model,
+        layers: usize,
+        tokens: usize,
+        page_size: usize,
+        extra_pages: usize,
+        with_pre: bool,
+    ) -> Result<Kv> {
         let c = &model.cfg;
         let cfg = CacheConfig::new(
-            c.num_layers,
+            layers,
             c.num_kv_heads,
             c.head_dim,
             page_size,
@@ -190,7 +213,8 @@ pub struct Stats {
     pub decode_steps: usize,
     /// Seconds of decode attention over those steps.
     pub decode_attention_secs: f64,
-    /// Bytes of K and V rows read by decode attention, plus page key bounds scanned.
+    /// Bytes of K and V rows read by decode attention, plus page key bounds scanned and
+    /// cluster centroids scored.
     pub decode_kv_bytes: f64,
     /// Bytes dense decode attention would have read over the same steps of this sequence
     /// (after any eviction, what the sequence still holds).
@@ -214,6 +238,9 @@ pub struct Engine<'m> {
     pub stats: HashMap<SeqId, Stats>,
     /// Seconds in kvsieve attention calls, all steps (selection included).
     pub attention_secs: f64,
+    /// Cluster indexes of the sequences whose policy uses centroid retrieval (`clusters=`),
+    /// built by [`Engine::build_clusters`] after prefill.
+    pub clusters: ClusterIndexSet,
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -240,6 +267,34 @@ impl<'m> Engine<'m> {
             model,
             stats: HashMap::new(),
             attention_secs: 0.0,
+            clusters: ClusterIndexSet::new(),
+        }
+    }
+
+    /// Build the cluster indexes of a lane for the layers where its policy uses
+    /// `clusters=`, from the cache the lane reads: post-RoPE keys as stored, or the raw keys
+    /// of the pre-RoPE cache (scored at the capped distance: use `clusters=` there with
+    /// capped positions). Returns the seconds it took (0 without `clusters=`).
+    pub fn build_clusters(&mut self, kv: &Kv, lane: &Lane) -> Result<f64> {
+        let t0 = Instant::now();
+        let n = self
+            .clusters
+            .build(kv.cache(lane.side), lane.seq, lane.policy)?;
+        Ok(if n > 0 {
+            t0.elapsed().as_secs_f64()
+        } else {
+            0.0
+        })
+    }
+
+    /// Give `to` a copy of `from`'s cluster indexes (forks of one context share them).
+    pub fn copy_clusters(&mut self, from: SeqId, to: SeqId, num_layers: usize) {
+        for layer in 0..num_layers {
+            let ix = self.clusters.get(from, layer).cloned();
+            let keys = self.clusters.indexed_keys(from, layer);
+            if let (Some(ix), Some(keys)) = (ix, keys) {
+                self.clusters.insert(to, layer, ix, keys);
+            }
         }
     }
 
@@ -411,13 +466,14 @@ impl<'m> Engine<'m> {
                     }
                     let mut og = vec![0f32; g.len() * qrow];
                     let tg = Instant::now();
-                    let sels = cache.decode_with_policy(
+                    let sels: Vec<PolicySelection> = cache.decode_with_clusters(
                         li,
                         &ids,
                         &TensorView::new(&qg, &[g.len(), hq, hd])?,
                         &mut TensorViewMut::new(&mut og, &[g.len(), hq, hd])?,
                         None,
                         l0.policy,
+                        &self.clusters,
                         params,
                     )?;
                     let dt = tg.elapsed().as_secs_f64() / g.len() as f64;
@@ -479,15 +535,16 @@ impl<'m> Engine<'m> {
     }
 
     /// Count one layer of a decode step of `seq`: the K and V rows its selection read (all
-    /// rows for a dense layer), plus the page key bounds that page-bound selection scanned,
-    /// against what dense attention reads; and its share of the attention time.
+    /// rows for a dense layer), plus the page key bounds that page-bound selection scanned
+    /// and the f32 centroids that centroid retrieval scored, against what dense attention
+    /// reads; and its share of the attention time.
     fn count_decode(
         &mut self,
         cache: &KvCache,
         seq: SeqId,
         layer: usize,
         policy: &Policy,
-        sel: Option<&kvsieve::Selection>,
+        sel: Option<&PolicySelection>,
         secs: f64,
     ) -> Result<()> {
         let c = cache.config();
@@ -499,8 +556,10 @@ impl<'m> Engine<'m> {
         st.decode_dense_kv_bytes += dense;
         match sel {
             None => st.decode_kv_bytes += dense,
-            Some(s) => {
+            Some(p) => {
+                let s = &p.selection;
                 st.decode_kv_bytes += s.len() as f64 * row;
+                st.decode_kv_bytes += (p.centroids_scored * c.head_dim * 4) as f64;
                 let paged = (0..c.num_kv_heads)
                     .filter(|&h| policy.spec(layer, h).pages.is_some_and(|p| p < len))
                     .count();

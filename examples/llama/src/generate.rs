@@ -17,15 +17,29 @@ pub fn prefill(
     tokens: &[u32],
     step: &Step,
 ) -> Result<StepOut> {
+    prefill_chunked(engine, kv, lane, tokens, step, PREFILL_CHUNK)
+}
+
+/// [`prefill`] in chunks of `chunk` tokens (a windowed policy's chunk reads its window plus
+/// the chunk, so smaller chunks read less).
+pub fn prefill_chunked(
+    engine: &mut Engine,
+    kv: &mut Kv,
+    lane: &Lane,
+    tokens: &[u32],
+    step: &Step,
+    chunk: usize,
+) -> Result<StepOut> {
+    let chunk = chunk.max(1);
     let mut last = StepOut::default();
-    for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-        let is_last = (i + 1) * PREFILL_CHUNK >= tokens.len();
+    for (i, part) in tokens.chunks(chunk).enumerate() {
+        let is_last = (i + 1) * chunk >= tokens.len();
         let s = Step {
             logits: if is_last { step.logits } else { Logits::None },
             capture_queries: is_last && step.capture_queries,
             ..*step
         };
-        last = engine.forward(kv, std::slice::from_ref(lane), chunk, &s)?;
+        last = engine.forward(kv, std::slice::from_ref(lane), part, &s)?;
     }
     Ok(last)
 }
@@ -70,6 +84,7 @@ pub fn generate(
     let lane = Lane { seq, side, policy };
     let step = Step::default();
     let mut logits = prefill(&mut engine, &mut kv, &lane, &ids, &step)?.logits;
+    engine.build_clusters(&kv, &lane)?;
     let mut out = Vec::new();
     for _ in 0..max_tokens {
         let t = argmax(&logits);

@@ -51,6 +51,10 @@ impl Row<'_> {
         (self.cell.kv_samples > 0)
             .then(|| self.cell.kv_bytes_held / self.cell.kv_samples as f64 / 1e6)
     }
+    fn peak_mb(&self) -> Option<f64> {
+        (self.cell.kv_samples > 0)
+            .then(|| self.cell.kv_bytes_peak / self.cell.kv_samples as f64 / 1e6)
+    }
 }
 
 fn rows(r: &SweepResult) -> Vec<Row<'_>> {
@@ -78,7 +82,7 @@ fn rows(r: &SweepResult) -> Vec<Row<'_>> {
 
 pub fn write_csv(r: &SweepResult, path: &Path) -> std::io::Result<()> {
     let mut s = String::from(
-        "context,policy,budget,budget_tokens,passkey_accuracy,passkey_trials,needle_accuracy,needle_trials,perplexity,perplexity_dense,perplexity_change_pct,kv_bytes_per_step,dense_kv_bytes_per_step,attention_ms_per_step,dense_attention_ms_per_step,prefill_s,kv_mb_held,policy_text\n",
+        "context,policy,budget,budget_tokens,passkey_accuracy,passkey_trials,needle_accuracy,needle_trials,perplexity,perplexity_dense,perplexity_change_pct,kv_bytes_per_step,dense_kv_bytes_per_step,attention_ms_per_step,dense_attention_ms_per_step,prefill_s,kv_mb_held,kv_mb_peak,policy_text\n",
     );
     for row in rows(r) {
         let c = row.cell;
@@ -89,7 +93,7 @@ pub fn write_csv(r: &SweepResult, path: &Path) -> std::io::Result<()> {
         let trials = |t: Task| c.correct.get(t.name()).map_or(0, |x| x.1);
         writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
             row.key.0,
             row.key.1,
             budget_label(row.key),
@@ -111,6 +115,7 @@ pub fn write_csv(r: &SweepResult, path: &Path) -> std::io::Result<()> {
             fmt_opt(dense_attn, 4),
             fmt_opt(row.prefill(), 3),
             fmt_opt(row.held_mb(), 2),
+            fmt_opt(row.peak_mb(), 2),
             c.policy_text.replace('"', "'"),
         )
         .unwrap();
@@ -123,7 +128,7 @@ pub fn table(r: &SweepResult) -> String {
     let mut s = String::new();
     writeln!(
         s,
-        "{:>7} {:<13} {:>6} {:>8} {:>7} {:>7} {:>8} {:>10} {:>9} {:>10} {:>9}",
+        "{:>7} {:<13} {:>6} {:>8} {:>7} {:>7} {:>8} {:>10} {:>9} {:>10} {:>9} {:>8}",
         "context",
         "policy",
         "budget",
@@ -134,7 +139,8 @@ pub fn table(r: &SweepResult) -> String {
         "KV KB/step",
         "KV/dense",
         "attn ms",
-        "prefill s"
+        "prefill s",
+        "peak MB"
     )
     .unwrap();
     for row in rows(r) {
@@ -152,7 +158,7 @@ pub fn table(r: &SweepResult) -> String {
         };
         writeln!(
             s,
-            "{:>7} {:<13} {:>6} {:>8} {:>7} {:>7} {:>8} {:>10} {:>9} {:>10} {:>9}",
+            "{:>7} {:<13} {:>6} {:>8} {:>7} {:>7} {:>8} {:>10} {:>9} {:>10} {:>9} {:>8}",
             row.key.0,
             row.key.1,
             budget_label(row.key),
@@ -167,6 +173,7 @@ pub fn table(r: &SweepResult) -> String {
             row.per_step(c.attention_secs * 1e3)
                 .map_or("-".into(), |t| format!("{t:.2}")),
             row.prefill().map_or("-".into(), |t| format!("{t:.2}")),
+            row.peak_mb().map_or("-".into(), |m| format!("{m:.1}")),
         )
         .unwrap();
     }

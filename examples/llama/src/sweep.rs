@@ -62,8 +62,7 @@ impl PolicyDef {
 }
 
 /// The policies swept by default (GemFilter is added by [`SweepConfig::gemfilter`]).
-/// Other selection methods plug in with `--policy NAME=TEXT` once kvsieve's policy text
-/// can express them.
+/// More plug in with `--policy NAME=TEXT`.
 pub fn default_policies() -> Vec<PolicyDef> {
     vec![
         PolicyDef::new(
@@ -72,7 +71,59 @@ pub fn default_policies() -> Vec<PolicyDef> {
         ),
         PolicyDef::new("lambda", "global=4,local={budget-4},max_distance={budget}"),
         PolicyDef::new("page-bounds", "sinks=4,window=64,pages={budget-68}"),
+        PolicyDef::new(
+            "clusters",
+            "sinks=4,window=64,clusters={budget-68},cluster_size=32",
+        ),
+        PolicyDef::new(
+            "clusters-hier",
+            "sinks=4,window=64,clusters={budget-68},cluster_size=32,hier=16",
+        ),
     ]
+}
+
+/// Build the cluster indexes of the lanes whose policy uses `clusters=`: once per distinct
+/// index (same layers, options, window and cache side), copied to the other lanes that
+/// need the same one (forks of one context hold the same keys). Returns per lane the
+/// seconds its index took to build (0 without `clusters=`).
+pub fn build_lane_clusters(
+    engine: &mut Engine,
+    kv: &Kv,
+    lanes: &[Lane],
+    num_layers: usize,
+    num_kv_heads: usize,
+) -> Result<Vec<f64>> {
+    let mut built: Vec<(String, u64, f64)> = Vec::new();
+    let mut secs = vec![0.0; lanes.len()];
+    for (i, l) in lanes.iter().enumerate() {
+        let plan: Vec<_> = (0..num_layers)
+            .map(|layer| l.policy.cluster_plan(layer, num_kv_heads))
+            .collect();
+        if plan.iter().all(Option::is_none) {
+            continue;
+        }
+        let key = format!("{:?} {:?}", l.side, plan);
+        secs[i] = match built.iter().find(|b| b.0 == key) {
+            Some(&(_, from, s)) => {
+                engine.copy_clusters(from, l.seq, num_layers);
+                s
+            }
+            None => {
+                let s = engine.build_clusters(kv, l)?;
+                built.push((key, l.seq, s));
+                s
+            }
+        };
+    }
+    Ok(secs)
+}
+
+/// Pages each lane's sequence holds now, folded into the peaks seen so far.
+fn observe_peaks(kv: &Kv, lanes: &[Lane], peaks: &mut [usize]) -> Result<()> {
+    for (l, p) in lanes.iter().zip(peaks.iter_mut()) {
+        *p = (*p).max(kv.cache(l.side).seq_pages(l.seq)?.len());
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +159,8 @@ pub struct Cell {
     pub prefill_secs: f64,
     pub prefills: usize,
     pub kv_bytes_held: f64,
+    /// Sum over runs of the most KV bytes the run's sequence held at once.
+    pub kv_bytes_peak: f64,
     pub kv_samples: usize,
 }
 
@@ -394,6 +447,7 @@ impl<'a> Sweep<'a> {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn record_lane(
         &mut self,
         def: &LaneDef,
@@ -401,9 +455,11 @@ impl<'a> Sweep<'a> {
         lane: &Lane,
         engine: &Engine,
         prefill_secs: f64,
+        peak_pages: usize,
     ) -> Result<()> {
         let cache = kv.cache(lane.side);
-        let held = (cache.seq_pages(lane.seq)?.len() * cache.stats().bytes_per_page) as f64;
+        let page = cache.stats().bytes_per_page;
+        let held = (cache.seq_pages(lane.seq)?.len() * page) as f64;
         let st = engine.stats.get(&lane.seq).copied().unwrap_or_default();
         let c = self.cell(&def.key, &def.text, def.budget);
         c.decode_steps += st.decode_steps;
@@ -413,6 +469,7 @@ impl<'a> Sweep<'a> {
         c.prefill_secs += prefill_secs;
         c.prefills += 1;
         c.kv_bytes_held += held;
+        c.kv_bytes_peak += (peak_pages * page) as f64;
         c.kv_samples += 1;
         Ok(())
     }
@@ -432,7 +489,16 @@ impl<'a> Sweep<'a> {
             .zip(&seqs)
             .map(|(d, &s)| Lane::new(s, &d.policy, layers))
             .collect();
+        let index_secs = build_lane_clusters(
+            &mut engine,
+            &kv,
+            &lanes,
+            layers,
+            self.model.cfg.num_kv_heads,
+        )?;
         let n = lanes.len();
+        let mut peaks = vec![0usize; n];
+        observe_peaks(&kv, &lanes, &mut peaks)?;
         let mut logits = Vec::new();
         for (i, &t) in trial.question.iter().enumerate() {
             let last = i + 1 == trial.question.len();
@@ -441,6 +507,7 @@ impl<'a> Sweep<'a> {
                 ..Step::default()
             };
             logits = engine.forward(&mut kv, &lanes, &vec![t; n], &step)?.logits;
+            observe_peaks(&kv, &lanes, &mut peaks)?;
             self.evict(&mut kv, &lanes)?;
         }
         let v = self.model.cfg.vocab_size;
@@ -454,12 +521,20 @@ impl<'a> Sweep<'a> {
                 logits = engine
                     .forward(&mut kv, &lanes, &next, &Step::default())?
                     .logits;
+                observe_peaks(&kv, &lanes, &mut peaks)?;
                 self.evict(&mut kv, &lanes)?;
             }
         }
-        for ((def, lane), g) in defs.iter().zip(&lanes).zip(&generated) {
+        for (i, ((def, lane), g)) in defs.iter().zip(&lanes).zip(&generated).enumerate() {
             let ok = trial.is_correct(&self.tok.decode(g));
-            self.record_lane(def, &kv, lane, &engine, prefill_secs)?;
+            self.record_lane(
+                def,
+                &kv,
+                lane,
+                &engine,
+                prefill_secs + index_secs[i],
+                peaks[i],
+            )?;
             let c = self.cell(&def.key, &def.text, def.budget);
             let e = c.correct.entry(trial.task.name()).or_default();
             e.0 += usize::from(ok);
@@ -502,6 +577,7 @@ impl<'a> Sweep<'a> {
         c.prefill_secs += run.prefill_secs;
         c.prefills += 1;
         c.kv_bytes_held += run.kv_bytes_held;
+        c.kv_bytes_peak += run.kv_bytes_peak;
         c.kv_samples += 1;
         c
     }
@@ -533,7 +609,7 @@ impl<'a> Sweep<'a> {
         let ps = self.cfg.page_size;
         let dense = Policy::dense();
         let t0 = Instant::now();
-        let mut kv = Kv::new(m, prompt.len(), ps, 1, false)?;
+        let mut kv = Kv::with_layers(m, layer + 1, prompt.len(), ps, 1, false)?;
         let seq = kv.create();
         let mut engine = Engine::new(m);
         let out = prefill(
@@ -570,6 +646,8 @@ impl<'a> Sweep<'a> {
             ));
         }
         let first_pass = t0.elapsed().as_secs_f64();
+        // The first pass holds the whole prompt, for its layers only.
+        let first_peak = kv.post.stats().bytes_used as f64;
         drop(kv);
         let v = m.cfg.vocab_size;
         let mut runs = Vec::new();
@@ -584,6 +662,7 @@ impl<'a> Sweep<'a> {
             let mut logits =
                 prefill(&mut engine, &mut kv, &lane, &tokens, &Step::default())?.logits;
             let prefill_secs = first_pass + t1.elapsed().as_secs_f64();
+            let mut peak = kv.post.stats().bytes_used;
             let mut generated = Vec::new();
             let (mut nll, mut count) = (0.0, 0);
             match eval {
@@ -595,6 +674,7 @@ impl<'a> Sweep<'a> {
                             logits = engine
                                 .forward(&mut kv, &[lane], &[t], &Step::default())?
                                 .logits;
+                            peak = peak.max(kv.post.stats().bytes_used);
                         }
                     }
                 }
@@ -605,6 +685,7 @@ impl<'a> Sweep<'a> {
                             .logits;
                         nll -= log_prob(&logits[..v], w[1]);
                         count += 1;
+                        peak = peak.max(kv.post.stats().bytes_used);
                     }
                 }
             }
@@ -617,6 +698,7 @@ impl<'a> Sweep<'a> {
                 count,
                 prefill_secs,
                 kv_bytes_held: held,
+                kv_bytes_peak: first_peak.max(peak as f64),
                 stats: engine.stats.get(&seq).copied().unwrap_or_default(),
             });
         }
@@ -638,9 +720,18 @@ impl<'a> Sweep<'a> {
             .zip(&seqs)
             .map(|(d, &s)| Lane::new(s, &d.policy, layers))
             .collect();
+        let index_secs = build_lane_clusters(
+            &mut engine,
+            &kv,
+            &lanes,
+            layers,
+            self.model.cfg.num_kv_heads,
+        )?;
         let n = lanes.len();
         let v = self.model.cfg.vocab_size;
         let mut nll = vec![0f64; n];
+        let mut peaks = vec![0usize; n];
+        observe_peaks(&kv, &lanes, &mut peaks)?;
         for w in eval.windows(2) {
             let logits = engine
                 .forward(&mut kv, &lanes, &vec![w[0]; n], &Step::default())?
@@ -648,10 +739,18 @@ impl<'a> Sweep<'a> {
             for (i, row) in logits.chunks(v).enumerate() {
                 nll[i] -= log_prob(row, w[1]);
             }
+            observe_peaks(&kv, &lanes, &mut peaks)?;
             self.evict(&mut kv, &lanes)?;
         }
-        for ((def, lane), nl) in defs.iter().zip(&lanes).zip(&nll) {
-            self.record_lane(def, &kv, lane, &engine, prefill_secs)?;
+        for (i, ((def, lane), nl)) in defs.iter().zip(&lanes).zip(&nll).enumerate() {
+            self.record_lane(
+                def,
+                &kv,
+                lane,
+                &engine,
+                prefill_secs + index_secs[i],
+                peaks[i],
+            )?;
             let c = self.cell(&def.key, &def.text, def.budget);
             c.nll += nl;
             c.nll_count += e - 1;
@@ -689,5 +788,7 @@ struct GemRun {
     count: usize,
     prefill_secs: f64,
     kv_bytes_held: f64,
+    /// The most KV bytes held at once over both passes.
+    kv_bytes_peak: f64,
     stats: crate::engine::Stats,
 }

@@ -7,11 +7,13 @@
 //! - [`model`], [`matmul`]: configuration, weights and the linear layers;
 //! - [`engine`]: the forward pass over kvsieve caches;
 //! - [`generate`]: prompts, greedy generation and next-token probabilities;
-//! - [`tasks`], [`perplexity`], [`sweep`], [`report`]: the evaluation of kvsieve's policies.
+//! - [`tasks`], [`perplexity`], [`sweep`], [`report`]: the evaluation of kvsieve's policies;
+//! - [`long`]: passkey retrieval past the training window (dense, Λ-mask, Λ-mask + retrieval).
 
 pub mod engine;
 pub mod generate;
 pub mod gguf;
+pub mod long;
 pub mod matmul;
 pub mod model;
 pub mod perplexity;

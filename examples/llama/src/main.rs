@@ -56,6 +56,9 @@ enum Cmd {
     /// Writes sweep.csv and accuracy.svg to --out and prints a table. Defaults are a short
     /// run; --full is the whole grid.
     Sweep(SweepArgs),
+    /// Passkey retrieval past the 8K training window: dense, the Λ-mask, and the Λ-mask
+    /// plus centroid retrieval; writes `long.csv` under `--out`.
+    Long(LongArgs),
     /// Print the token ids of a text as JSON.
     Tokenize {
         #[arg(long)]
@@ -109,6 +112,82 @@ struct SweepArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct LongArgs {
+    /// Context lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![16384, 32768])]
+    lengths: Vec<usize>,
+    /// Passkey trials per length (depths spread evenly).
+    #[arg(long, default_value_t = 2)]
+    trials: usize,
+    /// The Λ-mask's local window.
+    #[arg(long, default_value_t = 1024)]
+    local: usize,
+    /// The Λ-mask's distance cap.
+    #[arg(long, default_value_t = 8192)]
+    max_distance: usize,
+    /// Centroid retrieval budget, tokens per KV head.
+    #[arg(long, default_value_t = 2048)]
+    clusters: usize,
+    /// Fine clusters per KV head.
+    #[arg(long, default_value_t = 256)]
+    clusters_k: usize,
+    /// Replace the retrieval lane's policy text.
+    #[arg(long)]
+    retrieval_policy: Option<String>,
+    /// Skip dense attention (its prefill is quadratic in the length).
+    #[arg(long)]
+    no_dense: bool,
+    #[arg(long, default_value_t = 16)]
+    page_size: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value = "target/llama-eval")]
+    out: PathBuf,
+}
+
+fn long(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: LongArgs) -> Result<()> {
+    use kvsieve_llama::long::{run, summary, write_csv, LongConfig};
+    let cfg = LongConfig {
+        lengths: a.lengths,
+        trials: a.trials,
+        local: a.local,
+        max_distance: a.max_distance,
+        clusters: a.clusters,
+        clusters_k: a.clusters_k,
+        retrieval_policy: a.retrieval_policy,
+        dense: !a.no_dense,
+        page_size: a.page_size,
+        seed: a.seed,
+    };
+    let t0 = std::time::Instant::now();
+    let rows = run(model, tok, &cfg, &mut |r| {
+        eprintln!(
+            "[{:>5.0} s] {} tokens, {}, trial {} (depth {:.2}): {} (answer {}, generated {:?}), prefill {:.1} s, peak KV {:.0} MB",
+            t0.elapsed().as_secs_f64(),
+            r.length,
+            r.policy,
+            r.trial,
+            r.depth,
+            if r.correct { "right" } else { "wrong" },
+            r.answer,
+            r.generated,
+            r.prefill_secs,
+            r.peak_kv_mb
+        )
+    })?;
+    std::fs::create_dir_all(&a.out)?;
+    let csv = a.out.join("long.csv");
+    write_csv(&rows, &csv)?;
+    print!("{}", summary(&rows));
+    println!(
+        "({:.0} s) CSV: {}",
+        t0.elapsed().as_secs_f64(),
+        csv.display()
+    );
+    Ok(())
 }
 
 fn parse_frac(s: &str) -> Result<f64> {
@@ -260,6 +339,7 @@ fn run() -> Result<()> {
             );
         }
         Cmd::Sweep(a) => sweep(&model, &tok, a)?,
+        Cmd::Long(a) => long(&model, &tok, a)?,
         Cmd::Tokenize { text } => {
             println!("{}", serde_json::json!(tok.encode(&text)));
         }

@@ -46,8 +46,10 @@ pub struct CudaKvCache {
     positions: DeviceBuffer,
     seqs: BTreeMap<SeqId, Sequence>,
     next_id: SeqId,
-    /// Uploads whose device copies must outlive the queued work (freed after a sync).
-    pending: Vec<DeviceBuffer>,
+    /// Device staging memory for uploads (slot mappings, rows, bound entries), reused:
+    /// copies and kernels on the cache's stream run in order, so a later upload cannot
+    /// overwrite what an earlier queued kernel still reads.
+    staging: Option<DeviceBuffer>,
 }
 
 impl std::fmt::Debug for CudaKvCache {
@@ -104,7 +106,7 @@ impl CudaKvCache {
             positions,
             seqs: BTreeMap::new(),
             next_id: 0,
-            pending: Vec::new(),
+            staging: None,
             cfg,
         })
     }
@@ -153,11 +155,33 @@ impl CudaKvCache {
         PagedKvLayout { dtype: c.dtype, num_pages: c.capacity_pages, page_size: c.page_size, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, k_strides: s, v_strides: s }
     }
 
-    /// Wait for the queued work and release its staging buffers.
+    /// Wait for the queued work.
     fn flush(&mut self) -> Result<()> {
-        self.stream.synchronize()?;
-        self.pending.clear();
-        Ok(())
+        self.stream.synchronize()
+    }
+
+    /// Copy `parts` (byte slices) to the staging memory, back to back at 256-byte aligned
+    /// offsets; returns their device addresses. Growing waits for the queued work first.
+    fn stage(&mut self, parts: &[&[u8]]) -> Result<Vec<u64>> {
+        let offsets: Vec<usize> = parts
+            .iter()
+            .scan(0usize, |at, p| {
+                let o = *at;
+                *at += p.len().div_ceil(256) * 256;
+                Some(o)
+            })
+            .collect();
+        let need = offsets.last().map_or(0, |&o| o) + parts.last().map_or(0, |p| p.len());
+        if self.staging.as_ref().map_or(true, |b| b.len() < need) {
+            self.stream.synchronize()?;
+            let size = need.max(self.staging.as_ref().map_or(0, |b| 2 * b.len())).max(4096);
+            self.staging = Some(DeviceBuffer::alloc(&self.dev, size)?);
+        }
+        let buf = self.staging.as_ref().expect("allocated above");
+        for (p, &o) in parts.iter().zip(&offsets) {
+            buf.upload(o, p, &self.stream)?;
+        }
+        Ok(offsets.iter().map(|&o| buf.ptr() + o as u64).collect())
     }
 
     fn upload_positions(&mut self, page: usize) -> Result<()> {
@@ -171,13 +195,10 @@ impl CudaKvCache {
         if entries.is_empty() || self.bounds.is_empty() {
             return Ok(());
         }
-        let buf = DeviceBuffer::alloc(&self.dev, std::mem::size_of_val(entries))?;
-        buf.upload(0, bytemuck::cast_slice(entries), &self.stream)?;
+        let at = self.stage(&[bytemuck::cast_slice(entries)])?[0];
         // SAFETY: the entries name distinct pages of this pool with masks below page_size;
         // the bounds and key buffers cover the pool.
-        unsafe { launch_key_bounds(&self.dev, &self.stream, &self.layout(), self.k[layer].ptr(), self.bounds[layer].ptr(), buf.ptr(), entries.len())? };
-        self.pending.push(buf);
-        Ok(())
+        unsafe { launch_key_bounds(&self.dev, &self.stream, &self.layout(), self.k[layer].ptr(), self.bounds[layer].ptr(), at, entries.len()) }
     }
 
     /// Take a fresh page: empty bounds and no written slot in every layer.
@@ -393,38 +414,28 @@ impl CudaKvCache {
             s.pages[pi] = self.copy_page(s.pages[pi], keep)?;
         }
         let slots: Vec<i64> = (start..start + n).map(|t| (s.pages[t / ps] as usize * ps + t % ps) as i64).collect();
-        let slot_buf = DeviceBuffer::alloc(&self.dev, n * 8)?;
-        slot_buf.upload(0, bytemuck::cast_slice(&slots), &self.stream)?;
         let ord = self.dev.ordinal();
-        let (kt, vt) = match src {
+        let (slots_at, kt, vt) = match src {
             Source::Host(k, v) => {
                 // Rows gathered as f32 and converted on the device (exact for f16/bf16 inputs,
                 // round to nearest even from f32, as the CPU cache stores them).
-                let mut rows = vec![0f32; n * h * d];
-                let put = |t: &TensorView, buf: &mut Vec<f32>| {
+                let gather = |t: &TensorView| {
+                    let mut buf = vec![0f32; n * h * d];
                     for i in 0..n {
                         for head in 0..h {
                             t.read_row(&[i, head], &mut buf[(i * h + head) * d..(i * h + head + 1) * d]);
                         }
                     }
+                    buf
                 };
-                put(k, &mut rows);
-                let kb = DeviceBuffer::alloc(&self.dev, rows.len() * 4)?;
-                kb.upload(0, bytemuck::cast_slice(&rows), &self.stream)?;
-                put(v, &mut rows);
-                let vb = DeviceBuffer::alloc(&self.dev, rows.len() * 4)?;
-                vb.upload(0, bytemuck::cast_slice(&rows), &self.stream)?;
-                let kt = DeviceTensor::contiguous(kb.ptr(), DType::F32, &[n, h, d], ord);
-                let vt = DeviceTensor::contiguous(vb.ptr(), DType::F32, &[n, h, d], ord);
-                self.pending.push(kb);
-                self.pending.push(vb);
-                (kt, vt)
+                let (kr, vr) = (gather(k), gather(v));
+                let at = self.stage(&[bytemuck::cast_slice(&slots), bytemuck::cast_slice(&kr), bytemuck::cast_slice(&vr)])?;
+                (at[0], DeviceTensor::contiguous(at[1], DType::F32, &[n, h, d], ord), DeviceTensor::contiguous(at[2], DType::F32, &[n, h, d], ord))
             }
-            Source::Device(k, v) => (k.clone(), v.clone()),
+            Source::Device(k, v) => (self.stage(&[bytemuck::cast_slice(&slots)])?[0], k.clone(), v.clone()),
         };
         // SAFETY: slots are this sequence's, inside the pool; sources checked above.
-        unsafe { launch_append(&self.dev, &self.stream, &self.layout(), self.k[layer].ptr(), self.v[layer].ptr(), &kt, &vt, slot_buf.ptr(), n)? };
-        self.pending.push(slot_buf);
+        unsafe { launch_append(&self.dev, &self.stream, &self.layout(), self.k[layer].ptr(), self.v[layer].ptr(), &kt, &vt, slots_at, n)? };
         if !self.bounds.is_empty() {
             let mut entries = Vec::with_capacity(touched.len());
             for &pi in touched {

@@ -201,14 +201,17 @@ impl CudaKvCache {
         unsafe { launch_key_bounds(&self.dev, &self.stream, &self.layout(), self.k[layer].ptr(), self.bounds[layer].ptr(), at, entries.len()) }
     }
 
-    /// Take a fresh page: empty bounds and no written slot in every layer.
-    fn alloc_fresh(&mut self) -> Result<u32> {
-        let p = self.pool.alloc();
+    /// Take `n` fresh pages: empty bounds and no written slot in every layer.
+    fn alloc_fresh(&mut self, n: usize) -> Result<Vec<u32>> {
+        let pages: Vec<u32> = (0..n).map(|_| self.pool.alloc()).collect();
+        let entries: Vec<BoundsEntry> = pages.iter().map(|&p| BoundsEntry { page: p as i32, reset: 1, mask: 0 }).collect();
         for layer in 0..self.cfg.num_layers {
-            self.written[layer][p as usize] = 0;
-            self.run_bounds(layer, &[BoundsEntry { page: p as i32, reset: 1, mask: 0 }])?;
+            for &p in &pages {
+                self.written[layer][p as usize] = 0;
+            }
+            self.run_bounds(layer, &entries)?;
         }
-        Ok(p)
+        Ok(pages)
     }
 
     /// Copy page `src` into a fresh page keeping the first `keep` slots (the caller
@@ -324,10 +327,8 @@ impl CudaKvCache {
             let copy = self.copy_page(last, last_len)?;
             s.pages.push(copy);
         }
-        for _ in 0..fresh {
-            let p = self.alloc_fresh()?;
-            s.pages.push(p);
-        }
+        let pages = self.alloc_fresh(fresh)?;
+        s.pages.extend(pages);
         let mut slots = Vec::with_capacity(n);
         let mut touched = Vec::new();
         for i in 0..n {

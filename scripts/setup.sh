@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-ldconfig -p 2>/dev/null | grep -q 'libclang' || need_apt+=(libclang-dev)
+ldconfig -p 2>/dev/null | grep -qE 'libclang(-[0-9.]+)?\.so'  || need_apt+=(libclang-dev)
 command -v valgrind >/dev/null || need_apt+=(valgrind)
 command -v nm >/dev/null || need_apt+=(binutils)
 command -v cc >/dev/null || need_apt+=(gcc)

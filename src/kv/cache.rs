@@ -11,7 +11,6 @@
 //! Every call validates its arguments before it changes anything: a call that returns an
 //! error, including running out of pages, leaves every sequence exactly as it was.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::{CacheConfig, KeyRope};
@@ -19,6 +18,7 @@ use crate::dtype::{load_f32, store_f32};
 use crate::error::{Error, Result};
 use crate::kv::bounds::KeyBounds;
 use crate::kv::pool::PagePool;
+use crate::kv::seqs::{Sequence, Sequences};
 use crate::kv::storage::Buffer;
 use crate::kv::table::PageTable;
 use crate::kv::view::{PagedKv, PagedKvLayout};
@@ -29,13 +29,6 @@ pub type SeqId = u64;
 
 /// A cache shared between threads: readers run concurrently, writers exclusively.
 pub type SharedKvCache = Arc<parking_lot::RwLock<KvCache>>;
-
-#[derive(Debug, Clone, Default)]
-struct Sequence {
-    /// Page ids in token order. Every page but the last is full.
-    pages: Vec<u32>,
-    len: usize,
-}
 
 /// Which tokens [`KvCache::compact`] keeps.
 #[derive(Debug, Clone, Copy)]
@@ -96,8 +89,7 @@ pub struct KvCache {
     /// Original position of each slot, `[page][slot]`.
     positions: Vec<i32>,
     bounds: Option<KeyBounds>,
-    seqs: BTreeMap<SeqId, Sequence>,
-    next_id: SeqId,
+    seqs: Sequences,
 }
 
 impl std::fmt::Debug for KvCache {
@@ -116,8 +108,7 @@ impl KvCache {
             v: (0..cfg.num_layers).map(|_| Buffer::zeroed(layer_bytes)).collect(),
             positions: vec![0; cfg.capacity_pages * cfg.page_size],
             bounds: cfg.track_key_bounds.then(|| KeyBounds::new(&cfg)),
-            seqs: BTreeMap::new(),
-            next_id: 0,
+            seqs: Sequences::default(),
             cfg,
         })
     }
@@ -127,7 +118,7 @@ impl KvCache {
     }
 
     fn seq(&self, id: SeqId) -> Result<&Sequence> {
-        self.seqs.get(&id).ok_or(Error::UnknownSequence(id))
+        self.seqs.get(id)
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -148,37 +139,23 @@ impl KvCache {
 
     /// Create an empty sequence.
     pub fn create_sequence(&mut self) -> SeqId {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.seqs.insert(id, Sequence::default());
-        id
+        self.seqs.create()
     }
 
     /// A new sequence sharing all of `src`'s pages (prefix sharing). Shared pages are
     /// copied on the first write to them by either side, so the two then diverge safely.
     pub fn fork(&mut self, src: SeqId) -> Result<SeqId> {
-        let s = self.seq(src)?.clone();
-        for &p in &s.pages {
-            self.pool.incref(p);
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.seqs.insert(id, s);
-        Ok(id)
+        self.seqs.fork(&mut self.pool, src)
     }
 
     /// Drop a sequence; pages no other sequence shares go back to the pool.
     pub fn free_sequence(&mut self, id: SeqId) -> Result<()> {
-        let s = self.seqs.remove(&id).ok_or(Error::UnknownSequence(id))?;
-        for p in s.pages {
-            self.pool.decref(p);
-        }
-        Ok(())
+        self.seqs.free(&mut self.pool, id)
     }
 
     /// Ids of all live sequences, ascending.
     pub fn sequences(&self) -> Vec<SeqId> {
-        self.seqs.keys().copied().collect()
+        self.seqs.ids()
     }
 
     /// Tokens held by a sequence.
@@ -251,7 +228,7 @@ impl KvCache {
         } else {
             self.positions[*s.pages.last().unwrap() as usize * ps + last_len - 1].wrapping_add(1)
         };
-        let mut s = self.seqs.remove(&id).expect("checked above");
+        let mut s = self.seqs.take(id);
         if cow == 1 {
             let last = s.pages.pop().unwrap();
             let copy = self.copy_page(last, last_len);
@@ -269,7 +246,7 @@ impl KvCache {
             slots.push(slot as i64);
         }
         s.len += n;
-        self.seqs.insert(id, s);
+        self.seqs.put(id, s);
         Ok(slots)
     }
 
@@ -324,7 +301,7 @@ impl KvCache {
         let shared: Vec<usize> = touched.iter().copied().filter(|&pi| self.pool.refcount(s.pages[pi]) > 1).collect();
         self.pool.reserve(shared.len())?;
 
-        let mut s = self.seqs.remove(&id).expect("checked above");
+        let mut s = self.seqs.take(id);
         for &pi in &shared {
             let keep = if pi + 1 == s.pages.len() { self.last_len(&s) } else { ps };
             s.pages[pi] = self.copy_page(s.pages[pi], keep);
@@ -355,7 +332,7 @@ impl KvCache {
                 b.recompute(&cfg, layer, page, self.k[layer].bytes());
             }
         }
-        self.seqs.insert(id, s);
+        self.seqs.put(id, s);
         Ok(())
     }
 
@@ -375,7 +352,7 @@ impl KvCache {
         let cow = partial && self.pool.refcount(s.pages[keep_pages - 1]) > 1;
         self.pool.reserve(usize::from(cow))?;
 
-        let mut s = self.seqs.remove(&id).expect("checked above");
+        let mut s = self.seqs.take(id);
         for p in s.pages.drain(keep_pages..) {
             self.pool.decref(p);
         }
@@ -390,7 +367,7 @@ impl KvCache {
                 b.truncate_page(&self.cfg, last, keep_last, &self.k);
             }
         }
-        self.seqs.insert(id, s);
+        self.seqs.put(id, s);
         Ok(())
     }
 
@@ -410,7 +387,7 @@ impl KvCache {
             }
         }
         let ps = self.cfg.page_size;
-        let mut s = self.seqs.remove(&id).expect("checked above");
+        let mut s = self.seqs.take(id);
         let last_len = self.last_len(&s);
         let mut removed_tokens = 0;
         for &pi in page_indices.iter().rev() {
@@ -419,7 +396,7 @@ impl KvCache {
             self.pool.decref(p);
         }
         s.len -= removed_tokens;
-        self.seqs.insert(id, s);
+        self.seqs.put(id, s);
         Ok(())
     }
 
@@ -459,7 +436,7 @@ impl KvCache {
         let new_pages = k.div_ceil(ps);
         self.pool.reserve(new_pages)?;
 
-        let old = self.seqs.remove(&id).expect("checked above");
+        let old = self.seqs.take(id);
         let pages: Vec<u32> = (0..new_pages).map(|_| self.alloc_fresh()).collect();
         let st = c.strides();
         let es = c.dtype.size();
@@ -495,7 +472,7 @@ impl KvCache {
         for p in old.pages {
             self.pool.decref(p);
         }
-        self.seqs.insert(id, Sequence { pages, len: k });
+        self.seqs.put(id, Sequence { pages, len: k });
         Ok(())
     }
 
@@ -622,7 +599,7 @@ impl KvCache {
         self.pool.check()?;
         let mut counts = vec![0u32; self.pool.capacity()];
         let ps = self.cfg.page_size;
-        for (id, s) in &self.seqs {
+        for (id, s) in self.seqs.iter() {
             for &p in &s.pages {
                 counts[p as usize] += 1;
             }

@@ -4,6 +4,7 @@
 mod bounds;
 mod cache;
 pub(crate) mod pool;
+pub(crate) mod seqs;
 mod storage;
 mod table;
 mod policy;

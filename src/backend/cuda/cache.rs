@@ -10,7 +10,6 @@
 //! its device work is done (it synchronises kvsieve's stream), so none of them is
 //! graph-capturable; the attention calls over its views are.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::backend::cuda::attention::{launch_append, launch_key_bounds, BoundsEntry};
@@ -21,14 +20,9 @@ use crate::config::CacheConfig;
 use crate::dtype::{load_f32, DType};
 use crate::error::{Error, Result};
 use crate::kv::pool::PagePool;
+use crate::kv::seqs::{Sequence, Sequences};
 use crate::kv::{PageTable, PagedKvLayout, SeqId};
 use crate::tensor::TensorView;
-
-#[derive(Debug, Clone, Default)]
-struct Sequence {
-    pages: Vec<u32>,
-    len: usize,
-}
 
 /// Paged K/V on a CUDA device, owned by kvsieve (see the module docs).
 pub struct CudaKvCache {
@@ -44,8 +38,7 @@ pub struct CudaKvCache {
     written: Vec<Vec<u64>>,
     positions_host: Vec<i32>,
     positions: DeviceBuffer,
-    seqs: BTreeMap<SeqId, Sequence>,
-    next_id: SeqId,
+    seqs: Sequences,
     /// Device staging memory for uploads (slot mappings, rows, bound entries), reused:
     /// copies and kernels on the cache's stream run in order, so a later upload cannot
     /// overwrite what an earlier queued kernel still reads.
@@ -104,8 +97,7 @@ impl CudaKvCache {
             written: (0..cfg.num_layers).map(|_| vec![0u64; cfg.capacity_pages]).collect(),
             positions_host: vec![0; cfg.capacity_pages * cfg.page_size],
             positions,
-            seqs: BTreeMap::new(),
-            next_id: 0,
+            seqs: Sequences::default(),
             staging: None,
             cfg,
         })
@@ -123,7 +115,7 @@ impl CudaKvCache {
     }
 
     fn seq(&self, id: SeqId) -> Result<&Sequence> {
-        self.seqs.get(&id).ok_or(Error::UnknownSequence(id))
+        self.seqs.get(id)
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -246,36 +238,22 @@ impl CudaKvCache {
 
     /// Create an empty sequence.
     pub fn create_sequence(&mut self) -> SeqId {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.seqs.insert(id, Sequence::default());
-        id
+        self.seqs.create()
     }
 
     /// A new sequence sharing all of `src`'s pages (copied on the first write by either side).
     pub fn fork(&mut self, src: SeqId) -> Result<SeqId> {
-        let s = self.seq(src)?.clone();
-        for &p in &s.pages {
-            self.pool.incref(p);
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.seqs.insert(id, s);
-        Ok(id)
+        self.seqs.fork(&mut self.pool, src)
     }
 
     /// Drop a sequence; pages no other sequence shares go back to the pool.
     pub fn free_sequence(&mut self, id: SeqId) -> Result<()> {
-        let s = self.seqs.remove(&id).ok_or(Error::UnknownSequence(id))?;
-        for p in s.pages {
-            self.pool.decref(p);
-        }
-        Ok(())
+        self.seqs.free(&mut self.pool, id)
     }
 
     /// Ids of all live sequences, ascending.
     pub fn sequences(&self) -> Vec<SeqId> {
-        self.seqs.keys().copied().collect()
+        self.seqs.ids()
     }
 
     pub fn seq_len(&self, id: SeqId) -> Result<usize> {
@@ -311,9 +289,9 @@ impl CudaKvCache {
         self.pool.reserve(cow + fresh)?;
         let next_pos = if s.len == 0 { 0 } else { self.positions_host[*s.pages.last().unwrap() as usize * ps + last_len - 1].wrapping_add(1) };
 
-        let mut s = self.seqs.remove(&id).expect("checked above");
+        let mut s = self.seqs.take(id);
         let r = self.append_inner(&mut s, n, positions, next_pos, cow == 1, fresh);
-        self.seqs.insert(id, s);
+        self.seqs.put(id, s);
         let slots = r?;
         self.flush()?;
         Ok(slots)
@@ -399,9 +377,9 @@ impl CudaKvCache {
         let shared: Vec<usize> = touched.iter().copied().filter(|&pi| self.pool.refcount(s.pages[pi]) > 1).collect();
         self.pool.reserve(shared.len())?;
 
-        let mut s = self.seqs.remove(&id).expect("checked above");
+        let mut s = self.seqs.take(id);
         let r = self.write_inner(&mut s, layer, start, n, &touched, &shared, src);
-        self.seqs.insert(id, s);
+        self.seqs.put(id, s);
         r?;
         self.flush()
     }
@@ -471,7 +449,7 @@ impl CudaKvCache {
         let cow = partial && self.pool.refcount(s.pages[keep_pages - 1]) > 1;
         self.pool.reserve(usize::from(cow))?;
 
-        let mut s = self.seqs.remove(&id).expect("checked above");
+        let mut s = self.seqs.take(id);
         for p in s.pages.drain(keep_pages..) {
             self.pool.decref(p);
         }
@@ -490,7 +468,7 @@ impl CudaKvCache {
         } else {
             Ok(())
         };
-        self.seqs.insert(id, s);
+        self.seqs.put(id, s);
         r?;
         self.flush()
     }

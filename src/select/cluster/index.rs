@@ -33,6 +33,24 @@ impl ClusterConfig {
     pub fn new(clusters: ClusterCount) -> Self {
         ClusterConfig { clusters, exclude_window: 0, max_iter: 20, seed: 0, coarse: None }
     }
+
+    /// For a context of `n` tokens: the tokens clustered (`n` less the excluded window),
+    /// the fine cluster count and the coarse one, or an error naming the parameter.
+    pub(crate) fn counts(&self, n: usize) -> Result<(usize, usize, Option<usize>)> {
+        if n == 0 {
+            return Err(Error::invalid("keys", "a non-empty context (the sequence holds no tokens)"));
+        }
+        if self.exclude_window >= n {
+            return Err(Error::invalid(
+                "exclude_window",
+                format!("fewer than the {n} tokens of the context, so that some are clustered, got {}", self.exclude_window),
+            ));
+        }
+        let m = n - self.exclude_window;
+        let k = self.clusters.resolve(m, "clusters")?;
+        let k1 = self.coarse.map(|c| c.resolve(k, "coarse")).transpose()?;
+        Ok((m, k, k1))
+    }
     pub fn with_exclude_window(mut self, w: usize) -> Self {
         self.exclude_window = w;
         self
@@ -152,18 +170,7 @@ impl ClusterIndex {
 
     fn build_from(keys: &KeyRows<'_>, cfg: &ClusterConfig) -> Result<Self> {
         let n = keys.n;
-        if n == 0 {
-            return Err(Error::invalid("keys", "a non-empty context (the sequence holds no tokens)"));
-        }
-        if cfg.exclude_window >= n {
-            return Err(Error::invalid(
-                "exclude_window",
-                format!("fewer than the {n} tokens of the context, so that some are clustered, got {}", cfg.exclude_window),
-            ));
-        }
-        let m = n - cfg.exclude_window;
-        let k = cfg.clusters.resolve(m, "clusters")?;
-        let k1 = cfg.coarse.map(|c| c.resolve(k, "coarse")).transpose()?;
+        let (m, k, k1) = cfg.counts(n)?;
         let d = keys.d;
         let mut heads = Vec::with_capacity(keys.hk);
         let mut coarse = Vec::new();

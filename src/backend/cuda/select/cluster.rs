@@ -508,18 +508,7 @@ pub fn build_index(
     let [n, hk, d] = keys.shape[..] else {
         return Err(Error::shape("keys", "[n, num_kv_heads, head_dim]", format!("{:?}", keys.shape)));
     };
-    if n == 0 {
-        return Err(Error::invalid("keys", "a non-empty context (the sequence holds no tokens)"));
-    }
-    if cfg.exclude_window >= n {
-        return Err(Error::invalid(
-            "exclude_window",
-            format!("fewer than the {n} tokens of the context, so that some are clustered, got {}", cfg.exclude_window),
-        ));
-    }
-    let m = n - cfg.exclude_window;
-    let k = cfg.clusters.resolve(m, "clusters")?;
-    let k1 = cfg.coarse.map(|c| c.resolve(k, "coarse")).transpose()?;
+    let (m, k, k1) = cfg.counts(n)?;
     let head = DeviceTensor { shape: vec![m, hk, d], ..keys.clone() };
     let km = CudaKMeans::new(dev, &head, k, cfg.max_iter, assignment)?;
     km.seed_plus_plus(cfg.seed, stream)?;

@@ -28,7 +28,7 @@ env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benches/decode_num
 import json, glob
 report = {}
 for path in sorted(glob.glob("target/bench/*.json")):
-    if path.endswith("report.json"):
+    if path.endswith("report.json") or path.endswith("_raw.json"):
         continue
     report.update(json.load(open(path)))
 json.dump(report, open("target/bench/report.json", "w"), indent=2, sort_keys=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Figures: builds release benches and the wheel, measures, prints a table and writes
-# target/bench/report.json (a flat JSON object of named figures). About 15 minutes on 2 cores.
+# target/bench/report.json (a flat JSON object of named figures). A few minutes on 2 cores.
 #   --quick     smaller contexts and shapes (for a smoke run; figures not comparable)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -6,7 +6,7 @@ use crate::config::KeyRope;
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, SeqId};
 use crate::attention::PositionMode;
-use crate::select::{ClusterIndexSet, IndexedKeys, Policy, PolicySelection, Selection};
+use crate::select::{first_and_last, read_query, ClusterIndexSet, IndexedKeys, Policy, PolicySelection, Selection};
 use crate::tensor::{TensorView, TensorViewMut};
 
 impl KvCache {
@@ -118,15 +118,8 @@ impl KvCache {
                 let Some(rope) = rope.as_ref() else {
                     return Err(Error::invalid("params.rope", "a RoPE configuration: this cache stores keys before RoPE, and centroid retrieval scores the query after RoPE"));
                 };
-                let shape = qb.shape().to_vec();
-                let mut rows = vec![0f32; shape.iter().product()];
                 let d = c.head_dim;
-                let hq = rows.len() / d;
-                let lead: Vec<usize> = if shape.len() == 3 { vec![0] } else { Vec::new() };
-                for h in 0..hq {
-                    let idx: Vec<usize> = lead.iter().copied().chain([h]).collect();
-                    qb.read_row(&idx, &mut rows[h * d..(h + 1) * d]);
-                }
+                let (mut rows, hq) = read_query(&qb, d)?;
                 apply_rope(&mut TensorViewMut::new(&mut rows, &[1, hq, d])?, &[pos], rope)?;
                 policy.select_inner(self, id, layer, &TensorView::new(&rows, &[hq, d])?, indexes)
             })
@@ -203,11 +196,4 @@ impl KvCache {
         self.evict_pages(id, &pages)?;
         Ok(pages.len())
     }
-}
-
-/// The first `first` and the last `last` of `len` token indices, ascending, each once.
-fn first_and_last(len: usize, first: usize, last: usize) -> Vec<u32> {
-    let head = first.min(len);
-    let tail = len.saturating_sub(last).max(head);
-    (0..head as u32).chain(tail as u32..len as u32).collect()
 }

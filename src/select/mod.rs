@@ -34,3 +34,5 @@ pub use policy::{HeadOverride, LayerOverride, Policy, PolicySelection, PositionK
 pub use selection::{Selection, SelectionStats};
 pub use topk::top_k;
 pub use window::{lambda, streaming, window_pages_to_evict};
+pub(crate) use pages::read_query;
+pub(crate) use window::first_and_last;

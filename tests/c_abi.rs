@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use kvsieve::ffi::{
     kvsieve_attention_params_t, kvsieve_cache_config_t, kvsieve_cache_stats_t, kvsieve_cluster_config_t, kvsieve_device_t, kvsieve_dtype_t,
-    kvsieve_gemfilter_config_t, kvsieve_key_source_t, kvsieve_page_bounds_config_t, kvsieve_paged_kv_t, kvsieve_retrieve_config_t,
+    kvsieve_gemfilter_config_t, kvsieve_key_bounds_entry_t, kvsieve_key_source_t, kvsieve_page_bounds_config_t, kvsieve_paged_kv_t, kvsieve_retrieve_config_t,
     kvsieve_retrieve_stats_t, kvsieve_rope_config_t, kvsieve_selection_stats_t, kvsieve_snapkv_config_t, kvsieve_streaming_window_t,
     kvsieve_tensor_t,
 };
@@ -259,6 +259,7 @@ fn struct_layouts_match_rust() {
         }
         kvsieve_selection_stats_t { seq_len, num_kv_heads, total, density, min_density, max_density }
         kvsieve_page_bounds_config_t { budget_tokens, min_pages }
+        kvsieve_key_bounds_entry_t { page, reset, slot_mask }
         kvsieve_streaming_window_t { sinks, window }
         kvsieve_key_source_t { tensor, cache, seq, layer }
         kvsieve_gemfilter_config_t { k, pool_kernel, keep_first, keep_last }

@@ -79,6 +79,150 @@ fn cuda_entry_points_check_arguments_and_never_panic() {
     }
 }
 
+/// A device descriptor of f16 pages at fake addresses (never dereferenced: every call below
+/// fails in its host-side checks or, without a driver, before touching the device).
+fn fake_kv(batch: usize) -> kvsieve_paged_kv_t {
+    kvsieve_paged_kv_t {
+        k: 0x10000 as *const c_void,
+        v: 0x20000 as *const c_void,
+        device: kvsieve_device_t { device_type: DEVICE_CUDA, device_id: 0 },
+        dtype: kvsieve_dtype_t { code: DTYPE_CODE_FLOAT, bits: 16, lanes: 1 },
+        key_rope: 0,
+        num_pages: 8,
+        page_size: 16,
+        num_kv_heads: 2,
+        head_dim: 64,
+        k_strides: [2048, 128, 64],
+        v_strides: [2048, 128, 64],
+        batch,
+        indptr: 0x30000 as *const i32,
+        indices: 0x40000 as *const i32,
+        last_page_len: 0x50000 as *const i32,
+        positions: ptr::null(),
+    }
+}
+
+/// Without the `cuda` feature or a driver, a call that passed its checks answers
+/// CUDA_UNAVAILABLE; with both it is not reached here (the addresses are fake).
+fn expect_unavailable_or_checked(r: Option<(u32, String)>, what: &str) {
+    let (code, msg) = r.unwrap_or_else(|| panic!("{what}: fake device addresses accepted"));
+    if !cfg!(feature = "cuda") {
+        assert_eq!(code, ErrorCode::CudaUnavailable as u32, "{what}: {msg}");
+        assert!(msg.contains("cuda"), "{what}: {msg}");
+    }
+}
+
+#[test]
+fn cuda_selection_entry_points_check_arguments_first() {
+    unsafe {
+        let kv = fake_kv(1);
+        let qshape = [1i64, 4, 64];
+        let q_dev = tensor(0x60000 as *mut c_void, DEVICE_CUDA, &qshape, 32);
+        let mut host = vec![0f32; 256];
+        let q_host = tensor(host.as_mut_ptr() as *mut c_void, DEVICE_CPU, &qshape, 32);
+        let cfg = kvsieve_page_bounds_config_t { budget_tokens: 32, min_pages: 1 };
+        let (ip, ix) = (0x70000 as *mut i32, 0x80000 as *mut i32);
+        let bounds = 0x90000 as *mut c_void;
+        let s = ptr::null_mut();
+
+        // Key bounds: NULL descriptor, NULL bounds with entries, nothing to do otherwise.
+        let (code, msg) = take(kvsieve_cuda_update_key_bounds(ptr::null(), bounds, ptr::null(), 1, s)).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("kv"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_update_key_bounds(&kv, ptr::null_mut(), ptr::null(), 3, s)).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("key_bounds"), "{msg}");
+        let mut bad_ps = fake_kv(1);
+        bad_ps.page_size = 0;
+        let (code, msg) = take(kvsieve_cuda_update_key_bounds(&bad_ps, bounds, ptr::null(), 0, s)).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("page_size"), "{msg}");
+
+        // Page bounds: host query, zero budget, missing outputs, then the device step.
+        let (code, msg) = take(kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_host, &cfg, ip, ix, s)).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("q.device"), "{msg}");
+        let zero = kvsieve_page_bounds_config_t { budget_tokens: 0, min_pages: 0 };
+        let (code, msg) = take(kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_dev, &zero, ip, ix, s)).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("budget_tokens"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_dev, &cfg, ip, ptr::null_mut(), s)).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("sel_indices"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_page_bounds(&kv, 64, ptr::null(), &q_dev, &cfg, ip, ix, s)).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("key_bounds"), "{msg}");
+        expect_unavailable_or_checked(take(kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_dev, &cfg, ip, ix, s)), "page bounds");
+
+        // Prefill: qo_indptr is host memory of batch + 1 values; windows one per KV head.
+        let pshape = [5i64, 4, 64];
+        let pq = tensor(0x60000 as *mut c_void, DEVICE_CUDA, &pshape, 16);
+        let po = tensor(0xA0000 as *mut c_void, DEVICE_CUDA, &pshape, 16);
+        let qo = [0i32, 5];
+        let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, ptr::null(), true, ptr::null(), 0, ptr::null(), ptr::null(), 0, &po, ptr::null_mut(), ptr::null(), s)).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("qo_indptr"), "{msg}");
+        let win = [kvsieve_streaming_window_t { sinks: 4, window: 16 }];
+        let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, win.as_ptr(), 1, ptr::null(), ptr::null(), 0, &po, ptr::null_mut(), ptr::null(), s)).unwrap();
+        assert_eq!(code, ErrorCode::Shape as u32, "{msg}");
+        assert!(msg.contains("windows"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, ptr::null(), 0, ip, ptr::null(), 8, &po, ptr::null_mut(), ptr::null(), s)).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("sel_indptr"), "{msg}");
+        let bad_out = tensor(0xA0000 as *mut c_void, DEVICE_CUDA, &pshape[..2], 16);
+        let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, ptr::null(), 0, ptr::null(), ptr::null(), 0, &bad_out, ptr::null_mut(), ptr::null(), s)).unwrap();
+        assert_eq!(code, ErrorCode::Shape as u32, "{msg}");
+        assert!(msg.contains("out"), "{msg}");
+        let wins = [kvsieve_streaming_window_t { sinks: 4, window: 16 }, kvsieve_streaming_window_t { sinks: 0, window: 0 }];
+        expect_unavailable_or_checked(
+            take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, wins.as_ptr(), 2, ip, ix, 8, &po, ptr::null_mut(), ptr::null(), s)),
+            "prefill",
+        );
+
+        // Device cluster index: upload needs a host index and an out-parameter; build checks
+        // the key tensor and the configuration's fields by name.
+        let mut out_dev: *mut kvsieve_cuda_cluster_index_t = ptr::null_mut();
+        let (code, msg) = take(kvsieve_cuda_cluster_index_upload(ptr::null(), 0, s, &mut out_dev)).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("index"), "{msg}");
+        let kshape = [64i64, 2, 64];
+        let keys_dev = tensor(0x60000 as *mut c_void, DEVICE_CUDA, &kshape, 16);
+        let keys_host = tensor(host.as_mut_ptr() as *mut c_void, DEVICE_CPU, &kshape, 32);
+        let ccfg = kvsieve_cluster_config_default(8);
+        let (code, msg) = take(kvsieve_cuda_cluster_index_build(&keys_host, &ccfg, s, ptr::null_mut(), &mut out_dev)).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("keys.device"), "{msg}");
+        let both = kvsieve_cluster_config_t { cluster_fraction: 0.5, ..ccfg };
+        let (code, msg) = take(kvsieve_cuda_cluster_index_build(&keys_dev, &both, s, ptr::null_mut(), &mut out_dev)).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("cluster_fraction"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_cluster_index_build(&keys_dev, &ccfg, s, ptr::null_mut(), ptr::null_mut())).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("out"), "{msg}");
+        expect_unavailable_or_checked(take(kvsieve_cuda_cluster_index_build(&keys_dev, &ccfg, s, ptr::null_mut(), &mut out_dev)), "index build");
+        assert!(out_dev.is_null(), "out written on failure");
+        let rcfg = kvsieve_retrieve_config_default(32);
+        let (code, msg) = take(kvsieve_cuda_cluster_index_retrieve(ptr::null(), &q_dev, &rcfg, ip, ix, s)).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("index"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_cluster_index_info(ptr::null(), ptr::null_mut(), ptr::null_mut(), ptr::null_mut(), ptr::null_mut(), ptr::null_mut())).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        kvsieve_cuda_cluster_index_free(ptr::null_mut());
+
+        // GemFilter: device query and keys, a configuration, an output.
+        let gcfg = kvsieve_gemfilter_config_default(16);
+        let q2 = [4i64, 64];
+        let gq = tensor(0x60000 as *mut c_void, DEVICE_CUDA, &q2, 32);
+        let (code, msg) = take(kvsieve_cuda_gemfilter_select(&gq, &keys_host, &gcfg, ix, s)).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("keys.device"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_gemfilter_select(&gq, &keys_dev, ptr::null(), ix, s)).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("config"), "{msg}");
+        expect_unavailable_or_checked(take(kvsieve_cuda_gemfilter_select(&gq, &keys_dev, &gcfg, ix, s)), "gemfilter");
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
@@ -217,5 +361,82 @@ mod gpu {
             assert_eq!(take(e), None);
         }
         check(&want, &want_lse, "C sparse decode");
+    }
+
+    /// Centroid retrieval (an uploaded host index and a device build) and GemFilter through
+    /// the C ABI against the host functions on the same keys.
+    #[test]
+    fn c_abi_retrieval_and_gemfilter_match_cpu() {
+        use kvsieve::select::cluster::{ClusterConfig, ClusterCount, ClusterIndex, KeySource, Retrieve};
+        use kvsieve::select::gemfilter::{select as gem_select, GemFilterConfig};
+        let Some(dev) = dev_or_skip("c_abi_retrieval_and_gemfilter_match_cpu") else { return };
+        let s = dev.stream();
+        let raw_stream = s.raw() as *mut c_void;
+        let mut seed = 19u64;
+        let (n, hk, d, hq) = (300usize, 2usize, 64usize, 6usize);
+        let keys = rand(n * hk * d, &mut seed);
+        let q = rand(hq * d, &mut seed);
+        let kv = TensorView::new(&keys, &[n, hk, d]).unwrap();
+        let qv = TensorView::new(&q, &[hq, d]).unwrap();
+        let kb = DeviceBuffer::from_slice(&dev, &keys, s).unwrap();
+        let qb = DeviceBuffer::from_slice(&dev, &q, s).unwrap();
+        let kshape = [n as i64, hk as i64, d as i64];
+        let qshape = [hq as i64, d as i64];
+        let mut kt = tensor(kb.ptr() as *mut c_void, DEVICE_CUDA, &kshape, 32);
+        let mut qt = tensor(qb.ptr() as *mut c_void, DEVICE_CUDA, &qshape, 32);
+        kt.device.device_id = dev.ordinal() as i32;
+        qt.device.device_id = dev.ordinal() as i32;
+        let ip = DeviceBuffer::alloc(&dev, (hk + 1) * 4).unwrap();
+        let ix = DeviceBuffer::alloc(&dev, hk * n * 4).unwrap();
+        let lists = |what: &str| -> Vec<Vec<u32>> {
+            s.synchronize().unwrap();
+            let p: Vec<i32> = ip.to_vec(s).unwrap();
+            let x: Vec<i32> = ix.to_vec(s).unwrap();
+            (0..hk).map(|h| x[p[h] as usize..p[h + 1] as usize].iter().map(|&t| u32::try_from(t).expect(what)).collect()).collect()
+        };
+
+        let cfg = ClusterConfig::new(ClusterCount::Absolute(24)).with_coarse(ClusterCount::Absolute(5)).with_seed(2);
+        let index = ClusterIndex::build(KeySource::Tensor(&kv), &cfg).unwrap();
+        let want = index.retrieve(&qv, &Retrieve::Budget(50), n).unwrap().selection;
+        unsafe {
+            let host = cluster_index_into_handle(index.clone());
+            let mut dix: *mut kvsieve_cuda_cluster_index_t = ptr::null_mut();
+            assert_eq!(take(kvsieve_cuda_cluster_index_upload(host, dev.ordinal() as i32, raw_stream, &mut dix)), None);
+            kvsieve_cluster_index_free(host);
+            let mut m = 0usize;
+            assert_eq!(take(kvsieve_cuda_cluster_index_info(dix, ptr::null_mut(), ptr::null_mut(), ptr::null_mut(), ptr::null_mut(), &mut m)), None);
+            assert_eq!(m, n);
+            let rc = kvsieve_retrieve_config_default(50);
+            assert_eq!(take(kvsieve_cuda_cluster_index_retrieve(dix, &qt, &rc, ip.ptr() as *mut i32, ix.ptr() as *mut i32, raw_stream)), None);
+            let got = lists("uploaded index");
+            for (h, l) in got.iter().enumerate() {
+                assert_eq!(l.as_slice(), want.head(h), "uploaded index, head {h}");
+            }
+            kvsieve_cuda_cluster_index_free(dix);
+
+            // A device build: its host copy and its device copy retrieve the same tokens.
+            let cc = kvsieve_cluster_config_default(24);
+            let mut host_out: *mut kvsieve_cluster_index_t = ptr::null_mut();
+            let mut built: *mut kvsieve_cuda_cluster_index_t = ptr::null_mut();
+            assert_eq!(take(kvsieve_cuda_cluster_index_build(&kt, &cc, raw_stream, &mut host_out, &mut built)), None);
+            let host_index = cluster_index_from_handle(host_out).unwrap();
+            assert_eq!((0..hk).map(|h| host_index.head(h).sizes().iter().sum::<u32>() as usize).collect::<Vec<_>>(), vec![n; hk]);
+            let want = host_index.retrieve(&qv, &Retrieve::Budget(50), n).unwrap().selection;
+            assert_eq!(take(kvsieve_cuda_cluster_index_retrieve(built, &qt, &rc, ip.ptr() as *mut i32, ix.ptr() as *mut i32, raw_stream)), None);
+            let got = lists("device build");
+            for (h, l) in got.iter().enumerate() {
+                assert_eq!(l.as_slice(), want.head(h), "device build, head {h}");
+            }
+            kvsieve_cuda_cluster_index_free(built);
+
+            // GemFilter.
+            let gcfg = GemFilterConfig { k: 40, pool_kernel: 5, keep_first: 2, keep_last: 3 };
+            let want = gem_select(&qv, KeySource::Tensor(&kv), &gcfg).unwrap();
+            let c = kvsieve_gemfilter_config_t { k: 40, pool_kernel: 5, keep_first: 2, keep_last: 3 };
+            assert_eq!(take(kvsieve_cuda_gemfilter_select(&qt, &kt, &c, ix.ptr() as *mut i32, raw_stream)), None);
+            s.synchronize().unwrap();
+            let got: Vec<i32> = ix.to_vec(s).unwrap();
+            assert_eq!(got[..40].iter().map(|&t| t as u32).collect::<Vec<_>>(), want);
+        }
     }
 }

@@ -132,7 +132,8 @@ fn prefill_matches_cpu() {
                 let ot = DeviceTensor::contiguous(out.ptr(), dtype, &[total, hq, d], dev.ordinal());
                 let masks_arg = if windowed { Some(&masks) } else { None };
                 let sel_arg = if selected { Some(&sparse_dev) } else { None };
-                prefill(stream, &kv, &qt, &queries, masks_arg, sel_arg, &ot, Some(&lse), &params, causal).unwrap();
+                let lt = DeviceTensor::contiguous(lse.ptr(), DType::F32, &[total, hq], dev.ordinal());
+                prefill(stream, &kv, &qt, &queries, masks_arg, sel_arg, &ot, Some(&lt), &params, causal).unwrap();
                 let mut bytes = vec![0u8; out.len()];
                 out.download(0, &mut bytes, stream).unwrap();
                 let got = from_bytes(&bytes, dtype);

@@ -42,7 +42,7 @@ pub const COARSE_BUDGET_MULTIPLE: u32 = 2;
 /// header), behind a reader-writer lock.
 #[allow(non_camel_case_types)]
 pub struct kvsieve_cluster_index_t {
-    inner: RwLock<ClusterIndex>,
+    pub(crate) inner: RwLock<ClusterIndex>,
 }
 
 /// Options of `kvsieve_cluster_index_build` (see `kvsieve_cluster_config_t` in the header).
@@ -144,7 +144,7 @@ fn count(n: usize, n_name: &str, f: f64, f_name: &str) -> Result<Option<(Cluster
 
 impl kvsieve_cluster_config_t {
     /// The core configuration, and a renaming of the core's parameter names to the fields.
-    fn to_core(self) -> Result<(ClusterConfig, impl Fn(Error) -> Error)> {
+    pub(crate) fn to_core(self) -> Result<(ClusterConfig, impl Fn(Error) -> Error)> {
         let (clusters, c_name) = count(self.num_clusters, "num_clusters", self.cluster_fraction, "cluster_fraction")?
             .unwrap_or((ClusterCount::Absolute(0), "num_clusters".into()));
         let coarse = count(self.num_coarse_clusters, "num_coarse_clusters", self.coarse_fraction, "coarse_fraction")?;
@@ -154,7 +154,8 @@ impl kvsieve_cluster_config_t {
         Ok((cfg, move |e| rename(rename(e, "clusters", &c_name), "coarse", &coarse_name)))
     }
 
-    fn from_core(c: &ClusterConfig) -> Self {
+    /// The C form of a core configuration.
+    pub fn from_core(c: &ClusterConfig) -> Self {
         let split = |c: Option<ClusterCount>| match c {
             None => (0, 0.0),
             Some(ClusterCount::Absolute(n)) => (n, 0.0),
@@ -192,7 +193,7 @@ impl kvsieve_retrieve_stats_t {
 ///
 /// # Safety
 /// 1. `index` is NULL or a live handle returned by kvsieve, not freed while `'a` lasts.
-unsafe fn index_ref<'a>(index: *const kvsieve_cluster_index_t, param: &str) -> Result<&'a kvsieve_cluster_index_t> {
+pub(crate) unsafe fn index_ref<'a>(index: *const kvsieve_cluster_index_t, param: &str) -> Result<&'a kvsieve_cluster_index_t> {
     non_null(index, param)?;
     if (index as usize) % align_of::<kvsieve_cluster_index_t>() != 0 {
         return Err(Error::invalid(param, "a cluster index handle returned by kvsieve"));
@@ -200,8 +201,23 @@ unsafe fn index_ref<'a>(index: *const kvsieve_cluster_index_t, param: &str) -> R
     Ok(&*index)
 }
 
-fn into_index_handle(index: ClusterIndex) -> *mut kvsieve_cluster_index_t {
+pub(crate) fn into_index_handle(index: ClusterIndex) -> *mut kvsieve_cluster_index_t {
     Box::into_raw(Box::new(kvsieve_cluster_index_t { inner: RwLock::new(index) }))
+}
+
+/// A C handle owning `index` (release it with `kvsieve_cluster_index_free`), for language
+/// bindings that hold Rust indexes and call the C ABI.
+pub fn cluster_index_into_handle(index: ClusterIndex) -> *mut kvsieve_cluster_index_t {
+    into_index_handle(index)
+}
+
+/// The index a C handle owns, taking the handle (which is freed).
+///
+/// # Safety
+/// `handle` is a live handle returned by kvsieve, with no call on it running or to come.
+pub unsafe fn cluster_index_from_handle(handle: *mut kvsieve_cluster_index_t) -> Result<ClusterIndex> {
+    non_null(handle, "index")?;
+    Ok(Box::from_raw(handle).inner.into_inner())
 }
 
 /// A file path from NUL-terminated bytes (any bytes on Unix; UTF-8 elsewhere).
@@ -651,11 +667,12 @@ pub unsafe extern "C" fn kvsieve_cluster_index_estimates(
     })
 }
 
-/// The retrieval rule of `c` for an index of `hk` KV heads, and whether it is hierarchical.
+/// The retrieval rule of `c` for an index with `num_coarse` coarse clusters per head (0:
+/// none), and the coarse rule when `c` asks for hierarchical lookup.
 ///
 /// # Safety
 /// 1. `c.thresholds` is NULL or readable for `c.num_thresholds` values.
-unsafe fn retrieval_rule(c: &kvsieve_retrieve_config_t, ix: &ClusterIndex) -> Result<(Retrieve, Option<CoarseRetrieve>)> {
+pub(crate) unsafe fn retrieval_rule(c: &kvsieve_retrieve_config_t, num_coarse: usize) -> Result<(Retrieve, Option<CoarseRetrieve>)> {
     let fine = match c.mode {
         RETRIEVE_THRESHOLD => Retrieve::Threshold(c.threshold),
         RETRIEVE_PER_HEAD_THRESHOLD => {
@@ -673,7 +690,7 @@ unsafe fn retrieval_rule(c: &kvsieve_retrieve_config_t, ix: &ClusterIndex) -> Re
     if !c.hierarchical {
         return Ok((fine, None));
     }
-    if ix.num_coarse_clusters() == 0 {
+    if num_coarse == 0 {
         return Err(Error::invalid("hierarchical", "an index built with a coarse level (`num_coarse_clusters` or `coarse_fraction` set)"));
     }
     let coarse = match c.coarse_mode {
@@ -694,7 +711,7 @@ unsafe fn retrieval_rule(c: &kvsieve_retrieve_config_t, ix: &ClusterIndex) -> Re
 }
 
 /// The core names the coarse options with spaces; the C fields have underscores.
-fn rename_coarse(e: Error) -> Error {
+pub(crate) fn rename_coarse(e: Error) -> Error {
     let e = rename(e, "coarse threshold", "coarse_threshold");
     let e = rename(e, "coarse budget", "coarse_budget");
     rename(rename(e, "coarse budget multiple", "coarse_budget_multiple"), "coarse", "coarse_mode")
@@ -726,7 +743,7 @@ pub unsafe extern "C" fn kvsieve_cluster_index_retrieve(
         }
         check_disjoint(&[Region::of(out, 1, "out"), Region::of(stats, 1, "stats")], &reads)?;
         let g = ix.inner.read();
-        let (fine, coarse) = retrieval_rule(&c, &g)?;
+        let (fine, coarse) = retrieval_rule(&c, g.num_coarse_clusters())?;
         let seq_len = if c.seq_len == 0 { g.seq_len() } else { c.seq_len };
         let qv = q.view()?;
         let res = match coarse {

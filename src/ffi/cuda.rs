@@ -15,6 +15,9 @@ use crate::ffi::error::{guard, kvsieve_error_t};
 use crate::ffi::params::kvsieve_attention_params_t;
 use crate::ffi::tensor::kvsieve_tensor_t;
 use crate::ffi::view::kvsieve_paged_kv_t;
+use crate::config::{validate_head_dim, validate_page_size};
+use crate::ffi::cache::key_rope;
+use crate::kv::PagedKvLayout;
 
 /// DLPack `kDLCUDA`: memory on a CUDA device.
 pub const DEVICE_CUDA: i32 = 2;
@@ -126,12 +129,12 @@ pub unsafe extern "C" fn kvsieve_cuda_merge_states(
 
 /// A device tensor descriptor, validated without touching its memory.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct DevTensor {
-    ptr: u64,
-    dtype: crate::dtype::DType,
-    shape: Vec<usize>,
-    strides: Vec<usize>,
-    device: usize,
+pub(crate) struct DevTensor {
+    pub(crate) ptr: u64,
+    pub(crate) dtype: crate::dtype::DType,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) strides: Vec<usize>,
+    pub(crate) device: usize,
 }
 
 /// Check a descriptor of device memory: CUDA device type, dtype, `dims.len()` dimensions,
@@ -139,7 +142,7 @@ struct DevTensor {
 ///
 /// # Safety
 /// `t` is NULL or a readable descriptor whose `shape`/`strides` (unless NULL) hold `ndim` values.
-unsafe fn device_tensor(t: *const kvsieve_tensor_t, name: &str, dims: &[&str]) -> Result<DevTensor> {
+pub(crate) unsafe fn device_tensor(t: *const kvsieve_tensor_t, name: &str, dims: &[&str]) -> Result<DevTensor> {
     let t = read_struct(t, name)?;
     if t.device.device_type != DEVICE_CUDA && t.device.device_type != DEVICE_CUDA_MANAGED {
         return Err(Error::invalid(
@@ -176,24 +179,93 @@ unsafe fn device_tensor(t: *const kvsieve_tensor_t, name: &str, dims: &[&str]) -
     Ok(DevTensor { ptr, dtype, shape, strides, device })
 }
 
+/// A paged-K/V descriptor of device memory, checked on the host.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct Kv {
+    pub(crate) k: u64,
+    pub(crate) v: u64,
+    pub(crate) layout: PagedKvLayout,
+    pub(crate) key_rope: crate::config::KeyRope,
+    pub(crate) batch: usize,
+    pub(crate) indptr: u64,
+    pub(crate) indices: u64,
+    pub(crate) last_page_len: u64,
+    pub(crate) positions: u64,
+    pub(crate) device: usize,
+}
+
+/// Check a `kvsieve_paged_kv_t` of device memory without touching the device.
+///
+/// # Safety
+/// `kv` is NULL or readable.
+pub(crate) unsafe fn parse_kv(kv: *const kvsieve_paged_kv_t) -> Result<Kv> {
+    let d = read_struct(kv, "kv")?;
+    if d.device.device_type != DEVICE_CUDA && d.device.device_type != DEVICE_CUDA_MANAGED {
+        return Err(Error::invalid("kv.device", format!("device memory (kDLCUDA = 2), got device_type {}", d.device.device_type)));
+    }
+    let device = usize::try_from(d.device.device_id).map_err(|_| Error::invalid("kv.device.device_id", "a device ordinal >= 0"))?;
+    let dtype = d.dtype.to_dtype("dtype")?;
+    validate_page_size(d.page_size)?;
+    validate_head_dim(d.head_dim)?;
+    if d.num_kv_heads == 0 {
+        return Err(Error::invalid("num_kv_heads", "at least 1"));
+    }
+    let st = |raw: [i64; 3], name: &str| -> Result<[usize; 3]> {
+        let mut s = [0usize; 3];
+        for (i, &x) in raw.iter().enumerate() {
+            s[i] = usize::try_from(x).map_err(|_| Error::invalid(format!("{name}[{i}]"), format!("a non-negative stride in elements, got {x}")))?;
+        }
+        Ok(s)
+    };
+    let layout = PagedKvLayout {
+        dtype,
+        num_pages: d.num_pages,
+        page_size: d.page_size,
+        num_kv_heads: d.num_kv_heads,
+        head_dim: d.head_dim,
+        k_strides: st(d.k_strides, "k_strides")?,
+        v_strides: st(d.v_strides, "v_strides")?,
+    };
+    if d.batch > 0 {
+        non_null(d.indptr, "indptr")?;
+        non_null(d.indices, "indices")?;
+        non_null(d.last_page_len, "last_page_len")?;
+    }
+    Ok(Kv {
+        k: d.k as u64,
+        v: d.v as u64,
+        layout,
+        key_rope: key_rope(d.key_rope, "key_rope")?,
+        batch: d.batch,
+        indptr: d.indptr as u64,
+        indices: d.indices as u64,
+        last_page_len: d.last_page_len as u64,
+        positions: d.positions as u64,
+        device,
+    })
+}
+
+/// The error every `kvsieve_cuda_*` call gives in a build without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn unavailable() -> Error {
+    Error::CudaUnavailable("kvsieve was built without the `cuda` cargo feature".into())
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use std::collections::HashMap;
     use std::ffi::c_void;
     use std::sync::{Arc, Mutex, OnceLock};
 
-    use super::{device_tensor, DevTensor, DEVICE_CUDA, DEVICE_CUDA_MANAGED};
+    use super::{device_tensor, parse_kv, DevTensor};
     use crate::backend::cuda::attention::{self, Workspace};
     use crate::backend::cuda::{CudaDevice, CudaPageTable, CudaPagedKv, CudaSelections, DeviceTensor, Stream};
-    use crate::config::{validate_head_dim, validate_page_size};
     use crate::dtype::DType;
     use crate::error::{Error, Result};
-    use crate::ffi::args::{non_null, read_struct};
-    use crate::ffi::cache::key_rope;
+    use crate::ffi::args::non_null;
     use crate::ffi::params::{attention_params, kvsieve_attention_params_t};
     use crate::ffi::tensor::kvsieve_tensor_t;
     use crate::ffi::view::kvsieve_paged_kv_t;
-    use crate::kv::PagedKvLayout;
 
     impl DevTensor {
         fn core(&self) -> DeviceTensor {
@@ -209,66 +281,6 @@ mod imp {
         static MAP: OnceLock<Workspaces> = OnceLock::new();
         let mut m = MAP.get_or_init(|| Mutex::new(HashMap::new())).lock().unwrap_or_else(|e| e.into_inner());
         m.entry((dev.ordinal(), stream as usize)).or_insert_with(|| Arc::new(Workspace::new(dev))).clone()
-    }
-
-    struct Kv {
-        k: u64,
-        v: u64,
-        layout: PagedKvLayout,
-        key_rope: crate::config::KeyRope,
-        batch: usize,
-        indptr: u64,
-        indices: u64,
-        last_page_len: u64,
-        positions: u64,
-        device: usize,
-    }
-
-    unsafe fn parse_kv(kv: *const kvsieve_paged_kv_t) -> Result<Kv> {
-        let d = read_struct(kv, "kv")?;
-        if d.device.device_type != DEVICE_CUDA && d.device.device_type != DEVICE_CUDA_MANAGED {
-            return Err(Error::invalid("kv.device", format!("device memory (kDLCUDA = 2), got device_type {}", d.device.device_type)));
-        }
-        let device = usize::try_from(d.device.device_id).map_err(|_| Error::invalid("kv.device.device_id", "a device ordinal >= 0"))?;
-        let dtype = d.dtype.to_dtype("dtype")?;
-        validate_page_size(d.page_size)?;
-        validate_head_dim(d.head_dim)?;
-        if d.num_kv_heads == 0 {
-            return Err(Error::invalid("num_kv_heads", "at least 1"));
-        }
-        let st = |raw: [i64; 3], name: &str| -> Result<[usize; 3]> {
-            let mut s = [0usize; 3];
-            for (i, &x) in raw.iter().enumerate() {
-                s[i] = usize::try_from(x).map_err(|_| Error::invalid(format!("{name}[{i}]"), format!("a non-negative stride in elements, got {x}")))?;
-            }
-            Ok(s)
-        };
-        let layout = PagedKvLayout {
-            dtype,
-            num_pages: d.num_pages,
-            page_size: d.page_size,
-            num_kv_heads: d.num_kv_heads,
-            head_dim: d.head_dim,
-            k_strides: st(d.k_strides, "k_strides")?,
-            v_strides: st(d.v_strides, "v_strides")?,
-        };
-        if d.batch > 0 {
-            non_null(d.indptr, "indptr")?;
-            non_null(d.indices, "indices")?;
-            non_null(d.last_page_len, "last_page_len")?;
-        }
-        Ok(Kv {
-            k: d.k as u64,
-            v: d.v as u64,
-            layout,
-            key_rope: key_rope(d.key_rope, "key_rope")?,
-            batch: d.batch,
-            indptr: d.indptr as u64,
-            indices: d.indices as u64,
-            last_page_len: d.last_page_len as u64,
-            positions: d.positions as u64,
-            device,
-        })
     }
 
     fn device_of(ordinal: usize) -> Result<Arc<CudaDevice>> {
@@ -364,16 +376,12 @@ mod imp {
 mod imp {
     use std::ffi::c_void;
 
-    use super::device_tensor;
-    use crate::error::{Error, Result};
-    use crate::ffi::args::read_struct;
+    use super::{device_tensor, parse_kv, unavailable};
+    use crate::error::Result;
     use crate::ffi::params::{attention_params, kvsieve_attention_params_t};
     use crate::ffi::tensor::kvsieve_tensor_t;
     use crate::ffi::view::kvsieve_paged_kv_t;
 
-    fn unavailable() -> Error {
-        Error::CudaUnavailable("kvsieve was built without the `cuda` cargo feature".into())
-    }
 
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn decode(
@@ -386,7 +394,7 @@ mod imp {
         params: *const kvsieve_attention_params_t,
         _stream: *mut c_void,
     ) -> Result<()> {
-        read_struct(kv, "kv")?;
+        parse_kv(kv)?;
         device_tensor(q, "q", &["batch", "num_qo_heads", "head_dim"])?;
         device_tensor(out, "out", &["batch", "num_qo_heads", "head_dim"])?;
         attention_params(params)?;
@@ -400,7 +408,7 @@ mod imp {
         _slot_mapping: *const i64,
         _stream: *mut c_void,
     ) -> Result<()> {
-        read_struct(kv, "kv")?;
+        parse_kv(kv)?;
         device_tensor(k, "k", &["n", "num_kv_heads", "head_dim"])?;
         device_tensor(v, "v", &["n", "num_kv_heads", "head_dim"])?;
         Err(unavailable())

@@ -142,7 +142,7 @@ pub(crate) fn rename(e: Error, from: &str, to: &str) -> Error {
 }
 
 impl kvsieve_gemfilter_config_t {
-    fn to_core(self) -> GemFilterConfig {
+    pub(crate) fn to_core(self) -> GemFilterConfig {
         GemFilterConfig { k: self.k, pool_kernel: self.pool_kernel, keep_first: self.keep_first, keep_last: self.keep_last }
     }
 

@@ -21,6 +21,7 @@ mod cache;
 mod cluster;
 mod cluster_set;
 mod cuda;
+mod cuda_select;
 mod error;
 mod gemfilter;
 mod params;
@@ -45,7 +46,7 @@ pub use cluster_set::{
     kvsieve_cluster_set_remove_sequence, kvsieve_cluster_set_t, kvsieve_cluster_set_update,
 };
 pub use cluster::{
-    kvsieve_cluster_config_default, kvsieve_cluster_config_t, kvsieve_cluster_index_assign_new, kvsieve_cluster_index_build,
+    cluster_index_from_handle, cluster_index_into_handle, kvsieve_cluster_config_default, kvsieve_cluster_config_t, kvsieve_cluster_index_assign_new, kvsieve_cluster_index_build,
     kvsieve_cluster_index_calibrate, kvsieve_cluster_index_centroids, kvsieve_cluster_index_centroids_normalized,
     kvsieve_cluster_index_clustered_len, kvsieve_cluster_index_coarse_centroids, kvsieve_cluster_index_coarse_child_offsets,
     kvsieve_cluster_index_coarse_children, kvsieve_cluster_index_coarse_sizes, kvsieve_cluster_index_estimates, kvsieve_cluster_index_free,
@@ -59,6 +60,11 @@ pub use cluster::{
 pub use cuda::{
     kvsieve_cuda_check, kvsieve_cuda_device_count, kvsieve_cuda_merge_states, kvsieve_cuda_paged_append, kvsieve_cuda_paged_decode,
     kvsieve_cuda_paged_decode_sparse, DEVICE_CUDA, DEVICE_CUDA_MANAGED,
+};
+pub use cuda_select::{
+    kvsieve_cuda_cluster_index_build, kvsieve_cuda_cluster_index_free, kvsieve_cuda_cluster_index_info, kvsieve_cuda_cluster_index_retrieve,
+    kvsieve_cuda_cluster_index_t, kvsieve_cuda_cluster_index_upload, kvsieve_cuda_gemfilter_select, kvsieve_cuda_page_bounds,
+    kvsieve_cuda_paged_prefill, kvsieve_cuda_update_key_bounds, kvsieve_key_bounds_entry_t,
 };
 pub use error::{
     kvsieve_error_code, kvsieve_error_code_name, kvsieve_error_free, kvsieve_error_message, kvsieve_error_parse_offset, kvsieve_error_t,

@@ -105,6 +105,10 @@ static void print_layouts(void) {
     SIZE(kvsieve_page_bounds_config_t);
     FIELD(kvsieve_page_bounds_config_t, budget_tokens);
     FIELD(kvsieve_page_bounds_config_t, min_pages);
+    SIZE(kvsieve_key_bounds_entry_t);
+    FIELD(kvsieve_key_bounds_entry_t, page);
+    FIELD(kvsieve_key_bounds_entry_t, reset);
+    FIELD(kvsieve_key_bounds_entry_t, slot_mask);
     SIZE(kvsieve_streaming_window_t);
     FIELD(kvsieve_streaming_window_t, sinks);
     FIELD(kvsieve_streaming_window_t, window);

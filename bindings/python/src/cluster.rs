@@ -19,7 +19,7 @@ use crate::gemfilter::{key_source, with_keys, Keys};
 use crate::selection::PySelection;
 
 /// A cluster count: an int (absolute) or a float (fraction of the tokens clustered).
-fn cluster_count(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<ClusterCount> {
+pub(crate) fn cluster_count(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<ClusterCount> {
     let wrong = || Error::DType {
         param: param.into(),
         expected: "an int (clusters per KV head) or a float (a fraction of the tokens clustered, in (0, 1])".into(),
@@ -148,7 +148,7 @@ impl PyClusterThresholds {
 }
 
 /// The fine retrieval rule from `threshold=` / `budget=` (exactly one).
-fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usize) -> PyResult<Retrieve> {
+pub(crate) fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usize) -> PyResult<Retrieve> {
     match (threshold, budget) {
         (None, None) => {
             Err(Error::InvalidArgument { param: "threshold".into(), expected: "a threshold= or a budget= (neither was given)".into() }).kv()
@@ -212,7 +212,7 @@ fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usiz
 
 /// The coarse rule from `coarse_threshold=` / `coarse_budget=` / `coarse_budget_multiple=`
 /// (exactly one, with `hierarchical=True`; none otherwise).
-fn coarse_rule(
+pub(crate) fn coarse_rule(
     hierarchical: bool,
     threshold: Option<f64>,
     budget: Option<i64>,
@@ -292,6 +292,11 @@ impl From<ClusterIndex> for PyClusterIndex {
 }
 
 impl PyClusterIndex {
+    /// A copy of the index as it is now.
+    pub(crate) fn snapshot(&self) -> ClusterIndex {
+        self.inner.read().clone()
+    }
+
     /// Run `f` on the index under the read lock, with the GIL released.
     fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&ClusterIndex) -> Result<T, Error> + Send) -> PyResult<T> {
         py.detach(|| f(&self.inner.read())).kv()

@@ -22,21 +22,21 @@ use crate::rope::PyRopeConfig;
 const DL_INT: u8 = 0;
 
 /// One array's DLTensor, with the capsule that keeps it valid.
-struct Dl<'py> {
+pub(crate) struct Dl<'py> {
     _capsule: Bound<'py, PyAny>,
-    t: kvsieve_tensor_t,
-    name: &'static str,
+    pub(crate) t: kvsieve_tensor_t,
+    pub(crate) name: &'static str,
 }
 
 impl<'py> Dl<'py> {
-    fn shape(&self) -> Vec<i64> {
+    pub(crate) fn shape(&self) -> Vec<i64> {
         if self.t.ndim <= 0 || self.t.shape.is_null() {
             return Vec::new();
         }
         // SAFETY: the producer keeps `ndim` shape values alive with the capsule.
         unsafe { std::slice::from_raw_parts(self.t.shape, self.t.ndim as usize).to_vec() }
     }
-    fn strides(&self) -> Option<Vec<i64>> {
+    pub(crate) fn strides(&self) -> Option<Vec<i64>> {
         if self.t.strides.is_null() || self.t.ndim <= 0 {
             return None;
         }
@@ -44,11 +44,11 @@ impl<'py> Dl<'py> {
         Some(unsafe { std::slice::from_raw_parts(self.t.strides, self.t.ndim as usize).to_vec() })
     }
     /// Address of the first element.
-    fn addr(&self) -> u64 {
+    pub(crate) fn addr(&self) -> u64 {
         (self.t.data as u64).wrapping_add(self.t.byte_offset)
     }
     /// A contiguous 1-D int32 / int64 device array of at least `min_len` values.
-    fn int_array(&self, bits: u8) -> PyResult<u64> {
+    pub(crate) fn int_array(&self, bits: u8) -> PyResult<u64> {
         let t = &self.t;
         let shape = self.shape();
         if t.dtype.code != DL_INT || t.dtype.bits != bits || t.dtype.lanes != 1 {
@@ -67,7 +67,7 @@ impl<'py> Dl<'py> {
 }
 
 /// `obj.__dlpack__()` (with `stream=` when given) and the DLTensor inside the capsule.
-fn dlpack<'py>(obj: &Bound<'py, PyAny>, name: &'static str, stream: Option<i64>) -> PyResult<Dl<'py>> {
+pub(crate) fn dlpack<'py>(obj: &Bound<'py, PyAny>, name: &'static str, stream: Option<i64>) -> PyResult<Dl<'py>> {
     let py = obj.py();
     if !obj.hasattr("__dlpack__")? {
         return Err(Error::InvalidArgument { param: name.into(), expected: "an array with __dlpack__ (torch, cupy, jax)".into() }).kv();
@@ -90,7 +90,7 @@ fn dlpack<'py>(obj: &Bound<'py, PyAny>, name: &'static str, stream: Option<i64>)
 }
 
 /// The C call's error as the Python exception of its kind.
-fn check(e: *mut c::kvsieve_error_t) -> PyResult<()> {
+pub(crate) fn check(e: *mut c::kvsieve_error_t) -> PyResult<()> {
     if e.is_null() {
         return Ok(());
     }
@@ -107,7 +107,7 @@ fn check(e: *mut c::kvsieve_error_t) -> PyResult<()> {
 /// Build the C paged-K/V descriptor from page arrays `[num_pages, page_size, heads, dim]`
 /// (`nhd`) or `[num_pages, heads, page_size, dim]` (`hnd`) and the page table arrays.
 #[allow(clippy::too_many_arguments)]
-fn paged_kv(
+pub(crate) fn paged_kv(
     k: &Dl,
     v: &Dl,
     layout: &str,
@@ -359,12 +359,12 @@ pub fn cuda_merge_states<'py>(
 }
 
 /// Raw descriptors moved into the GIL-free section (they only carry addresses).
-struct Raw<T>(T);
+pub(crate) struct Raw<T>(pub(crate) T);
 // SAFETY: the wrapped descriptors hold plain addresses that the call only passes on.
 unsafe impl<T> Send for Raw<T> {}
 
 /// An f32 array of exactly `shape`, contiguous (for LSEs the C call reads as plain arrays).
-fn f32_contiguous(d: &Dl, shape: &[i64]) -> PyResult<u64> {
+pub(crate) fn f32_contiguous(d: &Dl, shape: &[i64]) -> PyResult<u64> {
     if d.t.dtype.code != c::DTYPE_CODE_FLOAT || d.t.dtype.bits != 32 || d.t.dtype.lanes != 1 {
         return Err(Error::DType { param: d.name.into(), expected: "float32".into(), got: format!("DLPack code {}, bits {}", d.t.dtype.code, d.t.dtype.bits) }).kv();
     }

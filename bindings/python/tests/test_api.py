@@ -54,6 +54,8 @@ def test_init_reexports_everything():
     init_stub = load_stub("__init__.pyi")
     imported = {a.asname for node in init_stub.body if isinstance(node, ast.ImportFrom) for a in node.names}
     assert imported == public
+    stub_all = [node for node in init_stub.body if isinstance(node, ast.Assign) and node.targets[0].id == "__all__"]
+    assert len(stub_all) == 1 and {e.value for e in stub_all[0].value.elts} == public
 
 
 def test_stub_names_and_signatures_match_the_module():

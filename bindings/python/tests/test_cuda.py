@@ -89,3 +89,138 @@ def test_decode_append_merge_on_device_match_cpu():
     torch.cuda.synchronize()
     np.testing.assert_allclose(mo.cpu().numpy(), want, atol=1e-5)
     np.testing.assert_allclose(ml.cpu().numpy(), want_lse, atol=1e-5)
+
+
+def test_selection_and_prefill_refuse_host_arrays_by_name():
+    pages = np.zeros((4, 16, 2, 64), np.float16)
+    table = np.array([0, 1], np.int32)
+    q = np.zeros((1, 4, 64), np.float32)
+    sel = np.zeros(8, np.int32)
+    with pytest.raises(kvsieve.InvalidArgumentError, match="device"):
+        kvsieve.cuda_update_key_bounds(pages, pages, pages, np.zeros((1, 4), np.int32))
+    with pytest.raises(kvsieve.ShapeError, match="entries"):
+        kvsieve.cuda_update_key_bounds(pages, pages, pages, np.zeros((1, 3), np.int32))
+    with pytest.raises(kvsieve.InvalidArgumentError, match="device"):
+        kvsieve.cuda_page_bounds(pages, pages, table, table[:1], np.array([3], np.int32), pages, q, sel, sel,
+                                 max_seq_len=16, budget_tokens=16)
+    with pytest.raises(kvsieve.ShapeError, match="qo_indptr"):
+        kvsieve.cuda_paged_prefill(pages, pages, table, table[:1], np.array([3], np.int32), q, [0, 1, 2], q)
+    with pytest.raises(kvsieve.InvalidArgumentError, match="sel_indices"):
+        kvsieve.cuda_paged_prefill(pages, pages, table, table[:1], np.array([3], np.int32), q, [0, 1], q, sel_indptr=sel)
+    with pytest.raises(kvsieve.InvalidArgumentError, match="windows"):
+        kvsieve.cuda_paged_prefill(pages, pages, table, table[:1], np.array([3], np.int32), q, [0, 1], q, windows=[(1, 2, 3)])
+    with pytest.raises(kvsieve.InvalidArgumentError, match="q"):
+        kvsieve.cuda_gemfilter_select(q[0], pages[0], sel, k=4)
+    with pytest.raises(kvsieve.ShapeError, match="indices"):
+        kvsieve.cuda_gemfilter_select(q[0], pages[0], sel, k=16)
+    with pytest.raises(kvsieve.InvalidArgumentError, match="keys"):
+        kvsieve.CudaClusterIndex.build(np.zeros((32, 2, 64), np.float32), clusters=4)
+    with pytest.raises(kvsieve.OutOfRangeError, match="clusters"):
+        kvsieve.CudaClusterIndex.build(np.zeros((32, 2, 64), np.float32), clusters=-1)
+    rng = np.random.default_rng(0)
+    index = kvsieve.ClusterIndex.build(rng.standard_normal((64, 2, 64)).astype(np.float32), clusters=4)
+    try:
+        kvsieve.CudaClusterIndex.upload(index)
+    except kvsieve.CudaUnavailableError as e:
+        assert e.code == kvsieve.ErrorCode.CUDA_UNAVAILABLE
+
+
+def test_page_bounds_prefill_gemfilter_and_retrieval_on_device_match_cpu():
+    torch = _torch_cuda()
+    dev = torch.device("cuda")
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+    rng = np.random.default_rng(11)
+    num_pages, ps, hk, d, hq = 12, 16, 2, 64, 8
+    lens = [70, 33]
+    indptr = np.array([0, 5, 8], np.int32)
+    indices = np.array([3, 0, 7, 9, 1, 4, 11, 2], np.int32)
+    last = np.array([lens[0] - 4 * ps, lens[1] - 2 * ps], np.int32)
+    kp_h = rng.standard_normal((num_pages, ps, hk, d)).astype(np.float16)
+    vp_h = rng.standard_normal((num_pages, ps, hk, d)).astype(np.float16)
+    kp, vp = t(kp_h), t(vp_h)
+
+    # Key bounds over every written slot, then page-bound selection against a numpy ranking.
+    entries = []
+    for b in range(2):
+        pages = indices[indptr[b]:indptr[b + 1]]
+        for i, p in enumerate(pages):
+            n = ps if i + 1 < len(pages) else int(last[b])
+            mask = (1 << n) - 1
+            entries.append([p, 1, mask & 0xFFFFFFFF, (mask >> 32) & 0xFFFFFFFF])
+    ent = np.array(entries, np.int64).astype(np.uint32).view(np.int32).reshape(-1, 4)
+    bounds = torch.zeros((num_pages, hk, 2, d), dtype=torch.float16, device=dev)
+    kvsieve.cuda_update_key_bounds(kp, vp, bounds, t(ent))
+    torch.cuda.synchronize()
+    bh = bounds.cpu().numpy().astype(np.float32)
+    for b in range(2):
+        pages = indices[indptr[b]:indptr[b + 1]]
+        for i, p in enumerate(pages):
+            n = ps if i + 1 < len(pages) else int(last[b])
+            keys = kp_h[p, :n].astype(np.float32)
+            np.testing.assert_array_equal(bh[p, :, 0], keys.min(axis=0))
+            np.testing.assert_array_equal(bh[p, :, 1], keys.max(axis=0))
+    q = rng.standard_normal((2, hq, d)).astype(np.float32)
+    max_len = 80
+    sel_ip = torch.zeros(2 * hk + 1, dtype=torch.int32, device=dev)
+    sel_ix = torch.full((2 * hk * max_len,), -1, dtype=torch.int32, device=dev)
+    budget = 32
+    kvsieve.cuda_page_bounds(kp, vp, t(indptr), t(indices), t(last), bounds, t(q), sel_ip, sel_ix,
+                             max_seq_len=max_len, budget_tokens=budget)
+    torch.cuda.synchronize()
+    ip_h, ix_h = sel_ip.cpu().numpy(), sel_ix.cpu().numpy()
+    group = hq // hk
+    for b in range(2):
+        pages = indices[indptr[b]:indptr[b + 1]]
+        for h in range(hk):
+            qs = q[b, h * group:(h + 1) * group]
+            ub = [max(np.maximum(qj * bh[p, h, 0], qj * bh[p, h, 1]).sum() for qj in qs) for p in pages]
+            order = sorted(range(len(pages)), key=lambda i: (-ub[i], i))
+            kept, n_kept = [], 0
+            for i in order:
+                if n_kept >= budget:
+                    break
+                n = ps if i + 1 < len(pages) else int(last[b])
+                kept.extend(range(i * ps, i * ps + n))
+                n_kept += n
+            got = ix_h[ip_h[b * hk + h]:ip_h[b * hk + h + 1]]
+            np.testing.assert_array_equal(got, np.array(sorted(kept), np.int32))
+
+    # Prefill: the last 9 and 5 tokens of each sequence, with a window on head 0.
+    qo = [0, 9, 14]
+    qp = rng.standard_normal((14, hq, d)).astype(np.float16)
+    wins = [(2, 8), None]
+    sels = [kvsieve.Selection.dense(hk, n) for n in lens]
+    want, want_lse = kvsieve.paged_prefill_sparse(kp_h, vp_h, indptr, indices, last, qp.astype(np.float32),
+                                                  np.array(qo, np.int32), sels, wins)
+    out = torch.full((14, hq, d), float("nan"), dtype=torch.float16, device=dev)
+    lse = torch.full((14, hq), float("nan"), device=dev)
+    kvsieve.cuda_paged_prefill(kp, vp, t(indptr), t(indices), t(last), t(qp), qo, out, windows=wins, lse=lse)
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(out.float().cpu().numpy(), want, atol=4e-3, rtol=4e-3)
+    np.testing.assert_allclose(lse.cpu().numpy(), want_lse, atol=2e-3)
+
+    # GemFilter against the host selection.
+    keys = rng.standard_normal((200, hk, d)).astype(np.float32)
+    qg = rng.standard_normal((hq, d)).astype(np.float32)
+    want = kvsieve.gemfilter_select(qg, keys, k=24, keep_first=2, keep_last=3)
+    got = torch.full((24,), -1, dtype=torch.int32, device=dev)
+    kvsieve.cuda_gemfilter_select(t(qg), t(keys), got, k=24, keep_first=2, keep_last=3)
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(got.cpu().numpy(), want.astype(np.int32))
+
+    # Centroid retrieval: a host index uploaded, then a device build, against host retrieval.
+    index = kvsieve.ClusterIndex.build(keys, clusters=16, seed=5, coarse=4)
+    dindex = kvsieve.CudaClusterIndex.upload(index)
+    assert (dindex.num_kv_heads, dindex.num_clusters, dindex.clustered_len) == (hk, 16, 200)
+    r_ip = torch.zeros(hk + 1, dtype=torch.int32, device=dev)
+    r_ix = torch.full((hk * 200,), -1, dtype=torch.int32, device=dev)
+    for kwargs in [dict(budget=40), dict(budget=40, hierarchical=True, coarse_budget_multiple=2.0)]:
+        sel, _ = index.retrieve(qg, **kwargs)
+        dindex.retrieve(t(qg), r_ip, r_ix, **kwargs)
+        torch.cuda.synchronize()
+        ip_h, ix_h = r_ip.cpu().numpy(), r_ix.cpu().numpy()
+        for h in range(hk):
+            np.testing.assert_array_equal(ix_h[ip_h[h]:ip_h[h + 1]], np.asarray(sel.head(h), np.int32), err_msg=str(kwargs))
+    host, dbuilt = kvsieve.CudaClusterIndex.build(t(keys), clusters=16, seed=5)
+    assert host.num_clusters == 16 and dbuilt.clustered_len == 200
+    assert int(np.sum(host.sizes(0))) == 200

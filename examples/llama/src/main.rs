@@ -53,7 +53,7 @@ enum Cmd {
     },
     /// Evaluate policies × KV budgets × context lengths: passkey and needle accuracy,
     /// perplexity change, KV bytes read and attention time per decode step, prefill time.
-    /// Writes sweep.csv and accuracy.svg to --out and prints a table. Defaults are a short
+    /// Writes sweep.csv, trials.csv and accuracy.svg to --out and prints a table. Defaults are a short
     /// run; --full is the whole grid.
     Sweep(SweepArgs),
     /// Passkey retrieval past the 8K training window: dense, the Λ-mask, and the Λ-mask
@@ -106,7 +106,7 @@ struct SweepArgs {
     page_size: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Output folder for sweep.csv and accuracy.svg.
+    /// Output folder for sweep.csv, trials.csv and accuracy.svg.
     #[arg(long, default_value = "target/llama-eval")]
     out: PathBuf,
     /// No progress bar.
@@ -250,6 +250,7 @@ fn sweep(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: SweepArgs)
         kjv: &kjv,
         cfg,
         cells: Default::default(),
+        trials: Vec::new(),
     }
     .run(!a.quiet)?;
     std::fs::create_dir_all(&a.out)?;
@@ -257,6 +258,8 @@ fn sweep(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: SweepArgs)
     let svg = a.out.join("accuracy.svg");
     kvsieve_llama::report::write_csv(&result, &csv)?;
     kvsieve_llama::report::write_svg(&result, &svg)?;
+    let trials_csv = a.out.join("trials.csv");
+    kvsieve_llama::report::write_trials_csv(&result, &trials_csv)?;
     if let Some((layer, recall)) = &result.gemfilter_layer {
         if recall.is_empty() {
             println!("GemFilter filter layer: {layer} (given)");
@@ -267,9 +270,10 @@ fn sweep(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: SweepArgs)
     }
     print!("{}", kvsieve_llama::report::table(&result));
     println!(
-        "({:.0} s) CSV: {}  plot: {}",
+        "({:.0} s) CSV: {}  per trial: {}  plot: {}",
         t0.elapsed().as_secs_f64(),
         csv.display(),
+        trials_csv.display(),
         svg.display()
     );
     Ok(())

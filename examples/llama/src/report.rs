@@ -80,6 +80,28 @@ fn rows(r: &SweepResult) -> Vec<Row<'_>> {
     rows
 }
 
+/// One row per retrieval trial and policy: context, policy, budget, task, depth of the fact,
+/// the expected digits, the generated text (quoted, quotes doubled) and whether it answered.
+pub fn write_trials_csv(r: &SweepResult, path: &Path) -> std::io::Result<()> {
+    let mut s = String::from("context,policy,budget,task,depth,answer,generated,correct\n");
+    for t in &r.trials {
+        writeln!(
+            s,
+            "{},{},{},{},{:.3},{},\"{}\",{}",
+            t.key.0,
+            t.key.1,
+            budget_label(&t.key),
+            t.task,
+            t.depth,
+            t.answer,
+            t.generated.replace('"', "\"\"").replace('\n', "\\n"),
+            u8::from(t.correct)
+        )
+        .unwrap();
+    }
+    std::fs::write(path, s)
+}
+
 pub fn write_csv(r: &SweepResult, path: &Path) -> std::io::Result<()> {
     let mut s = String::from(
         "context,policy,budget,budget_tokens,passkey_accuracy,passkey_trials,needle_accuracy,needle_trials,perplexity,perplexity_dense,perplexity_change_pct,kv_bytes_per_step,dense_kv_bytes_per_step,attention_ms_per_step,dense_attention_ms_per_step,prefill_s,kv_mb_held,kv_mb_peak,policy_text\n",

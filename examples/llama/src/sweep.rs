@@ -183,8 +183,21 @@ pub fn frac_key(f: f64) -> u32 {
     (f * 65536.0).round() as u32
 }
 
+/// One retrieval trial under one policy: what it had to answer and what it generated.
+#[derive(Debug, Clone)]
+pub struct TrialRecord {
+    pub key: CellKey,
+    pub task: &'static str,
+    pub depth: f64,
+    pub answer: String,
+    pub generated: String,
+    pub correct: bool,
+}
+
 pub struct SweepResult {
     pub cells: BTreeMap<CellKey, Cell>,
+    /// Every retrieval trial of every lane, in run order.
+    pub trials: Vec<TrialRecord>,
     /// GemFilter's filter layer and the recall per layer that chose it.
     pub gemfilter_layer: Option<(usize, Vec<f64>)>,
 }
@@ -235,6 +248,7 @@ pub struct Sweep<'a> {
     pub kjv: &'a str,
     pub cfg: SweepConfig,
     pub cells: BTreeMap<CellKey, Cell>,
+    pub trials: Vec<TrialRecord>,
 }
 
 impl<'a> Sweep<'a> {
@@ -395,6 +409,7 @@ impl<'a> Sweep<'a> {
         bar.finish_and_clear();
         Ok(SweepResult {
             cells: self.cells,
+            trials: self.trials,
             gemfilter_layer: gem_layer,
         })
     }
@@ -526,7 +541,9 @@ impl<'a> Sweep<'a> {
             }
         }
         for (i, ((def, lane), g)) in defs.iter().zip(&lanes).zip(&generated).enumerate() {
-            let ok = trial.is_correct(&self.tok.decode(g));
+            let text = self.tok.decode(g);
+            let ok = trial.is_correct(&text);
+            self.record_trial(def.key.clone(), trial, text, ok);
             self.record_lane(
                 def,
                 &kv,
@@ -556,7 +573,10 @@ impl<'a> Sweep<'a> {
                 None,
             )?;
             for run in runs {
-                let ok = trial.is_correct(&self.tok.decode(&run.generated));
+                let text = self.tok.decode(&run.generated);
+                let ok = trial.is_correct(&text);
+                let key = self.gem_key(trial.context.len(), &run);
+                self.record_trial(key, trial, text, ok);
                 let c = self.gem_cell(trial.context.len(), &run, layer);
                 let e = c.correct.entry(trial.task.name()).or_default();
                 e.0 += usize::from(ok);
@@ -566,9 +586,23 @@ impl<'a> Sweep<'a> {
         Ok(())
     }
 
+    fn gem_key(&self, context_len: usize, run: &GemRun) -> CellKey {
+        (self.context_of(context_len), "gemfilter".to_string(), frac_key(run.frac))
+    }
+
+    fn record_trial(&mut self, key: CellKey, trial: &Trial, generated: String, correct: bool) {
+        self.trials.push(TrialRecord {
+            key,
+            task: trial.task.name(),
+            depth: trial.depth,
+            answer: trial.answer.clone(),
+            generated,
+            correct,
+        });
+    }
+
     fn gem_cell(&mut self, context_len: usize, run: &GemRun, layer: usize) -> &mut Cell {
-        let context = self.context_of(context_len);
-        let key = (context, "gemfilter".to_string(), frac_key(run.frac));
+        let key = self.gem_key(context_len, run);
         let c = self.cell(&key, &format!("gemfilter layer={layer} k={}", run.k), run.k);
         c.decode_steps += run.stats.decode_steps;
         c.kv_bytes += run.stats.decode_kv_bytes;

@@ -153,7 +153,7 @@ pub fn prefill(
     masks: Option<&PrefillMasks>,
     selections: Option<&CudaSelections>,
     out: &DeviceTensor,
-    lse: Option<&DeviceBuffer>,
+    lse: Option<&DeviceTensor>,
     params: &AttentionParams,
     causal: bool,
 ) -> Result<()> {
@@ -188,8 +188,9 @@ pub fn prefill(
         }
     }
     if let Some(l) = lse {
-        if l.len() < total * hq * 4 {
-            return Err(Error::shape("lse", format!("[{total} * {hq}] f32"), format!("{} bytes", l.len())));
+        l.expect("lse", &[Some(total), Some(hq)], &[DType::F32], dev.ordinal())?;
+        if !crate::backend::cuda::select::is_contiguous(l) || l.ptr % 4 != 0 {
+            return Err(Error::shape("lse", "a contiguous f32 array", format!("strides {:?}", l.strides)));
         }
     }
     if let Some(m) = masks {
@@ -221,7 +222,7 @@ pub fn prefill(
         k,
         v,
         out: out.ptr,
-        lse: lse.map_or(0, |b| b.ptr()),
+        lse: lse.map_or(0, |l| l.ptr),
         qo_indptr: queries.indptr.ptr(),
         kv_indptr: indptr,
         kv_indices: indices,

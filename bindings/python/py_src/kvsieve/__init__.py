@@ -29,8 +29,10 @@ policy, ``clusters=N`` does this per head: a :class:`ClusterIndexSet` holds the 
 every (sequence, layer) and goes to :meth:`KvCache.decode_with_policy` as ``clusters=``.
 
 On an NVIDIA GPU (a wheel built with the ``cuda`` feature), :func:`cuda_paged_decode`,
-:func:`cuda_paged_append` and :func:`cuda_merge_states` work on device arrays given through
-``__dlpack__`` (torch, cupy, jax), in place, on the caller's stream.
+:func:`cuda_paged_append`, :func:`cuda_merge_states`, :func:`cuda_paged_prefill`,
+:func:`cuda_update_key_bounds`, :func:`cuda_page_bounds`, :func:`cuda_gemfilter_select` and
+:class:`CudaClusterIndex` (K-means on the device, centroid retrieval) work on device arrays
+given through ``__dlpack__`` (torch, cupy, jax), in place, on the caller's stream.
 
 Every error is a :class:`KvsieveError` (one subclass per kind) carrying a stable
 :class:`ErrorCode`.
@@ -43,6 +45,7 @@ from kvsieve._kvsieve import (
     ClusterIndex,
     ClusterIndexSet,
     ClusterThresholds,
+    CudaClusterIndex,
     CudaUnavailableError,
     DTypeError,
     ErrorCode,
@@ -66,9 +69,13 @@ from kvsieve._kvsieve import (
     avg_pool,
     calibrate_filter_layer,
     cuda_device_count,
+    cuda_gemfilter_select,
     cuda_merge_states,
+    cuda_page_bounds,
     cuda_paged_append,
     cuda_paged_decode,
+    cuda_paged_prefill,
+    cuda_update_key_bounds,
     gemfilter_scores,
     gemfilter_select,
     isa,
@@ -94,6 +101,7 @@ __all__ = [
     "ClusterIndex",
     "ClusterIndexSet",
     "ClusterThresholds",
+    "CudaClusterIndex",
     "CudaUnavailableError",
     "DTypeError",
     "ErrorCode",
@@ -117,9 +125,13 @@ __all__ = [
     "avg_pool",
     "calibrate_filter_layer",
     "cuda_device_count",
+    "cuda_gemfilter_select",
     "cuda_merge_states",
+    "cuda_page_bounds",
     "cuda_paged_append",
     "cuda_paged_decode",
+    "cuda_paged_prefill",
+    "cuda_update_key_bounds",
     "gemfilter_scores",
     "gemfilter_select",
     "isa",

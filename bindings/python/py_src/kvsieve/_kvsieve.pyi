@@ -1567,3 +1567,161 @@ def cuda_merge_states(
 ) -> None:
     """:func:`merge_states` on device arrays: ``out`` and ``lse_out`` (float32
     ``[n, heads]``) are written in place."""
+
+def cuda_update_key_bounds(
+    k_pages: Any,
+    v_pages: Any,
+    key_bounds: Any,
+    entries: Any,
+    *,
+    layout: str = "nhd",
+    stream: int | None = None,
+) -> None:
+    """Keep page key bounds (Quest) in a device array ``key_bounds``
+    (``[num_pages, num_kv_heads, 2, head_dim]`` of the page dtype: minima, then maxima).
+
+    ``entries`` is a contiguous int32 device array ``[n, 4]``: per row a page, a reset flag
+    (non-zero: start from empty bounds, for a page reused by a new sequence) and the 64-bit
+    mask of the slots to fold in (low 32 bits, then high 32 bits; page_size at most 64).
+    Pages must be distinct. Run after :func:`cuda_paged_append` on the same stream.
+    Graph-capturable.
+    """
+
+def cuda_page_bounds(
+    k_pages: Any,
+    v_pages: Any,
+    indptr: Any,
+    indices: Any,
+    last_page_len: Any,
+    key_bounds: Any,
+    q: Any,
+    sel_indptr: Any,
+    sel_indices: Any,
+    *,
+    max_seq_len: int,
+    budget_tokens: int,
+    min_pages: int = 0,
+    layout: str = "nhd",
+    stream: int | None = None,
+) -> None:
+    """Page-bound (Quest) selection on the GPU for every sequence of the page table, as
+    :func:`page_bounds`: pages ranked per KV head by an upper bound of the
+    query's logits (``key_bounds`` from :func:`cuda_update_key_bounds`), whole pages kept
+    best first to ``budget_tokens`` (at least ``min_pages``).
+
+    ``q`` is ``[batch, num_qo_heads, head_dim]`` on the device (keys after RoPE). Writes the
+    device CSR :func:`cuda_paged_decode` reads as ``sel_indptr``/``sel_indices``: int32
+    ``sel_indptr`` of ``batch * num_kv_heads + 1`` and ``sel_indices`` with room for
+    ``batch * num_kv_heads * max_seq_len`` (pass ``max_per_head=max_seq_len`` to decode).
+    The first call of a shape allocates scratch; later ones can be captured in a CUDA graph.
+    """
+
+def cuda_paged_prefill(
+    k_pages: Any,
+    v_pages: Any,
+    indptr: Any,
+    indices: Any,
+    last_page_len: Any,
+    q: Any,
+    qo_indptr: Sequence[int] | IntArray,
+    out: Any,
+    *,
+    causal: bool = True,
+    windows: Sequence[tuple[int, int] | None] | None = None,
+    sel_indptr: Any | None = None,
+    sel_indices: Any | None = None,
+    max_per_head: int | None = None,
+    lse: Any | None = None,
+    layout: str = "nhd",
+    scale: float | None = None,
+    logit_soft_cap: float | None = None,
+    stream: int | None = None,
+) -> None:
+    """Prefill attention on the GPU (tensor cores) over device pages, as
+    :func:`paged_prefill_sparse`.
+
+    Pages float16 or bfloat16 with keys after RoPE, head_dim 64 or 128; ``q`` and ``out``
+    ``[total, num_qo_heads, head_dim]`` in the page dtype, contiguous; ``qo_indptr`` a host
+    sequence of ``batch + 1`` ints (rows of ``q`` per sequence: its last tokens);
+    ``windows`` one ``(sinks, window)`` pair or None per KV head (StreamingLLM / the
+    Λ-mask); ``sel_indptr``/``sel_indices`` optional device token lists per (sequence, KV
+    head) with ``max_per_head``; ``lse`` a float32 ``[total, num_qo_heads]`` device array.
+    Not graph-capturable (``qo_indptr`` and ``windows`` are copied to the device).
+    """
+
+def cuda_gemfilter_select(
+    q: Any,
+    keys: Any,
+    indices: Any,
+    *,
+    k: int,
+    pool_kernel: int = 5,
+    keep_first: int = 0,
+    keep_last: int = 0,
+    stream: int | None = None,
+) -> None:
+    """GemFilter on the GPU, as :func:`gemfilter_select`: the ``k`` tokens the filter
+    layer's last query ``q`` (``[num_qo_heads, head_dim]``) points at among ``keys``
+    (``[n, num_kv_heads, head_dim]``, after RoPE), ascending, written to the int32 device
+    array ``indices`` (at least ``k`` values)."""
+
+class CudaClusterIndex:
+    """A K-means index resident on one CUDA device, for centroid retrieval on the GPU.
+
+    Made by :meth:`upload` (from a host :class:`ClusterIndex`) or :meth:`build` (K-means on
+    the device). Retrieval reuses the index's device scratch: order calls on one index on
+    one stream.
+    """
+
+    @staticmethod
+    def upload(index: ClusterIndex, *, device: int = 0, stream: int | None = None) -> CudaClusterIndex:
+        """Copy ``index`` to CUDA device ``device`` (waits for the copy). Upload again after
+        :meth:`ClusterIndex.assign_new` or a rebuild."""
+
+    @staticmethod
+    def build(
+        keys: Any,
+        *,
+        clusters: int | float,
+        max_iter: int = 20,
+        seed: int = 0,
+        exclude_window: int = 0,
+        coarse: int | float | None = None,
+        stream: int | None = None,
+    ) -> tuple[ClusterIndex, CudaClusterIndex]:
+        """Cluster device keys ``[n, num_kv_heads, head_dim]`` on their GPU, as
+        :meth:`ClusterIndex.build` (k-means++, Lloyd iterations, empty clusters repaired;
+        the coarse level on the host). Returns the index on the host and on the device."""
+
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def num_clusters(self) -> int: ...
+    @property
+    def num_coarse_clusters(self) -> int: ...
+    @property
+    def clustered_len(self) -> int:
+        """Tokens clustered per KV head: ``sel_indices`` needs ``num_kv_heads * clustered_len``."""
+
+    def retrieve(
+        self,
+        q: Any,
+        sel_indptr: Any,
+        sel_indices: Any,
+        *,
+        threshold: float | Sequence[float] | ClusterThresholds | None = None,
+        budget: int | None = None,
+        hierarchical: bool = False,
+        coarse_threshold: float | None = None,
+        coarse_budget: int | None = None,
+        coarse_budget_multiple: float | None = None,
+        stream: int | None = None,
+    ) -> None:
+        """Centroid retrieval on the GPU for the decode query ``q``
+        (``[num_qo_heads, head_dim]`` on the device, after RoPE), with the rules of
+        :meth:`ClusterIndex.retrieve`, written as a device CSR over KV heads: int32
+        ``sel_indptr`` (``num_kv_heads + 1``) and ``sel_indices`` (room for
+        ``num_kv_heads * clustered_len``), ascending clustered tokens. After the first call,
+        retrieval queues kernels only (a changed threshold is copied first)."""

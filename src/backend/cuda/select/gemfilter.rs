@@ -105,6 +105,21 @@ impl GemFilterWorkspace {
         Ok(v)
     }
 
+    /// Queue a copy of the `max_k` kept-token slots (u32 below 2^31, so also valid int32) to
+    /// device memory at `dst`, on `stream` (graph-capturable).
+    ///
+    /// # Safety
+    /// `dst` is device memory on this workspace's device for `max_k` 4-byte values, not
+    /// otherwise used until the copy completes.
+    pub unsafe fn copy_selected_to(&self, dst: u64, stream: &Stream) -> Result<()> {
+        if dst == 0 {
+            return Err(Error::NullPointer { param: "indices".into() });
+        }
+        self.dev.bind()?;
+        cudarc::driver::result::memcpy_dtod_async(dst, self.out.ptr(), self.k * 4, stream.raw())
+            .map_err(crate::backend::cuda::device::driver_err("copying the kept tokens"))
+    }
+
     /// Device address of the kept tokens (u32, ascending) and of their count.
     pub fn selected_ptrs(&self) -> (u64, u64) {
         (self.out.ptr(), self.count.ptr())

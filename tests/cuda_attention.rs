@@ -14,7 +14,7 @@ use cuda_util::{assert_close, device_or_skip, Rng, POISON_BYTE};
 use kvsieve::attention::{self, AttentionParams, PositionMode, RopeConfig, RopeStyle};
 use kvsieve::backend::cuda::attention::{self as gpu, Workspace};
 use kvsieve::backend::cuda::{CudaDevice, CudaKvCache, CudaPageTable, CudaPagedKv, CudaSelections, DeviceBuffer, DeviceTensor};
-use kvsieve::{CacheConfig, DType, Error, KeyRope, KvCache, PageLayout, PagedKv, PagedKvLayout, SeqId, Selection, TensorView, TensorViewMut};
+use kvsieve::{CacheConfig, DType, Error, KeepTokens, KeyRope, KvCache, PageLayout, PagedKv, PagedKvLayout, SeqId, Selection, TensorView, TensorViewMut};
 
 /// The same operations on a CPU cache and a CUDA cache.
 struct Pair {
@@ -167,6 +167,60 @@ fn append_and_key_bounds_match_cpu() {
                 }
                 p.check_same();
             }
+        }
+    }
+}
+
+/// Eviction and compaction (one list, per layer, per head; from a shared page) leave the
+/// device cache equal to the host cache: pages, positions, K/V and key bounds.
+#[test]
+fn evict_and_compact_match_cpu() {
+    let Some(dev) = device_or_skip("evict_and_compact_match_cpu") else { return };
+    let mut seed = 40u64;
+    for dtype in [DType::F16, DType::BF16] {
+        for (page_size, layout) in [(16, PageLayout::Nhd), (32, PageLayout::Hnd)] {
+            seed += 1;
+            let mut rng = Rng(seed);
+            let mut p = Pair::new(&dev, cfg(dtype, page_size, 2, 64, layout, 96));
+            let a = p.create();
+            let n = 5 * page_size + 7;
+            let pos: Vec<i32> = (0..n as i32).map(|t| 3 * t + 1).collect();
+            p.append(a, n, Some(&pos));
+            p.write(&mut rng, a, 0, n);
+            let b = p.fork(a);
+            // Evict the second and the last page of the fork (shared pages just lose a reference).
+            p.cpu.evict_pages(b, &[1, 5]).unwrap();
+            p.gpu.evict_pages(b, &[1, 5]).unwrap();
+            p.check_same();
+            let bad = p.gpu.evict_pages(b, &[2, 2]).unwrap_err();
+            assert!(bad.to_string().contains("page_indices"), "{bad}");
+            // Compact: the same tokens everywhere, then per layer, then per head.
+            let len = p.cpu.seq_len(a).unwrap() as u32;
+            let all: Vec<u32> = (0..len).filter(|t| t % 3 != 1).collect();
+            let c = p.fork(a);
+            p.cpu.compact(c, KeepTokens::All(&all)).unwrap();
+            p.gpu.compact(c, KeepTokens::All(&all)).unwrap();
+            p.check_same();
+            let k = 40usize;
+            let per_layer: Vec<Vec<u32>> = (0..2).map(|l| (0..k as u32).map(|i| i * 2 + l).collect()).collect();
+            let d = p.fork(a);
+            p.cpu.compact(d, KeepTokens::PerLayer(&per_layer)).unwrap();
+            p.gpu.compact(d, KeepTokens::PerLayer(&per_layer)).unwrap();
+            p.check_same();
+            let per_head: Vec<Vec<u32>> = (0..4).map(|j| (0..k as u32).map(|i| len - 1 - (k as u32 - 1 - i) * (1 + j % 2)).collect()).collect();
+            p.cpu.compact(a, KeepTokens::PerHead(&per_head)).unwrap();
+            p.gpu.compact(a, KeepTokens::PerHead(&per_head)).unwrap();
+            p.check_same();
+            // Checks come first: a descending list changes nothing.
+            let before = p.gpu.seq_pages(b).unwrap();
+            let e = p.gpu.compact(b, KeepTokens::All(&vec![3, 2])).unwrap_err();
+            assert!(e.to_string().contains("keep[0][1]"), "{e}");
+            assert_eq!(p.gpu.seq_pages(b).unwrap(), before);
+            // The compacted sequence grows on as usual.
+            p.append(c, 3, None);
+            let l = p.cpu.seq_len(c).unwrap();
+            p.write(&mut rng, c, l - 3, 3);
+            p.check_same();
         }
     }
 }

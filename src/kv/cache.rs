@@ -41,6 +41,59 @@ pub enum KeepTokens<'a> {
     PerHead(&'a [Vec<u32>]),
 }
 
+impl<'a> KeepTokens<'a> {
+    /// The lists, checked for a cache of config `c` and a sequence of `seq_len` tokens: the
+    /// right count, one length, strictly ascending tokens below `seq_len`, and one list for
+    /// every layer and head when keys are stored before RoPE. Returns the lists and their
+    /// common length.
+    pub(crate) fn checked(&self, c: &CacheConfig, seq_len: usize) -> Result<(&'a [Vec<u32>], usize)> {
+        let (lists, want): (&[Vec<u32>], usize) = match *self {
+            KeepTokens::All(l) => (std::slice::from_ref(l), 1),
+            KeepTokens::PerLayer(l) => (l, c.num_layers),
+            KeepTokens::PerHead(l) => (l, c.num_layers * c.num_kv_heads),
+        };
+        if lists.len() != want {
+            return Err(Error::shape("keep", format!("{want} token lists"), format!("{}", lists.len())));
+        }
+        let k = lists[0].len();
+        for (li, l) in lists.iter().enumerate() {
+            if l.len() != k {
+                return Err(Error::shape(format!("keep[{li}]"), format!("{k} tokens (as keep[0])"), format!("{}", l.len())));
+            }
+            if let Some(i) = (0..l.len()).find(|&i| l[i] as usize >= seq_len || (i > 0 && l[i] <= l[i - 1])) {
+                return Err(Error::invalid(format!("keep[{li}][{i}]"), format!("strictly ascending token indices below seq_len {seq_len}, got {}", l[i])));
+            }
+        }
+        if c.key_rope == KeyRope::PreRope && lists.iter().any(|l| l != &lists[0]) {
+            return Err(Error::invalid("keep", "the same tokens in every list: keys stored before RoPE need one position per slot"));
+        }
+        Ok((lists, k))
+    }
+
+    /// The list slot `i` of (`layer`, KV head `head`) is filled from.
+    pub(crate) fn list(&self, layer: usize, head: usize, num_kv_heads: usize) -> &'a [u32] {
+        match *self {
+            KeepTokens::All(l) => l,
+            KeepTokens::PerLayer(l) => &l[layer],
+            KeepTokens::PerHead(l) => &l[layer * num_kv_heads + head],
+        }
+    }
+}
+
+/// Check `page_indices` for eviction from sequence `id` of `np` pages: strictly increasing,
+/// each below `np`.
+pub(crate) fn check_evict(page_indices: &[usize], np: usize, id: SeqId) -> Result<()> {
+    for (i, &pi) in page_indices.iter().enumerate() {
+        if pi >= np {
+            return Err(Error::out_of_range(format!("page_indices[{i}]"), pi as i64, format!("0..{np} (pages of sequence {id})")));
+        }
+        if i > 0 && page_indices[i - 1] >= pi {
+            return Err(Error::invalid("page_indices", "strictly increasing page indices"));
+        }
+    }
+    Ok(())
+}
+
 /// Memory statistics of a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryStats {
@@ -378,14 +431,7 @@ impl KvCache {
     pub fn evict_pages(&mut self, id: SeqId, page_indices: &[usize]) -> Result<()> {
         let s = self.seq(id)?;
         let np = s.pages.len();
-        for (i, &pi) in page_indices.iter().enumerate() {
-            if pi >= np {
-                return Err(Error::out_of_range(format!("page_indices[{i}]"), pi as i64, format!("0..{np} (pages of sequence {id})")));
-            }
-            if i > 0 && page_indices[i - 1] >= pi {
-                return Err(Error::invalid("page_indices", "strictly increasing page indices"));
-            }
-        }
+        check_evict(page_indices, np, id)?;
         let ps = self.cfg.page_size;
         let mut s = self.seqs.take(id);
         let last_len = self.last_len(&s);
@@ -412,26 +458,7 @@ impl KvCache {
     pub fn compact(&mut self, id: SeqId, keep: KeepTokens) -> Result<()> {
         let s = self.seq(id)?;
         let c = self.cfg;
-        let (lists, want): (&[Vec<u32>], usize) = match keep {
-            KeepTokens::All(l) => (std::slice::from_ref(l), 1),
-            KeepTokens::PerLayer(l) => (l, c.num_layers),
-            KeepTokens::PerHead(l) => (l, c.num_layers * c.num_kv_heads),
-        };
-        if lists.len() != want {
-            return Err(Error::shape("keep", format!("{want} token lists"), format!("{}", lists.len())));
-        }
-        let k = lists[0].len();
-        for (li, l) in lists.iter().enumerate() {
-            if l.len() != k {
-                return Err(Error::shape(format!("keep[{li}]"), format!("{k} tokens (as keep[0])"), format!("{}", l.len())));
-            }
-            if let Some(i) = (0..l.len()).find(|&i| l[i] as usize >= s.len || (i > 0 && l[i] <= l[i - 1])) {
-                return Err(Error::invalid(format!("keep[{li}][{i}]"), format!("strictly ascending token indices below seq_len {}, got {}", s.len, l[i])));
-            }
-        }
-        if c.key_rope == KeyRope::PreRope && lists.iter().any(|l| l != &lists[0]) {
-            return Err(Error::invalid("keep", "the same tokens in every list: keys stored before RoPE need one position per slot"));
-        }
+        let (lists, k) = keep.checked(&c, s.len)?;
         let ps = c.page_size;
         let new_pages = k.div_ceil(ps);
         self.pool.reserve(new_pages)?;
@@ -449,12 +476,7 @@ impl KvCache {
             for i in 0..k {
                 let (dp, ds) = (pages[i / ps] as usize, i % ps);
                 for h in 0..c.num_kv_heads {
-                    let list = match keep {
-                        KeepTokens::All(l) => l,
-                        KeepTokens::PerLayer(l) => &l[layer],
-                        KeepTokens::PerHead(l) => &l[layer * c.num_kv_heads + h],
-                    };
-                    let t = list[i] as usize;
+                    let t = keep.list(layer, h, c.num_kv_heads)[i] as usize;
                     let (sp, ss) = (old.pages[t / ps] as usize, t % ps);
                     let src = (sp * st[0] + ss * st[1] + h * st[2]) * es;
                     let dst = (dp * st[0] + ds * st[1] + h * st[2]) * es;

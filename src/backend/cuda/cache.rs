@@ -21,7 +21,8 @@ use crate::dtype::{load_f32, DType};
 use crate::error::{Error, Result};
 use crate::kv::pool::PagePool;
 use crate::kv::seqs::{Sequence, Sequences};
-use crate::kv::{PageTable, PagedKvLayout, SeqId};
+use crate::kv::check_evict;
+use crate::kv::{KeepTokens, PageTable, PagedKvLayout, SeqId};
 use crate::tensor::TensorView;
 
 /// Paged K/V on a CUDA device, owned by kvsieve (see the module docs).
@@ -473,7 +474,106 @@ impl CudaKvCache {
         self.flush()
     }
 
-    /// The CSR page table of a batch of sequences, on the host.
+    /// Evict whole pages from anywhere in a sequence (as [`crate::KvCache::evict_pages`]):
+    /// `page_indices` index its page list, strictly increasing; the remaining tokens keep
+    /// their positions and later token indices shift down. Bookkeeping only: no device work.
+    pub fn evict_pages(&mut self, id: SeqId, page_indices: &[usize]) -> Result<()> {
+        let s = self.seq(id)?;
+        check_evict(page_indices, s.pages.len(), id)?;
+        let np = s.pages.len();
+        let ps = self.cfg.page_size;
+        let mut s = self.seqs.take(id);
+        let last_len = self.last_len(&s);
+        for &pi in page_indices.iter().rev() {
+            s.len -= if pi + 1 == np { last_len } else { ps };
+            let p = s.pages.remove(pi);
+            self.pool.decref(p);
+        }
+        self.seqs.put(id, s);
+        Ok(())
+    }
+
+    /// Keep only some tokens of a sequence, moved in order into fresh pages with their
+    /// positions (as [`crate::KvCache::compact`], same lists and checks); the old pages go
+    /// back to the pool or stay with the sequences sharing them. Rows are copied on the
+    /// device (runs of rows contiguous in both places in one copy) and the new pages' key
+    /// bounds recomputed.
+    pub fn compact(&mut self, id: SeqId, keep: KeepTokens) -> Result<()> {
+        let s = self.seq(id)?;
+        let c = self.cfg;
+        let (lists, k) = keep.checked(&c, s.len)?;
+        let ps = c.page_size;
+        let new_pages = k.div_ceil(ps);
+        self.pool.reserve(new_pages)?;
+
+        let old = self.seqs.take(id);
+        let pages = match self.alloc_fresh(new_pages) {
+            Ok(p) => p,
+            Err(e) => {
+                self.seqs.put(id, old);
+                return Err(e);
+            }
+        };
+        let r = self.compact_into(&old, &pages, keep, lists, k);
+        for &p in &old.pages {
+            self.pool.decref(p);
+        }
+        self.seqs.put(id, Sequence { pages, len: k });
+        r?;
+        self.flush()
+    }
+
+    fn compact_into(&mut self, old: &Sequence, pages: &[u32], keep: KeepTokens, lists: &[Vec<u32>], k: usize) -> Result<()> {
+        let c = self.cfg;
+        let ps = c.page_size;
+        let loc = |pages: &[u32], t: usize| pages[t / ps] as usize * ps + t % ps;
+        for i in 0..k {
+            self.positions_host[loc(pages, i)] = self.positions_host[loc(&old.pages, lists[0][i] as usize)];
+        }
+        for &p in pages {
+            self.upload_positions(p as usize)?;
+        }
+        let st = c.strides();
+        let es = c.dtype.size();
+        let row = c.head_dim * es;
+        for layer in 0..c.num_layers {
+            // (source byte offset, destination byte offset, bytes), merged where both are contiguous.
+            let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+            for i in 0..k {
+                let (dp, ds) = (pages[i / ps] as usize, i % ps);
+                for h in 0..c.num_kv_heads {
+                    let t = keep.list(layer, h, c.num_kv_heads)[i] as usize;
+                    let (sp, ss) = (old.pages[t / ps] as usize, t % ps);
+                    let src = (sp * st[0] + ss * st[1] + h * st[2]) * es;
+                    let dst = (dp * st[0] + ds * st[1] + h * st[2]) * es;
+                    match runs.last_mut() {
+                        Some(r) if r.0 + r.2 == src && r.1 + r.2 == dst => r.2 += row,
+                        _ => runs.push((src, dst, row)),
+                    }
+                }
+            }
+            for &(src, dst, n) in &runs {
+                self.k[layer].copy_from(dst, &self.k[layer], src, n, &self.stream)?;
+                self.v[layer].copy_from(dst, &self.v[layer], src, n, &self.stream)?;
+            }
+            if !self.bounds.is_empty() {
+                let entries: Vec<BoundsEntry> = pages
+                    .iter()
+                    .enumerate()
+                    .map(|(pi, &p)| {
+                        let n = (k - pi * ps).min(ps);
+                        let mask = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+                        self.written[layer][p as usize] = mask;
+                        BoundsEntry { page: p as i32, reset: 1, mask }
+                    })
+                    .collect();
+                self.run_bounds(layer, &entries)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The CSR page table of a batch of sequences, on the host.    /// The CSR page table of a batch of sequences, on the host.
     pub fn host_page_table(&self, ids: &[SeqId]) -> Result<PageTable> {
         let mut t = PageTable { indptr: vec![0], ..Default::default() };
         for &id in ids {

@@ -231,7 +231,73 @@ fn ref_select(cl: &Clustering, s: &[f64], how: &Retrieve, h: usize) -> Vec<u32> 
             }
             out
         }
+        Retrieve::MixedBudget(_) => unreachable!("the mixed rule has its own reference, ref_select_mixed"),
     };
+    out.sort();
+    out
+}
+
+/// Radius of every cluster of `cl` in f64: the largest distance of a member's raw key
+/// (rows of `rows`, `[n][d]`) to the raw centroid.
+fn ref_radii(cl: &Clustering, rows: &[f32], d: usize) -> Vec<f64> {
+    (0..cl.num_clusters())
+        .map(|c| {
+            let cen: Vec<f64> = cl.centroid(c).iter().map(|&v| v as f64).collect();
+            cl.members(c).iter().map(|&t| dist2(&rows[t as usize * d..(t as usize + 1) * d].iter().map(|&v| v as f64).collect::<Vec<_>>(), &cen).sqrt()).fold(0.0, f64::max)
+        })
+        .collect()
+}
+
+/// Upper bounds `max_j (q_j·C_c + |q_j| r_c) / √d` of head `h` in f64, from the index's radii.
+fn ref_bounds(q: &[f32], hq: usize, index: &ClusterIndex, h: usize) -> Vec<f64> {
+    let (d, g) = (index.head_dim(), hq / index.num_kv_heads());
+    let cl = index.head(h);
+    (0..cl.num_clusters())
+        .map(|c| {
+            let cen: Vec<f64> = cl.centroid(c).iter().map(|&v| v as f64).collect();
+            (h * g..(h + 1) * g)
+                .map(|j| {
+                    let qj: Vec<f64> = q[j * d..(j + 1) * d].iter().map(|&v| v as f64).collect();
+                    (dot(&qj, &cen) + dot(&qj, &qj).sqrt() * cl.radii()[c] as f64) / (d as f64).sqrt()
+                })
+                .fold(f64::NEG_INFINITY, f64::max)
+        })
+        .collect()
+}
+
+/// Tokens kept by the mixed rule: clusters alternately from the estimate ranking and the
+/// bound ranking (ties to the lower index), each once, whole, until `budget` tokens.
+fn ref_select_mixed(cl: &Clustering, s: &[f64], b: &[f64], budget: usize) -> Vec<u32> {
+    let k = cl.num_clusters();
+    let rank = |v: &[f64]| {
+        let mut o: Vec<usize> = (0..k).collect();
+        o.sort_by(|&x, &y| v[y].partial_cmp(&v[x]).unwrap().then(x.cmp(&y)));
+        o
+    };
+    let (r1, r2) = (rank(s), rank(b));
+    let mut order = Vec::new();
+    let (mut i1, mut i2) = (0, 0);
+    while order.len() < k {
+        while i1 < k && order.contains(&r1[i1]) {
+            i1 += 1;
+        }
+        if i1 < k {
+            order.push(r1[i1]);
+        }
+        while i2 < k && order.contains(&r2[i2]) {
+            i2 += 1;
+        }
+        if i2 < k {
+            order.push(r2[i2]);
+        }
+    }
+    let mut left = budget;
+    let mut out = Vec::new();
+    for c in order {
+        let take = left.min(cl.sizes()[c] as usize);
+        out.extend_from_slice(&cl.members(c)[..take]);
+        left -= take;
+    }
     out.sort();
     out
 }
@@ -425,6 +491,76 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 20, ..ProptestConfig::default() })]
+
+    /// Radii against a plain computation; mixed selection against the reference rule, flat
+    /// and (with every coarse cluster open) hierarchical; a planted outlier key is found by
+    /// the mixed rule at a budget where its cluster's estimate ranks it out.
+    #[test]
+    fn mixed_budget_matches_reference(
+        n in 60usize..300, hk in 1usize..3, group in prop_oneof![Just(1usize), Just(3)], seed in any::<u64>(),
+        qscale in 0.5f32..6.0, budget_frac in 0.01f64..1.1,
+    ) {
+        let d = 16;
+        let hq = hk * group;
+        let mut rng = Rng(seed);
+        let keys = clustered_keys(&mut rng, n, hk, d, 6, 0.6);
+        let k = n / 6 + 1;
+        let cfg = ClusterConfig::new(ClusterCount::Absolute(k)).with_coarse(ClusterCount::Absolute(3)).with_seed(seed).with_max_iter(8);
+        let index = build(&keys, n, hk, d, &cfg);
+        for h in 0..hk {
+            let want = ref_radii(index.head(h), &head_rows(&keys, n, hk, d, h), d);
+            prop_assert_eq!(index.head(h).radii().len(), k);
+            for (a, b) in index.head(h).radii().iter().zip(&want) {
+                prop_assert!((*a as f64 - b).abs() <= 1e-4 * b.max(1.0), "radius {} vs {}", a, b);
+            }
+        }
+        let q = rng.vec(hq * d, qscale);
+        let qv = TensorView::new(&q, &[hq, d]).unwrap();
+        let budget = ((budget_frac * n as f64) as usize).max(1);
+        let est = index.cluster_estimates(&qv).unwrap();
+        let r = index.retrieve(&qv, &Retrieve::MixedBudget(budget), n).unwrap();
+        for h in 0..hk {
+            let want = ref_select_mixed(index.head(h), &est[h], &ref_bounds(&q, hq, &index, h), budget);
+            prop_assert_eq!(r.selection.head(h), &want[..], "head {}", h);
+            prop_assert_eq!(r.stats.tokens_kept[h], budget.min(n));
+        }
+        let hier = index.retrieve_hierarchical(&qv, CoarseRetrieve::Threshold(-1.0), &Retrieve::MixedBudget(budget), n).unwrap();
+        prop_assert_eq!(&hier.selection, &r.selection);
+    }
+}
+
+/// One key that matches the query strongly, in a cluster of keys that do not: the estimate
+/// ranking leaves its cluster out at a small budget, the mixed ranking keeps it.
+#[test]
+fn mixed_budget_finds_an_outlier_the_estimate_misses() {
+    let (n, d) = (400usize, 16usize);
+    let mut rng = Rng(12);
+    let mut keys = clustered_keys(&mut rng, n, 1, d, 8, 0.3);
+    let q: Vec<f32> = (0..d).map(|i| if i == 0 { 4.0 } else { 0.0 }).collect();
+    // Token 123 points along the query, moderately: close enough to its cluster-mates'
+    // direction to stay in their cluster, far enough to carry the largest logit.
+    let host: Vec<f32> = keys[123 * d..124 * d].to_vec();
+    let norm = host.iter().map(|v| v * v).sum::<f32>().sqrt();
+    for i in 0..d {
+        keys[123 * d + i] = host[i] + if i == 0 { 1.5 * norm } else { 0.0 };
+    }
+    let index = build(&keys, n, 1, d, &ClusterConfig::new(ClusterCount::Absolute(40)).with_seed(3).with_max_iter(10));
+    let qv = TensorView::new(&q, &[1, d]).unwrap();
+    let logit = |t: usize| (0..d).map(|i| q[i] * keys[t * d + i]).sum::<f32>();
+    let best = (0..n).max_by(|&a, &b| logit(a).partial_cmp(&logit(b)).unwrap()).unwrap();
+    assert_eq!(best, 123, "the planted key has the largest logit");
+    let c = index.head(0).assignment()[123] as usize;
+    let size = index.head(0).sizes()[c] as usize;
+    assert!(size > 1, "the planted key shares its cluster");
+    let budget = 20;
+    let est = index.retrieve(&qv, &Retrieve::Budget(budget), n).unwrap();
+    let mixed = index.retrieve(&qv, &Retrieve::MixedBudget(budget), n).unwrap();
+    assert!(mixed.selection.head(0).contains(&123), "mixed ranking keeps the planted key");
+    assert!(!est.selection.head(0).contains(&123), "the estimate ranking hides the planted key in its cluster of {size}");
+}
+
 #[test]
 fn hierarchical_counts_what_it_scores() {
     let (n, hk, hq, d) = (2000, 2, 6, 32);
@@ -542,6 +678,11 @@ proptest! {
                 }
             }
             prop_assert!(seen.iter().all(|&s| s == 1));
+            // Radii still bound every member's distance to the (unmoved) centroid.
+            let rows = head_rows(&keys, n, hk, d, h);
+            for (c, (&r, want)) in cl.radii().iter().zip(ref_radii(cl, &rows, d)).enumerate() {
+                prop_assert!((r as f64 - want).abs() <= 1e-4 * want.max(1.0), "cluster {} radius {} vs {}", c, r, want);
+            }
             if let Some(level) = index.coarse(h) {
                 for c in 0..level.num_clusters() {
                     let total: u32 = level.children(c).iter().map(|&f| cl.sizes()[f as usize]).sum();
@@ -619,6 +760,7 @@ fn same_index(a: &ClusterIndex, b: &ClusterIndex) -> bool {
             && x.inertia() == y.inertia()
             && x.iterations() == y.iterations()
             && x.converged() == y.converged()
+            && x.radii() == y.radii()
     };
     a.config() == b.config()
         && (a.num_kv_heads(), a.head_dim(), a.seq_len(), a.seq_len_at_build(), a.clustered_len())
@@ -731,7 +873,13 @@ fn mismatched_files_are_io_errors_with_reasons() {
         (
             "version",
             Box::new(|m| {
-                m.insert("format_version".into(), "2".into());
+                m.insert("format_version".into(), "3".into());
+            }),
+        ),
+        (
+            "radii",
+            Box::new(|m| {
+                m.insert("format_version".into(), "1".into());
             }),
         ),
         (

@@ -9,7 +9,7 @@ use common::Rng;
 use kvsieve::attention::PositionMode;
 use kvsieve::select::{
     lambda, page_bounds, page_scores, pages_to_keep, streaming, top_k, window_pages_to_evict, PageBoundsConfig, Policy,
-    PositionKind, Selection, Spec,
+    ClusterRank, PositionKind, Selection, Spec,
 };
 use kvsieve::{CacheConfig, DType, Error, KeyRope, KvCache, PageLayout, SeqId, TensorView};
 use proptest::prelude::*;
@@ -511,8 +511,9 @@ fn spec_strategy() -> impl Strategy<Value = Spec> {
         max_distance,
         ..Spec::default()
     });
-    let sparse = (n(), n(), n(), n(), (n(), n(), n(), n()), positions_strategy(), proptest::option::of(any::<u32>()))
-        .prop_map(|(sinks, window, pages, min_pages, (clusters, clusters_k, cluster_size, hier), positions, max_distance)| Spec {
+    let rank = prop_oneof![Just(None), Just(Some(ClusterRank::Estimate)), Just(Some(ClusterRank::Mixed))];
+    let sparse = (n(), n(), n(), n(), (n(), n(), n(), n(), rank), positions_strategy(), proptest::option::of(any::<u32>()))
+        .prop_map(|(sinks, window, pages, min_pages, (clusters, clusters_k, cluster_size, hier, rank), positions, max_distance)| Spec {
             dense: false,
             sinks,
             window,
@@ -522,6 +523,7 @@ fn spec_strategy() -> impl Strategy<Value = Spec> {
             clusters_k,
             cluster_size,
             hier,
+            rank,
             positions,
             max_distance,
         })

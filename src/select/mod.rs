@@ -30,7 +30,7 @@ mod window;
 
 pub use pages::{page_bounds, page_scores, page_scores_into, pages_to_keep, PageBoundsConfig};
 pub use cluster_set::{ClusterBuild, ClusterIndexSet, ClusterSizing, IndexedKeys, DEFAULT_CLUSTER_SIZE};
-pub use policy::{HeadOverride, LayerOverride, Policy, PolicySelection, PositionKind, Spec, HIER_OPEN_MULTIPLE};
+pub use policy::{ClusterRank, HeadOverride, LayerOverride, Policy, PolicySelection, PositionKind, Spec, HIER_OPEN_MULTIPLE};
 pub use selection::{Selection, SelectionStats};
 pub use topk::top_k;
 pub use window::{lambda, streaming, window_pages_to_evict};

@@ -29,7 +29,8 @@
 //!             | ( "sinks" | "window" | "pages" | "min_pages"
 //!               | "clusters" | "clusters_k" | "cluster_size" | "hier"
 //!               | "global" | "local" | "max_distance" ) , "=" , number
-//!             | "positions" , "=" , ( "original" | "contiguous" | "capped" ) ;
+//!             | "positions" , "=" , ( "original" | "contiguous" | "capped" )
+//!             | "rank" , "=" , ( "estimate" | "mixed" ) ;
 //! number      = digit , { digit } ;
 //! ```
 //!
@@ -47,7 +48,8 @@
 //!   `clusters_k=K` fine clusters per KV head, or `cluster_size=S` one cluster per S tokens
 //!   clustered (default [`DEFAULT_CLUSTER_SIZE`]); `hier=C`: hierarchical lookup through
 //!   C coarse clusters per head, opening the best coarse clusters until they hold
-//!   [`HIER_OPEN_MULTIPLE`] times the budget. The index leaves out the smallest `window=`
+//!   [`HIER_OPEN_MULTIPLE`] times the budget; `rank=estimate|mixed`: which clusters fill
+//!   the budget ([`ClusterRank`]; default `estimate`). The index leaves out the smallest `window=`
 //!   of the layer's cluster heads (those tokens are read anyway). All heads of a layer
 //!   that use `clusters=` share its value and options.
 //! - `global=N` / `local=N`: LM-Infinite's Λ-mask, aliases of `sinks=` / `window=` that
@@ -125,6 +127,35 @@ impl PositionKind {
     }
 }
 
+/// How centroid retrieval (`clusters=`) ranks clusters to fill its budget (`rank=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClusterRank {
+    /// By estimated attention per key (Squeezed Attention): [`Retrieve::Budget`].
+    Estimate,
+    /// Alternately by the estimate and by an upper bound of the best member's logit, which
+    /// finds a strongly matching key hidden in a cluster of weak ones:
+    /// [`Retrieve::MixedBudget`].
+    Mixed,
+}
+
+impl ClusterRank {
+    /// The word used in the text form.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClusterRank::Estimate => "estimate",
+            ClusterRank::Mixed => "mixed",
+        }
+    }
+
+    /// The retrieval rule for a budget of `tokens`.
+    pub fn retrieve(self, tokens: usize) -> Retrieve {
+        match self {
+            ClusterRank::Estimate => Retrieve::Budget(tokens),
+            ClusterRank::Mixed => Retrieve::MixedBudget(tokens),
+        }
+    }
+}
+
 /// What one KV head reads: every token (`dense`), or the union of the parts that are set.
 /// Fields mirror the text keys (see the module docs); `Default` sets nothing, which
 /// [`Policy::validate`] rejects.
@@ -153,6 +184,8 @@ pub struct Spec {
     /// With `clusters`: hierarchical lookup through this many coarse clusters per KV head
     /// (capped at the fine clusters).
     pub hier: Option<usize>,
+    /// With `clusters`: how clusters fill the budget; `None` means [`ClusterRank::Estimate`].
+    pub rank: Option<ClusterRank>,
     /// Position numbering; `None` means original positions.
     pub positions: Option<PositionKind>,
     /// The cap of `positions = Capped` (at least 1).
@@ -230,6 +263,10 @@ impl Spec {
     }
 
     /// The same spec with hierarchical lookup through `coarse` coarse clusters per head.
+    pub fn with_rank(mut self, rank: ClusterRank) -> Spec {
+        self.rank = Some(rank);
+        self
+    }
     pub fn with_hier(mut self, coarse: usize) -> Spec {
         self.hier = Some(coarse);
         self
@@ -317,6 +354,9 @@ impl Spec {
                 if v.is_some() {
                     return Some(format!("`{key}=` only together with `clusters=`"));
                 }
+            }
+            if self.rank.is_some() {
+                return Some("`rank=` only together with `clusters=`".into());
             }
         }
         if self.clusters_k.is_some() && self.cluster_size.is_some() {
@@ -579,11 +619,11 @@ impl Policy {
                 None => first = Some((h, src)),
                 Some((h0, src0)) => {
                     let s0 = self.spec_of(src0);
-                    if (s0.clusters, s0.cluster_build()) != (s.clusters, s.cluster_build()) {
+                    if (s0.clusters, s0.cluster_build(), s0.rank) != (s.clusters, s.cluster_build(), s.rank) {
                         return Err(Error::invalid(
                             self.clause_text(src),
                             format!(
-                                "the same `clusters=`, `clusters_k=`/`cluster_size=` and `hier=` for every head of layer {layer} that uses centroid retrieval (one index per layer): head {h} differs from head {h0}, which gets them from `{}`",
+                                "the same `clusters=`, `clusters_k=`/`cluster_size=`, `hier=` and `rank=` for every head of layer {layer} that uses centroid retrieval (one index per layer): head {h} differs from head {h0}, which gets them from `{}`",
                                 self.clause_text(src0)
                             ),
                         ));
@@ -754,7 +794,7 @@ impl Policy {
                 ),
             ));
         }
-        let how = Retrieve::Budget(budget);
+        let how = spec.rank.unwrap_or(ClusterRank::Estimate).retrieve(budget);
         let r = match spec.hier {
             Some(_) => index.retrieve_hierarchical(q, CoarseRetrieve::BudgetMultiple(HIER_OPEN_MULTIPLE), &how, seq_len)?,
             None => index.retrieve(q, &how, seq_len)?,
@@ -837,7 +877,7 @@ fn mode_text(mode: PositionMode) -> String {
 
 impl fmt::Display for Spec {
     /// Canonical order: `dense, sinks, window, pages, min_pages, clusters, clusters_k,
-    /// cluster_size, hier, positions, max_distance`.
+    /// cluster_size, hier, rank, positions, max_distance`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut items: Vec<String> = Vec::new();
         if self.dense {
@@ -854,6 +894,9 @@ impl fmt::Display for Spec {
             ("hier", self.hier),
         ];
         items.extend(numbers.iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))));
+        if let Some(r) = self.rank {
+            items.push(format!("rank={}", r.name()));
+        }
         if let Some(p) = self.positions {
             items.push(format!("positions={}", p.name()));
         }

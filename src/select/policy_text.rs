@@ -3,7 +3,7 @@
 //! [`Error::Parse`] at the offset of the offending token (the text's length at its end).
 
 use crate::error::{Error, Result};
-use crate::select::policy::{HeadOverride, LayerOverride, Policy, PositionKind, Spec};
+use crate::select::policy::{ClusterRank, HeadOverride, LayerOverride, Policy, PositionKind, Spec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tok<'a> {
@@ -61,7 +61,7 @@ fn tokenize(text: &str) -> Result<Vec<(usize, Tok<'_>)>> {
     Ok(toks)
 }
 
-const ITEMS: &str = "`dense`, `sinks=`, `window=`, `pages=`, `min_pages=`, `clusters=`, `clusters_k=`, `cluster_size=`, `hier=`, `global=`, `local=`, `max_distance=` or `positions=`";
+const ITEMS: &str = "`dense`, `sinks=`, `window=`, `pages=`, `min_pages=`, `clusters=`, `clusters_k=`, `cluster_size=`, `hier=`, `rank=`, `global=`, `local=`, `max_distance=` or `positions=`";
 
 /// The fields of a spec that items set, with where each was set (for conflict messages).
 #[derive(Default)]
@@ -77,6 +77,7 @@ struct SpecBuilder {
     clusters_k_at: Option<(usize, &'static str)>,
     cluster_size_at: Option<(usize, &'static str)>,
     hier_at: Option<(usize, &'static str)>,
+    rank_at: Option<(usize, &'static str)>,
     max_distance_at: Option<(usize, &'static str)>,
     /// Where positions were given explicitly, and where an alias implied capped.
     positions_at: Option<(usize, &'static str)>,
@@ -254,6 +255,7 @@ impl<'a> Parser<'a> {
             "clusters_k" => "clusters_k",
             "cluster_size" => "cluster_size",
             "hier" => "hier",
+            "rank" => "rank",
             "global" => "global",
             "local" => "local",
             "max_distance" => "max_distance",
@@ -308,6 +310,16 @@ impl<'a> Parser<'a> {
                 set_once(&mut b.hier_at, off, key, "the coarse cluster count")?;
                 b.spec.hier = Some(self.number("a number", &after_key, usize_max)? as usize);
             }
+            "rank" => {
+                set_once(&mut b.rank_at, off, key, "the cluster ranking")?;
+                let (voff, vt) = self.peek();
+                b.spec.rank = Some(match vt {
+                    Tok::Name("estimate") => ClusterRank::Estimate,
+                    Tok::Name("mixed") => ClusterRank::Mixed,
+                    _ => return Err(err(voff, format!("expected `estimate` or `mixed` after `rank=`, found {}", vt.describe()))),
+                });
+                self.bump();
+            }
             "max_distance" => {
                 set_once(&mut b.max_distance_at, off, key, "the distance cap")?;
                 b.spec.max_distance = Some(self.number("a number", &after_key, u32::MAX as u64)? as u32);
@@ -357,7 +369,7 @@ fn set_once(at: &mut Option<(usize, &'static str)>, off: usize, key: &'static st
 /// the later item (`key` at `off`).
 fn check_dense(b: &SpecBuilder, off: usize, key: &str) -> Result<()> {
     let Some((doff, _)) = b.dense_at else { return Ok(()) };
-    let others = [b.sinks_at, b.window_at, b.pages_at, b.min_pages_at, b.clusters_at, b.clusters_k_at, b.cluster_size_at, b.hier_at];
+    let others = [b.sinks_at, b.window_at, b.pages_at, b.min_pages_at, b.clusters_at, b.clusters_k_at, b.cluster_size_at, b.hier_at, b.rank_at];
     let Some((ooff, okey)) = others.iter().flatten().next().copied() else { return Ok(()) };
     let message = if key == "dense" {
         format!("expected `dense` alone (with `positions=` and `max_distance=` at most), but `{okey}=` was given at byte {ooff}")

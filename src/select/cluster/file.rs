@@ -14,18 +14,22 @@
 //! | `inertia` | F64 | `[hk]` |
 //! | `iterations` | U32 | `[hk]` |
 //! | `converged` | U8 | `[hk]` |
+//! | `radii` (version 2, when known: each cluster's largest member distance to its raw centroid) | F32 | `[hk, C]` |
 //! | `coarse_centroids` (only with a coarse level) | F32 | `[hk, C1, d]` |
 //! | `coarse_sizes` | U32 | `[hk, C1]` |
 //! | `coarse_child_offsets` | U32 | `[hk, C1 + 1]` |
 //! | `coarse_children` | U32 | `[hk, C]` |
 //!
-//! Metadata: `format` = `kvsieve.cluster_index`, `format_version` = `1`, `num_kv_heads`,
+//! Metadata: `format` = `kvsieve.cluster_index`, `format_version` = `2`, `num_kv_heads`,
 //! `head_dim`, `num_clusters`, `num_coarse_clusters` (0 without a coarse level), `seq_len`,
 //! `seq_len_at_build`, `clustered_len`, `config.clusters` / `config.coarse`
 //! (`absolute:N`, `fraction:F` or `none`), `config.exclude_window`, `config.max_iter`,
 //! `config.seed`, and `checksum`: FNV-1a 64 (16 hex digits) over every other metadata entry
 //! (`key=value\n`, keys sorted) and then every tensor in the order of the table above (name,
 //! shape as u64 LE, data bytes).
+//!
+//! Version 1 files (no `radii`) still load; their index has no radii, so
+//! [`crate::select::cluster::Retrieve::MixedBudget`] needs a rebuild.
 //!
 //! Loading checks the container, the format and version, every field, every tensor's dtype
 //! and shape, the checksum, and the index's invariants (offsets, members forming each
@@ -46,7 +50,9 @@ use crate::select::cluster::kmeans::{ClusterCount, Clustering};
 use crate::select::gemfilter::KeySource;
 
 const FORMAT: &str = "kvsieve.cluster_index";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// Versions this build reads.
+const READS: [u32; 2] = [1, 2];
 
 /// FNV-1a, 64 bits.
 struct Fnv(u64);
@@ -137,6 +143,9 @@ impl ClusterIndex {
             },
             Tensor { name: "converged", dtype: Dtype::U8, shape: vec![hk], data: self.heads.iter().map(|c| c.converged as u8).collect() },
         ];
+        if self.heads.iter().all(|c| c.radii.len() == k) {
+            t.push(Tensor { name: "radii", dtype: Dtype::F32, shape: vec![hk, k], data: cat_f32(&|c| &c.radii) });
+        }
         if !self.coarse.is_empty() {
             let k1 = self.num_coarse_clusters();
             let cat = |f: &dyn Fn(&CoarseLevel) -> &[u32]| le(&self.coarse.iter().flat_map(|c| f(c).iter().copied()).collect::<Vec<_>>(), u32::to_le_bytes);
@@ -240,8 +249,12 @@ impl ClusterIndex {
             return Err(io(format!("format `{}`, expected `{FORMAT}`", field("format")?)));
         }
         let version = field("format_version")?;
-        if version != &VERSION.to_string() {
-            return Err(io(format!("format version {version}, this build reads version {VERSION}")));
+        if !READS.iter().any(|v| version == &v.to_string()) {
+            return Err(io(format!("format version {version}, this build reads versions {READS:?}")));
+        }
+        let has_radii = st.tensor("radii").is_ok();
+        if has_radii && version == "1" {
+            return Err(io("tensor `radii` in a version 1 file".into()));
         }
         let num = |k: &str| -> Result<usize> { field(k)?.parse::<usize>().map_err(|_| io(format!("metadata field `{k}` is not a count: `{}`", meta[k]))) };
         let (hk, d, k, k1) = (num("num_kv_heads")?, num("head_dim")?, num("num_clusters")?, num("num_coarse_clusters")?);
@@ -272,13 +285,17 @@ impl ClusterIndex {
             ("iterations", Dtype::U32, vec![hk]),
             ("converged", Dtype::U8, vec![hk]),
         ];
+        if has_radii {
+            shapes.push(("radii", Dtype::F32, vec![hk, k]));
+        }
         if k1 > 0 {
             shapes.push(("coarse_centroids", Dtype::F32, vec![hk, k1, d]));
             shapes.push(("coarse_sizes", Dtype::U32, vec![hk, k1]));
             shapes.push(("coarse_child_offsets", Dtype::U32, vec![hk, k1 + 1]));
             shapes.push(("coarse_children", Dtype::U32, vec![hk, k]));
         }
-        let expected: Vec<&str> = FINE.iter().chain(if k1 > 0 { &COARSE[..] } else { &[] }).copied().collect();
+        let expected: Vec<&str> =
+            FINE.iter().chain(if has_radii { &["radii"][..] } else { &[] }).chain(if k1 > 0 { &COARSE[..] } else { &[] }).copied().collect();
         if st.len() != expected.len() {
             let mut names = st.names();
             names.sort();
@@ -307,6 +324,10 @@ impl ClusterIndex {
         if let Some(i) = cents.iter().chain(&cnorm).position(|v| !v.is_finite()) {
             return Err(io(format!("non-finite centroid value at flat position {i}")));
         }
+        let radii = if has_radii { f32s("radii") } else { Vec::new() };
+        if let Some(i) = radii.iter().position(|v| !v.is_finite() || *v < 0.0) {
+            return Err(io(format!("radius at flat position {i} is {}, expected a finite value >= 0", radii[i])));
+        }
         let mut heads = Vec::with_capacity(hk);
         for h in 0..hk {
             let off = offs[h * (k + 1)..(h + 1) * (k + 1)].to_vec();
@@ -329,6 +350,7 @@ impl ClusterIndex {
                 iterations: iters[h] as usize,
                 converged: conv[h] == 1,
                 seeds: Vec::new(),
+                radii: if has_radii { radii[h * k..(h + 1) * k].to_vec() } else { Vec::new() },
             });
         }
         let mut coarse = Vec::new();
@@ -378,4 +400,55 @@ fn check_csr(offsets: &[u32], items: &[u32], sizes: &[u32], n: usize) -> std::re
         }
     }
     Ok(group)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::select::cluster::Retrieve;
+    use crate::tensor::TensorView;
+
+    fn index() -> ClusterIndex {
+        let (n, d) = (120, 16);
+        let keys: Vec<f32> = (0..n * d).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        let t = TensorView::new(&keys, &[n, 1, d]).unwrap();
+        ClusterIndex::build(KeySource::Tensor(&t), &ClusterConfig::new(ClusterCount::Absolute(12)).with_max_iter(4)).unwrap()
+    }
+
+    /// An index without radii (as a GPU build makes) saves without the tensor; a version 1
+    /// file (no radii) still loads; both refuse the mixed rule with a reason, and serve the
+    /// estimate rule.
+    #[test]
+    fn files_without_radii_load_and_refuse_the_mixed_rule() {
+        let mut ix = index();
+        for h in &mut ix.heads {
+            h.radii.clear();
+        }
+        let bytes = ix.to_bytes().unwrap();
+        let back = ClusterIndex::from_bytes(&bytes).unwrap();
+        assert!(back.head(0).radii().is_empty());
+        // The same file labelled version 1, with its checksum redone.
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let mut meta = header.metadata().clone().unwrap();
+        meta.insert("format_version".into(), "1".into());
+        meta.remove("checksum");
+        let tensors = back.tensors();
+        let parts: Vec<(&str, Vec<usize>, &[u8])> = tensors.iter().map(|t| (t.name, t.shape.clone(), &t.data[..])).collect();
+        meta.insert("checksum".into(), checksum(&meta, &parts));
+        let v1 = safetensors::serialize(st.tensors(), Some(meta)).unwrap();
+        let old = ClusterIndex::from_bytes(&v1).unwrap();
+        let q = vec![0.3f32; 16];
+        let qv = TensorView::new(&q, &[1, 16]).unwrap();
+        for ix in [&back, &old] {
+            let e = ix.retrieve(&qv, &Retrieve::MixedBudget(10), 120).unwrap_err();
+            assert!(e.to_string().contains("radii"), "{e}");
+            assert_eq!(ix.retrieve(&qv, &Retrieve::Budget(10), 120).unwrap().stats.tokens_kept, vec![10]);
+        }
+        // With radii, the current version keeps them.
+        let full = index();
+        let again = ClusterIndex::from_bytes(&full.to_bytes().unwrap()).unwrap();
+        assert_eq!(again.head(0).radii(), full.head(0).radii());
+        assert_eq!(again.retrieve(&qv, &Retrieve::MixedBudget(10), 120).unwrap(), full.retrieve(&qv, &Retrieve::MixedBudget(10), 120).unwrap());
+    }
 }

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::select::cluster::assign::{nearest, PackedCentroids};
 use crate::select::cluster::keys::{with_keys, KeyRows};
-use crate::select::cluster::kmeans::{cluster_normalized, members_csr, normalize_rows, ClusterCount, Clustering};
+use crate::select::cluster::kmeans::{cluster_normalized, grow_radii, members_csr, normalize_rows, ClusterCount, Clustering};
 use crate::select::gemfilter::KeySource;
 
 /// Mixed into the seed of the coarse level so it draws differently from the fine one.
@@ -193,8 +193,10 @@ impl ClusterIndex {
     ///
     /// Centroids do not move, so they drift from their members' mean as tokens arrive:
     /// retrieval scores stale centroids (and the raw centroid no longer equals the mean of
-    /// the members). This is cheap (one dot product per new key and cluster); call
-    /// [`ClusterIndex::rebuild`] when many tokens have arrived.
+    /// the members); cluster radii grow to cover the new members, so the bound of
+    /// [`crate::select::cluster::Retrieve::MixedBudget`] stays an upper bound. This is cheap
+    /// (one dot product per new key and cluster); call [`ClusterIndex::rebuild`] when many
+    /// tokens have arrived.
     ///
     /// Errors: a source with a different `num_kv_heads` or `head_dim`; a sequence shorter
     /// than [`ClusterIndex::seq_len`] (it was truncated or compacted: rebuild); NaN or
@@ -220,6 +222,9 @@ impl ClusterIndex {
                 let mut a = vec![0u32; end - start];
                 let mut best = vec![0f32; end - start];
                 nearest(&x, d, &PackedCentroids::new(&head.centroids_normalized, k, d), &mut a, &mut best);
+                if head.radii.len() == k {
+                    grow_radii(&mut head.radii, &raw, d, &head.centroids, &a);
+                }
                 let (new_off, new_mem) = members_csr(&a, k);
                 let mut members = Vec::with_capacity(head.members.len() + a.len());
                 let mut offsets = Vec::with_capacity(k + 1);

@@ -112,6 +112,9 @@ pub struct Clustering {
     pub(crate) iterations: usize,
     pub(crate) converged: bool,
     pub(crate) seeds: Vec<u32>,
+    /// Per cluster, the largest distance of a member's raw key to the raw centroid (empty
+    /// when unknown).
+    pub(crate) radii: Vec<f32>,
 }
 
 impl Clustering {
@@ -178,6 +181,13 @@ impl Clustering {
     /// centroids or was loaded from a file).
     pub fn seeds(&self) -> &[u32] {
         &self.seeds
+    }
+    /// Per cluster, the largest Euclidean distance of a member's raw key to the raw
+    /// centroid: `q·k <= q·C_c + |q|·r_c` for every member `k` of cluster `c`, the bound that
+    /// [`crate::select::cluster::Retrieve::MixedBudget`] ranks clusters by. Empty when
+    /// unknown: clusterings made on a GPU and indexes loaded from version-1 files.
+    pub fn radii(&self) -> &[f32] {
+        &self.radii
     }
 }
 
@@ -510,6 +520,7 @@ fn lloyd(raw: &[f32], x: &[f32], xsq: &[f32], d: usize, mut cn: Vec<f32>, max_it
     let (member_offsets, members) = members_csr(&a, k);
     let sizes: Vec<u32> = member_offsets.windows(2).map(|w| w[1] - w[0]).collect();
     let centroids = raw_means(raw, d, &member_offsets, &members);
+    let radii = radii(raw, d, &centroids, &a);
     Clustering {
         d,
         centroids,
@@ -523,6 +534,24 @@ fn lloyd(raw: &[f32], x: &[f32], xsq: &[f32], d: usize, mut cn: Vec<f32>, max_it
         iterations,
         converged,
         seeds: Vec::new(),
+        radii,
+    }
+}
+
+/// Per cluster, the largest distance of a point (raw rows `[n][d]`) to its cluster's
+/// centroid (`[k][d]`), for the points' assignment `a`.
+pub(crate) fn radii(raw: &[f32], d: usize, centroids: &[f32], a: &[u32]) -> Vec<f32> {
+    let mut r = vec![0f32; centroids.len() / d];
+    grow_radii(&mut r, raw, d, centroids, a);
+    r
+}
+
+/// Fold more points (rows of `raw`, assigned by `a`) into the radii `r`.
+pub(crate) fn grow_radii(r: &mut [f32], raw: &[f32], d: usize, centroids: &[f32], a: &[u32]) {
+    for (row, &c) in raw.chunks_exact(d).zip(a) {
+        let cen = &centroids[c as usize * d..(c as usize + 1) * d];
+        let dist = row.iter().zip(cen).map(|(&x, &m)| ((x - m) as f64).powi(2)).sum::<f64>().sqrt() as f32;
+        r[c as usize] = r[c as usize].max(dist);
     }
 }
 

@@ -12,6 +12,13 @@
 //! sizes), keeps some coarse clusters, and scores only their children. The denominator then
 //! uses the fine terms of the children scored plus the coarse terms of the coarse clusters
 //! left out, so with every coarse cluster kept it equals the flat estimate.
+//!
+//! The estimate scores a cluster by its mean key, so one key that matches the query far
+//! better than its cluster-mates (a rare token among common ones) is hidden by them.
+//! [`Retrieve::MixedBudget`] also ranks clusters by an upper bound of their best member's
+//! logit, `b_c = max_j (q_j·C_c + |q_j|·r_c)/√d` (Cauchy-Schwarz, with `r_c` the cluster's
+//! radius: the largest distance of a member's raw key to `C_c`), and takes clusters from
+//! the two rankings in turn: the best by estimate, the best remaining by bound, and so on.
 
 use crate::attention::simd;
 use crate::dtype::DType;
@@ -31,6 +38,10 @@ pub enum Retrieve {
     /// (higher `s_c` first, lower cluster index on ties), whole, and the first cluster that
     /// does not fit in full gives its lowest token indices. At least 1.
     Budget(usize),
+    /// As `Budget`, with clusters taken alternately from the estimate ranking and from the
+    /// ranking by the upper bound `b_c` (see the module docs; ties to the lower cluster
+    /// index), each cluster once. Needs an index with radii ([`crate::select::cluster::Clustering::radii`]).
+    MixedBudget(usize),
 }
 
 /// Which coarse clusters to open in [`ClusterIndex::retrieve_hierarchical`].
@@ -155,33 +166,89 @@ impl Retrieve {
                 }
                 v.iter().try_for_each(|&t| check_threshold("thresholds", t))
             }
-            Retrieve::Budget(0) => Err(Error::invalid("budget", "at least 1 token (a budget of 0 keeps nothing)")),
-            Retrieve::Budget(_) => Ok(()),
+            Retrieve::Budget(0) | Retrieve::MixedBudget(0) => Err(Error::invalid("budget", "at least 1 token (a budget of 0 keeps nothing)")),
+            Retrieve::Budget(_) | Retrieve::MixedBudget(_) => Ok(()),
         }
     }
 
-    /// The kept `(cluster id, tokens taken from it)` among scored clusters `ids`.
-    fn choose(&self, h: usize, scores: &[f64], ids: &[u32], sizes: &[u32]) -> Vec<(u32, usize)> {
+    /// The token budget, for the budget rules.
+    pub(crate) fn budget(&self) -> Option<usize> {
+        match self {
+            Retrieve::Budget(b) | Retrieve::MixedBudget(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// Check that `index` can serve this rule (the mixed rule needs radii).
+    fn check_index(&self, index: &ClusterIndex) -> Result<()> {
+        if matches!(self, Retrieve::MixedBudget(_)) && !index.heads.iter().all(|c| c.radii.len() == c.sizes.len()) {
+            return Err(Error::invalid(
+                "how",
+                "an index with cluster radii for MixedBudget (built on the host, or loaded from a version 2 file; rebuild a GPU-built or version 1 index)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The kept `(cluster id, tokens taken from it)` among scored clusters `ids`; `bounds`
+    /// (one per scored cluster) for `MixedBudget`.
+    fn choose(&self, h: usize, scores: &[f64], bounds: &[f64], ids: &[u32], sizes: &[u32]) -> Vec<(u32, usize)> {
         let keep_above = |t: f64| ids.iter().zip(scores).filter(|(_, &s)| s > t).map(|(&c, _)| (c, sizes[c as usize] as usize)).collect();
+        let fill = |order: &mut dyn Iterator<Item = usize>, budget: usize| {
+            let mut left = budget;
+            let mut out = Vec::new();
+            for i in order {
+                if left == 0 {
+                    break;
+                }
+                let c = ids[i];
+                let take = (sizes[c as usize] as usize).min(left);
+                out.push((c, take));
+                left -= take;
+            }
+            out
+        };
         match self {
             Retrieve::Threshold(t) => keep_above(*t),
             Retrieve::PerHeadThreshold(v) => keep_above(v[h]),
-            Retrieve::Budget(b) => {
-                let mut left = *b;
-                let mut out = Vec::new();
-                for i in ranked(scores, ids) {
-                    if left == 0 {
-                        break;
-                    }
-                    let c = ids[i];
-                    let take = (sizes[c as usize] as usize).min(left);
-                    out.push((c, take));
-                    left -= take;
-                }
-                out
+            Retrieve::Budget(b) => fill(&mut ranked(scores, ids).into_iter(), *b),
+            Retrieve::MixedBudget(b) => fill(&mut interleave(&ranked(scores, ids), &ranked(bounds, ids)).into_iter(), *b),
+        }
+    }
+}
+
+/// Positions from two rankings of the same positions, alternately (first `a`), each once.
+fn interleave(a: &[usize], b: &[usize]) -> Vec<usize> {
+    let mut seen = vec![false; a.len()];
+    let mut out = Vec::with_capacity(a.len());
+    let (mut i, mut j) = (0, 0);
+    while out.len() < a.len() {
+        for (list, at) in [(a, &mut i), (b, &mut j)] {
+            while *at < list.len() && seen[list[*at]] {
+                *at += 1;
+            }
+            if *at < list.len() {
+                seen[list[*at]] = true;
+                out.push(list[*at]);
             }
         }
     }
+    out
+}
+
+/// The bound `b_c` of each scored cluster (`ids`), from the scaled query rows of the group
+/// (`q`, `g` rows of `d`), their logits against those clusters (`l`, `[g][ids.len()]`) and
+/// the radii.
+fn upper_bounds(q: &[f32], g: usize, d: usize, l: &[f32], ids: &[u32], radii: &[f32]) -> Vec<f64> {
+    let m = ids.len();
+    let mut b = vec![f64::NEG_INFINITY; m];
+    for j in 0..g {
+        let norm = q[j * d..(j + 1) * d].iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt();
+        for (i, &c) in ids.iter().enumerate() {
+            b[i] = b[i].max(l[j * m + i] as f64 + norm * radii[c as usize] as f64);
+        }
+    }
+    b
 }
 
 impl ClusterIndex {
@@ -212,15 +279,19 @@ impl ClusterIndex {
     }
 
     pub(crate) fn estimates_rows(&self, rows: &[f32], hq: usize) -> Vec<Vec<f64>> {
+        (0..self.num_kv_heads).map(|h| self.head_scores(rows, hq, h, false).0).collect()
+    }
+
+    /// Head `h`'s estimates over every fine cluster, and with `bounds` their upper bounds
+    /// (empty otherwise).
+    fn head_scores(&self, rows: &[f32], hq: usize, h: usize, bounds: bool) -> (Vec<f64>, Vec<f64>) {
         let (d, g) = (self.head_dim, hq / self.num_kv_heads);
         let all: Vec<u32> = (0..self.num_clusters() as u32).collect();
-        (0..self.num_kv_heads)
-            .map(|h| {
-                let head = &self.heads[h];
-                let l = logits(&rows[h * g * d..(h + 1) * g * d], g, d, &head.centroids, &all);
-                estimates(g, &l, &head.sizes, &[], &[])
-            })
-            .collect()
+        let head = &self.heads[h];
+        let q = &rows[h * g * d..(h + 1) * g * d];
+        let l = logits(q, g, d, &head.centroids, &all);
+        let b = if bounds { upper_bounds(q, g, d, &l, &all, &head.radii) } else { Vec::new() };
+        (estimates(g, &l, &head.sizes, &[], &[]), b)
     }
 
     /// Flat retrieval: score every fine centroid against the decode query `q`
@@ -234,15 +305,17 @@ impl ClusterIndex {
     /// thresholds of the wrong length; `seq_len` shorter than the index covers.
     pub fn retrieve(&self, q: &TensorView, how: &Retrieve, seq_len: usize) -> Result<Retrieval> {
         how.validate(self.num_kv_heads)?;
+        how.check_index(self)?;
         self.check_seq_len(seq_len)?;
         let (hq, rows) = scaled_query(self, q, "q")?;
         let g = hq / self.num_kv_heads;
         let all: Vec<u32> = (0..self.num_clusters() as u32).collect();
-        let est = self.estimates_rows(&rows, hq);
+        let mixed = matches!(how, Retrieve::MixedBudget(_));
         let mut stats = RetrievalStats::default();
         let mut heads = Vec::with_capacity(self.num_kv_heads);
-        for (h, s) in est.iter().enumerate() {
-            let kept = how.choose(h, s, &all, &self.heads[h].sizes);
+        for h in 0..self.num_kv_heads {
+            let (s, b) = self.head_scores(&rows, hq, h, mixed);
+            let kept = how.choose(h, &s, &b, &all, &self.heads[h].sizes);
             let tokens = self.gather(h, &kept);
             stats.fine_evals += g * all.len();
             stats.clusters_scored.push(all.len());
@@ -265,6 +338,7 @@ impl ClusterIndex {
             return Err(Error::invalid("coarse", "an index built with a coarse level (ClusterConfig::coarse)"));
         }
         fine.validate(self.num_kv_heads)?;
+        fine.check_index(self)?;
         let coarse_budget = match coarse {
             CoarseRetrieve::Threshold(t) => {
                 check_threshold("coarse threshold", t)?;
@@ -272,13 +346,14 @@ impl ClusterIndex {
             }
             CoarseRetrieve::Budget(0) => return Err(Error::invalid("coarse budget", "at least 1 token")),
             CoarseRetrieve::Budget(b) => Some(b),
-            CoarseRetrieve::BudgetMultiple(m) => match fine {
-                Retrieve::Budget(b) if m > 0.0 && m.is_finite() => Some(((m * *b as f64).ceil() as usize).max(1)),
-                Retrieve::Budget(_) => return Err(Error::invalid("coarse budget multiple", format!("a positive finite multiple, got {m}"))),
-                _ => return Err(Error::invalid("coarse", "a fine Retrieve::Budget to multiply (BudgetMultiple), or a coarse Threshold/Budget")),
+            CoarseRetrieve::BudgetMultiple(m) => match fine.budget() {
+                Some(b) if m > 0.0 && m.is_finite() => Some(((m * b as f64).ceil() as usize).max(1)),
+                Some(_) => return Err(Error::invalid("coarse budget multiple", format!("a positive finite multiple, got {m}"))),
+                None => return Err(Error::invalid("coarse", "a fine Retrieve::Budget to multiply (BudgetMultiple), or a coarse Threshold/Budget")),
             },
         };
         self.check_seq_len(seq_len)?;
+        let mixed = matches!(fine, Retrieve::MixedBudget(_));
         let (hq, rows) = scaled_query(self, q, "q")?;
         let (d, g) = (self.head_dim, hq / self.num_kv_heads);
         let mut stats = RetrievalStats::default();
@@ -320,7 +395,8 @@ impl ClusterIndex {
             let lf = logits(qh, g, d, &head.centroids, &children);
             let n_sc: Vec<u32> = children.iter().map(|&c| head.sizes[c as usize]).collect();
             let s = estimates(g, &lf, &n_sc, &l_ex, &n_ex);
-            let kept = fine.choose(h, &s, &children, &head.sizes);
+            let b = if mixed { upper_bounds(qh, g, d, &lf, &children, &head.radii) } else { Vec::new() };
+            let kept = fine.choose(h, &s, &b, &children, &head.sizes);
             let tokens = self.gather(h, &kept);
             stats.coarse_evals += g * k1;
             stats.fine_evals += g * children.len();

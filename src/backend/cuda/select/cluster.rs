@@ -245,6 +245,7 @@ impl CudaClusterIndex {
             Retrieve::Threshold(t) => vec![*t; hk],
             Retrieve::PerHeadThreshold(v) => v.clone(),
             Retrieve::Budget(b) => return Ok((1, 0, (*b).min(u32::MAX as usize) as u32)),
+            Retrieve::MixedBudget(_) => return Err(Error::Unsupported("Retrieve::MixedBudget on the device".into())),
         };
         let (buf, last) = if coarse { (&ws.cthresholds, &mut ws.last_cthresholds) } else { (&ws.thresholds, &mut ws.last_thresholds) };
         if last.as_deref() != Some(&t[..]) {
@@ -389,6 +390,7 @@ fn validate_retrieve(how: &Retrieve, hk: usize) -> Result<()> {
         }
         Retrieve::Budget(0) => Err(Error::invalid("budget", "at least 1 token (a budget of 0 keeps nothing)")),
         Retrieve::Budget(_) => Ok(()),
+        Retrieve::MixedBudget(_) => Err(Error::Unsupported("Retrieve::MixedBudget on the device (the index's radii are not uploaded); use Budget, or retrieve on the host".into())),
     }
 }
 

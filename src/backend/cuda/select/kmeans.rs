@@ -459,6 +459,7 @@ impl CudaKMeans {
                 iterations,
                 converged: ctl[h * CTL + 4] != 0,
                 seeds: seeds[h].clone(),
+                radii: Vec::new(),
             });
         }
         Ok(out)

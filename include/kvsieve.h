@@ -1137,8 +1137,10 @@ kvsieve_error_t *kvsieve_selection_page_bounds(const kvsieve_cache_t *cache, uin
  * Text form (whitespace allowed between tokens):
  * `spec ; layers=a-b,c:spec ; heads=layer.head,...:spec`, where a spec is `dense`, or a
  * comma-separated list of `sinks=N`, `window=N`, `pages=N` (page bounds to N tokens per KV
- * head), `min_pages=N`, `global=N` / `local=N` (Λ-mask: sinks / window with capped
- * positions), `positions=original|contiguous|capped` and `max_distance=N`. The clause
+ * head), `min_pages=N`, `clusters=N` with `clusters_k=K` / `cluster_size=S`, `hier=C` and
+ * `rank=estimate|mixed` (centroid retrieval; see ::kvsieve_cluster_set_t), `global=N` /
+ * `local=N` (Λ-mask: sinks / window with capped positions),
+ * `positions=original|contiguous|capped` and `max_distance=N`. The clause
  * without a prefix is the default (dense if absent); a head clause beats a layer clause,
  * and later clauses of one kind beat earlier ones. For example
  * `sinks=4,window=1024,pages=2048;layers=0-1:dense` keeps 4 sink tokens, the last 1024
@@ -1744,7 +1746,16 @@ typedef enum kvsieve_retrieve_mode {
     /** Exactly `min(budget, clustered_len)` tokens per head: clusters in rank order (higher
      *  `s_c` first, lower cluster index on ties), whole, the first that does not fit in full
      *  giving its lowest token indices. */
-    KVSIEVE_RETRIEVE_BUDGET = 2
+    KVSIEVE_RETRIEVE_BUDGET = 2,
+    /** As #KVSIEVE_RETRIEVE_BUDGET, with clusters taken alternately from the estimate ranking
+     *  and from the ranking by `b_c = max_j (q_j · C_c + |q_j| r_c) / sqrt(d)`, an upper bound
+     *  of the best member's logit (r_c: the cluster's radius, the largest distance of a
+     *  member's raw key to C_c), each cluster once, ties to the lower index. It finds a key
+     *  that matches the query far better than its cluster-mates, which the mean hides. Needs
+     *  an index with radii: built or rebuilt on the host, or loaded from a version 2 file
+     *  (#KVSIEVE_ERROR_INVALID_ARGUMENT otherwise); not on the GPU
+     *  (#KVSIEVE_ERROR_UNSUPPORTED from kvsieve_cuda_cluster_index_retrieve()). */
+    KVSIEVE_RETRIEVE_BUDGET_MIXED = 3
 } kvsieve_retrieve_mode_t;
 
 /** \brief Which coarse clusters a hierarchical retrieval opens. */
@@ -1756,7 +1767,7 @@ typedef enum kvsieve_coarse_mode {
      *  tokens beneath them reach `coarse_budget` (the last may overshoot). */
     KVSIEVE_COARSE_BUDGET = 1,
     /** A coarse budget of `ceil(coarse_budget_multiple * budget)`; needs
-     *  #KVSIEVE_RETRIEVE_BUDGET. */
+     *  #KVSIEVE_RETRIEVE_BUDGET or #KVSIEVE_RETRIEVE_BUDGET_MIXED. */
     KVSIEVE_COARSE_BUDGET_MULTIPLE = 2
 } kvsieve_coarse_mode_t;
 
@@ -1777,7 +1788,7 @@ typedef enum kvsieve_coarse_mode {
  * - `thresholds`, `num_thresholds`: for #KVSIEVE_RETRIEVE_PER_HEAD_THRESHOLD, one per KV head
  *   (#KVSIEVE_ERROR_NULL_POINTER, or #KVSIEVE_ERROR_SHAPE for another count, or
  *   #KVSIEVE_ERROR_INVALID_ARGUMENT for a NaN, naming `thresholds`); read during the call only.
- * - `budget`: for #KVSIEVE_RETRIEVE_BUDGET, at least 1 (#KVSIEVE_ERROR_INVALID_ARGUMENT naming
+ * - `budget`: for the budget modes, at least 1 (#KVSIEVE_ERROR_INVALID_ARGUMENT naming
  *   `budget`).
  * - `seq_len`: the length of the sequence the selection is for, at least the index's
  *   kvsieve_cluster_index_seq_len() (#KVSIEVE_ERROR_OUT_OF_RANGE naming `seq_len`); 0 means
@@ -1969,6 +1980,10 @@ kvsieve_error_t *kvsieve_cluster_index_clustered_len(const kvsieve_cluster_index
  * - kvsieve_cluster_index_centroids_normalized(): likewise, the unit-norm centroids keys are
  *   assigned by (each key belongs to the cluster whose unit centroid has the largest cosine
  *   with it).
+ * - kvsieve_cluster_index_radii(): `num_clusters` floats, each cluster's radius: the largest
+ *   distance of a member's raw key to its raw centroid (grown by
+ *   kvsieve_cluster_index_assign_new()), which #KVSIEVE_RETRIEVE_BUDGET_MIXED ranks by; none
+ *   (`out_len` 0) for an index without radii (GPU-built, or loaded from a version 1 file).
  * - kvsieve_cluster_index_member_offsets(): `num_clusters + 1` CSR offsets into the members.
  * - kvsieve_cluster_index_members(): `clustered_len` token indices, cluster c's members
  *   (ascending) at `members[offsets[c] .. offsets[c + 1]]`.
@@ -1990,6 +2005,9 @@ kvsieve_error_t *kvsieve_cluster_index_centroids(const kvsieve_cluster_index_t *
 /** \brief Unit-norm centroids of one KV head; see kvsieve_cluster_index_sizes(). */
 kvsieve_error_t *kvsieve_cluster_index_centroids_normalized(const kvsieve_cluster_index_t *index, size_t head,
                                                             float *centroids, size_t capacity, size_t *out_len);
+/** \brief Cluster radii of one KV head; see kvsieve_cluster_index_sizes(). */
+kvsieve_error_t *kvsieve_cluster_index_radii(const kvsieve_cluster_index_t *index, size_t head, float *radii,
+                                             size_t capacity, size_t *out_len);
 /** \brief CSR offsets of the member lists of one KV head; see kvsieve_cluster_index_sizes(). */
 kvsieve_error_t *kvsieve_cluster_index_member_offsets(const kvsieve_cluster_index_t *index, size_t head, uint32_t *offsets,
                                                       size_t capacity, size_t *out_len);
@@ -2124,7 +2142,8 @@ kvsieve_error_t *kvsieve_cluster_index_rebuild(kvsieve_cluster_index_t *index, c
 
 /**
  * \brief Write the index to a file: safetensors (little-endian tensors of centroids, sizes,
- * member lists and the coarse level) with versioned, checksummed metadata.
+ * member lists, cluster radii and the coarse level) with versioned, checksummed metadata
+ * (format version 2).
  *
  * \param index The index (required).
  * \param path File path (required), NUL-terminated, non-empty (#KVSIEVE_ERROR_INVALID_ARGUMENT
@@ -2139,6 +2158,8 @@ kvsieve_error_t *kvsieve_cluster_index_save(const kvsieve_cluster_index_t *index
 /**
  * \brief Read an index written by kvsieve_cluster_index_save(), verifying the container,
  * format and version, every field and tensor shape, the checksum and the index's invariants.
+ * Version 1 files (without radii) load too; their index refuses
+ * #KVSIEVE_RETRIEVE_BUDGET_MIXED until rebuilt.
  * A missing, truncated, corrupted or foreign file gives #KVSIEVE_ERROR_IO naming the file
  * and what is wrong.
  *
@@ -2180,8 +2201,9 @@ kvsieve_error_t *kvsieve_cluster_index_load_for(const char *path, const kvsieve_
  * token the index does not cover yet. Options, only with `clusters=`: `clusters_k=K` fine
  * clusters per head, or `cluster_size=S` one cluster per S tokens clustered (default 16);
  * `hier=C` hierarchical lookup through C coarse clusters per head, opening the best coarse
- * clusters until they hold twice the budget. Example:
- * `sinks=4,window=64,clusters=512,cluster_size=16,hier=16;layers=0-1:dense`.
+ * clusters until they hold twice the budget; `rank=estimate` (default) or `rank=mixed`
+ * (clusters taken as #KVSIEVE_RETRIEVE_BUDGET or #KVSIEVE_RETRIEVE_BUDGET_MIXED). Example:
+ * `sinks=4,window=64,clusters=512,cluster_size=16,hier=16,rank=mixed;layers=0-1:dense`.
  *
  * Lifecycle and staleness rule: after a sequence's prefill, kvsieve_cluster_set_build()
  * clusters the keys of every layer whose policy uses `clusters=`, leaving out the smallest

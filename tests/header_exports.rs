@@ -142,6 +142,7 @@ fn header_constants_match_the_crate() {
         ("KVSIEVE_RETRIEVE_THRESHOLD", kvsieve::ffi::RETRIEVE_THRESHOLD as i64),
         ("KVSIEVE_RETRIEVE_PER_HEAD_THRESHOLD", kvsieve::ffi::RETRIEVE_PER_HEAD_THRESHOLD as i64),
         ("KVSIEVE_RETRIEVE_BUDGET", kvsieve::ffi::RETRIEVE_BUDGET as i64),
+        ("KVSIEVE_RETRIEVE_BUDGET_MIXED", kvsieve::ffi::RETRIEVE_BUDGET_MIXED as i64),
         ("KVSIEVE_COARSE_THRESHOLD", kvsieve::ffi::COARSE_THRESHOLD as i64),
         ("KVSIEVE_COARSE_BUDGET", kvsieve::ffi::COARSE_BUDGET as i64),
         ("KVSIEVE_COARSE_BUDGET_MULTIPLE", kvsieve::ffi::COARSE_BUDGET_MULTIPLE as i64),

@@ -30,6 +30,9 @@ pub const RETRIEVE_THRESHOLD: u32 = 0;
 pub const RETRIEVE_PER_HEAD_THRESHOLD: u32 = 1;
 /// `KVSIEVE_RETRIEVE_BUDGET`: exactly `budget` tokens per head, best clusters first.
 pub const RETRIEVE_BUDGET: u32 = 2;
+/// `KVSIEVE_RETRIEVE_BUDGET_MIXED`: `budget` tokens per head, clusters taken alternately by
+/// estimate and by the upper bound of their best member's logit.
+pub const RETRIEVE_BUDGET_MIXED: u32 = 3;
 /// `KVSIEVE_COARSE_THRESHOLD`: open coarse clusters whose estimate exceeds `coarse_threshold`.
 pub const COARSE_THRESHOLD: u32 = 0;
 /// `KVSIEVE_COARSE_BUDGET`: open the best coarse clusters until `coarse_budget` tokens.
@@ -412,6 +415,7 @@ enum FloatPart {
     Centroids,
     CentroidsNormalized,
     CoarseCentroids,
+    Radii,
 }
 
 /// Check `head` and, for a coarse part, that the index has a coarse level.
@@ -485,12 +489,14 @@ unsafe fn copy_float_part(
         FloatPart::Centroids => g.head(head).centroids(),
         FloatPart::CentroidsNormalized => g.head(head).centroids_normalized(),
         FloatPart::CoarseCentroids => g.coarse(head).map_or(&[][..], |c| c.centroids()),
+        FloatPart::Radii => g.head(head).radii(),
     };
-    let what = match part {
-        FloatPart::CoarseCentroids => "num_coarse_clusters * head_dim",
-        _ => "num_clusters * head_dim",
+    let (name, what) = match part {
+        FloatPart::CoarseCentroids => ("centroids", "num_coarse_clusters * head_dim"),
+        FloatPart::Radii => ("radii", "num_clusters (0 for an index without radii)"),
+        _ => ("centroids", "num_clusters * head_dim"),
     };
-    copy_out(values, buf, "centroids", capacity, out_len, what)
+    copy_out(values, buf, name, capacity, out_len, what)
 }
 
 /// Cluster sizes of KV head `head`.
@@ -539,6 +545,23 @@ pub unsafe extern "C" fn kvsieve_cluster_index_centroids_normalized(
     out_len: *mut usize,
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_centroids_normalized", || copy_float_part(index, head, FloatPart::CentroidsNormalized, centroids, capacity, out_len))
+}
+
+/// Cluster radii of KV head `head` (`num_clusters` values, or none for an index without
+/// radii).
+///
+/// # Safety
+/// 1. `index` is NULL or a live handle; `radii` is NULL or writable for `capacity` values;
+///    `out_len` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvsieve_cluster_index_radii(
+    index: *const kvsieve_cluster_index_t,
+    head: usize,
+    radii: *mut f32,
+    capacity: usize,
+    out_len: *mut usize,
+) -> *mut kvsieve_error_t {
+    guard("kvsieve_cluster_index_radii", || copy_float_part(index, head, FloatPart::Radii, radii, capacity, out_len))
 }
 
 /// CSR offsets of the member lists of KV head `head`, `num_clusters + 1` values.
@@ -680,10 +703,11 @@ pub(crate) unsafe fn retrieval_rule(c: &kvsieve_retrieve_config_t, num_coarse: u
             Retrieve::PerHeadThreshold(slice(c.thresholds, c.num_thresholds, "thresholds")?.to_vec())
         }
         RETRIEVE_BUDGET => Retrieve::Budget(c.budget),
+        RETRIEVE_BUDGET_MIXED => Retrieve::MixedBudget(c.budget),
         m => {
             return Err(Error::invalid(
                 "mode",
-                format!("KVSIEVE_RETRIEVE_THRESHOLD (0), KVSIEVE_RETRIEVE_PER_HEAD_THRESHOLD (1) or KVSIEVE_RETRIEVE_BUDGET (2), got {m}"),
+                format!("KVSIEVE_RETRIEVE_THRESHOLD (0), KVSIEVE_RETRIEVE_PER_HEAD_THRESHOLD (1), KVSIEVE_RETRIEVE_BUDGET (2) or KVSIEVE_RETRIEVE_BUDGET_MIXED (3), got {m}"),
             ))
         }
     };
@@ -696,8 +720,8 @@ pub(crate) unsafe fn retrieval_rule(c: &kvsieve_retrieve_config_t, num_coarse: u
     let coarse = match c.coarse_mode {
         COARSE_THRESHOLD => CoarseRetrieve::Threshold(c.coarse_threshold),
         COARSE_BUDGET => CoarseRetrieve::Budget(c.coarse_budget),
-        COARSE_BUDGET_MULTIPLE if c.mode != RETRIEVE_BUDGET => {
-            return Err(Error::invalid("coarse_mode", "KVSIEVE_COARSE_BUDGET_MULTIPLE only with a fine KVSIEVE_RETRIEVE_BUDGET"))
+        COARSE_BUDGET_MULTIPLE if c.mode != RETRIEVE_BUDGET && c.mode != RETRIEVE_BUDGET_MIXED => {
+            return Err(Error::invalid("coarse_mode", "KVSIEVE_COARSE_BUDGET_MULTIPLE only with a fine KVSIEVE_RETRIEVE_BUDGET or KVSIEVE_RETRIEVE_BUDGET_MIXED"))
         }
         COARSE_BUDGET_MULTIPLE => CoarseRetrieve::BudgetMultiple(c.coarse_budget_multiple),
         m => {

@@ -52,10 +52,10 @@ pub use cluster::{
     kvsieve_cluster_index_coarse_children, kvsieve_cluster_index_coarse_sizes, kvsieve_cluster_index_estimates, kvsieve_cluster_index_free,
     kvsieve_cluster_index_get_config, kvsieve_cluster_index_head_dim, kvsieve_cluster_index_load, kvsieve_cluster_index_load_for,
     kvsieve_cluster_index_member_offsets, kvsieve_cluster_index_members, kvsieve_cluster_index_num_clusters,
-    kvsieve_cluster_index_num_coarse_clusters, kvsieve_cluster_index_num_kv_heads, kvsieve_cluster_index_rebuild, kvsieve_cluster_index_retrieve,
+    kvsieve_cluster_index_num_coarse_clusters, kvsieve_cluster_index_num_kv_heads, kvsieve_cluster_index_radii, kvsieve_cluster_index_rebuild, kvsieve_cluster_index_retrieve,
     kvsieve_cluster_index_save, kvsieve_cluster_index_seq_len, kvsieve_cluster_index_seq_len_at_build, kvsieve_cluster_index_sizes,
     kvsieve_cluster_index_t, kvsieve_retrieve_config_default, kvsieve_retrieve_config_t, kvsieve_retrieve_stats_t, COARSE_BUDGET,
-    COARSE_BUDGET_MULTIPLE, COARSE_THRESHOLD, RETRIEVE_BUDGET, RETRIEVE_PER_HEAD_THRESHOLD, RETRIEVE_THRESHOLD,
+    COARSE_BUDGET_MULTIPLE, COARSE_THRESHOLD, RETRIEVE_BUDGET, RETRIEVE_BUDGET_MIXED, RETRIEVE_PER_HEAD_THRESHOLD, RETRIEVE_THRESHOLD,
 };
 pub use cuda::{
     kvsieve_cuda_check, kvsieve_cuda_device_count, kvsieve_cuda_merge_states, kvsieve_cuda_paged_append, kvsieve_cuda_paged_decode,

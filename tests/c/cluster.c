@@ -333,6 +333,65 @@ static size_t ref_budget(const head_arrays *a, const double *s, size_t budget, u
     return n;
 }
 
+/* Radii: per cluster the largest distance of a member's raw key (keys: [n][HK][D]) to the
+ * raw centroid. */
+static void ref_radii(const head_arrays *a, const float *keys, size_t h, double *r) {
+    size_t c, i, ch;
+    for (c = 0; c < a->k; c++) {
+        r[c] = 0.0;
+        for (i = a->offsets[c]; i < a->offsets[c + 1]; i++) {
+            const float *k = keys + ((size_t)a->members[i] * HK + h) * D;
+            double d2 = 0.0;
+            for (ch = 0; ch < D; ch++) d2 += ((double)k[ch] - a->cents[c * D + ch]) * ((double)k[ch] - a->cents[c * D + ch]);
+            if (sqrt(d2) > r[c]) r[c] = sqrt(d2);
+        }
+    }
+}
+
+/* Mixed budget: clusters alternately from the estimate ranking and from the ranking by
+ * max_j (q_j.C_c + |q_j| r_c) / sqrt(D) (higher first, lower index on ties), each once. */
+static size_t ref_mixed(const head_arrays *a, const float *q, size_t h, const double *s, const float *radii, size_t budget, uint32_t *out) {
+    size_t o1[N], o2[N], order[N], i, j, c, n = 0, m = 0, i1 = 0, i2 = 0, left = budget;
+    double bnd[N];
+    char taken[N] = {0};
+    for (c = 0; c < a->k; c++) {
+        bnd[c] = -INFINITY;
+        for (j = 0; j < GROUP; j++) {
+            const float *qj = q + (h * GROUP + j) * D;
+            double dot = 0.0, qn = 0.0, v;
+            size_t ch;
+            for (ch = 0; ch < D; ch++) {
+                dot += (double)qj[ch] * a->cents[c * D + ch];
+                qn += (double)qj[ch] * qj[ch];
+            }
+            v = (dot + sqrt(qn) * radii[c]) / sqrt((double)D);
+            if (v > bnd[c]) bnd[c] = v;
+        }
+    }
+    for (i = 0; i < a->k; i++) o1[i] = o2[i] = i;
+    for (i = 1; i < a->k; i++) {
+        for (j = i; j > 0 && (s[o1[j]] > s[o1[j - 1]] || (s[o1[j]] == s[o1[j - 1]] && o1[j] < o1[j - 1])); j--) {
+            size_t t = o1[j]; o1[j] = o1[j - 1]; o1[j - 1] = t;
+        }
+        for (j = i; j > 0 && (bnd[o2[j]] > bnd[o2[j - 1]] || (bnd[o2[j]] == bnd[o2[j - 1]] && o2[j] < o2[j - 1])); j--) {
+            size_t t = o2[j]; o2[j] = o2[j - 1]; o2[j - 1] = t;
+        }
+    }
+    while (m < a->k) {
+        while (i1 < a->k && taken[o1[i1]]) i1++;
+        if (i1 < a->k) { taken[o1[i1]] = 1; order[m++] = o1[i1]; }
+        while (i2 < a->k && taken[o2[i2]]) i2++;
+        if (i2 < a->k) { taken[o2[i2]] = 1; order[m++] = o2[i2]; }
+    }
+    for (i = 0; i < a->k && left > 0; i++) {
+        size_t cc = order[i], take = a->sizes[cc] < left ? a->sizes[cc] : left;
+        for (j = 0; j < take; j++) out[n++] = a->members[a->offsets[cc] + j];
+        left -= take;
+    }
+    qsort(out, n, sizeof *out, cmp_u32);
+    return n;
+}
+
 static int same_head(const kvsieve_selection_t *sel, size_t h, const uint32_t *want, size_t n) {
     uint32_t got[N];
     size_t len = 0;
@@ -435,6 +494,35 @@ static void estimates_and_selection(void) {
         }
         CHECK(st.tokens_kept == HK * (budgets[b] < N ? budgets[b] : N), "budget %zu: %zu tokens kept in all", budgets[b], st.tokens_kept);
         kvsieve_selection_free(sel);
+    }
+
+    /* Radii, and the mixed budget rule against a C ranking from them. */
+    {
+        float radii[HK][N];
+        double rr[N], rworst = 0.0;
+        for (h = 0; h < HK; h++) {
+            EXPECT_OK(kvsieve_cluster_index_radii(ix, h, radii[h], N, &len));
+            CHECK(len == K, "head %zu: %zu radii", h, len);
+            ref_radii(&a[h], keys, h, rr);
+            for (c = 0; c < K; c++) {
+                double e = fabs(radii[h][c] - rr[c]) / (rr[c] > 1.0 ? rr[c] : 1.0);
+                if (e > rworst) rworst = e;
+            }
+        }
+        CHECK(rworst < 1e-4, "radii match the members' largest distance (relative err %g)", rworst);
+        rc = kvsieve_retrieve_config_default(1);
+        rc.mode = KVSIEVE_RETRIEVE_BUDGET_MIXED;
+        for (b = 0; b < 4; b++) {
+            rc.budget = budgets[b];
+            EXPECT_OK(kvsieve_cluster_index_retrieve(ix, &tq.t, &rc, &sel, &st));
+            for (h = 0; h < HK; h++) {
+                n = ref_mixed(&a[h], q, h, est + h * K, radii[h], budgets[b], ref);
+                CHECK(same_head(sel, h, ref, n), "mixed budget %zu, head %zu: alternating estimate and bound rankings", budgets[b], h);
+            }
+            kvsieve_selection_free(sel);
+        }
+        rc.mode = 7;
+        EXPECT_ERR(kvsieve_cluster_index_retrieve(ix, &tq.t, &rc, &sel, NULL), KVSIEVE_ERROR_INVALID_ARGUMENT, "mode");
     }
 
     kvsieve_cluster_index_free(ix);

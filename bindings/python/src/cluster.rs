@@ -148,8 +148,17 @@ impl PyClusterThresholds {
 }
 
 /// The fine retrieval rule from `threshold=` / `budget=` (exactly one).
-pub(crate) fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usize) -> PyResult<Retrieve> {
+pub(crate) fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usize, rank: &str) -> PyResult<Retrieve> {
+    let mixed = match rank {
+        "estimate" => false,
+        "mixed" => true,
+        _ => return Err(Error::InvalidArgument { param: "rank".into(), expected: format!("\"estimate\" or \"mixed\", got {rank:?}") }).kv(),
+    };
+    if mixed && budget.is_none() {
+        return Err(Error::InvalidArgument { param: "rank".into(), expected: "\"estimate\" unless budget= is given (rank orders clusters to fill a budget)".into() }).kv();
+    }
     match (threshold, budget) {
+        (None, Some(b)) if mixed => Ok(Retrieve::MixedBudget(usize_arg(b, "budget")?)),
         (None, None) => {
             Err(Error::InvalidArgument { param: "threshold".into(), expected: "a threshold= or a budget= (neither was given)".into() }).kv()
         }
@@ -262,7 +271,7 @@ pub(crate) fn coarse_rule(
             })
             .kv();
         }
-        if !matches!(fine, Retrieve::Budget(_)) {
+        if !matches!(fine, Retrieve::Budget(_) | Retrieve::MixedBudget(_)) {
             return Err(Error::InvalidArgument {
                 param: "coarse_budget_multiple".into(),
                 expected: "a fine budget= to multiply (with threshold=, use coarse_threshold= or coarse_budget=)".into(),
@@ -474,6 +483,15 @@ impl PyClusterIndex {
         self.head_rows(py, h, |c| c.centroids_normalized())
     }
 
+    /// Each cluster's radius (largest member distance to its raw centroid) of head ``h``,
+    /// float32 ``[num_clusters]``, or empty for an index without radii.
+    fn radii<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
+        let h = self.head_arg(h)?;
+        let v = self.inner.read().head(h).radii().to_vec();
+        let n = v.len();
+        to_numpy(py, v, &[n])
+    }
+
     /// Tokens per cluster of head ``h``, uint32 ``[num_clusters]``.
     fn sizes<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         self.head_u32(py, h, |c| c.sizes())
@@ -561,7 +579,7 @@ impl PyClusterIndex {
     }
 
     /// Centroid retrieval for a decode query: ``(selection, stats)``.
-    #[pyo3(signature = (q, *, threshold = None, budget = None, seq_len = None, hierarchical = false, coarse_threshold = None, coarse_budget = None, coarse_budget_multiple = None))]
+    #[pyo3(signature = (q, *, threshold = None, budget = None, seq_len = None, hierarchical = false, coarse_threshold = None, coarse_budget = None, coarse_budget_multiple = None, rank = "estimate"))]
     #[allow(clippy::too_many_arguments)]
     fn retrieve<'py>(
         &self,
@@ -574,12 +592,13 @@ impl PyClusterIndex {
         coarse_threshold: Option<f64>,
         coarse_budget: Option<i64>,
         coarse_budget_multiple: Option<f64>,
+        rank: &str,
     ) -> PyResult<(PySelection, Bound<'py, PyDict>)> {
         let (hk, has_coarse, covered) = {
             let i = self.inner.read();
             (i.num_kv_heads(), i.num_coarse_clusters() > 0, i.seq_len())
         };
-        let fine = fine_rule(threshold, budget, hk)?;
+        let fine = fine_rule(threshold, budget, hk, rank)?;
         let coarse = coarse_rule(hierarchical, coarse_threshold, coarse_budget, coarse_budget_multiple, &fine)?;
         if hierarchical && !has_coarse {
             return Err(Error::InvalidArgument {

@@ -289,6 +289,10 @@ fn retrieve_config(fine: &Retrieve, coarse: Option<CoarseRetrieve>, taus: &[f64]
             c.mode = c::RETRIEVE_BUDGET;
             c.budget = *b;
         }
+        Retrieve::MixedBudget(b) => {
+            c.mode = c::RETRIEVE_BUDGET_MIXED;
+            c.budget = *b;
+        }
     }
     if let Some(cr) = coarse {
         c.hierarchical = true;
@@ -395,7 +399,7 @@ impl PyCudaClusterIndex {
 
     /// Centroid retrieval on the GPU for the decode query ``q`` (device, after RoPE) into
     /// device int32 arrays ``sel_indptr`` (``num_kv_heads + 1``) and ``sel_indices``.
-    #[pyo3(signature = (q, sel_indptr, sel_indices, *, threshold = None, budget = None, hierarchical = false, coarse_threshold = None, coarse_budget = None, coarse_budget_multiple = None, stream = None))]
+    #[pyo3(signature = (q, sel_indptr, sel_indices, *, threshold = None, budget = None, hierarchical = false, coarse_threshold = None, coarse_budget = None, coarse_budget_multiple = None, rank = "estimate", stream = None))]
     #[allow(clippy::too_many_arguments)]
     fn retrieve<'py>(
         &self,
@@ -409,10 +413,11 @@ impl PyCudaClusterIndex {
         coarse_threshold: Option<f64>,
         coarse_budget: Option<i64>,
         coarse_budget_multiple: Option<f64>,
+        rank: &str,
         stream: Option<i64>,
     ) -> PyResult<()> {
         let [hk, _, _, _, m] = self.info()?;
-        let fine = fine_rule(threshold, budget, hk)?;
+        let fine = fine_rule(threshold, budget, hk, rank)?;
         let coarse = coarse_rule(hierarchical, coarse_threshold, coarse_budget, coarse_budget_multiple, &fine)?;
         let taus = match &fine {
             Retrieve::PerHeadThreshold(t) => t.clone(),

@@ -262,6 +262,48 @@ def test_threshold_and_budget_selection_match_numpy_ranking(rng, hk, group):
         assert sel.is_empty()
 
 
+@pytest.mark.parametrize("hk,group", [(1, 1), (2, 3)])
+def test_mixed_rank_matches_numpy(rng, hk, group):
+    n = 300
+    keys = clustered_keys(rng, n, hk)
+    index = kvsieve.ClusterIndex.build(keys, clusters=25)
+    hq = hk * group
+    for h in range(hk):
+        a, cents = index.assignment(h), index.centroids(h).astype(np.float64)
+        dist = np.linalg.norm(keys[:, h].astype(np.float64) - cents[a], axis=1)
+        want = np.array([dist[a == c].max() for c in range(25)])
+        np.testing.assert_allclose(index.radii(h), want, rtol=1e-5, atol=1e-6)
+    q = (0.6 * rng.standard_normal((hq, D))).astype(np.float32)
+    s = index.cluster_estimates(q)
+    for budget in [1, 40, 200, n + 5]:
+        sel, st = index.retrieve(q, budget=budget, rank="mixed")
+        assert st["tokens_kept"] == [min(budget, n)] * hk
+        for h in range(hk):
+            qh = q[h * group:(h + 1) * group].astype(np.float64)
+            cents = index.centroids(h).astype(np.float64)
+            bound = ((qh @ cents.T) + np.linalg.norm(qh, axis=1)[:, None] * index.radii(h)[None].astype(np.float64)).max(axis=0) / np.sqrt(D)
+            # Alternately the best cluster not yet taken by estimate, then by bound.
+            rankings, order = [ref_rank(s[h]), ref_rank(bound)], []
+            while len(order) < 25:
+                for r in rankings:
+                    rest = [c for c in r if c not in order]
+                    if rest:
+                        order.append(rest[0])
+            out, left = [], budget
+            for c in order:
+                take = min(left, int(index.sizes(h)[c]))
+                out.extend(index.members(h, int(c))[:take])
+                left -= take
+            np.testing.assert_array_equal(sel.head(h), np.sort(np.array(out, np.uint32)))
+    # Through a policy: rank=mixed is accepted and printed back.
+    p = kvsieve.Policy.parse("sinks=4,window=16,clusters=64,rank=mixed")
+    assert "rank=mixed" in str(p)
+    with pytest.raises(kvsieve.InvalidArgumentError, match="rank"):
+        index.retrieve(q, threshold=0.1, rank="mixed")
+    with pytest.raises(kvsieve.InvalidArgumentError, match="rank"):
+        index.retrieve(q, budget=4, rank="best")
+
+
 def test_retrieve_seq_len_and_window_union(rng):
     n, hk, window = 200, 2, 24
     keys = clustered_keys(rng, n, hk)

@@ -938,6 +938,11 @@ class ClusterIndex:
         """Unit centroids of KV head ``h`` used for assignment, ``[num_clusters, head_dim]``."""
     def sizes(self, h: int) -> npt.NDArray[np.uint32]:
         """Tokens in each cluster of KV head ``h``, ``[num_clusters]`` (each at least 1)."""
+    def radii(self, h: int) -> npt.NDArray[np.float32]:
+        """Each cluster's radius for KV head ``h``, ``[num_clusters]``: the largest distance of
+        a member's raw key to the raw centroid (grown by :meth:`assign_new`), which
+        ``rank="mixed"`` ranks by. Empty for an index without radii (built on a GPU, or
+        loaded from a version 1 file)."""
     def member_offsets(self, h: int) -> npt.NDArray[np.uint32]:
         """CSR offsets into ``members(h)``, ``[num_clusters + 1]``."""
     def members(self, h: int, c: int | None = None) -> npt.NDArray[np.uint32]:
@@ -977,6 +982,7 @@ class ClusterIndex:
         coarse_threshold: float | None = None,
         coarse_budget: int | None = None,
         coarse_budget_multiple: float | None = None,
+        rank: str = "estimate",
     ) -> tuple[Selection, dict[str, Any]]:
         """Centroid retrieval for one decode query.
 
@@ -999,6 +1005,11 @@ class ClusterIndex:
                 this many (the last may overshoot);
             coarse_budget_multiple: ``coarse_budget = ceil(m * budget)`` (needs ``budget``).
                 With every coarse cluster opened the result equals the flat lookup's.
+            rank: with ``budget``, how clusters fill it: ``"estimate"`` (by ``s_c``) or
+                ``"mixed"``: alternately the best remaining cluster by ``s_c`` and by the
+                upper bound ``max_j (q_j·C_c + |q_j|·r_c)/√d`` of its best member's logit
+                (``r_c`` from :meth:`radii`), which finds a key that matches far better than
+                its cluster-mates. ``"mixed"`` needs radii.
 
         Returns:
             ``(selection, stats)``: the :class:`Selection` and a dict of what the lookup
@@ -1717,6 +1728,7 @@ class CudaClusterIndex:
         coarse_threshold: float | None = None,
         coarse_budget: int | None = None,
         coarse_budget_multiple: float | None = None,
+        rank: str = "estimate",
         stream: int | None = None,
     ) -> None:
         """Centroid retrieval on the GPU for the decode query ``q``
@@ -1724,4 +1736,5 @@ class CudaClusterIndex:
         :meth:`ClusterIndex.retrieve`, written as a device CSR over KV heads: int32
         ``sel_indptr`` (``num_kv_heads + 1``) and ``sel_indices`` (room for
         ``num_kv_heads * clustered_len``), ascending clustered tokens. After the first call,
-        retrieval queues kernels only (a changed threshold is copied first)."""
+        retrieval queues kernels only (a changed threshold is copied first).
+        ``rank="mixed"`` is not available on the device (UnsupportedError)."""

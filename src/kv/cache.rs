@@ -80,20 +80,6 @@ impl<'a> KeepTokens<'a> {
     }
 }
 
-/// Check `page_indices` for eviction from sequence `id` of `np` pages: strictly increasing,
-/// each below `np`.
-pub(crate) fn check_evict(page_indices: &[usize], np: usize, id: SeqId) -> Result<()> {
-    for (i, &pi) in page_indices.iter().enumerate() {
-        if pi >= np {
-            return Err(Error::out_of_range(format!("page_indices[{i}]"), pi as i64, format!("0..{np} (pages of sequence {id})")));
-        }
-        if i > 0 && page_indices[i - 1] >= pi {
-            return Err(Error::invalid("page_indices", "strictly increasing page indices"));
-        }
-    }
-    Ok(())
-}
-
 /// Memory statistics of a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryStats {
@@ -429,21 +415,7 @@ impl KvCache {
     /// increasing. Remaining tokens keep their original positions; token indices after an
     /// evicted page shift down.
     pub fn evict_pages(&mut self, id: SeqId, page_indices: &[usize]) -> Result<()> {
-        let s = self.seq(id)?;
-        let np = s.pages.len();
-        check_evict(page_indices, np, id)?;
-        let ps = self.cfg.page_size;
-        let mut s = self.seqs.take(id);
-        let last_len = self.last_len(&s);
-        let mut removed_tokens = 0;
-        for &pi in page_indices.iter().rev() {
-            removed_tokens += if pi + 1 == np { last_len } else { ps };
-            let p = s.pages.remove(pi);
-            self.pool.decref(p);
-        }
-        s.len -= removed_tokens;
-        self.seqs.put(id, s);
-        Ok(())
+        self.seqs.evict_pages(&mut self.pool, id, page_indices, self.cfg.page_size)
     }
 
     /// Keep only some tokens of a sequence, moved into fresh pages in order (with their

@@ -3,8 +3,6 @@
 
 mod bounds;
 mod cache;
-#[cfg(feature = "cuda")]
-pub(crate) use cache::check_evict;
 pub(crate) mod pool;
 pub(crate) mod seqs;
 mod storage;

@@ -50,6 +50,28 @@ impl Sequences {
         Ok(())
     }
 
+    /// Remove whole pages of sequence `id` (pages of `page_size` slots): `page_indices`
+    /// index its page list, strictly increasing (checked before anything changes). Each
+    /// removed page loses one reference in `pool`; later token indices shift down.
+    pub fn evict_pages(&mut self, pool: &mut PagePool, id: SeqId, page_indices: &[usize], page_size: usize) -> Result<()> {
+        let s = self.map.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        let np = s.pages.len();
+        for (i, &pi) in page_indices.iter().enumerate() {
+            if pi >= np {
+                return Err(Error::out_of_range(format!("page_indices[{i}]"), pi as i64, format!("0..{np} (pages of sequence {id})")));
+            }
+            if i > 0 && page_indices[i - 1] >= pi {
+                return Err(Error::invalid("page_indices", "strictly increasing page indices"));
+            }
+        }
+        let last_len = if np == 0 { 0 } else { s.len - (np - 1) * page_size };
+        for &pi in page_indices.iter().rev() {
+            s.len -= if pi + 1 == np { last_len } else { page_size };
+            pool.decref(s.pages.remove(pi));
+        }
+        Ok(())
+    }
+
     fn insert_new(&mut self, s: Sequence) -> SeqId {
         let id = self.next_id;
         self.next_id += 1;

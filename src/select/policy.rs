@@ -722,6 +722,7 @@ impl Policy {
         let mut heads = Vec::with_capacity(specs.len());
         let mut total = 0usize;
         let mut centroids_scored = 0usize;
+        let mut radii_read = 0usize;
         for (h, spec) in specs.iter().enumerate() {
             let tokens = if spec.dense {
                 (0..seq_len as u32).collect()
@@ -737,6 +738,7 @@ impl Policy {
                     merge_union(&tokens, &r.tokens[h], &mut out);
                     tokens = out;
                     centroids_scored += r.centroids_scored[h];
+                    radii_read += r.radii_read[h];
                 }
                 tokens
             };
@@ -746,7 +748,7 @@ impl Policy {
         if total > u32::MAX as usize {
             return Err(Error::invalid("policy", "selections whose tokens over all heads fit u32 offsets"));
         }
-        Ok(PolicySelection { selection: Selection::from_heads_unchecked(seq_len, &heads), centroids_scored })
+        Ok(PolicySelection { selection: Selection::from_heads_unchecked(seq_len, &heads), centroids_scored, radii_read })
     }
 
     /// Centroid retrieval for every head of `layer` with the budget of `spec`, each head's
@@ -804,14 +806,17 @@ impl Policy {
         let coarse = index.num_coarse_clusters();
         let mut tokens = Vec::with_capacity(hk);
         let mut centroids_scored = Vec::with_capacity(hk);
+        let mut radii_read = Vec::with_capacity(hk);
+        let mixed = matches!(how, Retrieve::MixedBudget(_));
         for h in 0..hk {
             let mut out = Vec::new();
             merge_union(r.selection.head(h), &tail, &mut out);
             tokens.push(out);
             let coarse_rows = if spec.hier.is_some() { coarse } else { 0 };
             centroids_scored.push(r.stats.clusters_scored[h] + coarse_rows);
+            radii_read.push(if mixed { r.stats.clusters_scored[h] } else { 0 });
         }
-        Ok(Retrieved { tokens, centroids_scored })
+        Ok(Retrieved { tokens, centroids_scored, radii_read })
     }
 
     /// Pages of a sequence that no (layer, head) of the policy reads again, so a cache can
@@ -858,12 +863,16 @@ pub struct PolicySelection {
     /// (fine clusters scored, plus every coarse centroid under `hier=`); 0 without
     /// `clusters=`. Each is `head_dim` f32 values read.
     pub centroids_scored: usize,
+    /// Cluster radii read by `rank=mixed` (one f32 per fine cluster scored), summed over
+    /// the KV heads that use it; 0 otherwise.
+    pub radii_read: usize,
 }
 
 /// Per-head retrieval result inside `select_inner`.
 struct Retrieved {
     tokens: Vec<Vec<u32>>,
     centroids_scored: Vec<usize>,
+    radii_read: Vec<usize>,
 }
 
 /// A position mode as the text form writes it.

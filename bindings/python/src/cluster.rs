@@ -44,6 +44,23 @@ fn count_to_py<'py>(py: Python<'py>, c: ClusterCount) -> PyResult<Bound<'py, PyA
     })
 }
 
+/// The build options of `ClusterIndex.build` and `CudaClusterIndex.build`, checked.
+pub(crate) fn cluster_config(
+    clusters: &Bound<'_, PyAny>,
+    max_iter: i64,
+    seed: i128,
+    exclude_window: i64,
+    coarse: Option<&Bound<'_, PyAny>>,
+) -> PyResult<ClusterConfig> {
+    Ok(ClusterConfig {
+        clusters: cluster_count(clusters, "clusters")?,
+        exclude_window: usize_arg(exclude_window, "exclude_window")?,
+        max_iter: usize_arg(max_iter, "max_iter")?,
+        seed: seed_arg(seed)?,
+        coarse: coarse.map(|c| cluster_count(c, "coarse")).transpose()?,
+    })
+}
+
 /// A seed: an int in `0 ..= 2**64 - 1`.
 pub(crate) fn seed_arg(seed: i128) -> PyResult<u64> {
     u64::try_from(seed)
@@ -358,13 +375,7 @@ impl PyClusterIndex {
         exclude_window: i64,
         coarse: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let cfg = ClusterConfig {
-            clusters: cluster_count(clusters, "clusters")?,
-            exclude_window: usize_arg(exclude_window, "exclude_window")?,
-            max_iter: usize_arg(max_iter, "max_iter")?,
-            seed: seed_arg(seed)?,
-            coarse: coarse.map(|c| cluster_count(c, "coarse")).transpose()?,
-        };
+        let cfg = cluster_config(clusters, max_iter, seed, exclude_window, coarse)?;
         let keys = key_source(keys, cache, seq, layer)?;
         with_keys(py, &keys, true, |_, _| Ok(()), |src| ClusterIndex::build(src, &cfg)).map(Self::from)
     }

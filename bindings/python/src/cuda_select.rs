@@ -8,13 +8,13 @@ use std::ffi::c_void;
 use std::ptr;
 
 use kvsieve::ffi::{self as c, kvsieve_attention_params_t, kvsieve_cluster_config_t, kvsieve_retrieve_config_t, kvsieve_streaming_window_t};
-use kvsieve::select::cluster::{ClusterConfig, CoarseRetrieve, Retrieve};
+use kvsieve::select::cluster::{CoarseRetrieve, Retrieve};
 use kvsieve::Error;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use crate::arrays::{i32_vec, usize_arg};
-use crate::cluster::{cluster_count, coarse_rule, fine_rule, seed_arg, PyClusterIndex};
+use crate::arrays::i32_vec;
+use crate::cluster::{cluster_config, coarse_rule, fine_rule, PyClusterIndex};
 use crate::cuda::{check, dlpack, paged_kv, Raw};
 use crate::errors::KvResultExt;
 use crate::sparse::windows_arg;
@@ -349,13 +349,7 @@ impl PyCudaClusterIndex {
         coarse: Option<&Bound<'py, PyAny>>,
         stream: Option<i64>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let cfg = ClusterConfig {
-            clusters: cluster_count(clusters, "clusters")?,
-            exclude_window: usize_arg(exclude_window, "exclude_window")?,
-            max_iter: usize_arg(max_iter, "max_iter")?,
-            seed: seed_arg(seed)?,
-            coarse: coarse.map(|c| cluster_count(c, "coarse")).transpose()?,
-        };
+        let cfg = cluster_config(clusters, max_iter, seed, exclude_window, coarse)?;
         let cc = kvsieve_cluster_config_t::from_core(&cfg);
         let kd = dlpack(keys, "keys", stream)?;
         let raw = Raw(kd.t);

@@ -559,7 +559,7 @@ impl<'m> Engine<'m> {
             Some(p) => {
                 let s = &p.selection;
                 st.decode_kv_bytes += s.len() as f64 * row;
-                st.decode_kv_bytes += (p.centroids_scored * c.head_dim * 4) as f64;
+                st.decode_kv_bytes += ((p.centroids_scored * c.head_dim + p.radii_read) * 4) as f64;
                 let paged = (0..c.num_kv_heads)
                     .filter(|&h| policy.spec(layer, h).pages.is_some_and(|p| p < len))
                     .count();

@@ -72,12 +72,16 @@ pub fn default_policies() -> Vec<PolicyDef> {
         PolicyDef::new("lambda", "global=4,local={budget-4},max_distance={budget}"),
         PolicyDef::new("page-bounds", "sinks=4,window=64,pages={budget-68}"),
         PolicyDef::new(
-            "clusters",
+            "clusters-est",
             "sinks=4,window=64,clusters={budget-68},cluster_size=32",
         ),
         PolicyDef::new(
+            "clusters",
+            "sinks=4,window=64,clusters={budget-68},cluster_size=32,rank=mixed",
+        ),
+        PolicyDef::new(
             "clusters-hier",
-            "sinks=4,window=64,clusters={budget-68},cluster_size=32,hier=16",
+            "sinks=4,window=64,clusters={budget-68},cluster_size=32,hier=16,rank=mixed",
         ),
     ]
 }

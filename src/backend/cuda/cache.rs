@@ -21,7 +21,6 @@ use crate::dtype::{load_f32, DType};
 use crate::error::{Error, Result};
 use crate::kv::pool::PagePool;
 use crate::kv::seqs::{Sequence, Sequences};
-use crate::kv::check_evict;
 use crate::kv::{KeepTokens, PageTable, PagedKvLayout, SeqId};
 use crate::tensor::TensorView;
 
@@ -478,19 +477,7 @@ impl CudaKvCache {
     /// `page_indices` index its page list, strictly increasing; the remaining tokens keep
     /// their positions and later token indices shift down. Bookkeeping only: no device work.
     pub fn evict_pages(&mut self, id: SeqId, page_indices: &[usize]) -> Result<()> {
-        let s = self.seq(id)?;
-        check_evict(page_indices, s.pages.len(), id)?;
-        let np = s.pages.len();
-        let ps = self.cfg.page_size;
-        let mut s = self.seqs.take(id);
-        let last_len = self.last_len(&s);
-        for &pi in page_indices.iter().rev() {
-            s.len -= if pi + 1 == np { last_len } else { ps };
-            let p = s.pages.remove(pi);
-            self.pool.decref(p);
-        }
-        self.seqs.put(id, s);
-        Ok(())
+        self.seqs.evict_pages(&mut self.pool, id, page_indices, self.cfg.page_size)
     }
 
     /// Keep only some tokens of a sequence, moved in order into fresh pages with their

@@ -2620,6 +2620,122 @@ kvsieve_error_t *kvsieve_cuda_merge_states(const kvsieve_tensor_t *v_a, const fl
                                            const kvsieve_tensor_t *out, float *lse_out, void *stream);
 
 /**
+ * \brief kvsieve-owned paged K/V resident on one CUDA device, with the same bookkeeping as
+ * ::kvsieve_cache_t (sequences, fork with copy on write, append, write, truncate, page
+ * eviction, compaction, exact key bounds) and the same answers. Pages are float16 or
+ * bfloat16, page_size a power of two (at most 64 with `track_key_bounds`).
+ * kvsieve_cuda_cache_layer_view() describes one layer for a batch of sequences as a device
+ * ::kvsieve_paged_kv_t, so kvsieve_cuda_paged_decode(), _decode_sparse(), _prefill(),
+ * kvsieve_cuda_page_bounds() (with the view's key bounds) and the other `kvsieve_cuda_*`
+ * calls run over it.
+ *
+ * Every change validates its arguments first (a failed call leaves the cache as it was),
+ * runs on kvsieve's stream of the device and returns when its device work is done, so none
+ * of them can be captured in a CUDA graph. Order work the engine queues on its own stream
+ * after these calls return.
+ *
+ * Thread safety: calls on one handle are serialised by a mutex.
+ */
+typedef struct kvsieve_cuda_cache kvsieve_cuda_cache_t;
+
+/** \brief A device page table made by kvsieve_cuda_cache_layer_view(); the descriptor it
+ *  filled points into it. Release with kvsieve_cuda_table_free(). */
+typedef struct kvsieve_cuda_table kvsieve_cuda_table_t;
+
+/**
+ * \brief Create a device cache on CUDA device `device_id`; all pages are allocated up front.
+ *
+ * \param config As for kvsieve_cache_new() (required); float16 or bfloat16 pages, a power of
+ *        two page_size (#KVSIEVE_ERROR_UNSUPPORTED otherwise).
+ * \param device_id CUDA device ordinal, >= 0.
+ * \param out Receives the cache (required); untouched on failure.
+ * \return NULL on success; #KVSIEVE_ERROR_CUDA_UNAVAILABLE without a driver, device or CUDA
+ * support; another error for a bad configuration (owned by the caller).
+ */
+kvsieve_error_t *kvsieve_cuda_cache_new(const kvsieve_cache_config_t *config, int32_t device_id,
+                                        kvsieve_cuda_cache_t **out);
+
+/** \brief Free a device cache and its device memory. NULL is ignored. No call on it may be
+ *  running and no queued work may still read its pages. */
+void kvsieve_cuda_cache_free(kvsieve_cuda_cache_t *cache);
+
+/** \brief A new empty sequence, its id into `*out_seq` (required). */
+kvsieve_error_t *kvsieve_cuda_cache_create_sequence(kvsieve_cuda_cache_t *cache, uint64_t *out_seq);
+
+/** \brief Fork `src`: the new sequence shares its pages (copy on write); its id into
+ *  `*out_seq` (required). #KVSIEVE_ERROR_UNKNOWN_SEQUENCE for an unknown `src`. */
+kvsieve_error_t *kvsieve_cuda_cache_fork(kvsieve_cuda_cache_t *cache, uint64_t src, uint64_t *out_seq);
+
+/** \brief Drop a sequence; pages no other sequence shares go back to the pool. */
+kvsieve_error_t *kvsieve_cuda_cache_free_sequence(kvsieve_cuda_cache_t *cache, uint64_t seq);
+
+/** \brief A sequence's length in tokens, into `*out_len` (required). */
+kvsieve_error_t *kvsieve_cuda_cache_seq_len(const kvsieve_cuda_cache_t *cache, uint64_t seq, size_t *out_len);
+
+/**
+ * \brief Reserve `n` token slots at the end of a sequence, as kvsieve_cache_append().
+ *
+ * \param positions Optional host array of `n` positions (NULL: continue from the last).
+ * \param slots Optional host array receiving the `n` slot numbers (`page * page_size + slot`).
+ * \param slots_capacity Its length, at least `n` (#KVSIEVE_ERROR_INVALID_ARGUMENT naming
+ *        `slots_capacity`).
+ * \return NULL on success; #KVSIEVE_ERROR_OUT_OF_PAGES when the pool is full (nothing
+ * changed).
+ */
+kvsieve_error_t *kvsieve_cuda_cache_append(kvsieve_cuda_cache_t *cache, uint64_t seq, size_t n, const int32_t *positions,
+                                           int64_t *slots, size_t slots_capacity);
+
+/**
+ * \brief Write K and V of tokens `start .. start + n` of one layer, from host tensors
+ * (#KVSIEVE_DEVICE_CPU, any accepted dtype and strides) or device tensors on the cache's
+ * device (float32, float16 or bfloat16, any strides), `[n, num_kv_heads, head_dim]`. Shared
+ * pages are copied first; key bounds are updated.
+ */
+kvsieve_error_t *kvsieve_cuda_cache_write(kvsieve_cuda_cache_t *cache, uint64_t seq, size_t layer, size_t start,
+                                          const kvsieve_tensor_t *k, const kvsieve_tensor_t *v);
+
+/** \brief Keep the first `new_len` tokens of a sequence, as kvsieve_cache_truncate(). */
+kvsieve_error_t *kvsieve_cuda_cache_truncate(kvsieve_cuda_cache_t *cache, uint64_t seq, size_t new_len);
+
+/** \brief Evict whole pages of a sequence, as kvsieve_cache_evict_pages(): `page_indices`
+ *  (host, `n` values) index its page list, strictly increasing. */
+kvsieve_error_t *kvsieve_cuda_cache_evict_pages(kvsieve_cuda_cache_t *cache, uint64_t seq, const size_t *page_indices,
+                                                size_t n);
+
+/** \brief Keep only the listed tokens of a sequence in fresh pages, as
+ *  kvsieve_cache_compact() (same arguments and checks); rows are moved on the device. */
+kvsieve_error_t *kvsieve_cuda_cache_compact(kvsieve_cuda_cache_t *cache, uint64_t seq, uint32_t kind,
+                                            const uint32_t *keep_indptr, size_t num_lists, const uint32_t *keep,
+                                            size_t keep_len);
+
+/**
+ * \brief Describe one layer of the cache for a batch of sequences as a device descriptor:
+ * the layer's pages, a new device page table of `seqs` (in that order), slot positions, and
+ * the cache's key convention.
+ *
+ * \param layer Layer index.
+ * \param seqs Host array of `num_seqs` sequence ids.
+ * \param out_table Receives the page table (required); the descriptor points into it, so
+ *        keep it until the queued work reading the descriptor completes, then free it with
+ *        kvsieve_cuda_table_free().
+ * \param out_view Receives the descriptor (required).
+ * \param out_key_bounds Optional: receives the layer's key bounds for
+ *        kvsieve_cuda_page_bounds(), or NULL when the cache does not track them.
+ * \param out_max_seq_len Optional: receives the longest sequence's length (the
+ *        `max_seq_len` of the decode calls).
+ *
+ * The descriptor stays valid until one of the sequences changes (append, write into a
+ * shared page, truncate, evict, compact, free) or the cache is freed; make a new view then.
+ */
+kvsieve_error_t *kvsieve_cuda_cache_layer_view(const kvsieve_cuda_cache_t *cache, size_t layer, const uint64_t *seqs,
+                                               size_t num_seqs, kvsieve_cuda_table_t **out_table,
+                                               kvsieve_paged_kv_t *out_view, const void **out_key_bounds,
+                                               size_t *out_max_seq_len);
+
+/** \brief Free a page table from kvsieve_cuda_cache_layer_view(). NULL is ignored. */
+void kvsieve_cuda_table_free(kvsieve_cuda_table_t *table);
+
+/**
  * \brief One page's key-bound update for kvsieve_cuda_update_key_bounds(): fold the keys in
  * the slots whose bits are set in `slot_mask` (bit s = slot s, page_size at most 64) into
  * the bounds of `page`, starting from the bounds stored there, or from empty (+inf / -inf)

@@ -223,6 +223,58 @@ fn cuda_selection_entry_points_check_arguments_first() {
     }
 }
 
+#[test]
+fn cuda_cache_entry_points_check_arguments_first() {
+    unsafe {
+        let mut cfg = kvsieve_cache_config_default(2, 2, 64, 16, 8);
+        cfg.dtype = kvsieve_dtype_t { code: DTYPE_CODE_FLOAT, bits: 16, lanes: 1 };
+        let mut out: *mut kvsieve_cuda_cache_t = ptr::null_mut();
+        let (code, msg) = take(kvsieve_cuda_cache_new(ptr::null(), 0, &mut out)).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("config"), "{msg}");
+        let (code, msg) = take(kvsieve_cuda_cache_new(&cfg, -1, &mut out)).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("device_id"), "{msg}");
+        let mut bad = cfg;
+        bad.page_size = 0;
+        let (code, msg) = take(kvsieve_cuda_cache_new(&bad, 0, &mut out)).unwrap();
+        assert!(msg.contains("page_size"), "{msg} ({code})");
+        let (code, msg) = take(kvsieve_cuda_cache_new(&cfg, 0, ptr::null_mut())).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        match take(kvsieve_cuda_cache_new(&cfg, 0, &mut out)) {
+            None => kvsieve_cuda_cache_free(out),
+            Some((code, msg)) => {
+                assert_eq!(code, ErrorCode::CudaUnavailable as u32, "{msg}");
+                assert!(out.is_null(), "out written on failure");
+            }
+        }
+        // Every call on a handle refuses NULL by name.
+        let mut id = 0u64;
+        let (code, msg) = take(kvsieve_cuda_cache_create_sequence(ptr::null_mut(), &mut id)).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        assert!(msg.contains("cache"), "{msg}");
+        for e in [
+            kvsieve_cuda_cache_fork(ptr::null_mut(), 0, &mut id),
+            kvsieve_cuda_cache_free_sequence(ptr::null_mut(), 0),
+            kvsieve_cuda_cache_truncate(ptr::null_mut(), 0, 0),
+            kvsieve_cuda_cache_append(ptr::null_mut(), 0, 1, ptr::null(), ptr::null_mut(), 0),
+            kvsieve_cuda_cache_evict_pages(ptr::null_mut(), 0, ptr::null(), 0),
+            kvsieve_cuda_cache_compact(ptr::null_mut(), 0, 0, ptr::null(), 1, ptr::null(), 0),
+            kvsieve_cuda_cache_write(ptr::null_mut(), 0, 0, 0, ptr::null(), ptr::null()),
+        ] {
+            let (code, msg) = take(e).unwrap();
+            assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+            assert!(msg.contains("cache"), "{msg}");
+        }
+        let mut table: *mut kvsieve_cuda_table_t = ptr::null_mut();
+        let mut view = std::mem::zeroed::<kvsieve_paged_kv_t>();
+        let (code, _) = take(kvsieve_cuda_cache_layer_view(ptr::null(), 0, &id, 1, &mut table, &mut view, ptr::null_mut(), ptr::null_mut())).unwrap();
+        assert_eq!(code, ErrorCode::NullPointer as u32);
+        kvsieve_cuda_table_free(ptr::null_mut());
+        kvsieve_cuda_cache_free(ptr::null_mut());
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
@@ -437,6 +489,97 @@ mod gpu {
             s.synchronize().unwrap();
             let got: Vec<i32> = ix.to_vec(s).unwrap();
             assert_eq!(got[..40].iter().map(|&t| t as u32).collect::<Vec<_>>(), want);
+        }
+    }
+
+    /// A device cache driven through the C ABI (append, host and device writes, fork with
+    /// copy on write, compaction) and decoded through its layer view, against a host
+    /// `KvCache` given the same calls.
+    #[test]
+    fn c_abi_device_cache_matches_host_cache() {
+        use kvsieve::{CacheConfig, KeepTokens, KvCache};
+        let Some(dev) = dev_or_skip("c_abi_device_cache_matches_host_cache") else { return };
+        let s = dev.stream();
+        let raw_stream = s.raw() as *mut c_void;
+        let mut seed = 23u64;
+        let (layers, hk, d, ps, hq) = (2usize, 2usize, 64usize, 16usize, 4usize);
+        let mut ccfg = kvsieve_cache_config_default(layers, hk, d, ps, 32);
+        ccfg.dtype = kvsieve_dtype_t { code: DTYPE_CODE_FLOAT, bits: 16, lanes: 1 };
+        let mut host = KvCache::new(CacheConfig::new(layers, hk, d, ps, 32).with_dtype(DType::F16)).unwrap();
+        unsafe {
+            let mut cache: *mut kvsieve_cuda_cache_t = ptr::null_mut();
+            assert_eq!(take(kvsieve_cuda_cache_new(&ccfg, dev.ordinal() as i32, &mut cache)), None);
+            let mut a = 0u64;
+            assert_eq!(take(kvsieve_cuda_cache_create_sequence(cache, &mut a)), None);
+            let ha = host.create_sequence();
+            assert_eq!(a, ha);
+            let n = 45usize;
+            let mut slots = vec![0i64; n];
+            assert_eq!(take(kvsieve_cuda_cache_append(cache, a, n, ptr::null(), slots.as_mut_ptr(), n)), None);
+            assert_eq!(slots, host.append(ha, n, None).unwrap());
+            let shape = [n as i64, hk as i64, d as i64];
+            for layer in 0..layers {
+                let k = rand(n * hk * d, &mut seed);
+                let v = rand(n * hk * d, &mut seed);
+                let (kv, vv) = (TensorView::new(&k, &[n, hk, d]).unwrap(), TensorView::new(&v, &[n, hk, d]).unwrap());
+                host.write(ha, layer, 0, &kv, &vv).unwrap();
+                if layer == 0 {
+                    let kt = tensor(k.as_ptr() as *mut c_void, DEVICE_CPU, &shape, 32);
+                    let vt = tensor(v.as_ptr() as *mut c_void, DEVICE_CPU, &shape, 32);
+                    assert_eq!(take(kvsieve_cuda_cache_write(cache, a, layer, 0, &kt, &vt)), None);
+                } else {
+                    let kb = DeviceBuffer::from_slice(&dev, &k, s).unwrap();
+                    let vb = DeviceBuffer::from_slice(&dev, &v, s).unwrap();
+                    let mut kt = tensor(kb.ptr() as *mut c_void, DEVICE_CUDA, &shape, 32);
+                    let mut vt = tensor(vb.ptr() as *mut c_void, DEVICE_CUDA, &shape, 32);
+                    kt.device.device_id = dev.ordinal() as i32;
+                    vt.device.device_id = dev.ordinal() as i32;
+                    assert_eq!(take(kvsieve_cuda_cache_write(cache, a, layer, 0, &kt, &vt)), None);
+                }
+            }
+            // Fork, compact the fork to every third token.
+            let mut b = 0u64;
+            assert_eq!(take(kvsieve_cuda_cache_fork(cache, a, &mut b)), None);
+            let hb = host.fork(ha).unwrap();
+            let keep: Vec<u32> = (0..n as u32).step_by(3).collect();
+            let indptr = [0u32, keep.len() as u32];
+            assert_eq!(take(kvsieve_cuda_cache_compact(cache, b, 0, indptr.as_ptr(), 1, keep.as_ptr(), keep.len())), None);
+            host.compact(hb, KeepTokens::All(&keep)).unwrap();
+            let mut len = 0usize;
+            assert_eq!(take(kvsieve_cuda_cache_seq_len(cache, b, &mut len)), None);
+            assert_eq!(len, keep.len());
+            // Decode both sequences through the view of each layer against the host cache.
+            let ids = [a, b];
+            let q = rand(2 * hq * d, &mut seed);
+            let qb = DeviceBuffer::from_slice(&dev, &q, s).unwrap();
+            let qshape = [2i64, hq as i64, d as i64];
+            let mut qt = tensor(qb.ptr() as *mut c_void, DEVICE_CUDA, &qshape, 32);
+            qt.device.device_id = dev.ordinal() as i32;
+            let ob = DeviceBuffer::alloc(&dev, 2 * hq * d * 4).unwrap();
+            let mut ot = tensor(ob.ptr() as *mut c_void, DEVICE_CUDA, &qshape, 32);
+            ot.device.device_id = dev.ordinal() as i32;
+            for layer in 0..layers {
+                let mut table: *mut kvsieve_cuda_table_t = ptr::null_mut();
+                let mut view = std::mem::zeroed::<kvsieve_paged_kv_t>();
+                let mut max_len = 0usize;
+                let e = kvsieve_cuda_cache_layer_view(cache, layer, ids.as_ptr(), 2, &mut table, &mut view, ptr::null_mut(), &mut max_len);
+                assert_eq!(take(e), None);
+                assert_eq!(max_len, n);
+                ob.memset(0xFF, s).unwrap();
+                assert_eq!(take(kvsieve_cuda_paged_decode(&view, max_len, &qt, &ot, ptr::null_mut(), ptr::null(), raw_stream)), None);
+                s.synchronize().unwrap();
+                kvsieve_cuda_table_free(table);
+                let got: Vec<f32> = ob.to_vec(s).unwrap();
+                let t = host.page_table(&[ha, hb]).unwrap();
+                let hv = host.layer_view(layer, &t).unwrap();
+                let mut want = vec![0f32; 2 * hq * d];
+                decode(&hv, &TensorView::new(&q, &[2, hq, d]).unwrap(), &mut TensorViewMut::new(&mut want, &[2, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= 2e-4 + 2e-3 * w.abs(), "layer {layer} out[{i}]: {g} vs {w}");
+                }
+            }
+            assert_eq!(take(kvsieve_cuda_cache_free_sequence(cache, b)), None);
+            kvsieve_cuda_cache_free(cache);
         }
     }
 }

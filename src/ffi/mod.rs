@@ -21,6 +21,7 @@ mod cache;
 mod cluster;
 mod cluster_set;
 mod cuda;
+mod cuda_cache;
 mod cuda_select;
 mod error;
 mod gemfilter;
@@ -60,6 +61,11 @@ pub use cluster::{
 pub use cuda::{
     kvsieve_cuda_check, kvsieve_cuda_device_count, kvsieve_cuda_merge_states, kvsieve_cuda_paged_append, kvsieve_cuda_paged_decode,
     kvsieve_cuda_paged_decode_sparse, DEVICE_CUDA, DEVICE_CUDA_MANAGED,
+};
+pub use cuda_cache::{
+    kvsieve_cuda_cache_append, kvsieve_cuda_cache_compact, kvsieve_cuda_cache_create_sequence, kvsieve_cuda_cache_evict_pages, kvsieve_cuda_cache_fork,
+    kvsieve_cuda_cache_free, kvsieve_cuda_cache_free_sequence, kvsieve_cuda_cache_layer_view, kvsieve_cuda_cache_new, kvsieve_cuda_cache_seq_len,
+    kvsieve_cuda_cache_t, kvsieve_cuda_cache_truncate, kvsieve_cuda_cache_write, kvsieve_cuda_table_free, kvsieve_cuda_table_t,
 };
 pub use cuda_select::{
     kvsieve_cuda_cluster_index_build, kvsieve_cuda_cluster_index_free, kvsieve_cuda_cluster_index_info, kvsieve_cuda_cluster_index_retrieve,

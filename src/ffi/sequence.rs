@@ -184,7 +184,7 @@ pub unsafe extern "C" fn kvsieve_cache_evict_for_policy(
 
 /// The token lists of `kvsieve_cache_compact`: list `i` is
 /// `keep[keep_indptr[i]..keep_indptr[i + 1]]`.
-fn keep_lists(indptr: &[u32], keep: &[u32]) -> Result<Vec<Vec<u32>>> {
+pub(crate) fn keep_lists(indptr: &[u32], keep: &[u32]) -> Result<Vec<Vec<u32>>> {
     if indptr[0] != 0 {
         return Err(Error::invalid("keep_indptr", format!("keep_indptr[0] == 0, got {}", indptr[0])));
     }

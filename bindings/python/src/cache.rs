@@ -54,6 +54,32 @@ impl PyCacheConfig {
     }
 }
 
+/// A cache configuration from the constructor arguments of `KvCache` and `CudaKvCache`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cache_config(
+    num_layers: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+    page_size: i64,
+    capacity_pages: i64,
+    dtype: &str,
+    layout: &str,
+    key_rope: &str,
+    track_key_bounds: bool,
+) -> PyResult<CacheConfig> {
+    Ok(CacheConfig {
+        num_layers: usize_arg(num_layers, "num_layers")?,
+        num_kv_heads: usize_arg(num_kv_heads, "num_kv_heads")?,
+        head_dim: usize_arg(head_dim, "head_dim")?,
+        page_size: usize_arg(page_size, "page_size")?,
+        capacity_pages: usize_arg(capacity_pages, "capacity_pages")?,
+        dtype: parse_dtype("dtype", dtype).kv()?,
+        layout: parse_layout("layout", layout).kv()?,
+        key_rope: parse_key_rope("key_rope", key_rope).kv()?,
+        track_key_bounds,
+    })
+}
+
 impl From<&CacheConfig> for PyCacheConfig {
     fn from(c: &CacheConfig) -> Self {
         PyCacheConfig {
@@ -105,17 +131,7 @@ impl PyKvCache {
         key_rope: &str,
         track_key_bounds: bool,
     ) -> PyResult<Self> {
-        let cfg = CacheConfig {
-            num_layers: usize_arg(num_layers, "num_layers")?,
-            num_kv_heads: usize_arg(num_kv_heads, "num_kv_heads")?,
-            head_dim: usize_arg(head_dim, "head_dim")?,
-            page_size: usize_arg(page_size, "page_size")?,
-            capacity_pages: usize_arg(capacity_pages, "capacity_pages")?,
-            dtype: parse_dtype("dtype", dtype).kv()?,
-            layout: parse_layout("layout", layout).kv()?,
-            key_rope: parse_key_rope("key_rope", key_rope).kv()?,
-            track_key_bounds,
-        };
+        let cfg = cache_config(num_layers, num_kv_heads, head_dim, page_size, capacity_pages, dtype, layout, key_rope, track_key_bounds)?;
         let cache = py.detach(|| KvCache::new(cfg)).kv()?;
         Ok(PyKvCache { inner: RwLock::new(cache) })
     }

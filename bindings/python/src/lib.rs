@@ -8,6 +8,7 @@ mod cache;
 mod cluster;
 mod cluster_set;
 mod cuda;
+mod cuda_cache;
 mod cuda_select;
 mod errors;
 mod gemfilter;
@@ -49,6 +50,7 @@ fn _kvsieve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_select::cuda_paged_prefill, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_select::cuda_gemfilter_select, m)?)?;
     m.add_class::<cuda_select::PyCudaClusterIndex>()?;
+    m.add_class::<cuda_cache::PyCudaKvCache>()?;
     m.add_function(wrap_pyfunction!(rope::apply_rope, m)?)?;
     m.add_function(wrap_pyfunction!(attention::paged_decode, m)?)?;
     m.add_function(wrap_pyfunction!(attention::paged_prefill, m)?)?;

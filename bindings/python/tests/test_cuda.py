@@ -224,3 +224,49 @@ def test_page_bounds_prefill_gemfilter_and_retrieval_on_device_match_cpu():
     host, dbuilt = kvsieve.CudaClusterIndex.build(t(keys), clusters=16, seed=5)
     assert host.num_clusters == 16 and dbuilt.clustered_len == 200
     assert int(np.sum(host.sizes(0))) == 200
+
+
+def test_device_cache_checks_arguments_and_reports_a_missing_gpu():
+    with pytest.raises(kvsieve.InvalidArgumentError, match="dtype"):
+        kvsieve.CudaKvCache(2, 2, 64, 16, 8, dtype="int8")
+    with pytest.raises(kvsieve.OutOfRangeError, match="num_layers"):
+        kvsieve.CudaKvCache(-1, 2, 64, 16, 8)
+    try:
+        cache = kvsieve.CudaKvCache(2, 2, 64, 16, 8)
+    except kvsieve.CudaUnavailableError as e:
+        assert e.code == kvsieve.ErrorCode.CUDA_UNAVAILABLE
+    else:
+        assert cache.create_sequence() == 0
+
+
+def test_device_cache_decode_matches_host_cache():
+    torch = _torch_cuda()
+    rng = np.random.default_rng(5)
+    layers, hk, d, ps, hq = 2, 2, 64, 16, 4
+    dev = torch.device("cuda")
+    gpu = kvsieve.CudaKvCache(layers, hk, d, ps, 32)
+    cpu = kvsieve.KvCache(layers, hk, d, ps, 32)
+    a, ha = gpu.create_sequence(), cpu.create_sequence()
+    n = 40
+    np.testing.assert_array_equal(gpu.append(a, n), cpu.append(ha, n))
+    for layer in range(layers):
+        k = rng.standard_normal((n, hk, d)).astype(np.float32)
+        v = rng.standard_normal((n, hk, d)).astype(np.float32)
+        cpu.write(ha, layer, 0, k, v)
+        if layer == 0:
+            gpu.write(a, layer, 0, k, v)
+        else:
+            gpu.write(a, layer, 0, torch.from_numpy(k).to(dev), torch.from_numpy(v).to(dev))
+    b, hb = gpu.fork(a), cpu.fork(ha)
+    keep = np.arange(0, n, 3, dtype=np.uint32)
+    gpu.compact(b, keep)
+    cpu.compact(hb, keep)
+    assert gpu.seq_len(b) == cpu.seq_len(hb) == len(keep)
+    q = rng.standard_normal((2, hq, d)).astype(np.float32)
+    for layer in range(layers):
+        want, want_lse = cpu.decode(layer, [ha, hb], q)
+        out = torch.full((2, hq, d), float("nan"), device=dev)
+        lse = torch.full((2, hq), float("nan"), device=dev)
+        gpu.decode(layer, [a, b], torch.from_numpy(q).to(dev), out, lse=lse)
+        np.testing.assert_allclose(out.cpu().numpy(), want, atol=2e-4, rtol=2e-3)
+        np.testing.assert_allclose(lse.cpu().numpy(), want_lse, atol=1e-3)

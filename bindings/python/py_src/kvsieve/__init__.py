@@ -32,6 +32,7 @@ On an NVIDIA GPU (a wheel built with the ``cuda`` feature), :func:`cuda_paged_de
 :func:`cuda_paged_append`, :func:`cuda_merge_states`, :func:`cuda_paged_prefill`,
 :func:`cuda_update_key_bounds`, :func:`cuda_page_bounds`, :func:`cuda_gemfilter_select` and
 :class:`CudaClusterIndex` (K-means on the device, centroid retrieval) work on device arrays
+(and :class:`CudaKvCache` keeps kvsieve-owned pages on the device)
 given through ``__dlpack__`` (torch, cupy, jax), in place, on the caller's stream.
 
 Every error is a :class:`KvsieveError` (one subclass per kind) carrying a stable
@@ -46,6 +47,7 @@ from kvsieve._kvsieve import (
     ClusterIndexSet,
     ClusterThresholds,
     CudaClusterIndex,
+    CudaKvCache,
     CudaUnavailableError,
     DTypeError,
     ErrorCode,
@@ -102,6 +104,7 @@ __all__ = [
     "ClusterIndexSet",
     "ClusterThresholds",
     "CudaClusterIndex",
+    "CudaKvCache",
     "CudaUnavailableError",
     "DTypeError",
     "ErrorCode",

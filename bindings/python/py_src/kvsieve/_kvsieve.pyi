@@ -1738,3 +1738,66 @@ class CudaClusterIndex:
         ``num_kv_heads * clustered_len``), ascending clustered tokens. After the first call,
         retrieval queues kernels only (a changed threshold is copied first).
         ``rank="mixed"`` is not available on the device (UnsupportedError)."""
+
+class CudaKvCache:
+    """Paged K/V owned by kvsieve and resident on a CUDA device, with the bookkeeping of
+    :class:`KvCache` (sequences, fork with copy on write, append, write, truncate, page
+    eviction, compaction, exact key bounds) and the same answers.
+
+    Pages are float16 or bfloat16 (``dtype``), ``page_size`` a power of two (at most 64
+    with ``track_key_bounds``). Every change returns when its device work is done. Raises
+    :class:`CudaUnavailableError` without a driver, a device or a wheel built with CUDA.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        capacity_pages: int,
+        dtype: str = "f16",
+        layout: str = "nhd",
+        key_rope: str = "post",
+        track_key_bounds: bool = True,
+        *,
+        device: int = 0,
+    ) -> None: ...
+    def create_sequence(self) -> int:
+        """A new empty sequence; returns its id."""
+    def fork(self, seq: int) -> int:
+        """Fork ``seq`` (prefix sharing, copy on write); returns the new id."""
+    def free_sequence(self, seq: int) -> None: ...
+    def seq_len(self, seq: int) -> int: ...
+    def append(self, seq: int, n: int, positions: IntArray | Sequence[int] | None = None) -> npt.NDArray[np.int64]:
+        """Reserve ``n`` slots at the end of ``seq``; returns their slot numbers
+        (``page * page_size + slot``)."""
+    def write(self, seq: int, layer: int, start: int, k: Any, v: Any) -> None:
+        """Write K and V of tokens ``start .. start + n`` of ``layer``, ``[n, num_kv_heads,
+        head_dim]``: numpy arrays (converted to float32 on the host) or ``__dlpack__`` device
+        arrays on the cache's device (float32, float16 or bfloat16)."""
+    def truncate(self, seq: int, new_len: int) -> None: ...
+    def evict_pages(self, seq: int, page_indices: IntArray | Sequence[int]) -> None:
+        """Evict whole pages (indices into the sequence's page list, strictly increasing)."""
+    def compact(self, seq: int, keep: Any, per: str = "all") -> None:
+        """Keep only the tokens ``keep`` of ``seq`` in fresh pages, as :meth:`KvCache.compact`."""
+    def decode(
+        self,
+        layer: int,
+        seqs: Sequence[int] | IntArray,
+        q: Any,
+        out: Any,
+        *,
+        lse: Any | None = None,
+        sel_indptr: Any | None = None,
+        sel_indices: Any | None = None,
+        max_per_head: int | None = None,
+        scale: float | None = None,
+        logit_soft_cap: float | None = None,
+        stream: int | None = None,
+    ) -> None:
+        """Decode ``layer`` for the sequences ``seqs`` on the GPU: ``q`` and ``out``
+        ``[len(seqs), num_qo_heads, head_dim]`` device arrays, ``lse`` an optional float32
+        ``[len(seqs), num_qo_heads]`` device array; with ``sel_indptr``/``sel_indices``
+        (int32 device CSR over (sequence, KV head), lists at most ``max_per_head`` long),
+        sparse decode. Waits for the decode."""

@@ -2343,6 +2343,8 @@ kvsieve_error_t *kvsieve_cluster_set_info(const kvsieve_cluster_set_t *set, uint
  * \param out_centroids_scored Optional: `batch` slots receiving the centroid rows scored per
  *        sequence (fine clusters scored plus every coarse centroid under `hier=`, summed over
  *        the KV heads that retrieve; each row is head_dim floats).
+ * \param out_radii_read Optional: `batch` slots receiving the cluster radii read per sequence
+ *        (`rank=mixed`: one float per fine cluster scored; 0 otherwise).
  * \return NULL on success, or an error (owned by the caller); `out`, `lse` and the optional
  *         outputs untouched on failure.
  *
@@ -2354,7 +2356,8 @@ kvsieve_error_t *kvsieve_cache_decode_with_clusters(const kvsieve_cache_t *cache
                                                     const kvsieve_policy_t *policy, const kvsieve_cluster_set_t *set,
                                                     const kvsieve_tensor_t *out, float *lse,
                                                     const kvsieve_attention_params_t *params,
-                                                    kvsieve_selection_t **out_selections, size_t *out_centroids_scored);
+                                                    kvsieve_selection_t **out_selections, size_t *out_centroids_scored,
+                                                    size_t *out_radii_read);
 
 /* ------------------------------------------------------------------------------------ */
 /* Views over engine-owned paged memory                                                  */

@@ -168,7 +168,7 @@ pub unsafe extern "C" fn kvsieve_cluster_set_info(
 /// # Safety
 /// 1. `cache`, `policy` and `set` are NULL or live handles; `seq_ids` is NULL or readable
 ///    for `batch` ids; `out_selections` is NULL or writable for `batch` pointers;
-///    `out_centroids_scored` is NULL or writable for `batch` values;
+///    `out_centroids_scored` and `out_radii_read` are NULL or writable for `batch` values;
 /// 2. `q`, `out`, `lse` and `params` as for `kvsieve_cache_decode`.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_cache_decode_with_clusters(
@@ -184,6 +184,7 @@ pub unsafe extern "C" fn kvsieve_cache_decode_with_clusters(
     params: *const kvsieve_attention_params_t,
     out_selections: *mut *mut kvsieve_selection_t,
     out_centroids_scored: *mut usize,
+    out_radii_read: *mut usize,
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_decode_with_clusters", || {
         let c = cache_ref(cache)?;
@@ -194,15 +195,28 @@ pub unsafe extern "C" fn kvsieve_cache_decode_with_clusters(
         let args = AttentionArgs::parse(q, out, lse, params, &DECODE_DIMS, vec![ids_region.clone()])?;
         let mut others = args.regions();
         others.push(ids_region);
-        check_disjoint(&[Region::of(out_selections, batch, "out_selections"), Region::of(out_centroids_scored, batch, "out_centroids_scored")], &others)?;
+        check_disjoint(
+            &[
+                Region::of(out_selections, batch, "out_selections"),
+                Region::of(out_centroids_scored, batch, "out_centroids_scored"),
+                Region::of(out_radii_read, batch, "out_radii_read"),
+            ],
+            &others,
+        )?;
         let slots = opt_slice_mut(out_selections, batch, "out_selections")?;
         let counts = opt_slice_mut(out_centroids_scored, batch, "out_centroids_scored")?;
+        let radii = opt_slice_mut(out_radii_read, batch, "out_radii_read")?;
         let (q, mut out, lse) = args.views()?;
         let set_guard = s.inner.read();
         let sels = c.read().decode_with_clusters(layer, ids, &q, &mut out, lse, p, &set_guard, &args.params)?;
         if let Some(counts) = counts {
             for (b, slot) in counts.iter_mut().enumerate() {
                 *slot = sels.get(b).map_or(0, |s| s.centroids_scored);
+            }
+        }
+        if let Some(radii) = radii {
+            for (b, slot) in radii.iter_mut().enumerate() {
+                *slot = sels.get(b).map_or(0, |s| s.radii_read);
             }
         }
         if let Some(slots) = slots {

@@ -1414,7 +1414,7 @@ static void policy_clusters(void) {
     kvsieve_key_source_t src;
     test_tensor tq, to, tp;
     uint32_t indptr[HK + 1], idx[HK * PN], gindptr[HK + 1], gidx[HK * PN];
-    size_t len = 0, glen = 0, layers = 99, clustered = 0, nclusters = 0, held = 0, scored = 0, assigned = 0, removed = 0, i;
+    size_t len = 0, glen = 0, layers = 99, clustered = 0, nclusters = 0, held = 0, scored = 0, assigned = 0, removed = 0, radii_read = 99, i;
     uint64_t seq = 0, other = 0;
     int same;
 
@@ -1426,7 +1426,7 @@ static void policy_clusters(void) {
 
     /* Before the set is built: an error naming what to call, nothing written. */
     EXPECT_ERR(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, tensor3(&tq, q, dt_f32(), 1, HQ, D), policy, set,
-                                                  tensor3(&tp, poisoned, dt_f32(), 1, HQ, D), NULL, NULL, got, &scored),
+                                                  tensor3(&tp, poisoned, dt_f32(), 1, HQ, D), NULL, NULL, got, &scored, NULL),
                KVSIEVE_ERROR_INVALID_ARGUMENT, "kvsieve_cluster_set_build");
     CHECK(got[0] == NULL && isnan(poisoned[0]) && isnan(poisoned[HQ * D - 1]), "nothing written on failure");
     EXPECT_ERR(kvsieve_cache_decode_with_policy(cache, 0, &seq, 1, &tq.t, policy, &tp.t, NULL, NULL, NULL),
@@ -1452,7 +1452,7 @@ static void policy_clusters(void) {
 
     got[0] = sentinel;
     EXPECT_OK(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, policy, set, tensor3(&to, out, dt_f32(), 1, HQ, D), lse, NULL,
-                                                 got, &scored));
+                                                 got, &scored, &radii_read));
     EXPECT_OK(kvsieve_selection_head_indptr(both, indptr, HK + 1, NULL));
     EXPECT_OK(kvsieve_selection_indices(both, idx, HK * PN, &len));
     same = got[0] != NULL && got[0] != sentinel;
@@ -1463,15 +1463,25 @@ static void policy_clusters(void) {
     }
     CHECK(same, "the policy's selection is retrieval ∪ sinks ∪ window (%zu vs %zu tokens)", glen, len);
     CHECK(scored == HK * 16, "centroid rows scored: %zu", scored);
+    CHECK(radii_read == 0, "no radii read by the estimate ranking: %zu", radii_read);
     CHECK(max_abs_diff(out, want, HQ * D) == 0.0 && max_abs_diff(lse, want_lse, HQ) == 0.0, "decode equals decode_sparse over that selection");
     ref_attention_sel(q, keys, vals, HQ, HK, D, indptr, idx, PN - 1, NULL, ref_out, ref_lse);
     CHECK(max_abs_diff(out, ref_out, HQ * D) < 1e-4 && max_abs_diff(lse, ref_lse, HQ) < 1e-4, "and the reference (err %g)",
           max_abs_diff(out, ref_out, HQ * D));
     kvsieve_selection_free(got[0]);
 
+    /* The same set serves a policy ranking clusters with rank=mixed, which reads radii. */
+    {
+        kvsieve_policy_t *mixed = NULL;
+        EXPECT_OK(kvsieve_policy_parse("sinks=4,window=16,clusters=48,clusters_k=16,rank=mixed", &mixed));
+        EXPECT_OK(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, mixed, set, &to.t, NULL, NULL, NULL, &scored, &radii_read));
+        CHECK(scored == HK * 16 && radii_read == HK * 16, "rank=mixed: %zu centroid rows and %zu radii read", scored, radii_read);
+        kvsieve_policy_free(mixed);
+    }
+
     /* New tokens are read until an update assigns those past the window. */
     append_tokens(cache, seq, PN, PEXTRA, HK, D, keys + PN * HK * D, vals + PN * HK * D);
-    EXPECT_OK(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, policy, set, &to.t, NULL, NULL, got, NULL));
+    EXPECT_OK(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, policy, set, &to.t, NULL, NULL, got, NULL, NULL));
     EXPECT_OK(kvsieve_selection_head_indptr(got[0], gindptr, HK + 1, NULL));
     EXPECT_OK(kvsieve_selection_indices(got[0], gidx, HK * PN, &glen));
     same = 1;
@@ -1490,13 +1500,13 @@ static void policy_clusters(void) {
     /* Bad input: codes and parameter names, the set unchanged. */
     EXPECT_ERR(kvsieve_cluster_set_build(NULL, cache, seq, policy, NULL), KVSIEVE_ERROR_NULL_POINTER, "set");
     EXPECT_ERR(kvsieve_cluster_set_build(set, cache, 77, policy, NULL), KVSIEVE_ERROR_UNKNOWN_SEQUENCE, "77");
-    EXPECT_ERR(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, policy, NULL, &tp.t, NULL, NULL, NULL, NULL),
+    EXPECT_ERR(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, policy, NULL, &tp.t, NULL, NULL, NULL, NULL, NULL),
                KVSIEVE_ERROR_NULL_POINTER, "set");
     EXPECT_OK(kvsieve_cache_create_sequence(cache, &other));
     EXPECT_ERR(kvsieve_cluster_set_build(set, cache, other, policy, NULL), KVSIEVE_ERROR_INVALID_ARGUMENT, "prefill first");
     EXPECT_OK(kvsieve_cache_truncate(cache, seq, 100));
     EXPECT_ERR(kvsieve_cluster_set_update(set, cache, seq, &assigned), KVSIEVE_ERROR_INVALID_ARGUMENT, "rebuild");
-    EXPECT_ERR(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, policy, set, &tp.t, NULL, NULL, NULL, NULL),
+    EXPECT_ERR(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, &tq.t, policy, set, &tp.t, NULL, NULL, NULL, NULL, NULL),
                KVSIEVE_ERROR_INVALID_ARGUMENT, "build it again");
     CHECK(isnan(poisoned[0]), "nothing written on failure");
     EXPECT_OK(kvsieve_cluster_set_info(set, seq, 0, &held, &clustered, NULL));

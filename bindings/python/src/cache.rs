@@ -460,6 +460,37 @@ impl PyKvCache {
         Ok((out, lse, sels.into_iter().map(PySelection::from).collect()))
     }
 
+    /// Decode under a policy with centroid retrieval from ``clusters``; returns ``(out, lse,
+    /// selections, centroids_scored, radii_read)``, the last two per sequence.
+    #[pyo3(signature = (layer, seqs, q, policy, clusters, *, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn decode_with_clusters<'py>(
+        &self,
+        py: Python<'py>,
+        layer: i64,
+        seqs: &Bound<'py, PyAny>,
+        q: &Bound<'py, PyAny>,
+        policy: &Bound<'py, PyAny>,
+        clusters: &Bound<'py, PyClusterIndexSet>,
+        scale: Option<f32>,
+        logit_soft_cap: Option<f32>,
+        rope: Option<PyRef<'py, PyRopeConfig>>,
+        chunk_size: Option<i64>,
+        out_dtype: &str,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<PySelection>, Vec<usize>, Vec<usize>)> {
+        let layer = usize_arg(layer, "layer")?;
+        let ids = seq_ids(seqs, "seqs")?;
+        let policy = policy_arg(policy)?;
+        let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let q = FloatArray::extract(q, "q", true)?;
+        let set = &clusters.get().inner;
+        let (out, lse, sels) =
+            self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode_with_clusters(layer, &ids, qv, out, Some(lse), &policy, &set.read(), &params))?;
+        let scored = sels.iter().map(|s| s.centroids_scored).collect();
+        let radii = sels.iter().map(|s| s.radii_read).collect();
+        Ok((out, lse, sels.into_iter().map(|s| PySelection::from(s.selection)).collect(), scored, radii))
+    }
+
     /// Causal prefill under a policy; returns ``(out, lse)``.
     #[pyo3(signature = (layer, seqs, q, qo_indptr, policy, *, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]

@@ -115,13 +115,14 @@ def test_error_code_stub_values():
 
 def test_attention_calls_take_position_mode():
     """Every decode / prefill takes position_mode and max_distance (keyword-only, defaults
-    "original" and None), except the policy-driven ones, whose policy sets them."""
+    "original" and None), except the policy-driven ones (with a policy or with clusters),
+    whose policy sets them."""
     calls = [getattr(ext, n) for n in dir(ext) if n.startswith(("paged_decode", "paged_prefill"))]
     calls += [getattr(ext.KvCache, n) for n in dir(ext.KvCache) if n.startswith(("decode", "prefill"))]
-    assert len(calls) == 10
+    assert len(calls) == 11
     for fn in calls:
         params = dict((name, (kind, default)) for name, kind, default in runtime_params(fn))
-        if fn.__name__.endswith("_with_policy"):
+        if fn.__name__.endswith(("_with_policy", "_with_clusters")):
             assert "position_mode" not in params and "max_distance" not in params, fn.__name__
         else:
             assert params["position_mode"] == ("keyword", "original"), fn.__name__

@@ -59,15 +59,16 @@ def union(*lists):
     return np.unique(np.concatenate([np.asarray(x, np.int64) for x in lists]))
 
 
+@pytest.mark.parametrize("rank", ["estimate", "mixed"])
 @pytest.mark.parametrize("hier", [None, 3])
 @pytest.mark.parametrize("trial", range(3))
-def test_decode_equals_reference_over_retrieved_sinks_window(rng, hier, trial):
+def test_decode_equals_reference_over_retrieved_sinks_window(rng, hier, trial, rank):
     n, grow, hk, g, layers = int(rng.integers(60, 220)), int(rng.integers(0, 30)), 2, 3, 2
     sinks, window, budget = int(rng.integers(0, 6)), int(rng.integers(4, 30)), int(rng.integers(8, 80))
     c = kvsieve.KvCache(layers, hk, D, 8, -(-(n + grow) // 8) + 2, dtype="f32")
     s = c.create_sequence()
     fill(rng, c, s, n)
-    text = f"sinks={sinks},window={window},clusters={budget},cluster_size=8" + (f",hier={hier}" if hier else "") + ";layers=0:dense"
+    text = f"sinks={sinks},window={window},clusters={budget},cluster_size=8" + (f",hier={hier}" if hier else "") + f",rank={rank};layers=0:dense"
     policy = kvsieve.Policy(text)
     clusters = kvsieve.ClusterIndexSet(seed=trial)
     assert clusters.build(c, s, policy) == 1 and len(clusters) == 1 and clusters.keys() == [(s, 1)]
@@ -79,9 +80,9 @@ def test_decode_equals_reference_over_retrieved_sinks_window(rng, hier, trial):
     assert index.clustered_len == n - window
     q = rng.standard_normal((1, hk * g, D)).astype(np.float32)
     if hier:
-        r, _ = index.retrieve(q[0], budget=budget, seq_len=total, hierarchical=True, coarse_budget_multiple=2.0)
+        r, st = index.retrieve(q[0], budget=budget, seq_len=total, hierarchical=True, coarse_budget_multiple=2.0, rank=rank)
     else:
-        r, _ = index.retrieve(q[0], budget=budget, seq_len=total)
+        r, st = index.retrieve(q[0], budget=budget, seq_len=total, rank=rank)
     win = kvsieve.streaming(hk, total, sinks, window)
     tail = np.arange(index.clustered_len, total)
     want = [union(r.head(h), win.head(h), tail) for h in range(hk)]
@@ -91,6 +92,13 @@ def test_decode_equals_reference_over_retrieved_sinks_window(rng, hier, trial):
     ro, rl = reference.selected_attention(q, [total - 1], c.read_keys(s, 1), c.read_values(s, 1), want)
     np.testing.assert_allclose(out, ro, atol=ATOL)
     np.testing.assert_allclose(lse, rl, atol=ATOL)
+    # What the retrieval read: centroid rows (fine scored, plus every coarse one under hier=)
+    # and, for rank=mixed, one radius per fine cluster scored.
+    out2, lse2, sels2, scored, radii = c.decode_with_clusters(1, [s], q, policy, clusters)
+    np.testing.assert_array_equal(out2, out)
+    fine = sum(st["clusters_scored"])
+    assert scored == [fine + (hk * index.num_coarse_clusters if hier else 0)]
+    assert radii == [fine if rank == "mixed" else 0]
     # After an update the index covers all but the window.
     if grow:
         assert clusters.update(c, s) == grow

@@ -675,6 +675,26 @@ class KvCache:
                 :meth:`ClusterIndexSet.build`), or with an index covering more tokens than
                 the sequence holds (truncated or compacted since: build again).
         """
+    def decode_with_clusters(
+        self,
+        layer: int,
+        seqs: IntArray,
+        q: FloatArray,
+        policy: Policy | str,
+        clusters: ClusterIndexSet,
+        *,
+        scale: float | None = None,
+        logit_soft_cap: float | None = None,
+        rope: RopeConfig | None = None,
+        chunk_size: int | None = None,
+        out_dtype: str = "f32",
+    ) -> tuple[FloatArray, npt.NDArray[np.float32], list[Selection], list[int], list[int]]:
+        """:meth:`decode_with_policy` with the index set required, also returning what the
+        retrieval read per sequence: ``(out, lse, selections, centroids_scored,
+        radii_read)``. ``centroids_scored`` counts centroid rows (fine clusters scored plus
+        every coarse centroid under ``hier=``, summed over the KV heads that retrieve; each
+        ``head_dim`` floats); ``radii_read`` the cluster radii ``rank=mixed`` read (one float
+        per fine cluster scored, else 0)."""
     def prefill_with_policy(
         self,
         layer: int,

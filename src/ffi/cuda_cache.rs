@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::ffi::args::{non_null, read_struct, slice, slice_mut, write_out};
 use crate::ffi::cache::kvsieve_cache_config_t;
 use crate::ffi::error::{guard, kvsieve_error_t};
-use crate::ffi::sequence::{keep_lists, KEEP_ALL, KEEP_PER_HEAD, KEEP_PER_LAYER};
+use crate::ffi::sequence::{compact_lists, keep_tokens};
 use crate::ffi::tensor::kvsieve_tensor_t;
 use crate::ffi::view::kvsieve_paged_kv_t;
 
@@ -253,25 +253,10 @@ pub unsafe extern "C" fn kvsieve_cuda_cache_compact(
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_cuda_cache_compact", || {
         let c = cache_ref(cache)?;
-        if kind > KEEP_PER_HEAD {
-            return Err(Error::invalid("kind", format!("KVSIEVE_KEEP_ALL (0), KVSIEVE_KEEP_PER_LAYER (1) or KVSIEVE_KEEP_PER_HEAD (2), got {kind}")));
-        }
-        non_null(keep_indptr, "keep_indptr")?;
-        let indptr_len = num_lists.checked_add(1).ok_or_else(|| Error::invalid("num_lists", "a count that fits in memory"))?;
-        let lists = keep_lists(slice(keep_indptr, indptr_len, "keep_indptr")?, slice(keep, keep_len, "keep")?)?;
-        if lists.is_empty() {
-            return Err(Error::invalid("num_lists", "at least 1"));
-        }
+        let lists = compact_lists(kind, keep_indptr, num_lists, keep, keep_len)?;
         with(c, |g| {
-            let keep = match kind {
-                KEEP_ALL => imp::KeepTokens::All(&lists[0]),
-                KEEP_PER_LAYER => imp::KeepTokens::PerLayer(&lists),
-                _ => imp::KeepTokens::PerHead(&lists),
-            };
-            if kind == KEEP_ALL && lists.len() != 1 {
-                return Err(Error::invalid("num_lists", format!("1 (KVSIEVE_KEEP_ALL), got {}", lists.len())));
-            }
-            g.compact(seq, keep)
+            let cfg = *g.config();
+            g.compact(seq, keep_tokens(kind, &lists, &cfg)?)
         })
     })
 }
@@ -332,7 +317,6 @@ mod imp {
     use crate::ffi::tensor::{kvsieve_device_t, kvsieve_dtype_t};
     use crate::ffi::view::kvsieve_paged_kv_t;
     use crate::tensor::TensorView;
-    pub(super) use crate::KeepTokens;
 
     pub(super) fn write_host(g: &mut CudaKvCache, seq: u64, layer: usize, start: usize, k: &TensorView, v: &TensorView) -> Result<()> {
         g.write(seq, layer, start, k, v)
@@ -391,7 +375,7 @@ mod imp {
     use crate::ffi::cuda::DevTensor;
     use crate::ffi::view::kvsieve_paged_kv_t;
     use crate::tensor::TensorView;
-    pub(super) use crate::KeepTokens;
+    use crate::KeepTokens;
 
     pub(crate) enum NoCache {}
 
@@ -418,6 +402,9 @@ mod imp {
             match *self {}
         }
         pub fn compact(&mut self, _: u64, _: KeepTokens) -> Result<()> {
+            match *self {}
+        }
+        pub fn config(&self) -> &crate::CacheConfig {
             match *self {}
         }
     }

@@ -220,31 +220,45 @@ pub unsafe extern "C" fn kvsieve_cache_compact(
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_compact", || {
         let c = cache_ref(cache)?;
-        if kind > KEEP_PER_HEAD {
-            return Err(Error::invalid("kind", format!("KVSIEVE_KEEP_ALL (0), KVSIEVE_KEEP_PER_LAYER (1) or KVSIEVE_KEEP_PER_HEAD (2), got {kind}")));
-        }
-        non_null(keep_indptr, "keep_indptr")?;
-        let indptr_len = num_lists.checked_add(1).ok_or_else(|| Error::invalid("num_lists", "a count that fits in memory"))?;
-        let indptr = slice(keep_indptr, indptr_len, "keep_indptr")?;
-        let lists = keep_lists(indptr, slice(keep, keep_len, "keep")?)?;
+        let lists = compact_lists(kind, keep_indptr, num_lists, keep, keep_len)?;
         let mut g = c.write();
         let cfg = *g.config();
-        let (want, what) = match kind {
-            KEEP_ALL => (1, "1 (KVSIEVE_KEEP_ALL)".to_string()),
-            KEEP_PER_LAYER => (cfg.num_layers, format!("num_layers = {} (KVSIEVE_KEEP_PER_LAYER)", cfg.num_layers)),
-            _ => {
-                let n = cfg.num_layers * cfg.num_kv_heads;
-                (n, format!("num_layers * num_kv_heads = {n} (KVSIEVE_KEEP_PER_HEAD)"))
-            }
-        };
-        if num_lists != want {
-            return Err(Error::invalid("num_lists", format!("{what}, got {num_lists}")));
-        }
-        let keep = match kind {
-            KEEP_ALL => KeepTokens::All(&lists[0]),
-            KEEP_PER_LAYER => KeepTokens::PerLayer(&lists),
-            _ => KeepTokens::PerHead(&lists),
-        };
+        let keep = keep_tokens(kind, &lists, &cfg)?;
         g.compact(seq, keep)
+    })
+}
+
+/// The token lists of a compaction call (`kind` checked, the CSR read and checked).
+///
+/// # Safety
+/// `keep_indptr` NULL or readable for `num_lists + 1` values; `keep` NULL or readable for
+/// `keep_len` values.
+pub(crate) unsafe fn compact_lists(kind: u32, keep_indptr: *const u32, num_lists: usize, keep: *const u32, keep_len: usize) -> Result<Vec<Vec<u32>>> {
+    if kind > KEEP_PER_HEAD {
+        return Err(Error::invalid("kind", format!("KVSIEVE_KEEP_ALL (0), KVSIEVE_KEEP_PER_LAYER (1) or KVSIEVE_KEEP_PER_HEAD (2), got {kind}")));
+    }
+    non_null(keep_indptr, "keep_indptr")?;
+    let indptr_len = num_lists.checked_add(1).ok_or_else(|| Error::invalid("num_lists", "a count that fits in memory"))?;
+    let indptr = slice(keep_indptr, indptr_len, "keep_indptr")?;
+    keep_lists(indptr, slice(keep, keep_len, "keep")?)
+}
+
+/// `lists` as the `KeepTokens` of `kind` for a cache of `cfg` (the list count checked).
+pub(crate) fn keep_tokens<'a>(kind: u32, lists: &'a [Vec<u32>], cfg: &crate::CacheConfig) -> Result<KeepTokens<'a>> {
+    let (want, what) = match kind {
+        KEEP_ALL => (1, "1 (KVSIEVE_KEEP_ALL)".to_string()),
+        KEEP_PER_LAYER => (cfg.num_layers, format!("num_layers = {} (KVSIEVE_KEEP_PER_LAYER)", cfg.num_layers)),
+        _ => {
+            let n = cfg.num_layers * cfg.num_kv_heads;
+            (n, format!("num_layers * num_kv_heads = {n} (KVSIEVE_KEEP_PER_HEAD)"))
+        }
+    };
+    if lists.len() != want {
+        return Err(Error::invalid("num_lists", format!("{what}, got {}", lists.len())));
+    }
+    Ok(match kind {
+        KEEP_ALL => KeepTokens::All(&lists[0]),
+        KEEP_PER_LAYER => KeepTokens::PerLayer(lists),
+        _ => KeepTokens::PerHead(lists),
     })
 }

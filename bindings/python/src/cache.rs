@@ -446,18 +446,8 @@ impl PyKvCache {
         chunk_size: Option<i64>,
         out_dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<PySelection>)> {
-        let layer = usize_arg(layer, "layer")?;
-        let ids = seq_ids(seqs, "seqs")?;
-        let policy = policy_arg(policy)?;
-        // The policy sets the position mode of the layer.
-        let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
-        let q = FloatArray::extract(q, "q", true)?;
-        let set = clusters.map(|s| &s.get().inner);
-        let (out, lse, sels) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| match set {
-            Some(set) => Ok(c.decode_with_clusters(layer, &ids, qv, out, Some(lse), &policy, &set.read(), &params)?.into_iter().map(|s| s.selection).collect()),
-            None => c.decode_with_policy(layer, &ids, qv, out, Some(lse), &policy, &params),
-        })?;
-        Ok((out, lse, sels.into_iter().map(PySelection::from).collect()))
+        let (out, lse, sels) = self.policy_decode(py, layer, seqs, q, policy, clusters, scale, logit_soft_cap, rope, chunk_size, out_dtype)?;
+        Ok((out, lse, sels.into_iter().map(|s| PySelection::from(s.selection)).collect()))
     }
 
     /// Decode under a policy with centroid retrieval from ``clusters``; returns ``(out, lse,
@@ -478,14 +468,7 @@ impl PyKvCache {
         chunk_size: Option<i64>,
         out_dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<PySelection>, Vec<usize>, Vec<usize>)> {
-        let layer = usize_arg(layer, "layer")?;
-        let ids = seq_ids(seqs, "seqs")?;
-        let policy = policy_arg(policy)?;
-        let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
-        let q = FloatArray::extract(q, "q", true)?;
-        let set = &clusters.get().inner;
-        let (out, lse, sels) =
-            self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode_with_clusters(layer, &ids, qv, out, Some(lse), &policy, &set.read(), &params))?;
+        let (out, lse, sels) = self.policy_decode(py, layer, seqs, q, policy, Some(clusters), scale, logit_soft_cap, rope, chunk_size, out_dtype)?;
         let scored = sels.iter().map(|s| s.centroids_scored).collect();
         let radii = sels.iter().map(|s| s.radii_read).collect();
         Ok((out, lse, sels.into_iter().map(|s| PySelection::from(s.selection)).collect(), scored, radii))
@@ -550,6 +533,40 @@ impl PyKvCache {
 }
 
 impl PyKvCache {
+    /// Decode under a policy, with centroid retrieval from `clusters` when given; the
+    /// policy's selections and what they cost (empty for a dense layer without clusters).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn policy_decode<'py>(
+        &self,
+        py: Python<'py>,
+        layer: i64,
+        seqs: &Bound<'py, PyAny>,
+        q: &Bound<'py, PyAny>,
+        policy: &Bound<'py, PyAny>,
+        clusters: Option<&Bound<'py, PyClusterIndexSet>>,
+        scale: Option<f32>,
+        logit_soft_cap: Option<f32>,
+        rope: Option<PyRef<'py, PyRopeConfig>>,
+        chunk_size: Option<i64>,
+        out_dtype: &str,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<kvsieve::select::PolicySelection>)> {
+        let layer = usize_arg(layer, "layer")?;
+        let ids = seq_ids(seqs, "seqs")?;
+        let policy = policy_arg(policy)?;
+        // The policy sets the position mode of the layer.
+        let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let q = FloatArray::extract(q, "q", true)?;
+        let set = clusters.map(|s| &s.get().inner);
+        self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| match set {
+            Some(set) => c.decode_with_clusters(layer, &ids, qv, out, Some(lse), &policy, &set.read(), &params),
+            None => Ok(c
+                .decode_with_policy(layer, &ids, qv, out, Some(lse), &policy, &params)?
+                .into_iter()
+                .map(|selection| kvsieve::select::PolicySelection { selection, centroids_scored: 0, radii_read: 0 })
+                .collect()),
+        })
+    }
+
     /// Run an attention call `f` on the cache (read lock, GIL released) with output buffers
     /// shaped like `q` (`[tokens, num_qo_heads, head_dim]`); returns `(out, lse, f's result)`.
     /// `params` is checked against the cache's key storage first.

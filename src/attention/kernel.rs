@@ -3,7 +3,9 @@
 //! times the query tokens of a prefill tile).
 
 use crate::attention::simd;
+use crate::attention::rope::RopeTable;
 use crate::attention::{AttentionParams, PositionMode, RopeConfig};
+use std::sync::Arc;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kv::PagedKv;
@@ -26,8 +28,9 @@ pub(crate) struct Ctx<'a> {
     pub d: usize,
     pub scale: f32,
     pub soft_cap: Option<f32>,
-    /// RoPE applied to keys and queries at read time (keys stored before RoPE).
-    pub rope: Option<(RopeConfig, Vec<f32>)>,
+    /// RoPE applied to keys and queries at read time (keys stored before RoPE): the
+    /// configuration, its inverse frequencies and the shared rotation table.
+    pub rope: Option<(RopeConfig, Vec<f32>, Arc<RopeTable>)>,
     pub positions: PositionMode,
 }
 
@@ -64,7 +67,8 @@ impl<'a> Ctx<'a> {
             }
             (KeyRope::PreRope, Some(r)) => {
                 r.validate(d)?;
-                Some((r, r.inv_freq(d)))
+                let longest = (0..kv.batch_size()).map(|b| kv.seq_len(b)).max().unwrap_or(0);
+                Some((r, r.inv_freq(d), r.table(d, longest + 1)))
             }
             (KeyRope::PostRope, _) => None,
         };
@@ -82,9 +86,9 @@ impl<'a> Ctx<'a> {
 
     /// Rotate `rows` query rows (each `d` long) by `pos` when keys are read pre-RoPE.
     pub fn rotate_rows(&self, q: &mut [f32], pos: f32) {
-        if let Some((rope, inv)) = &self.rope {
+        if let Some((rope, inv, table)) = &self.rope {
             for row in q.chunks_exact_mut(self.d) {
-                rope.rotate(row, pos, inv);
+                rope.rotate_with(row, pos, inv, table);
             }
         }
     }
@@ -389,19 +393,17 @@ pub(crate) fn attend_block(
         sc.v_ptrs.push(v.wrapping_add(vo));
     }
     let mut k_dtype = kv.dtype();
-    if let (Some((rope, inv)), false) = (&ctx.rope, pass.key_pos == KeyPos::Raw) {
+    if let (Some((rope, inv, table)), false) = (&ctx.rope, pass.key_pos == KeyPos::Raw) {
         for (j, &tok) in blk.tokens.iter().enumerate() {
             let row = &mut sc.k_rot[j * d..(j + 1) * d];
             // SAFETY: k_ptrs[j] points at d valid elements (PagedKv contract).
             let bytes = unsafe { std::slice::from_raw_parts(sc.k_ptrs[j], d * k_dtype.size()) };
-            for (c, x) in row.iter_mut().enumerate() {
-                *x = crate::dtype::load_f32(bytes, k_dtype, c);
-            }
+            crate::dtype::load_row(bytes, k_dtype, row);
             let pos = match pass.key_pos {
                 KeyPos::Index(base) => (base + blk.first + j) as f32,
                 _ => kv.position(b, tok) as f32,
             };
-            rope.rotate(row, pos, inv);
+            rope.rotate_with(row, pos, inv, table);
             sc.k_ptrs[j] = row.as_ptr() as *const u8;
         }
         k_dtype = DType::F32;

@@ -1,5 +1,9 @@
 //! Rotary position embedding (RoPE).
 
+use std::sync::{Arc, OnceLock};
+
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::tensor::TensorViewMut;
 
@@ -85,6 +89,88 @@ impl RopeConfig {
     }
 }
 
+/// Rotations at integer positions `0..len` for one RoPE configuration and head_dim: the
+/// `(cos, sin)` of every rotated pair, computed exactly as [`RopeConfig::rotate`] does, so
+/// rotating through the table gives the same bits. Keys stored before RoPE are rotated at
+/// every read; the table turns the per-pair `sin_cos` into a lookup.
+#[derive(Debug)]
+pub(crate) struct RopeTable {
+    half: usize,
+    len: usize,
+    /// `[len][half]` pairs of (cos, sin).
+    cs: Vec<[f32; 2]>,
+}
+
+/// Longest table kept (positions beyond it are rotated by computing `sin_cos`).
+const TABLE_MAX_POSITIONS: usize = 1 << 16;
+
+impl RopeTable {
+    fn build(cfg: &RopeConfig, inv_freq: &[f32], len: usize) -> Self {
+        let half = inv_freq.len();
+        let mut cs = vec![[0f32; 2]; len * half];
+        cs.par_chunks_mut(half.max(1)).enumerate().for_each(|(pos, row)| {
+            let p = (pos as f32 / cfg.position_scale) as f64;
+            for (e, &f) in row.iter_mut().zip(inv_freq) {
+                let (sin, cos) = (p * f as f64).sin_cos();
+                *e = [cos as f32, sin as f32];
+            }
+        });
+        RopeTable { half, len, cs }
+    }
+}
+
+/// The shared tables, by (theta, rotary dim, position scale) bits.
+type Tables = parking_lot::Mutex<std::collections::HashMap<(u32, usize, u32), Arc<RopeTable>>>;
+
+impl RopeConfig {
+    /// A table covering positions `0..len` (rounded up to a power of two, at most
+    /// [`TABLE_MAX_POSITIONS`]), shared by every call with the same configuration; built
+    /// once per size (in parallel).
+    pub(crate) fn table(&self, head_dim: usize, len: usize) -> Arc<RopeTable> {
+        static TABLES: OnceLock<Tables> = OnceLock::new();
+        let want = len.max(1).next_power_of_two().min(TABLE_MAX_POSITIONS);
+        let key = (self.theta.to_bits(), self.rotary_dim_for(head_dim), self.position_scale.to_bits());
+        let tables = TABLES.get_or_init(Default::default);
+        if let Some(t) = tables.lock().get(&key).filter(|t| t.len >= want) {
+            return t.clone();
+        }
+        let t = Arc::new(RopeTable::build(self, &self.inv_freq(head_dim), want));
+        let mut g = tables.lock();
+        let keep = g.get(&key).filter(|old| old.len >= t.len).cloned().unwrap_or_else(|| t.clone());
+        g.insert(key, keep.clone());
+        keep
+    }
+
+    /// [`RopeConfig::rotate`] through `table` when `position` is an integer it covers (the
+    /// same result), computing otherwise.
+    #[inline]
+    pub(crate) fn rotate_with(&self, x: &mut [f32], position: f32, inv_freq: &[f32], table: &RopeTable) {
+        let i = position as usize;
+        if position < 0.0 || i as f32 != position || i >= table.len || table.half != inv_freq.len() {
+            return self.rotate(x, position, inv_freq);
+        }
+        let half = table.half;
+        let row = &table.cs[i * half..(i + 1) * half];
+        match self.style {
+            RopeStyle::HalfSplit => {
+                let (lo, hi) = x.split_at_mut(half);
+                for ((a, b), &[cos, sin]) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
+                    let (xa, xb) = (*a, *b);
+                    *a = xa * cos - xb * sin;
+                    *b = xa * sin + xb * cos;
+                }
+            }
+            RopeStyle::AdjacentPairs => {
+                for (pair, &[cos, sin]) in x.chunks_exact_mut(2).zip(row) {
+                    let (xa, xb) = (pair[0], pair[1]);
+                    pair[0] = xa * cos - xb * sin;
+                    pair[1] = xa * sin + xb * cos;
+                }
+            }
+        }
+    }
+}
+
 /// Apply RoPE in place to `x` of shape `[n, heads, head_dim]`, token `i` at `positions[i]`.
 pub fn apply_rope(x: &mut TensorViewMut, positions: &[i32], cfg: &RopeConfig) -> Result<()> {
     if x.shape().len() != 3 {
@@ -96,13 +182,46 @@ pub fn apply_rope(x: &mut TensorViewMut, positions: &[i32], cfg: &RopeConfig) ->
     }
     cfg.validate(d)?;
     let inv = cfg.inv_freq(d);
+    let longest = positions.iter().map(|&p| p.max(0) as usize).max().unwrap_or(0);
+    let table = cfg.table(d, longest + 1);
     let mut row = vec![0f32; d];
     for (i, &pos) in positions.iter().enumerate() {
         for head in 0..h {
             x.as_view().read_row(&[i, head], &mut row);
-            cfg.rotate(&mut row, pos as f32, &inv);
+            cfg.rotate_with(&mut row, pos as f32, &inv, &table);
             x.write_row(&[i, head], &row);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Rotating through the shared table gives exactly the bits of computing each
+        /// rotation, for both pairings, partial rotary dims, scaled positions, and positions
+        /// inside, at the edge of and past the table (and fractional ones).
+        #[test]
+        fn table_rotation_equals_computed_rotation(
+            seed in any::<u64>(), half_split in any::<bool>(), d in prop_oneof![Just(8usize), Just(64), Just(128)],
+            partial in any::<bool>(), scale in prop_oneof![Just(1.0f32), Just(4.0)], theta in prop_oneof![Just(10_000.0f32), Just(500_000.0)],
+        ) {
+            let style = if half_split { RopeStyle::HalfSplit } else { RopeStyle::AdjacentPairs };
+            let cfg = RopeConfig { theta, rotary_dim: if partial { d / 2 } else { 0 }, style, position_scale: scale };
+            let inv = cfg.inv_freq(d);
+            let table = cfg.table(d, 300);
+            let mut state = seed | 1;
+            let mut next = || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; state };
+            for pos in [0.0f32, 1.0, 17.0, 255.0, 511.0, 512.0, 70_000.0, 2.5, (next() % 1000) as f32] {
+                let x: Vec<f32> = (0..d).map(|_| (next() % 2000) as f32 / 1000.0 - 1.0).collect();
+                let (mut a, mut b) = (x.clone(), x);
+                cfg.rotate(&mut a, pos, &inv);
+                cfg.rotate_with(&mut b, pos, &inv, &table);
+                prop_assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "position {}", pos);
+            }
+        }
+    }
 }

@@ -35,10 +35,16 @@ struct DecodeFigures {
     kv_bytes: f64,
 }
 
-fn bench_decode(batch: usize, tokens: usize) -> DecodeFigures {
+/// Dense decode of `batch` sequences of `tokens`; with `pre_rope`, keys stored before RoPE
+/// and rotated at read under contiguous positions (StreamingLLM's renumbering).
+fn bench_decode(batch: usize, tokens: usize, pre_rope: bool) -> DecodeFigures {
     let (hk, hq, d, ps) = (8, 32, 128, 16);
     let pages = batch * tokens.div_ceil(ps);
-    let mut cache = KvCache::new(CacheConfig::new(1, hk, d, ps, pages).with_dtype(DType::F16).with_key_bounds(false)).unwrap();
+    let mut cfg = CacheConfig::new(1, hk, d, ps, pages).with_dtype(DType::F16).with_key_bounds(false);
+    if pre_rope {
+        cfg = cfg.with_key_rope(kvsieve::KeyRope::PreRope);
+    }
+    let mut cache = KvCache::new(cfg).unwrap();
     // Random-ish K/V written in slabs so the pages hold real data.
     let slab = 1024;
     let mut x = 0x1234_5678u32;
@@ -65,7 +71,11 @@ fn bench_decode(batch: usize, tokens: usize) -> DecodeFigures {
     let qv = TensorView::new(&q, &[batch, hq, d]).unwrap();
     let mut out = vec![0f32; batch * hq * d];
     let mut lse = vec![0f32; batch * hq];
-    let p = AttentionParams::default();
+    let mut p = AttentionParams::default();
+    if pre_rope {
+        p.rope = Some(kvsieve::attention::RopeConfig::new(10_000.0, kvsieve::attention::RopeStyle::HalfSplit));
+        p.positions = kvsieve::attention::PositionMode::Contiguous;
+    }
     let mut times = Vec::new();
     for i in 0..12 {
         let t = Instant::now();
@@ -159,8 +169,9 @@ fn main() {
     let bw = read_bandwidth(&buf);
     drop(buf);
 
-    let b1 = bench_decode(1, tokens);
-    let b8 = bench_decode(8, tokens);
+    let b1 = bench_decode(1, tokens, false);
+    let b8 = bench_decode(8, tokens, false);
+    let b1_pre = bench_decode(1, tokens, true);
     let frac1 = b1.kv_bytes / b1.secs / bw;
     let frac8 = b8.kv_bytes / b8.secs / bw;
     let sparse_tokens: usize = arg("--sparse-tokens").map_or(131072, |s| s.parse().expect("--sparse-tokens N"));
@@ -172,6 +183,7 @@ fn main() {
     for (name, f, fr) in [("batch 1", &b1, frac1), ("batch 8", &b8, frac8)] {
         println!("{:<34} {:>9.3} ms  {:>7.2} GB/s  {:.3} of bandwidth", format!("decode {name}"), f.secs * 1e3, f.kv_bytes / f.secs / 1e9, fr);
     }
+    println!("{:<34} {:>9.3} ms  {:.2}x the post-RoPE decode", "decode batch 1, RoPE at read", b1_pre.secs * 1e3, b1_pre.secs / b1.secs);
     println!(
         "{:<34} dense {:.3} ms, sparse {:.3} ms (selection {:.3} ms), {} tokens per head of {sparse_tokens}",
         "sparse decode (sinks+window+pages)", sp.dense_secs * 1e3, sp.sparse_secs * 1e3, sp.select_secs * 1e3, sp.selected_tokens
@@ -180,10 +192,11 @@ fn main() {
     println!("{:<34} {:.3} ms = {:.3} dense decode steps", "GemFilter select (k 2048)", sp.gemfilter_secs * 1e3, sp.gemfilter_secs / sp.dense_secs);
     if let Some(path) = arg("--json") {
         let json = format!(
-            "{{\n  \"memory_read_gbps\": {:.4},\n  \"decode_dense_b1_ms\": {:.4},\n  \"decode_dense_b8_ms\": {:.4},\n  \"decode_dense_bw_fraction_b1\": {:.4},\n  \"decode_dense_bw_fraction\": {:.4},\n  \"decode_tokens\": {tokens},\n  \"threads\": {threads},\n  \"decode_sparse_speedup_128k\": {:.4},\n  \"selection_overhead_fraction\": {:.4},\n  \"decode_sparse_selected_tokens\": {},\n  \"decode_sparse_context_tokens\": {sparse_tokens},\n  \"gemfilter_vs_dense_decode_128k\": {:.4}\n}}\n",
+            "{{\n  \"memory_read_gbps\": {:.4},\n  \"decode_dense_b1_ms\": {:.4},\n  \"decode_dense_b8_ms\": {:.4},\n  \"decode_dense_bw_fraction_b1\": {:.4},\n  \"decode_dense_bw_fraction\": {:.4},\n  \"decode_tokens\": {tokens},\n  \"threads\": {threads},\n  \"decode_sparse_speedup_128k\": {:.4},\n  \"selection_overhead_fraction\": {:.4},\n  \"decode_sparse_selected_tokens\": {},\n  \"decode_sparse_context_tokens\": {sparse_tokens},\n  \"gemfilter_vs_dense_decode_128k\": {:.4},\n  \"decode_pre_rope_vs_post_rope\": {:.4}\n}}\n",
             bw / 1e9, b1.secs * 1e3, b8.secs * 1e3, frac1, frac8,
             sp.dense_secs / sp.sparse_secs, sp.select_secs / sp.sparse_secs, sp.selected_tokens,
-            sp.gemfilter_secs / sp.dense_secs
+            sp.gemfilter_secs / sp.dense_secs,
+            b1_pre.secs / b1.secs
         );
         std::fs::write(&path, json).expect("write --json file");
     }

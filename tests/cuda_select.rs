@@ -205,6 +205,7 @@ fn choose(est: &[f64], scored: &[bool], sizes: &[u32], how: &Retrieve, h: usize)
             }
             out
         }
+        Retrieve::MixedBudget(_) => unreachable!("the device has no mixed ranking (checked to be refused)"),
     }
 }
 
@@ -269,6 +270,10 @@ fn cluster_retrieval_matches_cpu() {
             let tau = sorted[k / 2];
             let per_head: Vec<f64> = (0..hk).map(|h| cpu_est[h][k / 3]).collect();
             let all = vec![true; k];
+            // The mixed ranking is host-only for now: the device refuses it by name.
+            let (out, _keep) = poisoned_selections(&dev, stream, 1, hk, n);
+            let e = cidx.retrieve(stream, &qt, &Retrieve::MixedBudget(50), &mut ws, &out).unwrap_err();
+            assert!(matches!(e, kvsieve::Error::Unsupported(_)) && e.to_string().contains("MixedBudget"), "{e}");
             for how in [
                 Retrieve::Threshold(tau),
                 Retrieve::PerHeadThreshold(per_head.clone()),
@@ -298,6 +303,7 @@ fn cluster_retrieval_matches_cpu() {
                             s.sort_by(f64::total_cmp);
                             s.windows(2).any(|w| (w[1] - w[0]).abs() <= 1e-4 * w[1].abs())
                         }
+                        Retrieve::MixedBudget(_) => unreachable!("not in the device rules"),
                     };
                     if !near {
                         assert_eq!(sel.head(h), cpu.selection.head(h), "{what} {how:?} head {h}: tokens against the CPU");

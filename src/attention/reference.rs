@@ -55,6 +55,10 @@ pub fn attend_one(
     let pre = kv.key_rope() == KeyRope::PreRope;
     let mut out = vec![0f64; num_qo_heads * d];
     let mut lse = vec![f64::NEG_INFINITY; num_qo_heads];
+    if n == 0 {
+        // An empty sequence: nothing to attend to (and no query token to position).
+        return RefState { out, lse };
+    }
     for h in 0..num_qo_heads {
         let kh = h / group;
         let kept: Vec<usize> = (0..n).filter(|&t| keep(kh, t)).collect();

@@ -15,7 +15,11 @@ template <class L>
 __device__ __forceinline__ void gf_scores(const typename L::T* __restrict__ keys, unsigned long long stride_t,
                                           unsigned long long stride_h, unsigned n, unsigned hk, unsigned d,
                                           unsigned g, const float* __restrict__ q, float* __restrict__ scores) {
+#ifdef KVS_EMU
+    KVS_EMU_DYN_SHARED(float, qsum);
+#else
     extern __shared__ float qsum[];
+#endif
     for (unsigned i = threadIdx.x; i < hk * d; i += blockDim.x) {
         const unsigned h = i / d, c = i % d;
         float s = 0.f;

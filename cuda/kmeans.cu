@@ -170,15 +170,28 @@ __device__ __forceinline__ void kvs_km_record(unsigned h, unsigned t, unsigned n
 // centroids) and keeps a running (max, argmax) per row. grid = (ceil(n / 256), hk).
 
 __device__ __forceinline__ void kvs_cp_async16(void* smem, const void* gmem) {
+#ifdef KVS_EMU
+    std::memcpy(smem, gmem, 16);  // completes at once; commit and wait have nothing to do
+#else
     unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#endif
 }
+#ifdef KVS_EMU
+__device__ __forceinline__ void kvs_cp_commit() {}
+template <int N>
+__device__ __forceinline__ void kvs_cp_wait() {}
+#else
 __device__ __forceinline__ void kvs_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void kvs_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#endif
 
 template <bool BF16>
 __device__ __forceinline__ void kvs_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#ifdef KVS_EMU
+    kvs_emu::mma_m16n8k16(BF16, c, a, b0, b1);
+#else
     if (BF16) {
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -192,6 +205,7 @@ __device__ __forceinline__ void kvs_mma(float (&c)[4], const unsigned (&a)[4], u
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     }
+#endif
 }
 
 #define KVS_MMA_WARPS 8
@@ -209,7 +223,11 @@ __device__ __forceinline__ void assign_mma(const kvs_u16* __restrict__ keys, uns
     constexpr int TILE = PARTS * NT * LD; // halves per buffer
     constexpr int KS = D / 16;
     constexpr int NF = NT / 8;
+#ifdef KVS_EMU
+    KVS_EMU_DYN_SHARED(kvs_u16, smem);
+#else
     extern __shared__ __align__(16) kvs_u16 smem[];
+#endif
     const unsigned h = blockIdx.y;
     if (kvs_done(ctl, h)) return;
     const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

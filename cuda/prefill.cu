@@ -47,14 +47,32 @@ struct KvsPrefillParams {
 template <bool BF16>
 __device__ __forceinline__ unsigned kvs_pack2(float lo, float hi) {
     unsigned r;
+#ifdef KVS_EMU
+    unsigned short l, h;
+    if (BF16) {
+        __nv_bfloat16 a = __float2bfloat16_rn(lo), b = __float2bfloat16_rn(hi);
+        std::memcpy(&l, &a, 2);
+        std::memcpy(&h, &b, 2);
+    } else {
+        __half a = __float2half_rn(lo), b = __float2half_rn(hi);
+        std::memcpy(&l, &a, 2);
+        std::memcpy(&h, &b, 2);
+    }
+    r = (unsigned)l | ((unsigned)h << 16);
+#else
     if (BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
     return r;
 }
 
 template <bool BF16>
 __device__ __forceinline__ void kvs_mma_pf(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                                            unsigned b1) {
+#ifdef KVS_EMU
+    const unsigned a[4] = {a0, a1, a2, a3};
+    kvs_emu::mma_m16n8k16(BF16, c, a, b0, b1);
+#else
     if (BF16) {
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -68,6 +86,7 @@ __device__ __forceinline__ void kvs_mma_pf(float (&c)[4], unsigned a0, unsigned 
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
     }
+#endif
 }
 
 template <int D, bool BF16>

@@ -14,9 +14,15 @@
 typedef unsigned short kvs_u16;
 
 __device__ __forceinline__ float kvs_f16_to_f32(kvs_u16 h) {
+#ifdef KVS_EMU
+    __half x;
+    std::memcpy(&x, &h, 2);
+    return __half2float(x);
+#else
     float f;
     asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 __device__ __forceinline__ float kvs_bf16_to_f32(kvs_u16 h) {
@@ -25,13 +31,23 @@ __device__ __forceinline__ float kvs_bf16_to_f32(kvs_u16 h) {
 
 __device__ __forceinline__ kvs_u16 kvs_f32_to_f16(float f) {
     kvs_u16 h;
+#ifdef KVS_EMU
+    __half x = __float2half_rn(f);
+    std::memcpy(&h, &x, 2);
+#else
     asm("{ .reg .b16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(f));
+#endif
     return h;
 }
 
 __device__ __forceinline__ kvs_u16 kvs_f32_to_bf16(float f) {
     kvs_u16 h;
+#ifdef KVS_EMU
+    __nv_bfloat16 x = __float2bfloat16_rn(f);
+    std::memcpy(&h, &x, 2);
+#else
     asm("{ .reg .b16 t; cvt.rn.bf16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(f));
+#endif
     return h;
 }
 

@@ -34,3 +34,8 @@ NVCC="$(bash scripts/cuda-toolchain.sh)"
 export NVCC
 cargo build --features cuda
 cargo test --features cuda --test 'cuda_*' -- --test-threads=1
+# ---- The same tests again with every kernel run on the CPU emulator of the CUDA execution
+# ---- model (scripts/cuda-emu.sh): the kernels' arithmetic, indexing and synchronisation
+# ---- checked against the CPU backend without a GPU.
+echo "== CUDA kernels on the CPU emulator: tests/cuda_*"
+KVSIEVE_EMU_REQUIRE_ALL=1 bash scripts/cuda-emu.sh test -- --test-threads=2

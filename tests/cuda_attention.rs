@@ -276,6 +276,25 @@ fn cases() -> Vec<Case> {
             }
         }
     }
+    // The kernels are instantiated per (dtype, head_dim, query rows per block: 1, 2, 4 or 8
+    // for GQA groups 1, 2, 3-4 and 5+): add a case for each instantiation not reached above.
+    let rows = |g: usize| match g {
+        0 | 1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    };
+    for dtype in [DType::F16, DType::BF16] {
+        for d in [64, 128] {
+            for group in [1, 2, 4, 8] {
+                if !v.iter().any(|c| c.dtype == dtype && c.d == d && rows(c.group) == group) {
+                    let layout = if i % 2 == 0 { PageLayout::Nhd } else { PageLayout::Hnd };
+                    v.push(Case { dtype, page_size: 16, d, hk: 2, group, layout, lens: vec![45 + i, 0, 130 + 7 * i] });
+                    i += 1;
+                }
+            }
+        }
+    }
     v
 }
 

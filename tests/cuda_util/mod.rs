@@ -7,11 +7,16 @@ use std::sync::Arc;
 
 use kvsieve::backend::cuda::CudaDevice;
 
-/// Device 0, or `None` after printing `skipped: <test>: <reason>` to the terminal (written
-/// straight to stderr, so it shows even when the test harness captures output).
+/// Device 0 after printing `ran on <device>: <test>`, or `None` after printing
+/// `skipped: <test>: <reason>` (written straight to stderr, so it shows even when the test
+/// harness captures output). The device is "kvsieve CUDA emulator (CPU)" under
+/// scripts/cuda-emu.sh.
 pub fn device_or_skip(test: &str) -> Option<Arc<CudaDevice>> {
     match CudaDevice::get(0) {
-        Ok(d) => Some(d),
+        Ok(d) => {
+            let _ = writeln!(std::io::stderr(), "ran on {}: {test}", d.name());
+            Some(d)
+        }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "skipped: {test}: {e}");
             None

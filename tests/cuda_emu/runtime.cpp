@@ -87,6 +87,7 @@ std::vector<uint64_t> smem;  // dynamic shared memory, 8-byte aligned
 size_t smem_bytes;
 std::string failure;
 std::mutex launch_lock;
+unsigned launch_count;
 
 [[noreturn]] void fiber_main() {
     entry(entry_args);
@@ -125,8 +126,10 @@ std::string where(const ThreadState& t) {
 }
 
 // Run every thread of the current block to completion. False (with `failure` set) on a
-// deadlock or a misused collective.
-bool run_block() {
+// deadlock or a misused collective. Between two barriers the threads run one after another,
+// in ascending order or (`reverse`) descending: a read of another thread's write that lacks
+// a barrier sees the old value in one of the two orders, and launches alternate them.
+bool run_block(bool reverse) {
     for (unsigned i = 0; i < nthreads; ++i) {
         ThreadState& t = threads[i];
         t.state = READY;
@@ -136,8 +139,8 @@ bool run_block() {
     }
     for (;;) {
         bool ran = false;
-        for (unsigned i = 0; i < nthreads && failure.empty(); ++i) {
-            ThreadState& t = threads[i];
+        for (unsigned k = 0; k < nthreads && failure.empty(); ++k) {
+            ThreadState& t = threads[reverse ? nthreads - 1 - k : k];
             if (t.state != READY) continue;
             cur = &t;
             cur_tid = t.tid;
@@ -390,6 +393,7 @@ bool launch(const char* name, void (*fn)(void**), dim3 grid, dim3 block, size_t 
     }
     kernel_name = name;
     ++launched.counts[name];
+    ++launch_count;
     entry = fn;
     entry_args = params;
     nthreads = (unsigned)n;
@@ -405,7 +409,7 @@ bool launch(const char* name, void (*fn)(void**), dim3 grid, dim3 block, size_t 
                 block_idx = make_uint3(x, y, z);
                 // Shared memory starts as garbage on a GPU: NaN bytes here.
                 std::memset(smem.data(), 0xff, smem.size() * 8);
-                if (!run_block()) {
+                if (!run_block(((x + y + z) ^ launch_count) & 1)) {
                     char b[96];
                     std::snprintf(b, sizeof b, " (block (%u,%u,%u))", x, y, z);
                     *error = failure + b;

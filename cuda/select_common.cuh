@@ -208,7 +208,7 @@ struct KvsSel {
 
 // `f(i, key, weight)` gives element i's key and weight; it must be a pure function of i.
 template <int BLOCK, class F>
-__device__ KvsSel kvs_block_select(unsigned n, unsigned target, F f, unsigned* hist, unsigned* sh) {
+__device__ __forceinline__ KvsSel kvs_block_select(unsigned n, unsigned target, F f, unsigned* hist, unsigned* sh) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     unsigned tot = 0;
     for (unsigned i = threadIdx.x; i < n; i += BLOCK) {

@@ -1753,8 +1753,9 @@ typedef enum kvsieve_retrieve_mode {
      *  member's raw key to C_c), each cluster once, ties to the lower index. It finds a key
      *  that matches the query far better than its cluster-mates, which the mean hides. Needs
      *  an index with radii: built or rebuilt on the host, or loaded from a version 2 file
-     *  (#KVSIEVE_ERROR_INVALID_ARGUMENT otherwise); not on the GPU
-     *  (#KVSIEVE_ERROR_UNSUPPORTED from kvsieve_cuda_cluster_index_retrieve()). */
+     *  (#KVSIEVE_ERROR_INVALID_ARGUMENT otherwise). kvsieve_cuda_cluster_index_retrieve()
+     *  runs it for an index uploaded with radii; one built by
+     *  kvsieve_cuda_cluster_index_build() has none (#KVSIEVE_ERROR_INVALID_ARGUMENT). */
     KVSIEVE_RETRIEVE_BUDGET_MIXED = 3
 } kvsieve_retrieve_mode_t;
 

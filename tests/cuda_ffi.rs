@@ -471,6 +471,14 @@ mod gpu {
             for (h, l) in got.iter().enumerate() {
                 assert_eq!(l.as_slice(), want.head(h), "uploaded index, head {h}");
             }
+            // The mixed ranking (the uploaded index carries the host build's radii).
+            let want_mixed = index.retrieve(&qv, &Retrieve::MixedBudget(50), n).unwrap().selection;
+            let rm = kvsieve_retrieve_config_t { mode: RETRIEVE_BUDGET_MIXED, ..rc };
+            assert_eq!(take(kvsieve_cuda_cluster_index_retrieve(dix, &qt, &rm, ip.ptr() as *mut i32, ix.ptr() as *mut i32, raw_stream)), None);
+            let got = lists("uploaded index, mixed ranking");
+            for (h, l) in got.iter().enumerate() {
+                assert_eq!(l.as_slice(), want_mixed.head(h), "uploaded index, mixed ranking, head {h}");
+            }
             kvsieve_cuda_cluster_index_free(dix);
 
             // A device build: its host copy and its device copy retrieve the same tokens.

@@ -184,8 +184,9 @@ fn page_bounds_match_cpu() {
 }
 
 /// Host rule of centroid selection applied to given estimates (ranking by the f32 value
-/// of the estimate, as the device does): `(cluster, tokens taken)`.
-fn choose(est: &[f64], scored: &[bool], sizes: &[u32], how: &Retrieve, h: usize) -> Vec<(usize, usize)> {
+/// of the estimate, as the device does; the mixed ranking by the f64 estimates and upper
+/// `bounds`): `(cluster, tokens taken)`.
+fn choose(est: &[f64], bounds: &[f64], scored: &[bool], sizes: &[u32], how: &Retrieve, h: usize) -> Vec<(usize, usize)> {
     let ids: Vec<usize> = (0..est.len()).filter(|&c| scored[c]).collect();
     match how {
         Retrieve::Threshold(t) => ids.into_iter().filter(|&c| est[c] > *t).map(|c| (c, sizes[c] as usize)).collect(),
@@ -205,8 +206,67 @@ fn choose(est: &[f64], scored: &[bool], sizes: &[u32], how: &Retrieve, h: usize)
             }
             out
         }
-        Retrieve::MixedBudget(_) => unreachable!("the device has no mixed ranking (checked to be refused)"),
+        Retrieve::MixedBudget(b) => {
+            let rank = |v: &[f64]| {
+                let mut o = ids.clone();
+                o.sort_by(|&a, &c| v[c].total_cmp(&v[a]).then(a.cmp(&c)));
+                o
+            };
+            let (by_est, by_bound) = (rank(est), rank(bounds));
+            let mut seen = vec![false; est.len()];
+            let (mut i, mut j, mut left) = (0, 0, *b);
+            let mut out = Vec::new();
+            while left > 0 {
+                let mut any = false;
+                for (list, at) in [(&by_est, &mut i), (&by_bound, &mut j)] {
+                    while *at < list.len() && seen[list[*at]] {
+                        *at += 1;
+                    }
+                    if left > 0 && *at < list.len() {
+                        let c = list[*at];
+                        seen[c] = true;
+                        let take = (sizes[c] as usize).min(left);
+                        out.push((c, take));
+                        left -= take;
+                        any = true;
+                    }
+                }
+                if !any {
+                    break;
+                }
+            }
+            out
+        }
     }
+}
+
+/// Upper bounds `max_j (q_j·C_c + |q_j|·r_c)/√d` in f64 of the scored clusters (0 elsewhere),
+/// for unscaled query rows `q` (`[g][d]`).
+fn ref_bounds(q: &[f32], g: usize, d: usize, cents: &[f32], radii: &[f32], scored: &[bool]) -> Vec<f64> {
+    let scale = 1.0 / (d as f64).sqrt();
+    (0..radii.len())
+        .map(|c| {
+            if !scored[c] {
+                return 0.0;
+            }
+            (0..g)
+                .map(|j| {
+                    let qj = &q[j * d..(j + 1) * d];
+                    let dot: f64 = qj.iter().zip(&cents[c * d..(c + 1) * d]).map(|(&x, &y)| x as f64 * y as f64).sum();
+                    let norm = qj.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+                    (dot + norm * radii[c] as f64) * scale
+                })
+                .fold(f64::NEG_INFINITY, f64::max)
+        })
+        .collect()
+}
+
+/// Whether sorted `v` has two values within a relative 1e-4 (a near tie the device and the
+/// CPU may order differently).
+fn near_tie(v: &[f64]) -> bool {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.windows(2).any(|w| (w[1] - w[0]).abs() <= 1e-4 * w[1].abs())
 }
 
 fn gather(index: &ClusterIndex, h: usize, kept: &[(usize, usize)]) -> Vec<u32> {
@@ -270,26 +330,32 @@ fn cluster_retrieval_matches_cpu() {
             let tau = sorted[k / 2];
             let per_head: Vec<f64> = (0..hk).map(|h| cpu_est[h][k / 3]).collect();
             let all = vec![true; k];
-            // The mixed ranking is host-only for now: the device refuses it by name.
-            let (out, _keep) = poisoned_selections(&dev, stream, 1, hk, n);
-            let e = cidx.retrieve(stream, &qt, &Retrieve::MixedBudget(50), &mut ws, &out).unwrap_err();
-            assert!(matches!(e, kvsieve::Error::Unsupported(_)) && e.to_string().contains("MixedBudget"), "{e}");
             for how in [
                 Retrieve::Threshold(tau),
                 Retrieve::PerHeadThreshold(per_head.clone()),
                 Retrieve::Budget(150),
                 Retrieve::Budget(n + 5),
                 Retrieve::Threshold(-1.0),
+                Retrieve::MixedBudget(150),
+                Retrieve::MixedBudget(37),
+                Retrieve::MixedBudget(n + 5),
             ] {
+                let mixed = matches!(how, Retrieve::MixedBudget(_));
                 let (out, _keep) = poisoned_selections(&dev, stream, 1, hk, n);
                 cidx.retrieve(stream, &qt, &how, &mut ws, &out).unwrap();
                 let sel = out.to_host(&[n], stream).unwrap().remove(0);
                 let est = ws.estimates(stream).unwrap();
                 let stats = ws.stats(stream).unwrap();
                 let cpu = index.retrieve(&qv, &how, n).unwrap();
+                let bounds = if mixed { ws.bounds(stream).unwrap() } else { vec![Vec::new(); hk] };
                 for h in 0..hk {
                     assert_close64(&format!("{what} estimates head {h}"), &est[h], &cpu_est[h], 2e-4);
-                    let kept = choose(&est[h], &all, index.head(h).sizes(), &how, h);
+                    if mixed {
+                        let qh = &qf[h * g * d..(h + 1) * g * d];
+                        let want = ref_bounds(qh, g, d, index.head(h).centroids(), index.head(h).radii(), &all);
+                        assert_close64(&format!("{what} bounds head {h}"), &bounds[h], &want, 2e-4);
+                    }
+                    let kept = choose(&est[h], &bounds[h], &all, index.head(h).sizes(), &how, h);
                     assert_eq!(sel.head(h), &gather(&index, h, &kept)[..], "{what} {how:?} head {h}: tokens against the device estimates");
                     assert_eq!(stats.clusters_kept[h], kept.len(), "{what} {how:?} head {h}: clusters kept");
                     assert_eq!(stats.tokens_kept[h], sel.head(h).len(), "{what} {how:?} head {h}: tokens kept");
@@ -298,12 +364,8 @@ fn cluster_retrieval_matches_cpu() {
                     let near = match &how {
                         Retrieve::Threshold(t) => cpu_est[h].iter().any(|e| (e - t).abs() <= 1e-4 * t.abs()),
                         Retrieve::PerHeadThreshold(v) => cpu_est[h].iter().any(|e| (e - v[h]).abs() <= 1e-4 * v[h].abs()),
-                        Retrieve::Budget(_) => {
-                            let mut s = cpu_est[h].clone();
-                            s.sort_by(f64::total_cmp);
-                            s.windows(2).any(|w| (w[1] - w[0]).abs() <= 1e-4 * w[1].abs())
-                        }
-                        Retrieve::MixedBudget(_) => unreachable!("not in the device rules"),
+                        Retrieve::Budget(_) => near_tie(&cpu_est[h]),
+                        Retrieve::MixedBudget(_) => near_tie(&cpu_est[h]) || near_tie(&bounds[h]),
                     };
                     if !near {
                         assert_eq!(sel.head(h), cpu.selection.head(h), "{what} {how:?} head {h}: tokens against the CPU");
@@ -319,7 +381,10 @@ fn cluster_retrieval_matches_cpu() {
                 (CoarseRetrieve::Budget(300), Retrieve::Budget(120)),
                 (CoarseRetrieve::BudgetMultiple(2.0), Retrieve::Budget(100)),
                 (CoarseRetrieve::Threshold(1.0 / n as f64), Retrieve::Threshold(tau)),
+                (CoarseRetrieve::Budget(300), Retrieve::MixedBudget(120)),
+                (CoarseRetrieve::Threshold(-1.0), Retrieve::MixedBudget(90)),
             ] {
+                let mixed = matches!(fine, Retrieve::MixedBudget(_));
                 let (out, _keep) = poisoned_selections(&dev, stream, 1, hk, n);
                 cidx.retrieve_hierarchical(stream, &qt, coarse, &fine, &mut ws, &out).unwrap();
                 let sel = out.to_host(&[n], stream).unwrap().remove(0);
@@ -327,6 +392,7 @@ fn cluster_retrieval_matches_cpu() {
                 let cest = ws.coarse_estimates(stream).unwrap();
                 let stats = ws.stats(stream).unwrap();
                 let cpu = index.retrieve_hierarchical(&qv, coarse, &fine, n).unwrap();
+                let bounds = if mixed { ws.bounds(stream).unwrap() } else { vec![Vec::new(); hk] };
                 let mut evals = 0;
                 for h in 0..hk {
                     let lv = index.coarse(h).unwrap();
@@ -341,7 +407,7 @@ fn cluster_retrieval_matches_cpu() {
                             _ => unreachable!(),
                         },
                     };
-                    let open: Vec<usize> = choose(&cest[h], &vec![true; k1], lv.sizes(), &coarse_how, h).into_iter().map(|x| x.0).collect();
+                    let open: Vec<usize> = choose(&cest[h], &[], &vec![true; k1], lv.sizes(), &coarse_how, h).into_iter().map(|x| x.0).collect();
                     let mut scored = vec![false; k];
                     for &c in &open {
                         for &f in lv.children(c) {
@@ -352,7 +418,11 @@ fn cluster_retrieval_matches_cpu() {
                         (0..k1).filter(|c| !open.contains(c)).map(|c| (lv.centroids()[c * d..(c + 1) * d].to_vec(), lv.sizes()[c])).collect();
                     let want_f = ref_estimates(qh, g, d, index.head(h).centroids(), index.head(h).sizes(), &scored, &extra);
                     assert_close64(&format!("{what} {coarse:?} fine estimates head {h}"), &est[h], &want_f, 2e-4);
-                    let kept = choose(&est[h], &scored, index.head(h).sizes(), &fine, h);
+                    if mixed {
+                        let want = ref_bounds(qh, g, d, index.head(h).centroids(), index.head(h).radii(), &scored);
+                        assert_close64(&format!("{what} {coarse:?} bounds head {h}"), &bounds[h], &want, 2e-4);
+                    }
+                    let kept = choose(&est[h], &bounds[h], &scored, index.head(h).sizes(), &fine, h);
                     assert_eq!(sel.head(h), &gather(&index, h, &kept)[..], "{what} {coarse:?} {fine:?} head {h}");
                     let nscored = scored.iter().filter(|&&s| s).count();
                     assert_eq!(stats.clusters_scored[h], nscored);
@@ -499,6 +569,15 @@ fn cluster_index_built_on_device_matches_cpu() {
             let want = ClusterIndex::build(KeySource::Tensor(&kv), &cfg).unwrap();
             assert_eq!(got.clustered_len(), want.clustered_len());
             assert_eq!(dindex.clustered_len(), n - 50);
+            // The device K-means keeps no radii: the mixed ranking refuses such an index.
+            assert!(!dindex.has_radii());
+            let qf = Rng(0x51).vec(hk * d, 1.0); // its own draws: the keys above stay as they were
+            let qb = upload_bytes(&dev, bytemuck::cast_slice(&qf), stream);
+            let qt = DeviceTensor::contiguous(qb.ptr(), DType::F32, &[hk, d], dev.ordinal());
+            let mut ws = ClusterWorkspace::new(&dindex, hk).unwrap();
+            let (out, _keep) = poisoned_selections(&dev, stream, 1, hk, n);
+            let e = dindex.retrieve(stream, &qt, &Retrieve::MixedBudget(40), &mut ws, &out).unwrap_err();
+            assert!(e.to_string().contains("how") && e.to_string().contains("radii"), "{e}");
             for h in 0..hk {
                 assert_eq!(got.head(h).seeds(), want.head(h).seeds(), "{what} head {h}: seeds");
                 assert_eq!(got.head(h).assignment(), want.head(h).assignment(), "{what} head {h}: assignment");
@@ -708,7 +787,7 @@ fn selection_replays_from_a_cuda_graph() {
         let cpu_est = index.cluster_estimates(&TensorView::new(&cqf, &[hq, d]).unwrap()).unwrap();
         for h in 0..hk {
             assert_close64(&format!("{what} estimates head {h}"), &est[h], &cpu_est[h], 2e-4);
-            let kept = choose(&est[h], &vec![true; 50], index.head(h).sizes(), &how, h);
+            let kept = choose(&est[h], &[], &vec![true; 50], index.head(h).sizes(), &how, h);
             assert_eq!(sel.head(h), &gather(&index, h, &kept)[..], "{what} cluster tokens head {h}");
         }
         // GemFilter: pooled scores against the CPU, selection by the device's pooled scores.

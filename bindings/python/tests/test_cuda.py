@@ -214,7 +214,12 @@ def test_page_bounds_prefill_gemfilter_and_retrieval_on_device_match_cpu():
     assert (dindex.num_kv_heads, dindex.num_clusters, dindex.clustered_len) == (hk, 16, 200)
     r_ip = torch.zeros(hk + 1, dtype=torch.int32, device=dev)
     r_ix = torch.full((hk * 200,), -1, dtype=torch.int32, device=dev)
-    for kwargs in [dict(budget=40), dict(budget=40, hierarchical=True, coarse_budget_multiple=2.0)]:
+    for kwargs in [
+        dict(budget=40),
+        dict(budget=40, hierarchical=True, coarse_budget_multiple=2.0),
+        dict(budget=40, rank="mixed"),
+        dict(budget=40, hierarchical=True, coarse_budget=80, rank="mixed"),
+    ]:
         sel, _ = index.retrieve(qg, **kwargs)
         dindex.retrieve(t(qg), r_ip, r_ix, **kwargs)
         torch.cuda.synchronize()

@@ -21,6 +21,7 @@ use crate::select::cluster::{ClusterIndex, CoarseRetrieve, RetrievalStats, Retri
 const LOGIT_WARPS: u32 = 8;
 const EST_BLOCK: u32 = 512;
 const GATHER_BLOCK: u32 = 512;
+const MIX_BLOCK: u32 = 512;
 /// Query heads per KV head the estimate kernel holds (its shared arrays).
 const MAX_GROUP: usize = 64;
 
@@ -61,6 +62,32 @@ struct EstimateParams {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
+struct MixedParams {
+    logits: u64,
+    q: u64,
+    radii: u64,
+    sizes: u64,
+    parent: u64,
+    open: u64,
+    est: u64,
+    bound: u64,
+    take: u64,
+    stats: u64,
+    cand: u64,
+    k: u32,
+    g: u32,
+    d: u32,
+    k1: u32,
+    budget: u32,
+    cap: u32,
+    scale: f32,
+}
+
+/// Bytes of one ranked cluster in the mixed ranking's scratch (`KvsRanked`).
+const RANKED_BYTES: usize = 16;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
 struct GatherParams {
     take: u64,
     assign: u64,
@@ -73,7 +100,8 @@ struct GatherParams {
 }
 
 /// A [`ClusterIndex`] copied to the device: raw centroids, sizes, each clustered token's
-/// cluster and rank among its members, and the coarse level (centroids, sizes, parents).
+/// cluster and rank among its members, the clusters' radii when the index has them (for
+/// [`Retrieve::MixedBudget`]), and the coarse level (centroids, sizes, parents).
 pub struct CudaClusterIndex {
     dev: Arc<CudaDevice>,
     num_kv_heads: usize,
@@ -86,6 +114,7 @@ pub struct CudaClusterIndex {
     sizes: DeviceBuffer,
     assign: DeviceBuffer,
     rank: DeviceBuffer,
+    radii: Option<DeviceBuffer>,
     coarse: Option<(DeviceBuffer, DeviceBuffer, DeviceBuffer)>,
 }
 
@@ -99,10 +128,15 @@ impl CudaClusterIndex {
         let mut sizes = Vec::with_capacity(hk * k);
         let mut assign = Vec::with_capacity(hk * m);
         let mut rank = vec![0u32; hk * m];
+        let has_radii = (0..hk).all(|h| index.head(h).radii().len() == k);
+        let mut radii = Vec::with_capacity(if has_radii { hk * k } else { 0 });
         for h in 0..hk {
             let c = index.head(h);
             cent.extend_from_slice(c.centroids());
             sizes.extend_from_slice(c.sizes());
+            if has_radii {
+                radii.extend_from_slice(c.radii());
+            }
             assign.extend_from_slice(&c.assignment()[..m]);
             for cl in 0..k {
                 for (r, &t) in c.members(cl).iter().enumerate() {
@@ -141,6 +175,7 @@ impl CudaClusterIndex {
             sizes: DeviceBuffer::from_slice(dev, &sizes, stream)?,
             assign: DeviceBuffer::from_slice(dev, if assign.is_empty() { &[0u32][..] } else { &assign }, stream)?,
             rank: DeviceBuffer::from_slice(dev, if rank.is_empty() { &[0u32][..] } else { &rank }, stream)?,
+            radii: if has_radii && !radii.is_empty() { Some(DeviceBuffer::from_slice(dev, &radii, stream)?) } else { None },
             coarse,
         })
     }
@@ -160,6 +195,10 @@ impl CudaClusterIndex {
     /// Tokens in clusters (the length of every retrieved list is at most this).
     pub fn clustered_len(&self) -> usize {
         self.clustered_len
+    }
+    /// Whether the index carries cluster radii (needed by [`Retrieve::MixedBudget`]).
+    pub fn has_radii(&self) -> bool {
+        self.radii.is_some()
     }
     /// Sequence length the index covered when uploaded.
     pub fn seq_len(&self) -> usize {
@@ -238,6 +277,48 @@ impl CudaClusterIndex {
         unsafe { launch(&self.dev, stream, ModuleId::Cluster, "kvs_cluster_gather", LaunchDims::new((self.num_kv_heads as u32, 1, 1), GATHER_BLOCK), &p) }
     }
 
+    /// Queue the mixed ranking's choice after estimates of mode 2 (see `cuda/cluster.cu`);
+    /// `open` = (parents, opened coarse clusters) for a hierarchical retrieval.
+    fn mixed(&self, stream: &Stream, ws: &ClusterWorkspace, q: u64, g: usize, budget: u32, open: Option<(u64, u64)>) -> Result<()> {
+        let radii = self.radii.as_ref().ok_or_else(|| Error::Internal("mixed ranking without radii (checked by check_how)".into()))?;
+        let (parent, open_ptr) = open.unwrap_or((0, 0));
+        let p = MixedParams {
+            logits: ws.logits.ptr(),
+            q,
+            radii: radii.ptr(),
+            sizes: self.sizes.ptr(),
+            parent,
+            open: open_ptr,
+            est: ws.est.ptr(),
+            bound: ws.bound.ptr(),
+            take: ws.take.ptr(),
+            stats: ws.stats.ptr(),
+            cand: ws.cand.ptr(),
+            k: self.k as u32,
+            g: g as u32,
+            d: self.head_dim as u32,
+            k1: self.k1 as u32,
+            budget,
+            cap: ws.cap as u32,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        };
+        // SAFETY: logits hk * g * k, q hk * g * d, radii / sizes / est / bound / take hk * k,
+        // stats hk * 3, cand hk * 2 * cap ranked entries with cap >= k (workspace checked).
+        unsafe { launch(&self.dev, stream, ModuleId::Cluster, "kvs_cluster_mixed_select", LaunchDims::new((self.num_kv_heads as u32, 1, 1), MIX_BLOCK), &p) }
+    }
+
+    /// `how` is valid and this index can answer it (radii for the mixed ranking).
+    fn check_how(&self, how: &Retrieve) -> Result<()> {
+        validate_retrieve(how, self.num_kv_heads)?;
+        if matches!(how, Retrieve::MixedBudget(_)) && self.radii.is_none() {
+            return Err(Error::invalid(
+                "how",
+                "an index with cluster radii for MixedBudget (built on the host, or loaded from a version 2 file; rebuild a GPU-built or version 1 index)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Mode, threshold address and budget of a fine or coarse choice.
     fn mode(&self, how: &Retrieve, ws: &mut ClusterWorkspace, stream: &Stream, coarse: bool) -> Result<(u32, u64, u32)> {
         let hk = self.num_kv_heads;
@@ -245,7 +326,7 @@ impl CudaClusterIndex {
             Retrieve::Threshold(t) => vec![*t; hk],
             Retrieve::PerHeadThreshold(v) => v.clone(),
             Retrieve::Budget(b) => return Ok((1, 0, (*b).min(u32::MAX as usize) as u32)),
-            Retrieve::MixedBudget(_) => return Err(Error::Unsupported("Retrieve::MixedBudget on the device".into())),
+            Retrieve::MixedBudget(b) => return Ok((2, 0, (*b).min(u32::MAX as usize) as u32)),
         };
         let (buf, last) = if coarse { (&ws.cthresholds, &mut ws.last_cthresholds) } else { (&ws.thresholds, &mut ws.last_thresholds) };
         if last.as_deref() != Some(&t[..]) {
@@ -264,7 +345,7 @@ impl CudaClusterIndex {
     /// Errors: as [`ClusterIndex::retrieve`] (bad `q`, NaN threshold, budget 0, per-head
     /// thresholds of the wrong length), a workspace or `out` of other sizes.
     pub fn retrieve(&self, stream: &Stream, q: &DeviceTensor, how: &Retrieve, ws: &mut ClusterWorkspace, out: &CudaSelections) -> Result<()> {
-        validate_retrieve(how, self.num_kv_heads)?;
+        self.check_how(how)?;
         self.check_out(out)?;
         let g = self.prepare(q, ws)?;
         let qp = query_f32(&self.dev, stream, q, &ws.q)?;
@@ -290,6 +371,9 @@ impl CudaClusterIndex {
                 budget,
             },
         )?;
+        if mode == 2 {
+            self.mixed(stream, ws, qp, g, budget, None)?;
+        }
         ws.last = Some((g, false));
         self.gather(stream, ws, out)
     }
@@ -309,7 +393,7 @@ impl CudaClusterIndex {
         let Some((ccent, csizes, parent)) = &self.coarse else {
             return Err(Error::invalid("coarse", "an index built with a coarse level (ClusterConfig::coarse)"));
         };
-        validate_retrieve(fine, self.num_kv_heads)?;
+        self.check_how(fine)?;
         let coarse_how = match coarse {
             CoarseRetrieve::Threshold(t) => {
                 if t.is_nan() {
@@ -373,6 +457,9 @@ impl CudaClusterIndex {
                 budget,
             },
         )?;
+        if mode == 2 {
+            self.mixed(stream, ws, qp, g, budget, Some((parent.ptr(), ws.ctake.ptr())))?;
+        }
         ws.last = Some((g, true));
         self.gather(stream, ws, out)
     }
@@ -388,9 +475,8 @@ fn validate_retrieve(how: &Retrieve, hk: usize) -> Result<()> {
             }
             v.iter().try_for_each(|&t| check("thresholds", t))
         }
-        Retrieve::Budget(0) => Err(Error::invalid("budget", "at least 1 token (a budget of 0 keeps nothing)")),
-        Retrieve::Budget(_) => Ok(()),
-        Retrieve::MixedBudget(_) => Err(Error::Unsupported("Retrieve::MixedBudget on the device (the index's radii are not uploaded); use Budget, or retrieve on the host".into())),
+        Retrieve::Budget(0) | Retrieve::MixedBudget(0) => Err(Error::invalid("budget", "at least 1 token (a budget of 0 keeps nothing)")),
+        Retrieve::Budget(_) | Retrieve::MixedBudget(_) => Ok(()),
     }
 }
 
@@ -405,6 +491,7 @@ pub struct ClusterWorkspace {
     logits: DeviceBuffer,
     clogits: DeviceBuffer,
     est: DeviceBuffer,
+    bound: DeviceBuffer,
     cest: DeviceBuffer,
     take: DeviceBuffer,
     ctake: DeviceBuffer,
@@ -412,6 +499,9 @@ pub struct ClusterWorkspace {
     cstats: DeviceBuffer,
     thresholds: DeviceBuffer,
     cthresholds: DeviceBuffer,
+    /// Ranked clusters of the mixed ranking: 2 * cap per KV head, cap a power of two >= k.
+    cand: DeviceBuffer,
+    cap: usize,
     last_thresholds: Option<Vec<f64>>,
     last_cthresholds: Option<Vec<f64>>,
     /// Group size and whether the last retrieval was hierarchical.
@@ -427,6 +517,7 @@ impl ClusterWorkspace {
         }
         let g = num_qo_heads / hk;
         let dev = &index.dev;
+        let cap = k.max(1).next_power_of_two();
         Ok(ClusterWorkspace {
             num_qo_heads,
             hk,
@@ -437,6 +528,7 @@ impl ClusterWorkspace {
             logits: buffer::<f32>(dev, hk * g * k)?,
             clogits: buffer::<f32>(dev, hk * g * k1)?,
             est: buffer::<f64>(dev, hk * k)?,
+            bound: buffer::<f64>(dev, hk * k)?,
             cest: buffer::<f64>(dev, hk * k1)?,
             take: buffer::<u32>(dev, hk * k)?,
             ctake: buffer::<u32>(dev, hk * k1)?,
@@ -444,6 +536,8 @@ impl ClusterWorkspace {
             cstats: buffer::<u32>(dev, hk * 3)?,
             thresholds: buffer::<f64>(dev, hk)?,
             cthresholds: buffer::<f64>(dev, hk)?,
+            cand: buffer::<u8>(dev, hk * 2 * cap * RANKED_BYTES)?,
+            cap,
             last_thresholds: None,
             last_cthresholds: None,
             last: None,
@@ -454,6 +548,13 @@ impl ClusterWorkspace {
     /// scored); waits for `stream`.
     pub fn estimates(&self, stream: &Stream) -> Result<Vec<Vec<f64>>> {
         let all: Vec<f64> = self.est.to_vec(stream)?;
+        Ok((0..self.hk).map(|h| all[h * self.k..(h + 1) * self.k].to_vec()).collect())
+    }
+
+    /// Upper bounds `b_c` of the last [`Retrieve::MixedBudget`] retrieval, per KV head (0 for
+    /// clusters not scored; stale after other retrievals); waits for `stream`.
+    pub fn bounds(&self, stream: &Stream) -> Result<Vec<Vec<f64>>> {
+        let all: Vec<f64> = self.bound.to_vec(stream)?;
         Ok((0..self.hk).map(|h| all[h * self.k..(h + 1) * self.k].to_vec()).collect())
     }
 

@@ -692,3 +692,43 @@ fn decode_replays_from_a_cuda_graph() {
         sys::cuGraphDestroy(graph);
     }
 }
+
+/// Host threads decoding on one stream through one workspace get their own answers: a call
+/// queues its split-K kernels and their merge without another call's kernels between them.
+#[test]
+fn decode_from_threads_sharing_a_stream_and_workspace() {
+    let Some(dev) = device_or_skip("decode_from_threads_sharing_a_stream_and_workspace") else { return };
+    let mut rng = Rng(900);
+    let c = cfg(DType::F16, 16, 2, 64, PageLayout::Nhd, 128);
+    let p = filled(&dev, c, &[400, 250], &mut rng, false);
+    let (batch, hq, d) = (2, 8, 64);
+    // Small chunks: several partial states per row, held in the shared workspace.
+    let params = AttentionParams { chunk_size: Some(64), ..Default::default() };
+    let ws = Workspace::new(&dev);
+    let stream = dev.stream();
+    let table = p.cpu.page_table(&p.ids).unwrap();
+    let view = p.cpu.layer_view(1, &table).unwrap();
+    let gt = p.gpu.page_table(&p.ids).unwrap();
+    let gv = p.gpu.layer_view(1, &gt).unwrap();
+    let queries: Vec<Vec<f32>> = (0..4).map(|_| rng.vec(batch * hq * d, 1.0)).collect();
+    std::thread::scope(|s| {
+        for (i, q) in queries.iter().enumerate() {
+            let (dev, ws, gv, view, params) = (&dev, &ws, &gv, &view, &params);
+            s.spawn(move || {
+                let mut want = vec![0f32; batch * hq * d];
+                let qt = TensorView::new(q, &[batch, hq, d]).unwrap();
+                attention::decode(view, &qt, &mut TensorViewMut::new(&mut want, &[batch, hq, d]).unwrap(), None, params).unwrap();
+                let qb = DeviceBuffer::from_slice(dev, q, stream).unwrap();
+                let ob = DeviceBuffer::alloc(dev, batch * hq * d * 4).unwrap();
+                let (qd, od) = (qb.tensor(DType::F32, &[batch, hq, d]).unwrap(), ob.tensor(DType::F32, &[batch, hq, d]).unwrap());
+                for round in 0..12 {
+                    ob.memset(POISON_BYTE, stream).unwrap();
+                    // SAFETY: the buffers live until the stream is synchronised below.
+                    unsafe { gpu::decode(gv, &qd, &od, None, params, ws, stream).unwrap() };
+                    stream.synchronize().unwrap();
+                    assert_close(&format!("thread {i} round {round}"), &ob.to_vec::<f32>(stream).unwrap(), &want, 2e-4, 2e-3);
+                }
+            });
+        }
+    });
+}

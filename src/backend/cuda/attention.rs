@@ -165,7 +165,9 @@ const _: () = {
 };
 
 /// Scratch device memory for split-K partial states, grown on demand and reused.
-/// Reserve enough before capturing a CUDA graph: growing allocates.
+/// Reserve enough before capturing a CUDA graph: growing allocates. Host threads may share
+/// one workspace for calls on one stream (each call holds it while it queues its kernels);
+/// calls on different streams need a workspace each.
 pub struct Workspace {
     dev: Arc<CudaDevice>,
     buf: Mutex<Option<Arc<DeviceBuffer>>>,
@@ -182,15 +184,20 @@ impl Workspace {
     }
 
     fn get(&self, bytes: usize) -> Result<Arc<DeviceBuffer>> {
+        let g = self.lock(bytes)?;
+        Ok(g.as_ref().expect("lock allocates").clone())
+    }
+
+    /// The scratch, locked, with at least `bytes` allocated. A call holds the lock while it
+    /// queues all its kernels: two host threads queuing on one stream would otherwise
+    /// interleave their kernels over the one buffer (one's merge reading the other's
+    /// partial states).
+    fn lock(&self, bytes: usize) -> Result<std::sync::MutexGuard<'_, Option<Arc<DeviceBuffer>>>> {
         let mut g = self.buf.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = g.as_ref() {
-            if b.len() >= bytes {
-                return Ok(b.clone());
-            }
+        if g.as_ref().is_none_or(|b| b.len() < bytes) {
+            *g = Some(Arc::new(DeviceBuffer::alloc(&self.dev, bytes.max(256))?));
         }
-        let b = Arc::new(DeviceBuffer::alloc(&self.dev, bytes.max(256))?);
-        *g = Some(b.clone());
-        Ok(b)
+        Ok(g)
     }
 }
 
@@ -435,7 +442,8 @@ unsafe fn run_decode(
     let g = hq / hk;
     let rows = rows_per_block(g);
     let row_groups = g.div_ceil(rows);
-    let wsb = ws.get(decode_workspace_bytes(&plan, batch, hq, d))?;
+    let locked = ws.lock(decode_workspace_bytes(&plan, batch, hq, d))?;
+    let wsb = locked.as_ref().expect("lock allocates").clone();
     let o_part = wsb.ptr();
     let lse_part = o_part + ((batch * hq * plan.max_chunks * d * 4).div_ceil(256) * 256) as u64;
     let (ip, ix, lp) = kv.table().device_ptrs();
@@ -495,8 +503,10 @@ unsafe fn run_decode(
     };
     launch(dev, stream, ModuleId::Attention, "kvsieve_decode_merge", LaunchDims::new(((batch * hq) as u32, 1, 1), d as u32), &m)?;
     // Keep the workspace alive at least until the queued work has been ordered after any
-    // later growth (DeviceBuffer's drop frees with cuMemFree, which waits for the device).
+    // later growth (DeviceBuffer's drop frees with cuMemFree, which waits for the device),
+    // and locked until both kernels are queued.
     drop(wsb);
+    drop(locked);
     Ok(())
 }
 

@@ -12,7 +12,9 @@
 //! `--dump DIR` also writes the 128K case's query, keys, values (token order), kvsieve's
 //! output and its time for `scripts/gpu_sdpa.py` (torch's scaled_dot_product_attention on
 //! the same data); `--json PATH` writes the figures as a flat JSON object.
-//! Without a GPU it prints `skipped: <reason>` and exits 0.
+//! Without a GPU it prints `skipped: <reason>` and exits 0. `KVSIEVE_GPU_REPORT_SCALE=S`
+//! divides the token counts, the copy size and the repetitions by S (a dry run of the
+//! script on the CUDA emulator; the figures then mean nothing).
 //!
 //! `cargo bench --features cuda --bench gpu_report -- [--dump DIR] [--json PATH]`
 
@@ -46,8 +48,14 @@ impl Rng {
     }
 }
 
+/// The divisor of sizes and repetitions (`KVSIEVE_GPU_REPORT_SCALE`, default 1).
+fn scale() -> usize {
+    std::env::var("KVSIEVE_GPU_REPORT_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1usize).max(1)
+}
+
 /// Seconds per call of `f` (median of 5 timings of `reps` back-to-back calls each).
 fn time(stream: &Stream, reps: usize, mut f: impl FnMut()) -> f64 {
+    let reps = reps.div_ceil(scale());
     for _ in 0..3 {
         f();
     }
@@ -67,7 +75,7 @@ fn time(stream: &Stream, reps: usize, mut f: impl FnMut()) -> f64 {
 
 /// Copy bandwidth: bytes read plus written per second by a 1 GiB device-to-device copy.
 fn copy_bandwidth(dev: &Arc<CudaDevice>) -> f64 {
-    let n = 1usize << 30;
+    let n = (1usize << 30) / scale();
     let stream = dev.stream();
     let a = DeviceBuffer::zeroed(dev, n, stream).unwrap();
     let b = DeviceBuffer::zeroed(dev, n, stream).unwrap();
@@ -167,7 +175,7 @@ fn sparse(dev: &Arc<CudaDevice>, pk: &Paged, tokens: usize, rng: &mut Rng) -> (f
     // SAFETY: as in `dense`.
     let view = unsafe { CudaPagedKv::from_raw(pk.k.ptr(), pk.v.ptr(), pk.layout, &table).unwrap() };
     let pages = tokens / PS;
-    let keep = pages / 64;
+    let keep = (pages / 64).max(1);
     let heads: Vec<Vec<u32>> = (0..HK)
         .map(|_| {
             let mut chosen: Vec<usize> = Vec::new();
@@ -213,22 +221,23 @@ fn main() {
     println!("copy bandwidth (read + write): {:.1} GB/s", bw / 1e9);
     let mut figures: Vec<(String, f64)> = vec![("gpu_copy_bandwidth_gbs".into(), bw / 1e9)];
 
-    let pk = build(&dev, 16, 32768, &mut rng, false);
-    let f = dense(&dev, &pk, 16, 32768, &mut rng, None);
+    let (t32k, t128k) = (32768 / scale(), 131072 / scale());
+    let pk = build(&dev, 16, t32k, &mut rng, false);
+    let f = dense(&dev, &pk, 16, t32k, &mut rng, None);
     drop(pk);
     let frac = f.kv_bytes / f.secs / bw;
     println!("dense decode 32K x 16: {:.3} ms, {:.1} GB/s of K/V, {:.3} of copy bandwidth", f.secs * 1e3, f.kv_bytes / f.secs / 1e9, frac);
     figures.push(("gpu_decode_ms_32k_b16".into(), f.secs * 1e3));
     figures.push(("gpu_decode_bw_fraction_32k_b16".into(), frac));
 
-    let pk = build(&dev, 1, 131072, &mut rng, dump.is_some());
-    let f = dense(&dev, &pk, 1, 131072, &mut rng, dump.as_deref());
+    let pk = build(&dev, 1, t128k, &mut rng, dump.is_some());
+    let f = dense(&dev, &pk, 1, t128k, &mut rng, dump.as_deref());
     let frac = f.kv_bytes / f.secs / bw;
     println!("dense decode 128K x 1: {:.3} ms, {:.1} GB/s of K/V, {:.3} of copy bandwidth", f.secs * 1e3, f.kv_bytes / f.secs / 1e9, frac);
     figures.push(("gpu_decode_ms_128k_b1".into(), f.secs * 1e3));
     figures.push(("gpu_decode_bw_fraction_128k_b1".into(), frac));
 
-    let (td, ts) = sparse(&dev, &pk, 131072, &mut rng);
+    let (td, ts) = sparse(&dev, &pk, t128k, &mut rng);
     println!("sparse decode 128K x 1 at 1/64: {:.4} ms vs dense {:.4} ms: {:.1}x", ts * 1e3, td * 1e3, td / ts);
     figures.push(("gpu_sparse_speedup_128k".into(), td / ts));
 

@@ -51,6 +51,7 @@ struct KvsKmeansParams {
     unsigned* seeds;     // [hk][k]
     unsigned* near;      // [hk][n] k-means++: draw index of the nearest seed
     float* ss2;          // [hk][k] k-means++: squared distance of the new seed to each earlier one
+    unsigned* radii;     // [hk][k] f32 bits of each cluster's radius (largest member distance)
     unsigned long long stride_t;
     unsigned long long stride_h;
     unsigned long long seed;
@@ -676,6 +677,33 @@ __device__ __forceinline__ void raw_sums(const typename L::T* keys, unsigned lon
 KVS_KM_RAW(kvs_kmeans_raw_sums_f32, KvsF32)
 KVS_KM_RAW(kvs_kmeans_raw_sums_f16, KvsF16)
 KVS_KM_RAW(kvs_kmeans_raw_sums_bf16, KvsBF16)
+
+// Radii: radii[h][c] = max over the members t of |key(t, h) - centroids[h][c]| (f64 sum of
+// the squared f32 differences, as src/select/cluster/kmeans.rs), as the bits of a
+// non-negative f32 (ordered as unsigned). `radii` zeroed by the caller, `centroids` the raw
+// means. grid = (ceil(n / 8), hk), block = 256 (a warp per key).
+template <class L>
+__device__ __forceinline__ void radii_body(const KvsKmeansParams& p) {
+    const unsigned lane = threadIdx.x & 31;
+    const unsigned t = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const unsigned h = blockIdx.y;
+    if (t >= p.n) return;
+    const typename L::T* x = (const typename L::T*)p.keys + t * p.stride_t + h * p.stride_h;
+    const unsigned c = p.assign[(size_t)h * p.n + t];
+    const float* m = p.centroids + ((size_t)h * p.k + c) * p.d;
+    double s = 0.0;
+    for (unsigned i = lane; i < p.d; i += 32) {
+        const double v = (double)(L::load(x, i) - m[i]);
+        s += v * v;
+    }
+    s = kvs_warp_sum_d(s);
+    if (lane == 0) atomicMax(&p.radii[(size_t)h * p.k + c], __float_as_uint((float)sqrt(s)));
+}
+#define KVS_KM_RADII(name, L)                                                                \
+    extern "C" __global__ void __launch_bounds__(256) name(const KvsKmeansParams p) { radii_body<L>(p); }
+KVS_KM_RADII(kvs_kmeans_radii_f32, KvsF32)
+KVS_KM_RADII(kvs_kmeans_radii_f16, KvsF16)
+KVS_KM_RADII(kvs_kmeans_radii_bf16, KvsBF16)
 
 // centroids[h][c] = raw / sizes (0 for an empty cluster). grid = (k, hk), block = 32.
 extern "C" __global__ void __launch_bounds__(32) kvs_kmeans_raw_finish(const KvsKmeansParams p) {

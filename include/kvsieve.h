@@ -1752,10 +1752,9 @@ typedef enum kvsieve_retrieve_mode {
      *  of the best member's logit (r_c: the cluster's radius, the largest distance of a
      *  member's raw key to C_c), each cluster once, ties to the lower index. It finds a key
      *  that matches the query far better than its cluster-mates, which the mean hides. Needs
-     *  an index with radii: built or rebuilt on the host, or loaded from a version 2 file
-     *  (#KVSIEVE_ERROR_INVALID_ARGUMENT otherwise). kvsieve_cuda_cluster_index_retrieve()
-     *  runs it for an index uploaded with radii; one built by
-     *  kvsieve_cuda_cluster_index_build() has none (#KVSIEVE_ERROR_INVALID_ARGUMENT). */
+     *  an index with radii: any build (host or kvsieve_cuda_cluster_index_build()), or one
+     *  loaded from a version 2 file (#KVSIEVE_ERROR_INVALID_ARGUMENT for a version 1 file's).
+     *  kvsieve_cuda_cluster_index_retrieve() runs it on the GPU. */
     KVSIEVE_RETRIEVE_BUDGET_MIXED = 3
 } kvsieve_retrieve_mode_t;
 
@@ -1984,7 +1983,7 @@ kvsieve_error_t *kvsieve_cluster_index_clustered_len(const kvsieve_cluster_index
  * - kvsieve_cluster_index_radii(): `num_clusters` floats, each cluster's radius: the largest
  *   distance of a member's raw key to its raw centroid (grown by
  *   kvsieve_cluster_index_assign_new()), which #KVSIEVE_RETRIEVE_BUDGET_MIXED ranks by; none
- *   (`out_len` 0) for an index without radii (GPU-built, or loaded from a version 1 file).
+ *   (`out_len` 0) for an index without radii (loaded from a version 1 file).
  * - kvsieve_cluster_index_member_offsets(): `num_clusters + 1` CSR offsets into the members.
  * - kvsieve_cluster_index_members(): `clustered_len` token indices, cluster c's members
  *   (ascending) at `members[offsets[c] .. offsets[c + 1]]`.

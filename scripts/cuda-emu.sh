@@ -10,6 +10,9 @@
 #   bash scripts/cuda-emu.sh            build the library and run the tests
 #   bash scripts/cuda-emu.sh build      build only (prints the library's folder)
 #   bash scripts/cuda-emu.sh test ARGS  build, then cargo test with ARGS after the test list
+#   bash scripts/cuda-emu.sh gpu-check  a dry run of scripts/gpu-check.sh's run.sh on the
+#                                       emulator at small sizes (the script's flow, not its
+#                                       figures), before spending time on a lent GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-test}"
@@ -69,6 +72,13 @@ if [ "$mode" = build ]; then
 fi
 
 export NVCC="$nvcc"
+if [ "$mode" = gpu-check ]; then
+  bash scripts/gpu-check.sh
+  echo "== target/gpu-check/run.sh on the emulator (sizes / 64: the figures mean nothing)" >&2
+  KVSIEVE_GPU_REPORT_SCALE=64 KVSIEVE_KMEANS_KEYS=1024 KVSIEVE_KMEANS_REPS=1 \
+    LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" target/gpu-check/run.sh
+  exit $?
+fi
 echo "== CUDA tests on the emulator ($lib/libcuda.so)" >&2
 log="$out/launched.txt"
 rm -f "$log"

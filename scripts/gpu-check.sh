@@ -84,7 +84,9 @@ if [ -n "$whl" ] && python3 -c "import numpy, pytest, torch" 2>/dev/null; then
 else
   echo "== Python check skipped (needs the wheel, numpy, pytest and torch)"
 fi
-if [ -f out/sdpa/meta.json ]; then
+if [ -f out/sdpa/meta.json ] && ! python3 -c "import torch" 2>/dev/null; then
+  echo "== torch comparison skipped (no torch)"
+elif [ -f out/sdpa/meta.json ]; then
   echo "== dense decode against torch scaled_dot_product_attention"
   timeout 120 python3 gpu_sdpa.py out/sdpa --json out/sdpa.json || fail=1
   rm -f out/sdpa/*.bin

@@ -185,7 +185,7 @@ impl Clustering {
     /// Per cluster, the largest Euclidean distance of a member's raw key to the raw
     /// centroid: `q·k <= q·C_c + |q|·r_c` for every member `k` of cluster `c`, the bound that
     /// [`crate::select::cluster::Retrieve::MixedBudget`] ranks clusters by. Empty when
-    /// unknown: clusterings made on a GPU and indexes loaded from version-1 files.
+    /// unknown: indexes loaded from version-1 files.
     pub fn radii(&self) -> &[f32] {
         &self.radii
     }

@@ -184,7 +184,7 @@ impl Retrieve {
         if matches!(self, Retrieve::MixedBudget(_)) && !index.heads.iter().all(|c| c.radii.len() == c.sizes.len()) {
             return Err(Error::invalid(
                 "how",
-                "an index with cluster radii for MixedBudget (built on the host, or loaded from a version 2 file; rebuild a GPU-built or version 1 index)",
+                "an index with cluster radii for MixedBudget (any build, or a version 2 file; rebuild an index loaded from a version 1 file)",
             ));
         }
         Ok(())

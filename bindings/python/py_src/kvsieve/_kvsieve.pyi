@@ -1757,8 +1757,8 @@ class CudaClusterIndex:
         ``sel_indptr`` (``num_kv_heads + 1``) and ``sel_indices`` (room for
         ``num_kv_heads * clustered_len``), ascending clustered tokens. After the first call,
         retrieval queues kernels only (a changed threshold is copied first).
-        ``rank="mixed"`` needs an index uploaded with its radii (one built on the host); a
-        device-built index has none (InvalidArgumentError)."""
+        ``rank="mixed"`` works for any build; an index loaded from a version 1 file has no
+        radii (InvalidArgumentError)."""
 
 class CudaKvCache:
     """Paged K/V owned by kvsieve and resident on a CUDA device, with the bookkeeping of

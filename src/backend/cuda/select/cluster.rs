@@ -313,7 +313,7 @@ impl CudaClusterIndex {
         if matches!(how, Retrieve::MixedBudget(_)) && self.radii.is_none() {
             return Err(Error::invalid(
                 "how",
-                "an index with cluster radii for MixedBudget (built on the host, or loaded from a version 2 file; rebuild a GPU-built or version 1 index)",
+                "an index with cluster radii for MixedBudget (any build, or a version 2 file; rebuild an index loaded from a version 1 file)",
             ));
         }
         Ok(())

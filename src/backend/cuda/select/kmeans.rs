@@ -62,6 +62,7 @@ const BUF_ASSIGN: usize = 6;
 const BUF_RAW: usize = 8;
 const BUF_CENTROIDS: usize = 9;
 const BUF_SEEDS: usize = 14;
+const BUF_RADII: usize = 17;
 /// Points per k-means++ chunk (as the CPU).
 const PP_CHUNK: usize = 2048;
 
@@ -90,6 +91,7 @@ struct Params {
     seeds: u64,
     near: u64,
     ss2: u64,
+    radii: u64,
     stride_t: u64,
     stride_h: u64,
     seed: u64,
@@ -188,6 +190,7 @@ impl CudaKMeans {
         let seeds = buffer::<u32>(dev, hk * k)?;
         let near = buffer::<u32>(dev, hk * n)?;
         let ss2 = f4(hk * k)?;
+        let radii = buffer::<u32>(dev, hk * k)?;
         let (chi, clo) = if tensor {
             let chi = buffer::<u16>(dev, hk * kp * d)?;
             let clo = if assignment == Assignment::Split { Some(buffer::<u16>(dev, hk * kp * d)?) } else { None };
@@ -218,6 +221,7 @@ impl CudaKMeans {
             seeds: seeds.ptr(),
             near: near.ptr(),
             ss2: ss2.ptr(),
+            radii: radii.ptr(),
             stride_t: keys.strides[0] as u64,
             stride_h: keys.strides[1] as u64,
             seed: 0,
@@ -230,7 +234,7 @@ impl CudaKMeans {
             step: 0,
         };
         // Order matters: see the BUF_* positions.
-        let mut bufs = vec![inv_norm, xsq, csq, sizes, sums, ctl, assign, best, raw, centroids, d2, chunk_sums, rng, chosen, seeds, near, ss2];
+        let mut bufs = vec![inv_norm, xsq, csq, sizes, sums, ctl, assign, best, raw, centroids, d2, chunk_sums, rng, chosen, seeds, near, ss2, radii];
         bufs.extend(chi);
         bufs.extend(clo);
         Ok(CudaKMeans {
@@ -410,7 +414,15 @@ impl CudaKMeans {
         // Zero the f64 sums.
         self._bufs[BUF_RAW].memset(0, stream)?;
         self.go(stream, raw, (n.div_ceil(8), hk, 1), 256, 0, &p)?;
-        self.go(stream, "kvs_kmeans_raw_finish", (k, hk, 1), 32, 0, &p)
+        self.go(stream, "kvs_kmeans_raw_finish", (k, hk, 1), 32, 0, &p)?;
+        // The radii about the raw means (for the mixed ranking of centroid retrieval).
+        self._bufs[BUF_RADII].memset(0, stream)?;
+        let radii = match self.dtype {
+            DType::F32 => "kvs_kmeans_radii_f32",
+            DType::F16 => "kvs_kmeans_radii_f16",
+            DType::BF16 => "kvs_kmeans_radii_bf16",
+        };
+        self.go(stream, radii, (n.div_ceil(8), hk, 1), 256, 0, &p)
     }
 
     /// Read the clusterings back, one per KV head (waits for `stream`): assignment, unit
@@ -423,6 +435,7 @@ impl CudaKMeans {
         let raw: Vec<f32> = self._bufs[BUF_CENTROIDS].to_vec(stream)?;
         let ctl: Vec<u32> = self._bufs[BUF_CTL].to_vec(stream)?;
         let inertia: Vec<f64> = self.inertia.to_vec(stream)?;
+        let radii: Vec<u32> = self._bufs[BUF_RADII].to_vec(stream)?;
         let seeds = if self.plus_plus.load(std::sync::atomic::Ordering::Relaxed) { self.seeds(stream)? } else { vec![Vec::new(); hk] };
         let mut out = Vec::with_capacity(hk);
         for h in 0..hk {
@@ -459,7 +472,7 @@ impl CudaKMeans {
                 iterations,
                 converged: ctl[h * CTL + 4] != 0,
                 seeds: seeds[h].clone(),
-                radii: Vec::new(),
+                radii: radii[h * k..(h + 1) * k].iter().map(|&b| f32::from_bits(b)).collect(),
             });
         }
         Ok(out)

@@ -84,6 +84,22 @@ log="$out/launched.txt"
 rm -f "$log"
 KVSIEVE_EMU_LAUNCHED="$PWD/$log" LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test --features cuda --test 'cuda_*' "$@"
+# The Python CUDA tests (bindings/python/tests/test_cuda.py) through a wheel built with the
+# `cuda` feature, device arrays from tests/emu_torch.py in the emulator's memory. Their
+# launches count below too.
+filtered=0
+case "${1:-}" in "" | -*) ;; *) filtered=1 ;; esac
+if [ -x .venv/bin/maturin ] && [ "$filtered" = 0 ]; then
+  echo "== Python CUDA tests on the emulator" >&2
+  rm -rf "$out/py" && mkdir -p "$out/py"
+  (cd bindings/python && ../../.venv/bin/maturin build -q --features cuda -o "../../$out/py" -i ../../.venv/bin/python)
+  .venv/bin/python -m zipfile -e "$(ls "$out"/py/kvsieve-*.whl | head -1)" "$out/py/site"
+  KVSIEVE_CUDA_EMU=1 KVSIEVE_EMU_LAUNCHED="$PWD/$log" PYTHONPATH="$out/py/site:bindings/python/tests" \
+    LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    .venv/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests/test_cuda.py
+else
+  echo "== Python CUDA tests skipped (needs .venv/bin/maturin from scripts/setup.sh; not run with a test filter)" >&2
+fi
 # Kernels no test launched (each must be reached by some comparison with the CPU).
 all="$(sed -nE 's/^kvs_emu::Reg reg_([A-Za-z_0-9]+)\(.*/\1/p' "$gen"/*.cpp | sort -u)"
 ran="$(awk '{print $1}' "$log" 2>/dev/null | sort -u)"

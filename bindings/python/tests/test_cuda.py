@@ -2,6 +2,8 @@
 the ``cuda`` feature), decode, sparse decode, append and merge_states on device tensors
 against the CPU functions."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -29,6 +31,11 @@ def test_without_a_usable_gpu_errors_name_the_problem():
 
 
 def _torch_cuda():
+    if os.environ.get("KVSIEVE_CUDA_EMU") == "1":
+        # scripts/cuda-emu.sh: device arrays in the CPU emulator's memory (see emu_torch.py).
+        import emu_torch
+
+        return emu_torch
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")

@@ -43,11 +43,16 @@ for line in sys.stdin:
 echo "== building the CUDA tests and GPU benches (release, --features cuda)"
 cargo test --release --features cuda --no-run --message-format=json --test 'cuda_*' | collect test
 cargo bench --features cuda --no-run --message-format=json --bench 'gpu_*' | collect bench
+# Without debug info: the folder travels to the GPU machine whole (the device tool carries
+# at most 64 MiB).
+if command -v strip >/dev/null; then
+  strip --strip-debug "$out"/bin/*
+fi
 cp scripts/gpu_sdpa.py "$out/"
 echo "== building a wheel with the CUDA backend"
 mkdir -p "$out/py"
 if [ -x .venv/bin/maturin ]; then
-  (cd bindings/python && ../../.venv/bin/maturin build --release -q --features cuda -o "../../$out/py" -i ../../.venv/bin/python)
+  (cd bindings/python && ../../.venv/bin/maturin build --release --strip -q --features cuda -o "../../$out/py" -i ../../.venv/bin/python)
   cp bindings/python/tests/test_cuda.py "$out/py/"
 else
   echo "   (no maturin in .venv: run scripts/setup.sh for the Python check)"
@@ -95,7 +100,11 @@ echo "== done in $(( $(date +%s) - start )) s, status $fail"
 exit $fail
 RUN
 chmod +x "$out/run.sh"
-echo "== $out ready: copy it to a GPU machine and run $out/run.sh"
+size_mib=$(( $(du -sk "$out" | cut -f1) / 1024 ))
+echo "== $out ready ($size_mib MiB): copy it to a GPU machine and run $out/run.sh"
+if [ "$size_mib" -gt 60 ]; then
+  echo "warning: $out is $size_mib MiB, more than a 64 MiB transfer allows with room to spare" >&2
+fi
 if [ "${1:-}" = "--run" ]; then
   exec "$out/run.sh"
 fi

@@ -25,6 +25,17 @@ gen="$out/gen"
 mkdir -p "$gen"
 cxx=(g++ -std=c++17 -O2 -g -fPIC -fno-strict-aliasing -w -DKVS_EMU -I "$inc" -I tests/cuda_emu -include tests/cuda_emu/kvs_emu.h)
 
+# Compile $1 into $2 in the background, two compilers at a time. The old object goes first,
+# so a failed compile cannot leave a stale one to link; any failure stops the build below.
+pids=()
+failed=0
+compile() {
+  rm -f "$2"
+  "${cxx[@]}" -c "$1" -o "$2" &
+  pids+=($!)
+  while [ "$(jobs -rp | wc -l)" -ge 2 ]; do sleep 0.2; done
+}
+
 # One translation unit per .cu file: the file itself, then a table registering each of its
 # kernels (found in the preprocessed source) under its name.
 objs=()
@@ -51,18 +62,21 @@ for src in cuda/*.cu; do
     echo "}  // namespace"
   } > "$unit"
   echo "== emulator: compiling $src ($(grep -c 'kvs_emu::Reg reg_' "$unit") kernels)" >&2
-  "${cxx[@]}" -c "$unit" -o "$obj" &
-  # two compilers at a time
-  while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n; done
+  compile "$unit" "$obj"
 done
 for src in tests/cuda_emu/runtime.cpp tests/cuda_emu/driver.cpp; do
   obj="$gen/$(basename "$src" .cpp).o"
   objs+=("$obj")
   if [ -f "$obj" ] && [ -z "$(find tests/cuda_emu -newer "$obj" -print -quit)" ]; then continue; fi
-  "${cxx[@]}" -c "$src" -o "$obj" &
-  while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n; done
+  compile "$src" "$obj"
 done
-wait
+for pid in "${pids[@]}"; do
+  wait "$pid" || failed=1
+done
+if [ "$failed" = 1 ]; then
+  echo "error: the emulator build failed (see the compiler output above)" >&2
+  exit 1
+fi
 g++ -shared -o "$out/libcuda.so" "${objs[@]}" -lpthread
 ln -sf libcuda.so "$out/libcuda.so.1"
 lib="$(cd "$out" && pwd)"

@@ -5,6 +5,7 @@
 #include <cuda.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -303,29 +304,24 @@ CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, CUstream s) {
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr a, CUdeviceptr b, size_t n, CUstream s) {
     return queue(s, [=]() { return copy(reinterpret_cast<void*>(a), reinterpret_cast<void*>(b), n); });
 }
-static CUresult fill8(CUdeviceptr d, unsigned char v, size_t n) {
-    std::memset(reinterpret_cast<void*>(d), v, n);
+extern "C++" {
+// n elements of value v from d.
+template <typename T>
+static CUresult fill(CUdeviceptr d, T v, size_t n) {
+    std::fill_n(reinterpret_cast<T*>(d), n, v);
     return sticky;
+}
 }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
     if (CUresult r = refuse_in_capture("cuMemsetD8")) return r;
-    return fill8(d, v, n);
+    return fill(d, v, n);
 }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream s) {
-    return queue(s, [=]() { return fill8(d, v, n); });
-}
-static CUresult fill32(CUdeviceptr d, unsigned int v, size_t n) {
-    unsigned* p = reinterpret_cast<unsigned*>(d);
-    for (size_t i = 0; i < n; ++i) p[i] = v;
-    return sticky;
-}
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream s) { return queue(s, [=]() { return fill(d, v, n); }); }
 CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n) {
     if (CUresult r = refuse_in_capture("cuMemsetD32")) return r;
-    return fill32(d, v, n);
+    return fill(d, v, n);
 }
-CUresult cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUstream s) {
-    return queue(s, [=]() { return fill32(d, v, n); });
-}
+CUresult cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUstream s) { return queue(s, [=]() { return fill(d, v, n); }); }
 
 struct ErrorText {
     CUresult code;

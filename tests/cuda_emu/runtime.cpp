@@ -403,19 +403,23 @@ bool launch(const char* name, void (*fn)(void**), dim3 grid, dim3 block, size_t 
     smem_bytes = shared;
     smem.assign((shared + 7) / 8 + 1, 0);
     failure.clear();
-    for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
-                block_idx = make_uint3(x, y, z);
-                // Shared memory starts as garbage on a GPU: NaN bytes here.
-                std::memset(smem.data(), 0xff, smem.size() * 8);
-                if (!run_block(((x + y + z) ^ launch_count) & 1)) {
-                    char b[96];
-                    std::snprintf(b, sizeof b, " (block (%u,%u,%u))", x, y, z);
-                    *error = failure + b;
-                    return false;
-                }
-            }
+    // Blocks run one after another, in index order or (every other launch) in reverse, so a
+    // block that depends on another block of the same launch having run shows in one of them.
+    const uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
+    const bool backwards = (launch_count >> 1) & 1;
+    for (uint64_t i = 0; i < nblocks; ++i) {
+        const uint64_t b = backwards ? nblocks - 1 - i : i;
+        const unsigned x = (unsigned)(b % grid.x), y = (unsigned)(b / grid.x % grid.y), z = (unsigned)(b / ((uint64_t)grid.x * grid.y));
+        block_idx = make_uint3(x, y, z);
+        // Shared memory starts as garbage on a GPU: NaN bytes here.
+        std::memset(smem.data(), 0xff, smem.size() * 8);
+        if (!run_block(((x + y + z) ^ launch_count) & 1)) {
+            char msg[96];
+            std::snprintf(msg, sizeof msg, " (block (%u,%u,%u))", x, y, z);
+            *error = failure + msg;
+            return false;
+        }
+    }
     return true;
 }
 

@@ -35,7 +35,9 @@ fn prefill_matches_cpu() {
     let mut rng = Rng(0x9f111);
     let shapes = [(16usize, 64usize, 2usize, 4usize), (64, 128, 2, 6), (32, 128, 1, 1), (16, 64, 4, 8)];
     for dtype in [DType::F16, DType::BF16] {
-        for &(ps, d, hk, hq) in &shapes {
+        for (si, &(ps, d, hk, hq)) in shapes.iter().enumerate() {
+            // Both page layouts: [page][token][head][dim] and [page][head][token][dim].
+            let page_layout = if si % 2 == 0 { PageLayout::Nhd } else { PageLayout::Hnd };
             let lens = [1usize, 70, 200, 129];
             let qlens = [1usize, 70, 33, 64];
             let cap: usize = lens.iter().map(|l| l.div_ceil(ps)).sum::<usize>() + 2;
@@ -51,9 +53,16 @@ fn prefill_matches_cpu() {
                 cache.write(id, 0, 0, &TensorView::new(&k, &[l, hk, d]).unwrap(), &TensorView::new(&v, &[l, hk, d]).unwrap()).unwrap();
                 let pages = cache.seq_pages(id).unwrap();
                 for t in 0..l {
-                    let slot = pages[t / ps] as usize * ps + t % ps;
-                    kdev[slot * hk * d..(slot + 1) * hk * d].copy_from_slice(&k[t * hk * d..(t + 1) * hk * d]);
-                    vdev[slot * hk * d..(slot + 1) * hk * d].copy_from_slice(&v[t * hk * d..(t + 1) * hk * d]);
+                    let (page, pos) = (pages[t / ps] as usize, t % ps);
+                    for h in 0..hk {
+                        let at = match page_layout {
+                            PageLayout::Nhd => ((page * ps + pos) * hk + h) * d,
+                            PageLayout::Hnd => ((page * hk + h) * ps + pos) * d,
+                        };
+                        let from = (t * hk + h) * d;
+                        kdev[at..at + d].copy_from_slice(&k[from..from + d]);
+                        vdev[at..at + d].copy_from_slice(&v[from..from + d]);
+                    }
                 }
                 ids.push(id);
             }
@@ -61,7 +70,7 @@ fn prefill_matches_cpu() {
             let kb = DeviceBuffer::from_slice(&dev, &to_bytes(&kdev, dtype), stream).unwrap();
             let vb = DeviceBuffer::from_slice(&dev, &to_bytes(&vdev, dtype), stream).unwrap();
             let dtable = CudaPageTable::upload(&dev, table.as_ref(), ps, cap, stream).unwrap();
-            let layout = PagedKvLayout::packed(dtype, cap, ps, hk, d, PageLayout::Nhd);
+            let layout = PagedKvLayout::packed(dtype, cap, ps, hk, d, page_layout);
             // SAFETY: K and V cover every page of the layout.
             let kv = unsafe { CudaPagedKv::from_raw(kb.ptr(), vb.ptr(), layout, &dtable).unwrap() };
             let mut qo = vec![0i32];
@@ -110,7 +119,7 @@ fn prefill_matches_cpu() {
                 (true, None, false, true),
                 (true, None, true, true),
             ] {
-                let what = format!("{dtype} ps {ps} d {d} hk {hk} hq {hq} causal {causal} cap {cap_logits:?} windows {windowed} selections {selected}");
+                let what = format!("{dtype} {page_layout:?} ps {ps} d {d} hk {hk} hq {hq} causal {causal} cap {cap_logits:?} windows {windowed} selections {selected}");
                 let params = AttentionParams { logit_soft_cap: cap_logits, ..AttentionParams::default() };
                 let mut want = vec![0f32; total * hq * d];
                 let mut want_lse = vec![0f32; total * hq];

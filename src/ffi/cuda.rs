@@ -14,8 +14,7 @@ use crate::ffi::args::{non_null, read_struct, write_out};
 use crate::ffi::error::{guard, kvsieve_error_t};
 use crate::ffi::params::kvsieve_attention_params_t;
 use crate::ffi::tensor::kvsieve_tensor_t;
-use crate::ffi::view::kvsieve_paged_kv_t;
-use crate::config::{validate_head_dim, validate_page_size};
+use crate::ffi::view::{descriptor_layout, kvsieve_paged_kv_t};
 use crate::ffi::cache::key_rope;
 use crate::kv::PagedKvLayout;
 
@@ -205,27 +204,7 @@ pub(crate) unsafe fn parse_kv(kv: *const kvsieve_paged_kv_t) -> Result<Kv> {
     }
     let device = usize::try_from(d.device.device_id).map_err(|_| Error::invalid("kv.device.device_id", "a device ordinal >= 0"))?;
     let dtype = d.dtype.to_dtype("dtype")?;
-    validate_page_size(d.page_size)?;
-    validate_head_dim(d.head_dim)?;
-    if d.num_kv_heads == 0 {
-        return Err(Error::invalid("num_kv_heads", "at least 1"));
-    }
-    let st = |raw: [i64; 3], name: &str| -> Result<[usize; 3]> {
-        let mut s = [0usize; 3];
-        for (i, &x) in raw.iter().enumerate() {
-            s[i] = usize::try_from(x).map_err(|_| Error::invalid(format!("{name}[{i}]"), format!("a non-negative stride in elements, got {x}")))?;
-        }
-        Ok(s)
-    };
-    let layout = PagedKvLayout {
-        dtype,
-        num_pages: d.num_pages,
-        page_size: d.page_size,
-        num_kv_heads: d.num_kv_heads,
-        head_dim: d.head_dim,
-        k_strides: st(d.k_strides, "k_strides")?,
-        v_strides: st(d.v_strides, "v_strides")?,
-    };
+    let layout = descriptor_layout(&d, dtype)?;
     if d.batch > 0 {
         non_null(d.indptr, "indptr")?;
         non_null(d.indices, "indices")?;

@@ -58,6 +58,24 @@ const _: () = {
     assert!(offset_of!(kvsieve_paged_kv_t, positions) == 144);
 };
 
+/// The page layout a descriptor states (host or device memory alike), its sizes checked.
+pub(crate) fn descriptor_layout(d: &kvsieve_paged_kv_t, dtype: DType) -> Result<PagedKvLayout> {
+    validate_page_size(d.page_size)?;
+    validate_head_dim(d.head_dim)?;
+    if d.num_kv_heads == 0 {
+        return Err(Error::invalid("num_kv_heads", "at least 1"));
+    }
+    Ok(PagedKvLayout {
+        dtype,
+        num_pages: d.num_pages,
+        page_size: d.page_size,
+        num_kv_heads: d.num_kv_heads,
+        head_dim: d.head_dim,
+        k_strides: strides(d.k_strides, "k_strides")?,
+        v_strides: strides(d.v_strides, "v_strides")?,
+    })
+}
+
 fn strides(raw: [i64; 3], param: &str) -> Result<[usize; 3]> {
     let mut s = [0usize; 3];
     for (i, &x) in raw.iter().enumerate() {
@@ -102,20 +120,7 @@ impl<'a> View<'a> {
         check_device(d.device, "device")?;
         let dtype: DType = d.dtype.to_dtype("dtype")?;
         let key_rope = key_rope(d.key_rope, "key_rope")?;
-        validate_page_size(d.page_size)?;
-        validate_head_dim(d.head_dim)?;
-        if d.num_kv_heads == 0 {
-            return Err(Error::invalid("num_kv_heads", "at least 1"));
-        }
-        let layout = PagedKvLayout {
-            dtype,
-            num_pages: d.num_pages,
-            page_size: d.page_size,
-            num_kv_heads: d.num_kv_heads,
-            head_dim: d.head_dim,
-            k_strides: strides(d.k_strides, "k_strides")?,
-            v_strides: strides(d.v_strides, "v_strides")?,
-        };
+        let layout = descriptor_layout(d, dtype)?;
         let k_bytes = extent_bytes(&layout, layout.k_strides, d.k, "k_strides")?;
         let v_bytes = extent_bytes(&layout, layout.v_strides, d.v, "v_strides")?;
 

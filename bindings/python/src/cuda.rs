@@ -253,7 +253,6 @@ pub fn cuda_paged_decode<'py>(
         position_mode: mode,
         max_distance: maxd,
     };
-    let raw_stream = stream.unwrap_or(0);
     let sel = match (sel_indptr, sel_indices) {
         (None, None) => None,
         (Some(a), Some(b)) => {
@@ -265,27 +264,21 @@ pub fn cuda_paged_decode<'py>(
         _ => return Err(Error::InvalidArgument { param: "sel_indices".into(), expected: "sel_indptr and sel_indices together".into() }).kv(),
     };
     let lists = sel.as_ref().map(|(a, b, mp, _, _)| (*a, *b, *mp));
-    let raw = Raw((desc, qd.t, od.t, pc, rope_c, raw_stream as usize));
-    let r = py.detach(move || {
-        let raw = raw;
-        let (desc, qt, ot, mut pc, rope_c, st) = raw.0;
+    let r = call_detached(py, stream, (desc, qd.t, od.t, pc, rope_c), move |(desc, qt, ot, mut pc, rope_c), st| {
         if let Some(r) = rope_c.as_ref() {
             pc.rope = r;
         }
-        let st = st as *mut c_void;
         // SAFETY: every pointer comes from a live DLPack capsule held until the call returns;
         // the device memory's contents are the caller's promise, as the C header documents.
         unsafe {
             match lists {
-                None => c::kvsieve_cuda_paged_decode(&desc, max_seq_len, &qt, &ot, lse_ptr as *mut f32, &pc, st) as usize,
-                Some((a, b, mp)) => {
-                    c::kvsieve_cuda_paged_decode_sparse(&desc, max_seq_len, a as *const i32, b as *const i32, mp, &qt, &ot, lse_ptr as *mut f32, &pc, st) as usize
-                }
+                None => c::kvsieve_cuda_paged_decode(&desc, max_seq_len, &qt, &ot, lse_ptr as *mut f32, &pc, st),
+                Some((a, b, mp)) => c::kvsieve_cuda_paged_decode_sparse(&desc, max_seq_len, a as *const i32, b as *const i32, mp, &qt, &ot, lse_ptr as *mut f32, &pc, st),
             }
         }
     });
     drop(sel);
-    check(r as *mut c::kvsieve_error_t)
+    r
 }
 
 /// Paged append on the GPU: row ``i`` of ``k``/``v`` into slot ``slot_mapping[i]`` (int64,
@@ -310,15 +303,10 @@ pub fn cuda_paged_append<'py>(
     let sd = dlpack(slot_mapping, "slot_mapping", stream)?;
     let desc = paged_kv(&kp, &vp, layout, "post", None, None)?;
     let slots = sd.int_array(64)? as usize;
-    let raw = Raw((desc, kd.t, vd.t));
-    let raw_stream = stream.unwrap_or(0) as usize;
-    let r = py.detach(move || {
-        let raw = raw;
-        let (desc, kt, vt) = raw.0;
+    call_detached(py, stream, (desc, kd.t, vd.t), move |(desc, kt, vt), st| {
         // SAFETY: as in cuda_paged_decode.
-        unsafe { c::kvsieve_cuda_paged_append(&desc, &kt, &vt, slots as *const i64, raw_stream as *mut c_void) as usize }
-    });
-    check(r as *mut c::kvsieve_error_t)
+        unsafe { c::kvsieve_cuda_paged_append(&desc, &kt, &vt, slots as *const i64, st) }
+    })
 }
 
 /// merge_states on the GPU: writes ``out`` and ``lse_out`` in place on ``stream``.
@@ -347,13 +335,21 @@ pub fn cuda_merge_states<'py>(
     } else {
         (0, 0, 0)
     };
-    let raw = Raw((a.t, b.t, o.t));
-    let raw_stream = stream.unwrap_or(0) as usize;
+    call_detached(py, stream, (a.t, b.t, o.t), move |(at, bt, ot), st| {
+        // SAFETY: as in cuda_paged_decode.
+        unsafe { c::kvsieve_cuda_merge_states(&at, pa as *const f32, &bt, pb as *const f32, &ot, po as *mut f32, st) }
+    })
+}
+
+/// Run one C call with the GIL released: `args` (descriptors, which only carry addresses)
+/// move into `call` with the stream (`stream`, null for the default stream); the C error it
+/// returns comes back as its Python exception.
+pub(crate) fn call_detached<T>(py: Python<'_>, stream: Option<i64>, args: T, call: impl FnOnce(T, *mut c_void) -> *mut c::kvsieve_error_t + Send) -> PyResult<()> {
+    let raw = Raw(args);
+    let st = stream.unwrap_or(0) as usize;
     let r = py.detach(move || {
         let raw = raw;
-        let (at, bt, ot) = raw.0;
-        // SAFETY: as in cuda_paged_decode.
-        unsafe { c::kvsieve_cuda_merge_states(&at, pa as *const f32, &bt, pb as *const f32, &ot, po as *mut f32, raw_stream as *mut c_void) as usize }
+        call(raw.0, st as *mut c_void) as usize
     });
     check(r as *mut c::kvsieve_error_t)
 }

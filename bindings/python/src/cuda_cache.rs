@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 
 use crate::arrays::{seq_id, seq_ids, to_numpy, usize_arg, usize_vec};
 use crate::cache::cache_config;
-use crate::cuda::{check, dlpack, Raw};
+use crate::cuda::{call_detached, check, dlpack};
 use crate::errors::KvResultExt;
 use crate::sparse::{keep_lists, parse_keep_per, KeepPer};
 
@@ -36,9 +36,7 @@ impl PyCudaKvCache {
 
     /// Run a C call with the GIL released.
     fn call(&self, py: Python<'_>, f: impl FnOnce(usize) -> usize + Send) -> PyResult<()> {
-        let h = self.handle;
-        let r = py.detach(move || f(h));
-        check(r as *mut c::kvsieve_error_t)
+        call_detached(py, None, self.handle, move |h, _| f(h) as *mut c::kvsieve_error_t)
     }
 }
 
@@ -149,21 +147,19 @@ impl PyCudaKvCache {
             let (ka, va) = (as_f32(k, "k")?, as_f32(v, "v")?);
             let (mut ks, mut vs) = (Vec::new(), Vec::new());
             let (kt, vt) = (host_tensor(&ka, &mut ks), host_tensor(&va, &mut vs));
-            let raw = Raw((kt, vt));
-            self.call(py, move |h| {
-                let raw = raw;
+            let h = self.handle;
+            call_detached(py, None, (kt, vt), move |(kt, vt), _| {
                 let _keep = (&ks, &vs);
                 // SAFETY: a live handle; the arrays and shapes live until the call returns.
-                unsafe { c::kvsieve_cuda_cache_write(h as *mut _, seq, layer, start, &raw.0 .0, &raw.0 .1) as usize }
+                unsafe { c::kvsieve_cuda_cache_write(h as *mut _, seq, layer, start, &kt, &vt) }
             })
         } else {
             let kd = dlpack(k, "k", None)?;
             let vd = dlpack(v, "v", None)?;
-            let raw = Raw((kd.t, vd.t));
-            self.call(py, move |h| {
-                let raw = raw;
+            let h = self.handle;
+            call_detached(py, None, (kd.t, vd.t), move |(kt, vt), _| {
                 // SAFETY: a live handle; the capsules keep the device arrays alive.
-                unsafe { c::kvsieve_cuda_cache_write(h as *mut _, seq, layer, start, &raw.0 .0, &raw.0 .1) as usize }
+                unsafe { c::kvsieve_cuda_cache_write(h as *mut _, seq, layer, start, &kt, &vt) }
             })
         }
     }
@@ -255,11 +251,8 @@ impl PyCudaKvCache {
             position_mode: c::POSITIONS_ORIGINAL,
             max_distance: 0,
         };
-        let raw = Raw((qd.t, od.t, pc));
-        let st = stream.unwrap_or(0) as usize;
-        self.call(py, move |h| {
-            let raw = raw;
-            let (qt, ot, pc) = raw.0;
+        let h = self.handle;
+        call_detached(py, stream, (qd.t, od.t, pc), move |(qt, ot, pc), st| {
             let mut table: *mut c::kvsieve_cuda_table_t = ptr::null_mut();
             // SAFETY: all-zero is a valid (empty) descriptor value; the call fills it.
             let mut view: kvsieve_paged_kv_t = unsafe { std::mem::zeroed() };
@@ -267,18 +260,18 @@ impl PyCudaKvCache {
             // SAFETY: a live handle; `ids` outlives the call; the out-parameters are writable.
             let e = unsafe { c::kvsieve_cuda_cache_layer_view(h as *const _, layer, ids.as_ptr(), ids.len(), &mut table, &mut view, ptr::null_mut(), &mut max_len) };
             if !e.is_null() {
-                return e as usize;
+                return e;
             }
             // SAFETY: the view and table are live; the capsules keep q, out, lse and the lists.
             let e = unsafe {
                 match lists {
-                    None => c::kvsieve_cuda_paged_decode(&view, max_len, &qt, &ot, lse_ptr as *mut f32, &pc, st as *mut c_void),
-                    Some((a, b, mp)) => c::kvsieve_cuda_paged_decode_sparse(&view, max_len, a as *const i32, b as *const i32, mp, &qt, &ot, lse_ptr as *mut f32, &pc, st as *mut c_void),
+                    None => c::kvsieve_cuda_paged_decode(&view, max_len, &qt, &ot, lse_ptr as *mut f32, &pc, st),
+                    Some((a, b, mp)) => c::kvsieve_cuda_paged_decode_sparse(&view, max_len, a as *const i32, b as *const i32, mp, &qt, &ot, lse_ptr as *mut f32, &pc, st),
                 }
             };
             // SAFETY: freed once; cuMemFree waits for the queued decode that reads it.
             unsafe { c::kvsieve_cuda_table_free(table) };
-            e as usize
+            e
         })
     }
 

@@ -15,7 +15,7 @@ use pyo3::types::PyTuple;
 
 use crate::arrays::i32_vec;
 use crate::cluster::{cluster_config, coarse_rule, fine_rule, PyClusterIndex};
-use crate::cuda::{check, dlpack, paged_kv, Raw};
+use crate::cuda::{call_detached, check, dlpack, paged_kv, Raw};
 use crate::errors::KvResultExt;
 use crate::sparse::windows_arg;
 
@@ -51,15 +51,11 @@ pub fn cuda_update_key_bounds<'py>(
     }
     let n = es[0].max(0) as usize;
     let (bounds, ents) = (kb.addr() as usize, en.addr() as usize);
-    let raw = Raw(desc);
-    let st = stream.unwrap_or(0) as usize;
-    let r = py.detach(move || {
-        let raw = raw;
+    call_detached(py, stream, desc, move |desc, st| {
         // SAFETY: every pointer comes from a live DLPack capsule held until the call returns;
         // the device memory's contents are the caller's promise, as the C header documents.
-        unsafe { c::kvsieve_cuda_update_key_bounds(&raw.0, bounds as *mut c_void, ents as *const c::kvsieve_key_bounds_entry_t, n, st as *mut c_void) as usize }
-    });
-    check(r as *mut c::kvsieve_error_t)
+        unsafe { c::kvsieve_cuda_update_key_bounds(&desc, bounds as *mut c_void, ents as *const c::kvsieve_key_bounds_entry_t, n, st) }
+    })
 }
 
 /// Page-bound (Quest) selection on the GPU for every sequence of the page table, written
@@ -98,17 +94,10 @@ pub fn cuda_page_bounds<'py>(
     let (sip, six) = (si.int_array(32)? as usize, sx.int_array(32)? as usize);
     let bounds = kb.addr() as usize;
     let cfg = c::kvsieve_page_bounds_config_t { budget_tokens, min_pages };
-    let raw = Raw((desc, qd.t));
-    let st = stream.unwrap_or(0) as usize;
-    let r = py.detach(move || {
-        let raw = raw;
-        let (desc, qt) = raw.0;
+    call_detached(py, stream, (desc, qd.t), move |(desc, qt), st| {
         // SAFETY: as in cuda_update_key_bounds.
-        unsafe {
-            c::kvsieve_cuda_page_bounds(&desc, max_seq_len, bounds as *const c_void, &qt, &cfg, sip as *mut i32, six as *mut i32, st as *mut c_void) as usize
-        }
-    });
-    check(r as *mut c::kvsieve_error_t)
+        unsafe { c::kvsieve_cuda_page_bounds(&desc, max_seq_len, bounds as *const c_void, &qt, &cfg, sip as *mut i32, six as *mut i32, st) }
+    })
 }
 
 /// Prefill attention on the GPU (tensor cores) over device pages with keys after RoPE:
@@ -185,11 +174,7 @@ pub fn cuda_paged_prefill<'py>(
         position_mode: c::POSITIONS_ORIGINAL,
         max_distance: 0,
     };
-    let raw = Raw((desc, qd.t, od.t, pc));
-    let st = stream.unwrap_or(0) as usize;
-    let r = py.detach(move || {
-        let raw = raw;
-        let (desc, qt, ot, pc) = raw.0;
+    call_detached(py, stream, (desc, qd.t, od.t, pc), move |(desc, qt, ot, pc), st| {
         let (sip, six, mp) = lists.unwrap_or((0, 0, 0));
         let wp = if wins.is_empty() { ptr::null() } else { wins.as_ptr() };
         // SAFETY: as in cuda_update_key_bounds; `qo` and `wins` are host memory read during the call.
@@ -207,11 +192,10 @@ pub fn cuda_paged_prefill<'py>(
                 &ot,
                 lse_ptr as *mut f32,
                 &pc,
-                st as *mut c_void,
-            ) as usize
+                st,
+            )
         }
-    });
-    check(r as *mut c::kvsieve_error_t)
+    })
 }
 
 /// GemFilter on the GPU: the ``k`` tokens the last query points at, ascending, written to
@@ -238,15 +222,10 @@ pub fn cuda_gemfilter_select<'py>(
         return Err(Error::Shape { param: "indices".into(), expected: format!("room for k = {k} int32"), got: format!("{:?}", id.shape()) }).kv();
     }
     let cfg = c::kvsieve_gemfilter_config_t { k, pool_kernel, keep_first, keep_last };
-    let raw = Raw((qd.t, kd.t));
-    let st = stream.unwrap_or(0) as usize;
-    let r = py.detach(move || {
-        let raw = raw;
-        let (qt, kt) = raw.0;
+    call_detached(py, stream, (qd.t, kd.t), move |(qt, kt), st| {
         // SAFETY: as in cuda_update_key_bounds.
-        unsafe { c::kvsieve_cuda_gemfilter_select(&qt, &kt, &cfg, out as *mut i32, st as *mut c_void) as usize }
-    });
-    check(r as *mut c::kvsieve_error_t)
+        unsafe { c::kvsieve_cuda_gemfilter_select(&qt, &kt, &cfg, out as *mut i32, st) }
+    })
 }
 
 /// A K-means index on a CUDA device for centroid retrieval on the GPU. See the stub.
@@ -429,15 +408,12 @@ impl PyCudaClusterIndex {
             })
             .kv();
         }
-        let raw = Raw(qd.t);
-        let (h, st) = (self.handle, stream.unwrap_or(0) as usize);
-        let r = py.detach(move || {
-            let raw = raw;
+        let h = self.handle;
+        call_detached(py, stream, qd.t, move |qt, st| {
             let cfg = retrieve_config(&fine, coarse, &taus);
             // SAFETY: a live handle; as in cuda_update_key_bounds; `taus` outlives the call.
-            unsafe { c::kvsieve_cuda_cluster_index_retrieve(h as *const _, &raw.0, &cfg, sip as *mut i32, six as *mut i32, st as *mut c_void) as usize }
-        });
-        check(r as *mut c::kvsieve_error_t)
+            unsafe { c::kvsieve_cuda_cluster_index_retrieve(h as *const _, &qt, &cfg, sip as *mut i32, six as *mut i32, st) }
+        })
     }
 
     fn __repr__(&self) -> PyResult<String> {

@@ -194,7 +194,7 @@ impl Workspace {
     /// partial states).
     fn lock(&self, bytes: usize) -> Result<std::sync::MutexGuard<'_, Option<Arc<DeviceBuffer>>>> {
         let mut g = self.buf.lock().unwrap_or_else(|e| e.into_inner());
-        if g.as_ref().is_none_or(|b| b.len() < bytes) {
+        if g.as_ref().map_or(true, |b| b.len() < bytes) {
             *g = Some(Arc::new(DeviceBuffer::alloc(&self.dev, bytes.max(256))?));
         }
         Ok(g)

@@ -85,7 +85,8 @@ uint32_t kvsieve_version_patch(void);
 
 /**
  * \brief The SIMD instruction set the CPU kernels use on this machine, chosen at run time
- * (for example "avx2+fma+f16c" or "portable").
+ * ("avx512f+avx2+fma+f16c", "avx2+fma+f16c" or "portable"; the environment variable
+ * KVSIEVE_ISA=avx2 or portable, read once per process, lowers it).
  *
  * Ownership: a static string; do not free. Thread safety: thread-safe.
  */

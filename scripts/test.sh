@@ -12,6 +12,13 @@ cargo build --lib --examples --benches
 echo "== cargo test"
 cargo test --no-fail-fast
 cargo test --doc
+# The CPU kernels pick the best instruction set at run time (AVX-512, AVX2, portable); the
+# suites that reach them run again with each lower level this CPU can replace the best with.
+for isa in avx2 portable; do
+    echo "== cargo test, CPU kernels limited to $isa (KVSIEVE_ISA=$isa)"
+    KVSIEVE_ISA=$isa cargo test --no-fail-fast --lib --test attention --test sparse --test gemfilter \
+        --test cluster --test select --test policy_clusters
+done
 
 echo "== examples"
 cargo run -q --example 01_store_and_decode

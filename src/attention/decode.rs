@@ -97,10 +97,9 @@ pub fn decode(kv: &PagedKv, q: &TensorView, out: &mut TensorViewMut, lse: Option
                 for i0 in (0..n).step_by(BLOCK) {
                     let i1 = (i0 + BLOCK).min(n);
                     next.fill(kv, b, &toks, i1, (i1 + BLOCK).min(n));
-                    next.prefetch(kv, 0..hk);
                     for (kh, st) in states.iter_mut().enumerate() {
                         let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
-                        attend_block(&ctx, b, kh, qrows, g, &cur, &Pass::ALL, usize::MAX, st, sc);
+                        attend_block(&ctx, b, kh, qrows, g, &cur, &next, &Pass::ALL, usize::MAX, st, sc);
                     }
                     std::mem::swap(&mut cur, &mut next);
                 }

@@ -17,9 +17,6 @@ use crate::KeyRope;
 /// Tokens scored per block.
 pub(crate) const BLOCK: usize = 32;
 
-/// Bytes between software prefetches (the hardware fetches the adjacent line of each pair).
-const PREFETCH_STRIDE: usize = 128;
-
 /// Validated, per-call constants.
 pub(crate) struct Ctx<'a> {
     pub kv: &'a PagedKv<'a>,
@@ -204,11 +201,21 @@ pub(crate) struct Scratch {
     k_ptrs: Vec<*const u8>,
     v_ptrs: Vec<*const u8>,
     k_rot: Vec<f32>,
+    /// K and V rows of the next block, prefetched while this one is computed.
+    ahead_k: Vec<*const u8>,
+    ahead_v: Vec<*const u8>,
 }
 
 impl Scratch {
     pub fn new(rows: usize, d: usize) -> Self {
-        Scratch { s: vec![0.0; rows * BLOCK], k_ptrs: Vec::with_capacity(BLOCK), v_ptrs: Vec::with_capacity(BLOCK), k_rot: vec![0.0; BLOCK * d] }
+        Scratch {
+            s: vec![0.0; rows * BLOCK],
+            k_ptrs: Vec::with_capacity(BLOCK),
+            v_ptrs: Vec::with_capacity(BLOCK),
+            k_rot: vec![0.0; BLOCK * d],
+            ahead_k: Vec::with_capacity(BLOCK),
+            ahead_v: Vec::with_capacity(BLOCK),
+        }
     }
 }
 
@@ -310,36 +317,14 @@ impl Block {
         }
     }
 
-    /// Ask the memory system for the block's K and V rows of `heads` ahead of their use.
-    pub fn prefetch(&self, kv: &PagedKv, heads: std::ops::Range<usize>) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let es = kv.dtype().size();
-            let row = kv.head_dim() * es;
-            let (ks, vs) = (kv.layout().k_strides[2] * es, kv.layout().v_strides[2] * es);
-            let fetch = |p: *const u8, stride: usize| {
-                let span = |s: usize, e: usize| {
-                    for off in (s..e).step_by(PREFETCH_STRIDE) {
-                        // SAFETY: prefetch is only a hint and never faults; the address is in the view.
-                        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(off) as *const i8) };
-                    }
-                };
-                if stride == row {
-                    // Heads stored back to back: one span.
-                    span(heads.start * row, heads.end * row);
-                } else {
-                    for h in heads.clone() {
-                        span(h * stride, h * stride + row);
-                    }
-                }
-            };
-            for (&k, &v) in self.k0.iter().zip(&self.v0) {
-                fetch(k, ks);
-                fetch(v, vs);
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (kv, heads);
+    /// Pointers to head `kh`'s K and V rows of the block's tokens, replacing `k` and `v`.
+    fn head_rows(&self, kv: &PagedKv, kh: usize, k: &mut Vec<*const u8>, v: &mut Vec<*const u8>) {
+        let es = kv.dtype().size();
+        let (ko, vo) = (kh * kv.layout().k_strides[2] * es, kh * kv.layout().v_strides[2] * es);
+        k.clear();
+        v.clear();
+        k.extend(self.k0.iter().map(|p| p.wrapping_add(ko)));
+        v.extend(self.v0.iter().map(|p| p.wrapping_add(vo)));
     }
 }
 
@@ -353,18 +338,18 @@ pub(crate) fn attend(ctx: &Ctx, b: usize, kh: usize, q: &[f32], rows: usize, tok
     let n = tokens.count_upto(max_limit);
     let (mut cur, mut next) = (Block::default(), Block::default());
     cur.fill(kv, b, &tokens, 0, n.min(BLOCK));
-    cur.prefetch(kv, kh..kh + 1);
     for i0 in (0..n).step_by(BLOCK) {
         let i1 = (i0 + BLOCK).min(n);
         next.fill(kv, b, &tokens, i1, (i1 + BLOCK).min(n));
-        next.prefetch(kv, kh..kh + 1);
-        attend_block(ctx, b, kh, q, rows, &cur, pass, min_limit, st, sc);
+        attend_block(ctx, b, kh, q, rows, &cur, &next, pass, min_limit, st, sc);
         std::mem::swap(&mut cur, &mut next);
     }
 }
 
 /// Attend `rows` query rows to one block of tokens of KV head `kh` (see [`attend`]);
-/// `min_limit` is the smallest `limit(r)`, so blocks below it skip the causal mask.
+/// `min_limit` is the smallest `limit(r)`, so blocks below it skip the causal mask. The
+/// head's rows of `next` (the block to be read after this one) are prefetched a few at a
+/// time between the block's dot products, so that memory and arithmetic overlap.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_block(
     ctx: &Ctx,
@@ -373,6 +358,7 @@ pub(crate) fn attend_block(
     q: &[f32],
     rows: usize,
     blk: &Block,
+    next: &Block,
     pass: &Pass,
     min_limit: usize,
     st: &mut RowState,
@@ -384,14 +370,8 @@ pub(crate) fn attend_block(
     if t == 0 {
         return;
     }
-    sc.k_ptrs.clear();
-    sc.v_ptrs.clear();
-    let es = kv.dtype().size();
-    let (ko, vo) = (kh * kv.layout().k_strides[2] * es, kh * kv.layout().v_strides[2] * es);
-    for (&k, &v) in blk.k0.iter().zip(&blk.v0) {
-        sc.k_ptrs.push(k.wrapping_add(ko));
-        sc.v_ptrs.push(v.wrapping_add(vo));
-    }
+    blk.head_rows(kv, kh, &mut sc.k_ptrs, &mut sc.v_ptrs);
+    next.head_rows(kv, kh, &mut sc.ahead_k, &mut sc.ahead_v);
     let mut k_dtype = kv.dtype();
     if let (Some((rope, inv, table)), false) = (&ctx.rope, pass.key_pos == KeyPos::Raw) {
         for (j, &tok) in blk.tokens.iter().enumerate() {
@@ -410,7 +390,7 @@ pub(crate) fn attend_block(
     }
     let s = &mut sc.s[..rows * t];
     // SAFETY: pointers come from the view (or k_rot), each valid for d elements.
-    unsafe { simd::scores(q, rows, d, &sc.k_ptrs, k_dtype, s) };
+    unsafe { simd::scores_ahead(q, rows, d, &sc.k_ptrs, k_dtype, s, &sc.ahead_k) };
     let masked = *blk.tokens.last().unwrap() > min_limit || pass.filter.is_some();
     for r in 0..rows {
         let sr = &mut s[r * t..(r + 1) * t];
@@ -427,7 +407,7 @@ pub(crate) fn attend_block(
                 }
             }
         }
-        let bm = sr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let bm = simd::max(sr);
         if bm == f32::NEG_INFINITY {
             sr.fill(0.0);
             continue;
@@ -444,7 +424,7 @@ pub(crate) fn attend_block(
         st.m[r] = m_new;
     }
     // SAFETY: as above, for the value rows.
-    unsafe { simd::accumulate(&mut st.o, rows, d, &sc.v_ptrs, kv.dtype(), s) };
+    unsafe { simd::accumulate_ahead(&mut st.o, rows, d, &sc.v_ptrs, kv.dtype(), s, &sc.ahead_v) };
 }
 
 /// Merge partial states (normalised output, LSE) into one, in place into `acc`.

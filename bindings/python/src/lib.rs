@@ -20,7 +20,8 @@ mod sparse;
 
 use pyo3::prelude::*;
 
-/// The SIMD instruction set the CPU kernels use on this machine.
+/// The SIMD instruction set the CPU kernels use on this machine ("avx512f+avx2+fma+f16c",
+/// "avx2+fma+f16c" or "portable"; `KVSIEVE_ISA=avx2` or `portable` lowers it).
 #[pyfunction]
 fn isa() -> &'static str {
     kvsieve::attention::isa()

@@ -3,6 +3,8 @@
 import ast
 import inspect
 import os
+import sys
+import subprocess
 import re
 
 import kvsieve
@@ -43,7 +45,15 @@ def runtime_params(obj):
 
 def test_version_isa_constants():
     assert re.fullmatch(r"\d+\.\d+\.\d+", kvsieve.__version__)
-    assert kvsieve.isa() in ("avx2+fma+f16c", "portable")
+    assert kvsieve.isa() in ("avx512f+avx2+fma+f16c", "avx2+fma+f16c", "portable")
+    # KVSIEVE_ISA lowers the level in a new process and never raises it.
+    def isa_with(level):
+        env = dict(os.environ, KVSIEVE_ISA=level)
+        cmd = [sys.executable, "-c", "import kvsieve; print(kvsieve.isa())"]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert isa_with("portable") == "portable"
+    assert isa_with("avx2") == ("portable" if kvsieve.isa() == "portable" else "avx2+fma+f16c")
     assert kvsieve.MAX_HEAD_DIM == 512 and kvsieve.MAX_PAGE_SIZE == 1024
     assert os.path.exists(os.path.join(STUB_DIR, "py.typed"))
 

@@ -59,13 +59,6 @@ impl PackedCentroids {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
-}
-
 /// For each row of `points` (`[n][d]`, row-major): `idx[i]` = the centroid with the largest
 /// dot product (lowest index on ties) and `best[i]` = that dot product. Parallel over blocks
 /// of rows; the result does not depend on the thread count.
@@ -74,7 +67,7 @@ pub(crate) fn nearest(points: &[f32], d: usize, cents: &PackedCentroids, idx: &m
     let n = idx.len();
     assert!(points.len() == n * d && best.len() == n && cents.k >= 1);
     #[cfg(target_arch = "x86_64")]
-    let simd = has_avx2_fma();
+    let simd = crate::attention::simd::has_avx2();
     #[cfg(not(target_arch = "x86_64"))]
     let simd = false;
     idx.par_chunks_mut(BLOCK).zip(best.par_chunks_mut(BLOCK)).enumerate().for_each(|(b, (idx, best))| {
@@ -231,7 +224,7 @@ mod tests {
                 })
                 .collect();
             #[cfg(target_arch = "x86_64")]
-            let simd_ok = has_avx2_fma();
+            let simd_ok = crate::attention::simd::has_avx2();
             #[cfg(not(target_arch = "x86_64"))]
             let simd_ok = false;
             for simd in [false, true] {

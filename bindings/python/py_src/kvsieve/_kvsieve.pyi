@@ -1520,7 +1520,9 @@ def apply_rope(
     """
 
 def isa() -> str:
-    """The SIMD instruction set the CPU kernels use on this machine (e.g. ``"avx2+fma+f16c"``)."""
+    """The SIMD instruction set the CPU kernels use on this machine (``"avx512f+avx2+fma+f16c"``,
+    ``"avx2+fma+f16c"`` or ``"portable"``; the environment variable ``KVSIEVE_ISA=avx2`` or
+    ``portable``, read once per process, lowers it)."""
 
 # ---- CUDA (device arrays through ``__dlpack__``) --------------------------------------
 #

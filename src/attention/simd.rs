@@ -621,7 +621,8 @@ pub(crate) mod avx512 {
         untranspose(reduce16([a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15]))
     }
 
-    /// One dot product.
+    /// One dot product, its lanes summed in [`reduce16`]'s order, so that a score does not
+    /// depend on which tile or tail computed it.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn dot<const L: u8>(q: *const f32, d: usize, k: *const u8) -> f32 {
@@ -631,7 +632,8 @@ pub(crate) mod avx512 {
             acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(ch)), load16::<L>(k.add(ch * size::<L>())), acc);
             ch += 16;
         }
-        _mm512_reduce_add_ps(acc)
+        let (lo, hi) = (_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc))));
+        super::avx2::hsum(_mm256_add_ps(lo, hi))
     }
 
     /// See [`super::scores`]; `d` is a multiple of 16.
@@ -843,6 +845,37 @@ mod tests {
                 }
                 for (i, (&got, &want)) in o.iter().zip(&want_o).enumerate() {
                     prop_assert!((got as f64 - want).abs() <= 1e-5 * (t as f64 + 1.0), "{} {:?} o[{}]: {} vs {}", name, dtype, i, got, want);
+                }
+            }
+        }
+
+        /// One row against many keys and many rows against one key give the same bits for
+        /// the same pair (K-means relies on this to be independent of how it batches its
+        /// candidates); in the AVX-512 kernel, so do all the tiles and tails in between.
+        #[test]
+        fn scores_do_not_depend_on_the_tiling(seed in any::<u64>(), rows in 1usize..21, t in 1usize..41, d in prop_oneof![Just(16usize), Just(64), Just(128)]) {
+            let mut state = seed | 1;
+            let mut next = || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; (state % 20_001) as f32 / 10_000.0 - 1.0 };
+            let q: Vec<f32> = (0..rows * d).map(|_| next()).collect();
+            let k: Vec<f32> = (0..t * d).map(|_| next()).collect();
+            let k_rows: Vec<*const u8> = (0..t).map(|j| k[j * d..].as_ptr() as *const u8).collect();
+            for (name, scores, _) in kernels(DType::F32, d) {
+                let mut all = vec![0f32; rows * t];
+                // SAFETY: as in kernels_match_f64_reference.
+                unsafe { scores(&q, rows, d, &k_rows, &mut all, &[]) };
+                for r in 0..rows {
+                    for j in 0..t {
+                        let (mut one, mut col) = ([0f32], vec![0f32; rows]);
+                        // SAFETY: as above, one row or one key at a time.
+                        unsafe {
+                            scores(&q[r * d..(r + 1) * d], 1, d, &k_rows[j..j + 1], &mut one, &[]);
+                            scores(&q, rows, d, &k_rows[j..j + 1], &mut col, &[]);
+                        }
+                        prop_assert_eq!(one[0].to_bits(), col[r].to_bits(), "{} row {} key {}", name, r, j);
+                        if name == "avx512" {
+                            prop_assert_eq!(all[r * t + j].to_bits(), one[0].to_bits(), "{} row {} key {}", name, r, j);
+                        }
+                    }
                 }
             }
         }

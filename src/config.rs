@@ -130,7 +130,7 @@ impl CacheConfig {
 }
 
 pub(crate) fn validate_head_dim(head_dim: usize) -> Result<()> {
-    if head_dim == 0 || head_dim % 8 != 0 || head_dim > MAX_HEAD_DIM {
+    if head_dim == 0 || !head_dim.is_multiple_of(8) || head_dim > MAX_HEAD_DIM {
         return Err(Error::Unsupported(format!(
             "head_dim {head_dim}: expected a multiple of 8 from 8 to {MAX_HEAD_DIM}"
         )));

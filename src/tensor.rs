@@ -13,7 +13,7 @@ fn fmt_shape(shape: &[usize]) -> String {
 /// Number of elements the view must be able to reach: 1 + the largest offset, 0 if empty;
 /// `None` if that does not fit in `usize`.
 fn extent(shape: &[usize], strides: &[usize]) -> Option<usize> {
-    if shape.iter().any(|&d| d == 0) {
+    if shape.contains(&0) {
         return Some(0);
     }
     shape.iter().zip(strides).try_fold(1usize, |acc, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x)))
@@ -142,7 +142,7 @@ impl<'a> TensorView<'a> {
     /// Check the shape, naming the parameter. `None` in `expected` accepts any size.
     pub fn expect_shape(&self, param: &str, expected: &[Option<usize>]) -> Result<()> {
         let ok = self.shape.len() == expected.len()
-            && self.shape.iter().zip(expected).all(|(&got, want)| want.map_or(true, |w| w == got));
+            && self.shape.iter().zip(expected).all(|(&got, want)| want.is_none_or(|w| w == got));
         if ok {
             return Ok(());
         }

@@ -990,7 +990,7 @@ fn bad_inputs_are_clear_errors() {
     let other = vec![0.5f32; n * 3 * d];
     assert_eq!(idx.assign_new(KeySource::Tensor(&TensorView::new(&other, &[n, 3, d]).unwrap())).unwrap_err().code(), ErrorCode::Shape);
     let mut longer = keys.clone();
-    longer.extend(std::iter::repeat(f32::NAN).take(hk * d));
+    longer.extend(std::iter::repeat_n(f32::NAN, hk * d));
     let e = idx.assign_new(KeySource::Tensor(&TensorView::new(&longer, &[n + 1, hk, d]).unwrap())).unwrap_err();
     assert!(e.to_string().contains("token 50"), "{e}");
     assert_eq!(idx, index, "a failed assign_new changed the index");

@@ -101,7 +101,7 @@ proptest! {
                 }
             }
             let mut score = ref_pool(&votes, 7);
-            score.extend(std::iter::repeat(f64::INFINITY).take(w));
+            score.extend(std::iter::repeat_n(f64::INFINITY, w));
             check_topk(res.per_head.head(h), &score, k, &|t| t >= prefix, 1e-5);
         }
         let mut union: Vec<u32> = (0..hk).flat_map(|h| res.per_head.head(h).to_vec()).collect();

@@ -115,7 +115,7 @@ proptest! {
         let mut lse = vec![f32::NAN; nq * hq];
         prefill_sparse(&kv, &qv, &qo, &[&sel], &windows, &mut TensorViewMut::new(&mut out, &[nq, hq, d]).unwrap(), Some(&mut lse), &p).unwrap();
         let keep = |_: usize, h: usize, t: usize| sel.heads[h].binary_search(&(t as u32)).is_ok();
-        let visible = |_: usize, _: usize, qt: usize, t: usize| t <= qt && window.map_or(true, |w| t < w.sinks || qt - t < w.window);
+        let visible = |_: usize, _: usize, qt: usize, t: usize| t <= qt && window.is_none_or(|w| t < w.sinks || qt - t < w.window);
         let want = reference::prefill_selected(&kv, &qv, &qo, &p, &keep, &visible).unwrap();
         let (eo, el) = max_err(&out, &lse, &want);
         prop_assert!(eo < 5e-5 && el < 5e-5, "out err {eo}, lse err {el}");

@@ -137,8 +137,8 @@ impl<'a> Ctx<'a> {
                 // which a rotation of the query alone expresses (RoPE depends only on the difference).
                 let m = max_distance as i64;
                 let dist = |r: usize, t: usize| kv.position(b, q_token(r)) as i64 - kv.position(b, t) as i64;
-                let near = |r: usize, t: usize| dist(r, t) < m && filter.map_or(true, |f| f(r, t));
-                let far = |r: usize, t: usize| dist(r, t) >= m && filter.map_or(true, |f| f(r, t));
+                let near = |r: usize, t: usize| dist(r, t) < m && filter.is_none_or(|f| f(r, t));
+                let far = |r: usize, t: usize| dist(r, t) >= m && filter.is_none_or(|f| f(r, t));
                 rotate_each(&mut qr, &|r| kv.position(b, q_token(r)) as f32);
                 attend(self, b, kh, &qr, rows, tokens, &Pass { key_pos: KeyPos::Stored, limit, filter: Some(&near) }, &mut st, sc);
                 qr.copy_from_slice(q);

@@ -58,7 +58,7 @@ impl RopeConfig {
             return Err(Error::invalid("rope.position_scale", format!("a finite value > 0, got {}", self.position_scale)));
         }
         let r = self.rotary_dim_for(head_dim);
-        if r % 2 != 0 || r > head_dim {
+        if !r.is_multiple_of(2) || r > head_dim {
             return Err(Error::invalid("rope.rotary_dim", format!("an even number <= head_dim {head_dim} (0 = all), got {}", self.rotary_dim)));
         }
         Ok(())

@@ -126,7 +126,7 @@ pub(crate) unsafe fn scores(q: &[f32], rows: usize, d: usize, k_rows: &[*const u
 /// As for [`scores`].
 pub(crate) unsafe fn scores_ahead(q: &[f32], rows: usize, d: usize, k_rows: &[*const u8], dtype: DType, out: &mut [f32], ahead: &[*const u8]) {
     #[cfg(target_arch = "x86_64")]
-    if d % 16 == 0 && has_avx512() {
+    if d.is_multiple_of(16) && has_avx512() {
         return match dtype {
             DType::F32 => avx512::scores::<{ avx2::F32 }>(q, rows, d, k_rows, out, ahead),
             DType::F16 => avx512::scores::<{ avx2::F16 }>(q, rows, d, k_rows, out, ahead),
@@ -151,7 +151,7 @@ pub(crate) unsafe fn scores_ahead(q: &[f32], rows: usize, d: usize, k_rows: &[*c
 /// 2. `o.len() >= rows * d` and `p.len() >= rows * v_rows.len()`; `d` is a multiple of 8.
 pub(crate) unsafe fn accumulate_ahead(o: &mut [f32], rows: usize, d: usize, v_rows: &[*const u8], dtype: DType, p: &[f32], ahead: &[*const u8]) {
     #[cfg(target_arch = "x86_64")]
-    if d % 16 == 0 && has_avx512() {
+    if d.is_multiple_of(16) && has_avx512() {
         return match dtype {
             DType::F32 => avx512::accumulate::<{ avx2::F32 }>(o, rows, d, v_rows, p, ahead),
             DType::F16 => avx512::accumulate::<{ avx2::F16 }>(o, rows, d, v_rows, p, ahead),
@@ -662,9 +662,9 @@ pub(crate) mod avx512 {
                 _mm_storeu_ps(op.add((r + 3) * t + j), _mm512_extractf32x4_ps::<3>(v));
                 j += 4;
             }
-            for j in j..t {
+            for (j, &k) in k_rows.iter().enumerate().skip(j) {
                 for i in 0..4 {
-                    *op.add((r + i) * t + j) = dot::<L>(qp.add((r + i) * d), d, k_rows[j]);
+                    *op.add((r + i) * t + j) = dot::<L>(qp.add((r + i) * d), d, k);
                 }
             }
             r += 4;
@@ -676,8 +676,8 @@ pub(crate) mod avx512 {
                 _mm512_storeu_ps(op.add(r * t + j), tile1x16::<L>(qp.add(r * d), d, &k_rows[j..j + 16]));
                 j += 16;
             }
-            for j in j..t {
-                *op.add(r * t + j) = dot::<L>(qp.add(r * d), d, k_rows[j]);
+            for (j, &k) in k_rows.iter().enumerate().skip(j) {
+                *op.add(r * t + j) = dot::<L>(qp.add(r * d), d, k);
             }
         }
         ahead.upto(usize::MAX);
@@ -789,7 +789,7 @@ mod tests {
             }
             if has!("avx2") && has!("fma") && has!("f16c") {
                 level!("avx2", avx2);
-                if has!("avx512f") && d % 16 == 0 {
+                if has!("avx512f") && d.is_multiple_of(16) {
                     level!("avx512", avx512);
                 }
             }

@@ -17,7 +17,7 @@ fn check_buffer<T>(ptr: *const T, len: usize, param: &str) -> Result<()> {
     }
     non_null(ptr, param)?;
     let align = std::mem::align_of::<T>();
-    if (ptr as usize) % align != 0 {
+    if !(ptr as usize).is_multiple_of(align) {
         return Err(Error::invalid(param, format!("a pointer aligned to {align} bytes")));
     }
     let fits = len.checked_mul(std::mem::size_of::<T>()).is_some_and(|b| b <= isize::MAX as usize);

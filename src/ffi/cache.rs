@@ -42,7 +42,7 @@ pub(crate) unsafe fn cache_ref<'a>(cache: *const kvsieve_cache_t) -> Result<&'a 
 /// As for [`cache_ref`].
 pub(crate) unsafe fn cache_ref_named<'a>(cache: *const kvsieve_cache_t, param: &str) -> Result<&'a kvsieve_cache_t> {
     non_null(cache, param)?;
-    if (cache as usize) % std::mem::align_of::<kvsieve_cache_t>() != 0 {
+    if !(cache as usize).is_multiple_of(std::mem::align_of::<kvsieve_cache_t>()) {
         return Err(Error::invalid(param, "a handle returned by kvsieve_cache_new"));
     }
     Ok(&*cache)

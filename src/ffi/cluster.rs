@@ -198,7 +198,7 @@ impl kvsieve_retrieve_stats_t {
 /// 1. `index` is NULL or a live handle returned by kvsieve, not freed while `'a` lasts.
 pub(crate) unsafe fn index_ref<'a>(index: *const kvsieve_cluster_index_t, param: &str) -> Result<&'a kvsieve_cluster_index_t> {
     non_null(index, param)?;
-    if (index as usize) % align_of::<kvsieve_cluster_index_t>() != 0 {
+    if !(index as usize).is_multiple_of(align_of::<kvsieve_cluster_index_t>()) {
         return Err(Error::invalid(param, "a cluster index handle returned by kvsieve"));
     }
     Ok(&*index)

@@ -29,7 +29,7 @@ pub struct kvsieve_cluster_set_t {
 /// 1. `set` is NULL or a live handle from `kvsieve_cluster_set_new`, not freed while `'a` lasts.
 unsafe fn set_ref<'a>(set: *const kvsieve_cluster_set_t) -> Result<&'a kvsieve_cluster_set_t> {
     non_null(set, "set")?;
-    if (set as usize) % std::mem::align_of::<kvsieve_cluster_set_t>() != 0 {
+    if !(set as usize).is_multiple_of(std::mem::align_of::<kvsieve_cluster_set_t>()) {
         return Err(Error::invalid("set", "a handle returned by kvsieve_cluster_set_new"));
     }
     Ok(&*set)

@@ -42,7 +42,7 @@ pub struct kvsieve_cuda_table_t {
 /// `cache` NULL or a live handle.
 unsafe fn cache_ref<'a>(cache: *const kvsieve_cuda_cache_t) -> Result<&'a kvsieve_cuda_cache_t> {
     non_null(cache, "cache")?;
-    if (cache as usize) % std::mem::align_of::<kvsieve_cuda_cache_t>() != 0 {
+    if !(cache as usize).is_multiple_of(std::mem::align_of::<kvsieve_cuda_cache_t>()) {
         return Err(Error::invalid("cache", "a device cache handle returned by kvsieve"));
     }
     Ok(&*cache)

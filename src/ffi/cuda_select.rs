@@ -310,7 +310,7 @@ pub unsafe extern "C" fn kvsieve_cuda_gemfilter_select(
 /// `index` NULL or a live handle.
 unsafe fn cuda_index_ref<'a>(index: *const kvsieve_cuda_cluster_index_t) -> Result<&'a kvsieve_cuda_cluster_index_t> {
     non_null(index, "index")?;
-    if (index as usize) % align_of::<kvsieve_cuda_cluster_index_t>() != 0 {
+    if !(index as usize).is_multiple_of(align_of::<kvsieve_cuda_cluster_index_t>()) {
         return Err(Error::invalid("index", "a device cluster index handle returned by kvsieve"));
     }
     Ok(&*index)

@@ -31,7 +31,7 @@ pub const POSITIONS_CAPPED: u32 = 2;
 /// 1. `policy` is NULL or a live handle from `kvsieve_policy_parse`, not freed while `'a` lasts.
 pub(crate) unsafe fn policy_ref<'a>(policy: *const kvsieve_policy_t) -> Result<&'a Policy> {
     non_null(policy, "policy")?;
-    if (policy as usize) % std::mem::align_of::<kvsieve_policy_t>() != 0 {
+    if !(policy as usize).is_multiple_of(std::mem::align_of::<kvsieve_policy_t>()) {
         return Err(Error::invalid("policy", "a handle returned by kvsieve_policy_parse"));
     }
     Ok(&(*policy).inner)

@@ -46,7 +46,7 @@ const _: () = {
 /// 1. `sel` is NULL or a live handle returned by kvsieve, not freed while `'a` lasts.
 pub(crate) unsafe fn selection_ref<'a>(sel: *const kvsieve_selection_t, param: &str) -> Result<&'a Selection> {
     non_null(sel, param)?;
-    if (sel as usize) % align_of::<kvsieve_selection_t>() != 0 {
+    if !(sel as usize).is_multiple_of(align_of::<kvsieve_selection_t>()) {
         return Err(Error::invalid(param, "a selection handle returned by kvsieve"));
     }
     Ok(&(*sel).inner)

@@ -296,7 +296,7 @@ impl KvCache {
     pub fn write(&mut self, id: SeqId, layer: usize, start: usize, k: &TensorView, v: &TensorView) -> Result<()> {
         let n = k.shape().first().copied().unwrap_or(0);
         let s = self.seq(id)?;
-        if start.checked_add(n).map_or(true, |e| e > s.len) {
+        if start.checked_add(n).is_none_or(|e| e > s.len) {
             return Err(Error::out_of_range("start", start as i64, format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len)));
         }
         let ps = self.cfg.page_size;

@@ -112,7 +112,7 @@ impl<'a> PagedKv<'a> {
             }
             let align = layout.dtype.size();
             for (name, p) in [("k", k), ("v", v)] {
-                if (p as usize) % align != 0 {
+                if !(p as usize).is_multiple_of(align) {
                     return Err(Error::invalid(name, format!("a pointer aligned to {align} bytes")));
                 }
             }

@@ -44,7 +44,7 @@ pub(crate) fn score_block(layout: &BoundsLayout, pages: &[u32], q: &[f32], out: 
     assert_eq!(q.len(), layout.num_kv_heads * layout.group * layout.head_dim);
     assert_eq!(out.len(), pages.len() * layout.num_kv_heads);
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && layout.head_dim % 8 == 0 {
+    if has_avx2() && layout.head_dim.is_multiple_of(8) {
         // SAFETY: the CPU supports AVX2, FMA and F16C; page ids are within the buffer and
         // head_dim is a multiple of 8 (asserted and checked above), so every load is in bounds.
         unsafe {

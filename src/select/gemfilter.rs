@@ -184,7 +184,7 @@ pub fn token_scores(q: &TensorView, src: KeySource) -> Result<Vec<f32>> {
 /// Centred 1-D average pool: entry `i` becomes the mean of entries `i - r ..= i + r`
 /// (`r = kernel / 2`) that exist (edges average fewer entries). `kernel` must be odd.
 pub fn avg_pool(scores: &[f32], kernel: usize) -> Result<Vec<f32>> {
-    if kernel == 0 || kernel % 2 == 0 {
+    if kernel == 0 || kernel.is_multiple_of(2) {
         return Err(Error::invalid("pool_kernel", format!("an odd width (1 = no pooling), got {kernel}")));
     }
     let r = kernel / 2;
@@ -283,14 +283,14 @@ pub struct SnapKvSelection {
 /// of each KV head, pooled, and the best `k - w` prefix tokens per KV head are kept, plus
 /// the window itself.
 pub fn snapkv(q_window: &TensorView, src: KeySource, cfg: &SnapKvConfig) -> Result<SnapKvSelection> {
-    if cfg.pool_kernel == 0 || cfg.pool_kernel % 2 == 0 {
+    if cfg.pool_kernel == 0 || cfg.pool_kernel.is_multiple_of(2) {
         return Err(Error::invalid("pool_kernel", format!("an odd width (1 = no pooling), got {}", cfg.pool_kernel)));
     }
     let mut table = None;
     let k = keys(&src, cache_view(&src, &mut table)?)?;
     let (n, hk, d) = (k.n, k.hk, k.d);
     let sh = q_window.shape();
-    if sh.len() != 3 || sh[2] != d || sh[1] == 0 || sh[1] % hk != 0 {
+    if sh.len() != 3 || sh[2] != d || sh[1] == 0 || !sh[1].is_multiple_of(hk) {
         return Err(Error::shape("q_window", format!("[w, num_qo_heads (a multiple of {hk}), {d}]"), format!("{sh:?}")));
     }
     let (w, hq) = (sh[0], sh[1]);

@@ -91,7 +91,7 @@ pub fn page_scores_into(bounds: KeyBoundsRef, pages: &[u32], q: &[f32], num_qo_h
     if hk == 0 || d == 0 {
         return Err(Error::invalid("bounds", format!("num_kv_heads >= 1 and head_dim >= 1, got {hk} and {d}")));
     }
-    if num_qo_heads == 0 || num_qo_heads % hk != 0 {
+    if num_qo_heads == 0 || !num_qo_heads.is_multiple_of(hk) {
         return Err(Error::invalid("num_qo_heads", format!("a positive multiple of num_kv_heads ({hk}), got {num_qo_heads}")));
     }
     if q.len() != num_qo_heads * d {

@@ -199,7 +199,7 @@ impl Selection {
         let mut head_indptr = Vec::with_capacity(heads.len() + 1);
         head_indptr.push(0);
         for head in heads {
-            debug_assert!(head.windows(2).all(|w| w[0] < w[1]) && head.last().map_or(true, |&t| (t as usize) < seq_len));
+            debug_assert!(head.windows(2).all(|w| w[0] < w[1]) && head.last().is_none_or(|&t| (t as usize) < seq_len));
             indices.extend_from_slice(head);
             head_indptr.push(indices.len() as u32);
         }

@@ -206,7 +206,7 @@ pub fn kmeans(keys: &[f32], head_dim: usize, cfg: &KMeansConfig) -> Result<Clust
 /// unit length, zero rows kept), with the same repair and stopping rule as [`kmeans`].
 pub fn kmeans_from_centroids(keys: &[f32], head_dim: usize, init: &[f32], max_iter: usize) -> Result<Clustering> {
     let n = check_keys(keys, head_dim)?;
-    if init.is_empty() || init.len() % head_dim != 0 {
+    if init.is_empty() || !init.len().is_multiple_of(head_dim) {
         return Err(Error::shape("init", format!("[k >= 1, {head_dim}]"), format!("{} values", init.len())));
     }
     let k = init.len() / head_dim;
@@ -229,7 +229,7 @@ pub fn seed_plus_plus(keys: &[f32], head_dim: usize, k: usize, seed: u64) -> Res
 
 fn check_keys(keys: &[f32], d: usize) -> Result<usize> {
     validate_head_dim(d)?;
-    if keys.len() % d != 0 {
+    if !keys.len().is_multiple_of(d) {
         return Err(Error::shape("keys", format!("[n, {d}]"), format!("{} values (not a multiple of {d})", keys.len())));
     }
     if let Some(i) = keys.iter().position(|v| !v.is_finite()) {

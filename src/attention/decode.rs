@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
-use crate::attention::kernel::{attend_block, merge_into, scaled_queries, write_partials, Block, Ctx, Partial, Pass, RowState, Scratch, Tokens, BLOCK};
-use crate::attention::{AttentionParams, HeadTokens};
+use crate::attention::kernel::{attend_block, merge_into, scaled_queries, write_partials, Block, Ctx, KeyPos, Partial, Pass, RowState, Scratch, Tokens, BLOCK};
+use crate::attention::{AttentionParams, HeadTokens, PositionMode};
 use crate::error::{Error, Result};
 use crate::kv::PagedKv;
 use crate::tensor::{TensorView, TensorViewMut};
@@ -66,13 +66,24 @@ pub(crate) fn check_selections<S: HeadTokens + ?Sized>(kv: &PagedKv, selections:
 pub fn decode(kv: &PagedKv, q: &TensorView, out: &mut TensorViewMut, lse: Option<&mut [f32]>, params: &AttentionParams) -> Result<()> {
     let ctx = Ctx::new(kv, q, out, lse.as_deref(), params, "batch")?;
     let batch = check_batch(kv, q)?;
-    if ctx.rope.is_some() {
+    if ctx.rope.is_some() && matches!(ctx.positions, PositionMode::Capped { .. }) {
+        // Capped positions read near and far keys in two passes per head.
         return decode_lists(&ctx, q, out, lse, params, &|b, _| Tokens::Range(0, kv.seq_len(b)));
     }
     let total: usize = (0..batch).map(|b| kv.seq_len(b)).sum();
     let chunk = chunk_len(params, total)?;
-    let qs = scaled_queries(q, ctx.scale);
+    let mut qs = scaled_queries(q, ctx.scale);
     let (hq, d, g) = (ctx.num_qo_heads, ctx.d, ctx.group);
+    // Keys stored before RoPE: each query is rotated once to its position (the last token's
+    // stored position, or its index under contiguous numbering), each key as it is read.
+    let contiguous = ctx.positions == PositionMode::Contiguous;
+    if ctx.rope.is_some() {
+        for (b, rows) in qs.chunks_exact_mut(hq * d).enumerate() {
+            if let Some(last) = kv.seq_len(b).checked_sub(1) {
+                ctx.rotate_rows(rows, if contiguous { last as f32 } else { kv.position(b, last) as f32 });
+            }
+        }
+    }
 
     let tasks: Vec<(usize, usize, usize)> = (0..batch)
         .flat_map(|b| {
@@ -91,6 +102,7 @@ pub fn decode(kv: &PagedKv, q: &TensorView, out: &mut TensorViewMut, lse: Option
                 let mut states: Vec<RowState> = (0..hk).map(|_| RowState::new(g, d)).collect();
                 // Blocks outermost, heads inside: the sequence's memory is read once, in order.
                 let toks = Tokens::Range(start, end);
+                let pass = Pass { key_pos: if contiguous { KeyPos::Index(start) } else { KeyPos::Stored }, ..Pass::ALL };
                 let n = toks.len();
                 let (mut cur, mut next) = (Block::default(), Block::default());
                 cur.fill(kv, b, &toks, 0, n.min(BLOCK));
@@ -99,7 +111,7 @@ pub fn decode(kv: &PagedKv, q: &TensorView, out: &mut TensorViewMut, lse: Option
                     next.fill(kv, b, &toks, i1, (i1 + BLOCK).min(n));
                     for (kh, st) in states.iter_mut().enumerate() {
                         let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
-                        attend_block(&ctx, b, kh, qrows, g, &cur, &next, &Pass::ALL, usize::MAX, st, sc);
+                        attend_block(&ctx, b, kh, qrows, g, &cur, &next, &pass, usize::MAX, st, sc);
                     }
                     std::mem::swap(&mut cur, &mut next);
                 }

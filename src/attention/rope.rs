@@ -151,24 +151,43 @@ impl RopeConfig {
         }
         let half = table.half;
         let row = &table.cs[i * half..(i + 1) * half];
-        match self.style {
-            RopeStyle::HalfSplit => {
-                let (lo, hi) = x.split_at_mut(half);
-                for ((a, b), &[cos, sin]) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
-                    let (xa, xb) = (*a, *b);
-                    *a = xa * cos - xb * sin;
-                    *b = xa * sin + xb * cos;
-                }
+        #[cfg(target_arch = "x86_64")]
+        if crate::attention::simd::has_avx2() {
+            // SAFETY: the CPU has AVX2 (checked); the loop is plain arithmetic on slices.
+            return unsafe { rotate_pairs_avx2(self.style, x, row) };
+        }
+        rotate_pairs(self.style, x, row);
+    }
+}
+
+/// Rotate the pairs of `x` by the (cos, sin) of `row`, one per pair. Separate multiplies and
+/// adds (no FMA), so every instruction set gives the same bits.
+#[inline(always)]
+fn rotate_pairs(style: RopeStyle, x: &mut [f32], row: &[[f32; 2]]) {
+    match style {
+        RopeStyle::HalfSplit => {
+            let (lo, hi) = x.split_at_mut(row.len());
+            for ((a, b), &[cos, sin]) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
+                let (xa, xb) = (*a, *b);
+                *a = xa * cos - xb * sin;
+                *b = xa * sin + xb * cos;
             }
-            RopeStyle::AdjacentPairs => {
-                for (pair, &[cos, sin]) in x.chunks_exact_mut(2).zip(row) {
-                    let (xa, xb) = (pair[0], pair[1]);
-                    pair[0] = xa * cos - xb * sin;
-                    pair[1] = xa * sin + xb * cos;
-                }
+        }
+        RopeStyle::AdjacentPairs => {
+            for (pair, &[cos, sin]) in x.chunks_exact_mut(2).zip(row) {
+                let (xa, xb) = (pair[0], pair[1]);
+                pair[0] = xa * cos - xb * sin;
+                pair[1] = xa * sin + xb * cos;
             }
         }
     }
+}
+
+/// [`rotate_pairs`] compiled for AVX2 (8 pairs per instruction instead of 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn rotate_pairs_avx2(style: RopeStyle, x: &mut [f32], row: &[[f32; 2]]) {
+    rotate_pairs(style, x, row)
 }
 
 /// Apply RoPE in place to `x` of shape `[n, heads, head_dim]`, token `i` at `positions[i]`.

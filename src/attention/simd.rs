@@ -198,6 +198,30 @@ pub(crate) fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
     s
 }
 
+/// Defines a SIMD module's `accumulate` (see [`accumulate_ahead`]): its `acc_rows` over groups
+/// of four query rows, then the last three, two or one; the first group prefetches `ahead`.
+macro_rules! accumulate_by_row_groups {
+    ($features:literal) => {
+        /// See [`super::accumulate_ahead`].
+        #[target_feature(enable = $features)]
+        pub unsafe fn accumulate<const L: u8>(o: &mut [f32], rows: usize, d: usize, v_rows: &[*const u8], p: &[f32], mut ahead: &[*const u8]) {
+            let t = v_rows.len();
+            let (opp, pp) = (o.as_mut_ptr(), p.as_ptr());
+            let mut r = 0;
+            while r + 4 <= rows {
+                acc_rows::<L, 4>(opp.add(r * d), d, v_rows, pp.add(r * t), t, std::mem::take(&mut ahead));
+                r += 4;
+            }
+            match rows - r {
+                3 => acc_rows::<L, 3>(opp.add(r * d), d, v_rows, pp.add(r * t), t, ahead),
+                2 => acc_rows::<L, 2>(opp.add(r * d), d, v_rows, pp.add(r * t), t, ahead),
+                1 => acc_rows::<L, 1>(opp.add(r * d), d, v_rows, pp.add(r * t), t, ahead),
+                _ => {}
+            }
+        }
+    };
+}
+
 mod portable {
     use crate::dtype::{load_f32, DType};
 
@@ -429,22 +453,7 @@ pub(crate) mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn accumulate<const L: u8>(o: &mut [f32], rows: usize, d: usize, v_rows: &[*const u8], p: &[f32], mut ahead: &[*const u8]) {
-        let t = v_rows.len();
-        let (opp, pp) = (o.as_mut_ptr(), p.as_ptr());
-        let mut r = 0;
-        while r + 4 <= rows {
-            acc_rows::<L, 4>(opp.add(r * d), d, v_rows, pp.add(r * t), t, std::mem::take(&mut ahead));
-            r += 4;
-        }
-        match rows - r {
-            3 => acc_rows::<L, 3>(opp.add(r * d), d, v_rows, pp.add(r * t), t, ahead),
-            2 => acc_rows::<L, 2>(opp.add(r * d), d, v_rows, pp.add(r * t), t, ahead),
-            1 => acc_rows::<L, 1>(opp.add(r * d), d, v_rows, pp.add(r * t), t, ahead),
-            _ => {}
-        }
-    }
+    accumulate_by_row_groups!("avx2,fma,f16c");
 
     /// exp(x) for 8 lanes: range reduction by ln 2 and a degree-6 polynomial; relative
     /// error about 2e-7 over the f32 range; inputs below -87.3 give 0.
@@ -731,23 +740,7 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// See [`super::accumulate_ahead`]; `d` is a multiple of 16.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn accumulate<const L: u8>(o: &mut [f32], rows: usize, d: usize, v_rows: &[*const u8], p: &[f32], mut ahead: &[*const u8]) {
-        let t = v_rows.len();
-        let (opp, pp) = (o.as_mut_ptr(), p.as_ptr());
-        let mut r = 0;
-        while r + 4 <= rows {
-            acc_rows::<L, 4>(opp.add(r * d), d, v_rows, pp.add(r * t), t, std::mem::take(&mut ahead));
-            r += 4;
-        }
-        match rows - r {
-            3 => acc_rows::<L, 3>(opp.add(r * d), d, v_rows, pp.add(r * t), t, ahead),
-            2 => acc_rows::<L, 2>(opp.add(r * d), d, v_rows, pp.add(r * t), t, ahead),
-            1 => acc_rows::<L, 1>(opp.add(r * d), d, v_rows, pp.add(r * t), t, ahead),
-            _ => {}
-        }
-    }
+    accumulate_by_row_groups!("avx512f");
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ proptest! {
         pre_rope in any::<bool>(),
         mode in modes(),
         seed in any::<u64>(),
+        shared in any::<bool>(),
     ) {
         let (hk, d, ps) = (2, 64, 16);
         let hq = hk * group;
@@ -63,7 +64,14 @@ proptest! {
         let mut cache = KvCache::new(CacheConfig::new(1, hk, d, ps, pages).with_dtype(dtype).with_key_rope(key_rope)).unwrap();
         let mut rng = Rng(seed);
         let ids: Vec<_> = lens.iter().map(|&n| fill_sequence(&mut cache, n, &mut rng, 2.0)).collect();
-        let sels: Vec<Lists> = lens.iter().map(|&n| random_lists(&mut rng, hk, n, density)).collect();
+        let mut sels: Vec<Lists> = lens.iter().map(|&n| random_lists(&mut rng, hk, n, density)).collect();
+        if shared {
+            // Every head reads the same tokens (decode then walks blocks for all heads at once).
+            for s in &mut sels {
+                let first = s.heads[0].clone();
+                s.heads.iter_mut().for_each(|h| *h = first.clone());
+            }
+        }
         let refs: Vec<&Lists> = sels.iter().collect();
         let b = lens.len();
         let q = rng.vec(b * hq * d, 1.0);

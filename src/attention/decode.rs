@@ -65,29 +65,46 @@ pub(crate) fn check_selections<S: HeadTokens + ?Sized>(kv: &PagedKv, selections:
 /// here, with positions numbered by `params.positions`; the query is the sequence's last token.
 pub fn decode(kv: &PagedKv, q: &TensorView, out: &mut TensorViewMut, lse: Option<&mut [f32]>, params: &AttentionParams) -> Result<()> {
     let ctx = Ctx::new(kv, q, out, lse.as_deref(), params, "batch")?;
-    let batch = check_batch(kv, q)?;
+    check_batch(kv, q)?;
+    decode_shared(&ctx, q, out, lse, params, &|b| Tokens::Range(0, kv.seq_len(b)))
+}
+
+/// Decode where all KV heads of sequence `b` read the same tokens `list(b)`: blocks
+/// outermost and heads inside, so each block's rows of every head are read together
+/// (token-major pages hold a token's heads side by side), split into chunks.
+fn decode_shared<'l>(
+    ctx: &Ctx,
+    q: &TensorView,
+    out: &mut TensorViewMut,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams,
+    list: &(dyn Fn(usize) -> Tokens<'l> + Sync),
+) -> Result<()> {
+    let kv = ctx.kv;
+    let batch = q.shape()[0];
     if ctx.rope.is_some() && matches!(ctx.positions, PositionMode::Capped { .. }) {
         // Capped positions read near and far keys in two passes per head.
-        return decode_lists(&ctx, q, out, lse, params, &|b, _| Tokens::Range(0, kv.seq_len(b)));
+        return decode_lists(ctx, q, out, lse, params, &|b, _| list(b));
     }
-    let total: usize = (0..batch).map(|b| kv.seq_len(b)).sum();
+    let total: usize = (0..batch).map(|b| list(b).len()).sum();
     let chunk = chunk_len(params, total)?;
     let mut qs = scaled_queries(q, ctx.scale);
     let (hq, d, g) = (ctx.num_qo_heads, ctx.d, ctx.group);
     // Keys stored before RoPE: each query is rotated once to its position (the last token's
-    // stored position, or its index under contiguous numbering), each key as it is read.
+    // stored position, or under contiguous numbering the count of listed tokens before it),
+    // each key as it is read.
     let contiguous = ctx.positions == PositionMode::Contiguous;
     if ctx.rope.is_some() {
         for (b, rows) in qs.chunks_exact_mut(hq * d).enumerate() {
             if let Some(last) = kv.seq_len(b).checked_sub(1) {
-                ctx.rotate_rows(rows, if contiguous { last as f32 } else { kv.position(b, last) as f32 });
+                ctx.rotate_rows(rows, if contiguous { list(b).count_below(last) as f32 } else { kv.position(b, last) as f32 });
             }
         }
     }
 
     let tasks: Vec<(usize, usize, usize)> = (0..batch)
         .flat_map(|b| {
-            let n = kv.seq_len(b);
+            let n = list(b).len();
             (0..n.div_ceil(chunk)).map(move |c| (b, c * chunk, ((c + 1) * chunk).min(n)))
         })
         .collect();
@@ -101,7 +118,7 @@ pub fn decode(kv: &PagedKv, q: &TensorView, out: &mut TensorViewMut, lse: Option
                 let hk = kv.num_kv_heads();
                 let mut states: Vec<RowState> = (0..hk).map(|_| RowState::new(g, d)).collect();
                 // Blocks outermost, heads inside: the sequence's memory is read once, in order.
-                let toks = Tokens::Range(start, end);
+                let toks = list(b).slice(start, end);
                 let pass = Pass { key_pos: if contiguous { KeyPos::Index(start) } else { KeyPos::Stored }, ..Pass::ALL };
                 let n = toks.len();
                 let (mut cur, mut next) = (Block::default(), Block::default());
@@ -158,6 +175,12 @@ pub fn decode_sparse<S: HeadTokens + ?Sized>(
     let ctx = Ctx::new(kv, q, out, lse.as_deref(), params, "batch")?;
     check_batch(kv, q)?;
     check_selections(kv, selections)?;
+    // Every head of every sequence reading the same tokens (sinks and windows, GemFilter,
+    // one list for all heads): the blocks-outermost path of dense decode over those lists.
+    let shared = selections.iter().all(|s| (1..s.num_kv_heads()).all(|h| s.head(h) == s.head(0)));
+    if shared {
+        return decode_shared(&ctx, q, out, lse, params, &|b| Tokens::List(selections[b].head(0)));
+    }
     decode_lists(&ctx, q, out, lse, params, &|b, h| Tokens::List(selections[b].head(h)))
 }
 

@@ -64,7 +64,16 @@ impl<'a> Ctx<'a> {
             }
             (KeyRope::PreRope, Some(r)) => {
                 r.validate(d)?;
-                let longest = (0..kv.batch_size()).map(|b| kv.seq_len(b)).max().unwrap_or(0);
+                // Positions up to each sequence's length (contiguous numbering) and up to its last
+                // token's stored position (usually the largest: appends number tokens upward,
+                // and after eviction or compaction they exceed the length). Others are computed.
+                let longest = (0..kv.batch_size())
+                    .map(|b| {
+                        let n = kv.seq_len(b);
+                        n.max(n.checked_sub(1).map_or(0, |last| kv.position(b, last).max(0) as usize + 1))
+                    })
+                    .max()
+                    .unwrap_or(0);
                 Some((r, r.inv_freq(d), r.table(d, longest + 1)))
             }
             (KeyRope::PostRope, _) => None,
@@ -373,8 +382,14 @@ pub(crate) fn attend_block(
     blk.head_rows(kv, kh, &mut sc.k_ptrs, &mut sc.v_ptrs);
     next.head_rows(kv, kh, &mut sc.ahead_k, &mut sc.ahead_v);
     let mut k_dtype = kv.dtype();
+    let mut ahead_k = &sc.ahead_k[..];
     if let (Some((rope, inv, table)), false) = (&ctx.rope, pass.key_pos == KeyPos::Raw) {
+        // The keys are rotated into f32 rows here, so the next block's stored rows are
+        // prefetched here too, with their own size.
+        let mut ahead = simd::Ahead::new(&sc.ahead_k, d * k_dtype.size());
+        ahead_k = &[];
         for (j, &tok) in blk.tokens.iter().enumerate() {
+            ahead.upto(j + 1);
             let row = &mut sc.k_rot[j * d..(j + 1) * d];
             // SAFETY: k_ptrs[j] points at d valid elements (PagedKv contract).
             let bytes = unsafe { std::slice::from_raw_parts(sc.k_ptrs[j], d * k_dtype.size()) };
@@ -386,11 +401,12 @@ pub(crate) fn attend_block(
             rope.rotate_with(row, pos, inv, table);
             sc.k_ptrs[j] = row.as_ptr() as *const u8;
         }
+        ahead.upto(usize::MAX);
         k_dtype = DType::F32;
     }
     let s = &mut sc.s[..rows * t];
     // SAFETY: pointers come from the view (or k_rot), each valid for d elements.
-    unsafe { simd::scores_ahead(q, rows, d, &sc.k_ptrs, k_dtype, s, &sc.ahead_k) };
+    unsafe { simd::scores_ahead(q, rows, d, &sc.k_ptrs, k_dtype, s, ahead_k) };
     let masked = *blk.tokens.last().unwrap() > min_limit || pass.filter.is_some();
     for r in 0..rows {
         let sr = &mut s[r * t..(r + 1) * t];

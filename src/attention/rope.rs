@@ -183,7 +183,7 @@ fn rotate_pairs(style: RopeStyle, x: &mut [f32], row: &[[f32; 2]]) {
     }
 }
 
-/// [`rotate_pairs`] compiled for AVX2 (8 pairs per instruction instead of 4).
+/// [`rotate_pairs`] compiled for AVX2 (256-bit vectors instead of the baseline's 128-bit).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn rotate_pairs_avx2(style: RopeStyle, x: &mut [f32], row: &[[f32; 2]]) {

@@ -1,6 +1,6 @@
-//! The inner loops of CPU attention, with an AVX2 + FMA + F16C path chosen at run time
-//! and a portable fallback. K and V rows are read in their storage dtype and converted to
-//! f32 in registers.
+//! The inner loops of CPU attention, with AVX-512F (head dims that are multiples of 16) and
+//! AVX2 + FMA + F16C paths chosen at run time ([`level`]) and a portable fallback. K and V
+//! rows are read in their storage dtype and converted to f32 in registers.
 //!
 //! Shapes: `q` holds `rows` query vectors of `d` channels; `k_rows` / `v_rows` point at
 //! `t = k_rows.len()` key / value rows of `d` elements of `dtype`; scores and weights are
@@ -57,6 +57,7 @@ pub(crate) fn has_avx2() -> bool {
 }
 
 /// Whether the AVX-512 kernels are in use (for head dims that are multiples of 16).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn has_avx512() -> bool {
     level() >= Level::Avx512
 }
@@ -70,15 +71,17 @@ pub fn isa() -> &'static str {
     }
 }
 
-/// Ask for the cache lines of `bytes` bytes at `p` ahead of their use (a hint: never faults).
+/// Ask for the cache lines holding the `bytes` bytes at `p` ahead of their use (a hint:
+/// never faults).
 #[inline(always)]
 pub(crate) fn prefetch(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        let mut o = 0;
-        while o < bytes {
+        // From the start of p's line, so that a row straddling a line boundary is covered.
+        let mut o = -((p as usize % 64) as isize);
+        while o < bytes as isize {
             // SAFETY: prefetch is only a hint and never faults, whatever the address.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(o) as *const i8) };
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_offset(o) as *const i8) };
             o += 64;
         }
     }
@@ -141,6 +144,8 @@ pub(crate) unsafe fn scores_ahead(q: &[f32], rows: usize, d: usize, k_rows: &[*c
             DType::BF16 => avx2::scores::<{ avx2::BF16 }>(q, rows, d, k_rows, out, ahead),
         };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ahead;
     portable::scores(q, rows, d, k_rows, dtype, out)
 }
 
@@ -166,6 +171,8 @@ pub(crate) unsafe fn accumulate_ahead(o: &mut [f32], rows: usize, d: usize, v_ro
             DType::BF16 => avx2::accumulate::<{ avx2::BF16 }>(o, rows, d, v_rows, p, ahead),
         };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ahead;
     portable::accumulate(o, rows, d, v_rows, dtype, p)
 }
 
@@ -200,6 +207,7 @@ pub(crate) fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
 
 /// Defines a SIMD module's `accumulate` (see [`accumulate_ahead`]): its `acc_rows` over groups
 /// of four query rows, then the last three, two or one; the first group prefetches `ahead`.
+#[cfg(target_arch = "x86_64")]
 macro_rules! accumulate_by_row_groups {
     ($features:literal) => {
         /// See [`super::accumulate_ahead`].
@@ -503,7 +511,7 @@ pub(crate) mod avx2 {
     }
 }
 
-/// AVX-512 versions of [`scores`] and [`accumulate`] for head dims that are multiples of 16.
+/// AVX-512 versions of [`scores`] and [`accumulate_ahead`] for head dims that are multiples of 16.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use super::avx2::{size, F16, F32};
@@ -856,18 +864,24 @@ mod tests {
                 let mut all = vec![0f32; rows * t];
                 // SAFETY: as in kernels_match_f64_reference.
                 unsafe { scores(&q, rows, d, &k_rows, &mut all, &[]) };
+                // Each row against every key, and every row against each key.
+                let (mut by_row, mut by_key) = (vec![0f32; rows * t], vec![0f32; rows * t]);
                 for r in 0..rows {
-                    for j in 0..t {
-                        let (mut one, mut col) = ([0f32], vec![0f32; rows]);
-                        // SAFETY: as above, one row or one key at a time.
-                        unsafe {
-                            scores(&q[r * d..(r + 1) * d], 1, d, &k_rows[j..j + 1], &mut one, &[]);
-                            scores(&q, rows, d, &k_rows[j..j + 1], &mut col, &[]);
-                        }
-                        prop_assert_eq!(one[0].to_bits(), col[r].to_bits(), "{} row {} key {}", name, r, j);
-                        if name == "avx512" {
-                            prop_assert_eq!(all[r * t + j].to_bits(), one[0].to_bits(), "{} row {} key {}", name, r, j);
-                        }
+                    // SAFETY: as above, one row at a time.
+                    unsafe { scores(&q[r * d..(r + 1) * d], 1, d, &k_rows, &mut by_row[r * t..(r + 1) * t], &[]) };
+                }
+                for j in 0..t {
+                    let mut col = vec![0f32; rows];
+                    // SAFETY: as above, one key at a time.
+                    unsafe { scores(&q, rows, d, &k_rows[j..j + 1], &mut col, &[]) };
+                    for r in 0..rows {
+                        by_key[r * t + j] = col[r];
+                    }
+                }
+                for i in 0..rows * t {
+                    prop_assert_eq!(by_row[i].to_bits(), by_key[i].to_bits(), "{} row {} key {}", name, i / t, i % t);
+                    if name == "avx512" {
+                        prop_assert_eq!(all[i].to_bits(), by_row[i].to_bits(), "{} row {} key {}", name, i / t, i % t);
                     }
                 }
             }

@@ -35,8 +35,9 @@ pub extern "C" fn kvsieve_version_patch() -> u32 {
     guard_value(0, || parse_part(env!("CARGO_PKG_VERSION_PATCH")))
 }
 
-/// The instruction set the CPU kernels use on this machine (e.g. `"avx2+fma+f16c"` or
-/// `"portable"`); a static string.
+/// The instruction set the CPU kernels use on this machine (`"avx512f+avx2+fma+f16c"`,
+/// `"avx2+fma+f16c"` or `"portable"`; `KVSIEVE_ISA=avx2` or `portable` lowers it); a static
+/// string.
 #[no_mangle]
 pub extern "C" fn kvsieve_isa() -> *const c_char {
     static ISA: OnceLock<CString> = OnceLock::new();

@@ -1,22 +1,37 @@
-//! Page memory: one 8-byte-aligned, zero-initialised buffer per layer for K and for V.
+//! Page memory: one zero-initialised buffer per layer for K and for V, starting on a cache
+//! line.
 
-/// A zero-initialised byte buffer aligned to 8 bytes.
-pub(crate) struct Buffer(Vec<u64>);
+/// Bytes of a cache line: buffers start on one, so that rows whose size is a multiple of it
+/// (a 128-channel f16 head is 256 bytes) never straddle lines and their vector loads never
+/// split across two.
+const LINE: usize = 64;
+
+/// A zero-initialised byte buffer starting on a 64-byte boundary. The memory comes from a
+/// zeroed `Vec<u64>` (calloc: the system hands out zero pages lazily, so capacity is not
+/// committed up front) with up to 56 bytes skipped at the start.
+pub(crate) struct Buffer {
+    words: Vec<u64>,
+    /// Bytes skipped at the start of `words` to reach the line boundary.
+    skip: usize,
+    len: usize,
+}
 
 impl Buffer {
     pub fn zeroed(bytes: usize) -> Self {
-        let v = vec![0u64; bytes.div_ceil(8)];
-        advise_huge_pages(v.as_ptr() as *const u8, v.len() * 8);
-        Buffer(v)
+        let words = vec![0u64; (bytes + LINE).div_ceil(8)];
+        let skip = (LINE - words.as_ptr() as usize % LINE) % LINE;
+        let buf = Buffer { words, skip, len: bytes };
+        advise_huge_pages(buf.as_ptr(), bytes);
+        buf
     }
     pub fn bytes(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.0)
+        &bytemuck::cast_slice(&self.words)[self.skip..self.skip + self.len]
     }
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        bytemuck::cast_slice_mut(&mut self.0)
+        &mut bytemuck::cast_slice_mut(&mut self.words)[self.skip..self.skip + self.len]
     }
     pub fn as_ptr(&self) -> *const u8 {
-        self.0.as_ptr() as *const u8
+        self.bytes().as_ptr()
     }
 }
 
@@ -40,4 +55,24 @@ fn advise_huge_pages(ptr: *const u8, len: usize) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (ptr, len);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_start_on_a_line_are_zeroed_and_sized() {
+        for bytes in [0usize, 1, 7, 8, 63, 64, 65, 4096, 3 << 20, (9 << 20) + 24] {
+            let mut b = Buffer::zeroed(bytes);
+            assert_eq!(b.as_ptr() as usize % LINE, 0, "{bytes} bytes");
+            assert_eq!(b.bytes().len(), bytes);
+            assert!(b.bytes().iter().all(|&x| x == 0), "{bytes} bytes");
+            if bytes > 0 {
+                b.bytes_mut()[bytes - 1] = 7;
+                assert_eq!(b.bytes()[bytes - 1], 7);
+                assert_eq!(b.bytes().as_ptr(), b.as_ptr());
+            }
+        }
+    }
 }

@@ -2,6 +2,7 @@
 writes to other sequences are serialised, and every thread sees consistent results."""
 
 import threading
+import time
 
 import numpy as np
 
@@ -61,8 +62,9 @@ def test_threads_decode_one_cache(rng):
 
 
 def test_gil_released_during_decode(rng):
-    """While one long decode runs, another Python thread keeps executing bytecode."""
-    hk, ps, pages, batch = 1, 16, 4096, 8  # 8 sequences of 65k tokens over the same pages
+    """While one long decode runs, another Python thread keeps executing bytecode: it records
+    times that fall strictly inside the call."""
+    hk, ps, pages, batch = 1, 16, 4096, 64  # 64 sequences of 65k tokens over the same pages
     k = rng.standard_normal((pages, ps, hk, D)).astype(np.float16)
     v = rng.standard_normal((pages, ps, hk, D)).astype(np.float16)
     indptr = np.arange(batch + 1, dtype=np.int32) * pages
@@ -71,22 +73,26 @@ def test_gil_released_during_decode(rng):
     q = rng.standard_normal((batch, 1, D)).astype(np.float32)
 
     started, done = threading.Event(), threading.Event()
+    call = {}
 
     def decode_once():
         started.set()
+        call["start"] = time.perf_counter()
         kvsieve.paged_decode(k, v, indptr, indices, last, q)
+        call["end"] = time.perf_counter()
         done.set()
 
     t = threading.Thread(target=decode_once)
     t.start()
     started.wait()
-    ticks = 0
+    stamps = []
     while not done.is_set():
-        ticks += 1
-        done.wait(0.001)
+        stamps.append(time.perf_counter())
+        done.wait(0.0005)
     t.join()
-    # Were the GIL held across the call, this loop could not run until the call returned.
-    assert ticks >= 3, ticks
+    # Were the GIL held across the call, no bytecode of this thread could run inside it.
+    inside = sum(call["start"] < s < call["end"] for s in stamps)
+    assert inside >= 3, (inside, call["end"] - call["start"])
 
 
 def test_threads_policy_decode_while_another_sequence_streams(rng):

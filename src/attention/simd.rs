@@ -757,41 +757,35 @@ mod tests {
     use crate::dtype::{load_f32, store_f32};
     use proptest::prelude::*;
 
-    type ScoresFn = unsafe fn(&[f32], usize, usize, &[*const u8], &mut [f32], &[*const u8]);
-    type AccFn = unsafe fn(&mut [f32], usize, usize, &[*const u8], &[f32], &[*const u8]);
+    type ScoresFn = unsafe fn(&[f32], usize, usize, &[*const u8], DType, &mut [f32], &[*const u8]);
+    type AccFn = unsafe fn(&mut [f32], usize, usize, &[*const u8], DType, &[f32], &[*const u8]);
 
-    /// Every implementation this CPU can run for `dtype` and `d`, named.
+    /// Every implementation this CPU can run for `dtype` and `d`, named; each is called with
+    /// `dtype` (the SIMD ones carry it as their const tag).
     fn kernels(dtype: DType, d: usize) -> Vec<(&'static str, ScoresFn, AccFn)> {
-        unsafe fn portable_scores(q: &[f32], rows: usize, d: usize, k: &[*const u8], out: &mut [f32], dtype: DType) {
-            portable::scores(q, rows, d, k, dtype, out)
-        }
-        let mut v: Vec<(&'static str, ScoresFn, AccFn)> = match dtype {
-            DType::F32 => vec![("portable", |q, r, d, k, o, _| unsafe { portable_scores(q, r, d, k, o, DType::F32) }, |o, r, d, v, p, _| unsafe {
-                portable::accumulate(o, r, d, v, DType::F32, p)
-            })],
-            DType::F16 => vec![("portable", |q, r, d, k, o, _| unsafe { portable_scores(q, r, d, k, o, DType::F16) }, |o, r, d, v, p, _| unsafe {
-                portable::accumulate(o, r, d, v, DType::F16, p)
-            })],
-            DType::BF16 => vec![("portable", |q, r, d, k, o, _| unsafe { portable_scores(q, r, d, k, o, DType::BF16) }, |o, r, d, v, p, _| unsafe {
-                portable::accumulate(o, r, d, v, DType::BF16, p)
-            })],
-        };
+        let mut v: Vec<(&'static str, ScoresFn, AccFn)> = vec![(
+            "portable",
+            |q, r, d, k, dt, o, _| unsafe { portable::scores(q, r, d, k, dt, o) },
+            |o, r, d, v, dt, p, _| unsafe { portable::accumulate(o, r, d, v, dt, p) },
+        )];
         #[cfg(target_arch = "x86_64")]
         {
             use std::is_x86_feature_detected as has;
             macro_rules! level {
-                ($name:literal, $m:ident) => {
+                ($name:literal, $m:ident, $($dt:ident => $tag:path),*) => {
                     match dtype {
-                        DType::F32 => v.push(($name, $m::scores::<{ avx2::F32 }>, $m::accumulate::<{ avx2::F32 }>)),
-                        DType::F16 => v.push(($name, $m::scores::<{ avx2::F16 }>, $m::accumulate::<{ avx2::F16 }>)),
-                        DType::BF16 => v.push(($name, $m::scores::<{ avx2::BF16 }>, $m::accumulate::<{ avx2::BF16 }>)),
+                        $(DType::$dt => v.push((
+                            $name,
+                            |q, r, d, k, _, o, a| unsafe { $m::scores::<{ $tag }>(q, r, d, k, o, a) },
+                            |o, r, d, vr, _, p, a| unsafe { $m::accumulate::<{ $tag }>(o, r, d, vr, p, a) },
+                        )),)*
                     }
                 };
             }
             if has!("avx2") && has!("fma") && has!("f16c") {
-                level!("avx2", avx2);
+                level!("avx2", avx2, F32 => avx2::F32, F16 => avx2::F16, BF16 => avx2::BF16);
                 if has!("avx512f") && d.is_multiple_of(16) {
-                    level!("avx512", avx512);
+                    level!("avx512", avx512, F32 => avx2::F32, F16 => avx2::F16, BF16 => avx2::BF16);
                 }
             }
         }
@@ -838,8 +832,8 @@ mod tests {
                 let mut o = o0.clone();
                 // SAFETY: every row pointer covers d elements of dtype; the buffers are sized as required.
                 unsafe {
-                    scores(&q, rows, d, &k_rows, &mut s, &ahead);
-                    acc(&mut o, rows, d, &v_rows, &p, &ahead);
+                    scores(&q, rows, d, &k_rows, dtype, &mut s, &ahead);
+                    acc(&mut o, rows, d, &v_rows, dtype, &p, &ahead);
                 }
                 for (i, (&got, &want)) in s.iter().zip(&want_s).enumerate() {
                     prop_assert!((got as f64 - want).abs() <= 1e-5 * (d as f64), "{} {:?} scores[{}]: {} vs {}", name, dtype, i, got, want);
@@ -863,17 +857,17 @@ mod tests {
             for (name, scores, _) in kernels(DType::F32, d) {
                 let mut all = vec![0f32; rows * t];
                 // SAFETY: as in kernels_match_f64_reference.
-                unsafe { scores(&q, rows, d, &k_rows, &mut all, &[]) };
+                unsafe { scores(&q, rows, d, &k_rows, DType::F32, &mut all, &[]) };
                 // Each row against every key, and every row against each key.
                 let (mut by_row, mut by_key) = (vec![0f32; rows * t], vec![0f32; rows * t]);
                 for r in 0..rows {
                     // SAFETY: as above, one row at a time.
-                    unsafe { scores(&q[r * d..(r + 1) * d], 1, d, &k_rows, &mut by_row[r * t..(r + 1) * t], &[]) };
+                    unsafe { scores(&q[r * d..(r + 1) * d], 1, d, &k_rows, DType::F32, &mut by_row[r * t..(r + 1) * t], &[]) };
                 }
                 for j in 0..t {
                     let mut col = vec![0f32; rows];
                     // SAFETY: as above, one key at a time.
-                    unsafe { scores(&q, rows, d, &k_rows[j..j + 1], &mut col, &[]) };
+                    unsafe { scores(&q, rows, d, &k_rows[j..j + 1], DType::F32, &mut col, &[]) };
                     for r in 0..rows {
                         by_key[r * t + j] = col[r];
                     }

@@ -105,6 +105,7 @@ mod avx2 {
 
     pub use crate::attention::simd::avx2::{BF16, F16, F32};
     use crate::attention::simd::avx2::{hsum, load8, size};
+    use crate::attention::simd::prefetch;
 
     /// `acc += q * (q < 0 ? lo : hi)` on 8 lanes (the sign bit of q picks `lo`).
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -162,17 +163,6 @@ mod avx2 {
         let m = _mm_max_ps(_mm_movehl_ps(s, s), s);
         let m = _mm_max_ss(_mm_movehdup_ps(m), m);
         _mm_cvtss_f32(m)
-    }
-
-    /// Touch the cache lines of `n` bytes from `p` ahead of use.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn prefetch(p: *const u8, n: usize) {
-        let mut o = 0;
-        while o < n {
-            _mm_prefetch::<_MM_HINT_T0>(p.add(o) as *const i8);
-            o += 64;
-        }
     }
 
     /// # Safety

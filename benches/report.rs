@@ -135,7 +135,7 @@ fn bench_sparse(tokens: usize, policy_text: &str) -> SparseFigures {
     let dense_secs = time(&mut || cache.decode(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &p).unwrap());
     let mut selected_tokens = 0;
     let sparse_secs = time(&mut || {
-        let sels = cache.decode_with_policy(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &policy, &p).unwrap();
+        let sels = cache.decode_with_policy(0, &[id], &qv, &policy, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &p).unwrap();
         selected_tokens = sels[0].len() / hk;
     });
     let select_secs = time(&mut || {
@@ -178,7 +178,7 @@ fn main() {
     // Budget 2048 of 128K (1/64): sinks 64 + window 512 + page bounds for the rest.
     let sp = bench_sparse(sparse_tokens, "sinks=64,window=512,pages=1472");
 
-    println!("kvsieve dense decode, f16, head_dim 128, 8 KV / 32 query heads, page 16, {tokens} tokens, {threads} threads, isa {}", kvsieve::attention::isa());
+    println!("kvsieve dense decode, f16, head_dim 128, 8 KV / 32 query heads, page 16, {tokens} tokens, {threads} threads, isa {}", kvsieve::cpu::isa());
     println!("{:<34} {:>12}", "memory read bandwidth (GB/s)", format!("{:.2}", bw / 1e9));
     for (name, f, fr) in [("batch 1", &b1, frac1), ("batch 8", &b8, frac8)] {
         println!("{:<34} {:>9.3} ms  {:>7.2} GB/s  {:.3} of bandwidth", format!("decode {name}"), f.secs * 1e3, f.kv_bytes / f.secs / 1e9, fr);

@@ -144,3 +144,19 @@ pub(crate) fn validate_page_size(page_size: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// How key and query positions are numbered when RoPE is applied at read time (keys stored
+/// before RoPE). With post-RoPE keys only `Original` is meaningful.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum PositionMode {
+    /// Each token at the position stored in its slot; the query at its own stored position.
+    #[default]
+    Original,
+    /// StreamingLLM: the tokens a KV head reads are renumbered 0, 1, ... in cache order,
+    /// so the query (the last token read) sits right after its predecessors, whatever was
+    /// evicted or skipped in between.
+    Contiguous,
+    /// LM-Infinite: the relative distance between query and key is capped:
+    /// `min(q_pos - k_pos, max_distance)`, so no distance exceeds what training saw.
+    Capped { max_distance: u32 },
+}

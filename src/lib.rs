@@ -12,10 +12,12 @@
 pub mod attention;
 pub mod backend;
 pub mod config;
+pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod kv;
+pub mod runtime;
 pub mod select;
 pub mod tensor;
 
@@ -24,7 +26,8 @@ pub use config::{CacheConfig, KeyRope, PageLayout};
 pub use dtype::{DType, Element};
 pub use error::{Error, ErrorCode, Result};
 pub use kv::{KeepTokens, KvCache, MemoryStats, PageTable, PageTableRef, PagedKv, PagedKvLayout, SeqId, SharedKvCache};
-pub use select::{ClusterIndexSet, Policy, Selection};
+pub use runtime::{ClusterIndexSet, PolicySelection};
+pub use select::{Policy, Selection};
 pub use tensor::{TensorView, TensorViewMut};
 
 /// The library version, `MAJOR.MINOR.PATCH`.

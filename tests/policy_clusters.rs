@@ -7,7 +7,8 @@ mod common;
 use common::Rng;
 use kvsieve::attention::{apply_rope, reference, AttentionParams, PositionMode, RopeConfig, RopeStyle};
 use kvsieve::select::cluster::{CoarseRetrieve, Retrieve};
-use kvsieve::select::{streaming, ClusterIndexSet, IndexedKeys, Policy, Spec, HIER_OPEN_MULTIPLE};
+use kvsieve::runtime::{ClusterIndexSet, IndexedKeys};
+use kvsieve::select::{streaming, Policy, Spec, HIER_OPEN_MULTIPLE};
 use kvsieve::{CacheConfig, DType, Error, KeyRope, KvCache, SeqId, TensorView, TensorViewMut};
 use proptest::prelude::*;
 
@@ -207,7 +208,7 @@ proptest! {
         let qv = TensorView::new(qdata, &[1, hq, d]).unwrap();
         let mut out = vec![f32::NAN; hq * d];
         let mut lse = vec![f32::NAN; hq];
-        let got = cache.decode_with_clusters(1, &[t.seq], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), Some(&mut lse), &policy, &set, &params).unwrap();
+        let got = cache.decode_with_clusters(1, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), Some(&mut lse), &params).unwrap();
         for (h, w) in want.iter().enumerate() {
             prop_assert_eq!(got[0].selection.head(h), &w[..], "head {}", h);
         }
@@ -222,9 +223,9 @@ proptest! {
         let tol = if dtype == DType::F32 { 5e-5 } else { 2e-3 };
         prop_assert!(eo < tol && el < tol, "out err {eo}, lse err {el}");
         // The dense layer ignores the set; decode_with_policy refuses the clusters layer.
-        cache.decode_with_clusters(0, &[t.seq], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &policy, &set, &params).unwrap();
+        cache.decode_with_clusters(0, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &params).unwrap();
         let mut poisoned = vec![f32::NAN; hq * d];
-        let e = cache.decode_with_policy(1, &[t.seq], &qv, &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(), None, &policy, &params).unwrap_err();
+        let e = cache.decode_with_policy(1, &[t.seq], &qv, &policy, &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(), None, &params).unwrap_err();
         prop_assert!(e.to_string().contains("ClusterIndexSet::build"), "{}", e);
         prop_assert!(poisoned.iter().all(|v| v.is_nan()));
     }
@@ -248,9 +249,9 @@ fn index_set_errors_and_staleness() {
         let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
         let mut out = vec![f32::NAN; hq * d];
         let rp = AttentionParams { rope: Some(rope), ..Default::default() };
-        let e = pre.decode_with_clusters(0, &[t.seq], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &policy, &set, &rp).unwrap_err();
+        let e = pre.decode_with_clusters(0, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &rp).unwrap_err();
         assert!(e.to_string().contains("scores capped positions only"), "{e}");
-        let e = t.post.decode_with_clusters(0, &[t.seq], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &policy, &set, &rp).unwrap_err();
+        let e = t.post.decode_with_clusters(0, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &rp).unwrap_err();
         assert!(e.to_string().contains("built from keys before RoPE"), "{e}");
         assert!(out.iter().all(|v| v.is_nan()));
         let e = set.update(&t.post, t.seq).unwrap_err();
@@ -264,25 +265,25 @@ fn index_set_errors_and_staleness() {
     let q = rng.vec(hq * d, 1.0);
     let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
     let mut out = vec![f32::NAN; hq * d];
-    let before = t.post.decode_with_clusters(0, &[t.seq], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &policy, &set, &AttentionParams::default()).unwrap();
+    let before = t.post.decode_with_clusters(0, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap();
     assert!((84..130u32).all(|tok| before[0].selection.head(0).binary_search(&tok).is_ok()));
     assert_eq!(set.update(&t.post, t.seq).unwrap(), 2 * 30);
     assert_eq!(set.get(t.seq, 1).unwrap().clustered_len(), 130 - 16);
     // Pre-RoPE decode needs the RoPE configuration to score the query.
-    let e = t.pre.as_ref().unwrap().decode_with_clusters(0, &[t.seq], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &policy, &set, &AttentionParams::default()).unwrap_err();
+    let e = t.pre.as_ref().unwrap().decode_with_clusters(0, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap_err();
     assert!(matches!(&e, Error::InvalidArgument { param, .. } if param == "params.rope"), "{e}");
     // A missing index names what to call.
     let other = t.post.create_sequence();
     t.post.append(other, 20, None).unwrap();
     let mut poisoned = vec![f32::NAN; hq * d];
-    let e = t.post.decode_with_clusters(0, &[other], &qv, &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(), None, &policy, &set, &AttentionParams::default()).unwrap_err();
+    let e = t.post.decode_with_clusters(0, &[other], &qv, &policy, &set, &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap_err();
     assert!(e.to_string().contains(&format!("a cluster index for sequence {other} at layer 0")) && e.to_string().contains("ClusterIndexSet::build"), "{e}");
     assert!(poisoned.iter().all(|v| v.is_nan()));
     // An index longer than its sequence (truncated since) is refused; update fails and
     // leaves the set as it was.
     let snapshot = set.get(t.seq, 1).unwrap().clone();
     t.post.truncate(t.seq, 60).unwrap();
-    let e = t.post.decode_with_clusters(1, &[t.seq], &qv, &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(), None, &policy, &set, &AttentionParams::default()).unwrap_err();
+    let e = t.post.decode_with_clusters(1, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap_err();
     assert!(e.to_string().contains("truncated or compacted since: build it again"), "{e}");
     assert!(poisoned.iter().all(|v| v.is_nan()));
     assert!(set.update(&t.post, t.seq).is_err());
@@ -335,7 +336,7 @@ proptest! {
             cache.write(id, 0, s, &TensorView::new(&k[s * hk * d..e * hk * d], &shape).unwrap(), &TensorView::new(&v[s * hk * d..e * hk * d], &shape).unwrap()).unwrap();
             let qv = TensorView::new(&q[s * hq * d..e * hq * d], &[m, hq, d]).unwrap();
             let mut o = TensorViewMut::new(&mut out[s * hq * d..e * hq * d], &[m, hq, d]).unwrap();
-            cache.prefill_with_policy(0, &[id], &qv, &[0, m as i32], &mut o, Some(&mut lse[s * hq..e * hq]), &policy, &params).unwrap();
+            cache.prefill_with_policy(0, &[id], &qv, &[0, m as i32], &policy, &mut o, Some(&mut lse[s * hq..e * hq]), &params).unwrap();
         }
         let table = cache.page_table(&[id]).unwrap();
         let kv = cache.layer_view(0, &table).unwrap();

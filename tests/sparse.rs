@@ -265,7 +265,7 @@ fn streaming_with_eviction_keeps_memory_bounded_over_100k_tokens() {
     let q = rng.vec(hq * d, 1.0);
     let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
     let mut out = vec![f32::NAN; hq * d];
-    let sels = cache.decode_with_policy(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &policy, &AttentionParams::default()).unwrap();
+    let sels = cache.decode_with_policy(0, &[id], &qv, &policy, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap();
     assert_eq!(sels[0].head(0).len(), sinks + window);
     let kept: Vec<&(Vec<f32>, Vec<f32>)> = sink_rows.iter().chain(recent.iter()).collect();
     let mut check = KvCache::new(CacheConfig::new(1, hk, d, ps, (sinks + window).div_ceil(ps)).with_dtype(DType::F32)).unwrap();
@@ -277,7 +277,7 @@ fn streaming_with_eviction_keeps_memory_bounded_over_100k_tokens() {
     let table = check.page_table(&[cid]).unwrap();
     let want = reference::decode(&check.layer_view(0, &table).unwrap(), &qv, &AttentionParams::default()).unwrap();
     let mut lse = vec![f32::NAN; hq];
-    cache.decode_with_policy(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), Some(&mut lse), &policy, &AttentionParams::default()).unwrap();
+    cache.decode_with_policy(0, &[id], &qv, &policy, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), Some(&mut lse), &AttentionParams::default()).unwrap();
     let (eo, el) = max_err(&out, &lse, &want);
     assert!(eo < 1e-5 && el < 1e-5, "{eo} {el}");
 }

@@ -32,7 +32,7 @@ fn check_batch(kv: &PagedKv, q: &TensorView) -> Result<usize> {
 
 /// Check that per-sequence selections match the view: one per sequence, the view's KV
 /// heads and length, every head's indices strictly ascending and in range.
-pub(crate) fn check_selections<S: HeadTokens + ?Sized>(kv: &PagedKv, selections: &[&S]) -> Result<()> {
+pub(crate) fn check_selections<S: HeadTokens>(kv: &PagedKv, selections: &[S]) -> Result<()> {
     if selections.len() != kv.batch_size() {
         return Err(Error::shape("selections", format!("{} selections (one per sequence)", kv.batch_size()), format!("{}", selections.len())));
     }
@@ -164,10 +164,10 @@ fn decode_shared<'l>(
 /// `selections[b].head(h)` (query heads of a GQA group share their KV head's tokens).
 /// The result equals dense attention over exactly those tokens. With pre-RoPE keys and
 /// `PositionMode::Contiguous`, the tokens a head reads are numbered 0.. in order.
-pub fn decode_sparse<S: HeadTokens + ?Sized>(
+pub fn decode_sparse<S: HeadTokens>(
     kv: &PagedKv,
     q: &TensorView,
-    selections: &[&S],
+    selections: &[S],
     out: &mut TensorViewMut,
     lse: Option<&mut [f32]>,
     params: &AttentionParams,

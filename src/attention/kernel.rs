@@ -2,7 +2,7 @@
 //! tokens of one sequence and one KV head, for a set of query rows (the GQA group's heads,
 //! times the query tokens of a prefill tile).
 
-use crate::attention::simd;
+use crate::cpu;
 use crate::attention::rope::RopeTable;
 use crate::attention::{AttentionParams, PositionMode, RopeConfig};
 use std::sync::Arc;
@@ -386,14 +386,14 @@ pub(crate) fn attend_block(
     if let (Some((rope, inv, table)), false) = (&ctx.rope, pass.key_pos == KeyPos::Raw) {
         // The keys are rotated into f32 rows here, so the next block's stored rows are
         // prefetched here too, with their own size.
-        let mut ahead = simd::Ahead::new(&sc.ahead_k, d * k_dtype.size());
+        let mut ahead = cpu::Ahead::new(&sc.ahead_k, d * k_dtype.size());
         ahead_k = &[];
         for (j, &tok) in blk.tokens.iter().enumerate() {
             ahead.upto(j + 1);
             let row = &mut sc.k_rot[j * d..(j + 1) * d];
             // SAFETY: k_ptrs[j] points at d valid elements (PagedKv contract).
             let bytes = unsafe { std::slice::from_raw_parts(sc.k_ptrs[j], d * k_dtype.size()) };
-            crate::dtype::load_row(bytes, k_dtype, row);
+            crate::cpu::convert::load_row(bytes, k_dtype, row);
             let pos = match pass.key_pos {
                 KeyPos::Index(base) => (base + blk.first + j) as f32,
                 _ => kv.position(b, tok) as f32,
@@ -406,7 +406,7 @@ pub(crate) fn attend_block(
     }
     let s = &mut sc.s[..rows * t];
     // SAFETY: pointers come from the view (or k_rot), each valid for d elements.
-    unsafe { simd::scores_ahead(q, rows, d, &sc.k_ptrs, k_dtype, s, ahead_k) };
+    unsafe { cpu::scores_ahead(q, rows, d, &sc.k_ptrs, k_dtype, s, ahead_k) };
     let masked = *blk.tokens.last().unwrap() > min_limit || pass.filter.is_some();
     for r in 0..rows {
         let sr = &mut s[r * t..(r + 1) * t];
@@ -423,14 +423,14 @@ pub(crate) fn attend_block(
                 }
             }
         }
-        let bm = simd::max(sr);
+        let bm = cpu::max(sr);
         if bm == f32::NEG_INFINITY {
             sr.fill(0.0);
             continue;
         }
         let m_new = st.m[r].max(bm);
         let alpha = (st.m[r] - m_new).exp();
-        let sum = simd::exp_sub_sum(sr, m_new);
+        let sum = cpu::exp_sub_sum(sr, m_new);
         if alpha != 1.0 {
             for o in &mut st.o[r * d..(r + 1) * d] {
                 *o *= alpha;
@@ -440,7 +440,7 @@ pub(crate) fn attend_block(
         st.m[r] = m_new;
     }
     // SAFETY: as above, for the value rows.
-    unsafe { simd::accumulate_ahead(&mut st.o, rows, d, &sc.v_ptrs, kv.dtype(), s, &sc.ahead_v) };
+    unsafe { cpu::accumulate_ahead(&mut st.o, rows, d, &sc.v_ptrs, kv.dtype(), s, &sc.ahead_v) };
 }
 
 /// Merge partial states (normalised output, LSE) into one, in place into `acc`.

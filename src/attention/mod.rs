@@ -10,22 +10,22 @@
 pub mod reference;
 pub mod rope;
 
-mod cache_ops;
 mod decode;
 mod kernel;
 mod merge;
 mod prefill;
-pub(crate) mod simd;
-
-pub use simd::isa;
 
 pub use decode::{decode, decode_sparse};
 pub use merge::merge_states;
 pub use prefill::{prefill, prefill_sparse, StreamingWindow};
 pub use rope::{apply_rope, RopeConfig, RopeStyle};
 
+/// Defined with the other configuration types; re-exported here beside [`AttentionParams`].
+pub use crate::config::PositionMode;
+
 /// Per-KV-head token lists that sparse attention reads: for each KV head, strictly ascending
-/// token indices of one sequence. [`crate::select::Selection`] is the standard implementation.
+/// token indices of one sequence. The selection layer's `Selection` is the standard
+/// implementation.
 pub trait HeadTokens: Sync {
     fn num_kv_heads(&self) -> usize;
     /// Tokens in the sequence the lists index into.
@@ -33,32 +33,18 @@ pub trait HeadTokens: Sync {
     fn head(&self, h: usize) -> &[u32];
 }
 
-impl HeadTokens for crate::select::Selection {
+/// Sparse attention takes a slice of token lists or of references to them, so callers pass
+/// `&[Selection]` or `&[&Selection]` alike.
+impl<T: HeadTokens + ?Sized> HeadTokens for &T {
     fn num_kv_heads(&self) -> usize {
-        crate::select::Selection::num_kv_heads(self)
+        (**self).num_kv_heads()
     }
     fn seq_len(&self) -> usize {
-        crate::select::Selection::seq_len(self)
+        (**self).seq_len()
     }
     fn head(&self, h: usize) -> &[u32] {
-        crate::select::Selection::head(self, h)
+        (**self).head(h)
     }
-}
-
-/// How key and query positions are numbered when RoPE is applied at read time (keys stored
-/// before RoPE). With post-RoPE keys only `Original` is meaningful.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum PositionMode {
-    /// Each token at the position stored in its slot; the query at its own stored position.
-    #[default]
-    Original,
-    /// StreamingLLM: the tokens a KV head reads are renumbered 0, 1, ... in cache order,
-    /// so the query (the last token read) sits right after its predecessors, whatever was
-    /// evicted or skipped in between.
-    Contiguous,
-    /// LM-Infinite: the relative distance between query and key is capped:
-    /// `min(q_pos - k_pos, max_distance)`, so no distance exceeds what training saw.
-    Capped { max_distance: u32 },
 }
 
 /// Parameters shared by decode and prefill.

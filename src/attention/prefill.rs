@@ -68,11 +68,11 @@ pub fn prefill(
 /// further restricted per query row by `windows[h]` when given (`windows` is empty or has
 /// one entry per KV head). The result equals causal attention over exactly those tokens.
 #[allow(clippy::too_many_arguments)]
-pub fn prefill_sparse<S: HeadTokens + ?Sized>(
+pub fn prefill_sparse<S: HeadTokens>(
     kv: &PagedKv,
     q: &TensorView,
     qo_indptr: &[i32],
-    selections: &[&S],
+    selections: &[S],
     windows: &[Option<StreamingWindow>],
     out: &mut TensorViewMut,
     lse: Option<&mut [f32]>,

@@ -152,7 +152,7 @@ impl RopeConfig {
         let half = table.half;
         let row = &table.cs[i * half..(i + 1) * half];
         #[cfg(target_arch = "x86_64")]
-        if crate::attention::simd::has_avx2() {
+        if crate::cpu::has_avx2() {
             // SAFETY: the CPU has AVX2 (checked); the loop is plain arithmetic on slices.
             return unsafe { rotate_pairs_avx2(self.style, x, row) };
         }

@@ -17,7 +17,7 @@ use crate::ffi::params::kvsieve_attention_params_t;
 use crate::ffi::policy::{kvsieve_policy_t, policy_ref};
 use crate::ffi::selection::{into_handle, kvsieve_selection_t};
 use crate::ffi::tensor::kvsieve_tensor_t;
-use crate::select::ClusterIndexSet;
+use crate::runtime::ClusterIndexSet;
 
 /// Cluster indexes keyed by (sequence, layer) (see `kvsieve_cluster_set_t` in the header).
 #[allow(non_camel_case_types)]
@@ -208,7 +208,7 @@ pub unsafe extern "C" fn kvsieve_cache_decode_with_clusters(
         let radii = opt_slice_mut(out_radii_read, batch, "out_radii_read")?;
         let (q, mut out, lse) = args.views()?;
         let set_guard = s.inner.read();
-        let sels = c.read().decode_with_clusters(layer, ids, &q, &mut out, lse, p, &set_guard, &args.params)?;
+        let sels = c.read().decode_with_clusters(layer, ids, &q, p, &set_guard, &mut out, lse, &args.params)?;
         if let Some(counts) = counts {
             for (b, slot) in counts.iter_mut().enumerate() {
                 *slot = sels.get(b).map_or(0, |s| s.centroids_scored);

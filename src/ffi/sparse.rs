@@ -157,7 +157,7 @@ pub unsafe extern "C" fn kvsieve_cache_decode_with_policy(
         check_disjoint(&[Region::of(out_selections, batch, "out_selections")], &others)?;
         let slots = opt_slice_mut(out_selections, batch, "out_selections")?;
         let (q, mut out, lse) = args.views()?;
-        let sels = c.read().decode_with_policy(layer, ids, &q, &mut out, lse, p, &args.params)?;
+        let sels = c.read().decode_with_policy(layer, ids, &q, p, &mut out, lse, &args.params)?;
         if let Some(slots) = slots {
             let mut sels = sels.into_iter();
             for slot in slots.iter_mut() {
@@ -196,6 +196,6 @@ pub unsafe extern "C" fn kvsieve_cache_prefill_with_policy(
         let reads = vec![Region::of(seq_ids, batch, "seq_ids"), Region::of(qo_indptr, indptr_len, "qo_indptr")];
         let args = AttentionArgs::parse(q, out, lse, params, &PREFILL_DIMS, reads)?;
         let (q, mut out, lse) = args.views()?;
-        c.read().prefill_with_policy(layer, ids, &q, qo, &mut out, lse, p, &args.params)
+        c.read().prefill_with_policy(layer, ids, &q, qo, p, &mut out, lse, &args.params)
     })
 }

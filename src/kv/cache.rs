@@ -18,67 +18,16 @@ use crate::dtype::{load_f32, store_f32};
 use crate::error::{Error, Result};
 use crate::kv::bounds::KeyBounds;
 use crate::kv::pool::PagePool;
-use crate::kv::seqs::{Sequence, Sequences};
+use crate::kv::plan::{self, KeepTokens, Truncate};
+use crate::kv::seqs::{SeqId, Sequence, Sequences};
 use crate::kv::storage::Buffer;
 use crate::kv::table::PageTable;
 use crate::kv::view::{PagedKv, PagedKvLayout};
 use crate::tensor::TensorView;
 
-/// Identifier of a sequence in a [`KvCache`]. Never reused within one cache.
-pub type SeqId = u64;
-
 /// A cache shared between threads: readers run concurrently, writers exclusively.
 pub type SharedKvCache = Arc<parking_lot::RwLock<KvCache>>;
 
-/// Which tokens [`KvCache::compact`] keeps.
-#[derive(Debug, Clone, Copy)]
-pub enum KeepTokens<'a> {
-    /// One ascending list for every layer and head.
-    All(&'a Vec<u32>),
-    /// One ascending list per layer, all the same length.
-    PerLayer(&'a [Vec<u32>]),
-    /// One ascending list per (layer, KV head), layer-major, all the same length.
-    PerHead(&'a [Vec<u32>]),
-}
-
-impl<'a> KeepTokens<'a> {
-    /// The lists, checked for a cache of config `c` and a sequence of `seq_len` tokens: the
-    /// right count, one length, strictly ascending tokens below `seq_len`, and one list for
-    /// every layer and head when keys are stored before RoPE. Returns the lists and their
-    /// common length.
-    pub(crate) fn checked(&self, c: &CacheConfig, seq_len: usize) -> Result<(&'a [Vec<u32>], usize)> {
-        let (lists, want): (&[Vec<u32>], usize) = match *self {
-            KeepTokens::All(l) => (std::slice::from_ref(l), 1),
-            KeepTokens::PerLayer(l) => (l, c.num_layers),
-            KeepTokens::PerHead(l) => (l, c.num_layers * c.num_kv_heads),
-        };
-        if lists.len() != want {
-            return Err(Error::shape("keep", format!("{want} token lists"), format!("{}", lists.len())));
-        }
-        let k = lists[0].len();
-        for (li, l) in lists.iter().enumerate() {
-            if l.len() != k {
-                return Err(Error::shape(format!("keep[{li}]"), format!("{k} tokens (as keep[0])"), format!("{}", l.len())));
-            }
-            if let Some(i) = (0..l.len()).find(|&i| l[i] as usize >= seq_len || (i > 0 && l[i] <= l[i - 1])) {
-                return Err(Error::invalid(format!("keep[{li}][{i}]"), format!("strictly ascending token indices below seq_len {seq_len}, got {}", l[i])));
-            }
-        }
-        if c.key_rope == KeyRope::PreRope && lists.iter().any(|l| l != &lists[0]) {
-            return Err(Error::invalid("keep", "the same tokens in every list: keys stored before RoPE need one position per slot"));
-        }
-        Ok((lists, k))
-    }
-
-    /// The list slot `i` of (`layer`, KV head `head`) is filled from.
-    pub(crate) fn list(&self, layer: usize, head: usize, num_kv_heads: usize) -> &'a [u32] {
-        match *self {
-            KeepTokens::All(l) => l,
-            KeepTokens::PerLayer(l) => &l[layer],
-            KeepTokens::PerHead(l) => &l[layer * num_kv_heads + head],
-        }
-    }
-}
 
 /// Memory statistics of a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,13 +117,6 @@ impl KvCache {
     }
 
     /// Slots used in the last page of a sequence (0 if it has no pages).
-    fn last_len(&self, s: &Sequence) -> usize {
-        if s.pages.is_empty() {
-            0
-        } else {
-            s.len - (s.pages.len() - 1) * self.cfg.page_size
-        }
-    }
 
     /// Create an empty sequence.
     pub fn create_sequence(&mut self) -> SeqId {
@@ -256,7 +198,7 @@ impl KvCache {
             }
         }
         let ps = self.cfg.page_size;
-        let last_len = self.last_len(s);
+        let last_len = s.last_len(self.cfg.page_size);
         let room = if s.pages.is_empty() { 0 } else { ps - last_len };
         let cow = usize::from(n > 0 && room > 0 && self.pool.refcount(*s.pages.last().unwrap()) > 1);
         let fresh = (n - n.min(room)).div_ceil(ps);
@@ -342,7 +284,7 @@ impl KvCache {
 
         let mut s = self.seqs.take(id);
         for &pi in &shared {
-            let keep = if pi + 1 == s.pages.len() { self.last_len(&s) } else { ps };
+            let keep = if pi + 1 == s.pages.len() { s.last_len(self.cfg.page_size) } else { ps };
             s.pages[pi] = self.copy_page(s.pages[pi], keep);
         }
         let cfg = self.cfg;
@@ -380,30 +322,19 @@ impl KvCache {
     /// is shared with another sequence is copied first (so it can fail with `OutOfPages`,
     /// changing nothing): every holder of a page always holds the same slots of it.
     pub fn truncate(&mut self, id: SeqId, new_len: usize) -> Result<()> {
-        let s = self.seq(id)?;
-        if new_len > s.len {
-            return Err(Error::out_of_range("new_len", new_len as i64, format!("0..={}", s.len)));
-        }
-        let ps = self.cfg.page_size;
-        let keep_pages = new_len.div_ceil(ps);
-        let keep_last = new_len - keep_pages.saturating_sub(1) * ps;
-        let partial = keep_pages > 0 && keep_last < ps && new_len < s.len;
-        let cow = partial && self.pool.refcount(s.pages[keep_pages - 1]) > 1;
-        self.pool.reserve(usize::from(cow))?;
+        let plan = Truncate::plan(self.seq(id)?, &self.pool, new_len, self.cfg.page_size)?;
+        self.pool.reserve(usize::from(plan.cow))?;
 
         let mut s = self.seqs.take(id);
-        for p in s.pages.drain(keep_pages..) {
-            self.pool.decref(p);
-        }
-        s.len = new_len;
-        if cow {
+        plan.drop_pages(&mut s, &mut self.pool);
+        if plan.cow {
             let last = s.pages.pop().unwrap();
-            let copy = self.copy_page(last, keep_last);
+            let copy = self.copy_page(last, plan.keep_last);
             s.pages.push(copy);
-        } else if partial {
+        } else if plan.partial {
             let last = *s.pages.last().unwrap() as usize;
             if let Some(b) = self.bounds.as_mut() {
-                b.truncate_page(&self.cfg, last, keep_last, &self.k);
+                b.truncate_page(&self.cfg, last, plan.keep_last, &self.k);
             }
         }
         self.seqs.put(id, s);
@@ -437,31 +368,23 @@ impl KvCache {
 
         let old = self.seqs.take(id);
         let pages: Vec<u32> = (0..new_pages).map(|_| self.alloc_fresh()).collect();
-        let st = c.strides();
-        let es = c.dtype.size();
-        let loc = |pages: &[u32], t: usize| pages[t / ps] as usize * ps + t % ps;
-        for i in 0..k {
-            self.positions[loc(&pages, i)] = self.positions[loc(&old.pages, lists[0][i] as usize)];
-        }
+        let (es, n) = (c.dtype.size(), c.head_dim * c.dtype.size());
+        plan::compact_positions(&mut self.positions, &old.pages, &pages, &lists[0], ps);
         let mut offs = vec![0usize; c.num_kv_heads];
         for layer in 0..c.num_layers {
-            for i in 0..k {
-                let (dp, ds) = (pages[i / ps] as usize, i % ps);
-                for h in 0..c.num_kv_heads {
-                    let t = keep.list(layer, h, c.num_kv_heads)[i] as usize;
-                    let (sp, ss) = (old.pages[t / ps] as usize, t % ps);
-                    let src = (sp * st[0] + ss * st[1] + h * st[2]) * es;
-                    let dst = (dp * st[0] + ds * st[1] + h * st[2]) * es;
-                    offs[h] = dp * st[0] + ds * st[1] + h * st[2];
-                    let n = c.head_dim * es;
-                    for buf in [&mut self.k[layer], &mut self.v[layer]] {
-                        buf.bytes_mut().copy_within(src..src + n, dst);
+            let (k_buf, v_buf, bounds) = (&mut self.k[layer], &mut self.v[layer], &mut self.bounds);
+            plan::compact_rows(&c, &old.pages, &pages, keep, layer, k, |i, h, src, dst| {
+                offs[h] = dst;
+                for buf in [&mut *k_buf, &mut *v_buf] {
+                    buf.bytes_mut().copy_within(src * es..src * es + n, dst * es);
+                }
+                // The slot's heads are all written: its key bounds take them in.
+                if h + 1 == c.num_kv_heads {
+                    if let Some(b) = bounds.as_mut() {
+                        b.note_write(&c, layer, pages[i / ps] as usize, i % ps, k_buf.bytes(), &offs);
                     }
                 }
-                if let Some(b) = self.bounds.as_mut() {
-                    b.note_write(&c, layer, dp, ds, self.k[layer].bytes(), &offs);
-                }
-            }
+            });
         }
         for p in old.pages {
             self.pool.decref(p);
@@ -472,14 +395,7 @@ impl KvCache {
 
     /// The CSR page table of a batch of sequences, in the given order.
     pub fn page_table(&self, ids: &[SeqId]) -> Result<PageTable> {
-        let mut t = PageTable { indptr: vec![0], ..Default::default() };
-        for &id in ids {
-            let s = self.seq(id)?;
-            t.indices.extend(s.pages.iter().map(|&p| p as i32));
-            t.indptr.push(t.indices.len() as i32);
-            t.last_page_len.push(self.last_len(s) as i32);
-        }
-        Ok(t)
+        self.seqs.page_table(ids, self.cfg.page_size)
     }
 
     /// A read-only view of one layer over a page table from [`KvCache::page_table`],

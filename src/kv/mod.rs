@@ -3,13 +3,15 @@
 
 mod bounds;
 mod cache;
+pub(crate) mod plan;
 pub(crate) mod pool;
 pub(crate) mod seqs;
 mod storage;
 mod table;
-mod policy;
 mod view;
 
-pub use cache::{KeepTokens, KeyBoundsRef, KvCache, MemoryStats, SeqId, SharedKvCache};
+pub use cache::{KeyBoundsRef, KvCache, MemoryStats, SharedKvCache};
+pub use plan::KeepTokens;
+pub use seqs::SeqId;
 pub use table::{PageTable, PageTableRef};
 pub use view::{PagedKv, PagedKvLayout};

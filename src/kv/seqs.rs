@@ -6,13 +6,26 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::kv::pool::PagePool;
-use crate::kv::SeqId;
+use crate::kv::table::PageTable;
+
+/// Identifier of a sequence in a [`KvCache`](crate::KvCache). Never reused within one cache.
+pub type SeqId = u64;
 
 /// One sequence: page ids in token order (every page but the last is full) and its length.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Sequence {
     pub pages: Vec<u32>,
     pub len: usize,
+}
+
+impl Sequence {
+    /// Tokens in the last page (0 for an empty sequence).
+    pub fn last_len(&self, page_size: usize) -> usize {
+        match self.pages.len() {
+            0 => 0,
+            n => self.len - (n - 1) * page_size,
+        }
+    }
 }
 
 /// The live sequences of one cache, by id (ascending).
@@ -70,6 +83,18 @@ impl Sequences {
             pool.decref(s.pages.remove(pi));
         }
         Ok(())
+    }
+
+    /// The CSR page table of a batch of sequences, in the given order.
+    pub fn page_table(&self, ids: &[SeqId], page_size: usize) -> Result<PageTable> {
+        let mut t = PageTable { indptr: vec![0], ..Default::default() };
+        for &id in ids {
+            let s = self.get(id)?;
+            t.indices.extend(s.pages.iter().map(|&p| p as i32));
+            t.indptr.push(t.indices.len() as i32);
+            t.last_page_len.push(s.last_len(page_size) as i32);
+        }
+        Ok(t)
     }
 
     fn insert_new(&mut self, s: Sequence) -> SeqId {

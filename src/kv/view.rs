@@ -229,5 +229,7 @@ impl<'a> PagedKv<'a> {
 fn read_row(p: *const u8, dtype: DType, n: usize) -> Vec<f32> {
     // SAFETY: p points at n valid elements of `dtype` (PagedKv contract).
     let bytes = unsafe { std::slice::from_raw_parts(p, n * dtype.size()) };
-    (0..n).map(|i| crate::dtype::load_f32(bytes, dtype, i)).collect()
+    let mut out = vec![0f32; n];
+    crate::cpu::convert::load_row(bytes, dtype, &mut out);
+    out
 }

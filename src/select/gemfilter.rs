@@ -13,22 +13,16 @@
 
 use rayon::prelude::*;
 
-use crate::attention::simd;
+use crate::cpu;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kv::{KvCache, PageTable, PagedKv, SeqId};
+use crate::kv::{PageTable, PagedKv};
+/// Re-exported: the filter reads its keys through it.
+pub use crate::select::keys::KeySource;
+use crate::select::keys::read_query;
 use crate::select::selection::Selection;
 use crate::select::topk::top_k;
 use crate::tensor::TensorView;
-
-/// Where the keys of the filter layer come from.
-#[derive(Clone, Copy)]
-pub enum KeySource<'a> {
-    /// Keys of `seq` at `layer` in a cache (stored after RoPE).
-    Cache { cache: &'a KvCache, seq: SeqId, layer: usize },
-    /// A tensor `[n, num_kv_heads, head_dim]` of keys (after RoPE), any dtype and strides.
-    Tensor(&'a TensorView<'a>),
-}
 
 /// Options of [`select`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,25 +101,6 @@ fn keys<'a>(src: &KeySource<'a>, view: Option<PagedKv<'a>>) -> Result<Keys<'a>> 
     }
 }
 
-/// Read the query `[num_qo_heads, head_dim]` (or `[1, num_qo_heads, head_dim]`) as f32 rows.
-fn query_rows(q: &TensorView, d: usize, hk: usize, param: &str) -> Result<(usize, Vec<f32>)> {
-    let sh = q.shape();
-    let (lead, hq) = match sh.len() {
-        2 if sh[1] == d => (None, sh[0]),
-        3 if sh[0] == 1 && sh[2] == d => (Some(0), sh[1]),
-        _ => return Err(Error::shape(param, format!("[num_qo_heads, {d}] or [1, num_qo_heads, {d}]"), format!("{sh:?}"))),
-    };
-    if hq == 0 || hq % hk != 0 {
-        return Err(Error::shape(param, format!("a number of query heads that is a positive multiple of num_kv_heads {hk}"), format!("{hq}")));
-    }
-    let mut rows = vec![0f32; hq * d];
-    for h in 0..hq {
-        let idx: Vec<usize> = lead.into_iter().chain([h]).collect();
-        q.read_row(&idx, &mut rows[h * d..(h + 1) * d]);
-    }
-    Ok((hq, rows))
-}
-
 /// Build the cache view a [`KeySource::Cache`] needs.
 fn cache_view<'a>(src: &KeySource<'a>, table: &'a mut Option<PageTable>) -> Result<Option<PagedKv<'a>>> {
     if let KeySource::Cache { cache, seq, layer } = *src {
@@ -139,7 +114,10 @@ fn cache_view<'a>(src: &KeySource<'a>, table: &'a mut Option<PageTable>) -> Resu
 pub fn token_scores(q: &TensorView, src: KeySource) -> Result<Vec<f32>> {
     let mut table = None;
     let k = keys(&src, cache_view(&src, &mut table)?)?;
-    let (hq, qr) = query_rows(q, k.d, k.hk, "q")?;
+    let (qr, hq) = read_query(q, k.d)?;
+    if hq == 0 || hq % k.hk != 0 {
+        return Err(Error::shape("q", format!("a number of query heads that is a positive multiple of num_kv_heads {}", k.hk), format!("{hq}")));
+    }
     let (d, hk, g) = (k.d, k.hk, hq / k.hk);
     // Sum each group's queries: sum_h q_h·k = (sum_h q_h)·k for the shared key.
     let mut qsum = vec![0f32; hk * d];
@@ -171,7 +149,7 @@ pub fn token_scores(q: &TensorView, src: KeySource) -> Result<Vec<f32>> {
                     dtype = DType::F32;
                 }
                 // SAFETY: every pointer addresses a full key row of `d` elements of `dtype`.
-                unsafe { simd::scores(&qsum[h * d..(h + 1) * d], 1, d, &ptrs, dtype, &mut part[..b1 - b0]) };
+                unsafe { cpu::scores(&qsum[h * d..(h + 1) * d], 1, d, &ptrs, dtype, &mut part[..b1 - b0]) };
                 for (o, &s) in out[b0..b1].iter_mut().zip(&part) {
                     *o += s;
                 }
@@ -335,7 +313,7 @@ pub fn snapkv(q_window: &TensorView, src: KeySource, cfg: &SnapKvConfig) -> Resu
                 }
                 let bt = b1 - b0;
                 // SAFETY: every pointer addresses a full key row of `d` elements of `dtype`.
-                unsafe { simd::scores(&qr, rows, d, &ptrs, dtype, &mut part[..rows * bt]) };
+                unsafe { cpu::scores(&qr, rows, d, &ptrs, dtype, &mut part[..rows * bt]) };
                 for r in 0..rows {
                     let qtok = prefix + r / g;
                     for j in 0..bt {
@@ -349,7 +327,7 @@ pub fn snapkv(q_window: &TensorView, src: KeySource, cfg: &SnapKvConfig) -> Resu
             for r in 0..rows {
                 let row = &mut logits[r * n..(r + 1) * n];
                 let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let sum = simd::exp_sub_sum(row, m);
+                let sum = cpu::exp_sub_sum(row, m);
                 for (v, &p) in votes.iter_mut().zip(&row[..prefix]) {
                     *v += p / sum;
                 }

@@ -14,13 +14,12 @@
 //!   observation-window scoring (SnapKV);
 //! - [`top_k`]: the linear-time ranking the methods share;
 //! - [`Policy`]: per-layer and per-head compositions of these, with a text form
-//!   (`sinks=4,window=1024,pages=2048;layers=0-1:dense`), and [`ClusterIndexSet`], the
-//!   per-(sequence, layer) cluster indexes a policy with `clusters=` reads.
+//!   (`sinks=4,window=1024,pages=2048;layers=0-1:dense`). Running a policy on a cache
+//!   (`Policy::select`, decode under a policy, cluster index sets) is the runtime layer's.
 
-mod bounds_kernel;
 pub mod cluster;
-mod cluster_set;
 pub mod gemfilter;
+mod keys;
 mod pages;
 mod policy;
 mod policy_text;
@@ -29,10 +28,13 @@ mod topk;
 mod window;
 
 pub use pages::{page_bounds, page_scores, page_scores_into, pages_to_keep, PageBoundsConfig};
-pub use cluster_set::{ClusterBuild, ClusterIndexSet, ClusterSizing, IndexedKeys, DEFAULT_CLUSTER_SIZE};
-pub use policy::{ClusterRank, HeadOverride, LayerOverride, Policy, PolicySelection, PositionKind, Spec, HIER_OPEN_MULTIPLE};
+pub use cluster::{ClusterBuild, ClusterSizing, DEFAULT_CLUSTER_SIZE};
+pub use policy::{ClusterRank, HeadOverride, LayerOverride, Policy, PositionKind, Spec, HIER_OPEN_MULTIPLE};
 pub use selection::{Selection, SelectionStats};
 pub use topk::top_k;
 pub use window::{lambda, streaming, window_pages_to_evict};
-pub(crate) use pages::read_query;
+pub use keys::KeySource;
+pub(crate) use keys::read_query;
+pub(crate) use pages::{score_sequence, SeqPageScores};
+pub(crate) use selection::merge_union;
 pub(crate) use window::first_and_last;

@@ -27,7 +27,8 @@ use rayon::prelude::*;
 use crate::config::KeyRope;
 use crate::error::{Error, Result};
 use crate::kv::{KeyBoundsRef, KvCache, SeqId};
-use crate::select::bounds_kernel::{score_block, BoundsLayout};
+use crate::cpu::bounds::{score_block, BoundsLayout};
+use crate::select::keys::read_query;
 use crate::select::selection::Selection;
 use crate::select::topk::{partition_top, rank_cmp};
 use crate::tensor::TensorView;
@@ -178,28 +179,6 @@ pub(crate) fn page_tokens(pages: &[u32], page_size: usize, seq_len: usize, out: 
         let s = p as usize * page_size;
         out.extend(s as u32..(s + page_size).min(seq_len) as u32);
     }
-}
-
-/// A decode query as f32 `[num_qo_heads * head_dim]`, from a `[num_qo_heads, head_dim]` or
-/// `[1, num_qo_heads, head_dim]` view. Returns the values and `num_qo_heads`.
-pub(crate) fn read_query(q: &TensorView, head_dim: usize) -> Result<(Vec<f32>, usize)> {
-    let shape = q.shape();
-    let (lead, hq) = match *shape {
-        [hq, d] if d == head_dim => (vec![], hq),
-        [1, hq, d] if d == head_dim => (vec![0], hq),
-        _ => {
-            let got: Vec<String> = shape.iter().map(|x| x.to_string()).collect();
-            return Err(Error::shape("q", format!("[num_qo_heads, {head_dim}] or [1, num_qo_heads, {head_dim}]"), format!("[{}]", got.join(", "))));
-        }
-    };
-    let mut out = vec![0f32; hq * head_dim];
-    let mut index = lead;
-    index.push(0);
-    for (h, row) in out.chunks_exact_mut(head_dim).enumerate() {
-        *index.last_mut().expect("pushed") = h;
-        q.read_row(&index, row);
-    }
-    Ok((out, hq))
 }
 
 /// Page scores of one sequence at one layer, ready for per-head ranking.

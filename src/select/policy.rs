@@ -94,15 +94,10 @@
 
 use std::fmt;
 
-use crate::attention::PositionMode;
+use crate::config::PositionMode;
 use crate::error::{Error, Result};
-use crate::kv::{KvCache, SeqId};
-use crate::select::cluster::{CoarseRetrieve, Retrieve};
-use crate::select::cluster_set::{ClusterBuild, ClusterIndexSet, ClusterSizing, DEFAULT_CLUSTER_SIZE};
-use crate::select::pages::{read_query, score_sequence, PageBoundsConfig, SeqPageScores};
-use crate::select::selection::{merge_union, Selection};
-use crate::select::window::first_and_last;
-use crate::tensor::TensorView;
+use crate::select::cluster::{ClusterBuild, ClusterSizing, Retrieve, DEFAULT_CLUSTER_SIZE};
+use crate::select::pages::PageBoundsConfig;
 
 /// The position numbering a spec asks for, as written in `positions=`. With `Capped`, the
 /// cap comes from [`Spec::max_distance`].
@@ -551,7 +546,7 @@ impl Policy {
 
     /// Every check that needs no per-layer walk: each clause's spec and its layer and head
     /// numbers. Messages name the clause.
-    fn validate_clauses(&self, num_layers: usize, num_kv_heads: usize) -> Result<()> {
+    pub(crate) fn validate_clauses(&self, num_layers: usize, num_kv_heads: usize) -> Result<()> {
         let mut sources = vec![Source::Default];
         sources.extend((0..self.layers.len()).map(Source::Layer));
         sources.extend((0..self.heads.len()).map(Source::Head));
@@ -584,7 +579,7 @@ impl Policy {
     }
 
     /// Check that all heads of `layer` use one position mode.
-    fn validate_layer_positions(&self, layer: usize, num_kv_heads: usize) -> Result<()> {
+    pub(crate) fn validate_layer_positions(&self, layer: usize, num_kv_heads: usize) -> Result<()> {
         let first = self.source(layer, 0);
         let mode = self.spec_of(first).position_mode();
         for h in 1..num_kv_heads {
@@ -607,7 +602,7 @@ impl Policy {
 
     /// Check that the heads of `layer` that use `clusters=` agree on the budget and the
     /// index options (one index and one retrieval serve the layer).
-    fn validate_layer_clusters(&self, layer: usize, num_kv_heads: usize) -> Result<()> {
+    pub(crate) fn validate_layer_clusters(&self, layer: usize, num_kv_heads: usize) -> Result<()> {
         let mut first: Option<(usize, Source)> = None;
         for h in 0..num_kv_heads {
             let src = self.source(layer, h);
@@ -661,164 +656,6 @@ impl Policy {
         Some((build, exclude))
     }
 
-    /// The tokens each KV head of `layer` reads for the decode query `q` of sequence `seq`
-    /// (`[num_qo_heads, head_dim]` or `[1, num_qo_heads, head_dim]`): per head, every
-    /// token if its spec is dense, else the union of its sinks, window and page-bound
-    /// parts. Page scores are computed once per call, for every head that needs them.
-    /// A policy with `clusters=` needs its cluster indexes: use [`Policy::select_with_clusters`].
-    ///
-    /// Errors: the policy fails [`Policy::validate`] for the cache's shape (clauses, and
-    /// the position modes of this layer); an unknown sequence or layer; a badly shaped
-    /// `q`; page bounds on a cache without key bounds or with pre-RoPE keys; `clusters=`
-    /// at this layer.
-    pub fn select(&self, cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView) -> Result<Selection> {
-        Ok(self.select_inner(cache, seq, layer, q, None)?.selection)
-    }
-
-    /// [`Policy::select`] with centroid retrieval: a head with `clusters=N` also reads the
-    /// best clusters of `indexes`' entry for (`seq`, `layer`) up to N tokens (flat, or
-    /// through the coarse level with `hier=`), plus every token the index does not cover
-    /// yet (past its [`ClusterIndex::clustered_len`](crate::select::cluster::ClusterIndex::clustered_len):
-    /// the recent tokens, which a `window=` at least as large as the index's left-out
-    /// window reads anyway). `q` is the query as the index's keys need it: after RoPE at
-    /// its position for an index of post-RoPE keys, rotated to `max_distance` for an index
-    /// of raw pre-RoPE keys under capped positions ([`crate::KvCache::decode_with_clusters`]
-    /// does this).
-    ///
-    /// Errors, beyond `select`'s: no index for (`seq`, `layer`) in `indexes` (build one with
-    /// [`ClusterIndexSet::build`]); an index longer than the sequence (truncated or
-    /// compacted since: build again) or of another shape.
-    pub fn select_with_clusters(&self, cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView, indexes: &ClusterIndexSet) -> Result<PolicySelection> {
-        self.select_inner(cache, seq, layer, q, Some(indexes))
-    }
-
-    pub(crate) fn select_inner(&self, cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView, indexes: Option<&ClusterIndexSet>) -> Result<PolicySelection> {
-        let c = cache.config();
-        self.validate_clauses(c.num_layers, c.num_kv_heads)?;
-        if layer >= c.num_layers {
-            return Err(Error::out_of_range("layer", layer as i64, format!("0..{}", c.num_layers)));
-        }
-        self.validate_layer_positions(layer, c.num_kv_heads)?;
-        self.validate_layer_clusters(layer, c.num_kv_heads)?;
-        let (_, hq) = read_query(q, c.head_dim)?;
-        if hq == 0 || hq % c.num_kv_heads != 0 {
-            return Err(Error::invalid("q", format!("a number of query heads that is a positive multiple of num_kv_heads ({}), got {hq}", c.num_kv_heads)));
-        }
-        let seq_len = cache.seq_len(seq)?;
-        if seq_len > u32::MAX as usize {
-            return Err(Error::out_of_range("seq_len", seq_len as i64, format!("0..={} (token indices are u32)", u32::MAX)));
-        }
-        let specs: Vec<&Spec> = (0..c.num_kv_heads).map(|h| self.spec(layer, h)).collect();
-        // Page scores are only needed when some head's budget is below the sequence length.
-        let smallest_budget = specs.iter().filter(|s| !s.dense).filter_map(|s| s.pages).min();
-        let scores: Option<SeqPageScores> = match smallest_budget {
-            Some(b) => Some(score_sequence(cache, seq, layer, q, b)?),
-            None => None,
-        };
-        let retrieved = match specs.iter().position(|s| s.clusters.is_some()) {
-            None => None,
-            Some(h0) => Some(self.retrieve(cache, seq, layer, q, indexes, specs[h0], seq_len)?),
-        };
-        let mut heads = Vec::with_capacity(specs.len());
-        let mut total = 0usize;
-        let mut centroids_scored = 0usize;
-        let mut radii_read = 0usize;
-        for (h, spec) in specs.iter().enumerate() {
-            let tokens = if spec.dense {
-                (0..seq_len as u32).collect()
-            } else {
-                let mut tokens = first_and_last(seq_len, spec.sinks.unwrap_or(0), spec.window.unwrap_or(0));
-                if let (Some(cfg), Some(s)) = (spec.page_bounds_config(), &scores) {
-                    let mut out = Vec::with_capacity(tokens.len() + cfg.budget_tokens.min(seq_len));
-                    merge_union(&tokens, &s.keep_tokens(h, &cfg), &mut out);
-                    tokens = out;
-                }
-                if let (Some(_), Some(r)) = (spec.clusters, &retrieved) {
-                    let mut out = Vec::with_capacity(tokens.len() + r.tokens[h].len());
-                    merge_union(&tokens, &r.tokens[h], &mut out);
-                    tokens = out;
-                    centroids_scored += r.centroids_scored[h];
-                    radii_read += r.radii_read[h];
-                }
-                tokens
-            };
-            total += tokens.len();
-            heads.push(tokens);
-        }
-        if total > u32::MAX as usize {
-            return Err(Error::invalid("policy", "selections whose tokens over all heads fit u32 offsets"));
-        }
-        Ok(PolicySelection { selection: Selection::from_heads_unchecked(seq_len, &heads), centroids_scored, radii_read })
-    }
-
-    /// Centroid retrieval for every head of `layer` with the budget of `spec`, each head's
-    /// tokens united with the ones the index does not cover.
-    #[allow(clippy::too_many_arguments)]
-    fn retrieve(
-        &self,
-        cache: &KvCache,
-        seq: SeqId,
-        layer: usize,
-        q: &TensorView,
-        indexes: Option<&ClusterIndexSet>,
-        spec: &Spec,
-        seq_len: usize,
-    ) -> Result<Retrieved> {
-        let c = cache.config();
-        let budget = spec.clusters.expect("a clusters spec");
-        let Some(set) = indexes else {
-            return Err(Error::invalid(
-                "policy",
-                format!(
-                    "no `clusters=` at layer {layer} here: centroid retrieval needs the cluster indexes, so call ClusterIndexSet::build after prefill and decode with KvCache::decode_with_clusters (C: kvsieve_cluster_set_build, kvsieve_cache_decode_with_clusters; Python: ClusterIndexSet.build, decode_with_policy(..., clusters=))"
-                ),
-            ));
-        };
-        let Some(index) = set.get(seq, layer) else {
-            return Err(Error::invalid(
-                "clusters",
-                format!("a cluster index for sequence {seq} at layer {layer} (its policy uses `clusters=`): call ClusterIndexSet::build (C: kvsieve_cluster_set_build; Python: ClusterIndexSet.build) for the sequence after prefill"),
-            ));
-        };
-        if index.num_kv_heads() != c.num_kv_heads || index.head_dim() != c.head_dim {
-            return Err(Error::shape(
-                "clusters",
-                format!("an index of num_kv_heads {} and head_dim {} (as the cache)", c.num_kv_heads, c.head_dim),
-                format!("num_kv_heads {} and head_dim {} (sequence {seq}, layer {layer})", index.num_kv_heads(), index.head_dim()),
-            ));
-        }
-        if index.seq_len() > seq_len {
-            return Err(Error::invalid(
-                "clusters",
-                format!(
-                    "an index of sequence {seq} at layer {layer} covering at most its {seq_len} tokens, but it was built or updated at {} tokens (truncated or compacted since: build it again)",
-                    index.seq_len()
-                ),
-            ));
-        }
-        let how = spec.rank.unwrap_or(ClusterRank::Estimate).retrieve(budget);
-        let r = match spec.hier {
-            Some(_) => index.retrieve_hierarchical(q, CoarseRetrieve::BudgetMultiple(HIER_OPEN_MULTIPLE), &how, seq_len)?,
-            None => index.retrieve(q, &how, seq_len)?,
-        };
-        let tail: Vec<u32> = (index.clustered_len() as u32..seq_len as u32).collect();
-        let hk = c.num_kv_heads;
-        let coarse = index.num_coarse_clusters();
-        let mut tokens = Vec::with_capacity(hk);
-        let mut centroids_scored = Vec::with_capacity(hk);
-        let mut radii_read = Vec::with_capacity(hk);
-        let mixed = matches!(how, Retrieve::MixedBudget(_));
-        for h in 0..hk {
-            let mut out = Vec::new();
-            merge_union(r.selection.head(h), &tail, &mut out);
-            tokens.push(out);
-            let coarse_rows = if spec.hier.is_some() { coarse } else { 0 };
-            centroids_scored.push(r.stats.clusters_scored[h] + coarse_rows);
-            radii_read.push(if mixed { r.stats.clusters_scored[h] } else { 0 });
-        }
-        Ok(Retrieved { tokens, centroids_scored, radii_read })
-    }
-
     /// Pages of a sequence that no (layer, head) of the policy reads again, so a cache can
     /// evict them ([`crate::KvCache::evict_pages`]): only when every spec in use is made of
     /// sinks and a window alone (no `dense`, no `pages`), the pages outside the largest
@@ -853,27 +690,6 @@ impl Policy {
 /// Under `hier=`, hierarchical lookup opens coarse clusters (best first) until the tokens
 /// beneath them reach this multiple of the `clusters=` budget.
 pub const HIER_OPEN_MULTIPLE: f64 = 2.0;
-
-/// What [`Policy::select_with_clusters`] chose, and what choosing cost.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PolicySelection {
-    /// The tokens each KV head reads.
-    pub selection: Selection,
-    /// Centroid rows scored by centroid retrieval, summed over the KV heads that use it
-    /// (fine clusters scored, plus every coarse centroid under `hier=`); 0 without
-    /// `clusters=`. Each is `head_dim` f32 values read.
-    pub centroids_scored: usize,
-    /// Cluster radii read by `rank=mixed` (one f32 per fine cluster scored), summed over
-    /// the KV heads that use it; 0 otherwise.
-    pub radii_read: usize,
-}
-
-/// Per-head retrieval result inside `select_inner`.
-struct Retrieved {
-    tokens: Vec<Vec<u32>>,
-    centroids_scored: Vec<usize>,
-    radii_read: Vec<usize>,
-}
 
 /// A position mode as the text form writes it.
 fn mode_text(mode: PositionMode) -> String {

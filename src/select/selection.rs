@@ -307,3 +307,16 @@ impl Selection {
         SelectionStats { seq_len: self.seq_len, per_head, total, density, min_density, max_density }
     }
 }
+
+/// Sparse attention reads a selection's per-head token lists.
+impl crate::attention::HeadTokens for Selection {
+    fn num_kv_heads(&self) -> usize {
+        Selection::num_kv_heads(self)
+    }
+    fn seq_len(&self) -> usize {
+        Selection::seq_len(self)
+    }
+    fn head(&self, h: usize) -> &[u32] {
+        Selection::head(self, h)
+    }
+}

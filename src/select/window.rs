@@ -37,7 +37,7 @@ pub fn streaming(num_kv_heads: usize, seq_len: usize, sinks: usize, window: usiz
 
 /// LM-Infinite's Λ-shaped mask, for the last query of the sequence: every head reads the
 /// first `global` tokens and the last `local` tokens. (Attention then caps relative
-/// distances with [`crate::attention::PositionMode::Capped`].)
+/// distances with [`crate::config::PositionMode::Capped`].)
 ///
 /// Errors: `local` 0, `num_kv_heads` 0. `global` 0 is allowed.
 pub fn lambda(num_kv_heads: usize, seq_len: usize, global: usize, local: usize) -> Result<Selection> {

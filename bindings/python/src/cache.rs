@@ -498,7 +498,7 @@ impl PyKvCache {
         let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
-            c.prefill_with_policy(layer, &ids, qv, &qo_indptr, out, Some(lse), &policy, &params)
+            c.prefill_with_policy(layer, &ids, qv, &qo_indptr, &policy, out, Some(lse), &params)
         })?;
         Ok((out, lse))
     }
@@ -549,7 +549,7 @@ impl PyKvCache {
         rope: Option<PyRef<'py, PyRopeConfig>>,
         chunk_size: Option<i64>,
         out_dtype: &str,
-    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<kvsieve::select::PolicySelection>)> {
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<kvsieve::runtime::PolicySelection>)> {
         let layer = usize_arg(layer, "layer")?;
         let ids = seq_ids(seqs, "seqs")?;
         let policy = policy_arg(policy)?;
@@ -558,11 +558,11 @@ impl PyKvCache {
         let q = FloatArray::extract(q, "q", true)?;
         let set = clusters.map(|s| &s.get().inner);
         self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| match set {
-            Some(set) => c.decode_with_clusters(layer, &ids, qv, out, Some(lse), &policy, &set.read(), &params),
+            Some(set) => c.decode_with_clusters(layer, &ids, qv, &policy, &set.read(), out, Some(lse), &params),
             None => Ok(c
-                .decode_with_policy(layer, &ids, qv, out, Some(lse), &policy, &params)?
+                .decode_with_policy(layer, &ids, qv, &policy, out, Some(lse), &params)?
                 .into_iter()
-                .map(|selection| kvsieve::select::PolicySelection { selection, centroids_scored: 0, radii_read: 0 })
+                .map(|selection| kvsieve::runtime::PolicySelection { selection, centroids_scored: 0, radii_read: 0 })
                 .collect()),
         })
     }

@@ -1,7 +1,7 @@
 //! `ClusterIndexSet`: the per-(sequence, layer) cluster indexes a policy with `clusters=`
 //! reads, passed to `KvCache.decode_with_policy(..., clusters=)`.
 
-use kvsieve::select::ClusterIndexSet;
+use kvsieve::runtime::ClusterIndexSet;
 use parking_lot::RwLock;
 use pyo3::prelude::*;
 

@@ -24,7 +24,7 @@ use pyo3::prelude::*;
 /// "avx2+fma+f16c" or "portable"; `KVSIEVE_ISA=avx2` or `portable` lowers it).
 #[pyfunction]
 fn isa() -> &'static str {
-    kvsieve::attention::isa()
+    kvsieve::cpu::isa()
 }
 
 #[pymodule]

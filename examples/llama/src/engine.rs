@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use kvsieve::attention::{apply_rope, AttentionParams, PositionMode};
-use kvsieve::select::PolicySelection;
+use kvsieve::runtime::PolicySelection;
 use kvsieve::{
     CacheConfig, ClusterIndexSet, DType, KeyRope, KvCache, Policy, SeqId, TensorView, TensorViewMut,
 };
@@ -470,10 +470,10 @@ impl<'m> Engine<'m> {
                         li,
                         &ids,
                         &TensorView::new(&qg, &[g.len(), hq, hd])?,
-                        &mut TensorViewMut::new(&mut og, &[g.len(), hq, hd])?,
-                        None,
                         l0.policy,
                         &self.clusters,
+                        &mut TensorViewMut::new(&mut og, &[g.len(), hq, hd])?,
+                        None,
                         params,
                     )?;
                     let dt = tg.elapsed().as_secs_f64() / g.len() as f64;
@@ -490,9 +490,9 @@ impl<'m> Engine<'m> {
                         &[l0.seq],
                         &qv,
                         &[0, n as i32],
+                        l0.policy,
                         &mut ov,
                         None,
-                        l0.policy,
                         params,
                     )?;
                 }

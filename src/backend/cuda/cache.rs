@@ -19,6 +19,7 @@ use crate::backend::cuda::view::{CudaPageTable, CudaPagedKv, KeyBoundsLayout};
 use crate::config::CacheConfig;
 use crate::dtype::{load_f32, DType};
 use crate::error::{Error, Result};
+use crate::kv::plan::{self, Truncate};
 use crate::kv::pool::PagePool;
 use crate::kv::seqs::{Sequence, Sequences};
 use crate::kv::{KeepTokens, PageTable, PagedKvLayout, SeqId};
@@ -125,13 +126,6 @@ impl CudaKvCache {
         Ok(())
     }
 
-    fn last_len(&self, s: &Sequence) -> usize {
-        if s.pages.is_empty() {
-            0
-        } else {
-            s.len - (s.pages.len() - 1) * self.cfg.page_size
-        }
-    }
 
     fn page_bytes(&self) -> usize {
         self.cfg.page_elems() * self.cfg.dtype.size()
@@ -282,7 +276,7 @@ impl CudaKvCache {
             }
         }
         let ps = self.cfg.page_size;
-        let last_len = self.last_len(s);
+        let last_len = s.last_len(self.cfg.page_size);
         let room = if s.pages.is_empty() { 0 } else { ps - last_len };
         let cow = usize::from(n > 0 && room > 0 && self.pool.refcount(*s.pages.last().unwrap()) > 1);
         let fresh = (n - n.min(room)).div_ceil(ps);
@@ -300,7 +294,7 @@ impl CudaKvCache {
     fn append_inner(&mut self, s: &mut Sequence, n: usize, positions: Option<&[i32]>, next_pos: i32, cow: bool, fresh: usize) -> Result<Vec<i64>> {
         let ps = self.cfg.page_size;
         if cow {
-            let last_len = self.last_len(s);
+            let last_len = s.last_len(self.cfg.page_size);
             let last = s.pages.pop().unwrap();
             let copy = self.copy_page(last, last_len)?;
             s.pages.push(copy);
@@ -389,7 +383,7 @@ impl CudaKvCache {
         let ps = self.cfg.page_size;
         let (h, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
         for &pi in shared {
-            let keep = if pi + 1 == s.pages.len() { self.last_len(s) } else { ps };
+            let keep = if pi + 1 == s.pages.len() { s.last_len(self.cfg.page_size) } else { ps };
             s.pages[pi] = self.copy_page(s.pages[pi], keep)?;
         }
         let slots: Vec<i64> = (start..start + n).map(|t| (s.pages[t / ps] as usize * ps + t % ps) as i64).collect();
@@ -438,28 +432,17 @@ impl CudaKvCache {
 
     /// Keep the first `new_len` tokens of a sequence (as [`crate::KvCache::truncate`]).
     pub fn truncate(&mut self, id: SeqId, new_len: usize) -> Result<()> {
-        let s = self.seq(id)?;
-        if new_len > s.len {
-            return Err(Error::out_of_range("new_len", new_len as i64, format!("0..={}", s.len)));
-        }
-        let ps = self.cfg.page_size;
-        let keep_pages = new_len.div_ceil(ps);
-        let keep_last = new_len - keep_pages.saturating_sub(1) * ps;
-        let partial = keep_pages > 0 && keep_last < ps && new_len < s.len;
-        let cow = partial && self.pool.refcount(s.pages[keep_pages - 1]) > 1;
-        self.pool.reserve(usize::from(cow))?;
+        let plan = Truncate::plan(self.seq(id)?, &self.pool, new_len, self.cfg.page_size)?;
+        self.pool.reserve(usize::from(plan.cow))?;
 
         let mut s = self.seqs.take(id);
-        for p in s.pages.drain(keep_pages..) {
-            self.pool.decref(p);
-        }
-        s.len = new_len;
-        let r = if cow {
+        plan.drop_pages(&mut s, &mut self.pool);
+        let r = if plan.cow {
             let last = s.pages.pop().unwrap();
-            self.copy_page(last, keep_last).map(|c| s.pages.push(c))
-        } else if partial && !self.bounds.is_empty() {
+            self.copy_page(last, plan.keep_last).map(|c| s.pages.push(c))
+        } else if plan.partial && !self.bounds.is_empty() {
             let last = *s.pages.last().unwrap() as usize;
-            let keep_mask = (1u64 << keep_last) - 1;
+            let keep_mask = (1u64 << plan.keep_last) - 1;
             (0..self.cfg.num_layers).try_for_each(|layer| {
                 self.written[layer][last] &= keep_mask;
                 let mask = self.written[layer][last];
@@ -513,32 +496,22 @@ impl CudaKvCache {
     fn compact_into(&mut self, old: &Sequence, pages: &[u32], keep: KeepTokens, lists: &[Vec<u32>], k: usize) -> Result<()> {
         let c = self.cfg;
         let ps = c.page_size;
-        let loc = |pages: &[u32], t: usize| pages[t / ps] as usize * ps + t % ps;
-        for i in 0..k {
-            self.positions_host[loc(pages, i)] = self.positions_host[loc(&old.pages, lists[0][i] as usize)];
-        }
+        plan::compact_positions(&mut self.positions_host, &old.pages, pages, &lists[0], ps);
         for &p in pages {
             self.upload_positions(p as usize)?;
         }
-        let st = c.strides();
         let es = c.dtype.size();
         let row = c.head_dim * es;
         for layer in 0..c.num_layers {
             // (source byte offset, destination byte offset, bytes), merged where both are contiguous.
             let mut runs: Vec<(usize, usize, usize)> = Vec::new();
-            for i in 0..k {
-                let (dp, ds) = (pages[i / ps] as usize, i % ps);
-                for h in 0..c.num_kv_heads {
-                    let t = keep.list(layer, h, c.num_kv_heads)[i] as usize;
-                    let (sp, ss) = (old.pages[t / ps] as usize, t % ps);
-                    let src = (sp * st[0] + ss * st[1] + h * st[2]) * es;
-                    let dst = (dp * st[0] + ds * st[1] + h * st[2]) * es;
-                    match runs.last_mut() {
-                        Some(r) if r.0 + r.2 == src && r.1 + r.2 == dst => r.2 += row,
-                        _ => runs.push((src, dst, row)),
-                    }
+            plan::compact_rows(&c, &old.pages, pages, keep, layer, k, |_, _, src, dst| {
+                let (src, dst) = (src * es, dst * es);
+                match runs.last_mut() {
+                    Some(r) if r.0 + r.2 == src && r.1 + r.2 == dst => r.2 += row,
+                    _ => runs.push((src, dst, row)),
                 }
-            }
+            });
             for &(src, dst, n) in &runs {
                 self.k[layer].copy_from(dst, &self.k[layer], src, n, &self.stream)?;
                 self.v[layer].copy_from(dst, &self.v[layer], src, n, &self.stream)?;
@@ -562,14 +535,7 @@ impl CudaKvCache {
 
     /// The CSR page table of a batch of sequences, on the host.    /// The CSR page table of a batch of sequences, on the host.
     pub fn host_page_table(&self, ids: &[SeqId]) -> Result<PageTable> {
-        let mut t = PageTable { indptr: vec![0], ..Default::default() };
-        for &id in ids {
-            let s = self.seq(id)?;
-            t.indices.extend(s.pages.iter().map(|&p| p as i32));
-            t.indptr.push(t.indices.len() as i32);
-            t.last_page_len.push(self.last_len(s) as i32);
-        }
-        Ok(t)
+        self.seqs.page_table(ids, self.cfg.page_size)
     }
 
     /// The CSR page table of a batch of sequences, uploaded to the device.

@@ -268,7 +268,7 @@ impl std::fmt::Debug for CudaSelections {
 impl CudaSelections {
     /// Copy per-sequence selections (all with `num_kv_heads` heads) to the device
     /// (not graph-capturable: it uploads).
-    pub fn upload<S: HeadTokens + ?Sized>(dev: &Arc<CudaDevice>, selections: &[&S], num_kv_heads: usize, stream: &Stream) -> Result<Self> {
+    pub fn upload<S: HeadTokens>(dev: &Arc<CudaDevice>, selections: &[S], num_kv_heads: usize, stream: &Stream) -> Result<Self> {
         let mut indptr = vec![0i32];
         let mut indices: Vec<i32> = Vec::new();
         let mut max_per_head = 0;

@@ -47,7 +47,7 @@ use crate::error::{Error, Result};
 use crate::select::cluster::index::{ClusterConfig, ClusterIndex, CoarseLevel};
 use crate::select::cluster::keys::with_keys;
 use crate::select::cluster::kmeans::{ClusterCount, Clustering};
-use crate::select::gemfilter::KeySource;
+use crate::select::KeySource;
 
 const FORMAT: &str = "kvsieve.cluster_index";
 const VERSION: u32 = 2;

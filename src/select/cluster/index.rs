@@ -3,10 +3,10 @@
 //! appended.
 
 use crate::error::{Error, Result};
-use crate::select::cluster::assign::{nearest, PackedCentroids};
+use crate::cpu::assign::{nearest, PackedCentroids};
 use crate::select::cluster::keys::{with_keys, KeyRows};
 use crate::select::cluster::kmeans::{cluster_normalized, grow_radii, members_csr, normalize_rows, ClusterCount, Clustering};
-use crate::select::gemfilter::KeySource;
+use crate::select::KeySource;
 
 /// Mixed into the seed of the coarse level so it draws differently from the fine one.
 const COARSE_SEED_SALT: u64 = 0xC0A2_5E5E_ED00_0001;

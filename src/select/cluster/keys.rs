@@ -8,7 +8,7 @@ use crate::config::{validate_head_dim, KeyRope};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kv::PagedKv;
-use crate::select::gemfilter::KeySource;
+use crate::select::KeySource;
 use crate::tensor::TensorView;
 use crate::{bf16, f16};
 

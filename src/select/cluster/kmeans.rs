@@ -34,11 +34,11 @@
 
 use rayon::prelude::*;
 
-use crate::attention::simd;
+use crate::cpu;
 use crate::config::validate_head_dim;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::select::cluster::assign::{nearest, PackedCentroids};
+use crate::cpu::assign::{nearest, PackedCentroids};
 use crate::select::cluster::rng::SplitMix64;
 
 /// How many clusters: a number, or a fraction of the keys clustered.
@@ -261,7 +261,7 @@ pub(crate) fn dots(x: &[f32], d: usize, q: &[f32], idx: &[u32], out: &mut [f32])
     let run = |idx: &[u32], out: &mut [f32]| {
         let ptrs: Vec<*const u8> = idx.iter().map(|&i| x[i as usize * d..].as_ptr() as *const u8).collect();
         // SAFETY: every pointer addresses a full row of d f32 inside `x`; d is a multiple of 8.
-        unsafe { simd::scores(q, 1, d, &ptrs, DType::F32, out) };
+        unsafe { cpu::scores(q, 1, d, &ptrs, DType::F32, out) };
     };
     if idx.len() <= CHUNK {
         run(idx, &mut out[..idx.len()]);
@@ -295,12 +295,12 @@ fn seed_update(x: &[f32], xsq: &[f32], d: usize, p: usize, s: u32, ss2: &[f32], 
         let mut all = vec![0f32; len];
         // SAFETY: the chunk's rows are len * d f32 inside `x`; `xp` is a full row; d is a
         // multiple of 8.
-        unsafe { simd::scores(&x[base * d..(base + len) * d], len, d, &[xp.as_ptr() as *const u8], DType::F32, &mut all) };
+        unsafe { cpu::scores(&x[base * d..(base + len) * d], len, d, &[xp.as_ptr() as *const u8], DType::F32, &mut all) };
         idx.iter().map(|&j| all[j]).collect()
     } else {
         let mut dots = vec![0f32; idx.len()];
         // SAFETY: every pointer addresses a full row of d f32 inside `x`; d is a multiple of 8.
-        unsafe { simd::scores(xp, 1, d, &ptrs, DType::F32, &mut dots) };
+        unsafe { cpu::scores(xp, 1, d, &ptrs, DType::F32, &mut dots) };
         dots
     };
     for (&j, &dp) in idx.iter().zip(&dots) {

@@ -23,7 +23,7 @@
 //! that arrived after the last update) are in no cluster: union a window selection
 //! ([`crate::select::streaming`]) to read them.
 
-mod assign;
+mod build;
 mod calibrate;
 mod file;
 mod index;
@@ -32,7 +32,8 @@ mod kmeans;
 mod retrieve;
 mod rng;
 
-pub use crate::select::gemfilter::KeySource;
+pub use crate::select::KeySource;
+pub use build::{ClusterBuild, ClusterSizing, DEFAULT_CLUSTER_SIZE, SET_MAX_ITER};
 pub use calibrate::{calibrate, Thresholds};
 pub use index::{ClusterConfig, ClusterIndex, CoarseLevel};
 pub use kmeans::{kmeans, kmeans_from_centroids, seed_plus_plus, ClusterCount, Clustering, KMeansConfig};

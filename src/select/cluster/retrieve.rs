@@ -20,7 +20,7 @@
 //! radius: the largest distance of a member's raw key to `C_c`), and takes clusters from
 //! the two rankings in turn: the best by estimate, the best remaining by bound, and so on.
 
-use crate::attention::simd;
+use crate::cpu;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::select::cluster::index::ClusterIndex;
@@ -115,7 +115,7 @@ fn logits(q: &[f32], g: usize, d: usize, cents: &[f32], ids: &[u32]) -> Vec<f32>
     let mut out = vec![0f32; g * ids.len()];
     // SAFETY: each pointer addresses a full row of d f32 in `cents`; d is a multiple of 8
     // (head_dim is validated); `q` holds g rows and `out` g * ids.len() entries.
-    unsafe { simd::scores(q, g, d, &ptrs, DType::F32, &mut out) };
+    unsafe { cpu::scores(q, g, d, &ptrs, DType::F32, &mut out) };
     out
 }
 
@@ -130,8 +130,8 @@ fn estimates(g: usize, l_sc: &[f32], n_sc: &[u32], l_ex: &[f32], n_ex: &[u32]) -
         row.copy_from_slice(&l_sc[j * m..(j + 1) * m]);
         ex.copy_from_slice(&l_ex[j * m2..(j + 1) * m2]);
         let mx = row.iter().chain(ex.iter()).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        simd::exp_sub_sum(&mut row, mx);
-        simd::exp_sub_sum(&mut ex, mx);
+        cpu::exp_sub_sum(&mut row, mx);
+        cpu::exp_sub_sum(&mut ex, mx);
         let denom: f64 =
             row.iter().zip(n_sc).map(|(&e, &n)| e as f64 * n as f64).sum::<f64>() + ex.iter().zip(n_ex).map(|(&e, &n)| e as f64 * n as f64).sum::<f64>();
         for (o, &e) in s.iter_mut().zip(&row) {

@@ -10,7 +10,7 @@
 use crate::dtype::{load_f32, DType};
 
 #[cfg(target_arch = "x86_64")]
-use crate::attention::simd::has_avx2;
+use crate::cpu::has_avx2;
 
 /// Geometry of one layer's bounds: `[page][head][min | max][head_dim]` elements of `dtype`.
 #[derive(Clone, Copy)]
@@ -103,9 +103,9 @@ mod avx2 {
     use super::{is_empty, BoundsLayout};
     use std::arch::x86_64::*;
 
-    pub use crate::attention::simd::avx2::{BF16, F16, F32};
-    use crate::attention::simd::avx2::{hsum, load8, size};
-    use crate::attention::simd::prefetch;
+    pub use crate::cpu::avx2::{BF16, F16, F32};
+    use crate::cpu::avx2::{hsum, load8, size};
+    use crate::cpu::prefetch;
 
     /// `acc += q * (q < 0 ? lo : hi)` on 8 lanes (the sign bit of q picks `lo`).
     #[target_feature(enable = "avx2,fma,f16c")]

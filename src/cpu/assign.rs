@@ -67,7 +67,7 @@ pub(crate) fn nearest(points: &[f32], d: usize, cents: &PackedCentroids, idx: &m
     let n = idx.len();
     assert!(points.len() == n * d && best.len() == n && cents.k >= 1);
     #[cfg(target_arch = "x86_64")]
-    let simd = crate::attention::simd::has_avx2();
+    let simd = crate::cpu::has_avx2();
     #[cfg(not(target_arch = "x86_64"))]
     let simd = false;
     idx.par_chunks_mut(BLOCK).zip(best.par_chunks_mut(BLOCK)).enumerate().for_each(|(b, (idx, best))| {
@@ -224,7 +224,7 @@ mod tests {
                 })
                 .collect();
             #[cfg(target_arch = "x86_64")]
-            let simd_ok = crate::attention::simd::has_avx2();
+            let simd_ok = crate::cpu::has_avx2();
             #[cfg(not(target_arch = "x86_64"))]
             let simd_ok = false;
             for simd in [false, true] {

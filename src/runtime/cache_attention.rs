@@ -1,7 +1,7 @@
 //! Attention directly on a [`KvCache`]: builds the page table and layer view, then runs
 //! the same kernels as [`crate::attention::decode`] / [`crate::attention::prefill`].
 
-use crate::attention::{decode, prefill, AttentionParams};
+use crate::attention::{decode, decode_sparse, prefill, prefill_sparse, AttentionParams, HeadTokens, StreamingWindow};
 use crate::error::Result;
 use crate::kv::{KvCache, SeqId};
 use crate::tensor::{TensorView, TensorViewMut};
@@ -38,36 +38,37 @@ impl KvCache {
 }
 
 impl KvCache {
-    /// Sparse decode on the cache: KV head `h` of `ids[b]` reads `selections[b].head(h)`.
-    /// Shapes as in [`crate::attention::decode_sparse`].
+    /// Sparse decode on the cache: KV head `h` of `ids[b]` reads `selections[b].head(h)`
+    /// (`selections` holds selections or references to them). Shapes as in
+    /// [`crate::attention::decode_sparse`].
     #[allow(clippy::too_many_arguments)]
-    pub fn decode_sparse(
+    pub fn decode_sparse<S: HeadTokens>(
         &self,
         layer: usize,
         ids: &[SeqId],
         q: &TensorView,
-        selections: &[&crate::select::Selection],
+        selections: &[S],
         out: &mut TensorViewMut,
         lse: Option<&mut [f32]>,
         params: &AttentionParams,
     ) -> Result<()> {
-        self.with_layer_view(layer, ids, |kv| crate::attention::decode_sparse(kv, q, selections, out, lse, params))
+        self.with_layer_view(layer, ids, |kv| decode_sparse(kv, q, selections, out, lse, params))
     }
 
     /// Sparse causal prefill on the cache, as [`crate::attention::prefill_sparse`].
     #[allow(clippy::too_many_arguments)]
-    pub fn prefill_sparse(
+    pub fn prefill_sparse<S: HeadTokens>(
         &self,
         layer: usize,
         ids: &[SeqId],
         q: &TensorView,
         qo_indptr: &[i32],
-        selections: &[&crate::select::Selection],
-        windows: &[Option<crate::attention::StreamingWindow>],
+        selections: &[S],
+        windows: &[Option<StreamingWindow>],
         out: &mut TensorViewMut,
         lse: Option<&mut [f32]>,
         params: &AttentionParams,
     ) -> Result<()> {
-        self.with_layer_view(layer, ids, |kv| crate::attention::prefill_sparse(kv, q, qo_indptr, selections, windows, out, lse, params))
+        self.with_layer_view(layer, ids, |kv| prefill_sparse(kv, q, qo_indptr, selections, windows, out, lse, params))
     }
 }

@@ -5,8 +5,9 @@ use crate::attention::{apply_rope, decode, decode_sparse, prefill_sparse, Attent
 use crate::config::KeyRope;
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, SeqId};
-use crate::attention::PositionMode;
-use crate::select::{first_and_last, read_query, ClusterIndexSet, IndexedKeys, Policy, PolicySelection, Selection};
+use crate::config::PositionMode;
+use crate::runtime::{ClusterIndexSet, IndexedKeys, PolicySelection};
+use crate::select::{first_and_last, read_query, Policy, Selection};
 use crate::tensor::{TensorView, TensorViewMut};
 
 impl KvCache {
@@ -21,12 +22,12 @@ impl KvCache {
         layer: usize,
         ids: &[SeqId],
         q: &TensorView,
+        policy: &Policy,
         out: &mut TensorViewMut,
         lse: Option<&mut [f32]>,
-        policy: &Policy,
         params: &AttentionParams,
     ) -> Result<Vec<Selection>> {
-        let sels = self.decode_policy_inner(layer, ids, q, out, lse, policy, None, params)?;
+        let sels = self.decode_policy_inner(layer, ids, q, policy, None, out, lse, params)?;
         Ok(sels.into_iter().map(|s| s.selection).collect())
     }
 
@@ -50,13 +51,13 @@ impl KvCache {
         layer: usize,
         ids: &[SeqId],
         q: &TensorView,
-        out: &mut TensorViewMut,
-        lse: Option<&mut [f32]>,
         policy: &Policy,
         indexes: &ClusterIndexSet,
+        out: &mut TensorViewMut,
+        lse: Option<&mut [f32]>,
         params: &AttentionParams,
     ) -> Result<Vec<PolicySelection>> {
-        self.decode_policy_inner(layer, ids, q, out, lse, policy, Some(indexes), params)
+        self.decode_policy_inner(layer, ids, q, policy, Some(indexes), out, lse, params)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -65,10 +66,10 @@ impl KvCache {
         layer: usize,
         ids: &[SeqId],
         q: &TensorView,
-        out: &mut TensorViewMut,
-        lse: Option<&mut [f32]>,
         policy: &Policy,
         indexes: Option<&ClusterIndexSet>,
+        out: &mut TensorViewMut,
+        lse: Option<&mut [f32]>,
         params: &AttentionParams,
     ) -> Result<Vec<PolicySelection>> {
         let c = self.config();
@@ -140,9 +141,9 @@ impl KvCache {
         ids: &[SeqId],
         q: &TensorView,
         qo_indptr: &[i32],
+        policy: &Policy,
         out: &mut TensorViewMut,
         lse: Option<&mut [f32]>,
-        policy: &Policy,
         params: &AttentionParams,
     ) -> Result<()> {
         let c = self.config();
@@ -183,8 +184,7 @@ impl KvCache {
                 Selection::from_heads(len, heads)
             })
             .collect::<Result<Vec<_>>>()?;
-        let refs: Vec<&Selection> = sels.iter().collect();
-        self.with_layer_view(layer, ids, |kv| prefill_sparse(kv, q, qo_indptr, &refs, &windows, out, lse, &params))
+        self.with_layer_view(layer, ids, |kv| prefill_sparse(kv, q, qo_indptr, &sels, &windows, out, lse, &params))
     }
 
     /// Evict the pages of a sequence that the policy will never read again (only a policy made

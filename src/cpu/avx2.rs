@@ -1,0 +1,240 @@
+//! AVX2 + FMA + F16C kernels and building blocks, shared with the other SIMD kernels of the
+//! module (page bounds, K-means assignment, RoPE).
+
+use std::arch::x86_64::*;
+
+/// Storage types as const-generic tags (a trait method could not carry the target
+/// features, and its intrinsics would then not inline).
+pub const F32: u8 = 0;
+pub const F16: u8 = 1;
+pub const BF16: u8 = 2;
+
+/// Bytes per element of storage type `L`.
+#[inline(always)]
+pub const fn size<const L: u8>() -> usize {
+    if L == F32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// Loads 8 consecutive elements of storage type `L` as f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn load8<const L: u8>(p: *const u8) -> __m256 {
+    match L {
+        F32 => _mm256_loadu_ps(p as *const f32),
+        F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+        _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)))),
+    }
+}
+
+/// Sum of the 8 lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Dot products of G query rows with one key row.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_rows<const L: u8, const G: usize>(q: *const f32, d: usize, k: *const u8, out: *mut f32, out_stride: usize) {
+    let mut acc = [_mm256_setzero_ps(); G];
+    let mut c = 0;
+    while c < d {
+        let kv = load8::<L>(k.add(c * size::<L>()));
+        for (g, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), kv, *a);
+        }
+        c += 8;
+    }
+    for (g, a) in acc.iter().enumerate() {
+        *out.add(g * out_stride) = hsum(*a);
+    }
+}
+
+/// Dot products of 2 query rows with 2 key rows, reduced together:
+/// out[0][0], out[0][1] for row 0 and out[1][0], out[1][1] for row 1 (row stride `os`).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_2x2<const L: u8>(q: *const f32, d: usize, k0: *const u8, k1: *const u8, out: *mut f32, os: usize) {
+    let (mut a00, mut a01, mut a10, mut a11) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut c = 0;
+    while c < d {
+        let x0 = load8::<L>(k0.add(c * size::<L>()));
+        let x1 = load8::<L>(k1.add(c * size::<L>()));
+        let q0 = _mm256_loadu_ps(q.add(c));
+        let q1 = _mm256_loadu_ps(q.add(d + c));
+        a00 = _mm256_fmadd_ps(q0, x0, a00);
+        a01 = _mm256_fmadd_ps(q0, x1, a01);
+        a10 = _mm256_fmadd_ps(q1, x0, a10);
+        a11 = _mm256_fmadd_ps(q1, x1, a11);
+        c += 8;
+    }
+    // [r0t0, r0t1, r1t0, r1t1] in one vector by three horizontal adds.
+    let w = _mm256_hadd_ps(_mm256_hadd_ps(a00, a01), _mm256_hadd_ps(a10, a11));
+    let s = _mm_add_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps::<1>(w));
+    _mm_storel_pd(out as *mut f64, _mm_castps_pd(s));
+    _mm_storeh_pd(out.add(os) as *mut f64, _mm_castps_pd(s));
+}
+
+/// Dot products of 4 query rows with 2 key rows (two 2x2 tiles sharing the key loads).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_4x2<const L: u8>(q: *const f32, d: usize, k0: *const u8, k1: *const u8, out: *mut f32, os: usize) {
+    let mut a = [_mm256_setzero_ps(); 8];
+    let mut c = 0;
+    while c < d {
+        let x0 = load8::<L>(k0.add(c * size::<L>()));
+        let x1 = load8::<L>(k1.add(c * size::<L>()));
+        for r in 0..4 {
+            let qr = _mm256_loadu_ps(q.add(r * d + c));
+            a[2 * r] = _mm256_fmadd_ps(qr, x0, a[2 * r]);
+            a[2 * r + 1] = _mm256_fmadd_ps(qr, x1, a[2 * r + 1]);
+        }
+        c += 8;
+    }
+    for r in (0..4).step_by(2) {
+        let w = _mm256_hadd_ps(_mm256_hadd_ps(a[2 * r], a[2 * r + 1]), _mm256_hadd_ps(a[2 * r + 2], a[2 * r + 3]));
+        let s = _mm_add_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps::<1>(w));
+        _mm_storel_pd(out.add(r * os) as *mut f64, _mm_castps_pd(s));
+        _mm_storeh_pd(out.add((r + 1) * os) as *mut f64, _mm_castps_pd(s));
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn scores<const L: u8>(q: &[f32], rows: usize, d: usize, k_rows: &[*const u8], out: &mut [f32], ahead: &[*const u8]) {
+    let t = k_rows.len();
+    let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+    let mut ahead = super::Ahead::new(ahead, d * size::<L>());
+    let mut j = 0;
+    while j + 2 <= t {
+        ahead.upto(j + 2);
+        let (k0, k1) = (k_rows[j], k_rows[j + 1]);
+        let mut r = 0;
+        while r + 4 <= rows {
+            dot_4x2::<L>(qp.add(r * d), d, k0, k1, op.add(r * t + j), t);
+            r += 4;
+        }
+        if r + 2 <= rows {
+            dot_2x2::<L>(qp.add(r * d), d, k0, k1, op.add(r * t + j), t);
+            r += 2;
+        }
+        if r < rows {
+            dot_rows::<L, 1>(qp.add(r * d), d, k0, op.add(r * t + j), t);
+            dot_rows::<L, 1>(qp.add(r * d), d, k1, op.add(r * t + j + 1), t);
+        }
+        j += 2;
+    }
+    ahead.upto(usize::MAX);
+    if j < t {
+        let k = k_rows[j];
+        let mut r = 0;
+        while r + 4 <= rows {
+            dot_rows::<L, 4>(qp.add(r * d), d, k, op.add(r * t + j), t);
+            r += 4;
+        }
+        while r < rows {
+            dot_rows::<L, 1>(qp.add(r * d), d, k, op.add(r * t + j), t);
+            r += 1;
+        }
+    }
+}
+
+/// o[g][c..c+8*W] += sum_j p[g][j] * v_j[c..c+8*W] for G rows, with the accumulators in
+/// registers; row `ahead[j]` is prefetched alongside `v_j`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn acc_block<const L: u8, const G: usize, const W: usize>(o: *mut f32, d: usize, c: usize, v_rows: &[*const u8], p: *const f32, t: usize, ahead: &[*const u8]) {
+    let mut acc = [[_mm256_setzero_ps(); W]; G];
+    let mut ahead = super::Ahead::new(ahead, d * size::<L>());
+    for (j, &v) in v_rows.iter().enumerate() {
+        ahead.upto(j + 1);
+        let mut vv = [_mm256_setzero_ps(); W];
+        for (w, x) in vv.iter_mut().enumerate() {
+            *x = load8::<L>(v.add((c + 8 * w) * size::<L>()));
+        }
+        for (g, a) in acc.iter_mut().enumerate() {
+            let pw = _mm256_broadcast_ss(&*p.add(g * t + j));
+            for w in 0..W {
+                a[w] = _mm256_fmadd_ps(pw, vv[w], a[w]);
+            }
+        }
+    }
+    ahead.upto(usize::MAX);
+    for (g, a) in acc.iter().enumerate() {
+        for (w, x) in a.iter().enumerate() {
+            let dst = o.add(g * d + c + 8 * w);
+            _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), *x));
+        }
+    }
+}
+
+/// G rows over all channels; the first pass prefetches `ahead`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn acc_rows<const L: u8, const G: usize>(o: *mut f32, d: usize, v_rows: &[*const u8], p: *const f32, t: usize, mut ahead: &[*const u8]) {
+    let mut c = 0;
+    while c + 16 <= d {
+        acc_block::<L, G, 2>(o, d, c, v_rows, p, t, std::mem::take(&mut ahead));
+        c += 16;
+    }
+    if c < d {
+        acc_block::<L, G, 1>(o, d, c, v_rows, p, t, ahead);
+    }
+}
+
+accumulate_by_row_groups!("avx2,fma,f16c");
+
+/// exp(x) for 8 lanes: range reduction by ln 2 and a degree-6 polynomial; relative
+/// error about 2e-7 over the f32 range; inputs below -87.3 give 0.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let lo = _mm256_set1_ps(-87.33);
+    let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
+    let x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+    // r = x - n ln2, ln2 split in two parts for accuracy.
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+    let mut y = _mm256_set1_ps(1.0 / 720.0);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0 / 120.0));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0 / 24.0));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0 / 6.0));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0));
+    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+    let y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    _mm256_andnot_ps(underflow, y)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+    let mv = _mm256_set1_ps(m);
+    let mut sum = _mm256_setzero_ps();
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let mut i = 0;
+    while i + 8 <= n {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+        _mm256_storeu_ps(p.add(i), e);
+        sum = _mm256_add_ps(sum, e);
+        i += 8;
+    }
+    let mut s = hsum(sum);
+    while i < n {
+        let e = (*p.add(i) - m).exp();
+        *p.add(i) = e;
+        s += e;
+        i += 1;
+    }
+    s
+}

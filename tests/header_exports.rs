@@ -1,6 +1,7 @@
-//! `include/kvsieve.h` and the shared library agree: the functions the header declares
-//! (parsed with bindgen) are exactly the `kvsieve_*` symbols the library exports (listed with
-//! `nm -D --defined-only`), and the header's version macros and enum values match the crate.
+//! The C headers and the shared library agree: the functions declared by `include/kvsieve.h`
+//! and the headers of `include/kvsieve/` it includes (parsed with bindgen, which follows the
+//! includes) are exactly the `kvsieve_*` symbols the library exports (listed with
+//! `nm -D --defined-only`), and the headers' version macros and enum values match the crate.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -63,6 +64,7 @@ impl ParseCallbacks for Collect {
     }
 }
 
+/// Parse the umbrella header, and through it every concept header.
 fn parse_header() -> Seen {
     let header = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("include/kvsieve.h");
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -97,7 +99,7 @@ fn header_declares_exactly_the_exported_functions() {
     let missing: Vec<&String> = declared.difference(&exported).collect();
     assert!(
         undeclared.is_empty() && missing.is_empty(),
-        "header and library disagree\nexported but not declared in include/kvsieve.h: {undeclared:#?}\n\
+        "headers and library disagree\nexported but not declared by include/kvsieve.h or the headers it includes: {undeclared:#?}\n\
          declared but not exported by the library: {missing:#?}"
     );
     println!("{} functions declared and exported", declared.len());
@@ -111,6 +113,7 @@ fn header_constants_match_the_crate() {
     assert_eq!(seen.ints.get("KVSIEVE_VERSION_MINOR"), Some(&version[1]));
     assert_eq!(seen.ints.get("KVSIEVE_VERSION_PATCH"), Some(&version[2]));
     assert_eq!(seen.strings.get("KVSIEVE_VERSION").map(String::as_str), Some(kvsieve::VERSION));
+    assert_eq!(seen.strings.get("KVSIEVE_VERSION_STRING").map(String::as_str), Some(kvsieve::VERSION));
 
     let v = &seen.variants;
     assert_eq!(v.get("KVSIEVE_OK"), Some(&0));

@@ -18,6 +18,9 @@
  * Build (from the repository root, after `cargo build`):
  *   cc -std=c99 -Iinclude examples/c/01_store_and_decode.c -Ltarget/debug -lkvsieve -lm \
  *      -Wl,-rpath,$PWD/target/debug -o store_and_decode
+ *
+ * kvsieve.h includes the whole API. Including only the headers used would do as well:
+ * kvsieve/cache.h, kvsieve/attention.h (kvsieve_cache_decode) and kvsieve/version.h.
  */
 #include <math.h>
 #include <stdio.h>

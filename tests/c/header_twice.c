@@ -32,6 +32,7 @@ int main(void) {
     snprintf(header_version, sizeof header_version, "%d.%d.%d", KVSIEVE_VERSION_MAJOR, KVSIEVE_VERSION_MINOR,
              KVSIEVE_VERSION_PATCH);
     check(strcmp(kvsieve_version(), KVSIEVE_VERSION) == 0, "kvsieve_version() == KVSIEVE_VERSION");
+    check(strcmp(kvsieve_version(), KVSIEVE_VERSION_STRING) == 0, "kvsieve_version() == KVSIEVE_VERSION_STRING");
     check(strcmp(header_version, KVSIEVE_VERSION) == 0, "version macros agree");
     check(kvsieve_version_major() == KVSIEVE_VERSION_MAJOR, "major");
     check(kvsieve_version_minor() == KVSIEVE_VERSION_MINOR, "minor");

@@ -90,11 +90,11 @@ impl KeyBounds {
 
     /// Forget slots `keep..` of `page` in every layer, and recompute the bounds from the keys.
     pub fn truncate_page(&mut self, cfg: &CacheConfig, page: usize, keep: usize, keys: &[Buffer]) {
-        for layer in 0..cfg.num_layers {
+        for (layer, layer_keys) in keys.iter().enumerate().take(cfg.num_layers) {
             for slot in keep..cfg.page_size {
                 self.written[layer][page * self.words + slot / 64] &= !(1u64 << (slot % 64));
             }
-            self.recompute(cfg, layer, page, keys[layer].bytes());
+            self.recompute(cfg, layer, page, layer_keys.bytes());
         }
     }
 

@@ -116,8 +116,6 @@ impl KvCache {
         Ok(())
     }
 
-    /// Slots used in the last page of a sequence (0 if it has no pages).
-
     /// Create an empty sequence.
     pub fn create_sequence(&mut self) -> SeqId {
         self.seqs.create()

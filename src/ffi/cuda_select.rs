@@ -471,7 +471,7 @@ mod imp {
         let out = CudaSelections::from_device(sel.0, sel.1, 1, ix.num_kv_heads(), ix.clustered_len(), q.device)?;
         let s = stream_of(&dev, stream);
         let mut guard = h.inner.ws.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.as_ref().map_or(true, |(n, _)| *n != hq) {
+        if guard.as_ref().is_none_or(|(n, _)| *n != hq) {
             *guard = Some((hq, ClusterWorkspace::new(ix, hq)?));
         }
         let ws = &mut guard.as_mut().expect("set above").1;

@@ -158,7 +158,7 @@ impl CudaKvCache {
             })
             .collect();
         let need = offsets.last().map_or(0, |&o| o) + parts.last().map_or(0, |p| p.len());
-        if self.staging.as_ref().map_or(true, |b| b.len() < need) {
+        if self.staging.as_ref().is_none_or(|b| b.len() < need) {
             self.stream.synchronize()?;
             let size = need.max(self.staging.as_ref().map_or(0, |b| 2 * b.len())).max(4096);
             self.staging = Some(DeviceBuffer::alloc(&self.dev, size)?);
@@ -356,7 +356,7 @@ impl CudaKvCache {
             }
         };
         let s = self.seq(id)?;
-        if start.checked_add(n).map_or(true, |e| e > s.len) {
+        if start.checked_add(n).is_none_or(|e| e > s.len) {
             return Err(Error::out_of_range("start", start as i64, format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len)));
         }
         if n == 0 {

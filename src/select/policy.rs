@@ -167,7 +167,7 @@ pub struct Spec {
     /// With `pages`: keep at least this many pages.
     pub min_pages: Option<usize>,
     /// Centroid retrieval to this many tokens per KV head (at least 1), from the layer's
-    /// [`ClusterIndexSet`] entry.
+    /// entry in a [`ClusterIndexSet`](crate::runtime::ClusterIndexSet).
     pub clusters: Option<usize>,
     /// With `clusters`: this many fine clusters per KV head (capped at the tokens
     /// clustered). Exclusive with `cluster_size`.

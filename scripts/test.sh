@@ -7,6 +7,13 @@ export CARGO_TERM_COLOR=never
 
 bash scripts/setup.sh
 
+# ---- Gates: one format, no lint, docs without broken links, layers that point one way.
+echo "== gates: cargo fmt --check, clippy -D warnings, rustdoc -D warnings, layer check"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve
+python3 scripts/check-layers.py
+
 echo "== cargo build (library for the C tests, examples, benches)"
 cargo build --lib --examples --benches
 echo "== cargo test"
@@ -40,6 +47,8 @@ echo "== CUDA: pinned nvcc, cargo build --features cuda, tests/cuda_*"
 NVCC="$(bash scripts/cuda-toolchain.sh)"
 export NVCC
 cargo build --features cuda
+cargo clippy -p kvsieve --all-targets --features cuda -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve --features cuda
 cargo test --features cuda --test 'cuda_*' -- --test-threads=1
 # ---- The same tests again with every kernel run on the CPU emulator of the CUDA execution
 # ---- model (scripts/cuda-emu.sh): the kernels' arithmetic, indexing and synchronisation

@@ -165,6 +165,62 @@ struct seq_plan {
 };
 
 constexpr uint32_t BOUNDS_PAGE = 16; // cells per page of key bounds
+constexpr size_t ASSIGN_EVERY = 16;  // tokens past the window assigned to clusters at once
+
+// A decode ubatch: causal, and one token per sequence.
+bool is_decode(const llama_ubatch & ub, bool causal) {
+    if (!causal) {
+        return false;
+    }
+    std::vector<llama_seq_id> seen;
+    for (uint32_t i = 0; i < ub.n_tokens; ++i) {
+        const llama_seq_id s = ub.seq_id[i][0];
+        if (std::find(seen.begin(), seen.end(), s) != seen.end()) {
+            return false;
+        }
+        seen.push_back(s);
+    }
+    return true;
+}
+
+// Upper bound of the logits of g query heads over a page: max over r of
+// sum_c max(q_rc * hi_c, q_rc * lo_c) = qp_r . hi + qn_r . lo (qp, qn: the query's positive
+// and negative parts, [g][d]).
+float page_bound(const float * qp, const float * qn, const float * lo, const float * hi, uint32_t g, uint32_t d) {
+    float best = -std::numeric_limits<float>::infinity();
+#if defined(__AVX2__) && defined(__FMA__)
+    if (d % 8 == 0) {
+        for (uint32_t r = 0; r < g; ++r) {
+            const float * a = qp + r * d;
+            const float * b = qn + r * d;
+            __m256 acc0 = _mm256_setzero_ps();
+            __m256 acc1 = _mm256_setzero_ps();
+            for (uint32_t c = 0; c < d; c += 8) {
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(hi + c), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(b + c), _mm256_loadu_ps(lo + c), acc1);
+            }
+            const __m256 acc = _mm256_add_ps(acc0, acc1);
+            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            v = _mm_add_ss(v, _mm_movehdup_ps(v));
+            best = std::max(best, _mm_cvtss_f32(v));
+        }
+        return best;
+    }
+#endif
+    for (uint32_t r = 0; r < g; ++r) {
+        float acc[8] = { 0 };
+        for (uint32_t c = 0; c < d; ++c) {
+            acc[c % 8] += qp[r * d + c] * hi[c] + qn[r * d + c] * lo[c];
+        }
+        float sum = 0.0f;
+        for (float x : acc) {
+            sum += x;
+        }
+        best = std::max(best, sum);
+    }
+    return best;
+}
 
 uint64_t mix(uint64_t h, uint64_t x) {
     h ^= x + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
@@ -216,7 +272,12 @@ struct llama_kvsieve {
     // statistics (LLAMA_KVSIEVE_STATS=1 prints them when the context is freed)
     bool     stats = false;
     uint64_t n_calls = 0, n_sparse = 0, tokens_read = 0, tokens_total = 0, n_builds = 0;
-    double   t_build = 0.0;
+    double   t_build = 0.0, t_select = 0.0, t_attn = 0.0, t_plan = 0.0;
+
+    // prefill (several queries of a sequence in a ubatch) through kvsieve, or through
+    // llama.cpp's own attention (flash attention over the same cache); decode always
+    // goes through kvsieve
+    bool prefill_kvsieve = false;
 
     ~llama_kvsieve() {
         for (auto & it : clusters) {
@@ -226,10 +287,10 @@ struct llama_kvsieve {
         }
         if (stats) {
             LLAMA_LOG_INFO("kvsieve: %llu attention calls, %llu sparse; tokens read %.4f of the sequences' tokens; "
-                           "%llu cluster index builds in %.3f s\n",
+                           "%llu cluster index builds in %.3f s; page tables %.3f s, selection %.3f s, attention op %.3f s (selection included)\n",
                     (unsigned long long) n_calls, (unsigned long long) n_sparse,
                     tokens_total ? (double) tokens_read / (double) tokens_total : 1.0,
-                    (unsigned long long) n_builds, t_build);
+                    (unsigned long long) n_builds, t_build, t_plan, t_select, t_attn);
         }
     }
 
@@ -263,7 +324,8 @@ struct llama_kvsieve_layer_op {
 
 class llm_graph_input_kvsieve : public llm_graph_input_i {
 public:
-    explicit llm_graph_input_kvsieve(std::shared_ptr<llama_kvsieve> ks, bool causal) : ks(std::move(ks)), causal(causal) {
+    llm_graph_input_kvsieve(std::shared_ptr<llama_kvsieve> ks, bool causal, bool built_decode)
+        : ks(std::move(ks)), causal(causal), built_decode(built_decode) {
         ops_pending.reset(new std::atomic<int>[this->ks->n_layer]);
         for (uint32_t i = 0; i < this->ks->n_layer; ++i) {
             ops_pending[i].store(0);
@@ -272,10 +334,10 @@ public:
 
     void set_input(const llama_ubatch * ubatch) override;
 
-    // The plan depends on the ubatch only, and is rebuilt in set_input.
+    // The plan depends on the ubatch only, and is rebuilt in set_input; a graph whose
+    // prefill attention is llama.cpp's own serves prefill ubatches only.
     bool can_reuse(const llm_graph_params & params) override {
-        GGML_UNUSED(params);
-        return true;
+        return ks->prefill_kvsieve || is_decode(params.ubatch, causal) == built_decode;
     }
 
     llama_kvsieve_layer_op * add_layer(int il, float scale) {
@@ -306,6 +368,7 @@ public:
 
     std::shared_ptr<llama_kvsieve> ks;
     const bool causal;
+    const bool built_decode; // the ubatch the graph was built for
 
 private:
     void plan_pages(const llama_ubatch * ubatch);
@@ -340,6 +403,7 @@ private:
 void llm_graph_input_kvsieve::set_input(const llama_ubatch * ubatch) {
     llama_kvsieve & s = *ks;
     const llama_kv_cache & kv = *s.kv;
+    const int64_t t_start = s.stats ? ggml_time_us() : 0;
 
     n_tokens = ubatch->n_tokens;
     seqs.clear();
@@ -459,6 +523,9 @@ void llm_graph_input_kvsieve::set_input(const llama_ubatch * ubatch) {
 
     for (size_t i = 0; i < ops.size(); ++i) {
         ops_pending[i].store(1, std::memory_order_relaxed);
+    }
+    if (s.stats) {
+        s.t_plan += (ggml_time_us() - t_start) * 1e-6;
     }
 }
 
@@ -680,19 +747,9 @@ void llm_graph_input_kvsieve::select_pages(int il, const seq_plan & sp, const fl
             for (int32_t i = 0; i < nseg; ++i) {
                 const float * lo = bounds + ((size_t) sg[i].page * hk + h) * 2 * d;
                 const float * hi = lo + d;
-                float best = -std::numeric_limits<float>::infinity();
-                if (lo[0] <= hi[0]) { // a page with a written key
-                    for (uint32_t r = 0; r < g; ++r) {
-                        const float * a = qp.data() + (h * g + r) * d;
-                        const float * b = qn.data() + (h * g + r) * d;
-                        float acc = 0.0f;
-                        for (uint32_t c = 0; c < d; ++c) {
-                            acc += a[c] * hi[c] + b[c] * lo[c];
-                        }
-                        best = std::max(best, acc);
-                    }
-                }
-                scores[i] = best;
+                // a page without a written key scores -inf
+                scores[i] = lo[0] <= hi[0] ? page_bound(qp.data() + h * g * d, qn.data() + h * g * d, lo, hi, g, d)
+                                           : -std::numeric_limits<float>::infinity();
             }
             order.resize(nseg);
             for (int32_t i = 0; i < nseg; ++i) {
@@ -797,9 +854,11 @@ kvsieve_selection_t * llm_graph_input_kvsieve::retrieve(int il, const seq_plan &
         s.n_builds++;
         s.t_build += (ggml_time_us() - t0) * 1e-6;
     } else {
+        // assign the tokens that left the window once ASSIGN_EVERY of them have gathered
+        // (until then they are read as part of the uncovered tail)
         size_t clustered = 0;
         check(kvsieve_cluster_index_clustered_len(ix, &clustered), "kvsieve_cluster_index_clustered_len");
-        if (n > (size_t) spec.window && n - spec.window > clustered) {
+        if (n > (size_t) spec.window && n - spec.window >= clustered + ASSIGN_EVERY) {
             check(kvsieve_cluster_index_assign_new(ix, &src, nullptr), "kvsieve_cluster_index_assign_new");
         }
     }
@@ -945,6 +1004,7 @@ void llm_graph_input_kvsieve::compute(ggml_tensor * dst, const llama_kvsieve_lay
 
     const layer_spec & spec = s.spec(il);
     s.n_calls++;
+    const int64_t t_start = s.stats ? ggml_time_us() : 0;
     if (decode && !spec.dense) {
         if (spec.pages > 0) {
             refresh_bounds(il);
@@ -960,6 +1020,10 @@ void llm_graph_input_kvsieve::compute(ggml_tensor * dst, const llama_kvsieve_lay
             }
         }
         s.n_sparse++;
+        const int64_t t_sel = s.stats ? ggml_time_us() : 0;
+        if (s.stats) {
+            s.t_select += (t_sel - t_start) * 1e-6;
+        }
         check(kvsieve_paged_decode_sparse(&kvd, &qt, sels.data(), &ot, nullptr, &params), "kvsieve_paged_decode_sparse");
         for (auto * sel : sels) {
             kvsieve_selection_free(sel);
@@ -993,6 +1057,9 @@ void llm_graph_input_kvsieve::compute(ggml_tensor * dst, const llama_kvsieve_lay
         for (int64_t r = 0; r < nr; ++r) {
             std::memcpy((char *) dst->data + (size_t) rows[r] * dst->nb[2], odata + r * row_elems, row_elems * sizeof(float));
         }
+    }
+    if (s.stats) {
+        s.t_attn += (ggml_time_us() - t_start) * 1e-6;
     }
 }
 
@@ -1128,6 +1195,13 @@ std::shared_ptr<llama_kvsieve> llama_kvsieve_from_env(const llama_model & model,
     if (const char * st = std::getenv("LLAMA_KVSIEVE_STATS")) {
         ks->stats = std::atoi(st) != 0;
     }
+    if (const char * pf = std::getenv("LLAMA_KVSIEVE_PREFILL")) {
+        const std::string v = pf;
+        if (v != "kvsieve" && v != "llama") {
+            fail("LLAMA_KVSIEVE_PREFILL=" + v + ": expected `kvsieve` or `llama`");
+        }
+        ks->prefill_kvsieve = v == "kvsieve";
+    }
 
     // kvsieve reads V rows token-major: keep the V cache as flash attention does
     cparams.flash_attn = true;
@@ -1139,7 +1213,8 @@ std::shared_ptr<llama_kvsieve> llama_kvsieve_from_env(const llama_model & model,
         setenv("RAYON_NUM_THREADS", std::to_string(cparams.n_threads).c_str(), 0);
     }
 
-    LLAMA_LOG_INFO("%s: attention through kvsieve %s (isa %s), policy `%s`\n", __func__, kvsieve_version(), kvsieve_isa(), ks->text.c_str());
+    LLAMA_LOG_INFO("%s: attention through kvsieve %s (isa %s), policy `%s`, prefill through %s\n", __func__,
+            kvsieve_version(), kvsieve_isa(), ks->text.c_str(), ks->prefill_kvsieve ? "kvsieve" : "llama.cpp (flash attention)");
     return ks;
 }
 
@@ -1188,7 +1263,6 @@ ggml_tensor * llama_kvsieve_build_attn(
         ggml_tensor * v_mla,
         float kq_scale,
         int il) {
-    GGML_UNUSED(inp);
     const auto & ks = g.cparams.kvsieve;
     if (kq_b || sinks || v_mla) {
         throw std::runtime_error("LLAMA_KVSIEVE: attention with a KQ bias, attention sinks or MLA is not supported");
@@ -1202,18 +1276,26 @@ ggml_tensor * llama_kvsieve_build_attn(
     GGML_ASSERT(k->ne[0] == ks->head_dim && k->ne[1] == ks->n_head_kv);
     GGML_ASSERT(v->nb[1] <= v->nb[2] && "kvsieve needs the V cache token-major");
 
+    const bool decode = is_decode(g.ubatch, g.cparams.causal_attn);
+
     // one input per graph: the layers are built in order, so a layer not above the last one
     // seen starts a new graph
     static thread_local const void * last_res = nullptr;
     static thread_local int last_il = -1;
     static thread_local llm_graph_input_kvsieve * cur = nullptr;
     if (g.res != last_res || il <= last_il || cur == nullptr) {
-        auto input = std::make_unique<llm_graph_input_kvsieve>(ks, g.cparams.causal_attn);
+        auto input = std::make_unique<llm_graph_input_kvsieve>(ks, g.cparams.causal_attn, decode);
         cur = input.get();
         g.res->add_input(std::move(input));
         last_res = g.res;
     }
     last_il = il;
+
+    if (!decode && !ks->prefill_kvsieve) {
+        // prefill through llama.cpp's attention (flash attention over the token-major V cache);
+        // the input above still tracks which cells the ubatch writes
+        return g.build_attn_mha(q, k, v, kq_b, inp->get_kq_mask(), sinks, v_mla, 0, kq_scale, il);
+    }
 
     llama_kvsieve_layer_op * op = cur->add_layer(il, kq_scale);
 

@@ -3,16 +3,18 @@
 // The attention mode of each context comes from LLAMA_KVSIEVE (read when a context is
 // created); `--mode` sets it for the run ("stock" unsets it).
 //
-//   top     -m MODEL -p PROMPT [-k 5]            next-token top-k (probabilities) after PROMPT
+//   top     -m MODEL -p PROMPT [-k 5] [--one-by-one]
+//           next-token top-k (probabilities) after PROMPT, prefilled or decoded token by token
 //   passkey -m MODEL [--context 4096] [--trials 20] [--seed 1]
 //           passkey retrieval built as examples/llama builds it (same text, keys, depths):
 //           the context is prefilled, the question decoded token by token, 7 answer tokens
 //           generated greedily (llama.cpp's greedy sampler)
 //   bench   -m MODEL --depths 4096,8192 --modes "stock-fa;stock-nofa;dense;POLICY" [-n 32] [-r 3]
 //           decode tokens/s after a context of each depth: the context (random tokens) is
-//           prefilled once per V layout and copied into a fresh context for each mode
-//           (llama_state_seq_get/set_data); one untimed decode step (it builds cluster
-//           indexes), then r runs of n decode steps, each from the same state
+//           prefilled once (stock flash attention, or KVSIEVE_BENCH_PREFILL=MODE) and copied
+//           into a fresh context for each mode (llama_state_seq_get/set_data; for
+//           stock-nofa with V transposed); one untimed decode step (it builds the cluster
+//           indexes of clusters= policies), then r runs of n decode steps, generation going on
 //   dump    -m MODEL -p PROMPT --tensor NAME --out FILE   (writes a graph tensor, f32)
 //
 // Common options: -t THREADS (2), --mode MODE, --fa on|off (stock only), -c N_CTX, --kv f16|f32|bf16.
@@ -55,6 +57,7 @@ struct args {
     int n_ctx = 0;
     int n_batch = 2048;
     bool verbose = false;
+    bool one_by_one = false;
 };
 
 [[noreturn]] void die(const char * fmt, const char * a = "") {
@@ -95,6 +98,7 @@ args parse(int argc, char ** argv) {
         else if (k == "--depths") a.depths = val();
         else if (k == "--modes") a.modes = val();
         else if (k == "-v") a.verbose = true;
+        else if (k == "--one-by-one") a.one_by_one = true;
         else die("unknown option %s", k.c_str());
     }
     if (a.model.empty()) die("-m MODEL is required");
@@ -197,7 +201,13 @@ int cmd_top(llama_model * model, const args & a) {
     const llama_vocab * vocab = llama_model_get_vocab(model);
     std::vector<llama_token> toks = tokenize(vocab, a.prompt, true);
     llama_context * ctx = make_ctx(model, a, a.mode, a.n_ctx ? a.n_ctx : 512);
-    decode_tokens(ctx, toks, 0, a.n_batch);
+    if (a.one_by_one) {
+        for (size_t i = 0; i < toks.size(); ++i) {
+            decode_tokens(ctx, { toks[i] }, (int) i, 1);
+        }
+    } else {
+        decode_tokens(ctx, toks, 0, a.n_batch);
+    }
     const float * logits = llama_get_logits_ith(ctx, -1);
     const int nv = llama_vocab_n_tokens(vocab);
     double mx = -1e300;
@@ -319,56 +329,115 @@ double now_s() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// A sequence's state (llama_state_seq_get_data of a single-stream llama KV cache) with V
+// token-major, rewritten with V transposed: the layout of a context without flash attention.
+std::vector<uint8_t> transpose_v(const std::vector<uint8_t> & in) {
+    size_t off = 0;
+    auto rd = [&](void * dst, size_t n) {
+        if (off + n > in.size()) die("state blob too short");
+        std::memcpy(dst, in.data() + off, n);
+        off += n;
+    };
+    uint32_t magic = 0, n_stream = 0, cell_count = 0;
+    int32_t seq = 0;
+    rd(&magic, 4);
+    rd(&seq, 4);
+    rd(&n_stream, 4);
+    rd(&cell_count, 4);
+    if (n_stream != 1 || cell_count == 0) die("state blob: one stream with cells expected");
+    for (uint32_t c = 0; c < cell_count; ++c) {
+        int32_t pos; uint32_t n_seq;
+        rd(&pos, 4); rd(&n_seq, 4);
+        off += 4ull * n_seq;
+    }
+    const size_t head = off;
+    uint32_t v_trans = 0, n_layer = 0;
+    rd(&v_trans, 4);
+    rd(&n_layer, 4);
+    if (v_trans != 0) die("state blob: V already transposed");
+    for (uint32_t l = 0; l < n_layer; ++l) {
+        int32_t type; uint64_t row;
+        rd(&type, 4); rd(&row, 8);
+        off += row * cell_count;
+    }
+    std::vector<uint8_t> out(in.begin(), in.begin() + off);
+    const uint32_t one = 1;
+    std::memcpy(out.data() + head, &one, 4);
+    for (uint32_t l = 0; l < n_layer; ++l) {
+        int32_t type; uint64_t row;
+        rd(&type, 4); rd(&row, 8);
+        const uint32_t el = (uint32_t) ggml_type_size((ggml_type) type);
+        const uint32_t n_embd = (uint32_t) (row / el);
+        const size_t at = out.size();
+        out.resize(at + 12 + (size_t) row * cell_count);
+        std::memcpy(out.data() + at, &type, 4);
+        std::memcpy(out.data() + at + 4, &el, 4);
+        std::memcpy(out.data() + at + 8, &n_embd, 4);
+        uint8_t * dst = out.data() + at + 12;
+        const uint8_t * src = in.data() + off;
+        for (uint32_t j = 0; j < n_embd; ++j) {
+            for (uint32_t c = 0; c < cell_count; ++c) {
+                std::memcpy(dst + ((size_t) j * cell_count + c) * el, src + (size_t) c * row + (size_t) j * el, el);
+            }
+        }
+        off += row * cell_count;
+    }
+    if (off != in.size()) die("state blob: unexpected trailing data");
+    return out;
+}
+
 int cmd_bench(llama_model * model, const args & a) {
     const llama_vocab * vocab = llama_model_get_vocab(model);
     const int nv = llama_vocab_n_tokens(vocab);
     const std::vector<std::string> modes = split(a.modes, ';');
+    const std::string pmode = getenv("KVSIEVE_BENCH_PREFILL") ? getenv("KVSIEVE_BENCH_PREFILL") : "stock-fa";
     for (const std::string & ds : split(a.depths, ',')) {
         const int depth = std::stoi(ds);
-        const int n_ctx = depth + a.n_gen + 1 + 256;
+        const int n_steps = 1 + a.reps * a.n_gen;
+        const int n_ctx = depth + n_steps + 256;
         std::mt19937 gen(1234 + depth);
         std::vector<llama_token> ctx_toks(depth);
         for (auto & t : ctx_toks) t = (llama_token) (gen() % nv);
-        std::vector<llama_token> gen_toks(a.n_gen + 1);
+        std::vector<llama_token> gen_toks(n_steps);
         for (auto & t : gen_toks) t = (llama_token) (gen() % nv);
 
-        // one prefill per V layout: token-major (flash attention, kvsieve) or transposed
-        std::map<bool, std::vector<uint8_t>> state;
-        std::map<bool, double> prefill_s;
-        for (const std::string & mode : modes) {
-            const bool trans = mode == "stock-nofa";
-            if (state.count(trans)) continue;
-            const std::string pmode = trans ? "stock-nofa" : (getenv("KVSIEVE_BENCH_PREFILL") ? getenv("KVSIEVE_BENCH_PREFILL") : std::string("dense"));
+        // one prefill (token-major V), copied into a fresh context for each mode; the
+        // transposed-V layout of stock without flash attention is made from it
+        std::vector<uint8_t> state_tm, state_tr;
+        {
             llama_context * ctx = make_ctx(model, a, pmode, n_ctx);
             const double t0 = now_s();
             decode_tokens(ctx, ctx_toks, 0, a.n_batch);
-            prefill_s[trans] = now_s() - t0;
-            std::vector<uint8_t> buf(llama_state_seq_get_size(ctx, 0));
-            llama_state_seq_get_data(ctx, buf.data(), buf.size(), 0);
-            state[trans] = std::move(buf);
+            const double dt = now_s() - t0;
+            state_tm.resize(llama_state_seq_get_size(ctx, 0));
+            llama_state_seq_get_data(ctx, state_tm.data(), state_tm.size(), 0);
             std::printf("{\"depth\":%d,\"prefill_mode\":%s,\"prefill_s\":%.3f,\"prefill_tok_s\":%.1f}\n",
-                    depth, json_str(pmode).c_str(), prefill_s[trans], depth / prefill_s[trans]);
+                    depth, json_str(pmode).c_str(), dt, depth / dt);
             std::fflush(stdout);
             llama_free(ctx);
         }
 
         for (const std::string & mode : modes) {
             const bool trans = mode == "stock-nofa";
-            llama_context * ctx = make_ctx(model, a, mode == "stock-nofa" || mode == "stock-fa" ? mode : mode, n_ctx);
-            const auto & buf = state[trans];
+            if (trans && state_tr.empty()) {
+                state_tr = transpose_v(state_tm);
+            }
+            llama_context * ctx = make_ctx(model, a, mode, n_ctx);
+            const auto & buf = trans ? state_tr : state_tm;
             if (llama_state_seq_set_data(ctx, buf.data(), buf.size(), 0) != buf.size()) {
                 die("cannot restore the prefilled state for mode `%s`", mode.c_str());
             }
-            // first step, untimed in the runs: it builds cluster indexes for clusters= policies
+            // the first step is not timed: it builds the cluster indexes of clusters= policies
             const double t0 = now_s();
             decode_tokens(ctx, { gen_toks[0] }, depth, 1);
             const double first = now_s() - t0;
+            // then reps runs of n_gen steps, generation going on (positions keep growing)
             std::vector<double> tps;
+            int pos = depth + 1;
             for (int r = 0; r < a.reps; ++r) {
-                llama_memory_seq_rm(llama_get_memory(ctx), 0, depth + 1, -1);
                 const double t1 = now_s();
-                for (int i = 0; i < a.n_gen; ++i) {
-                    decode_tokens(ctx, { gen_toks[1 + i] }, depth + 1 + i, 1);
+                for (int i = 0; i < a.n_gen; ++i, ++pos) {
+                    decode_tokens(ctx, { gen_toks[pos - depth] }, pos, 1);
                 }
                 llama_synchronize(ctx);
                 tps.push_back(a.n_gen / (now_s() - t1));

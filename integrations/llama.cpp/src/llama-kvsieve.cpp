@@ -174,7 +174,7 @@ bool is_decode(const llama_ubatch & ub, bool causal) {
     }
     std::vector<llama_seq_id> seen;
     for (uint32_t i = 0; i < ub.n_tokens; ++i) {
-        const llama_seq_id s = ub.seq_id[i][0];
+        const llama_seq_id s = ub.seq_id && ub.seq_id[i] ? ub.seq_id[i][0] : 0;
         if (std::find(seen.begin(), seen.end(), s) != seen.end()) {
             return false;
         }
@@ -262,12 +262,29 @@ struct llama_kvsieve {
     // new one is rebuilt)
     struct seq_clusters {
         std::vector<kvsieve_cluster_index_t *> index; // per layer (nullptr: build at next decode)
-        std::vector<int32_t> cells;
-        std::vector<int32_t> pos;
+        std::vector<int32_t>  cells;
+        std::vector<int32_t>  pos;
+        std::vector<uint64_t> probe; // content probes of the tokens written before that ubatch
         size_t built_at = 0;
     };
     std::map<llama_seq_id, seq_clusters> clusters;
     uint64_t seed = 0;
+
+    // K rows of this layer (the first with a KV cache) tell whether a cell's key changed
+    // outside llama_decode (a state restore into the same cells at the same positions)
+    int probe_layer = -1;
+
+    uint64_t probe(uint32_t cell) const {
+        const ggml_tensor * k = kv->get_k_storage(probe_layer);
+        uint64_t x;
+        std::memcpy(&x, (const char *) k->data + (size_t) cell * k->nb[1], sizeof(x));
+        return x;
+    }
+
+    // LLAMA_KVSIEVE_CHECK=1: every page-bound selection is compared with kvsieve's own
+    // (kvsieve_selection_page_bounds on a kvsieve cache holding a copy of the keys)
+    bool     check_pages = false;
+    uint64_t n_checked = 0, n_check_diff = 0;
 
     // statistics (LLAMA_KVSIEVE_STATS=1 prints them when the context is freed)
     bool     stats = false;
@@ -291,6 +308,10 @@ struct llama_kvsieve {
                     (unsigned long long) n_calls, (unsigned long long) n_sparse,
                     tokens_total ? (double) tokens_read / (double) tokens_total : 1.0,
                     (unsigned long long) n_builds, t_build, t_plan, t_select, t_attn);
+        }
+        if (check_pages) {
+            LLAMA_LOG_INFO("kvsieve: page-bound selections checked against kvsieve's own: %llu, differing: %llu\n",
+                    (unsigned long long) n_checked, (unsigned long long) n_check_diff);
         }
     }
 
@@ -376,6 +397,8 @@ private:
     void select_pages(int il, const seq_plan & sp, const float * q, std::vector<uint32_t> & indptr, std::vector<uint32_t> & toks);
     kvsieve_selection_t * select(int il, const seq_plan & sp, const float * q, const kvsieve_paged_kv_t & kv);
     kvsieve_selection_t * retrieve(int il, const seq_plan & sp, const float * q, const kvsieve_paged_kv_t & kv);
+    bool same_as_kvsieve_pages(int il, const seq_plan & sp, const float * q, const kvsieve_paged_kv_t & kv,
+                               const std::vector<uint32_t> & indptr, const std::vector<uint32_t> & toks);
 
     std::deque<llama_kvsieve_layer_op> ops;
     std::unique_ptr<std::atomic<int>[]> ops_pending;
@@ -598,8 +621,9 @@ void llm_graph_input_kvsieve::plan_pages(const llama_ubatch * ubatch) {
         }
         std::sort(touched_pages.begin(), touched_pages.end());
         touched_pages.erase(std::unique(touched_pages.begin(), touched_pages.end()), touched_pages.end());
-        // a page's signature: which of its cells hold a token, at which position; the
-        // cells of a stream are looked up through a sequence of that stream
+        // a page's signature: which of its cells hold a token, at which position, with which
+        // key (its first bytes); the cells of a stream are looked up through a sequence of
+        // that stream
         touched_sig.resize(touched_pages.size());
         std::map<uint32_t, llama_seq_id> seq_of_stream;
         for (const auto & sp : seqs) {
@@ -612,7 +636,11 @@ void llm_graph_input_kvsieve::plan_pages(const llama_ubatch * ubatch) {
             const uint32_t j0 = page * BOUNDS_PAGE - stream * s.kv_size;
             uint64_t h = 0x1234567ULL;
             for (uint32_t j = j0; j < j0 + BOUNDS_PAGE; ++j) {
-                h = mix(h, cc.is_empty(j) ? 0xffffffffULL : (uint64_t) (uint32_t) cc.pos_get(j));
+                if (cc.is_empty(j)) {
+                    h = mix(h, 0xffffffffULL);
+                } else {
+                    h = mix(mix(h, (uint64_t) (uint32_t) cc.pos_get(j)), s.probe(page * BOUNDS_PAGE + (j - j0)));
+                }
             }
             touched_sig[i] = h | 1ULL; // never 0
         }
@@ -638,10 +666,13 @@ void llm_graph_input_kvsieve::plan_pages(const llama_ubatch * ubatch) {
             if (it != s.clusters.end()) {
                 auto & c = it->second;
                 const size_t m = c.cells.size();
-                // still the same tokens in the same cells, and not more than doubled since
-                // the build: keep (and assign the new tokens); otherwise build again
+                // still the same tokens, keys and cells, and not more than doubled since the
+                // build: keep (and assign the new tokens); otherwise build again
                 bool ok = m <= (size_t) sp.n && (size_t) sp.n <= 2 * std::max<size_t>(c.built_at, 1);
                 ok = ok && std::equal(c.cells.begin(), c.cells.end(), cells) && std::equal(c.pos.begin(), c.pos.end(), pos);
+                for (size_t t = 0; ok && t < c.probe.size(); ++t) {
+                    ok = c.probe[t] == s.probe((uint32_t) cells[t]);
+                }
                 if (!ok) {
                     s.drop_clusters(sp.seq);
                     it = s.clusters.end();
@@ -652,8 +683,14 @@ void llm_graph_input_kvsieve::plan_pages(const llama_ubatch * ubatch) {
                 it->second.index.assign(s.n_layer, nullptr);
                 it->second.built_at = (size_t) sp.n;
             }
-            it->second.cells.assign(cells, cells + sp.n);
-            it->second.pos.assign(pos, pos + sp.n);
+            auto & c = it->second;
+            c.cells.assign(cells, cells + sp.n);
+            c.pos.assign(pos, pos + sp.n);
+            // the ubatch's own token is written during this step: probed at the next one
+            c.probe.resize((size_t) (sp.n - sp.nq));
+            for (int32_t t = 0; t < sp.n - sp.nq; ++t) {
+                c.probe[t] = s.probe((uint32_t) cells[t]);
+            }
         }
     }
 }
@@ -896,6 +933,64 @@ kvsieve_selection_t * llm_graph_input_kvsieve::retrieve(int il, const seq_plan &
     return sel;
 }
 
+// The page-bound selection kvsieve makes on its own cache (16-token pages, key bounds kept by
+// kvsieve) from a copy of the sequence's keys, against ours. Only for a sequence whose cells
+// are consecutive from a page start, where both have the same pages.
+bool llm_graph_input_kvsieve::same_as_kvsieve_pages(int il, const seq_plan & sp, const float * q, const kvsieve_paged_kv_t & kvd,
+        const std::vector<uint32_t> & indptr, const std::vector<uint32_t> & toks) {
+    const llama_kvsieve & s = *ks;
+    const layer_spec & spec = s.spec(il);
+    const size_t n = (size_t) sp.n, hk = s.n_head_kv, d = s.head_dim;
+    const size_t esize = s.dtype.bits / 8;
+
+    kvsieve_cache_config_t cfg = kvsieve_cache_config_default(1, hk, d, BOUNDS_PAGE, n / BOUNDS_PAGE + 2);
+    cfg.dtype = s.dtype;
+    kvsieve_cache_t * cache = nullptr;
+    uint64_t seq = 0;
+    check(kvsieve_cache_new(&cfg, &cache), "kvsieve_cache_new");
+    check(kvsieve_cache_create_sequence(cache, &seq), "kvsieve_cache_create_sequence");
+    check(kvsieve_cache_append(cache, seq, n, nullptr, nullptr), "kvsieve_cache_append");
+    int64_t shape[3]   = { (int64_t) n, (int64_t) hk, (int64_t) d };
+    int64_t strides[3] = { kvd.k_strides[0], (int64_t) d, 1 };
+    kvsieve_tensor_t k = {};
+    k.data = const_cast<void *>(kvd.k);
+    k.device = { KVSIEVE_DEVICE_CPU, 0 };
+    k.ndim = 3;
+    k.dtype = s.dtype;
+    k.shape = shape;
+    k.strides = strides;
+    k.byte_offset = (uint64_t) sp.first * (uint64_t) kvd.k_strides[0] * esize;
+    check(kvsieve_cache_write(cache, seq, 0, 0, &k, &k), "kvsieve_cache_write");
+
+    int64_t qshape[2] = { (int64_t) s.n_head, (int64_t) d };
+    kvsieve_tensor_t qt = {};
+    qt.data = const_cast<float *>(q);
+    qt.device = { KVSIEVE_DEVICE_CPU, 0 };
+    qt.ndim = 2;
+    qt.dtype = KVSIEVE_DTYPE_F32;
+    qt.shape = qshape;
+    kvsieve_page_bounds_config_t pc = { spec.pages, spec.min_pages };
+    kvsieve_selection_t * pages = nullptr, * win = nullptr, * both = nullptr;
+    check(kvsieve_selection_page_bounds(cache, seq, 0, &qt, &pc, &pages), "kvsieve_selection_page_bounds");
+    if (spec.window > 0) {
+        check(kvsieve_selection_streaming(hk, n, spec.sinks, spec.window, &win), "kvsieve_selection_streaming");
+        check(kvsieve_selection_union(pages, win, &both), "kvsieve_selection_union");
+    } else {
+        both = pages;
+        pages = nullptr;
+    }
+    size_t len = 0;
+    check(kvsieve_selection_len(both, &len), "kvsieve_selection_len");
+    std::vector<uint32_t> ref_ptr(hk + 1), ref(len);
+    check(kvsieve_selection_head_indptr(both, ref_ptr.data(), ref_ptr.size(), nullptr), "kvsieve_selection_head_indptr");
+    check(kvsieve_selection_indices(both, ref.data(), ref.size(), nullptr), "kvsieve_selection_indices");
+    kvsieve_selection_free(pages);
+    kvsieve_selection_free(win);
+    kvsieve_selection_free(both);
+    kvsieve_cache_free(cache);
+    return ref_ptr == indptr && ref == toks;
+}
+
 // The selection of one decode sequence at a sparse layer: sinks + window, page bounds and
 // centroid retrieval as the spec asks, united.
 kvsieve_selection_t * llm_graph_input_kvsieve::select(int il, const seq_plan & sp, const float * q, const kvsieve_paged_kv_t & kvd) {
@@ -908,6 +1003,10 @@ kvsieve_selection_t * llm_graph_input_kvsieve::select(int il, const seq_plan & s
     if (spec.pages > 0) {
         std::vector<uint32_t> hp, toks;
         select_pages(il, sp, q, hp, toks);
+        if (ks->check_pages && sp.first >= 0 && sp.first % BOUNDS_PAGE == 0) {
+            ks->n_checked++;
+            ks->n_check_diff += !same_as_kvsieve_pages(il, sp, q, kvd, hp, toks);
+        }
         check(kvsieve_selection_from_csr(n, hp.data(), hp.size(), toks.data(), toks.size(), &sel), "kvsieve_selection_from_csr");
     } else if (spec.window > 0) {
         check(kvsieve_selection_streaming(hk, n, spec.sinks, spec.window, &sel), "kvsieve_selection_streaming");
@@ -1134,6 +1233,7 @@ std::shared_ptr<llama_kvsieve> llama_kvsieve_from_env(const llama_model & model,
         }
         if (first) {
             ks->n_head = h; ks->n_head_kv = hk; ks->head_dim = dk;
+            ks->probe_layer = (int) il;
             first = false;
         } else if (ks->n_head != h || ks->n_head_kv != hk || ks->head_dim != dk) {
             fail("layers with different head counts or head sizes are not supported");
@@ -1194,6 +1294,9 @@ std::shared_ptr<llama_kvsieve> llama_kvsieve_from_env(const llama_model & model,
     }
     if (const char * st = std::getenv("LLAMA_KVSIEVE_STATS")) {
         ks->stats = std::atoi(st) != 0;
+    }
+    if (const char * ck = std::getenv("LLAMA_KVSIEVE_CHECK")) {
+        ks->check_pages = std::atoi(ck) != 0;
     }
     if (const char * pf = std::getenv("LLAMA_KVSIEVE_PREFILL")) {
         const std::string v = pf;

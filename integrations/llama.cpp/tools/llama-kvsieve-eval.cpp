@@ -5,16 +5,21 @@
 //
 //   top     -m MODEL -p PROMPT [-k 5] [--one-by-one]
 //           next-token top-k (probabilities) after PROMPT, prefilled or decoded token by token
-//   passkey -m MODEL [--context 4096] [--trials 20] [--seed 1]
+//   passkey -m MODEL [--context 4096] [--trials 20] [--seed 1] [--modes "dense;POLICY"]
 //           passkey retrieval built as examples/llama builds it (same text, keys, depths):
 //           the context is prefilled, the question decoded token by token, 7 answer tokens
-//           generated greedily (llama.cpp's greedy sampler)
+//           generated greedily (llama.cpp's greedy sampler); the prefill is shared by the
+//           modes (a state copy), or --mode runs one mode with its own prefill
 //   bench   -m MODEL --depths 4096,8192 --modes "stock-fa;stock-nofa;dense;POLICY" [-n 32] [-r 3]
 //           decode tokens/s after a context of each depth: the context (random tokens) is
 //           prefilled once (stock flash attention, or KVSIEVE_BENCH_PREFILL=MODE) and copied
 //           into a fresh context for each mode (llama_state_seq_get/set_data; for
 //           stock-nofa with V transposed); one untimed decode step (it builds the cluster
 //           indexes of clusters= policies), then r runs of n decode steps, generation going on
+//   multiseq -m MODEL --text FILE --modes "REF;MODE..." [--context 1024] [-n 16] [--unified 0|1]
+//           4 sequences (stretches of FILE) prefilled one by one, then decoded together one
+//           token each per step (teacher forcing, rotating order in the batch; interleaved
+//           cells with --unified 1, one stream each with 0); every mode's logits against REF
 //   dump    -m MODEL -p PROMPT --tensor NAME --out FILE   (writes a graph tensor, f32)
 //
 // Common options: -t THREADS (2), --mode MODE, --fa on|off (stock only), -c N_CTX, --kv f16|f32|bf16.
@@ -58,6 +63,8 @@ struct args {
     int n_batch = 2048;
     bool verbose = false;
     bool one_by_one = false;
+    bool unified = true;
+    std::string text;
 };
 
 [[noreturn]] void die(const char * fmt, const char * a = "") {
@@ -99,6 +106,8 @@ args parse(int argc, char ** argv) {
         else if (k == "--modes") a.modes = val();
         else if (k == "-v") a.verbose = true;
         else if (k == "--one-by-one") a.one_by_one = true;
+        else if (k == "--unified") a.unified = std::stoi(val()) != 0;
+        else if (k == "--text") a.text = val();
         else die("unknown option %s", k.c_str());
     }
     if (a.model.empty()) die("-m MODEL is required");
@@ -254,16 +263,28 @@ std::string repeat(const std::string & s, size_t n) {
     return o;
 }
 
+std::vector<std::string> split(const std::string & s, char sep);
+
 int cmd_passkey(llama_model * model, const args & a) {
     const llama_vocab * vocab = llama_model_get_vocab(model);
     const std::vector<llama_token> question = tokenize(vocab, "What is the pass key? The pass key is", true);
     const int answer_tokens = 7;
     const size_t per = tokenize(vocab, PASSKEY_FILLER, true).size();
     const size_t intro = tokenize(vocab, PASSKEY_INTRO, true).size();
+    const int n_ctx = a.n_ctx ? a.n_ctx : a.context + 256;
 
-    llama_context * ctx = make_ctx(model, a, a.mode, a.n_ctx ? a.n_ctx : a.context + 256);
+    // the context is prefilled once per trial (stock flash attention, as kvsieve modes
+    // prefill through it unless LLAMA_KVSIEVE_PREFILL=kvsieve) and copied into each mode's
+    // context; --mode runs one mode with its own prefill
+    const bool shared = a.mode.empty();
+    const std::vector<std::string> modes = shared ? split(a.modes, ';') : std::vector<std::string>{ a.mode };
+    std::vector<llama_context *> ctxs;
+    for (const auto & m : modes) {
+        ctxs.push_back(make_ctx(model, a, m, n_ctx));
+    }
+    llama_context * pctx = shared ? make_ctx(model, a, "stock-fa", n_ctx) : nullptr;
     llama_sampler * greedy = llama_sampler_init_greedy();
-    int correct = 0;
+    std::vector<int> correct(modes.size(), 0);
     for (int i = 0; i < a.trials; ++i) {
         const uint64_t seed = a.seed + 1000ULL * (uint64_t) a.context + (uint64_t) i;
         const double depth = (i + 0.5) / a.trials;
@@ -277,34 +298,52 @@ int cmd_passkey(llama_model * model, const args & a) {
         for (auto t : tokenize(vocab, fact, true)) context.push_back(t);
         for (auto t : tokenize(vocab, repeat(PASSKEY_FILLER, reps - at), true)) context.push_back(t);
 
-        llama_memory_clear(llama_get_memory(ctx), true);
-        decode_tokens(ctx, context, 0, a.n_batch);
-        int pos = (int) context.size();
-        for (llama_token t : question) {
-            decode_tokens(ctx, { t }, pos++, 1);
+        std::vector<uint8_t> state;
+        if (shared) {
+            llama_memory_clear(llama_get_memory(pctx), true);
+            decode_tokens(pctx, context, 0, a.n_batch);
+            state.resize(llama_state_seq_get_size(pctx, 0));
+            llama_state_seq_get_data(pctx, state.data(), state.size(), 0);
         }
-        std::string gen;
-        for (int s = 0; s < answer_tokens; ++s) {
-            const llama_token t = llama_sampler_sample(greedy, ctx, -1);
-            gen += piece(vocab, t);
-            if (s + 1 < answer_tokens) {
+        for (size_t m = 0; m < modes.size(); ++m) {
+            llama_context * ctx = ctxs[m];
+            llama_memory_clear(llama_get_memory(ctx), true);
+            if (shared) {
+                if (llama_state_seq_set_data(ctx, state.data(), state.size(), 0) != state.size()) {
+                    die("cannot restore the context for mode `%s`", modes[m].c_str());
+                }
+            } else {
+                decode_tokens(ctx, context, 0, a.n_batch);
+            }
+            int pos = (int) context.size();
+            for (llama_token t : question) {
                 decode_tokens(ctx, { t }, pos++, 1);
             }
+            std::string gen;
+            for (int k = 0; k < answer_tokens; ++k) {
+                const llama_token t = llama_sampler_sample(greedy, ctx, -1);
+                gen += piece(vocab, t);
+                if (k + 1 < answer_tokens) {
+                    decode_tokens(ctx, { t }, pos++, 1);
+                }
+            }
+            std::string digits;
+            size_t p = 0;
+            while (p < gen.size() && !std::isdigit((unsigned char) gen[p])) ++p;
+            while (p < gen.size() && std::isdigit((unsigned char) gen[p])) digits += gen[p++];
+            const bool ok = digits == key;
+            correct[m] += ok;
+            std::printf("{\"mode\":%s,\"trial\":%d,\"depth\":%.4f,\"context_tokens\":%zu,\"key\":\"%s\",\"generated\":%s,\"correct\":%s}\n",
+                    json_str(modes[m]).c_str(), i, depth, context.size(), key.c_str(), json_str(gen).c_str(), ok ? "true" : "false");
+            std::fflush(stdout);
         }
-        std::string digits;
-        size_t p = 0;
-        while (p < gen.size() && !std::isdigit((unsigned char) gen[p])) ++p;
-        while (p < gen.size() && std::isdigit((unsigned char) gen[p])) digits += gen[p++];
-        const bool ok = digits == key;
-        correct += ok;
-        std::printf("{\"trial\":%d,\"depth\":%.4f,\"context_tokens\":%zu,\"key\":\"%s\",\"generated\":%s,\"correct\":%s}\n",
-                i, depth, context.size(), key.c_str(), json_str(gen).c_str(), ok ? "true" : "false");
-        std::fflush(stdout);
     }
-    std::printf("{\"passkey\":%d,\"trials\":%d,\"context\":%d,\"mode\":%s}\n", correct, a.trials, a.context,
-            json_str(getenv("LLAMA_KVSIEVE") ? getenv("LLAMA_KVSIEVE") : "stock").c_str());
+    for (size_t m = 0; m < modes.size(); ++m) {
+        std::printf("{\"mode\":%s,\"passkey\":%d,\"trials\":%d,\"context\":%d}\n", json_str(modes[m]).c_str(), correct[m], a.trials, a.context);
+        llama_free(ctxs[m]);
+    }
+    if (pctx) llama_free(pctx);
     llama_sampler_free(greedy);
-    llama_free(ctx);
     return 0;
 }
 
@@ -459,10 +498,6 @@ int cmd_bench(llama_model * model, const args & a) {
     return 0;
 }
 
-//
-// dump
-//
-
 struct dump_state {
     std::string name;
     std::vector<float> data;
@@ -481,6 +516,128 @@ bool dump_cb(struct ggml_tensor * t, bool ask, void * ud) {
     }
     return true;
 }
+
+//
+// multiseq: several sequences decoded together, each mode against the first
+//
+
+int cmd_multiseq(llama_model * model, const args & a, const std::string & text_path) {
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    const int nv = llama_vocab_n_tokens(vocab);
+    const int n_seq = 4, steps = a.n_gen;
+    // prompts: stretches of a text of different lengths, and their continuations (teacher forcing)
+    std::string text;
+    {
+        FILE * f = std::fopen(text_path.c_str(), "rb");
+        if (!f) die("cannot read %s", text_path.c_str());
+        char buf[1 << 16];
+        size_t n;
+        while ((n = std::fread(buf, 1, sizeof buf, f)) > 0 && text.size() < (1u << 20)) text.append(buf, n);
+        std::fclose(f);
+    }
+    const std::vector<llama_token> all = tokenize(vocab, text, false);
+    std::vector<std::vector<llama_token>> prompt(n_seq), cont(n_seq);
+    for (int q = 0; q < n_seq; ++q) {
+        const size_t off = 2000 * (size_t) q, len = (size_t) (a.context / 4) * (q + 1) / 2 + 37 * q;
+        if (off + len + steps > all.size()) die("text too short");
+        prompt[q].assign(all.begin() + off, all.begin() + off + len);
+        cont[q].assign(all.begin() + off + len, all.begin() + off + len + steps);
+    }
+    const std::vector<std::string> modes = split(a.modes, ';');
+    std::vector<std::vector<float>> logits(modes.size());
+    std::vector<dump_state> attn0(modes.size());
+    for (size_t m = 0; m < modes.size(); ++m) {
+        attn0[m].name = "kqv_out-0";
+        set_mode(modes[m]);
+        llama_context_params cp = llama_context_default_params();
+        cp.n_ctx = (uint32_t) (a.context * 2 + 1024);
+        cp.n_batch = cp.n_ubatch = 512;
+        cp.n_seq_max = n_seq;
+        cp.kv_unified = a.unified;
+        cp.n_threads = cp.n_threads_batch = a.threads;
+        cp.flash_attn_type = fa_of(modes[m], a.fa);
+        cp.type_k = cp.type_v = a.kv_type == "f32" ? GGML_TYPE_F32 : GGML_TYPE_F16;
+        cp.cb_eval = dump_cb;
+        cp.cb_eval_user_data = &attn0[m];
+        llama_context * ctx = llama_init_from_model(model, cp);
+        if (!ctx) die("cannot create a context for `%s`", modes[m].c_str());
+        llama_batch b = llama_batch_init(512, 0, n_seq);
+        for (int q = 0; q < n_seq; ++q) {
+            for (size_t i = 0; i < prompt[q].size(); i += 512) {
+                b.n_tokens = 0;
+                for (size_t j = i; j < std::min(prompt[q].size(), i + 512); ++j) {
+                    const int k = b.n_tokens++;
+                    b.token[k] = prompt[q][j]; b.pos[k] = (llama_pos) j; b.n_seq_id[k] = 1; b.seq_id[k][0] = q; b.logits[k] = 0;
+                }
+                if (llama_decode(ctx, b) != 0) die("llama_decode failed");
+            }
+        }
+        // decode steps: one token of every sequence per batch, in a rotating order
+        for (int s = 0; s < steps; ++s) {
+            b.n_tokens = 0;
+            for (int k = 0; k < n_seq; ++k) {
+                const int q = (k + s) % n_seq;
+                const llama_token t = s == 0 ? prompt[q].back() : cont[q][s - 1];
+                const llama_pos p = (llama_pos) (prompt[q].size() + s - 1);
+                if (s == 0) {
+                    // the prompt's last token again, at its own position: remove it first
+                    llama_memory_seq_rm(llama_get_memory(ctx), q, p, -1);
+                }
+                b.token[k] = t; b.pos[k] = p; b.n_seq_id[k] = 1; b.seq_id[k][0] = q; b.logits[k] = 1;
+                b.n_tokens++;
+            }
+            if (llama_decode(ctx, b) != 0) die("llama_decode failed");
+            for (int q = 0; q < n_seq; ++q) {
+                const int k = ((q - s) % n_seq + n_seq) % n_seq;
+                const float * l = llama_get_logits_ith(ctx, k);
+                logits[m].insert(logits[m].end(), l, l + nv);
+            }
+        }
+        llama_batch_free(b);
+        llama_free(ctx);
+    }
+    // each mode against the first: largest logit difference, argmax agreement, mean KL
+    for (size_t m = 1; m < modes.size(); ++m) {
+        double max_diff = 0, kl_sum = 0;
+        int agree = 0, total = 0;
+        for (size_t r = 0; r < logits[0].size() / nv; ++r) {
+            const float * x = logits[0].data() + r * nv;
+            const float * y = logits[m].data() + r * nv;
+            double mx = -1e300, my = -1e300;
+            int ax = 0, ay = 0;
+            for (int i = 0; i < nv; ++i) {
+                max_diff = std::max(max_diff, (double) std::fabs(x[i] - y[i]));
+                if (x[i] > mx) { mx = x[i]; ax = i; }
+                if (y[i] > my) { my = y[i]; ay = i; }
+            }
+            double zx = 0, zy = 0;
+            for (int i = 0; i < nv; ++i) { zx += std::exp(x[i] - mx); zy += std::exp(y[i] - my); }
+            double kl = 0;
+            for (int i = 0; i < nv; ++i) {
+                const double px = std::exp(x[i] - mx) / zx;
+                const double lx = x[i] - mx - std::log(zx), ly = y[i] - my - std::log(zy);
+                kl += px * (lx - ly);
+            }
+            kl_sum += kl;
+            agree += ax == ay;
+            total++;
+        }
+        // layer 0's attention output at the last step: same inputs in every mode
+        double attn_diff = 0;
+        for (size_t i = 0; i < attn0[0].data.size() && i < attn0[m].data.size(); ++i) {
+            attn_diff = std::max(attn_diff, (double) std::fabs(attn0[0].data[i] - attn0[m].data[i]));
+        }
+        std::printf("{\"reference\":%s,\"mode\":%s,\"kv\":%s,\"unified\":%s,\"sequences\":%d,\"steps\":%d,"
+                    "\"layer0_attn_max_diff\":%.3g,\"max_logit_diff\":%.5f,\"argmax_agree\":%d,\"of\":%d,\"mean_kl\":%.3g}\n",
+                json_str(modes[0]).c_str(), json_str(modes[m]).c_str(), json_str(a.kv_type).c_str(), a.unified ? "true" : "false",
+                n_seq, steps, attn_diff, max_diff, agree, total, kl_sum / total);
+    }
+    return 0;
+}
+
+//
+// dump
+//
 
 int cmd_dump(llama_model * model, const args & a) {
     const llama_vocab * vocab = llama_model_get_vocab(model);
@@ -514,6 +671,7 @@ int main(int argc, char ** argv) {
     else if (a.cmd == "passkey") rc = cmd_passkey(model, a);
     else if (a.cmd == "bench")   rc = cmd_bench(model, a);
     else if (a.cmd == "dump")    rc = cmd_dump(model, a);
+    else if (a.cmd == "multiseq") rc = cmd_multiseq(model, a, a.text);
     else die("unknown command %s", a.cmd.c_str());
     llama_model_free(model);
     llama_backend_free();

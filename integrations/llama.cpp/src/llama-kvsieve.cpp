@@ -15,6 +15,7 @@
 #include <kvsieve.h>
 
 #include <algorithm>
+#include <iterator>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -270,8 +271,9 @@ struct llama_kvsieve {
     std::map<llama_seq_id, seq_clusters> clusters;
     uint64_t seed = 0;
 
-    // K rows of this layer (the first with a KV cache) tell whether a cell's key changed
-    // outside llama_decode (a state restore into the same cells at the same positions)
+    // K rows of this layer (the last with a KV cache, whose keys depend on every earlier
+    // token) tell whether a cell's key changed outside llama_decode (a state restore into the
+    // same cells at the same positions)
     int probe_layer = -1;
 
     uint64_t probe(uint32_t cell) const {
@@ -284,7 +286,7 @@ struct llama_kvsieve {
     // LLAMA_KVSIEVE_CHECK=1: every page-bound selection is compared with kvsieve's own
     // (kvsieve_selection_page_bounds on a kvsieve cache holding a copy of the keys)
     bool     check_pages = false;
-    uint64_t n_checked = 0, n_check_diff = 0;
+    uint64_t n_checked = 0, n_check_diff = 0, check_tokens_diff = 0, check_tokens_total = 0;
 
     // statistics (LLAMA_KVSIEVE_STATS=1 prints them when the context is freed)
     bool     stats = false;
@@ -310,8 +312,10 @@ struct llama_kvsieve {
                     (unsigned long long) n_builds, t_build, t_plan, t_select, t_attn);
         }
         if (check_pages) {
-            LLAMA_LOG_INFO("kvsieve: page-bound selections checked against kvsieve's own: %llu, differing: %llu\n",
-                    (unsigned long long) n_checked, (unsigned long long) n_check_diff);
+            LLAMA_LOG_INFO("kvsieve: page-bound selections checked against kvsieve's own: %llu, differing: %llu "
+                           "(in those, tokens in one and not the other: %llu of %llu)\n",
+                    (unsigned long long) n_checked, (unsigned long long) n_check_diff,
+                    (unsigned long long) check_tokens_diff, (unsigned long long) check_tokens_total);
         }
     }
 
@@ -622,8 +626,8 @@ void llm_graph_input_kvsieve::plan_pages(const llama_ubatch * ubatch) {
         std::sort(touched_pages.begin(), touched_pages.end());
         touched_pages.erase(std::unique(touched_pages.begin(), touched_pages.end()), touched_pages.end());
         // a page's signature: which of its cells hold a token, at which position, with which
-        // key (its first bytes); the cells of a stream are looked up through a sequence of
-        // that stream
+        // key (the first bytes of its last layer's key); the cells of a stream are looked up
+        // through a sequence of that stream
         touched_sig.resize(touched_pages.size());
         std::map<uint32_t, llama_seq_id> seq_of_stream;
         for (const auto & sp : seqs) {
@@ -988,7 +992,22 @@ bool llm_graph_input_kvsieve::same_as_kvsieve_pages(int il, const seq_plan & sp,
     kvsieve_selection_free(win);
     kvsieve_selection_free(both);
     kvsieve_cache_free(cache);
-    return ref_ptr == indptr && ref == toks;
+    const bool same = ref_ptr == indptr && ref == toks;
+    if (!same) {
+        // how far apart: tokens in one selection and not the other, per head
+        size_t diff = 0, total = 0;
+        for (size_t h = 0; h < hk; ++h) {
+            std::vector<uint32_t> a(ref.begin() + ref_ptr[h], ref.begin() + ref_ptr[h + 1]);
+            std::vector<uint32_t> b(toks.begin() + indptr[h], toks.begin() + indptr[h + 1]);
+            std::vector<uint32_t> x;
+            std::set_symmetric_difference(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(x));
+            diff += x.size();
+            total += a.size();
+        }
+        ks->check_tokens_diff += diff;
+        ks->check_tokens_total += total;
+    }
+    return same;
 }
 
 // The selection of one decode sequence at a sparse layer: sinks + window, page bounds and
@@ -1231,9 +1250,9 @@ std::shared_ptr<llama_kvsieve> llama_kvsieve_from_env(const llama_model & model,
         if (hk == 0 || h % hk != 0) {
             fail("layer " + std::to_string(il) + ": query heads not a multiple of KV heads");
         }
+        ks->probe_layer = (int) il;
         if (first) {
             ks->n_head = h; ks->n_head_kv = hk; ks->head_dim = dk;
-            ks->probe_layer = (int) il;
             first = false;
         } else if (ks->n_head != h || ks->n_head_kv != hk || ks->head_dim != dk) {
             fail("layers with different head counts or head sizes are not supported");

@@ -1,16 +1,20 @@
 #pragma once
 
-// Attention through kvsieve (https://github.com/ -- see integrations/llama.cpp/README.md of
-// kvsieve) over llama.cpp's own KV cache memory.
+// Attention through kvsieve (a paged KV and sparse attention library; see
+// integrations/llama.cpp/README.md in kvsieve) over llama.cpp's own KV cache memory.
 //
 // Enabled per context by the environment variable LLAMA_KVSIEVE, read when the context is
 // created:
 //   unset, "", "0", "off"   llama.cpp is unchanged
-//   "dense" (or "1", "on")  every layer's attention (decode and prefill) is computed by
-//                           kvsieve over the K/V cache tensors, through a page table built
-//                           from the cache's cells (no copy of the cache)
+//   "dense" (or "1", "on")  every layer's decode attention is computed by kvsieve over the
+//                           K/V cache tensors, through a page table built from the cache's
+//                           cells (no copy of the cache)
 //   a kvsieve policy text   e.g. "sinks=4,window=1024,pages=2048;layers=0-1:dense": decode
 //                           reads only the tokens the policy selects per KV head
+// LLAMA_KVSIEVE_PREFILL=kvsieve also computes prefill attention (several tokens of a sequence
+// in a ubatch) through kvsieve; by default it is llama.cpp's flash attention over the same
+// cache. LLAMA_KVSIEVE_STATS=1 logs counts and times when the context is freed;
+// LLAMA_KVSIEVE_CHECK=1 compares page-bound selections with kvsieve's own.
 //
 // The V cache is kept token-major (as with flash attention) so that kvsieve reads V rows
 // in place; the context therefore runs with flash_attn enabled whatever was asked.

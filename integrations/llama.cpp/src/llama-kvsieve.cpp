@@ -199,34 +199,57 @@ inline __m256 bound_load8(const float * p) { return _mm256_loadu_ps(p); }
 // Upper bound of the logits of g query heads over a page: max over r of
 // sum_c max(q_rc * hi_c, q_rc * lo_c) = qp_r . hi + qn_r . lo (qp, qn: the query's positive
 // and negative parts, [g][d]).
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+inline float hsum8(__m256 x) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    return _mm_cvtss_f32(v);
+}
+
+// G rows at once: 2G independent accumulator chains, each page's bounds loaded once.
+template <int G, typename T>
+float page_bound_g(const float * qp, const float * qn, const T * lo, const T * hi, uint32_t d) {
+    __m256 a[G], b[G];
+    for (int r = 0; r < G; ++r) {
+        a[r] = _mm256_setzero_ps();
+        b[r] = _mm256_setzero_ps();
+    }
+    for (uint32_t c = 0; c < d; c += 8) {
+        const __m256 l = bound_load8(lo + c);
+        const __m256 h = bound_load8(hi + c);
+        for (int r = 0; r < G; ++r) {
+            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qp + r * d + c), h, a[r]);
+            b[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qn + r * d + c), l, b[r]);
+        }
+    }
+    float best = -std::numeric_limits<float>::infinity();
+    for (int r = 0; r < G; ++r) {
+        best = std::max(best, hsum8(_mm256_add_ps(a[r], b[r])));
+    }
+    return best;
+}
+#endif
+
 template <typename T>
 float page_bound(const float * qp, const float * qn, const T * lo, const T * hi, uint32_t g, uint32_t d) {
-    float best = -std::numeric_limits<float>::infinity();
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    if (d % 8 == 0 && d <= 512) {
-        __m256 l[64], h[64];
-        for (uint32_t c = 0; c < d; c += 8) {
-            l[c / 8] = bound_load8(lo + c);
-            h[c / 8] = bound_load8(hi + c);
+    if (d % 8 == 0) {
+        float best = -std::numeric_limits<float>::infinity();
+        uint32_t r = 0;
+        for (; r + 4 <= g; r += 4) {
+            best = std::max(best, page_bound_g<4>(qp + r * d, qn + r * d, lo, hi, d));
         }
-        for (uint32_t r = 0; r < g; ++r) {
-            const float * a = qp + r * d;
-            const float * b = qn + r * d;
-            __m256 acc0 = _mm256_setzero_ps();
-            __m256 acc1 = _mm256_setzero_ps();
-            for (uint32_t c = 0; c < d; c += 8) {
-                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), h[c / 8], acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(b + c), l[c / 8], acc1);
-            }
-            const __m256 acc = _mm256_add_ps(acc0, acc1);
-            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            v = _mm_add_ss(v, _mm_movehdup_ps(v));
-            best = std::max(best, _mm_cvtss_f32(v));
+        switch (g - r) {
+            case 3: best = std::max(best, page_bound_g<3>(qp + r * d, qn + r * d, lo, hi, d)); break;
+            case 2: best = std::max(best, page_bound_g<2>(qp + r * d, qn + r * d, lo, hi, d)); break;
+            case 1: best = std::max(best, page_bound_g<1>(qp + r * d, qn + r * d, lo, hi, d)); break;
+            default: break;
         }
         return best;
     }
 #endif
+    float best = -std::numeric_limits<float>::infinity();
     for (uint32_t r = 0; r < g; ++r) {
         float acc[8] = { 0 };
         for (uint32_t c = 0; c < d; ++c) {
@@ -311,7 +334,7 @@ struct llama_kvsieve {
     // statistics (LLAMA_KVSIEVE_STATS=1 prints them when the context is freed)
     bool     stats = false;
     uint64_t n_calls = 0, n_sparse = 0, tokens_read = 0, tokens_total = 0, n_builds = 0;
-    double   t_build = 0.0, t_select = 0.0, t_attn = 0.0, t_plan = 0.0;
+    double   t_build = 0.0, t_select = 0.0, t_attn = 0.0, t_plan = 0.0, t_refresh = 0.0, t_score = 0.0, t_retrieve = 0.0;
 
     // prefill (several queries of a sequence in a ubatch) through kvsieve, or through
     // llama.cpp's own attention (flash attention over the same cache); decode always
@@ -330,6 +353,8 @@ struct llama_kvsieve {
                     (unsigned long long) n_calls, (unsigned long long) n_sparse,
                     tokens_total ? (double) tokens_read / (double) tokens_total : 1.0,
                     (unsigned long long) n_builds, t_build, t_plan, t_select, t_attn);
+            LLAMA_LOG_INFO("kvsieve: of the selection: page bounds refresh %.3f s, page scoring %.3f s, cluster retrieval %.3f s\n",
+                    t_refresh, t_score, t_retrieve);
         }
         if (check_pages) {
             LLAMA_LOG_INFO("kvsieve: page-bound selections checked against kvsieve's own: %llu, differing: %llu "
@@ -823,7 +848,7 @@ void llm_graph_input_kvsieve::select_pages(int il, const seq_plan & sp, const fl
         std::vector<uint32_t> & head_indptr, std::vector<uint32_t> & toks) {
     const llama_kvsieve & s = *ks;
     const layer_spec & spec = s.spec(il);
-    const uint32_t hk = s.n_head_kv, d = s.head_dim, g = s.n_head / s.n_head_kv;
+    const uint32_t hk = s.n_head_kv, d = s.head_dim;
     const int32_t n = sp.n;
     const int32_t nseg = sp.seg1 - sp.seg0;
     const segment * sg = segs.data() + sp.seg0;
@@ -834,12 +859,16 @@ void llm_graph_input_kvsieve::select_pages(int il, const seq_plan & sp, const fl
         qp[i] = std::max(q[i], 0.0f);
         qn[i] = std::min(q[i], 0.0f);
     }
+    const int64_t t0 = ks->stats ? ggml_time_us() : 0;
     if (n > (int32_t) spec.pages) {
         if (s.bounds_f16) {
             score_pages<uint16_t>(il, sp, qp.data(), qn.data());
         } else {
             score_pages<float>(il, sp, qp.data(), qn.data());
         }
+    }
+    if (ks->stats) {
+        ks->t_score += (ggml_time_us() - t0) * 1e-6;
     }
 
     head_indptr.assign(1, 0);
@@ -980,7 +1009,11 @@ kvsieve_selection_t * llm_graph_input_kvsieve::retrieve(int il, const seq_plan &
         rc.coarse_budget_multiple = 2.0;
     }
     kvsieve_selection_t * sel = nullptr;
+    const int64_t t0 = s.stats ? ggml_time_us() : 0;
     check(kvsieve_cluster_index_retrieve(ix, &qt, &rc, &sel, nullptr), "kvsieve_cluster_index_retrieve");
+    if (s.stats) {
+        s.t_retrieve += (ggml_time_us() - t0) * 1e-6;
+    }
 
     size_t clustered = 0;
     check(kvsieve_cluster_index_clustered_len(ix, &clustered), "kvsieve_cluster_index_clustered_len");
@@ -1185,6 +1218,9 @@ void llm_graph_input_kvsieve::compute(ggml_tensor * dst, const llama_kvsieve_lay
     if (decode && !spec.dense) {
         if (spec.pages > 0) {
             refresh_bounds(il);
+            if (s.stats) {
+                s.t_refresh += (ggml_time_us() - t_start) * 1e-6;
+            }
         }
         std::vector<kvsieve_selection_t *> sels(seqs.size(), nullptr);
         for (size_t b = 0; b < seqs.size(); ++b) {

@@ -3,7 +3,7 @@
 use each other.
 
 The layers, bottom to top (README, "Layout"):
-    base (error, dtype, tensor, config) -> cpu -> kv -> attention -> select -> runtime
+    base (error, alloc, dtype, tensor, config) -> cpu -> kv -> attention -> select -> runtime
     -> backend -> ffi
 A file may use its own layer and the ones below. Within a layer, the modules one level down
 (`select::pages`, `select::cluster`, ...) must not form a cycle; `ALLOWED_PAIRS` lists the
@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 LAYERS = [
-    {"error", "dtype", "tensor", "config"},
+    {"error", "alloc", "dtype", "tensor", "config"},
     {"cpu"},
     {"kv"},
     {"attention"},

@@ -48,6 +48,7 @@
 //!
 //! The C ABI (`include/kvsieve.h`) and the Python package are separate crates over this one.
 
+pub(crate) mod alloc;
 pub mod attention;
 pub mod backend;
 pub mod config;

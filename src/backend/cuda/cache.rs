@@ -91,12 +91,12 @@ impl CudaKvCache {
         Ok(CudaKvCache {
             dev: dev.clone(),
             stream,
-            pool: PagePool::new(cfg.capacity_pages),
+            pool: PagePool::new(cfg.capacity_pages)?,
             k,
             v,
             bounds,
-            written: (0..cfg.num_layers).map(|_| vec![0u64; cfg.capacity_pages]).collect(),
-            positions_host: vec![0; cfg.capacity_pages * cfg.page_size],
+            written: (0..cfg.num_layers).map(|_| crate::alloc::zeroed_vec(cfg.capacity_pages, "key bound slot masks")).collect::<Result<_>>()?,
+            positions_host: crate::alloc::zeroed_vec(cfg.capacity_pages * cfg.page_size, "slot positions")?,
             positions,
             seqs: Sequences::default(),
             staging: None,
@@ -189,7 +189,19 @@ impl CudaKvCache {
 
     /// Take `n` fresh pages: empty bounds and no written slot in every layer.
     fn alloc_fresh(&mut self, n: usize) -> Result<Vec<u32>> {
-        let pages: Vec<u32> = (0..n).map(|_| self.pool.alloc()).collect();
+        let taken: Vec<(u32, bool)> = (0..n).map(|_| self.pool.alloc()).collect();
+        let pages: Vec<u32> = taken.iter().map(|&(p, _)| p).collect();
+        // A page handed out before may hold an earlier owner's K/V: clear it, so slots
+        // appended but not yet written never show another sequence's data.
+        let n = self.page_bytes();
+        for &(p, reused) in &taken {
+            if reused {
+                for layer in 0..self.cfg.num_layers {
+                    self.k[layer].memset_range(p as usize * n, n, 0, &self.stream)?;
+                    self.v[layer].memset_range(p as usize * n, n, 0, &self.stream)?;
+                }
+            }
+        }
         let entries: Vec<BoundsEntry> = pages.iter().map(|&p| BoundsEntry { page: p as i32, reset: 1, mask: 0 }).collect();
         for layer in 0..self.cfg.num_layers {
             for &p in &pages {
@@ -203,15 +215,23 @@ impl CudaKvCache {
     /// Copy page `src` into a fresh page keeping the first `keep` slots (the caller
     /// reserved it), dropping one reference to `src`.
     fn copy_page(&mut self, src: u32, keep: usize) -> Result<u32> {
-        let dst = self.pool.alloc();
+        let (dst, _) = self.pool.alloc();
         let (s, d) = (src as usize, dst as usize);
         let n = self.page_bytes();
+        // Slots past `keep` belong to the other holders of `src`: the copy's are zero.
+        let tail = plan::tail_rows(&self.cfg, keep);
+        let es = self.cfg.dtype.size();
         for layer in 0..self.cfg.num_layers {
-            self.k[layer].copy_from(d * n, &self.k[layer], s * n, n, &self.stream)?;
-            self.v[layer].copy_from(d * n, &self.v[layer], s * n, n, &self.stream)?;
+            for buf in [&self.k[layer], &self.v[layer]] {
+                buf.copy_from(d * n, buf, s * n, n, &self.stream)?;
+                for &(off, len) in &tail {
+                    buf.memset_range(d * n + off * es, len * es, 0, &self.stream)?;
+                }
+            }
         }
         let ps = self.cfg.page_size;
         self.positions_host.copy_within(s * ps..(s + 1) * ps, d * ps);
+        self.positions_host[d * ps + keep.min(ps)..(d + 1) * ps].fill(0);
         self.upload_positions(d)?;
         if !self.bounds.is_empty() {
             let bn = self.bounds_page_bytes();

@@ -123,6 +123,17 @@ impl DeviceBuffer {
         unsafe { cu::memset_d8_async(self.ptr, value, self.len, stream.raw()) }.map_err(driver_err("cuMemsetD8"))
     }
 
+    /// Set `n` bytes from `offset` to `value` (queued on `stream`).
+    pub fn memset_range(&self, offset: usize, n: usize, value: u8, stream: &Stream) -> Result<()> {
+        self.check_range("offset", offset, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.bind()?;
+        // SAFETY: range checked.
+        unsafe { cu::memset_d8_async(self.ptr + offset as u64, value, n, stream.raw()) }.map_err(driver_err("cuMemsetD8"))
+    }
+
     /// Copy `n` bytes from `src_offset` of `src` to `dst_offset` of this buffer (queued).
     pub fn copy_from(&self, dst_offset: usize, src: &DeviceBuffer, src_offset: usize, n: usize, stream: &Stream) -> Result<()> {
         self.check_range("dst_offset", dst_offset, n)?;

@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::errors::{from_code, KvResultExt};
-use crate::options::{attention_params, parse_key_rope, parse_layout};
+use crate::options::{parse_key_rope, parse_layout, AttentionKw};
 use crate::rope::PyRopeConfig;
 
 /// DLPack `kDLInt`.
@@ -215,7 +215,7 @@ pub fn cuda_paged_decode<'py>(
     max_per_head: Option<usize>,
     stream: Option<i64>,
 ) -> PyResult<()> {
-    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
     let k = dlpack(k_pages, "k_pages", stream)?;
     let v = dlpack(v_pages, "v_pages", stream)?;
     let ip = dlpack(indptr, "indptr", stream)?;

@@ -115,10 +115,10 @@ pub fn position_mode_parts(mode: PositionMode) -> (&'static str, Option<u32>) {
 }
 
 /// The attention keywords of one call: `scale=`, `logit_soft_cap=`, `rope=`,
-/// `position_mode=`, `max_distance=` and `chunk_size=`, as Python passed them, translated
-/// here once for every call that takes them; a call that takes only some of them leaves
-/// the rest at their defaults (`..Default::default()`: "original" positions, everything
-/// else None).
+/// `position_mode=`, `max_distance=` and `chunk_size=`, as Python passed them. Every
+/// attention entry point (host and CUDA) translates them here and nowhere else; a call
+/// that takes only some of them leaves the rest at their defaults (`..Default::default()`:
+/// "original" positions, everything else None).
 pub struct AttentionKw<'a, 'py> {
     pub scale: Option<f32>,
     pub logit_soft_cap: Option<f32>,
@@ -147,6 +147,19 @@ impl AttentionKw<'_, '_> {
         };
         let rope = self.rope.as_ref().map(|r| r.inner);
         Ok(AttentionParams { scale: self.scale, logit_soft_cap: self.logit_soft_cap, rope, chunk_size, positions })
+    }
+
+    /// The parameters of a CUDA call: as [`AttentionKw::params`], except that 0 means the
+    /// default for `scale=`, `logit_soft_cap=` and `chunk_size=` (the CUDA entry points
+    /// have always read them that way).
+    pub fn cuda_params(&self) -> Result<AttentionParams, Error> {
+        let p = self.params()?;
+        Ok(AttentionParams {
+            scale: p.scale.filter(|&s| s != 0.0),
+            logit_soft_cap: p.logit_soft_cap.filter(|&c| c != 0.0),
+            chunk_size: p.chunk_size.filter(|&c| c != 0),
+            ..p
+        })
     }
 }
 

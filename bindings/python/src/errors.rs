@@ -62,11 +62,6 @@ fn class_name(code: ErrorCode) -> &'static str {
     }
 }
 
-/// The Python exception of an error kind with a ready message (errors from the C ABI).
-pub fn from_code(code: ErrorCode, msg: String) -> PyErr {
-    Python::attach(|py| PyErr::from_type(class_of(py, code), msg))
-}
-
 /// The Python exception for a kvsieve error: its kind's class, with the core's message.
 /// A `ParseError` also carries the byte `offset` of the offending token as an attribute.
 pub fn to_py_err(err: Error) -> PyErr {

@@ -27,6 +27,10 @@ for isa in avx2 portable; do
         --test cluster --test select --test policy_clusters
 done
 
+echo "== fuzzing: kept inputs replayed, then a short run of every driver (scripts/fuzz.sh)"
+cargo test --release -p kvsieve-fuzz
+bash scripts/fuzz.sh --seconds 60
+
 echo "== examples"
 cargo run -q --example 01_store_and_decode
 

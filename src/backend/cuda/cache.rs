@@ -8,7 +8,10 @@
 //!
 //! Every mutating call validates its arguments before changing anything and returns when
 //! its device work is done (it synchronises kvsieve's stream), so none of them is
-//! graph-capturable; the attention calls over its views are.
+//! graph-capturable; the attention calls over its views are. A call refused by validation
+//! (bad input, out of pages) changes nothing. A device error (or a panic) after the change
+//! began leaves the cache *poisoned*: every later call returns [`Error::Internal`] saying
+//! so, and the cache should be dropped; it is never silently half-changed.
 
 use std::sync::Arc;
 
@@ -44,6 +47,8 @@ pub struct CudaKvCache {
     /// copies and kernels on the cache's stream run in order, so a later upload cannot
     /// overwrite what an earlier queued kernel still reads.
     staging: Option<DeviceBuffer>,
+    /// Set while a change commits; still set if a device error or a panic interrupted one.
+    poisoned: bool,
 }
 
 impl std::fmt::Debug for CudaKvCache {
@@ -100,6 +105,7 @@ impl CudaKvCache {
             positions,
             seqs: Sequences::default(),
             staging: None,
+            poisoned: false,
             cfg,
         })
     }
@@ -116,7 +122,32 @@ impl CudaKvCache {
     }
 
     fn seq(&self, id: SeqId) -> Result<&Sequence> {
+        self.check_usable()?;
         self.seqs.get(id)
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::Internal(
+                "this device cache was left half-changed by a device error or a panic in an earlier call; drop it".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a device error or a panic in an earlier call left this cache unusable.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Commit a change whose arguments were checked: an error or a panic part-way through
+    /// leaves the cache poisoned (see the module docs).
+    fn commit<R>(&mut self, change: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        self.check_usable()?;
+        self.poisoned = true;
+        let r = change(self)?;
+        self.poisoned = false;
+        Ok(r)
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -257,11 +288,13 @@ impl CudaKvCache {
 
     /// A new sequence sharing all of `src`'s pages (copied on the first write by either side).
     pub fn fork(&mut self, src: SeqId) -> Result<SeqId> {
+        self.check_usable()?;
         self.seqs.fork(&mut self.pool, src)
     }
 
     /// Drop a sequence; pages no other sequence shares go back to the pool.
     pub fn free_sequence(&mut self, id: SeqId) -> Result<()> {
+        self.check_usable()?;
         self.seqs.free(&mut self.pool, id)
     }
 
@@ -303,12 +336,14 @@ impl CudaKvCache {
         self.pool.reserve(cow + fresh)?;
         let next_pos = if s.len == 0 { 0 } else { self.positions_host[*s.pages.last().unwrap() as usize * ps + last_len - 1].wrapping_add(1) };
 
-        let mut s = self.seqs.take(id);
-        let r = self.append_inner(&mut s, n, positions, next_pos, cow == 1, fresh);
-        self.seqs.put(id, s);
-        let slots = r?;
-        self.flush()?;
-        Ok(slots)
+        self.commit(|c| {
+            let mut s = c.seqs.take(id);
+            let r = c.append_inner(&mut s, n, positions, next_pos, cow == 1, fresh);
+            c.seqs.put(id, s);
+            let slots = r?;
+            c.flush()?;
+            Ok(slots)
+        })
     }
 
     fn append_inner(&mut self, s: &mut Sequence, n: usize, positions: Option<&[i32]>, next_pos: i32, cow: bool, fresh: usize) -> Result<Vec<i64>> {
@@ -391,11 +426,13 @@ impl CudaKvCache {
         let shared: Vec<usize> = touched.iter().copied().filter(|&pi| self.pool.refcount(s.pages[pi]) > 1).collect();
         self.pool.reserve(shared.len())?;
 
-        let mut s = self.seqs.take(id);
-        let r = self.write_inner(&mut s, layer, start, n, &touched, &shared, src);
-        self.seqs.put(id, s);
-        r?;
-        self.flush()
+        self.commit(|c| {
+            let mut s = c.seqs.take(id);
+            let r = c.write_inner(&mut s, layer, start, n, &touched, &shared, src);
+            c.seqs.put(id, s);
+            r?;
+            c.flush()
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -455,31 +492,34 @@ impl CudaKvCache {
         let plan = Truncate::plan(self.seq(id)?, &self.pool, new_len, self.cfg.page_size)?;
         self.pool.reserve(usize::from(plan.cow))?;
 
-        let mut s = self.seqs.take(id);
-        plan.drop_pages(&mut s, &mut self.pool);
-        let r = if plan.cow {
-            let last = s.pages.pop().unwrap();
-            self.copy_page(last, plan.keep_last).map(|c| s.pages.push(c))
-        } else if plan.partial && !self.bounds.is_empty() {
-            let last = *s.pages.last().unwrap() as usize;
-            let keep_mask = (1u64 << plan.keep_last) - 1;
-            (0..self.cfg.num_layers).try_for_each(|layer| {
-                self.written[layer][last] &= keep_mask;
-                let mask = self.written[layer][last];
-                self.run_bounds(layer, &[BoundsEntry { page: last as i32, reset: 1, mask }])
-            })
-        } else {
-            Ok(())
-        };
-        self.seqs.put(id, s);
-        r?;
-        self.flush()
+        self.commit(|c| {
+            let mut s = c.seqs.take(id);
+            plan.drop_pages(&mut s, &mut c.pool);
+            let r = if plan.cow {
+                let last = s.pages.pop().unwrap();
+                c.copy_page(last, plan.keep_last).map(|copy| s.pages.push(copy))
+            } else if plan.partial && !c.bounds.is_empty() {
+                let last = *s.pages.last().unwrap() as usize;
+                let keep_mask = (1u64 << plan.keep_last) - 1;
+                (0..c.cfg.num_layers).try_for_each(|layer| {
+                    c.written[layer][last] &= keep_mask;
+                    let mask = c.written[layer][last];
+                    c.run_bounds(layer, &[BoundsEntry { page: last as i32, reset: 1, mask }])
+                })
+            } else {
+                Ok(())
+            };
+            c.seqs.put(id, s);
+            r?;
+            c.flush()
+        })
     }
 
     /// Evict whole pages from anywhere in a sequence (as [`crate::KvCache::evict_pages`]):
     /// `page_indices` index its page list, strictly increasing; the remaining tokens keep
     /// their positions and later token indices shift down. Bookkeeping only: no device work.
     pub fn evict_pages(&mut self, id: SeqId, page_indices: &[usize]) -> Result<()> {
+        self.check_usable()?;
         self.seqs.evict_pages(&mut self.pool, id, page_indices, self.cfg.page_size)
     }
 
@@ -496,21 +536,23 @@ impl CudaKvCache {
         let new_pages = k.div_ceil(ps);
         self.pool.reserve(new_pages)?;
 
-        let old = self.seqs.take(id);
-        let pages = match self.alloc_fresh(new_pages) {
-            Ok(p) => p,
-            Err(e) => {
-                self.seqs.put(id, old);
-                return Err(e);
+        self.commit(|c| {
+            let old = c.seqs.take(id);
+            let pages = match c.alloc_fresh(new_pages) {
+                Ok(p) => p,
+                Err(e) => {
+                    c.seqs.put(id, old);
+                    return Err(e);
+                }
+            };
+            let r = c.compact_into(&old, &pages, keep, lists, k);
+            for &p in &old.pages {
+                c.pool.decref(p);
             }
-        };
-        let r = self.compact_into(&old, &pages, keep, lists, k);
-        for &p in &old.pages {
-            self.pool.decref(p);
-        }
-        self.seqs.put(id, Sequence { pages, len: k });
-        r?;
-        self.flush()
+            c.seqs.put(id, Sequence { pages, len: k });
+            r?;
+            c.flush()
+        })
     }
 
     fn compact_into(&mut self, old: &Sequence, pages: &[u32], keep: KeepTokens, lists: &[Vec<u32>], k: usize) -> Result<()> {
@@ -555,6 +597,7 @@ impl CudaKvCache {
 
     /// The CSR page table of a batch of sequences, on the host.    /// The CSR page table of a batch of sequences, on the host.
     pub fn host_page_table(&self, ids: &[SeqId]) -> Result<PageTable> {
+        self.check_usable()?;
         self.seqs.page_table(ids, self.cfg.page_size)
     }
 

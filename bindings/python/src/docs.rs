@@ -50,28 +50,37 @@ Conventions shared by every call:
 kvsieve always raises one of the subclasses below, one per :class:`ErrorCode`; each
 carries, as class attributes, ``code`` (the stable :class:`ErrorCode` of its kind) and
 ``code_name`` (its short lowercase name: ``\"shape\"``, ``\"out_of_pages\"``, ...). The
-message names the parameter at fault and what was expected."
+message names the parameter at fault and what was expected.
+
+Kinds with a built-in counterpart derive from it too, so ``except ValueError`` and the
+like catch them: :class:`InvalidArgumentError` and :class:`ShapeError` derive from
+``ValueError``, :class:`DTypeError` from ``TypeError``, :class:`UnknownSequenceError`
+from ``KeyError``, :class:`OutOfRangeError` from ``IndexError``, and
+:class:`OutOfPagesError` and :class:`OutOfMemoryError` from ``MemoryError``. A panic
+inside kvsieve (a bug) raises :class:`InternalError`."
     };
     (InvalidArgumentError) => {
-        "An argument has a value outside what the call accepts."
+        "An argument has a value outside what the call accepts (also a ``ValueError``)."
     };
     (ShapeError) => {
-        "An array has the wrong shape or strides."
+        "An array has the wrong shape or strides (also a ``ValueError``)."
     };
     (DTypeError) => {
-        "An array has a dtype the call does not accept."
+        "An array (or another argument) has a type the call does not accept (also a
+``TypeError``)."
     };
     (NullPointerError) => {
         "A required buffer was missing."
     };
     (UnknownSequenceError) => {
-        "A sequence id the cache does not hold."
+        "A sequence id the cache does not hold (also a ``KeyError``, whose ``str()`` is the
+plain message)."
     };
     (OutOfRangeError) => {
-        "An index (token, slot, page, layer, head) is out of range."
+        "An index (token, slot, page, layer, head) is out of range (also an ``IndexError``)."
     };
     (OutOfPagesError) => {
-        "The page pool has too few free pages for the request."
+        "The page pool has too few free pages for the request (also a ``MemoryError``)."
     };
     (UnsupportedError) => {
         "A configuration kvsieve does not support (for example a head_dim)."
@@ -89,10 +98,12 @@ Raised by kvsieve, an instance carries ``offset``: the byte offset (in the UTF-8
 of the offending token, or the text's length when it ended too early."
     };
     (InternalError) => {
-        "A bug inside kvsieve (or a failed :meth:`KvCache.check_invariants`). Please report it."
+        "A bug inside kvsieve (a failed :meth:`KvCache.check_invariants`, or a panic, whose
+message follows ``\"panic: \"``). Please report it."
     };
     (OutOfMemoryError) => {
-        "Memory for a buffer the call needs could not be allocated; the call changed nothing."
+        "Memory for a buffer the call needs could not be allocated; the call changed nothing
+(also a ``MemoryError``)."
     };
     (RopeConfig) => {
         "Rotary position embedding parameters, usable as the ``rope=`` argument.

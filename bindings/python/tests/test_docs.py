@@ -103,4 +103,4 @@ def test_help_shows_the_full_documentation():
     assert "Args:" in kvsieve.paged_decode.__doc__
     assert "num_kv_heads" in kvsieve.KvCache.__doc__
     assert kvsieve.CacheConfig.num_layers.__doc__ == "Number of layers."
-    assert kvsieve.ShapeError.__doc__ == "An array has the wrong shape or strides."
+    assert kvsieve.ShapeError.__doc__ == "An array has the wrong shape or strides (also a ``ValueError``)."

@@ -75,31 +75,40 @@ class KvsieveError(Exception):
     carries, as class attributes, ``code`` (the stable :class:`ErrorCode` of its kind) and
     ``code_name`` (its short lowercase name: ``"shape"``, ``"out_of_pages"``, ...). The
     message names the parameter at fault and what was expected.
+
+    Kinds with a built-in counterpart derive from it too, so ``except ValueError`` and the
+    like catch them: :class:`InvalidArgumentError` and :class:`ShapeError` derive from
+    ``ValueError``, :class:`DTypeError` from ``TypeError``, :class:`UnknownSequenceError`
+    from ``KeyError``, :class:`OutOfRangeError` from ``IndexError``, and
+    :class:`OutOfPagesError` and :class:`OutOfMemoryError` from ``MemoryError``. A panic
+    inside kvsieve (a bug) raises :class:`InternalError`.
     """
 
     code: ClassVar[ErrorCode]
     code_name: ClassVar[str]
 
-class InvalidArgumentError(KvsieveError):
-    """An argument has a value outside what the call accepts."""
+class InvalidArgumentError(KvsieveError, ValueError):
+    """An argument has a value outside what the call accepts (also a ``ValueError``)."""
 
-class ShapeError(KvsieveError):
-    """An array has the wrong shape or strides."""
+class ShapeError(KvsieveError, ValueError):
+    """An array has the wrong shape or strides (also a ``ValueError``)."""
 
-class DTypeError(KvsieveError):
-    """An array has a dtype the call does not accept."""
+class DTypeError(KvsieveError, TypeError):
+    """An array (or another argument) has a type the call does not accept (also a
+    ``TypeError``)."""
 
 class NullPointerError(KvsieveError):
     """A required buffer was missing."""
 
-class UnknownSequenceError(KvsieveError):
-    """A sequence id the cache does not hold."""
+class UnknownSequenceError(KvsieveError, KeyError):
+    """A sequence id the cache does not hold (also a ``KeyError``, whose ``str()`` is the
+    plain message)."""
 
-class OutOfRangeError(KvsieveError):
-    """An index (token, slot, page, layer, head) is out of range."""
+class OutOfRangeError(KvsieveError, IndexError):
+    """An index (token, slot, page, layer, head) is out of range (also an ``IndexError``)."""
 
-class OutOfPagesError(KvsieveError):
-    """The page pool has too few free pages for the request."""
+class OutOfPagesError(KvsieveError, MemoryError):
+    """The page pool has too few free pages for the request (also a ``MemoryError``)."""
 
 class UnsupportedError(KvsieveError):
     """A configuration kvsieve does not support (for example a head_dim)."""
@@ -120,10 +129,12 @@ class ParseError(KvsieveError):
     offset: int
 
 class InternalError(KvsieveError):
-    """A bug inside kvsieve (or a failed :meth:`KvCache.check_invariants`). Please report it."""
+    """A bug inside kvsieve (a failed :meth:`KvCache.check_invariants`, or a panic, whose
+    message follows ``"panic: "``). Please report it."""
 
-class OutOfMemoryError(KvsieveError):
-    """Memory for a buffer the call needs could not be allocated; the call changed nothing."""
+class OutOfMemoryError(KvsieveError, MemoryError):
+    """Memory for a buffer the call needs could not be allocated; the call changed nothing
+    (also a ``MemoryError``)."""
 
 class RopeConfig:
     """Rotary position embedding parameters, usable as the ``rope=`` argument.

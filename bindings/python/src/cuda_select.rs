@@ -338,12 +338,12 @@ impl PyCudaClusterIndex {
         let keys = kd.device_tensor(&["n", "num_kv_heads", "head_dim"]).kv()?;
         let st = stream_handle(stream);
         let (host, dev) = detach(py, move || {
-                let dev = CudaDevice::get(keys.device)?;
-                // SAFETY: the keys are device memory as their capsule describes, held until
-                // this call returns; `stream` as documented (see cuda_paged_decode).
-                let s = unsafe { stream_on(&dev, st) };
-                build_index(&dev, &keys, &cfg, Assignment::default_for(keys.dtype, keys.shape[2]), &s)
-            })?;
+            let dev = CudaDevice::get(keys.device)?;
+            // SAFETY: the keys are device memory as their capsule describes, held until
+            // this call returns; `stream` as documented (see cuda_paged_decode).
+            let s = unsafe { stream_on(&dev, st) };
+            build_index(&dev, &keys, &cfg, Assignment::default_for(keys.dtype, keys.shape[2]), &s)
+        })?;
         PyTuple::new(py, [Bound::new(py, PyClusterIndex::from(host))?.into_any(), Bound::new(py, Self::from(dev))?.into_any()])
     }
 

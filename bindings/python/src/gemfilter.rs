@@ -323,11 +323,11 @@ pub fn calibrate_filter_layer<'py>(
     }
     let views = arrays.iter().map(|(q, kk)| Ok((q.view()?, kk.view()?))).collect::<Result<Vec<_>, Error>>().kv()?;
     let res = detach(py, || {
-            gemfilter::calibrate_layers(views.len(), start..end, &cfg, &mut |l| {
-                let (q, kk): &(TensorView, TensorView) = &views[l];
-                Ok((q.clone(), KeySource::Tensor(kk)))
-            })
-        })?;
+        gemfilter::calibrate_layers(views.len(), start..end, &cfg, &mut |l| {
+            let (q, kk): &(TensorView, TensorView) = &views[l];
+            Ok((q.clone(), KeySource::Tensor(kk)))
+        })
+    })?;
     let recalls: Vec<f64> = res.iter().map(|r| r.recall).collect();
     let n = recalls.len();
     to_numpy(py, recalls, &[n])

@@ -2,7 +2,8 @@
 # Installs what the tests and benchmarks need: libclang (for the header check), valgrind
 # (C tests run under it when present) and a Python venv inside the repo with maturin,
 # numpy and pytest, plus gguf and tokenizers for the real-model reference in
-# examples/llama/tests. Idempotent; safe to run every time.
+# examples/llama/tests. Idempotent; safe to run every time. Arguments are more pip
+# packages for the venv (scripts/build-wheel.sh --manylinux asks for ziglang and auditwheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,5 +1,5 @@
 //! numpy arrays in and out: float arrays become strided `TensorView`s over numpy's own
-//! memory (no copy), integer arguments become checked Rust vectors, results become new
+//! memory (no copy; float64 arguments become float32 copies), integer arguments become checked Rust vectors, results become new
 //! numpy arrays that take ownership of Rust vectors.
 
 use half::f16;
@@ -48,8 +48,31 @@ fn borrow_error(param: &str, writable: bool) -> PyErr {
     to_py_err(Error::InvalidArgument { param: param.into(), expected: expected.into() })
 }
 
-fn float_dtype_error(param: &str, a: &Bound<'_, PyUntypedArray>) -> PyErr {
-    to_py_err(Error::DType { param: param.into(), expected: "float32 or float16".into(), got: a.dtype().to_string() })
+fn float_dtype_error(param: &str, a: &Bound<'_, PyUntypedArray>, expected: &str) -> PyErr {
+    to_py_err(Error::DType { param: param.into(), expected: expected.into(), got: a.dtype().to_string() })
+}
+
+/// What a read-only float argument may be.
+const FLOAT_DTYPES: &str = "float32, float16 or float64";
+
+/// Whether the array holds float64 (read-only arguments take it as a float32 copy).
+fn is_float64(a: &Bound<'_, PyUntypedArray>) -> bool {
+    let dt = a.dtype();
+    dt.kind() == b'f' && dt.itemsize() == 8
+}
+
+/// A C-ordered float32 copy of a float64 array.
+fn float64_to_f32<'py>(a: &Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, PyUntypedArray>> {
+    Ok(a.call_method1("astype", ("float32", "C"))?.cast_into::<PyUntypedArray>()?)
+}
+
+/// A new array with `obj`'s values that the caller may write: a copy in C order, as
+/// float32 for a float64 array. `obj` must have passed [`FloatArray::extract`].
+pub fn writable_copy<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    match obj.cast::<PyUntypedArray>() {
+        Ok(a) if is_float64(a) => Ok(float64_to_f32(a)?.into_any()),
+        _ => obj.call_method0("copy"),
+    }
 }
 
 /// Element strides of an array whose byte strides passed [`strides_usable`].
@@ -57,7 +80,8 @@ fn elem_strides<T>(strides: &[isize]) -> Vec<usize> {
     strides.iter().map(|&s| s as usize / std::mem::size_of::<T>()).collect()
 }
 
-/// A read-only float32 or float16 numpy array, borrowed for the duration of a call.
+/// A read-only float32 or float16 numpy array, borrowed for the duration of a call (a
+/// float64 argument is converted to a float32 copy, which this holds instead).
 pub enum FloatArray<'py> {
     F32(PyReadonlyArrayDyn<'py, f32>),
     F16(PyReadonlyArrayDyn<'py, f16>),
@@ -65,9 +89,13 @@ pub enum FloatArray<'py> {
 
 impl<'py> FloatArray<'py> {
     /// Borrow `obj` as a float array. Arrays with negative strides (reversed views) are
-    /// copied to C order when `copy_if_needed`, and rejected otherwise.
+    /// copied to C order when `copy_if_needed`, and rejected otherwise; float64 arrays are
+    /// always copied, to float32 in C order.
     pub fn extract(obj: &Bound<'py, PyAny>, param: &str, copy_if_needed: bool) -> PyResult<Self> {
-        let mut arr = as_ndarray(obj, param, "float32 or float16")?;
+        let mut arr = as_ndarray(obj, param, FLOAT_DTYPES)?;
+        if is_float64(&arr) {
+            arr = float64_to_f32(&arr)?;
+        }
         if !strides_usable(&arr) {
             if !copy_if_needed {
                 return Err(Error::Shape {
@@ -85,7 +113,7 @@ impl<'py> FloatArray<'py> {
         if let Ok(a) = arr.cast::<PyArrayDyn<f16>>() {
             return Ok(FloatArray::F16(a.try_readonly().map_err(|_| borrow_error(param, false))?));
         }
-        Err(float_dtype_error(param, &arr))
+        Err(float_dtype_error(param, &arr, FLOAT_DTYPES))
     }
 
     pub fn dtype(&self) -> DType {
@@ -143,7 +171,8 @@ pub enum FloatArrayMut<'py> {
 
 impl<'py> FloatArrayMut<'py> {
     pub fn extract(obj: &Bound<'py, PyAny>, param: &str) -> PyResult<Self> {
-        let arr = as_ndarray(obj, param, "float32 or float16")?;
+        // float64 cannot be written in place as float32; the caller converts it first.
+        let arr = as_ndarray(obj, param, "float32 or float16 (written in place)")?;
         if !strides_usable(&arr) {
             return Err(Error::Shape {
                 param: param.into(),
@@ -158,7 +187,7 @@ impl<'py> FloatArrayMut<'py> {
         if let Ok(a) = arr.cast::<PyArrayDyn<f16>>() {
             return Ok(FloatArrayMut::F16(a.try_readwrite().map_err(|_| borrow_error(param, true))?));
         }
-        Err(float_dtype_error(param, &arr))
+        Err(float_dtype_error(param, &arr, "float32 or float16 (written in place)"))
     }
 
     /// A writable strided view of the array's own memory.

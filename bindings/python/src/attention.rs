@@ -6,7 +6,7 @@ use kvsieve::{Error, PageLayout, PageTableRef, PagedKv, PagedKvLayout, Selection
 use pyo3::prelude::*;
 
 use crate::arrays::{filled, i32_vec, numel, to_numpy, FloatArray, OutBuf};
-use crate::errors::KvResultExt;
+use crate::errors::{detach, KvResultExt};
 use crate::options::{check_position_mode, parse_key_rope, parse_layout, query_shape, AttentionKw};
 use crate::rope::PyRopeConfig;
 use crate::selection::selections_arg;
@@ -110,7 +110,7 @@ impl<'py> EnginePages<'py> {
     }
 }
 
-/// Decode attention over engine-owned paged K/V arrays; returns ``(out, lse)``.
+#[doc = doc!(paged_decode)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, *, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
 #[allow(clippy::too_many_arguments)]
@@ -140,7 +140,7 @@ pub fn paged_decode<'py>(
     run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::decode(kv, qv, out, Some(lse), &params))
 }
 
-/// Prefill attention over engine-owned paged K/V arrays; returns ``(out, lse)``.
+#[doc = doc!(paged_prefill)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, qo_indptr, *, causal = true, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
 #[allow(clippy::too_many_arguments)]
@@ -175,8 +175,7 @@ pub fn paged_prefill<'py>(
     })
 }
 
-/// Sparse decode over engine-owned paged K/V arrays: KV head ``h`` of sequence ``b`` reads
-/// only ``selections[b].head(h)``; returns ``(out, lse)``.
+#[doc = doc!(paged_decode_sparse)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, selections, *, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
 #[allow(clippy::too_many_arguments)]
@@ -209,8 +208,7 @@ pub fn paged_decode_sparse<'py>(
     run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::decode_sparse(kv, qv, &sels, out, Some(lse), &params))
 }
 
-/// Sparse causal prefill over engine-owned paged K/V arrays, with optional per-KV-head row
-/// windows; returns ``(out, lse)``.
+#[doc = doc!(paged_prefill_sparse)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, qo_indptr, selections, windows = None, *, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
 #[allow(clippy::too_many_arguments)]
@@ -264,11 +262,11 @@ fn run<'py>(
     let qv = q.view().kv()?;
     let mut out = OutBuf::new(out_dtype, "q", &shape).kv()?;
     let mut lse = filled("q", numel("q", &shape[..2]).kv()?, 0f32).kv()?;
-    py.detach(|| f(&kv, &qv, &mut out.view_mut(&shape)?, &mut lse)).kv()?;
+    detach(py, || f(&kv, &qv, &mut out.view_mut(&shape)?, &mut lse))?;
     Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
 }
 
-/// Merge two partial attention results over disjoint key sets by their LSEs.
+#[doc = doc!(merge_states)]
 #[pyfunction]
 #[pyo3(signature = (v_a, lse_a, v_b, lse_b, *, out_dtype = "f32"))]
 pub fn merge_states<'py>(
@@ -290,6 +288,6 @@ pub fn merge_states<'py>(
     let (av, bv) = (va.view().kv()?, vb.view().kv()?);
     let mut out = OutBuf::new(out_dtype, "v_a", &shape).kv()?;
     let mut lse = filled("v_a", numel("v_a", &shape[..2]).kv()?, 0f32).kv()?;
-    py.detach(|| attention::merge_states(&av, &la, &bv, &lb, &mut out.view_mut(&shape)?, &mut lse)).kv()?;
+    detach(py, || attention::merge_states(&av, &la, &bv, &lb, &mut out.view_mut(&shape)?, &mut lse))?;
     Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
 }

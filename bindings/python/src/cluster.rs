@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList, PyTuple};
 
 use crate::arrays::{to_numpy, type_name, usize_arg, FloatArray};
-use crate::errors::KvResultExt;
+use crate::errors::{detach, KvResultExt};
 use crate::gemfilter::{key_source, with_keys, Keys};
 use crate::selection::PySelection;
 
@@ -106,7 +106,7 @@ fn source_param(keys: &Keys<'_>) -> &'static str {
     }
 }
 
-/// Thresholds chosen by [`PyClusterIndex::calibrate`]. See the stub for the full docs.
+#[doc = doc!(ClusterThresholds)]
 #[pyclass(name = "ClusterThresholds", module = "kvsieve", frozen)]
 #[derive(Clone)]
 pub struct PyClusterThresholds {
@@ -115,7 +115,7 @@ pub struct PyClusterThresholds {
 
 #[pymethods]
 impl PyClusterThresholds {
-    /// τ per KV head (float64).
+    #[doc = doc!(ClusterThresholds.per_head)]
     #[getter]
     fn per_head<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let v = self.inner.per_head.clone();
@@ -123,7 +123,7 @@ impl PyClusterThresholds {
         to_numpy(py, v, &[n])
     }
 
-    /// Mean kept fraction of the clustered keys per KV head on the calibration queries.
+    #[doc = doc!(ClusterThresholds.kept_fraction)]
     #[getter]
     fn kept_fraction<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let v = self.inner.kept_fraction.clone();
@@ -131,19 +131,19 @@ impl PyClusterThresholds {
         to_numpy(py, v, &[n])
     }
 
-    /// The fraction asked for.
+    #[doc = doc!(ClusterThresholds.target)]
     #[getter]
     fn target(&self) -> f64 {
         self.inner.target
     }
 
-    /// Whether each head was calibrated on its own.
+    #[doc = doc!(ClusterThresholds.per_head_mode)]
     #[getter]
     fn per_head_mode(&self) -> bool {
         self.inner.per_head_mode
     }
 
-    /// The kept fraction averaged over heads.
+    #[doc = doc!(ClusterThresholds.mean_kept_fraction)]
     fn mean_kept_fraction(&self) -> f64 {
         self.inner.mean_kept_fraction()
     }
@@ -304,8 +304,7 @@ pub(crate) fn coarse_rule(
     .kv()
 }
 
-/// K-means clusters of the keys of one (sequence, layer), every KV head, for centroid
-/// retrieval. See the stub for the full docs.
+#[doc = doc!(ClusterIndex)]
 #[pyclass(name = "ClusterIndex", module = "kvsieve", frozen)]
 pub struct PyClusterIndex {
     inner: RwLock<ClusterIndex>,
@@ -325,7 +324,7 @@ impl PyClusterIndex {
 
     /// Run `f` on the index under the read lock, with the GIL released.
     fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&ClusterIndex) -> Result<T, Error> + Send) -> PyResult<T> {
-        py.detach(|| f(&self.inner.read())).kv()
+        detach(py, || f(&self.inner.read()))
     }
 
     /// `h` checked against the index's KV heads.
@@ -359,7 +358,7 @@ impl PyClusterIndex {
 
 #[pymethods]
 impl PyClusterIndex {
-    /// Cluster every KV head of the keys (an array or a cache's sequence at one layer).
+    #[doc = doc!(ClusterIndex.build)]
     #[staticmethod]
     #[pyo3(signature = (keys = None, *, cache = None, seq = None, layer = None, clusters, max_iter = 20, seed = 0, exclude_window = 0, coarse = None))]
     #[allow(clippy::too_many_arguments)]
@@ -380,15 +379,14 @@ impl PyClusterIndex {
         with_keys(py, &keys, true, |_, _| Ok(()), |src| ClusterIndex::build(src, &cfg)).map(Self::from)
     }
 
-    /// Read an index written by :meth:`save`.
+    #[doc = doc!(ClusterIndex.load)]
     #[staticmethod]
     fn load(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<Self> {
         let path = path_arg(path, "path")?;
-        py.detach(|| ClusterIndex::load(&path)).kv().map(Self::from)
+        detach(py, || ClusterIndex::load(&path)).map(Self::from)
     }
 
-    /// :meth:`load`, then check that the index fits the keys (same heads, a sequence at
-    /// least as long as the index covers).
+    #[doc = doc!(ClusterIndex.load_for)]
     #[staticmethod]
     #[pyo3(signature = (path, keys = None, *, cache = None, seq = None, layer = None))]
     fn load_for(
@@ -404,7 +402,7 @@ impl PyClusterIndex {
         with_keys(py, &keys, false, |_, _| Ok(()), |src| ClusterIndex::load_for(&path, src)).map(Self::from)
     }
 
-    /// Parse the bytes of :meth:`to_bytes` (or of a saved file).
+    #[doc = doc!(ClusterIndex.from_bytes)]
     #[staticmethod]
     fn from_bytes(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Self> {
         let data = data
@@ -416,62 +414,64 @@ impl PyClusterIndex {
             })
             .kv()?;
         let bytes = data.as_bytes();
-        py.detach(|| ClusterIndex::from_bytes(bytes)).kv().map(Self::from)
+        detach(py, || ClusterIndex::from_bytes(bytes)).map(Self::from)
     }
 
-    /// Write the index to ``path`` (a checksummed safetensors file).
+    #[doc = doc!(ClusterIndex.save)]
     fn save(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
         let path = path_arg(path, "path")?;
         self.with_read(py, |i| i.save(&path))
     }
 
-    /// The index as the bytes :meth:`save` writes.
+    #[doc = doc!(ClusterIndex.to_bytes)]
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let bytes = self.with_read(py, |i| i.to_bytes())?;
         Ok(PyBytes::new(py, &bytes))
     }
 
+    #[doc = doc!(ClusterIndex.num_kv_heads)]
     #[getter]
     fn num_kv_heads(&self) -> usize {
         self.inner.read().num_kv_heads()
     }
 
+    #[doc = doc!(ClusterIndex.head_dim)]
     #[getter]
     fn head_dim(&self) -> usize {
         self.inner.read().head_dim()
     }
 
-    /// Fine clusters per KV head.
+    #[doc = doc!(ClusterIndex.num_clusters)]
     #[getter]
     fn num_clusters(&self) -> usize {
         self.inner.read().num_clusters()
     }
 
-    /// Coarse clusters per KV head (0 without a coarse level).
+    #[doc = doc!(ClusterIndex.num_coarse_clusters)]
     #[getter]
     fn num_coarse_clusters(&self) -> usize {
         self.inner.read().num_coarse_clusters()
     }
 
-    /// Sequence length when the index was built.
+    #[doc = doc!(ClusterIndex.seq_len_at_build)]
     #[getter]
     fn seq_len_at_build(&self) -> usize {
         self.inner.read().seq_len_at_build()
     }
 
-    /// Sequence length when the index was built or last updated.
+    #[doc = doc!(ClusterIndex.seq_len)]
     #[getter]
     fn seq_len(&self) -> usize {
         self.inner.read().seq_len()
     }
 
-    /// Tokens ``0 .. clustered_len`` are in clusters.
+    #[doc = doc!(ClusterIndex.clustered_len)]
     #[getter]
     fn clustered_len(&self) -> usize {
         self.inner.read().clustered_len()
     }
 
-    /// The build options, as a dict.
+    #[doc = doc!(ClusterIndex.config)]
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = *self.inner.read().config();
@@ -484,18 +484,17 @@ impl PyClusterIndex {
         Ok(d)
     }
 
-    /// Raw-key mean of each cluster of KV head ``h``, float32 ``[num_clusters, head_dim]``.
+    #[doc = doc!(ClusterIndex.centroids)]
     fn centroids<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         self.head_rows(py, h, |c| c.centroids())
     }
 
-    /// Unit centroids used for assignment, float32 ``[num_clusters, head_dim]``.
+    #[doc = doc!(ClusterIndex.centroids_normalized)]
     fn centroids_normalized<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         self.head_rows(py, h, |c| c.centroids_normalized())
     }
 
-    /// Each cluster's radius (largest member distance to its raw centroid) of head ``h``,
-    /// float32 ``[num_clusters]``, or empty for an index without radii.
+    #[doc = doc!(ClusterIndex.radii)]
     fn radii<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         let h = self.head_arg(h)?;
         let v = self.inner.read().head(h).radii().to_vec();
@@ -503,18 +502,17 @@ impl PyClusterIndex {
         to_numpy(py, v, &[n])
     }
 
-    /// Tokens per cluster of head ``h``, uint32 ``[num_clusters]``.
+    #[doc = doc!(ClusterIndex.sizes)]
     fn sizes<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         self.head_u32(py, h, |c| c.sizes())
     }
 
-    /// CSR offsets into :meth:`members`, uint32 ``[num_clusters + 1]``.
+    #[doc = doc!(ClusterIndex.member_offsets)]
     fn member_offsets<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         self.head_u32(py, h, |c| c.member_offsets())
     }
 
-    /// Members of cluster ``c`` of head ``h`` (ascending token indices), or with ``c=None``
-    /// every cluster's members concatenated in cluster order (uint32).
+    #[doc = doc!(ClusterIndex.members)]
     #[pyo3(signature = (h, c = None))]
     fn members<'py>(&self, py: Python<'py>, h: i64, c: Option<i64>) -> PyResult<Bound<'py, PyAny>> {
         let Some(c) = c else {
@@ -535,13 +533,12 @@ impl PyClusterIndex {
         to_numpy(py, v, &[n])
     }
 
-    /// Cluster of each clustered token of head ``h``, uint32 ``[clustered_len]``.
+    #[doc = doc!(ClusterIndex.assignment)]
     fn assignment<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         self.head_u32(py, h, |c| c.assignment())
     }
 
-    /// Build diagnostics of head ``h``: ``inertia``, ``inertia_history``, ``iterations``,
-    /// ``converged``, ``seeds``.
+    #[doc = doc!(ClusterIndex.diagnostics)]
     fn diagnostics<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyDict>> {
         let h = self.head_arg(h)?;
         let (inertia, history, iterations, converged, seeds) = {
@@ -559,8 +556,7 @@ impl PyClusterIndex {
         Ok(d)
     }
 
-    /// The coarse level of head ``h`` as a dict (``centroids``, ``sizes``,
-    /// ``child_offsets``, ``children``), or None without a coarse level.
+    #[doc = doc!(ClusterIndex.coarse_level)]
     fn coarse_level<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Option<Bound<'py, PyDict>>> {
         let h = self.head_arg(h)?;
         let (level, d) = {
@@ -579,8 +575,7 @@ impl PyClusterIndex {
         Ok(Some(out))
     }
 
-    /// Group-averaged estimated attention per key of every fine cluster, float64
-    /// ``[num_kv_heads, num_clusters]``.
+    #[doc = doc!(ClusterIndex.cluster_estimates)]
     fn cluster_estimates<'py>(&self, py: Python<'py>, q: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let q = FloatArray::extract(q, "q", true)?;
         let qv = q.view().kv()?;
@@ -589,7 +584,7 @@ impl PyClusterIndex {
         to_numpy(py, est.into_iter().flatten().collect(), &[hk, k])
     }
 
-    /// Centroid retrieval for a decode query: ``(selection, stats)``.
+    #[doc = doc!(ClusterIndex.retrieve)]
     #[pyo3(signature = (q, *, threshold = None, budget = None, seq_len = None, hierarchical = false, coarse_threshold = None, coarse_budget = None, coarse_budget_multiple = None, rank = "estimate"))]
     #[allow(clippy::too_many_arguments)]
     fn retrieve<'py>(
@@ -640,7 +635,7 @@ impl PyClusterIndex {
         Ok((PySelection::from(r.selection), d))
     }
 
-    /// Thresholds that keep ``target_fraction`` of the clustered keys on calibration queries.
+    #[doc = doc!(ClusterIndex.calibrate)]
     #[pyo3(signature = (queries, target_fraction, per_head = false))]
     fn calibrate(&self, py: Python<'_>, queries: &Bound<'_, PyAny>, target_fraction: f64, per_head: bool) -> PyResult<PyClusterThresholds> {
         let q = FloatArray::extract(queries, "queries", true)?;
@@ -648,8 +643,7 @@ impl PyClusterIndex {
         self.with_read(py, |i| cluster::calibrate(i, &qv, target_fraction, per_head)).map(|inner| PyClusterThresholds { inner })
     }
 
-    /// Assign the tokens that arrived since the last update to their nearest centroid;
-    /// returns how many tokens were assigned per head.
+    #[doc = doc!(ClusterIndex.assign_new)]
     #[pyo3(signature = (keys = None, *, cache = None, seq = None, layer = None))]
     fn assign_new(
         &self,
@@ -664,7 +658,7 @@ impl PyClusterIndex {
         with_keys(py, &keys, false, check_same_heads(heads, source_param(&keys)), |src| self.inner.write().assign_new(src))
     }
 
-    /// Cluster again from scratch, with the same options, over the keys' current tokens.
+    #[doc = doc!(ClusterIndex.rebuild)]
     #[pyo3(signature = (keys = None, *, cache = None, seq = None, layer = None))]
     fn rebuild(
         &self,
@@ -723,8 +717,7 @@ fn rows_arg(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<(Vec<f32>, usize)> 
     Ok((a.to_f32_vec(), d))
 }
 
-/// K-means over one head's keys: from k-means++ seeds (``clusters``) or from given
-/// centroids (``init``).
+#[doc = doc!(kmeans)]
 #[pyfunction]
 #[pyo3(signature = (keys, clusters = None, *, init = None, max_iter = 20, seed = 0))]
 pub fn kmeans<'py>(
@@ -741,7 +734,7 @@ pub fn kmeans<'py>(
     let cl = match (clusters, init) {
         (Some(c), None) => {
             let cfg = cluster::KMeansConfig { clusters: cluster_count(c, "clusters")?, max_iter, seed };
-            py.detach(|| cluster::kmeans(&rows, d, &cfg)).kv()?
+            detach(py, || cluster::kmeans(&rows, d, &cfg))?
         }
         (None, Some(i)) => {
             let (init, di) = rows_arg(i, "init")?;
@@ -753,7 +746,7 @@ pub fn kmeans<'py>(
                 })
                 .kv();
             }
-            py.detach(|| cluster::kmeans_from_centroids(&rows, d, &init, max_iter)).kv()?
+            detach(py, || cluster::kmeans_from_centroids(&rows, d, &init, max_iter))?
         }
         (None, None) => {
             return Err(Error::InvalidArgument {
@@ -773,14 +766,14 @@ pub fn kmeans<'py>(
     clustering_dict(py, cl)
 }
 
-/// The k-means++ seeds (key indices, in the order drawn) that :func:`kmeans` starts from.
+#[doc = doc!(kmeans_seeds)]
 #[pyfunction]
 #[pyo3(signature = (keys, k, seed = 0))]
 pub fn kmeans_seeds<'py>(py: Python<'py>, keys: &Bound<'py, PyAny>, k: i64, seed: i128) -> PyResult<Bound<'py, PyAny>> {
     let k = usize_arg(k, "k")?;
     let seed = seed_arg(seed)?;
     let (rows, d) = rows_arg(keys, "keys")?;
-    let seeds = py.detach(|| cluster::seed_plus_plus(&rows, d, k, seed)).kv()?;
+    let seeds = detach(py, || cluster::seed_plus_plus(&rows, d, k, seed))?;
     let n = seeds.len();
     to_numpy(py, seeds, &[n])
 }

@@ -20,7 +20,7 @@ use kvsieve::{DType, Error, KeyRope, PageLayout, PagedKvLayout, TensorView};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::errors::KvResultExt;
+use crate::errors::{detach, KvResultExt};
 use crate::options::{parse_key_rope, parse_layout, AttentionKw};
 use crate::rope::PyRopeConfig;
 
@@ -490,14 +490,13 @@ pub(crate) fn decode_workspace(dev: &Arc<CudaDevice>, stream: usize) -> Result<A
     shared(&MAP, (dev.ordinal(), stream), || Ok(Workspace::new(dev)))
 }
 
-/// Number of CUDA devices (raises `CudaUnavailableError` without a driver or CUDA support).
+#[doc = doc!(cuda_device_count)]
 #[pyfunction]
 pub fn cuda_device_count() -> PyResult<usize> {
     kvsieve::backend::cuda_device_count().kv()
 }
 
-/// Decode on the GPU over engine-owned device pages (dense, or sparse with a device CSR of
-/// token lists per (sequence, KV head)); writes ``out`` (and ``lse``) in place on ``stream``.
+#[doc = doc!(cuda_paged_decode)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, out, *, max_seq_len, lse = None, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, sel_indptr = None, sel_indices = None, max_per_head = None, stream = None))]
 #[allow(clippy::too_many_arguments)]
@@ -549,7 +548,7 @@ pub fn cuda_paged_decode<'py>(
     let q = qd.device_tensor(&dims).kv()?;
     let out = od.device_tensor(&dims).kv()?;
     let st = stream_handle(stream);
-    py.detach(move || {
+    detach(py, move || {
         let dev = CudaDevice::get(kv.device)?;
         let lse = lse.map(|p| DeviceTensor::contiguous(p, DType::F32, &[kv.batch, q.shape[1]], kv.device));
         // SAFETY: every address comes from a DLPack capsule held until this call returns;
@@ -569,11 +568,9 @@ pub fn cuda_paged_decode<'py>(
             }
         }
     })
-    .kv()
 }
 
-/// Paged append on the GPU: row ``i`` of ``k``/``v`` into slot ``slot_mapping[i]`` (int64,
-/// ``page * page_size + slot``; negative = skip) of the device pages, on ``stream``.
+#[doc = doc!(cuda_paged_append)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, k, v, slot_mapping, *, layout = "nhd", stream = None))]
 #[allow(clippy::too_many_arguments)]
@@ -599,7 +596,7 @@ pub fn cuda_paged_append<'py>(
     let k = kd.device_tensor(&dims).kv()?;
     let v = vd.device_tensor(&dims).kv()?;
     let st = stream_handle(stream);
-    py.detach(move || {
+    detach(py, move || {
         let dev = CudaDevice::get(kv.device)?;
         // SAFETY: as in cuda_paged_decode.
         unsafe {
@@ -608,10 +605,9 @@ pub fn cuda_paged_append<'py>(
             attention::append(&dev, &view, &k, &v, slots, &stream_on(&dev, st))
         }
     })
-    .kv()
 }
 
-/// merge_states on the GPU: writes ``out`` and ``lse_out`` in place on ``stream``.
+#[doc = doc!(cuda_merge_states)]
 #[pyfunction]
 #[pyo3(signature = (v_a, lse_a, v_b, lse_b, out, lse_out, *, stream = None))]
 #[allow(clippy::too_many_arguments)]
@@ -648,11 +644,10 @@ pub fn cuda_merge_states<'py>(
         }
     }
     let st = stream_handle(stream);
-    py.detach(move || {
+    detach(py, move || {
         let dev = CudaDevice::get(device)?;
         let lse = |p: u64| DeviceTensor::contiguous(p, DType::F32, &[n, h], device);
         // SAFETY: as in cuda_paged_decode.
         unsafe { attention::merge_states(&dev, &at, &lse(pa), &bt, &lse(pb), &ot, &lse(po), &stream_on(&dev, st)) }
     })
-    .kv()
 }

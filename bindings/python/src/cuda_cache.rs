@@ -13,11 +13,11 @@ use crate::cuda::backend::attention;
 use crate::cuda::backend::{CudaDevice, CudaKvCache, CudaSelections, DeviceTensor};
 use crate::cuda::{bad_shape, decode_workspace, dlpack, f32_contiguous, invalid, stream_handle, stream_on, token_lists};
 use crate::cuda_select::device_ordinal;
-use crate::errors::KvResultExt;
+use crate::errors::{detach, KvResultExt};
 use crate::options::AttentionKw;
 use crate::sparse::{keep_lists, parse_keep_per, KeepPer};
 
-/// Paged K/V resident on a CUDA device. See the stub.
+#[doc = doc!(CudaKvCache)]
 #[pyclass(name = "CudaKvCache", module = "kvsieve", frozen)]
 pub struct PyCudaKvCache {
     inner: RwLock<CudaKvCache>,
@@ -26,12 +26,12 @@ pub struct PyCudaKvCache {
 impl PyCudaKvCache {
     /// Run `f` on the cache under the read lock, with the GIL released.
     fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&CudaKvCache) -> Result<T, Error> + Send) -> PyResult<T> {
-        py.detach(|| f(&self.inner.read())).kv()
+        detach(py, || f(&self.inner.read()))
     }
 
     /// Run `f` on the cache under the write lock, with the GIL released.
     fn with_write<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut CudaKvCache) -> Result<T, Error> + Send) -> PyResult<T> {
-        py.detach(|| f(&mut self.inner.write())).kv()
+        detach(py, || f(&mut self.inner.write()))
     }
 }
 
@@ -55,32 +55,34 @@ impl PyCudaKvCache {
     ) -> PyResult<Self> {
         let cfg = cache_config(num_layers, num_kv_heads, head_dim, page_size, capacity_pages, dtype, layout, key_rope, track_key_bounds)?;
         let ordinal = device_ordinal(device)?;
-        let cache = py.detach(move || CudaKvCache::new(&CudaDevice::get(ordinal)?, cfg)).kv()?;
+        let cache = detach(py, move || CudaKvCache::new(&CudaDevice::get(ordinal)?, cfg))?;
         Ok(PyCudaKvCache { inner: RwLock::new(cache) })
     }
 
-    /// A new empty sequence; returns its id.
+    #[doc = doc!(CudaKvCache.create_sequence)]
     fn create_sequence(&self, py: Python<'_>) -> PyResult<u64> {
         self.with_write(py, |c| Ok(c.create_sequence()))
     }
 
-    /// Fork ``seq`` (prefix sharing, copy on write); returns the new id.
+    #[doc = doc!(CudaKvCache.fork)]
     fn fork(&self, py: Python<'_>, seq: i64) -> PyResult<u64> {
         let seq = seq_id(seq, "seq")?;
         self.with_write(py, |c| c.fork(seq))
     }
 
+    #[doc = doc!(CudaKvCache.free_sequence)]
     fn free_sequence(&self, py: Python<'_>, seq: i64) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
         self.with_write(py, |c| c.free_sequence(seq))
     }
 
+    #[doc = doc!(CudaKvCache.seq_len)]
     fn seq_len(&self, py: Python<'_>, seq: i64) -> PyResult<usize> {
         let seq = seq_id(seq, "seq")?;
         self.with_read(py, |c| c.seq_len(seq))
     }
 
-    /// Reserve ``n`` slots at the end of ``seq``; returns their slot numbers (int64).
+    #[doc = doc!(CudaKvCache.append)]
     #[pyo3(signature = (seq, n, positions = None))]
     fn append<'py>(&self, py: Python<'py>, seq: i64, n: i64, positions: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
         let (seq, n) = (seq_id(seq, "seq")?, usize_arg(n, "n")?);
@@ -94,8 +96,7 @@ impl PyCudaKvCache {
         to_numpy(py, slots, &[n])
     }
 
-    /// Write K and V of tokens ``start .. start + n`` of ``layer``: numpy arrays (host,
-    /// converted to float32) or ``__dlpack__`` device arrays, ``[n, num_kv_heads, head_dim]``.
+    #[doc = doc!(CudaKvCache.write)]
     #[pyo3(signature = (seq, layer, start, k, v))]
     fn write<'py>(&self, py: Python<'py>, seq: i64, layer: i64, start: i64, k: &Bound<'py, PyAny>, v: &Bound<'py, PyAny>) -> PyResult<()> {
         let (seq, layer, start) = (seq_id(seq, "seq")?, usize_arg(layer, "layer")?, usize_arg(start, "start")?);
@@ -133,19 +134,20 @@ impl PyCudaKvCache {
         })
     }
 
+    #[doc = doc!(CudaKvCache.truncate)]
     fn truncate(&self, py: Python<'_>, seq: i64, new_len: i64) -> PyResult<()> {
         let (seq, n) = (seq_id(seq, "seq")?, usize_arg(new_len, "new_len")?);
         self.with_write(py, |c| c.truncate(seq, n))
     }
 
-    /// Evict whole pages (indices into the sequence's page list, strictly increasing).
+    #[doc = doc!(CudaKvCache.evict_pages)]
     fn evict_pages(&self, py: Python<'_>, seq: i64, page_indices: &Bound<'_, PyAny>) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
         let idx = usize_vec(page_indices, "page_indices")?;
         self.with_write(py, |c| c.evict_pages(seq, &idx))
     }
 
-    /// Keep only the tokens ``keep`` of ``seq`` (as :meth:`KvCache.compact`).
+    #[doc = doc!(CudaKvCache.compact)]
     #[pyo3(signature = (seq, keep, per = "all"))]
     fn compact(&self, py: Python<'_>, seq: i64, keep: &Bound<'_, PyAny>, per: &str) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
@@ -172,10 +174,7 @@ impl PyCudaKvCache {
         })
     }
 
-    /// Dense (or, with ``sel_indptr``/``sel_indices``, sparse) decode of ``layer`` for the
-    /// sequences ``seqs``: ``q`` and ``out`` device arrays ``[len(seqs), num_qo_heads,
-    /// head_dim]``; ``lse`` optional float32 ``[len(seqs), num_qo_heads]``. Waits for the
-    /// decode (the page table it reads is freed at the end).
+    #[doc = doc!(CudaKvCache.decode)]
     #[pyo3(signature = (layer, seqs, q, out, *, lse = None, sel_indptr = None, sel_indices = None, max_per_head = None, scale = None, logit_soft_cap = None, stream = None))]
     #[allow(clippy::too_many_arguments)]
     fn decode<'py>(

@@ -23,13 +23,11 @@ use crate::cuda::backend::select::kmeans::Assignment;
 use crate::cuda::backend::select::pages::{page_bounds, PageBoundsWorkspace};
 use crate::cuda::backend::{CudaDevice, CudaSelections, DeviceTensor, KeyBoundsLayout};
 use crate::cuda::{bad_shape, dlpack, f32_contiguous, invalid, non_null, paged_kv, shared, stream_handle, stream_on, token_lists, Shared};
-use crate::errors::KvResultExt;
+use crate::errors::{detach, KvResultExt};
 use crate::options::AttentionKw;
 use crate::sparse::windows_arg;
 
-/// Update page key bounds kept in a device array (`[num_pages, num_kv_heads, 2, head_dim]`
-/// of the page dtype) from the keys in the slots ``entries`` names: an int32 device array
-/// ``[n, 4]`` of (page, reset, slot mask low 32 bits, slot mask high 32 bits).
+#[doc = doc!(cuda_update_key_bounds)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, key_bounds, entries, *, layout = "nhd", stream = None))]
 #[allow(clippy::too_many_arguments)]
@@ -59,7 +57,7 @@ pub fn cuda_update_key_bounds<'py>(
         return Err(Error::OutOfRange { param: "num_entries".into(), value: n as i64, range: format!("0..={}", i32::MAX) }).kv();
     }
     let st = stream_handle(stream);
-    py.detach(move || {
+    detach(py, move || {
         let dev = CudaDevice::get(kv.device)?;
         // SAFETY: every address comes from a DLPack capsule held until this call returns;
         // that the device memory holds what it claims (entries naming distinct pages of the
@@ -70,12 +68,9 @@ pub fn cuda_update_key_bounds<'py>(
             update_key_bounds(&dev, &view, bounds, ents, n, &stream_on(&dev, st))
         }
     })
-    .kv()
 }
 
-/// Page-bound (Quest) selection on the GPU for every sequence of the page table, written
-/// into device int32 arrays ``sel_indptr`` (``batch * num_kv_heads + 1``) and
-/// ``sel_indices`` (room for ``batch * num_kv_heads * max_seq_len``).
+#[doc = doc!(cuda_page_bounds)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, key_bounds, q, sel_indptr, sel_indices, *, max_seq_len, budget_tokens, min_pages = 0, layout = "nhd", stream = None))]
 #[allow(clippy::too_many_arguments)]
@@ -118,7 +113,7 @@ pub fn cuda_page_bounds<'py>(
     let st = stream_handle(stream);
     // Scratch per (device, stream, batch shape): calls on one stream are ordered.
     static WORKSPACES: Shared<(usize, usize, [usize; 6]), Mutex<PageBoundsWorkspace>> = OnceLock::new();
-    py.detach(move || {
+    detach(py, move || {
         let dev = CudaDevice::get(kv.device)?;
         let (l, hq) = (kv.layout, q.shape[1]);
         // SAFETY: as in cuda_update_key_bounds; the key bounds are those
@@ -133,12 +128,9 @@ pub fn cuda_page_bounds<'py>(
             page_bounds(&stream_on(&dev, st), &view, &q, &cfg, &mut ws, &out)
         }
     })
-    .kv()
 }
 
-/// Prefill attention on the GPU (tensor cores) over device pages with keys after RoPE:
-/// ``qo_indptr`` is a host sequence, ``windows`` optional (sinks, window) pairs per KV head,
-/// ``sel_indptr``/``sel_indices`` optional device token lists; writes ``out`` (and ``lse``).
+#[doc = doc!(cuda_paged_prefill)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, qo_indptr, out, *, causal = true, windows = None, sel_indptr = None, sel_indices = None, max_per_head = None, lse = None, layout = "nhd", scale = None, logit_soft_cap = None, stream = None))]
 #[allow(clippy::too_many_arguments)]
@@ -197,7 +189,7 @@ pub fn cuda_paged_prefill<'py>(
     let q = qd.device_tensor(&dims).kv()?;
     let out = od.device_tensor(&dims).kv()?;
     let st = stream_handle(stream);
-    py.detach(move || {
+    detach(py, move || {
         let dev = CudaDevice::get(kv.device)?;
         // SAFETY: as in cuda_update_key_bounds; the token lists are ascending and in range.
         unsafe {
@@ -215,7 +207,6 @@ pub fn cuda_paged_prefill<'py>(
             prefill(&s, &view, &q, &queries, masks.as_ref(), sels.as_ref(), &out, lse.as_ref(), &params, causal)
         }
     })
-    .kv()
 }
 
 /// `windows=` for the device prefill: none, or one per KV head, where a window of 0 tokens
@@ -239,8 +230,7 @@ fn head_windows(windows: &[Option<StreamingWindow>], num_kv_heads: usize) -> Res
     Ok(wins)
 }
 
-/// GemFilter on the GPU: the ``k`` tokens the last query points at, ascending, written to
-/// the device int32 array ``indices`` (``k`` values).
+#[doc = doc!(cuda_gemfilter_select)]
 #[pyfunction]
 #[pyo3(signature = (q, keys, indices, *, k, pool_kernel = 5, keep_first = 0, keep_last = 0, stream = None))]
 #[allow(clippy::too_many_arguments)]
@@ -270,7 +260,7 @@ pub fn cuda_gemfilter_select<'py>(
         return Err(invalid("q", format!("memory on the keys' CUDA device {}, got device {}", keys.device, q.device))).kv();
     }
     let st = stream_handle(stream);
-    py.detach(move || {
+    detach(py, move || {
         let dev = CudaDevice::get(keys.device)?;
         // SAFETY: `stream` as documented (see cuda_paged_decode).
         let s = unsafe { stream_on(&dev, st) };
@@ -281,10 +271,9 @@ pub fn cuda_gemfilter_select<'py>(
         // workspace's drop (cuMemFree) waits for the queued copy.
         unsafe { ws.copy_selected_to(dst, &s) }
     })
-    .kv()
 }
 
-/// A K-means index on a CUDA device for centroid retrieval on the GPU. See the stub.
+#[doc = doc!(CudaClusterIndex)]
 #[pyclass(name = "CudaClusterIndex", module = "kvsieve", frozen)]
 pub struct PyCudaClusterIndex {
     index: CudaClusterIndex,
@@ -315,24 +304,22 @@ pub(crate) fn device_ordinal(device: i32) -> PyResult<usize> {
 
 #[pymethods]
 impl PyCudaClusterIndex {
-    /// Copy a host :class:`ClusterIndex` to CUDA device ``device``.
+    #[doc = doc!(CudaClusterIndex.upload)]
     #[staticmethod]
     #[pyo3(signature = (index, *, device = 0, stream = None))]
     fn upload(py: Python<'_>, index: PyRef<'_, PyClusterIndex>, device: i32, stream: Option<i64>) -> PyResult<Self> {
         let host = index.snapshot();
         let ordinal = device_ordinal(device)?;
         let st = stream_handle(stream);
-        py.detach(move || {
+        detach(py, move || {
             let dev = CudaDevice::get(ordinal)?;
             // SAFETY: `stream` as documented (see cuda_paged_decode).
             CudaClusterIndex::upload(&dev, &host, &unsafe { stream_on(&dev, st) })
         })
-        .kv()
         .map(Self::from)
     }
 
-    /// Cluster device keys ``[n, num_kv_heads, head_dim]`` on their GPU; returns
-    /// ``(ClusterIndex, CudaClusterIndex)``: the same index on the host and on the device.
+    #[doc = doc!(CudaClusterIndex.build)]
     #[staticmethod]
     #[pyo3(signature = (keys, *, clusters, max_iter = 20, seed = 0, exclude_window = 0, coarse = None, stream = None))]
     #[allow(clippy::too_many_arguments)]
@@ -350,42 +337,43 @@ impl PyCudaClusterIndex {
         let kd = dlpack(keys, "keys", stream)?;
         let keys = kd.device_tensor(&["n", "num_kv_heads", "head_dim"]).kv()?;
         let st = stream_handle(stream);
-        let (host, dev) = py
-            .detach(move || {
-                let dev = CudaDevice::get(keys.device)?;
-                // SAFETY: the keys are device memory as their capsule describes, held until
-                // this call returns; `stream` as documented (see cuda_paged_decode).
-                let s = unsafe { stream_on(&dev, st) };
-                build_index(&dev, &keys, &cfg, Assignment::default_for(keys.dtype, keys.shape[2]), &s)
-            })
-            .kv()?;
+        let (host, dev) = detach(py, move || {
+            let dev = CudaDevice::get(keys.device)?;
+            // SAFETY: the keys are device memory as their capsule describes, held until
+            // this call returns; `stream` as documented (see cuda_paged_decode).
+            let s = unsafe { stream_on(&dev, st) };
+            build_index(&dev, &keys, &cfg, Assignment::default_for(keys.dtype, keys.shape[2]), &s)
+        })?;
         PyTuple::new(py, [Bound::new(py, PyClusterIndex::from(host))?.into_any(), Bound::new(py, Self::from(dev))?.into_any()])
     }
 
+    #[doc = doc!(CudaClusterIndex.num_kv_heads)]
     #[getter]
     fn num_kv_heads(&self) -> usize {
         self.index.num_kv_heads()
     }
+    #[doc = doc!(CudaClusterIndex.head_dim)]
     #[getter]
     fn head_dim(&self) -> usize {
         self.index.head_dim()
     }
+    #[doc = doc!(CudaClusterIndex.num_clusters)]
     #[getter]
     fn num_clusters(&self) -> usize {
         self.index.num_clusters()
     }
+    #[doc = doc!(CudaClusterIndex.num_coarse_clusters)]
     #[getter]
     fn num_coarse_clusters(&self) -> usize {
         self.index.num_coarse_clusters()
     }
-    /// Tokens clustered per KV head: ``sel_indices`` needs ``num_kv_heads * clustered_len``.
+    #[doc = doc!(CudaClusterIndex.clustered_len)]
     #[getter]
     fn clustered_len(&self) -> usize {
         self.index.clustered_len()
     }
 
-    /// Centroid retrieval on the GPU for the decode query ``q`` (device, after RoPE) into
-    /// device int32 arrays ``sel_indptr`` (``num_kv_heads + 1``) and ``sel_indices``.
+    #[doc = doc!(CudaClusterIndex.retrieve)]
     #[pyo3(signature = (q, sel_indptr, sel_indices, *, threshold = None, budget = None, hierarchical = false, coarse_threshold = None, coarse_budget = None, coarse_budget_multiple = None, rank = "estimate", stream = None))]
     #[allow(clippy::too_many_arguments)]
     fn retrieve<'py>(
@@ -425,7 +413,7 @@ impl PyCudaClusterIndex {
             return Err(invalid("hierarchical", "False for an index built without coarse= (it has no coarse level)")).kv();
         }
         let st = stream_handle(stream);
-        py.detach(|| {
+        detach(py, || {
             let dev = CudaDevice::get(q.device)?;
             let hq = q.shape[q.shape.len() - 2];
             // SAFETY: the lists have the sizes checked above, on the query's device; `stream`
@@ -441,7 +429,6 @@ impl PyCudaClusterIndex {
                 Some(c) => self.index.retrieve_hierarchical(&s, &q, c, &fine, ws, &out).map_err(rename_coarse),
             }
         })
-        .kv()
     }
 
     fn __repr__(&self) -> String {

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 
 use crate::arrays::{items, seq_id, to_numpy, type_name, usize_arg, FloatArray};
 use crate::cache::PyKvCache;
-use crate::errors::KvResultExt;
+use crate::errors::{detach, KvResultExt};
 use crate::selection::PySelection;
 
 /// Where a call's keys come from.
@@ -147,7 +147,7 @@ pub(crate) fn with_keys<T: Send>(
             let (_, hk, d) = check_keys(a.shape(), "keys").kv()?;
             check_q(hk, d).kv()?;
             let kv = a.view().kv()?;
-            py.detach(|| f(KeySource::Tensor(&kv))).kv()
+            detach(py, || f(KeySource::Tensor(&kv)))
         }
         Keys::Cache { cache, seq, layer } => {
             let (seq, layer) = (*seq, *layer);
@@ -159,7 +159,7 @@ pub(crate) fn with_keys<T: Send>(
     }
 }
 
-/// Unpooled GemFilter scores: per token, the sum over query heads of ``q_h · k_t``.
+#[doc = doc!(gemfilter_scores)]
 #[pyfunction]
 #[pyo3(signature = (q, keys = None, *, cache = None, seq = None, layer = None))]
 pub fn gemfilter_scores<'py>(
@@ -179,7 +179,7 @@ pub fn gemfilter_scores<'py>(
     to_numpy(py, scores, &[n])
 }
 
-/// Centred 1-D average pool over the entries that exist (odd ``kernel``).
+#[doc = doc!(avg_pool)]
 #[pyfunction]
 pub fn avg_pool<'py>(py: Python<'py>, scores: &Bound<'py, PyAny>, kernel: i64) -> PyResult<Bound<'py, PyAny>> {
     let kernel = usize_arg(kernel, "kernel")?;
@@ -192,7 +192,7 @@ pub fn avg_pool<'py>(py: Python<'py>, scores: &Bound<'py, PyAny>, kernel: i64) -
         return Err(Error::Shape { param: "scores".into(), expected: "a 1-D array".into(), got: format!("{:?}", arr.shape()) }).kv();
     }
     let values = arr.to_f32_vec();
-    let pooled = py.detach(|| gemfilter::avg_pool(&values, kernel)).kv()?;
+    let pooled = detach(py, || gemfilter::avg_pool(&values, kernel))?;
     let n = pooled.len();
     to_numpy(py, pooled, &[n])
 }
@@ -206,8 +206,7 @@ fn gemfilter_config(k: i64, pool_kernel: i64, keep_first: i64, keep_last: i64) -
     })
 }
 
-/// GemFilter: the ``k`` tokens the query points at (pooled scores, forced first and last
-/// tokens), ascending.
+#[doc = doc!(gemfilter_select)]
 #[pyfunction]
 #[pyo3(signature = (q, keys = None, *, cache = None, seq = None, layer = None, k, pool_kernel = 5, keep_first = 0, keep_last = 0))]
 #[allow(clippy::too_many_arguments)]
@@ -233,8 +232,7 @@ pub fn gemfilter_select<'py>(
     to_numpy(py, kept, &[n])
 }
 
-/// SnapKV: per KV head, the ``k - w`` prefix tokens the window queries attend to most
-/// (pooled), plus the window; returns ``(selection, union)``.
+#[doc = doc!(snapkv)]
 #[pyfunction]
 #[pyo3(signature = (q_window, keys = None, *, cache = None, seq = None, layer = None, k, pool_kernel = 7, scale = None))]
 #[allow(clippy::too_many_arguments)]
@@ -268,8 +266,7 @@ pub fn snapkv<'py>(
     Ok((PySelection::from(res.per_head), to_numpy(py, res.union, &[n])?))
 }
 
-/// Filter-layer calibration: per layer, the share of the needle ``needle_start ..
-/// needle_end`` that GemFilter keeps from that layer's query and keys (float64 array).
+#[doc = doc!(calibrate_filter_layer)]
 #[pyfunction]
 #[pyo3(signature = (queries, keys, needle_start, needle_end, *, k, pool_kernel = 5, keep_first = 0, keep_last = 0))]
 #[allow(clippy::too_many_arguments)]
@@ -325,14 +322,12 @@ pub fn calibrate_filter_layer<'py>(
         arrays.push((q, kk));
     }
     let views = arrays.iter().map(|(q, kk)| Ok((q.view()?, kk.view()?))).collect::<Result<Vec<_>, Error>>().kv()?;
-    let res = py
-        .detach(|| {
-            gemfilter::calibrate_layers(views.len(), start..end, &cfg, &mut |l| {
-                let (q, kk): &(TensorView, TensorView) = &views[l];
-                Ok((q.clone(), KeySource::Tensor(kk)))
-            })
+    let res = detach(py, || {
+        gemfilter::calibrate_layers(views.len(), start..end, &cfg, &mut |l| {
+            let (q, kk): &(TensorView, TensorView) = &views[l];
+            Ok((q.clone(), KeySource::Tensor(kk)))
         })
-        .kv()?;
+    })?;
     let recalls: Vec<f64> = res.iter().map(|r| r.recall).collect();
     let n = recalls.len();
     to_numpy(py, recalls, &[n])

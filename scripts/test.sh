@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Every test: Rust (unit, property, integration, C programs against the header and the
-# built library, header/export check), the examples, and pytest on the installed wheel.
+# Every test: Rust (unit, property, integration), the C library (crates/kvsieve-c: C programs
+# against the headers and the built library, header/export check), the examples, and
+# pytest on the installed wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
 bash scripts/setup.sh
 
-echo "== cargo build (library for the C tests, examples, benches)"
+echo "== cargo build (library, examples, benches)"
 cargo build --lib --examples --benches
 echo "== cargo test"
 cargo test --no-fail-fast
 cargo test --doc
+echo "== cargo test -p kvsieve-c (the C library: C programs under valgrind, headers, exports)"
+cargo test -p kvsieve-c --no-fail-fast
 # The CPU kernels pick the best instruction set at run time (AVX-512, AVX2, portable); the
 # suites that reach them run again with each lower level this CPU can replace the best with.
 for isa in avx2 portable; do

@@ -6,8 +6,10 @@
 //!   prefix sharing by fork, eviction, per-page key bounds, CSR page tables);
 //! - [`PagedKv`]: a validated view over one layer's paged K/V, owned by kvsieve or by the engine;
 //! - [`attention`]: dense decode and prefill over a `PagedKv`, `merge_states`, RoPE;
-//! - [`backend`]: [`Device`] and, with the `cuda` feature, the CUDA backend;
-//! - [`ffi`]: the C ABI declared in `include/kvsieve.h`.
+//! - [`backend`]: [`Device`] and, with the `cuda` feature, the CUDA backend.
+//!
+//! The C ABI declared in `include/kvsieve.h` is a crate of its own over this one,
+//! `crates/kvsieve-c` (`libkvsieve.so`, `libkvsieve.a`).
 
 pub mod attention;
 pub mod backend;
@@ -15,7 +17,6 @@ pub mod config;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
-pub mod ffi;
 pub mod kv;
 pub mod runtime;
 pub mod select;

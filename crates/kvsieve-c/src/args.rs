@@ -1,5 +1,6 @@
 //! Checks of raw arguments: pointers to handles and out-parameters, caller buffers turned
-//! into slices, and the rule that a buffer kvsieve writes never overlaps one it reads.
+//! into slices, the rule that a buffer kvsieve writes never overlaps one it reads, room in
+//! caller buffers, and the parameter an error names.
 
 use kvsieve::error::{Error, Result};
 
@@ -123,4 +124,28 @@ pub(crate) fn check_disjoint(writes: &[Region], reads: &[Region]) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// `InvalidArgument` naming `param` unless a caller buffer of `capacity` values has room
+/// for `need` (`what` says what they are).
+pub(crate) fn check_capacity(param: &str, capacity: usize, need: usize, what: &str) -> Result<()> {
+    if capacity < need {
+        return Err(Error::invalid(param, format!("room for at least {need} values ({what}), got {capacity}")));
+    }
+    Ok(())
+}
+
+/// `e` naming the parameter `to` where it named `from` (a core argument that a C call
+/// passes under another name); any other error unchanged.
+/// `e` with its parameter renamed to `to` if it names `from` (the core names its own
+/// arguments; a C parameter may be called differently).
+pub(crate) fn rename(e: Error, from: &str, to: &str) -> Error {
+    match e {
+        Error::InvalidArgument { param, expected } if param == from => Error::InvalidArgument { param: to.into(), expected },
+        Error::Shape { param, expected, got } if param == from => Error::Shape { param: to.into(), expected, got },
+        Error::DType { param, expected, got } if param == from => Error::DType { param: to.into(), expected, got },
+        Error::NullPointer { param } if param == from => Error::NullPointer { param: to.into() },
+        Error::OutOfRange { param, value, range } if param == from => Error::OutOfRange { param: to.into(), value, range },
+        e => e,
+    }
 }

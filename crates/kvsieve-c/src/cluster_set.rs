@@ -1,6 +1,7 @@
-//! The cluster index set (`kvsieve_cluster_set_t`): the per-(sequence, layer) cluster
-//! indexes that a policy with `clusters=` reads, built from a cache after prefill, updated
-//! as tokens arrive, and passed to `kvsieve_cache_decode_with_clusters`.
+//! `cluster.h`, centroid retrieval in policies: the cluster index set
+//! (`kvsieve_cluster_set_t`), the per-(sequence, layer) cluster indexes that a policy with
+//! `clusters=` reads, built from a cache after prefill, updated as tokens arrive, and passed
+//! to `kvsieve_cache_decode_with_clusters`.
 //!
 //! The set lives behind a reader-writer lock: decoding takes the read lock (any number at
 //! once); building, updating and removing take the write lock. The cache's read lock is

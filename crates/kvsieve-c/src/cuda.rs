@@ -1,4 +1,4 @@
-//! The CUDA entry points of the C ABI (`kvsieve_cuda_*`): device checks, paged decode
+//! `cuda.h`: the CUDA entry points of the C ABI (`kvsieve_cuda_*`): device checks, paged decode
 //! (dense and sparse), paged append and `merge_states` over device memory, queued on the
 //! engine's `cudaStream_t` (passed as `void *`; NULL is the legacy default stream).
 //!

@@ -1,4 +1,4 @@
-//! The C surface of `CudaKvCache` (`kvsieve_cuda_cache_*`): kvsieve-owned pages resident on
+//! `cuda.h`, device caches: the C surface of `CudaKvCache` (`kvsieve_cuda_cache_*`): kvsieve-owned pages resident on
 //! a CUDA device, with the host cache's bookkeeping (sequences, fork with copy on write,
 //! append, write from host or device tensors, truncate, page eviction, compaction), and a
 //! layer view (`kvsieve_cuda_cache_layer_view`) that fills a `kvsieve_paged_kv_t` device
@@ -13,9 +13,8 @@ use std::ffi::c_void;
 use kvsieve::error::{Error, Result};
 
 use super::args::{non_null, read_struct, slice, slice_mut, write_out};
-use super::cache::kvsieve_cache_config_t;
+use super::cache::{compact_lists, keep_tokens, kvsieve_cache_config_t};
 use super::error::{guard, kvsieve_error_t};
-use super::sequence::{compact_lists, keep_tokens};
 use super::tensor::kvsieve_tensor_t;
 use super::view::kvsieve_paged_kv_t;
 

@@ -1,5 +1,6 @@
-//! The CUDA selection and prefill entry points of the C ABI, over device memory the engine
-//! owns, queued on its `cudaStream_t`:
+//! `cuda.h`, key bounds, selection, prefill, clusters and GemFilter: the CUDA entry points
+//! for selection and prefill, over device memory the engine owns, queued on its
+//! `cudaStream_t`:
 //! - `kvsieve_cuda_update_key_bounds`, `kvsieve_cuda_page_bounds`: Quest page bounds kept
 //!   in an engine buffer and page-bound selection into a device CSR;
 //! - `kvsieve_cuda_paged_prefill`: tensor-core prefill with sink / window / Λ masks and
@@ -8,7 +9,7 @@
 //!   index, or clustered on the device) and centroid retrieval into a device CSR;
 //! - `kvsieve_cuda_gemfilter_select`: GemFilter's token choice on the device.
 //!
-//! As in `ffi::cuda`, every argument that lives on the host is checked before the device
+//! As in `cuda`, every argument that lives on the host is checked before the device
 //! is touched, and a build without the `cuda` feature answers `KVSIEVE_ERROR_CUDA_UNAVAILABLE`
 //! after those checks.
 
@@ -18,13 +19,14 @@ use std::mem::{align_of, offset_of, size_of};
 use kvsieve::error::{Error, Result};
 
 use super::args::{non_null, read_struct, slice, write_out};
-use super::cluster::{index_ref, kvsieve_cluster_config_t, kvsieve_cluster_index_t, kvsieve_retrieve_config_t};
+use super::attention::{self, kvsieve_streaming_window_t};
+use super::cluster::{index_ref, kvsieve_cluster_config_t, kvsieve_cluster_index_t};
+use super::cluster_retrieve::kvsieve_retrieve_config_t;
 use super::cuda::{device_tensor, parse_kv, DevTensor};
 use super::error::{guard, kvsieve_error_t};
 use super::gemfilter::kvsieve_gemfilter_config_t;
 use super::params::{attention_params, kvsieve_attention_params_t};
-use super::select::kvsieve_page_bounds_config_t;
-use super::sparse::{self, kvsieve_streaming_window_t};
+use super::selection::kvsieve_page_bounds_config_t;
 use super::tensor::kvsieve_tensor_t;
 use super::view::kvsieve_paged_kv_t;
 
@@ -156,7 +158,7 @@ pub unsafe extern "C" fn kvsieve_cuda_paged_prefill(
     guard("kvsieve_cuda_paged_prefill", || {
         let d = parse_kv(kv)?;
         let qo = slice(qo_indptr, d.batch + 1, "qo_indptr")?.to_vec();
-        let wins = sparse::windows(windows, num_windows)?;
+        let wins = attention::windows(windows, num_windows)?;
         if !wins.is_empty() && wins.len() != d.layout.num_kv_heads {
             return Err(Error::shape("windows", format!("[{}] (one per KV head) or none", d.layout.num_kv_heads), format!("[{}]", wins.len())));
         }
@@ -338,7 +340,7 @@ mod imp {
     use kvsieve::select::gemfilter::GemFilterConfig;
 
     use super::kvsieve_cuda_cluster_index_t;
-    use super::super::cluster::{kvsieve_retrieve_config_t, rename_coarse, retrieval_rule};
+    use super::super::cluster_retrieve::{kvsieve_retrieve_config_t, rename_coarse, retrieval_rule};
     use super::super::cuda::{DevTensor, Kv};
 
     fn tensor(t: &DevTensor) -> DeviceTensor {
@@ -473,7 +475,7 @@ mod imp {
         let out = CudaSelections::from_device(sel.0, sel.1, 1, ix.num_kv_heads(), ix.clustered_len(), q.device)?;
         let s = stream_of(&dev, stream);
         let mut guard = h.inner.ws.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.as_ref().map_or(true, |(n, _)| *n != hq) {
+        if guard.as_ref().is_none_or(|(n, _)| *n != hq) {
             *guard = Some((hq, ClusterWorkspace::new(ix, hq)?));
         }
         let ws = &mut guard.as_mut().expect("set above").1;
@@ -510,7 +512,7 @@ mod imp {
     use kvsieve::select::gemfilter::GemFilterConfig;
 
     use super::kvsieve_cuda_cluster_index_t;
-    use super::super::cluster::kvsieve_retrieve_config_t;
+    use super::super::cluster_retrieve::kvsieve_retrieve_config_t;
     use super::super::cuda::{unavailable, DevTensor, Kv};
 
     pub(super) unsafe fn update_key_bounds(_: &Kv, _: u64, _: u64, _: usize, _: *mut c_void) -> Result<()> {

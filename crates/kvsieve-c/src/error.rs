@@ -1,4 +1,4 @@
-//! Error objects handed to C, and the guards that run every entry point: a panic never
+//! `error.h`: error objects handed to C, and the guards that run every entry point: a panic never
 //! crosses the boundary, it becomes an `Internal` error (or a fallback value).
 
 use std::any::Any;

@@ -1,10 +1,11 @@
-//! GemFilter and SnapKV (`kvsieve::select::gemfilter`): token scores of a filter layer's
-//! last query (`kvsieve_gemfilter_scores`), their centred average pool (`kvsieve_avg_pool`),
-//! GemFilter's selection (`kvsieve_gemfilter_select`), SnapKV's per-head selection
-//! (`kvsieve_snapkv`) and filter-layer calibration (`kvsieve_gemfilter_calibrate_layers`).
+//! `gemfilter.h`: GemFilter and SnapKV (`kvsieve::select::gemfilter`): token scores of a
+//! filter layer's last query (`kvsieve_gemfilter_scores`), their centred average pool
+//! (`kvsieve_avg_pool`), GemFilter's selection (`kvsieve_gemfilter_select`), SnapKV's
+//! per-head selection (`kvsieve_snapkv`) and filter-layer calibration
+//! (`kvsieve_gemfilter_calibrate_layers`).
 //!
-//! Keys come from a `kvsieve_key_source_t`: a key tensor, or a (cache, sequence, layer) of a
-//! cache handle, whose read lock the call takes.
+//! Keys come from a `kvsieve_key_source_t` (see `cache`): a key tensor, or a (cache,
+//! sequence, layer) of a cache handle, whose read lock the call takes.
 
 use std::mem::{align_of, offset_of, size_of};
 
@@ -15,26 +16,11 @@ use kvsieve::kv::KvCache;
 use kvsieve::select::gemfilter::{avg_pool, calibrate_layers, select, snapkv, token_scores, GemFilterConfig, KeySource, SnapKvConfig};
 use kvsieve::tensor::TensorView;
 
-use super::args::{check_disjoint, non_null, opt_slice_mut, read_struct, slice, slice_mut, write_out, Region};
-use super::cache::{cache_ref_named, kvsieve_cache_t};
+use super::args::{check_capacity, check_disjoint, non_null, opt_slice_mut, read_struct, rename, slice, slice_mut, write_out, Region};
+use super::cache::{key_source, kvsieve_cache_t, kvsieve_key_source_t, Source};
 use super::error::{guard, guard_value, kvsieve_error_t};
-use super::select::parse_query;
-use super::selection::{check_capacity, into_handle, kvsieve_selection_t};
-use super::tensor::{kvsieve_tensor_t, Tensor};
-
-/// Where the keys of a filter layer come from (see `kvsieve_key_source_t` in the header):
-/// exactly one of `tensor` and `cache`.
-#[allow(non_camel_case_types)]
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct kvsieve_key_source_t {
-    /// Keys `[n, num_kv_heads, head_dim]` (after RoPE), or NULL.
-    pub tensor: *const kvsieve_tensor_t,
-    /// A cache holding the keys of `seq` at `layer`, or NULL.
-    pub cache: *const kvsieve_cache_t,
-    pub seq: u64,
-    pub layer: usize,
-}
+use super::selection::{into_handle, kvsieve_selection_t};
+use super::tensor::{kvsieve_tensor_t, parse_query, Tensor};
 
 /// Options of GemFilter's selection (see `kvsieve_gemfilter_config_t` in the header).
 #[allow(non_camel_case_types)]
@@ -60,11 +46,6 @@ pub struct kvsieve_snapkv_config_t {
 
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_key_source_t>() == 32 && align_of::<kvsieve_key_source_t>() == 8);
-    assert!(offset_of!(kvsieve_key_source_t, tensor) == 0);
-    assert!(offset_of!(kvsieve_key_source_t, cache) == 8);
-    assert!(offset_of!(kvsieve_key_source_t, seq) == 16);
-    assert!(offset_of!(kvsieve_key_source_t, layer) == 24);
     assert!(size_of::<kvsieve_gemfilter_config_t>() == 32 && align_of::<kvsieve_gemfilter_config_t>() == 8);
     assert!(offset_of!(kvsieve_gemfilter_config_t, pool_kernel) == 8);
     assert!(offset_of!(kvsieve_gemfilter_config_t, keep_first) == 16);
@@ -73,74 +54,6 @@ const _: () = {
     assert!(offset_of!(kvsieve_snapkv_config_t, pool_kernel) == 8);
     assert!(offset_of!(kvsieve_snapkv_config_t, scale) == 16);
 };
-
-const KEY_DIMS: [&str; 3] = ["n", "num_kv_heads", "head_dim"];
-
-/// A checked key source.
-pub(crate) enum Source<'a> {
-    Tensor(Tensor),
-    Cache { cache: &'a kvsieve_cache_t, seq: u64, layer: usize, param: String },
-}
-
-/// The key source behind `src`, named `param` in messages (`param.tensor`, `param.cache`).
-///
-/// # Safety
-/// 1. `src` is NULL or readable; its `tensor` is NULL or a valid descriptor; its `cache` is
-///    NULL or a live handle, not freed while `'a` lasts.
-pub(crate) unsafe fn key_source<'a>(src: *const kvsieve_key_source_t, param: &str) -> Result<Source<'a>> {
-    let s = read_struct(src, param)?;
-    match (s.tensor.is_null(), s.cache.is_null()) {
-        (false, true) => Ok(Source::Tensor(Tensor::parse(s.tensor, &format!("{param}.tensor"), &KEY_DIMS)?)),
-        (true, false) => {
-            Ok(Source::Cache { cache: cache_ref_named(s.cache, &format!("{param}.cache"))?, seq: s.seq, layer: s.layer, param: param.into() })
-        }
-        (true, true) => Err(Error::invalid(
-            param,
-            format!("a key tensor in `{param}.tensor` or a cache in `{param}.cache` (with `seq` and `layer`), but both are NULL"),
-        )),
-        (false, false) => Err(Error::invalid(param, format!("exactly one of `{param}.tensor` and `{param}.cache`, but both are set"))),
-    }
-}
-
-impl Source<'_> {
-    /// The bytes a key tensor spans (none for a cache, whose memory callers never see).
-    pub(crate) fn region(&self) -> Option<Region> {
-        match self {
-            Source::Tensor(t) => Some(t.region()),
-            Source::Cache { .. } => None,
-        }
-    }
-
-    /// Run `f` on the keys: a view of the tensor, or the cache under its read lock.
-    ///
-    /// # Safety
-    /// 1. a tensor's memory is readable and not written during the call.
-    pub(crate) unsafe fn run<T>(&self, f: impl FnOnce(KeySource) -> Result<T>) -> Result<T> {
-        match self {
-            Source::Tensor(t) => {
-                let v = t.view()?;
-                f(KeySource::Tensor(&v))
-            }
-            Source::Cache { cache, seq, layer, param } => {
-                let g = cache.read();
-                f(KeySource::Cache { cache: &g, seq: *seq, layer: *layer }).map_err(|e| rename(e, "layer", &format!("{param}.layer")))
-            }
-        }
-    }
-}
-
-/// `e` with its parameter renamed to `to` if it names `from` (the core names its own
-/// arguments; a C parameter may be called differently).
-pub(crate) fn rename(e: Error, from: &str, to: &str) -> Error {
-    match e {
-        Error::InvalidArgument { param, expected } if param == from => Error::InvalidArgument { param: to.into(), expected },
-        Error::Shape { param, expected, got } if param == from => Error::Shape { param: to.into(), expected, got },
-        Error::DType { param, expected, got } if param == from => Error::DType { param: to.into(), expected, got },
-        Error::NullPointer { param } if param == from => Error::NullPointer { param: to.into() },
-        Error::OutOfRange { param, value, range } if param == from => Error::OutOfRange { param: to.into(), value, range },
-        e => e,
-    }
-}
 
 impl kvsieve_gemfilter_config_t {
     pub(crate) fn to_core(self) -> GemFilterConfig {

@@ -1,5 +1,7 @@
-//! Attention parameters and RoPE configuration as C structs. Zero-initialised structs
-//! mean the defaults (except `theta`, which has none).
+//! The attention parameter and RoPE structs of `attention.h` (`kvsieve_attention_params_t`,
+//! `kvsieve_rope_config_t`, the `KVSIEVE_POSITIONS_*` position modes) and their conversion
+//! to the core's types. Zero-initialised structs mean the defaults (except `theta`, which
+//! has none).
 
 use std::mem::{align_of, offset_of, size_of};
 
@@ -7,7 +9,15 @@ use kvsieve::attention::{AttentionParams, PositionMode, RopeConfig, RopeStyle};
 use kvsieve::error::{Error, Result};
 
 use super::args::read_struct;
-use super::policy::{POSITIONS_CAPPED, POSITIONS_CONTIGUOUS, POSITIONS_ORIGINAL};
+
+/// `KVSIEVE_POSITIONS_ORIGINAL`.
+pub const POSITIONS_ORIGINAL: u32 = 0;
+
+/// `KVSIEVE_POSITIONS_CONTIGUOUS`.
+pub const POSITIONS_CONTIGUOUS: u32 = 1;
+
+/// `KVSIEVE_POSITIONS_CAPPED`.
+pub const POSITIONS_CAPPED: u32 = 2;
 
 /// RoPE parameters (see `kvsieve_rope_config_t` in the header).
 #[allow(non_camel_case_types)]

@@ -1,15 +1,19 @@
-//! The selection handle (`kvsieve_selection_t`): a [`Selection`] made from CSR arrays, dense,
-//! one list for all heads, sinks + window or the Λ-mask; its inspection (shape, CSR arrays,
-//! one head's tokens, statistics), union and intersection. A selection never changes after
-//! it is made, so one handle may be read from any number of threads at once.
+//! `selection.h`: the selection handle (`kvsieve_selection_t`), a [`Selection`] made from
+//! CSR arrays, dense, one list for all heads, sinks + window or the Λ-mask; its inspection
+//! (shape, CSR arrays, one head's tokens, statistics), union and intersection; and
+//! page-bound (Quest) selection on a cache (`kvsieve_selection_page_bounds`, under the
+//! cache's read lock). A selection never changes after it is made, so one handle may be
+//! read from any number of threads at once.
 
 use std::mem::{align_of, offset_of, size_of};
 
 use kvsieve::error::{Error, Result};
-use kvsieve::select::{lambda, streaming, Selection};
+use kvsieve::select::{lambda, page_bounds, streaming, PageBoundsConfig, Selection};
 
-use super::args::{check_disjoint, non_null, opt_slice_mut, slice, slice_mut, write_out, Region};
+use super::args::{check_capacity, check_disjoint, non_null, opt_slice_mut, read_struct, slice, slice_mut, write_out, Region};
+use super::cache::{cache_ref, kvsieve_cache_t};
 use super::error::{guard, guard_value, kvsieve_error_t};
+use super::tensor::{kvsieve_tensor_t, parse_query};
 
 /// Tokens each KV head of one (sequence, layer) reads (see `kvsieve_selection_t` in the
 /// header). Immutable once made.
@@ -39,6 +43,21 @@ const _: () = {
     assert!(offset_of!(kvsieve_selection_stats_t, density) == 24);
     assert!(offset_of!(kvsieve_selection_stats_t, min_density) == 32);
     assert!(offset_of!(kvsieve_selection_stats_t, max_density) == 40);
+};
+
+/// Settings of page-bound selection (see `kvsieve_page_bounds_config_t` in the header).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct kvsieve_page_bounds_config_t {
+    pub budget_tokens: usize,
+    pub min_pages: usize,
+}
+
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(size_of::<kvsieve_page_bounds_config_t>() == 16 && align_of::<kvsieve_page_bounds_config_t>() == 8);
+    assert!(offset_of!(kvsieve_page_bounds_config_t, min_pages) == 8);
 };
 
 /// The selection behind a handle, or `NullPointer` naming `param`.
@@ -76,13 +95,6 @@ unsafe fn make(out: *mut *mut kvsieve_selection_t, f: impl FnOnce() -> Result<Se
     non_null(out, "out")?;
     let sel = f()?;
     write_out(out, into_handle(sel));
-    Ok(())
-}
-
-pub(crate) fn check_capacity(param: &str, capacity: usize, need: usize, what: &str) -> Result<()> {
-    if capacity < need {
-        return Err(Error::invalid(param, format!("room for at least {need} values ({what}), got {capacity}")));
-    }
     Ok(())
 }
 
@@ -358,6 +370,33 @@ pub unsafe extern "C" fn kvsieve_selection_stats(
                 max_density: st.max_density,
             },
         );
+        Ok(())
+    })
+}
+
+/// Page-bound (Quest) selection for the decode query `q` of sequence `seq` at `layer`.
+///
+/// # Safety
+/// 1. `cache` is NULL or a live handle; `config` is NULL or readable;
+/// 2. `q` is NULL or a valid descriptor whose data is not written during the call;
+/// 3. `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvsieve_selection_page_bounds(
+    cache: *const kvsieve_cache_t,
+    seq: u64,
+    layer: usize,
+    q: *const kvsieve_tensor_t,
+    config: *const kvsieve_page_bounds_config_t,
+    out: *mut *mut kvsieve_selection_t,
+) -> *mut kvsieve_error_t {
+    guard("kvsieve_selection_page_bounds", || {
+        let c = cache_ref(cache)?;
+        let cfg = read_struct(config, "config")?;
+        non_null(out, "out")?;
+        let q = parse_query(q, "q")?.view()?;
+        let cfg = PageBoundsConfig { budget_tokens: cfg.budget_tokens, min_pages: cfg.min_pages };
+        let sel = page_bounds(&c.read(), seq, layer, &q, &cfg)?;
+        write_out(out, into_handle(sel));
         Ok(())
     })
 }

@@ -1,4 +1,4 @@
-//! Tensor descriptors laid out exactly like DLPack's `DLTensor`, `DLDevice` and
+//! `tensor.h`: tensor descriptors laid out exactly like DLPack's `DLTensor`, `DLDevice` and
 //! `DLDataType`, so that a `DLManagedTensor`'s `dl_tensor` can be passed as is, and their
 //! validation into [`TensorView`]s.
 
@@ -13,8 +13,10 @@ use super::args::{non_null, read_struct, slice, Region};
 
 /// DLPack `kDLCPU`.
 pub const DEVICE_CPU: i32 = 1;
+
 /// DLPack `kDLFloat`.
 pub const DTYPE_CODE_FLOAT: u8 = 2;
+
 /// DLPack `kDLBfloat`.
 pub const DTYPE_CODE_BFLOAT: u8 = 4;
 
@@ -206,5 +208,19 @@ impl Tensor {
     ///    else, for `'a`.
     pub unsafe fn view_mut<'a>(&self) -> Result<TensorViewMut<'a>> {
         TensorViewMut::from_raw(self.ptr, self.dtype, &self.shape, &self.strides)
+    }
+}
+
+/// A decode query of one sequence named `name`: `[num_qo_heads, head_dim]` or
+/// `[1, num_qo_heads, head_dim]`.
+///
+/// # Safety
+/// As for [`Tensor::parse`].
+pub(crate) unsafe fn parse_query(q: *const kvsieve_tensor_t, name: &str) -> Result<Tensor> {
+    let ndim = read_struct(q, name)?.ndim;
+    if ndim == 2 {
+        Tensor::parse(q, name, &["num_qo_heads", "head_dim"])
+    } else {
+        Tensor::parse(q, name, &["1", "num_qo_heads", "head_dim"])
     }
 }

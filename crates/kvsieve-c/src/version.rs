@@ -1,4 +1,4 @@
-//! Library version and the SIMD instruction set chosen at run time.
+//! `version.h`: the library version and the SIMD instruction set chosen at run time.
 
 use std::ffi::{c_char, CString};
 use std::sync::OnceLock;

@@ -1,4 +1,4 @@
-//! Views over engine-owned paged KV memory (`kvsieve_paged_kv_t`) and attention over them
+//! `view.h`: views over engine-owned paged KV memory (`kvsieve_paged_kv_t`) and attention over them
 //! (`kvsieve_paged_decode`, `kvsieve_paged_prefill`, and their sparse forms over selections).
 //! Nothing is copied: the descriptor is validated into a [`PagedKv`] for the duration of one
 //! call.
@@ -13,12 +13,11 @@ use kvsieve::error::{Error, Result};
 use kvsieve::kv::{PageTableRef, PagedKv, PagedKvLayout};
 
 use super::args::{non_null, opt_slice, read_struct, slice, Region};
-use super::attention::{AttentionArgs, DECODE_DIMS, PREFILL_DIMS};
+use super::attention::{self, kvsieve_streaming_window_t, AttentionArgs, DECODE_DIMS, PREFILL_DIMS};
 use super::cache::key_rope;
 use super::error::{guard, kvsieve_error_t};
 use super::params::kvsieve_attention_params_t;
 use super::selection::{kvsieve_selection_t, selection_list};
-use super::sparse::{self, kvsieve_streaming_window_t};
 use super::tensor::{check_device, kvsieve_device_t, kvsieve_dtype_t, kvsieve_tensor_t};
 
 /// One layer of engine-owned paged K/V memory plus a batch's CSR page table (see
@@ -271,7 +270,7 @@ pub unsafe extern "C" fn kvsieve_paged_prefill_sparse(
         let batch = view.table.batch_size();
         let qo = slice(qo_indptr, batch + 1, "qo_indptr")?;
         let sels = selection_list(selections, batch, "selections")?;
-        let wins = sparse::windows(windows, num_windows)?;
+        let wins = attention::windows(windows, num_windows)?;
         let mut reads = view.regions.clone();
         reads.push(Region::of(qo_indptr, batch + 1, "qo_indptr"));
         reads.push(Region::of(selections, batch, "selections"));

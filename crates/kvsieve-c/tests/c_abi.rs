@@ -80,7 +80,7 @@ fn staged_library() -> &'static Path {
         let dir = scratch().join("lib");
         std::fs::create_dir_all(&dir).expect("create the library directory");
         let tmp = dir.join(format!("{}.tmp", lib_name()));
-        std::fs::copy(&src, &tmp).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
+        std::fs::copy(src, &tmp).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
         std::fs::rename(&tmp, dir.join(lib_name())).expect("stage the library");
         if cfg!(target_os = "linux") {
             // The programs record the library's SONAME and load the file of that name.

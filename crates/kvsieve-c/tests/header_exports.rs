@@ -1,7 +1,8 @@
 //! The C headers and the shared library agree: the functions declared by `include/kvsieve.h`
 //! and the headers of `include/kvsieve/` it includes (parsed with bindgen, which follows the
-//! includes) are exactly the `kvsieve_*` symbols the library exports (listed with
-//! `nm -D --defined-only`), and the headers' version macros and enum values match the crate.
+//! includes) are exactly the symbols the library exports (listed with
+//! `nm -D --defined-only`: nothing else, no Rust or dependency symbols), its SONAME is
+//! `libkvsieve.so.<major>`, and the headers' version macros and enum values match the crate.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -75,12 +76,11 @@ fn parse_header() -> Seen {
 
 fn exported_symbols() -> BTreeSet<String> {
     let lib = common::built_library();
-    let out = Command::new("nm").args(["-D", "--defined-only"]).arg(&lib).output().unwrap_or_else(|e| panic!("run nm on {}: {e}", lib.display()));
+    let out = Command::new("nm").args(["-D", "--defined-only"]).arg(lib).output().unwrap_or_else(|e| panic!("run nm on {}: {e}", lib.display()));
     assert!(out.status.success(), "nm failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().last())
-        .filter(|name| name.starts_with("kvsieve_"))
         .map(str::to_string)
         .collect()
 }
@@ -94,10 +94,24 @@ fn header_declares_exactly_the_exported_functions() {
     let missing: Vec<&String> = declared.difference(&exported).collect();
     assert!(
         undeclared.is_empty() && missing.is_empty(),
-        "headers and library disagree\nexported but not declared by include/kvsieve.h or the headers it includes: {undeclared:#?}\n\
+        "headers and library disagree\nexported but not declared by include/kvsieve.h or the headers it includes \
+         (the version script crates/kvsieve-c/exports.map exports `kvsieve_*` only): {undeclared:#?}\n\
          declared but not exported by the library: {missing:#?}"
     );
     println!("{} functions declared and exported", declared.len());
+}
+
+/// The SONAME the library records (`readelf -d`), which programs linked against it load.
+#[test]
+#[cfg(target_os = "linux")]
+fn shared_library_soname_is_the_major_version() {
+    let lib = common::built_library();
+    let out = Command::new("readelf").arg("-d").arg(lib).output().unwrap_or_else(|e| panic!("run readelf on {}: {e}", lib.display()));
+    assert!(out.status.success(), "readelf failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let soname = stdout.lines().find(|l| l.contains("(SONAME)")).unwrap_or_else(|| panic!("{} has no SONAME:\n{stdout}", lib.display()));
+    let want = format!("[libkvsieve.so.{}]", env!("CARGO_PKG_VERSION_MAJOR"));
+    assert!(soname.trim_end().ends_with(&want), "SONAME of {}: {soname}, expected {want}", lib.display());
 }
 
 #[test]

@@ -15,6 +15,8 @@ cargo test --no-fail-fast
 cargo test --doc
 echo "== cargo test -p kvsieve-c (the C library: C programs under valgrind, headers, exports)"
 cargo test -p kvsieve-c --no-fail-fast
+echo "== install test: scripts/install.sh, then the C example built with pkg-config (shared, static) and CMake"
+bash scripts/install-test.sh
 # The CPU kernels pick the best instruction set at run time (AVX-512, AVX2, portable); the
 # suites that reach them run again with each lower level this CPU can replace the best with.
 for isa in avx2 portable; do
@@ -39,13 +41,15 @@ cargo test --release -p kvsieve-llama --no-fail-fast
 
 # ---- CUDA backend: every kernel compiles (spills in hot kernels fail the build); the GPU
 # ---- tests run where a GPU is present and print "skipped: <reason>" elsewhere.
-echo "== CUDA: pinned nvcc, cargo build --features cuda, tests/cuda_*"
+echo "== CUDA: pinned nvcc, cargo build --features cuda, tests/cuda_* (core and C library)"
 NVCC="$(bash scripts/cuda-toolchain.sh)"
 export NVCC
 cargo build --features cuda
+cargo build -p kvsieve-c --features cuda
 cargo test --features cuda --test 'cuda_*' -- --test-threads=1
+cargo test -p kvsieve-c --features cuda --test 'cuda_*' -- --test-threads=1
 # ---- The same tests again with every kernel run on the CPU emulator of the CUDA execution
 # ---- model (scripts/cuda-emu.sh): the kernels' arithmetic, indexing and synchronisation
 # ---- checked against the CPU backend without a GPU.
-echo "== CUDA kernels on the CPU emulator: tests/cuda_*"
+echo "== CUDA kernels on the CPU emulator: tests/cuda_* (core and C library)"
 KVSIEVE_EMU_REQUIRE_ALL=1 bash scripts/cuda-emu.sh test -- --test-threads=2

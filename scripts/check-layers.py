@@ -3,10 +3,11 @@
 use each other.
 
 The layers, bottom to top (README, "Layout"):
-    base (error, dtype, tensor, config) -> cpu -> kv -> attention -> select -> runtime
+    base (error, alloc, dtype, tensor, config) -> cpu -> kv -> attention -> select -> runtime
     -> backend
 A file may use its own layer and the ones below. The C API is a crate of its own above the
-core (crates/kvsieve-c, using only the core's public items), so it is not checked here. Within a layer, the modules one level down
+core (crates/kvsieve-c, using only the core's public items), so it is not checked here.
+Within a layer, the modules one level down
 (`select::pages`, `select::cluster`, ...) must not form a cycle; `ALLOWED_PAIRS` lists the
 pairs that may share types both ways (a file and its own parser).
 
@@ -21,7 +22,7 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 LAYERS = [
-    {"error", "dtype", "tensor", "config"},
+    {"error", "alloc", "dtype", "tensor", "config"},
     {"cpu"},
     {"kv"},
     {"attention"},

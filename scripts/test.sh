@@ -8,6 +8,13 @@ export CARGO_TERM_COLOR=never
 
 bash scripts/setup.sh
 
+# ---- Gates: one format, no lint, docs without broken links, layers that point one way.
+echo "== gates: cargo fmt --check, clippy -D warnings, rustdoc -D warnings, layer check"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve
+python3 scripts/check-layers.py
+
 echo "== cargo build (library, examples, benches)"
 cargo build --lib --examples --benches
 echo "== cargo test"
@@ -24,6 +31,10 @@ for isa in avx2 portable; do
     KVSIEVE_ISA=$isa cargo test --no-fail-fast --lib --test attention --test sparse --test gemfilter \
         --test cluster --test select --test policy_clusters
 done
+
+echo "== fuzzing: kept inputs replayed, then a short run of every driver (scripts/fuzz.sh)"
+cargo test --release -p kvsieve-fuzz
+bash scripts/fuzz.sh --seconds 60
 
 echo "== examples"
 cargo run -q --example 01_store_and_decode
@@ -46,6 +57,9 @@ NVCC="$(bash scripts/cuda-toolchain.sh)"
 export NVCC
 cargo build --features cuda
 cargo build -p kvsieve-c --features cuda
+cargo clippy -p kvsieve --all-targets --features cuda -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve --features cuda
+cargo clippy -p kvsieve-c --all-targets --features cuda -- -D warnings
 cargo test --features cuda --test 'cuda_*' -- --test-threads=1
 cargo test -p kvsieve-c --features cuda --test 'cuda_*' -- --test-threads=1
 # ---- The same tests again with every kernel run on the CPU emulator of the CUDA execution

@@ -28,11 +28,17 @@ pub enum KeyRope {
 pub const MAX_HEAD_DIM: usize = 512;
 /// Largest page size kvsieve accepts.
 pub const MAX_PAGE_SIZE: usize = 1024;
+/// Most layers a cache or a policy accepts (models have a few hundred at most).
+pub const MAX_LAYERS: usize = 65_536;
+/// Most KV heads a cache or a policy accepts.
+pub const MAX_KV_HEADS: usize = 65_536;
 
 /// Shape and storage of a [`crate::KvCache`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CacheConfig {
+    /// 1 to [`MAX_LAYERS`].
     pub num_layers: usize,
+    /// 1 to [`MAX_KV_HEADS`].
     pub num_kv_heads: usize,
     /// Elements per head; a multiple of 8 from 8 to [`MAX_HEAD_DIM`].
     pub head_dim: usize,
@@ -82,20 +88,23 @@ impl CacheConfig {
 
     /// Check every field; the error names the first field at fault.
     pub fn validate(&self) -> Result<()> {
-        if self.num_layers == 0 {
-            return Err(Error::invalid("num_layers", "at least 1"));
+        if self.num_layers == 0 || self.num_layers > MAX_LAYERS {
+            return Err(Error::invalid("num_layers", format!("1 to {MAX_LAYERS}, got {}", self.num_layers)));
         }
-        if self.num_kv_heads == 0 {
-            return Err(Error::invalid("num_kv_heads", "at least 1"));
+        if self.num_kv_heads == 0 || self.num_kv_heads > MAX_KV_HEADS {
+            return Err(Error::invalid("num_kv_heads", format!("1 to {MAX_KV_HEADS}, got {}", self.num_kv_heads)));
         }
         validate_head_dim(self.head_dim)?;
         validate_page_size(self.page_size)?;
         if self.capacity_pages == 0 || self.capacity_pages > i32::MAX as usize {
             return Err(Error::invalid("capacity_pages", format!("1 to {}, got {}", i32::MAX, self.capacity_pages)));
         }
-        let elems = self.page_elems() as u128 * self.capacity_pages as u128 * self.num_layers as u128 * 2;
-        if elems * self.dtype.size() as u128 > isize::MAX as u128 / 2 {
-            return Err(Error::invalid("capacity_pages", "a pool size that fits in memory"));
+        // Every factor is bounded above, so this product cannot overflow u128; the sizes the
+        // cache computes in usize from them are then below isize::MAX.
+        let page_elems = self.page_size as u128 * self.num_kv_heads as u128 * self.head_dim as u128;
+        let bytes = page_elems * self.capacity_pages as u128 * self.num_layers as u128 * 2 * self.dtype.size() as u128;
+        if bytes > isize::MAX as u128 / 2 {
+            return Err(Error::invalid("capacity_pages", format!("a pool that fits in the address space ({bytes} bytes of K/V asked for)")));
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ fn dtype_strategy() -> impl Strategy<Value = DType> {
 }
 
 /// Ragged batch in a fresh cache; output and LSE poisoned with NaN before the run.
+#[allow(clippy::too_many_arguments)]
 fn run_decode(
     dtype: DType, group: usize, head_dim: usize, page_size: usize, lens: &[usize], seed: u64, soft_cap: Option<f32>, chunk: Option<usize>, layout: PageLayout,
 ) -> (f64, f64) {

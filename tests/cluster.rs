@@ -892,8 +892,29 @@ fn mismatched_files_are_io_errors_with_reasons() {
             "tensor `centroids`",
             Box::new(|m| {
                 m.insert("num_clusters".into(), "15".into());
+                m.insert("config.clusters".into(), "absolute:15".into());
             }),
         ),
+        // Fields that each parse but contradict each other.
+        (
+            "`num_clusters` 15",
+            Box::new(|m| {
+                m.insert("num_clusters".into(), "15".into());
+            }),
+        ),
+        (
+            "disagree",
+            Box::new(|m| {
+                m.insert("config.clusters".into(), "absolute:0".into());
+            }),
+        ),
+        (
+            "`clustered_len` 288",
+            Box::new(|m| {
+                m.insert("config.exclude_window".into(), "20".into());
+            }),
+        ),
+
         (
             "checksum",
             Box::new(|m| {

@@ -449,7 +449,7 @@ fn rope_at_read_matches_cpu() {
             let c = cfg(dtype, page_size, 2, d, PageLayout::Nhd, 128).with_key_rope(KeyRope::PreRope);
             let p = filled(&dev, c, &[900, 37, 0, 300], &mut rng, true);
             let mut rope = RopeConfig::new(10000.0, style).with_rotary_dim(rotary_dim);
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 rope.position_scale = 2.0;
             }
             let sels = random_selections(&p, &mut rng);

@@ -96,7 +96,7 @@ fn prefill_matches_cpu() {
                     let heads: Vec<Vec<u32>> = (0..hk)
                         .map(|h| {
                             (0..l as u32)
-                                .filter(|&t| t + 1 == l as u32 || if h % 2 == 1 { (t / 8 * 7 + h as u32) % 3 == 0 } else { rng.below(3) == 0 })
+                                .filter(|&t| t + 1 == l as u32 || if h % 2 == 1 { (t / 8 * 7 + h as u32).is_multiple_of(3) } else { rng.below(3) == 0 })
                                 .collect()
                         })
                         .collect();

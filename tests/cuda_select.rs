@@ -795,7 +795,7 @@ fn selection_replays_from_a_cuda_graph() {
         let cpu_est = index.cluster_estimates(&TensorView::new(&cqf, &[hq, d]).unwrap()).unwrap();
         for h in 0..hk {
             assert_close64(&format!("{what} estimates head {h}"), &est[h], &cpu_est[h], 2e-4);
-            let kept = choose(&est[h], &[], &vec![true; 50], index.head(h).sizes(), &how, h);
+            let kept = choose(&est[h], &[], &[true; 50], index.head(h).sizes(), &how, h);
             assert_eq!(sel.head(h), &gather(&index, h, &kept)[..], "{what} cluster tokens head {h}");
         }
         // GemFilter: pooled scores against the CPU, selection by the device's pooled scores.

@@ -37,6 +37,7 @@ fn rotate(x: &mut [f64], pos: f64, params: &AttentionParams) {
 /// `visible(kv_head, t)` (a row mask such as causality or a window). With pre-RoPE keys the
 /// query and keys are rotated as `params.positions` says; `Contiguous` numbers the selected
 /// tokens 0.. in order, whatever the row mask hides.
+#[allow(clippy::too_many_arguments)]
 pub fn attend_one(
     kv: &PagedKv,
     b: usize,

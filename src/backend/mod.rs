@@ -1,5 +1,5 @@
 //! Compute backends. The CPU backend is the crate's default (`crate::attention`,
-//! `crate::select`, `crate::kv`); the CUDA backend ([`cuda`], cargo feature `cuda`) runs
+//! `crate::select`, `crate::kv`); the CUDA backend (`backend::cuda`, cargo feature `cuda`) runs
 //! the same operations on an NVIDIA GPU over device-resident pages, with the same answers
 //! within dtype tolerance.
 

@@ -1,6 +1,7 @@
 //! Per page, layer and KV head: the min and max of every key channel over the page's
 //! written slots (Quest's page bounds). Stored in the cache dtype, so they are exact.
 
+use crate::error::Result;
 use crate::config::CacheConfig;
 use crate::dtype::{load_f32, store_f32};
 use crate::kv::storage::Buffer;
@@ -14,14 +15,23 @@ pub(crate) struct KeyBounds {
 }
 
 impl KeyBounds {
-    pub fn new(cfg: &CacheConfig) -> Self {
+    /// Hash of every stored byte (tests compare states with it).
+    #[cfg(test)]
+    pub fn fingerprint(&self, h: &mut impl std::hash::Hasher) {
+        use std::hash::Hash;
+        self.data.iter().for_each(|b| b.bytes().hash(h));
+        self.written.hash(h);
+    }
+
+    pub fn new(cfg: &CacheConfig) -> Result<Self> {
         let per_page = cfg.num_kv_heads * 2 * cfg.head_dim;
         let words = cfg.page_size.div_ceil(64);
-        KeyBounds {
-            data: (0..cfg.num_layers).map(|_| Buffer::zeroed(cfg.capacity_pages * per_page * cfg.dtype.size())).collect(),
-            written: (0..cfg.num_layers).map(|_| vec![0u64; cfg.capacity_pages * words]).collect(),
+        let bytes = cfg.capacity_pages * per_page * cfg.dtype.size();
+        Ok(KeyBounds {
+            data: (0..cfg.num_layers).map(|_| Buffer::zeroed(bytes, "key bounds")).collect::<Result<_>>()?,
+            written: (0..cfg.num_layers).map(|_| crate::alloc::zeroed_vec(cfg.capacity_pages * words, "key bound slot masks")).collect::<Result<_>>()?,
             words,
-        }
+        })
     }
 
     fn per_page(cfg: &CacheConfig) -> usize {
@@ -90,11 +100,11 @@ impl KeyBounds {
 
     /// Forget slots `keep..` of `page` in every layer, and recompute the bounds from the keys.
     pub fn truncate_page(&mut self, cfg: &CacheConfig, page: usize, keep: usize, keys: &[Buffer]) {
-        for layer in 0..cfg.num_layers {
+        for (layer, layer_keys) in keys.iter().enumerate().take(cfg.num_layers) {
             for slot in keep..cfg.page_size {
                 self.written[layer][page * self.words + slot / 64] &= !(1u64 << (slot % 64));
             }
-            self.recompute(cfg, layer, page, keys[layer].bytes());
+            self.recompute(cfg, layer, page, layer_keys.bytes());
         }
     }
 

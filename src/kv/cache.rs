@@ -8,8 +8,14 @@
 //! exactly that, so their readers run concurrently and writers are serialised.
 //!
 //! # Failure
-//! Every call validates its arguments before it changes anything: a call that returns an
-//! error, including running out of pages, leaves every sequence exactly as it was.
+//! Every call that changes the cache first plans: it validates its arguments, reserves the
+//! pages and allocates the buffers it needs, and only then commits, in steps that cannot
+//! fail. So a call that returns an error (bad input, out of pages, out of memory) leaves
+//! the cache exactly as it was, bit for bit.
+//!
+//! A panic inside a commit (a bug in kvsieve) would leave it half-changed. The cache is
+//! then *poisoned*: every later call on it, reads included, returns [`Error::Internal`]
+//! saying so, and the cache should be dropped. It is never silently inconsistent.
 
 use std::sync::Arc;
 
@@ -78,6 +84,8 @@ pub struct KvCache {
     positions: Vec<i32>,
     bounds: Option<KeyBounds>,
     seqs: Sequences,
+    /// Set while a change commits; still set after a panic in the middle of one.
+    poisoned: bool,
 }
 
 impl std::fmt::Debug for KvCache {
@@ -89,16 +97,43 @@ impl std::fmt::Debug for KvCache {
 impl KvCache {
     pub fn new(cfg: CacheConfig) -> Result<Self> {
         cfg.validate()?;
+        // validate() checked that every size below fits in memory's address range.
         let layer_bytes = cfg.capacity_pages * cfg.page_elems() * cfg.dtype.size();
+        let pages = |what| (0..cfg.num_layers).map(|_| Buffer::zeroed(layer_bytes, what)).collect::<Result<Vec<_>>>();
         Ok(KvCache {
-            pool: PagePool::new(cfg.capacity_pages),
-            k: (0..cfg.num_layers).map(|_| Buffer::zeroed(layer_bytes)).collect(),
-            v: (0..cfg.num_layers).map(|_| Buffer::zeroed(layer_bytes)).collect(),
-            positions: vec![0; cfg.capacity_pages * cfg.page_size],
-            bounds: cfg.track_key_bounds.then(|| KeyBounds::new(&cfg)),
+            pool: PagePool::new(cfg.capacity_pages)?,
+            k: pages("K pages")?,
+            v: pages("V pages")?,
+            positions: crate::alloc::zeroed_vec(cfg.capacity_pages * cfg.page_size, "slot positions")?,
+            bounds: if cfg.track_key_bounds { Some(KeyBounds::new(&cfg)?) } else { None },
             seqs: Sequences::default(),
+            poisoned: false,
             cfg,
         })
+    }
+
+    /// Run a change: refused on a poisoned cache; poisons the cache if `op` panics. `op`
+    /// returns its errors before it changes anything (see the module docs).
+    fn change<R>(&mut self, op: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        self.check_usable()?;
+        self.poisoned = true;
+        let r = op(self);
+        self.poisoned = false;
+        r
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::Internal(
+                "this cache was left half-changed by an internal error (a panic) in an earlier call; drop it".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether an internal error (a panic) in an earlier call left this cache unusable.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -109,14 +144,18 @@ impl KvCache {
         self.seqs.get(id)
     }
 
+    /// A sequence for a public read: refused on a poisoned cache.
+    fn read_seq(&self, id: SeqId) -> Result<&Sequence> {
+        self.check_usable()?;
+        self.seqs.get(id)
+    }
+
     fn check_layer(&self, layer: usize) -> Result<()> {
         if layer >= self.cfg.num_layers {
             return Err(Error::out_of_range("layer", layer as i64, format!("0..{}", self.cfg.num_layers)));
         }
         Ok(())
     }
-
-    /// Slots used in the last page of a sequence (0 if it has no pages).
 
     /// Create an empty sequence.
     pub fn create_sequence(&mut self) -> SeqId {
@@ -126,12 +165,12 @@ impl KvCache {
     /// A new sequence sharing all of `src`'s pages (prefix sharing). Shared pages are
     /// copied on the first write to them by either side, so the two then diverge safely.
     pub fn fork(&mut self, src: SeqId) -> Result<SeqId> {
-        self.seqs.fork(&mut self.pool, src)
+        self.change(|c| c.seqs.fork(&mut c.pool, src))
     }
 
     /// Drop a sequence; pages no other sequence shares go back to the pool.
     pub fn free_sequence(&mut self, id: SeqId) -> Result<()> {
-        self.seqs.free(&mut self.pool, id)
+        self.change(|c| c.seqs.free(&mut c.pool, id))
     }
 
     /// Ids of all live sequences, ascending.
@@ -141,32 +180,40 @@ impl KvCache {
 
     /// Tokens held by a sequence.
     pub fn seq_len(&self, id: SeqId) -> Result<usize> {
-        Ok(self.seq(id)?.len)
+        Ok(self.read_seq(id)?.len)
     }
 
     /// Original position of every token of a sequence, in token order.
     pub fn positions(&self, id: SeqId) -> Result<Vec<i32>> {
-        let s = self.seq(id)?;
+        let s = self.read_seq(id)?;
         let ps = self.cfg.page_size;
         Ok((0..s.len).map(|t| self.positions[s.pages[t / ps] as usize * ps + t % ps]).collect())
     }
 
     /// Page ids of a sequence, in token order.
     pub fn seq_pages(&self, id: SeqId) -> Result<Vec<u32>> {
-        Ok(self.seq(id)?.pages.clone())
+        Ok(self.read_seq(id)?.pages.clone())
     }
 
-    /// Copy page `src` into a freshly allocated page (all layers, positions, bounds)
-    /// keeping the first `keep` slots' bounds. The caller reserved the page.
+    /// Copy the first `keep` slots of page `src` into a freshly allocated page (all
+    /// layers, positions, bounds); the copy's other slots are zero, as a fresh page's (they
+    /// belong to the other holders of `src`). The caller reserved the page.
     fn copy_page(&mut self, src: u32, keep: usize) -> u32 {
-        let dst = self.pool.alloc();
+        let (dst, _) = self.pool.alloc();
         let n = self.cfg.page_elems() * self.cfg.dtype.size();
         let (s, d) = (src as usize, dst as usize);
+        let tail = plan::tail_rows(&self.cfg, keep);
+        let es = self.cfg.dtype.size();
         for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-            buf.bytes_mut().copy_within(s * n..(s + 1) * n, d * n);
+            let bytes = buf.bytes_mut();
+            bytes.copy_within(s * n..(s + 1) * n, d * n);
+            for &(off, len) in &tail {
+                bytes[d * n + off * es..d * n + (off + len) * es].fill(0);
+            }
         }
         let ps = self.cfg.page_size;
         self.positions.copy_within(s * ps..(s + 1) * ps, d * ps);
+        self.positions[d * ps + keep.min(ps)..(d + 1) * ps].fill(0);
         if let Some(b) = self.bounds.as_mut() {
             b.copy_page(&self.cfg, s, d);
             if keep < ps {
@@ -178,7 +225,17 @@ impl KvCache {
     }
 
     fn alloc_fresh(&mut self) -> u32 {
-        let p = self.pool.alloc();
+        let (p, reused) = self.pool.alloc();
+        if reused {
+            // An earlier owner's K/V must not show through slots appended but not yet written.
+            let n = self.cfg.page_elems() * self.cfg.dtype.size();
+            let i = p as usize;
+            for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+                buf.bytes_mut()[i * n..(i + 1) * n].fill(0);
+            }
+            let ps = self.cfg.page_size;
+            self.positions[i * ps..(i + 1) * ps].fill(0);
+        }
         if let Some(b) = self.bounds.as_mut() {
             b.clear_page(&self.cfg, p as usize);
         }
@@ -191,6 +248,10 @@ impl KvCache {
     /// token. K and V of the new tokens must then be written for every layer (see
     /// [`KvCache::write`]) before attention reads them.
     pub fn append(&mut self, id: SeqId, n: usize, positions: Option<&[i32]>) -> Result<Vec<i64>> {
+        self.change(|c| c.append_inner(id, n, positions))
+    }
+
+    fn append_inner(&mut self, id: SeqId, n: usize, positions: Option<&[i32]>) -> Result<Vec<i64>> {
         let s = self.seq(id)?;
         if let Some(p) = positions {
             if p.len() != n {
@@ -203,23 +264,26 @@ impl KvCache {
         let cow = usize::from(n > 0 && room > 0 && self.pool.refcount(*s.pages.last().unwrap()) > 1);
         let fresh = (n - n.min(room)).div_ceil(ps);
         self.pool.reserve(cow + fresh)?;
-
         let next_pos = if s.len == 0 {
             0
         } else {
             self.positions[*s.pages.last().unwrap() as usize * ps + last_len - 1].wrapping_add(1)
         };
+        let mut slots = crate::alloc::vec_with_capacity(n, "slot mapping")?;
+        self.seqs.reserve_pages(id, fresh)?;
         let mut s = self.seqs.take(id);
+        crate::alloc::step("append: sequence taken out");
         if cow == 1 {
             let last = s.pages.pop().unwrap();
             let copy = self.copy_page(last, last_len);
             s.pages.push(copy);
+            crate::alloc::step("append: shared last page copied");
         }
         for _ in 0..fresh {
             let p = self.alloc_fresh();
             s.pages.push(p);
+            crate::alloc::step("append: page allocated");
         }
-        let mut slots = Vec::with_capacity(n);
         for i in 0..n {
             let t = s.len + i;
             let slot = s.pages[t / ps] as usize * ps + t % ps;
@@ -242,8 +306,9 @@ impl KvCache {
             return Err(Error::out_of_range("start", start as i64, format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len)));
         }
         let ps = self.cfg.page_size;
-        let tokens: Vec<usize> = (start..start + n).collect();
-        self.write_tokens(id, layer, &tokens, k, v, ps)
+        let mut tokens = crate::alloc::vec_with_capacity(n, "token list")?;
+        tokens.extend(start..start + n);
+        self.change(|c| c.write_tokens(id, layer, &tokens, k, v, ps))
     }
 
     /// Write K and V of one layer into slots from a slot mapping returned by
@@ -252,7 +317,7 @@ impl KvCache {
         let s = self.seq(id)?;
         let ps = self.cfg.page_size;
         let page_index: std::collections::HashMap<u32, usize> = s.pages.iter().enumerate().map(|(i, &p)| (p, i)).collect();
-        let mut tokens = Vec::with_capacity(slots.len());
+        let mut tokens = crate::alloc::vec_with_capacity(slots.len(), "token list")?;
         for (i, &slot) in slots.iter().enumerate() {
             let t = (slot >= 0)
                 .then(|| page_index.get(&((slot as usize / ps) as u32)).map(|&pi| pi * ps + slot as usize % ps))
@@ -265,7 +330,7 @@ impl KvCache {
                 }
             }
         }
-        self.write_tokens(id, layer, &tokens, k, v, ps)
+        self.change(|c| c.write_tokens(id, layer, &tokens, k, v, ps))
     }
 
     fn write_tokens(&mut self, id: SeqId, layer: usize, tokens: &[usize], k: &TensorView, v: &TensorView, ps: usize) -> Result<()> {
@@ -276,13 +341,16 @@ impl KvCache {
         v.expect_shape("v", &want)?;
         let s = self.seq(id)?;
         // Shared pages touched by the write are copied first: count them before changing anything.
-        let mut touched: Vec<usize> = tokens.iter().map(|&t| t / ps).collect();
+        let mut touched = crate::alloc::vec_with_capacity(tokens.len(), "pages touched")?;
+        touched.extend(tokens.iter().map(|&t| t / ps));
         touched.sort_unstable();
         touched.dedup();
         let shared: Vec<usize> = touched.iter().copied().filter(|&pi| self.pool.refcount(s.pages[pi]) > 1).collect();
         self.pool.reserve(shared.len())?;
+        let mut recompute = crate::alloc::vec_with_capacity(tokens.len(), "pages to recompute")?;
 
         let mut s = self.seqs.take(id);
+        crate::alloc::step("write: sequence taken out");
         for &pi in &shared {
             let keep = if pi + 1 == s.pages.len() { s.last_len(self.cfg.page_size) } else { ps };
             s.pages[pi] = self.copy_page(s.pages[pi], keep);
@@ -290,7 +358,6 @@ impl KvCache {
         let cfg = self.cfg;
         let strides = cfg.strides();
         let dt = cfg.dtype;
-        let mut recompute = Vec::new();
         let mut offs = vec![0usize; h];
         for (i, &t) in tokens.iter().enumerate() {
             let page = s.pages[t / ps] as usize;
@@ -301,10 +368,11 @@ impl KvCache {
                 store_row(self.v[layer].bytes_mut(), dt, *off, v, &[i, head], d);
             }
             if let Some(b) = self.bounds.as_mut() {
-                if !b.note_write(&cfg, layer, page, slot, self.k[layer].bytes(), &offs) {
+                if !b.note_write(&cfg, layer, page, slot, self.k[layer].bytes(), &offs) && recompute.last() != Some(&page) {
                     recompute.push(page);
                 }
             }
+            crate::alloc::step("write: row stored");
         }
         if let Some(b) = self.bounds.as_mut() {
             recompute.sort_unstable();
@@ -322,11 +390,17 @@ impl KvCache {
     /// is shared with another sequence is copied first (so it can fail with `OutOfPages`,
     /// changing nothing): every holder of a page always holds the same slots of it.
     pub fn truncate(&mut self, id: SeqId, new_len: usize) -> Result<()> {
+        self.change(|c| c.truncate_inner(id, new_len))
+    }
+
+    fn truncate_inner(&mut self, id: SeqId, new_len: usize) -> Result<()> {
         let plan = Truncate::plan(self.seq(id)?, &self.pool, new_len, self.cfg.page_size)?;
         self.pool.reserve(usize::from(plan.cow))?;
 
         let mut s = self.seqs.take(id);
+        crate::alloc::step("truncate: sequence taken out");
         plan.drop_pages(&mut s, &mut self.pool);
+        crate::alloc::step("truncate: pages dropped");
         if plan.cow {
             let last = s.pages.pop().unwrap();
             let copy = self.copy_page(last, plan.keep_last);
@@ -346,7 +420,8 @@ impl KvCache {
     /// increasing. Remaining tokens keep their original positions; token indices after an
     /// evicted page shift down.
     pub fn evict_pages(&mut self, id: SeqId, page_indices: &[usize]) -> Result<()> {
-        self.seqs.evict_pages(&mut self.pool, id, page_indices, self.cfg.page_size)
+        let ps = self.cfg.page_size;
+        self.change(|c| c.seqs.evict_pages(&mut c.pool, id, page_indices, ps))
     }
 
     /// Keep only some tokens of a sequence, moved into fresh pages in order (with their
@@ -359,15 +434,22 @@ impl KvCache {
     /// all of the same length: slot `i` then holds each list's `i`-th token. Slot positions
     /// come from the first list, so lists that differ need keys stored after RoPE.
     pub fn compact(&mut self, id: SeqId, keep: KeepTokens) -> Result<()> {
+        self.change(|c| c.compact_inner(id, keep))
+    }
+
+    fn compact_inner(&mut self, id: SeqId, keep: KeepTokens) -> Result<()> {
         let s = self.seq(id)?;
         let c = self.cfg;
         let (lists, k) = keep.checked(&c, s.len)?;
         let ps = c.page_size;
         let new_pages = k.div_ceil(ps);
         self.pool.reserve(new_pages)?;
+        let mut pages = crate::alloc::vec_with_capacity(new_pages, "compacted page list")?;
 
         let old = self.seqs.take(id);
-        let pages: Vec<u32> = (0..new_pages).map(|_| self.alloc_fresh()).collect();
+        crate::alloc::step("compact: sequence taken out");
+        pages.extend((0..new_pages).map(|_| self.alloc_fresh()));
+        crate::alloc::step("compact: pages allocated");
         let (es, n) = (c.dtype.size(), c.head_dim * c.dtype.size());
         plan::compact_positions(&mut self.positions, &old.pages, &pages, &lists[0], ps);
         let mut offs = vec![0usize; c.num_kv_heads];
@@ -386,6 +468,7 @@ impl KvCache {
                 }
             });
         }
+        crate::alloc::step("compact: rows moved");
         for p in old.pages {
             self.pool.decref(p);
         }
@@ -395,6 +478,7 @@ impl KvCache {
 
     /// The CSR page table of a batch of sequences, in the given order.
     pub fn page_table(&self, ids: &[SeqId]) -> Result<PageTable> {
+        self.check_usable()?;
         self.seqs.page_table(ids, self.cfg.page_size)
     }
 
@@ -563,3 +647,6 @@ fn store_row(dst: &mut [u8], dt: crate::dtype::DType, off: usize, src: &TensorVi
         store_f32(out, dt, c, src.get_at(base + c * inner));
     }
 }
+
+#[cfg(test)]
+mod fault_tests;

@@ -51,6 +51,20 @@ pub(crate) fn slot(pages: &[u32], page_size: usize, t: usize) -> usize {
     pages[t / page_size] as usize * page_size + t % page_size
 }
 
+/// The element ranges `(offset, len)` within one page of one layer that hold slots
+/// `keep..page_size` (every head), in the layout of `c`: one range for token-major pages,
+/// one per head for head-major ones.
+pub(crate) fn tail_rows(c: &CacheConfig, keep: usize) -> Vec<(usize, usize)> {
+    let (ps, st) = (c.page_size, c.strides());
+    if keep >= ps {
+        return Vec::new();
+    }
+    if st[1] == c.num_kv_heads * c.head_dim {
+        return vec![(keep * st[1], (ps - keep) * st[1])];
+    }
+    (0..c.num_kv_heads).map(|h| (h * st[2] + keep * st[1], (ps - keep) * c.head_dim)).collect()
+}
+
 /// Positions of a compaction: slot `i` of the new pages takes the position of the `i`-th
 /// token of `first` (the first keep list) in the old pages.
 pub(crate) fn compact_positions(positions: &mut [i32], old: &[u32], new: &[u32], first: &[u32], page_size: usize) {

@@ -47,7 +47,10 @@ impl Sequences {
 
     /// A new sequence holding all of `src`'s pages, each page's reference count raised.
     pub fn fork(&mut self, pool: &mut PagePool, src: SeqId) -> Result<SeqId> {
-        let s = self.get(src)?.clone();
+        let from = self.get(src)?;
+        let mut pages = crate::alloc::vec_with_capacity(from.pages.len(), "forked page list")?;
+        pages.extend_from_slice(&from.pages);
+        let s = Sequence { pages, len: from.len };
         for &p in &s.pages {
             pool.incref(p);
         }
@@ -102,6 +105,12 @@ impl Sequences {
         self.next_id += 1;
         self.map.insert(id, s);
         id
+    }
+
+    /// Room for `n` more pages in sequence `id`'s page list (nothing else changes).
+    pub fn reserve_pages(&mut self, id: SeqId, n: usize) -> Result<()> {
+        let s = self.map.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        crate::alloc::reserve(&mut s.pages, n, "page list")
     }
 
     /// Take a sequence out to change it; the caller has checked that `id` exists and puts

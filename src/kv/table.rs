@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 
 /// Page table of a batch in CSR form.
 ///
-/// Invariants (checked by [`PageTable::validate`]):
+/// Invariants (checked by [`PageTableRef::validate`]):
 /// - `indptr.len() == batch + 1`, `indptr[0] == 0`, non-decreasing, `indptr[batch] == indices.len()`;
 /// - every `indices[i]` is a page id in `0..num_pages`;
 /// - `last_page_len.len() == batch`; for a sequence with pages `1 <= last_page_len <= page_size`,

@@ -94,7 +94,7 @@
 
 use std::fmt;
 
-use crate::config::PositionMode;
+use crate::config::{PositionMode, MAX_KV_HEADS, MAX_LAYERS};
 use crate::error::{Error, Result};
 use crate::select::cluster::{ClusterBuild, ClusterSizing, Retrieve, DEFAULT_CLUSTER_SIZE};
 use crate::select::pages::PageBoundsConfig;
@@ -167,7 +167,7 @@ pub struct Spec {
     /// With `pages`: keep at least this many pages.
     pub min_pages: Option<usize>,
     /// Centroid retrieval to this many tokens per KV head (at least 1), from the layer's
-    /// [`ClusterIndexSet`] entry.
+    /// entry in a [`ClusterIndexSet`](crate::runtime::ClusterIndexSet).
     pub clusters: Option<usize>,
     /// With `clusters`: this many fine clusters per KV head (capped at the tokens
     /// clustered). Exclusive with `cluster_size`.
@@ -578,11 +578,49 @@ impl Policy {
         Ok(())
     }
 
+    /// The layers a check must visit: every layer where the clause in force may change
+    /// (starts and ends of layer ranges, layers named by head clauses, and the layer after
+    /// each), ascending. Any other layer is configured exactly like the nearest one below it
+    /// in the list, so checks cost O(clauses), not O(layers).
+    fn boundary_layers(&self, num_layers: usize) -> Vec<usize> {
+        let mut v = vec![0];
+        for o in &self.layers {
+            for &(a, b) in &o.layers {
+                v.extend([a, b.saturating_add(1)]);
+            }
+        }
+        for o in &self.heads {
+            for &(l, _) in &o.heads {
+                v.extend([l, l.saturating_add(1)]);
+            }
+        }
+        v.retain(|&l| l < num_layers);
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The heads of `layer` a check must visit, as [`Policy::boundary_layers`] for heads.
+    fn boundary_heads(&self, layer: usize, num_kv_heads: usize) -> Vec<usize> {
+        let mut v = vec![0];
+        for o in &self.heads {
+            for &(l, h) in &o.heads {
+                if l == layer {
+                    v.extend([h, h.saturating_add(1)]);
+                }
+            }
+        }
+        v.retain(|&h| h < num_kv_heads);
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// Check that all heads of `layer` use one position mode.
     pub(crate) fn validate_layer_positions(&self, layer: usize, num_kv_heads: usize) -> Result<()> {
         let first = self.source(layer, 0);
         let mode = self.spec_of(first).position_mode();
-        for h in 1..num_kv_heads {
+        for h in self.boundary_heads(layer, num_kv_heads).into_iter().skip(1) {
             let src = self.source(layer, h);
             let m = self.spec_of(src).position_mode();
             if m != mode {
@@ -604,7 +642,7 @@ impl Policy {
     /// index options (one index and one retrieval serve the layer).
     pub(crate) fn validate_layer_clusters(&self, layer: usize, num_kv_heads: usize) -> Result<()> {
         let mut first: Option<(usize, Source)> = None;
-        for h in 0..num_kv_heads {
+        for h in self.boundary_heads(layer, num_kv_heads) {
             let src = self.source(layer, h);
             let s = self.spec_of(src);
             if s.clusters.is_none() {
@@ -632,8 +670,14 @@ impl Policy {
     /// Check the policy against a model of `num_layers` layers and `num_kv_heads` KV heads
     /// (see the module docs for the list). Errors name the clause at fault.
     pub fn validate(&self, num_layers: usize, num_kv_heads: usize) -> Result<()> {
+        if num_layers == 0 || num_layers > MAX_LAYERS {
+            return Err(Error::invalid("num_layers", format!("1 to {MAX_LAYERS}, got {num_layers}")));
+        }
+        if num_kv_heads == 0 || num_kv_heads > MAX_KV_HEADS {
+            return Err(Error::invalid("num_kv_heads", format!("1 to {MAX_KV_HEADS}, got {num_kv_heads}")));
+        }
         self.validate_clauses(num_layers, num_kv_heads)?;
-        for layer in 0..num_layers {
+        for layer in self.boundary_layers(num_layers) {
             self.validate_layer_positions(layer, num_kv_heads)?;
             self.validate_layer_clusters(layer, num_kv_heads)?;
         }
@@ -642,7 +686,7 @@ impl Policy {
 
     /// Whether some KV head of `layer` uses centroid retrieval (`clusters=`).
     pub fn uses_clusters(&self, layer: usize, num_kv_heads: usize) -> bool {
-        (0..num_kv_heads).any(|h| self.spec(layer, h).clusters.is_some())
+        self.boundary_heads(layer, num_kv_heads).into_iter().any(|h| self.spec(layer, h).clusters.is_some())
     }
 
     /// What the cluster index of `layer` is built with, when some head uses `clusters=`:
@@ -650,7 +694,7 @@ impl Policy {
     /// clustering the smallest `window=` among those heads (0 if one has none). Assumes a
     /// validated policy.
     pub fn cluster_plan(&self, layer: usize, num_kv_heads: usize) -> Option<(ClusterBuild, usize)> {
-        let specs: Vec<&Spec> = (0..num_kv_heads).map(|h| self.spec(layer, h)).filter(|s| s.clusters.is_some()).collect();
+        let specs: Vec<&Spec> = self.boundary_heads(layer, num_kv_heads).into_iter().map(|h| self.spec(layer, h)).filter(|s| s.clusters.is_some()).collect();
         let build = specs.first()?.cluster_build()?;
         let exclude = specs.iter().map(|s| s.window.unwrap_or(0)).min().unwrap_or(0);
         Some((build, exclude))
@@ -666,8 +710,8 @@ impl Policy {
     pub fn window_pages_to_evict(&self, num_layers: usize, num_kv_heads: usize, seq_len: usize, page_size: usize) -> Result<Vec<usize>> {
         self.validate(num_layers, num_kv_heads)?;
         let (mut sinks, mut window) = (0usize, 0usize);
-        for layer in 0..num_layers {
-            for h in 0..num_kv_heads {
+        for layer in self.boundary_layers(num_layers) {
+            for h in self.boundary_heads(layer, num_kv_heads) {
                 let s = self.spec(layer, h);
                 match s.window {
                     Some(w) if s.is_window_only() => {

@@ -47,8 +47,8 @@ fn check_seq_len(seq_len: usize) -> Result<()> {
 }
 
 fn check_num_kv_heads(num_kv_heads: usize) -> Result<()> {
-    if num_kv_heads == 0 {
-        return Err(Error::invalid("num_kv_heads", "at least 1"));
+    if num_kv_heads == 0 || num_kv_heads > crate::config::MAX_KV_HEADS {
+        return Err(Error::invalid("num_kv_heads", format!("1 to {}, got {num_kv_heads}", crate::config::MAX_KV_HEADS)));
     }
     Ok(())
 }
@@ -169,7 +169,11 @@ impl Selection {
     /// above `u32::MAX` (the CSR offsets are u32).
     pub fn dense(num_kv_heads: usize, seq_len: usize) -> Result<Self> {
         check_seq_len(seq_len)?;
-        Self::same_for_all_heads_unchecked(num_kv_heads, seq_len, (0..seq_len as u32).collect())
+        check_num_kv_heads(num_kv_heads)?;
+        check_total(num_kv_heads.saturating_mul(seq_len))?;
+        let mut tokens = crate::alloc::vec_with_capacity(seq_len, "selection indices")?;
+        tokens.extend(0..seq_len as u32);
+        Self::same_for_all_heads_unchecked(num_kv_heads, seq_len, tokens)
     }
 
     /// The same strictly ascending token list for every head (validated as in
@@ -186,8 +190,15 @@ impl Selection {
         let total = num_kv_heads.saturating_mul(tokens.len());
         check_total(total)?;
         let n = tokens.len() as u32;
-        let head_indptr = (0..=num_kv_heads as u32).map(|h| h * n).collect();
-        let indices = if num_kv_heads == 1 { tokens } else { tokens.repeat(num_kv_heads) };
+        let mut head_indptr = crate::alloc::vec_with_capacity(num_kv_heads + 1, "selection head_indptr")?;
+        head_indptr.extend((0..=num_kv_heads as u32).map(|h| h * n));
+        let indices = if num_kv_heads == 1 {
+            tokens
+        } else {
+            let mut all = crate::alloc::vec_with_capacity(total, "selection indices")?;
+            (0..num_kv_heads).for_each(|_| all.extend_from_slice(&tokens));
+            all
+        };
         Ok(Selection { seq_len, head_indptr, indices })
     }
 

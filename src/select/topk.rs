@@ -54,7 +54,7 @@ pub(crate) fn partition_top(scores: &[f32], idx: &mut [u32], k: usize) {
 ///
 /// Ties are broken by the lower index; NaN counts as `-inf`. A `k` of at least
 /// `scores.len()` returns every index. Runs in expected `O(n + k log k)` time
-/// ([`partition_top`], then a sort of the `k` kept indices).
+/// (a partition around the `k`-th best, then a sort of the `k` kept indices).
 ///
 /// Panics if `scores.len()` exceeds `u32::MAX`.
 pub fn top_k(scores: &[f32], k: usize) -> Vec<u32> {

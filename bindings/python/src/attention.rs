@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 
 use crate::arrays::{filled, i32_vec, numel, to_numpy, FloatArray, OutBuf};
 use crate::errors::KvResultExt;
-use crate::options::{attention_params, check_position_mode, parse_key_rope, parse_layout, query_shape};
+use crate::options::{check_position_mode, parse_key_rope, parse_layout, query_shape, AttentionKw};
 use crate::rope::PyRopeConfig;
 use crate::selection::selections_arg;
 use crate::sparse::windows_arg;
@@ -134,7 +134,7 @@ pub fn paged_decode<'py>(
     out_dtype: &str,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let pages = EnginePages::extract(k_pages, v_pages, indptr, indices, last_page_len, layout, positions, key_rope)?;
-    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "batch").kv()?;
     run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::decode(kv, qv, out, Some(lse), &params))
@@ -167,7 +167,7 @@ pub fn paged_prefill<'py>(
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let pages = EnginePages::extract(k_pages, v_pages, indptr, indices, last_page_len, layout, positions, key_rope)?;
     let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
-    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "total").kv()?;
     run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| {
@@ -203,7 +203,7 @@ pub fn paged_decode_sparse<'py>(
     let pages = EnginePages::extract(k_pages, v_pages, indptr, indices, last_page_len, layout, positions, key_rope)?;
     let sels = selections_arg(selections, "selections")?;
     let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
-    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "batch").kv()?;
     run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::decode_sparse(kv, qv, &sels, out, Some(lse), &params))
@@ -241,7 +241,7 @@ pub fn paged_prefill_sparse<'py>(
     let sels = selections_arg(selections, "selections")?;
     let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
     let windows = windows_arg(windows)?;
-    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "total").kv()?;
     run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| {

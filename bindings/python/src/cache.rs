@@ -13,7 +13,7 @@ use pyo3::types::PyDict;
 use crate::arrays::{filled, i32_vec, int_vec, numel, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, FloatArray, OutBuf};
 use crate::errors::KvResultExt;
 use crate::options::{
-    attention_params, check_position_mode, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape,
+    check_position_mode, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape, AttentionKw,
 };
 use crate::cluster_set::PyClusterIndexSet;
 use crate::policy::policy_arg;
@@ -326,7 +326,7 @@ impl PyKvCache {
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
         let layer = usize_arg(layer, "layer")?;
         let ids = seq_ids(seqs, "seqs")?;
-        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) =
             self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode(layer, &ids, qv, out, Some(lse), &params))?;
@@ -355,7 +355,7 @@ impl PyKvCache {
         let layer = usize_arg(layer, "layer")?;
         let ids = seq_ids(seqs, "seqs")?;
         let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
-        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
             c.prefill(layer, &ids, qv, &qo_indptr, out, Some(lse), &params, causal)
@@ -385,7 +385,7 @@ impl PyKvCache {
         let ids = seq_ids(seqs, "seqs")?;
         let sels = selections_arg(selections, "selections")?;
         let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
-        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| {
             c.decode_sparse(layer, &ids, qv, &sels, out, Some(lse), &params)
@@ -420,7 +420,7 @@ impl PyKvCache {
         let sels = selections_arg(selections, "selections")?;
         let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
         let windows = windows_arg(windows)?;
-        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
             c.prefill_sparse(layer, &ids, qv, &qo_indptr, &sels, &windows, out, Some(lse), &params)
@@ -446,7 +446,8 @@ impl PyKvCache {
         chunk_size: Option<i64>,
         out_dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<PySelection>)> {
-        let (out, lse, sels) = self.policy_decode(py, layer, seqs, q, policy, clusters, scale, logit_soft_cap, rope, chunk_size, out_dtype)?;
+        let kw = AttentionKw { scale, logit_soft_cap, rope, chunk_size, ..Default::default() };
+        let (out, lse, sels) = self.policy_decode(py, layer, seqs, q, policy, clusters, kw, out_dtype)?;
         Ok((out, lse, sels.into_iter().map(|s| PySelection::from(s.selection)).collect()))
     }
 
@@ -468,7 +469,8 @@ impl PyKvCache {
         chunk_size: Option<i64>,
         out_dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<PySelection>, Vec<usize>, Vec<usize>)> {
-        let (out, lse, sels) = self.policy_decode(py, layer, seqs, q, policy, Some(clusters), scale, logit_soft_cap, rope, chunk_size, out_dtype)?;
+        let kw = AttentionKw { scale, logit_soft_cap, rope, chunk_size, ..Default::default() };
+        let (out, lse, sels) = self.policy_decode(py, layer, seqs, q, policy, Some(clusters), kw, out_dtype)?;
         let scored = sels.iter().map(|s| s.centroids_scored).collect();
         let radii = sels.iter().map(|s| s.radii_read).collect();
         Ok((out, lse, sels.into_iter().map(|s| PySelection::from(s.selection)).collect(), scored, radii))
@@ -495,7 +497,7 @@ impl PyKvCache {
         let ids = seq_ids(seqs, "seqs")?;
         let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
         let policy = policy_arg(policy)?;
-        let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params = AttentionKw { scale, logit_soft_cap, rope, chunk_size, ..Default::default() }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
             c.prefill_with_policy(layer, &ids, qv, &qo_indptr, &policy, out, Some(lse), &params)
@@ -544,17 +546,14 @@ impl PyKvCache {
         q: &Bound<'py, PyAny>,
         policy: &Bound<'py, PyAny>,
         clusters: Option<&Bound<'py, PyClusterIndexSet>>,
-        scale: Option<f32>,
-        logit_soft_cap: Option<f32>,
-        rope: Option<PyRef<'py, PyRopeConfig>>,
-        chunk_size: Option<i64>,
+        kw: AttentionKw<'_, 'py>,
         out_dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<kvsieve::runtime::PolicySelection>)> {
         let layer = usize_arg(layer, "layer")?;
         let ids = seq_ids(seqs, "seqs")?;
         let policy = policy_arg(policy)?;
-        // The policy sets the position mode of the layer.
-        let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        // The policy sets the position mode of the layer (`kw` has none).
+        let params = kw.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let set = clusters.map(|s| &s.get().inner);
         self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| match set {

@@ -22,6 +22,7 @@ create_exception!(kvsieve, CudaUnavailableError, KvsieveError, "The CUDA driver 
 create_exception!(kvsieve, IoError, KvsieveError, "Reading or writing a file failed, or its contents are malformed.");
 create_exception!(kvsieve, ParseError, KvsieveError, "Text (such as a policy) could not be parsed.");
 create_exception!(kvsieve, InternalError, KvsieveError, "A bug inside kvsieve. Please report it.");
+create_exception!(kvsieve, OutOfMemoryError, KvsieveError, "Memory for a buffer the call needs could not be allocated.");
 
 /// The exception class of an error code.
 fn class_of(py: Python<'_>, code: ErrorCode) -> Bound<'_, PyType> {
@@ -38,6 +39,7 @@ fn class_of(py: Python<'_>, code: ErrorCode) -> Bound<'_, PyType> {
         ErrorCode::Io => py.get_type::<IoError>(),
         ErrorCode::Parse => py.get_type::<ParseError>(),
         ErrorCode::Internal => py.get_type::<InternalError>(),
+        ErrorCode::OutOfMemory => py.get_type::<OutOfMemoryError>(),
     }
 }
 
@@ -56,12 +58,8 @@ fn class_name(code: ErrorCode) -> &'static str {
         ErrorCode::Io => "IoError",
         ErrorCode::Parse => "ParseError",
         ErrorCode::Internal => "InternalError",
+        ErrorCode::OutOfMemory => "OutOfMemoryError",
     }
-}
-
-/// The Python exception of an error kind with a ready message (errors from the C ABI).
-pub fn from_code(code: ErrorCode, msg: String) -> PyErr {
-    Python::attach(|py| PyErr::from_type(class_of(py, code), msg))
 }
 
 /// The Python exception for a kvsieve error: its kind's class, with the core's message.
@@ -90,6 +88,7 @@ pub fn to_py_err(err: Error) -> PyErr {
         ErrorCode::Io => PyErr::new::<IoError, _>(msg),
         ErrorCode::Parse => PyErr::new::<ParseError, _>(msg),
         ErrorCode::Internal => PyErr::new::<InternalError, _>(msg),
+        ErrorCode::OutOfMemory => PyErr::new::<OutOfMemoryError, _>(msg),
     }
 }
 

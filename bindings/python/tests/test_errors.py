@@ -54,14 +54,15 @@ def test_exception_classes():
         kvsieve.IoError: ErrorCode.IO,
         kvsieve.ParseError: ErrorCode.PARSE,
         kvsieve.InternalError: ErrorCode.INTERNAL,
+        kvsieve.OutOfMemoryError: ErrorCode.OUT_OF_MEMORY,
     }
-    assert len(pairs) == len(ErrorCode) == 12
+    assert len(pairs) == len(ErrorCode) == 13
     for cls, code in pairs.items():
         assert issubclass(cls, kvsieve.KvsieveError)
         assert cls.code is code and cls.code_name == code.name.lower()
         assert cls.__module__ == "kvsieve"
     # Stable values, shared with the C ABI.
-    assert [int(c) for c in ErrorCode] == list(range(1, 13))
+    assert [int(c) for c in ErrorCode] == list(range(1, 14))
     assert ErrorCode.SHAPE == 2 and ErrorCode.OUT_OF_PAGES == 7
 
 

@@ -175,7 +175,7 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.pos.checked_add(n).map_or(true, |e| e > self.b.len()) {
+        if self.pos.checked_add(n).is_none_or(|e| e > self.b.len()) {
             return err(format!(
                 "unexpected end of file at byte {} (needed {n} more bytes)",
                 self.pos
@@ -302,7 +302,7 @@ impl Gguf {
         };
         let data_start = c.pos.div_ceil(alignment) * alignment;
         for t in &tensors {
-            if t.offset as usize % alignment != 0 {
+            if !(t.offset as usize).is_multiple_of(alignment) {
                 return err(format!(
                     "tensor {}: offset {} is not a multiple of the alignment {alignment}",
                     t.name, t.offset

@@ -51,9 +51,9 @@ impl Config {
             None => num_heads,
         };
         if num_heads == 0
-            || d_model % num_heads != 0
+            || !d_model.is_multiple_of(num_heads)
             || num_kv_heads == 0
-            || num_heads % num_kv_heads != 0
+            || !num_heads.is_multiple_of(num_kv_heads)
         {
             return Err(GgufError(format!(
                 "heads: {num_heads} query heads, {num_kv_heads} KV heads, embedding {d_model}"

@@ -48,7 +48,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Str
     let (be, bb) = ty
         .block()
         .ok_or_else(|| format!("GGML type {ty:?} is not supported"))?;
-    if out.len() % be != 0 || bytes.len() != out.len() / be * bb {
+    if !out.len().is_multiple_of(be) || bytes.len() != out.len() / be * bb {
         return Err(format!(
             "{} elements of {ty:?} need {} bytes, got {}",
             out.len(),

@@ -194,7 +194,7 @@ impl Workspace {
     /// partial states).
     fn lock(&self, bytes: usize) -> Result<std::sync::MutexGuard<'_, Option<Arc<DeviceBuffer>>>> {
         let mut g = self.buf.lock().unwrap_or_else(|e| e.into_inner());
-        if g.as_ref().map_or(true, |b| b.len() < bytes) {
+        if g.as_ref().is_none_or(|b| b.len() < bytes) {
             *g = Some(Arc::new(DeviceBuffer::alloc(&self.dev, bytes.max(256))?));
         }
         Ok(g)
@@ -357,7 +357,7 @@ unsafe fn run_decode(
     let all = [DType::F32, DType::F16, DType::BF16];
     q.expect("q", &[Some(batch), None, Some(d)], &all, dev.ordinal())?;
     let hq = q.shape[1];
-    if hq == 0 || hq % hk != 0 {
+    if hq == 0 || !hq.is_multiple_of(hk) {
         return Err(Error::shape("q", format!("num_qo_heads a positive multiple of num_kv_heads {hk}"), format!("{hq} query heads")));
     }
     out.expect("out", &[Some(batch), Some(hq), Some(d)], &all, dev.ordinal())?;
@@ -595,7 +595,7 @@ pub unsafe fn append(dev: &CudaDevice, kv: &CudaPagedKv, k: &DeviceTensor, v: &D
     if slot_mapping == 0 && n > 0 {
         return Err(Error::NullPointer { param: "slot_mapping".into() });
     }
-    if slot_mapping % 8 != 0 {
+    if !slot_mapping.is_multiple_of(8) {
         return Err(Error::invalid("slot_mapping", "int64 values at an address aligned to 8 bytes"));
     }
     let (kp, vp) = kv.kv_ptrs();

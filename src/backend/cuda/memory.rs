@@ -76,7 +76,7 @@ impl DeviceBuffer {
     }
 
     fn check_range(&self, param: &str, offset: usize, n: usize) -> Result<()> {
-        if offset.checked_add(n).map_or(true, |e| e > self.len) {
+        if offset.checked_add(n).is_none_or(|e| e > self.len) {
             return Err(Error::out_of_range(param, offset as i64, format!("offsets with offset + {n} <= {} bytes of the buffer", self.len)));
         }
         Ok(())
@@ -121,6 +121,17 @@ impl DeviceBuffer {
         stream.bind()?;
         // SAFETY: the whole allocation.
         unsafe { cu::memset_d8_async(self.ptr, value, self.len, stream.raw()) }.map_err(driver_err("cuMemsetD8"))
+    }
+
+    /// Set `n` bytes from `offset` to `value` (queued on `stream`).
+    pub fn memset_range(&self, offset: usize, n: usize, value: u8, stream: &Stream) -> Result<()> {
+        self.check_range("offset", offset, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.bind()?;
+        // SAFETY: range checked.
+        unsafe { cu::memset_d8_async(self.ptr + offset as u64, value, n, stream.raw()) }.map_err(driver_err("cuMemsetD8"))
     }
 
     /// Copy `n` bytes from `src_offset` of `src` to `dst_offset` of this buffer (queued).
@@ -190,7 +201,7 @@ impl DeviceTensor {
     /// Check shape (`None` = any size), dtype set, device, non-null and element alignment.
     #[allow(dead_code)]
     pub(crate) fn expect(&self, param: &str, shape: &[Option<usize>], dtypes: &[DType], device: usize) -> Result<()> {
-        let ok = self.shape.len() == shape.len() && self.shape.iter().zip(shape).all(|(&a, b)| b.map_or(true, |b| a == b));
+        let ok = self.shape.len() == shape.len() && self.shape.iter().zip(shape).all(|(&a, b)| b.is_none_or(|b| a == b));
         if !ok {
             let want: Vec<String> = shape.iter().map(|d| d.map_or("_".into(), |d| d.to_string())).collect();
             return Err(Error::shape(param, format!("[{}]", want.join(", ")), format!("{:?}", self.shape)));
@@ -205,7 +216,7 @@ impl DeviceTensor {
         if self.numel() > 0 && self.ptr == 0 {
             return Err(Error::NullPointer { param: param.into() });
         }
-        if self.ptr % self.dtype.size() as u64 != 0 {
+        if !self.ptr.is_multiple_of(self.dtype.size() as u64) {
             return Err(Error::invalid(param, format!("an address aligned to {} bytes", self.dtype.size())));
         }
         Ok(())

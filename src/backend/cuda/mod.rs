@@ -3,7 +3,7 @@
 //! Kernels live in `cuda/*.cu`; `build.rs` compiles each file with nvcc into a fatbin
 //! (sm_80 and sm_90 cubins, compute_80 PTX) embedded in the library, listed by [`ModuleId`].
 //! A module is loaded on a device the first time one of its kernels runs there
-//! ([`CudaDevice::function`]). The driver is loaded at run time (cudarc's dynamic loading):
+//! (`CudaDevice::function`). The driver is loaded at run time (cudarc's dynamic loading):
 //! a build with the feature runs anywhere and reports [`crate::Error::CudaUnavailable`]
 //! where there is no driver or device.
 //!

@@ -64,7 +64,7 @@ impl CudaPageTable {
     /// A table the engine keeps in device memory (int32 arrays, CSR invariants as above).
     ///
     /// # Safety
-    /// 1. `indptr` (batch + 1 entries), `indices` (indptr[batch] entries) and `last_page_len`
+    /// 1. `indptr` (batch + 1 entries), `indices` (`indptr[batch]` entries) and `last_page_len`
     ///    (batch entries) are device addresses of int32 arrays on device `device`, valid and
     ///    unchanged while kernels reading them run;
     /// 2. the arrays satisfy the CSR invariants of `crate::kv::PageTable` for the pool of the

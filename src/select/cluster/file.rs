@@ -275,6 +275,25 @@ impl ClusterIndex {
                 "inconsistent sizes: num_kv_heads {hk}, num_clusters {k}, num_coarse_clusters {k1}, clustered_len {m}, seq_len {seq_len}, seq_len_at_build {seq_len_at_build}"
             )));
         }
+        // The configuration must give these counts for the context it was built over, and
+        // updates only ever cluster more tokens, up to the window the configuration leaves out.
+        let (m0, k0, k10) = config.counts(seq_len_at_build).map_err(|e| io(format!("metadata `config.*` and `seq_len_at_build` {seq_len_at_build} disagree: {e}")))?;
+        if (k0, k10.unwrap_or(0)) != (k, k1) {
+            return Err(io(format!(
+                "metadata `num_clusters` {k} / `num_coarse_clusters` {k1}: the configuration gives {k0} / {} for `seq_len_at_build` {seq_len_at_build}",
+                k10.unwrap_or(0)
+            )));
+        }
+        if m < m0 || (m > m0 && m > seq_len.saturating_sub(config.exclude_window)) {
+            return Err(io(format!(
+                "metadata `clustered_len` {m}: expected {m0} tokens clustered at build (`seq_len_at_build` {seq_len_at_build} less `config.exclude_window` {}), or more after updates up to {} (`seq_len` {seq_len} less the window)",
+                config.exclude_window,
+                seq_len.saturating_sub(config.exclude_window).max(m0)
+            )));
+        }
+        if hk > crate::config::MAX_KV_HEADS {
+            return Err(io(format!("metadata `num_kv_heads` {hk}: at most {}", crate::config::MAX_KV_HEADS)));
+        }
         let mut shapes: Vec<(&str, Dtype, Vec<usize>)> = vec![
             ("centroids", Dtype::F32, vec![hk, k, d]),
             ("centroids_normalized", Dtype::F32, vec![hk, k, d]),
@@ -336,6 +355,9 @@ impl ClusterIndex {
             let assignment = check_csr(&off, &members, &hsizes, m).map_err(|e| io(format!("head {h}: members: {e}")))?;
             if conv[h] > 1 || !inertia[h].is_finite() || inertia[h] < 0.0 {
                 return Err(io(format!("head {h}: bad inertia {} or converged flag {}", inertia[h], conv[h])));
+            }
+            if iters[h] as usize > config.max_iter {
+                return Err(io(format!("tensor `iterations`: head {h} ran {} iterations, above `config.max_iter` {}", iters[h], config.max_iter)));
             }
             heads.push(Clustering {
                 d,
@@ -450,5 +472,37 @@ mod tests {
         let again = ClusterIndex::from_bytes(&full.to_bytes().unwrap()).unwrap();
         assert_eq!(again.head(0).radii(), full.head(0).radii());
         assert_eq!(again.retrieve(&qv, &Retrieve::MixedBudget(10), 120).unwrap(), full.retrieve(&qv, &Retrieve::MixedBudget(10), 120).unwrap());
+    }
+
+    /// Metadata that contradicts itself is refused with the field named, even when whoever
+    /// edited it also recomputed the checksum (the checksum only catches accidents).
+    #[test]
+    fn contradictory_metadata_is_refused_even_with_a_valid_checksum() {
+        let ix = index();
+        let bytes = ix.to_bytes().unwrap();
+        let tensors = ix.tensors();
+        let parts: Vec<(&str, Vec<usize>, &[u8])> = tensors.iter().map(|t| (t.name, t.shape.clone(), &t.data[..])).collect();
+        let resealed = |edit: &dyn Fn(&mut HashMap<String, String>)| {
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+            let mut meta = header.metadata().clone().unwrap();
+            edit(&mut meta);
+            meta.remove("checksum");
+            meta.insert("checksum".into(), checksum(&meta, &parts));
+            ClusterIndex::from_bytes(&safetensors::serialize(st.tensors(), Some(meta)).unwrap())
+        };
+        assert!(resealed(&|_| {}).is_ok(), "an unedited file resealed loads");
+        let cases: [(&str, &dyn Fn(&mut HashMap<String, String>)); 5] = [
+            ("seq_len_at_build 150", &|m| drop(m.insert("seq_len_at_build".into(), "150".into()))),
+            ("disagree", &|m| drop(m.insert("config.clusters".into(), "absolute:0".into()))),
+            ("`num_clusters` 12", &|m| drop(m.insert("config.clusters".into(), "absolute:6".into()))),
+            ("`config.max_iter` 1", &|m| drop(m.insert("config.max_iter".into(), "1".into()))),
+            ("`clustered_len` 120", &|m| drop(m.insert("config.exclude_window".into(), "10".into()))),
+        ];
+        for (word, edit) in cases {
+            let e = resealed(edit).expect_err(word);
+            assert_eq!(e.code(), crate::error::ErrorCode::Io);
+            assert!(e.to_string().contains(word), "expected `{word}` in: {e}");
+        }
     }
 }

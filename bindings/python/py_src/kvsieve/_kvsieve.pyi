@@ -60,6 +60,7 @@ class ErrorCode(enum.IntEnum):
     IO = 10
     PARSE = 11
     INTERNAL = 12
+    OUT_OF_MEMORY = 13
 
 class KvsieveError(Exception):
     """Base class of every error raised by kvsieve.
@@ -114,6 +115,9 @@ class ParseError(KvsieveError):
 
 class InternalError(KvsieveError):
     """A bug inside kvsieve (or a failed :meth:`KvCache.check_invariants`). Please report it."""
+
+class OutOfMemoryError(KvsieveError):
+    """Memory for a buffer the call needs could not be allocated; the call changed nothing."""
 
 class RopeConfig:
     """Rotary position embedding parameters, usable as the ``rope=`` argument.

@@ -26,7 +26,7 @@ int main(void) {
     static const char *const names[] = {"ok",           "invalid_argument", "shape",        "dtype",
                                         "null_pointer", "unknown_sequence", "out_of_range", "out_of_pages",
                                         "unsupported",  "cuda_unavailable", "io",           "parse",
-                                        "internal"};
+                                        "internal",     "out_of_memory"};
 
     /* Version: the header's macros match the library it runs against. */
     snprintf(header_version, sizeof header_version, "%d.%d.%d", KVSIEVE_VERSION_MAJOR, KVSIEVE_VERSION_MINOR,
@@ -44,8 +44,8 @@ int main(void) {
     printf("isa %s\n", isa);
 
     /* Error codes: values, names, and NULL handling. */
-    check(KVSIEVE_OK == 0 && KVSIEVE_ERROR_INTERNAL == 12, "enum values");
-    for (code = 0; code <= 12; code++) {
+    check(KVSIEVE_OK == 0 && KVSIEVE_ERROR_INTERNAL == 12 && KVSIEVE_ERROR_OUT_OF_MEMORY == 13, "enum values");
+    for (code = 0; code <= 13; code++) {
         check(strcmp(kvsieve_error_code_name((kvsieve_error_code_t)code), names[code]) == 0, names[code]);
     }
     check(strcmp(kvsieve_error_code_name((kvsieve_error_code_t)999), "unknown") == 0, "unknown code name");

@@ -512,7 +512,7 @@ impl ClusterWorkspace {
     /// Scratch for retrievals from `index` with `num_qo_heads` query heads.
     pub fn new(index: &CudaClusterIndex, num_qo_heads: usize) -> Result<Self> {
         let (hk, k, k1) = (index.num_kv_heads, index.k, index.k1);
-        if num_qo_heads == 0 || num_qo_heads % hk != 0 {
+        if num_qo_heads == 0 || !num_qo_heads.is_multiple_of(hk) {
             return Err(Error::invalid("num_qo_heads", format!("a positive multiple of num_kv_heads ({hk}), got {num_qo_heads}")));
         }
         let g = num_qo_heads / hk;

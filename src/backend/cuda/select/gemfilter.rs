@@ -191,7 +191,7 @@ pub fn gemfilter_select(stream: &Stream, q: &DeviceTensor, keys: &DeviceTensor, 
     if cfg.keep_first + cfg.keep_last > cfg.k {
         return Err(Error::invalid("k", format!("at least keep_first + keep_last = {}", cfg.keep_first + cfg.keep_last)));
     }
-    if cfg.pool_kernel == 0 || cfg.pool_kernel % 2 == 0 {
+    if cfg.pool_kernel == 0 || cfg.pool_kernel.is_multiple_of(2) {
         return Err(Error::invalid("pool_kernel", format!("an odd width (1 = no pooling), got {}", cfg.pool_kernel)));
     }
     if cfg.k > ws.k {

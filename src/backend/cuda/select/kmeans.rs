@@ -164,7 +164,7 @@ impl CudaKMeans {
                     format!("Assignment::CudaCore for {} keys of head_dim {d} (tensor cores need f16 / bf16 keys of head_dim 64 or 128)", keys.dtype),
                 ));
             }
-            if keys.ptr % 4 != 0 || keys.strides[0] % 2 != 0 || keys.strides[1] % 2 != 0 {
+            if !keys.ptr.is_multiple_of(4) || !keys.strides[0].is_multiple_of(2) || !keys.strides[1].is_multiple_of(2) {
                 return Err(Error::invalid("keys", "4-byte aligned key rows (even token and head strides) for the tensor-core assignment"));
             }
         }

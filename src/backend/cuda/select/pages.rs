@@ -100,7 +100,7 @@ impl PageBoundsWorkspace {
         if page_size == 0 {
             return Err(Error::invalid("page_size", "at least 1"));
         }
-        if num_kv_heads == 0 || num_qo_heads == 0 || num_qo_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || num_qo_heads == 0 || !num_qo_heads.is_multiple_of(num_kv_heads) {
             return Err(Error::invalid("num_qo_heads", format!("a positive multiple of num_kv_heads ({num_kv_heads}), got {num_qo_heads}")));
         }
         let max_pages = max_seq_len.div_ceil(page_size);

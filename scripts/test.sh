@@ -13,6 +13,7 @@ echo "== gates: cargo fmt --check, clippy -D warnings, rustdoc -D warnings, laye
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve-c
 python3 scripts/check-layers.py
 
 echo "== cargo build (library, examples, benches)"
@@ -60,6 +61,7 @@ cargo build -p kvsieve-c --features cuda
 cargo clippy -p kvsieve --all-targets --features cuda -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve --features cuda
 cargo clippy -p kvsieve-c --all-targets --features cuda -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve-c --features cuda
 cargo test --features cuda --test 'cuda_*' -- --test-threads=1
 cargo test -p kvsieve-c --features cuda --test 'cuda_*' -- --test-threads=1
 # ---- The same tests again with every kernel run on the CPU emulator of the CUDA execution

@@ -165,7 +165,7 @@ pub unsafe extern "C" fn kvsieve_merge_states(
 ///
 /// # Safety
 /// 1. `cache` is NULL or a live handle; `seq_ids` is NULL or readable for `batch` ids;
-/// 2. `q`, `out`, `lse` and `params` as in [`AttentionArgs::parse`].
+/// 2. `q`, `out`, `lse` and `params` as in `AttentionArgs::parse`.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_cache_decode(
     cache: *const kvsieve_cache_t,
@@ -191,7 +191,7 @@ pub unsafe extern "C" fn kvsieve_cache_decode(
 /// # Safety
 /// 1. `cache` is NULL or a live handle; `seq_ids` is NULL or readable for `batch` ids;
 ///    `qo_indptr` is NULL or readable for `batch + 1` values;
-/// 2. `q`, `out`, `lse` and `params` as in [`AttentionArgs::parse`].
+/// 2. `q`, `out`, `lse` and `params` as in `AttentionArgs::parse`.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_cache_prefill(
     cache: *const kvsieve_cache_t,

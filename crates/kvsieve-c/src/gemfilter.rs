@@ -76,7 +76,7 @@ pub extern "C" fn kvsieve_gemfilter_config_default(k: usize) -> kvsieve_gemfilte
 ///
 /// # Safety
 /// 1. `q` is NULL or a valid descriptor whose data is not written during the call;
-/// 2. `keys` is NULL or a readable key source (see [`key_source`]);
+/// 2. `keys` is NULL or a readable key source (see `cache::key_source`);
 /// 3. `scores` is NULL or writable for `capacity` floats; `out_len` is NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_gemfilter_scores(
@@ -206,7 +206,7 @@ pub unsafe extern "C" fn kvsieve_snapkv(
 /// # Safety
 /// 1. `queries` is NULL or readable for `num_layers` descriptors, each valid, whose data is
 ///    not written during the call; `keys` is NULL or readable for `num_layers` key sources
-///    (see [`key_source`]); `config` is NULL or readable;
+///    (see `cache::key_source`); `config` is NULL or readable;
 /// 2. `recalls` is NULL or writable for `num_layers` values.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_gemfilter_calibrate_layers(

@@ -120,8 +120,8 @@ pub(crate) fn into_index_handle(index: ClusterIndex) -> *mut kvsieve_cluster_ind
     Box::into_raw(Box::new(kvsieve_cluster_index_t { inner: RwLock::new(index) }))
 }
 
-/// A C handle owning `index` (release it with `kvsieve_cluster_index_free`), for language
-/// bindings that hold Rust indexes and call the C ABI.
+/// A C handle owning `index` (release it with `kvsieve_cluster_index_free`), for Rust code
+/// that holds indexes and calls the entry points directly (the tests).
 pub fn cluster_index_into_handle(index: ClusterIndex) -> *mut kvsieve_cluster_index_t {
     into_index_handle(index)
 }

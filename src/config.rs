@@ -138,7 +138,9 @@ impl CacheConfig {
     }
 }
 
-pub(crate) fn validate_head_dim(head_dim: usize) -> Result<()> {
+/// `Unsupported` unless `head_dim` is a multiple of 8 from 8 to [`MAX_HEAD_DIM`].
+#[doc(hidden)]
+pub fn validate_head_dim(head_dim: usize) -> Result<()> {
     if head_dim == 0 || !head_dim.is_multiple_of(8) || head_dim > MAX_HEAD_DIM {
         return Err(Error::Unsupported(format!(
             "head_dim {head_dim}: expected a multiple of 8 from 8 to {MAX_HEAD_DIM}"
@@ -147,7 +149,9 @@ pub(crate) fn validate_head_dim(head_dim: usize) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn validate_page_size(page_size: usize) -> Result<()> {
+/// `InvalidArgument` (naming `page_size`) unless it is 1 to [`MAX_PAGE_SIZE`].
+#[doc(hidden)]
+pub fn validate_page_size(page_size: usize) -> Result<()> {
     if page_size == 0 || page_size > MAX_PAGE_SIZE {
         return Err(Error::invalid("page_size", format!("1 to {MAX_PAGE_SIZE}, got {page_size}")));
     }

@@ -123,15 +123,18 @@ impl Error {
         }
     }
 
-    pub(crate) fn invalid(param: impl Into<String>, expected: impl Into<String>) -> Self {
+    /// An [`Error::InvalidArgument`]: `param` should have been `expected`.
+    pub fn invalid(param: impl Into<String>, expected: impl Into<String>) -> Self {
         Error::InvalidArgument { param: param.into(), expected: expected.into() }
     }
 
-    pub(crate) fn shape(param: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Self {
+    /// An [`Error::Shape`]: `param` should have had the shape `expected`, and had `got`.
+    pub fn shape(param: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Self {
         Error::Shape { param: param.into(), expected: expected.into(), got: got.into() }
     }
 
-    pub(crate) fn out_of_range(param: impl Into<String>, value: i64, range: impl Into<String>) -> Self {
+    /// An [`Error::OutOfRange`]: `param` is `value`, outside `range`.
+    pub fn out_of_range(param: impl Into<String>, value: i64, range: impl Into<String>) -> Self {
         Error::OutOfRange { param: param.into(), value, range: range.into() }
     }
 }

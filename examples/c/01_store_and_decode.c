@@ -15,9 +15,13 @@
  * K/V and queries here are synthetic; in an engine they come from the model. Every tensor is
  * described by a kvsieve_tensor_t, laid out like DLPack's DLTensor.
  *
- * Build (from the repository root, after `cargo build`):
- *   cc -std=c99 -Iinclude examples/c/01_store_and_decode.c -Ltarget/debug -lkvsieve -lm \
- *      -Wl,-rpath,$PWD/target/debug -o store_and_decode
+ * Build: install the library once (from the repository root), then compile against the
+ * installed copy with pkg-config:
+ *   scripts/install.sh --prefix $HOME/.local
+ *   export PKG_CONFIG_PATH=$HOME/.local/lib/pkgconfig
+ *   cc -std=c99 01_store_and_decode.c $(pkg-config --cflags --libs kvsieve) -lm \
+ *      -Wl,-rpath,$(pkg-config --variable=libdir kvsieve) -o store_and_decode
+ * or from CMake: find_package(kvsieve CONFIG REQUIRED) and target_link_libraries(... kvsieve::kvsieve).
  *
  * kvsieve.h includes the whole API. Including only the headers used would do as well:
  * kvsieve/cache.h, kvsieve/attention.h (kvsieve_cache_decode) and kvsieve/version.h.

@@ -368,6 +368,8 @@ kvsieve_error_t *kvsieve_cluster_index_coarse_child_offsets(const kvsieve_cluste
 kvsieve_error_t *kvsieve_cluster_index_coarse_children(const kvsieve_cluster_index_t *index, size_t head,
                                                        uint32_t *children, size_t capacity, size_t *out_len);
 
+/* Retrieval ---------------------------------------------------------------------------- */
+
 /**
  * \brief The estimates `s_c` of every fine cluster for the decode query `q` (flat scoring;
  * see ::kvsieve_retrieve_config_t for the formula), head-major: entry
@@ -442,6 +444,8 @@ kvsieve_error_t *kvsieve_cluster_index_retrieve(const kvsieve_cluster_index_t *i
 kvsieve_error_t *kvsieve_cluster_index_calibrate(const kvsieve_cluster_index_t *index, const kvsieve_tensor_t *queries,
                                                  double target_fraction, bool per_head, double *thresholds,
                                                  size_t capacity, double *kept_fractions);
+
+/* Updating, saving and loading --------------------------------------------------------- */
 
 /**
  * \brief Assign the keys that arrived since the index was built or last updated (tokens

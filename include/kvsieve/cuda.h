@@ -158,6 +158,8 @@ kvsieve_error_t *kvsieve_cuda_merge_states(const kvsieve_tensor_t *v_a, const fl
                                            const kvsieve_tensor_t *v_b, const float *lse_b,
                                            const kvsieve_tensor_t *out, float *lse_out, void *stream);
 
+/* Device caches ------------------------------------------------------------------------ */
+
 /**
  * \brief kvsieve-owned paged K/V resident on one CUDA device, with the same bookkeeping as
  * ::kvsieve_cache_t (sequences, fork with copy on write, append, write, truncate, page
@@ -273,6 +275,8 @@ kvsieve_error_t *kvsieve_cuda_cache_layer_view(const kvsieve_cuda_cache_t *cache
 
 /** \brief Free a page table from kvsieve_cuda_cache_layer_view(). NULL is ignored. */
 void kvsieve_cuda_table_free(kvsieve_cuda_table_t *table);
+
+/* Key bounds, selection, prefill, clusters and GemFilter ------------------------------- */
 
 /**
  * \brief One page's key-bound update for kvsieve_cuda_update_key_bounds(): fold the keys in

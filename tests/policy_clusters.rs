@@ -226,7 +226,7 @@ proptest! {
         cache.decode_with_clusters(0, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &params).unwrap();
         let mut poisoned = vec![f32::NAN; hq * d];
         let e = cache.decode_with_policy(1, &[t.seq], &qv, &policy, &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(), None, &params).unwrap_err();
-        prop_assert!(e.to_string().contains("ClusterIndexSet::build"), "{}", e);
+        prop_assert!(e.to_string().contains("build a ClusterIndexSet"), "{}", e);
         prop_assert!(poisoned.iter().all(|v| v.is_nan()));
     }
 }
@@ -277,7 +277,7 @@ fn index_set_errors_and_staleness() {
     t.post.append(other, 20, None).unwrap();
     let mut poisoned = vec![f32::NAN; hq * d];
     let e = t.post.decode_with_clusters(0, &[other], &qv, &policy, &set, &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap_err();
-    assert!(e.to_string().contains(&format!("a cluster index for sequence {other} at layer 0")) && e.to_string().contains("ClusterIndexSet::build"), "{e}");
+    assert!(e.to_string().contains(&format!("a cluster index for sequence {other} at layer 0")) && e.to_string().contains("build the ClusterIndexSet"), "{e}");
     assert!(poisoned.iter().all(|v| v.is_nan()));
     // An index longer than its sequence (truncated since) is refused; update fails and
     // leaves the set as it was.

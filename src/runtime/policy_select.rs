@@ -118,14 +118,14 @@ impl Policy {
             return Err(Error::invalid(
                 "policy",
                 format!(
-                    "no `clusters=` at layer {layer} here: centroid retrieval needs the cluster indexes, so build a cluster index set after prefill and decode with it"
+                    "no `clusters=` at layer {layer} here: centroid retrieval needs the cluster indexes, so build a ClusterIndexSet after prefill and decode with it"
                 ),
             ));
         };
         let Some(index) = set.get(seq, layer) else {
             return Err(Error::invalid(
                 "clusters",
-                format!("a cluster index for sequence {seq} at layer {layer} (its policy uses `clusters=`): build the cluster index set for the sequence after prefill"),
+                format!("a cluster index for sequence {seq} at layer {layer} (its policy uses `clusters=`): build the ClusterIndexSet for the sequence after prefill"),
             ));
         };
         if index.num_kv_heads() != c.num_kv_heads || index.head_dim() != c.head_dim {

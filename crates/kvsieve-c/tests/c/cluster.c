@@ -1427,7 +1427,7 @@ static void policy_clusters(void) {
     /* Before the set is built: an error saying what to build, nothing written. */
     EXPECT_ERR(kvsieve_cache_decode_with_clusters(cache, 0, &seq, 1, tensor3(&tq, q, dt_f32(), 1, HQ, D), policy, set,
                                                   tensor3(&tp, poisoned, dt_f32(), 1, HQ, D), NULL, NULL, got, &scored, NULL),
-               KVSIEVE_ERROR_INVALID_ARGUMENT, "build the cluster index set");
+               KVSIEVE_ERROR_INVALID_ARGUMENT, "build the ClusterIndexSet");
     CHECK(got[0] == NULL && isnan(poisoned[0]) && isnan(poisoned[HQ * D - 1]), "nothing written on failure");
     EXPECT_ERR(kvsieve_cache_decode_with_policy(cache, 0, &seq, 1, &tq.t, policy, &tp.t, NULL, NULL, NULL),
                KVSIEVE_ERROR_INVALID_ARGUMENT, "clusters=");

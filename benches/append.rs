@@ -27,7 +27,8 @@ fn append(c: &mut Criterion) {
         g.throughput(Throughput::Elements(total as u64));
         g.bench_with_input(BenchmarkId::from_parameter(format!("chunk{chunk}")), &(), |b, _| {
             b.iter(|| {
-                let mut cache = KvCache::new(CacheConfig::new(layers, hk, d, ps, total / ps).with_dtype(DType::F16)).unwrap();
+                let mut cache =
+                    KvCache::new(CacheConfig::new(layers, hk, d, ps, total / ps).with_dtype(DType::F16)).unwrap();
                 fill(&mut cache, layers, total, chunk, &TensorView::new(&data, &[chunk, hk, d]).unwrap());
             })
         });

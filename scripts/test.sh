@@ -58,7 +58,7 @@ NVCC="$(bash scripts/cuda-toolchain.sh)"
 export NVCC
 cargo build --features cuda
 cargo build -p kvsieve-c --features cuda
-cargo clippy -p kvsieve --all-targets --features cuda -- -D warnings
+cargo clippy -p kvsieve -p kvsieve-python --all-targets --features cuda -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve --features cuda
 cargo clippy -p kvsieve-c --all-targets --features cuda -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve-c --features cuda

@@ -34,7 +34,8 @@ pub(crate) fn zeroed_vec<T: bytemuck::Zeroable>(n: usize, what: &str) -> Result<
 pub(crate) fn vec_with_capacity<T>(n: usize, what: &str) -> Result<Vec<T>> {
     injected(what)?;
     let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory { what: what.into(), bytes: n.saturating_mul(size_of::<T>()) })?;
+    v.try_reserve_exact(n)
+        .map_err(|_| Error::OutOfMemory { what: what.into(), bytes: n.saturating_mul(size_of::<T>()) })?;
     Ok(v)
 }
 

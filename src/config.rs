@@ -55,7 +55,13 @@ pub struct CacheConfig {
 
 impl CacheConfig {
     /// A configuration with f16 storage, NHD layout, post-RoPE keys and key bounds on.
-    pub fn new(num_layers: usize, num_kv_heads: usize, head_dim: usize, page_size: usize, capacity_pages: usize) -> Self {
+    pub fn new(
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        page_size: usize,
+        capacity_pages: usize,
+    ) -> Self {
         CacheConfig {
             num_layers,
             num_kv_heads,
@@ -104,7 +110,10 @@ impl CacheConfig {
         let page_elems = self.page_size as u128 * self.num_kv_heads as u128 * self.head_dim as u128;
         let bytes = page_elems * self.capacity_pages as u128 * self.num_layers as u128 * 2 * self.dtype.size() as u128;
         if bytes > isize::MAX as u128 / 2 {
-            return Err(Error::invalid("capacity_pages", format!("a pool that fits in the address space ({bytes} bytes of K/V asked for)")));
+            return Err(Error::invalid(
+                "capacity_pages",
+                format!("a pool that fits in the address space ({bytes} bytes of K/V asked for)"),
+            ));
         }
         Ok(())
     }

@@ -36,8 +36,19 @@ pub fn seeds() -> Vec<(Vec<u8>, usize)> {
 /// as u64 LE, data).
 fn checksum(meta: &HashMap<String, String>, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> String {
     const ORDER: [&str; 13] = [
-        "centroids", "centroids_normalized", "sizes", "member_offsets", "members", "inertia", "iterations", "converged", "radii",
-        "coarse_centroids", "coarse_sizes", "coarse_child_offsets", "coarse_children",
+        "centroids",
+        "centroids_normalized",
+        "sizes",
+        "member_offsets",
+        "members",
+        "inertia",
+        "iterations",
+        "converged",
+        "radii",
+        "coarse_centroids",
+        "coarse_sizes",
+        "coarse_child_offsets",
+        "coarse_children",
     ];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |b: &[u8]| {
@@ -68,7 +79,8 @@ fn reseal(bytes: &[u8], r: &mut Rng) -> Option<Vec<u8>> {
     let st = SafeTensors::deserialize(bytes).ok()?;
     let (_, header) = SafeTensors::read_metadata(bytes).ok()?;
     let mut meta = header.metadata().clone()?;
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec())).collect();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec())).collect();
     let dtypes: HashMap<String, safetensors::Dtype> = st.tensors().into_iter().map(|(n, t)| (n, t.dtype())).collect();
     for _ in 0..1 + r.below(3) {
         if r.chance(0.5) {
@@ -90,7 +102,7 @@ fn reseal(bytes: &[u8], r: &mut Rng) -> Option<Vec<u8>> {
                     0 => 0u32,
                     1 => u32::MAX,
                     2 => r.below(300) as u32,
-                    _ => r.next() as u32,
+                    _ => r.next_u64() as u32,
                 };
                 let end = (at + 4).min(data.len());
                 data[at..end].copy_from_slice(&word.to_le_bytes()[..end - at]);
@@ -98,8 +110,10 @@ fn reseal(bytes: &[u8], r: &mut Rng) -> Option<Vec<u8>> {
         }
     }
     meta.insert("checksum".into(), checksum(&meta, &tensors));
-    let views: Vec<(String, StView)> =
-        tensors.iter().map(|(n, s, d)| (n.clone(), StView::new(dtypes[n], s.clone(), d).expect("same sizes"))).collect();
+    let views: Vec<(String, StView)> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.clone(), StView::new(dtypes[n], s.clone(), d).expect("same sizes")))
+        .collect();
     safetensors::serialize(views, Some(meta)).ok()
 }
 
@@ -115,9 +129,9 @@ pub fn mutate(base: &[u8], r: &mut Rng) -> Vec<u8> {
         let at = r.below(b.len() as u64 + 1) as usize;
         match r.below(4) {
             0 if at < b.len() => b[at] ^= 1 << r.below(8),
-            1 if at < b.len() => b[at] = r.next() as u8,
+            1 if at < b.len() => b[at] = r.next_u64() as u8,
             2 => b.truncate(at),
-            _ => b.splice(at..at, (0..r.below(16)).map(|_| r.next() as u8)).for_each(drop),
+            _ => b.splice(at..at, (0..r.below(16)).map(|_| r.next_u64() as u8)).for_each(drop),
         }
     }
     b
@@ -143,7 +157,8 @@ pub fn check(bytes: &[u8], head_dim: usize) -> Result<(), String> {
         let _ = ix.retrieve_hierarchical(&q, CoarseRetrieve::BudgetMultiple(2.0), &Retrieve::Budget(16), ix.seq_len());
     }
     let again = ix.to_bytes().map_err(|e| format!("a loaded index does not save: {e}"))?;
-    let back = ClusterIndex::from_bytes(&again).map_err(|e| format!("a loaded index saves to a file that does not load: {e}"))?;
+    let back = ClusterIndex::from_bytes(&again)
+        .map_err(|e| format!("a loaded index saves to a file that does not load: {e}"))?;
     // The same metadata and tensors (the container's JSON header may order keys differently).
     if contents(&back.to_bytes().map_err(|e| e.to_string())?) != contents(&again) {
         return Err("save, load, save gives another file".into());
@@ -156,7 +171,8 @@ type Contents = (Option<HashMap<String, String>>, Vec<(String, Vec<usize>, Vec<u
 fn contents(bytes: &[u8]) -> Contents {
     let st = SafeTensors::deserialize(bytes).expect("saved by kvsieve");
     let (_, header) = SafeTensors::read_metadata(bytes).expect("saved by kvsieve");
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec())).collect();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec(), t.data().to_vec())).collect();
     tensors.sort();
     (header.metadata().clone(), tensors)
 }

@@ -37,7 +37,12 @@ pub fn run(check: impl FnOnce() -> Result<(), String>) -> Outcome {
     let r = catch_unwind(AssertUnwindSafe(check));
     let dt = t.elapsed();
     match r {
-        Err(p) => Outcome::Crash(p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()),
+        Err(p) => Outcome::Crash(
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default(),
+        ),
         Ok(Err(m)) => Outcome::Wrong(m),
         Ok(Ok(())) if dt > SLOW => Outcome::Hang(dt),
         Ok(Ok(())) => Outcome::Ok,

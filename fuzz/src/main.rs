@@ -39,7 +39,7 @@ impl Tally {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut seconds = 60u64;
-    let mut seed = 0x6b76_7369_6576_65u64;
+    let mut seed = 0x006b_7673_6965_7665_u64;
     let mut drivers = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -47,7 +47,9 @@ fn main() {
             "--seconds" => seconds = it.next().and_then(|s| s.parse().ok()).expect("--seconds N"),
             "--seed" => seed = it.next().and_then(|s| s.parse().ok()).expect("--seed S"),
             d @ ("policy" | "file" | "selection") => drivers.push(d.to_string()),
-            other => panic!("unknown argument {other:?}: expected --seconds N, --seed S or a driver (policy, file, selection)"),
+            other => panic!(
+                "unknown argument {other:?}: expected --seconds N, --seed S or a driver (policy, file, selection)"
+            ),
         }
     }
     if drivers.is_empty() {
@@ -70,7 +72,9 @@ fn main() {
                     let text = policy::generate(&mut r);
                     let (layers, heads) = policy::shape(&mut r);
                     let out = run(|| policy::check(&text, layers, heads));
-                    tally.record(driver, s, out, || (format!("{s}.txt"), format!("{layers} {heads}\n{text}").into_bytes()));
+                    tally.record(driver, s, out, || {
+                        (format!("{s}.txt"), format!("{layers} {heads}\n{text}").into_bytes())
+                    });
                 }
                 "file" => {
                     let (base, d) = r.pick(&files).clone();
@@ -86,7 +90,12 @@ fn main() {
                 }
             }
         }
-        println!("{driver}: {} inputs in {:.0} s, {} crashes, hangs or wrong answers", tally.cases, budget.as_secs_f64(), tally.bad);
+        println!(
+            "{driver}: {} inputs in {:.0} s, {} crashes, hangs or wrong answers",
+            tally.cases,
+            budget.as_secs_f64(),
+            tally.bad
+        );
         failed |= tally.bad > 0;
     }
     std::process::exit(i32::from(failed));

@@ -8,7 +8,19 @@ use kvsieve::{ErrorCode, Policy};
 use crate::rng::Rng;
 
 const KEYS: [&str; 13] = [
-    "sinks", "window", "pages", "min_pages", "clusters", "clusters_k", "cluster_size", "hier", "global", "local", "max_distance", "positions", "rank",
+    "sinks",
+    "window",
+    "pages",
+    "min_pages",
+    "clusters",
+    "clusters_k",
+    "cluster_size",
+    "hier",
+    "global",
+    "local",
+    "max_distance",
+    "positions",
+    "rank",
 ];
 const NOISE: [&str; 12] = [";", ":", ",", "=", "-", ".", " ", "layers=", "heads=", "dense", "\u{e9}", "\t"];
 
@@ -68,7 +80,7 @@ pub fn generate(r: &mut Rng) -> String {
             }
         }
         1 => {
-            let bytes: Vec<u8> = (0..r.below(40)).map(|_| r.next() as u8).collect();
+            let bytes: Vec<u8> = (0..r.below(40)).map(|_| r.next_u64() as u8).collect();
             text = String::from_utf8_lossy(&bytes).into_owned();
         }
         _ => {}
@@ -96,9 +108,15 @@ pub fn check(text: &str, layers: usize, heads: usize) -> Result<(), String> {
     match p.validate(layers, heads) {
         Ok(()) => {
             for layer in [0, layers / 2, layers - 1] {
-                let _ = (p.position_mode(layer), p.is_dense(layer), p.uses_clusters(layer, heads), p.cluster_plan(layer, heads));
+                let _ = (
+                    p.position_mode(layer),
+                    p.is_dense(layer),
+                    p.uses_clusters(layer, heads),
+                    p.cluster_plan(layer, heads),
+                );
             }
-            p.window_pages_to_evict(layers, heads, 1 << 20, 16).map_err(|e| format!("{text:?}: valid, but eviction planning failed: {e}"))?;
+            p.window_pages_to_evict(layers, heads, 1 << 20, 16)
+                .map_err(|e| format!("{text:?}: valid, but eviction planning failed: {e}"))?;
         }
         Err(e) if matches!(e.code(), ErrorCode::InvalidArgument | ErrorCode::OutOfRange) => {}
         Err(e) => return Err(format!("{text:?}: validate({layers}, {heads}) failed with an unexpected kind: {e}")),

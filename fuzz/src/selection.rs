@@ -66,9 +66,17 @@ fn valid(seq_len: usize, indptr: &[u32], indices: &[u32]) -> bool {
 pub fn check(seq_len: usize, indptr: Vec<u32>, indices: Vec<u32>) -> Result<(), String> {
     let expect = valid(seq_len, &indptr, &indices);
     match Selection::from_csr(seq_len, indptr.clone(), indices.clone()) {
-        Err(e) if !expect && matches!(e.code(), ErrorCode::InvalidArgument | ErrorCode::Shape | ErrorCode::OutOfRange) => Ok(()),
-        Err(e) => Err(format!("from_csr({seq_len}, {indptr:?}, {indices:?}) refused valid arrays or with the wrong kind: {e}")),
-        Ok(_) if !expect => Err(format!("from_csr({seq_len}, {indptr:?}, {indices:?}) accepted arrays that break the rules")),
+        Err(e)
+            if !expect && matches!(e.code(), ErrorCode::InvalidArgument | ErrorCode::Shape | ErrorCode::OutOfRange) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "from_csr({seq_len}, {indptr:?}, {indices:?}) refused valid arrays or with the wrong kind: {e}"
+        )),
+        Ok(_) if !expect => {
+            Err(format!("from_csr({seq_len}, {indptr:?}, {indices:?}) accepted arrays that break the rules"))
+        }
         Ok(s) => {
             if s.head_indptr() != &indptr[..] || s.indices() != &indices[..] || s.seq_len() != seq_len {
                 return Err("an accepted selection does not read back as given".into());

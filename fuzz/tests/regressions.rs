@@ -8,14 +8,21 @@ use kvsieve_fuzz::{file, policy, run, selection, Outcome};
 fn inputs(driver: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions").join(driver);
     let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
-    let mut v: Vec<(String, Vec<u8>)> =
-        entries.map(|e| e.expect("entry").path()).map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())).collect();
+    let mut v: Vec<(String, Vec<u8>)> = entries
+        .map(|e| e.expect("entry").path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect();
     v.sort();
     v
 }
 
 fn parse_list(s: &str) -> Vec<u32> {
-    s.trim().trim_matches(|c| c == '[' || c == ']').split(',').filter(|x| !x.trim().is_empty()).map(|x| x.trim().parse().unwrap()).collect()
+    s.trim()
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| x.trim().parse().unwrap())
+        .collect()
 }
 
 #[test]
@@ -25,7 +32,11 @@ fn kept_inputs_pass() {
         let text = String::from_utf8(bytes).unwrap();
         let (shape, policy_text) = text.split_once('\n').unwrap();
         let (l, h) = shape.split_once(' ').unwrap();
-        assert_eq!(run(|| policy::check(policy_text, l.parse().unwrap(), h.parse().unwrap())), Outcome::Ok, "policy {name}");
+        assert_eq!(
+            run(|| policy::check(policy_text, l.parse().unwrap(), h.parse().unwrap())),
+            Outcome::Ok,
+            "policy {name}"
+        );
         ran += 1;
     }
     for (name, bytes) in inputs("file") {

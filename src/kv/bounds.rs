@@ -1,9 +1,9 @@
 //! Per page, layer and KV head: the min and max of every key channel over the page's
 //! written slots (Quest's page bounds). Stored in the cache dtype, so they are exact.
 
-use crate::error::Result;
 use crate::config::CacheConfig;
 use crate::dtype::{load_f32, store_f32};
+use crate::error::Result;
 use crate::kv::storage::Buffer;
 
 pub(crate) struct KeyBounds {
@@ -29,7 +29,9 @@ impl KeyBounds {
         let bytes = cfg.capacity_pages * per_page * cfg.dtype.size();
         Ok(KeyBounds {
             data: (0..cfg.num_layers).map(|_| Buffer::zeroed(bytes, "key bounds")).collect::<Result<_>>()?,
-            written: (0..cfg.num_layers).map(|_| crate::alloc::zeroed_vec(cfg.capacity_pages * words, "key bound slot masks")).collect::<Result<_>>()?,
+            written: (0..cfg.num_layers)
+                .map(|_| crate::alloc::zeroed_vec(cfg.capacity_pages * words, "key bound slot masks"))
+                .collect::<Result<_>>()?,
             words,
         })
     }
@@ -73,7 +75,15 @@ impl KeyBounds {
 
     /// Fold the key just stored at (page, slot) into the bounds. Returns false when the slot
     /// had been written before: then the page needs [`KeyBounds::recompute`].
-    pub fn note_write(&mut self, cfg: &CacheConfig, layer: usize, page: usize, slot: usize, keys: &[u8], key_offsets: &[usize]) -> bool {
+    pub fn note_write(
+        &mut self,
+        cfg: &CacheConfig,
+        layer: usize,
+        page: usize,
+        slot: usize,
+        keys: &[u8],
+        key_offsets: &[usize],
+    ) -> bool {
         let w = &mut self.written[layer][page * self.words + slot / 64];
         let bit = 1u64 << (slot % 64);
         if *w & bit != 0 {
@@ -140,6 +150,7 @@ impl KeyBounds {
     }
 
     pub fn bytes(&self) -> usize {
-        self.data.iter().map(|b| b.bytes().len()).sum::<usize>() + self.written.iter().map(|w| w.len() * 8).sum::<usize>()
+        self.data.iter().map(|b| b.bytes().len()).sum::<usize>()
+            + self.written.iter().map(|w| w.len() * 8).sum::<usize>()
     }
 }

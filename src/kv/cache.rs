@@ -23,8 +23,8 @@ use crate::config::{CacheConfig, KeyRope};
 use crate::dtype::{load_f32, store_f32};
 use crate::error::{Error, Result};
 use crate::kv::bounds::KeyBounds;
-use crate::kv::pool::PagePool;
 use crate::kv::plan::{self, KeepTokens, Truncate};
+use crate::kv::pool::PagePool;
 use crate::kv::seqs::{SeqId, Sequence, Sequences};
 use crate::kv::storage::Buffer;
 use crate::kv::table::PageTable;
@@ -33,7 +33,6 @@ use crate::tensor::TensorView;
 
 /// A cache shared between threads: readers run concurrently, writers exclusively.
 pub type SharedKvCache = Arc<parking_lot::RwLock<KvCache>>;
-
 
 /// Memory statistics of a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,7 +254,11 @@ impl KvCache {
         let s = self.seq(id)?;
         if let Some(p) = positions {
             if p.len() != n {
-                return Err(Error::shape("positions", format!("[{n}] (one per appended token)"), format!("[{}]", p.len())));
+                return Err(Error::shape(
+                    "positions",
+                    format!("[{n}] (one per appended token)"),
+                    format!("[{}]", p.len()),
+                ));
             }
         }
         let ps = self.cfg.page_size;
@@ -303,7 +306,11 @@ impl KvCache {
         let n = k.shape().first().copied().unwrap_or(0);
         let s = self.seq(id)?;
         if start.checked_add(n).is_none_or(|e| e > s.len) {
-            return Err(Error::out_of_range("start", start as i64, format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len)));
+            return Err(Error::out_of_range(
+                "start",
+                start as i64,
+                format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len),
+            ));
         }
         let ps = self.cfg.page_size;
         let mut tokens = crate::alloc::vec_with_capacity(n, "token list")?;
@@ -313,10 +320,18 @@ impl KvCache {
 
     /// Write K and V of one layer into slots from a slot mapping returned by
     /// [`KvCache::append`] (each slot must hold a token of sequence `id`).
-    pub fn write_slots(&mut self, id: SeqId, layer: usize, slots: &[i64], k: &TensorView, v: &TensorView) -> Result<()> {
+    pub fn write_slots(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        slots: &[i64],
+        k: &TensorView,
+        v: &TensorView,
+    ) -> Result<()> {
         let s = self.seq(id)?;
         let ps = self.cfg.page_size;
-        let page_index: std::collections::HashMap<u32, usize> = s.pages.iter().enumerate().map(|(i, &p)| (p, i)).collect();
+        let page_index: std::collections::HashMap<u32, usize> =
+            s.pages.iter().enumerate().map(|(i, &p)| (p, i)).collect();
         let mut tokens = crate::alloc::vec_with_capacity(slots.len(), "token list")?;
         for (i, &slot) in slots.iter().enumerate() {
             let t = (slot >= 0)
@@ -326,14 +341,26 @@ impl KvCache {
             match t {
                 Some(t) => tokens.push(t),
                 None => {
-                    return Err(Error::out_of_range(format!("slots[{i}]"), slot, format!("the slots of sequence {id}'s {} tokens", s.len)))
+                    return Err(Error::out_of_range(
+                        format!("slots[{i}]"),
+                        slot,
+                        format!("the slots of sequence {id}'s {} tokens", s.len),
+                    ))
                 }
             }
         }
         self.change(|c| c.write_tokens(id, layer, &tokens, k, v, ps))
     }
 
-    fn write_tokens(&mut self, id: SeqId, layer: usize, tokens: &[usize], k: &TensorView, v: &TensorView, ps: usize) -> Result<()> {
+    fn write_tokens(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        tokens: &[usize],
+        k: &TensorView,
+        v: &TensorView,
+        ps: usize,
+    ) -> Result<()> {
         self.check_layer(layer)?;
         let (h, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
         let want = [Some(tokens.len()), Some(h), Some(d)];
@@ -368,7 +395,9 @@ impl KvCache {
                 store_row(self.v[layer].bytes_mut(), dt, *off, v, &[i, head], d);
             }
             if let Some(b) = self.bounds.as_mut() {
-                if !b.note_write(&cfg, layer, page, slot, self.k[layer].bytes(), &offs) && recompute.last() != Some(&page) {
+                if !b.note_write(&cfg, layer, page, slot, self.k[layer].bytes(), &offs)
+                    && recompute.last() != Some(&page)
+                {
                     recompute.push(page);
                 }
             }
@@ -499,7 +528,8 @@ impl KvCache {
         };
         // SAFETY: the buffers hold capacity_pages pages in this layout, are aligned to 8 bytes,
         // and cannot be written while `self` is borrowed immutably for 'a.
-        let view = unsafe { PagedKv::from_raw(self.k[layer].as_ptr(), self.v[layer].as_ptr(), layout, table.as_ref())? };
+        let view =
+            unsafe { PagedKv::from_raw(self.k[layer].as_ptr(), self.v[layer].as_ptr(), layout, table.as_ref())? };
         Ok(view.with_positions(&self.positions)?.with_key_rope(c.key_rope))
     }
 
@@ -508,10 +538,15 @@ impl KvCache {
     pub fn page_key_bounds(&self, id: SeqId, layer: usize, page_index: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         self.check_layer(layer)?;
         let s = self.seq(id)?;
-        let b = self.bounds.as_ref().ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
-        let page = *s.pages.get(page_index).ok_or_else(|| {
-            Error::out_of_range("page_index", page_index as i64, format!("0..{}", s.pages.len()))
-        })? as usize;
+        let b = self
+            .bounds
+            .as_ref()
+            .ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
+        let page = *s
+            .pages
+            .get(page_index)
+            .ok_or_else(|| Error::out_of_range("page_index", page_index as i64, format!("0..{}", s.pages.len())))?
+            as usize;
         let (mut min, mut max) = (Vec::new(), Vec::new());
         for h in 0..self.cfg.num_kv_heads {
             let (a, b2) = b.get(&self.cfg, layer, page, h);
@@ -524,8 +559,16 @@ impl KvCache {
     /// Key bounds of every page of the pool at one layer, for page-bound scoring.
     pub fn key_bounds(&self, layer: usize) -> Result<KeyBoundsRef<'_>> {
         self.check_layer(layer)?;
-        let b = self.bounds.as_ref().ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
-        Ok(KeyBoundsRef { bytes: b.layer_bytes(layer), dtype: self.cfg.dtype, num_kv_heads: self.cfg.num_kv_heads, head_dim: self.cfg.head_dim })
+        let b = self
+            .bounds
+            .as_ref()
+            .ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
+        Ok(KeyBoundsRef {
+            bytes: b.layer_bytes(layer),
+            dtype: self.cfg.dtype,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        })
     }
 
     /// Keys of a sequence at a layer as f32, `[seq_len, num_kv_heads, head_dim]` flattened.
@@ -597,7 +640,11 @@ impl KvCache {
             for &p in &s.pages {
                 counts[p as usize] += 1;
             }
-            let ok = if s.pages.is_empty() { s.len == 0 } else { s.len > (s.pages.len() - 1) * ps && s.len <= s.pages.len() * ps };
+            let ok = if s.pages.is_empty() {
+                s.len == 0
+            } else {
+                s.len > (s.pages.len() - 1) * ps && s.len <= s.pages.len() * ps
+            };
             if !ok {
                 return Err(format!("sequence {id}: len {} does not fit {} pages of {ps}", s.len, s.pages.len()));
             }

@@ -69,12 +69,22 @@ impl Sequences {
     /// Remove whole pages of sequence `id` (pages of `page_size` slots): `page_indices`
     /// index its page list, strictly increasing (checked before anything changes). Each
     /// removed page loses one reference in `pool`; later token indices shift down.
-    pub fn evict_pages(&mut self, pool: &mut PagePool, id: SeqId, page_indices: &[usize], page_size: usize) -> Result<()> {
+    pub fn evict_pages(
+        &mut self,
+        pool: &mut PagePool,
+        id: SeqId,
+        page_indices: &[usize],
+        page_size: usize,
+    ) -> Result<()> {
         let s = self.map.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
         let np = s.pages.len();
         for (i, &pi) in page_indices.iter().enumerate() {
             if pi >= np {
-                return Err(Error::out_of_range(format!("page_indices[{i}]"), pi as i64, format!("0..{np} (pages of sequence {id})")));
+                return Err(Error::out_of_range(
+                    format!("page_indices[{i}]"),
+                    pi as i64,
+                    format!("0..{np} (pages of sequence {id})"),
+                ));
             }
             if i > 0 && page_indices[i - 1] >= pi {
                 return Err(Error::invalid("page_indices", "strictly increasing page indices"));

@@ -298,7 +298,11 @@ impl Spec {
 
     /// Whether the spec selects no token at all (no `dense`, window or pages, and no sinks).
     pub fn is_empty(&self) -> bool {
-        !self.dense && self.window.is_none() && self.pages.is_none() && self.clusters.is_none() && self.sinks.unwrap_or(0) == 0
+        !self.dense
+            && self.window.is_none()
+            && self.pages.is_none()
+            && self.clusters.is_none()
+            && self.sinks.unwrap_or(0) == 0
     }
 
     /// Whether the spec is made of sinks and a window alone (no `dense`, `pages` or
@@ -326,7 +330,13 @@ impl Spec {
 
     /// Semantic problems, as what was expected.
     fn problem(&self) -> Option<String> {
-        if self.dense && (self.sinks.is_some() || self.window.is_some() || self.pages.is_some() || self.min_pages.is_some() || self.clusters.is_some()) {
+        if self.dense
+            && (self.sinks.is_some()
+                || self.window.is_some()
+                || self.pages.is_some()
+                || self.min_pages.is_some()
+                || self.clusters.is_some())
+        {
             return Some("`dense` alone, or with only `positions=` and `max_distance=`".into());
         }
         if self.is_empty() {
@@ -345,7 +355,8 @@ impl Spec {
             return Some("clusters=N with a token budget N >= 1".into());
         }
         if self.clusters.is_none() {
-            for (key, v) in [("clusters_k", self.clusters_k), ("cluster_size", self.cluster_size), ("hier", self.hier)] {
+            for (key, v) in [("clusters_k", self.clusters_k), ("cluster_size", self.cluster_size), ("hier", self.hier)]
+            {
                 if v.is_some() {
                     return Some(format!("`{key}=` only together with `clusters=`"));
                 }
@@ -355,7 +366,9 @@ impl Spec {
             }
         }
         if self.clusters_k.is_some() && self.cluster_size.is_some() {
-            return Some("one of `clusters_k=` (clusters per head) and `cluster_size=` (tokens per cluster), not both".into());
+            return Some(
+                "one of `clusters_k=` (clusters per head) and `cluster_size=` (tokens per cluster), not both".into(),
+            );
         }
         for (key, v) in [("clusters_k", self.clusters_k), ("cluster_size", self.cluster_size), ("hier", self.hier)] {
             if v == Some(0) {
@@ -363,10 +376,15 @@ impl Spec {
             }
         }
         match (self.positions, self.max_distance) {
-            (Some(PositionKind::Capped), None) => Some("`max_distance=N` with `positions=capped` (or `global=`/`local=`)".into()),
+            (Some(PositionKind::Capped), None) => {
+                Some("`max_distance=N` with `positions=capped` (or `global=`/`local=`)".into())
+            }
             (Some(PositionKind::Capped), Some(0)) => Some("max_distance=N with N >= 1".into()),
             (Some(PositionKind::Capped), Some(_)) => None,
-            (_, Some(_)) => Some("`positions=capped` (or `global=`/`local=`) with `max_distance=`, which only caps capped positions".into()),
+            (_, Some(_)) => Some(
+                "`positions=capped` (or `global=`/`local=`) with `max_distance=`, which only caps capped positions"
+                    .into(),
+            ),
             _ => None,
         }
     }
@@ -540,7 +558,8 @@ impl Policy {
     /// without the head count: a layer whose spec is sparse is reported not dense even if
     /// head overrides make every head dense (then a dense selection is simply computed).
     pub fn is_dense(&self, layer: usize) -> bool {
-        let layer_spec = self.spec_of(self.layers.iter().rposition(|o| o.contains(layer)).map_or(Source::Default, Source::Layer));
+        let layer_spec =
+            self.spec_of(self.layers.iter().rposition(|o| o.contains(layer)).map_or(Source::Default, Source::Layer));
         layer_spec.dense && self.heads.iter().all(|o| o.spec.dense || !o.heads.iter().any(|&(l, _)| l == layer))
     }
 
@@ -559,17 +578,29 @@ impl Policy {
                 Source::Layer(i) => {
                     if let Some(&(_, last)) = self.layers[i].layers.last() {
                         if last >= num_layers {
-                            return Err(Error::out_of_range(self.clause_text(src), last as i64, format!("0..{num_layers} (the model's layers)")));
+                            return Err(Error::out_of_range(
+                                self.clause_text(src),
+                                last as i64,
+                                format!("0..{num_layers} (the model's layers)"),
+                            ));
                         }
                     }
                 }
                 Source::Head(i) => {
                     for &(l, h) in &self.heads[i].heads {
                         if l >= num_layers {
-                            return Err(Error::out_of_range(self.clause_text(src), l as i64, format!("0..{num_layers} (the model's layers)")));
+                            return Err(Error::out_of_range(
+                                self.clause_text(src),
+                                l as i64,
+                                format!("0..{num_layers} (the model's layers)"),
+                            ));
                         }
                         if h >= num_kv_heads {
-                            return Err(Error::out_of_range(self.clause_text(src), h as i64, format!("0..{num_kv_heads} (KV heads of layer {l})")));
+                            return Err(Error::out_of_range(
+                                self.clause_text(src),
+                                h as i64,
+                                format!("0..{num_kv_heads} (KV heads of layer {l})"),
+                            ));
                         }
                     }
                 }
@@ -694,7 +725,12 @@ impl Policy {
     /// clustering the smallest `window=` among those heads (0 if one has none). Assumes a
     /// validated policy.
     pub fn cluster_plan(&self, layer: usize, num_kv_heads: usize) -> Option<(ClusterBuild, usize)> {
-        let specs: Vec<&Spec> = self.boundary_heads(layer, num_kv_heads).into_iter().map(|h| self.spec(layer, h)).filter(|s| s.clusters.is_some()).collect();
+        let specs: Vec<&Spec> = self
+            .boundary_heads(layer, num_kv_heads)
+            .into_iter()
+            .map(|h| self.spec(layer, h))
+            .filter(|s| s.clusters.is_some())
+            .collect();
         let build = specs.first()?.cluster_build()?;
         let exclude = specs.iter().map(|s| s.window.unwrap_or(0)).min().unwrap_or(0);
         Some((build, exclude))
@@ -707,7 +743,13 @@ impl Policy {
     /// otherwise none. Page ids are shared by all layers, so every layer must agree.
     ///
     /// Errors: the policy fails [`Policy::validate`]; `page_size` 0.
-    pub fn window_pages_to_evict(&self, num_layers: usize, num_kv_heads: usize, seq_len: usize, page_size: usize) -> Result<Vec<usize>> {
+    pub fn window_pages_to_evict(
+        &self,
+        num_layers: usize,
+        num_kv_heads: usize,
+        seq_len: usize,
+        page_size: usize,
+    ) -> Result<Vec<usize>> {
         self.validate(num_layers, num_kv_heads)?;
         let (mut sinks, mut window) = (0usize, 0usize);
         for layer in self.boundary_layers(num_layers) {
@@ -778,7 +820,8 @@ impl fmt::Display for Spec {
 
 impl fmt::Display for LayerOverride {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ranges: Vec<String> = self.layers.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+        let ranges: Vec<String> =
+            self.layers.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
         write!(f, "layers={}:{}", ranges.join(","), self.spec)
     }
 }

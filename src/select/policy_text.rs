@@ -116,7 +116,8 @@ impl<'a> Parser<'a> {
         match self.peek() {
             (off, Tok::Number(s)) => {
                 let v = s.parse::<u64>().ok().filter(|&v| v <= max);
-                let v = v.ok_or_else(|| err(off, format!("expected {what} from 0 to {max} after {after}, found `{s}`")))?;
+                let v =
+                    v.ok_or_else(|| err(off, format!("expected {what} from 0 to {max} after {after}, found `{s}`")))?;
                 self.bump();
                 Ok(v)
             }
@@ -137,7 +138,10 @@ impl<'a> Parser<'a> {
                 Tok::Name("layers") => layers.push(self.layers_clause()?),
                 Tok::Name("heads") => heads.push(self.heads_clause()?),
                 Tok::Punct(';') | Tok::End => {
-                    return Err(err(off, format!("expected a clause (a spec, `layers=` or `heads=`), found {}", t.describe())));
+                    return Err(err(
+                        off,
+                        format!("expected a clause (a spec, `layers=` or `heads=`), found {}", t.describe()),
+                    ));
                 }
                 _ => {
                     if let Some((first, _)) = default {
@@ -152,7 +156,9 @@ impl<'a> Parser<'a> {
             match self.bump() {
                 (_, Tok::End) => break,
                 (_, Tok::Punct(';')) => {}
-                (off, t) => return Err(err(off, format!("expected `,`, `;` or the end of the text, found {}", t.describe()))),
+                (off, t) => {
+                    return Err(err(off, format!("expected `,`, `;` or the end of the text, found {}", t.describe())))
+                }
             }
         }
         Ok(Policy::from_parts(default.map_or_else(Spec::dense, |(_, s)| s), layers, heads))
@@ -207,7 +213,8 @@ impl<'a> Parser<'a> {
         let mut heads = Vec::new();
         let mut after = "`heads=`";
         loop {
-            let l = self.number("a layer number (heads are written layer.head, e.g. 2.5)", after, usize::MAX as u64)? as usize;
+            let l = self.number("a layer number (heads are written layer.head, e.g. 2.5)", after, usize::MAX as u64)?
+                as usize;
             if !self.eat('.') {
                 let (off, t) = self.peek();
                 return Err(err(off, format!("expected `.` and a head number after layer {l} (heads are written layer.head, e.g. 2.5), found {}", t.describe())));
@@ -261,14 +268,22 @@ impl<'a> Parser<'a> {
             "max_distance" => "max_distance",
             "positions" => "positions",
             "layers" | "heads" => {
-                return Err(err(off, format!("expected {ITEMS}, found `{name}`: `{name}=` starts a clause, so separate clauses with `;`")));
+                return Err(err(
+                    off,
+                    format!(
+                        "expected {ITEMS}, found `{name}`: `{name}=` starts a clause, so separate clauses with `;`"
+                    ),
+                ));
             }
             _ => return Err(err(off, format!("expected {ITEMS}, found unknown key `{name}`"))),
         };
         self.bump();
         if key == "dense" {
             if self.peek().1 == Tok::Punct('=') {
-                return Err(err(self.peek().0, "expected `,`, `;` or the end of the text after `dense`, which takes no value, found `=`"));
+                return Err(err(
+                    self.peek().0,
+                    "expected `,`, `;` or the end of the text after `dense`, which takes no value, found `=`",
+                ));
             }
             set_once(&mut b.dense_at, off, key, "dense")?;
             b.spec.dense = true;
@@ -316,7 +331,12 @@ impl<'a> Parser<'a> {
                 b.spec.rank = Some(match vt {
                     Tok::Name("estimate") => ClusterRank::Estimate,
                     Tok::Name("mixed") => ClusterRank::Mixed,
-                    _ => return Err(err(voff, format!("expected `estimate` or `mixed` after `rank=`, found {}", vt.describe()))),
+                    _ => {
+                        return Err(err(
+                            voff,
+                            format!("expected `estimate` or `mixed` after `rank=`, found {}", vt.describe()),
+                        ))
+                    }
                 });
                 self.bump();
             }
@@ -331,7 +351,15 @@ impl<'a> Parser<'a> {
                     Tok::Name("original") => PositionKind::Original,
                     Tok::Name("contiguous") => PositionKind::Contiguous,
                     Tok::Name("capped") => PositionKind::Capped,
-                    _ => return Err(err(voff, format!("expected `original`, `contiguous` or `capped` after `positions=`, found {}", vt.describe()))),
+                    _ => {
+                        return Err(err(
+                            voff,
+                            format!(
+                                "expected `original`, `contiguous` or `capped` after `positions=`, found {}",
+                                vt.describe()
+                            ),
+                        ))
+                    }
                 };
                 self.bump();
                 if kind != PositionKind::Capped {
@@ -359,7 +387,10 @@ impl<'a> Parser<'a> {
 fn set_once(at: &mut Option<(usize, &'static str)>, off: usize, key: &'static str, field: &str) -> Result<()> {
     if let Some((prev, pkey)) = *at {
         let by = if pkey == key { format!("an earlier `{pkey}`") } else { format!("`{pkey}`") };
-        return Err(err(off, format!("expected each item once per spec, but `{key}` sets {field}, already set by {by} at byte {prev}")));
+        return Err(err(
+            off,
+            format!("expected each item once per spec, but `{key}` sets {field}, already set by {by} at byte {prev}"),
+        ));
     }
     *at = Some((off, key));
     Ok(())
@@ -369,7 +400,17 @@ fn set_once(at: &mut Option<(usize, &'static str)>, off: usize, key: &'static st
 /// the later item (`key` at `off`).
 fn check_dense(b: &SpecBuilder, off: usize, key: &str) -> Result<()> {
     let Some((doff, _)) = b.dense_at else { return Ok(()) };
-    let others = [b.sinks_at, b.window_at, b.pages_at, b.min_pages_at, b.clusters_at, b.clusters_k_at, b.cluster_size_at, b.hier_at, b.rank_at];
+    let others = [
+        b.sinks_at,
+        b.window_at,
+        b.pages_at,
+        b.min_pages_at,
+        b.clusters_at,
+        b.clusters_k_at,
+        b.cluster_size_at,
+        b.hier_at,
+        b.rank_at,
+    ];
     let Some((ooff, okey)) = others.iter().flatten().next().copied() else { return Ok(()) };
     let message = if key == "dense" {
         format!("expected `dense` alone (with `positions=` and `max_distance=` at most), but `{okey}=` was given at byte {ooff}")

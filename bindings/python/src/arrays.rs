@@ -6,8 +6,8 @@ use half::f16;
 use kvsieve::{DType, Error, TensorView, TensorViewMut};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{
-    Element, PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
+    Element, PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
@@ -43,8 +43,11 @@ fn strides_usable(a: &Bound<'_, PyUntypedArray>) -> bool {
 }
 
 fn borrow_error(param: &str, writable: bool) -> PyErr {
-    let expected =
-        if writable { "a writable array that no other kvsieve call is using" } else { "an array that no kvsieve call is writing" };
+    let expected = if writable {
+        "a writable array that no other kvsieve call is using"
+    } else {
+        "an array that no kvsieve call is writing"
+    };
     to_py_err(Error::InvalidArgument { param: param.into(), expected: expected.into() })
 }
 
@@ -193,8 +196,12 @@ impl<'py> FloatArrayMut<'py> {
     /// A writable strided view of the array's own memory.
     pub fn view_mut(&mut self) -> Result<TensorViewMut<'_>, Error> {
         let (ptr, dtype, shape, strides) = match self {
-            FloatArrayMut::F32(a) => (a.data() as *mut u8, DType::F32, a.shape().to_vec(), elem_strides::<f32>(a.strides())),
-            FloatArrayMut::F16(a) => (a.data() as *mut u8, DType::F16, a.shape().to_vec(), elem_strides::<f16>(a.strides())),
+            FloatArrayMut::F32(a) => {
+                (a.data() as *mut u8, DType::F32, a.shape().to_vec(), elem_strides::<f32>(a.strides()))
+            }
+            FloatArrayMut::F16(a) => {
+                (a.data() as *mut u8, DType::F16, a.shape().to_vec(), elem_strides::<f16>(a.strides()))
+            }
         };
         // SAFETY: shape and strides are numpy's own, so every reachable element lies in the
         // buffer; the exclusive borrow held by `self` keeps other kvsieve calls off the array.
@@ -207,10 +214,20 @@ pub fn int_vec(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<Vec<i64>> {
     if let Ok(arr) = obj.cast::<PyUntypedArray>() {
         let kind = arr.dtype().kind();
         if kind != b'i' && kind != b'u' {
-            return Err(Error::DType { param: param.into(), expected: "an integer array".into(), got: arr.dtype().to_string() }).kv();
+            return Err(Error::DType {
+                param: param.into(),
+                expected: "an integer array".into(),
+                got: arr.dtype().to_string(),
+            })
+            .kv();
         }
         if arr.ndim() != 1 {
-            return Err(Error::Shape { param: param.into(), expected: "a 1-D array".into(), got: fmt_shape(arr.shape()) }).kv();
+            return Err(Error::Shape {
+                param: param.into(),
+                expected: "a 1-D array".into(),
+                got: fmt_shape(arr.shape()),
+            })
+            .kv();
         }
         let a = arr.call_method1("astype", ("int64",))?;
         let a = a.cast::<PyArray1<i64>>()?.readonly();
@@ -287,12 +304,16 @@ pub fn seq_ids(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<Vec<u64>> {
 
 /// A non-negative integer argument.
 pub fn usize_arg(x: i64, param: &str) -> PyResult<usize> {
-    usize::try_from(x).map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative integers".into() }).kv()
+    usize::try_from(x)
+        .map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative integers".into() })
+        .kv()
 }
 
 /// A sequence id (sequence ids are non-negative).
 pub fn seq_id(x: i64, param: &str) -> PyResult<u64> {
-    u64::try_from(x).map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative sequence ids".into() }).kv()
+    u64::try_from(x)
+        .map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative sequence ids".into() })
+        .kv()
 }
 
 /// A new numpy array of `shape` owning `data` (C order).
@@ -337,8 +358,13 @@ impl OutBuf {
         match DType::parse(out_dtype) {
             Some(DType::F32) => Ok(OutBuf::F32(filled(param, n, 0.0)?)),
             Some(DType::F16) => Ok(OutBuf::F16(filled(param, n, f16::ZERO)?)),
-            Some(DType::BF16) => Err(Error::Unsupported("out_dtype bf16: numpy has no bfloat16 dtype; use \"f32\" or \"f16\"".into())),
-            None => Err(Error::InvalidArgument { param: "out_dtype".into(), expected: format!("\"f32\" or \"f16\", got {out_dtype:?}") }),
+            Some(DType::BF16) => {
+                Err(Error::Unsupported("out_dtype bf16: numpy has no bfloat16 dtype; use \"f32\" or \"f16\"".into()))
+            }
+            None => Err(Error::InvalidArgument {
+                param: "out_dtype".into(),
+                expected: format!("\"f32\" or \"f16\", got {out_dtype:?}"),
+            }),
         }
     }
 

@@ -137,7 +137,9 @@ pub fn paged_decode<'py>(
     let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "batch").kv()?;
-    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::decode(kv, qv, out, Some(lse), &params))
+    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| {
+        attention::decode(kv, qv, out, Some(lse), &params)
+    })
 }
 
 #[doc = doc!(paged_prefill)]
@@ -205,7 +207,9 @@ pub fn paged_decode_sparse<'py>(
     let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "batch").kv()?;
-    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::decode_sparse(kv, qv, &sels, out, Some(lse), &params))
+    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| {
+        attention::decode_sparse(kv, qv, &sels, out, Some(lse), &params)
+    })
 }
 
 #[doc = doc!(paged_prefill_sparse)]
@@ -281,7 +285,11 @@ pub fn merge_states<'py>(
     let shape: [usize; 3] = va
         .shape()
         .try_into()
-        .map_err(|_| Error::Shape { param: "v_a".into(), expected: "[n, heads, head_dim]".into(), got: format!("{:?}", va.shape()) })
+        .map_err(|_| Error::Shape {
+            param: "v_a".into(),
+            expected: "[n, heads, head_dim]".into(),
+            got: format!("{:?}", va.shape()),
+        })
         .kv()?;
     let la = FloatArray::extract(lse_a, "lse_a", true)?.to_f32_vec();
     let lb = FloatArray::extract(lse_b, "lse_b", true)?.to_f32_vec();

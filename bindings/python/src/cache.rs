@@ -10,12 +10,15 @@ use parking_lot::RwLock;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::arrays::{filled, i32_vec, int_vec, numel, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, FloatArray, OutBuf};
-use crate::errors::{detach, KvResultExt};
-use crate::options::{
-    check_position_mode, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape, AttentionKw,
+use crate::arrays::{
+    filled, i32_vec, int_vec, numel, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, FloatArray, OutBuf,
 };
 use crate::cluster_set::PyClusterIndexSet;
+use crate::errors::{detach, KvResultExt};
+use crate::options::{
+    check_position_mode, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape,
+    AttentionKw,
+};
 use crate::policy::policy_arg;
 use crate::rope::PyRopeConfig;
 use crate::selection::{selections_arg, PySelection};
@@ -113,12 +116,20 @@ pub struct PyKvCache {
 
 impl PyKvCache {
     /// Run `f` on the cache under the read lock, with the GIL released.
-    pub(crate) fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&KvCache) -> Result<T, Error> + Send) -> PyResult<T> {
+    pub(crate) fn with_read<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&KvCache) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
         detach(py, || f(&self.inner.read()))
     }
 
     /// Run `f` on the cache under the write lock, with the GIL released.
-    fn with_write<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut KvCache) -> Result<T, Error> + Send) -> PyResult<T> {
+    fn with_write<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut KvCache) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
         detach(py, || f(&mut self.inner.write()))
     }
 }
@@ -140,7 +151,17 @@ impl PyKvCache {
         key_rope: &str,
         track_key_bounds: bool,
     ) -> PyResult<Self> {
-        let cfg = cache_config(num_layers, num_kv_heads, head_dim, page_size, capacity_pages, dtype, layout, key_rope, track_key_bounds)?;
+        let cfg = cache_config(
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            page_size,
+            capacity_pages,
+            dtype,
+            layout,
+            key_rope,
+            track_key_bounds,
+        )?;
         let cache = detach(py, || KvCache::new(cfg))?;
         Ok(PyKvCache { inner: RwLock::new(cache) })
     }
@@ -175,7 +196,13 @@ impl PyKvCache {
 
     #[doc = doc!(KvCache.append)]
     #[pyo3(signature = (seq, n, positions = None))]
-    fn append<'py>(&self, py: Python<'py>, seq: i64, n: i64, positions: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    fn append<'py>(
+        &self,
+        py: Python<'py>,
+        seq: i64,
+        n: i64,
+        positions: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let seq = seq_id(seq, "seq")?;
         let n = usize_arg(n, "n")?;
         let positions = positions.map(|p| i32_vec(p, "positions")).transpose()?;
@@ -185,7 +212,15 @@ impl PyKvCache {
     }
 
     #[doc = doc!(KvCache.write)]
-    fn write(&self, py: Python<'_>, seq: i64, layer: i64, start: i64, k: &Bound<'_, PyAny>, v: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn write(
+        &self,
+        py: Python<'_>,
+        seq: i64,
+        layer: i64,
+        start: i64,
+        k: &Bound<'_, PyAny>,
+        v: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
         let layer = usize_arg(layer, "layer")?;
         let start = usize_arg(start, "start")?;
@@ -313,7 +348,9 @@ impl PyKvCache {
 
     #[doc = doc!(KvCache.check_invariants)]
     fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
-        self.with_read(py, |c| c.check_invariants().map_err(|m| Error::Internal(format!("cache invariant violated: {m}"))))
+        self.with_read(py, |c| {
+            c.check_invariants().map_err(|m| Error::Internal(format!("cache invariant violated: {m}")))
+        })
     }
 
     #[doc = doc!(KvCache.decode)]
@@ -335,10 +372,12 @@ impl PyKvCache {
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
         let layer = usize_arg(layer, "layer")?;
         let ids = seq_ids(seqs, "seqs")?;
-        let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
+        let params =
+            AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
-        let (out, lse, ()) =
-            self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode(layer, &ids, qv, out, Some(lse), &params))?;
+        let (out, lse, ()) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| {
+            c.decode(layer, &ids, qv, out, Some(lse), &params)
+        })?;
         Ok((out, lse))
     }
 
@@ -364,7 +403,8 @@ impl PyKvCache {
         let layer = usize_arg(layer, "layer")?;
         let ids = seq_ids(seqs, "seqs")?;
         let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
-        let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
+        let params =
+            AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
             c.prefill(layer, &ids, qv, &qo_indptr, out, Some(lse), &params, causal)
@@ -394,7 +434,8 @@ impl PyKvCache {
         let ids = seq_ids(seqs, "seqs")?;
         let sels = selections_arg(selections, "selections")?;
         let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
-        let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
+        let params =
+            AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| {
             c.decode_sparse(layer, &ids, qv, &sels, out, Some(lse), &params)
@@ -428,7 +469,8 @@ impl PyKvCache {
         let sels = selections_arg(selections, "selections")?;
         let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
         let windows = windows_arg(windows)?;
-        let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
+        let params =
+            AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
             c.prefill_sparse(layer, &ids, qv, &qo_indptr, &sels, &windows, out, Some(lse), &params)
@@ -536,7 +578,13 @@ impl PyKvCache {
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let (cfg, s) = self.with_read(py, |c| Ok((PyCacheConfig::from(c.config()), c.stats())))?;
-        Ok(format!("KvCache({}, sequences={}, pages_used={}/{})", cfg.__repr__(), s.num_sequences, s.pages_used, s.pages_total))
+        Ok(format!(
+            "KvCache({}, sequences={}, pages_used={}/{})",
+            cfg.__repr__(),
+            s.num_sequences,
+            s.pages_used,
+            s.pages_total
+        ))
     }
 }
 

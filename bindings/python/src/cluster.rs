@@ -86,7 +86,10 @@ fn path_arg(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<PathBuf> {
 
 /// Check `(num_kv_heads, head_dim)` of a key source against an index, naming the Python
 /// argument the keys came from.
-fn check_same_heads(index: (usize, usize), param: &'static str) -> impl Fn(usize, usize) -> Result<(), Error> + Send + Sync {
+fn check_same_heads(
+    index: (usize, usize),
+    param: &'static str,
+) -> impl Fn(usize, usize) -> Result<(), Error> + Send + Sync {
     move |hk, d| {
         if (hk, d) != index {
             return Err(Error::Shape {
@@ -165,23 +168,41 @@ impl PyClusterThresholds {
 }
 
 /// The fine retrieval rule from `threshold=` / `budget=` (exactly one).
-pub(crate) fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usize, rank: &str) -> PyResult<Retrieve> {
+pub(crate) fn fine_rule(
+    threshold: Option<&Bound<'_, PyAny>>,
+    budget: Option<i64>,
+    hk: usize,
+    rank: &str,
+) -> PyResult<Retrieve> {
     let mixed = match rank {
         "estimate" => false,
         "mixed" => true,
-        _ => return Err(Error::InvalidArgument { param: "rank".into(), expected: format!("\"estimate\" or \"mixed\", got {rank:?}") }).kv(),
+        _ => {
+            return Err(Error::InvalidArgument {
+                param: "rank".into(),
+                expected: format!("\"estimate\" or \"mixed\", got {rank:?}"),
+            })
+            .kv()
+        }
     };
     if mixed && budget.is_none() {
-        return Err(Error::InvalidArgument { param: "rank".into(), expected: "\"estimate\" unless budget= is given (rank orders clusters to fill a budget)".into() }).kv();
+        return Err(Error::InvalidArgument {
+            param: "rank".into(),
+            expected: "\"estimate\" unless budget= is given (rank orders clusters to fill a budget)".into(),
+        })
+        .kv();
     }
     match (threshold, budget) {
         (None, Some(b)) if mixed => Ok(Retrieve::MixedBudget(usize_arg(b, "budget")?)),
-        (None, None) => {
-            Err(Error::InvalidArgument { param: "threshold".into(), expected: "a threshold= or a budget= (neither was given)".into() }).kv()
-        }
+        (None, None) => Err(Error::InvalidArgument {
+            param: "threshold".into(),
+            expected: "a threshold= or a budget= (neither was given)".into(),
+        })
+        .kv(),
         (Some(_), Some(_)) => Err(Error::InvalidArgument {
             param: "budget".into(),
-            expected: "None when threshold= is given (keep clusters by a threshold or by a token budget, not both)".into(),
+            expected: "None when threshold= is given (keep clusters by a threshold or by a token budget, not both)"
+                .into(),
         })
         .kv(),
         (None, Some(b)) => Ok(Retrieve::Budget(usize_arg(b, "budget")?)),
@@ -191,13 +212,16 @@ pub(crate) fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64
                 expected: "a float, a ClusterThresholds, or one float per KV head (a sequence or 1-D array)".into(),
                 got: format!("an object of type {}", type_name(t)),
             };
-            let per_head =
-                t.is_instance_of::<PyList>() || t.is_instance_of::<PyTuple>() || t.cast::<PyUntypedArray>().is_ok_and(|a| a.ndim() > 0);
+            let per_head = t.is_instance_of::<PyList>()
+                || t.is_instance_of::<PyTuple>()
+                || t.cast::<PyUntypedArray>().is_ok_and(|a| a.ndim() > 0);
             let taus: Vec<f64> = if let Ok(th) = t.cast::<PyClusterThresholds>() {
                 th.get().inner.per_head.clone()
             } else if per_head {
                 let list = match t.cast::<PyUntypedArray>() {
-                    Ok(a) if a.ndim() == 1 => a.call_method1("astype", ("float64",)).and_then(|a| a.call_method0("tolist")).ok(),
+                    Ok(a) if a.ndim() == 1 => {
+                        a.call_method1("astype", ("float64",)).and_then(|a| a.call_method0("tolist")).ok()
+                    }
                     Ok(a) => {
                         return Err(Error::Shape {
                             param: "threshold".into(),
@@ -215,7 +239,11 @@ pub(crate) fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64
                 }
                 let v = t.extract::<f64>().map_err(|_| wrong()).kv()?;
                 if v.is_nan() {
-                    return Err(Error::InvalidArgument { param: "threshold".into(), expected: "a threshold that is not NaN".into() }).kv();
+                    return Err(Error::InvalidArgument {
+                        param: "threshold".into(),
+                        expected: "a threshold that is not NaN".into(),
+                    })
+                    .kv();
                 }
                 return Ok(Retrieve::Threshold(v));
             };
@@ -228,8 +256,11 @@ pub(crate) fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64
                 .kv();
             }
             if let Some(h) = taus.iter().position(|t| t.is_nan()) {
-                return Err(Error::InvalidArgument { param: format!("threshold[{h}]"), expected: "a threshold that is not NaN".into() })
-                    .kv();
+                return Err(Error::InvalidArgument {
+                    param: format!("threshold[{h}]"),
+                    expected: "a threshold that is not NaN".into(),
+                })
+                .kv();
             }
             Ok(Retrieve::PerHeadThreshold(taus))
         }
@@ -245,15 +276,22 @@ pub(crate) fn coarse_rule(
     multiple: Option<f64>,
     fine: &Retrieve,
 ) -> PyResult<Option<CoarseRetrieve>> {
-    let given: Vec<&str> =
-        [("coarse_threshold", threshold.is_some()), ("coarse_budget", budget.is_some()), ("coarse_budget_multiple", multiple.is_some())]
-            .iter()
-            .filter(|g| g.1)
-            .map(|g| g.0)
-            .collect();
+    let given: Vec<&str> = [
+        ("coarse_threshold", threshold.is_some()),
+        ("coarse_budget", budget.is_some()),
+        ("coarse_budget_multiple", multiple.is_some()),
+    ]
+    .iter()
+    .filter(|g| g.1)
+    .map(|g| g.0)
+    .collect();
     if !hierarchical {
         if let Some(&param) = given.first() {
-            return Err(Error::InvalidArgument { param: param.into(), expected: "None unless hierarchical=True".into() }).kv();
+            return Err(Error::InvalidArgument {
+                param: param.into(),
+                expected: "None unless hierarchical=True".into(),
+            })
+            .kv();
         }
         return Ok(None);
     }
@@ -269,14 +307,19 @@ pub(crate) fn coarse_rule(
     }
     if let Some(t) = threshold {
         if t.is_nan() {
-            return Err(Error::InvalidArgument { param: "coarse_threshold".into(), expected: "a threshold that is not NaN".into() }).kv();
+            return Err(Error::InvalidArgument {
+                param: "coarse_threshold".into(),
+                expected: "a threshold that is not NaN".into(),
+            })
+            .kv();
         }
         return Ok(Some(CoarseRetrieve::Threshold(t)));
     }
     if let Some(b) = budget {
         let b = usize_arg(b, "coarse_budget")?;
         if b == 0 {
-            return Err(Error::InvalidArgument { param: "coarse_budget".into(), expected: "at least 1 token".into() }).kv();
+            return Err(Error::InvalidArgument { param: "coarse_budget".into(), expected: "at least 1 token".into() })
+                .kv();
         }
         return Ok(Some(CoarseRetrieve::Budget(b)));
     }
@@ -291,7 +334,8 @@ pub(crate) fn coarse_rule(
         if !matches!(fine, Retrieve::Budget(_) | Retrieve::MixedBudget(_)) {
             return Err(Error::InvalidArgument {
                 param: "coarse_budget_multiple".into(),
-                expected: "a fine budget= to multiply (with threshold=, use coarse_threshold= or coarse_budget=)".into(),
+                expected: "a fine budget= to multiply (with threshold=, use coarse_threshold= or coarse_budget=)"
+                    .into(),
             })
             .kv();
         }
@@ -299,7 +343,8 @@ pub(crate) fn coarse_rule(
     }
     Err(Error::InvalidArgument {
         param: "hierarchical".into(),
-        expected: "a coarse rule with hierarchical=True: coarse_threshold=, coarse_budget= or coarse_budget_multiple=".into(),
+        expected: "a coarse rule with hierarchical=True: coarse_threshold=, coarse_budget= or coarse_budget_multiple="
+            .into(),
     })
     .kv()
 }
@@ -323,7 +368,11 @@ impl PyClusterIndex {
     }
 
     /// Run `f` on the index under the read lock, with the GIL released.
-    fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&ClusterIndex) -> Result<T, Error> + Send) -> PyResult<T> {
+    fn with_read<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&ClusterIndex) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
         detach(py, || f(&self.inner.read()))
     }
 
@@ -338,7 +387,12 @@ impl PyClusterIndex {
     }
 
     /// One head's `[num_clusters, head_dim]` f32 rows.
-    fn head_rows<'py>(&self, py: Python<'py>, h: i64, f: impl Fn(&cluster::Clustering) -> &[f32]) -> PyResult<Bound<'py, PyAny>> {
+    fn head_rows<'py>(
+        &self,
+        py: Python<'py>,
+        h: i64,
+        f: impl Fn(&cluster::Clustering) -> &[f32],
+    ) -> PyResult<Bound<'py, PyAny>> {
         let h = self.head_arg(h)?;
         let (v, k, d) = {
             let index = self.inner.read();
@@ -348,7 +402,12 @@ impl PyClusterIndex {
     }
 
     /// One head's u32 vector.
-    fn head_u32<'py>(&self, py: Python<'py>, h: i64, f: impl Fn(&cluster::Clustering) -> &[u32]) -> PyResult<Bound<'py, PyAny>> {
+    fn head_u32<'py>(
+        &self,
+        py: Python<'py>,
+        h: i64,
+        f: impl Fn(&cluster::Clustering) -> &[u32],
+    ) -> PyResult<Bound<'py, PyAny>> {
         let h = self.head_arg(h)?;
         let v = f(self.inner.read().head(h)).to_vec();
         let n = v.len();
@@ -525,7 +584,11 @@ impl PyClusterIndex {
             let c = usize::try_from(c)
                 .ok()
                 .filter(|&c| c < k)
-                .ok_or_else(|| Error::OutOfRange { param: "c".into(), value: c, range: format!("0..{k} (num_clusters)") })
+                .ok_or_else(|| Error::OutOfRange {
+                    param: "c".into(),
+                    value: c,
+                    range: format!("0..{k} (num_clusters)"),
+                })
                 .kv()?;
             index.head(h).members(c).to_vec()
         };
@@ -637,10 +700,17 @@ impl PyClusterIndex {
 
     #[doc = doc!(ClusterIndex.calibrate)]
     #[pyo3(signature = (queries, target_fraction, per_head = false))]
-    fn calibrate(&self, py: Python<'_>, queries: &Bound<'_, PyAny>, target_fraction: f64, per_head: bool) -> PyResult<PyClusterThresholds> {
+    fn calibrate(
+        &self,
+        py: Python<'_>,
+        queries: &Bound<'_, PyAny>,
+        target_fraction: f64,
+        per_head: bool,
+    ) -> PyResult<PyClusterThresholds> {
         let q = FloatArray::extract(queries, "queries", true)?;
         let qv = q.view().kv()?;
-        self.with_read(py, |i| cluster::calibrate(i, &qv, target_fraction, per_head)).map(|inner| PyClusterThresholds { inner })
+        self.with_read(py, |i| cluster::calibrate(i, &qv, target_fraction, per_head))
+            .map(|inner| PyClusterThresholds { inner })
     }
 
     #[doc = doc!(ClusterIndex.assign_new)]
@@ -655,7 +725,9 @@ impl PyClusterIndex {
     ) -> PyResult<usize> {
         let keys = key_source(keys, cache, seq, layer)?;
         let heads = (self.num_kv_heads(), self.head_dim());
-        with_keys(py, &keys, false, check_same_heads(heads, source_param(&keys)), |src| self.inner.write().assign_new(src))
+        with_keys(py, &keys, false, check_same_heads(heads, source_param(&keys)), |src| {
+            self.inner.write().assign_new(src)
+        })
     }
 
     #[doc = doc!(ClusterIndex.rebuild)]
@@ -711,8 +783,12 @@ fn clustering_dict<'py>(py: Python<'py>, c: cluster::Clustering) -> PyResult<Bou
 fn rows_arg(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<(Vec<f32>, usize)> {
     let a = FloatArray::extract(obj, param, true)?;
     let &[_, d] = a.shape() else {
-        return Err(Error::Shape { param: param.into(), expected: "a 2-D array [rows, head_dim]".into(), got: format!("{:?}", a.shape()) })
-            .kv();
+        return Err(Error::Shape {
+            param: param.into(),
+            expected: "a 2-D array [rows, head_dim]".into(),
+            got: format!("{:?}", a.shape()),
+        })
+        .kv();
     };
     Ok((a.to_f32_vec(), d))
 }
@@ -758,7 +834,8 @@ pub fn kmeans<'py>(
         (Some(_), Some(_)) => {
             return Err(Error::InvalidArgument {
                 param: "init".into(),
-                expected: "None when clusters= is given (start from k-means++ seeds or from given centroids, not both)".into(),
+                expected: "None when clusters= is given (start from k-means++ seeds or from given centroids, not both)"
+                    .into(),
             })
             .kv()
         }

@@ -25,7 +25,13 @@ impl PyClusterIndexSet {
     }
 
     #[doc = doc!(ClusterIndexSet.build)]
-    fn build(&self, py: Python<'_>, cache: &Bound<'_, PyKvCache>, seq: i64, policy: &Bound<'_, PyAny>) -> PyResult<usize> {
+    fn build(
+        &self,
+        py: Python<'_>,
+        cache: &Bound<'_, PyKvCache>,
+        seq: i64,
+        policy: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
         let seq = seq_id(seq, "seq")?;
         let policy = policy_arg(policy)?;
         let set = &self.inner;

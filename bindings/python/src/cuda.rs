@@ -72,7 +72,9 @@ impl DlDataType {
             (DL_BFLOAT, 16, 1) => Ok(DType::BF16),
             (code, bits, lanes) => Err(Error::DType {
                 param: param.into(),
-                expected: "float32, float16 or bfloat16 (DLPack code 2 with bits 32 or 16, or code 4 with bits 16; lanes 1)".into(),
+                expected:
+                    "float32, float16 or bfloat16 (DLPack code 2 with bits 32 or 16, or code 4 with bits 16; lanes 1)"
+                        .into(),
                 got: format!("code {code}, bits {bits}, lanes {lanes}"),
             }),
         }
@@ -147,7 +149,8 @@ impl Dl<'_> {
     /// Check that the array is a contiguous int32 `[n, cols]` array (`expected` says what for).
     pub(crate) fn int_rows(&self, cols: i64, expected: &str) -> Result<(), Error> {
         let (s, d) = (self.shape(), self.t.dtype);
-        let row_major = self.strides().is_none_or(|st| st.len() == 2 && (st[1] == 1 || s[1] <= 1) && (st[0] == cols || s[0] <= 1));
+        let row_major =
+            self.strides().is_none_or(|st| st.len() == 2 && (st[1] == 1 || s[1] <= 1) && (st[0] == cols || s[0] <= 1));
         if d.code != DL_INT || d.bits != 32 || s.len() != 2 || s[1] != cols || !row_major {
             return Err(bad_shape(self.name, expected, format!("shape {s:?}, DLPack code {} bits {}", d.code, d.bits)));
         }
@@ -174,7 +177,11 @@ impl Dl<'_> {
         let strides = match self.strides() {
             None => contiguous_strides(&shape),
             Some(s) if s.iter().any(|&x| x < 0) => {
-                return Err(bad_shape(format!("{name}.strides"), "non-negative strides (in elements)", format!("{s:?}")))
+                return Err(bad_shape(
+                    format!("{name}.strides"),
+                    "non-negative strides (in elements)",
+                    format!("{s:?}"),
+                ))
             }
             Some(s) => s.iter().map(|&x| x as usize).collect(),
         };
@@ -191,7 +198,8 @@ impl Dl<'_> {
                 format!("device memory (kDLCUDA = 2 or kDLCUDAManaged = 13), got device_type {}", device.device_type),
             ));
         }
-        let device = usize::try_from(device.device_id).map_err(|_| invalid(format!("{name}.device.device_id"), "a device ordinal >= 0"))?;
+        let device = usize::try_from(device.device_id)
+            .map_err(|_| invalid(format!("{name}.device.device_id"), "a device ordinal >= 0"))?;
         let (dtype, shape, strides) = self.layout(dims)?;
         if shape.iter().product::<usize>() > 0 && self.t.data.is_null() {
             return Err(Error::NullPointer { param: format!("{name}.data") });
@@ -226,9 +234,10 @@ impl Dl<'_> {
         if shape.iter().product::<usize>() > 0 && self.t.data.is_null() {
             return Err(Error::NullPointer { param: format!("{name}.data") });
         }
-        let offset =
-            usize::try_from(self.t.byte_offset).map_err(|_| invalid(format!("{name}.byte_offset"), "an offset that fits in memory"))?;
-        let ptr = if self.t.data.is_null() { std::ptr::null() } else { (self.t.data as *const u8).wrapping_add(offset) };
+        let offset = usize::try_from(self.t.byte_offset)
+            .map_err(|_| invalid(format!("{name}.byte_offset"), "an offset that fits in memory"))?;
+        let ptr =
+            if self.t.data.is_null() { std::ptr::null() } else { (self.t.data as *const u8).wrapping_add(offset) };
         TensorView::from_raw(ptr, dtype, &shape, &strides)
     }
 }
@@ -274,7 +283,12 @@ pub(crate) fn f32_contiguous(d: &Dl, shape: &[i64]) -> PyResult<u64> {
         Some(s) => s.len() == 2 && (shape[1] <= 1 || s[1] == 1) && (shape[0] <= 1 || s[0] == shape[1]),
     };
     if got != shape || !contiguous {
-        return Err(bad_shape(d.name, format!("a contiguous {shape:?} array"), format!("{got:?} with strides {:?}", d.strides()))).kv();
+        return Err(bad_shape(
+            d.name,
+            format!("a contiguous {shape:?} array"),
+            format!("{got:?} with strides {:?}", d.strides()),
+        ))
+        .kv();
     }
     Ok(d.addr())
 }
@@ -316,7 +330,9 @@ pub(crate) fn token_lists<'py>(
         (Some(a), Some(b)) => {
             let a = dlpack(a, "sel_indptr", stream)?;
             let b = dlpack(b, "sel_indices", stream)?;
-            let mp = max_per_head.ok_or_else(|| invalid("max_per_head", "an upper bound on every list's length (with sel_indptr)")).kv()?;
+            let mp = max_per_head
+                .ok_or_else(|| invalid("max_per_head", "an upper bound on every list's length (with sel_indptr)"))
+                .kv()?;
             let raw = (a.int_array(32)?, b.int_array(32)?, mp);
             Ok(Some(TokenLists { _arrays: [a, b], raw }))
         }
@@ -379,24 +395,32 @@ pub(crate) fn paged_kv(
         return Err(invalid("v_pages", "the device and dtype of k_pages")).kv();
     }
     let (batch, indptr, indices, last_page_len) = match table {
-        Some((ip, ix, lp)) => {
-            (lp.shape().first().copied().unwrap_or(0).max(0) as usize, ip.int_array(32)?, ix.int_array(32)?, lp.int_array(32)?)
-        }
+        Some((ip, ix, lp)) => (
+            lp.shape().first().copied().unwrap_or(0).max(0) as usize,
+            ip.int_array(32)?,
+            ix.int_array(32)?,
+            lp.int_array(32)?,
+        ),
         None => (0, 0, 0, 0),
     };
     let positions = positions.map(|p| p.int_array(32)).transpose()?.unwrap_or(0);
     let device = k.t.device;
     let kv = (|| {
         if !k.on_device() {
-            return Err(invalid("kv.device", format!("device memory (kDLCUDA = 2), got device_type {}", device.device_type)));
+            return Err(invalid(
+                "kv.device",
+                format!("device memory (kDLCUDA = 2), got device_type {}", device.device_type),
+            ));
         }
-        let ordinal = usize::try_from(device.device_id).map_err(|_| invalid("kv.device.device_id", "a device ordinal >= 0"))?;
+        let ordinal =
+            usize::try_from(device.device_id).map_err(|_| invalid("kv.device.device_id", "a device ordinal >= 0"))?;
         let dtype = k.t.dtype.dtype("dtype")?;
         let strides = |s: [i64; 4], param: &str| -> Result<[usize; 3], Error> {
             let mut out = [0; 3];
             for (i, x) in psh(s).into_iter().enumerate() {
-                out[i] = usize::try_from(x)
-                    .map_err(|_| invalid(format!("{param}[{i}]"), format!("a non-negative stride in elements, got {x}")))?;
+                out[i] = usize::try_from(x).map_err(|_| {
+                    invalid(format!("{param}[{i}]"), format!("a non-negative stride in elements, got {x}"))
+                })?;
             }
             Ok(out)
         };
@@ -409,7 +433,18 @@ pub(crate) fn paged_kv(
             k_strides: strides(kst, "k_strides")?,
             v_strides: strides(vst, "v_strides")?,
         };
-        Ok(Kv { k: k.addr(), v: v.addr(), layout, key_rope, batch, indptr, indices, last_page_len, positions, device: ordinal })
+        Ok(Kv {
+            k: k.addr(),
+            v: v.addr(),
+            layout,
+            key_rope,
+            batch,
+            indptr,
+            indices,
+            last_page_len,
+            positions,
+            device: ordinal,
+        })
     })();
     Ok(Pages { batch, kv })
 }
@@ -473,7 +508,11 @@ pub(crate) unsafe fn stream_on(dev: &CudaDevice, handle: usize) -> Stream {
 pub(crate) type Shared<K, V> = OnceLock<Mutex<HashMap<K, Arc<V>>>>;
 
 /// The value of `key` in `map`, made by `make` the first time.
-pub(crate) fn shared<K: Eq + Hash, V>(map: &Shared<K, V>, key: K, make: impl FnOnce() -> Result<V, Error>) -> Result<Arc<V>, Error> {
+pub(crate) fn shared<K: Eq + Hash, V>(
+    map: &Shared<K, V>,
+    key: K,
+    make: impl FnOnce() -> Result<V, Error>,
+) -> Result<Arc<V>, Error> {
     let mut m = map.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     if let Some(v) = m.get(&key) {
         return Ok(v.clone());
@@ -525,7 +564,8 @@ pub fn cuda_paged_decode<'py>(
     max_per_head: Option<usize>,
     stream: Option<i64>,
 ) -> PyResult<()> {
-    let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.cuda_params().kv()?;
+    let params =
+        AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.cuda_params().kv()?;
     let k = dlpack(k_pages, "k_pages", stream)?;
     let v = dlpack(v_pages, "v_pages", stream)?;
     let ip = dlpack(indptr, "indptr", stream)?;

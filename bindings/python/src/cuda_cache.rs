@@ -11,7 +11,9 @@ use crate::arrays::{i32_vec, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, Fl
 use crate::cache::cache_config;
 use crate::cuda::backend::attention;
 use crate::cuda::backend::{CudaDevice, CudaKvCache, CudaSelections, DeviceTensor};
-use crate::cuda::{bad_shape, decode_workspace, dlpack, f32_contiguous, invalid, stream_handle, stream_on, token_lists};
+use crate::cuda::{
+    bad_shape, decode_workspace, dlpack, f32_contiguous, invalid, stream_handle, stream_on, token_lists,
+};
 use crate::cuda_select::device_ordinal;
 use crate::errors::{detach, KvResultExt};
 use crate::options::AttentionKw;
@@ -25,12 +27,20 @@ pub struct PyCudaKvCache {
 
 impl PyCudaKvCache {
     /// Run `f` on the cache under the read lock, with the GIL released.
-    fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&CudaKvCache) -> Result<T, Error> + Send) -> PyResult<T> {
+    fn with_read<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&CudaKvCache) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
         detach(py, || f(&self.inner.read()))
     }
 
     /// Run `f` on the cache under the write lock, with the GIL released.
-    fn with_write<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut CudaKvCache) -> Result<T, Error> + Send) -> PyResult<T> {
+    fn with_write<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut CudaKvCache) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
         detach(py, || f(&mut self.inner.write()))
     }
 }
@@ -53,7 +63,17 @@ impl PyCudaKvCache {
         track_key_bounds: bool,
         device: i32,
     ) -> PyResult<Self> {
-        let cfg = cache_config(num_layers, num_kv_heads, head_dim, page_size, capacity_pages, dtype, layout, key_rope, track_key_bounds)?;
+        let cfg = cache_config(
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            page_size,
+            capacity_pages,
+            dtype,
+            layout,
+            key_rope,
+            track_key_bounds,
+        )?;
         let ordinal = device_ordinal(device)?;
         let cache = detach(py, move || CudaKvCache::new(&CudaDevice::get(ordinal)?, cfg))?;
         Ok(PyCudaKvCache { inner: RwLock::new(cache) })
@@ -84,7 +104,13 @@ impl PyCudaKvCache {
 
     #[doc = doc!(CudaKvCache.append)]
     #[pyo3(signature = (seq, n, positions = None))]
-    fn append<'py>(&self, py: Python<'py>, seq: i64, n: i64, positions: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    fn append<'py>(
+        &self,
+        py: Python<'py>,
+        seq: i64,
+        n: i64,
+        positions: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let (seq, n) = (seq_id(seq, "seq")?, usize_arg(n, "n")?);
         let pos: Option<Vec<i32>> = positions.map(|p| i32_vec(p, "positions")).transpose()?;
         if let Some(p) = &pos {
@@ -98,7 +124,15 @@ impl PyCudaKvCache {
 
     #[doc = doc!(CudaKvCache.write)]
     #[pyo3(signature = (seq, layer, start, k, v))]
-    fn write<'py>(&self, py: Python<'py>, seq: i64, layer: i64, start: i64, k: &Bound<'py, PyAny>, v: &Bound<'py, PyAny>) -> PyResult<()> {
+    fn write<'py>(
+        &self,
+        py: Python<'py>,
+        seq: i64,
+        layer: i64,
+        start: i64,
+        k: &Bound<'py, PyAny>,
+        v: &Bound<'py, PyAny>,
+    ) -> PyResult<()> {
         let (seq, layer, start) = (seq_id(seq, "seq")?, usize_arg(layer, "layer")?, usize_arg(start, "start")?);
         let dims = ["n", "num_kv_heads", "head_dim"];
         let np = py.import("numpy")?;
@@ -111,7 +145,12 @@ impl PyCudaKvCache {
             let (kv, vv) = (ka.view().kv()?, va.view().kv()?);
             for (x, name) in [(&kv, "k"), (&vv, "v")] {
                 if x.shape().len() != dims.len() {
-                    return Err(bad_shape(name, format!("[{}]", dims.join(", ")), format!("{} dimensions", x.shape().len()))).kv();
+                    return Err(bad_shape(
+                        name,
+                        format!("[{}]", dims.join(", ")),
+                        format!("{} dimensions", x.shape().len()),
+                    ))
+                    .kv();
                 }
             }
             return self.with_write(py, |c| c.write(seq, layer, start, &kv, &vv));
@@ -127,7 +166,10 @@ impl PyCudaKvCache {
         self.with_write(py, |c| {
             let ordinal = c.device().ordinal();
             if kt.device != ordinal {
-                return Err(invalid("k", format!("memory on the cache's CUDA device {ordinal}, got device {}", kt.device)));
+                return Err(invalid(
+                    "k",
+                    format!("memory on the cache's CUDA device {ordinal}, got device {}", kt.device),
+                ));
             }
             // SAFETY: the capsules keep the device arrays alive, unwritten during the call.
             unsafe { c.write_device(seq, layer, start, &kt, &vt) }
@@ -161,7 +203,10 @@ impl PyCudaKvCache {
                 KeepPer::Head => cfg.num_layers * cfg.num_kv_heads,
             };
             if lists.len() != want {
-                return Err(invalid("keep", format!("{want} token lists for per=\"{}\", got {}", per_name(per), lists.len())));
+                return Err(invalid(
+                    "keep",
+                    format!("{want} token lists for per=\"{}\", got {}", per_name(per), lists.len()),
+                ));
             }
             c.compact(
                 seq,
@@ -197,7 +242,10 @@ impl PyCudaKvCache {
         let qd = dlpack(q, "q", stream)?;
         let od = dlpack(out, "out", stream)?;
         let ld = lse.map(|l| dlpack(l, "lse", stream)).transpose()?;
-        let lse = ld.as_ref().map(|l| f32_contiguous(l, &[ids.len() as i64, qd.shape().get(1).copied().unwrap_or(0)])).transpose()?;
+        let lse = ld
+            .as_ref()
+            .map(|l| f32_contiguous(l, &[ids.len() as i64, qd.shape().get(1).copied().unwrap_or(0)]))
+            .transpose()?;
         let lists = token_lists(sel_indptr, sel_indices, max_per_head, stream)?;
         let sel = lists.as_ref().map(|l| l.raw);
         let params = AttentionKw { scale, logit_soft_cap, ..Default::default() }.cuda_params().kv()?;
@@ -221,7 +269,8 @@ impl PyCudaKvCache {
                 match sel {
                     None => attention::decode(&view, &q, &out, lse.as_ref(), &params, &ws, &s),
                     Some((ip, ix, mp)) => {
-                        let sels = CudaSelections::from_device(ip, ix, ids.len(), view.num_kv_heads(), mp, view.device())?;
+                        let sels =
+                            CudaSelections::from_device(ip, ix, ids.len(), view.num_kv_heads(), mp, view.device())?;
                         attention::decode_sparse(&view, &q, &sels, &out, lse.as_ref(), &params, &ws, &s)
                     }
                 }

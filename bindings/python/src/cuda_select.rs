@@ -22,7 +22,10 @@ use crate::cuda::backend::select::gemfilter::{gemfilter_select, GemFilterWorkspa
 use crate::cuda::backend::select::kmeans::Assignment;
 use crate::cuda::backend::select::pages::{page_bounds, PageBoundsWorkspace};
 use crate::cuda::backend::{CudaDevice, CudaSelections, DeviceTensor, KeyBoundsLayout};
-use crate::cuda::{bad_shape, dlpack, f32_contiguous, invalid, non_null, paged_kv, shared, stream_handle, stream_on, token_lists, Shared};
+use crate::cuda::{
+    bad_shape, dlpack, f32_contiguous, invalid, non_null, paged_kv, shared, stream_handle, stream_on, token_lists,
+    Shared,
+};
 use crate::errors::{detach, KvResultExt};
 use crate::options::AttentionKw;
 use crate::sparse::windows_arg;
@@ -54,7 +57,12 @@ pub fn cuda_update_key_bounds<'py>(
         non_null(ents, "entries").kv()?;
     }
     if n > i32::MAX as usize {
-        return Err(Error::OutOfRange { param: "num_entries".into(), value: n as i64, range: format!("0..={}", i32::MAX) }).kv();
+        return Err(Error::OutOfRange {
+            param: "num_entries".into(),
+            value: n as i64,
+            range: format!("0..={}", i32::MAX),
+        })
+        .kv();
     }
     let st = stream_handle(stream);
     detach(py, move || {
@@ -122,7 +130,9 @@ pub fn cuda_page_bounds<'py>(
             let table = kv.table(max_seq_len)?;
             let view = kv.view(&table)?.with_key_bounds(KeyBoundsLayout { ptr: bounds })?;
             let shape = [kv.batch, max_seq_len, l.page_size, hq, l.num_kv_heads, l.head_dim];
-            let ws = shared(&WORKSPACES, (kv.device, st, shape), || PageBoundsWorkspace::for_view(&dev, &view, hq).map(Mutex::new))?;
+            let ws = shared(&WORKSPACES, (kv.device, st, shape), || {
+                PageBoundsWorkspace::for_view(&dev, &view, hq).map(Mutex::new)
+            })?;
             let out = CudaSelections::from_device(sip, six, kv.batch, l.num_kv_heads, max_seq_len, kv.device)?;
             let mut ws = ws.lock().unwrap_or_else(|e| e.into_inner());
             page_bounds(&stream_on(&dev, st), &view, &q, &cfg, &mut ws, &out)
@@ -200,7 +210,9 @@ pub fn cuda_paged_prefill<'py>(
             let queries = PrefillQueries::upload(&dev, &qo, &table, &s)?;
             let masks = if wins.is_empty() { None } else { Some(PrefillMasks::upload(&dev, &wins, &s)?) };
             let sels = match sel {
-                Some((ip, ix, mp)) => Some(CudaSelections::from_device(ip, ix, kv.batch, kv.layout.num_kv_heads, mp, kv.device)?),
+                Some((ip, ix, mp)) => {
+                    Some(CudaSelections::from_device(ip, ix, kv.batch, kv.layout.num_kv_heads, mp, kv.device)?)
+                }
                 None => None,
             };
             let lse = lse.map(|p| DeviceTensor::contiguous(p, DType::F32, &[queries.total(), q.shape[1]], kv.device));
@@ -211,7 +223,10 @@ pub fn cuda_paged_prefill<'py>(
 
 /// `windows=` for the device prefill: none, or one per KV head, where a window of 0 tokens
 /// means no window for its head (and then takes no sinks).
-fn head_windows(windows: &[Option<StreamingWindow>], num_kv_heads: usize) -> Result<Vec<Option<StreamingWindow>>, Error> {
+fn head_windows(
+    windows: &[Option<StreamingWindow>],
+    num_kv_heads: usize,
+) -> Result<Vec<Option<StreamingWindow>>, Error> {
     let wins = windows
         .iter()
         .enumerate()
@@ -225,7 +240,11 @@ fn head_windows(windows: &[Option<StreamingWindow>], num_kv_heads: usize) -> Res
         })
         .collect::<Result<Vec<_>, Error>>()?;
     if !wins.is_empty() && wins.len() != num_kv_heads {
-        return Err(bad_shape("windows", format!("[{num_kv_heads}] (one per KV head) or none"), format!("[{}]", wins.len())));
+        return Err(bad_shape(
+            "windows",
+            format!("[{num_kv_heads}] (one per KV head) or none"),
+            format!("[{}]", wins.len()),
+        ));
     }
     Ok(wins)
 }
@@ -257,7 +276,8 @@ pub fn cuda_gemfilter_select<'py>(
     let keys = kd.device_tensor(&["n", "num_kv_heads", "head_dim"]).kv()?;
     non_null(dst, "indices").kv()?;
     if q.device != keys.device {
-        return Err(invalid("q", format!("memory on the keys' CUDA device {}, got device {}", keys.device, q.device))).kv();
+        return Err(invalid("q", format!("memory on the keys' CUDA device {}, got device {}", keys.device, q.device)))
+            .kv();
     }
     let st = stream_handle(stream);
     detach(py, move || {
@@ -344,7 +364,10 @@ impl PyCudaClusterIndex {
             let s = unsafe { stream_on(&dev, st) };
             build_index(&dev, &keys, &cfg, Assignment::default_for(keys.dtype, keys.shape[2]), &s)
         })?;
-        PyTuple::new(py, [Bound::new(py, PyClusterIndex::from(host))?.into_any(), Bound::new(py, Self::from(dev))?.into_any()])
+        PyTuple::new(
+            py,
+            [Bound::new(py, PyClusterIndex::from(host))?.into_any(), Bound::new(py, Self::from(dev))?.into_any()],
+        )
     }
 
     #[doc = doc!(CudaClusterIndex.num_kv_heads)]
@@ -410,7 +433,8 @@ impl PyCudaClusterIndex {
         non_null(sip, "sel_indptr").kv()?;
         non_null(six, "sel_indices").kv()?;
         if coarse.is_some() && self.index.num_coarse_clusters() == 0 {
-            return Err(invalid("hierarchical", "False for an index built without coarse= (it has no coarse level)")).kv();
+            return Err(invalid("hierarchical", "False for an index built without coarse= (it has no coarse level)"))
+                .kv();
         }
         let st = stream_handle(stream);
         detach(py, || {

@@ -26,11 +26,15 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 /// Python class name, docstring and built-in base (besides `KvsieveError`) of a kind.
 fn class_spec(py: Python<'_>, code: ErrorCode) -> (&'static str, &'static str, Option<Bound<'_, PyType>>) {
     match code {
-        ErrorCode::InvalidArgument => ("InvalidArgumentError", doc!(InvalidArgumentError), Some(py.get_type::<PyValueError>())),
+        ErrorCode::InvalidArgument => {
+            ("InvalidArgumentError", doc!(InvalidArgumentError), Some(py.get_type::<PyValueError>()))
+        }
         ErrorCode::Shape => ("ShapeError", doc!(ShapeError), Some(py.get_type::<PyValueError>())),
         ErrorCode::DType => ("DTypeError", doc!(DTypeError), Some(py.get_type::<PyTypeError>())),
         ErrorCode::NullPointer => ("NullPointerError", doc!(NullPointerError), None),
-        ErrorCode::UnknownSequence => ("UnknownSequenceError", doc!(UnknownSequenceError), Some(py.get_type::<PyKeyError>())),
+        ErrorCode::UnknownSequence => {
+            ("UnknownSequenceError", doc!(UnknownSequenceError), Some(py.get_type::<PyKeyError>()))
+        }
         ErrorCode::OutOfRange => ("OutOfRangeError", doc!(OutOfRangeError), Some(py.get_type::<PyIndexError>())),
         ErrorCode::OutOfPages => ("OutOfPagesError", doc!(OutOfPagesError), Some(py.get_type::<PyMemoryError>())),
         ErrorCode::Unsupported => ("UnsupportedError", doc!(UnsupportedError), None),
@@ -66,7 +70,8 @@ fn new_class<'py>(
 }
 
 fn make_classes(py: Python<'_>) -> PyResult<Classes> {
-    let members: Vec<(String, u32)> = ErrorCode::ALL.iter().map(|&c| (c.name().to_ascii_uppercase(), c as u32)).collect();
+    let members: Vec<(String, u32)> =
+        ErrorCode::ALL.iter().map(|&c| (c.name().to_ascii_uppercase(), c as u32)).collect();
     let int_enum = py.import("enum")?.getattr("IntEnum")?;
     let error_code = int_enum.call1(("ErrorCode", members))?;
     error_code.setattr("__module__", "kvsieve")?;
@@ -145,7 +150,8 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 pub fn guard<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
     // AssertUnwindSafe: after a panic nothing `f` touched is used to answer this call, and
     // the message asks for a bug report; the locks around kvsieve's state do not poison.
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| Err(Error::Internal(format!("panic: {}", panic_message(&*payload)))))
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|payload| Err(Error::Internal(format!("panic: {}", panic_message(&*payload)))))
 }
 
 /// Run core code with the GIL released (`Python::detach`), through [`guard`]; an error or a

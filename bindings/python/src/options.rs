@@ -130,7 +130,14 @@ pub struct AttentionKw<'a, 'py> {
 
 impl Default for AttentionKw<'_, '_> {
     fn default() -> Self {
-        AttentionKw { scale: None, logit_soft_cap: None, rope: None, position_mode: "original", max_distance: None, chunk_size: None }
+        AttentionKw {
+            scale: None,
+            logit_soft_cap: None,
+            rope: None,
+            position_mode: "original",
+            max_distance: None,
+            chunk_size: None,
+        }
     }
 }
 
@@ -167,6 +174,10 @@ impl AttentionKw<'_, '_> {
 pub fn query_shape(q: &[usize], tokens: &str) -> Result<[usize; 3], Error> {
     match q {
         &[n, h, d] => Ok([n, h, d]),
-        _ => Err(Error::Shape { param: "q".into(), expected: format!("[{tokens}, num_qo_heads, head_dim]"), got: format!("{q:?}") }),
+        _ => Err(Error::Shape {
+            param: "q".into(),
+            expected: format!("[{tokens}, num_qo_heads, head_dim]"),
+            got: format!("{q:?}"),
+        }),
     }
 }

@@ -60,7 +60,14 @@ impl PyPolicy {
     }
 
     #[doc = doc!(Policy.select)]
-    fn select(&self, py: Python<'_>, cache: &Bound<'_, PyKvCache>, seq: i64, layer: i64, q: &Bound<'_, PyAny>) -> PyResult<PySelection> {
+    fn select(
+        &self,
+        py: Python<'_>,
+        cache: &Bound<'_, PyKvCache>,
+        seq: i64,
+        layer: i64,
+        q: &Bound<'_, PyAny>,
+    ) -> PyResult<PySelection> {
         let seq = seq_id(seq, "seq")?;
         let layer = usize_arg(layer, "layer")?;
         let q = FloatArray::extract(q, "q", true)?;

@@ -34,7 +34,11 @@ fn check_tokens(tokens: &[u32], param: &str, seq_len: usize) -> Result<(), Error
             });
         }
         if t as usize >= seq_len {
-            return Err(Error::OutOfRange { param: format!("{param}[{i}]"), value: t as i64, range: format!("0..{seq_len} (seq_len)") });
+            return Err(Error::OutOfRange {
+                param: format!("{param}[{i}]"),
+                value: t as i64,
+                range: format!("0..{seq_len} (seq_len)"),
+            });
         }
     }
     Ok(())
@@ -44,7 +48,12 @@ fn check_tokens(tokens: &[u32], param: &str, seq_len: usize) -> Result<(), Error
 impl PySelection {
     #[doc = doc!(Selection.from_csr)]
     #[staticmethod]
-    fn from_csr(py: Python<'_>, seq_len: i64, head_indptr: &Bound<'_, PyAny>, indices: &Bound<'_, PyAny>) -> PyResult<Self> {
+    fn from_csr(
+        py: Python<'_>,
+        seq_len: i64,
+        head_indptr: &Bound<'_, PyAny>,
+        indices: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
         let seq_len = usize_arg(seq_len, "seq_len")?;
         let head_indptr = u32_vec(head_indptr, "head_indptr")?;
         let indices = u32_vec(indices, "indices")?;
@@ -78,7 +87,12 @@ impl PySelection {
 
     #[doc = doc!(Selection.same_for_all_heads)]
     #[staticmethod]
-    fn same_for_all_heads(py: Python<'_>, num_kv_heads: i64, seq_len: i64, tokens: &Bound<'_, PyAny>) -> PyResult<Self> {
+    fn same_for_all_heads(
+        py: Python<'_>,
+        num_kv_heads: i64,
+        seq_len: i64,
+        tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
         let num_kv_heads = usize_arg(num_kv_heads, "num_kv_heads")?;
         let seq_len = usize_arg(seq_len, "seq_len")?;
         let tokens = u32_vec(tokens, "tokens")?;
@@ -241,7 +255,10 @@ pub fn page_bounds(
 ) -> PyResult<PySelection> {
     let seq = seq_id(seq, "seq")?;
     let layer = usize_arg(layer, "layer")?;
-    let cfg = PageBoundsConfig { budget_tokens: usize_arg(budget_tokens, "budget_tokens")?, min_pages: usize_arg(min_pages, "min_pages")? };
+    let cfg = PageBoundsConfig {
+        budget_tokens: usize_arg(budget_tokens, "budget_tokens")?,
+        min_pages: usize_arg(min_pages, "min_pages")?,
+    };
     let q = FloatArray::extract(q, "q", true)?;
     let qv = q.view().kv()?;
     cache.get().with_read(py, |c| select::page_bounds(c, seq, layer, &qv, &cfg)).map(PySelection::from)
@@ -253,11 +270,21 @@ pub fn top_k<'py>(py: Python<'py>, scores: &Bound<'py, PyAny>, k: i64) -> PyResu
     let k = usize_arg(k, "k")?;
     let arr = FloatArray::extract(scores, "scores", true)?;
     if arr.shape().len() != 1 {
-        return Err(Error::Shape { param: "scores".into(), expected: "a 1-D array".into(), got: format!("{:?}", arr.shape()) }).kv();
+        return Err(Error::Shape {
+            param: "scores".into(),
+            expected: "a 1-D array".into(),
+            got: format!("{:?}", arr.shape()),
+        })
+        .kv();
     }
     let n = arr.shape()[0];
     if n > u32::MAX as usize {
-        return Err(Error::Shape { param: "scores".into(), expected: format!("at most {} scores", u32::MAX), got: format!("[{n}]") }).kv();
+        return Err(Error::Shape {
+            param: "scores".into(),
+            expected: format!("at most {} scores", u32::MAX),
+            got: format!("[{n}]"),
+        })
+        .kv();
     }
     let values = arr.to_f32_vec();
     let idx = detach(py, || Ok(select::top_k(&values, k)))?;
@@ -267,7 +294,13 @@ pub fn top_k<'py>(py: Python<'py>, scores: &Bound<'py, PyAny>, k: i64) -> PyResu
 
 #[doc = doc!(window_pages_to_evict)]
 #[pyfunction]
-pub fn window_pages_to_evict<'py>(py: Python<'py>, seq_len: i64, page_size: i64, sinks: i64, window: i64) -> PyResult<Bound<'py, PyAny>> {
+pub fn window_pages_to_evict<'py>(
+    py: Python<'py>,
+    seq_len: i64,
+    page_size: i64,
+    sinks: i64,
+    window: i64,
+) -> PyResult<Bound<'py, PyAny>> {
     let seq_len = usize_arg(seq_len, "seq_len")?;
     let page_size = usize_arg(page_size, "page_size")?;
     let sinks = usize_arg(sinks, "sinks")?;

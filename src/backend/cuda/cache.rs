@@ -72,10 +72,16 @@ impl CudaKvCache {
             return Err(Error::Unsupported(format!("a CUDA cache of {} pages: f16 or bf16 only", cfg.dtype)));
         }
         if !cfg.page_size.is_power_of_two() {
-            return Err(Error::Unsupported(format!("a CUDA cache with page_size {}: a power of two is needed", cfg.page_size)));
+            return Err(Error::Unsupported(format!(
+                "a CUDA cache with page_size {}: a power of two is needed",
+                cfg.page_size
+            )));
         }
         if cfg.track_key_bounds && cfg.page_size > 64 {
-            return Err(Error::Unsupported(format!("a CUDA cache with key bounds and page_size {}: at most 64", cfg.page_size)));
+            return Err(Error::Unsupported(format!(
+                "a CUDA cache with key bounds and page_size {}: at most 64",
+                cfg.page_size
+            )));
         }
         let stream = dev.stream().clone();
         let layer_bytes = cfg.capacity_pages * cfg.page_elems() * cfg.dtype.size();
@@ -100,7 +106,9 @@ impl CudaKvCache {
             k,
             v,
             bounds,
-            written: (0..cfg.num_layers).map(|_| crate::alloc::zeroed_vec(cfg.capacity_pages, "key bound slot masks")).collect::<Result<_>>()?,
+            written: (0..cfg.num_layers)
+                .map(|_| crate::alloc::zeroed_vec(cfg.capacity_pages, "key bound slot masks"))
+                .collect::<Result<_>>()?,
             positions_host: crate::alloc::zeroed_vec(cfg.capacity_pages * cfg.page_size, "slot positions")?,
             positions,
             seqs: Sequences::default(),
@@ -129,7 +137,8 @@ impl CudaKvCache {
     fn check_usable(&self) -> Result<()> {
         if self.poisoned {
             return Err(Error::Internal(
-                "this device cache was left half-changed by a device error or a panic in an earlier call; drop it".into(),
+                "this device cache was left half-changed by a device error or a panic in an earlier call; drop it"
+                    .into(),
             ));
         }
         Ok(())
@@ -157,7 +166,6 @@ impl CudaKvCache {
         Ok(())
     }
 
-
     fn page_bytes(&self) -> usize {
         self.cfg.page_elems() * self.cfg.dtype.size()
     }
@@ -169,7 +177,15 @@ impl CudaKvCache {
     fn layout(&self) -> PagedKvLayout {
         let c = &self.cfg;
         let s = c.strides();
-        PagedKvLayout { dtype: c.dtype, num_pages: c.capacity_pages, page_size: c.page_size, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, k_strides: s, v_strides: s }
+        PagedKvLayout {
+            dtype: c.dtype,
+            num_pages: c.capacity_pages,
+            page_size: c.page_size,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            k_strides: s,
+            v_strides: s,
+        }
     }
 
     /// Wait for the queued work.
@@ -215,7 +231,17 @@ impl CudaKvCache {
         let at = self.stage(&[bytemuck::cast_slice(entries)])?[0];
         // SAFETY: the entries name distinct pages of this pool with masks below page_size;
         // the bounds and key buffers cover the pool.
-        unsafe { launch_key_bounds(&self.dev, &self.stream, &self.layout(), self.k[layer].ptr(), self.bounds[layer].ptr(), at, entries.len()) }
+        unsafe {
+            launch_key_bounds(
+                &self.dev,
+                &self.stream,
+                &self.layout(),
+                self.k[layer].ptr(),
+                self.bounds[layer].ptr(),
+                at,
+                entries.len(),
+            )
+        }
     }
 
     /// Take `n` fresh pages: empty bounds and no written slot in every layer.
@@ -233,7 +259,8 @@ impl CudaKvCache {
                 }
             }
         }
-        let entries: Vec<BoundsEntry> = pages.iter().map(|&p| BoundsEntry { page: p as i32, reset: 1, mask: 0 }).collect();
+        let entries: Vec<BoundsEntry> =
+            pages.iter().map(|&p| BoundsEntry { page: p as i32, reset: 1, mask: 0 }).collect();
         for layer in 0..self.cfg.num_layers {
             for &p in &pages {
                 self.written[layer][p as usize] = 0;
@@ -325,7 +352,11 @@ impl CudaKvCache {
         let s = self.seq(id)?;
         if let Some(p) = positions {
             if p.len() != n {
-                return Err(Error::shape("positions", format!("[{n}] (one per appended token)"), format!("[{}]", p.len())));
+                return Err(Error::shape(
+                    "positions",
+                    format!("[{n}] (one per appended token)"),
+                    format!("[{}]", p.len()),
+                ));
             }
         }
         let ps = self.cfg.page_size;
@@ -334,7 +365,11 @@ impl CudaKvCache {
         let cow = usize::from(n > 0 && room > 0 && self.pool.refcount(*s.pages.last().unwrap()) > 1);
         let fresh = (n - n.min(room)).div_ceil(ps);
         self.pool.reserve(cow + fresh)?;
-        let next_pos = if s.len == 0 { 0 } else { self.positions_host[*s.pages.last().unwrap() as usize * ps + last_len - 1].wrapping_add(1) };
+        let next_pos = if s.len == 0 {
+            0
+        } else {
+            self.positions_host[*s.pages.last().unwrap() as usize * ps + last_len - 1].wrapping_add(1)
+        };
 
         self.commit(|c| {
             let mut s = c.seqs.take(id);
@@ -346,7 +381,15 @@ impl CudaKvCache {
         })
     }
 
-    fn append_inner(&mut self, s: &mut Sequence, n: usize, positions: Option<&[i32]>, next_pos: i32, cow: bool, fresh: usize) -> Result<Vec<i64>> {
+    fn append_inner(
+        &mut self,
+        s: &mut Sequence,
+        n: usize,
+        positions: Option<&[i32]>,
+        next_pos: i32,
+        cow: bool,
+        fresh: usize,
+    ) -> Result<Vec<i64>> {
         let ps = self.cfg.page_size;
         if cow {
             let last_len = s.last_len(self.cfg.page_size);
@@ -388,7 +431,14 @@ impl CudaKvCache {
     /// # Safety
     /// `k` and `v` are valid device memory for their shapes and strides, not written by
     /// others while this call runs.
-    pub unsafe fn write_device(&mut self, id: SeqId, layer: usize, start: usize, k: &DeviceTensor, v: &DeviceTensor) -> Result<()> {
+    pub unsafe fn write_device(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        start: usize,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+    ) -> Result<()> {
         self.write_impl(id, layer, start, Source::Device(k, v))
     }
 
@@ -412,7 +462,11 @@ impl CudaKvCache {
         };
         let s = self.seq(id)?;
         if start.checked_add(n).is_none_or(|e| e > s.len) {
-            return Err(Error::out_of_range("start", start as i64, format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len)));
+            return Err(Error::out_of_range(
+                "start",
+                start as i64,
+                format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len),
+            ));
         }
         if n == 0 {
             return Ok(());
@@ -436,7 +490,16 @@ impl CudaKvCache {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn write_inner(&mut self, s: &mut Sequence, layer: usize, start: usize, n: usize, touched: &[usize], shared: &[usize], src: Source) -> Result<()> {
+    fn write_inner(
+        &mut self,
+        s: &mut Sequence,
+        layer: usize,
+        start: usize,
+        n: usize,
+        touched: &[usize],
+        shared: &[usize],
+        src: Source,
+    ) -> Result<()> {
         let ps = self.cfg.page_size;
         let (h, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
         for &pi in shared {
@@ -459,13 +522,30 @@ impl CudaKvCache {
                     buf
                 };
                 let (kr, vr) = (gather(k), gather(v));
-                let at = self.stage(&[bytemuck::cast_slice(&slots), bytemuck::cast_slice(&kr), bytemuck::cast_slice(&vr)])?;
-                (at[0], DeviceTensor::contiguous(at[1], DType::F32, &[n, h, d], ord), DeviceTensor::contiguous(at[2], DType::F32, &[n, h, d], ord))
+                let at =
+                    self.stage(&[bytemuck::cast_slice(&slots), bytemuck::cast_slice(&kr), bytemuck::cast_slice(&vr)])?;
+                (
+                    at[0],
+                    DeviceTensor::contiguous(at[1], DType::F32, &[n, h, d], ord),
+                    DeviceTensor::contiguous(at[2], DType::F32, &[n, h, d], ord),
+                )
             }
             Source::Device(k, v) => (self.stage(&[bytemuck::cast_slice(&slots)])?[0], k.clone(), v.clone()),
         };
         // SAFETY: slots are this sequence's, inside the pool; sources checked above.
-        unsafe { launch_append(&self.dev, &self.stream, &self.layout(), self.k[layer].ptr(), self.v[layer].ptr(), &kt, &vt, slots_at, n)? };
+        unsafe {
+            launch_append(
+                &self.dev,
+                &self.stream,
+                &self.layout(),
+                self.k[layer].ptr(),
+                self.v[layer].ptr(),
+                &kt,
+                &vt,
+                slots_at,
+                n,
+            )?
+        };
         if !self.bounds.is_empty() {
             let mut entries = Vec::with_capacity(touched.len());
             for &pi in touched {
@@ -555,7 +635,14 @@ impl CudaKvCache {
         })
     }
 
-    fn compact_into(&mut self, old: &Sequence, pages: &[u32], keep: KeepTokens, lists: &[Vec<u32>], k: usize) -> Result<()> {
+    fn compact_into(
+        &mut self,
+        old: &Sequence,
+        pages: &[u32],
+        keep: KeepTokens,
+        lists: &[Vec<u32>],
+        k: usize,
+    ) -> Result<()> {
         let c = self.cfg;
         let ps = c.page_size;
         plan::compact_positions(&mut self.positions_host, &old.pages, pages, &lists[0], ps);
@@ -629,7 +716,10 @@ impl CudaKvCache {
     /// Device address of one layer's key bounds.
     pub fn key_bounds(&self, layer: usize) -> Result<KeyBoundsLayout> {
         self.check_layer(layer)?;
-        let b = self.bounds.get(layer).ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
+        let b = self
+            .bounds
+            .get(layer)
+            .ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
         Ok(KeyBoundsLayout { ptr: b.ptr() })
     }
 
@@ -638,8 +728,15 @@ impl CudaKvCache {
     pub fn page_key_bounds(&self, id: SeqId, layer: usize, page_index: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         self.check_layer(layer)?;
         let s = self.seq(id)?;
-        let b = self.bounds.get(layer).ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
-        let page = *s.pages.get(page_index).ok_or_else(|| Error::out_of_range("page_index", page_index as i64, format!("0..{}", s.pages.len())))? as usize;
+        let b = self
+            .bounds
+            .get(layer)
+            .ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
+        let page = *s
+            .pages
+            .get(page_index)
+            .ok_or_else(|| Error::out_of_range("page_index", page_index as i64, format!("0..{}", s.pages.len())))?
+            as usize;
         let bn = self.bounds_page_bytes();
         let mut bytes = vec![0u8; bn];
         b.download(page * bn, &mut bytes, &self.stream)?;

@@ -18,7 +18,9 @@ const HK: usize = 2;
 const LAYERS: usize = 2;
 
 fn rows(n: usize, seed: u32) -> Vec<f32> {
-    (0..n * HK * D).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 20) as f32 / 4096.0 - 0.5).collect()
+    (0..n * HK * D)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 20) as f32 / 4096.0 - 0.5)
+        .collect()
 }
 
 /// A cache with two sequences sharing pages: A (10 tokens, written), B forked from A.
@@ -30,7 +32,8 @@ fn setup(layout: crate::config::PageLayout) -> (KvCache, SeqId, SeqId) {
     for layer in 0..LAYERS {
         let k = rows(10, 1 + layer as u32);
         let v = rows(10, 7 + layer as u32);
-        c.write(a, layer, 0, &TensorView::new(&k, &[10, HK, D]).unwrap(), &TensorView::new(&v, &[10, HK, D]).unwrap()).unwrap();
+        c.write(a, layer, 0, &TensorView::new(&k, &[10, HK, D]).unwrap(), &TensorView::new(&v, &[10, HK, D]).unwrap())
+            .unwrap();
     }
     let b = c.fork(a).unwrap();
     (c, a, b)
@@ -50,7 +53,8 @@ fn fingerprint(c: &KvCache, a: SeqId) -> (String, u64, Vec<u32>) {
     let q = rows(4, 99);
     let mut out = vec![0f32; 4 * D];
     let q = TensorView::new(&q[..4 * D], &[1, 4, D]).unwrap();
-    c.decode(0, &[a], &q, &mut TensorViewMut::new(&mut out, &[1, 4, D]).unwrap(), None, &AttentionParams::default()).unwrap();
+    c.decode(0, &[a], &q, &mut TensorViewMut::new(&mut out, &[1, 4, D]).unwrap(), None, &AttentionParams::default())
+        .unwrap();
     (state, h.finish(), out.iter().map(|x| x.to_bits()).collect())
 }
 
@@ -93,7 +97,10 @@ fn a_failed_allocation_changes_nothing() {
                         assert!(e.to_string().contains("injected"), "{name}: {e}");
                         assert!(!c.is_poisoned(), "{name}");
                         c.check_invariants().unwrap_or_else(|m| panic!("{name}, allocation {failures}: {m}"));
-                        assert!(fingerprint(&c, a) == before, "{name}: allocation {failures} failed and the cache changed");
+                        assert!(
+                            fingerprint(&c, a) == before,
+                            "{name}: allocation {failures} failed and the cache changed"
+                        );
                         failures += 1;
                     }
                     Ok(()) => break,
@@ -156,7 +163,10 @@ fn unwritten_slots_never_show_another_sequences_data() {
     let view = c.layer_view(0, &table).unwrap();
     for t in 0..9 {
         for h in 0..HK {
-            assert!(view.key(0, t, h).iter().chain(view.value(0, t, h).iter()).all(|&x| x == 0.0), "token {t} head {h}");
+            assert!(
+                view.key(0, t, h).iter().chain(view.value(0, t, h).iter()).all(|&x| x == 0.0),
+                "token {t} head {h}"
+            );
         }
     }
     // A fork's copy of a shared last page keeps only the slots it holds: slots it appends

@@ -109,7 +109,8 @@ pub(crate) unsafe trait Versioned: Copy {
     /// How a caller initialises one, for messages (`kvsieve_cache_config_init()`).
     const INIT: &'static str;
     /// The size of every layout released so far, oldest first; the last is `size_of::<Self>()`.
-    /// A caller's `struct_size` must be one of them.
+    /// A caller's `struct_size` must be one of them: not just any size between the first and
+    /// the last, since one that ends inside a field would hand the library half a field.
     const SIZES: &'static [usize];
     /// What the header's `kvsieve_X_init()` gives: the values of the fields an older
     /// caller's struct does not reach.

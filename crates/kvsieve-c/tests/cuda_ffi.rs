@@ -198,6 +198,10 @@ fn cuda_selection_entry_points_check_arguments_first() {
         assert_eq!(code, ErrorCode::Shape as u32, "{msg}");
         assert!(msg.contains("out"), "{msg}");
         let wins = [kvsieve_streaming_window_t { sinks: 4, window: 16, ..kvsieve_streaming_window_t::init() }, kvsieve_streaming_window_t::init()];
+        let unsized_wins = [kvsieve_streaming_window_t { struct_size: 0, ..wins[0] }, wins[1]];
+        let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, unsized_wins.as_ptr(), 2, ptr::null(), ptr::null(), 0, &po, ptr::null_mut(), ptr::null(), s)).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("`windows[0].struct_size`"), "{msg}");
         expect_unavailable_without_device("prefill", || {
             kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, wins.as_ptr(), 2, ip, ix, 8, &po, ptr::null_mut(), ptr::null(), s)
         });

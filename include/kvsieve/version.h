@@ -8,9 +8,9 @@
  * **Compatibility.** The shared library's SONAME is `libkvsieve.so.MAJOR`, so
  * `libkvsieve.so.0` for every 0.x release: before 1.0 too, a minor release is not a new ABI.
  * Within one major version a newer library runs programs built against older headers: a
- * program built with the headers of version X.Y runs with any library X.Y' where Y' >= Y
- * (check at start-up that kvsieve_version_minor() >= #KVSIEVE_VERSION_MINOR when it uses
- * something added in minor Y). A minor release may only add: functions, enum values,
+ * program built with the headers of version X.Y runs with any library X.Y' where Y' >= Y (an
+ * older library may lack what minor Y added: a program can check at start-up that
+ * kvsieve_version_minor() >= #KVSIEVE_VERSION_MINOR). A minor release may only add: functions, enum values,
  * macros, and fields at the end of a versioned struct (one that begins with `struct_size`,
  * see kvsieve.h); it never removes, renames or reorders any of them, nor changes the
  * arguments of a function or the type, meaning or default of an existing field. A patch

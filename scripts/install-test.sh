@@ -108,10 +108,15 @@ cmake_minimum_required(VERSION 3.16)
 project(kvsieve_consumer C)
 set(CMAKE_C_STANDARD 99)
 
-# A version this install cannot satisfy is refused.
+# A version this install cannot satisfy is refused; an older one of the same major version
+# is satisfied (include/kvsieve/version.h: a newer library runs programs of older headers).
 find_package(kvsieve 999 CONFIG QUIET)
 if(kvsieve_FOUND)
   message(FATAL_ERROR "find_package(kvsieve 999) accepted kvsieve \${kvsieve_VERSION}")
+endif()
+find_package(kvsieve $major.0 CONFIG QUIET)
+if(NOT kvsieve_FOUND)
+  message(FATAL_ERROR "find_package(kvsieve $major.0) refused kvsieve $version")
 endif()
 
 find_package(kvsieve $version CONFIG REQUIRED)

@@ -171,21 +171,15 @@ set(kvsieve_LIBRARIES kvsieve::kvsieve)
 unset(_kvsieve_prefix)
 EOF
 
-# Version check: 0.x releases are compatible within one minor version (0.1.z with 0.1.z'),
-# later ones within one major version; never across pointer sizes.
-minor="$(echo "$version" | cut -d. -f2)"
+# Version check: a release satisfies a request for any version of its major version up to
+# its own, 0.x included (one ABI line per SONAME, libkvsieve.so.<major>: the compatibility
+# rule of include/kvsieve/version.h); never across pointer sizes.
 pointer_bytes=$(( $(getconf LONG_BIT) / 8 ))
 cat >"$dest/lib/cmake/kvsieve/kvsieveConfigVersion.cmake" <<EOF
 set(PACKAGE_VERSION "$version")
 
 if(PACKAGE_FIND_VERSION VERSION_GREATER PACKAGE_VERSION)
   set(PACKAGE_VERSION_COMPATIBLE FALSE)
-elseif("$major" STREQUAL "0")
-  if("\${PACKAGE_FIND_VERSION_MAJOR}" STREQUAL "0" AND "\${PACKAGE_FIND_VERSION_MINOR}" STREQUAL "$minor")
-    set(PACKAGE_VERSION_COMPATIBLE TRUE)
-  else()
-    set(PACKAGE_VERSION_COMPATIBLE FALSE)
-  endif()
 elseif("\${PACKAGE_FIND_VERSION_MAJOR}" STREQUAL "$major")
   set(PACKAGE_VERSION_COMPATIBLE TRUE)
 else()

@@ -89,7 +89,8 @@ int main(void) {
     kvsieve_cache_stats_t stats;
 
     /* 1. The cache: 64 pages of 16 token slots (each page spans every layer), float16 storage
-     *    (the default), NHD page layout, keys stored after RoPE. */
+     *    (the default), NHD page layout, keys stored after RoPE. Configuration structs start
+     *    from kvsieve_*_default() or kvsieve_*_init(), which also set their struct_size. */
     kvsieve_cache_config_t config = kvsieve_cache_config_default(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, 64);
     printf("kvsieve %s, CPU kernels: %s\n", kvsieve_version(), kvsieve_isa());
     if (failed(kvsieve_cache_new(&config, &cache), "kvsieve_cache_new")) return 1;
@@ -134,6 +135,8 @@ int main(void) {
     if (failed(kvsieve_cache_seq_len(cache, seq, &seq_len), "kvsieve_cache_seq_len")) goto done;
     printf("decoded 1 token over %zu cached tokens\n", seq_len);
 
+    /* Structs kvsieve fills are initialised first: struct_size says how large this program's is. */
+    kvsieve_cache_stats_init(&stats);
     if (failed(kvsieve_cache_stats(cache, &stats), "kvsieve_cache_stats")) goto done;
     printf("pages used: %zu of %zu (%zu bytes of K/V)\n", stats.pages_used, stats.pages_total, stats.bytes_used);
 

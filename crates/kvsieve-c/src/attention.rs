@@ -12,7 +12,7 @@ use kvsieve::attention::{apply_rope, merge_states, AttentionParams, StreamingWin
 use kvsieve::error::{Error, Result};
 use kvsieve::tensor::{TensorView, TensorViewMut};
 
-use super::args::{check_disjoint, opt_slice_mut, slice, slice_mut, Region};
+use super::args::{check_disjoint, opt_slice_mut, read_versioned_array, sizes_are_valid, slice, slice_mut, Region, Versioned};
 use super::cache::{cache_ref, kvsieve_cache_t};
 use super::error::{guard, kvsieve_error_t};
 use super::params::{attention_params, kvsieve_attention_params_t, kvsieve_rope_config_t, rope_config};
@@ -20,20 +20,43 @@ use super::selection::{kvsieve_selection_t, selection_list};
 use super::tensor::{kvsieve_tensor_t, Tensor};
 
 /// Row mask of one KV head in sparse prefill (see `kvsieve_streaming_window_t` in the
-/// header); all zero means no window for that head.
+/// header); `sinks` and `window` 0 mean no window for that head.
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct kvsieve_streaming_window_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     pub sinks: usize,
     pub window: usize,
 }
 
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_streaming_window_t>() == 16 && align_of::<kvsieve_streaming_window_t>() == 8);
-    assert!(offset_of!(kvsieve_streaming_window_t, window) == 8);
+    assert!(size_of::<kvsieve_streaming_window_t>() == 24 && align_of::<kvsieve_streaming_window_t>() == 8);
+    assert!(offset_of!(kvsieve_streaming_window_t, sinks) == 8);
+    assert!(offset_of!(kvsieve_streaming_window_t, window) == 16);
 };
+
+const _: () = assert!(offset_of!(kvsieve_streaming_window_t, struct_size) == 0 && sizes_are_valid::<kvsieve_streaming_window_t>());
+
+impl kvsieve_streaming_window_t {
+    /// What the header's `kvsieve_streaming_window_init()` gives: no window, `struct_size`
+    /// this layout's.
+    pub fn init() -> Self {
+        kvsieve_streaming_window_t { struct_size: size_of::<Self>(), sinks: 0, window: 0 }
+    }
+}
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_streaming_window_t {
+    const NAME: &'static str = "kvsieve_streaming_window_t";
+    const INIT: &'static str = "kvsieve_streaming_window_init()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        Self::init()
+    }
+}
 
 pub(crate) const DECODE_DIMS: [&str; 3] = ["batch", "num_qo_heads", "head_dim"];
 
@@ -87,14 +110,15 @@ impl AttentionArgs {
     }
 }
 
-/// Per-KV-head windows from a caller array of `n` entries (NULL only when `n` is 0): an
-/// entry with `window` 0 is no window for its head, and then `sinks` must be 0 too.
+/// Per-KV-head windows from a caller array of `n` entries (NULL only when `n` is 0), laid
+/// out with the caller's `struct_size`: an entry with `window` 0 is no window for its head,
+/// and then `sinks` must be 0 too. Also returns the bytes the array spans.
 ///
 /// # Safety
-/// 1. `ptr` is NULL or readable for `n` entries during the call.
-pub(crate) unsafe fn windows(ptr: *const kvsieve_streaming_window_t, n: usize) -> Result<Vec<Option<StreamingWindow>>> {
-    let entries = slice(ptr, n, "windows")?;
-    entries
+/// 1. `ptr` is NULL or readable for `n` entries of their `struct_size` during the call.
+pub(crate) unsafe fn windows(ptr: *const kvsieve_streaming_window_t, n: usize) -> Result<(Vec<Option<StreamingWindow>>, Region)> {
+    let (entries, region) = read_versioned_array(ptr, n, "windows")?;
+    let wins = entries
         .iter()
         .enumerate()
         .map(|(h, w)| match (w.sinks, w.window) {
@@ -105,7 +129,8 @@ pub(crate) unsafe fn windows(ptr: *const kvsieve_streaming_window_t, n: usize) -
             )),
             (sinks, window) => Ok(Some(StreamingWindow { sinks, window })),
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((wins, region))
 }
 
 /// Rotate `x` (`[n, heads, head_dim]`) in place, token `i` at `positions[i]`.
@@ -278,12 +303,12 @@ pub unsafe extern "C" fn kvsieve_cache_prefill_sparse(
         let indptr_len = batch.saturating_add(1);
         let qo = slice(qo_indptr, indptr_len, "qo_indptr")?;
         let sels = selection_list(selections, batch, "selections")?;
-        let wins = self::windows(windows, num_windows)?;
+        let (wins, wins_region) = self::windows(windows, num_windows)?;
         let reads = vec![
             Region::of(seq_ids, batch, "seq_ids"),
             Region::of(qo_indptr, indptr_len, "qo_indptr"),
             Region::of(selections, batch, "selections"),
-            Region::of(windows, num_windows, "windows"),
+            wins_region,
         ];
         let args = AttentionArgs::parse(q, out, lse, params, &PREFILL_DIMS, reads)?;
         let (q, mut out, lse) = args.views()?;

@@ -17,7 +17,10 @@ use kvsieve::error::{Error, Result};
 use kvsieve::kv::{KeepTokens, KvCache, MemoryStats};
 use kvsieve::select::gemfilter::KeySource;
 
-use super::args::{check_capacity, check_disjoint, non_null, opt_slice, opt_slice_mut, read_struct, rename, slice, slice_mut, write_out, Region};
+use super::args::{
+    check_capacity, check_disjoint, non_null, opt_slice, opt_slice_mut, read_versioned, rename, sizes_are_valid, slice, slice_mut, write_out, Region,
+    Versioned, VersionedOut,
+};
 use super::error::{guard, guard_value, kvsieve_error_t};
 use super::tensor::{kvsieve_dtype_t, kvsieve_tensor_t, Tensor};
 
@@ -62,6 +65,8 @@ pub(crate) unsafe fn cache_ref_named<'a>(cache: *const kvsieve_cache_t, param: &
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct kvsieve_cache_config_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     pub num_layers: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -80,6 +85,8 @@ pub struct kvsieve_cache_config_t {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct kvsieve_cache_stats_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     pub pages_total: usize,
     pub pages_used: usize,
     pub pages_free: usize,
@@ -92,15 +99,60 @@ pub struct kvsieve_cache_stats_t {
 
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_cache_config_t>() == 56 && align_of::<kvsieve_cache_config_t>() == 8);
-    assert!(offset_of!(kvsieve_cache_config_t, capacity_pages) == 32);
-    assert!(offset_of!(kvsieve_cache_config_t, dtype) == 40);
-    assert!(offset_of!(kvsieve_cache_config_t, layout) == 44);
-    assert!(offset_of!(kvsieve_cache_config_t, key_rope) == 48);
-    assert!(offset_of!(kvsieve_cache_config_t, track_key_bounds) == 52);
-    assert!(size_of::<kvsieve_cache_stats_t>() == 64 && align_of::<kvsieve_cache_stats_t>() == 8);
-    assert!(offset_of!(kvsieve_cache_stats_t, num_tokens) == 56);
+    assert!(size_of::<kvsieve_cache_config_t>() == 64 && align_of::<kvsieve_cache_config_t>() == 8);
+    assert!(offset_of!(kvsieve_cache_config_t, num_layers) == 8);
+    assert!(offset_of!(kvsieve_cache_config_t, capacity_pages) == 40);
+    assert!(offset_of!(kvsieve_cache_config_t, dtype) == 48);
+    assert!(offset_of!(kvsieve_cache_config_t, layout) == 52);
+    assert!(offset_of!(kvsieve_cache_config_t, key_rope) == 56);
+    assert!(offset_of!(kvsieve_cache_config_t, track_key_bounds) == 60);
+    assert!(size_of::<kvsieve_cache_stats_t>() == 72 && align_of::<kvsieve_cache_stats_t>() == 8);
+    assert!(offset_of!(kvsieve_cache_stats_t, pages_total) == 8);
+    assert!(offset_of!(kvsieve_cache_stats_t, num_tokens) == 64);
 };
+
+const _: () = {
+    assert!(offset_of!(kvsieve_cache_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_cache_config_t>());
+    assert!(offset_of!(kvsieve_cache_stats_t, struct_size) == 0 && sizes_are_valid::<kvsieve_cache_stats_t>());
+};
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_cache_config_t {
+    const NAME: &'static str = "kvsieve_cache_config_t";
+    const INIT: &'static str = "kvsieve_cache_config_init() or kvsieve_cache_config_default()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        kvsieve_cache_config_default(0, 0, 0, 0, 0)
+    }
+}
+
+impl kvsieve_cache_stats_t {
+    /// What the header's `kvsieve_cache_stats_init()` gives: zeros, `struct_size` this
+    /// layout's.
+    pub fn init() -> Self {
+        kvsieve_cache_stats_t {
+            struct_size: size_of::<Self>(),
+            pages_total: 0,
+            pages_used: 0,
+            pages_free: 0,
+            bytes_per_page: 0,
+            bytes_used: 0,
+            bytes_reserved: 0,
+            num_sequences: 0,
+            num_tokens: 0,
+        }
+    }
+}
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_cache_stats_t {
+    const NAME: &'static str = "kvsieve_cache_stats_t";
+    const INIT: &'static str = "kvsieve_cache_stats_init()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        Self::init()
+    }
+}
 
 pub(crate) fn page_layout(v: u32, param: &str) -> Result<PageLayout> {
     match v {
@@ -121,6 +173,7 @@ pub(crate) fn key_rope(v: u32, param: &str) -> Result<KeyRope> {
 impl kvsieve_cache_config_t {
     pub fn from_core(c: &CacheConfig) -> Self {
         kvsieve_cache_config_t {
+            struct_size: size_of::<Self>(),
             num_layers: c.num_layers,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
@@ -153,6 +206,7 @@ impl kvsieve_cache_config_t {
 impl kvsieve_cache_stats_t {
     fn from_core(s: &MemoryStats) -> Self {
         kvsieve_cache_stats_t {
+            struct_size: size_of::<Self>(),
             pages_total: s.pages_total,
             pages_used: s.pages_used,
             pages_free: s.pages_free,
@@ -165,27 +219,28 @@ impl kvsieve_cache_stats_t {
     }
 }
 
-/// A configuration with f16 storage, NHD layout, post-RoPE keys and key bounds on.
-#[no_mangle]
-pub extern "C" fn kvsieve_cache_config_default(
+/// A configuration with f16 storage, NHD layout, post-RoPE keys and key bounds on: what the
+/// header's `static inline` function of this name gives. Not exported (C programs compile
+/// the header's); Rust code that calls the entry points directly (the tests) uses it.
+pub fn kvsieve_cache_config_default(
     num_layers: usize,
     num_kv_heads: usize,
     head_dim: usize,
     page_size: usize,
     capacity_pages: usize,
 ) -> kvsieve_cache_config_t {
-    let make = |n, h, d, p, c| kvsieve_cache_config_t::from_core(&CacheConfig::new(n, h, d, p, c));
-    guard_value(make(0, 0, 0, 0, 0), || make(num_layers, num_kv_heads, head_dim, page_size, capacity_pages))
+    kvsieve_cache_config_t::from_core(&CacheConfig::new(num_layers, num_kv_heads, head_dim, page_size, capacity_pages))
 }
 
 /// Create a cache; `*out` receives the handle on success.
 ///
 /// # Safety
-/// 1. `config` is NULL or points at a readable config; `out` is NULL or writable.
+/// 1. `config` is NULL or points at a readable config of its `struct_size`; `out` is NULL
+///    or writable.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_cache_new(config: *const kvsieve_cache_config_t, out: *mut *mut kvsieve_cache_t) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_new", || {
-        let config = read_struct(config, "config")?;
+        let config = read_versioned(config, "config")?;
         non_null(out, "out")?;
         let cache = KvCache::new(config.to_core()?)?;
         let handle = Box::new(kvsieve_cache_t { inner: RwLock::new(cache) });
@@ -210,14 +265,14 @@ pub unsafe extern "C" fn kvsieve_cache_free(cache: *mut kvsieve_cache_t) {
 /// The configuration a cache was created with.
 ///
 /// # Safety
-/// 1. `cache` is NULL or a live handle; `out` is NULL or writable.
+/// 1. `cache` is NULL or a live handle; `out` is NULL or writable for its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_cache_get_config(cache: *const kvsieve_cache_t, out: *mut kvsieve_cache_config_t) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_get_config", || {
         let c = cache_ref(cache)?;
-        non_null(out, "out")?;
+        let out = VersionedOut::new(out, "out")?;
         let cfg = kvsieve_cache_config_t::from_core(c.read().config());
-        write_out(out, cfg);
+        out.write(cfg);
         Ok(())
     })
 }
@@ -225,14 +280,14 @@ pub unsafe extern "C" fn kvsieve_cache_get_config(cache: *const kvsieve_cache_t,
 /// Memory statistics.
 ///
 /// # Safety
-/// 1. `cache` is NULL or a live handle; `out` is NULL or writable.
+/// 1. `cache` is NULL or a live handle; `out` is NULL or writable for its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_cache_stats(cache: *const kvsieve_cache_t, out: *mut kvsieve_cache_stats_t) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_stats", || {
         let c = cache_ref(cache)?;
-        non_null(out, "out")?;
+        let out = VersionedOut::new(out, "out")?;
         let stats = kvsieve_cache_stats_t::from_core(&c.read().stats());
-        write_out(out, stats);
+        out.write(stats);
         Ok(())
     })
 }
@@ -654,6 +709,8 @@ pub unsafe extern "C" fn kvsieve_cache_read(
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct kvsieve_key_source_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     /// Keys `[n, num_kv_heads, head_dim]` (after RoPE), or NULL.
     pub tensor: *const kvsieve_tensor_t,
     /// A cache holding the keys of `seq` at `layer`, or NULL.
@@ -664,12 +721,32 @@ pub struct kvsieve_key_source_t {
 
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_key_source_t>() == 32 && align_of::<kvsieve_key_source_t>() == 8);
-    assert!(offset_of!(kvsieve_key_source_t, tensor) == 0);
-    assert!(offset_of!(kvsieve_key_source_t, cache) == 8);
-    assert!(offset_of!(kvsieve_key_source_t, seq) == 16);
-    assert!(offset_of!(kvsieve_key_source_t, layer) == 24);
+    assert!(size_of::<kvsieve_key_source_t>() == 40 && align_of::<kvsieve_key_source_t>() == 8);
+    assert!(offset_of!(kvsieve_key_source_t, tensor) == 8);
+    assert!(offset_of!(kvsieve_key_source_t, cache) == 16);
+    assert!(offset_of!(kvsieve_key_source_t, seq) == 24);
+    assert!(offset_of!(kvsieve_key_source_t, layer) == 32);
 };
+
+const _: () = assert!(offset_of!(kvsieve_key_source_t, struct_size) == 0 && sizes_are_valid::<kvsieve_key_source_t>());
+
+impl kvsieve_key_source_t {
+    /// What the header's `kvsieve_key_source_init()` gives: no tensor, no cache (one of
+    /// them must then be set), `struct_size` this layout's.
+    pub fn init() -> Self {
+        kvsieve_key_source_t { struct_size: size_of::<Self>(), tensor: std::ptr::null(), cache: std::ptr::null(), seq: 0, layer: 0 }
+    }
+}
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_key_source_t {
+    const NAME: &'static str = "kvsieve_key_source_t";
+    const INIT: &'static str = "kvsieve_key_source_init()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        Self::init()
+    }
+}
 
 const KEY_DIMS: [&str; 3] = ["n", "num_kv_heads", "head_dim"];
 
@@ -682,10 +759,17 @@ pub(crate) enum Source<'a> {
 /// The key source behind `src`, named `param` in messages (`param.tensor`, `param.cache`).
 ///
 /// # Safety
-/// 1. `src` is NULL or readable; its `tensor` is NULL or a valid descriptor; its `cache` is
-///    NULL or a live handle, not freed while `'a` lasts.
+/// 1. `src` is NULL or readable for its `struct_size`; its `tensor` is NULL or a valid
+///    descriptor; its `cache` is NULL or a live handle, not freed while `'a` lasts.
 pub(crate) unsafe fn key_source<'a>(src: *const kvsieve_key_source_t, param: &str) -> Result<Source<'a>> {
-    let s = read_struct(src, param)?;
+    key_source_of(read_versioned(src, param)?, param)
+}
+
+/// The key source `s` (already read from the caller), named `param` in messages.
+///
+/// # Safety
+/// As for [`key_source`].
+pub(crate) unsafe fn key_source_of<'a>(s: kvsieve_key_source_t, param: &str) -> Result<Source<'a>> {
     match (s.tensor.is_null(), s.cache.is_null()) {
         (false, true) => Ok(Source::Tensor(Tensor::parse(s.tensor, &format!("{param}.tensor"), &KEY_DIMS)?)),
         (true, false) => {

@@ -19,7 +19,7 @@ use parking_lot::RwLock;
 use kvsieve::error::{Error, Result};
 use kvsieve::select::cluster::{ClusterConfig, ClusterCount, ClusterIndex};
 
-use super::args::{check_capacity, check_disjoint, non_null, read_struct, rename, slice_mut, write_out, Region};
+use super::args::{check_capacity, check_disjoint, non_null, read_versioned, rename, sizes_are_valid, slice_mut, write_out, Region, Versioned, VersionedOut};
 use super::cache::{key_source, kvsieve_key_source_t};
 use super::error::{guard, guard_value, kvsieve_error_t};
 
@@ -35,6 +35,8 @@ pub struct kvsieve_cluster_index_t {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct kvsieve_cluster_config_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     /// Fine clusters per KV head, or 0 to use `cluster_fraction`.
     pub num_clusters: usize,
     /// Fine clusters as a fraction of the clustered tokens (with `num_clusters` 0).
@@ -50,15 +52,27 @@ pub struct kvsieve_cluster_config_t {
 
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_cluster_config_t>() == 56 && align_of::<kvsieve_cluster_config_t>() == 8);
-    assert!(offset_of!(kvsieve_cluster_config_t, num_clusters) == 0);
-    assert!(offset_of!(kvsieve_cluster_config_t, cluster_fraction) == 8);
-    assert!(offset_of!(kvsieve_cluster_config_t, exclude_window) == 16);
-    assert!(offset_of!(kvsieve_cluster_config_t, max_iter) == 24);
-    assert!(offset_of!(kvsieve_cluster_config_t, seed) == 32);
-    assert!(offset_of!(kvsieve_cluster_config_t, num_coarse_clusters) == 40);
-    assert!(offset_of!(kvsieve_cluster_config_t, coarse_fraction) == 48);
+    assert!(size_of::<kvsieve_cluster_config_t>() == 64 && align_of::<kvsieve_cluster_config_t>() == 8);
+    assert!(offset_of!(kvsieve_cluster_config_t, num_clusters) == 8);
+    assert!(offset_of!(kvsieve_cluster_config_t, cluster_fraction) == 16);
+    assert!(offset_of!(kvsieve_cluster_config_t, exclude_window) == 24);
+    assert!(offset_of!(kvsieve_cluster_config_t, max_iter) == 32);
+    assert!(offset_of!(kvsieve_cluster_config_t, seed) == 40);
+    assert!(offset_of!(kvsieve_cluster_config_t, num_coarse_clusters) == 48);
+    assert!(offset_of!(kvsieve_cluster_config_t, coarse_fraction) == 56);
 };
+
+const _: () = assert!(offset_of!(kvsieve_cluster_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_cluster_config_t>());
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_cluster_config_t {
+    const NAME: &'static str = "kvsieve_cluster_config_t";
+    const INIT: &'static str = "kvsieve_cluster_config_init() or kvsieve_cluster_config_default()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        kvsieve_cluster_config_default(0)
+    }
+}
 
 /// A count given as a number or a fraction, from the two C fields that may hold it, and
 /// the name of the field in use (the core names both `clusters` / `coarse`).
@@ -93,6 +107,7 @@ impl kvsieve_cluster_config_t {
         let (num_clusters, cluster_fraction) = split(Some(c.clusters));
         let (num_coarse_clusters, coarse_fraction) = split(c.coarse);
         kvsieve_cluster_config_t {
+            struct_size: size_of::<Self>(),
             num_clusters,
             cluster_fraction,
             exclude_window: c.exclude_window,
@@ -157,18 +172,18 @@ unsafe fn path_arg(path: *const c_char) -> Result<PathBuf> {
 }
 
 /// A build configuration with `num_clusters` fine clusters per head: no excluded window,
-/// 20 Lloyd iterations, seed 0, no coarse level.
-#[no_mangle]
-pub extern "C" fn kvsieve_cluster_config_default(num_clusters: usize) -> kvsieve_cluster_config_t {
-    let make = |k| kvsieve_cluster_config_t::from_core(&ClusterConfig::new(ClusterCount::Absolute(k)));
-    guard_value(make(0), || make(num_clusters))
+/// 20 Lloyd iterations, seed 0, no coarse level; what the header's `static inline` function
+/// of this name gives. Not exported (C programs compile the header's); Rust code that calls
+/// the entry points directly (the tests) uses it.
+pub fn kvsieve_cluster_config_default(num_clusters: usize) -> kvsieve_cluster_config_t {
+    kvsieve_cluster_config_t::from_core(&ClusterConfig::new(ClusterCount::Absolute(num_clusters)))
 }
 
 /// Cluster every KV head of the keys in `keys` into a new index.
 ///
 /// # Safety
 /// 1. `keys` is NULL or a readable key source (see `key_source`); `config` is NULL or
-///    readable; `out` is NULL or writable.
+///    readable for its `struct_size`; `out` is NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_cluster_index_build(
     keys: *const kvsieve_key_source_t,
@@ -177,7 +192,7 @@ pub unsafe extern "C" fn kvsieve_cluster_index_build(
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_build", || {
         let src = key_source(keys, "keys")?;
-        let (cfg, names) = read_struct(config, "config")?.to_core()?;
+        let (cfg, names) = read_versioned(config, "config")?.to_core()?;
         non_null(out, "out")?;
         let index = src.run(|k| ClusterIndex::build(k, &cfg)).map_err(names)?;
         write_out(out, into_index_handle(index));
@@ -201,7 +216,7 @@ pub unsafe extern "C" fn kvsieve_cluster_index_free(index: *mut kvsieve_cluster_
 /// The configuration the index was built with.
 ///
 /// # Safety
-/// 1. `index` is NULL or a live handle; `out` is NULL or writable.
+/// 1. `index` is NULL or a live handle; `out` is NULL or writable for its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_cluster_index_get_config(
     index: *const kvsieve_cluster_index_t,
@@ -209,9 +224,9 @@ pub unsafe extern "C" fn kvsieve_cluster_index_get_config(
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_get_config", || {
         let ix = index_ref(index, "index")?;
-        non_null(out, "out")?;
+        let out = VersionedOut::new(out, "out")?;
         let cfg = kvsieve_cluster_config_t::from_core(ix.inner.read().config());
-        write_out(out, cfg);
+        out.write(cfg);
         Ok(())
     })
 }

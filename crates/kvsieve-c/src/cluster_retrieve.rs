@@ -11,9 +11,12 @@ use std::mem::{align_of, offset_of, size_of};
 use kvsieve::error::{Error, Result};
 use kvsieve::select::cluster::{calibrate, CoarseRetrieve, RetrievalStats, Retrieve};
 
-use super::args::{check_capacity, check_disjoint, non_null, opt_slice_mut, read_struct, rename, slice, slice_mut, write_out, Region};
+use super::args::{
+    check_capacity, check_disjoint, non_null, opt_slice_mut, read_versioned, rename, sizes_are_valid, slice, slice_mut, write_out, Region, Versioned,
+    VersionedOut,
+};
 use super::cluster::{copy_out, index_ref, kvsieve_cluster_index_t};
-use super::error::{guard, guard_value, kvsieve_error_t};
+use super::error::{guard, kvsieve_error_t};
 use super::selection::{into_handle, kvsieve_selection_t};
 use super::tensor::{kvsieve_tensor_t, parse_query, Tensor};
 
@@ -46,6 +49,8 @@ pub const COARSE_BUDGET_MULTIPLE: u32 = 2;
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct kvsieve_retrieve_config_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     /// `KVSIEVE_RETRIEVE_*`.
     pub mode: u32,
     pub threshold: f64,
@@ -66,8 +71,10 @@ pub struct kvsieve_retrieve_config_t {
 /// in the header).
 #[allow(non_camel_case_types)]
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct kvsieve_retrieve_stats_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     pub centroid_evals: usize,
     pub coarse_evals: usize,
     pub fine_evals: usize,
@@ -79,30 +86,72 @@ pub struct kvsieve_retrieve_stats_t {
 
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_retrieve_config_t>() == 80 && align_of::<kvsieve_retrieve_config_t>() == 8);
-    assert!(offset_of!(kvsieve_retrieve_config_t, mode) == 0);
-    assert!(offset_of!(kvsieve_retrieve_config_t, threshold) == 8);
-    assert!(offset_of!(kvsieve_retrieve_config_t, thresholds) == 16);
-    assert!(offset_of!(kvsieve_retrieve_config_t, num_thresholds) == 24);
-    assert!(offset_of!(kvsieve_retrieve_config_t, budget) == 32);
-    assert!(offset_of!(kvsieve_retrieve_config_t, seq_len) == 40);
-    assert!(offset_of!(kvsieve_retrieve_config_t, hierarchical) == 48);
-    assert!(offset_of!(kvsieve_retrieve_config_t, coarse_mode) == 52);
-    assert!(offset_of!(kvsieve_retrieve_config_t, coarse_threshold) == 56);
-    assert!(offset_of!(kvsieve_retrieve_config_t, coarse_budget) == 64);
-    assert!(offset_of!(kvsieve_retrieve_config_t, coarse_budget_multiple) == 72);
-    assert!(size_of::<kvsieve_retrieve_stats_t>() == 56 && align_of::<kvsieve_retrieve_stats_t>() == 8);
-    assert!(offset_of!(kvsieve_retrieve_stats_t, coarse_evals) == 8);
-    assert!(offset_of!(kvsieve_retrieve_stats_t, fine_evals) == 16);
-    assert!(offset_of!(kvsieve_retrieve_stats_t, clusters_scored) == 24);
-    assert!(offset_of!(kvsieve_retrieve_stats_t, clusters_kept) == 32);
-    assert!(offset_of!(kvsieve_retrieve_stats_t, coarse_kept) == 40);
-    assert!(offset_of!(kvsieve_retrieve_stats_t, tokens_kept) == 48);
+    assert!(size_of::<kvsieve_retrieve_config_t>() == 88 && align_of::<kvsieve_retrieve_config_t>() == 8);
+    assert!(offset_of!(kvsieve_retrieve_config_t, mode) == 8);
+    assert!(offset_of!(kvsieve_retrieve_config_t, threshold) == 16);
+    assert!(offset_of!(kvsieve_retrieve_config_t, thresholds) == 24);
+    assert!(offset_of!(kvsieve_retrieve_config_t, num_thresholds) == 32);
+    assert!(offset_of!(kvsieve_retrieve_config_t, budget) == 40);
+    assert!(offset_of!(kvsieve_retrieve_config_t, seq_len) == 48);
+    assert!(offset_of!(kvsieve_retrieve_config_t, hierarchical) == 56);
+    assert!(offset_of!(kvsieve_retrieve_config_t, coarse_mode) == 60);
+    assert!(offset_of!(kvsieve_retrieve_config_t, coarse_threshold) == 64);
+    assert!(offset_of!(kvsieve_retrieve_config_t, coarse_budget) == 72);
+    assert!(offset_of!(kvsieve_retrieve_config_t, coarse_budget_multiple) == 80);
+    assert!(size_of::<kvsieve_retrieve_stats_t>() == 64 && align_of::<kvsieve_retrieve_stats_t>() == 8);
+    assert!(offset_of!(kvsieve_retrieve_stats_t, centroid_evals) == 8);
+    assert!(offset_of!(kvsieve_retrieve_stats_t, coarse_evals) == 16);
+    assert!(offset_of!(kvsieve_retrieve_stats_t, fine_evals) == 24);
+    assert!(offset_of!(kvsieve_retrieve_stats_t, clusters_scored) == 32);
+    assert!(offset_of!(kvsieve_retrieve_stats_t, clusters_kept) == 40);
+    assert!(offset_of!(kvsieve_retrieve_stats_t, coarse_kept) == 48);
+    assert!(offset_of!(kvsieve_retrieve_stats_t, tokens_kept) == 56);
 };
 
+const _: () = {
+    assert!(offset_of!(kvsieve_retrieve_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_retrieve_config_t>());
+    assert!(offset_of!(kvsieve_retrieve_stats_t, struct_size) == 0 && sizes_are_valid::<kvsieve_retrieve_stats_t>());
+};
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_retrieve_config_t {
+    const NAME: &'static str = "kvsieve_retrieve_config_t";
+    const INIT: &'static str = "kvsieve_retrieve_config_init() or kvsieve_retrieve_config_default()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        kvsieve_retrieve_config_default(0)
+    }
+}
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_retrieve_stats_t {
+    const NAME: &'static str = "kvsieve_retrieve_stats_t";
+    const INIT: &'static str = "kvsieve_retrieve_stats_init()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        Self::init()
+    }
+}
+
 impl kvsieve_retrieve_stats_t {
+    /// What the header's `kvsieve_retrieve_stats_init()` gives: zeros, `struct_size` this
+    /// layout's.
+    pub fn init() -> Self {
+        kvsieve_retrieve_stats_t {
+            struct_size: size_of::<Self>(),
+            centroid_evals: 0,
+            coarse_evals: 0,
+            fine_evals: 0,
+            clusters_scored: 0,
+            clusters_kept: 0,
+            coarse_kept: 0,
+            tokens_kept: 0,
+        }
+    }
+
     fn from_core(s: &RetrievalStats) -> Self {
         kvsieve_retrieve_stats_t {
+            struct_size: size_of::<Self>(),
             centroid_evals: s.centroid_evals,
             coarse_evals: s.coarse_evals,
             fine_evals: s.fine_evals,
@@ -115,10 +164,12 @@ impl kvsieve_retrieve_stats_t {
 }
 
 /// A retrieval configuration keeping `budget` tokens per head, flat, for the index's
-/// sequence length; coarse settings that open every coarse cluster.
-#[no_mangle]
-pub extern "C" fn kvsieve_retrieve_config_default(budget: usize) -> kvsieve_retrieve_config_t {
-    let make = |budget| kvsieve_retrieve_config_t {
+/// sequence length; coarse settings that open every coarse cluster. What the header's
+/// `static inline` function of this name gives. Not exported (C programs compile the
+/// header's); Rust code that calls the entry points directly (the tests) uses it.
+pub fn kvsieve_retrieve_config_default(budget: usize) -> kvsieve_retrieve_config_t {
+    kvsieve_retrieve_config_t {
+        struct_size: size_of::<kvsieve_retrieve_config_t>(),
         mode: RETRIEVE_BUDGET,
         threshold: 0.0,
         thresholds: std::ptr::null(),
@@ -130,8 +181,7 @@ pub extern "C" fn kvsieve_retrieve_config_default(budget: usize) -> kvsieve_retr
         coarse_threshold: -1.0,
         coarse_budget: 0,
         coarse_budget_multiple: 0.0,
-    };
-    guard_value(make(0), || make(budget))
+    }
 }
 
 /// Group-averaged estimated attention per key of every fine cluster, head-major
@@ -230,13 +280,15 @@ pub unsafe extern "C" fn kvsieve_cluster_index_retrieve(
     guard("kvsieve_cluster_index_retrieve", || {
         let ix = index_ref(index, "index")?;
         let q = parse_query(q, "q")?;
-        let c = read_struct(config, "config")?;
+        let c = read_versioned(config, "config")?;
         non_null(out, "out")?;
+        let stats = VersionedOut::optional(stats, "stats")?;
         let mut reads = vec![q.region()];
         if c.mode == RETRIEVE_PER_HEAD_THRESHOLD {
             reads.push(Region::of(c.thresholds, c.num_thresholds, "thresholds"));
         }
-        check_disjoint(&[Region::of(out, 1, "out"), Region::of(stats, 1, "stats")], &reads)?;
+        let stats_region = stats.as_ref().map_or_else(|| Region::of(std::ptr::null::<u8>(), 0, "stats"), |s| s.region("stats"));
+        check_disjoint(&[Region::of(out, 1, "out"), stats_region], &reads)?;
         let g = ix.inner.read();
         let (fine, coarse) = retrieval_rule(&c, g.num_coarse_clusters())?;
         let seq_len = if c.seq_len == 0 { g.seq_len() } else { c.seq_len };
@@ -245,8 +297,8 @@ pub unsafe extern "C" fn kvsieve_cluster_index_retrieve(
             None => g.retrieve(&qv, &fine, seq_len),
             Some(coarse) => g.retrieve_hierarchical(&qv, coarse, &fine, seq_len).map_err(rename_coarse),
         }?;
-        if !stats.is_null() {
-            write_out(stats, kvsieve_retrieve_stats_t::from_core(&res.stats));
+        if let Some(stats) = stats {
+            stats.write(kvsieve_retrieve_stats_t::from_core(&res.stats));
         }
         write_out(out, into_handle(res.selection));
         Ok(())

@@ -12,7 +12,7 @@ use std::ffi::c_void;
 use kvsieve::error::{Error, Result};
 use kvsieve::kv::PagedKvLayout;
 
-use super::args::{non_null, read_struct, write_out};
+use super::args::{non_null, read_struct, read_versioned, write_out};
 use super::cache::key_rope;
 use super::error::{guard, kvsieve_error_t};
 use super::params::kvsieve_attention_params_t;
@@ -197,9 +197,9 @@ pub(crate) struct Kv {
 /// Check a `kvsieve_paged_kv_t` of device memory without touching the device.
 ///
 /// # Safety
-/// `kv` is NULL or readable.
+/// `kv` is NULL or readable for its `struct_size`.
 pub(crate) unsafe fn parse_kv(kv: *const kvsieve_paged_kv_t) -> Result<Kv> {
-    let d = read_struct(kv, "kv")?;
+    let d = read_versioned(kv, "kv")?;
     if d.device.device_type != DEVICE_CUDA && d.device.device_type != DEVICE_CUDA_MANAGED {
         return Err(Error::invalid("kv.device", format!("device memory (kDLCUDA = 2), got device_type {}", d.device.device_type)));
     }

@@ -12,7 +12,7 @@ use std::ffi::c_void;
 
 use kvsieve::error::{Error, Result};
 
-use super::args::{non_null, read_struct, slice, slice_mut, write_out};
+use super::args::{non_null, read_struct, read_versioned, slice, slice_mut, write_out, VersionedOut};
 use super::cache::{compact_lists, keep_tokens, kvsieve_cache_config_t};
 use super::error::{guard, kvsieve_error_t};
 use super::tensor::kvsieve_tensor_t;
@@ -67,7 +67,7 @@ fn with<T>(c: &kvsieve_cuda_cache_t, _f: impl FnOnce(&mut imp::NoCache) -> Resul
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_cuda_cache_new(config: *const kvsieve_cache_config_t, device_id: i32, out: *mut *mut kvsieve_cuda_cache_t) -> *mut kvsieve_error_t {
     guard("kvsieve_cuda_cache_new", || {
-        let cfg = read_struct(config, "config")?.to_core()?;
+        let cfg = read_versioned(config, "config")?.to_core()?;
         non_null(out, "out")?;
         let ordinal = usize::try_from(device_id).map_err(|_| Error::invalid("device_id", format!("a CUDA device ordinal >= 0, got {device_id}")))?;
         #[cfg(feature = "cuda")]
@@ -283,9 +283,9 @@ pub unsafe extern "C" fn kvsieve_cuda_cache_layer_view(
         let c = cache_ref(cache)?;
         let ids = slice(seqs, num_seqs, "seqs")?;
         non_null(out_table, "out_table")?;
-        non_null(out_view, "out_view")?;
+        let out_view = VersionedOut::new(out_view, "out_view")?;
         let (table, view, bounds, max_len) = with(c, |g| imp::layer_view(g, layer, ids))?;
-        write_out(out_view, view);
+        out_view.write(view);
         if !out_key_bounds.is_null() {
             write_out(out_key_bounds, bounds as *const c_void);
         }
@@ -344,6 +344,7 @@ mod imp {
             let (k, vp) = v.kv_ptrs();
             let (ip, ix, lp) = table.device_ptrs();
             let desc = kvsieve_paged_kv_t {
+                struct_size: std::mem::size_of::<kvsieve_paged_kv_t>(),
                 k: k as *const std::ffi::c_void,
                 v: vp as *const std::ffi::c_void,
                 device: kvsieve_device_t { device_type: super::super::cuda::DEVICE_CUDA, device_id: v.device() as i32 },

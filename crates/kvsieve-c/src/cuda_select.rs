@@ -18,7 +18,7 @@ use std::mem::{align_of, offset_of, size_of};
 
 use kvsieve::error::{Error, Result};
 
-use super::args::{non_null, read_struct, slice, write_out};
+use super::args::{non_null, read_struct, read_versioned, slice, write_out};
 use super::attention::{self, kvsieve_streaming_window_t};
 use super::cluster::{index_ref, kvsieve_cluster_config_t, kvsieve_cluster_index_t};
 use super::cluster_retrieve::kvsieve_retrieve_config_t;
@@ -120,7 +120,7 @@ pub unsafe extern "C" fn kvsieve_cuda_page_bounds(
     guard("kvsieve_cuda_page_bounds", || {
         let d = parse_kv(kv)?;
         let q = device_tensor(q, "q", &["batch", "num_qo_heads", "head_dim"])?;
-        let c = read_struct(config, "config")?;
+        let c = read_versioned(config, "config")?;
         non_null(key_bounds, "key_bounds")?;
         non_null(sel_indptr, "sel_indptr")?;
         non_null(sel_indices, "sel_indices")?;
@@ -158,7 +158,7 @@ pub unsafe extern "C" fn kvsieve_cuda_paged_prefill(
     guard("kvsieve_cuda_paged_prefill", || {
         let d = parse_kv(kv)?;
         let qo = slice(qo_indptr, d.batch + 1, "qo_indptr")?.to_vec();
-        let wins = attention::windows(windows, num_windows)?;
+        let (wins, _) = attention::windows(windows, num_windows)?;
         if !wins.is_empty() && wins.len() != d.layout.num_kv_heads {
             return Err(Error::shape("windows", format!("[{}] (one per KV head) or none", d.layout.num_kv_heads), format!("[{}]", wins.len())));
         }
@@ -210,7 +210,7 @@ pub unsafe extern "C" fn kvsieve_cuda_cluster_index_build(
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_cuda_cluster_index_build", || {
         let keys = device_tensor(keys, "keys", &["n", "num_kv_heads", "head_dim"])?;
-        let (cfg, names) = read_struct(config, "config")?.to_core()?;
+        let (cfg, names) = read_versioned(config, "config")?.to_core()?;
         non_null(out, "out")?;
         let (host, dev) = imp::build(&keys, &cfg, stream).map_err(names)?;
         if !out_host.is_null() {
@@ -277,7 +277,7 @@ pub unsafe extern "C" fn kvsieve_cuda_cluster_index_retrieve(
     guard("kvsieve_cuda_cluster_index_retrieve", || {
         let ix = cuda_index_ref(index)?;
         let q = device_query(q, "q")?;
-        let c = read_struct(config, "config")?;
+        let c = read_versioned(config, "config")?;
         non_null(sel_indptr, "sel_indptr")?;
         non_null(sel_indices, "sel_indices")?;
         imp::retrieve(ix, &q, &c, (sel_indptr as u64, sel_indices as u64), stream)
@@ -301,7 +301,7 @@ pub unsafe extern "C" fn kvsieve_cuda_gemfilter_select(
     guard("kvsieve_cuda_gemfilter_select", || {
         let q = device_query(q, "q")?;
         let keys = device_tensor(keys, "keys", &["n", "num_kv_heads", "head_dim"])?;
-        let cfg = read_struct(config, "config")?.to_core();
+        let cfg = read_versioned(config, "config")?.to_core();
         non_null(indices, "indices")?;
         imp::gemfilter_select(&q, &keys, &cfg, indices as u64, stream)
     })

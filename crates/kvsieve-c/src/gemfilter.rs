@@ -16,9 +16,12 @@ use kvsieve::kv::KvCache;
 use kvsieve::select::gemfilter::{avg_pool, calibrate_layers, select, snapkv, token_scores, GemFilterConfig, KeySource, SnapKvConfig};
 use kvsieve::tensor::TensorView;
 
-use super::args::{check_capacity, check_disjoint, non_null, opt_slice_mut, read_struct, rename, slice, slice_mut, write_out, Region};
-use super::cache::{key_source, kvsieve_cache_t, kvsieve_key_source_t, Source};
-use super::error::{guard, guard_value, kvsieve_error_t};
+use super::args::{
+    check_capacity, check_disjoint, non_null, opt_slice_mut, read_versioned, read_versioned_array, rename, sizes_are_valid, slice, slice_mut, write_out,
+    Region, Versioned,
+};
+use super::cache::{key_source, key_source_of, kvsieve_cache_t, kvsieve_key_source_t, Source};
+use super::error::{guard, kvsieve_error_t};
 use super::selection::{into_handle, kvsieve_selection_t};
 use super::tensor::{kvsieve_tensor_t, parse_query, Tensor};
 
@@ -27,6 +30,8 @@ use super::tensor::{kvsieve_tensor_t, parse_query, Tensor};
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct kvsieve_gemfilter_config_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     pub k: usize,
     pub pool_kernel: usize,
     pub keep_first: usize,
@@ -38,6 +43,8 @@ pub struct kvsieve_gemfilter_config_t {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct kvsieve_snapkv_config_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     pub k: usize,
     pub pool_kernel: usize,
     /// Multiplier of q·k before softmax; 0 means 1/sqrt(head_dim).
@@ -46,14 +53,49 @@ pub struct kvsieve_snapkv_config_t {
 
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_gemfilter_config_t>() == 32 && align_of::<kvsieve_gemfilter_config_t>() == 8);
-    assert!(offset_of!(kvsieve_gemfilter_config_t, pool_kernel) == 8);
-    assert!(offset_of!(kvsieve_gemfilter_config_t, keep_first) == 16);
-    assert!(offset_of!(kvsieve_gemfilter_config_t, keep_last) == 24);
-    assert!(size_of::<kvsieve_snapkv_config_t>() == 24 && align_of::<kvsieve_snapkv_config_t>() == 8);
-    assert!(offset_of!(kvsieve_snapkv_config_t, pool_kernel) == 8);
-    assert!(offset_of!(kvsieve_snapkv_config_t, scale) == 16);
+    assert!(size_of::<kvsieve_gemfilter_config_t>() == 40 && align_of::<kvsieve_gemfilter_config_t>() == 8);
+    assert!(offset_of!(kvsieve_gemfilter_config_t, k) == 8);
+    assert!(offset_of!(kvsieve_gemfilter_config_t, pool_kernel) == 16);
+    assert!(offset_of!(kvsieve_gemfilter_config_t, keep_first) == 24);
+    assert!(offset_of!(kvsieve_gemfilter_config_t, keep_last) == 32);
+    assert!(size_of::<kvsieve_snapkv_config_t>() == 32 && align_of::<kvsieve_snapkv_config_t>() == 8);
+    assert!(offset_of!(kvsieve_snapkv_config_t, k) == 8);
+    assert!(offset_of!(kvsieve_snapkv_config_t, pool_kernel) == 16);
+    assert!(offset_of!(kvsieve_snapkv_config_t, scale) == 24);
 };
+
+const _: () = {
+    assert!(offset_of!(kvsieve_gemfilter_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_gemfilter_config_t>());
+    assert!(offset_of!(kvsieve_snapkv_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_snapkv_config_t>());
+};
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_gemfilter_config_t {
+    const NAME: &'static str = "kvsieve_gemfilter_config_t";
+    const INIT: &'static str = "kvsieve_gemfilter_config_init() or kvsieve_gemfilter_config_default()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        kvsieve_gemfilter_config_default(0)
+    }
+}
+
+impl kvsieve_snapkv_config_t {
+    /// What the header's `kvsieve_snapkv_config_init()` gives: `k` 0 (to be set), the pool
+    /// width SnapKV uses (7), `scale` 0 (1/sqrt(head_dim)), `struct_size` this layout's.
+    pub fn init() -> Self {
+        kvsieve_snapkv_config_t { struct_size: size_of::<Self>(), k: 0, pool_kernel: 7, scale: 0.0 }
+    }
+}
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_snapkv_config_t {
+    const NAME: &'static str = "kvsieve_snapkv_config_t";
+    const INIT: &'static str = "kvsieve_snapkv_config_init()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        Self::init()
+    }
+}
 
 impl kvsieve_gemfilter_config_t {
     pub(crate) fn to_core(self) -> GemFilterConfig {
@@ -61,15 +103,21 @@ impl kvsieve_gemfilter_config_t {
     }
 
     fn from_core(c: &GemFilterConfig) -> Self {
-        kvsieve_gemfilter_config_t { k: c.k, pool_kernel: c.pool_kernel, keep_first: c.keep_first, keep_last: c.keep_last }
+        kvsieve_gemfilter_config_t {
+            struct_size: size_of::<Self>(),
+            k: c.k,
+            pool_kernel: c.pool_kernel,
+            keep_first: c.keep_first,
+            keep_last: c.keep_last,
+        }
     }
 }
 
-/// A configuration keeping `k` tokens: pool kernel 5, no forced tokens.
-#[no_mangle]
-pub extern "C" fn kvsieve_gemfilter_config_default(k: usize) -> kvsieve_gemfilter_config_t {
-    let make = |k| kvsieve_gemfilter_config_t::from_core(&GemFilterConfig::new(k));
-    guard_value(make(0), || make(k))
+/// A configuration keeping `k` tokens: pool kernel 5, no forced tokens; what the header's
+/// `static inline` function of this name gives. Not exported (C programs compile the
+/// header's); Rust code that calls the entry points directly (the tests) uses it.
+pub fn kvsieve_gemfilter_config_default(k: usize) -> kvsieve_gemfilter_config_t {
+    kvsieve_gemfilter_config_t::from_core(&GemFilterConfig::new(k))
 }
 
 /// GemFilter's token scores: for every token, the sum over query heads of `q_h · k_t`.
@@ -136,7 +184,7 @@ pub unsafe extern "C" fn kvsieve_gemfilter_select(
     guard("kvsieve_gemfilter_select", || {
         let q = parse_query(q, "q")?;
         let src = key_source(keys, "keys")?;
-        let cfg = read_struct(config, "config")?.to_core();
+        let cfg = read_versioned(config, "config")?.to_core();
         let reads: Vec<Region> = [Some(q.region()), src.region()].into_iter().flatten().collect();
         check_disjoint(&[Region::of(indices, capacity, "indices"), Region::of(out_len, 1, "out_len")], &reads)?;
         let buf = slice_mut(indices, capacity, "indices")?;
@@ -172,7 +220,7 @@ pub unsafe extern "C" fn kvsieve_snapkv(
     guard("kvsieve_snapkv", || {
         let q = Tensor::parse(q_window, "q_window", &["w", "num_qo_heads", "head_dim"])?;
         let src = key_source(keys, "keys")?;
-        let c = read_struct(config, "config")?;
+        let c = read_versioned(config, "config")?;
         if !c.scale.is_finite() {
             return Err(Error::invalid("scale", format!("a finite multiplier (0 means 1/sqrt(head_dim)), got {}", c.scale)));
         }
@@ -219,7 +267,7 @@ pub unsafe extern "C" fn kvsieve_gemfilter_calibrate_layers(
     recalls: *mut f64,
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_gemfilter_calibrate_layers", || {
-        let cfg = read_struct(config, "config")?.to_core();
+        let cfg = read_versioned(config, "config")?.to_core();
         if needle_end <= needle_start {
             return Err(Error::invalid(
                 "needle_end",
@@ -227,10 +275,10 @@ pub unsafe extern "C" fn kvsieve_gemfilter_calibrate_layers(
             ));
         }
         let descs = slice(queries, num_layers, "queries")?;
-        let srcs = slice(keys, num_layers, "keys")?;
+        let (srcs, keys_region) = read_versioned_array(keys, num_layers, "keys")?;
         let q_tensors: Vec<Tensor> = descs.iter().enumerate().map(|(l, d)| parse_query(d, &format!("queries[{l}]"))).collect::<Result<_>>()?;
-        let sources: Vec<Source> = srcs.iter().enumerate().map(|(l, s)| key_source(s, &format!("keys[{l}]"))).collect::<Result<_>>()?;
-        let mut reads = vec![Region::of(queries, num_layers, "queries"), Region::of(keys, num_layers, "keys")];
+        let sources: Vec<Source> = srcs.iter().enumerate().map(|(l, s)| key_source_of(*s, &format!("keys[{l}]"))).collect::<Result<_>>()?;
+        let mut reads = vec![Region::of(queries, num_layers, "queries"), keys_region];
         reads.extend(q_tensors.iter().map(Tensor::region));
         reads.extend(sources.iter().filter_map(Source::region));
         check_disjoint(&[Region::of(recalls, num_layers, "recalls")], &reads)?;

@@ -7,8 +7,8 @@
 //! `version`, `error`, `tensor`, `cache`, `selection`, `attention`, `policy`, `gemfilter`,
 //! `cluster` (with `cluster_retrieve` and `cluster_set`, the header's retrieval and
 //! policy sections), `view` and `cuda` (with `cuda_cache` and `cuda_select`, the device
-//! cache and the selection and prefill sections). Helpers: `args` (raw argument checks)
-//! and `params` (the attention parameter structs and their conversion).
+//! cache and the selection and prefill sections). Helpers: `args` (raw argument checks,
+//! versioned structs) and `params` (the attention parameter structs and their conversion).
 //!
 //! Rules every entry point follows:
 //! - a panic never unwinds into C; it becomes a `KVSIEVE_ERROR_INTERNAL` error;
@@ -22,6 +22,11 @@
 //!
 //! Every public `#[repr(C)]` struct has its size and field offsets asserted at compile
 //! time (on 64-bit targets), and the header's layout is compared with these by the tests.
+//! The structs a caller fills or receives (all but the DLPack-layout tensor descriptor and
+//! the device-memory key-bound entries) are versioned: they begin with `size_t
+//! struct_size`, which the header's `static inline` initialisers set to the caller's
+//! `sizeof`, and the library reads and writes each through `args::read_versioned` and
+//! `args::VersionedOut` only as far as that size reaches (see `args::Versioned`).
 //!
 //! The crate builds `libkvsieve.so` and `libkvsieve.a` only (no rlib): Rust programs use the
 //! `kvsieve` crate. Modules name their siblings with `super::`, so that the tests can

@@ -1,14 +1,14 @@
 //! The attention parameter and RoPE structs of `attention.h` (`kvsieve_attention_params_t`,
 //! `kvsieve_rope_config_t`, the `KVSIEVE_POSITIONS_*` position modes) and their conversion
-//! to the core's types. Zero-initialised structs mean the defaults (except `theta`, which
-//! has none).
+//! to the core's types. Both structs are versioned (`struct_size` first, see
+//! `args::Versioned`); zero fields mean the defaults (except `theta`, which has none).
 
 use std::mem::{align_of, offset_of, size_of};
 
 use kvsieve::attention::{AttentionParams, PositionMode, RopeConfig, RopeStyle};
 use kvsieve::error::{Error, Result};
 
-use super::args::read_struct;
+use super::args::{read_versioned, read_versioned_opt, sizes_are_valid, Versioned};
 
 /// `KVSIEVE_POSITIONS_ORIGINAL`.
 pub const POSITIONS_ORIGINAL: u32 = 0;
@@ -24,6 +24,8 @@ pub const POSITIONS_CAPPED: u32 = 2;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct kvsieve_rope_config_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     /// Base of the inverse frequencies (e.g. 10000).
     pub theta: f32,
     /// Rotated channels, even; 0 means all of head_dim.
@@ -39,6 +41,8 @@ pub struct kvsieve_rope_config_t {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct kvsieve_attention_params_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     /// Multiplier of q·k; 0 means 1/sqrt(head_dim).
     pub scale: f32,
     /// Soft cap `c`: scores become `c * tanh(score / c)`; 0 means off.
@@ -55,22 +59,70 @@ pub struct kvsieve_attention_params_t {
     pub max_distance: u32,
 }
 
-const _: () = {
-    assert!(size_of::<kvsieve_rope_config_t>() == 16 && align_of::<kvsieve_rope_config_t>() == 4);
-    assert!(offset_of!(kvsieve_rope_config_t, rotary_dim) == 4);
-    assert!(offset_of!(kvsieve_rope_config_t, style) == 8);
-    assert!(offset_of!(kvsieve_rope_config_t, position_scale) == 12);
-};
-
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_attention_params_t>() == 32 && align_of::<kvsieve_attention_params_t>() == 8);
-    assert!(offset_of!(kvsieve_attention_params_t, logit_soft_cap) == 4);
-    assert!(offset_of!(kvsieve_attention_params_t, rope) == 8);
-    assert!(offset_of!(kvsieve_attention_params_t, chunk_size) == 16);
-    assert!(offset_of!(kvsieve_attention_params_t, position_mode) == 24);
-    assert!(offset_of!(kvsieve_attention_params_t, max_distance) == 28);
+    assert!(size_of::<kvsieve_rope_config_t>() == 24 && align_of::<kvsieve_rope_config_t>() == 8);
+    assert!(offset_of!(kvsieve_rope_config_t, theta) == 8);
+    assert!(offset_of!(kvsieve_rope_config_t, rotary_dim) == 12);
+    assert!(offset_of!(kvsieve_rope_config_t, style) == 16);
+    assert!(offset_of!(kvsieve_rope_config_t, position_scale) == 20);
+    assert!(size_of::<kvsieve_attention_params_t>() == 40 && align_of::<kvsieve_attention_params_t>() == 8);
+    assert!(offset_of!(kvsieve_attention_params_t, scale) == 8);
+    assert!(offset_of!(kvsieve_attention_params_t, logit_soft_cap) == 12);
+    assert!(offset_of!(kvsieve_attention_params_t, rope) == 16);
+    assert!(offset_of!(kvsieve_attention_params_t, chunk_size) == 24);
+    assert!(offset_of!(kvsieve_attention_params_t, position_mode) == 32);
+    assert!(offset_of!(kvsieve_attention_params_t, max_distance) == 36);
 };
+
+const _: () = {
+    assert!(offset_of!(kvsieve_rope_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_rope_config_t>());
+    assert!(offset_of!(kvsieve_attention_params_t, struct_size) == 0 && sizes_are_valid::<kvsieve_attention_params_t>());
+};
+
+impl kvsieve_rope_config_t {
+    /// What the header's `kvsieve_rope_config_init()` gives: every field zero (`theta`
+    /// must still be set), `struct_size` this layout's.
+    pub fn init() -> Self {
+        kvsieve_rope_config_t { struct_size: size_of::<Self>(), theta: 0.0, rotary_dim: 0, style: 0, position_scale: 0.0 }
+    }
+}
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_rope_config_t {
+    const NAME: &'static str = "kvsieve_rope_config_t";
+    const INIT: &'static str = "kvsieve_rope_config_init()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        Self::init()
+    }
+}
+
+impl kvsieve_attention_params_t {
+    /// What the header's `kvsieve_attention_params_init()` gives: every default (all zero,
+    /// no RoPE), `struct_size` this layout's.
+    pub fn init() -> Self {
+        kvsieve_attention_params_t {
+            struct_size: size_of::<Self>(),
+            scale: 0.0,
+            logit_soft_cap: 0.0,
+            rope: std::ptr::null(),
+            chunk_size: 0,
+            position_mode: POSITIONS_ORIGINAL,
+            max_distance: 0,
+        }
+    }
+}
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_attention_params_t {
+    const NAME: &'static str = "kvsieve_attention_params_t";
+    const INIT: &'static str = "kvsieve_attention_params_init()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        Self::init()
+    }
+}
 
 impl kvsieve_rope_config_t {
     /// The core configuration. `param` names the struct in messages. Values are checked
@@ -91,24 +143,24 @@ impl kvsieve_rope_config_t {
     }
 }
 
-/// A RoPE configuration passed by pointer (required).
+/// A RoPE configuration passed by pointer (required), read as its `struct_size` states.
 ///
 /// # Safety
-/// 1. `rope` is NULL or points at a readable `kvsieve_rope_config_t`.
+/// 1. `rope` is NULL or points at a readable `kvsieve_rope_config_t` of its `struct_size`.
 pub(crate) unsafe fn rope_config(rope: *const kvsieve_rope_config_t, param: &str) -> Result<RopeConfig> {
-    read_struct(rope, param)?.to_core(param)
+    read_versioned(rope, param)?.to_core(param)
 }
 
 /// Attention parameters passed by pointer; NULL means all defaults.
 ///
 /// # Safety
-/// 1. `params` is NULL or points at a readable `kvsieve_attention_params_t`, whose `rope`
-///    is NULL or points at a readable `kvsieve_rope_config_t`.
+/// 1. `params` is NULL or points at a readable `kvsieve_attention_params_t` of its
+///    `struct_size`, whose `rope` is NULL or points at a readable `kvsieve_rope_config_t`
+///    of its own `struct_size`.
 pub(crate) unsafe fn attention_params(params: *const kvsieve_attention_params_t) -> Result<AttentionParams> {
-    if params.is_null() {
+    let Some(p) = read_versioned_opt(params, "params")? else {
         return Ok(AttentionParams::default());
-    }
-    let p = read_struct(params, "params")?;
+    };
     let rope = if p.rope.is_null() { None } else { Some(rope_config(p.rope, "rope")?) };
     let positions = match p.position_mode {
         POSITIONS_ORIGINAL => PositionMode::Original,

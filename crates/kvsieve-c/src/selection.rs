@@ -10,7 +10,7 @@ use std::mem::{align_of, offset_of, size_of};
 use kvsieve::error::{Error, Result};
 use kvsieve::select::{lambda, page_bounds, streaming, PageBoundsConfig, Selection};
 
-use super::args::{check_capacity, check_disjoint, non_null, opt_slice_mut, read_struct, slice, slice_mut, write_out, Region};
+use super::args::{check_capacity, check_disjoint, non_null, opt_slice_mut, read_versioned, sizes_are_valid, slice, slice_mut, write_out, Region, Versioned, VersionedOut};
 use super::cache::{cache_ref, kvsieve_cache_t};
 use super::error::{guard, guard_value, kvsieve_error_t};
 use super::tensor::{kvsieve_tensor_t, parse_query};
@@ -27,6 +27,8 @@ pub struct kvsieve_selection_t {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct kvsieve_selection_stats_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     pub seq_len: usize,
     pub num_kv_heads: usize,
     pub total: usize,
@@ -37,28 +39,80 @@ pub struct kvsieve_selection_stats_t {
 
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_selection_stats_t>() == 48 && align_of::<kvsieve_selection_stats_t>() == 8);
-    assert!(offset_of!(kvsieve_selection_stats_t, num_kv_heads) == 8);
-    assert!(offset_of!(kvsieve_selection_stats_t, total) == 16);
-    assert!(offset_of!(kvsieve_selection_stats_t, density) == 24);
-    assert!(offset_of!(kvsieve_selection_stats_t, min_density) == 32);
-    assert!(offset_of!(kvsieve_selection_stats_t, max_density) == 40);
+    assert!(size_of::<kvsieve_selection_stats_t>() == 56 && align_of::<kvsieve_selection_stats_t>() == 8);
+    assert!(offset_of!(kvsieve_selection_stats_t, seq_len) == 8);
+    assert!(offset_of!(kvsieve_selection_stats_t, num_kv_heads) == 16);
+    assert!(offset_of!(kvsieve_selection_stats_t, total) == 24);
+    assert!(offset_of!(kvsieve_selection_stats_t, density) == 32);
+    assert!(offset_of!(kvsieve_selection_stats_t, min_density) == 40);
+    assert!(offset_of!(kvsieve_selection_stats_t, max_density) == 48);
 };
+
+const _: () = assert!(offset_of!(kvsieve_selection_stats_t, struct_size) == 0 && sizes_are_valid::<kvsieve_selection_stats_t>());
+
+impl kvsieve_selection_stats_t {
+    /// What the header's `kvsieve_selection_stats_init()` gives: zeros, `struct_size` this
+    /// layout's.
+    pub fn init() -> Self {
+        kvsieve_selection_stats_t {
+            struct_size: size_of::<Self>(),
+            seq_len: 0,
+            num_kv_heads: 0,
+            total: 0,
+            density: 0.0,
+            min_density: 0.0,
+            max_density: 0.0,
+        }
+    }
+}
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_selection_stats_t {
+    const NAME: &'static str = "kvsieve_selection_stats_t";
+    const INIT: &'static str = "kvsieve_selection_stats_init()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        Self::init()
+    }
+}
 
 /// Settings of page-bound selection (see `kvsieve_page_bounds_config_t` in the header).
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct kvsieve_page_bounds_config_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     pub budget_tokens: usize,
     pub min_pages: usize,
 }
 
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_page_bounds_config_t>() == 16 && align_of::<kvsieve_page_bounds_config_t>() == 8);
-    assert!(offset_of!(kvsieve_page_bounds_config_t, min_pages) == 8);
+    assert!(size_of::<kvsieve_page_bounds_config_t>() == 24 && align_of::<kvsieve_page_bounds_config_t>() == 8);
+    assert!(offset_of!(kvsieve_page_bounds_config_t, budget_tokens) == 8);
+    assert!(offset_of!(kvsieve_page_bounds_config_t, min_pages) == 16);
 };
+
+const _: () = assert!(offset_of!(kvsieve_page_bounds_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_page_bounds_config_t>());
+
+impl kvsieve_page_bounds_config_t {
+    /// What the header's `kvsieve_page_bounds_config_init()` gives: zeros (`budget_tokens`
+    /// must still be set), `struct_size` this layout's.
+    pub fn init() -> Self {
+        kvsieve_page_bounds_config_t { struct_size: size_of::<Self>(), budget_tokens: 0, min_pages: 0 }
+    }
+}
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_page_bounds_config_t {
+    const NAME: &'static str = "kvsieve_page_bounds_config_t";
+    const INIT: &'static str = "kvsieve_page_bounds_config_init()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        Self::init()
+    }
+}
 
 /// The selection behind a handle, or `NullPointer` naming `param`.
 ///
@@ -338,7 +392,7 @@ pub unsafe extern "C" fn kvsieve_selection_head(
 /// Kept-token counts and densities, and optionally the count of every head.
 ///
 /// # Safety
-/// 1. `selection` is NULL or a live handle; `out` is NULL or writable;
+/// 1. `selection` is NULL or a live handle; `out` is NULL or writable for its `struct_size`;
 /// 2. `per_head` is NULL or writable for `per_head_capacity` values.
 #[no_mangle]
 pub unsafe extern "C" fn kvsieve_selection_stats(
@@ -349,9 +403,9 @@ pub unsafe extern "C" fn kvsieve_selection_stats(
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_selection_stats", || {
         let s = selection_ref(selection, "selection")?;
-        non_null(out, "out")?;
+        let out = VersionedOut::new(out, "out")?;
         let hk = s.num_kv_heads();
-        check_disjoint(&[Region::of(out, 1, "out"), Region::of(per_head, per_head_capacity, "per_head")], &[])?;
+        check_disjoint(&[out.region("out"), Region::of(per_head, per_head_capacity, "per_head")], &[])?;
         if !per_head.is_null() {
             check_capacity("per_head_capacity", per_head_capacity, hk, "num_kv_heads")?;
         }
@@ -359,17 +413,15 @@ pub unsafe extern "C" fn kvsieve_selection_stats(
         if let Some(buf) = opt_slice_mut(per_head, hk, "per_head")? {
             buf.copy_from_slice(&st.per_head);
         }
-        write_out(
-            out,
-            kvsieve_selection_stats_t {
-                seq_len: st.seq_len,
-                num_kv_heads: hk,
-                total: st.total,
-                density: st.density,
-                min_density: st.min_density,
-                max_density: st.max_density,
-            },
-        );
+        out.write(kvsieve_selection_stats_t {
+            struct_size: size_of::<kvsieve_selection_stats_t>(),
+            seq_len: st.seq_len,
+            num_kv_heads: hk,
+            total: st.total,
+            density: st.density,
+            min_density: st.min_density,
+            max_density: st.max_density,
+        });
         Ok(())
     })
 }
@@ -377,7 +429,7 @@ pub unsafe extern "C" fn kvsieve_selection_stats(
 /// Page-bound (Quest) selection for the decode query `q` of sequence `seq` at `layer`.
 ///
 /// # Safety
-/// 1. `cache` is NULL or a live handle; `config` is NULL or readable;
+/// 1. `cache` is NULL or a live handle; `config` is NULL or readable for its `struct_size`;
 /// 2. `q` is NULL or a valid descriptor whose data is not written during the call;
 /// 3. `out` is NULL or writable.
 #[no_mangle]
@@ -391,7 +443,7 @@ pub unsafe extern "C" fn kvsieve_selection_page_bounds(
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_selection_page_bounds", || {
         let c = cache_ref(cache)?;
-        let cfg = read_struct(config, "config")?;
+        let cfg = read_versioned(config, "config")?;
         non_null(out, "out")?;
         let q = parse_query(q, "q")?.view()?;
         let cfg = PageBoundsConfig { budget_tokens: cfg.budget_tokens, min_pages: cfg.min_pages };

@@ -12,13 +12,13 @@ use kvsieve::dtype::DType;
 use kvsieve::error::{Error, Result};
 use kvsieve::kv::{PageTableRef, PagedKv, PagedKvLayout};
 
-use super::args::{non_null, opt_slice, read_struct, slice, Region};
+use super::args::{non_null, opt_slice, read_versioned, sizes_are_valid, slice, Region, Versioned};
 use super::attention::{self, kvsieve_streaming_window_t, AttentionArgs, DECODE_DIMS, PREFILL_DIMS};
 use super::cache::key_rope;
 use super::error::{guard, kvsieve_error_t};
 use super::params::kvsieve_attention_params_t;
 use super::selection::{kvsieve_selection_t, selection_list};
-use super::tensor::{check_device, kvsieve_device_t, kvsieve_dtype_t, kvsieve_tensor_t};
+use super::tensor::{check_device, kvsieve_device_t, kvsieve_dtype_t, kvsieve_tensor_t, DEVICE_CPU};
 
 /// One layer of engine-owned paged K/V memory plus a batch's CSR page table (see
 /// `kvsieve_paged_kv_t` in the header).
@@ -26,6 +26,8 @@ use super::tensor::{check_device, kvsieve_device_t, kvsieve_dtype_t, kvsieve_ten
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct kvsieve_paged_kv_t {
+    /// Bytes of the struct as the caller compiled it.
+    pub struct_size: usize,
     pub k: *const c_void,
     pub v: *const c_void,
     pub device: kvsieve_device_t,
@@ -46,17 +48,57 @@ pub struct kvsieve_paged_kv_t {
 
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<kvsieve_paged_kv_t>() == 152 && align_of::<kvsieve_paged_kv_t>() == 8);
-    assert!(offset_of!(kvsieve_paged_kv_t, device) == 16);
-    assert!(offset_of!(kvsieve_paged_kv_t, dtype) == 24);
-    assert!(offset_of!(kvsieve_paged_kv_t, key_rope) == 28);
-    assert!(offset_of!(kvsieve_paged_kv_t, num_pages) == 32);
-    assert!(offset_of!(kvsieve_paged_kv_t, k_strides) == 64);
-    assert!(offset_of!(kvsieve_paged_kv_t, v_strides) == 88);
-    assert!(offset_of!(kvsieve_paged_kv_t, batch) == 112);
-    assert!(offset_of!(kvsieve_paged_kv_t, indptr) == 120);
-    assert!(offset_of!(kvsieve_paged_kv_t, positions) == 144);
+    assert!(size_of::<kvsieve_paged_kv_t>() == 160 && align_of::<kvsieve_paged_kv_t>() == 8);
+    assert!(offset_of!(kvsieve_paged_kv_t, k) == 8);
+    assert!(offset_of!(kvsieve_paged_kv_t, device) == 24);
+    assert!(offset_of!(kvsieve_paged_kv_t, dtype) == 32);
+    assert!(offset_of!(kvsieve_paged_kv_t, key_rope) == 36);
+    assert!(offset_of!(kvsieve_paged_kv_t, num_pages) == 40);
+    assert!(offset_of!(kvsieve_paged_kv_t, k_strides) == 72);
+    assert!(offset_of!(kvsieve_paged_kv_t, v_strides) == 96);
+    assert!(offset_of!(kvsieve_paged_kv_t, batch) == 120);
+    assert!(offset_of!(kvsieve_paged_kv_t, indptr) == 128);
+    assert!(offset_of!(kvsieve_paged_kv_t, positions) == 152);
 };
+
+const _: () = assert!(offset_of!(kvsieve_paged_kv_t, struct_size) == 0 && sizes_are_valid::<kvsieve_paged_kv_t>());
+
+impl kvsieve_paged_kv_t {
+    /// What the header's `kvsieve_paged_kv_init()` gives: host memory
+    /// (`KVSIEVE_DEVICE_CPU`), keys after RoPE, everything else zero or NULL, `struct_size`
+    /// this layout's.
+    pub fn init() -> Self {
+        kvsieve_paged_kv_t {
+            struct_size: size_of::<Self>(),
+            k: std::ptr::null(),
+            v: std::ptr::null(),
+            device: kvsieve_device_t { device_type: DEVICE_CPU, device_id: 0 },
+            dtype: kvsieve_dtype_t { code: 0, bits: 0, lanes: 0 },
+            key_rope: 0,
+            num_pages: 0,
+            page_size: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            k_strides: [0; 3],
+            v_strides: [0; 3],
+            batch: 0,
+            indptr: std::ptr::null(),
+            indices: std::ptr::null(),
+            last_page_len: std::ptr::null(),
+            positions: std::ptr::null(),
+        }
+    }
+}
+
+// SAFETY: repr(C), struct_size first, plain fields.
+unsafe impl Versioned for kvsieve_paged_kv_t {
+    const NAME: &'static str = "kvsieve_paged_kv_t";
+    const INIT: &'static str = "kvsieve_paged_kv_init()";
+    const SIZES: &'static [usize] = &[size_of::<Self>()];
+    fn defaults() -> Self {
+        Self::init()
+    }
+}
 
 /// The page layout a descriptor states (host or device memory alike), its sizes checked.
 pub(crate) fn descriptor_layout(d: &kvsieve_paged_kv_t, dtype: DType) -> Result<PagedKvLayout> {
@@ -116,7 +158,7 @@ impl<'a> View<'a> {
     /// 1. `kv` is NULL or points at a readable descriptor whose pointers are valid as the
     ///    header documents, for `'a`.
     unsafe fn parse(kv: *const kvsieve_paged_kv_t) -> Result<Self> {
-        let d = &read_struct(kv, "kv")?;
+        let d = &read_versioned(kv, "kv")?;
         check_device(d.device, "device")?;
         let dtype: DType = d.dtype.to_dtype("dtype")?;
         let key_rope = key_rope(d.key_rope, "key_rope")?;
@@ -270,11 +312,11 @@ pub unsafe extern "C" fn kvsieve_paged_prefill_sparse(
         let batch = view.table.batch_size();
         let qo = slice(qo_indptr, batch + 1, "qo_indptr")?;
         let sels = selection_list(selections, batch, "selections")?;
-        let wins = attention::windows(windows, num_windows)?;
+        let (wins, wins_region) = attention::windows(windows, num_windows)?;
         let mut reads = view.regions.clone();
         reads.push(Region::of(qo_indptr, batch + 1, "qo_indptr"));
         reads.push(Region::of(selections, batch, "selections"));
-        reads.push(Region::of(windows, num_windows, "windows"));
+        reads.push(wins_region);
         let args = AttentionArgs::parse(q, out, lse, params, &PREFILL_DIMS, reads)?;
         let (q, mut out, lse) = args.views()?;
         prefill_sparse(&paged, &q, qo, &sels, &wins, &mut out, lse, &args.params)

@@ -238,7 +238,8 @@ macro_rules! layout_lines {
     }};
 }
 
-/// The C compiler's layout of every public struct equals the Rust definitions'.
+/// The C compiler's layout of every public struct equals the Rust definitions', and the
+/// headers' initialisers give the library's defaults.
 #[test]
 fn struct_layouts_match_rust() {
     let mut expected = vec![format!("layout kvsieve_error_code_t size {} align {}", size_of::<u32>(), align_of::<u32>())];
@@ -248,41 +249,100 @@ fn struct_layouts_match_rust() {
         kvsieve_device_t { device_type, device_id }
         kvsieve_dtype_t { code, bits, lanes }
         kvsieve_tensor_t { data, device, ndim, dtype, shape, strides, byte_offset }
-        kvsieve_rope_config_t { theta, rotary_dim, style, position_scale }
-        kvsieve_attention_params_t { scale, logit_soft_cap, rope, chunk_size, position_mode, max_distance }
+        kvsieve_rope_config_t { struct_size, theta, rotary_dim, style, position_scale }
+        kvsieve_attention_params_t { struct_size, scale, logit_soft_cap, rope, chunk_size, position_mode, max_distance }
         kvsieve_cache_config_t {
-            num_layers, num_kv_heads, head_dim, page_size, capacity_pages, dtype, layout, key_rope, track_key_bounds
+            struct_size, num_layers, num_kv_heads, head_dim, page_size, capacity_pages, dtype, layout, key_rope, track_key_bounds
         }
         kvsieve_cache_stats_t {
-            pages_total, pages_used, pages_free, bytes_per_page, bytes_used, bytes_reserved, num_sequences, num_tokens
+            struct_size, pages_total, pages_used, pages_free, bytes_per_page, bytes_used, bytes_reserved, num_sequences, num_tokens
         }
         kvsieve_paged_kv_t {
-            k, v, device, dtype, key_rope, num_pages, page_size, num_kv_heads, head_dim, k_strides, v_strides, batch,
+            struct_size, k, v, device, dtype, key_rope, num_pages, page_size, num_kv_heads, head_dim, k_strides, v_strides, batch,
             indptr, indices, last_page_len, positions
         }
-        kvsieve_selection_stats_t { seq_len, num_kv_heads, total, density, min_density, max_density }
-        kvsieve_page_bounds_config_t { budget_tokens, min_pages }
+        kvsieve_selection_stats_t { struct_size, seq_len, num_kv_heads, total, density, min_density, max_density }
+        kvsieve_page_bounds_config_t { struct_size, budget_tokens, min_pages }
         kvsieve_key_bounds_entry_t { page, reset, slot_mask }
-        kvsieve_streaming_window_t { sinks, window }
-        kvsieve_key_source_t { tensor, cache, seq, layer }
-        kvsieve_gemfilter_config_t { k, pool_kernel, keep_first, keep_last }
-        kvsieve_snapkv_config_t { k, pool_kernel, scale }
+        kvsieve_streaming_window_t { struct_size, sinks, window }
+        kvsieve_key_source_t { struct_size, tensor, cache, seq, layer }
+        kvsieve_gemfilter_config_t { struct_size, k, pool_kernel, keep_first, keep_last }
+        kvsieve_snapkv_config_t { struct_size, k, pool_kernel, scale }
         kvsieve_cluster_config_t {
-            num_clusters, cluster_fraction, exclude_window, max_iter, seed, num_coarse_clusters, coarse_fraction
+            struct_size, num_clusters, cluster_fraction, exclude_window, max_iter, seed, num_coarse_clusters, coarse_fraction
         }
         kvsieve_retrieve_config_t {
-            mode, threshold, thresholds, num_thresholds, budget, seq_len, hierarchical, coarse_mode, coarse_threshold,
+            struct_size, mode, threshold, thresholds, num_thresholds, budget, seq_len, hierarchical, coarse_mode, coarse_threshold,
             coarse_budget, coarse_budget_multiple
         }
         kvsieve_retrieve_stats_t {
-            centroid_evals, coarse_evals, fine_evals, clusters_scored, clusters_kept, coarse_kept, tokens_kept
+            struct_size, centroid_evals, coarse_evals, fine_evals, clusters_scored, clusters_kept, coarse_kept, tokens_kept
         }
     });
-    let stdout = c_test("layout", &Expect { lines: &["ok - dlpack layout", "ok - dlpack tensor passed as is"], summary: true });
+    let stdout =
+        c_test("layout", &Expect { lines: &["ok - initialisers", "ok - dlpack layout", "ok - dlpack tensor passed as is"], summary: true });
     let got: Vec<String> = stdout.lines().filter(|l| l.starts_with("layout ")).map(str::to_string).collect();
     let missing: Vec<&String> = expected.iter().filter(|l| !got.contains(l)).collect();
     let extra: Vec<&String> = got.iter().filter(|l| !expected.contains(l)).collect();
     assert!(missing.is_empty() && extra.is_empty(), "layouts differ\nRust, not C: {missing:#?}\nC, not Rust: {extra:#?}");
+
+    // The headers' static inline initialisers give what the library's twins of them give (the
+    // defaults of fields an older caller's struct does not reach).
+    let cache = |name: &str, c: kvsieve_cache_config_t| {
+        format!(
+            "init {name} {} {} {} {} {} {} {} {} {} {} {}",
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            c.page_size,
+            c.capacity_pages,
+            c.dtype.code,
+            c.dtype.bits,
+            c.dtype.lanes,
+            c.layout,
+            c.key_rope,
+            c.track_key_bounds as i32
+        )
+    };
+    let cluster = |name: &str, c: kvsieve_cluster_config_t| {
+        format!(
+            "init {name} {} {} {} {} {} {} {}",
+            c.num_clusters, c.cluster_fraction, c.exclude_window, c.max_iter, c.seed, c.num_coarse_clusters, c.coarse_fraction
+        )
+    };
+    let retrieve = |name: &str, c: kvsieve_retrieve_config_t| {
+        format!(
+            "init {name} {} {} {} {} {} {} {} {} {} {} {}",
+            c.mode,
+            c.threshold,
+            c.thresholds.is_null() as i32,
+            c.num_thresholds,
+            c.budget,
+            c.seq_len,
+            c.hierarchical as i32,
+            c.coarse_mode,
+            c.coarse_threshold,
+            c.coarse_budget,
+            c.coarse_budget_multiple
+        )
+    };
+    let gemfilter = |name: &str, c: kvsieve_gemfilter_config_t| format!("init {name} {} {} {} {}", c.k, c.pool_kernel, c.keep_first, c.keep_last);
+    let snapkv = kvsieve_snapkv_config_t::init();
+    let kv = kvsieve_paged_kv_t::init();
+    let expected_init = [
+        cache("kvsieve_cache_config_default(2, 3, 64, 16, 10)", capi::kvsieve_cache_config_default(2, 3, 64, 16, 10)),
+        cache("kvsieve_cache_config_init", capi::kvsieve_cache_config_default(0, 0, 0, 0, 0)),
+        cluster("kvsieve_cluster_config_default(12)", capi::kvsieve_cluster_config_default(12)),
+        cluster("kvsieve_cluster_config_init", capi::kvsieve_cluster_config_default(0)),
+        retrieve("kvsieve_retrieve_config_default(40)", capi::kvsieve_retrieve_config_default(40)),
+        retrieve("kvsieve_retrieve_config_init", capi::kvsieve_retrieve_config_default(0)),
+        gemfilter("kvsieve_gemfilter_config_default(9)", capi::kvsieve_gemfilter_config_default(9)),
+        gemfilter("kvsieve_gemfilter_config_init", capi::kvsieve_gemfilter_config_default(0)),
+        format!("init kvsieve_snapkv_config_init {} {} {}", snapkv.k, snapkv.pool_kernel, snapkv.scale),
+        format!("init kvsieve_paged_kv_init {} {}", kv.device.device_type, kv.device.device_id),
+    ];
+    let got_init: Vec<&str> = stdout.lines().filter(|l| l.starts_with("init ")).collect();
+    assert_eq!(got_init, expected_init, "the headers' initialisers and the library's defaults differ");
 }
 
 #[test]
@@ -477,6 +537,20 @@ fn cluster_index() {
                 "ok - readers share one index beside a writer assigning new tokens",
                 "ok - cluster bad input: right codes, parameter named, nothing written",
                 "ok - a clusters= policy through a cluster set: selection, decode, update, staleness and bad input",
+            ],
+            summary: true,
+        },
+    );
+}
+
+#[test]
+fn versioned_structs() {
+    c_test(
+        "versioned",
+        &Expect {
+            lines: &[
+                "ok - input structs of an unknown struct_size are refused by name, nothing changed",
+                "ok - output structs: another struct_size refused untouched, their own written and no byte past it",
             ],
             summary: true,
         },

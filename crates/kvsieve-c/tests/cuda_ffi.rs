@@ -90,6 +90,7 @@ fn cuda_entry_points_check_arguments_and_never_panic() {
 /// fails in its host-side checks or, without a driver, before touching the device).
 fn fake_kv(batch: usize) -> kvsieve_paged_kv_t {
     kvsieve_paged_kv_t {
+        struct_size: std::mem::size_of::<kvsieve_paged_kv_t>(),
         k: 0x10000 as *const c_void,
         v: 0x20000 as *const c_void,
         device: kvsieve_device_t { device_type: DEVICE_CUDA, device_id: 0 },
@@ -132,7 +133,7 @@ fn cuda_selection_entry_points_check_arguments_first() {
         let q_dev = tensor(0x60000 as *mut c_void, DEVICE_CUDA, &qshape, 32);
         let mut host = vec![0f32; 256];
         let q_host = tensor(host.as_mut_ptr() as *mut c_void, DEVICE_CPU, &qshape, 32);
-        let cfg = kvsieve_page_bounds_config_t { budget_tokens: 32, min_pages: 1 };
+        let cfg = kvsieve_page_bounds_config_t { budget_tokens: 32, min_pages: 1, ..kvsieve_page_bounds_config_t::init() };
         let (ip, ix) = (0x70000 as *mut i32, 0x80000 as *mut i32);
         let bounds = 0x90000 as *mut c_void;
         let s = ptr::null_mut();
@@ -144,6 +145,17 @@ fn cuda_selection_entry_points_check_arguments_first() {
         let (code, msg) = take(kvsieve_cuda_update_key_bounds(&kv, ptr::null_mut(), ptr::null(), 3, s)).unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
         assert!(msg.contains("key_bounds"), "{msg}");
+        // Versioned structs: a struct_size this library does not know is refused by name.
+        for size in [0, std::mem::size_of::<kvsieve_paged_kv_t>() - 8, std::mem::size_of::<kvsieve_paged_kv_t>() + 8] {
+            let bad = kvsieve_paged_kv_t { struct_size: size, ..fake_kv(1) };
+            let (code, msg) = take(kvsieve_cuda_update_key_bounds(&bad, bounds, ptr::null(), 0, s)).unwrap();
+            assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+            assert!(msg.contains("`kv.struct_size`"), "{msg}");
+            let bad_cfg = kvsieve_page_bounds_config_t { struct_size: size, ..cfg };
+            let (code, msg) = take(kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_dev, &bad_cfg, ip, ix, s)).unwrap();
+            assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+            assert!(msg.contains("`config.struct_size`"), "{msg}");
+        }
         let mut bad_ps = fake_kv(1);
         bad_ps.page_size = 0;
         let (code, msg) = take(kvsieve_cuda_update_key_bounds(&bad_ps, bounds, ptr::null(), 0, s)).unwrap();
@@ -154,7 +166,7 @@ fn cuda_selection_entry_points_check_arguments_first() {
         let (code, msg) = take(kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_host, &cfg, ip, ix, s)).unwrap();
         assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
         assert!(msg.contains("q.device"), "{msg}");
-        let zero = kvsieve_page_bounds_config_t { budget_tokens: 0, min_pages: 0 };
+        let zero = kvsieve_page_bounds_config_t::init();
         let (code, msg) = take(kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_dev, &zero, ip, ix, s)).unwrap();
         assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
         assert!(msg.contains("budget_tokens"), "{msg}");
@@ -174,7 +186,7 @@ fn cuda_selection_entry_points_check_arguments_first() {
         let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, ptr::null(), true, ptr::null(), 0, ptr::null(), ptr::null(), 0, &po, ptr::null_mut(), ptr::null(), s)).unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
         assert!(msg.contains("qo_indptr"), "{msg}");
-        let win = [kvsieve_streaming_window_t { sinks: 4, window: 16 }];
+        let win = [kvsieve_streaming_window_t { sinks: 4, window: 16, ..kvsieve_streaming_window_t::init() }];
         let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, win.as_ptr(), 1, ptr::null(), ptr::null(), 0, &po, ptr::null_mut(), ptr::null(), s)).unwrap();
         assert_eq!(code, ErrorCode::Shape as u32, "{msg}");
         assert!(msg.contains("windows"), "{msg}");
@@ -185,7 +197,11 @@ fn cuda_selection_entry_points_check_arguments_first() {
         let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, ptr::null(), 0, ptr::null(), ptr::null(), 0, &bad_out, ptr::null_mut(), ptr::null(), s)).unwrap();
         assert_eq!(code, ErrorCode::Shape as u32, "{msg}");
         assert!(msg.contains("out"), "{msg}");
-        let wins = [kvsieve_streaming_window_t { sinks: 4, window: 16 }, kvsieve_streaming_window_t { sinks: 0, window: 0 }];
+        let wins = [kvsieve_streaming_window_t { sinks: 4, window: 16, ..kvsieve_streaming_window_t::init() }, kvsieve_streaming_window_t::init()];
+        let unsized_wins = [kvsieve_streaming_window_t { struct_size: 0, ..wins[0] }, wins[1]];
+        let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, unsized_wins.as_ptr(), 2, ptr::null(), ptr::null(), 0, &po, ptr::null_mut(), ptr::null(), s)).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("`windows[0].struct_size`"), "{msg}");
         expect_unavailable_without_device("prefill", || {
             kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, wins.as_ptr(), 2, ip, ix, 8, &po, ptr::null_mut(), ptr::null(), s)
         });
@@ -252,6 +268,10 @@ fn cuda_cache_entry_points_check_arguments_first() {
         assert!(msg.contains("page_size"), "{msg} ({code})");
         let (code, msg) = take(kvsieve_cuda_cache_new(&cfg, 0, ptr::null_mut())).unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
+        let unknown = kvsieve_cache_config_t { struct_size: 0, ..cfg };
+        let (code, msg) = take(kvsieve_cuda_cache_new(&unknown, 0, &mut out)).unwrap();
+        assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
+        assert!(msg.contains("`config.struct_size`"), "{msg}");
         match take(kvsieve_cuda_cache_new(&cfg, 0, &mut out)) {
             None => kvsieve_cuda_cache_free(out),
             Some((code, msg)) => {
@@ -278,7 +298,7 @@ fn cuda_cache_entry_points_check_arguments_first() {
             assert!(msg.contains("cache"), "{msg}");
         }
         let mut table: *mut kvsieve_cuda_table_t = ptr::null_mut();
-        let mut view = std::mem::zeroed::<kvsieve_paged_kv_t>();
+        let mut view = kvsieve_paged_kv_t::init();
         let (code, _) = take(kvsieve_cuda_cache_layer_view(ptr::null(), 0, &id, 1, &mut table, &mut view, ptr::null_mut(), ptr::null_mut())).unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32);
         kvsieve_cuda_table_free(ptr::null_mut());
@@ -345,6 +365,7 @@ mod gpu {
         let lp = DeviceBuffer::from_slice(&dev, &table.last_page_len, s).unwrap();
         let st = layout.k_strides.map(|x| x as i64);
         let desc = kvsieve_paged_kv_t {
+            struct_size: std::mem::size_of::<kvsieve_paged_kv_t>(),
             k: kb.ptr() as *const c_void,
             v: vb.ptr() as *const c_void,
             device: kvsieve_device_t { device_type: DEVICE_CUDA, device_id: dev.ordinal() as i32 },
@@ -506,7 +527,7 @@ mod gpu {
             // GemFilter.
             let gcfg = GemFilterConfig { k: 40, pool_kernel: 5, keep_first: 2, keep_last: 3 };
             let want = gem_select(&qv, KeySource::Tensor(&kv), &gcfg).unwrap();
-            let c = kvsieve_gemfilter_config_t { k: 40, pool_kernel: 5, keep_first: 2, keep_last: 3 };
+            let c = kvsieve_gemfilter_config_t { k: 40, pool_kernel: 5, keep_first: 2, keep_last: 3, ..kvsieve_gemfilter_config_default(0) };
             assert_eq!(take(kvsieve_cuda_gemfilter_select(&qt, &kt, &c, ix.ptr() as *mut i32, raw_stream)), None);
             s.synchronize().unwrap();
             let got: Vec<i32> = ix.to_vec(s).unwrap();
@@ -582,7 +603,7 @@ mod gpu {
             ot.device.device_id = dev.ordinal() as i32;
             for layer in 0..layers {
                 let mut table: *mut kvsieve_cuda_table_t = ptr::null_mut();
-                let mut view = std::mem::zeroed::<kvsieve_paged_kv_t>();
+                let mut view = kvsieve_paged_kv_t::init();
                 let mut max_len = 0usize;
                 let e = kvsieve_cuda_cache_layer_view(cache, layer, ids.as_ptr(), 2, &mut table, &mut view, ptr::null_mut(), &mut max_len);
                 assert_eq!(take(e), None);

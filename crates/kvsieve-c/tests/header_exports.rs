@@ -1,15 +1,17 @@
 //! The C headers and the shared library agree: the functions declared by `include/kvsieve.h`
 //! and the headers of `include/kvsieve/` it includes (parsed with bindgen, which follows the
-//! includes) are exactly the symbols the library exports (listed with
-//! `nm -D --defined-only`: nothing else, no Rust or dependency symbols), its SONAME is
-//! `libkvsieve.so.<major>`, and the headers' version macros and enum values match the crate.
+//! includes), less the `static inline` functions the headers define, are exactly the symbols
+//! the library exports (listed with `nm -D --defined-only`: nothing else, no Rust or
+//! dependency symbols), its SONAME is `libkvsieve.so.<major>`, the headers' version macros
+//! and enum values match the crate, and every versioned struct (one that begins with
+//! `size_t struct_size`) has its `kvsieve_X_init()`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use bindgen::callbacks::{EnumVariantValue, IntKind, ItemInfo, ItemKind, ParseCallbacks};
+use bindgen::callbacks::{EnumVariantValue, IntKind, ParseCallbacks};
 use kvsieve::ErrorCode;
 
 mod common;
@@ -33,13 +35,6 @@ struct Seen {
 struct Collect(Arc<Mutex<Seen>>);
 
 impl ParseCallbacks for Collect {
-    fn generated_name_override(&self, item: ItemInfo<'_>) -> Option<String> {
-        if item.kind == ItemKind::Function {
-            self.0.lock().unwrap().functions.insert(item.name.to_string());
-        }
-        None
-    }
-
     fn int_macro(&self, name: &str, value: i64) -> Option<IntKind> {
         self.0.lock().unwrap().ints.insert(name.to_string(), value);
         None
@@ -64,14 +59,58 @@ impl ParseCallbacks for Collect {
 fn parse_header() -> Seen {
     let header = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../include/kvsieve.h");
     let seen = Arc::new(Mutex::new(Seen::default()));
-    bindgen::Builder::default()
+    // The functions are read from the bindings bindgen generates for kvsieve's own headers
+    // only: the system headers they include (<string.h>, for the static inline initialisers)
+    // declare functions of their own.
+    let bindings = bindgen::Builder::default()
         .header(header.to_string_lossy())
+        .allowlist_file(r".*[/\\]include[/\\]kvsieve(\.h|[/\\].*\.h)")
         .clang_args(["-x", "c", "-std=c99"])
         .parse_callbacks(Box::new(Collect(seen.clone())))
         .generate()
-        .unwrap_or_else(|e| panic!("bindgen could not parse {}: {e}", header.display()));
-    let seen = std::mem::take(&mut *seen.lock().unwrap());
+        .unwrap_or_else(|e| panic!("bindgen could not parse {}: {e}", header.display()))
+        .to_string();
+    let mut seen = std::mem::take(&mut *seen.lock().unwrap());
+    seen.functions = bindings
+        .split("pub fn ")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next())
+        .map(|name| name.trim().to_string())
+        .collect();
     seen
+}
+
+/// The text of the umbrella header and of every header of `include/kvsieve/`.
+fn header_texts() -> Vec<(PathBuf, String)> {
+    let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../include");
+    let mut paths = vec![include.join("kvsieve.h")];
+    let dir = include.join("kvsieve");
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display())) {
+        let path = entry.expect("directory entry").path();
+        if path.extension().is_some_and(|x| x == "h") {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    paths.into_iter().map(|p| (p.clone(), std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display())))).collect()
+}
+
+/// The names of the `static inline` functions the headers define (`static inline` at the start
+/// of a line, the name the identifier before the first `(`): compiled into each program, so
+/// not exported by the library.
+fn inline_functions() -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for (path, text) in header_texts() {
+        for (i, line) in text.lines().enumerate() {
+            if let Some(rest) = line.strip_prefix("static inline ") {
+                let head = rest.split('(').next().unwrap_or("");
+                let name = head.rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or("");
+                assert!(name.starts_with("kvsieve_"), "{}:{}: a static inline function not named kvsieve_*: {line}", path.display(), i + 1);
+                names.insert(name.to_string());
+            }
+        }
+    }
+    names
 }
 
 fn exported_symbols() -> BTreeSet<String> {
@@ -87,9 +126,14 @@ fn exported_symbols() -> BTreeSet<String> {
 
 #[test]
 fn header_declares_exactly_the_exported_functions() {
-    let declared = parse_header().functions;
+    let inline = inline_functions();
+    assert!(inline.len() >= 10, "expected the static inline initialisers, found {inline:?}");
+    // bindgen may or may not list the inline functions; they are the header's, not the library's.
+    let declared: BTreeSet<String> = parse_header().functions.into_iter().filter(|f| !inline.contains(f)).collect();
     let exported = exported_symbols();
     assert!(declared.len() > 10, "bindgen found only {} functions in the header: {declared:?}", declared.len());
+    let exported_inline: Vec<&String> = inline.intersection(&exported).collect();
+    assert!(exported_inline.is_empty(), "the library exports functions the headers define as static inline: {exported_inline:?}");
     let undeclared: Vec<&String> = exported.difference(&declared).collect();
     let missing: Vec<&String> = declared.difference(&exported).collect();
     assert!(
@@ -98,7 +142,53 @@ fn header_declares_exactly_the_exported_functions() {
          (the version script crates/kvsieve-c/exports.map exports `kvsieve_*` only): {undeclared:#?}\n\
          declared but not exported by the library: {missing:#?}"
     );
-    println!("{} functions declared and exported", declared.len());
+    println!("{} functions declared and exported, {} static inline in the headers", declared.len(), inline.len());
+}
+
+/// Every struct whose first member is `size_t struct_size;` has a `static inline void
+/// kvsieve_X_init(kvsieve_X_t *)`, and nothing else has a `struct_size`.
+#[test]
+fn every_versioned_struct_has_an_init_function() {
+    let inline = inline_functions();
+    let mut versioned = Vec::new();
+    let mut problems = Vec::new();
+    for (path, text) in header_texts() {
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(name) = line.strip_prefix("typedef struct ").and_then(|r| r.strip_suffix(" {")) else { continue };
+            if lines.get(i + 1).map(|l| l.trim()) == Some("size_t struct_size;") {
+                versioned.push(name.to_string());
+                let init = format!("static inline void {name}_init({name}_t *");
+                if !inline.contains(&format!("{name}_init")) || !text.contains(&init) {
+                    problems.push(format!("{}: {name}_t begins with struct_size but has no `{init}...)`", path.display()));
+                }
+            }
+        }
+        for (i, line) in lines.iter().enumerate() {
+            if line.trim() == "size_t struct_size;" && !lines[i - 1].starts_with("typedef struct ") {
+                problems.push(format!("{}:{}: struct_size is not the first member", path.display(), i + 1));
+            }
+        }
+    }
+    versioned.sort();
+    let expected = [
+        "kvsieve_attention_params",
+        "kvsieve_cache_config",
+        "kvsieve_cache_stats",
+        "kvsieve_cluster_config",
+        "kvsieve_gemfilter_config",
+        "kvsieve_key_source",
+        "kvsieve_page_bounds_config",
+        "kvsieve_paged_kv",
+        "kvsieve_retrieve_config",
+        "kvsieve_retrieve_stats",
+        "kvsieve_rope_config",
+        "kvsieve_selection_stats",
+        "kvsieve_snapkv_config",
+        "kvsieve_streaming_window",
+    ];
+    assert_eq!(versioned, expected, "the versioned structs (beginning with `size_t struct_size;`)");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 /// The SONAME the library records (`readelf -d`), which programs linked against it load.

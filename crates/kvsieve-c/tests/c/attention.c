@@ -103,7 +103,7 @@ static void check_decode(fixture *f, const case_t *c, size_t layer, int variant)
     double scale = 0.0, cap = 0.0, tol = 1e-4;
     const char *what = variant == PLAIN ? "plain" : variant == PARAMS ? "scale/soft-cap/chunk" : "strided f16 q, f16 out";
 
-    memset(&params, 0, sizeof params);
+    kvsieve_attention_params_init(&params);
     tensor3(&tq, q, dt_f32(), BATCH, (int64_t)hq, (int64_t)d);
     tensor3(&to, out, dt_f32(), BATCH, (int64_t)hq, (int64_t)d);
     if (variant == PARAMS) {
@@ -243,8 +243,8 @@ static void pre_rope_cache(void) {
     for (t = 0; t < LEN; t++) pos[t] = (int32_t)(50 + 2 * t);
     cfg.dtype = dt_f32();
     cfg.key_rope = KVSIEVE_KEYS_PRE_ROPE;
-    memset(&rope, 0, sizeof rope);
-    memset(&params, 0, sizeof params);
+    kvsieve_rope_config_init(&rope);
+    kvsieve_attention_params_init(&params);
     rope.theta = 10000.0f;
     rope.style = KVSIEVE_ROPE_HALF_SPLIT;
     params.rope = &rope;

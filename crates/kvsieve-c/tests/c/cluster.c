@@ -30,14 +30,14 @@ static const kvsieve_tensor_t *tensor2(test_tensor *tt, void *data, kvsieve_dtyp
 
 static kvsieve_key_source_t from_tensor(const kvsieve_tensor_t *t) {
     kvsieve_key_source_t s;
-    memset(&s, 0, sizeof s);
+    kvsieve_key_source_init(&s);
     s.tensor = t;
     return s;
 }
 
 static kvsieve_key_source_t from_cache(const kvsieve_cache_t *cache, uint64_t seq, size_t layer) {
     kvsieve_key_source_t s;
-    memset(&s, 0, sizeof s);
+    kvsieve_key_source_init(&s);
     s.cache = cache;
     s.seq = seq;
     s.layer = layer;
@@ -194,9 +194,10 @@ static void build(void) {
     head_arrays *a = (head_arrays *)malloc(sizeof *a);
     size_t v = 0, h;
 
-    CHECK(cfg.num_clusters == K && cfg.cluster_fraction == 0.0 && cfg.exclude_window == 0 && cfg.max_iter == 20 && cfg.seed == 0 &&
-              cfg.num_coarse_clusters == 0 && cfg.coarse_fraction == 0.0,
+    CHECK(cfg.struct_size == sizeof cfg && cfg.num_clusters == K && cfg.cluster_fraction == 0.0 && cfg.exclude_window == 0 &&
+              cfg.max_iter == 20 && cfg.seed == 0 && cfg.num_coarse_clusters == 0 && cfg.coarse_fraction == 0.0,
           "default cluster config");
+    kvsieve_cluster_config_init(&got);
     src = from_tensor(tensor3(&tk, keys, dt_f32(), N, HK, D));
     cfg.seed = 5;
     EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &ix));
@@ -414,6 +415,7 @@ static void estimates_and_selection(void) {
     uint32_t ref[N];
     size_t h, c, len = 0, n, budgets[4] = {1, 17, 100, N + 50}, b, total;
 
+    kvsieve_retrieve_stats_init(&st);
     src = from_tensor(tensor3(&tk, keys, dt_f32(), N, HK, D));
     EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &ix));
     for (h = 0; h < HK; h++) read_head(ix, h, &a[h]);
@@ -555,6 +557,8 @@ static void hierarchical(void) {
     head_arrays *a = (head_arrays *)malloc(sizeof *a);
     size_t h, len;
 
+    kvsieve_retrieve_stats_init(&st);
+    kvsieve_retrieve_stats_init(&st_flat);
     cfg.num_coarse_clusters = K1;
     src = from_tensor(tensor3(&tk, keys, dt_f32(), N, HK, D));
     EXPECT_OK(kvsieve_cluster_index_build(&src, &cfg, &ix));
@@ -672,6 +676,7 @@ static void calibration(void) {
                 double est[HK * K];
                 kvsieve_selection_t *sel = NULL;
                 kvsieve_retrieve_stats_t st;
+                kvsieve_retrieve_stats_init(&st);
                 tensor2(&tq, qs + i * HQ * D, dt_f32(), HQ, D);
                 EXPECT_OK(kvsieve_cluster_index_estimates(ix, &tq.t, est, HK * K, NULL));
                 for (h = 0; h < HK; h++) {
@@ -824,6 +829,8 @@ static void save_load(void) {
     unsigned char *bytes = NULL;
     size_t len = 0, h, v1 = 0, v2 = 0;
 
+    kvsieve_cluster_config_init(&c1);
+    kvsieve_cluster_config_init(&c2);
     cfg.exclude_window = 10;
     cfg.num_coarse_clusters = K1;
     cfg.seed = 99;
@@ -994,6 +1001,7 @@ static void sparse_decode(void) {
     size_t len = 0, h, i;
     uint64_t seq = 0;
 
+    kvsieve_retrieve_stats_init(&st);
     EXPECT_OK(kvsieve_cache_create_sequence(cache, &seq));
     append_tokens(cache, seq, 0, SN, HK, D, keys, vals);
     src = from_cache(cache, seq, 0);
@@ -1202,7 +1210,7 @@ static void bad_input(void) {
     nan_keys[(3 * HK + 1) * D + 5] = NAN;
     qnan[7] = NAN;
     src = from_tensor(tensor3(&tk, keys, dt_f32(), EN, HK, D));
-    memset(&none, 0, sizeof none);
+    kvsieve_key_source_init(&none);
     empty_src = from_tensor(tensor3(&tk_empty, NULL, dt_f32(), 0, HK, D));
     nan_src = from_tensor(tensor3(&tk_nan, nan_keys, dt_f32(), EN, HK, D));
     narrow_src = from_tensor(tensor3(&tk_narrow, narrow, dt_f32(), EN, HK, 16));
@@ -1219,7 +1227,9 @@ static void bad_input(void) {
     memset(fbuf, 0xab, sizeof fbuf);
     memset(dbuf, 0xab, sizeof dbuf);
     memset(ubuf, 0xab, sizeof ubuf);
+    /* Statistics of the layout this program was compiled with, every field 0xab bytes. */
     memset(&st, 0xab, sizeof st);
+    st.struct_size = sizeof st;
 
     /* Build. */
     EXPECT_ERR(kvsieve_cluster_index_build(NULL, &cfg, &out), KVSIEVE_ERROR_NULL_POINTER, "`keys`");
@@ -1331,9 +1341,17 @@ static void bad_input(void) {
     r.threshold = 0.0;
     EXPECT_ERR(kvsieve_cluster_index_retrieve(ix, &tq.t, &r, &sel, &st), KVSIEVE_ERROR_INVALID_ARGUMENT, "`coarse_mode`");
     r = rc;
-    EXPECT_ERR(kvsieve_cluster_index_retrieve(ix, &tq.t, &r, &sel, (kvsieve_retrieve_stats_t *)&sel), KVSIEVE_ERROR_INVALID_ARGUMENT,
-               "`out`");
-    CHECK(sel == sel_sentinel && all_bytes(&st, sizeof st, 0xab), "retrieve: out and stats untouched");
+    {
+        /* `out` inside the statistics. */
+        kvsieve_retrieve_stats_t ov;
+        kvsieve_retrieve_stats_init(&ov);
+        ov.centroid_evals = 12345;
+        EXPECT_ERR(kvsieve_cluster_index_retrieve(ix, &tq.t, &r, (kvsieve_selection_t **)&ov.centroid_evals, &ov),
+                   KVSIEVE_ERROR_INVALID_ARGUMENT, "`out`");
+        CHECK(ov.centroid_evals == 12345 && ov.struct_size == sizeof ov, "retrieve: overlapping out and stats untouched");
+    }
+    CHECK(sel == sel_sentinel && st.struct_size == sizeof st && all_bytes((const char *)&st + sizeof st.struct_size, sizeof st - sizeof st.struct_size, 0xab),
+          "retrieve: out and stats untouched");
     {
         /* Per-head thresholds are read only in that mode. */
         kvsieve_selection_t *ok_sel = NULL;
@@ -1418,6 +1436,7 @@ static void policy_clusters(void) {
     uint64_t seq = 0, other = 0;
     int same;
 
+    kvsieve_retrieve_stats_init(&st);
     EXPECT_OK(kvsieve_cache_create_sequence(cache, &seq));
     append_tokens(cache, seq, 0, PN, HK, D, keys, vals);
     EXPECT_OK(kvsieve_policy_parse("sinks=4,window=16,clusters=48,clusters_k=16", &policy));

@@ -246,6 +246,11 @@ static inline void set_strides3(test_tensor *tt, int64_t s0, int64_t s1, int64_t
     tt->t.strides = tt->strides;
 }
 
+/** Initialise `n` window entries to "no window". */
+static inline void init_windows(kvsieve_streaming_window_t *w, size_t n) {
+    for (size_t i = 0; i < n; i++) kvsieve_streaming_window_init(&w[i]);
+}
+
 /* Reference ---------------------------------------------------------------------------- */
 
 /**

@@ -84,6 +84,8 @@ static void handles_and_out_params(void) {
     kvsieve_cache_stats_t stats;
     kvsieve_cache_config_t cfg;
 
+    kvsieve_cache_stats_init(&stats);
+    kvsieve_cache_config_init(&cfg);
     EXPECT_ERR(kvsieve_cache_create_sequence(NULL, &id), KVSIEVE_ERROR_NULL_POINTER, "`cache`");
     EXPECT_ERR(kvsieve_cache_create_sequence(g_cache, NULL), KVSIEVE_ERROR_NULL_POINTER, "`out_seq`");
     EXPECT_ERR(kvsieve_cache_fork(g_cache, 999, &id), KVSIEVE_ERROR_UNKNOWN_SEQUENCE, "unknown sequence id 999");
@@ -110,6 +112,8 @@ static void append_and_capacity(void) {
     int32_t pos[32];
     size_t i;
     kvsieve_cache_stats_t s0, s1;
+    kvsieve_cache_stats_init(&s0);
+    kvsieve_cache_stats_init(&s1);
     for (i = 0; i < 32; i++) slots[i] = -7, pos[i] = (int32_t)i;
 
     EXPECT_ERR(kvsieve_cache_append(g_cache, 999, 1, NULL, NULL), KVSIEVE_ERROR_UNKNOWN_SEQUENCE, "unknown sequence id 999");
@@ -267,8 +271,8 @@ static void attention_errors(void) {
 
     for (i = 0; i < 16; i++) lse[i] = 42.0f;
     ids[0] = ids[1] = g_seq;
-    memset(&params, 0, sizeof params);
-    memset(&rope, 0, sizeof rope);
+    kvsieve_attention_params_init(&params);
+    kvsieve_rope_config_init(&rope);
     tensor3(&tq, q, dt_f32(), 1, HQ, D);
     tensor3(&to, out, dt_f32(), 1, HQ, D);
     EXPECT_ERR(kvsieve_cache_decode(NULL, 0, ids, 1, &tq.t, &to.t, lse, NULL), KVSIEVE_ERROR_NULL_POINTER, "`cache`");
@@ -357,7 +361,7 @@ static void view_errors(void) {
     size_t i;
     int untouched = 1;
 
-    memset(&kv, 0, sizeof kv);
+    kvsieve_paged_kv_init(&kv);
     kv.k = k, kv.v = v;
     kv.device.device_type = KVSIEVE_DEVICE_CPU;
     kv.dtype = dt_f32();
@@ -437,7 +441,7 @@ static void rope_and_merge_errors(void) {
     size_t i;
     for (i = 0; i < 4 * D; i++) x[i] = 1.0f;
     for (i = 0; i < 2 * D; i++) a[i] = b[i] = 1.0f, o[i] = -3.0f;
-    memset(&rope, 0, sizeof rope);
+    kvsieve_rope_config_init(&rope);
     rope.theta = 10000.0f;
 
     tensor3(&tx, x, dt_f32(), 2, 2, D);

@@ -31,8 +31,8 @@ static void streaming(int pre_rope) {
     cfg.dtype = dt_f32();
     cfg.key_rope = pre_rope ? KVSIEVE_KEYS_PRE_ROPE : KVSIEVE_KEYS_POST_ROPE;
     cfg.track_key_bounds = false;
-    memset(&rope, 0, sizeof rope);
-    memset(&params, 0, sizeof params);
+    kvsieve_rope_config_init(&rope);
+    kvsieve_attention_params_init(&params);
     rope.theta = 10000.0f;
     rope.style = KVSIEVE_ROPE_HALF_SPLIT;
     if (pre_rope) params.rope = &rope;
@@ -46,6 +46,7 @@ static void streaming(int pre_rope) {
     for (step = 0; step < STEPS; step++) {
         size_t hist = step + 1, n = 0, len = 0, npos = 0, evicted = 99;
         kvsieve_cache_stats_t st;
+        kvsieve_cache_stats_init(&st);
         /* One new token: append, write every layer, evict what the policy no longer reads. */
         if (!EXPECT_OK(kvsieve_cache_append(cache, seq, 1, NULL, NULL))) break;
         EXPECT_OK(kvsieve_cache_seq_len(cache, seq, &len));
@@ -164,6 +165,8 @@ static void compact_case(kvsieve_cache_t *cache, uint32_t kind, const char *name
         }
         keep_indptr[l + 1] = (uint32_t)((l + 1) * KEEP);
     }
+    kvsieve_cache_stats_init(&before_st);
+    kvsieve_cache_stats_init(&after_st);
     EXPECT_OK(kvsieve_cache_stats(cache, &before_st));
     EXPECT_OK(kvsieve_cache_compact(cache, seq, kind, keep_indptr, num_lists, keep, num_lists * KEEP));
     EXPECT_OK(kvsieve_cache_stats(cache, &after_st));

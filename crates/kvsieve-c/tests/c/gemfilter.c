@@ -22,14 +22,14 @@ static const kvsieve_tensor_t *tensor2(test_tensor *tt, void *data, kvsieve_dtyp
 
 static kvsieve_key_source_t from_tensor(const kvsieve_tensor_t *t) {
     kvsieve_key_source_t s;
-    memset(&s, 0, sizeof s);
+    kvsieve_key_source_init(&s);
     s.tensor = t;
     return s;
 }
 
 static kvsieve_key_source_t from_cache(const kvsieve_cache_t *cache, uint64_t seq, size_t layer) {
     kvsieve_key_source_t s;
-    memset(&s, 0, sizeof s);
+    kvsieve_key_source_init(&s);
     s.cache = cache;
     s.seq = seq;
     s.layer = layer;
@@ -279,7 +279,7 @@ static void snapkv_case(kvsieve_cache_t *cache, uint64_t seq, const float *k, si
     kvsieve_key_source_t src;
     test_tensor tq, tk;
 
-    memset(&cfg, 0, sizeof cfg);
+    kvsieve_snapkv_config_init(&cfg);
     cfg.k = keep;
     cfg.pool_kernel = 7;
     cfg.scale = scale;
@@ -332,7 +332,7 @@ static void snapkv(void) {
     snapkv_case(cache, seq, k, SN, SN, 0.0f, 0);
 
     /* The union's length alone, without a buffer. */
-    memset(&cfg, 0, sizeof cfg);
+    kvsieve_snapkv_config_init(&cfg);
     cfg.k = 20;
     cfg.pool_kernel = 7;
     EXPECT_OK(kvsieve_snapkv(tensor3(&tq, qw, dt_f32(), 4, HQ, D), &src, &cfg, &sel, NULL, 0, &only_len));
@@ -423,7 +423,7 @@ static void compaction(void) {
         v[l] = rand_floats(XN * HK * D, 1.0f);
     }
     seq = stored(cache, XL, XN, HK, D, k, v);
-    memset(&cfg, 0, sizeof cfg);
+    kvsieve_snapkv_config_init(&cfg);
     cfg.k = XK;
     cfg.pool_kernel = 7;
     /* Per layer, SnapKV's selection; list layer * HK + h is head h's tokens. */
@@ -518,7 +518,7 @@ static void bad_input(void) {
     src = from_cache(cache, seq, 0);
     both = src;
     both.tensor = tensor3(&tk, k, dt_f32(), EN, HK, D);
-    memset(&none, 0, sizeof none);
+    kvsieve_key_source_init(&none);
     bad_layer = from_cache(cache, seq, 1);
     bad_seq = from_cache(cache, seq + 100, 0);
     pre_src = from_cache(pre, pre_seq, 0);
@@ -576,7 +576,7 @@ static void bad_input(void) {
     CHECK(all_bytes(ubuf, sizeof ubuf, 0xab) && out_len == 777, "gemfilter_select: indices and out_len untouched");
 
     /* SnapKV. */
-    memset(&scfg, 0, sizeof scfg);
+    kvsieve_snapkv_config_init(&scfg);
     scfg.k = 10;
     scfg.pool_kernel = 7;
     tensor3(&tqw, qw, dt_f32(), 4, EHQ, D);

@@ -60,7 +60,7 @@ static int ids_are(uint64_t seq, const size_t *want, size_t n) {
 
 static kvsieve_cache_stats_t stats(void) {
     kvsieve_cache_stats_t s;
-    memset(&s, 0, sizeof s);
+    kvsieve_cache_stats_init(&s);
     EXPECT_OK(kvsieve_cache_stats(cache, &s));
     return s;
 }
@@ -68,15 +68,17 @@ static kvsieve_cache_stats_t stats(void) {
 static void config_round_trip(void) {
     int before = g_failed;
     kvsieve_cache_config_t cfg = kvsieve_cache_config_default(LAYERS, HK, D, PS, PAGES), got;
-    CHECK(cfg.dtype.code == KVSIEVE_DTYPE_CODE_FLOAT && cfg.dtype.bits == 16 && cfg.layout == KVSIEVE_LAYOUT_NHD &&
-              cfg.key_rope == KVSIEVE_KEYS_POST_ROPE && cfg.track_key_bounds,
+    CHECK(cfg.struct_size == sizeof cfg && cfg.dtype.code == KVSIEVE_DTYPE_CODE_FLOAT && cfg.dtype.bits == 16 &&
+              cfg.layout == KVSIEVE_LAYOUT_NHD && cfg.key_rope == KVSIEVE_KEYS_POST_ROPE && cfg.track_key_bounds,
           "defaults: f16, NHD, post-RoPE, key bounds on");
     cfg.dtype = dt_f32();
     cfg.layout = KVSIEVE_LAYOUT_HND;
     EXPECT_OK(kvsieve_cache_new(&cfg, &cache));
+    /* Every field but struct_size garbage: all of them are written. */
     memset(&got, 0xff, sizeof got);
+    got.struct_size = sizeof got;
     EXPECT_OK(kvsieve_cache_get_config(cache, &got));
-    CHECK(got.num_layers == LAYERS && got.num_kv_heads == HK && got.head_dim == D && got.page_size == PS &&
+    CHECK(got.struct_size == sizeof got && got.num_layers == LAYERS && got.num_kv_heads == HK && got.head_dim == D && got.page_size == PS &&
               got.capacity_pages == PAGES && got.dtype.code == 2 && got.dtype.bits == 32 && got.dtype.lanes == 1 &&
               got.layout == KVSIEVE_LAYOUT_HND && got.key_rope == KVSIEVE_KEYS_POST_ROPE && got.track_key_bounds,
           "kvsieve_cache_get_config returns the configuration");

@@ -215,6 +215,7 @@ static void select_on_cache(void) {
     }
     if (EXPECT_OK(kvsieve_policy_select(p, f.cache, f.ids[0], 1, &tq.t, &sel))) {
         kvsieve_selection_stats_t st;
+        kvsieve_selection_stats_init(&st);
         EXPECT_OK(kvsieve_selection_stats(sel, &st, NULL, 0));
         CHECK(st.density == 1.0 && st.seq_len == len && st.num_kv_heads == HK, "layer 1: dense");
         kvsieve_selection_free(sel);
@@ -224,7 +225,7 @@ static void select_on_cache(void) {
 
     /* Page bounds plus a window: the union of the two methods' selections. */
     p = parse("pages=12,window=5");
-    memset(&pb, 0, sizeof pb);
+    kvsieve_page_bounds_config_init(&pb);
     pb.budget_tokens = 12;
     EXPECT_OK(kvsieve_policy_select(p, f.cache, f.ids[0], 1, &tq.t, &sel));
     EXPECT_OK(kvsieve_selection_page_bounds(f.cache, f.ids[0], 1, &tq.t, &pb, &pages));
@@ -313,7 +314,7 @@ static void prefill_with_policy(void) {
     setup(&f);
     /* Head 0: sinks 2 + window 5 per query row; head 1 (override): every earlier token. */
     p = parse("sinks=2,window=5;heads=0.1:dense");
-    memset(windows, 0, sizeof windows);
+    init_windows(windows, HK);
     windows[0].sinks = 2;
     windows[0].window = 5;
     EXPECT_OK(kvsieve_cache_prefill_with_policy(f.cache, 0, f.ids, 2, tensor3(&tq, q, dt_f32(), TOTAL, HQ, D), qo_indptr, p,

@@ -106,6 +106,7 @@ static void inspection(void) {
     EXPECT_OK(kvsieve_selection_streaming(2, 20, 2, 3, &sel)); /* 5 tokens per head */
     memset(buf, 0xab, sizeof buf);
     memset(&st, 0xab, sizeof st);
+    st.struct_size = sizeof st;
     EXPECT_ERR(kvsieve_selection_num_kv_heads(NULL, &value), KVSIEVE_ERROR_NULL_POINTER, "`selection`");
     EXPECT_ERR(kvsieve_selection_seq_len(sel, NULL), KVSIEVE_ERROR_NULL_POINTER, "`out`");
     EXPECT_ERR(kvsieve_selection_head(sel, 2, buf, 16, &value), KVSIEVE_ERROR_OUT_OF_RANGE, "`head`");
@@ -167,7 +168,7 @@ static void selection_on_cache(void) {
     kvsieve_policy_t *p = NULL, *bad = NULL;
     test_tensor tq;
 
-    memset(&pb, 0, sizeof pb);
+    kvsieve_page_bounds_config_init(&pb);
     pb.budget_tokens = 0;
     tensor3(&tq, g_q, dt_f32(), 1, HQ, D);
     EXPECT_ERR(kvsieve_selection_page_bounds(g_cache, g_seq, 0, &tq.t, &pb, &out), KVSIEVE_ERROR_INVALID_ARGUMENT,
@@ -250,7 +251,7 @@ static void sparse_attention(void) {
                KVSIEVE_ERROR_INVALID_ARGUMENT, "`lse`");
 
     /* Prefill windows: a window of 0 with sinks, a count that is not num_kv_heads. */
-    memset(windows, 0, sizeof windows);
+    init_windows(windows, 3);
     windows[1].sinks = 2;
     tensor3(&tq, g_q, dt_f32(), 2, HQ / 2, D);
     tensor3(&to, out, dt_f32(), 2, HQ / 2, D);
@@ -310,7 +311,7 @@ static void paged_views(void) {
 
     for (i = 0; i < 2 * PS * HK * D; i++) kmem[i] = rng_uniform(1.0f);
     for (i = 0; i < HQ * D; i++) out[i] = NAN;
-    memset(&kv, 0, sizeof kv);
+    kvsieve_paged_kv_init(&kv);
     kv.k = kv.v = kmem;
     kv.device.device_type = KVSIEVE_DEVICE_CPU;
     kv.dtype = dt_f32();
@@ -332,7 +333,7 @@ static void paged_views(void) {
     EXPECT_ERR(kvsieve_paged_decode_sparse(&kv, &tq.t, &wrong, &to.t, lse, NULL), KVSIEVE_ERROR_INVALID_ARGUMENT,
                "`selections[0]`");
     EXPECT_ERR(kvsieve_paged_decode_sparse(&kv, &tq.t, NULL, &to.t, lse, NULL), KVSIEVE_ERROR_NULL_POINTER, "`selections`");
-    memset(w, 0, sizeof w);
+    init_windows(w, HK);
     w[0].sinks = 1;
     EXPECT_ERR(kvsieve_paged_prefill_sparse(&kv, &tq.t, qo_indptr, &sel, w, HK, &to.t, lse, NULL),
                KVSIEVE_ERROR_INVALID_ARGUMENT, "`windows[0].sinks`");

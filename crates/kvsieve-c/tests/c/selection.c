@@ -62,13 +62,14 @@ static void from_csr_round_trip(void) {
     for (h = 0; h < HK; h++) CHECK(head_is(sel, h, lists[h], counts[h]), "head %zu", h);
 
     /* Statistics. */
+    kvsieve_selection_stats_init(&st);
     EXPECT_OK(kvsieve_selection_stats(sel, &st, per_head, HK + 1));
     CHECK(st.seq_len == SEQ && st.num_kv_heads == HK && st.total == nnz, "stats shape");
     CHECK(fabs(st.density - (double)nnz / (HK * SEQ)) < 1e-12, "density %g", st.density);
     CHECK(fabs(st.min_density - (double)min_c / SEQ) < 1e-12 && fabs(st.max_density - (double)max_c / SEQ) < 1e-12,
           "min/max density %g %g", st.min_density, st.max_density);
     for (h = 0; h < HK; h++) CHECK(per_head[h] == counts[h], "per_head[%zu] = %zu", h, per_head[h]);
-    memset(&st, 0, sizeof st);
+    kvsieve_selection_stats_init(&st);
     EXPECT_OK(kvsieve_selection_stats(sel, &st, NULL, 0));
     CHECK(st.total == nnz, "stats without per_head");
     kvsieve_selection_free(sel);
@@ -92,6 +93,7 @@ static void constructors(void) {
     size_t i, n, h;
     kvsieve_selection_stats_t st;
 
+    kvsieve_selection_stats_init(&st);
     EXPECT_OK(kvsieve_selection_dense(2, 13, &sel));
     for (i = 0; i < 13; i++) want[i] = (uint32_t)i;
     CHECK(head_is(sel, 0, want, 13) && head_is(sel, 1, want, 13), "dense reads every token");
@@ -221,7 +223,7 @@ static void page_bounds(void) {
             score[h][p] = best;
         }
     }
-    memset(&pb, 0, sizeof pb);
+    kvsieve_page_bounds_config_init(&pb);
     tensor3(&tq, q, dt_f32(), 1, HQ, D);
     for (bi = 0; bi < 3; bi++) {
         pb.budget_tokens = budgets[bi];
@@ -261,6 +263,7 @@ static void page_bounds(void) {
     tq.t.ndim = 2;
     if (EXPECT_OK(kvsieve_selection_page_bounds(cache, seq, 0, &tq.t, &pb, &sel))) {
         kvsieve_selection_stats_t st;
+        kvsieve_selection_stats_init(&st);
         EXPECT_OK(kvsieve_selection_stats(sel, &st, NULL, 0));
         CHECK(st.density == 1.0 && st.seq_len == LEN, "budget >= seq_len: dense (density %g)", st.density);
         kvsieve_selection_free(sel);

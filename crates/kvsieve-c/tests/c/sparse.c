@@ -107,7 +107,7 @@ static void cache_case(const char *name, kvsieve_dtype_t dtype) {
     q = rand_floats(nq, 1.0f);
     out = nan_floats(nq), lse = nan_floats(nq / D);
     ref_out = nan_floats(nq), ref_lse = nan_floats(nq / D);
-    memset(windows, 0, sizeof windows);
+    init_windows(windows, HK);
     windows[0].sinks = 2;
     windows[0].window = 4; /* head 1 keeps {0, 0}: no window */
 
@@ -191,7 +191,7 @@ static void view_case(void) {
             memcpy(vmem + page * page_elems + (t % PS) * row, f.v[b][layer] + t * row, row * sizeof(float));
         }
     }
-    memset(&kv, 0, sizeof kv);
+    kvsieve_paged_kv_init(&kv);
     kv.k = kmem;
     kv.v = vmem;
     kv.device.device_type = KVSIEVE_DEVICE_CPU;
@@ -218,7 +218,7 @@ static void view_case(void) {
     CHECK(max_abs_diff(out, ref_out, BATCH * HQ * D) < 1e-4 && max_abs_diff(lse, ref_lse, BATCH * HQ) < 1e-4,
           "view sparse decode: out err %g", max_abs_diff(out, ref_out, BATCH * HQ * D));
 
-    memset(windows, 0, sizeof windows);
+    init_windows(windows, HK);
     windows[1].sinks = 1;
     windows[1].window = 3;
     EXPECT_OK(kvsieve_paged_prefill_sparse(&kv, tensor3(&tq, q, dt_f32(), (int64_t)total, HQ, D), qo_indptr, f.sel, windows,

@@ -60,6 +60,7 @@ static void *reader(void *arg) {
     kvsieve_cache_stats_t s;
     size_t len;
     int it;
+    kvsieve_cache_stats_init(&s);
     for (it = 0; it < ITERS; it++) {
         size_t layer = (size_t)(it + w->index) % LAYERS;
         kvsieve_error_t *err = kvsieve_cache_decode(cache, layer, ids, BATCH, tensor3(&tq, q, dt_f32(), BATCH, HQ, D),
@@ -190,6 +191,8 @@ int main(void) {
     int i, started = 0, total_decodes = 0, mismatches = 0, errors = 0, failed_before;
 
     rng_seed(5);
+    kvsieve_cache_stats_init(&before);
+    kvsieve_cache_stats_init(&after);
     if (!EXPECT_OK(kvsieve_cache_new(&cfg, &cache))) return finish();
     for (b = 0; b < BATCH; b++) {
         EXPECT_OK(kvsieve_cache_create_sequence(cache, &ids[b]));

@@ -70,7 +70,7 @@ static void reference(const kvsieve_paged_kv_t *kv, const kvsieve_attention_para
 
 static kvsieve_paged_kv_t base_desc(void) {
     kvsieve_paged_kv_t kv;
-    memset(&kv, 0, sizeof kv);
+    kvsieve_paged_kv_init(&kv);
     kv.device.device_type = KVSIEVE_DEVICE_CPU;
     kv.dtype = dt_f32();
     kv.key_rope = KVSIEVE_KEYS_POST_ROPE;
@@ -187,8 +187,8 @@ static void pre_rope(void) {
     kvsieve_paged_kv_t kv = base_desc();
     kvsieve_rope_config_t rope;
     kvsieve_attention_params_t params;
-    memset(&rope, 0, sizeof rope);
-    memset(&params, 0, sizeof params);
+    kvsieve_rope_config_init(&rope);
+    kvsieve_attention_params_init(&params);
     rope.theta = 10000.0f;
     rope.style = KVSIEVE_ROPE_ADJACENT_PAIRS;
     params.rope = &rope;
@@ -222,7 +222,7 @@ static void apply_rope(void) {
             pos[t] = stored_position(0, t);
             for (h = 0; h < HK; h++) ref_rope(expect + (t * HK + h) * D, D, pos[t], 10000.0, style);
         }
-        memset(&rope, 0, sizeof rope);
+        kvsieve_rope_config_init(&rope);
         rope.theta = 10000.0f;
         rope.style = style;
         EXPECT_OK(kvsieve_apply_rope(tensor3(&tx, k, dt_f32(), (int64_t)n, HK, D), pos, n, &rope));

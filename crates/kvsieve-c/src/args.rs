@@ -141,10 +141,18 @@ fn struct_size_error<T: Versioned>(param: &str, got: usize) -> Error {
         [_] => format!("sizeof({}) = {own}", T::NAME),
         sizes => {
             let list: Vec<String> = sizes.iter().map(usize::to_string).collect();
-            format!("one of {} (the sizes of the layouts of {} up to this library's, sizeof = {own})", list.join(", "), T::NAME)
+            format!(
+                "one of {} (the sizes of the layouts of {} up to this library's, sizeof = {own})",
+                list.join(", "),
+                T::NAME
+            )
         }
     };
-    let newer = if got > own { " (a larger size comes from a newer kvsieve header than this library: use the library of that version)" } else { "" };
+    let newer = if got > own {
+        " (a larger size comes from a newer kvsieve header than this library: use the library of that version)"
+    } else {
+        ""
+    };
     Error::invalid(format!("{param}.struct_size"), format!("{want}, as {} sets it, got {got}{newer}", T::INIT))
 }
 
@@ -205,7 +213,11 @@ pub(crate) unsafe fn read_versioned_opt<T: Versioned>(ptr: *const T, param: &str
 /// # Safety
 /// 1. `ptr` is NULL or points at `n` structs of the size the first states (at least one
 ///    `usize` each, read before anything past it).
-pub(crate) unsafe fn read_versioned_array<T: Versioned>(ptr: *const T, n: usize, param: &str) -> Result<(Vec<T>, Region)> {
+pub(crate) unsafe fn read_versioned_array<T: Versioned>(
+    ptr: *const T,
+    n: usize,
+    param: &str,
+) -> Result<(Vec<T>, Region)> {
     if n == 0 {
         return Ok((Vec::new(), Region::new(ptr.cast::<u8>(), 0, param)));
     }
@@ -339,11 +351,15 @@ pub(crate) fn check_capacity(param: &str, capacity: usize, need: usize, what: &s
 /// arguments; a C parameter may be called differently).
 pub(crate) fn rename(e: Error, from: &str, to: &str) -> Error {
     match e {
-        Error::InvalidArgument { param, expected } if param == from => Error::InvalidArgument { param: to.into(), expected },
+        Error::InvalidArgument { param, expected } if param == from => {
+            Error::InvalidArgument { param: to.into(), expected }
+        }
         Error::Shape { param, expected, got } if param == from => Error::Shape { param: to.into(), expected, got },
         Error::DType { param, expected, got } if param == from => Error::DType { param: to.into(), expected, got },
         Error::NullPointer { param } if param == from => Error::NullPointer { param: to.into() },
-        Error::OutOfRange { param, value, range } if param == from => Error::OutOfRange { param: to.into(), value, range },
+        Error::OutOfRange { param, value, range } if param == from => {
+            Error::OutOfRange { param: to.into(), value, range }
+        }
         e => e,
     }
 }
@@ -434,7 +450,14 @@ mod tests {
         // readable page.
         unsafe {
             let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
-            let map = libc::mmap(std::ptr::null_mut(), 2 * page, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                2 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
             assert_ne!(map, libc::MAP_FAILED);
             assert_eq!(libc::mprotect(map.cast::<u8>().add(page).cast(), page, libc::PROT_NONE), 0);
             let at = map.cast::<u8>().add(page - size_of::<V1>()).cast::<V1>();
@@ -514,7 +537,10 @@ mod tests {
         let old = [v1(1, 1.0), v1(2, 2.0), v1(3, 3.0)];
         // SAFETY: three readable V1 structs.
         let (items, region) = unsafe { read_versioned_array(old.as_ptr() as *const V2, 3, "windows") }.unwrap();
-        assert_eq!(items.iter().map(|v| (v.a, v.c)).collect::<Vec<_>>(), vec![(1, C_DEFAULT), (2, C_DEFAULT), (3, C_DEFAULT)]);
+        assert_eq!(
+            items.iter().map(|v| (v.a, v.c)).collect::<Vec<_>>(),
+            vec![(1, C_DEFAULT), (2, C_DEFAULT), (3, C_DEFAULT)]
+        );
         assert_eq!(region.end - region.start, 3 * size_of::<V1>());
 
         let mut mixed = old;

@@ -12,7 +12,9 @@ use kvsieve::attention::{apply_rope, merge_states, AttentionParams, StreamingWin
 use kvsieve::error::{Error, Result};
 use kvsieve::tensor::{TensorView, TensorViewMut};
 
-use super::args::{check_disjoint, opt_slice_mut, read_versioned_array, sizes_are_valid, slice, slice_mut, Region, Versioned};
+use super::args::{
+    check_disjoint, opt_slice_mut, read_versioned_array, sizes_are_valid, slice, slice_mut, Region, Versioned,
+};
 use super::cache::{cache_ref, kvsieve_cache_t};
 use super::error::{guard, kvsieve_error_t};
 use super::params::{attention_params, kvsieve_attention_params_t, kvsieve_rope_config_t, rope_config};
@@ -38,7 +40,9 @@ const _: () = {
     assert!(offset_of!(kvsieve_streaming_window_t, window) == 16);
 };
 
-const _: () = assert!(offset_of!(kvsieve_streaming_window_t, struct_size) == 0 && sizes_are_valid::<kvsieve_streaming_window_t>());
+const _: () = assert!(
+    offset_of!(kvsieve_streaming_window_t, struct_size) == 0 && sizes_are_valid::<kvsieve_streaming_window_t>()
+);
 
 impl kvsieve_streaming_window_t {
     /// What the header's `kvsieve_streaming_window_init()` gives: no window, `struct_size`
@@ -116,7 +120,10 @@ impl AttentionArgs {
 ///
 /// # Safety
 /// 1. `ptr` is NULL or readable for `n` entries of their `struct_size` during the call.
-pub(crate) unsafe fn windows(ptr: *const kvsieve_streaming_window_t, n: usize) -> Result<(Vec<Option<StreamingWindow>>, Region)> {
+pub(crate) unsafe fn windows(
+    ptr: *const kvsieve_streaming_window_t,
+    n: usize,
+) -> Result<(Vec<Option<StreamingWindow>>, Region)> {
     let (entries, region) = read_versioned_array(ptr, n, "windows")?;
     let wins = entries
         .iter()
@@ -205,7 +212,8 @@ pub unsafe extern "C" fn kvsieve_cache_decode(
     guard("kvsieve_cache_decode", || {
         let c = cache_ref(cache)?;
         let ids = slice(seq_ids, batch, "seq_ids")?;
-        let args = AttentionArgs::parse(q, out, lse, params, &DECODE_DIMS, vec![Region::of(seq_ids, batch, "seq_ids")])?;
+        let args =
+            AttentionArgs::parse(q, out, lse, params, &DECODE_DIMS, vec![Region::of(seq_ids, batch, "seq_ids")])?;
         let (q, mut out, lse) = args.views()?;
         c.read().decode(layer, ids, &q, &mut out, lse, &args.params)
     })

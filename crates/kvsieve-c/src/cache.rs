@@ -18,8 +18,8 @@ use kvsieve::kv::{KeepTokens, KvCache, MemoryStats};
 use kvsieve::select::gemfilter::KeySource;
 
 use super::args::{
-    check_capacity, check_disjoint, non_null, opt_slice, opt_slice_mut, read_versioned, rename, sizes_are_valid, slice, slice_mut, write_out, Region,
-    Versioned, VersionedOut,
+    check_capacity, check_disjoint, non_null, opt_slice, opt_slice_mut, read_versioned, rename, sizes_are_valid, slice,
+    slice_mut, write_out, Region, Versioned, VersionedOut,
 };
 use super::error::{guard, guard_value, kvsieve_error_t};
 use super::tensor::{kvsieve_dtype_t, kvsieve_tensor_t, Tensor};
@@ -238,7 +238,10 @@ pub fn kvsieve_cache_config_default(
 /// 1. `config` is NULL or points at a readable config of its `struct_size`; `out` is NULL
 ///    or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cache_new(config: *const kvsieve_cache_config_t, out: *mut *mut kvsieve_cache_t) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cache_new(
+    config: *const kvsieve_cache_config_t,
+    out: *mut *mut kvsieve_cache_t,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_new", || {
         let config = read_versioned(config, "config")?;
         non_null(out, "out")?;
@@ -267,7 +270,10 @@ pub unsafe extern "C" fn kvsieve_cache_free(cache: *mut kvsieve_cache_t) {
 /// # Safety
 /// 1. `cache` is NULL or a live handle; `out` is NULL or writable for its `struct_size`.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cache_get_config(cache: *const kvsieve_cache_t, out: *mut kvsieve_cache_config_t) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cache_get_config(
+    cache: *const kvsieve_cache_t,
+    out: *mut kvsieve_cache_config_t,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_get_config", || {
         let c = cache_ref(cache)?;
         let out = VersionedOut::new(out, "out")?;
@@ -282,7 +288,10 @@ pub unsafe extern "C" fn kvsieve_cache_get_config(cache: *const kvsieve_cache_t,
 /// # Safety
 /// 1. `cache` is NULL or a live handle; `out` is NULL or writable for its `struct_size`.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cache_stats(cache: *const kvsieve_cache_t, out: *mut kvsieve_cache_stats_t) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cache_stats(
+    cache: *const kvsieve_cache_t,
+    out: *mut kvsieve_cache_stats_t,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_stats", || {
         let c = cache_ref(cache)?;
         let out = VersionedOut::new(out, "out")?;
@@ -301,7 +310,10 @@ const KV_DIMS: [&str; 3] = ["n", "num_kv_heads", "head_dim"];
 /// # Safety
 /// 1. `cache` is NULL or a live handle; `out_seq` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cache_create_sequence(cache: *mut kvsieve_cache_t, out_seq: *mut u64) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cache_create_sequence(
+    cache: *mut kvsieve_cache_t,
+    out_seq: *mut u64,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_create_sequence", || {
         let c = cache_ref(cache)?;
         non_null(out_seq, "out_seq")?;
@@ -316,7 +328,11 @@ pub unsafe extern "C" fn kvsieve_cache_create_sequence(cache: *mut kvsieve_cache
 /// # Safety
 /// 1. `cache` is NULL or a live handle; `out_seq` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cache_fork(cache: *mut kvsieve_cache_t, seq: u64, out_seq: *mut u64) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cache_fork(
+    cache: *mut kvsieve_cache_t,
+    seq: u64,
+    out_seq: *mut u64,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_fork", || {
         let c = cache_ref(cache)?;
         non_null(out_seq, "out_seq")?;
@@ -414,7 +430,11 @@ pub unsafe extern "C" fn kvsieve_cache_write_slots(
 /// # Safety
 /// 1. `cache` is NULL or a live handle.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cache_truncate(cache: *mut kvsieve_cache_t, seq: u64, new_len: usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cache_truncate(
+    cache: *mut kvsieve_cache_t,
+    seq: u64,
+    new_len: usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_truncate", || cache_ref(cache)?.write().truncate(seq, new_len))
 }
 
@@ -478,12 +498,22 @@ pub unsafe extern "C" fn kvsieve_cache_compact(
 /// # Safety
 /// `keep_indptr` NULL or readable for `num_lists + 1` values; `keep` NULL or readable for
 /// `keep_len` values.
-pub(crate) unsafe fn compact_lists(kind: u32, keep_indptr: *const u32, num_lists: usize, keep: *const u32, keep_len: usize) -> Result<Vec<Vec<u32>>> {
+pub(crate) unsafe fn compact_lists(
+    kind: u32,
+    keep_indptr: *const u32,
+    num_lists: usize,
+    keep: *const u32,
+    keep_len: usize,
+) -> Result<Vec<Vec<u32>>> {
     if kind > KEEP_PER_HEAD {
-        return Err(Error::invalid("kind", format!("KVSIEVE_KEEP_ALL (0), KVSIEVE_KEEP_PER_LAYER (1) or KVSIEVE_KEEP_PER_HEAD (2), got {kind}")));
+        return Err(Error::invalid(
+            "kind",
+            format!("KVSIEVE_KEEP_ALL (0), KVSIEVE_KEEP_PER_LAYER (1) or KVSIEVE_KEEP_PER_HEAD (2), got {kind}"),
+        ));
     }
     non_null(keep_indptr, "keep_indptr")?;
-    let indptr_len = num_lists.checked_add(1).ok_or_else(|| Error::invalid("num_lists", "a count that fits in memory"))?;
+    let indptr_len =
+        num_lists.checked_add(1).ok_or_else(|| Error::invalid("num_lists", "a count that fits in memory"))?;
     let indptr = slice(keep_indptr, indptr_len, "keep_indptr")?;
     keep_lists(indptr, slice(keep, keep_len, "keep")?)
 }
@@ -498,13 +528,21 @@ pub(crate) fn keep_lists(indptr: &[u32], keep: &[u32]) -> Result<Vec<Vec<u32>>> 
         if indptr[i] < indptr[i - 1] {
             return Err(Error::invalid(
                 "keep_indptr",
-                format!("non-decreasing offsets, but keep_indptr[{i}] = {} is less than keep_indptr[{}] = {}", indptr[i], i - 1, indptr[i - 1]),
+                format!(
+                    "non-decreasing offsets, but keep_indptr[{i}] = {} is less than keep_indptr[{}] = {}",
+                    indptr[i],
+                    i - 1,
+                    indptr[i - 1]
+                ),
             ));
         }
     }
     let last = indptr.len() - 1;
     if indptr[last] as usize != keep.len() {
-        return Err(Error::invalid("keep_indptr", format!("keep_indptr[{last}] == keep_len = {}, got {}", keep.len(), indptr[last])));
+        return Err(Error::invalid(
+            "keep_indptr",
+            format!("keep_indptr[{last}] == keep_len = {}, got {}", keep.len(), indptr[last]),
+        ));
     }
     Ok(indptr.windows(2).map(|w| keep[w[0] as usize..w[1] as usize].to_vec()).collect())
 }
@@ -536,7 +574,11 @@ pub(crate) fn keep_tokens<'a>(kind: u32, lists: &'a [Vec<u32>], cfg: &kvsieve::C
 /// # Safety
 /// 1. `cache` is NULL or a live handle; `out_len` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cache_seq_len(cache: *const kvsieve_cache_t, seq: u64, out_len: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cache_seq_len(
+    cache: *const kvsieve_cache_t,
+    seq: u64,
+    out_len: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cache_seq_len", || {
         let c = cache_ref(cache)?;
         non_null(out_len, "out_len")?;
@@ -734,7 +776,13 @@ impl kvsieve_key_source_t {
     /// What the header's `kvsieve_key_source_init()` gives: no tensor, no cache (one of
     /// them must then be set), `struct_size` this layout's.
     pub fn init() -> Self {
-        kvsieve_key_source_t { struct_size: size_of::<Self>(), tensor: std::ptr::null(), cache: std::ptr::null(), seq: 0, layer: 0 }
+        kvsieve_key_source_t {
+            struct_size: size_of::<Self>(),
+            tensor: std::ptr::null(),
+            cache: std::ptr::null(),
+            seq: 0,
+            layer: 0,
+        }
     }
 }
 
@@ -804,7 +852,8 @@ impl Source<'_> {
             }
             Source::Cache { cache, seq, layer, param } => {
                 let g = cache.read();
-                f(KeySource::Cache { cache: &g, seq: *seq, layer: *layer }).map_err(|e| rename(e, "layer", &format!("{param}.layer")))
+                f(KeySource::Cache { cache: &g, seq: *seq, layer: *layer })
+                    .map_err(|e| rename(e, "layer", &format!("{param}.layer")))
             }
         }
     }

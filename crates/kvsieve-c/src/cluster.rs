@@ -19,7 +19,10 @@ use parking_lot::RwLock;
 use kvsieve::error::{Error, Result};
 use kvsieve::select::cluster::{ClusterConfig, ClusterCount, ClusterIndex};
 
-use super::args::{check_capacity, check_disjoint, non_null, read_versioned, rename, sizes_are_valid, slice_mut, write_out, Region, Versioned, VersionedOut};
+use super::args::{
+    check_capacity, check_disjoint, non_null, read_versioned, rename, sizes_are_valid, slice_mut, write_out, Region,
+    Versioned, VersionedOut,
+};
 use super::cache::{key_source, kvsieve_key_source_t};
 use super::error::{guard, guard_value, kvsieve_error_t};
 
@@ -62,7 +65,8 @@ const _: () = {
     assert!(offset_of!(kvsieve_cluster_config_t, coarse_fraction) == 56);
 };
 
-const _: () = assert!(offset_of!(kvsieve_cluster_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_cluster_config_t>());
+const _: () =
+    assert!(offset_of!(kvsieve_cluster_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_cluster_config_t>());
 
 // SAFETY: repr(C), struct_size first, plain fields.
 unsafe impl Versioned for kvsieve_cluster_config_t {
@@ -81,7 +85,10 @@ fn count(n: usize, n_name: &str, f: f64, f_name: &str) -> Result<Option<(Cluster
         (0, true) => Ok(None),
         (n, true) => Ok(Some((ClusterCount::Absolute(n), n_name.into()))),
         (0, false) => Ok(Some((ClusterCount::Fraction(f), f_name.into()))),
-        (_, false) => Err(Error::invalid(f_name, format!("0 when `{n_name}` is set (give the count or the fraction, not both), got {f}"))),
+        (_, false) => Err(Error::invalid(
+            f_name,
+            format!("0 when `{n_name}` is set (give the count or the fraction, not both), got {f}"),
+        )),
     }
 }
 
@@ -92,8 +99,13 @@ impl kvsieve_cluster_config_t {
             .unwrap_or((ClusterCount::Absolute(0), "num_clusters".into()));
         let coarse = count(self.num_coarse_clusters, "num_coarse_clusters", self.coarse_fraction, "coarse_fraction")?;
         let coarse_name = coarse.as_ref().map_or_else(|| "num_coarse_clusters".to_string(), |c| c.1.clone());
-        let cfg =
-            ClusterConfig { clusters, exclude_window: self.exclude_window, max_iter: self.max_iter, seed: self.seed, coarse: coarse.map(|c| c.0) };
+        let cfg = ClusterConfig {
+            clusters,
+            exclude_window: self.exclude_window,
+            max_iter: self.max_iter,
+            seed: self.seed,
+            coarse: coarse.map(|c| c.0),
+        };
         Ok((cfg, move |e| rename(rename(e, "clusters", &c_name), "coarse", &coarse_name)))
     }
 
@@ -123,7 +135,10 @@ impl kvsieve_cluster_config_t {
 ///
 /// # Safety
 /// 1. `index` is NULL or a live handle returned by kvsieve, not freed while `'a` lasts.
-pub(crate) unsafe fn index_ref<'a>(index: *const kvsieve_cluster_index_t, param: &str) -> Result<&'a kvsieve_cluster_index_t> {
+pub(crate) unsafe fn index_ref<'a>(
+    index: *const kvsieve_cluster_index_t,
+    param: &str,
+) -> Result<&'a kvsieve_cluster_index_t> {
     non_null(index, param)?;
     if !(index as usize).is_multiple_of(align_of::<kvsieve_cluster_index_t>()) {
         return Err(Error::invalid(param, "a cluster index handle returned by kvsieve"));
@@ -235,7 +250,11 @@ pub unsafe extern "C" fn kvsieve_cluster_index_get_config(
 ///
 /// # Safety
 /// 1. `index` is NULL or a live handle; `out` is NULL or writable.
-unsafe fn get(index: *const kvsieve_cluster_index_t, out: *mut usize, f: impl FnOnce(&ClusterIndex) -> usize) -> Result<()> {
+unsafe fn get(
+    index: *const kvsieve_cluster_index_t,
+    out: *mut usize,
+    f: impl FnOnce(&ClusterIndex) -> usize,
+) -> Result<()> {
     let ix = index_ref(index, "index")?;
     non_null(out, "out")?;
     let v = f(&ix.inner.read());
@@ -248,7 +267,10 @@ unsafe fn get(index: *const kvsieve_cluster_index_t, out: *mut usize, f: impl Fn
 /// # Safety
 /// 1. `index` is NULL or a live handle; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cluster_index_num_kv_heads(index: *const kvsieve_cluster_index_t, out: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cluster_index_num_kv_heads(
+    index: *const kvsieve_cluster_index_t,
+    out: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_num_kv_heads", || get(index, out, ClusterIndex::num_kv_heads))
 }
 
@@ -257,7 +279,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_num_kv_heads(index: *const kvsiev
 /// # Safety
 /// 1. `index` is NULL or a live handle; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cluster_index_head_dim(index: *const kvsieve_cluster_index_t, out: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cluster_index_head_dim(
+    index: *const kvsieve_cluster_index_t,
+    out: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_head_dim", || get(index, out, ClusterIndex::head_dim))
 }
 
@@ -266,7 +291,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_head_dim(index: *const kvsieve_cl
 /// # Safety
 /// 1. `index` is NULL or a live handle; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cluster_index_num_clusters(index: *const kvsieve_cluster_index_t, out: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cluster_index_num_clusters(
+    index: *const kvsieve_cluster_index_t,
+    out: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_num_clusters", || get(index, out, ClusterIndex::num_clusters))
 }
 
@@ -275,7 +303,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_num_clusters(index: *const kvsiev
 /// # Safety
 /// 1. `index` is NULL or a live handle; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cluster_index_num_coarse_clusters(index: *const kvsieve_cluster_index_t, out: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cluster_index_num_coarse_clusters(
+    index: *const kvsieve_cluster_index_t,
+    out: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_num_coarse_clusters", || get(index, out, ClusterIndex::num_coarse_clusters))
 }
 
@@ -284,7 +315,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_num_coarse_clusters(index: *const
 /// # Safety
 /// 1. `index` is NULL or a live handle; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cluster_index_seq_len_at_build(index: *const kvsieve_cluster_index_t, out: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cluster_index_seq_len_at_build(
+    index: *const kvsieve_cluster_index_t,
+    out: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_seq_len_at_build", || get(index, out, ClusterIndex::seq_len_at_build))
 }
 
@@ -293,7 +327,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_seq_len_at_build(index: *const kv
 /// # Safety
 /// 1. `index` is NULL or a live handle; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cluster_index_seq_len(index: *const kvsieve_cluster_index_t, out: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cluster_index_seq_len(
+    index: *const kvsieve_cluster_index_t,
+    out: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_seq_len", || get(index, out, ClusterIndex::seq_len))
 }
 
@@ -302,7 +339,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_seq_len(index: *const kvsieve_clu
 /// # Safety
 /// 1. `index` is NULL or a live handle; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cluster_index_clustered_len(index: *const kvsieve_cluster_index_t, out: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cluster_index_clustered_len(
+    index: *const kvsieve_cluster_index_t,
+    out: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_clustered_len", || get(index, out, ClusterIndex::clustered_len))
 }
 
@@ -332,7 +372,10 @@ fn check_head(ix: &ClusterIndex, head: usize, coarse: bool) -> Result<()> {
         return Err(Error::out_of_range("head", head as i64, format!("0..{hk} (the index's KV heads)")));
     }
     if coarse && ix.num_coarse_clusters() == 0 {
-        return Err(Error::invalid("index", "an index built with a coarse level (`num_coarse_clusters` or `coarse_fraction` set)"));
+        return Err(Error::invalid(
+            "index",
+            "an index built with a coarse level (`num_coarse_clusters` or `coarse_fraction` set)",
+        ));
     }
     Ok(())
 }
@@ -342,7 +385,14 @@ fn check_head(ix: &ClusterIndex, head: usize, coarse: bool) -> Result<()> {
 ///
 /// # Safety
 /// 1. `buf` is NULL or writable for `capacity` values; `out_len` is NULL or writable.
-pub(crate) unsafe fn copy_out<T: Copy>(values: &[T], buf: *mut T, name: &str, capacity: usize, out_len: *mut usize, what: &str) -> Result<()> {
+pub(crate) unsafe fn copy_out<T: Copy>(
+    values: &[T],
+    buf: *mut T,
+    name: &str,
+    capacity: usize,
+    out_len: *mut usize,
+    what: &str,
+) -> Result<()> {
     check_disjoint(&[Region::of(buf, capacity, name), Region::of(out_len, 1, "out_len")], &[])?;
     check_capacity("capacity", capacity, values.len(), what)?;
     slice_mut(buf, values.len(), name)?.copy_from_slice(values);
@@ -435,7 +485,9 @@ pub unsafe extern "C" fn kvsieve_cluster_index_centroids(
     capacity: usize,
     out_len: *mut usize,
 ) -> *mut kvsieve_error_t {
-    guard("kvsieve_cluster_index_centroids", || copy_float_part(index, head, FloatPart::Centroids, centroids, capacity, out_len))
+    guard("kvsieve_cluster_index_centroids", || {
+        copy_float_part(index, head, FloatPart::Centroids, centroids, capacity, out_len)
+    })
 }
 
 /// Unit-norm centroids of KV head `head` (what keys are assigned by), `[num_clusters][head_dim]`.
@@ -451,7 +503,9 @@ pub unsafe extern "C" fn kvsieve_cluster_index_centroids_normalized(
     capacity: usize,
     out_len: *mut usize,
 ) -> *mut kvsieve_error_t {
-    guard("kvsieve_cluster_index_centroids_normalized", || copy_float_part(index, head, FloatPart::CentroidsNormalized, centroids, capacity, out_len))
+    guard("kvsieve_cluster_index_centroids_normalized", || {
+        copy_float_part(index, head, FloatPart::CentroidsNormalized, centroids, capacity, out_len)
+    })
 }
 
 /// Cluster radii of KV head `head` (`num_clusters` values, or none for an index without
@@ -484,7 +538,9 @@ pub unsafe extern "C" fn kvsieve_cluster_index_member_offsets(
     capacity: usize,
     out_len: *mut usize,
 ) -> *mut kvsieve_error_t {
-    guard("kvsieve_cluster_index_member_offsets", || copy_part(index, head, Part::MemberOffsets, offsets, capacity, out_len))
+    guard("kvsieve_cluster_index_member_offsets", || {
+        copy_part(index, head, Part::MemberOffsets, offsets, capacity, out_len)
+    })
 }
 
 /// Members (token indices, ascending per cluster) of every cluster of KV head `head`,
@@ -534,7 +590,9 @@ pub unsafe extern "C" fn kvsieve_cluster_index_coarse_centroids(
     capacity: usize,
     out_len: *mut usize,
 ) -> *mut kvsieve_error_t {
-    guard("kvsieve_cluster_index_coarse_centroids", || copy_float_part(index, head, FloatPart::CoarseCentroids, centroids, capacity, out_len))
+    guard("kvsieve_cluster_index_coarse_centroids", || {
+        copy_float_part(index, head, FloatPart::CoarseCentroids, centroids, capacity, out_len)
+    })
 }
 
 /// CSR offsets of the coarse clusters' children of KV head `head`.
@@ -550,7 +608,9 @@ pub unsafe extern "C" fn kvsieve_cluster_index_coarse_child_offsets(
     capacity: usize,
     out_len: *mut usize,
 ) -> *mut kvsieve_error_t {
-    guard("kvsieve_cluster_index_coarse_child_offsets", || copy_part(index, head, Part::CoarseChildOffsets, offsets, capacity, out_len))
+    guard("kvsieve_cluster_index_coarse_child_offsets", || {
+        copy_part(index, head, Part::CoarseChildOffsets, offsets, capacity, out_len)
+    })
 }
 
 /// Children (fine cluster ids, ascending per coarse cluster) of every coarse cluster of KV
@@ -567,7 +627,9 @@ pub unsafe extern "C" fn kvsieve_cluster_index_coarse_children(
     capacity: usize,
     out_len: *mut usize,
 ) -> *mut kvsieve_error_t {
-    guard("kvsieve_cluster_index_coarse_children", || copy_part(index, head, Part::CoarseChildren, children, capacity, out_len))
+    guard("kvsieve_cluster_index_coarse_children", || {
+        copy_part(index, head, Part::CoarseChildren, children, capacity, out_len)
+    })
 }
 
 /// Assign the tokens that arrived since the last update to their nearest centroids.
@@ -618,7 +680,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_rebuild(
 /// # Safety
 /// 1. `index` is NULL or a live handle; `path` is NULL or a readable NUL-terminated string.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cluster_index_save(index: *const kvsieve_cluster_index_t, path: *const c_char) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cluster_index_save(
+    index: *const kvsieve_cluster_index_t,
+    path: *const c_char,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_save", || {
         let ix = index_ref(index, "index")?;
         let p = path_arg(path)?;
@@ -631,7 +696,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_save(index: *const kvsieve_cluste
 /// # Safety
 /// 1. `path` is NULL or a readable NUL-terminated string; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cluster_index_load(path: *const c_char, out: *mut *mut kvsieve_cluster_index_t) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cluster_index_load(
+    path: *const c_char,
+    out: *mut *mut kvsieve_cluster_index_t,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_index_load", || {
         let p = path_arg(path)?;
         non_null(out, "out")?;

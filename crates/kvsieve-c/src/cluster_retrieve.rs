@@ -12,8 +12,8 @@ use kvsieve::error::{Error, Result};
 use kvsieve::select::cluster::{calibrate, CoarseRetrieve, RetrievalStats, Retrieve};
 
 use super::args::{
-    check_capacity, check_disjoint, non_null, opt_slice_mut, read_versioned, rename, sizes_are_valid, slice, slice_mut, write_out, Region, Versioned,
-    VersionedOut,
+    check_capacity, check_disjoint, non_null, opt_slice_mut, read_versioned, rename, sizes_are_valid, slice, slice_mut,
+    write_out, Region, Versioned, VersionedOut,
 };
 use super::cluster::{copy_out, index_ref, kvsieve_cluster_index_t};
 use super::error::{guard, kvsieve_error_t};
@@ -202,7 +202,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_estimates(
     guard("kvsieve_cluster_index_estimates", || {
         let ix = index_ref(index, "index")?;
         let q = parse_query(q, "q")?;
-        check_disjoint(&[Region::of(estimates, capacity, "estimates"), Region::of(out_len, 1, "out_len")], &[q.region()])?;
+        check_disjoint(
+            &[Region::of(estimates, capacity, "estimates"), Region::of(out_len, 1, "out_len")],
+            &[q.region()],
+        )?;
         slice_mut(estimates, capacity, "estimates")?;
         let g = ix.inner.read();
         let qv = q.view()?;
@@ -216,7 +219,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_estimates(
 ///
 /// # Safety
 /// 1. `c.thresholds` is NULL or readable for `c.num_thresholds` values.
-pub(crate) unsafe fn retrieval_rule(c: &kvsieve_retrieve_config_t, num_coarse: usize) -> Result<(Retrieve, Option<CoarseRetrieve>)> {
+pub(crate) unsafe fn retrieval_rule(
+    c: &kvsieve_retrieve_config_t,
+    num_coarse: usize,
+) -> Result<(Retrieve, Option<CoarseRetrieve>)> {
     let fine = match c.mode {
         RETRIEVE_THRESHOLD => Retrieve::Threshold(c.threshold),
         RETRIEVE_PER_HEAD_THRESHOLD => {
@@ -236,7 +242,10 @@ pub(crate) unsafe fn retrieval_rule(c: &kvsieve_retrieve_config_t, num_coarse: u
         return Ok((fine, None));
     }
     if num_coarse == 0 {
-        return Err(Error::invalid("hierarchical", "an index built with a coarse level (`num_coarse_clusters` or `coarse_fraction` set)"));
+        return Err(Error::invalid(
+            "hierarchical",
+            "an index built with a coarse level (`num_coarse_clusters` or `coarse_fraction` set)",
+        ));
     }
     let coarse = match c.coarse_mode {
         COARSE_THRESHOLD => CoarseRetrieve::Threshold(c.coarse_threshold),
@@ -287,7 +296,8 @@ pub unsafe extern "C" fn kvsieve_cluster_index_retrieve(
         if c.mode == RETRIEVE_PER_HEAD_THRESHOLD {
             reads.push(Region::of(c.thresholds, c.num_thresholds, "thresholds"));
         }
-        let stats_region = stats.as_ref().map_or_else(|| Region::of(std::ptr::null::<u8>(), 0, "stats"), |s| s.region("stats"));
+        let stats_region =
+            stats.as_ref().map_or_else(|| Region::of(std::ptr::null::<u8>(), 0, "stats"), |s| s.region("stats"));
         check_disjoint(&[Region::of(out, 1, "out"), stats_region], &reads)?;
         let g = ix.inner.read();
         let (fine, coarse) = retrieval_rule(&c, g.num_coarse_clusters())?;
@@ -325,7 +335,10 @@ pub unsafe extern "C" fn kvsieve_cluster_index_calibrate(
     guard("kvsieve_cluster_index_calibrate", || {
         let ix = index_ref(index, "index")?;
         let qs = Tensor::parse(queries, "queries", &["m", "num_qo_heads", "head_dim"])?;
-        check_disjoint(&[Region::of(thresholds, capacity, "thresholds"), Region::of(kept_fractions, capacity, "kept_fractions")], &[qs.region()])?;
+        check_disjoint(
+            &[Region::of(thresholds, capacity, "thresholds"), Region::of(kept_fractions, capacity, "kept_fractions")],
+            &[qs.region()],
+        )?;
         slice_mut(thresholds, capacity, "thresholds")?;
         let g = ix.inner.read();
         let hk = g.num_kv_heads();

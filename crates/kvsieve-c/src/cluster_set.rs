@@ -42,10 +42,16 @@ unsafe fn set_ref<'a>(set: *const kvsieve_cluster_set_t) -> Result<&'a kvsieve_c
 /// # Safety
 /// 1. `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cluster_set_new(seed: u64, out: *mut *mut kvsieve_cluster_set_t) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cluster_set_new(
+    seed: u64,
+    out: *mut *mut kvsieve_cluster_set_t,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_set_new", || {
         non_null(out, "out")?;
-        write_out(out, Box::into_raw(Box::new(kvsieve_cluster_set_t { inner: RwLock::new(ClusterIndexSet::with_seed(seed)) })));
+        write_out(
+            out,
+            Box::into_raw(Box::new(kvsieve_cluster_set_t { inner: RwLock::new(ClusterIndexSet::with_seed(seed)) })),
+        );
         Ok(())
     })
 }
@@ -119,7 +125,11 @@ pub unsafe extern "C" fn kvsieve_cluster_set_update(
 /// # Safety
 /// 1. `set` is NULL or a live handle; `out_removed` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cluster_set_remove_sequence(set: *mut kvsieve_cluster_set_t, seq: u64, out_removed: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cluster_set_remove_sequence(
+    set: *mut kvsieve_cluster_set_t,
+    seq: u64,
+    out_removed: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cluster_set_remove_sequence", || {
         let s = set_ref(set)?;
         let n = s.inner.write().remove_sequence(seq);
@@ -147,7 +157,11 @@ pub unsafe extern "C" fn kvsieve_cluster_set_info(
     guard("kvsieve_cluster_set_info", || {
         let s = set_ref(set)?;
         check_disjoint(
-            &[Region::of(out_len, 1, "out_len"), Region::of(out_clustered_len, 1, "out_clustered_len"), Region::of(out_num_clusters, 1, "out_num_clusters")],
+            &[
+                Region::of(out_len, 1, "out_len"),
+                Region::of(out_clustered_len, 1, "out_clustered_len"),
+                Region::of(out_num_clusters, 1, "out_num_clusters"),
+            ],
             &[],
         )?;
         let g = s.inner.read();

@@ -42,7 +42,8 @@ pub unsafe extern "C" fn kvsieve_cuda_device_count(out_count: *mut usize) -> *mu
 #[no_mangle]
 pub extern "C" fn kvsieve_cuda_check(device_id: i32) -> *mut kvsieve_error_t {
     guard("kvsieve_cuda_check", || {
-        let ordinal = usize::try_from(device_id).map_err(|_| Error::invalid("device_id", format!("a CUDA device ordinal >= 0, got {device_id}")))?;
+        let ordinal = usize::try_from(device_id)
+            .map_err(|_| Error::invalid("device_id", format!("a CUDA device ordinal >= 0, got {device_id}")))?;
         kvsieve::Device::Cuda(ordinal).check()
     })
 }
@@ -89,7 +90,16 @@ pub unsafe extern "C" fn kvsieve_cuda_paged_decode_sparse(
     guard("kvsieve_cuda_paged_decode_sparse", || {
         non_null(sel_indptr, "sel_indptr")?;
         non_null(sel_indices, "sel_indices")?;
-        imp::decode(kv, max_seq_len, Some((sel_indptr as u64, sel_indices as u64, max_per_head)), q, out, lse, params, stream)
+        imp::decode(
+            kv,
+            max_seq_len,
+            Some((sel_indptr as u64, sel_indices as u64, max_per_head)),
+            q,
+            out,
+            lse,
+            params,
+            stream,
+        )
     })
 }
 
@@ -150,7 +160,8 @@ pub(crate) unsafe fn device_tensor(t: *const kvsieve_tensor_t, name: &str, dims:
             format!("device memory (kDLCUDA = 2 or kDLCUDAManaged = 13), got device_type {}", t.device.device_type),
         ));
     }
-    let device = usize::try_from(t.device.device_id).map_err(|_| Error::invalid(format!("{name}.device.device_id"), "a device ordinal >= 0"))?;
+    let device = usize::try_from(t.device.device_id)
+        .map_err(|_| Error::invalid(format!("{name}.device.device_id"), "a device ordinal >= 0"))?;
     let dtype = t.dtype.to_dtype(name)?;
     if t.ndim < 0 || t.ndim as usize != dims.len() {
         return Err(Error::shape(name, format!("[{}]", dims.join(", ")), format!("{} dimensions", t.ndim)));
@@ -167,7 +178,11 @@ pub(crate) unsafe fn device_tensor(t: *const kvsieve_tensor_t, name: &str, dims:
     } else {
         let s = std::slice::from_raw_parts(t.strides, nd);
         if s.iter().any(|&x| x < 0) {
-            return Err(Error::shape(format!("{name}.strides"), "non-negative strides (in elements)", format!("{s:?}")));
+            return Err(Error::shape(
+                format!("{name}.strides"),
+                "non-negative strides (in elements)",
+                format!("{s:?}"),
+            ));
         }
         s.iter().map(|&x| x as usize).collect()
     };
@@ -175,7 +190,9 @@ pub(crate) unsafe fn device_tensor(t: *const kvsieve_tensor_t, name: &str, dims:
     if numel > 0 && t.data.is_null() {
         return Err(Error::NullPointer { param: format!("{name}.data") });
     }
-    let ptr = (t.data as u64).checked_add(t.byte_offset).ok_or_else(|| Error::invalid(format!("{name}.byte_offset"), "an offset that fits in memory"))?;
+    let ptr = (t.data as u64)
+        .checked_add(t.byte_offset)
+        .ok_or_else(|| Error::invalid(format!("{name}.byte_offset"), "an offset that fits in memory"))?;
     Ok(DevTensor { ptr, dtype, shape, strides, device })
 }
 
@@ -201,9 +218,13 @@ pub(crate) struct Kv {
 pub(crate) unsafe fn parse_kv(kv: *const kvsieve_paged_kv_t) -> Result<Kv> {
     let d = read_versioned(kv, "kv")?;
     if d.device.device_type != DEVICE_CUDA && d.device.device_type != DEVICE_CUDA_MANAGED {
-        return Err(Error::invalid("kv.device", format!("device memory (kDLCUDA = 2), got device_type {}", d.device.device_type)));
+        return Err(Error::invalid(
+            "kv.device",
+            format!("device memory (kDLCUDA = 2), got device_type {}", d.device.device_type),
+        ));
     }
-    let device = usize::try_from(d.device.device_id).map_err(|_| Error::invalid("kv.device.device_id", "a device ordinal >= 0"))?;
+    let device = usize::try_from(d.device.device_id)
+        .map_err(|_| Error::invalid("kv.device.device_id", "a device ordinal >= 0"))?;
     let dtype = d.dtype.to_dtype("dtype")?;
     let layout = descriptor_layout(&d, dtype)?;
     if d.batch > 0 {
@@ -250,7 +271,13 @@ mod imp {
 
     impl DevTensor {
         fn core(&self) -> DeviceTensor {
-            DeviceTensor { ptr: self.ptr, dtype: self.dtype, shape: self.shape.clone(), strides: self.strides.clone(), device: self.device }
+            DeviceTensor {
+                ptr: self.ptr,
+                dtype: self.dtype,
+                shape: self.shape.clone(),
+                strides: self.strides.clone(),
+                device: self.device,
+            }
         }
     }
 
@@ -294,7 +321,8 @@ mod imp {
             view = view.with_positions(d.positions)?;
         }
         let hq = q.shape[1];
-        let lse_t = (!lse.is_null()).then(|| DeviceTensor::contiguous(lse as u64, DType::F32, &[d.batch, hq], d.device));
+        let lse_t =
+            (!lse.is_null()).then(|| DeviceTensor::contiguous(lse as u64, DType::F32, &[d.batch, hq], d.device));
         let s = stream_of(&dev, stream);
         let ws = workspace(&dev, stream);
         match sel {
@@ -349,7 +377,16 @@ mod imp {
         let dev = device_of(a.device)?;
         let s = stream_of(&dev, stream);
         let lt = |p: u64| DeviceTensor::contiguous(p, DType::F32, &[n, h], a.device);
-        attention::merge_states(&dev, &a.core(), &lt(lse_a as u64), &b.core(), &lt(lse_b as u64), &o.core(), &lt(lse_out as u64), &s)
+        attention::merge_states(
+            &dev,
+            &a.core(),
+            &lt(lse_a as u64),
+            &b.core(),
+            &lt(lse_b as u64),
+            &o.core(),
+            &lt(lse_out as u64),
+            &s,
+        )
     }
 }
 
@@ -363,7 +400,6 @@ mod imp {
     use super::super::tensor::kvsieve_tensor_t;
     use super::super::view::kvsieve_paged_kv_t;
     use super::{device_tensor, parse_kv, unavailable};
-
 
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn decode(

@@ -50,7 +50,10 @@ unsafe fn cache_ref<'a>(cache: *const kvsieve_cuda_cache_t) -> Result<&'a kvsiev
 
 /// Run `f` on the cache under its lock.
 #[cfg(feature = "cuda")]
-fn with<T>(c: &kvsieve_cuda_cache_t, f: impl FnOnce(&mut kvsieve::backend::cuda::CudaKvCache) -> Result<T>) -> Result<T> {
+fn with<T>(
+    c: &kvsieve_cuda_cache_t,
+    f: impl FnOnce(&mut kvsieve::backend::cuda::CudaKvCache) -> Result<T>,
+) -> Result<T> {
     let mut g = c.inner.lock().unwrap_or_else(|e| e.into_inner());
     f(&mut g)
 }
@@ -65,11 +68,16 @@ fn with<T>(c: &kvsieve_cuda_cache_t, _f: impl FnOnce(&mut imp::NoCache) -> Resul
 /// # Safety
 /// `config` NULL or readable; `out` NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cuda_cache_new(config: *const kvsieve_cache_config_t, device_id: i32, out: *mut *mut kvsieve_cuda_cache_t) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cuda_cache_new(
+    config: *const kvsieve_cache_config_t,
+    device_id: i32,
+    out: *mut *mut kvsieve_cuda_cache_t,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cuda_cache_new", || {
         let cfg = read_versioned(config, "config")?.to_core()?;
         non_null(out, "out")?;
-        let ordinal = usize::try_from(device_id).map_err(|_| Error::invalid("device_id", format!("a CUDA device ordinal >= 0, got {device_id}")))?;
+        let ordinal = usize::try_from(device_id)
+            .map_err(|_| Error::invalid("device_id", format!("a CUDA device ordinal >= 0, got {device_id}")))?;
         #[cfg(feature = "cuda")]
         {
             let dev = kvsieve::backend::cuda::CudaDevice::get(ordinal)?;
@@ -102,7 +110,10 @@ pub unsafe extern "C" fn kvsieve_cuda_cache_free(cache: *mut kvsieve_cuda_cache_
 /// # Safety
 /// `cache` NULL or a live handle; `out_seq` NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cuda_cache_create_sequence(cache: *mut kvsieve_cuda_cache_t, out_seq: *mut u64) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cuda_cache_create_sequence(
+    cache: *mut kvsieve_cuda_cache_t,
+    out_seq: *mut u64,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cuda_cache_create_sequence", || {
         let c = cache_ref(cache)?;
         non_null(out_seq, "out_seq")?;
@@ -117,7 +128,11 @@ pub unsafe extern "C" fn kvsieve_cuda_cache_create_sequence(cache: *mut kvsieve_
 /// # Safety
 /// `cache` NULL or a live handle; `out_seq` NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cuda_cache_fork(cache: *mut kvsieve_cuda_cache_t, src: u64, out_seq: *mut u64) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cuda_cache_fork(
+    cache: *mut kvsieve_cuda_cache_t,
+    src: u64,
+    out_seq: *mut u64,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cuda_cache_fork", || {
         let c = cache_ref(cache)?;
         non_null(out_seq, "out_seq")?;
@@ -132,7 +147,10 @@ pub unsafe extern "C" fn kvsieve_cuda_cache_fork(cache: *mut kvsieve_cuda_cache_
 /// # Safety
 /// `cache` NULL or a live handle.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cuda_cache_free_sequence(cache: *mut kvsieve_cuda_cache_t, seq: u64) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cuda_cache_free_sequence(
+    cache: *mut kvsieve_cuda_cache_t,
+    seq: u64,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cuda_cache_free_sequence", || with(cache_ref(cache)?, |g| g.free_sequence(seq)))
 }
 
@@ -141,7 +159,11 @@ pub unsafe extern "C" fn kvsieve_cuda_cache_free_sequence(cache: *mut kvsieve_cu
 /// # Safety
 /// `cache` NULL or a live handle; `out_len` NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cuda_cache_seq_len(cache: *const kvsieve_cuda_cache_t, seq: u64, out_len: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cuda_cache_seq_len(
+    cache: *const kvsieve_cuda_cache_t,
+    seq: u64,
+    out_len: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cuda_cache_seq_len", || {
         let c = cache_ref(cache)?;
         non_null(out_len, "out_len")?;
@@ -199,7 +221,8 @@ pub unsafe extern "C" fn kvsieve_cuda_cache_write(
     guard("kvsieve_cuda_cache_write", || {
         let c = cache_ref(cache)?;
         let kd = read_struct(k, "k")?;
-        let on_device = kd.device.device_type == super::cuda::DEVICE_CUDA || kd.device.device_type == super::cuda::DEVICE_CUDA_MANAGED;
+        let on_device = kd.device.device_type == super::cuda::DEVICE_CUDA
+            || kd.device.device_type == super::cuda::DEVICE_CUDA_MANAGED;
         let dims = ["n", "num_kv_heads", "head_dim"];
         if on_device {
             let kt = super::cuda::device_tensor(k, "k", &dims)?;
@@ -219,7 +242,11 @@ pub unsafe extern "C" fn kvsieve_cuda_cache_write(
 /// # Safety
 /// `cache` NULL or a live handle.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cuda_cache_truncate(cache: *mut kvsieve_cuda_cache_t, seq: u64, new_len: usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cuda_cache_truncate(
+    cache: *mut kvsieve_cuda_cache_t,
+    seq: u64,
+    new_len: usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cuda_cache_truncate", || with(cache_ref(cache)?, |g| g.truncate(seq, new_len)))
 }
 
@@ -228,7 +255,12 @@ pub unsafe extern "C" fn kvsieve_cuda_cache_truncate(cache: *mut kvsieve_cuda_ca
 /// # Safety
 /// `cache` NULL or a live handle; `page_indices` NULL or readable for `n` values.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_cuda_cache_evict_pages(cache: *mut kvsieve_cuda_cache_t, seq: u64, page_indices: *const usize, n: usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_cuda_cache_evict_pages(
+    cache: *mut kvsieve_cuda_cache_t,
+    seq: u64,
+    page_indices: *const usize,
+    n: usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_cuda_cache_evict_pages", || {
         let c = cache_ref(cache)?;
         let idx = slice(page_indices, n, "page_indices")?;
@@ -319,23 +351,50 @@ mod imp {
     use super::super::view::kvsieve_paged_kv_t;
     use super::{kvsieve_cuda_cache_t, kvsieve_cuda_table_t};
 
-    pub(super) fn write_host(g: &mut CudaKvCache, seq: u64, layer: usize, start: usize, k: &TensorView, v: &TensorView) -> Result<()> {
+    pub(super) fn write_host(
+        g: &mut CudaKvCache,
+        seq: u64,
+        layer: usize,
+        start: usize,
+        k: &TensorView,
+        v: &TensorView,
+    ) -> Result<()> {
         g.write(seq, layer, start, k, v)
     }
 
     /// # Safety
     /// The tensors' memory is valid device memory for their shapes and strides.
-    pub(super) unsafe fn write_device(c: &kvsieve_cuda_cache_t, seq: u64, layer: usize, start: usize, k: &DevTensor, v: &DevTensor) -> Result<()> {
-        let t = |x: &DevTensor| DeviceTensor { ptr: x.ptr, dtype: x.dtype, shape: x.shape.clone(), strides: x.strides.clone(), device: x.device };
+    pub(super) unsafe fn write_device(
+        c: &kvsieve_cuda_cache_t,
+        seq: u64,
+        layer: usize,
+        start: usize,
+        k: &DevTensor,
+        v: &DevTensor,
+    ) -> Result<()> {
+        let t = |x: &DevTensor| DeviceTensor {
+            ptr: x.ptr,
+            dtype: x.dtype,
+            shape: x.shape.clone(),
+            strides: x.strides.clone(),
+            device: x.device,
+        };
         super::with(c, |g| {
             if k.device != g.device().ordinal() {
-                return Err(Error::invalid("k", format!("memory on the cache's CUDA device {}, got device {}", g.device().ordinal(), k.device)));
+                return Err(Error::invalid(
+                    "k",
+                    format!("memory on the cache's CUDA device {}, got device {}", g.device().ordinal(), k.device),
+                ));
             }
             g.write_device(seq, layer, start, &t(k), &t(v))
         })
     }
 
-    pub(super) fn layer_view(g: &mut CudaKvCache, layer: usize, ids: &[u64]) -> Result<(*mut kvsieve_cuda_table_t, kvsieve_paged_kv_t, u64, usize)> {
+    pub(super) fn layer_view(
+        g: &mut CudaKvCache,
+        layer: usize,
+        ids: &[u64],
+    ) -> Result<(*mut kvsieve_cuda_table_t, kvsieve_paged_kv_t, u64, usize)> {
         let table = g.page_table(ids)?;
         let max_len = table.max_seq_len();
         let (view, bounds) = {
@@ -372,9 +431,9 @@ mod imp {
 mod imp {
     //! Without the `cuda` feature no cache handle can exist: `NoCache` has no values, so
     //! these bodies never run; they let the entry points type-check in every build.
-    use kvsieve::KeepTokens;
     use kvsieve::error::Result;
     use kvsieve::tensor::TensorView;
+    use kvsieve::KeepTokens;
 
     use super::super::cuda::DevTensor;
     use super::super::view::kvsieve_paged_kv_t;
@@ -412,15 +471,33 @@ mod imp {
         }
     }
 
-    pub(super) fn write_host(g: &mut NoCache, _: u64, _: usize, _: usize, _: &TensorView, _: &TensorView) -> Result<()> {
+    pub(super) fn write_host(
+        g: &mut NoCache,
+        _: u64,
+        _: usize,
+        _: usize,
+        _: &TensorView,
+        _: &TensorView,
+    ) -> Result<()> {
         match *g {}
     }
 
-    pub(super) unsafe fn write_device(c: &kvsieve_cuda_cache_t, _: u64, _: usize, _: usize, _: &DevTensor, _: &DevTensor) -> Result<()> {
+    pub(super) unsafe fn write_device(
+        c: &kvsieve_cuda_cache_t,
+        _: u64,
+        _: usize,
+        _: usize,
+        _: &DevTensor,
+        _: &DevTensor,
+    ) -> Result<()> {
         match c._never {}
     }
 
-    pub(super) fn layer_view(g: &mut NoCache, _: usize, _: &[u64]) -> Result<(*mut kvsieve_cuda_table_t, kvsieve_paged_kv_t, u64, usize)> {
+    pub(super) fn layer_view(
+        g: &mut NoCache,
+        _: usize,
+        _: &[u64],
+    ) -> Result<(*mut kvsieve_cuda_table_t, kvsieve_paged_kv_t, u64, usize)> {
         match *g {}
     }
 }

@@ -160,7 +160,11 @@ pub unsafe extern "C" fn kvsieve_cuda_paged_prefill(
         let qo = slice(qo_indptr, d.batch + 1, "qo_indptr")?.to_vec();
         let (wins, _) = attention::windows(windows, num_windows)?;
         if !wins.is_empty() && wins.len() != d.layout.num_kv_heads {
-            return Err(Error::shape("windows", format!("[{}] (one per KV head) or none", d.layout.num_kv_heads), format!("[{}]", wins.len())));
+            return Err(Error::shape(
+                "windows",
+                format!("[{}] (one per KV head) or none", d.layout.num_kv_heads),
+                format!("[{}]", wins.len()),
+            ));
         }
         let sel = match (sel_indptr.is_null(), sel_indices.is_null()) {
             (true, true) => None,
@@ -188,7 +192,8 @@ pub unsafe extern "C" fn kvsieve_cuda_cluster_index_upload(
     guard("kvsieve_cuda_cluster_index_upload", || {
         let ix = index_ref(index, "index")?;
         non_null(out, "out")?;
-        let ordinal = usize::try_from(device_id).map_err(|_| Error::invalid("device_id", format!("a CUDA device ordinal >= 0, got {device_id}")))?;
+        let ordinal = usize::try_from(device_id)
+            .map_err(|_| Error::invalid("device_id", format!("a CUDA device ordinal >= 0, got {device_id}")))?;
         let h = imp::upload(&ix.inner.read(), ordinal, stream)?;
         write_out(out, h);
         Ok(())
@@ -332,19 +337,27 @@ mod imp {
     use kvsieve::backend::cuda::select::gemfilter::{gemfilter_select as device_gemfilter, GemFilterWorkspace};
     use kvsieve::backend::cuda::select::kmeans::Assignment;
     use kvsieve::backend::cuda::select::pages::{page_bounds as device_page_bounds, PageBoundsWorkspace};
-    use kvsieve::backend::cuda::{CudaDevice, CudaPageTable, CudaPagedKv, CudaSelections, DeviceTensor, KeyBoundsLayout, Stream};
+    use kvsieve::backend::cuda::{
+        CudaDevice, CudaPageTable, CudaPagedKv, CudaSelections, DeviceTensor, KeyBoundsLayout, Stream,
+    };
     use kvsieve::dtype::DType;
     use kvsieve::error::{Error, Result};
-    use kvsieve::select::PageBoundsConfig;
     use kvsieve::select::cluster::{ClusterConfig, ClusterIndex};
     use kvsieve::select::gemfilter::GemFilterConfig;
+    use kvsieve::select::PageBoundsConfig;
 
-    use super::kvsieve_cuda_cluster_index_t;
     use super::super::cluster_retrieve::{kvsieve_retrieve_config_t, rename_coarse, retrieval_rule};
     use super::super::cuda::{DevTensor, Kv};
+    use super::kvsieve_cuda_cluster_index_t;
 
     fn tensor(t: &DevTensor) -> DeviceTensor {
-        DeviceTensor { ptr: t.ptr, dtype: t.dtype, shape: t.shape.clone(), strides: t.strides.clone(), device: t.device }
+        DeviceTensor {
+            ptr: t.ptr,
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            strides: t.strides.clone(),
+            device: t.device,
+        }
     }
 
     /// The engine's stream on `dev`.
@@ -363,7 +376,13 @@ mod imp {
         CudaPageTable::from_device(d.indptr, d.indices, d.last_page_len, d.batch, max_seq_len, d.device)
     }
 
-    pub(super) unsafe fn update_key_bounds(d: &Kv, bounds: u64, entries: u64, n: usize, stream: *mut c_void) -> Result<()> {
+    pub(super) unsafe fn update_key_bounds(
+        d: &Kv,
+        bounds: u64,
+        entries: u64,
+        n: usize,
+        stream: *mut c_void,
+    ) -> Result<()> {
         let dev = CudaDevice::get(d.device)?;
         let t = CudaPageTable::from_device(0, 0, 0, 0, 0, d.device)?;
         let view = CudaPagedKv::from_raw(d.k, d.v, d.layout, &t)?;
@@ -385,7 +404,9 @@ mod imp {
     ) -> Result<()> {
         let dev = CudaDevice::get(d.device)?;
         let t = table(d, max_seq_len)?;
-        let view = CudaPagedKv::from_raw(d.k, d.v, d.layout, &t)?.with_key_rope(d.key_rope).with_key_bounds(KeyBoundsLayout { ptr: bounds })?;
+        let view = CudaPagedKv::from_raw(d.k, d.v, d.layout, &t)?
+            .with_key_rope(d.key_rope)
+            .with_key_bounds(KeyBoundsLayout { ptr: bounds })?;
         let hq = q.shape[1];
         let shape = [d.batch, max_seq_len, d.layout.page_size, hq, d.layout.num_kv_heads, d.layout.head_dim];
         static MAP: OnceLock<PageWorkspaces> = OnceLock::new();
@@ -430,11 +451,25 @@ mod imp {
         let queries = PrefillQueries::upload(&dev, qo, &t, &s)?;
         let masks = if windows.is_empty() { None } else { Some(PrefillMasks::upload(&dev, windows, &s)?) };
         let sels = match sel {
-            Some((ip, ix, m)) => Some(CudaSelections::from_device(ip, ix, d.batch, d.layout.num_kv_heads, m, d.device)?),
+            Some((ip, ix, m)) => {
+                Some(CudaSelections::from_device(ip, ix, d.batch, d.layout.num_kv_heads, m, d.device)?)
+            }
             None => None,
         };
-        let lse_t = (lse != 0).then(|| DeviceTensor::contiguous(lse, DType::F32, &[queries.total(), q.shape[1]], d.device));
-        device_prefill(&s, &view, &tensor(q), &queries, masks.as_ref(), sels.as_ref(), &tensor(out), lse_t.as_ref(), params, causal)
+        let lse_t =
+            (lse != 0).then(|| DeviceTensor::contiguous(lse, DType::F32, &[queries.total(), q.shape[1]], d.device));
+        device_prefill(
+            &s,
+            &view,
+            &tensor(q),
+            &queries,
+            masks.as_ref(),
+            sels.as_ref(),
+            &tensor(out),
+            lse_t.as_ref(),
+            params,
+            causal,
+        )
     }
 
     /// A device index and its retrieval scratch (made for one query head count, remade when
@@ -448,13 +483,21 @@ mod imp {
         Box::into_raw(Box::new(kvsieve_cuda_cluster_index_t { inner: DeviceIndex { index, ws: Mutex::new(None) } }))
     }
 
-    pub(super) unsafe fn upload(ix: &ClusterIndex, ordinal: usize, stream: *mut c_void) -> Result<*mut kvsieve_cuda_cluster_index_t> {
+    pub(super) unsafe fn upload(
+        ix: &ClusterIndex,
+        ordinal: usize,
+        stream: *mut c_void,
+    ) -> Result<*mut kvsieve_cuda_cluster_index_t> {
         let dev = CudaDevice::get(ordinal)?;
         let s = stream_of(&dev, stream);
         Ok(handle(CudaClusterIndex::upload(&dev, ix, &s)?))
     }
 
-    pub(super) unsafe fn build(keys: &DevTensor, cfg: &ClusterConfig, stream: *mut c_void) -> Result<(ClusterIndex, *mut kvsieve_cuda_cluster_index_t)> {
+    pub(super) unsafe fn build(
+        keys: &DevTensor,
+        cfg: &ClusterConfig,
+        stream: *mut c_void,
+    ) -> Result<(ClusterIndex, *mut kvsieve_cuda_cluster_index_t)> {
         let dev = CudaDevice::get(keys.device)?;
         let s = stream_of(&dev, stream);
         let assignment = Assignment::default_for(keys.dtype, keys.shape[2]);
@@ -467,7 +510,13 @@ mod imp {
         [ix.num_kv_heads(), ix.head_dim(), ix.num_clusters(), ix.num_coarse_clusters(), ix.clustered_len()]
     }
 
-    pub(super) unsafe fn retrieve(h: &kvsieve_cuda_cluster_index_t, q: &DevTensor, c: &kvsieve_retrieve_config_t, sel: (u64, u64), stream: *mut c_void) -> Result<()> {
+    pub(super) unsafe fn retrieve(
+        h: &kvsieve_cuda_cluster_index_t,
+        q: &DevTensor,
+        c: &kvsieve_retrieve_config_t,
+        sel: (u64, u64),
+        stream: *mut c_void,
+    ) -> Result<()> {
         let ix = &h.inner.index;
         let (fine, coarse) = retrieval_rule(c, ix.num_coarse_clusters())?;
         let dev = CudaDevice::get(q.device)?;
@@ -486,9 +535,18 @@ mod imp {
         }
     }
 
-    pub(super) unsafe fn gemfilter_select(q: &DevTensor, keys: &DevTensor, cfg: &GemFilterConfig, indices: u64, stream: *mut c_void) -> Result<()> {
+    pub(super) unsafe fn gemfilter_select(
+        q: &DevTensor,
+        keys: &DevTensor,
+        cfg: &GemFilterConfig,
+        indices: u64,
+        stream: *mut c_void,
+    ) -> Result<()> {
         if q.device != keys.device {
-            return Err(Error::invalid("q", format!("memory on the keys' CUDA device {}, got device {}", keys.device, q.device)));
+            return Err(Error::invalid(
+                "q",
+                format!("memory on the keys' CUDA device {}, got device {}", keys.device, q.device),
+            ));
         }
         let dev = CudaDevice::get(keys.device)?;
         let s = stream_of(&dev, stream);
@@ -507,19 +565,27 @@ mod imp {
 
     use kvsieve::attention::{AttentionParams, StreamingWindow};
     use kvsieve::error::Result;
-    use kvsieve::select::PageBoundsConfig;
     use kvsieve::select::cluster::{ClusterConfig, ClusterIndex};
     use kvsieve::select::gemfilter::GemFilterConfig;
+    use kvsieve::select::PageBoundsConfig;
 
-    use super::kvsieve_cuda_cluster_index_t;
     use super::super::cluster_retrieve::kvsieve_retrieve_config_t;
     use super::super::cuda::{unavailable, DevTensor, Kv};
+    use super::kvsieve_cuda_cluster_index_t;
 
     pub(super) unsafe fn update_key_bounds(_: &Kv, _: u64, _: u64, _: usize, _: *mut c_void) -> Result<()> {
         Err(unavailable())
     }
 
-    pub(super) unsafe fn page_bounds(_: &Kv, _: usize, _: u64, _: &DevTensor, _: &PageBoundsConfig, _: (u64, u64), _: *mut c_void) -> Result<()> {
+    pub(super) unsafe fn page_bounds(
+        _: &Kv,
+        _: usize,
+        _: u64,
+        _: &DevTensor,
+        _: &PageBoundsConfig,
+        _: (u64, u64),
+        _: *mut c_void,
+    ) -> Result<()> {
         Err(unavailable())
     }
 
@@ -539,11 +605,19 @@ mod imp {
         Err(unavailable())
     }
 
-    pub(super) unsafe fn upload(_: &ClusterIndex, _: usize, _: *mut c_void) -> Result<*mut kvsieve_cuda_cluster_index_t> {
+    pub(super) unsafe fn upload(
+        _: &ClusterIndex,
+        _: usize,
+        _: *mut c_void,
+    ) -> Result<*mut kvsieve_cuda_cluster_index_t> {
         Err(unavailable())
     }
 
-    pub(super) unsafe fn build(_: &DevTensor, _: &ClusterConfig, _: *mut c_void) -> Result<(ClusterIndex, *mut kvsieve_cuda_cluster_index_t)> {
+    pub(super) unsafe fn build(
+        _: &DevTensor,
+        _: &ClusterConfig,
+        _: *mut c_void,
+    ) -> Result<(ClusterIndex, *mut kvsieve_cuda_cluster_index_t)> {
         Err(unavailable())
     }
 
@@ -551,11 +625,23 @@ mod imp {
         match h._never {}
     }
 
-    pub(super) unsafe fn retrieve(h: &kvsieve_cuda_cluster_index_t, _: &DevTensor, _: &kvsieve_retrieve_config_t, _: (u64, u64), _: *mut c_void) -> Result<()> {
+    pub(super) unsafe fn retrieve(
+        h: &kvsieve_cuda_cluster_index_t,
+        _: &DevTensor,
+        _: &kvsieve_retrieve_config_t,
+        _: (u64, u64),
+        _: *mut c_void,
+    ) -> Result<()> {
         match h._never {}
     }
 
-    pub(super) unsafe fn gemfilter_select(_: &DevTensor, _: &DevTensor, _: &GemFilterConfig, _: u64, _: *mut c_void) -> Result<()> {
+    pub(super) unsafe fn gemfilter_select(
+        _: &DevTensor,
+        _: &DevTensor,
+        _: &GemFilterConfig,
+        _: u64,
+        _: *mut c_void,
+    ) -> Result<()> {
         Err(unavailable())
     }
 }

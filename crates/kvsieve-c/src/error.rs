@@ -157,7 +157,10 @@ mod tests {
         // SAFETY: a live error from guard, freed once below.
         unsafe {
             assert_eq!(kvsieve_error_code(err), ErrorCode::NullPointer as u32);
-            assert_eq!(CStr::from_ptr(kvsieve_error_message(err)).to_str().unwrap(), "kvsieve_test: `q` is a null pointer");
+            assert_eq!(
+                CStr::from_ptr(kvsieve_error_message(err)).to_str().unwrap(),
+                "kvsieve_test: `q` is a null pointer"
+            );
             kvsieve_error_free(err);
         }
         assert!(guard("kvsieve_test", || Ok(())).is_null());

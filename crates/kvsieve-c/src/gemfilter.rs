@@ -13,12 +13,14 @@ use parking_lot::RwLockReadGuard;
 
 use kvsieve::error::{Error, Result};
 use kvsieve::kv::KvCache;
-use kvsieve::select::gemfilter::{avg_pool, calibrate_layers, select, snapkv, token_scores, GemFilterConfig, KeySource, SnapKvConfig};
+use kvsieve::select::gemfilter::{
+    avg_pool, calibrate_layers, select, snapkv, token_scores, GemFilterConfig, KeySource, SnapKvConfig,
+};
 use kvsieve::tensor::TensorView;
 
 use super::args::{
-    check_capacity, check_disjoint, non_null, opt_slice_mut, read_versioned, read_versioned_array, rename, sizes_are_valid, slice, slice_mut, write_out,
-    Region, Versioned,
+    check_capacity, check_disjoint, non_null, opt_slice_mut, read_versioned, read_versioned_array, rename,
+    sizes_are_valid, slice, slice_mut, write_out, Region, Versioned,
 };
 use super::cache::{key_source, key_source_of, kvsieve_cache_t, kvsieve_key_source_t, Source};
 use super::error::{guard, kvsieve_error_t};
@@ -65,7 +67,9 @@ const _: () = {
 };
 
 const _: () = {
-    assert!(offset_of!(kvsieve_gemfilter_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_gemfilter_config_t>());
+    assert!(
+        offset_of!(kvsieve_gemfilter_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_gemfilter_config_t>()
+    );
     assert!(offset_of!(kvsieve_snapkv_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_snapkv_config_t>());
 };
 
@@ -99,7 +103,12 @@ unsafe impl Versioned for kvsieve_snapkv_config_t {
 
 impl kvsieve_gemfilter_config_t {
     pub(crate) fn to_core(self) -> GemFilterConfig {
-        GemFilterConfig { k: self.k, pool_kernel: self.pool_kernel, keep_first: self.keep_first, keep_last: self.keep_last }
+        GemFilterConfig {
+            k: self.k,
+            pool_kernel: self.pool_kernel,
+            keep_first: self.keep_first,
+            keep_last: self.keep_last,
+        }
     }
 
     fn from_core(c: &GemFilterConfig) -> Self {
@@ -156,7 +165,12 @@ pub unsafe extern "C" fn kvsieve_gemfilter_scores(
 /// # Safety
 /// 1. `scores` is NULL or readable for `n` floats; `out` is NULL or writable for `n` floats.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_avg_pool(scores: *const f32, n: usize, kernel: usize, out: *mut f32) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_avg_pool(
+    scores: *const f32,
+    n: usize,
+    kernel: usize,
+    out: *mut f32,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_avg_pool", || {
         check_disjoint(&[Region::of(out, n, "out")], &[Region::of(scores, n, "scores")])?;
         let x = slice(scores, n, "scores")?;
@@ -222,12 +236,18 @@ pub unsafe extern "C" fn kvsieve_snapkv(
         let src = key_source(keys, "keys")?;
         let c = read_versioned(config, "config")?;
         if !c.scale.is_finite() {
-            return Err(Error::invalid("scale", format!("a finite multiplier (0 means 1/sqrt(head_dim)), got {}", c.scale)));
+            return Err(Error::invalid(
+                "scale",
+                format!("a finite multiplier (0 means 1/sqrt(head_dim)), got {}", c.scale),
+            ));
         }
         non_null(out, "out")?;
         let reads: Vec<Region> = [Some(q.region()), src.region()].into_iter().flatten().collect();
-        let writes =
-            [Region::of(out, 1, "out"), Region::of(union_indices, union_capacity, "union_indices"), Region::of(out_union_len, 1, "out_union_len")];
+        let writes = [
+            Region::of(out, 1, "out"),
+            Region::of(union_indices, union_capacity, "union_indices"),
+            Region::of(out_union_len, 1, "out_union_len"),
+        ];
         check_disjoint(&writes, &reads)?;
         let union_buf = opt_slice_mut(union_indices, union_capacity, "union_indices")?;
         let cfg = SnapKvConfig { k: c.k, pool_kernel: c.pool_kernel, scale: (c.scale != 0.0).then_some(c.scale) };
@@ -235,7 +255,12 @@ pub unsafe extern "C" fn kvsieve_snapkv(
         let res = src.run(|k| snapkv(&qv, k, &cfg))?;
         let union_len = res.union.len();
         if union_buf.is_some() {
-            check_capacity("union_capacity", union_capacity, union_len, "the union's length; the context length always suffices")?;
+            check_capacity(
+                "union_capacity",
+                union_capacity,
+                union_len,
+                "the union's length; the context length always suffices",
+            )?;
         }
         if let Some(buf) = union_buf {
             buf[..union_len].copy_from_slice(&res.union);
@@ -276,8 +301,10 @@ pub unsafe extern "C" fn kvsieve_gemfilter_calibrate_layers(
         }
         let descs = slice(queries, num_layers, "queries")?;
         let (srcs, keys_region) = read_versioned_array(keys, num_layers, "keys")?;
-        let q_tensors: Vec<Tensor> = descs.iter().enumerate().map(|(l, d)| parse_query(d, &format!("queries[{l}]"))).collect::<Result<_>>()?;
-        let sources: Vec<Source> = srcs.iter().enumerate().map(|(l, s)| key_source_of(*s, &format!("keys[{l}]"))).collect::<Result<_>>()?;
+        let q_tensors: Vec<Tensor> =
+            descs.iter().enumerate().map(|(l, d)| parse_query(d, &format!("queries[{l}]"))).collect::<Result<_>>()?;
+        let sources: Vec<Source> =
+            srcs.iter().enumerate().map(|(l, s)| key_source_of(*s, &format!("keys[{l}]"))).collect::<Result<_>>()?;
         let mut reads = vec![Region::of(queries, num_layers, "queries"), keys_region];
         reads.extend(q_tensors.iter().map(Tensor::region));
         reads.extend(sources.iter().filter_map(Source::region));
@@ -309,7 +336,8 @@ pub unsafe extern "C" fn kvsieve_gemfilter_calibrate_layers(
             .zip(&key_views)
             .map(|(s, v)| match (s, v) {
                 (Source::Cache { cache, seq, layer, .. }, _) => {
-                    let i = caches.iter().position(|c| std::ptr::eq(*c, *cache)).expect("every cache source was locked");
+                    let i =
+                        caches.iter().position(|c| std::ptr::eq(*c, *cache)).expect("every cache source was locked");
                     KeySource::Cache { cache: &guards[i], seq: *seq, layer: *layer }
                 }
                 (Source::Tensor(_), v) => KeySource::Tensor(v.as_ref().expect("every tensor source has a view")),

@@ -77,14 +77,22 @@ const _: () = {
 
 const _: () = {
     assert!(offset_of!(kvsieve_rope_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_rope_config_t>());
-    assert!(offset_of!(kvsieve_attention_params_t, struct_size) == 0 && sizes_are_valid::<kvsieve_attention_params_t>());
+    assert!(
+        offset_of!(kvsieve_attention_params_t, struct_size) == 0 && sizes_are_valid::<kvsieve_attention_params_t>()
+    );
 };
 
 impl kvsieve_rope_config_t {
     /// What the header's `kvsieve_rope_config_init()` gives: every field zero (`theta`
     /// must still be set), `struct_size` this layout's.
     pub fn init() -> Self {
-        kvsieve_rope_config_t { struct_size: size_of::<Self>(), theta: 0.0, rotary_dim: 0, style: 0, position_scale: 0.0 }
+        kvsieve_rope_config_t {
+            struct_size: size_of::<Self>(),
+            theta: 0.0,
+            rotary_dim: 0,
+            style: 0,
+            position_scale: 0.0,
+        }
     }
 }
 

@@ -45,7 +45,10 @@ pub(crate) unsafe fn policy_ref<'a>(policy: *const kvsieve_policy_t) -> Result<&
 /// # Safety
 /// 1. `text` is NULL or a readable NUL-terminated string; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_policy_parse(text: *const c_char, out: *mut *mut kvsieve_policy_t) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_policy_parse(
+    text: *const c_char,
+    out: *mut *mut kvsieve_policy_t,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_policy_parse", || {
         non_null(text, "text")?;
         non_null(out, "out")?;
@@ -96,7 +99,10 @@ pub unsafe extern "C" fn kvsieve_policy_to_string(
         if !buf.is_null() {
             check_disjoint(&[Region::of(buf, capacity, "buf"), Region::of(out_size, 1, "out_size")], &[])?;
             if capacity < size {
-                return Err(Error::invalid("capacity", format!("room for at least {size} bytes (the text and its NUL), got {capacity}")));
+                return Err(Error::invalid(
+                    "capacity",
+                    format!("room for at least {size} bytes (the text and its NUL), got {capacity}"),
+                ));
             }
             let dst = slice_mut(buf as *mut u8, size, "buf")?;
             dst[..text.len()].copy_from_slice(text.as_bytes());
@@ -114,7 +120,11 @@ pub unsafe extern "C" fn kvsieve_policy_to_string(
 /// # Safety
 /// 1. `policy` is NULL or a live handle.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_policy_validate(policy: *const kvsieve_policy_t, num_layers: usize, num_kv_heads: usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_policy_validate(
+    policy: *const kvsieve_policy_t,
+    num_layers: usize,
+    num_kv_heads: usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_policy_validate", || policy_ref(policy)?.validate(num_layers, num_kv_heads))
 }
 
@@ -133,7 +143,10 @@ pub unsafe extern "C" fn kvsieve_policy_position_mode(
     guard("kvsieve_policy_position_mode", || {
         let p = policy_ref(policy)?;
         non_null(out_mode, "out_mode")?;
-        check_disjoint(&[Region::of(out_mode, 1, "out_mode"), Region::of(out_max_distance, 1, "out_max_distance")], &[])?;
+        check_disjoint(
+            &[Region::of(out_mode, 1, "out_mode"), Region::of(out_max_distance, 1, "out_max_distance")],
+            &[],
+        )?;
         let (mode, cap) = match p.position_mode(layer) {
             PositionMode::Original => (POSITIONS_ORIGINAL, 0),
             PositionMode::Contiguous => (POSITIONS_CONTIGUOUS, 0),

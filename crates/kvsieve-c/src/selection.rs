@@ -10,7 +10,10 @@ use std::mem::{align_of, offset_of, size_of};
 use kvsieve::error::{Error, Result};
 use kvsieve::select::{lambda, page_bounds, streaming, PageBoundsConfig, Selection};
 
-use super::args::{check_capacity, check_disjoint, non_null, opt_slice_mut, read_versioned, sizes_are_valid, slice, slice_mut, write_out, Region, Versioned, VersionedOut};
+use super::args::{
+    check_capacity, check_disjoint, non_null, opt_slice_mut, read_versioned, sizes_are_valid, slice, slice_mut,
+    write_out, Region, Versioned, VersionedOut,
+};
 use super::cache::{cache_ref, kvsieve_cache_t};
 use super::error::{guard, guard_value, kvsieve_error_t};
 use super::tensor::{kvsieve_tensor_t, parse_query};
@@ -48,7 +51,8 @@ const _: () = {
     assert!(offset_of!(kvsieve_selection_stats_t, max_density) == 48);
 };
 
-const _: () = assert!(offset_of!(kvsieve_selection_stats_t, struct_size) == 0 && sizes_are_valid::<kvsieve_selection_stats_t>());
+const _: () =
+    assert!(offset_of!(kvsieve_selection_stats_t, struct_size) == 0 && sizes_are_valid::<kvsieve_selection_stats_t>());
 
 impl kvsieve_selection_stats_t {
     /// What the header's `kvsieve_selection_stats_init()` gives: zeros, `struct_size` this
@@ -94,7 +98,9 @@ const _: () = {
     assert!(offset_of!(kvsieve_page_bounds_config_t, min_pages) == 16);
 };
 
-const _: () = assert!(offset_of!(kvsieve_page_bounds_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_page_bounds_config_t>());
+const _: () = assert!(
+    offset_of!(kvsieve_page_bounds_config_t, struct_size) == 0 && sizes_are_valid::<kvsieve_page_bounds_config_t>()
+);
 
 impl kvsieve_page_bounds_config_t {
     /// What the header's `kvsieve_page_bounds_config_init()` gives: zeros (`budget_tokens`
@@ -130,7 +136,11 @@ pub(crate) unsafe fn selection_ref<'a>(sel: *const kvsieve_selection_t, param: &
 ///
 /// # Safety
 /// 1. `ptr` is NULL or readable for `n` pointers, each NULL or a live handle, for `'a`.
-pub(crate) unsafe fn selection_list<'a>(ptr: *const *const kvsieve_selection_t, n: usize, param: &str) -> Result<Vec<&'a Selection>> {
+pub(crate) unsafe fn selection_list<'a>(
+    ptr: *const *const kvsieve_selection_t,
+    n: usize,
+    param: &str,
+) -> Result<Vec<&'a Selection>> {
     non_null(ptr, param)?;
     let handles = slice(ptr, n, param)?;
     handles.iter().enumerate().map(|(i, &h)| selection_ref(h, &format!("{param}[{i}]"))).collect()
@@ -179,7 +189,11 @@ pub unsafe extern "C" fn kvsieve_selection_from_csr(
 /// # Safety
 /// 1. `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_selection_dense(num_kv_heads: usize, seq_len: usize, out: *mut *mut kvsieve_selection_t) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_selection_dense(
+    num_kv_heads: usize,
+    seq_len: usize,
+    out: *mut *mut kvsieve_selection_t,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_selection_dense", || make(out, || Selection::dense(num_kv_heads, seq_len)))
 }
 
@@ -280,7 +294,11 @@ pub unsafe extern "C" fn kvsieve_selection_free(selection: *mut kvsieve_selectio
 ///
 /// # Safety
 /// 1. `selection` is NULL or a live handle; `out` is NULL or writable.
-unsafe fn get(selection: *const kvsieve_selection_t, out: *mut usize, f: impl FnOnce(&Selection) -> usize) -> Result<()> {
+unsafe fn get(
+    selection: *const kvsieve_selection_t,
+    out: *mut usize,
+    f: impl FnOnce(&Selection) -> usize,
+) -> Result<()> {
     let s = selection_ref(selection, "selection")?;
     non_null(out, "out")?;
     write_out(out, f(s));
@@ -292,7 +310,10 @@ unsafe fn get(selection: *const kvsieve_selection_t, out: *mut usize, f: impl Fn
 /// # Safety
 /// 1. `selection` is NULL or a live handle; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_selection_num_kv_heads(selection: *const kvsieve_selection_t, out: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_selection_num_kv_heads(
+    selection: *const kvsieve_selection_t,
+    out: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_selection_num_kv_heads", || get(selection, out, Selection::num_kv_heads))
 }
 
@@ -301,7 +322,10 @@ pub unsafe extern "C" fn kvsieve_selection_num_kv_heads(selection: *const kvsiev
 /// # Safety
 /// 1. `selection` is NULL or a live handle; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_selection_seq_len(selection: *const kvsieve_selection_t, out: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_selection_seq_len(
+    selection: *const kvsieve_selection_t,
+    out: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_selection_seq_len", || get(selection, out, Selection::seq_len))
 }
 
@@ -310,7 +334,10 @@ pub unsafe extern "C" fn kvsieve_selection_seq_len(selection: *const kvsieve_sel
 /// # Safety
 /// 1. `selection` is NULL or a live handle; `out` is NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvsieve_selection_len(selection: *const kvsieve_selection_t, out: *mut usize) -> *mut kvsieve_error_t {
+pub unsafe extern "C" fn kvsieve_selection_len(
+    selection: *const kvsieve_selection_t,
+    out: *mut usize,
+) -> *mut kvsieve_error_t {
     guard("kvsieve_selection_len", || get(selection, out, Selection::len))
 }
 
@@ -320,7 +347,14 @@ pub unsafe extern "C" fn kvsieve_selection_len(selection: *const kvsieve_selecti
 ///
 /// # Safety
 /// 1. `buf` is NULL or writable for `capacity` values; `out_len` is NULL or writable.
-unsafe fn copy_out(values: &[u32], buf: *mut u32, name: &str, capacity: usize, out_len: *mut usize, what: &str) -> Result<()> {
+unsafe fn copy_out(
+    values: &[u32],
+    buf: *mut u32,
+    name: &str,
+    capacity: usize,
+    out_len: *mut usize,
+    what: &str,
+) -> Result<()> {
     check_disjoint(&[Region::of(buf, capacity, name), Region::of(out_len, 1, "out_len")], &[])?;
     check_capacity("capacity", capacity, values.len(), what)?;
     slice_mut(buf, values.len(), name)?.copy_from_slice(values);

@@ -90,7 +90,9 @@ impl kvsieve_dtype_t {
             (DTYPE_CODE_BFLOAT, 16, 1) => Ok(DType::BF16),
             (code, bits, lanes) => Err(Error::DType {
                 param: param.into(),
-                expected: "float32, float16 or bfloat16 (DLPack code 2 with bits 32 or 16, or code 4 with bits 16; lanes 1)".into(),
+                expected:
+                    "float32, float16 or bfloat16 (DLPack code 2 with bits 32 or 16, or code 4 with bits 16; lanes 1)"
+                        .into(),
                 got: format!("code {code}, bits {bits}, lanes {lanes}"),
             }),
         }
@@ -157,7 +159,11 @@ impl Tensor {
         } else {
             let raw = slice(t.strides, nd, &format!("{name}.strides"))?;
             if raw.iter().any(|&s| s < 0) {
-                return Err(Error::shape(format!("{name}.strides"), "non-negative strides (in elements)", fmt_i64s(raw)));
+                return Err(Error::shape(
+                    format!("{name}.strides"),
+                    "non-negative strides (in elements)",
+                    fmt_i64s(raw),
+                ));
             }
             raw.iter().map(|&s| s as usize).collect()
         };
@@ -175,7 +181,8 @@ impl Tensor {
         if bytes > 0 && t.data.is_null() {
             return Err(Error::NullPointer { param: format!("{name}.data") });
         }
-        let offset = usize::try_from(t.byte_offset).map_err(|_| Error::invalid(format!("{name}.byte_offset"), "an offset that fits in memory"))?;
+        let offset = usize::try_from(t.byte_offset)
+            .map_err(|_| Error::invalid(format!("{name}.byte_offset"), "an offset that fits in memory"))?;
         let start = (t.data as usize).checked_add(offset);
         if bytes > 0 && start.and_then(|s| s.checked_add(bytes)).is_none() {
             return Err(Error::invalid(format!("{name}.byte_offset"), "an offset that fits in memory"));

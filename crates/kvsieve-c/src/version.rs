@@ -41,5 +41,7 @@ pub extern "C" fn kvsieve_version_patch() -> u32 {
 #[no_mangle]
 pub extern "C" fn kvsieve_isa() -> *const c_char {
     static ISA: OnceLock<CString> = OnceLock::new();
-    guard_value(c"unknown".as_ptr(), || ISA.get_or_init(|| CString::new(kvsieve::cpu::isa()).unwrap_or_default()).as_ptr())
+    guard_value(c"unknown".as_ptr(), || {
+        ISA.get_or_init(|| CString::new(kvsieve::cpu::isa()).unwrap_or_default()).as_ptr()
+    })
 }

@@ -121,7 +121,9 @@ pub(crate) fn descriptor_layout(d: &kvsieve_paged_kv_t, dtype: DType) -> Result<
 fn strides(raw: [i64; 3], param: &str) -> Result<[usize; 3]> {
     let mut s = [0usize; 3];
     for (i, &x) in raw.iter().enumerate() {
-        s[i] = usize::try_from(x).map_err(|_| Error::invalid(format!("{param}[{i}]"), format!("a non-negative stride in elements, got {x}")))?;
+        s[i] = usize::try_from(x).map_err(|_| {
+            Error::invalid(format!("{param}[{i}]"), format!("a non-negative stride in elements, got {x}"))
+        })?;
     }
     Ok(s)
 }
@@ -131,7 +133,8 @@ fn extent_bytes(l: &PagedKvLayout, s: [usize; 3], ptr: *const c_void, param: &st
     if l.num_pages == 0 {
         return Ok(0);
     }
-    let too_big = || Error::invalid(param, "a memory extent (from num_pages and strides) that fits in the address space");
+    let too_big =
+        || Error::invalid(param, "a memory extent (from num_pages and strides) that fits in the address space");
     let terms = [(l.num_pages - 1, s[0]), (l.page_size - 1, s[1]), (l.num_kv_heads - 1, s[2])];
     let mut elems = l.head_dim;
     for (n, st) in terms {
@@ -166,14 +169,19 @@ impl<'a> View<'a> {
         let k_bytes = extent_bytes(&layout, layout.k_strides, d.k, "k_strides")?;
         let v_bytes = extent_bytes(&layout, layout.v_strides, d.v, "v_strides")?;
 
-        let indptr_len = d.batch.checked_add(1).ok_or_else(|| Error::invalid("batch", "a batch size that fits in memory"))?;
+        let indptr_len =
+            d.batch.checked_add(1).ok_or_else(|| Error::invalid("batch", "a batch size that fits in memory"))?;
         non_null(d.indptr, "indptr")?;
         let indptr = slice(d.indptr, indptr_len, "indptr")?;
         let nnz = indptr[d.batch];
-        let nnz = usize::try_from(nnz).map_err(|_| Error::invalid("indptr", format!("indptr[batch] >= 0, got {nnz}")))?;
+        let nnz =
+            usize::try_from(nnz).map_err(|_| Error::invalid("indptr", format!("indptr[batch] >= 0, got {nnz}")))?;
         let indices = slice(d.indices, nnz, "indices")?;
         let last_page_len = slice(d.last_page_len, d.batch, "last_page_len")?;
-        let slots = d.num_pages.checked_mul(d.page_size).ok_or_else(|| Error::invalid("num_pages", "num_pages * page_size that fits in memory"))?;
+        let slots = d
+            .num_pages
+            .checked_mul(d.page_size)
+            .ok_or_else(|| Error::invalid("num_pages", "num_pages * page_size that fits in memory"))?;
         let positions = opt_slice(d.positions, slots, "positions")?;
         let regions = vec![
             Region::new(d.k as *const u8, k_bytes, "k"),

@@ -12,9 +12,10 @@ use std::sync::OnceLock;
 mod common;
 
 use capi::{
-    kvsieve_attention_params_t, kvsieve_cache_config_t, kvsieve_cache_stats_t, kvsieve_cluster_config_t, kvsieve_device_t, kvsieve_dtype_t,
-    kvsieve_gemfilter_config_t, kvsieve_key_bounds_entry_t, kvsieve_key_source_t, kvsieve_page_bounds_config_t, kvsieve_paged_kv_t, kvsieve_retrieve_config_t,
-    kvsieve_retrieve_stats_t, kvsieve_rope_config_t, kvsieve_selection_stats_t, kvsieve_snapkv_config_t, kvsieve_streaming_window_t,
+    kvsieve_attention_params_t, kvsieve_cache_config_t, kvsieve_cache_stats_t, kvsieve_cluster_config_t,
+    kvsieve_device_t, kvsieve_dtype_t, kvsieve_gemfilter_config_t, kvsieve_key_bounds_entry_t, kvsieve_key_source_t,
+    kvsieve_page_bounds_config_t, kvsieve_paged_kv_t, kvsieve_retrieve_config_t, kvsieve_retrieve_stats_t,
+    kvsieve_rope_config_t, kvsieve_selection_stats_t, kvsieve_snapkv_config_t, kvsieve_streaming_window_t,
     kvsieve_tensor_t,
 };
 
@@ -190,7 +191,11 @@ fn check_output(name: &str, out: &Output, expect: &Expect) -> String {
     if expect.summary {
         let last = stdout.lines().last().unwrap_or("");
         let passed = last.strip_suffix(" passed, 0 failed").and_then(|n| n.parse::<u32>().ok());
-        assert!(passed.is_some_and(|n| n > 0), "{name}: expected a final \"N passed, 0 failed\" line:\n{}", describe(out));
+        assert!(
+            passed.is_some_and(|n| n > 0),
+            "{name}: expected a final \"N passed, 0 failed\" line:\n{}",
+            describe(out)
+        );
     }
     stdout
 }
@@ -242,7 +247,8 @@ macro_rules! layout_lines {
 /// headers' initialisers give the library's defaults.
 #[test]
 fn struct_layouts_match_rust() {
-    let mut expected = vec![format!("layout kvsieve_error_code_t size {} align {}", size_of::<u32>(), align_of::<u32>())];
+    let mut expected =
+        vec![format!("layout kvsieve_error_code_t size {} align {}", size_of::<u32>(), align_of::<u32>())];
     // The `kind` parameter of kvsieve_cache_compact is a uint32_t holding a kvsieve_keep_kind_t.
     expected.push(format!("layout kvsieve_keep_kind_t size {} align {}", size_of::<u32>(), align_of::<u32>()));
     expected.extend(layout_lines! {
@@ -279,12 +285,20 @@ fn struct_layouts_match_rust() {
             struct_size, centroid_evals, coarse_evals, fine_evals, clusters_scored, clusters_kept, coarse_kept, tokens_kept
         }
     });
-    let stdout =
-        c_test("layout", &Expect { lines: &["ok - initialisers", "ok - dlpack layout", "ok - dlpack tensor passed as is"], summary: true });
+    let stdout = c_test(
+        "layout",
+        &Expect {
+            lines: &["ok - initialisers", "ok - dlpack layout", "ok - dlpack tensor passed as is"],
+            summary: true,
+        },
+    );
     let got: Vec<String> = stdout.lines().filter(|l| l.starts_with("layout ")).map(str::to_string).collect();
     let missing: Vec<&String> = expected.iter().filter(|l| !got.contains(l)).collect();
     let extra: Vec<&String> = got.iter().filter(|l| !expected.contains(l)).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "layouts differ\nRust, not C: {missing:#?}\nC, not Rust: {extra:#?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "layouts differ\nRust, not C: {missing:#?}\nC, not Rust: {extra:#?}"
+    );
 
     // The headers' static inline initialisers give what the library's twins of them give (the
     // defaults of fields an older caller's struct does not reach).
@@ -307,7 +321,13 @@ fn struct_layouts_match_rust() {
     let cluster = |name: &str, c: kvsieve_cluster_config_t| {
         format!(
             "init {name} {} {} {} {} {} {} {}",
-            c.num_clusters, c.cluster_fraction, c.exclude_window, c.max_iter, c.seed, c.num_coarse_clusters, c.coarse_fraction
+            c.num_clusters,
+            c.cluster_fraction,
+            c.exclude_window,
+            c.max_iter,
+            c.seed,
+            c.num_coarse_clusters,
+            c.coarse_fraction
         )
     };
     let retrieve = |name: &str, c: kvsieve_retrieve_config_t| {
@@ -326,7 +346,9 @@ fn struct_layouts_match_rust() {
             c.coarse_budget_multiple
         )
     };
-    let gemfilter = |name: &str, c: kvsieve_gemfilter_config_t| format!("init {name} {} {} {} {}", c.k, c.pool_kernel, c.keep_first, c.keep_last);
+    let gemfilter = |name: &str, c: kvsieve_gemfilter_config_t| {
+        format!("init {name} {} {} {} {}", c.k, c.pool_kernel, c.keep_first, c.keep_last)
+    };
     let snapkv = kvsieve_snapkv_config_t::init();
     let kv = kvsieve_paged_kv_t::init();
     let expected_init = [
@@ -561,7 +583,10 @@ fn versioned_structs() {
 fn threads_share_a_cache() {
     c_test(
         "threads",
-        &Expect { lines: &["ok - concurrent decode with a writer", "ok - policy decode and shared selections across threads"], summary: true },
+        &Expect {
+            lines: &["ok - concurrent decode with a writer", "ok - policy decode and shared selections across threads"],
+            summary: true,
+        },
     );
 }
 
@@ -571,6 +596,9 @@ fn example_store_and_decode() {
     run_checked(
         "examples/c/01_store_and_decode",
         &exe,
-        &Expect { lines: &["stored a prompt of 20 tokens in 2 layers", "decoded 1 token over 21 cached tokens"], summary: false },
+        &Expect {
+            lines: &["stored a prompt of 20 tokens in 2 layers", "decoded 1 token over 21 cached tokens"],
+            summary: false,
+        },
     );
 }

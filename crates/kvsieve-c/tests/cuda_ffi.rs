@@ -65,22 +65,52 @@ fn cuda_entry_points_check_arguments_and_never_panic() {
         let shape = [1i64, 4, 64];
         let mut host = vec![0f32; 256];
         let q_host = tensor(host.as_mut_ptr() as *mut c_void, DEVICE_CPU, &shape, 32);
-        let (code, msg) = take(kvsieve_cuda_paged_decode(ptr::null(), 16, &q_host, &q_host, ptr::null_mut(), ptr::null(), ptr::null_mut())).unwrap();
+        let (code, msg) = take(kvsieve_cuda_paged_decode(
+            ptr::null(),
+            16,
+            &q_host,
+            &q_host,
+            ptr::null_mut(),
+            ptr::null(),
+            ptr::null_mut(),
+        ))
+        .unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
         assert!(msg.contains("kv"), "{msg}");
-        let (code, msg) = take(kvsieve_cuda_merge_states(&q_host, ptr::null(), &q_host, ptr::null(), &q_host, ptr::null_mut(), ptr::null_mut())).unwrap();
+        let (code, msg) = take(kvsieve_cuda_merge_states(
+            &q_host,
+            ptr::null(),
+            &q_host,
+            ptr::null(),
+            &q_host,
+            ptr::null_mut(),
+            ptr::null_mut(),
+        ))
+        .unwrap();
         assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
         assert!(msg.contains("v_a.device"), "{msg}");
         let bad_rank = tensor(0x1000 as *mut c_void, DEVICE_CUDA, &shape[..2], 32);
-        let (code, msg) = take(kvsieve_cuda_merge_states(&bad_rank, ptr::null(), &bad_rank, ptr::null(), &bad_rank, ptr::null_mut(), ptr::null_mut())).unwrap();
+        let (code, msg) = take(kvsieve_cuda_merge_states(
+            &bad_rank,
+            ptr::null(),
+            &bad_rank,
+            ptr::null(),
+            &bad_rank,
+            ptr::null_mut(),
+            ptr::null_mut(),
+        ))
+        .unwrap();
         assert_eq!(code, ErrorCode::Shape as u32, "{msg}");
         assert!(msg.contains("v_a"), "{msg}");
-        let (code, msg) = take(kvsieve_cuda_paged_append(ptr::null(), ptr::null(), ptr::null(), ptr::null(), ptr::null_mut())).unwrap();
+        let (code, msg) =
+            take(kvsieve_cuda_paged_append(ptr::null(), ptr::null(), ptr::null(), ptr::null(), ptr::null_mut()))
+                .unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
         // The host functions refuse device memory with a pointer to the CUDA ones.
         let q_dev = tensor(0x1000 as *mut c_void, DEVICE_CUDA, &shape, 32);
         let mut lse = [0f32; 4];
-        let (code, msg) = take(kvsieve_merge_states(&q_dev, lse.as_ptr(), &q_dev, lse.as_ptr(), &q_dev, lse.as_mut_ptr())).unwrap();
+        let (code, msg) =
+            take(kvsieve_merge_states(&q_dev, lse.as_ptr(), &q_dev, lse.as_ptr(), &q_dev, lse.as_mut_ptr())).unwrap();
         assert_eq!(code, ErrorCode::Unsupported as u32, "{msg}");
         assert!(msg.contains("kvsieve_cuda_"), "{msg}");
     }
@@ -133,7 +163,8 @@ fn cuda_selection_entry_points_check_arguments_first() {
         let q_dev = tensor(0x60000 as *mut c_void, DEVICE_CUDA, &qshape, 32);
         let mut host = vec![0f32; 256];
         let q_host = tensor(host.as_mut_ptr() as *mut c_void, DEVICE_CPU, &qshape, 32);
-        let cfg = kvsieve_page_bounds_config_t { budget_tokens: 32, min_pages: 1, ..kvsieve_page_bounds_config_t::init() };
+        let cfg =
+            kvsieve_page_bounds_config_t { budget_tokens: 32, min_pages: 1, ..kvsieve_page_bounds_config_t::init() };
         let (ip, ix) = (0x70000 as *mut i32, 0x80000 as *mut i32);
         let bounds = 0x90000 as *mut c_void;
         let s = ptr::null_mut();
@@ -170,40 +201,135 @@ fn cuda_selection_entry_points_check_arguments_first() {
         let (code, msg) = take(kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_dev, &zero, ip, ix, s)).unwrap();
         assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
         assert!(msg.contains("budget_tokens"), "{msg}");
-        let (code, msg) = take(kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_dev, &cfg, ip, ptr::null_mut(), s)).unwrap();
+        let (code, msg) =
+            take(kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_dev, &cfg, ip, ptr::null_mut(), s)).unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
         assert!(msg.contains("sel_indices"), "{msg}");
         let (code, msg) = take(kvsieve_cuda_page_bounds(&kv, 64, ptr::null(), &q_dev, &cfg, ip, ix, s)).unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
         assert!(msg.contains("key_bounds"), "{msg}");
-        expect_unavailable_without_device("page bounds", || kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_dev, &cfg, ip, ix, s));
+        expect_unavailable_without_device("page bounds", || {
+            kvsieve_cuda_page_bounds(&kv, 64, bounds, &q_dev, &cfg, ip, ix, s)
+        });
 
         // Prefill: qo_indptr is host memory of batch + 1 values; windows one per KV head.
         let pshape = [5i64, 4, 64];
         let pq = tensor(0x60000 as *mut c_void, DEVICE_CUDA, &pshape, 16);
         let po = tensor(0xA0000 as *mut c_void, DEVICE_CUDA, &pshape, 16);
         let qo = [0i32, 5];
-        let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, ptr::null(), true, ptr::null(), 0, ptr::null(), ptr::null(), 0, &po, ptr::null_mut(), ptr::null(), s)).unwrap();
+        let (code, msg) = take(kvsieve_cuda_paged_prefill(
+            &kv,
+            &pq,
+            ptr::null(),
+            true,
+            ptr::null(),
+            0,
+            ptr::null(),
+            ptr::null(),
+            0,
+            &po,
+            ptr::null_mut(),
+            ptr::null(),
+            s,
+        ))
+        .unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
         assert!(msg.contains("qo_indptr"), "{msg}");
         let win = [kvsieve_streaming_window_t { sinks: 4, window: 16, ..kvsieve_streaming_window_t::init() }];
-        let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, win.as_ptr(), 1, ptr::null(), ptr::null(), 0, &po, ptr::null_mut(), ptr::null(), s)).unwrap();
+        let (code, msg) = take(kvsieve_cuda_paged_prefill(
+            &kv,
+            &pq,
+            qo.as_ptr(),
+            true,
+            win.as_ptr(),
+            1,
+            ptr::null(),
+            ptr::null(),
+            0,
+            &po,
+            ptr::null_mut(),
+            ptr::null(),
+            s,
+        ))
+        .unwrap();
         assert_eq!(code, ErrorCode::Shape as u32, "{msg}");
         assert!(msg.contains("windows"), "{msg}");
-        let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, ptr::null(), 0, ip, ptr::null(), 8, &po, ptr::null_mut(), ptr::null(), s)).unwrap();
+        let (code, msg) = take(kvsieve_cuda_paged_prefill(
+            &kv,
+            &pq,
+            qo.as_ptr(),
+            true,
+            ptr::null(),
+            0,
+            ip,
+            ptr::null(),
+            8,
+            &po,
+            ptr::null_mut(),
+            ptr::null(),
+            s,
+        ))
+        .unwrap();
         assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
         assert!(msg.contains("sel_indptr"), "{msg}");
         let bad_out = tensor(0xA0000 as *mut c_void, DEVICE_CUDA, &pshape[..2], 16);
-        let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, ptr::null(), 0, ptr::null(), ptr::null(), 0, &bad_out, ptr::null_mut(), ptr::null(), s)).unwrap();
+        let (code, msg) = take(kvsieve_cuda_paged_prefill(
+            &kv,
+            &pq,
+            qo.as_ptr(),
+            true,
+            ptr::null(),
+            0,
+            ptr::null(),
+            ptr::null(),
+            0,
+            &bad_out,
+            ptr::null_mut(),
+            ptr::null(),
+            s,
+        ))
+        .unwrap();
         assert_eq!(code, ErrorCode::Shape as u32, "{msg}");
         assert!(msg.contains("out"), "{msg}");
-        let wins = [kvsieve_streaming_window_t { sinks: 4, window: 16, ..kvsieve_streaming_window_t::init() }, kvsieve_streaming_window_t::init()];
+        let wins = [
+            kvsieve_streaming_window_t { sinks: 4, window: 16, ..kvsieve_streaming_window_t::init() },
+            kvsieve_streaming_window_t::init(),
+        ];
         let unsized_wins = [kvsieve_streaming_window_t { struct_size: 0, ..wins[0] }, wins[1]];
-        let (code, msg) = take(kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, unsized_wins.as_ptr(), 2, ptr::null(), ptr::null(), 0, &po, ptr::null_mut(), ptr::null(), s)).unwrap();
+        let (code, msg) = take(kvsieve_cuda_paged_prefill(
+            &kv,
+            &pq,
+            qo.as_ptr(),
+            true,
+            unsized_wins.as_ptr(),
+            2,
+            ptr::null(),
+            ptr::null(),
+            0,
+            &po,
+            ptr::null_mut(),
+            ptr::null(),
+            s,
+        ))
+        .unwrap();
         assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
         assert!(msg.contains("`windows[0].struct_size`"), "{msg}");
         expect_unavailable_without_device("prefill", || {
-            kvsieve_cuda_paged_prefill(&kv, &pq, qo.as_ptr(), true, wins.as_ptr(), 2, ip, ix, 8, &po, ptr::null_mut(), ptr::null(), s)
+            kvsieve_cuda_paged_prefill(
+                &kv,
+                &pq,
+                qo.as_ptr(),
+                true,
+                wins.as_ptr(),
+                2,
+                ip,
+                ix,
+                8,
+                &po,
+                ptr::null_mut(),
+                ptr::null(),
+                s,
+            )
         });
 
         // Device cluster index: upload needs a host index and an out-parameter; build checks
@@ -216,23 +342,36 @@ fn cuda_selection_entry_points_check_arguments_first() {
         let keys_dev = tensor(0x60000 as *mut c_void, DEVICE_CUDA, &kshape, 16);
         let keys_host = tensor(host.as_mut_ptr() as *mut c_void, DEVICE_CPU, &kshape, 32);
         let ccfg = kvsieve_cluster_config_default(8);
-        let (code, msg) = take(kvsieve_cuda_cluster_index_build(&keys_host, &ccfg, s, ptr::null_mut(), &mut out_dev)).unwrap();
+        let (code, msg) =
+            take(kvsieve_cuda_cluster_index_build(&keys_host, &ccfg, s, ptr::null_mut(), &mut out_dev)).unwrap();
         assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
         assert!(msg.contains("keys.device"), "{msg}");
         let both = kvsieve_cluster_config_t { cluster_fraction: 0.5, ..ccfg };
-        let (code, msg) = take(kvsieve_cuda_cluster_index_build(&keys_dev, &both, s, ptr::null_mut(), &mut out_dev)).unwrap();
+        let (code, msg) =
+            take(kvsieve_cuda_cluster_index_build(&keys_dev, &both, s, ptr::null_mut(), &mut out_dev)).unwrap();
         assert_eq!(code, ErrorCode::InvalidArgument as u32, "{msg}");
         assert!(msg.contains("cluster_fraction"), "{msg}");
-        let (code, msg) = take(kvsieve_cuda_cluster_index_build(&keys_dev, &ccfg, s, ptr::null_mut(), ptr::null_mut())).unwrap();
+        let (code, msg) =
+            take(kvsieve_cuda_cluster_index_build(&keys_dev, &ccfg, s, ptr::null_mut(), ptr::null_mut())).unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
         assert!(msg.contains("out"), "{msg}");
-        expect_unavailable_without_device("index build", || kvsieve_cuda_cluster_index_build(&keys_dev, &ccfg, s, ptr::null_mut(), &mut out_dev));
+        expect_unavailable_without_device("index build", || {
+            kvsieve_cuda_cluster_index_build(&keys_dev, &ccfg, s, ptr::null_mut(), &mut out_dev)
+        });
         assert!(out_dev.is_null(), "out written on failure");
         let rcfg = kvsieve_retrieve_config_default(32);
         let (code, msg) = take(kvsieve_cuda_cluster_index_retrieve(ptr::null(), &q_dev, &rcfg, ip, ix, s)).unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
         assert!(msg.contains("index"), "{msg}");
-        let (code, msg) = take(kvsieve_cuda_cluster_index_info(ptr::null(), ptr::null_mut(), ptr::null_mut(), ptr::null_mut(), ptr::null_mut(), ptr::null_mut())).unwrap();
+        let (code, msg) = take(kvsieve_cuda_cluster_index_info(
+            ptr::null(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+        ))
+        .unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32, "{msg}");
         kvsieve_cuda_cluster_index_free(ptr::null_mut());
 
@@ -299,7 +438,17 @@ fn cuda_cache_entry_points_check_arguments_first() {
         }
         let mut table: *mut kvsieve_cuda_table_t = ptr::null_mut();
         let mut view = kvsieve_paged_kv_t::init();
-        let (code, _) = take(kvsieve_cuda_cache_layer_view(ptr::null(), 0, &id, 1, &mut table, &mut view, ptr::null_mut(), ptr::null_mut())).unwrap();
+        let (code, _) = take(kvsieve_cuda_cache_layer_view(
+            ptr::null(),
+            0,
+            &id,
+            1,
+            &mut table,
+            &mut view,
+            ptr::null_mut(),
+            ptr::null_mut(),
+        ))
+        .unwrap();
         assert_eq!(code, ErrorCode::NullPointer as u32);
         kvsieve_cuda_table_free(ptr::null_mut());
         kvsieve_cuda_cache_free(ptr::null_mut());
@@ -418,16 +567,29 @@ mod gpu {
         };
         let mut want = vec![0f32; 2 * hq * d];
         let mut want_lse = vec![0f32; 2 * hq];
-        decode(&cpu, &qv, &mut TensorViewMut::new(&mut want, &[2, hq, d]).unwrap(), Some(&mut want_lse), &AttentionParams::default()).unwrap();
+        decode(
+            &cpu,
+            &qv,
+            &mut TensorViewMut::new(&mut want, &[2, hq, d]).unwrap(),
+            Some(&mut want_lse),
+            &AttentionParams::default(),
+        )
+        .unwrap();
         unsafe {
-            assert_eq!(take(kvsieve_cuda_paged_decode(&desc, 64, &qt, &ot, lb.ptr() as *mut f32, ptr::null(), raw_stream)), None);
+            assert_eq!(
+                take(kvsieve_cuda_paged_decode(&desc, 64, &qt, &ot, lb.ptr() as *mut f32, ptr::null(), raw_stream)),
+                None
+            );
         }
         check(&want, &want_lse, "C dense decode");
 
         // Sparse: every other token for head 0, the first 10 for head 1.
         let sels: Vec<Selection> = lens
             .iter()
-            .map(|&n| Selection::from_heads(n, vec![(0..n as u32).step_by(2).collect(), (0..10.min(n) as u32).collect()]).unwrap())
+            .map(|&n| {
+                Selection::from_heads(n, vec![(0..n as u32).step_by(2).collect(), (0..10.min(n) as u32).collect()])
+                    .unwrap()
+            })
             .collect();
         let mut indptr = vec![0i32];
         let mut indices: Vec<i32> = Vec::new();
@@ -440,11 +602,30 @@ mod gpu {
         let sip = DeviceBuffer::from_slice(&dev, &indptr, s).unwrap();
         let six = DeviceBuffer::from_slice(&dev, &indices, s).unwrap();
         let refs: Vec<&Selection> = sels.iter().collect();
-        decode_sparse(&cpu, &qv, &refs, &mut TensorViewMut::new(&mut want, &[2, hq, d]).unwrap(), Some(&mut want_lse), &AttentionParams::default()).unwrap();
+        decode_sparse(
+            &cpu,
+            &qv,
+            &refs,
+            &mut TensorViewMut::new(&mut want, &[2, hq, d]).unwrap(),
+            Some(&mut want_lse),
+            &AttentionParams::default(),
+        )
+        .unwrap();
         ob.memset(0xFF, s).unwrap();
         lb.memset(0xFF, s).unwrap();
         unsafe {
-            let e = kvsieve_cuda_paged_decode_sparse(&desc, 64, sip.ptr() as *const i32, six.ptr() as *const i32, 32, &qt, &ot, lb.ptr() as *mut f32, ptr::null(), raw_stream);
+            let e = kvsieve_cuda_paged_decode_sparse(
+                &desc,
+                64,
+                sip.ptr() as *const i32,
+                six.ptr() as *const i32,
+                32,
+                &qt,
+                &ot,
+                lb.ptr() as *mut f32,
+                ptr::null(),
+                raw_stream,
+            );
             assert_eq!(take(e), None);
         }
         check(&want, &want_lse, "C sparse decode");
@@ -479,7 +660,9 @@ mod gpu {
             s.synchronize().unwrap();
             let p: Vec<i32> = ip.to_vec(s).unwrap();
             let x: Vec<i32> = ix.to_vec(s).unwrap();
-            (0..hk).map(|h| x[p[h] as usize..p[h + 1] as usize].iter().map(|&t| u32::try_from(t).expect(what)).collect()).collect()
+            (0..hk)
+                .map(|h| x[p[h] as usize..p[h + 1] as usize].iter().map(|&t| u32::try_from(t).expect(what)).collect())
+                .collect()
         };
 
         let cfg = ClusterConfig::new(ClusterCount::Absolute(24)).with_coarse(ClusterCount::Absolute(5)).with_seed(2);
@@ -491,10 +674,30 @@ mod gpu {
             assert_eq!(take(kvsieve_cuda_cluster_index_upload(host, dev.ordinal() as i32, raw_stream, &mut dix)), None);
             kvsieve_cluster_index_free(host);
             let mut m = 0usize;
-            assert_eq!(take(kvsieve_cuda_cluster_index_info(dix, ptr::null_mut(), ptr::null_mut(), ptr::null_mut(), ptr::null_mut(), &mut m)), None);
+            assert_eq!(
+                take(kvsieve_cuda_cluster_index_info(
+                    dix,
+                    ptr::null_mut(),
+                    ptr::null_mut(),
+                    ptr::null_mut(),
+                    ptr::null_mut(),
+                    &mut m
+                )),
+                None
+            );
             assert_eq!(m, n);
             let rc = kvsieve_retrieve_config_default(50);
-            assert_eq!(take(kvsieve_cuda_cluster_index_retrieve(dix, &qt, &rc, ip.ptr() as *mut i32, ix.ptr() as *mut i32, raw_stream)), None);
+            assert_eq!(
+                take(kvsieve_cuda_cluster_index_retrieve(
+                    dix,
+                    &qt,
+                    &rc,
+                    ip.ptr() as *mut i32,
+                    ix.ptr() as *mut i32,
+                    raw_stream
+                )),
+                None
+            );
             let got = lists("uploaded index");
             for (h, l) in got.iter().enumerate() {
                 assert_eq!(l.as_slice(), want.head(h), "uploaded index, head {h}");
@@ -502,7 +705,17 @@ mod gpu {
             // The mixed ranking (the uploaded index carries the host build's radii).
             let want_mixed = index.retrieve(&qv, &Retrieve::MixedBudget(50), n).unwrap().selection;
             let rm = kvsieve_retrieve_config_t { mode: RETRIEVE_BUDGET_MIXED, ..rc };
-            assert_eq!(take(kvsieve_cuda_cluster_index_retrieve(dix, &qt, &rm, ip.ptr() as *mut i32, ix.ptr() as *mut i32, raw_stream)), None);
+            assert_eq!(
+                take(kvsieve_cuda_cluster_index_retrieve(
+                    dix,
+                    &qt,
+                    &rm,
+                    ip.ptr() as *mut i32,
+                    ix.ptr() as *mut i32,
+                    raw_stream
+                )),
+                None
+            );
             let got = lists("uploaded index, mixed ranking");
             for (h, l) in got.iter().enumerate() {
                 assert_eq!(l.as_slice(), want_mixed.head(h), "uploaded index, mixed ranking, head {h}");
@@ -515,9 +728,22 @@ mod gpu {
             let mut built: *mut kvsieve_cuda_cluster_index_t = ptr::null_mut();
             assert_eq!(take(kvsieve_cuda_cluster_index_build(&kt, &cc, raw_stream, &mut host_out, &mut built)), None);
             let host_index = cluster_index_from_handle(host_out).unwrap();
-            assert_eq!((0..hk).map(|h| host_index.head(h).sizes().iter().sum::<u32>() as usize).collect::<Vec<_>>(), vec![n; hk]);
+            assert_eq!(
+                (0..hk).map(|h| host_index.head(h).sizes().iter().sum::<u32>() as usize).collect::<Vec<_>>(),
+                vec![n; hk]
+            );
             let want = host_index.retrieve(&qv, &Retrieve::Budget(50), n).unwrap().selection;
-            assert_eq!(take(kvsieve_cuda_cluster_index_retrieve(built, &qt, &rc, ip.ptr() as *mut i32, ix.ptr() as *mut i32, raw_stream)), None);
+            assert_eq!(
+                take(kvsieve_cuda_cluster_index_retrieve(
+                    built,
+                    &qt,
+                    &rc,
+                    ip.ptr() as *mut i32,
+                    ix.ptr() as *mut i32,
+                    raw_stream
+                )),
+                None
+            );
             let got = lists("device build");
             for (h, l) in got.iter().enumerate() {
                 assert_eq!(l.as_slice(), want.head(h), "device build, head {h}");
@@ -527,7 +753,13 @@ mod gpu {
             // GemFilter.
             let gcfg = GemFilterConfig { k: 40, pool_kernel: 5, keep_first: 2, keep_last: 3 };
             let want = gem_select(&qv, KeySource::Tensor(&kv), &gcfg).unwrap();
-            let c = kvsieve_gemfilter_config_t { k: 40, pool_kernel: 5, keep_first: 2, keep_last: 3, ..kvsieve_gemfilter_config_default(0) };
+            let c = kvsieve_gemfilter_config_t {
+                k: 40,
+                pool_kernel: 5,
+                keep_first: 2,
+                keep_last: 3,
+                ..kvsieve_gemfilter_config_default(0)
+            };
             assert_eq!(take(kvsieve_cuda_gemfilter_select(&qt, &kt, &c, ix.ptr() as *mut i32, raw_stream)), None);
             s.synchronize().unwrap();
             let got: Vec<i32> = ix.to_vec(s).unwrap();
@@ -586,7 +818,10 @@ mod gpu {
             let hb = host.fork(ha).unwrap();
             let keep: Vec<u32> = (0..n as u32).step_by(3).collect();
             let indptr = [0u32, keep.len() as u32];
-            assert_eq!(take(kvsieve_cuda_cache_compact(cache, b, 0, indptr.as_ptr(), 1, keep.as_ptr(), keep.len())), None);
+            assert_eq!(
+                take(kvsieve_cuda_cache_compact(cache, b, 0, indptr.as_ptr(), 1, keep.as_ptr(), keep.len())),
+                None
+            );
             host.compact(hb, KeepTokens::All(&keep)).unwrap();
             let mut len = 0usize;
             assert_eq!(take(kvsieve_cuda_cache_seq_len(cache, b, &mut len)), None);
@@ -605,18 +840,37 @@ mod gpu {
                 let mut table: *mut kvsieve_cuda_table_t = ptr::null_mut();
                 let mut view = kvsieve_paged_kv_t::init();
                 let mut max_len = 0usize;
-                let e = kvsieve_cuda_cache_layer_view(cache, layer, ids.as_ptr(), 2, &mut table, &mut view, ptr::null_mut(), &mut max_len);
+                let e = kvsieve_cuda_cache_layer_view(
+                    cache,
+                    layer,
+                    ids.as_ptr(),
+                    2,
+                    &mut table,
+                    &mut view,
+                    ptr::null_mut(),
+                    &mut max_len,
+                );
                 assert_eq!(take(e), None);
                 assert_eq!(max_len, n);
                 ob.memset(0xFF, s).unwrap();
-                assert_eq!(take(kvsieve_cuda_paged_decode(&view, max_len, &qt, &ot, ptr::null_mut(), ptr::null(), raw_stream)), None);
+                assert_eq!(
+                    take(kvsieve_cuda_paged_decode(&view, max_len, &qt, &ot, ptr::null_mut(), ptr::null(), raw_stream)),
+                    None
+                );
                 s.synchronize().unwrap();
                 kvsieve_cuda_table_free(table);
                 let got: Vec<f32> = ob.to_vec(s).unwrap();
                 let t = host.page_table(&[ha, hb]).unwrap();
                 let hv = host.layer_view(layer, &t).unwrap();
                 let mut want = vec![0f32; 2 * hq * d];
-                decode(&hv, &TensorView::new(&q, &[2, hq, d]).unwrap(), &mut TensorViewMut::new(&mut want, &[2, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap();
+                decode(
+                    &hv,
+                    &TensorView::new(&q, &[2, hq, d]).unwrap(),
+                    &mut TensorViewMut::new(&mut want, &[2, hq, d]).unwrap(),
+                    None,
+                    &AttentionParams::default(),
+                )
+                .unwrap();
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!((g - w).abs() <= 2e-4 + 2e-3 * w.abs(), "layer {layer} out[{i}]: {g} vs {w}");
                 }

@@ -92,7 +92,10 @@ fn header_texts() -> Vec<(PathBuf, String)> {
         }
     }
     paths.sort();
-    paths.into_iter().map(|p| (p.clone(), std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display())))).collect()
+    paths
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))))
+        .collect()
 }
 
 /// The names of the `static inline` functions the headers define (`static inline` at the start
@@ -105,7 +108,12 @@ fn inline_functions() -> BTreeSet<String> {
             if let Some(rest) = line.strip_prefix("static inline ") {
                 let head = rest.split('(').next().unwrap_or("");
                 let name = head.rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or("");
-                assert!(name.starts_with("kvsieve_"), "{}:{}: a static inline function not named kvsieve_*: {line}", path.display(), i + 1);
+                assert!(
+                    name.starts_with("kvsieve_"),
+                    "{}:{}: a static inline function not named kvsieve_*: {line}",
+                    path.display(),
+                    i + 1
+                );
                 names.insert(name.to_string());
             }
         }
@@ -115,7 +123,11 @@ fn inline_functions() -> BTreeSet<String> {
 
 fn exported_symbols() -> BTreeSet<String> {
     let lib = common::built_library();
-    let out = Command::new("nm").args(["-D", "--defined-only"]).arg(lib).output().unwrap_or_else(|e| panic!("run nm on {}: {e}", lib.display()));
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(lib)
+        .output()
+        .unwrap_or_else(|e| panic!("run nm on {}: {e}", lib.display()));
     assert!(out.status.success(), "nm failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -133,7 +145,10 @@ fn header_declares_exactly_the_exported_functions() {
     let exported = exported_symbols();
     assert!(declared.len() > 10, "bindgen found only {} functions in the header: {declared:?}", declared.len());
     let exported_inline: Vec<&String> = inline.intersection(&exported).collect();
-    assert!(exported_inline.is_empty(), "the library exports functions the headers define as static inline: {exported_inline:?}");
+    assert!(
+        exported_inline.is_empty(),
+        "the library exports functions the headers define as static inline: {exported_inline:?}"
+    );
     let undeclared: Vec<&String> = exported.difference(&declared).collect();
     let missing: Vec<&String> = declared.difference(&exported).collect();
     assert!(
@@ -160,7 +175,8 @@ fn every_versioned_struct_has_an_init_function() {
                 versioned.push(name.to_string());
                 let init = format!("static inline void {name}_init({name}_t *");
                 if !inline.contains(&format!("{name}_init")) || !text.contains(&init) {
-                    problems.push(format!("{}: {name}_t begins with struct_size but has no `{init}...)`", path.display()));
+                    problems
+                        .push(format!("{}: {name}_t begins with struct_size but has no `{init}...)`", path.display()));
                 }
             }
         }
@@ -196,10 +212,17 @@ fn every_versioned_struct_has_an_init_function() {
 #[cfg(target_os = "linux")]
 fn shared_library_soname_is_the_major_version() {
     let lib = common::built_library();
-    let out = Command::new("readelf").arg("-d").arg(lib).output().unwrap_or_else(|e| panic!("run readelf on {}: {e}", lib.display()));
+    let out = Command::new("readelf")
+        .arg("-d")
+        .arg(lib)
+        .output()
+        .unwrap_or_else(|e| panic!("run readelf on {}: {e}", lib.display()));
     assert!(out.status.success(), "readelf failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let soname = stdout.lines().find(|l| l.contains("(SONAME)")).unwrap_or_else(|| panic!("{} has no SONAME:\n{stdout}", lib.display()));
+    let soname = stdout
+        .lines()
+        .find(|l| l.contains("(SONAME)"))
+        .unwrap_or_else(|| panic!("{} has no SONAME:\n{stdout}", lib.display()));
     let want = format!("[libkvsieve.so.{}]", env!("CARGO_PKG_VERSION_MAJOR"));
     assert!(soname.trim_end().ends_with(&want), "SONAME of {}: {soname}, expected {want}", lib.display());
 }

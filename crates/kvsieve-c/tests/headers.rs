@@ -107,7 +107,9 @@ fn each_header_compiles_on_its_own() {
 
 #[test]
 fn each_header_can_be_included_twice() {
-    assert_all_compile(all_headers().into_iter().map(|h| (format!("<{h}> twice"), format!("#include <{h}>\n#include <{h}>\n"))));
+    assert_all_compile(
+        all_headers().into_iter().map(|h| (format!("<{h}> twice"), format!("#include <{h}>\n#include <{h}>\n"))),
+    );
 }
 
 #[test]
@@ -117,7 +119,10 @@ fn concept_headers_compile_together_forwards_and_backwards() {
     let mut forwards: String = concept_headers().iter().map(|h| format!("#include <{h}>\n")).collect();
     let backwards: String = concept_headers().iter().rev().map(|h| format!("#include <{h}>\n")).collect();
     forwards.push_str("#include <kvsieve.h>\n");
-    assert_all_compile([("every header, in order".to_string(), forwards), ("every header, in reverse order".to_string(), backwards)]);
+    assert_all_compile([
+        ("every header, in order".to_string(), forwards),
+        ("every header, in reverse order".to_string(), backwards),
+    ]);
 }
 
 /// C source with comments and string literals removed (both replaced by a space).
@@ -268,7 +273,8 @@ fn headers_include_exactly_what_they_use() {
             }
         }
         for missing in needed.difference(&names.includes) {
-            let what: Vec<&String> = names.uses.iter().filter(|u| owner.get(u.as_str()) == Some(&missing.as_str())).collect();
+            let what: Vec<&String> =
+                names.uses.iter().filter(|u| owner.get(u.as_str()) == Some(&missing.as_str())).collect();
             problems.push(format!("{h} uses {what:?} of {missing} without including it"));
         }
         for extra in names.includes.difference(&needed) {
@@ -300,8 +306,17 @@ fn version_macros_match_the_crate() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let lines: Vec<&str> = stdout.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
         let expanded = &lines[lines.len().saturating_sub(3)..];
-        let numbers = format!("{} {} {}", env!("CARGO_PKG_VERSION_MAJOR"), env!("CARGO_PKG_VERSION_MINOR"), env!("CARGO_PKG_VERSION_PATCH"));
+        let numbers = format!(
+            "{} {} {}",
+            env!("CARGO_PKG_VERSION_MAJOR"),
+            env!("CARGO_PKG_VERSION_MINOR"),
+            env!("CARGO_PKG_VERSION_PATCH")
+        );
         let string = format!("\"{}\"", env!("CARGO_PKG_VERSION"));
-        assert_eq!(expanded, [numbers.as_str(), string.as_str(), string.as_str()], "{lang:?}: version macros of kvsieve/version.h");
+        assert_eq!(
+            expanded,
+            [numbers.as_str(), string.as_str(), string.as_str()],
+            "{lang:?}: version macros of kvsieve/version.h"
+        );
     }
 }

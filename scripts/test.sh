@@ -25,6 +25,8 @@ echo "== cargo test -p kvsieve-c (the C library: C programs under valgrind, head
 cargo test -p kvsieve-c --no-fail-fast
 echo "== install test: scripts/install.sh, then the C example built with pkg-config (shared, static) and CMake"
 bash scripts/install-test.sh
+echo "== package test: the Rust crate through cargo add and cargo package, pip install of the Python package"
+bash scripts/package-test.sh
 # The CPU kernels pick the best instruction set at run time (AVX-512, AVX2, portable); the
 # suites that reach them run again with each lower level this CPU can replace the best with.
 for isa in avx2 portable; do

@@ -22,6 +22,7 @@ pub mod gemfilter;
 mod keys;
 mod pages;
 mod policy;
+mod policy_check;
 mod policy_text;
 mod selection;
 mod topk;

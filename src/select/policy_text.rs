@@ -2,6 +2,9 @@
 //! a tokenizer that records byte offsets, then recursive descent. Every error is
 //! [`Error::Parse`] at the offset of the offending token (the text's length at its end).
 
+use std::fmt;
+
+use crate::config::PositionMode;
 use crate::error::{Error, Result};
 use crate::select::policy::{ClusterRank, HeadOverride, LayerOverride, Policy, PositionKind, Spec};
 
@@ -424,4 +427,84 @@ fn check_dense(b: &SpecBuilder, off: usize, key: &str) -> Result<()> {
 pub(crate) fn parse(text: &str) -> Result<Policy> {
     let toks = tokenize(text)?;
     Parser { toks, pos: 0 }.policy()
+}
+
+// ---- The printer: the canonical text form (see the policy module's docs).
+
+/// A position mode as the text form writes it.
+pub(crate) fn mode_text(mode: PositionMode) -> String {
+    match mode {
+        PositionMode::Original => "positions=original".into(),
+        PositionMode::Contiguous => "positions=contiguous".into(),
+        PositionMode::Capped { max_distance } => format!("positions=capped,max_distance={max_distance}"),
+    }
+}
+
+impl fmt::Display for Spec {
+    /// Canonical order: `dense, sinks, window, pages, min_pages, clusters, clusters_k,
+    /// cluster_size, hier, rank, positions, max_distance`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut items: Vec<String> = Vec::new();
+        if self.dense {
+            items.push("dense".into());
+        }
+        let numbers = [
+            ("sinks", self.sinks),
+            ("window", self.window),
+            ("pages", self.pages),
+            ("min_pages", self.min_pages),
+            ("clusters", self.clusters),
+            ("clusters_k", self.clusters_k),
+            ("cluster_size", self.cluster_size),
+            ("hier", self.hier),
+        ];
+        items.extend(numbers.iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))));
+        if let Some(r) = self.rank {
+            items.push(format!("rank={}", r.name()));
+        }
+        if let Some(p) = self.positions {
+            items.push(format!("positions={}", p.name()));
+        }
+        if let Some(m) = self.max_distance {
+            items.push(format!("max_distance={m}"));
+        }
+        f.write_str(&items.join(","))
+    }
+}
+
+impl fmt::Display for LayerOverride {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ranges: Vec<String> =
+            self.layers.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+        write!(f, "layers={}:{}", ranges.join(","), self.spec)
+    }
+}
+
+impl fmt::Display for HeadOverride {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let heads: Vec<String> = self.heads.iter().map(|(l, h)| format!("{l}.{h}")).collect();
+        write!(f, "heads={}:{}", heads.join(","), self.spec)
+    }
+}
+
+impl fmt::Display for Policy {
+    /// The canonical text form: the default spec, then layer clauses, then head clauses.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.default_spec())?;
+        for o in self.layer_overrides() {
+            write!(f, ";{o}")?;
+        }
+        for o in self.head_overrides() {
+            write!(f, ";{o}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Policy::parse(s)
+    }
 }

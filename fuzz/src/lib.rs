@@ -1,5 +1,6 @@
 //! Seeded random drivers for kvsieve's untrusted-input paths: the policy text parser, the
-//! cluster index file loader and selections built from CSR arrays. Each driver generates
+//! cluster index file loader, selections built from CSR arrays, and the C ABI's cache calls
+//! checked against a model of the cache. Each driver generates
 //! inputs from a seed, runs them, and checks that the library answers with a value or an
 //! error of the documented kind: never a panic, never a hang, and with round trips that hold.
 //!
@@ -8,6 +9,7 @@
 //! (`src/main.rs`) runs them for a time budget; `tests/regressions.rs` replays every input
 //! kept under `fuzz/regressions/`.
 
+pub mod capi;
 pub mod file;
 pub mod policy;
 pub mod rng;

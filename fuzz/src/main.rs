@@ -1,5 +1,5 @@
 //! `kvsieve-fuzz [--seconds N] [--seed S] [DRIVER...]`: runs the seeded random drivers
-//! (`policy`, `file`, `selection`; all by default) for N seconds in all (default 60), split
+//! (`policy`, `file`, `selection`, `capi`; all by default) for N seconds in all (default 60), split
 //! evenly, and prints what each ran and found. Inputs that crash, hang or get a wrong answer
 //! are written to `fuzz/regressions/<driver>/` (replayed by `cargo test -p kvsieve-fuzz`)
 //! and make the exit status 1.
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kvsieve_fuzz::rng::Rng;
-use kvsieve_fuzz::{file, policy, run, selection, Outcome};
+use kvsieve_fuzz::{capi, file, policy, run, selection, Outcome};
 
 fn keep(driver: &str, name: String, bytes: &[u8]) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("regressions").join(driver);
@@ -46,14 +46,14 @@ fn main() {
         match a.as_str() {
             "--seconds" => seconds = it.next().and_then(|s| s.parse().ok()).expect("--seconds N"),
             "--seed" => seed = it.next().and_then(|s| s.parse().ok()).expect("--seed S"),
-            d @ ("policy" | "file" | "selection") => drivers.push(d.to_string()),
+            d @ ("policy" | "file" | "selection" | "capi") => drivers.push(d.to_string()),
             other => panic!(
-                "unknown argument {other:?}: expected --seconds N, --seed S or a driver (policy, file, selection)"
+                "unknown argument {other:?}: expected --seconds N, --seed S or a driver (policy, file, selection, capi)"
             ),
         }
     }
     if drivers.is_empty() {
-        drivers = vec!["policy".into(), "file".into(), "selection".into()];
+        drivers = vec!["policy".into(), "file".into(), "selection".into(), "capi".into()];
     }
     // Panics are expected to be caught and counted; keep their messages short.
     std::panic::set_hook(Box::new(|info| eprintln!("panic: {info}")));
@@ -63,6 +63,7 @@ fn main() {
         let end = Instant::now() + budget;
         let mut tally = Tally::default();
         let mut s = seed;
+        let calls0 = capi::CALLS.load(std::sync::atomic::Ordering::Relaxed);
         let files = if driver == "file" { file::seeds() } else { Vec::new() };
         while Instant::now() < end {
             s = s.wrapping_add(1);
@@ -82,6 +83,10 @@ fn main() {
                     let out = run(|| file::check(&bytes, d));
                     tally.record(driver, s, out, || (format!("{s}-d{d}.safetensors"), bytes.clone()));
                 }
+                "capi" => {
+                    let out = run(|| capi::check(s));
+                    tally.record(driver, s, out, || (format!("{s}.txt"), format!("{s}\n").into_bytes()));
+                }
                 _ => {
                     let (n, indptr, indices) = selection::generate(&mut r);
                     let input = format!("{n}\n{indptr:?}\n{indices:?}\n");
@@ -90,8 +95,10 @@ fn main() {
                 }
             }
         }
+        let calls = capi::CALLS.load(std::sync::atomic::Ordering::Relaxed) - calls0;
+        let calls = if driver == "capi" { format!(" ({calls} C calls)") } else { String::new() };
         println!(
-            "{driver}: {} inputs in {:.0} s, {} crashes, hangs or wrong answers",
+            "{driver}: {} inputs{calls} in {:.0} s, {} crashes, hangs or wrong answers",
             tally.cases,
             budget.as_secs_f64(),
             tally.bad

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use kvsieve_fuzz::{file, policy, run, selection, Outcome};
+use kvsieve_fuzz::{capi, file, policy, run, selection, Outcome};
 
 fn inputs(driver: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions").join(driver);
@@ -52,6 +52,11 @@ fn kept_inputs_pass() {
         assert_eq!(run(|| selection::check(n, indptr, indices)), Outcome::Ok, "selection {name}");
         ran += 1;
     }
+    for (name, bytes) in inputs("capi") {
+        let seed = String::from_utf8(bytes).unwrap().trim().parse().unwrap();
+        assert_eq!(run(|| capi::check(seed)), Outcome::Ok, "capi {name}");
+        ran += 1;
+    }
     println!("{ran} kept inputs replayed");
 }
 
@@ -71,5 +76,13 @@ fn a_few_thousand_inputs_of_each_driver_pass() {
             let bytes = file::mutate(&base, &mut r);
             assert_eq!(run(|| file::check(&bytes, d)), Outcome::Ok, "file seed {s}");
         }
+    }
+}
+
+/// A few hundred C ABI call sequences match the model.
+#[test]
+fn a_few_hundred_capi_sequences_pass() {
+    for s in 0..400u64 {
+        assert_eq!(run(|| capi::check(s)), Outcome::Ok, "capi seed {s}");
     }
 }

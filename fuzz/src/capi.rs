@@ -81,9 +81,6 @@ fn message(e: *mut kvsieve_error_t) -> (u32, String) {
     (code(e), m)
 }
 
-/// K and V of one token, per layer.
-type Rows = (Vec<Vec<f32>>, Vec<Vec<f32>>);
-
 #[derive(Clone)]
 struct Token {
     pos: i32,
@@ -110,12 +107,6 @@ struct Fuzz {
     dead: Vec<u64>,
     next_id_guess: u64,
     refc: HashMap<u32, usize>,
-    /// Per page, slots past its holders' tokens that still hold truncated K/V (page slot ->
-    /// K and V per layer). The library does not clear them when it truncates inside an
-    /// unshared page, and a later append there shows them instead of zeros; the model
-    /// follows, so that everything else stays checked (including that K/V never cross to a
-    /// sequence that did not inherit the page).
-    stale: HashMap<u32, HashMap<usize, Rows>>,
     next_page: u32,
     log: Vec<String>,
 }
@@ -180,7 +171,6 @@ impl Fuzz {
             dead: vec![u64::MAX, 1 << 40],
             next_id_guess: 0,
             refc: HashMap::new(),
-            stale: HashMap::new(),
             next_page: 0,
             log: Vec::new(),
         })
@@ -205,7 +195,6 @@ impl Fuzz {
         *n -= 1;
         if *n == 0 {
             self.refc.remove(&p);
-            self.stale.remove(&p);
         }
     }
 
@@ -379,12 +368,7 @@ impl Fuzz {
         }
         for i in 0..n {
             let pos = positions.as_ref().map_or(next.wrapping_add(i as i32), |p| p[i]);
-            let t = s.toks.len();
-            let mut tok = self.zero_token(pos);
-            if let Some((k, v)) = self.stale.get_mut(&s.pages[t / self.ps]).and_then(|g| g.remove(&(t % self.ps))) {
-                (tok.k, tok.v) = (k, v);
-            }
-            s.toks.push(tok);
+            s.toks.push(self.zero_token(pos));
         }
         self.seqs.insert(id, s);
         if want_slots {
@@ -529,13 +513,6 @@ impl Fuzz {
             let old = s.pages.pop().unwrap();
             self.decref(old);
             s.pages.push(self.new_page());
-        } else if partial {
-            let last = *s.pages.last().unwrap();
-            let end = len.min(keep_pages * self.ps);
-            let ghost = self.stale.entry(last).or_default();
-            for t in new_len..end {
-                ghost.insert(t % self.ps, (s.toks[t].k.clone(), s.toks[t].v.clone()));
-            }
         }
         s.toks.truncate(new_len);
         self.seqs.insert(id, s);

@@ -201,18 +201,12 @@ impl KvCache {
         let (dst, _) = self.pool.alloc();
         let n = self.cfg.page_elems() * self.cfg.dtype.size();
         let (s, d) = (src as usize, dst as usize);
-        let tail = plan::tail_rows(&self.cfg, keep);
-        let es = self.cfg.dtype.size();
         for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let bytes = buf.bytes_mut();
-            bytes.copy_within(s * n..(s + 1) * n, d * n);
-            for &(off, len) in &tail {
-                bytes[d * n + off * es..d * n + (off + len) * es].fill(0);
-            }
+            buf.bytes_mut().copy_within(s * n..(s + 1) * n, d * n);
         }
         let ps = self.cfg.page_size;
         self.positions.copy_within(s * ps..(s + 1) * ps, d * ps);
-        self.positions[d * ps + keep.min(ps)..(d + 1) * ps].fill(0);
+        self.clear_tail(d, keep);
         if let Some(b) = self.bounds.as_mut() {
             b.copy_page(&self.cfg, s, d);
             if keep < ps {
@@ -221,6 +215,21 @@ impl KvCache {
         }
         self.pool.decref(src);
         dst
+    }
+
+    /// Zero slots `keep..page_size` of `page` (K and V of every layer, and positions).
+    fn clear_tail(&mut self, page: usize, keep: usize) {
+        let n = self.cfg.page_elems() * self.cfg.dtype.size();
+        let es = self.cfg.dtype.size();
+        let tail = plan::tail_rows(&self.cfg, keep);
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let bytes = buf.bytes_mut();
+            for &(off, len) in &tail {
+                bytes[page * n + off * es..page * n + (off + len) * es].fill(0);
+            }
+        }
+        let ps = self.cfg.page_size;
+        self.positions[page * ps + keep.min(ps)..(page + 1) * ps].fill(0);
     }
 
     fn alloc_fresh(&mut self) -> u32 {
@@ -436,6 +445,9 @@ impl KvCache {
             s.pages.push(copy);
         } else if plan.partial {
             let last = *s.pages.last().unwrap() as usize;
+            // The dropped slots are cleared: slots appended there later read as zeros until
+            // written, not as the tokens truncated away.
+            self.clear_tail(last, plan.keep_last);
             if let Some(b) = self.bounds.as_mut() {
                 b.truncate_page(&self.cfg, last, plan.keep_last, &self.k);
             }

@@ -270,26 +270,38 @@ impl CudaKvCache {
         Ok(pages)
     }
 
+    /// Zero slots `keep..page_size` of `page` (K and V of every layer, and positions; the
+    /// caller uploads the positions).
+    fn clear_tail(&mut self, page: usize, keep: usize) -> Result<()> {
+        let (n, es) = (self.page_bytes(), self.cfg.dtype.size());
+        let tail = plan::tail_rows(&self.cfg, keep);
+        for layer in 0..self.cfg.num_layers {
+            for buf in [&self.k[layer], &self.v[layer]] {
+                for &(off, len) in &tail {
+                    buf.memset_range(page * n + off * es, len * es, 0, &self.stream)?;
+                }
+            }
+        }
+        let ps = self.cfg.page_size;
+        self.positions_host[page * ps + keep.min(ps)..(page + 1) * ps].fill(0);
+        Ok(())
+    }
+
     /// Copy page `src` into a fresh page keeping the first `keep` slots (the caller
     /// reserved it), dropping one reference to `src`.
     fn copy_page(&mut self, src: u32, keep: usize) -> Result<u32> {
         let (dst, _) = self.pool.alloc();
         let (s, d) = (src as usize, dst as usize);
         let n = self.page_bytes();
-        // Slots past `keep` belong to the other holders of `src`: the copy's are zero.
-        let tail = plan::tail_rows(&self.cfg, keep);
-        let es = self.cfg.dtype.size();
         for layer in 0..self.cfg.num_layers {
             for buf in [&self.k[layer], &self.v[layer]] {
                 buf.copy_from(d * n, buf, s * n, n, &self.stream)?;
-                for &(off, len) in &tail {
-                    buf.memset_range(d * n + off * es, len * es, 0, &self.stream)?;
-                }
             }
         }
         let ps = self.cfg.page_size;
         self.positions_host.copy_within(s * ps..(s + 1) * ps, d * ps);
-        self.positions_host[d * ps + keep.min(ps)..(d + 1) * ps].fill(0);
+        // Slots past `keep` belong to the other holders of `src`: the copy's are zero.
+        self.clear_tail(d, keep)?;
         self.upload_positions(d)?;
         if !self.bounds.is_empty() {
             let bn = self.bounds_page_bytes();
@@ -578,13 +590,18 @@ impl CudaKvCache {
             let r = if plan.cow {
                 let last = s.pages.pop().unwrap();
                 c.copy_page(last, plan.keep_last).map(|copy| s.pages.push(copy))
-            } else if plan.partial && !c.bounds.is_empty() {
+            } else if plan.partial {
+                // The dropped slots are cleared: slots appended there later read as zeros
+                // until written, not as the tokens truncated away.
                 let last = *s.pages.last().unwrap() as usize;
                 let keep_mask = (1u64 << plan.keep_last) - 1;
-                (0..c.cfg.num_layers).try_for_each(|layer| {
-                    c.written[layer][last] &= keep_mask;
-                    let mask = c.written[layer][last];
-                    c.run_bounds(layer, &[BoundsEntry { page: last as i32, reset: 1, mask }])
+                let layers = if c.bounds.is_empty() { 0 } else { c.cfg.num_layers };
+                c.clear_tail(last, plan.keep_last).and_then(|()| c.upload_positions(last)).and_then(|()| {
+                    (0..layers).try_for_each(|layer| {
+                        c.written[layer][last] &= keep_mask;
+                        let mask = c.written[layer][last];
+                        c.run_bounds(layer, &[BoundsEntry { page: last as i32, reset: 1, mask }])
+                    })
                 })
             } else {
                 Ok(())

@@ -169,6 +169,18 @@ fn unwritten_slots_never_show_another_sequences_data() {
             );
         }
     }
+    // Slots a truncation dropped from a page the sequence keeps are cleared too: appended
+    // again, they read as zeros, not as the tokens truncated away.
+    let (mut c, a, b) = setup(crate::config::PageLayout::Hnd);
+    c.free_sequence(b).unwrap();
+    c.truncate(a, 9).unwrap();
+    c.append(a, 1, None).unwrap();
+    let table = c.page_table(&[a]).unwrap();
+    let view = c.layer_view(0, &table).unwrap();
+    for h in 0..HK {
+        assert!(view.key(0, 9, h).iter().chain(view.value(0, 9, h).iter()).all(|&x| x == 0.0), "head {h}");
+        assert!(view.key(0, 8, h).iter().any(|&x| x != 0.0), "the kept token keeps its K");
+    }
     // A fork's copy of a shared last page keeps only the slots it holds: slots it appends
     // next read as zeros, not as the other sequence's tokens there.
     for layout in [crate::config::PageLayout::Nhd, crate::config::PageLayout::Hnd] {

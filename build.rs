@@ -88,7 +88,11 @@ fn main() {
     }
     std::fs::write(out.join("ptxas-report.txt"), &report).unwrap();
     if !hot_spills.is_empty() {
-        fail(&format!("hot kernels spill registers (see {}):\n{}", out.join("ptxas-report.txt").display(), hot_spills.join("\n")));
+        fail(&format!(
+            "hot kernels spill registers (see {}):\n{}",
+            out.join("ptxas-report.txt").display(),
+            hot_spills.join("\n")
+        ));
     }
     write_table(&out, &names);
 }
@@ -176,7 +180,11 @@ fn spills(log: &str) -> Vec<(String, String, String)> {
             }
         } else if line.contains("spill stores") {
             let n = |key: &str| -> u64 {
-                line.split(key).next().and_then(|s| s.split_whitespace().last()).and_then(|x| x.parse().ok()).unwrap_or(0)
+                line.split(key)
+                    .next()
+                    .and_then(|s| s.split_whitespace().last())
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(0)
             };
             if n("bytes spill stores") > 0 || n("bytes spill loads") > 0 {
                 found.push((cur.0.clone(), cur.1.clone(), line.trim().to_string()));
@@ -206,7 +214,9 @@ fn write_table(out: &Path, names: &[String]) {
     for n in names {
         s.push_str(&format!("    /// `cuda/{n}.cu`\n    {},\n", camel(n)));
     }
-    s.push_str("}\n\nimpl ModuleId {\n    /// Every module, in file-name order.\n    pub const ALL: &'static [ModuleId] = &[");
+    s.push_str(
+        "}\n\nimpl ModuleId {\n    /// Every module, in file-name order.\n    pub const ALL: &'static [ModuleId] = &[",
+    );
     for n in names {
         s.push_str(&format!("ModuleId::{}, ", camel(n)));
     }
@@ -216,11 +226,17 @@ fn write_table(out: &Path, names: &[String]) {
     }
     s.push_str("        }\n    }\n\n    /// The embedded fatbin (sm_80 and sm_90 cubins, compute_80 PTX).\n    pub(crate) fn image(self) -> &'static [u8] {\n        match self {\n");
     for n in names {
-        s.push_str(&format!("            ModuleId::{} => include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{n}.fatbin\")),\n", camel(n)));
+        s.push_str(&format!(
+            "            ModuleId::{} => include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{n}.fatbin\")),\n",
+            camel(n)
+        ));
     }
     s.push_str("        }\n    }\n\n    /// nvcc's `-Xptxas -v` report for the module's kernels (registers, spills, shared memory).\n    pub fn ptxas_report(self) -> &'static str {\n        match self {\n");
     for n in names {
-        s.push_str(&format!("            ModuleId::{} => include_str!(concat!(env!(\"OUT_DIR\"), \"/{n}.ptxas.log\")),\n", camel(n)));
+        s.push_str(&format!(
+            "            ModuleId::{} => include_str!(concat!(env!(\"OUT_DIR\"), \"/{n}.ptxas.log\")),\n",
+            camel(n)
+        ));
     }
     s.push_str("        }\n    }\n}\n");
     std::fs::write(out.join("cuda_modules.rs"), s).unwrap();

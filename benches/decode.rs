@@ -7,7 +7,8 @@ use kvsieve::{CacheConfig, DType, KvCache, TensorView, TensorViewMut};
 
 fn filled_cache(batch: usize, tokens: usize) -> (KvCache, Vec<u64>) {
     let (hk, d, ps) = (8, 128, 16);
-    let mut cache = KvCache::new(CacheConfig::new(1, hk, d, ps, batch * tokens.div_ceil(ps)).with_dtype(DType::F16)).unwrap();
+    let mut cache =
+        KvCache::new(CacheConfig::new(1, hk, d, ps, batch * tokens.div_ceil(ps)).with_dtype(DType::F16)).unwrap();
     let data: Vec<f32> = (0..tokens * hk * d).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
     let ids = (0..batch)
         .map(|_| {

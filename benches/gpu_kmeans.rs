@@ -29,7 +29,11 @@ fn main() {
     let k = ((n as f64) * 0.05).round() as usize;
     let reps = env("KVSIEVE_KMEANS_REPS", 3).max(1);
     let iters = 10usize;
-    println!("gpu_kmeans: {} ({} SMs), {n} keys x {d} dims x {hk} heads, {k} clusters per head, {iters} iterations", dev.name(), dev.num_sms());
+    println!(
+        "gpu_kmeans: {} ({} SMs), {n} keys x {d} dims x {hk} heads, {k} clusters per head, {iters} iterations",
+        dev.name(),
+        dev.num_sms()
+    );
     // Random keys with some structure: a few hundred directions plus noise.
     let mut state = 0x5eed_u64;
     let mut next = || {

@@ -24,7 +24,9 @@ use std::time::Instant;
 
 use kvsieve::attention::AttentionParams;
 use kvsieve::backend::cuda::attention::{decode, decode_sparse, Workspace};
-use kvsieve::backend::cuda::{CudaDevice, CudaPageTable, CudaPagedKv, CudaSelections, DeviceBuffer, DeviceTensor, Stream};
+use kvsieve::backend::cuda::{
+    CudaDevice, CudaPageTable, CudaPagedKv, CudaSelections, DeviceBuffer, DeviceTensor, Stream,
+};
 use kvsieve::{f16, DType, PageLayout, PageTableRef, PagedKvLayout, Selection};
 
 const HK: usize = 8;
@@ -125,8 +127,12 @@ fn build(dev: &Arc<CudaDevice>, batch: usize, tokens: usize, rng: &mut Rng, keep
     let last = vec![(tokens - (pages_per_seq - 1) * PS) as i32; batch];
     let host_kv = keep_host.then(|| {
         let per_tok = HK * D;
-        let kk: Vec<f16> = (0..tokens).flat_map(|t| slab_k[(t % slab_tokens) * per_tok..(t % slab_tokens + 1) * per_tok].to_vec()).collect();
-        let vv: Vec<f16> = (0..tokens).flat_map(|t| slab_v[(t % slab_tokens) * per_tok..(t % slab_tokens + 1) * per_tok].to_vec()).collect();
+        let kk: Vec<f16> = (0..tokens)
+            .flat_map(|t| slab_k[(t % slab_tokens) * per_tok..(t % slab_tokens + 1) * per_tok].to_vec())
+            .collect();
+        let vv: Vec<f16> = (0..tokens)
+            .flat_map(|t| slab_v[(t % slab_tokens) * per_tok..(t % slab_tokens + 1) * per_tok].to_vec())
+            .collect();
         (kk, vv)
     });
     let layout = PagedKvLayout::packed(DType::F16, num_pages, PS, HK, D, PageLayout::Nhd);
@@ -140,7 +146,14 @@ struct Figures {
 
 fn dense(dev: &Arc<CudaDevice>, pk: &Paged, batch: usize, tokens: usize, rng: &mut Rng, dump: Option<&str>) -> Figures {
     let stream = dev.stream();
-    let table = CudaPageTable::upload(dev, PageTableRef { indptr: &pk.indptr, indices: &pk.indices, last_page_len: &pk.last }, PS, pk.layout.num_pages, stream).unwrap();
+    let table = CudaPageTable::upload(
+        dev,
+        PageTableRef { indptr: &pk.indptr, indices: &pk.indices, last_page_len: &pk.last },
+        PS,
+        pk.layout.num_pages,
+        stream,
+    )
+    .unwrap();
     // SAFETY: the buffers hold the layout and outlive every launch (synchronised in `time`).
     let view = unsafe { CudaPagedKv::from_raw(pk.k.ptr(), pk.v.ptr(), pk.layout, &table).unwrap() };
     let q: Vec<f32> = (0..batch * HQ * D).map(|_| rng.unit()).collect();
@@ -171,7 +184,14 @@ fn dense(dev: &Arc<CudaDevice>, pk: &Paged, batch: usize, tokens: usize, rng: &m
 /// Dense and sparse (1/64 of the tokens per KV head, whole random pages) decode times.
 fn sparse(dev: &Arc<CudaDevice>, pk: &Paged, tokens: usize, rng: &mut Rng) -> (f64, f64) {
     let stream = dev.stream();
-    let table = CudaPageTable::upload(dev, PageTableRef { indptr: &pk.indptr, indices: &pk.indices, last_page_len: &pk.last }, PS, pk.layout.num_pages, stream).unwrap();
+    let table = CudaPageTable::upload(
+        dev,
+        PageTableRef { indptr: &pk.indptr, indices: &pk.indices, last_page_len: &pk.last },
+        PS,
+        pk.layout.num_pages,
+        stream,
+    )
+    .unwrap();
     // SAFETY: as in `dense`.
     let view = unsafe { CudaPagedKv::from_raw(pk.k.ptr(), pk.v.ptr(), pk.layout, &table).unwrap() };
     let pages = tokens / PS;
@@ -199,7 +219,8 @@ fn sparse(dev: &Arc<CudaDevice>, pk: &Paged, tokens: usize, rng: &mut Rng) -> (f
     let ws = Workspace::new(dev);
     let p = AttentionParams::default();
     let t_dense = time(stream, 50, || unsafe { decode(&view, &qt, &ot, None, &p, &ws, stream).unwrap() });
-    let t_sparse = time(stream, 50, || unsafe { decode_sparse(&view, &qt, &sels, &ot, None, &p, &ws, stream).unwrap() });
+    let t_sparse =
+        time(stream, 50, || unsafe { decode_sparse(&view, &qt, &sels, &ot, None, &p, &ws, stream).unwrap() });
     (t_dense, t_sparse)
 }
 
@@ -215,7 +236,13 @@ fn main() {
             return;
         }
     };
-    println!("device: {} (sm_{}{}, {} SMs)", dev.name(), dev.compute_capability().0, dev.compute_capability().1, dev.num_sms());
+    println!(
+        "device: {} (sm_{}{}, {} SMs)",
+        dev.name(),
+        dev.compute_capability().0,
+        dev.compute_capability().1,
+        dev.num_sms()
+    );
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let bw = copy_bandwidth(&dev);
     println!("copy bandwidth (read + write): {:.1} GB/s", bw / 1e9);
@@ -226,14 +253,24 @@ fn main() {
     let f = dense(&dev, &pk, 16, t32k, &mut rng, None);
     drop(pk);
     let frac = f.kv_bytes / f.secs / bw;
-    println!("dense decode 32K x 16: {:.3} ms, {:.1} GB/s of K/V, {:.3} of copy bandwidth", f.secs * 1e3, f.kv_bytes / f.secs / 1e9, frac);
+    println!(
+        "dense decode 32K x 16: {:.3} ms, {:.1} GB/s of K/V, {:.3} of copy bandwidth",
+        f.secs * 1e3,
+        f.kv_bytes / f.secs / 1e9,
+        frac
+    );
     figures.push(("gpu_decode_ms_32k_b16".into(), f.secs * 1e3));
     figures.push(("gpu_decode_bw_fraction_32k_b16".into(), frac));
 
     let pk = build(&dev, 1, t128k, &mut rng, dump.is_some());
     let f = dense(&dev, &pk, 1, t128k, &mut rng, dump.as_deref());
     let frac = f.kv_bytes / f.secs / bw;
-    println!("dense decode 128K x 1: {:.3} ms, {:.1} GB/s of K/V, {:.3} of copy bandwidth", f.secs * 1e3, f.kv_bytes / f.secs / 1e9, frac);
+    println!(
+        "dense decode 128K x 1: {:.3} ms, {:.1} GB/s of K/V, {:.3} of copy bandwidth",
+        f.secs * 1e3,
+        f.kv_bytes / f.secs / 1e9,
+        frac
+    );
     figures.push(("gpu_decode_ms_128k_b1".into(), f.secs * 1e3));
     figures.push(("gpu_decode_bw_fraction_128k_b1".into(), frac));
 

@@ -37,7 +37,9 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Instant;
 
-use kvsieve::select::cluster::{kmeans, ClusterConfig, ClusterCount, ClusterIndex, CoarseRetrieve, KMeansConfig, KeySource, Retrieve};
+use kvsieve::select::cluster::{
+    kmeans, ClusterConfig, ClusterCount, ClusterIndex, CoarseRetrieve, KMeansConfig, KeySource, Retrieve,
+};
 use kvsieve::TensorView;
 use rayon::prelude::*;
 
@@ -125,7 +127,8 @@ fn attention_mass(q: &[f32], g: usize, keys: &[f32], d: usize) -> Vec<f64> {
     let mut mass = vec![0f64; n];
     for j in 0..g {
         let qj = &q[j * d..(j + 1) * d];
-        let l: Vec<f32> = keys.par_chunks(d).map(|k| k.iter().zip(qj).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+        let l: Vec<f32> =
+            keys.par_chunks(d).map(|k| k.iter().zip(qj).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
         let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let z: f64 = l.iter().map(|&x| ((x - m) as f64).exp()).sum();
         for (o, &x) in mass.iter_mut().zip(&l) {
@@ -165,7 +168,11 @@ fn bench_kmeans(heads: usize, n: usize, d: usize, k: usize, iters: usize, seed: 
     let secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
     kmeans(&all[..n * d], d, &KMeansConfig { max_iter: 0, ..cfg }).expect("kmeans");
-    println!("  (one head: normalisation + k-means++ + one assignment pass {:.3} s of {:.3} s)", t.elapsed().as_secs_f64(), secs / heads as f64);
+    println!(
+        "  (one head: normalisation + k-means++ + one assignment pass {:.3} s of {:.3} s)",
+        t.elapsed().as_secs_f64(),
+        secs / heads as f64
+    );
     KmeansFigures { secs, inertia }
 }
 
@@ -200,7 +207,8 @@ fn bench_planted(n: usize, d: usize, k: usize) -> (f64, f64) {
         for t in 0..n {
             let planted = rng.below(100) == 0;
             for c in 0..d {
-                keys[(t * hk + h) * d + c] = if planted { (3.0 + rng.uniform()) * u[c] + sigma * rng.normal() } else { kh[t * d + c] };
+                keys[(t * hk + h) * d + c] =
+                    if planted { (3.0 + rng.uniform()) * u[c] + sigma * rng.normal() } else { kh[t * d + c] };
             }
         }
         dirs.push(u);
@@ -208,15 +216,24 @@ fn bench_planted(n: usize, d: usize, k: usize) -> (f64, f64) {
     let cfg = ClusterConfig::new(ClusterCount::Absolute(k)).with_max_iter(20);
     let kv = TensorView::new(&keys, &[n, hk, d]).unwrap();
     let index = ClusterIndex::build(KeySource::Tensor(&kv), &cfg).expect("build");
-    let head_keys: Vec<Vec<f32>> = (0..hk).map(|h| (0..n).flat_map(|t| keys[(t * hk + h) * d..(t * hk + h + 1) * d].to_vec()).collect()).collect();
+    let head_keys: Vec<Vec<f32>> =
+        (0..hk).map(|h| (0..n).flat_map(|t| keys[(t * hk + h) * d..(t * hk + h + 1) * d].to_vec()).collect()).collect();
     let budget = n / 8;
     let (mut recall, mut oracle) = (0f64, 0f64);
     let queries = 16;
     for _ in 0..queries {
         let q: Vec<f32> = (0..hk * g)
-            .flat_map(|j| dirs[j / g].iter().map(|&x| QUERY_GAIN * x + QUERY_NOISE / (d as f32).sqrt() * rng.normal()).collect::<Vec<_>>())
+            .flat_map(|j| {
+                dirs[j / g]
+                    .iter()
+                    .map(|&x| QUERY_GAIN * x + QUERY_NOISE / (d as f32).sqrt() * rng.normal())
+                    .collect::<Vec<_>>()
+            })
             .collect();
-        let sel = index.retrieve(&TensorView::new(&q, &[hk * g, d]).unwrap(), &Retrieve::Budget(budget), n).unwrap().selection;
+        let sel = index
+            .retrieve(&TensorView::new(&q, &[hk * g, d]).unwrap(), &Retrieve::Budget(budget), n)
+            .unwrap()
+            .selection;
         for h in 0..hk {
             let mass = attention_mass(&q[h * g * d..(h + 1) * g * d], g, &head_keys[h], d);
             recall += sel.head(h).iter().map(|&t| mass[t as usize]).sum::<f64>() / (queries * hk) as f64;
@@ -249,13 +266,20 @@ fn bench_hier(n: usize, d: usize, k: usize, k1: usize) -> HierFigures {
     let (keys, _) = synthetic_keys(&mut rng, n, d, &centers, 1.5);
     let cfg = ClusterConfig::new(ClusterCount::Absolute(k)).with_coarse(ClusterCount::Absolute(k1)).with_max_iter(8);
     let t = Instant::now();
-    let index = ClusterIndex::build(KeySource::Tensor(&TensorView::new(&keys, &[n, 1, d]).unwrap()), &cfg).expect("build");
+    let index =
+        ClusterIndex::build(KeySource::Tensor(&TensorView::new(&keys, &[n, 1, d]).unwrap()), &cfg).expect("build");
     println!("  (clustered {n} tokens into {k} + {k1} clusters in {:.1} s)", t.elapsed().as_secs_f64());
     let budget = n / 8;
     let queries: Vec<Vec<f32>> = (0..32)
         .map(|_| {
             let c = &centers[rng.below(centers.len())];
-            (0..g).flat_map(|_| c.iter().map(|&x| QUERY_GAIN * x + QUERY_NOISE / (d as f32).sqrt() * rng.normal()).collect::<Vec<_>>()).collect()
+            (0..g)
+                .flat_map(|_| {
+                    c.iter()
+                        .map(|&x| QUERY_GAIN * x + QUERY_NOISE / (d as f32).sqrt() * rng.normal())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
         })
         .collect();
     let masses: Vec<Vec<f64>> = queries.iter().map(|q| attention_mass(q, g, &keys, d)).collect();
@@ -270,12 +294,21 @@ fn bench_hier(n: usize, d: usize, k: usize, k1: usize) -> HierFigures {
     for mult in [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0] {
         let (mut rec, mut evals) = (0f64, 0f64);
         for (q, m) in queries.iter().zip(&masses) {
-            let r =
-                index.retrieve_hierarchical(&TensorView::new(q, &[g, d]).unwrap(), CoarseRetrieve::BudgetMultiple(mult), &Retrieve::Budget(budget), n).unwrap();
+            let r = index
+                .retrieve_hierarchical(
+                    &TensorView::new(q, &[g, d]).unwrap(),
+                    CoarseRetrieve::BudgetMultiple(mult),
+                    &Retrieve::Budget(budget),
+                    n,
+                )
+                .unwrap();
             rec += recall_of(&r.selection, m) / queries.len() as f64;
             evals += r.stats.centroid_evals as f64 / queries.len() as f64;
         }
-        println!("  coarse budget x{mult:<5}: recall {rec:.4} (flat {flat_recall:.4}), centroid evals {:.3} of flat", evals / flat_evals);
+        println!(
+            "  coarse budget x{mult:<5}: recall {rec:.4} (flat {flat_recall:.4}), centroid evals {:.3} of flat",
+            evals / flat_evals
+        );
         last = Some(HierFigures { fraction: evals / flat_evals, multiple: mult, flat_recall, hier_recall: rec });
         if rec >= flat_recall - 0.01 {
             break;

@@ -23,7 +23,8 @@ fn read_bandwidth(buf: &[u64]) -> f64 {
     let mut sink = 0u64;
     for _ in 0..7 {
         let t = Instant::now();
-        sink ^= buf.par_chunks(chunk).map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x))).reduce(|| 0, |a, b| a ^ b);
+        sink ^=
+            buf.par_chunks(chunk).map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x))).reduce(|| 0, |a, b| a ^ b);
         times.push(t.elapsed().as_secs_f64());
     }
     std::hint::black_box(sink);
@@ -79,7 +80,9 @@ fn bench_decode(batch: usize, tokens: usize, pre_rope: bool) -> DecodeFigures {
     let mut times = Vec::new();
     for i in 0..12 {
         let t = Instant::now();
-        cache.decode(0, &ids, &qv, &mut TensorViewMut::new(&mut out, &[batch, hq, d]).unwrap(), Some(&mut lse), &p).unwrap();
+        cache
+            .decode(0, &ids, &qv, &mut TensorViewMut::new(&mut out, &[batch, hq, d]).unwrap(), Some(&mut lse), &p)
+            .unwrap();
         if i >= 2 {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -132,10 +135,22 @@ fn bench_sparse(tokens: usize, policy_text: &str) -> SparseFigures {
         }
         median(v)
     };
-    let dense_secs = time(&mut || cache.decode(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &p).unwrap());
+    let dense_secs = time(&mut || {
+        cache.decode(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &p).unwrap()
+    });
     let mut selected_tokens = 0;
     let sparse_secs = time(&mut || {
-        let sels = cache.decode_with_policy(0, &[id], &qv, &policy, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &p).unwrap();
+        let sels = cache
+            .decode_with_policy(
+                0,
+                &[id],
+                &qv,
+                &policy,
+                &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(),
+                None,
+                &p,
+            )
+            .unwrap();
         selected_tokens = sels[0].len() / hk;
     });
     let select_secs = time(&mut || {
@@ -181,15 +196,40 @@ fn main() {
     println!("kvsieve dense decode, f16, head_dim 128, 8 KV / 32 query heads, page 16, {tokens} tokens, {threads} threads, isa {}", kvsieve::cpu::isa());
     println!("{:<34} {:>12}", "memory read bandwidth (GB/s)", format!("{:.2}", bw / 1e9));
     for (name, f, fr) in [("batch 1", &b1, frac1), ("batch 8", &b8, frac8)] {
-        println!("{:<34} {:>9.3} ms  {:>7.2} GB/s  {:.3} of bandwidth", format!("decode {name}"), f.secs * 1e3, f.kv_bytes / f.secs / 1e9, fr);
+        println!(
+            "{:<34} {:>9.3} ms  {:>7.2} GB/s  {:.3} of bandwidth",
+            format!("decode {name}"),
+            f.secs * 1e3,
+            f.kv_bytes / f.secs / 1e9,
+            fr
+        );
     }
-    println!("{:<34} {:>9.3} ms  {:.2}x the post-RoPE decode", "decode batch 1, RoPE at read", b1_pre.secs * 1e3, b1_pre.secs / b1.secs);
+    println!(
+        "{:<34} {:>9.3} ms  {:.2}x the post-RoPE decode",
+        "decode batch 1, RoPE at read",
+        b1_pre.secs * 1e3,
+        b1_pre.secs / b1.secs
+    );
     println!(
         "{:<34} dense {:.3} ms, sparse {:.3} ms (selection {:.3} ms), {} tokens per head of {sparse_tokens}",
-        "sparse decode (sinks+window+pages)", sp.dense_secs * 1e3, sp.sparse_secs * 1e3, sp.select_secs * 1e3, sp.selected_tokens
+        "sparse decode (sinks+window+pages)",
+        sp.dense_secs * 1e3,
+        sp.sparse_secs * 1e3,
+        sp.select_secs * 1e3,
+        sp.selected_tokens
     );
-    println!("{:<34} {:.2}x, selection {:.3} of the sparse step", "", sp.dense_secs / sp.sparse_secs, sp.select_secs / sp.sparse_secs);
-    println!("{:<34} {:.3} ms = {:.3} dense decode steps", "GemFilter select (k 2048)", sp.gemfilter_secs * 1e3, sp.gemfilter_secs / sp.dense_secs);
+    println!(
+        "{:<34} {:.2}x, selection {:.3} of the sparse step",
+        "",
+        sp.dense_secs / sp.sparse_secs,
+        sp.select_secs / sp.sparse_secs
+    );
+    println!(
+        "{:<34} {:.3} ms = {:.3} dense decode steps",
+        "GemFilter select (k 2048)",
+        sp.gemfilter_secs * 1e3,
+        sp.gemfilter_secs / sp.dense_secs
+    );
     if let Some(path) = arg("--json") {
         let json = format!(
             "{{\n  \"memory_read_gbps\": {:.4},\n  \"decode_dense_b1_ms\": {:.4},\n  \"decode_dense_b8_ms\": {:.4},\n  \"decode_dense_bw_fraction_b1\": {:.4},\n  \"decode_dense_bw_fraction\": {:.4},\n  \"decode_tokens\": {tokens},\n  \"threads\": {threads},\n  \"decode_sparse_speedup_128k\": {:.4},\n  \"selection_overhead_fraction\": {:.4},\n  \"decode_sparse_selected_tokens\": {},\n  \"decode_sparse_context_tokens\": {sparse_tokens},\n  \"gemfilter_vs_dense_decode_128k\": {:.4},\n  \"decode_pre_rope_vs_post_rope\": {:.4}\n}}\n",

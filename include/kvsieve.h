@@ -46,6 +46,25 @@
  *   calls that update the index hold it alone; its `_free` must run alone.
  * - **Tensors.** ::kvsieve_tensor_t has the layout of DLPack's `DLTensor` (host memory
  *   only for now). kvsieve reads and writes through descriptors only during a call.
+ * - **Versioned structs.** Every other struct a program fills for kvsieve or receives from
+ *   it (configurations, attention and RoPE parameters, paged-memory descriptors, key
+ *   sources, windows, statistics) begins with `size_t struct_size`: the size of the struct
+ *   as the program was compiled. Initialise each with its `kvsieve_X_init()` or
+ *   `kvsieve_X_default()`, `static inline` functions of these headers that zero the struct,
+ *   set `struct_size` to the program's `sizeof` and fill the defaults; then set fields. A
+ *   struct made otherwise (`= {0}`, `memset`) has `struct_size` 0 and is refused. Structs
+ *   kvsieve fills (statistics, kvsieve_cache_get_config(), ...) are initialised the same way
+ *   before the call. kvsieve reads, and writes, only the first `struct_size` bytes of the
+ *   caller's struct, so a program built against older headers keeps working with a newer
+ *   library: fields added after its `struct_size` take their defaults. A `struct_size`
+ *   the library does not know (0, another size, or the larger size of a newer header) gives
+ *   #KVSIEVE_ERROR_INVALID_ARGUMENT naming the field after the parameter, e.g.
+ *   `config.struct_size` (`rope.struct_size` for the RoPE parameters inside attention
+ *   parameters), and changes nothing. In an array of such structs every entry has the same
+ *   `struct_size`, which is the array's stride; errors name the entry (`windows[1].struct_size`).
+ *   ::kvsieve_tensor_t with ::kvsieve_device_t and ::kvsieve_dtype_t (DLPack's layouts) and
+ *   ::kvsieve_key_bounds_entry_t (read from device memory) are not versioned; their layout is
+ *   fixed. Which library versions run which programs: see kvsieve/version.h.
  */
 
 #ifndef KVSIEVE_H

@@ -3,15 +3,19 @@
 use each other.
 
 The layers, bottom to top (README, "Layout"):
-    base (error, dtype, tensor, config) -> cpu -> kv -> attention -> select -> runtime
-    -> backend -> ffi
-A file may use its own layer and the ones below. Within a layer, the modules one level down
+    base (error, alloc, dtype, tensor, config) -> cpu -> kv -> attention -> select -> runtime
+    -> backend
+A file may use its own layer and the ones below. The C API is a crate of its own above the
+core (crates/kvsieve-c, using only the core's public items), so it is not checked here.
+Within a layer, the modules one level down
 (`select::pages`, `select::cluster`, ...) must not form a cycle; `ALLOWED_PAIRS` lists the
 pairs that may share types both ways (a file and its own parser).
 
 Uses are read from code, not comments: every `crate::a::b` path, `use super::b` inside a
 layer's folder, and names the layer's `mod.rs` re-exports (`crate::select::Selection` is
-`select::selection`). Run from anywhere: `python3 scripts/check-layers.py`.
+`select::selection`). Test code is not the library: `#[cfg(test)] mod name { ... }` blocks
+and files declared by `#[cfg(test)] mod name;` may use any layer (a storage test may check
+its state through a decode). Run from anywhere: `python3 scripts/check-layers.py`.
 """
 import os
 import re
@@ -20,14 +24,13 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 LAYERS = [
-    {"error", "dtype", "tensor", "config"},
+    {"error", "alloc", "dtype", "tensor", "config"},
     {"cpu"},
     {"kv"},
     {"attention"},
     {"select"},
     {"runtime"},
     {"backend"},
-    {"ffi"},
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 ALLOWED_PAIRS = {frozenset({"select::policy", "select::policy_text"})}
@@ -37,6 +40,34 @@ def strip_comments(text):
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     text = re.sub(r'"(?:\\.|[^"\\])*"', '""', text)
     return "\n".join(line.split("//", 1)[0] for line in text.split("\n"))
+
+
+def strip_test_blocks(code):
+    """The code without its inline `#[cfg(test)] mod name { ... }` blocks."""
+    out, pos = [], 0
+    for m in re.finditer(r"#\[cfg\(test\)\]\s*mod\s+\w+\s*\{", code):
+        if m.start() < pos:
+            continue
+        depth, i = 1, m.end()
+        while i < len(code) and depth:
+            depth += {"{": 1, "}": -1}.get(code[i], 0)
+            i += 1
+        out.append(code[pos : m.start()])
+        pos = i
+    out.append(code[pos:])
+    return "".join(out)
+
+
+def test_files(files):
+    """Files declared as test-only modules (`#[cfg(test)] mod name;` in their parent)."""
+    out = set()
+    for f in files:
+        code = strip_comments(open(f, encoding="utf-8").read())
+        base = os.path.dirname(f) if os.path.basename(f) in ("mod.rs", "lib.rs") else f[: -len(".rs")]
+        for m in re.finditer(r"#\[cfg\(test\)\]\s*mod\s+(\w+)\s*;", code):
+            for cand in (os.path.join(base, m.group(1) + ".rs"), os.path.join(base, m.group(1), "mod.rs")):
+                out.add(os.path.normpath(cand))
+    return out
 
 
 def module_of(path):
@@ -85,11 +116,12 @@ def main():
             if m.group(1) in RANK:
                 root[name] = m.group(1)
     edges = {}
+    tests = test_files(files)
     for f in sorted(files):
         top, sub = module_of(f)
-        if top is None or top not in RANK:
+        if top is None or top not in RANK or os.path.normpath(f) in tests:
             continue
-        code = strip_comments(open(f, encoding="utf-8").read())
+        code = strip_test_blocks(strip_comments(open(f, encoding="utf-8").read()))
         rel = os.path.relpath(f, os.path.join(ROOT, "..")).replace(os.sep, "/")
         uses = set()
         for m in re.finditer(r"\bcrate::(\w+)(?:::(\w+))?", code):

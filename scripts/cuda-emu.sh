@@ -2,7 +2,8 @@
 # Runs kvsieve's CUDA kernels on the CPU: compiles every cuda/*.cu with g++ against a CPU
 # emulation of the CUDA execution model (tests/cuda_emu: one fiber per thread, warp
 # collectives and mma.sync emulated) into target/cuda-emu/libcuda.so, a stand-in for the
-# driver, then runs the GPU-against-CPU tests (tests/cuda_*.rs) with that library first on
+# driver, then runs the GPU-against-CPU tests (tests/cuda_*.rs of the core and
+# crates/kvsieve-c/tests/cuda_*.rs of the C library) with that library first on
 # LD_LIBRARY_PATH. This checks the kernels' arithmetic, indexing and synchronisation
 # without a GPU; it says nothing about speed, and blocks run one after another, so it
 # cannot show races. The tests report the device as "kvsieve CUDA emulator (CPU)".
@@ -10,6 +11,7 @@
 #   bash scripts/cuda-emu.sh            build the library and run the tests
 #   bash scripts/cuda-emu.sh build      build only (prints the library's folder)
 #   bash scripts/cuda-emu.sh test ARGS  build, then cargo test with ARGS after the test list
+#                                       (in the core, then in the C library)
 #   bash scripts/cuda-emu.sh gpu-check  a dry run of scripts/gpu-check.sh's run.sh on the
 #                                       emulator at small sizes (the script's flow, not its
 #                                       figures), before spending time on a lent GPU
@@ -98,6 +100,10 @@ log="$out/launched.txt"
 rm -f "$log"
 KVSIEVE_EMU_LAUNCHED="$PWD/$log" LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test --features cuda --test 'cuda_*' "$@"
+# The kvsieve_cuda_* C entry points (crates/kvsieve-c/tests/cuda_ffi.rs).
+echo "== CUDA tests of the C library on the emulator" >&2
+KVSIEVE_EMU_LAUNCHED="$PWD/$log" LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test -p kvsieve-c --features cuda --test 'cuda_*' "$@"
 # The Python CUDA tests (bindings/python/tests/test_cuda.py) through a wheel built with the
 # `cuda` feature, device arrays from tests/emu_torch.py in the emulator's memory. Their
 # launches count below too.

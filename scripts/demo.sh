@@ -22,9 +22,12 @@ bash scripts/build-wheel.sh --release
 echo; echo "== Rust: examples/01_store_and_decode.rs"
 cargo run --release -q --example 01_store_and_decode
 
-echo; echo "== C: examples/c/01_store_and_decode.c"
+echo; echo "== C: examples/c/01_store_and_decode.c, against the library installed into target/demo/prefix"
 mkdir -p target/demo
-cc -O2 -std=c99 -Iinclude examples/c/01_store_and_decode.c -Ltarget/release -lkvsieve -Wl,-rpath,"$PWD/target/release" -lm -o target/demo/01_store_and_decode
+bash scripts/install.sh --prefix target/demo/prefix
+prefix="$PWD/target/demo/prefix"
+cc -O2 -std=c99 examples/c/01_store_and_decode.c -I"$prefix/include" -L"$prefix/lib" -lkvsieve -Wl,-rpath,"$prefix/lib" -lm \
+  -o target/demo/01_store_and_decode
 target/demo/01_store_and_decode
 
 echo; echo "== Python: examples/python/01_store_and_decode.py"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds, here, everything a GPU machine needs to check the CUDA backend, into one
 # git-ignored folder, target/gpu-check/:
-#   bin/test-cuda_*      release builds of the CUDA integration tests (tests/cuda_*.rs)
+#   bin/test-cuda_*      release builds of the CUDA integration tests (tests/cuda_*.rs, and
+#                        crates/kvsieve-c/tests/cuda_ffi.rs for the kvsieve_cuda_* C entry points)
 #   bin/bench-gpu_*      release builds of the GPU benches (benches/gpu_*.rs)
 #   gpu_sdpa.py          torch's scaled_dot_product_attention on the data gpu_report dumps
 #   py/                  a wheel built with the CUDA backend and the Python CUDA tests
@@ -42,6 +43,7 @@ for line in sys.stdin:
 
 echo "== building the CUDA tests and GPU benches (release, --features cuda)"
 cargo test --release --features cuda --no-run --message-format=json --test 'cuda_*' | collect test
+cargo test --release -p kvsieve-c --features cuda --no-run --message-format=json --test 'cuda_*' | collect test
 cargo bench --features cuda --no-run --message-format=json --bench 'gpu_*' | collect bench
 # Without debug info: the folder travels to the GPU machine whole (the device tool carries
 # at most 64 MiB).

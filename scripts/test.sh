@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every test: Rust (unit, property, integration, C programs against the header and the
-# built library, header/export check), the examples, and pytest on the installed wheel.
+# Every test: Rust (unit, property, integration), the C library (crates/kvsieve-c: C programs
+# against the headers and the built library, header/export check), the examples, and
+# pytest on the installed wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -12,13 +13,20 @@ echo "== gates: cargo fmt --check, clippy -D warnings, rustdoc -D warnings, laye
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve-c
 python3 scripts/check-layers.py
 
-echo "== cargo build (library for the C tests, examples, benches)"
+echo "== cargo build (library, examples, benches)"
 cargo build --lib --examples --benches
 echo "== cargo test"
 cargo test --no-fail-fast
 cargo test --doc
+echo "== cargo test -p kvsieve-c (the C library: C programs under valgrind, headers, exports)"
+cargo test -p kvsieve-c --no-fail-fast
+echo "== install test: scripts/install.sh, then the C example built with pkg-config (shared, static) and CMake"
+bash scripts/install-test.sh
+echo "== package test: the Rust crate through cargo add and cargo package, pip install of the Python package"
+bash scripts/package-test.sh
 # The CPU kernels pick the best instruction set at run time (AVX-512, AVX2, portable); the
 # suites that reach them run again with each lower level this CPU can replace the best with.
 for isa in avx2 portable; do
@@ -26,6 +34,10 @@ for isa in avx2 portable; do
     KVSIEVE_ISA=$isa cargo test --no-fail-fast --lib --test attention --test sparse --test gemfilter \
         --test cluster --test select --test policy_clusters
 done
+
+echo "== fuzzing: kept inputs replayed, then a short run of every driver (scripts/fuzz.sh)"
+cargo test --release -p kvsieve-fuzz
+bash scripts/fuzz.sh --seconds 60
 
 echo "== examples"
 cargo run -q --example 01_store_and_decode
@@ -43,15 +55,19 @@ cargo test --release -p kvsieve-llama --no-fail-fast
 
 # ---- CUDA backend: every kernel compiles (spills in hot kernels fail the build); the GPU
 # ---- tests run where a GPU is present and print "skipped: <reason>" elsewhere.
-echo "== CUDA: pinned nvcc, cargo build --features cuda, tests/cuda_*"
+echo "== CUDA: pinned nvcc, cargo build --features cuda, tests/cuda_* (core and C library)"
 NVCC="$(bash scripts/cuda-toolchain.sh)"
 export NVCC
 cargo build --features cuda
-cargo clippy -p kvsieve --all-targets --features cuda -- -D warnings
+cargo build -p kvsieve-c --features cuda
+cargo clippy -p kvsieve -p kvsieve-python --all-targets --features cuda -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve --features cuda
+cargo clippy -p kvsieve-c --all-targets --features cuda -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p kvsieve-c --features cuda
 cargo test --features cuda --test 'cuda_*' -- --test-threads=1
+cargo test -p kvsieve-c --features cuda --test 'cuda_*' -- --test-threads=1
 # ---- The same tests again with every kernel run on the CPU emulator of the CUDA execution
 # ---- model (scripts/cuda-emu.sh): the kernels' arithmetic, indexing and synchronisation
 # ---- checked against the CPU backend without a GPU.
-echo "== CUDA kernels on the CPU emulator: tests/cuda_*"
+echo "== CUDA kernels on the CPU emulator: tests/cuda_* (core and C library)"
 KVSIEVE_EMU_REQUIRE_ALL=1 bash scripts/cuda-emu.sh test -- --test-threads=2

@@ -28,11 +28,17 @@ pub enum KeyRope {
 pub const MAX_HEAD_DIM: usize = 512;
 /// Largest page size kvsieve accepts.
 pub const MAX_PAGE_SIZE: usize = 1024;
+/// Most layers a cache or a policy accepts (models have a few hundred at most).
+pub const MAX_LAYERS: usize = 65_536;
+/// Most KV heads a cache or a policy accepts.
+pub const MAX_KV_HEADS: usize = 65_536;
 
 /// Shape and storage of a [`crate::KvCache`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CacheConfig {
+    /// 1 to [`MAX_LAYERS`].
     pub num_layers: usize,
+    /// 1 to [`MAX_KV_HEADS`].
     pub num_kv_heads: usize,
     /// Elements per head; a multiple of 8 from 8 to [`MAX_HEAD_DIM`].
     pub head_dim: usize,
@@ -49,7 +55,13 @@ pub struct CacheConfig {
 
 impl CacheConfig {
     /// A configuration with f16 storage, NHD layout, post-RoPE keys and key bounds on.
-    pub fn new(num_layers: usize, num_kv_heads: usize, head_dim: usize, page_size: usize, capacity_pages: usize) -> Self {
+    pub fn new(
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        page_size: usize,
+        capacity_pages: usize,
+    ) -> Self {
         CacheConfig {
             num_layers,
             num_kv_heads,
@@ -82,20 +94,26 @@ impl CacheConfig {
 
     /// Check every field; the error names the first field at fault.
     pub fn validate(&self) -> Result<()> {
-        if self.num_layers == 0 {
-            return Err(Error::invalid("num_layers", "at least 1"));
+        if self.num_layers == 0 || self.num_layers > MAX_LAYERS {
+            return Err(Error::invalid("num_layers", format!("1 to {MAX_LAYERS}, got {}", self.num_layers)));
         }
-        if self.num_kv_heads == 0 {
-            return Err(Error::invalid("num_kv_heads", "at least 1"));
+        if self.num_kv_heads == 0 || self.num_kv_heads > MAX_KV_HEADS {
+            return Err(Error::invalid("num_kv_heads", format!("1 to {MAX_KV_HEADS}, got {}", self.num_kv_heads)));
         }
         validate_head_dim(self.head_dim)?;
         validate_page_size(self.page_size)?;
         if self.capacity_pages == 0 || self.capacity_pages > i32::MAX as usize {
             return Err(Error::invalid("capacity_pages", format!("1 to {}, got {}", i32::MAX, self.capacity_pages)));
         }
-        let elems = self.page_elems() as u128 * self.capacity_pages as u128 * self.num_layers as u128 * 2;
-        if elems * self.dtype.size() as u128 > isize::MAX as u128 / 2 {
-            return Err(Error::invalid("capacity_pages", "a pool size that fits in memory"));
+        // Every factor is bounded above, so this product cannot overflow u128; the sizes the
+        // cache computes in usize from them are then below isize::MAX.
+        let page_elems = self.page_size as u128 * self.num_kv_heads as u128 * self.head_dim as u128;
+        let bytes = page_elems * self.capacity_pages as u128 * self.num_layers as u128 * 2 * self.dtype.size() as u128;
+        if bytes > isize::MAX as u128 / 2 {
+            return Err(Error::invalid(
+                "capacity_pages",
+                format!("a pool that fits in the address space ({bytes} bytes of K/V asked for)"),
+            ));
         }
         Ok(())
     }
@@ -129,7 +147,9 @@ impl CacheConfig {
     }
 }
 
-pub(crate) fn validate_head_dim(head_dim: usize) -> Result<()> {
+/// `Unsupported` unless `head_dim` is a multiple of 8 from 8 to [`MAX_HEAD_DIM`].
+#[doc(hidden)]
+pub fn validate_head_dim(head_dim: usize) -> Result<()> {
     if head_dim == 0 || !head_dim.is_multiple_of(8) || head_dim > MAX_HEAD_DIM {
         return Err(Error::Unsupported(format!(
             "head_dim {head_dim}: expected a multiple of 8 from 8 to {MAX_HEAD_DIM}"
@@ -138,7 +158,9 @@ pub(crate) fn validate_head_dim(head_dim: usize) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn validate_page_size(page_size: usize) -> Result<()> {
+/// `InvalidArgument` (naming `page_size`) unless it is 1 to [`MAX_PAGE_SIZE`].
+#[doc(hidden)]
+pub fn validate_page_size(page_size: usize) -> Result<()> {
     if page_size == 0 || page_size > MAX_PAGE_SIZE {
         return Err(Error::invalid("page_size", format!("1 to {MAX_PAGE_SIZE}, got {page_size}")));
     }

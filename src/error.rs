@@ -29,11 +29,13 @@ pub enum ErrorCode {
     Parse = 11,
     /// A bug inside kvsieve (including a caught panic). Please report it.
     Internal = 12,
+    /// Memory for a buffer the call needs could not be allocated.
+    OutOfMemory = 13,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Shape,
         ErrorCode::DType,
@@ -46,6 +48,7 @@ impl ErrorCode {
         ErrorCode::Io,
         ErrorCode::Parse,
         ErrorCode::Internal,
+        ErrorCode::OutOfMemory,
     ];
 
     /// Short lowercase name, as used in messages and by the Python exception classes.
@@ -63,6 +66,7 @@ impl ErrorCode {
             ErrorCode::Io => "io",
             ErrorCode::Parse => "parse",
             ErrorCode::Internal => "internal",
+            ErrorCode::OutOfMemory => "out_of_memory",
         }
     }
 }
@@ -95,6 +99,8 @@ pub enum Error {
     Parse { offset: usize, message: String },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("out of memory: {what} needs {bytes} bytes")]
+    OutOfMemory { what: String, bytes: usize },
 }
 
 impl Error {
@@ -113,18 +119,22 @@ impl Error {
             Error::Io(_) => ErrorCode::Io,
             Error::Parse { .. } => ErrorCode::Parse,
             Error::Internal(_) => ErrorCode::Internal,
+            Error::OutOfMemory { .. } => ErrorCode::OutOfMemory,
         }
     }
 
-    pub(crate) fn invalid(param: impl Into<String>, expected: impl Into<String>) -> Self {
+    /// An [`Error::InvalidArgument`]: `param` should have been `expected`.
+    pub fn invalid(param: impl Into<String>, expected: impl Into<String>) -> Self {
         Error::InvalidArgument { param: param.into(), expected: expected.into() }
     }
 
-    pub(crate) fn shape(param: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Self {
+    /// An [`Error::Shape`]: `param` should have had the shape `expected`, and had `got`.
+    pub fn shape(param: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Self {
         Error::Shape { param: param.into(), expected: expected.into(), got: got.into() }
     }
 
-    pub(crate) fn out_of_range(param: impl Into<String>, value: i64, range: impl Into<String>) -> Self {
+    /// An [`Error::OutOfRange`]: `param` is `value`, outside `range`.
+    pub fn out_of_range(param: impl Into<String>, value: i64, range: impl Into<String>) -> Self {
         Error::OutOfRange { param: param.into(), value, range: range.into() }
     }
 }

@@ -46,15 +46,16 @@
 //!   prefill under a policy, [`ClusterIndexSet`]);
 //! - [`backend`]: [`Device`] and, with the `cuda` feature, the same operations on a GPU.
 //!
-//! The C ABI (`include/kvsieve.h`) and the Python package are separate crates over this one.
+//! The C ABI (`include/kvsieve.h`; `crates/kvsieve-c` builds `libkvsieve.so` and `libkvsieve.a`)
+//! and the Python package are separate crates over this one.
 
+pub(crate) mod alloc;
 pub mod attention;
 pub mod backend;
 pub mod config;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
-pub mod ffi;
 pub mod kv;
 pub mod runtime;
 pub mod select;

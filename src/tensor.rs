@@ -83,7 +83,11 @@ impl<'a> TensorView<'a> {
     /// 2. that memory is not written by anyone while the view lives.
     pub unsafe fn from_raw(ptr: *const u8, dtype: DType, shape: &[usize], strides: &[usize]) -> Result<Self> {
         if shape.len() != strides.len() {
-            return Err(Error::shape("tensor.strides", format!("{} strides", shape.len()), format!("{}", strides.len())));
+            return Err(Error::shape(
+                "tensor.strides",
+                format!("{} strides", shape.len()),
+                format!("{}", strides.len()),
+            ));
         }
         let n = extent(shape, strides)
             .and_then(|e| e.checked_mul(dtype.size()))
@@ -189,7 +193,11 @@ impl<'a> TensorViewMut<'a> {
     /// 2. nothing else reads or writes that memory while the view lives.
     pub unsafe fn from_raw(ptr: *mut u8, dtype: DType, shape: &[usize], strides: &[usize]) -> Result<Self> {
         if shape.len() != strides.len() {
-            return Err(Error::shape("tensor.strides", format!("{} strides", shape.len()), format!("{}", strides.len())));
+            return Err(Error::shape(
+                "tensor.strides",
+                format!("{} strides", shape.len()),
+                format!("{}", strides.len()),
+            ));
         }
         let n = extent(shape, strides)
             .and_then(|e| e.checked_mul(dtype.size()))

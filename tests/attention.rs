@@ -3,8 +3,12 @@
 
 mod common;
 use common::*;
-use kvsieve::attention::{apply_rope, decode, merge_states, prefill, reference, AttentionParams, PositionMode, RopeConfig, RopeStyle};
-use kvsieve::{CacheConfig, DType, KeyRope, KvCache, PageLayout, PageTable, PagedKv, PagedKvLayout, TensorView, TensorViewMut};
+use kvsieve::attention::{
+    apply_rope, decode, merge_states, prefill, reference, AttentionParams, PositionMode, RopeConfig, RopeStyle,
+};
+use kvsieve::{
+    CacheConfig, DType, KeyRope, KvCache, PageLayout, PageTable, PagedKv, PagedKvLayout, TensorView, TensorViewMut,
+};
 use proptest::prelude::*;
 
 fn dtype_strategy() -> impl Strategy<Value = DType> {
@@ -14,7 +18,15 @@ fn dtype_strategy() -> impl Strategy<Value = DType> {
 /// Ragged batch in a fresh cache; output and LSE poisoned with NaN before the run.
 #[allow(clippy::too_many_arguments)]
 fn run_decode(
-    dtype: DType, group: usize, head_dim: usize, page_size: usize, lens: &[usize], seed: u64, soft_cap: Option<f32>, chunk: Option<usize>, layout: PageLayout,
+    dtype: DType,
+    group: usize,
+    head_dim: usize,
+    page_size: usize,
+    lens: &[usize],
+    seed: u64,
+    soft_cap: Option<f32>,
+    chunk: Option<usize>,
+    layout: PageLayout,
 ) -> (f64, f64) {
     let hk = 2;
     let hq = hk * group;
@@ -29,7 +41,9 @@ fn run_decode(
     let mut out = vec![f32::NAN; b * hq * head_dim];
     let mut lse = vec![f32::NAN; b * hq];
     let p = AttentionParams { logit_soft_cap: soft_cap, chunk_size: chunk, ..Default::default() };
-    cache.decode(0, &ids, &qv, &mut TensorViewMut::new(&mut out, &[b, hq, head_dim]).unwrap(), Some(&mut lse), &p).unwrap();
+    cache
+        .decode(0, &ids, &qv, &mut TensorViewMut::new(&mut out, &[b, hq, head_dim]).unwrap(), Some(&mut lse), &p)
+        .unwrap();
     let table = cache.page_table(&ids).unwrap();
     let kv = cache.layer_view(0, &table).unwrap();
     max_err(&out, &lse, &reference::decode(&kv, &qv, &p).unwrap())
@@ -172,8 +186,13 @@ fn engine_owned_memory_through_a_view_matches_reference() {
     let mem: Vec<kvsieve::f16> = rng.vec(np * 2 * ps * hk * d, 1.0).into_iter().map(kvsieve::f16::from_f32).collect();
     let page = 2 * ps * hk * d;
     let layout = PagedKvLayout {
-        dtype: DType::F16, num_pages: np, page_size: ps, num_kv_heads: hk, head_dim: d,
-        k_strides: [page, hk * d, d], v_strides: [page, hk * d, d],
+        dtype: DType::F16,
+        num_pages: np,
+        page_size: ps,
+        num_kv_heads: hk,
+        head_dim: d,
+        k_strides: [page, hk * d, d],
+        v_strides: [page, hk * d, d],
     };
     let table = PageTable { indptr: vec![0, 3, 7], indices: vec![5, 0, 9, 1, 2, 11, 4], last_page_len: vec![7, 16] };
     let kv = PagedKv::new(&mem[..], &mem[ps * hk * d..], layout, table.as_ref()).unwrap();
@@ -194,7 +213,8 @@ fn engine_owned_memory_through_a_view_matches_reference() {
     let qpv = TensorView::new(&qp, &[20, hq, d]).unwrap();
     let mut out16 = vec![kvsieve::f16::NAN; 20 * hq * d];
     let mut lse = vec![f32::NAN; 20 * hq];
-    prefill(&kv, &qpv, &qo, &mut TensorViewMut::new(&mut out16, &[20, hq, d]).unwrap(), Some(&mut lse), &p, true).unwrap();
+    prefill(&kv, &qpv, &qo, &mut TensorViewMut::new(&mut out16, &[20, hq, d]).unwrap(), Some(&mut lse), &p, true)
+        .unwrap();
     let out: Vec<f32> = out16.iter().map(|x| x.to_f32()).collect();
     let (eo, el) = max_err(&out, &lse, &reference::prefill(&kv, &qpv, &qo, &p, true).unwrap());
     assert!(eo < 2e-3 && el < 2e-5, "{eo} {el}");
@@ -221,10 +241,12 @@ fn pre_rope_keys_are_rotated_at_read_time() {
     let mut rotated = k.clone();
     apply_rope(&mut TensorViewMut::new(&mut rotated, &[n, hk, d]).unwrap(), &positions, &rope).unwrap();
     let mk = |key_rope, keys: &[f32]| {
-        let mut c = KvCache::new(CacheConfig::new(1, hk, d, 16, 16).with_dtype(DType::F32).with_key_rope(key_rope)).unwrap();
+        let mut c =
+            KvCache::new(CacheConfig::new(1, hk, d, 16, 16).with_dtype(DType::F32).with_key_rope(key_rope)).unwrap();
         let id = c.create_sequence();
         c.append(id, n, Some(&positions)).unwrap();
-        c.write(id, 0, 0, &TensorView::new(keys, &[n, hk, d]).unwrap(), &TensorView::new(&v, &[n, hk, d]).unwrap()).unwrap();
+        c.write(id, 0, 0, &TensorView::new(keys, &[n, hk, d]).unwrap(), &TensorView::new(&v, &[n, hk, d]).unwrap())
+            .unwrap();
         (c, id)
     };
     let (pre, a) = mk(KeyRope::PreRope, &k);
@@ -269,7 +291,10 @@ fn rope_styles_follow_their_definitions() {
     }
     let bad = RopeConfig::new(500.0, RopeStyle::HalfSplit).with_rotary_dim(7);
     let mut y = x.clone();
-    assert!(apply_rope(&mut TensorViewMut::new(&mut y, &[1, 1, d]).unwrap(), &[1], &bad).unwrap_err().to_string().contains("rotary_dim"));
+    assert!(apply_rope(&mut TensorViewMut::new(&mut y, &[1, 1, d]).unwrap(), &[1], &bad)
+        .unwrap_err()
+        .to_string()
+        .contains("rotary_dim"));
 }
 
 #[test]
@@ -283,19 +308,37 @@ fn attention_bad_input_is_reported_by_name() {
     let qv = TensorView::new(&q, &[1, 6, 64]).unwrap();
     // 6 query heads is not a multiple of 4? it is a multiple of 2: fine. 5 heads is not.
     let q5 = TensorView::new(&q[..5 * 64], &[1, 5, 64]).unwrap();
-    let e = cache.decode(0, &[id], &q5, &mut TensorViewMut::new(&mut out[..5 * 64], &[1, 5, 64]).unwrap(), None, &p).unwrap_err();
+    let e = cache
+        .decode(0, &[id], &q5, &mut TensorViewMut::new(&mut out[..5 * 64], &[1, 5, 64]).unwrap(), None, &p)
+        .unwrap_err();
     assert!(e.to_string().contains("`q`"), "{e}");
-    let e = cache.decode(0, &[id], &qv, &mut TensorViewMut::new(&mut out[..3 * 64], &[1, 3, 64]).unwrap(), None, &p).unwrap_err();
+    let e = cache
+        .decode(0, &[id], &qv, &mut TensorViewMut::new(&mut out[..3 * 64], &[1, 3, 64]).unwrap(), None, &p)
+        .unwrap_err();
     assert!(e.to_string().contains("`out`"), "{e}");
     let mut lse = vec![0f32; 2];
-    let e = cache.decode(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, 6, 64]).unwrap(), Some(&mut lse), &p).unwrap_err();
+    let e = cache
+        .decode(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, 6, 64]).unwrap(), Some(&mut lse), &p)
+        .unwrap_err();
     assert!(e.to_string().contains("`lse`"), "{e}");
     let e = cache.decode(1, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, 6, 64]).unwrap(), None, &p).unwrap_err();
     assert!(e.to_string().contains("layer"), "{e}");
-    let e = cache.decode(0, &[id, id], &qv, &mut TensorViewMut::new(&mut out, &[1, 6, 64]).unwrap(), None, &p).unwrap_err();
+    let e =
+        cache.decode(0, &[id, id], &qv, &mut TensorViewMut::new(&mut out, &[1, 6, 64]).unwrap(), None, &p).unwrap_err();
     assert!(e.to_string().contains("batch"), "{e}");
-    let e = cache.prefill(0, &[id], &qv, &[0, 2], &mut TensorViewMut::new(&mut out, &[1, 6, 64]).unwrap(), None, &p, true).unwrap_err();
+    let e = cache
+        .prefill(0, &[id], &qv, &[0, 2], &mut TensorViewMut::new(&mut out, &[1, 6, 64]).unwrap(), None, &p, true)
+        .unwrap_err();
     assert!(e.to_string().contains("qo_indptr"), "{e}");
-    let e = cache.decode(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, 6, 64]).unwrap(), None, &AttentionParams { chunk_size: Some(0), ..p }).unwrap_err();
+    let e = cache
+        .decode(
+            0,
+            &[id],
+            &qv,
+            &mut TensorViewMut::new(&mut out, &[1, 6, 64]).unwrap(),
+            None,
+            &AttentionParams { chunk_size: Some(0), ..p },
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("chunk_size"), "{e}");
 }

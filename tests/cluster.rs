@@ -4,8 +4,8 @@
 mod common;
 use common::Rng;
 use kvsieve::select::cluster::{
-    calibrate, kmeans, kmeans_from_centroids, seed_plus_plus, ClusterConfig, ClusterCount, ClusterIndex, Clustering, CoarseRetrieve, KMeansConfig, KeySource,
-    Retrieve, SplitMix64,
+    calibrate, kmeans, kmeans_from_centroids, seed_plus_plus, ClusterConfig, ClusterCount, ClusterIndex, Clustering,
+    CoarseRetrieve, KMeansConfig, KeySource, Retrieve, SplitMix64,
 };
 use kvsieve::select::streaming;
 use kvsieve::{CacheConfig, DType, ErrorCode, KeyRope, KvCache, Selection, TensorView};
@@ -203,7 +203,9 @@ fn ref_estimates(q: &[f32], hq: usize, index: &ClusterIndex, h: usize) -> Vec<f6
     let mut s = vec![0f64; k];
     for j in h * g..(h + 1) * g {
         let qj: Vec<f64> = q[j * d..(j + 1) * d].iter().map(|&v| v as f64).collect();
-        let l: Vec<f64> = (0..k).map(|c| dot(&qj, &cl.centroid(c).iter().map(|&v| v as f64).collect::<Vec<_>>()) / (d as f64).sqrt()).collect();
+        let l: Vec<f64> = (0..k)
+            .map(|c| dot(&qj, &cl.centroid(c).iter().map(|&v| v as f64).collect::<Vec<_>>()) / (d as f64).sqrt())
+            .collect();
         let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let den: f64 = l.iter().zip(cl.sizes()).map(|(&x, &n)| n as f64 * (x - m).exp()).sum();
         for c in 0..k {
@@ -243,7 +245,16 @@ fn ref_radii(cl: &Clustering, rows: &[f32], d: usize) -> Vec<f64> {
     (0..cl.num_clusters())
         .map(|c| {
             let cen: Vec<f64> = cl.centroid(c).iter().map(|&v| v as f64).collect();
-            cl.members(c).iter().map(|&t| dist2(&rows[t as usize * d..(t as usize + 1) * d].iter().map(|&v| v as f64).collect::<Vec<_>>(), &cen).sqrt()).fold(0.0, f64::max)
+            cl.members(c)
+                .iter()
+                .map(|&t| {
+                    dist2(
+                        &rows[t as usize * d..(t as usize + 1) * d].iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                        &cen,
+                    )
+                    .sqrt()
+                })
+                .fold(0.0, f64::max)
         })
         .collect()
 }
@@ -397,7 +408,13 @@ fn kmeans_is_deterministic_across_thread_counts() {
     let mut rng = Rng(5);
     let keys = clustered_keys(&mut rng, n, 1, d, 40, 0.4);
     let cfg = KMeansConfig { clusters: ClusterCount::Fraction(0.03), max_iter: 10, seed: 99 };
-    let run = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| kmeans(&keys, d, &cfg).unwrap());
+    let run = |threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| kmeans(&keys, d, &cfg).unwrap())
+    };
     let one = run(1);
     assert_eq!(one, run(3));
     assert_eq!(one, run(2));
@@ -558,7 +575,10 @@ fn mixed_budget_finds_an_outlier_the_estimate_misses() {
     let est = index.retrieve(&qv, &Retrieve::Budget(budget), n).unwrap();
     let mixed = index.retrieve(&qv, &Retrieve::MixedBudget(budget), n).unwrap();
     assert!(mixed.selection.head(0).contains(&123), "mixed ranking keeps the planted key");
-    assert!(!est.selection.head(0).contains(&123), "the estimate ranking hides the planted key in its cluster of {size}");
+    assert!(
+        !est.selection.head(0).contains(&123),
+        "the estimate ranking hides the planted key in its cluster of {size}"
+    );
 }
 
 #[test]
@@ -566,11 +586,19 @@ fn hierarchical_counts_what_it_scores() {
     let (n, hk, hq, d) = (2000, 2, 6, 32);
     let mut rng = Rng(21);
     let keys = clustered_keys(&mut rng, n, hk, d, 30, 0.3);
-    let index = build(&keys, n, hk, d, &ClusterConfig::new(ClusterCount::Absolute(100)).with_coarse(ClusterCount::Absolute(10)).with_max_iter(10));
+    let index = build(
+        &keys,
+        n,
+        hk,
+        d,
+        &ClusterConfig::new(ClusterCount::Absolute(100)).with_coarse(ClusterCount::Absolute(10)).with_max_iter(10),
+    );
     let q = rng.vec(hq * d, 4.0);
     let qv = TensorView::new(&q, &[hq, d]).unwrap();
     let g = hq / hk;
-    for coarse in [CoarseRetrieve::Budget(300), CoarseRetrieve::BudgetMultiple(2.0), CoarseRetrieve::Threshold(1.0 / n as f64)] {
+    for coarse in
+        [CoarseRetrieve::Budget(300), CoarseRetrieve::BudgetMultiple(2.0), CoarseRetrieve::Threshold(1.0 / n as f64)]
+    {
         let r = index.retrieve_hierarchical(&qv, coarse, &Retrieve::Budget(150), n).unwrap();
         let s = &r.stats;
         assert_eq!(s.coarse_evals, hq * 10);
@@ -582,7 +610,8 @@ fn hierarchical_counts_what_it_scores() {
             // opened clusters' children are exactly the clusters scored.
             let cl = index.head(h);
             let parent = |c: u32| (0..10).find(|&p| level.children(p).contains(&c)).unwrap();
-            let opened: std::collections::BTreeSet<usize> = r.selection.head(h).iter().map(|&t| parent(cl.assignment()[t as usize])).collect();
+            let opened: std::collections::BTreeSet<usize> =
+                r.selection.head(h).iter().map(|&t| parent(cl.assignment()[t as usize])).collect();
             assert!(opened.len() <= s.coarse_kept[h]);
             assert!(s.clusters_scored[h] < 100, "coarse level opened everything");
             if let CoarseRetrieve::Budget(b) = coarse {
@@ -708,7 +737,10 @@ fn cache_and_tensor_sources_agree() {
         let mut cache = KvCache::new(CacheConfig::new(2, hk, d, 16, 32).with_dtype(dtype)).unwrap();
         let mut rng = Rng(17);
         let id = common::fill_sequence(&mut cache, n, &mut rng, 1.0);
-        let cfg = ClusterConfig::new(ClusterCount::Absolute(20)).with_coarse(ClusterCount::Absolute(4)).with_exclude_window(16).with_max_iter(5);
+        let cfg = ClusterConfig::new(ClusterCount::Absolute(20))
+            .with_coarse(ClusterCount::Absolute(4))
+            .with_exclude_window(16)
+            .with_max_iter(5);
         let from_cache = ClusterIndex::build(KeySource::Cache { cache: &cache, seq: id, layer: 1 }, &cfg).unwrap();
         let keys = cache.read_keys(id, 1).unwrap();
         let from_tensor = build(&keys, n, hk, d, &cfg);
@@ -725,7 +757,11 @@ fn cache_and_tensor_sources_agree() {
     let pre = KvCache::new(CacheConfig::new(1, hk, d, 16, 8).with_key_rope(KeyRope::PreRope)).unwrap();
     let mut pre = pre;
     let id = common::fill_sequence(&mut pre, 50, &mut Rng(1), 1.0);
-    let e = ClusterIndex::build(KeySource::Cache { cache: &pre, seq: id, layer: 0 }, &ClusterConfig::new(ClusterCount::Absolute(4))).unwrap_err();
+    let e = ClusterIndex::build(
+        KeySource::Cache { cache: &pre, seq: id, layer: 0 },
+        &ClusterConfig::new(ClusterCount::Absolute(4)),
+    )
+    .unwrap_err();
     assert_eq!(e.code(), ErrorCode::InvalidArgument);
 }
 
@@ -735,7 +771,8 @@ fn sample_index(coarse: bool) -> (ClusterIndex, Vec<f32>, usize, usize, usize) {
     let (n, hk, d) = (300, 2, 16);
     let mut rng = Rng(77);
     let keys = clustered_keys(&mut rng, n, hk, d, 8, 0.4);
-    let mut cfg = ClusterConfig::new(ClusterCount::Fraction(0.05)).with_exclude_window(12).with_seed(9).with_max_iter(6);
+    let mut cfg =
+        ClusterConfig::new(ClusterCount::Fraction(0.05)).with_exclude_window(12).with_seed(9).with_max_iter(6);
     if coarse {
         cfg = cfg.with_coarse(ClusterCount::Absolute(3));
     }
@@ -781,10 +818,16 @@ fn save_load_round_trip() {
         let mut rng = Rng(4);
         let q = rng.vec(4 * d, 2.0);
         let qv = TensorView::new(&q, &[4, d]).unwrap();
-        assert_eq!(index.retrieve(&qv, &Retrieve::Budget(40), n).unwrap(), back.retrieve(&qv, &Retrieve::Budget(40), n).unwrap());
+        assert_eq!(
+            index.retrieve(&qv, &Retrieve::Budget(40), n).unwrap(),
+            back.retrieve(&qv, &Retrieve::Budget(40), n).unwrap()
+        );
         if coarse {
             let a = index.retrieve_hierarchical(&qv, CoarseRetrieve::Budget(80), &Retrieve::Budget(40), n).unwrap();
-            assert_eq!(a, back.retrieve_hierarchical(&qv, CoarseRetrieve::Budget(80), &Retrieve::Budget(40), n).unwrap());
+            assert_eq!(
+                a,
+                back.retrieve_hierarchical(&qv, CoarseRetrieve::Budget(80), &Retrieve::Budget(40), n).unwrap()
+            );
         }
         // Assigning new tokens works the same after a load.
         let full = TensorView::new(&keys, &[n, hk, d]).unwrap();
@@ -806,7 +849,10 @@ fn save_load_round_trip() {
         assert_eq!(ClusterIndex::load_for(&path, KeySource::Tensor(&shorter)).unwrap_err().code(), ErrorCode::Io);
         // A query with another head_dim is a shape error.
         let q32 = vec![0.1f32; 4 * 32];
-        assert_eq!(back.retrieve(&TensorView::new(&q32, &[4, 32]).unwrap(), &Retrieve::Budget(4), n).unwrap_err().code(), ErrorCode::Shape);
+        assert_eq!(
+            back.retrieve(&TensorView::new(&q32, &[4, 32]).unwrap(), &Retrieve::Budget(4), n).unwrap_err().code(),
+            ErrorCode::Shape
+        );
         std::fs::remove_file(&path).unwrap();
     }
     let missing = ClusterIndex::load(tmp("does-not-exist.safetensors")).unwrap_err();
@@ -892,6 +938,26 @@ fn mismatched_files_are_io_errors_with_reasons() {
             "tensor `centroids`",
             Box::new(|m| {
                 m.insert("num_clusters".into(), "15".into());
+                m.insert("config.clusters".into(), "absolute:15".into());
+            }),
+        ),
+        // Fields that each parse but contradict each other.
+        (
+            "`num_clusters` 15",
+            Box::new(|m| {
+                m.insert("num_clusters".into(), "15".into());
+            }),
+        ),
+        (
+            "disagree",
+            Box::new(|m| {
+                m.insert("config.clusters".into(), "absolute:0".into());
+            }),
+        ),
+        (
+            "`clustered_len` 288",
+            Box::new(|m| {
+                m.insert("config.exclude_window".into(), "20".into());
             }),
         ),
         (
@@ -920,7 +986,8 @@ fn mismatched_files_are_io_errors_with_reasons() {
         ),
     ];
     for (word, edit) in cases {
-        let e = ClusterIndex::from_bytes(&with_meta(&bytes, edit)).err().unwrap_or_else(|| panic!("case `{word}` loaded"));
+        let e =
+            ClusterIndex::from_bytes(&with_meta(&bytes, edit)).err().unwrap_or_else(|| panic!("case `{word}` loaded"));
         assert_eq!(e.code(), ErrorCode::Io);
         assert!(e.to_string().contains(word), "expected `{word}` in: {e}");
     }
@@ -947,8 +1014,14 @@ fn bad_inputs_are_clear_errors() {
     assert_eq!(err(ClusterConfig::new(ClusterCount::Fraction(0.0)), &kv).code(), ErrorCode::InvalidArgument);
     assert_eq!(err(ClusterConfig::new(ClusterCount::Fraction(0.001)), &kv).code(), ErrorCode::InvalidArgument);
     assert_eq!(err(ClusterConfig::new(ClusterCount::Fraction(f64::NAN)), &kv).code(), ErrorCode::InvalidArgument);
-    assert_eq!(err(ClusterConfig::new(ClusterCount::Absolute(4)).with_exclude_window(50), &kv).code(), ErrorCode::InvalidArgument);
-    assert_eq!(err(ClusterConfig::new(ClusterCount::Absolute(4)).with_coarse(ClusterCount::Absolute(5)), &kv).code(), ErrorCode::InvalidArgument);
+    assert_eq!(
+        err(ClusterConfig::new(ClusterCount::Absolute(4)).with_exclude_window(50), &kv).code(),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        err(ClusterConfig::new(ClusterCount::Absolute(4)).with_coarse(ClusterCount::Absolute(5)), &kv).code(),
+        ErrorCode::InvalidArgument
+    );
     let empty: Vec<f32> = Vec::new();
     let ev = TensorView::new(&empty, &[0, hk, d]).unwrap();
     let e = err(ClusterConfig::new(ClusterCount::Absolute(1)), &ev);
@@ -961,13 +1034,17 @@ fn bad_inputs_are_clear_errors() {
     }
     keys[(17 * hk + 1) * d + 5] = 0.5;
     let odd = vec![0.5f32; n * hk * 12];
-    assert_eq!(err(ClusterConfig::new(ClusterCount::Absolute(4)), &TensorView::new(&odd, &[n, hk, 12]).unwrap()).code(), ErrorCode::Unsupported);
+    assert_eq!(
+        err(ClusterConfig::new(ClusterCount::Absolute(4)), &TensorView::new(&odd, &[n, hk, 12]).unwrap()).code(),
+        ErrorCode::Unsupported
+    );
     // kmeans on rows.
     assert!(kmeans(&keys[..d * 3], d, &KMeansConfig::new(ClusterCount::Absolute(4))).is_err());
     assert!(kmeans(&keys[..d * 3 + 1], d, &KMeansConfig::new(ClusterCount::Absolute(1))).is_err());
     assert!(kmeans(&[], d, &KMeansConfig::new(ClusterCount::Absolute(1))).is_err());
     // Retrieval.
-    let index = build(&keys, n, hk, d, &ClusterConfig::new(ClusterCount::Absolute(5)).with_coarse(ClusterCount::Absolute(2)));
+    let index =
+        build(&keys, n, hk, d, &ClusterConfig::new(ClusterCount::Absolute(5)).with_coarse(ClusterCount::Absolute(2)));
     let flat = build(&keys, n, hk, d, &ClusterConfig::new(ClusterCount::Absolute(5)));
     let q = rng.vec(4 * d, 1.0);
     let qv = TensorView::new(&q, &[4, d]).unwrap();
@@ -975,20 +1052,40 @@ fn bad_inputs_are_clear_errors() {
     assert_eq!(index.retrieve(&qv, &Retrieve::Threshold(f64::NAN), n).unwrap_err().code(), ErrorCode::InvalidArgument);
     assert_eq!(index.retrieve(&qv, &Retrieve::PerHeadThreshold(vec![0.1]), n).unwrap_err().code(), ErrorCode::Shape);
     assert_eq!(index.retrieve(&qv, &Retrieve::Budget(3), n - 1).unwrap_err().code(), ErrorCode::OutOfRange);
-    assert_eq!(index.retrieve(&TensorView::new(&q[..3 * d], &[3, d]).unwrap(), &Retrieve::Budget(3), n).unwrap_err().code(), ErrorCode::Shape);
+    assert_eq!(
+        index.retrieve(&TensorView::new(&q[..3 * d], &[3, d]).unwrap(), &Retrieve::Budget(3), n).unwrap_err().code(),
+        ErrorCode::Shape
+    );
     let q8 = vec![0.1f32; 4 * 8];
-    assert_eq!(index.retrieve(&TensorView::new(&q8, &[4, 8]).unwrap(), &Retrieve::Budget(3), n).unwrap_err().code(), ErrorCode::Shape);
+    assert_eq!(
+        index.retrieve(&TensorView::new(&q8, &[4, 8]).unwrap(), &Retrieve::Budget(3), n).unwrap_err().code(),
+        ErrorCode::Shape
+    );
     let mut qn = q.clone();
     qn[3] = f32::NAN;
-    assert_eq!(index.retrieve(&TensorView::new(&qn, &[4, d]).unwrap(), &Retrieve::Budget(3), n).unwrap_err().code(), ErrorCode::InvalidArgument);
-    assert_eq!(flat.retrieve_hierarchical(&qv, CoarseRetrieve::Budget(10), &Retrieve::Budget(3), n).unwrap_err().code(), ErrorCode::InvalidArgument);
-    assert_eq!(index.retrieve_hierarchical(&qv, CoarseRetrieve::Budget(0), &Retrieve::Budget(3), n).unwrap_err().code(), ErrorCode::InvalidArgument);
-    let e = index.retrieve_hierarchical(&qv, CoarseRetrieve::BudgetMultiple(2.0), &Retrieve::Threshold(0.1), n).unwrap_err();
+    assert_eq!(
+        index.retrieve(&TensorView::new(&qn, &[4, d]).unwrap(), &Retrieve::Budget(3), n).unwrap_err().code(),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        flat.retrieve_hierarchical(&qv, CoarseRetrieve::Budget(10), &Retrieve::Budget(3), n).unwrap_err().code(),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        index.retrieve_hierarchical(&qv, CoarseRetrieve::Budget(0), &Retrieve::Budget(3), n).unwrap_err().code(),
+        ErrorCode::InvalidArgument
+    );
+    let e = index
+        .retrieve_hierarchical(&qv, CoarseRetrieve::BudgetMultiple(2.0), &Retrieve::Threshold(0.1), n)
+        .unwrap_err();
     assert_eq!(e.code(), ErrorCode::InvalidArgument);
     // Mismatched sources for assign_new.
     let mut idx = index.clone();
     let other = vec![0.5f32; n * 3 * d];
-    assert_eq!(idx.assign_new(KeySource::Tensor(&TensorView::new(&other, &[n, 3, d]).unwrap())).unwrap_err().code(), ErrorCode::Shape);
+    assert_eq!(
+        idx.assign_new(KeySource::Tensor(&TensorView::new(&other, &[n, 3, d]).unwrap())).unwrap_err().code(),
+        ErrorCode::Shape
+    );
     let mut longer = keys.clone();
     longer.extend(std::iter::repeat_n(f32::NAN, hk * d));
     let e = idx.assign_new(KeySource::Tensor(&TensorView::new(&longer, &[n + 1, hk, d]).unwrap())).unwrap_err();
@@ -1016,18 +1113,22 @@ fn planted_group_recall_at_one_eighth_budget() {
             keys[t * d + c] = s * u[c] * 4.0 + 0.3 * rng.uniform();
         }
     }
-    let index = build(&keys, n, 1, d, &ClusterConfig::new(ClusterCount::Fraction(1.0 / 32.0)).with_max_iter(12).with_seed(1));
+    let index =
+        build(&keys, n, 1, d, &ClusterConfig::new(ClusterCount::Fraction(1.0 / 32.0)).with_max_iter(12).with_seed(1));
     let budget = n / 8;
     let (mut recall, mut oracle) = (0f64, 0f64);
     let trials = 8;
     for _ in 0..trials {
-        let q: Vec<f32> = (0..hq).flat_map(|_| u.iter().map(|&x| x * 6.0 + 1.5 * rng.uniform()).collect::<Vec<_>>()).collect();
+        let q: Vec<f32> =
+            (0..hq).flat_map(|_| u.iter().map(|&x| x * 6.0 + 1.5 * rng.uniform()).collect::<Vec<_>>()).collect();
         let qv = TensorView::new(&q, &[hq, d]).unwrap();
         let sel = index.retrieve(&qv, &Retrieve::Budget(budget), n).unwrap().selection;
         // True softmax mass, averaged over the query heads.
         let mut mass = vec![0f64; n];
         for j in 0..hq {
-            let l: Vec<f64> = (0..n).map(|t| (0..d).map(|c| q[j * d + c] as f64 * keys[t * d + c] as f64).sum::<f64>() / (d as f64).sqrt()).collect();
+            let l: Vec<f64> = (0..n)
+                .map(|t| (0..d).map(|c| q[j * d + c] as f64 * keys[t * d + c] as f64).sum::<f64>() / (d as f64).sqrt())
+                .collect();
             let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = l.iter().map(|x| (x - m).exp()).sum();
             for t in 0..n {

@@ -13,8 +13,13 @@ use std::sync::Arc;
 use cuda_util::{assert_close, device_or_skip, Rng, POISON_BYTE};
 use kvsieve::attention::{self, AttentionParams, PositionMode, RopeConfig, RopeStyle};
 use kvsieve::backend::cuda::attention::{self as gpu, Workspace};
-use kvsieve::backend::cuda::{CudaDevice, CudaKvCache, CudaPageTable, CudaPagedKv, CudaSelections, DeviceBuffer, DeviceTensor};
-use kvsieve::{CacheConfig, DType, Error, KeepTokens, KeyRope, KvCache, PageLayout, PagedKv, PagedKvLayout, SeqId, Selection, TensorView, TensorViewMut};
+use kvsieve::backend::cuda::{
+    CudaDevice, CudaKvCache, CudaPageTable, CudaPagedKv, CudaSelections, DeviceBuffer, DeviceTensor,
+};
+use kvsieve::{
+    CacheConfig, DType, Error, KeepTokens, KeyRope, KvCache, PageLayout, PagedKv, PagedKvLayout, Selection, SeqId,
+    TensorView, TensorViewMut,
+};
 
 /// The same operations on a CPU cache and a CUDA cache.
 struct Pair {
@@ -78,8 +83,16 @@ impl Pair {
             assert_eq!(self.cpu.seq_pages(id).unwrap(), self.gpu.seq_pages(id).unwrap());
             assert_eq!(self.cpu.positions(id).unwrap(), self.gpu.positions(id).unwrap());
             for layer in 0..c.num_layers {
-                assert_eq!(self.cpu.read_keys(id, layer).unwrap(), self.gpu.read_keys(id, layer).unwrap(), "keys of seq {id} layer {layer}");
-                assert_eq!(self.cpu.read_values(id, layer).unwrap(), self.gpu.read_values(id, layer).unwrap(), "values of seq {id} layer {layer}");
+                assert_eq!(
+                    self.cpu.read_keys(id, layer).unwrap(),
+                    self.gpu.read_keys(id, layer).unwrap(),
+                    "keys of seq {id} layer {layer}"
+                );
+                assert_eq!(
+                    self.cpu.read_values(id, layer).unwrap(),
+                    self.gpu.read_values(id, layer).unwrap(),
+                    "values of seq {id} layer {layer}"
+                );
                 if c.track_key_bounds {
                     for pi in 0..self.cpu.seq_pages(id).unwrap().len() {
                         let want = self.cpu.page_key_bounds(id, layer, pi).unwrap();
@@ -207,7 +220,8 @@ fn evict_and_compact_match_cpu() {
             p.cpu.compact(d, KeepTokens::PerLayer(&per_layer)).unwrap();
             p.gpu.compact(d, KeepTokens::PerLayer(&per_layer)).unwrap();
             p.check_same();
-            let per_head: Vec<Vec<u32>> = (0..4).map(|j| (0..k as u32).map(|i| len - 1 - (k as u32 - 1 - i) * (1 + j % 2)).collect()).collect();
+            let per_head: Vec<Vec<u32>> =
+                (0..4).map(|j| (0..k as u32).map(|i| len - 1 - (k as u32 - 1 - i) * (1 + j % 2)).collect()).collect();
             p.cpu.compact(a, KeepTokens::PerHead(&per_head)).unwrap();
             p.gpu.compact(a, KeepTokens::PerHead(&per_head)).unwrap();
             p.check_same();
@@ -300,7 +314,16 @@ fn cases() -> Vec<Case> {
 
 /// Run CPU and GPU decode (dense, or sparse over `sels`) and compare outputs and LSEs.
 #[allow(clippy::too_many_arguments)]
-fn compare_decode(dev: &Arc<CudaDevice>, p: &Pair, hq: usize, params: &AttentionParams, sels: Option<&[Selection]>, out_dtype: DType, rng: &mut Rng, what: &str) {
+fn compare_decode(
+    dev: &Arc<CudaDevice>,
+    p: &Pair,
+    hq: usize,
+    params: &AttentionParams,
+    sels: Option<&[Selection]>,
+    out_dtype: DType,
+    rng: &mut Rng,
+    what: &str,
+) {
     let c = *p.cpu.config();
     let d = c.head_dim;
     let batch = p.ids.len();
@@ -388,12 +411,20 @@ fn dense_decode_matches_cpu() {
         let c = cfg(cs.dtype, cs.page_size, cs.hk, cs.d, cs.layout, 128);
         let p = filled(&dev, c, &cs.lens, &mut rng, false);
         let hq = cs.hk * cs.group;
-        let what = format!("dense {:?} ps {} d {} hk {} group {} {:?}", cs.dtype, cs.page_size, cs.d, cs.hk, cs.group, cs.layout);
+        let what = format!(
+            "dense {:?} ps {} d {} hk {} group {} {:?}",
+            cs.dtype, cs.page_size, cs.d, cs.hk, cs.group, cs.layout
+        );
         // Automatic split, a forced split into many chunks, and soft cap with a custom scale.
         compare_decode(&dev, &p, hq, &AttentionParams::default(), None, DType::F32, &mut rng, &what);
         let split = AttentionParams { chunk_size: Some(64), ..Default::default() };
         compare_decode(&dev, &p, hq, &split, None, DType::F32, &mut rng, &format!("{what}, chunk 64"));
-        let capped = AttentionParams { scale: Some(0.3), logit_soft_cap: Some(5.0), chunk_size: Some(128), ..Default::default() };
+        let capped = AttentionParams {
+            scale: Some(0.3),
+            logit_soft_cap: Some(5.0),
+            chunk_size: Some(128),
+            ..Default::default()
+        };
         let out_dtype = [DType::F16, DType::BF16][i % 2];
         compare_decode(&dev, &p, hq, &capped, None, out_dtype, &mut rng, &format!("{what}, soft cap, out {out_dtype}"));
     }
@@ -442,7 +473,12 @@ fn rope_at_read_matches_cpu() {
     let Some(dev) = device_or_skip("rope_at_read_matches_cpu") else { return };
     let mut i = 0u64;
     for dtype in [DType::F16, DType::BF16] {
-        for (d, style, rotary_dim) in [(64, RopeStyle::AdjacentPairs, 0), (128, RopeStyle::HalfSplit, 0), (64, RopeStyle::HalfSplit, 32), (128, RopeStyle::AdjacentPairs, 96)] {
+        for (d, style, rotary_dim) in [
+            (64, RopeStyle::AdjacentPairs, 0),
+            (128, RopeStyle::HalfSplit, 0),
+            (64, RopeStyle::HalfSplit, 32),
+            (128, RopeStyle::AdjacentPairs, 96),
+        ] {
             i += 1;
             let mut rng = Rng(300 + i);
             let page_size = [16, 32, 64][i as usize % 3];
@@ -453,8 +489,11 @@ fn rope_at_read_matches_cpu() {
                 rope.position_scale = 2.0;
             }
             let sels = random_selections(&p, &mut rng);
-            for positions in [PositionMode::Original, PositionMode::Contiguous, PositionMode::Capped { max_distance: 100 }] {
-                let params = AttentionParams { rope: Some(rope), positions, chunk_size: Some(128), ..Default::default() };
+            for positions in
+                [PositionMode::Original, PositionMode::Contiguous, PositionMode::Capped { max_distance: 100 }]
+            {
+                let params =
+                    AttentionParams { rope: Some(rope), positions, chunk_size: Some(128), ..Default::default() };
                 let what = format!("rope {dtype} d {d} {style:?} rotary {rotary_dim} {positions:?}");
                 compare_decode(&dev, &p, 6, &params, None, DType::F32, &mut rng, &format!("{what}, dense"));
                 compare_decode(&dev, &p, 6, &params, Some(&sels), DType::F32, &mut rng, &format!("{what}, sparse"));
@@ -475,7 +514,15 @@ fn engine_view_append_and_decode_match_cpu() {
         // HND with 8 spare elements after each head row block: strides [page, slot, head].
         let head_stride = page_size * d + 8;
         let page_stride = hk * head_stride;
-        let layout = PagedKvLayout { dtype, num_pages, page_size, num_kv_heads: hk, head_dim: d, k_strides: [page_stride, d, head_stride], v_strides: [page_stride, d, head_stride] };
+        let layout = PagedKvLayout {
+            dtype,
+            num_pages,
+            page_size,
+            num_kv_heads: hk,
+            head_dim: d,
+            k_strides: [page_stride, d, head_stride],
+            v_strides: [page_stride, d, head_stride],
+        };
         let elems = num_pages * page_stride;
         let kb = DeviceBuffer::zeroed(&dev, elems * 2, stream).unwrap();
         let vb = DeviceBuffer::zeroed(&dev, elems * 2, stream).unwrap();
@@ -497,7 +544,9 @@ fn engine_view_append_and_decode_match_cpu() {
         let mut slots = Vec::new();
         for (b, &n) in lens.iter().enumerate() {
             for t in 0..n {
-                slots.push((indices[indptr[b] as usize + t / page_size] as i64) * page_size as i64 + (t % page_size) as i64);
+                slots.push(
+                    (indices[indptr[b] as usize + t / page_size] as i64) * page_size as i64 + (t % page_size) as i64,
+                );
             }
         }
         slots.push(-1); // a padded token: skipped
@@ -507,7 +556,14 @@ fn engine_view_append_and_decode_match_cpu() {
         let kr = DeviceBuffer::from_slice(&dev, &k_rows, stream).unwrap();
         let vr = DeviceBuffer::from_slice(&dev, &v_rows, stream).unwrap();
         let sb = DeviceBuffer::from_slice(&dev, &slots, stream).unwrap();
-        let table = CudaPageTable::upload(&dev, kvsieve::PageTableRef { indptr: &indptr, indices: &indices, last_page_len: &last }, page_size, num_pages, stream).unwrap();
+        let table = CudaPageTable::upload(
+            &dev,
+            kvsieve::PageTableRef { indptr: &indptr, indices: &indices, last_page_len: &last },
+            page_size,
+            num_pages,
+            stream,
+        )
+        .unwrap();
         // SAFETY: kb/vb hold `elems` elements in this layout; all buffers outlive the work.
         let view = unsafe { CudaPagedKv::from_raw(kb.ptr(), vb.ptr(), layout, &table).unwrap() };
         unsafe {
@@ -525,16 +581,24 @@ fn engine_view_append_and_decode_match_cpu() {
         // The CPU view over the downloaded pages must hold the rows, rounded to the dtype.
         let k_host: Vec<u8> = kb.to_vec(stream).unwrap();
         let v_host: Vec<u8> = vb.to_vec(stream).unwrap();
-        let cpu_table = kvsieve::PageTable { indptr: indptr.clone(), indices: indices.clone(), last_page_len: last.clone() };
+        let cpu_table =
+            kvsieve::PageTable { indptr: indptr.clone(), indices: indices.clone(), last_page_len: last.clone() };
         // SAFETY: the host copies hold the whole layout.
-        let cpu_view = unsafe { PagedKv::from_raw(k_host.as_ptr(), v_host.as_ptr(), layout, cpu_table.as_ref()).unwrap() };
+        let cpu_view =
+            unsafe { PagedKv::from_raw(k_host.as_ptr(), v_host.as_ptr(), layout, cpu_table.as_ref()).unwrap() };
         let mut row = 0;
         for (b, &n) in lens.iter().enumerate() {
             for t in 0..n {
                 for h in 0..hk {
-                    let want: Vec<f32> = k_rows[(row * hk + h) * d..(row * hk + h + 1) * d].iter().map(|&x| round_to(x, dtype)).collect();
+                    let want: Vec<f32> = k_rows[(row * hk + h) * d..(row * hk + h + 1) * d]
+                        .iter()
+                        .map(|&x| round_to(x, dtype))
+                        .collect();
                     assert_eq!(cpu_view.key(b, t, h), want, "appended key seq {b} token {t} head {h}");
-                    let want: Vec<f32> = v_rows[(row * hk + h) * d..(row * hk + h + 1) * d].iter().map(|&x| round_to(x, dtype)).collect();
+                    let want: Vec<f32> = v_rows[(row * hk + h) * d..(row * hk + h + 1) * d]
+                        .iter()
+                        .map(|&x| round_to(x, dtype))
+                        .collect();
                     assert_eq!(cpu_view.value(b, t, h), want, "appended value seq {b} token {t} head {h}");
                 }
                 row += 1;
@@ -546,12 +610,31 @@ fn engine_view_append_and_decode_match_cpu() {
         let qt = TensorView::new(&q, &[2, hq, d]).unwrap();
         let mut want = vec![0f32; 2 * hq * d];
         let mut want_lse = vec![0f32; 2 * hq];
-        attention::decode(&cpu_view, &qt, &mut TensorViewMut::new(&mut want, &[2, hq, d]).unwrap(), Some(&mut want_lse), &AttentionParams::default()).unwrap();
+        attention::decode(
+            &cpu_view,
+            &qt,
+            &mut TensorViewMut::new(&mut want, &[2, hq, d]).unwrap(),
+            Some(&mut want_lse),
+            &AttentionParams::default(),
+        )
+        .unwrap();
         let qb = DeviceBuffer::from_slice(&dev, &q, stream).unwrap();
         let ob = poisoned(&dev, 2 * hq * (d + 16), DType::F32);
-        let od = DeviceTensor::strided(ob.ptr(), DType::F32, &[2, hq, d], &[hq * (d + 16), d + 16, 1], dev.ordinal()).unwrap();
+        let od = DeviceTensor::strided(ob.ptr(), DType::F32, &[2, hq, d], &[hq * (d + 16), d + 16, 1], dev.ordinal())
+            .unwrap();
         let ws = Workspace::new(&dev);
-        unsafe { gpu::decode(&view, &qb.tensor(DType::F32, &[2, hq, d]).unwrap(), &od, None, &AttentionParams::default(), &ws, stream).unwrap() };
+        unsafe {
+            gpu::decode(
+                &view,
+                &qb.tensor(DType::F32, &[2, hq, d]).unwrap(),
+                &od,
+                None,
+                &AttentionParams::default(),
+                &ws,
+                stream,
+            )
+            .unwrap()
+        };
         let all: Vec<f32> = ob.to_vec(stream).unwrap();
         let got: Vec<f32> = (0..2 * hq).flat_map(|r| all[r * (d + 16)..r * (d + 16) + d].to_vec()).collect();
         assert_close("engine view decode", &got, &want, 2e-4, 2e-3);
@@ -592,7 +675,8 @@ fn merge_states_matches_cpu() {
             &mut want_lse,
         )
         .unwrap();
-        let bufs: Vec<DeviceBuffer> = [&va_b, &vb_b].iter().map(|b| DeviceBuffer::from_slice(&dev, b, stream).unwrap()).collect();
+        let bufs: Vec<DeviceBuffer> =
+            [&va_b, &vb_b].iter().map(|b| DeviceBuffer::from_slice(&dev, b, stream).unwrap()).collect();
         let lab = DeviceBuffer::from_slice(&dev, &la, stream).unwrap();
         let lbb = DeviceBuffer::from_slice(&dev, &lb, stream).unwrap();
         let ob = poisoned(&dev, n * h * d, DType::F32);
@@ -628,12 +712,25 @@ fn decode_rejects_bad_input() {
     let qb = DeviceBuffer::zeroed(&dev, 4 * 4 * 64 * 4, dev.stream()).unwrap();
     let ok_out = qb.tensor(DType::F32, &[1, 4, 64]).unwrap();
     let bad_q = qb.tensor(DType::F32, &[1, 3, 64]).unwrap();
-    let e = unsafe { gpu::decode(&v, &bad_q, &ok_out, None, &AttentionParams::default(), &ws, dev.stream()) }.unwrap_err();
+    let e =
+        unsafe { gpu::decode(&v, &bad_q, &ok_out, None, &AttentionParams::default(), &ws, dev.stream()) }.unwrap_err();
     assert!(matches!(&e, Error::Shape { param, .. } if param == "q"), "{e}");
     let bad_out = qb.tensor(DType::F32, &[1, 4, 32]).unwrap();
-    let e = unsafe { gpu::decode(&v, &ok_out, &bad_out, None, &AttentionParams::default(), &ws, dev.stream()) }.unwrap_err();
+    let e = unsafe { gpu::decode(&v, &ok_out, &bad_out, None, &AttentionParams::default(), &ws, dev.stream()) }
+        .unwrap_err();
     assert!(matches!(&e, Error::Shape { param, .. } if param == "out"), "{e}");
-    let e = unsafe { gpu::decode(&v, &ok_out, &ok_out, None, &AttentionParams { positions: PositionMode::Contiguous, ..Default::default() }, &ws, dev.stream()) }.unwrap_err();
+    let e = unsafe {
+        gpu::decode(
+            &v,
+            &ok_out,
+            &ok_out,
+            None,
+            &AttentionParams { positions: PositionMode::Contiguous, ..Default::default() },
+            &ws,
+            dev.stream(),
+        )
+    }
+    .unwrap_err();
     assert!(matches!(&e, Error::InvalidArgument { param, .. } if param == "positions"), "{e}");
     let e = CudaKvCache::new(&dev, cfg(DType::F32, 16, 2, 64, PageLayout::Nhd, 4)).unwrap_err();
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
@@ -655,7 +752,11 @@ fn decode_replays_from_a_cuda_graph() {
     let qb = DeviceBuffer::zeroed(&dev, batch * hq * d * 4, &stream).unwrap();
     let ob = DeviceBuffer::alloc(&dev, batch * hq * d * 4).unwrap();
     let lb = DeviceBuffer::alloc(&dev, batch * hq * 4).unwrap();
-    let (qd, od, ld) = (qb.tensor(DType::F32, &[batch, hq, d]).unwrap(), ob.tensor(DType::F32, &[batch, hq, d]).unwrap(), lb.tensor(DType::F32, &[batch, hq]).unwrap());
+    let (qd, od, ld) = (
+        qb.tensor(DType::F32, &[batch, hq, d]).unwrap(),
+        ob.tensor(DType::F32, &[batch, hq, d]).unwrap(),
+        lb.tensor(DType::F32, &[batch, hq]).unwrap(),
+    );
     let ws = Workspace::new(&dev);
     let params = AttentionParams { chunk_size: Some(64), ..Default::default() };
     // One call outside the capture loads the kernels and sizes the workspace.
@@ -683,7 +784,14 @@ fn decode_replays_from_a_cuda_graph() {
         let mut want = vec![0f32; batch * hq * d];
         let mut want_lse = vec![0f32; batch * hq];
         let qt = TensorView::new(&q, &[batch, hq, d]).unwrap();
-        attention::decode(&view, &qt, &mut TensorViewMut::new(&mut want, &[batch, hq, d]).unwrap(), Some(&mut want_lse), &params).unwrap();
+        attention::decode(
+            &view,
+            &qt,
+            &mut TensorViewMut::new(&mut want, &[batch, hq, d]).unwrap(),
+            Some(&mut want_lse),
+            &params,
+        )
+        .unwrap();
         assert_close(&format!("graph replay {round}: out"), &ob.to_vec::<f32>(&stream).unwrap(), &want, 2e-4, 2e-3);
         assert_close(&format!("graph replay {round}: lse"), &lb.to_vec::<f32>(&stream).unwrap(), &want_lse, 1e-3, 1e-4);
     }
@@ -717,16 +825,30 @@ fn decode_from_threads_sharing_a_stream_and_workspace() {
             s.spawn(move || {
                 let mut want = vec![0f32; batch * hq * d];
                 let qt = TensorView::new(q, &[batch, hq, d]).unwrap();
-                attention::decode(view, &qt, &mut TensorViewMut::new(&mut want, &[batch, hq, d]).unwrap(), None, params).unwrap();
+                attention::decode(
+                    view,
+                    &qt,
+                    &mut TensorViewMut::new(&mut want, &[batch, hq, d]).unwrap(),
+                    None,
+                    params,
+                )
+                .unwrap();
                 let qb = DeviceBuffer::from_slice(dev, q, stream).unwrap();
                 let ob = DeviceBuffer::alloc(dev, batch * hq * d * 4).unwrap();
-                let (qd, od) = (qb.tensor(DType::F32, &[batch, hq, d]).unwrap(), ob.tensor(DType::F32, &[batch, hq, d]).unwrap());
+                let (qd, od) =
+                    (qb.tensor(DType::F32, &[batch, hq, d]).unwrap(), ob.tensor(DType::F32, &[batch, hq, d]).unwrap());
                 for round in 0..12 {
                     ob.memset(POISON_BYTE, stream).unwrap();
                     // SAFETY: the buffers live until the stream is synchronised below.
                     unsafe { gpu::decode(gv, &qd, &od, None, params, ws, stream).unwrap() };
                     stream.synchronize().unwrap();
-                    assert_close(&format!("thread {i} round {round}"), &ob.to_vec::<f32>(stream).unwrap(), &want, 2e-4, 2e-3);
+                    assert_close(
+                        &format!("thread {i} round {round}"),
+                        &ob.to_vec::<f32>(stream).unwrap(),
+                        &want,
+                        2e-4,
+                        2e-3,
+                    );
                 }
             });
         }

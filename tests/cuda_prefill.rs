@@ -50,7 +50,15 @@ fn prefill_matches_cpu() {
                 cache.append(id, l, None).unwrap();
                 let k = rng.vec(l * hk * d, 1.0);
                 let v = rng.vec(l * hk * d, 1.0);
-                cache.write(id, 0, 0, &TensorView::new(&k, &[l, hk, d]).unwrap(), &TensorView::new(&v, &[l, hk, d]).unwrap()).unwrap();
+                cache
+                    .write(
+                        id,
+                        0,
+                        0,
+                        &TensorView::new(&k, &[l, hk, d]).unwrap(),
+                        &TensorView::new(&v, &[l, hk, d]).unwrap(),
+                    )
+                    .unwrap();
                 let pages = cache.seq_pages(id).unwrap();
                 for t in 0..l {
                     let (page, pos) = (pages[t / ps] as usize, t % ps);
@@ -85,8 +93,9 @@ fn prefill_matches_cpu() {
             let qt = DeviceTensor::contiguous(qdev.ptr(), dtype, &[total, hq, d], dev.ordinal());
             let qv = TensorView::new(&qf, &[total, hq, d]).unwrap();
             let view = cache.layer_view(0, &table).unwrap();
-            let windows: Vec<Option<StreamingWindow>> =
-                (0..hk).map(|h| if h % 2 == 0 { Some(StreamingWindow { sinks: 4, window: 50 }) } else { None }).collect();
+            let windows: Vec<Option<StreamingWindow>> = (0..hk)
+                .map(|h| if h % 2 == 0 { Some(StreamingWindow { sinks: 4, window: 50 }) } else { None })
+                .collect();
             let masks = PrefillMasks::upload(&dev, &windows, stream).unwrap();
             // Random per-head selections: every token with probability 1/3, in blocks of 8
             // for odd heads (a block-sparse pattern), plus the last token.
@@ -96,7 +105,14 @@ fn prefill_matches_cpu() {
                     let heads: Vec<Vec<u32>> = (0..hk)
                         .map(|h| {
                             (0..l as u32)
-                                .filter(|&t| t + 1 == l as u32 || if h % 2 == 1 { (t / 8 * 7 + h as u32).is_multiple_of(3) } else { rng.below(3) == 0 })
+                                .filter(|&t| {
+                                    t + 1 == l as u32
+                                        || if h % 2 == 1 {
+                                            (t / 8 * 7 + h as u32).is_multiple_of(3)
+                                        } else {
+                                            rng.below(3) == 0
+                                        }
+                                })
                                 .collect()
                         })
                         .collect();
@@ -127,9 +143,20 @@ fn prefill_matches_cpu() {
                     let mut ov = TensorViewMut::new(&mut want, &[total, hq, d]).unwrap();
                     if windowed || selected {
                         let sels: Vec<Selection> = lens.iter().map(|&l| Selection::dense(hk, l).unwrap()).collect();
-                        let refs: Vec<&Selection> = if selected { sparse.iter().collect() } else { sels.iter().collect() };
+                        let refs: Vec<&Selection> =
+                            if selected { sparse.iter().collect() } else { sels.iter().collect() };
                         let none: Vec<Option<StreamingWindow>> = vec![None; hk];
-                        prefill_sparse(&view, &qv, &qo, &refs, if windowed { &windows } else { &none }, &mut ov, Some(&mut want_lse), &params).unwrap();
+                        prefill_sparse(
+                            &view,
+                            &qv,
+                            &qo,
+                            &refs,
+                            if windowed { &windows } else { &none },
+                            &mut ov,
+                            Some(&mut want_lse),
+                            &params,
+                        )
+                        .unwrap();
                     } else {
                         cpu_prefill(&view, &qv, &qo, &mut ov, Some(&mut want_lse), &params, causal).unwrap();
                     }
@@ -181,6 +208,7 @@ fn prefill_refuses_bad_input() {
     let e = prefill(stream, &kv, &qt, &queries, None, None, &qt, None, &params, true).unwrap_err();
     assert!(e.to_string().contains("`logit_soft_cap`"), "{e}");
     let masks = PrefillMasks::upload(&dev, &[None], stream).unwrap();
-    let e = prefill(stream, &kv, &qt, &queries, Some(&masks), None, &qt, None, &AttentionParams::default(), true).unwrap_err();
+    let e = prefill(stream, &kv, &qt, &queries, Some(&masks), None, &qt, None, &AttentionParams::default(), true)
+        .unwrap_err();
     assert!(e.to_string().contains("`masks`"), "{e}");
 }

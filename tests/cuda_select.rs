@@ -13,12 +13,17 @@ use kvsieve::backend::cuda::select::gemfilter::{gemfilter_select, GemFilterWorks
 use kvsieve::backend::cuda::select::kmeans::{Assignment, CudaKMeans};
 use kvsieve::backend::cuda::select::pages::{page_bounds, PageBoundsWorkspace};
 use kvsieve::backend::cuda::select::topk::top_k_segments;
-use kvsieve::backend::cuda::{CudaDevice, CudaPageTable, CudaPagedKv, CudaSelections, DeviceBuffer, DeviceTensor, KeyBoundsLayout, Stream};
+use kvsieve::backend::cuda::{
+    CudaDevice, CudaPageTable, CudaPagedKv, CudaSelections, DeviceBuffer, DeviceTensor, KeyBoundsLayout, Stream,
+};
 use kvsieve::select::cluster::{
-    kmeans as cpu_kmeans, kmeans_from_centroids, seed_plus_plus, ClusterConfig, ClusterCount, ClusterIndex, CoarseRetrieve, KMeansConfig, KeySource, Retrieve,
+    kmeans as cpu_kmeans, kmeans_from_centroids, seed_plus_plus, ClusterConfig, ClusterCount, ClusterIndex,
+    CoarseRetrieve, KMeansConfig, KeySource, Retrieve,
 };
 use kvsieve::select::gemfilter::{avg_pool, select as gem_select, token_scores, GemFilterConfig};
-use kvsieve::select::{page_bounds as cpu_page_bounds, page_scores as cpu_page_scores, top_k, PageBoundsConfig, Selection};
+use kvsieve::select::{
+    page_bounds as cpu_page_bounds, page_scores as cpu_page_scores, top_k, PageBoundsConfig, Selection,
+};
 use kvsieve::{bf16, f16, CacheConfig, DType, KvCache, PageLayout, PagedKvLayout, TensorView};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -43,7 +48,13 @@ fn upload_bytes(dev: &Arc<CudaDevice>, bytes: &[u8], stream: &Stream) -> DeviceB
 }
 
 /// Selections whose every byte is poison, for `lists` lists of up to `cap` tokens.
-fn poisoned_selections(dev: &Arc<CudaDevice>, stream: &Stream, batch: usize, hk: usize, cap: usize) -> (CudaSelections, Vec<DeviceBuffer>) {
+fn poisoned_selections(
+    dev: &Arc<CudaDevice>,
+    stream: &Stream,
+    batch: usize,
+    hk: usize,
+    cap: usize,
+) -> (CudaSelections, Vec<DeviceBuffer>) {
     let ip = DeviceBuffer::alloc(dev, (batch * hk + 1) * 4).unwrap();
     let ix = DeviceBuffer::alloc(dev, (batch * hk * cap).max(1) * 4).unwrap();
     ip.memset(POISON_BYTE, stream).unwrap();
@@ -87,7 +98,14 @@ fn topk_segments_match_cpu() {
 }
 
 /// A cache with one layer holding `lens` sequences of random keys.
-fn random_cache(rng: &mut Rng, dtype: DType, ps: usize, hk: usize, d: usize, lens: &[usize]) -> (KvCache, Vec<kvsieve::SeqId>) {
+fn random_cache(
+    rng: &mut Rng,
+    dtype: DType,
+    ps: usize,
+    hk: usize,
+    d: usize,
+    lens: &[usize],
+) -> (KvCache, Vec<kvsieve::SeqId>) {
     let capacity: usize = lens.iter().map(|l| l.div_ceil(ps)).sum::<usize>() + 3;
     let mut cache = KvCache::new(CacheConfig::new(1, hk, d, ps, capacity).with_dtype(dtype)).unwrap();
     let mut ids = Vec::new();
@@ -96,7 +114,9 @@ fn random_cache(rng: &mut Rng, dtype: DType, ps: usize, hk: usize, d: usize, len
         cache.append(id, l, None).unwrap();
         let k = rng.vec(l * hk * d, 2.0);
         let v = rng.vec(l * hk * d, 1.0);
-        cache.write(id, 0, 0, &TensorView::new(&k, &[l, hk, d]).unwrap(), &TensorView::new(&v, &[l, hk, d]).unwrap()).unwrap();
+        cache
+            .write(id, 0, 0, &TensorView::new(&k, &[l, hk, d]).unwrap(), &TensorView::new(&v, &[l, hk, d]).unwrap())
+            .unwrap();
         ids.push(id);
     }
     (cache, ids)
@@ -111,7 +131,15 @@ fn pages_of(sel: &Selection, h: usize, ps: usize) -> Vec<usize> {
 
 /// The device's page selection equals the CPU's, or differs only in pages whose CPU
 /// scores are within rounding of the cut (the page count agreeing).
-fn assert_pages_match(what: &str, got: &Selection, want: &Selection, want_scores: &[f32], np: usize, hk: usize, ps: usize) {
+fn assert_pages_match(
+    what: &str,
+    got: &Selection,
+    want: &Selection,
+    want_scores: &[f32],
+    np: usize,
+    hk: usize,
+    ps: usize,
+) {
     if got == want {
         return;
     }
@@ -154,14 +182,22 @@ fn page_bounds_match_cpu() {
             let layout = PagedKvLayout::packed(dtype, cap, ps, hk, d, PageLayout::Nhd);
             // SAFETY: K and V cover the layout; the bounds cover every page of the pool.
             let kv = unsafe {
-                CudaPagedKv::from_raw(kbuf.ptr(), vbuf.ptr(), layout, &dtable).unwrap().with_key_bounds(KeyBoundsLayout { ptr: bounds_dev.ptr() }).unwrap()
+                CudaPagedKv::from_raw(kbuf.ptr(), vbuf.ptr(), layout, &dtable)
+                    .unwrap()
+                    .with_key_bounds(KeyBoundsLayout { ptr: bounds_dev.ptr() })
+                    .unwrap()
             };
             let b = lens.len();
             let (qf, qbytes) = rounded(&rng.vec(b * hq * d, 1.5), dtype);
             let qdev = upload_bytes(&dev, &qbytes, stream);
             let qt = DeviceTensor::contiguous(qdev.ptr(), dtype, &[b, hq, d], dev.ordinal());
             let mut ws = PageBoundsWorkspace::for_view(&dev, &kv, hq).unwrap();
-            for cfg in [PageBoundsConfig::new(128), PageBoundsConfig::new(100).with_min_pages(5), PageBoundsConfig::new(1), PageBoundsConfig::new(5000)] {
+            for cfg in [
+                PageBoundsConfig::new(128),
+                PageBoundsConfig::new(100).with_min_pages(5),
+                PageBoundsConfig::new(1),
+                PageBoundsConfig::new(5000),
+            ] {
                 let (out, _keep) = poisoned_selections(&dev, stream, b, hk, dtable.max_seq_len());
                 page_bounds(stream, &kv, &qt, &cfg, &mut ws, &out).unwrap();
                 ws.check_status(stream).unwrap();
@@ -186,11 +222,20 @@ fn page_bounds_match_cpu() {
 /// Host rule of centroid selection applied to given estimates (ranking by the f32 value
 /// of the estimate, as the device does; the mixed ranking by the f64 estimates and upper
 /// `bounds`): `(cluster, tokens taken)`.
-fn choose(est: &[f64], bounds: &[f64], scored: &[bool], sizes: &[u32], how: &Retrieve, h: usize) -> Vec<(usize, usize)> {
+fn choose(
+    est: &[f64],
+    bounds: &[f64],
+    scored: &[bool],
+    sizes: &[u32],
+    how: &Retrieve,
+    h: usize,
+) -> Vec<(usize, usize)> {
     let ids: Vec<usize> = (0..est.len()).filter(|&c| scored[c]).collect();
     match how {
         Retrieve::Threshold(t) => ids.into_iter().filter(|&c| est[c] > *t).map(|c| (c, sizes[c] as usize)).collect(),
-        Retrieve::PerHeadThreshold(v) => ids.into_iter().filter(|&c| est[c] > v[h]).map(|c| (c, sizes[c] as usize)).collect(),
+        Retrieve::PerHeadThreshold(v) => {
+            ids.into_iter().filter(|&c| est[c] > v[h]).map(|c| (c, sizes[c] as usize)).collect()
+        }
         Retrieve::Budget(b) => {
             let mut order = ids;
             order.sort_by(|&a, &c| (est[c] as f32).total_cmp(&(est[a] as f32)).then(a.cmp(&c)));
@@ -277,14 +322,23 @@ fn gather(index: &ClusterIndex, h: usize, kept: &[(usize, usize)]) -> Vec<u32> {
 
 /// Estimates in f64 for query rows `q` (`[g][d]`, unscaled): scored fine clusters plus the
 /// closed coarse clusters in the denominator.
-fn ref_estimates(q: &[f32], g: usize, d: usize, cents: &[f32], sizes: &[u32], scored: &[bool], extra: &[(Vec<f32>, u32)]) -> Vec<f64> {
+fn ref_estimates(
+    q: &[f32],
+    g: usize,
+    d: usize,
+    cents: &[f32],
+    sizes: &[u32],
+    scored: &[bool],
+    extra: &[(Vec<f32>, u32)],
+) -> Vec<f64> {
     let k = sizes.len();
     let scale = 1.0 / (d as f64).sqrt();
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() * scale;
     let mut s = vec![0f64; k];
     for j in 0..g {
         let qj = &q[j * d..(j + 1) * d];
-        let l: Vec<f64> = (0..k).map(|c| if scored[c] { dot(qj, &cents[c * d..(c + 1) * d]) } else { f64::NEG_INFINITY }).collect();
+        let l: Vec<f64> =
+            (0..k).map(|c| if scored[c] { dot(qj, &cents[c * d..(c + 1) * d]) } else { f64::NEG_INFINITY }).collect();
         let le: Vec<f64> = extra.iter().map(|(c, _)| dot(qj, c)).collect();
         let m = l.iter().chain(le.iter()).fold(f64::NEG_INFINITY, |a, &b| a.max(b));
         let den: f64 = (0..k).filter(|&c| scored[c]).map(|c| (l[c] - m).exp() * sizes[c] as f64).sum::<f64>()
@@ -310,10 +364,15 @@ fn cluster_retrieval_matches_cpu() {
     let Some(dev) = device_or_skip("cluster_retrieval_matches_cpu") else { return };
     let stream = dev.stream();
     let mut rng = Rng(0xc105);
-    for &(n, hk, g, d, k, k1) in &[(600usize, 2usize, 2usize, 64usize, 40usize, 6usize), (1500, 1, 4, 128, 97, 9), (900, 3, 1, 64, 64, 8)] {
+    for &(n, hk, g, d, k, k1) in
+        &[(600usize, 2usize, 2usize, 64usize, 40usize, 6usize), (1500, 1, 4, 128, 97, 9), (900, 3, 1, 64, 64, 8)]
+    {
         let keys = rng.vec(n * hk * d, 1.0);
         let kv = TensorView::new(&keys, &[n, hk, d]).unwrap();
-        let cfg = ClusterConfig::new(ClusterCount::Absolute(k)).with_coarse(ClusterCount::Absolute(k1)).with_max_iter(6).with_seed(3);
+        let cfg = ClusterConfig::new(ClusterCount::Absolute(k))
+            .with_coarse(ClusterCount::Absolute(k1))
+            .with_max_iter(6)
+            .with_seed(3);
         let index = ClusterIndex::build(KeySource::Tensor(&kv), &cfg).unwrap();
         let cidx = CudaClusterIndex::upload(&dev, &index, stream).unwrap();
         let hq = hk * g;
@@ -356,19 +415,29 @@ fn cluster_retrieval_matches_cpu() {
                         assert_close64(&format!("{what} bounds head {h}"), &bounds[h], &want, 2e-4);
                     }
                     let kept = choose(&est[h], &bounds[h], &all, index.head(h).sizes(), &how, h);
-                    assert_eq!(sel.head(h), &gather(&index, h, &kept)[..], "{what} {how:?} head {h}: tokens against the device estimates");
+                    assert_eq!(
+                        sel.head(h),
+                        &gather(&index, h, &kept)[..],
+                        "{what} {how:?} head {h}: tokens against the device estimates"
+                    );
                     assert_eq!(stats.clusters_kept[h], kept.len(), "{what} {how:?} head {h}: clusters kept");
                     assert_eq!(stats.tokens_kept[h], sel.head(h).len(), "{what} {how:?} head {h}: tokens kept");
                     assert_eq!(stats.clusters_scored[h], k);
                     // Against the CPU itself unless the CPU has a near tie at the cut.
                     let near = match &how {
                         Retrieve::Threshold(t) => cpu_est[h].iter().any(|e| (e - t).abs() <= 1e-4 * t.abs()),
-                        Retrieve::PerHeadThreshold(v) => cpu_est[h].iter().any(|e| (e - v[h]).abs() <= 1e-4 * v[h].abs()),
+                        Retrieve::PerHeadThreshold(v) => {
+                            cpu_est[h].iter().any(|e| (e - v[h]).abs() <= 1e-4 * v[h].abs())
+                        }
                         Retrieve::Budget(_) => near_tie(&cpu_est[h]),
                         Retrieve::MixedBudget(_) => near_tie(&cpu_est[h]) || near_tie(&bounds[h]),
                     };
                     if !near {
-                        assert_eq!(sel.head(h), cpu.selection.head(h), "{what} {how:?} head {h}: tokens against the CPU");
+                        assert_eq!(
+                            sel.head(h),
+                            cpu.selection.head(h),
+                            "{what} {how:?} head {h}: tokens against the CPU"
+                        );
                     }
                 }
                 assert_eq!(stats.fine_evals, cpu.stats.fine_evals, "{what}: evaluations");
@@ -407,16 +476,22 @@ fn cluster_retrieval_matches_cpu() {
                             _ => unreachable!(),
                         },
                     };
-                    let open: Vec<usize> = choose(&cest[h], &[], &vec![true; k1], lv.sizes(), &coarse_how, h).into_iter().map(|x| x.0).collect();
+                    let open: Vec<usize> = choose(&cest[h], &[], &vec![true; k1], lv.sizes(), &coarse_how, h)
+                        .into_iter()
+                        .map(|x| x.0)
+                        .collect();
                     let mut scored = vec![false; k];
                     for &c in &open {
                         for &f in lv.children(c) {
                             scored[f as usize] = true;
                         }
                     }
-                    let extra: Vec<(Vec<f32>, u32)> =
-                        (0..k1).filter(|c| !open.contains(c)).map(|c| (lv.centroids()[c * d..(c + 1) * d].to_vec(), lv.sizes()[c])).collect();
-                    let want_f = ref_estimates(qh, g, d, index.head(h).centroids(), index.head(h).sizes(), &scored, &extra);
+                    let extra: Vec<(Vec<f32>, u32)> = (0..k1)
+                        .filter(|c| !open.contains(c))
+                        .map(|c| (lv.centroids()[c * d..(c + 1) * d].to_vec(), lv.sizes()[c]))
+                        .collect();
+                    let want_f =
+                        ref_estimates(qh, g, d, index.head(h).centroids(), index.head(h).sizes(), &scored, &extra);
                     assert_close64(&format!("{what} {coarse:?} fine estimates head {h}"), &est[h], &want_f, 2e-4);
                     if mixed {
                         let want = ref_bounds(qh, g, d, index.head(h).centroids(), index.head(h).radii(), &scored);
@@ -465,8 +540,11 @@ fn kmeans_matches_cpu() {
     let mut rng = Rng(0x4eaa5);
     for &(n, hk, d, k) in &[(700usize, 2usize, 64usize, 12usize), (1300, 1, 128, 33), (500, 3, 128, 71)] {
         for dtype in DTYPES {
-            let paths: &[Assignment] =
-                if dtype == DType::F32 { &[Assignment::CudaCore] } else { &[Assignment::Split, Assignment::TensorCore, Assignment::CudaCore] };
+            let paths: &[Assignment] = if dtype == DType::F32 {
+                &[Assignment::CudaCore]
+            } else {
+                &[Assignment::Split, Assignment::TensorCore, Assignment::CudaCore]
+            };
             let (keys, bytes) = clustered_keys(&mut rng, n, hk, d, k, dtype);
             let kdev = upload_bytes(&dev, &bytes, stream);
             let kt = DeviceTensor::contiguous(kdev.ptr(), dtype, &[n, hk, d], dev.ordinal());
@@ -484,7 +562,8 @@ fn kmeans_matches_cpu() {
                 km.run(stream).unwrap();
                 let got = km.results(stream).unwrap();
                 for h in 0..hk {
-                    let head: Vec<f32> = (0..n).flat_map(|t| keys[(t * hk + h) * d..(t * hk + h + 1) * d].iter().copied()).collect();
+                    let head: Vec<f32> =
+                        (0..n).flat_map(|t| keys[(t * hk + h) * d..(t * hk + h + 1) * d].iter().copied()).collect();
                     let want = kmeans_from_centroids(&head, d, &init[h * k * d..(h + 1) * k * d], 20).unwrap();
                     let g = &got[h];
                     assert_eq!(g.assignment(), want.assignment(), "{what} head {h}: assignment");
@@ -492,8 +571,20 @@ fn kmeans_matches_cpu() {
                     assert_eq!(g.all_members(), want.all_members(), "{what} head {h}: members");
                     assert_eq!(g.converged(), want.converged(), "{what} head {h}: converged");
                     assert_eq!(g.iterations(), want.iterations(), "{what} head {h}: iterations");
-                    assert_close(&format!("{what} head {h}: unit centroids"), g.centroids_normalized(), want.centroids_normalized(), 2e-5, 1e-4);
-                    assert_close(&format!("{what} head {h}: raw centroids"), g.centroids(), want.centroids(), 2e-5, 1e-4);
+                    assert_close(
+                        &format!("{what} head {h}: unit centroids"),
+                        g.centroids_normalized(),
+                        want.centroids_normalized(),
+                        2e-5,
+                        1e-4,
+                    );
+                    assert_close(
+                        &format!("{what} head {h}: raw centroids"),
+                        g.centroids(),
+                        want.centroids(),
+                        2e-5,
+                        1e-4,
+                    );
                     assert!(
                         (g.inertia() - want.inertia()).abs() <= 1e-3 * want.inertia().abs() + 1e-3,
                         "{what} head {h}: inertia {} vs {}",
@@ -511,7 +602,9 @@ fn kmeans_plus_plus_matches_cpu() {
     let Some(dev) = device_or_skip("kmeans_plus_plus_matches_cpu") else { return };
     let stream = dev.stream();
     let mut rng = Rng(0x5eed5);
-    for &(n, hk, d, k, seed) in &[(5000usize, 2usize, 64usize, 40usize, 7u64), (900, 1, 128, 31, 0), (64, 3, 64, 64, 11)] {
+    for &(n, hk, d, k, seed) in
+        &[(5000usize, 2usize, 64usize, 40usize, 7u64), (900, 1, 128, 31, 0), (64, 3, 64, 64, 11)]
+    {
         for dtype in DTYPES {
             let what = format!("n {n} hk {hk} d {d} k {k} seed {seed} {dtype}");
             let (keys, bytes) = rounded(&rng.vec(n * hk * d, 1.0), dtype);
@@ -521,7 +614,8 @@ fn kmeans_plus_plus_matches_cpu() {
             km.seed_plus_plus(seed, stream).unwrap();
             let got = km.seeds(stream).unwrap();
             for h in 0..hk {
-                let head: Vec<f32> = (0..n).flat_map(|t| keys[(t * hk + h) * d..(t * hk + h + 1) * d].iter().copied()).collect();
+                let head: Vec<f32> =
+                    (0..n).flat_map(|t| keys[(t * hk + h) * d..(t * hk + h + 1) * d].iter().copied()).collect();
                 let want = seed_plus_plus(&head, d, k, seed).unwrap();
                 assert_eq!(got[h], want, "{what} head {h}: seeds");
             }
@@ -539,13 +633,20 @@ fn kmeans_plus_plus_matches_cpu() {
             km.run(stream).unwrap();
             let got = km.results(stream).unwrap();
             for h in 0..hk {
-                let head: Vec<f32> = (0..n).flat_map(|t| keys[(t * hk + h) * d..(t * hk + h + 1) * d].iter().copied()).collect();
+                let head: Vec<f32> =
+                    (0..n).flat_map(|t| keys[(t * hk + h) * d..(t * hk + h + 1) * d].iter().copied()).collect();
                 let cfg = KMeansConfig { clusters: ClusterCount::Absolute(k), max_iter: 20, seed: 5 };
                 let want = cpu_kmeans(&head, d, &cfg).unwrap();
                 assert_eq!(got[h].seeds(), want.seeds(), "{what} head {h}: seeds");
                 assert_eq!(got[h].assignment(), want.assignment(), "{what} head {h}: assignment");
                 assert_eq!(got[h].iterations(), want.iterations(), "{what} head {h}: iterations");
-                assert_close(&format!("{what} head {h}: raw centroids"), got[h].centroids(), want.centroids(), 2e-5, 1e-4);
+                assert_close(
+                    &format!("{what} head {h}: raw centroids"),
+                    got[h].centroids(),
+                    want.centroids(),
+                    2e-5,
+                    1e-4,
+                );
             }
         }
     }
@@ -562,8 +663,11 @@ fn cluster_index_built_on_device_matches_cpu() {
             let (keys, bytes) = clustered_keys(&mut rng, n, hk, d, k, dtype);
             let kdev = upload_bytes(&dev, &bytes, stream);
             let kt = DeviceTensor::contiguous(kdev.ptr(), dtype, &[n, hk, d], dev.ordinal());
-            let cfg =
-                ClusterConfig::new(ClusterCount::Absolute(k)).with_coarse(ClusterCount::Absolute(k1)).with_exclude_window(50).with_max_iter(10).with_seed(9);
+            let cfg = ClusterConfig::new(ClusterCount::Absolute(k))
+                .with_coarse(ClusterCount::Absolute(k1))
+                .with_exclude_window(50)
+                .with_max_iter(10)
+                .with_seed(9);
             let (got, dindex) = build_index(&dev, &kt, &cfg, Assignment::default_for(dtype, d), stream).unwrap();
             let kv = TensorView::new(&keys, &[n, hk, d]).unwrap();
             let want = ClusterIndex::build(KeySource::Tensor(&kv), &cfg).unwrap();
@@ -582,14 +686,25 @@ fn cluster_index_built_on_device_matches_cpu() {
             let est = ws.estimates(stream).unwrap();
             let bounds = ws.bounds(stream).unwrap();
             for h in 0..hk {
-                let kept = choose(&est[h], &bounds[h], &vec![true; k], got.head(h).sizes(), &Retrieve::MixedBudget(40), h);
-                assert_eq!(sel.head(h), &gather(&got, h, &kept)[..], "{what} head {h}: mixed ranking on the device-built index");
+                let kept =
+                    choose(&est[h], &bounds[h], &vec![true; k], got.head(h).sizes(), &Retrieve::MixedBudget(40), h);
+                assert_eq!(
+                    sel.head(h),
+                    &gather(&got, h, &kept)[..],
+                    "{what} head {h}: mixed ranking on the device-built index"
+                );
             }
             for h in 0..hk {
                 assert_eq!(got.head(h).seeds(), want.head(h).seeds(), "{what} head {h}: seeds");
                 assert_eq!(got.head(h).assignment(), want.head(h).assignment(), "{what} head {h}: assignment");
                 assert_eq!(got.head(h).all_members(), want.head(h).all_members(), "{what} head {h}: members");
-                assert_close(&format!("{what} head {h}: centroids"), got.head(h).centroids(), want.head(h).centroids(), 2e-5, 1e-4);
+                assert_close(
+                    &format!("{what} head {h}: centroids"),
+                    got.head(h).centroids(),
+                    want.head(h).centroids(),
+                    2e-5,
+                    1e-4,
+                );
                 assert_close(&format!("{what} head {h}: radii"), got.head(h).radii(), want.head(h).radii(), 2e-5, 1e-4);
                 let (gc, wc) = (got.coarse(h).unwrap(), want.coarse(h).unwrap());
                 assert_eq!(gc.all_children(), wc.all_children(), "{what} head {h}: coarse children");
@@ -697,7 +812,14 @@ fn bad_input_names_the_parameter() {
     let q = DeviceTensor::contiguous(keys.ptr(), DType::F16, &[4, 64], dev.ordinal());
     let e = gemfilter_select(stream, &q, &kt, &GemFilterConfig::new(65), &mut ws).unwrap_err();
     assert!(e.to_string().contains("`k`"), "{e}");
-    let e = gemfilter_select(stream, &q, &kt, &GemFilterConfig { k: 4, pool_kernel: 4, keep_first: 0, keep_last: 0 }, &mut ws).unwrap_err();
+    let e = gemfilter_select(
+        stream,
+        &q,
+        &kt,
+        &GemFilterConfig { k: 4, pool_kernel: 4, keep_first: 0, keep_last: 0 },
+        &mut ws,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("`pool_kernel`"), "{e}");
 }
 
@@ -722,7 +844,10 @@ fn selection_replays_from_a_cuda_graph() {
     let layout = PagedKvLayout::packed(dtype, cap, ps, hk, d, PageLayout::Nhd);
     // SAFETY: K and V cover the layout; the bounds cover every page of the pool.
     let kv = unsafe {
-        CudaPagedKv::from_raw(kvbuf.ptr(), kvbuf.ptr(), layout, &dtable).unwrap().with_key_bounds(KeyBoundsLayout { ptr: bounds_dev.ptr() }).unwrap()
+        CudaPagedKv::from_raw(kvbuf.ptr(), kvbuf.ptr(), layout, &dtable)
+            .unwrap()
+            .with_key_bounds(KeyBoundsLayout { ptr: bounds_dev.ptr() })
+            .unwrap()
     };
     let pq = DeviceBuffer::zeroed(&dev, lens.len() * hq * d * 2, &stream).unwrap();
     let pqt = DeviceTensor::contiguous(pq.ptr(), dtype, &[lens.len(), hq, d], dev.ordinal());
@@ -733,7 +858,11 @@ fn selection_replays_from_a_cuda_graph() {
     let n = 800;
     let keys = rng.vec(n * hk * d, 1.0);
     let kview = TensorView::new(&keys, &[n, hk, d]).unwrap();
-    let index = ClusterIndex::build(KeySource::Tensor(&kview), &ClusterConfig::new(ClusterCount::Absolute(50)).with_max_iter(5)).unwrap();
+    let index = ClusterIndex::build(
+        KeySource::Tensor(&kview),
+        &ClusterConfig::new(ClusterCount::Absolute(50)).with_max_iter(5),
+    )
+    .unwrap();
     let cidx = CudaClusterIndex::upload(&dev, &index, &stream).unwrap();
     let mut cws = ClusterWorkspace::new(&cidx, hq).unwrap();
     let cq = DeviceBuffer::zeroed(&dev, hq * d * 4, &stream).unwrap();
@@ -749,7 +878,10 @@ fn selection_replays_from_a_cuda_graph() {
     let gcfg = GemFilterConfig { k: 40, pool_kernel: 5, keep_first: 2, keep_last: 3 };
     let mut gws = GemFilterWorkspace::new(&dev, n, hq, d, gcfg.k, &stream).unwrap();
 
-    let queue = |pws: &mut PageBoundsWorkspace, cws: &mut ClusterWorkspace, gws: &mut GemFilterWorkspace| -> kvsieve::Result<()> {
+    let queue = |pws: &mut PageBoundsWorkspace,
+                 cws: &mut ClusterWorkspace,
+                 gws: &mut GemFilterWorkspace|
+     -> kvsieve::Result<()> {
         page_bounds(&stream, &kv, &pqt, &pcfg, pws, &pout)?;
         cidx.retrieve(&stream, &cqt, &how, cws, &cout)?;
         gemfilter_select(&stream, &gqt, &gkt, &gcfg, gws)
@@ -802,7 +934,13 @@ fn selection_replays_from_a_cuda_graph() {
         let gv = TensorView::new(&gkeys, &[n, hk, d]).unwrap();
         let want_scores = token_scores(&TensorView::new(&gqf, &[hq, d]).unwrap(), KeySource::Tensor(&gv)).unwrap();
         let scale = want_scores.iter().fold(0f32, |a, &b| a.max(b.abs())).max(1.0);
-        assert_close(&format!("{what} gemfilter scores"), &gws.scores_to_host(&stream).unwrap(), &want_scores, 1e-5 * scale * d as f32, 1e-4);
+        assert_close(
+            &format!("{what} gemfilter scores"),
+            &gws.scores_to_host(&stream).unwrap(),
+            &want_scores,
+            1e-5 * scale * d as f32,
+            1e-4,
+        );
         let pooled = gws.pooled_to_host(&stream).unwrap();
         assert_eq!(gws.selected(&stream).unwrap(), top_k(&pooled, gcfg.k), "{what} gemfilter selection");
     }

@@ -2,7 +2,9 @@
 
 mod common;
 use common::{fill_sequence, Rng};
-use kvsieve::select::gemfilter::{avg_pool, calibrate_layers, select, snapkv, token_scores, GemFilterConfig, KeySource, SnapKvConfig};
+use kvsieve::select::gemfilter::{
+    avg_pool, calibrate_layers, select, snapkv, token_scores, GemFilterConfig, KeySource, SnapKvConfig,
+};
 use kvsieve::{CacheConfig, DType, ErrorCode, KvCache, TensorView};
 use proptest::prelude::*;
 
@@ -10,7 +12,11 @@ fn ref_scores(q: &[f32], hq: usize, keys: &[f32], hk: usize, d: usize) -> Vec<f6
     let n = keys.len() / (hk * d);
     let g = hq / hk;
     (0..n)
-        .map(|t| (0..hq).map(|h| (0..d).map(|c| q[h * d + c] as f64 * keys[(t * hk + h / g) * d + c] as f64).sum::<f64>()).sum())
+        .map(|t| {
+            (0..hq)
+                .map(|h| (0..d).map(|c| q[h * d + c] as f64 * keys[(t * hk + h / g) * d + c] as f64).sum::<f64>())
+                .sum()
+        })
         .collect()
 }
 
@@ -134,7 +140,8 @@ fn calibration_finds_the_layer_that_sees_the_needle() {
     let cfg = GemFilterConfig::new(32);
     let views: Vec<TensorView> = layers.iter().map(|k| TensorView::new(k, &[n, hk, d]).unwrap()).collect();
     let qv = TensorView::new(&q, &[hq, d]).unwrap();
-    let res = calibrate_layers(2, needle.clone(), &cfg, &mut |l| Ok((qv.clone(), KeySource::Tensor(&views[l])))).unwrap();
+    let res =
+        calibrate_layers(2, needle.clone(), &cfg, &mut |l| Ok((qv.clone(), KeySource::Tensor(&views[l])))).unwrap();
     assert_eq!(res[1].recall, 1.0, "{res:?}");
     assert!(res[0].recall < 0.5, "{res:?}");
 }
@@ -163,7 +170,8 @@ fn gemfilter_bad_input() {
     let odd = vec![0.5f32; 10 * 2 * 12];
     let ov = TensorView::new(&odd, &[10, 2, 12]).unwrap();
     let q12 = vec![0.5f32; 4 * 12];
-    let e = select(&TensorView::new(&q12, &[4, 12]).unwrap(), KeySource::Tensor(&ov), &GemFilterConfig::new(2)).unwrap_err();
+    let e = select(&TensorView::new(&q12, &[4, 12]).unwrap(), KeySource::Tensor(&ov), &GemFilterConfig::new(2))
+        .unwrap_err();
     assert_eq!(e.code(), ErrorCode::Unsupported, "{e}");
     let none: Vec<f32> = Vec::new();
     let nv = TensorView::new(&none, &[10, 0, 64]).unwrap();

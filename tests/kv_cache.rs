@@ -82,7 +82,11 @@ impl Harness {
                 let Some(i) = self.pick(i) else { return Ok(()) };
                 let (id, toks) = &mut self.model[i];
                 let start = toks.last().map_or(0, |t| t.pos + 1);
-                let pos: Vec<i32> = if explicit { (0..n as i32).map(|j| 1000 + 3 * j).collect() } else { (0..n as i32).map(|j| start + j).collect() };
+                let pos: Vec<i32> = if explicit {
+                    (0..n as i32).map(|j| 1000 + 3 * j).collect()
+                } else {
+                    (0..n as i32).map(|j| start + j).collect()
+                };
                 let slots = self.cache.append(*id, n, explicit.then_some(&pos[..]))?;
                 assert_eq!(slots.len(), n);
                 toks.extend(pos.iter().map(|&p| Tok { pos: p, k: Default::default(), v: Default::default() }));
@@ -107,7 +111,13 @@ impl Harness {
                     let kv = TensorView::strided(&big, &[n, HEADS, DIM], &[2 * ROW, DIM, 1]).unwrap();
                     self.cache.write(*id, layer, start, &kv, &TensorView::new(&v, &[n, HEADS, DIM]).unwrap())?;
                 } else {
-                    self.cache.write(*id, layer, start, &TensorView::new(&k, &[n, HEADS, DIM]).unwrap(), &TensorView::new(&v, &[n, HEADS, DIM]).unwrap())?;
+                    self.cache.write(
+                        *id,
+                        layer,
+                        start,
+                        &TensorView::new(&k, &[n, HEADS, DIM]).unwrap(),
+                        &TensorView::new(&v, &[n, HEADS, DIM]).unwrap(),
+                    )?;
                 }
                 for t in 0..n {
                     toks[start + t].k[layer] = Some(k[t * ROW..(t + 1) * ROW].to_vec());
@@ -128,7 +138,13 @@ impl Harness {
                 let slots: Vec<i64> = tokens.iter().map(|&t| (pages[t / ps] as usize * ps + t % ps) as i64).collect();
                 let k = rng.vec(n * ROW, 2.0);
                 let v = rng.vec(n * ROW, 1.0);
-                self.cache.write_slots(*id, layer, &slots, &TensorView::new(&k, &[n, HEADS, DIM]).unwrap(), &TensorView::new(&v, &[n, HEADS, DIM]).unwrap())?;
+                self.cache.write_slots(
+                    *id,
+                    layer,
+                    &slots,
+                    &TensorView::new(&k, &[n, HEADS, DIM]).unwrap(),
+                    &TensorView::new(&v, &[n, HEADS, DIM]).unwrap(),
+                )?;
                 for (j, &t) in tokens.iter().enumerate() {
                     toks[t].k[layer] = Some(k[j * ROW..(j + 1) * ROW].to_vec());
                     toks[t].v[layer] = Some(v[j * ROW..(j + 1) * ROW].to_vec());
@@ -172,7 +188,10 @@ impl Harness {
             assert_eq!(self.cache.seq_len(*id).unwrap(), toks.len());
             assert_eq!(table.as_ref().seq_len(b, ps), toks.len());
             let pages = self.cache.seq_pages(*id).unwrap();
-            let tp: Vec<u32> = table.indices[table.indptr[b] as usize..table.indptr[b + 1] as usize].iter().map(|&p| p as u32).collect();
+            let tp: Vec<u32> = table.indices[table.indptr[b] as usize..table.indptr[b + 1] as usize]
+                .iter()
+                .map(|&p| p as u32)
+                .collect();
             assert_eq!(pages, tp);
             pages_used.extend(pages.iter().copied());
             let pos: Vec<i32> = toks.iter().map(|t| t.pos).collect();

@@ -6,8 +6,8 @@
 mod common;
 use common::Rng;
 use kvsieve::attention::{apply_rope, reference, AttentionParams, PositionMode, RopeConfig, RopeStyle};
-use kvsieve::select::cluster::{CoarseRetrieve, Retrieve};
 use kvsieve::runtime::{ClusterIndexSet, IndexedKeys};
+use kvsieve::select::cluster::{CoarseRetrieve, Retrieve};
 use kvsieve::select::{streaming, Policy, Spec, HIER_OPEN_MULTIPLE};
 use kvsieve::{CacheConfig, DType, Error, KeyRope, KvCache, SeqId, TensorView, TensorViewMut};
 use proptest::prelude::*;
@@ -33,12 +33,28 @@ fn clusters_parse_errors_give_offset_and_expectation() {
     let cases: &[(&str, usize, &str)] = &[
         ("clusters=x", 9, "expected a number after `clusters=`, found `x`"),
         ("window=8,clusters=", 18, "expected a number after `clusters=`, found the end of the text"),
-        ("clusters=8,clusters=4", 11, "`clusters` sets the retrieval budget, already set by an earlier `clusters` at byte 0"),
-        ("clusters=8,hier=2,hier=3", 18, "`hier` sets the coarse cluster count, already set by an earlier `hier` at byte 11"),
+        (
+            "clusters=8,clusters=4",
+            11,
+            "`clusters` sets the retrieval budget, already set by an earlier `clusters` at byte 0",
+        ),
+        (
+            "clusters=8,hier=2,hier=3",
+            18,
+            "`hier` sets the coarse cluster count, already set by an earlier `hier` at byte 11",
+        ),
         ("clusters=8,cluster_size 4", 24, "expected `=` after `cluster_size`, found `4`"),
         ("clusters_k=-1", 11, "expected a number after `clusters_k=`, found `-`"),
-        ("dense,clusters=8", 6, "expected `positions=` or `max_distance=` alongside `dense` (byte 0), found `clusters=`"),
-        ("hier=4,dense", 7, "expected `dense` alone (with `positions=` and `max_distance=` at most), but `hier=` was given at byte 0"),
+        (
+            "dense,clusters=8",
+            6,
+            "expected `positions=` or `max_distance=` alongside `dense` (byte 0), found `clusters=`",
+        ),
+        (
+            "hier=4,dense",
+            7,
+            "expected `dense` alone (with `positions=` and `max_distance=` at most), but `hier=` was given at byte 0",
+        ),
         ("cluster=8", 0, "found unknown key `cluster`"),
         ("clusters=99999999999999999999999", 9, "expected a number from 0 to"),
     ];
@@ -70,12 +86,27 @@ fn clusters_validate_names_the_clause() {
     check("clusters=8,clusters_k=4,cluster_size=2", "clusters=8,clusters_k=4,cluster_size=2", "not both");
     check("clusters=8,cluster_size=0", "clusters=8,cluster_size=0", "cluster_size=N with N >= 1");
     check("clusters=8,hier=0", "clusters=8,hier=0", "hier=N with N >= 1");
-    check("clusters=8;heads=1.1:clusters=16", "heads=1.1:clusters=16", "for every head of layer 1 that uses centroid retrieval");
-    check("clusters=8;heads=2.0:clusters=8,hier=2", "clusters=8", "head 1 differs from head 0, which gets them from `heads=2.0:clusters=8,hier=2`");
+    check(
+        "clusters=8;heads=1.1:clusters=16",
+        "heads=1.1:clusters=16",
+        "for every head of layer 1 that uses centroid retrieval",
+    );
+    check(
+        "clusters=8;heads=2.0:clusters=8,hier=2",
+        "clusters=8",
+        "head 1 differs from head 0, which gets them from `heads=2.0:clusters=8,hier=2`",
+    );
     // Heads without retrieval may sit beside heads with it; windows may differ.
-    Policy::parse("sinks=4,window=8,clusters=8;heads=1.1:window=16;heads=2.0:window=4,clusters=8").unwrap().validate(4, 2).unwrap();
+    Policy::parse("sinks=4,window=8,clusters=8;heads=1.1:window=16;heads=2.0:window=4,clusters=8")
+        .unwrap()
+        .validate(4, 2)
+        .unwrap();
     // Eviction never drops what retrieval may read.
-    assert!(Policy::parse("sinks=4,window=8,clusters=16").unwrap().window_pages_to_evict(4, 2, 200, 4).unwrap().is_empty());
+    assert!(Policy::parse("sinks=4,window=8,clusters=16")
+        .unwrap()
+        .window_pages_to_evict(4, 2, 200, 4)
+        .unwrap()
+        .is_empty());
 }
 
 /// A cache (post-RoPE keys) and, with `pre`, a twin storing the same keys before RoPE, both
@@ -87,7 +118,18 @@ struct Twin {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn twin(layers: usize, hk: usize, d: usize, ps: usize, len: usize, cap: usize, dtype: DType, pre: bool, rope: &RopeConfig, rng: &mut Rng) -> Twin {
+fn twin(
+    layers: usize,
+    hk: usize,
+    d: usize,
+    ps: usize,
+    len: usize,
+    cap: usize,
+    dtype: DType,
+    pre: bool,
+    rope: &RopeConfig,
+    rng: &mut Rng,
+) -> Twin {
     let cfg = CacheConfig::new(layers, hk, d, ps, cap.div_ceil(ps) + 1).with_dtype(dtype);
     let mut post = KvCache::new(cfg).unwrap();
     let mut pre = pre.then(|| KvCache::new(cfg.with_key_rope(KeyRope::PreRope).with_key_bounds(false)).unwrap());
@@ -113,10 +155,13 @@ fn append(t: &mut Twin, n: usize, rope: &RopeConfig, rng: &mut Rng) {
         let mut k = rng.vec(n * c.num_kv_heads * c.head_dim, 2.0);
         let v = rng.vec(k.len(), 1.0);
         if let Some(p) = t.pre.as_mut() {
-            p.write(t.seq, layer, start, &TensorView::new(&k, &shape).unwrap(), &TensorView::new(&v, &shape).unwrap()).unwrap();
+            p.write(t.seq, layer, start, &TensorView::new(&k, &shape).unwrap(), &TensorView::new(&v, &shape).unwrap())
+                .unwrap();
         }
         apply_rope(&mut TensorViewMut::new(&mut k, &shape).unwrap(), &positions, rope).unwrap();
-        t.post.write(t.seq, layer, start, &TensorView::new(&k, &shape).unwrap(), &TensorView::new(&v, &shape).unwrap()).unwrap();
+        t.post
+            .write(t.seq, layer, start, &TensorView::new(&k, &shape).unwrap(), &TensorView::new(&v, &shape).unwrap())
+            .unwrap();
     }
 }
 
@@ -226,7 +271,7 @@ proptest! {
         cache.decode_with_clusters(0, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &params).unwrap();
         let mut poisoned = vec![f32::NAN; hq * d];
         let e = cache.decode_with_policy(1, &[t.seq], &qv, &policy, &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(), None, &params).unwrap_err();
-        prop_assert!(e.to_string().contains("ClusterIndexSet::build"), "{}", e);
+        prop_assert!(e.to_string().contains("build a ClusterIndexSet"), "{}", e);
         prop_assert!(poisoned.iter().all(|v| v.is_nan()));
     }
 }
@@ -249,9 +294,32 @@ fn index_set_errors_and_staleness() {
         let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
         let mut out = vec![f32::NAN; hq * d];
         let rp = AttentionParams { rope: Some(rope), ..Default::default() };
-        let e = pre.decode_with_clusters(0, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &rp).unwrap_err();
+        let e = pre
+            .decode_with_clusters(
+                0,
+                &[t.seq],
+                &qv,
+                &policy,
+                &set,
+                &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(),
+                None,
+                &rp,
+            )
+            .unwrap_err();
         assert!(e.to_string().contains("scores capped positions only"), "{e}");
-        let e = t.post.decode_with_clusters(0, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &rp).unwrap_err();
+        let e = t
+            .post
+            .decode_with_clusters(
+                0,
+                &[t.seq],
+                &qv,
+                &policy,
+                &set,
+                &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(),
+                None,
+                &rp,
+            )
+            .unwrap_err();
         assert!(e.to_string().contains("built from keys before RoPE"), "{e}");
         assert!(out.iter().all(|v| v.is_nan()));
         let e = set.update(&t.post, t.seq).unwrap_err();
@@ -265,25 +333,79 @@ fn index_set_errors_and_staleness() {
     let q = rng.vec(hq * d, 1.0);
     let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
     let mut out = vec![f32::NAN; hq * d];
-    let before = t.post.decode_with_clusters(0, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap();
+    let before = t
+        .post
+        .decode_with_clusters(
+            0,
+            &[t.seq],
+            &qv,
+            &policy,
+            &set,
+            &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(),
+            None,
+            &AttentionParams::default(),
+        )
+        .unwrap();
     assert!((84..130u32).all(|tok| before[0].selection.head(0).binary_search(&tok).is_ok()));
     assert_eq!(set.update(&t.post, t.seq).unwrap(), 2 * 30);
     assert_eq!(set.get(t.seq, 1).unwrap().clustered_len(), 130 - 16);
     // Pre-RoPE decode needs the RoPE configuration to score the query.
-    let e = t.pre.as_ref().unwrap().decode_with_clusters(0, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap_err();
+    let e = t
+        .pre
+        .as_ref()
+        .unwrap()
+        .decode_with_clusters(
+            0,
+            &[t.seq],
+            &qv,
+            &policy,
+            &set,
+            &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(),
+            None,
+            &AttentionParams::default(),
+        )
+        .unwrap_err();
     assert!(matches!(&e, Error::InvalidArgument { param, .. } if param == "params.rope"), "{e}");
     // A missing index names what to call.
     let other = t.post.create_sequence();
     t.post.append(other, 20, None).unwrap();
     let mut poisoned = vec![f32::NAN; hq * d];
-    let e = t.post.decode_with_clusters(0, &[other], &qv, &policy, &set, &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap_err();
-    assert!(e.to_string().contains(&format!("a cluster index for sequence {other} at layer 0")) && e.to_string().contains("ClusterIndexSet::build"), "{e}");
+    let e = t
+        .post
+        .decode_with_clusters(
+            0,
+            &[other],
+            &qv,
+            &policy,
+            &set,
+            &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(),
+            None,
+            &AttentionParams::default(),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("a cluster index for sequence {other} at layer 0"))
+            && e.to_string().contains("build the ClusterIndexSet"),
+        "{e}"
+    );
     assert!(poisoned.iter().all(|v| v.is_nan()));
     // An index longer than its sequence (truncated since) is refused; update fails and
     // leaves the set as it was.
     let snapshot = set.get(t.seq, 1).unwrap().clone();
     t.post.truncate(t.seq, 60).unwrap();
-    let e = t.post.decode_with_clusters(1, &[t.seq], &qv, &policy, &set, &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap_err();
+    let e = t
+        .post
+        .decode_with_clusters(
+            1,
+            &[t.seq],
+            &qv,
+            &policy,
+            &set,
+            &mut TensorViewMut::new(&mut poisoned, &[1, hq, d]).unwrap(),
+            None,
+            &AttentionParams::default(),
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("truncated or compacted since: build it again"), "{e}");
     assert!(poisoned.iter().all(|v| v.is_nan()));
     assert!(set.update(&t.post, t.seq).is_err());

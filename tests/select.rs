@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use common::Rng;
 use kvsieve::attention::PositionMode;
 use kvsieve::select::{
-    lambda, page_bounds, page_scores, pages_to_keep, streaming, top_k, window_pages_to_evict, PageBoundsConfig, Policy,
-    ClusterRank, PositionKind, Selection, Spec,
+    lambda, page_bounds, page_scores, pages_to_keep, streaming, top_k, window_pages_to_evict, ClusterRank,
+    PageBoundsConfig, Policy, PositionKind, Selection, Spec,
 };
 use kvsieve::{CacheConfig, DType, Error, KeyRope, KvCache, PageLayout, SeqId, TensorView};
 use proptest::prelude::*;
@@ -110,8 +110,16 @@ fn from_csr_errors_name_the_first_offending_position() {
     let e = Selection::from_csr(30, indptr.clone(), dup).unwrap_err();
     assert!(e.to_string().contains("indices[17] = 9 is not greater than the previous index 9 in head 2"), "{e}");
     // Out of range: the flat position, the value and the head.
-    let e = Selection::from_csr(12, indptr.clone(), { let mut x = indices.clone(); x[17] = 10; x }).unwrap_err();
-    assert_eq!(e, Error::OutOfRange { param: "indices[19]".into(), value: 12, range: "0..12 (seq_len; head 2)".into() });
+    let e = Selection::from_csr(12, indptr.clone(), {
+        let mut x = indices.clone();
+        x[17] = 10;
+        x
+    })
+    .unwrap_err();
+    assert_eq!(
+        e,
+        Error::OutOfRange { param: "indices[19]".into(), value: 12, range: "0..12 (seq_len; head 2)".into() }
+    );
     // head_indptr problems.
     let e = Selection::from_csr(30, vec![0, 7, 6, 20], indices.clone()).unwrap_err();
     assert!(e.to_string().contains("head_indptr[2] = 6 is less than head_indptr[1] = 7"), "{e}");
@@ -211,8 +219,12 @@ fn window_errors_name_the_parameter() {
     assert!(matches!(streaming(2, 10, 4, 0), Err(Error::InvalidArgument { ref param, .. }) if param == "window"));
     assert!(matches!(lambda(2, 10, 4, 0), Err(Error::InvalidArgument { ref param, .. }) if param == "local"));
     assert!(streaming(2, 10, 0, 3).is_ok());
-    assert!(matches!(window_pages_to_evict(10, 0, 1, 1), Err(Error::InvalidArgument { ref param, .. }) if param == "page_size"));
-    assert!(matches!(window_pages_to_evict(10, 4, 1, 0), Err(Error::InvalidArgument { ref param, .. }) if param == "window"));
+    assert!(
+        matches!(window_pages_to_evict(10, 0, 1, 1), Err(Error::InvalidArgument { ref param, .. }) if param == "page_size")
+    );
+    assert!(
+        matches!(window_pages_to_evict(10, 4, 1, 0), Err(Error::InvalidArgument { ref param, .. }) if param == "window")
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -247,7 +259,9 @@ fn setup(dtype: DType, hk: usize, d: usize, ps: usize, len: usize, written: usiz
         }
         let v = rng.vec(written * hk * d, 1.0);
         let shape = [written, hk, d];
-        cache.write(seq, layer, 0, &TensorView::new(&k, &shape).unwrap(), &TensorView::new(&v, &shape).unwrap()).unwrap();
+        cache
+            .write(seq, layer, 0, &TensorView::new(&k, &shape).unwrap(), &TensorView::new(&v, &shape).unwrap())
+            .unwrap();
     }
     Setup { cache, seq, written }
 }
@@ -443,7 +457,14 @@ fn page_scores_portable_path_and_argument_errors() {
                     f64::NEG_INFINITY
                 } else {
                     (0..g)
-                        .map(|r| (0..d).map(|c| { let x = q[(h * g + r) * d + c] as f64; (x * stored[base + c]).max(x * stored[base + d + c]) }).sum::<f64>())
+                        .map(|r| {
+                            (0..d)
+                                .map(|c| {
+                                    let x = q[(h * g + r) * d + c] as f64;
+                                    (x * stored[base + c]).max(x * stored[base + d + c])
+                                })
+                                .sum::<f64>()
+                        })
                         .fold(f64::NEG_INFINITY, f64::max)
                 };
                 let v = got[h * pages.len() + j] as f64;
@@ -451,9 +472,15 @@ fn page_scores_portable_path_and_argument_errors() {
             }
         }
         // Argument errors.
-        assert!(matches!(page_scores(bounds, &pages, &q, 5), Err(Error::InvalidArgument { ref param, .. }) if param == "num_qo_heads"));
-        assert!(matches!(page_scores(bounds, &pages, &q[1..], hk * g), Err(Error::Shape { ref param, .. }) if param == "q"));
-        assert!(matches!(page_scores(bounds, &[0, 5], &q, hk * g), Err(Error::OutOfRange { ref param, value: 5, .. }) if param == "pages[1]"));
+        assert!(
+            matches!(page_scores(bounds, &pages, &q, 5), Err(Error::InvalidArgument { ref param, .. }) if param == "num_qo_heads")
+        );
+        assert!(
+            matches!(page_scores(bounds, &pages, &q[1..], hk * g), Err(Error::Shape { ref param, .. }) if param == "q")
+        );
+        assert!(
+            matches!(page_scores(bounds, &[0, 5], &q, hk * g), Err(Error::OutOfRange { ref param, value: 5, .. }) if param == "pages[1]")
+        );
     }
 }
 
@@ -486,8 +513,12 @@ fn page_bounds_errors() {
     let bad = TensorView::new(&q[..48], &[3, 16]).unwrap();
     assert!(page_bounds(&st.cache, st.seq, 0, &bad, &cfg).is_err());
     let bad = TensorView::new(&q, &[2, 2, 16]).unwrap();
-    assert!(matches!(page_bounds(&st.cache, st.seq, 0, &bad, &cfg), Err(Error::Shape { ref param, .. }) if param == "q"));
-    assert!(matches!(page_bounds(&st.cache, st.seq, 2, &qv, &cfg), Err(Error::OutOfRange { ref param, .. }) if param == "layer"));
+    assert!(
+        matches!(page_bounds(&st.cache, st.seq, 0, &bad, &cfg), Err(Error::Shape { ref param, .. }) if param == "q")
+    );
+    assert!(
+        matches!(page_bounds(&st.cache, st.seq, 2, &qv, &cfg), Err(Error::OutOfRange { ref param, .. }) if param == "layer")
+    );
     assert!(matches!(page_bounds(&st.cache, 999, 0, &qv, &cfg), Err(Error::UnknownSequence(999))));
     // A budget beyond the context keeps everything; min_pages beyond the pages is capped.
     let all = page_bounds(&st.cache, st.seq, 0, &qv, &PageBoundsConfig::new(10_000)).unwrap();
@@ -500,34 +531,46 @@ fn page_bounds_errors() {
 // Policy text form
 
 fn positions_strategy() -> impl Strategy<Value = Option<PositionKind>> {
-    prop_oneof![Just(None), Just(Some(PositionKind::Original)), Just(Some(PositionKind::Contiguous)), Just(Some(PositionKind::Capped))]
+    prop_oneof![
+        Just(None),
+        Just(Some(PositionKind::Original)),
+        Just(Some(PositionKind::Contiguous)),
+        Just(Some(PositionKind::Capped))
+    ]
 }
 
 fn spec_strategy() -> impl Strategy<Value = Spec> {
     let n = || proptest::option::of(0usize..5000);
-    let dense = (positions_strategy(), proptest::option::of(0u32..100_000)).prop_map(|(positions, max_distance)| Spec {
-        dense: true,
-        positions,
-        max_distance,
-        ..Spec::default()
-    });
+    let dense = (positions_strategy(), proptest::option::of(0u32..100_000))
+        .prop_map(|(positions, max_distance)| Spec { dense: true, positions, max_distance, ..Spec::default() });
     let rank = prop_oneof![Just(None), Just(Some(ClusterRank::Estimate)), Just(Some(ClusterRank::Mixed))];
-    let sparse = (n(), n(), n(), n(), (n(), n(), n(), n(), rank), positions_strategy(), proptest::option::of(any::<u32>()))
-        .prop_map(|(sinks, window, pages, min_pages, (clusters, clusters_k, cluster_size, hier, rank), positions, max_distance)| Spec {
-            dense: false,
-            sinks,
-            window,
-            pages,
-            min_pages,
-            clusters,
-            clusters_k,
-            cluster_size,
-            hier,
-            rank,
-            positions,
-            max_distance,
-        })
-        .prop_filter("a spec has at least one item", |s| s.to_string() != "");
+    let sparse =
+        (n(), n(), n(), n(), (n(), n(), n(), n(), rank), positions_strategy(), proptest::option::of(any::<u32>()))
+            .prop_map(
+                |(
+                    sinks,
+                    window,
+                    pages,
+                    min_pages,
+                    (clusters, clusters_k, cluster_size, hier, rank),
+                    positions,
+                    max_distance,
+                )| Spec {
+                    dense: false,
+                    sinks,
+                    window,
+                    pages,
+                    min_pages,
+                    clusters,
+                    clusters_k,
+                    cluster_size,
+                    hier,
+                    rank,
+                    positions,
+                    max_distance,
+                },
+            )
+            .prop_filter("a spec has at least one item", |s| s.to_string() != "");
     prop_oneof![1 => dense, 3 => sparse]
 }
 
@@ -535,16 +578,18 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
     let ranges = proptest::collection::vec((0usize..40, 0usize..6), 1..4);
     let layer = (ranges, spec_strategy());
     let heads = (proptest::collection::vec((0usize..40, 0usize..16), 1..5), spec_strategy());
-    (spec_strategy(), proptest::collection::vec(layer, 0..4), proptest::collection::vec(heads, 0..4)).prop_map(|(default, layers, heads)| {
-        let mut p = Policy::new(default);
-        for (r, s) in layers {
-            p = p.with_layers(r.into_iter().map(|(a, n)| (a, a + n)), s);
-        }
-        for (h, s) in heads {
-            p = p.with_heads(h, s);
-        }
-        p
-    })
+    (spec_strategy(), proptest::collection::vec(layer, 0..4), proptest::collection::vec(heads, 0..4)).prop_map(
+        |(default, layers, heads)| {
+            let mut p = Policy::new(default);
+            for (r, s) in layers {
+                p = p.with_layers(r.into_iter().map(|(a, n)| (a, a + n)), s);
+            }
+            for (h, s) in heads {
+                p = p.with_heads(h, s);
+            }
+            p
+        },
+    )
 }
 
 /// Pad punctuation with random whitespace.
@@ -632,7 +677,11 @@ fn policy_parse_errors_give_offset_and_expectation() {
         ("window=4,window=8", 9, "`window` sets the window, already set by an earlier `window` at byte 0"),
         ("sinks=4, global=2", 9, "`global` sets the sinks, already set by `sinks` at byte 0"),
         ("dense,window=8", 6, "expected `positions=` or `max_distance=` alongside `dense` (byte 0), found `window=`"),
-        ("window=8,dense", 9, "expected `dense` alone (with `positions=` and `max_distance=` at most), but `window=` was given at byte 0"),
+        (
+            "window=8,dense",
+            9,
+            "expected `dense` alone (with `positions=` and `max_distance=` at most), but `window=` was given at byte 0",
+        ),
         ("global=4,positions=original", 9, "`global=` at byte 0 implies capped positions"),
         ("positions=contiguous,local=8", 21, "`positions=contiguous` was given at byte 0"),
         ("max_distance=4294967296", 13, "expected a number from 0 to 4294967295 after `max_distance=`"),
@@ -687,7 +736,11 @@ fn policy_validate_names_the_clause() {
     check("min_pages=2,window=8", "window=8,min_pages=2", "`min_pages=` only together with `pages=`");
     check("positions=contiguous", "positions=contiguous", "a spec that selects tokens");
     check("sinks=0", "sinks=0", "a spec that selects tokens");
-    check("global=4,local=8,max_distance=0", "sinks=4,window=8,positions=capped,max_distance=0", "max_distance=N with N >= 1");
+    check(
+        "global=4,local=8,max_distance=0",
+        "sinks=4,window=8,positions=capped,max_distance=0",
+        "max_distance=N with N >= 1",
+    );
     check(
         "window=8;heads=1.1:window=8,positions=contiguous",
         "heads=1.1:window=8,positions=contiguous",
@@ -698,7 +751,10 @@ fn policy_validate_names_the_clause() {
     // Programmatic empty spec.
     let e = Policy::new(Spec::default()).validate(4, 2).unwrap_err();
     assert!(e.to_string().contains("a spec that selects tokens"), "{e}");
-    let e = Policy::dense().with_layers([(0, 0)], Spec { dense: true, window: Some(3), ..Spec::default() }).validate(4, 2).unwrap_err();
+    let e = Policy::dense()
+        .with_layers([(0, 0)], Spec { dense: true, window: Some(3), ..Spec::default() })
+        .validate(4, 2)
+        .unwrap_err();
     assert!(e.to_string().contains("`dense` alone"), "{e}");
 }
 

@@ -3,11 +3,14 @@
 //! selected tokens (with the positions the policy gives them).
 
 mod common;
+use common::Rng;
 use common::*;
-use kvsieve::attention::{decode_sparse, prefill_sparse, reference, AttentionParams, HeadTokens, PositionMode, RopeConfig, RopeStyle, StreamingWindow};
+use kvsieve::attention::{
+    decode_sparse, prefill_sparse, reference, AttentionParams, HeadTokens, PositionMode, RopeConfig, RopeStyle,
+    StreamingWindow,
+};
 use kvsieve::{CacheConfig, DType, KeyRope, KvCache, TensorView, TensorViewMut};
 use proptest::prelude::*;
-use common::Rng;
 
 /// Per-head token lists for tests.
 struct Lists {
@@ -28,9 +31,7 @@ impl HeadTokens for Lists {
 }
 
 fn random_lists(rng: &mut Rng, hk: usize, len: usize, density: f32) -> Lists {
-    let heads = (0..hk)
-        .map(|_| (0..len as u32).filter(|_| (rng.uniform() + 1.0) / 2.0 < density).collect())
-        .collect();
+    let heads = (0..hk).map(|_| (0..len as u32).filter(|_| (rng.uniform() + 1.0) / 2.0 < density).collect()).collect();
     Lists { len, heads }
 }
 
@@ -135,16 +136,30 @@ proptest! {
 fn copy_selected(src: &KvCache, id: u64, head: usize, tokens: &[u32], positions: &[i32]) -> (KvCache, u64) {
     let c = *src.config();
     let d = c.head_dim;
-    let cfg = CacheConfig::new(1, 1, d, c.page_size, tokens.len().div_ceil(c.page_size).max(1)).with_dtype(c.dtype).with_key_rope(c.key_rope);
+    let cfg = CacheConfig::new(1, 1, d, c.page_size, tokens.len().div_ceil(c.page_size).max(1))
+        .with_dtype(c.dtype)
+        .with_key_rope(c.key_rope);
     let mut dst = KvCache::new(cfg).unwrap();
     let nid = dst.create_sequence();
     dst.append(nid, tokens.len(), Some(positions)).unwrap();
     let keys = src.read_keys(id, 0).unwrap();
     let vals = src.read_values(id, 0).unwrap();
     let hk = c.num_kv_heads;
-    let pick = |a: &[f32]| -> Vec<f32> { tokens.iter().flat_map(|&t| a[(t as usize * hk + head) * d..(t as usize * hk + head + 1) * d].to_vec()).collect() };
+    let pick = |a: &[f32]| -> Vec<f32> {
+        tokens
+            .iter()
+            .flat_map(|&t| a[(t as usize * hk + head) * d..(t as usize * hk + head + 1) * d].to_vec())
+            .collect()
+    };
     let (k, v) = (pick(&keys), pick(&vals));
-    dst.write(nid, 0, 0, &TensorView::new(&k, &[tokens.len(), 1, d]).unwrap(), &TensorView::new(&v, &[tokens.len(), 1, d]).unwrap()).unwrap();
+    dst.write(
+        nid,
+        0,
+        0,
+        &TensorView::new(&k, &[tokens.len(), 1, d]).unwrap(),
+        &TensorView::new(&v, &[tokens.len(), 1, d]).unwrap(),
+    )
+    .unwrap();
     (dst, nid)
 }
 
@@ -159,7 +174,8 @@ fn sparse_decode_equals_dense_on_a_copy_of_the_selected_tokens() {
         (PositionMode::Original, KeyRope::PreRope),
         (PositionMode::Contiguous, KeyRope::PreRope),
     ] {
-        let mut cache = KvCache::new(CacheConfig::new(1, hk, d, 16, 32).with_dtype(DType::F16).with_key_rope(key_rope)).unwrap();
+        let mut cache =
+            KvCache::new(CacheConfig::new(1, hk, d, 16, 32).with_dtype(DType::F16).with_key_rope(key_rope)).unwrap();
         let id = fill_sequence(&mut cache, len, &mut rng, 2.0);
         let mut sel = random_lists(&mut rng, hk, len, 0.3);
         for h in &mut sel.heads {
@@ -168,11 +184,23 @@ fn sparse_decode_equals_dense_on_a_copy_of_the_selected_tokens() {
             }
         }
         let q = rng.vec(hq * d, 1.0);
-        let p = AttentionParams { rope: (key_rope == KeyRope::PreRope).then_some(rope), positions: mode, ..Default::default() };
+        let p = AttentionParams {
+            rope: (key_rope == KeyRope::PreRope).then_some(rope),
+            positions: mode,
+            ..Default::default()
+        };
         let mut out = vec![f32::NAN; hq * d];
         let table = cache.page_table(&[id]).unwrap();
         let kv = cache.layer_view(0, &table).unwrap();
-        decode_sparse(&kv, &TensorView::new(&q, &[1, hq, d]).unwrap(), &[&sel], &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &p).unwrap();
+        decode_sparse(
+            &kv,
+            &TensorView::new(&q, &[1, hq, d]).unwrap(),
+            &[&sel],
+            &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(),
+            None,
+            &p,
+        )
+        .unwrap();
         let stored = cache.positions(id).unwrap();
         for h in 0..hk {
             let toks = &sel.heads[h];
@@ -184,8 +212,17 @@ fn sparse_decode_equals_dense_on_a_copy_of_the_selected_tokens() {
             let qh = &q[h * group * d..(h + 1) * group * d];
             let mut o = vec![f32::NAN; group * d];
             let dense = AttentionParams { positions: PositionMode::Original, ..p };
-            copy.decode(0, &[cid], &TensorView::new(qh, &[1, group, d]).unwrap(), &mut TensorViewMut::new(&mut o, &[1, group, d]).unwrap(), None, &dense).unwrap();
-            let err = o.iter().zip(&out[h * group * d..(h + 1) * group * d]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            copy.decode(
+                0,
+                &[cid],
+                &TensorView::new(qh, &[1, group, d]).unwrap(),
+                &mut TensorViewMut::new(&mut o, &[1, group, d]).unwrap(),
+                None,
+                &dense,
+            )
+            .unwrap();
+            let err =
+                o.iter().zip(&out[h * group * d..(h + 1) * group * d]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err < 1e-4, "{mode:?} {key_rope:?} head {h}: {err}");
         }
     }
@@ -202,7 +239,11 @@ fn sparse_bad_selections_are_refused() {
     let qv = TensorView::new(&q, &[1, 4, 64]).unwrap();
     let mut out = vec![0f32; 4 * 64];
     let p = AttentionParams::default();
-    let mut run = |s: &Lists| decode_sparse(&kv, &qv, &[s], &mut TensorViewMut::new(&mut out, &[1, 4, 64]).unwrap(), None, &p).unwrap_err().to_string();
+    let mut run = |s: &Lists| {
+        decode_sparse(&kv, &qv, &[s], &mut TensorViewMut::new(&mut out, &[1, 4, 64]).unwrap(), None, &p)
+            .unwrap_err()
+            .to_string()
+    };
     let e = run(&Lists { len: 40, heads: vec![vec![1, 5, 3], vec![]] });
     assert!(e.contains("selections[0].head(0)[2]"), "{e}");
     let e = run(&Lists { len: 40, heads: vec![vec![1, 40], vec![]] });
@@ -212,7 +253,15 @@ fn sparse_bad_selections_are_refused() {
     let e = run(&Lists { len: 40, heads: vec![vec![]] });
     assert!(e.contains("KV heads"), "{e}");
     let pre = AttentionParams { positions: PositionMode::Contiguous, ..Default::default() };
-    let e = decode_sparse(&kv, &qv, &[&Lists { len: 40, heads: vec![vec![], vec![]] }], &mut TensorViewMut::new(&mut out, &[1, 4, 64]).unwrap(), None, &pre).unwrap_err();
+    let e = decode_sparse(
+        &kv,
+        &qv,
+        &[&Lists { len: 40, heads: vec![vec![], vec![]] }],
+        &mut TensorViewMut::new(&mut out, &[1, 4, 64]).unwrap(),
+        None,
+        &pre,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("positions"), "{e}");
 }
 
@@ -240,7 +289,9 @@ fn streaming_with_eviction_keeps_memory_bounded_over_100k_tokens() {
         let k = rng.vec(n * d, 1.0);
         let v = rng.vec(n * d, 1.0);
         let len = cache.seq_len(id).unwrap();
-        cache.write(id, 0, len - n, &TensorView::new(&k, &[n, 1, d]).unwrap(), &TensorView::new(&v, &[n, 1, d]).unwrap()).unwrap();
+        cache
+            .write(id, 0, len - n, &TensorView::new(&k, &[n, 1, d]).unwrap(), &TensorView::new(&v, &[n, 1, d]).unwrap())
+            .unwrap();
         for t in 0..n {
             let row = (k[t * d..(t + 1) * d].to_vec(), v[t * d..(t + 1) * d].to_vec());
             if start + t < sinks {
@@ -265,19 +316,48 @@ fn streaming_with_eviction_keeps_memory_bounded_over_100k_tokens() {
     let q = rng.vec(hq * d, 1.0);
     let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
     let mut out = vec![f32::NAN; hq * d];
-    let sels = cache.decode_with_policy(0, &[id], &qv, &policy, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &AttentionParams::default()).unwrap();
+    let sels = cache
+        .decode_with_policy(
+            0,
+            &[id],
+            &qv,
+            &policy,
+            &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(),
+            None,
+            &AttentionParams::default(),
+        )
+        .unwrap();
     assert_eq!(sels[0].head(0).len(), sinks + window);
     let kept: Vec<&(Vec<f32>, Vec<f32>)> = sink_rows.iter().chain(recent.iter()).collect();
-    let mut check = KvCache::new(CacheConfig::new(1, hk, d, ps, (sinks + window).div_ceil(ps)).with_dtype(DType::F32)).unwrap();
+    let mut check =
+        KvCache::new(CacheConfig::new(1, hk, d, ps, (sinks + window).div_ceil(ps)).with_dtype(DType::F32)).unwrap();
     let cid = check.create_sequence();
     check.append(cid, kept.len(), None).unwrap();
     let kk: Vec<f32> = kept.iter().flat_map(|r| r.0.clone()).collect();
     let vv: Vec<f32> = kept.iter().flat_map(|r| r.1.clone()).collect();
-    check.write(cid, 0, 0, &TensorView::new(&kk, &[kept.len(), 1, d]).unwrap(), &TensorView::new(&vv, &[kept.len(), 1, d]).unwrap()).unwrap();
+    check
+        .write(
+            cid,
+            0,
+            0,
+            &TensorView::new(&kk, &[kept.len(), 1, d]).unwrap(),
+            &TensorView::new(&vv, &[kept.len(), 1, d]).unwrap(),
+        )
+        .unwrap();
     let table = check.page_table(&[cid]).unwrap();
     let want = reference::decode(&check.layer_view(0, &table).unwrap(), &qv, &AttentionParams::default()).unwrap();
     let mut lse = vec![f32::NAN; hq];
-    cache.decode_with_policy(0, &[id], &qv, &policy, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), Some(&mut lse), &AttentionParams::default()).unwrap();
+    cache
+        .decode_with_policy(
+            0,
+            &[id],
+            &qv,
+            &policy,
+            &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(),
+            Some(&mut lse),
+            &AttentionParams::default(),
+        )
+        .unwrap();
     let (eo, el) = max_err(&out, &lse, &want);
     assert!(eo < 1e-5 && el < 1e-5, "{eo} {el}");
 }

@@ -15,9 +15,13 @@
  * K/V and queries here are synthetic; in an engine they come from the model. Every tensor is
  * described by a kvsieve_tensor_t, laid out like DLPack's DLTensor.
  *
- * Build (from the repository root, after `cargo build`):
- *   cc -std=c99 -Iinclude examples/c/01_store_and_decode.c -Ltarget/debug -lkvsieve -lm \
- *      -Wl,-rpath,$PWD/target/debug -o store_and_decode
+ * Build: install the library once (from the repository root), then compile against the
+ * installed copy with pkg-config:
+ *   scripts/install.sh --prefix $HOME/.local
+ *   export PKG_CONFIG_PATH=$HOME/.local/lib/pkgconfig
+ *   cc -std=c99 01_store_and_decode.c $(pkg-config --cflags --libs kvsieve) -lm \
+ *      -Wl,-rpath,$(pkg-config --variable=libdir kvsieve) -o store_and_decode
+ * or from CMake: find_package(kvsieve CONFIG REQUIRED) and target_link_libraries(... kvsieve::kvsieve).
  *
  * kvsieve.h includes the whole API. Including only the headers used would do as well:
  * kvsieve/cache.h, kvsieve/attention.h (kvsieve_cache_decode) and kvsieve/version.h.
@@ -85,7 +89,8 @@ int main(void) {
     kvsieve_cache_stats_t stats;
 
     /* 1. The cache: 64 pages of 16 token slots (each page spans every layer), float16 storage
-     *    (the default), NHD page layout, keys stored after RoPE. */
+     *    (the default), NHD page layout, keys stored after RoPE. Configuration structs start
+     *    from kvsieve_*_default() or kvsieve_*_init(), which also set their struct_size. */
     kvsieve_cache_config_t config = kvsieve_cache_config_default(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, 64);
     printf("kvsieve %s, CPU kernels: %s\n", kvsieve_version(), kvsieve_isa());
     if (failed(kvsieve_cache_new(&config, &cache), "kvsieve_cache_new")) return 1;
@@ -130,6 +135,8 @@ int main(void) {
     if (failed(kvsieve_cache_seq_len(cache, seq, &seq_len), "kvsieve_cache_seq_len")) goto done;
     printf("decoded 1 token over %zu cached tokens\n", seq_len);
 
+    /* Structs kvsieve fills are initialised first: struct_size says how large this program's is. */
+    kvsieve_cache_stats_init(&stats);
     if (failed(kvsieve_cache_stats(cache, &stats), "kvsieve_cache_stats")) goto done;
     printf("pages used: %zu of %zu (%zu bytes of K/V)\n", stats.pages_used, stats.pages_total, stats.bytes_used);
 

@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "error.h"
 #include "tensor.h"
@@ -31,23 +32,40 @@ typedef enum kvsieve_rope_style {
 } kvsieve_rope_style_t;
 
 /**
- * \brief Rotary position embedding parameters.
+ * \brief Rotary position embedding parameters. Initialise with kvsieve_rope_config_init(),
+ * then set `theta` (and the fields that differ from their defaults).
  *
  * Pair i (0 <= i < rotary_dim/2) of a token at position p rotates by the angle
  * `(p / position_scale) * theta^(-2i / rotary_dim)`; channels past `rotary_dim` are left
  * as they are.
  *
- * - `theta`: base of the frequencies, finite and > 1 (for example 10000).
+ * - `struct_size`: set by kvsieve_rope_config_init() (a versioned struct: see the
+ *   conventions in kvsieve.h).
+ * - `theta`: base of the frequencies, finite and > 1 (for example 10000); no default.
  * - `rotary_dim`: rotated channels, even and <= head_dim; 0 means all of head_dim.
  * - `style`: a ::kvsieve_rope_style_t value.
  * - `position_scale`: linear position scaling, finite and > 0; 0 means 1 (none).
  */
 typedef struct kvsieve_rope_config {
+    size_t struct_size;
     float theta;
     uint32_t rotary_dim;
     uint32_t style;
     float position_scale;
 } kvsieve_rope_config_t;
+
+/**
+ * \brief Initialise RoPE parameters: `theta` 0 (set it), all of head_dim rotated,
+ * #KVSIEVE_ROPE_HALF_SPLIT, no position scaling, `struct_size` set.
+ *
+ * Ownership: writes `*rope` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_rope_config_init(kvsieve_rope_config_t *rope) {
+    memset(rope, 0, sizeof(*rope));
+    rope->struct_size = sizeof(*rope);
+    rope->style = KVSIEVE_ROPE_HALF_SPLIT;
+}
 
 /** \brief How positions are numbered when RoPE is applied at read time (pre-RoPE keys). */
 typedef enum kvsieve_position_mode {
@@ -63,16 +81,21 @@ typedef enum kvsieve_position_mode {
 } kvsieve_position_mode_t;
 
 /**
- * \brief Parameters of decode and prefill. A zero-initialised struct (or a NULL pointer
- * where one is accepted) means every default.
+ * \brief Parameters of decode and prefill. Initialise with kvsieve_attention_params_init(),
+ * which gives every default (as does a NULL pointer where one is accepted), then change
+ * fields.
  *
+ * - `struct_size`: set by kvsieve_attention_params_init() (a versioned struct: see the
+ *   conventions in kvsieve.h).
  * - `scale`: multiplier of q·k; 0 means 1/sqrt(head_dim). Must be finite.
  * - `logit_soft_cap`: if c > 0, scores become c * tanh(score / c) after scaling; 0 means off.
- * - `rope`: optional (NULL for none); borrowed for the call only. Required when the keys
- *   are stored before RoPE (#KVSIEVE_KEYS_PRE_ROPE), ignored otherwise. Then the queries are
- *   given before RoPE too, and kvsieve rotates both: each key by its slot's stored position,
- *   each query by its token's position (in decode the query is the sequence's last token,
- *   in prefill query i of n is token `seq_len - n + i`), numbered by `position_mode`.
+ * - `rope`: optional (NULL for none); borrowed for the call only, initialised with
+ *   kvsieve_rope_config_init() (its own `struct_size` is checked; errors name `rope`).
+ *   Required when the keys are stored before RoPE (#KVSIEVE_KEYS_PRE_ROPE), not used
+ *   otherwise. Then the queries are given before RoPE too, and kvsieve rotates both: each
+ *   key by its slot's stored position, each query by its token's position (in decode the
+ *   query is the sequence's last token, in prefill query i of n is token
+ *   `seq_len - n + i`), numbered by `position_mode`.
  * - `chunk_size`: tokens per work chunk when long sequences are split across threads;
  *   0 picks one.
  * - `position_mode`: a ::kvsieve_position_mode_t value; anything but
@@ -80,6 +103,7 @@ typedef enum kvsieve_position_mode {
  * - `max_distance`: the cap of #KVSIEVE_POSITIONS_CAPPED; ignored by the other modes.
  */
 typedef struct kvsieve_attention_params {
+    size_t struct_size;
     float scale;
     float logit_soft_cap;
     const kvsieve_rope_config_t *rope;
@@ -89,12 +113,27 @@ typedef struct kvsieve_attention_params {
 } kvsieve_attention_params_t;
 
 /**
+ * \brief Initialise attention parameters to every default: scale 1/sqrt(head_dim), no soft
+ * cap, no RoPE, chunk size chosen by kvsieve, #KVSIEVE_POSITIONS_ORIGINAL; `struct_size` set.
+ *
+ * Ownership: writes `*params` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_attention_params_init(kvsieve_attention_params_t *params) {
+    memset(params, 0, sizeof(*params));
+    params->struct_size = sizeof(*params);
+    params->rope = NULL;
+    params->position_mode = KVSIEVE_POSITIONS_ORIGINAL;
+}
+
+/**
  * \brief Apply RoPE in place to `x`, token i at position `positions[i]`.
  *
  * \param x Tensor `[n, heads, head_dim]`, float32/float16/bfloat16, read and written in place.
  * \param positions `num_positions` int32 positions; `num_positions` must equal n.
  * \param num_positions Length of `positions`.
- * \param rope RoPE parameters (required); validated against head_dim.
+ * \param rope RoPE parameters (required), from kvsieve_rope_config_init(); validated against
+ *        head_dim.
  * \return NULL on success, or an error (owned by the caller); `x` is unchanged on failure.
  *
  * Ownership: nothing is retained. Thread safety: thread-safe, provided nobody else uses
@@ -185,14 +224,31 @@ kvsieve_error_t *kvsieve_cache_prefill(const kvsieve_cache_t *cache, size_t laye
  * Λ-mask): query token i sees token t only if `t < sinks` or `i - t < window`.
  *
  * An entry with `window` 0 means **no window** for that KV head (its queries see every
- * selected token up to themselves); its `sinks` must then be 0 too, so a zero-initialised
- * entry is "no window". A window of 0 tokens cannot be asked for: it would hide even the
- * query's own token.
+ * selected token up to themselves); its `sinks` must then be 0 too, so an entry from
+ * kvsieve_streaming_window_init() is "no window". A window of 0 tokens cannot be asked for:
+ * it would hide even the query's own token.
+ *
+ * `struct_size` is set by kvsieve_streaming_window_init() (a versioned struct: see the
+ * conventions in kvsieve.h); every entry of an array has the same `struct_size`, and errors
+ * name the entry (`windows[h].struct_size`).
  */
 typedef struct kvsieve_streaming_window {
+    size_t struct_size;
     size_t sinks;
     size_t window;
 } kvsieve_streaming_window_t;
+
+/**
+ * \brief Initialise a window entry to "no window" (`sinks` and `window` 0), `struct_size`
+ * set. Initialise every entry of an array.
+ *
+ * Ownership: writes `*window` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_streaming_window_init(kvsieve_streaming_window_t *window) {
+    memset(window, 0, sizeof(*window));
+    window->struct_size = sizeof(*window);
+}
 
 /**
  * \brief Sparse decode: like kvsieve_cache_decode(), but KV head h of `seq_ids[b]` reads

@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "error.h"
 #include "tensor.h"
@@ -41,8 +42,12 @@ typedef enum kvsieve_key_rope {
 } kvsieve_key_rope_t;
 
 /**
- * \brief Shape and storage of a cache. Start from kvsieve_cache_config_default().
+ * \brief Shape and storage of a cache. Initialise with kvsieve_cache_config_default() (or
+ * kvsieve_cache_config_init()), then change fields.
  *
+ * - `struct_size`: `sizeof(kvsieve_cache_config_t)` as the program was compiled, set by the
+ *   initialisers (a versioned struct: see the conventions in kvsieve.h). Also set it before
+ *   kvsieve_cache_get_config() fills the struct.
  * - `num_layers`, `num_kv_heads`: at least 1.
  * - `head_dim`: a multiple of 8 from 8 to 512 (#KVSIEVE_ERROR_UNSUPPORTED otherwise).
  * - `page_size`: token slots per page, 1 to 1024.
@@ -54,6 +59,7 @@ typedef enum kvsieve_key_rope {
  * - `track_key_bounds`: keep per-page, per-head, per-channel key min/max up to date.
  */
 typedef struct kvsieve_cache_config {
+    size_t struct_size;
     size_t num_layers;
     size_t num_kv_heads;
     size_t head_dim;
@@ -66,13 +72,16 @@ typedef struct kvsieve_cache_config {
 } kvsieve_cache_config_t;
 
 /**
- * \brief Memory statistics of a cache (see kvsieve_cache_stats()).
+ * \brief Memory statistics of a cache (see kvsieve_cache_stats()). Initialise with
+ * kvsieve_cache_stats_init() before the call: `struct_size` tells kvsieve how many bytes the
+ * program's struct has (a versioned struct: see the conventions in kvsieve.h).
  *
  * `bytes_per_page` counts K and V of one page over all layers; `bytes_used` those of the
  * used pages; `bytes_reserved` everything allocated (K, V, positions, key bounds);
  * `num_tokens` counts shared tokens once per sequence that holds them.
  */
 typedef struct kvsieve_cache_stats {
+    size_t struct_size;
     size_t pages_total;
     size_t pages_used;
     size_t pages_free;
@@ -92,20 +101,62 @@ typedef struct kvsieve_cache_stats {
 typedef struct kvsieve_cache kvsieve_cache_t;
 
 /**
- * \brief A configuration with the given shape, float16 storage, NHD layout, post-RoPE keys
- * and key bounds on. Nothing is validated here; kvsieve_cache_new() validates.
+ * \brief Initialise a configuration: `struct_size` set, no shape (every size 0), float16
+ * storage, NHD layout, post-RoPE keys and key bounds on. Use it before
+ * kvsieve_cache_get_config(); to create a cache, kvsieve_cache_config_default() also sets the
+ * shape.
  *
- * Ownership: returns a struct by value; nothing to free.
- *
- * Thread safety: thread-safe.
+ * Ownership: writes `*config` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
  */
-kvsieve_cache_config_t kvsieve_cache_config_default(size_t num_layers, size_t num_kv_heads, size_t head_dim,
-                                                    size_t page_size, size_t capacity_pages);
+static inline void kvsieve_cache_config_init(kvsieve_cache_config_t *config) {
+    memset(config, 0, sizeof(*config));
+    config->struct_size = sizeof(*config);
+    config->dtype.code = KVSIEVE_DTYPE_CODE_FLOAT;
+    config->dtype.bits = 16;
+    config->dtype.lanes = 1;
+    config->layout = KVSIEVE_LAYOUT_NHD;
+    config->key_rope = KVSIEVE_KEYS_POST_ROPE;
+    config->track_key_bounds = true;
+}
+
+/**
+ * \brief A configuration with the given shape, float16 storage, NHD layout, post-RoPE keys
+ * and key bounds on (kvsieve_cache_config_init() and the shape). Nothing is validated here;
+ * kvsieve_cache_new() validates.
+ *
+ * Ownership: returns a struct by value; nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline kvsieve_cache_config_t kvsieve_cache_config_default(size_t num_layers, size_t num_kv_heads,
+                                                                  size_t head_dim, size_t page_size,
+                                                                  size_t capacity_pages) {
+    kvsieve_cache_config_t config;
+    kvsieve_cache_config_init(&config);
+    config.num_layers = num_layers;
+    config.num_kv_heads = num_kv_heads;
+    config.head_dim = head_dim;
+    config.page_size = page_size;
+    config.capacity_pages = capacity_pages;
+    return config;
+}
+
+/**
+ * \brief Initialise statistics before kvsieve_cache_stats(): all zero, `struct_size` set.
+ *
+ * Ownership: writes `*stats` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_cache_stats_init(kvsieve_cache_stats_t *stats) {
+    memset(stats, 0, sizeof(*stats));
+    stats->struct_size = sizeof(*stats);
+}
 
 /**
  * \brief Create a cache and allocate its whole page pool.
  *
- * \param config The configuration (required); copied, not retained.
+ * \param config The configuration (required); copied, not retained. A `struct_size` kvsieve
+ *        does not know gives #KVSIEVE_ERROR_INVALID_ARGUMENT naming `config.struct_size`.
  * \param out Receives the new cache (required). Ownership: the caller owns it and releases
  *        it with kvsieve_cache_free(). Untouched on failure.
  * \return NULL on success, or an error (owned by the caller), e.g. #KVSIEVE_ERROR_INVALID_ARGUMENT
@@ -130,7 +181,9 @@ void kvsieve_cache_free(kvsieve_cache_t *cache);
  * \brief The configuration the cache was created with.
  *
  * \param cache The cache (required).
- * \param out Receives the configuration (required); untouched on failure.
+ * \param out Receives the configuration (required), initialised by the caller with
+ *        kvsieve_cache_config_init(): kvsieve writes the fields its `struct_size` covers and
+ *        leaves `struct_size` as it is. Untouched on failure.
  *
  * Ownership: the result is copied into caller memory; the caller frees any returned error.
  *
@@ -142,7 +195,9 @@ kvsieve_error_t *kvsieve_cache_get_config(const kvsieve_cache_t *cache, kvsieve_
  * \brief Memory statistics.
  *
  * \param cache The cache (required).
- * \param out Receives the statistics (required); untouched on failure.
+ * \param out Receives the statistics (required), initialised by the caller with
+ *        kvsieve_cache_stats_init(): kvsieve writes the fields its `struct_size` covers.
+ *        Untouched on failure.
  *
  * Ownership: the result is copied into caller memory; the caller frees any returned error.
  *
@@ -448,8 +503,12 @@ kvsieve_error_t *kvsieve_cache_read(const kvsieve_cache_t *cache, uint64_t seq, 
  * - `seq`, `layer`: with `cache`, the sequence (#KVSIEVE_ERROR_UNKNOWN_SEQUENCE) and the
  *   layer (#KVSIEVE_ERROR_OUT_OF_RANGE); ignored with `tensor`.
  *
- * Messages name a field after the parameter that holds the struct, e.g. `keys.tensor`,
- * `keys.layer` (or `keys[2].layer` for an array).
+ * - `struct_size`: set by kvsieve_key_source_init() (a versioned struct: see the conventions
+ *   in kvsieve.h). In an array every entry has the same `struct_size`.
+ *
+ * Initialise with kvsieve_key_source_init(), then set `tensor`, or `cache`, `seq` and
+ * `layer`. Messages name a field after the parameter that holds the struct, e.g.
+ * `keys.tensor`, `keys.layer` (or `keys[2].layer` for an array).
  *
  * Token t is the sequence's t-th token in cache order (as in ::kvsieve_selection_t), or row
  * t of the tensor; n is the sequence's length or the tensor's first dimension.
@@ -458,11 +517,24 @@ kvsieve_error_t *kvsieve_cache_read(const kvsieve_cache_t *cache, uint64_t seq, 
  * the call only.
  */
 typedef struct kvsieve_key_source {
+    size_t struct_size;
     const kvsieve_tensor_t *tensor;
     const kvsieve_cache_t *cache;
     uint64_t seq;
     size_t layer;
 } kvsieve_key_source_t;
+
+/**
+ * \brief Initialise a key source: no tensor and no cache (set one), `seq` and `layer` 0,
+ * `struct_size` set.
+ *
+ * Ownership: writes `*source` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_key_source_init(kvsieve_key_source_t *source) {
+    memset(source, 0, sizeof(*source));
+    source->struct_size = sizeof(*source);
+}
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -13,6 +13,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "error.h"
 #include "tensor.h"
@@ -48,9 +49,11 @@ extern "C" {
 typedef struct kvsieve_cluster_index kvsieve_cluster_index_t;
 
 /**
- * \brief Options of kvsieve_cluster_index_build(). Start from
- * kvsieve_cluster_config_default().
+ * \brief Options of kvsieve_cluster_index_build(). Initialise with
+ * kvsieve_cluster_config_default() (or kvsieve_cluster_config_init()), then change fields.
  *
+ * - `struct_size`: set by the initialisers (a versioned struct: see the conventions in
+ *   kvsieve.h). Also set it before kvsieve_cluster_index_get_config() fills the struct.
  * - `num_clusters`: fine clusters per KV head, 1 ..= the tokens clustered; or 0 to give
  *   `cluster_fraction` instead. Errors (#KVSIEVE_ERROR_INVALID_ARGUMENT naming
  *   `num_clusters`): 0 with `cluster_fraction` 0, more clusters than tokens clustered.
@@ -68,6 +71,7 @@ typedef struct kvsieve_cluster_index kvsieve_cluster_index_t;
  *   fields); both 0: no coarse level.
  */
 typedef struct kvsieve_cluster_config {
+    size_t struct_size;
     size_t num_clusters;
     double cluster_fraction;
     size_t exclude_window;
@@ -113,8 +117,8 @@ typedef enum kvsieve_coarse_mode {
 } kvsieve_coarse_mode_t;
 
 /**
- * \brief Options of kvsieve_cluster_index_retrieve(). Start from
- * kvsieve_retrieve_config_default().
+ * \brief Options of kvsieve_cluster_index_retrieve(). Initialise with
+ * kvsieve_retrieve_config_default() (or kvsieve_retrieve_config_init()), then change fields.
  *
  * For KV head h and each query head j of its group (the `num_qo_heads / num_kv_heads` query
  * heads reading h), the estimated attention one key of cluster c receives is
@@ -122,6 +126,8 @@ typedef enum kvsieve_coarse_mode {
  * centroids, N the sizes); `s_c` is its mean over the group. `N_c * s_c` is the share of
  * attention cluster c is expected to take, so they sum to 1 over the clusters.
  *
+ * - `struct_size`: set by the initialisers (a versioned struct: see the conventions in
+ *   kvsieve.h).
  * - `mode`: a ::kvsieve_retrieve_mode_t value (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `mode`
  *   otherwise).
  * - `threshold`: for #KVSIEVE_RETRIEVE_THRESHOLD; not NaN (#KVSIEVE_ERROR_INVALID_ARGUMENT
@@ -146,6 +152,7 @@ typedef enum kvsieve_coarse_mode {
  * - `coarse_budget_multiple`: positive and finite (errors name `coarse_budget_multiple`).
  */
 typedef struct kvsieve_retrieve_config {
+    size_t struct_size;
     uint32_t mode;
     double threshold;
     const double *thresholds;
@@ -160,7 +167,9 @@ typedef struct kvsieve_retrieve_config {
 } kvsieve_retrieve_config_t;
 
 /**
- * \brief What a retrieval cost and kept, summed over KV heads.
+ * \brief What a retrieval cost and kept, summed over KV heads. Initialise with
+ * kvsieve_retrieve_stats_init() before the call: `struct_size` tells kvsieve how many bytes
+ * the program's struct has (a versioned struct: see the conventions in kvsieve.h).
  *
  * - `centroid_evals`: query-centroid dot products computed (each query head of a group
  *   against each centroid it scored): `coarse_evals + fine_evals`.
@@ -172,6 +181,7 @@ typedef struct kvsieve_retrieve_config {
  * - `tokens_kept`: tokens kept (the selection's length).
  */
 typedef struct kvsieve_retrieve_stats {
+    size_t struct_size;
     size_t centroid_evals;
     size_t coarse_evals;
     size_t fine_evals;
@@ -182,28 +192,78 @@ typedef struct kvsieve_retrieve_stats {
 } kvsieve_retrieve_stats_t;
 
 /**
+ * \brief Initialise a build configuration: no fine cluster count (set `num_clusters` or
+ * `cluster_fraction`), `exclude_window` 0, `max_iter` 20, `seed` 0, no coarse level,
+ * `struct_size` set. Use it before kvsieve_cluster_index_get_config().
+ *
+ * Ownership: writes `*config` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_cluster_config_init(kvsieve_cluster_config_t *config) {
+    memset(config, 0, sizeof(*config));
+    config->struct_size = sizeof(*config);
+    config->max_iter = 20;
+}
+
+/**
  * \brief A build configuration with `num_clusters` fine clusters per KV head:
  * `cluster_fraction` 0, `exclude_window` 0, `max_iter` 20, `seed` 0, no coarse level.
  * Nothing is validated here; kvsieve_cluster_index_build() validates it.
  *
- * Ownership: returns a struct by value; nothing to free.
- *
- * Thread safety: thread-safe.
+ * Ownership: returns a struct by value; nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
  */
-kvsieve_cluster_config_t kvsieve_cluster_config_default(size_t num_clusters);
+static inline kvsieve_cluster_config_t kvsieve_cluster_config_default(size_t num_clusters) {
+    kvsieve_cluster_config_t config;
+    kvsieve_cluster_config_init(&config);
+    config.num_clusters = num_clusters;
+    return config;
+}
+
+/**
+ * \brief Initialise a retrieval configuration: #KVSIEVE_RETRIEVE_BUDGET with `budget` 0 (set
+ * it), flat, for the index's sequence length (`seq_len` 0); `threshold` 0, no `thresholds`;
+ * coarse settings (used only once `hierarchical` is set) #KVSIEVE_COARSE_THRESHOLD with
+ * `coarse_threshold` -1, which opens every coarse cluster; `struct_size` set.
+ *
+ * Ownership: writes `*config` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_retrieve_config_init(kvsieve_retrieve_config_t *config) {
+    memset(config, 0, sizeof(*config));
+    config->struct_size = sizeof(*config);
+    config->mode = KVSIEVE_RETRIEVE_BUDGET;
+    config->thresholds = NULL;
+    config->hierarchical = false;
+    config->coarse_mode = KVSIEVE_COARSE_THRESHOLD;
+    config->coarse_threshold = -1.0;
+}
 
 /**
  * \brief A retrieval configuration keeping `budget` tokens per KV head
- * (#KVSIEVE_RETRIEVE_BUDGET), flat, for the index's sequence length (`seq_len` 0);
- * `threshold` 0, no `thresholds`; coarse settings (used only once `hierarchical` is set)
- * #KVSIEVE_COARSE_THRESHOLD with `coarse_threshold` -1, which opens every coarse cluster.
- * Nothing is validated here.
+ * (kvsieve_retrieve_config_init() and the budget). Nothing is validated here.
  *
- * Ownership: returns a struct by value; nothing to free.
- *
- * Thread safety: thread-safe.
+ * Ownership: returns a struct by value; nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
  */
-kvsieve_retrieve_config_t kvsieve_retrieve_config_default(size_t budget);
+static inline kvsieve_retrieve_config_t kvsieve_retrieve_config_default(size_t budget) {
+    kvsieve_retrieve_config_t config;
+    kvsieve_retrieve_config_init(&config);
+    config.budget = budget;
+    return config;
+}
+
+/**
+ * \brief Initialise retrieval statistics before kvsieve_cluster_index_retrieve(): all zero,
+ * `struct_size` set.
+ *
+ * Ownership: writes `*stats` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_retrieve_stats_init(kvsieve_retrieve_stats_t *stats) {
+    memset(stats, 0, sizeof(*stats));
+    stats->struct_size = sizeof(*stats);
+}
 
 /**
  * \brief Cluster every KV head of the keys in `keys` into a new index.
@@ -238,7 +298,9 @@ void kvsieve_cluster_index_free(kvsieve_cluster_index_t *index);
  * \brief The configuration the index was built with (for a loaded index, the one saved).
  *
  * \param index The index (required).
- * \param out Receives the configuration (required); untouched on failure.
+ * \param out Receives the configuration (required), initialised by the caller with
+ *        kvsieve_cluster_config_init(): kvsieve writes the fields its `struct_size` covers
+ *        and leaves `struct_size` as it is. Untouched on failure.
  *
  * Ownership: nothing is retained. Thread safety: thread-safe (shared lock).
  */
@@ -368,6 +430,8 @@ kvsieve_error_t *kvsieve_cluster_index_coarse_child_offsets(const kvsieve_cluste
 kvsieve_error_t *kvsieve_cluster_index_coarse_children(const kvsieve_cluster_index_t *index, size_t head,
                                                        uint32_t *children, size_t capacity, size_t *out_len);
 
+/* Retrieval ---------------------------------------------------------------------------- */
+
 /**
  * \brief The estimates `s_c` of every fine cluster for the decode query `q` (flat scoring;
  * see ::kvsieve_retrieve_config_t for the formula), head-major: entry
@@ -401,7 +465,9 @@ kvsieve_error_t *kvsieve_cluster_index_estimates(const kvsieve_cluster_index_t *
  * \param config The options (required); copied. See ::kvsieve_retrieve_config_t for the
  *        errors it can give.
  * \param out Receives the new selection (required); untouched on failure.
- * \param stats Optional: receives the cost and counts; untouched on failure.
+ * \param stats Optional: receives the cost and counts, initialised by the caller with
+ *        kvsieve_retrieve_stats_init() (kvsieve writes the fields its `struct_size` covers);
+ *        untouched on failure.
  * \return NULL on success, or an error (owned by the caller); nothing is written on failure.
  *
  * Ownership: the caller owns `*out` (release with kvsieve_selection_free()); the selection
@@ -442,6 +508,8 @@ kvsieve_error_t *kvsieve_cluster_index_retrieve(const kvsieve_cluster_index_t *i
 kvsieve_error_t *kvsieve_cluster_index_calibrate(const kvsieve_cluster_index_t *index, const kvsieve_tensor_t *queries,
                                                  double target_fraction, bool per_head, double *thresholds,
                                                  size_t capacity, double *kept_fractions);
+
+/* Updating, saving and loading --------------------------------------------------------- */
 
 /**
  * \brief Assign the keys that arrived since the index was built or last updated (tokens

@@ -158,6 +158,8 @@ kvsieve_error_t *kvsieve_cuda_merge_states(const kvsieve_tensor_t *v_a, const fl
                                            const kvsieve_tensor_t *v_b, const float *lse_b,
                                            const kvsieve_tensor_t *out, float *lse_out, void *stream);
 
+/* Device caches ------------------------------------------------------------------------ */
+
 /**
  * \brief kvsieve-owned paged K/V resident on one CUDA device, with the same bookkeeping as
  * ::kvsieve_cache_t (sequences, fork with copy on write, append, write, truncate, page
@@ -257,7 +259,8 @@ kvsieve_error_t *kvsieve_cuda_cache_compact(kvsieve_cuda_cache_t *cache, uint64_
  * \param out_table Receives the page table (required); the descriptor points into it, so
  *        keep it until the queued work reading the descriptor completes, then free it with
  *        kvsieve_cuda_table_free().
- * \param out_view Receives the descriptor (required).
+ * \param out_view Receives the descriptor (required), initialised by the caller with
+ *        kvsieve_paged_kv_init() (kvsieve writes the fields its `struct_size` covers).
  * \param out_key_bounds Optional: receives the layer's key bounds for
  *        kvsieve_cuda_page_bounds(), or NULL when the cache does not track them.
  * \param out_max_seq_len Optional: receives the longest sequence's length (the
@@ -274,11 +277,18 @@ kvsieve_error_t *kvsieve_cuda_cache_layer_view(const kvsieve_cuda_cache_t *cache
 /** \brief Free a page table from kvsieve_cuda_cache_layer_view(). NULL is ignored. */
 void kvsieve_cuda_table_free(kvsieve_cuda_table_t *table);
 
+/* Key bounds, selection, prefill, clusters and GemFilter ------------------------------- */
+
 /**
  * \brief One page's key-bound update for kvsieve_cuda_update_key_bounds(): fold the keys in
  * the slots whose bits are set in `slot_mask` (bit s = slot s, page_size at most 64) into
  * the bounds of `page`, starting from the bounds stored there, or from empty (+inf / -inf)
  * when `reset` is non-zero (a page reused for a new sequence). Lives in device memory.
+ *
+ * Not a versioned struct (no `struct_size`): the kernels read the array from device memory,
+ * where the host cannot check a size without waiting for the device, so, like
+ * ::kvsieve_tensor_t, its layout is fixed for the `libkvsieve.so.0` line; a different one
+ * would come with a new type and function.
  */
 typedef struct kvsieve_key_bounds_entry {
     int32_t page;

@@ -45,7 +45,9 @@ typedef enum kvsieve_error_code {
     /** Text (such as a policy) could not be parsed. */
     KVSIEVE_ERROR_PARSE = 11,
     /** A bug inside kvsieve (including a caught panic). Please report it. */
-    KVSIEVE_ERROR_INTERNAL = 12
+    KVSIEVE_ERROR_INTERNAL = 12,
+    /** Memory for a buffer the call needs could not be allocated (the call changed nothing). */
+    KVSIEVE_ERROR_OUT_OF_MEMORY = 13
 } kvsieve_error_code_t;
 
 /**

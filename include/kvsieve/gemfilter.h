@@ -11,6 +11,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "error.h"
 #include "tensor.h"
@@ -22,8 +23,11 @@ extern "C" {
 #endif
 
 /**
- * \brief Options of GemFilter's selection. Start from kvsieve_gemfilter_config_default().
+ * \brief Options of GemFilter's selection. Initialise with kvsieve_gemfilter_config_default()
+ * (or kvsieve_gemfilter_config_init()), then change fields.
  *
+ * - `struct_size`: set by the initialisers (a versioned struct: see the conventions in
+ *   kvsieve.h).
  * - `k`: tokens to keep in all, forced ones included; 1..n (#KVSIEVE_ERROR_OUT_OF_RANGE
  *   naming `k` otherwise) and at least `keep_first + keep_last`
  *   (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `k`).
@@ -33,6 +37,7 @@ extern "C" {
  * - `keep_last`: the last `keep_last` tokens are always kept (the question).
  */
 typedef struct kvsieve_gemfilter_config {
+    size_t struct_size;
     size_t k;
     size_t pool_kernel;
     size_t keep_first;
@@ -40,8 +45,10 @@ typedef struct kvsieve_gemfilter_config {
 } kvsieve_gemfilter_config_t;
 
 /**
- * \brief Options of SnapKV.
+ * \brief Options of SnapKV. Initialise with kvsieve_snapkv_config_init(), then set `k`.
  *
+ * - `struct_size`: set by kvsieve_snapkv_config_init() (a versioned struct: see the
+ *   conventions in kvsieve.h).
  * - `k`: tokens kept per KV head, the observation window's `w` included; `w..n`
  *   (#KVSIEVE_ERROR_OUT_OF_RANGE naming `k` otherwise).
  * - `pool_kernel`: width of the centred average pool over the votes, odd (SnapKV uses 7);
@@ -50,20 +57,51 @@ typedef struct kvsieve_gemfilter_config {
  *   naming `scale` otherwise); 0 means 1/sqrt(head_dim).
  */
 typedef struct kvsieve_snapkv_config {
+    size_t struct_size;
     size_t k;
     size_t pool_kernel;
     float scale;
 } kvsieve_snapkv_config_t;
 
 /**
+ * \brief Initialise a GemFilter configuration: `k` 0 (set it), `pool_kernel` 5, no forced
+ * tokens, `struct_size` set.
+ *
+ * Ownership: writes `*config` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_gemfilter_config_init(kvsieve_gemfilter_config_t *config) {
+    memset(config, 0, sizeof(*config));
+    config->struct_size = sizeof(*config);
+    config->pool_kernel = 5;
+}
+
+/**
  * \brief A GemFilter configuration keeping `k` tokens: `pool_kernel` 5, no forced tokens.
  * Nothing is validated here; the calls taking the configuration validate it.
  *
- * Ownership: returns a struct by value; nothing to free.
- *
- * Thread safety: thread-safe.
+ * Ownership: returns a struct by value; nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
  */
-kvsieve_gemfilter_config_t kvsieve_gemfilter_config_default(size_t k);
+static inline kvsieve_gemfilter_config_t kvsieve_gemfilter_config_default(size_t k) {
+    kvsieve_gemfilter_config_t config;
+    kvsieve_gemfilter_config_init(&config);
+    config.k = k;
+    return config;
+}
+
+/**
+ * \brief Initialise SnapKV options: `k` 0 (set it), `pool_kernel` 7 (SnapKV's), `scale` 0
+ * (1/sqrt(head_dim)), `struct_size` set.
+ *
+ * Ownership: writes `*config` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_snapkv_config_init(kvsieve_snapkv_config_t *config) {
+    memset(config, 0, sizeof(*config));
+    config->struct_size = sizeof(*config);
+    config->pool_kernel = 7;
+}
 
 /**
  * \brief GemFilter's unpooled token scores: for every token t, the sum over query heads h of
@@ -189,7 +227,8 @@ kvsieve_error_t *kvsieve_snapkv(const kvsieve_tensor_t *q_window, const kvsieve_
  * \param num_layers Number of layers to calibrate.
  * \param queries `num_layers` query descriptors, each as `q` of kvsieve_gemfilter_scores()
  *        (NULL only if `num_layers` is 0).
- * \param keys `num_layers` key sources (NULL only if `num_layers` is 0); sources may mix
+ * \param keys `num_layers` key sources (NULL only if `num_layers` is 0), each initialised
+ *        with kvsieve_key_source_init(), so all of one `struct_size`; sources may mix
  *        tensors and caches, and share a cache (each cache's shared lock is taken once, for
  *        the whole call).
  * \param needle_start First token of the needle.

@@ -12,6 +12,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "error.h"
 #include "tensor.h"
@@ -41,6 +42,9 @@ typedef struct kvsieve_selection kvsieve_selection_t;
 
 /**
  * \brief How much of a sequence a selection keeps (see kvsieve_selection_stats()).
+ * Initialise with kvsieve_selection_stats_init() before the call: `struct_size` tells kvsieve
+ * how many bytes the program's struct has (a versioned struct: see the conventions in
+ * kvsieve.h).
  *
  * - `seq_len`, `num_kv_heads`: the selection's shape.
  * - `total`: selected tokens summed over heads.
@@ -49,6 +53,7 @@ typedef struct kvsieve_selection kvsieve_selection_t;
  *   0 when `seq_len` is 0.
  */
 typedef struct kvsieve_selection_stats {
+    size_t struct_size;
     size_t seq_len;
     size_t num_kv_heads;
     size_t total;
@@ -56,6 +61,18 @@ typedef struct kvsieve_selection_stats {
     double min_density;
     double max_density;
 } kvsieve_selection_stats_t;
+
+/**
+ * \brief Initialise selection statistics before kvsieve_selection_stats(): all zero,
+ * `struct_size` set.
+ *
+ * Ownership: writes `*stats` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_selection_stats_init(kvsieve_selection_stats_t *stats) {
+    memset(stats, 0, sizeof(*stats));
+    stats->struct_size = sizeof(*stats);
+}
 
 /**
  * \brief A selection from its CSR arrays, copied and validated.
@@ -285,7 +302,9 @@ kvsieve_error_t *kvsieve_selection_head(const kvsieve_selection_t *selection, si
  * \brief Kept-token counts and densities of a selection.
  *
  * \param selection The selection (required).
- * \param out Receives the statistics (required); untouched on failure.
+ * \param out Receives the statistics (required), initialised by the caller with
+ *        kvsieve_selection_stats_init() (kvsieve writes the fields its `struct_size` covers);
+ *        untouched on failure.
  * \param per_head Optional: receives the count of each KV head (`num_kv_heads` values).
  * \param per_head_capacity Length of `per_head`; fewer than num_kv_heads gives
  *        #KVSIEVE_ERROR_INVALID_ARGUMENT naming `per_head_capacity`. Ignored when `per_head`
@@ -299,8 +318,11 @@ kvsieve_error_t *kvsieve_selection_stats(const kvsieve_selection_t *selection, k
                                          size_t *per_head, size_t per_head_capacity);
 
 /**
- * \brief Settings of page-bound selection (Quest).
+ * \brief Settings of page-bound selection (Quest). Initialise with
+ * kvsieve_page_bounds_config_init(), then set `budget_tokens`.
  *
+ * - `struct_size`: set by kvsieve_page_bounds_config_init() (a versioned struct: see the
+ *   conventions in kvsieve.h).
  * - `budget_tokens`: tokens to keep per KV head, at least 1 (#KVSIEVE_ERROR_INVALID_ARGUMENT
  *   naming `budget_tokens` otherwise). Pages are taken best first until the kept tokens
  *   reach the budget, so a head keeps less than one page more than the budget; a sequence no
@@ -308,9 +330,22 @@ kvsieve_error_t *kvsieve_selection_stats(const kvsieve_selection_t *selection, k
  * - `min_pages`: pages kept per KV head whatever the budget (capped at the page count).
  */
 typedef struct kvsieve_page_bounds_config {
+    size_t struct_size;
     size_t budget_tokens;
     size_t min_pages;
 } kvsieve_page_bounds_config_t;
+
+/**
+ * \brief Initialise page-bound settings: `budget_tokens` 0 (set it), `min_pages` 0,
+ * `struct_size` set.
+ *
+ * Ownership: writes `*config` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_page_bounds_config_init(kvsieve_page_bounds_config_t *config) {
+    memset(config, 0, sizeof(*config));
+    config->struct_size = sizeof(*config);
+}
 
 /**
  * \brief Page-bound selection (Quest) for a decode query: pages ranked, per KV head, by an

@@ -4,6 +4,22 @@
  * \brief Versions: the version of these headers (macros), the version of the library
  * linked at run time, and the SIMD instruction set its CPU kernels chose on this machine.
  * kvsieve.h includes this header; the conventions stated there apply to it.
+ *
+ * **Compatibility.** The shared library's SONAME is `libkvsieve.so.MAJOR`, so
+ * `libkvsieve.so.0` for every 0.x release: before 1.0 too, a minor release is not a new ABI.
+ * Within one major version a newer library runs programs built against older headers: a
+ * program built with the headers of version X.Y runs with any library X.Y' where Y' >= Y (an
+ * older library may lack what minor Y added: a program can check at start-up that
+ * kvsieve_version_minor() >= #KVSIEVE_VERSION_MINOR). A minor release may only add: functions, enum values,
+ * macros, and fields at the end of a versioned struct (one that begins with `struct_size`,
+ * see kvsieve.h); it never removes, renames or reorders any of them, nor changes the
+ * arguments of a function or the type, meaning or default of an existing field. A patch
+ * release changes no declaration. Any other change comes with a new major version, and so a
+ * new SONAME. The reverse does not hold: a program built against newer headers may call
+ * functions an older library lacks, and passes versioned structs larger than that library
+ * knows, which it refuses (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `struct_size`). A program
+ * should treat an error code or other enum value it does not know, returned by a newer
+ * library, as kvsieve_error_code_name() does: as unknown, not as a crash.
  */
 
 #ifndef KVSIEVE_VERSION_H

@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "error.h"
 #include "tensor.h"
@@ -25,6 +26,7 @@ extern "C" {
 /**
  * \brief One layer of paged K/V memory owned by the engine, with a batch's CSR page table.
  * Nothing is copied: kvsieve reads the memory during the call that receives the descriptor.
+ * Initialise with kvsieve_paged_kv_init(), then set the fields.
  *
  * Element (page, slot, head, channel) of K is at element offset
  * `page * k_strides[0] + slot * k_strides[1] + head * k_strides[2] + channel` from `k`
@@ -33,6 +35,8 @@ extern "C" {
  * num_kv_heads * head_dim, head_dim}`; HND `{page_size * num_kv_heads * head_dim, head_dim,
  * page_size * head_dim}`.
  *
+ * - `struct_size`: set by kvsieve_paged_kv_init() (a versioned struct: see the conventions
+ *   in kvsieve.h); also before kvsieve_cuda_cache_layer_view() fills a descriptor.
  * - `k`, `v`: aligned to the element size and valid for every element of pages
  *   `0 .. num_pages` (NULL only if `num_pages` is 0).
  * - `device`: #KVSIEVE_DEVICE_CPU (for the `kvsieve_cuda_paged_*` functions
@@ -51,6 +55,7 @@ extern "C" {
  * the memory the table reaches during a call that reads it.
  */
 typedef struct kvsieve_paged_kv {
+    size_t struct_size;
     const void *k;
     const void *v;
     kvsieve_device_t device;
@@ -68,6 +73,26 @@ typedef struct kvsieve_paged_kv {
     const int32_t *last_page_len;
     const int32_t *positions;
 } kvsieve_paged_kv_t;
+
+/**
+ * \brief Initialise a descriptor: host memory (#KVSIEVE_DEVICE_CPU, device 0), keys stored
+ * after RoPE, every other field 0 or NULL, `struct_size` set.
+ *
+ * Ownership: writes `*kv` (required); nothing to free. Thread safety: thread-safe.
+ * Defined here (`static inline`), so `struct_size` is the size this program was compiled with.
+ */
+static inline void kvsieve_paged_kv_init(kvsieve_paged_kv_t *kv) {
+    memset(kv, 0, sizeof(*kv));
+    kv->struct_size = sizeof(*kv);
+    kv->k = NULL;
+    kv->v = NULL;
+    kv->device.device_type = KVSIEVE_DEVICE_CPU;
+    kv->device.device_id = 0;
+    kv->indptr = NULL;
+    kv->indices = NULL;
+    kv->last_page_len = NULL;
+    kv->positions = NULL;
+}
 
 /**
  * \brief Decode attention over engine-owned paged memory: one query token per sequence of

@@ -3,7 +3,10 @@
 
 use rayon::prelude::*;
 
-use crate::attention::kernel::{attend_block, merge_into, scaled_queries, write_partials, Block, Ctx, KeyPos, Partial, Pass, RowState, Scratch, Tokens, BLOCK};
+use crate::attention::kernel::{
+    attend_block, merge_into, scaled_queries, write_partials, Block, Ctx, KeyPos, Partial, Pass, RowState, Scratch,
+    Tokens, BLOCK,
+};
 use crate::attention::{AttentionParams, HeadTokens, PositionMode};
 use crate::error::{Error, Result};
 use crate::kv::PagedKv;
@@ -25,7 +28,11 @@ pub(crate) fn chunk_len(params: &AttentionParams, total_tokens: usize) -> Result
 fn check_batch(kv: &PagedKv, q: &TensorView) -> Result<usize> {
     let batch = q.shape()[0];
     if batch != kv.batch_size() {
-        return Err(Error::shape("q", format!("[{}, ...] (batch of the page table)", kv.batch_size()), format!("{:?}", q.shape())));
+        return Err(Error::shape(
+            "q",
+            format!("[{}, ...] (batch of the page table)", kv.batch_size()),
+            format!("{:?}", q.shape()),
+        ));
     }
     Ok(batch)
 }
@@ -34,14 +41,25 @@ fn check_batch(kv: &PagedKv, q: &TensorView) -> Result<usize> {
 /// heads and length, every head's indices strictly ascending and in range.
 pub(crate) fn check_selections<S: HeadTokens>(kv: &PagedKv, selections: &[S]) -> Result<()> {
     if selections.len() != kv.batch_size() {
-        return Err(Error::shape("selections", format!("{} selections (one per sequence)", kv.batch_size()), format!("{}", selections.len())));
+        return Err(Error::shape(
+            "selections",
+            format!("{} selections (one per sequence)", kv.batch_size()),
+            format!("{}", selections.len()),
+        ));
     }
     for (b, s) in selections.iter().enumerate() {
         if s.num_kv_heads() != kv.num_kv_heads() {
-            return Err(Error::shape(format!("selections[{b}]"), format!("{} KV heads", kv.num_kv_heads()), format!("{}", s.num_kv_heads())));
+            return Err(Error::shape(
+                format!("selections[{b}]"),
+                format!("{} KV heads", kv.num_kv_heads()),
+                format!("{}", s.num_kv_heads()),
+            ));
         }
         if s.seq_len() != kv.seq_len(b) {
-            return Err(Error::invalid(format!("selections[{b}]"), format!("a selection over the sequence's {} tokens, built over {}", kv.seq_len(b), s.seq_len())));
+            return Err(Error::invalid(
+                format!("selections[{b}]"),
+                format!("a selection over the sequence's {} tokens, built over {}", kv.seq_len(b), s.seq_len()),
+            ));
         }
         for h in 0..s.num_kv_heads() {
             let l = s.head(h);
@@ -63,7 +81,13 @@ pub(crate) fn check_selections<S: HeadTokens>(kv: &PagedKv, selections: &[S]) ->
 ///
 /// When the keys are stored before RoPE, `q` is taken before RoPE too and both are rotated
 /// here, with positions numbered by `params.positions`; the query is the sequence's last token.
-pub fn decode(kv: &PagedKv, q: &TensorView, out: &mut TensorViewMut, lse: Option<&mut [f32]>, params: &AttentionParams) -> Result<()> {
+pub fn decode(
+    kv: &PagedKv,
+    q: &TensorView,
+    out: &mut TensorViewMut,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams,
+) -> Result<()> {
     let ctx = Ctx::new(kv, q, out, lse.as_deref(), params, "batch")?;
     check_batch(kv, q)?;
     decode_shared(&ctx, q, out, lse, params, &|b| Tokens::Range(0, kv.seq_len(b)))
@@ -97,7 +121,10 @@ fn decode_shared<'l>(
     if ctx.rope.is_some() {
         for (b, rows) in qs.chunks_exact_mut(hq * d).enumerate() {
             if let Some(last) = kv.seq_len(b).checked_sub(1) {
-                ctx.rotate_rows(rows, if contiguous { list(b).count_below(last) as f32 } else { kv.position(b, last) as f32 });
+                ctx.rotate_rows(
+                    rows,
+                    if contiguous { list(b).count_below(last) as f32 } else { kv.position(b, last) as f32 },
+                );
             }
         }
     }
@@ -119,7 +146,8 @@ fn decode_shared<'l>(
                 let mut states: Vec<RowState> = (0..hk).map(|_| RowState::new(g, d)).collect();
                 // Blocks outermost, heads inside: the sequence's memory is read once, in order.
                 let toks = list(b).slice(start, end);
-                let pass = Pass { key_pos: if contiguous { KeyPos::Index(start) } else { KeyPos::Stored }, ..Pass::ALL };
+                let pass =
+                    Pass { key_pos: if contiguous { KeyPos::Index(start) } else { KeyPos::Stored }, ..Pass::ALL };
                 let n = toks.len();
                 let (mut cur, mut next) = (Block::default(), Block::default());
                 cur.fill(kv, b, &toks, 0, n.min(BLOCK));
@@ -216,7 +244,8 @@ fn decode_lists<'l>(
                 let all = lists(b, kh);
                 let last = kv.seq_len(b) - 1;
                 let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
-                let st = ctx.attend_rows(b, kh, qrows, g, &|_| last, all, i0, all.slice(i0, i1), &|_| usize::MAX, None, sc);
+                let st =
+                    ctx.attend_rows(b, kh, qrows, g, &|_| last, all, i0, all.slice(i0, i1), &|_| usize::MAX, None, sc);
                 (0..g)
                     .map(|r| {
                         let mut o = vec![0f32; d];
@@ -228,8 +257,9 @@ fn decode_lists<'l>(
         )
         .flatten()
         .collect();
-    let mut merged: Vec<Partial> =
-        (0..batch * hq).map(|i| Partial { token: i / hq, head: i % hq, out: vec![0f32; d], lse: f32::NEG_INFINITY }).collect();
+    let mut merged: Vec<Partial> = (0..batch * hq)
+        .map(|i| Partial { token: i / hq, head: i % hq, out: vec![0f32; d], lse: f32::NEG_INFINITY })
+        .collect();
     for p in &parts {
         let m = &mut merged[p.token * hq + p.head];
         merge_into(&mut m.out, &mut m.lse, &p.out, p.lse);

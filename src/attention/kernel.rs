@@ -2,14 +2,14 @@
 //! tokens of one sequence and one KV head, for a set of query rows (the GQA group's heads,
 //! times the query tokens of a prefill tile).
 
-use crate::cpu;
 use crate::attention::rope::RopeTable;
 use crate::attention::{AttentionParams, PositionMode, RopeConfig};
-use std::sync::Arc;
+use crate::cpu;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kv::PagedKv;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 use crate::tensor::{TensorView, TensorViewMut};
 use crate::KeyRope;
@@ -33,7 +33,14 @@ pub(crate) struct Ctx<'a> {
 
 impl<'a> Ctx<'a> {
     /// Check q, out and lse against the view; `tokens` is the number of query rows.
-    pub fn new(kv: &'a PagedKv<'a>, q: &TensorView, out: &TensorViewMut, lse: Option<&[f32]>, params: &AttentionParams, tokens_param: &str) -> Result<Self> {
+    pub fn new(
+        kv: &'a PagedKv<'a>,
+        q: &TensorView,
+        out: &TensorViewMut,
+        lse: Option<&[f32]>,
+        params: &AttentionParams,
+        tokens_param: &str,
+    ) -> Result<Self> {
         let d = kv.head_dim();
         let hk = kv.num_kv_heads();
         if q.shape().len() != 3 || q.shape()[2] != d {
@@ -41,12 +48,20 @@ impl<'a> Ctx<'a> {
         }
         let (n, hq) = (q.shape()[0], q.shape()[1]);
         if hq == 0 || hq % hk != 0 {
-            return Err(Error::shape("q", format!("num_qo_heads a positive multiple of num_kv_heads {hk}"), format!("{hq} query heads")));
+            return Err(Error::shape(
+                "q",
+                format!("num_qo_heads a positive multiple of num_kv_heads {hk}"),
+                format!("{hq} query heads"),
+            ));
         }
         out.expect_shape("out", &[Some(n), Some(hq), Some(d)])?;
         if let Some(l) = lse {
             if l.len() != n * hq {
-                return Err(Error::shape("lse", format!("[{n}, {hq}] ({} values)", n * hq), format!("{} values", l.len())));
+                return Err(Error::shape(
+                    "lse",
+                    format!("[{n}, {hq}] ({} values)", n * hq),
+                    format!("{} values", l.len()),
+                ));
             }
         }
         let scale = params.scale.unwrap_or(1.0 / (d as f32).sqrt());
@@ -87,7 +102,16 @@ impl<'a> Ctx<'a> {
         if let PositionMode::Capped { max_distance: 0 } = params.positions {
             return Err(Error::invalid("positions.max_distance", "at least 1"));
         }
-        Ok(Ctx { kv, num_qo_heads: hq, group: hq / hk, d, scale, soft_cap: params.logit_soft_cap, rope, positions: params.positions })
+        Ok(Ctx {
+            kv,
+            num_qo_heads: hq,
+            group: hq / hk,
+            d,
+            scale,
+            soft_cap: params.logit_soft_cap,
+            rope,
+            positions: params.positions,
+        })
     }
 
     /// Rotate `rows` query rows (each `d` long) by `pos` when keys are read pre-RoPE.
@@ -139,7 +163,17 @@ impl<'a> Ctx<'a> {
             }
             PositionMode::Contiguous => {
                 rotate_each(&mut qr, &|r| all.count_below(q_token(r)) as f32);
-                attend(self, b, kh, &qr, rows, tokens, &Pass { key_pos: KeyPos::Index(base), limit, filter }, &mut st, sc);
+                attend(
+                    self,
+                    b,
+                    kh,
+                    &qr,
+                    rows,
+                    tokens,
+                    &Pass { key_pos: KeyPos::Index(base), limit, filter },
+                    &mut st,
+                    sc,
+                );
             }
             PositionMode::Capped { max_distance } => {
                 // Near keys keep their true relative distance; far keys all sit at max_distance,
@@ -149,11 +183,31 @@ impl<'a> Ctx<'a> {
                 let near = |r: usize, t: usize| dist(r, t) < m && filter.is_none_or(|f| f(r, t));
                 let far = |r: usize, t: usize| dist(r, t) >= m && filter.is_none_or(|f| f(r, t));
                 rotate_each(&mut qr, &|r| kv.position(b, q_token(r)) as f32);
-                attend(self, b, kh, &qr, rows, tokens, &Pass { key_pos: KeyPos::Stored, limit, filter: Some(&near) }, &mut st, sc);
+                attend(
+                    self,
+                    b,
+                    kh,
+                    &qr,
+                    rows,
+                    tokens,
+                    &Pass { key_pos: KeyPos::Stored, limit, filter: Some(&near) },
+                    &mut st,
+                    sc,
+                );
                 qr.copy_from_slice(q);
                 self.rotate_rows(&mut qr, max_distance as f32);
                 let mut far_st = RowState::new(rows, d);
-                attend(self, b, kh, &qr, rows, tokens, &Pass { key_pos: KeyPos::Raw, limit, filter: Some(&far) }, &mut far_st, sc);
+                attend(
+                    self,
+                    b,
+                    kh,
+                    &qr,
+                    rows,
+                    tokens,
+                    &Pass { key_pos: KeyPos::Raw, limit, filter: Some(&far) },
+                    &mut far_st,
+                    sc,
+                );
                 st.absorb(&far_st, d);
             }
         }
@@ -340,7 +394,17 @@ impl Block {
 /// Attend `rows` query rows (`q`, already multiplied by the scale and rotated as the pass
 /// needs) to `tokens` of sequence `b`, KV head `kh`, one block after another.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attend(ctx: &Ctx, b: usize, kh: usize, q: &[f32], rows: usize, tokens: Tokens, pass: &Pass, st: &mut RowState, sc: &mut Scratch) {
+pub(crate) fn attend(
+    ctx: &Ctx,
+    b: usize,
+    kh: usize,
+    q: &[f32],
+    rows: usize,
+    tokens: Tokens,
+    pass: &Pass,
+    st: &mut RowState,
+    sc: &mut Scratch,
+) {
     let kv = ctx.kv;
     let max_limit = (0..rows).map(pass.limit).max().unwrap_or(0);
     let min_limit = (0..rows).map(pass.limit).min().unwrap_or(0);

@@ -8,7 +8,14 @@ use crate::tensor::{TensorView, TensorViewMut};
 /// `[n, heads, head_dim]` normalised attention outputs; the LSEs `[n, heads]` (natural log).
 /// The result equals attention over the union of the two key sets. A state with LSE `-inf`
 /// (no keys) contributes nothing.
-pub fn merge_states(v_a: &TensorView, lse_a: &[f32], v_b: &TensorView, lse_b: &[f32], out: &mut TensorViewMut, lse_out: &mut [f32]) -> Result<()> {
+pub fn merge_states(
+    v_a: &TensorView,
+    lse_a: &[f32],
+    v_b: &TensorView,
+    lse_b: &[f32],
+    out: &mut TensorViewMut,
+    lse_out: &mut [f32],
+) -> Result<()> {
     if v_a.shape().len() != 3 {
         return Err(Error::shape("v_a", "[n, heads, head_dim]", format!("{:?}", v_a.shape())));
     }

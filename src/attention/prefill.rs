@@ -16,20 +16,33 @@ const TILE: usize = 16;
 pub(crate) fn check_qo_indptr(kv: &PagedKv, qo_indptr: &[i32], total: usize) -> Result<()> {
     let batch = kv.batch_size();
     if qo_indptr.len() != batch + 1 {
-        return Err(Error::shape("qo_indptr", format!("[{}] (batch + 1)", batch + 1), format!("[{}]", qo_indptr.len())));
+        return Err(Error::shape(
+            "qo_indptr",
+            format!("[{}] (batch + 1)", batch + 1),
+            format!("[{}]", qo_indptr.len()),
+        ));
     }
     if qo_indptr[0] != 0 || qo_indptr[batch] as usize != total {
-        return Err(Error::invalid("qo_indptr", format!("qo_indptr[0] == 0 and qo_indptr[batch] == {total} (query rows)")));
+        return Err(Error::invalid(
+            "qo_indptr",
+            format!("qo_indptr[0] == 0 and qo_indptr[batch] == {total} (query rows)"),
+        ));
     }
     for b in 0..batch {
         let n = qo_indptr[b + 1] - qo_indptr[b];
         if n < 0 {
-            return Err(Error::invalid("qo_indptr", format!("non-decreasing values, qo_indptr[{}] < qo_indptr[{b}]", b + 1)));
+            return Err(Error::invalid(
+                "qo_indptr",
+                format!("non-decreasing values, qo_indptr[{}] < qo_indptr[{b}]", b + 1),
+            ));
         }
         if n as usize > kv.seq_len(b) {
             return Err(Error::invalid(
                 "qo_indptr",
-                format!("at most seq_len = {} queries for sequence {b} (queries are its last tokens), got {n}", kv.seq_len(b)),
+                format!(
+                    "at most seq_len = {} queries for sequence {b} (queries are its last tokens), got {n}",
+                    kv.seq_len(b)
+                ),
             ));
         }
     }
@@ -82,7 +95,11 @@ pub fn prefill_sparse<S: HeadTokens>(
     check_qo_indptr(kv, qo_indptr, q.shape()[0])?;
     check_selections(kv, selections)?;
     if !windows.is_empty() && windows.len() != kv.num_kv_heads() {
-        return Err(Error::shape("windows", format!("0 or {} entries (one per KV head)", kv.num_kv_heads()), format!("{}", windows.len())));
+        return Err(Error::shape(
+            "windows",
+            format!("0 or {} entries (one per KV head)", kv.num_kv_heads()),
+            format!("{}", windows.len()),
+        ));
     }
     if let Some(h) = windows.iter().position(|w| matches!(w, Some(w) if w.window == 0)) {
         return Err(Error::invalid(format!("windows[{h}].window"), "at least 1"));
@@ -135,8 +152,10 @@ fn run<'l>(
                 let q_token = |r: usize| first + r / g;
                 let limit = |r: usize| if causal { first + r / g } else { usize::MAX };
                 let window = windows.get(kh).copied().flatten();
-                let in_window = |r: usize, t: usize| window.is_some_and(|w| t < w.sinks || q_token(r).saturating_sub(t) < w.window);
-                let filter: Option<&(dyn Fn(usize, usize) -> bool + Sync)> = if window.is_some() { Some(&in_window) } else { None };
+                let in_window =
+                    |r: usize, t: usize| window.is_some_and(|w| t < w.sinks || q_token(r).saturating_sub(t) < w.window);
+                let filter: Option<&(dyn Fn(usize, usize) -> bool + Sync)> =
+                    if window.is_some() { Some(&in_window) } else { None };
                 let all = lists(b, kh);
                 let st = ctx.attend_rows(b, kh, &qrows, rows, &q_token, all, 0, all, &limit, filter, sc);
                 let mut res = Vec::with_capacity(rows);

@@ -126,17 +126,39 @@ pub fn decode(kv: &PagedKv, q: &TensorView, params: &AttentionParams) -> Result<
 }
 
 /// Reference decode where KV head `h` of sequence `b` reads token `t` iff `keep(b, h, t)`.
-pub fn decode_selected(kv: &PagedKv, q: &TensorView, params: &AttentionParams, keep: &dyn Fn(usize, usize, usize) -> bool) -> Result<Vec<RefState>> {
+pub fn decode_selected(
+    kv: &PagedKv,
+    q: &TensorView,
+    params: &AttentionParams,
+    keep: &dyn Fn(usize, usize, usize) -> bool,
+) -> Result<Vec<RefState>> {
     let hq = q.shape()[1];
     Ok((0..q.shape()[0])
-        .map(|b| attend_one(kv, b, &query_row(q, b), hq, params, kv.seq_len(b).saturating_sub(1), &|h, t| keep(b, h, t), &|_, _| true))
+        .map(|b| {
+            attend_one(
+                kv,
+                b,
+                &query_row(q, b),
+                hq,
+                params,
+                kv.seq_len(b).saturating_sub(1),
+                &|h, t| keep(b, h, t),
+                &|_, _| true,
+            )
+        })
         .collect())
 }
 
 /// Reference prefill: `q` `[total, num_qo_heads, head_dim]`, sequence `b` owning query rows
 /// `qo_indptr[b]..qo_indptr[b+1]`, which are the last tokens of that sequence. With `causal`,
 /// query `i` of `n` sees tokens `0..=seq_len - n + i`.
-pub fn prefill(kv: &PagedKv, q: &TensorView, qo_indptr: &[i32], params: &AttentionParams, causal: bool) -> Result<Vec<RefState>> {
+pub fn prefill(
+    kv: &PagedKv,
+    q: &TensorView,
+    qo_indptr: &[i32],
+    params: &AttentionParams,
+    causal: bool,
+) -> Result<Vec<RefState>> {
     prefill_selected(kv, q, qo_indptr, params, &|_, _, _| true, &|_, _, qt, t| !causal || t <= qt)
 }
 
@@ -158,7 +180,9 @@ pub fn prefill_selected(
         let len = kv.seq_len(b);
         for i in 0..e - s {
             let qt = len - (e - s) + i;
-            res.push(attend_one(kv, b, &query_row(q, s + i), hq, params, qt, &|h, t| keep(b, h, t), &|h, t| visible(b, h, qt, t)));
+            res.push(attend_one(kv, b, &query_row(q, s + i), hq, params, qt, &|h, t| keep(b, h, t), &|h, t| {
+                visible(b, h, qt, t)
+            }));
         }
     }
     Ok(res)

@@ -55,11 +55,17 @@ impl RopeConfig {
             return Err(Error::invalid("rope.theta", format!("a finite value > 1, got {}", self.theta)));
         }
         if !(self.position_scale.is_finite() && self.position_scale > 0.0) {
-            return Err(Error::invalid("rope.position_scale", format!("a finite value > 0, got {}", self.position_scale)));
+            return Err(Error::invalid(
+                "rope.position_scale",
+                format!("a finite value > 0, got {}", self.position_scale),
+            ));
         }
         let r = self.rotary_dim_for(head_dim);
         if !r.is_multiple_of(2) || r > head_dim {
-            return Err(Error::invalid("rope.rotary_dim", format!("an even number <= head_dim {head_dim} (0 = all), got {}", self.rotary_dim)));
+            return Err(Error::invalid(
+                "rope.rotary_dim",
+                format!("an even number <= head_dim {head_dim} (0 = all), got {}", self.rotary_dim),
+            ));
         }
         Ok(())
     }

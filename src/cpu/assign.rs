@@ -95,7 +95,8 @@ fn block(x: &[f32], rows: usize, d: usize, cents: &PackedCentroids, idx: &mut [u
     for g0 in (0..panels).step_by(GROUP) {
         for t in 0..padded / MR {
             let xt = &x[t * MR * d..(t + 1) * MR * d];
-            let (tv, ti) = (&mut bv[t * MR * PANEL..(t + 1) * MR * PANEL], &mut bi[t * MR * PANEL..(t + 1) * MR * PANEL]);
+            let (tv, ti) =
+                (&mut bv[t * MR * PANEL..(t + 1) * MR * PANEL], &mut bi[t * MR * PANEL..(t + 1) * MR * PANEL]);
             for p in g0..(g0 + GROUP).min(panels) {
                 let (panel, valid, col0) = (cents.panel(p), cents.valid(p), (p * PANEL) as i32);
                 #[cfg(target_arch = "x86_64")]
@@ -158,8 +159,18 @@ mod avx2 {
     /// 2. `x.len() >= MR * d`, `panel.len() >= d * PANEL`, `bv.len() >= MR * PANEL`,
     ///    `bi.len() >= MR * PANEL`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile(x: &[f32], d: usize, panel: &[f32], valid: usize, col0: i32, bv: &mut [f32], bi: &mut [i32]) {
-        debug_assert!(x.len() >= MR * d && panel.len() >= d * PANEL && bv.len() >= MR * PANEL && bi.len() >= MR * PANEL);
+    pub(super) unsafe fn tile(
+        x: &[f32],
+        d: usize,
+        panel: &[f32],
+        valid: usize,
+        col0: i32,
+        bv: &mut [f32],
+        bi: &mut [i32],
+    ) {
+        debug_assert!(
+            x.len() >= MR * d && panel.len() >= d * PANEL && bv.len() >= MR * PANEL && bi.len() >= MR * PANEL
+        );
         let (xp, bp) = (x.as_ptr(), panel.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for c in 0..d {
@@ -178,7 +189,10 @@ mod avx2 {
             let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
             for a in acc.iter_mut() {
                 for (h, v) in a.iter_mut().enumerate() {
-                    let pad = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_add_epi32(lanes[h], _mm256_set1_epi32(1)), limit));
+                    let pad = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                        _mm256_add_epi32(lanes[h], _mm256_set1_epi32(1)),
+                        limit,
+                    ));
                     *v = _mm256_blendv_ps(*v, ninf, pad);
                 }
             }
@@ -212,7 +226,9 @@ mod tests {
             state ^= state << 17;
             (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
         };
-        for &(n, k, d) in &[(1usize, 1usize, 8usize), (7, 5, 16), (48, 16, 8), (53, 17, 24), (100, 300, 32), (13, 257, 64)] {
+        for &(n, k, d) in
+            &[(1usize, 1usize, 8usize), (7, 5, 16), (48, 16, 8), (53, 17, 24), (100, 300, 32), (13, 257, 64)]
+        {
             let x: Vec<f32> = (0..n * d).map(|_| next()).collect();
             let c: Vec<f32> = (0..k * d).map(|_| next()).collect();
             let packed = PackedCentroids::new(&c, k, d);
@@ -220,7 +236,10 @@ mod tests {
                 .chunks(d)
                 .map(|p| {
                     let dots = c.chunks(d).map(|q| p.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>());
-                    dots.enumerate().fold((0u32, f64::NEG_INFINITY), |(bi, bv), (i, v)| if v > bv { (i as u32, v) } else { (bi, bv) })
+                    dots.enumerate().fold(
+                        (0u32, f64::NEG_INFINITY),
+                        |(bi, bv), (i, v)| if v > bv { (i as u32, v) } else { (bi, bv) },
+                    )
                 })
                 .collect();
             #[cfg(target_arch = "x86_64")]
@@ -239,11 +258,23 @@ mod tests {
                 }
                 for i in 0..n {
                     let (wi, wv) = want[i];
-                    assert!((best[i] as f64 - wv).abs() < 1e-4, "n {n} k {k} d {d} simd {simd}: best {} vs {wv}", best[i]);
+                    assert!(
+                        (best[i] as f64 - wv).abs() < 1e-4,
+                        "n {n} k {k} d {d} simd {simd}: best {} vs {wv}",
+                        best[i]
+                    );
                     if idx[i] != wi {
                         // Only a near tie may pick another centroid.
-                        let other: f64 = x[i * d..(i + 1) * d].iter().zip(&c[idx[i] as usize * d..]).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        assert!((other - wv).abs() < 1e-5, "n {n} k {k} d {d} simd {simd}: point {i} got {} not {wi}", idx[i]);
+                        let other: f64 = x[i * d..(i + 1) * d]
+                            .iter()
+                            .zip(&c[idx[i] as usize * d..])
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum();
+                        assert!(
+                            (other - wv).abs() < 1e-5,
+                            "n {n} k {k} d {d} simd {simd}: point {i} got {} not {wi}",
+                            idx[i]
+                        );
                     }
                 }
             }

@@ -1,9 +1,9 @@
 //! The attention tiles' entry points: each picks the best kernel for the dtype, the head dim
 //! and the level in use ([`super::isa`]), then runs it.
 
-use super::{has_avx2, portable};
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, avx512, has_avx512};
+use super::{has_avx2, portable};
 use crate::dtype::DType;
 
 /// `out[r][j] = q[r] · k_rows[j]`.
@@ -21,7 +21,15 @@ pub(crate) unsafe fn scores(q: &[f32], rows: usize, d: usize, k_rows: &[*const u
 ///
 /// # Safety
 /// As for [`scores`].
-pub(crate) unsafe fn scores_ahead(q: &[f32], rows: usize, d: usize, k_rows: &[*const u8], dtype: DType, out: &mut [f32], ahead: &[*const u8]) {
+pub(crate) unsafe fn scores_ahead(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    k_rows: &[*const u8],
+    dtype: DType,
+    out: &mut [f32],
+    ahead: &[*const u8],
+) {
     #[cfg(target_arch = "x86_64")]
     if d.is_multiple_of(16) && has_avx512() {
         return match dtype {
@@ -48,7 +56,15 @@ pub(crate) unsafe fn scores_ahead(q: &[f32], rows: usize, d: usize, k_rows: &[*c
 /// # Safety
 /// 1. every pointer in `v_rows` is valid for reads of `d` elements of `dtype`;
 /// 2. `o.len() >= rows * d` and `p.len() >= rows * v_rows.len()`; `d` is a multiple of 8.
-pub(crate) unsafe fn accumulate_ahead(o: &mut [f32], rows: usize, d: usize, v_rows: &[*const u8], dtype: DType, p: &[f32], ahead: &[*const u8]) {
+pub(crate) unsafe fn accumulate_ahead(
+    o: &mut [f32],
+    rows: usize,
+    d: usize,
+    v_rows: &[*const u8],
+    dtype: DType,
+    p: &[f32],
+    ahead: &[*const u8],
+) {
     #[cfg(target_arch = "x86_64")]
     if d.is_multiple_of(16) && has_avx512() {
         return match dtype {

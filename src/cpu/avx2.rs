@@ -43,7 +43,13 @@ pub unsafe fn hsum(v: __m256) -> f32 {
 /// Dot products of G query rows with one key row.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_rows<const L: u8, const G: usize>(q: *const f32, d: usize, k: *const u8, out: *mut f32, out_stride: usize) {
+unsafe fn dot_rows<const L: u8, const G: usize>(
+    q: *const f32,
+    d: usize,
+    k: *const u8,
+    out: *mut f32,
+    out_stride: usize,
+) {
     let mut acc = [_mm256_setzero_ps(); G];
     let mut c = 0;
     while c < d {
@@ -63,7 +69,8 @@ unsafe fn dot_rows<const L: u8, const G: usize>(q: *const f32, d: usize, k: *con
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn dot_2x2<const L: u8>(q: *const f32, d: usize, k0: *const u8, k1: *const u8, out: *mut f32, os: usize) {
-    let (mut a00, mut a01, mut a10, mut a11) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut a00, mut a01, mut a10, mut a11) =
+        (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
     let mut c = 0;
     while c < d {
         let x0 = load8::<L>(k0.add(c * size::<L>()));
@@ -108,7 +115,14 @@ unsafe fn dot_4x2<const L: u8>(q: *const f32, d: usize, k0: *const u8, k1: *cons
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn scores<const L: u8>(q: &[f32], rows: usize, d: usize, k_rows: &[*const u8], out: &mut [f32], ahead: &[*const u8]) {
+pub unsafe fn scores<const L: u8>(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    k_rows: &[*const u8],
+    out: &mut [f32],
+    ahead: &[*const u8],
+) {
     let t = k_rows.len();
     let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
     let mut ahead = super::Ahead::new(ahead, d * size::<L>());
@@ -151,7 +165,15 @@ pub unsafe fn scores<const L: u8>(q: &[f32], rows: usize, d: usize, k_rows: &[*c
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn acc_block<const L: u8, const G: usize, const W: usize>(o: *mut f32, d: usize, c: usize, v_rows: &[*const u8], p: *const f32, t: usize, ahead: &[*const u8]) {
+unsafe fn acc_block<const L: u8, const G: usize, const W: usize>(
+    o: *mut f32,
+    d: usize,
+    c: usize,
+    v_rows: &[*const u8],
+    p: *const f32,
+    t: usize,
+    ahead: &[*const u8],
+) {
     let mut acc = [[_mm256_setzero_ps(); W]; G];
     let mut ahead = super::Ahead::new(ahead, d * size::<L>());
     for (j, &v) in v_rows.iter().enumerate() {
@@ -179,7 +201,14 @@ unsafe fn acc_block<const L: u8, const G: usize, const W: usize>(o: *mut f32, d:
 /// G rows over all channels; the first pass prefetches `ahead`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn acc_rows<const L: u8, const G: usize>(o: *mut f32, d: usize, v_rows: &[*const u8], p: *const f32, t: usize, mut ahead: &[*const u8]) {
+unsafe fn acc_rows<const L: u8, const G: usize>(
+    o: *mut f32,
+    d: usize,
+    v_rows: &[*const u8],
+    p: *const f32,
+    t: usize,
+    mut ahead: &[*const u8],
+) {
     let mut c = 0;
     while c + 16 <= d {
         acc_block::<L, G, 2>(o, d, c, v_rows, p, t, std::mem::take(&mut ahead));
@@ -200,7 +229,10 @@ unsafe fn exp8(x: __m256) -> __m256 {
     let lo = _mm256_set1_ps(-87.33);
     let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
     let x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3));
-    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
     // r = x - n ln2, ln2 split in two parts for accuracy.
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);

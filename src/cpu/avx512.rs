@@ -11,7 +11,9 @@ unsafe fn load16<const L: u8>(p: *const u8) -> __m512 {
     match L {
         F32 => _mm512_loadu_ps(p as *const f32),
         F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
-        _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)))),
+        _ => {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))))
+        }
     }
 }
 
@@ -75,7 +77,8 @@ unsafe fn tile4x4<const L: u8>(q: *const f32, qs: usize, d: usize, k: &[*const u
     let mut ch = 0;
     while ch < d {
         let o = ch * size::<L>();
-        let (x0, x1, x2, x3) = (load16::<L>(k0.add(o)), load16::<L>(k1.add(o)), load16::<L>(k2.add(o)), load16::<L>(k3.add(o)));
+        let (x0, x1, x2, x3) =
+            (load16::<L>(k0.add(o)), load16::<L>(k1.add(o)), load16::<L>(k2.add(o)), load16::<L>(k3.add(o)));
         let q0 = _mm512_loadu_ps(q.add(ch));
         fmas!(q0, x0 => a0; q0, x1 => a4; q0, x2 => a8; q0, x3 => a12);
         let q1 = _mm512_loadu_ps(q.add(qs + ch));
@@ -142,7 +145,14 @@ unsafe fn dot<const L: u8>(q: *const f32, d: usize, k: *const u8) -> f32 {
 
 /// See [`super::scores`]; `d` is a multiple of 16.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn scores<const L: u8>(q: &[f32], rows: usize, d: usize, k_rows: &[*const u8], out: &mut [f32], ahead: &[*const u8]) {
+pub unsafe fn scores<const L: u8>(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    k_rows: &[*const u8],
+    out: &mut [f32],
+    ahead: &[*const u8],
+) {
     let t = k_rows.len();
     let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
     let mut ahead = super::Ahead::new(ahead, d * size::<L>());
@@ -193,7 +203,15 @@ pub unsafe fn scores<const L: u8>(q: &[f32], rows: usize, d: usize, k_rows: &[*c
 #[target_feature(enable = "avx512f")]
 #[inline(never)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn acc_block<const L: u8, const G: usize, const W: usize>(o: *mut f32, d: usize, c: usize, v_rows: &[*const u8], p: *const f32, t: usize, ahead: &[*const u8]) {
+unsafe fn acc_block<const L: u8, const G: usize, const W: usize>(
+    o: *mut f32,
+    d: usize,
+    c: usize,
+    v_rows: &[*const u8],
+    p: *const f32,
+    t: usize,
+    ahead: &[*const u8],
+) {
     let mut acc = [[_mm512_setzero_ps(); W]; G];
     let mut ahead = super::Ahead::new(ahead, d * size::<L>());
     for (j, &v) in v_rows.iter().enumerate() {
@@ -221,7 +239,14 @@ unsafe fn acc_block<const L: u8, const G: usize, const W: usize>(o: *mut f32, d:
 /// G rows over all channels, 64 at a time; the first pass prefetches `ahead`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn acc_rows<const L: u8, const G: usize>(o: *mut f32, d: usize, v_rows: &[*const u8], p: *const f32, t: usize, mut ahead: &[*const u8]) {
+unsafe fn acc_rows<const L: u8, const G: usize>(
+    o: *mut f32,
+    d: usize,
+    v_rows: &[*const u8],
+    p: *const f32,
+    t: usize,
+    mut ahead: &[*const u8],
+) {
     let mut c = 0;
     while c + 64 <= d {
         acc_block::<L, G, 4>(o, d, c, v_rows, p, t, std::mem::take(&mut ahead));

@@ -89,7 +89,11 @@ mod portable {
                 }
                 let mut best = f32::NEG_INFINITY;
                 for qr in q[h * g * d..(h + 1) * g * d].chunks_exact(d) {
-                    let s: f32 = qr.iter().zip(lo.iter().zip(&hi)).map(|(&x, (&m, &mx))| x * if x.is_sign_negative() { m } else { mx }).sum();
+                    let s: f32 = qr
+                        .iter()
+                        .zip(lo.iter().zip(&hi))
+                        .map(|(&x, (&m, &mx))| x * if x.is_sign_negative() { m } else { mx })
+                        .sum();
                     best = best.max(s);
                 }
                 out[j * hk + h] = best;
@@ -103,8 +107,8 @@ mod avx2 {
     use super::{is_empty, BoundsLayout};
     use std::arch::x86_64::*;
 
-    pub use crate::cpu::avx2::{BF16, F16, F32};
     use crate::cpu::avx2::{hsum, load8, size};
+    pub use crate::cpu::avx2::{BF16, F16, F32};
     use crate::cpu::prefetch;
 
     /// `acc += q * (q < 0 ? lo : hi)` on 8 lanes (the sign bit of q picks `lo`).

@@ -29,7 +29,14 @@ macro_rules! accumulate_by_row_groups {
     ($features:literal) => {
         /// See [`super::accumulate_ahead`].
         #[target_feature(enable = $features)]
-        pub unsafe fn accumulate<const L: u8>(o: &mut [f32], rows: usize, d: usize, v_rows: &[*const u8], p: &[f32], mut ahead: &[*const u8]) {
+        pub unsafe fn accumulate<const L: u8>(
+            o: &mut [f32],
+            rows: usize,
+            d: usize,
+            v_rows: &[*const u8],
+            p: &[f32],
+            mut ahead: &[*const u8],
+        ) {
             let t = v_rows.len();
             let (opp, pp) = (o.as_mut_ptr(), p.as_ptr());
             let mut r = 0;

@@ -10,7 +10,9 @@ pub(crate) fn prefetch(p: *const u8, bytes: usize) {
         let mut o = -((p as usize % 64) as isize);
         while o < bytes as isize {
             // SAFETY: prefetch is only a hint and never faults, whatever the address.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_offset(o) as *const i8) };
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_offset(o) as *const i8)
+            };
             o += 64;
         }
     }

@@ -3,6 +3,7 @@
 
 use crate::config::CacheConfig;
 use crate::dtype::{load_f32, store_f32};
+use crate::error::Result;
 use crate::kv::storage::Buffer;
 
 pub(crate) struct KeyBounds {
@@ -14,14 +15,25 @@ pub(crate) struct KeyBounds {
 }
 
 impl KeyBounds {
-    pub fn new(cfg: &CacheConfig) -> Self {
+    /// Hash of every stored byte (tests compare states with it).
+    #[cfg(test)]
+    pub fn fingerprint(&self, h: &mut impl std::hash::Hasher) {
+        use std::hash::Hash;
+        self.data.iter().for_each(|b| b.bytes().hash(h));
+        self.written.hash(h);
+    }
+
+    pub fn new(cfg: &CacheConfig) -> Result<Self> {
         let per_page = cfg.num_kv_heads * 2 * cfg.head_dim;
         let words = cfg.page_size.div_ceil(64);
-        KeyBounds {
-            data: (0..cfg.num_layers).map(|_| Buffer::zeroed(cfg.capacity_pages * per_page * cfg.dtype.size())).collect(),
-            written: (0..cfg.num_layers).map(|_| vec![0u64; cfg.capacity_pages * words]).collect(),
+        let bytes = cfg.capacity_pages * per_page * cfg.dtype.size();
+        Ok(KeyBounds {
+            data: (0..cfg.num_layers).map(|_| Buffer::zeroed(bytes, "key bounds")).collect::<Result<_>>()?,
+            written: (0..cfg.num_layers)
+                .map(|_| crate::alloc::zeroed_vec(cfg.capacity_pages * words, "key bound slot masks"))
+                .collect::<Result<_>>()?,
             words,
-        }
+        })
     }
 
     fn per_page(cfg: &CacheConfig) -> usize {
@@ -63,7 +75,15 @@ impl KeyBounds {
 
     /// Fold the key just stored at (page, slot) into the bounds. Returns false when the slot
     /// had been written before: then the page needs [`KeyBounds::recompute`].
-    pub fn note_write(&mut self, cfg: &CacheConfig, layer: usize, page: usize, slot: usize, keys: &[u8], key_offsets: &[usize]) -> bool {
+    pub fn note_write(
+        &mut self,
+        cfg: &CacheConfig,
+        layer: usize,
+        page: usize,
+        slot: usize,
+        keys: &[u8],
+        key_offsets: &[usize],
+    ) -> bool {
         let w = &mut self.written[layer][page * self.words + slot / 64];
         let bit = 1u64 << (slot % 64);
         if *w & bit != 0 {
@@ -130,6 +150,7 @@ impl KeyBounds {
     }
 
     pub fn bytes(&self) -> usize {
-        self.data.iter().map(|b| b.bytes().len()).sum::<usize>() + self.written.iter().map(|w| w.len() * 8).sum::<usize>()
+        self.data.iter().map(|b| b.bytes().len()).sum::<usize>()
+            + self.written.iter().map(|w| w.len() * 8).sum::<usize>()
     }
 }

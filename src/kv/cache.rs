@@ -8,8 +8,14 @@
 //! exactly that, so their readers run concurrently and writers are serialised.
 //!
 //! # Failure
-//! Every call validates its arguments before it changes anything: a call that returns an
-//! error, including running out of pages, leaves every sequence exactly as it was.
+//! Every call that changes the cache first plans: it validates its arguments, reserves the
+//! pages and allocates the buffers it needs, and only then commits, in steps that cannot
+//! fail. So a call that returns an error (bad input, out of pages, out of memory) leaves
+//! the cache exactly as it was, bit for bit.
+//!
+//! A panic inside a commit (a bug in kvsieve) would leave it half-changed. The cache is
+//! then *poisoned*: every later call on it, reads included, returns [`Error::Internal`]
+//! saying so, and the cache should be dropped. It is never silently inconsistent.
 
 use std::sync::Arc;
 
@@ -17,8 +23,8 @@ use crate::config::{CacheConfig, KeyRope};
 use crate::dtype::{load_f32, store_f32};
 use crate::error::{Error, Result};
 use crate::kv::bounds::KeyBounds;
-use crate::kv::pool::PagePool;
 use crate::kv::plan::{self, KeepTokens, Truncate};
+use crate::kv::pool::PagePool;
 use crate::kv::seqs::{SeqId, Sequence, Sequences};
 use crate::kv::storage::Buffer;
 use crate::kv::table::PageTable;
@@ -27,7 +33,6 @@ use crate::tensor::TensorView;
 
 /// A cache shared between threads: readers run concurrently, writers exclusively.
 pub type SharedKvCache = Arc<parking_lot::RwLock<KvCache>>;
-
 
 /// Memory statistics of a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +83,8 @@ pub struct KvCache {
     positions: Vec<i32>,
     bounds: Option<KeyBounds>,
     seqs: Sequences,
+    /// Set while a change commits; still set after a panic in the middle of one.
+    poisoned: bool,
 }
 
 impl std::fmt::Debug for KvCache {
@@ -89,16 +96,43 @@ impl std::fmt::Debug for KvCache {
 impl KvCache {
     pub fn new(cfg: CacheConfig) -> Result<Self> {
         cfg.validate()?;
+        // validate() checked that every size below fits in memory's address range.
         let layer_bytes = cfg.capacity_pages * cfg.page_elems() * cfg.dtype.size();
+        let pages = |what| (0..cfg.num_layers).map(|_| Buffer::zeroed(layer_bytes, what)).collect::<Result<Vec<_>>>();
         Ok(KvCache {
-            pool: PagePool::new(cfg.capacity_pages),
-            k: (0..cfg.num_layers).map(|_| Buffer::zeroed(layer_bytes)).collect(),
-            v: (0..cfg.num_layers).map(|_| Buffer::zeroed(layer_bytes)).collect(),
-            positions: vec![0; cfg.capacity_pages * cfg.page_size],
-            bounds: cfg.track_key_bounds.then(|| KeyBounds::new(&cfg)),
+            pool: PagePool::new(cfg.capacity_pages)?,
+            k: pages("K pages")?,
+            v: pages("V pages")?,
+            positions: crate::alloc::zeroed_vec(cfg.capacity_pages * cfg.page_size, "slot positions")?,
+            bounds: if cfg.track_key_bounds { Some(KeyBounds::new(&cfg)?) } else { None },
             seqs: Sequences::default(),
+            poisoned: false,
             cfg,
         })
+    }
+
+    /// Run a change: refused on a poisoned cache; poisons the cache if `op` panics. `op`
+    /// returns its errors before it changes anything (see the module docs).
+    fn change<R>(&mut self, op: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        self.check_usable()?;
+        self.poisoned = true;
+        let r = op(self);
+        self.poisoned = false;
+        r
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::Internal(
+                "this cache was left half-changed by an internal error (a panic) in an earlier call; drop it".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether an internal error (a panic) in an earlier call left this cache unusable.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -106,6 +140,12 @@ impl KvCache {
     }
 
     fn seq(&self, id: SeqId) -> Result<&Sequence> {
+        self.seqs.get(id)
+    }
+
+    /// A sequence for a public read: refused on a poisoned cache.
+    fn read_seq(&self, id: SeqId) -> Result<&Sequence> {
+        self.check_usable()?;
         self.seqs.get(id)
     }
 
@@ -124,12 +164,12 @@ impl KvCache {
     /// A new sequence sharing all of `src`'s pages (prefix sharing). Shared pages are
     /// copied on the first write to them by either side, so the two then diverge safely.
     pub fn fork(&mut self, src: SeqId) -> Result<SeqId> {
-        self.seqs.fork(&mut self.pool, src)
+        self.change(|c| c.seqs.fork(&mut c.pool, src))
     }
 
     /// Drop a sequence; pages no other sequence shares go back to the pool.
     pub fn free_sequence(&mut self, id: SeqId) -> Result<()> {
-        self.seqs.free(&mut self.pool, id)
+        self.change(|c| c.seqs.free(&mut c.pool, id))
     }
 
     /// Ids of all live sequences, ascending.
@@ -139,25 +179,26 @@ impl KvCache {
 
     /// Tokens held by a sequence.
     pub fn seq_len(&self, id: SeqId) -> Result<usize> {
-        Ok(self.seq(id)?.len)
+        Ok(self.read_seq(id)?.len)
     }
 
     /// Original position of every token of a sequence, in token order.
     pub fn positions(&self, id: SeqId) -> Result<Vec<i32>> {
-        let s = self.seq(id)?;
+        let s = self.read_seq(id)?;
         let ps = self.cfg.page_size;
         Ok((0..s.len).map(|t| self.positions[s.pages[t / ps] as usize * ps + t % ps]).collect())
     }
 
     /// Page ids of a sequence, in token order.
     pub fn seq_pages(&self, id: SeqId) -> Result<Vec<u32>> {
-        Ok(self.seq(id)?.pages.clone())
+        Ok(self.read_seq(id)?.pages.clone())
     }
 
-    /// Copy page `src` into a freshly allocated page (all layers, positions, bounds)
-    /// keeping the first `keep` slots' bounds. The caller reserved the page.
+    /// Copy the first `keep` slots of page `src` into a freshly allocated page (all
+    /// layers, positions, bounds); the copy's other slots are zero, as a fresh page's (they
+    /// belong to the other holders of `src`). The caller reserved the page.
     fn copy_page(&mut self, src: u32, keep: usize) -> u32 {
-        let dst = self.pool.alloc();
+        let (dst, _) = self.pool.alloc();
         let n = self.cfg.page_elems() * self.cfg.dtype.size();
         let (s, d) = (src as usize, dst as usize);
         for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
@@ -165,6 +206,7 @@ impl KvCache {
         }
         let ps = self.cfg.page_size;
         self.positions.copy_within(s * ps..(s + 1) * ps, d * ps);
+        self.clear_tail(d, keep);
         if let Some(b) = self.bounds.as_mut() {
             b.copy_page(&self.cfg, s, d);
             if keep < ps {
@@ -175,8 +217,33 @@ impl KvCache {
         dst
     }
 
+    /// Zero slots `keep..page_size` of `page` (K and V of every layer, and positions).
+    fn clear_tail(&mut self, page: usize, keep: usize) {
+        let n = self.cfg.page_elems() * self.cfg.dtype.size();
+        let es = self.cfg.dtype.size();
+        let tail = plan::tail_rows(&self.cfg, keep);
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let bytes = buf.bytes_mut();
+            for &(off, len) in &tail {
+                bytes[page * n + off * es..page * n + (off + len) * es].fill(0);
+            }
+        }
+        let ps = self.cfg.page_size;
+        self.positions[page * ps + keep.min(ps)..(page + 1) * ps].fill(0);
+    }
+
     fn alloc_fresh(&mut self) -> u32 {
-        let p = self.pool.alloc();
+        let (p, reused) = self.pool.alloc();
+        if reused {
+            // An earlier owner's K/V must not show through slots appended but not yet written.
+            let n = self.cfg.page_elems() * self.cfg.dtype.size();
+            let i = p as usize;
+            for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+                buf.bytes_mut()[i * n..(i + 1) * n].fill(0);
+            }
+            let ps = self.cfg.page_size;
+            self.positions[i * ps..(i + 1) * ps].fill(0);
+        }
         if let Some(b) = self.bounds.as_mut() {
             b.clear_page(&self.cfg, p as usize);
         }
@@ -189,10 +256,18 @@ impl KvCache {
     /// token. K and V of the new tokens must then be written for every layer (see
     /// [`KvCache::write`]) before attention reads them.
     pub fn append(&mut self, id: SeqId, n: usize, positions: Option<&[i32]>) -> Result<Vec<i64>> {
+        self.change(|c| c.append_inner(id, n, positions))
+    }
+
+    fn append_inner(&mut self, id: SeqId, n: usize, positions: Option<&[i32]>) -> Result<Vec<i64>> {
         let s = self.seq(id)?;
         if let Some(p) = positions {
             if p.len() != n {
-                return Err(Error::shape("positions", format!("[{n}] (one per appended token)"), format!("[{}]", p.len())));
+                return Err(Error::shape(
+                    "positions",
+                    format!("[{n}] (one per appended token)"),
+                    format!("[{}]", p.len()),
+                ));
             }
         }
         let ps = self.cfg.page_size;
@@ -201,23 +276,26 @@ impl KvCache {
         let cow = usize::from(n > 0 && room > 0 && self.pool.refcount(*s.pages.last().unwrap()) > 1);
         let fresh = (n - n.min(room)).div_ceil(ps);
         self.pool.reserve(cow + fresh)?;
-
         let next_pos = if s.len == 0 {
             0
         } else {
             self.positions[*s.pages.last().unwrap() as usize * ps + last_len - 1].wrapping_add(1)
         };
+        let mut slots = crate::alloc::vec_with_capacity(n, "slot mapping")?;
+        self.seqs.reserve_pages(id, fresh)?;
         let mut s = self.seqs.take(id);
+        crate::alloc::step("append: sequence taken out");
         if cow == 1 {
             let last = s.pages.pop().unwrap();
             let copy = self.copy_page(last, last_len);
             s.pages.push(copy);
+            crate::alloc::step("append: shared last page copied");
         }
         for _ in 0..fresh {
             let p = self.alloc_fresh();
             s.pages.push(p);
+            crate::alloc::step("append: page allocated");
         }
-        let mut slots = Vec::with_capacity(n);
         for i in 0..n {
             let t = s.len + i;
             let slot = s.pages[t / ps] as usize * ps + t % ps;
@@ -237,20 +315,33 @@ impl KvCache {
         let n = k.shape().first().copied().unwrap_or(0);
         let s = self.seq(id)?;
         if start.checked_add(n).is_none_or(|e| e > s.len) {
-            return Err(Error::out_of_range("start", start as i64, format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len)));
+            return Err(Error::out_of_range(
+                "start",
+                start as i64,
+                format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len),
+            ));
         }
         let ps = self.cfg.page_size;
-        let tokens: Vec<usize> = (start..start + n).collect();
-        self.write_tokens(id, layer, &tokens, k, v, ps)
+        let mut tokens = crate::alloc::vec_with_capacity(n, "token list")?;
+        tokens.extend(start..start + n);
+        self.change(|c| c.write_tokens(id, layer, &tokens, k, v, ps))
     }
 
     /// Write K and V of one layer into slots from a slot mapping returned by
     /// [`KvCache::append`] (each slot must hold a token of sequence `id`).
-    pub fn write_slots(&mut self, id: SeqId, layer: usize, slots: &[i64], k: &TensorView, v: &TensorView) -> Result<()> {
+    pub fn write_slots(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        slots: &[i64],
+        k: &TensorView,
+        v: &TensorView,
+    ) -> Result<()> {
         let s = self.seq(id)?;
         let ps = self.cfg.page_size;
-        let page_index: std::collections::HashMap<u32, usize> = s.pages.iter().enumerate().map(|(i, &p)| (p, i)).collect();
-        let mut tokens = Vec::with_capacity(slots.len());
+        let page_index: std::collections::HashMap<u32, usize> =
+            s.pages.iter().enumerate().map(|(i, &p)| (p, i)).collect();
+        let mut tokens = crate::alloc::vec_with_capacity(slots.len(), "token list")?;
         for (i, &slot) in slots.iter().enumerate() {
             let t = (slot >= 0)
                 .then(|| page_index.get(&((slot as usize / ps) as u32)).map(|&pi| pi * ps + slot as usize % ps))
@@ -259,14 +350,26 @@ impl KvCache {
             match t {
                 Some(t) => tokens.push(t),
                 None => {
-                    return Err(Error::out_of_range(format!("slots[{i}]"), slot, format!("the slots of sequence {id}'s {} tokens", s.len)))
+                    return Err(Error::out_of_range(
+                        format!("slots[{i}]"),
+                        slot,
+                        format!("the slots of sequence {id}'s {} tokens", s.len),
+                    ))
                 }
             }
         }
-        self.write_tokens(id, layer, &tokens, k, v, ps)
+        self.change(|c| c.write_tokens(id, layer, &tokens, k, v, ps))
     }
 
-    fn write_tokens(&mut self, id: SeqId, layer: usize, tokens: &[usize], k: &TensorView, v: &TensorView, ps: usize) -> Result<()> {
+    fn write_tokens(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        tokens: &[usize],
+        k: &TensorView,
+        v: &TensorView,
+        ps: usize,
+    ) -> Result<()> {
         self.check_layer(layer)?;
         let (h, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
         let want = [Some(tokens.len()), Some(h), Some(d)];
@@ -274,13 +377,16 @@ impl KvCache {
         v.expect_shape("v", &want)?;
         let s = self.seq(id)?;
         // Shared pages touched by the write are copied first: count them before changing anything.
-        let mut touched: Vec<usize> = tokens.iter().map(|&t| t / ps).collect();
+        let mut touched = crate::alloc::vec_with_capacity(tokens.len(), "pages touched")?;
+        touched.extend(tokens.iter().map(|&t| t / ps));
         touched.sort_unstable();
         touched.dedup();
         let shared: Vec<usize> = touched.iter().copied().filter(|&pi| self.pool.refcount(s.pages[pi]) > 1).collect();
         self.pool.reserve(shared.len())?;
+        let mut recompute = crate::alloc::vec_with_capacity(tokens.len(), "pages to recompute")?;
 
         let mut s = self.seqs.take(id);
+        crate::alloc::step("write: sequence taken out");
         for &pi in &shared {
             let keep = if pi + 1 == s.pages.len() { s.last_len(self.cfg.page_size) } else { ps };
             s.pages[pi] = self.copy_page(s.pages[pi], keep);
@@ -288,7 +394,6 @@ impl KvCache {
         let cfg = self.cfg;
         let strides = cfg.strides();
         let dt = cfg.dtype;
-        let mut recompute = Vec::new();
         let mut offs = vec![0usize; h];
         for (i, &t) in tokens.iter().enumerate() {
             let page = s.pages[t / ps] as usize;
@@ -299,10 +404,13 @@ impl KvCache {
                 store_row(self.v[layer].bytes_mut(), dt, *off, v, &[i, head], d);
             }
             if let Some(b) = self.bounds.as_mut() {
-                if !b.note_write(&cfg, layer, page, slot, self.k[layer].bytes(), &offs) {
+                if !b.note_write(&cfg, layer, page, slot, self.k[layer].bytes(), &offs)
+                    && recompute.last() != Some(&page)
+                {
                     recompute.push(page);
                 }
             }
+            crate::alloc::step("write: row stored");
         }
         if let Some(b) = self.bounds.as_mut() {
             recompute.sort_unstable();
@@ -320,17 +428,26 @@ impl KvCache {
     /// is shared with another sequence is copied first (so it can fail with `OutOfPages`,
     /// changing nothing): every holder of a page always holds the same slots of it.
     pub fn truncate(&mut self, id: SeqId, new_len: usize) -> Result<()> {
+        self.change(|c| c.truncate_inner(id, new_len))
+    }
+
+    fn truncate_inner(&mut self, id: SeqId, new_len: usize) -> Result<()> {
         let plan = Truncate::plan(self.seq(id)?, &self.pool, new_len, self.cfg.page_size)?;
         self.pool.reserve(usize::from(plan.cow))?;
 
         let mut s = self.seqs.take(id);
+        crate::alloc::step("truncate: sequence taken out");
         plan.drop_pages(&mut s, &mut self.pool);
+        crate::alloc::step("truncate: pages dropped");
         if plan.cow {
             let last = s.pages.pop().unwrap();
             let copy = self.copy_page(last, plan.keep_last);
             s.pages.push(copy);
         } else if plan.partial {
             let last = *s.pages.last().unwrap() as usize;
+            // The dropped slots are cleared: slots appended there later read as zeros until
+            // written, not as the tokens truncated away.
+            self.clear_tail(last, plan.keep_last);
             if let Some(b) = self.bounds.as_mut() {
                 b.truncate_page(&self.cfg, last, plan.keep_last, &self.k);
             }
@@ -344,7 +461,8 @@ impl KvCache {
     /// increasing. Remaining tokens keep their original positions; token indices after an
     /// evicted page shift down.
     pub fn evict_pages(&mut self, id: SeqId, page_indices: &[usize]) -> Result<()> {
-        self.seqs.evict_pages(&mut self.pool, id, page_indices, self.cfg.page_size)
+        let ps = self.cfg.page_size;
+        self.change(|c| c.seqs.evict_pages(&mut c.pool, id, page_indices, ps))
     }
 
     /// Keep only some tokens of a sequence, moved into fresh pages in order (with their
@@ -357,15 +475,22 @@ impl KvCache {
     /// all of the same length: slot `i` then holds each list's `i`-th token. Slot positions
     /// come from the first list, so lists that differ need keys stored after RoPE.
     pub fn compact(&mut self, id: SeqId, keep: KeepTokens) -> Result<()> {
+        self.change(|c| c.compact_inner(id, keep))
+    }
+
+    fn compact_inner(&mut self, id: SeqId, keep: KeepTokens) -> Result<()> {
         let s = self.seq(id)?;
         let c = self.cfg;
         let (lists, k) = keep.checked(&c, s.len)?;
         let ps = c.page_size;
         let new_pages = k.div_ceil(ps);
         self.pool.reserve(new_pages)?;
+        let mut pages = crate::alloc::vec_with_capacity(new_pages, "compacted page list")?;
 
         let old = self.seqs.take(id);
-        let pages: Vec<u32> = (0..new_pages).map(|_| self.alloc_fresh()).collect();
+        crate::alloc::step("compact: sequence taken out");
+        pages.extend((0..new_pages).map(|_| self.alloc_fresh()));
+        crate::alloc::step("compact: pages allocated");
         let (es, n) = (c.dtype.size(), c.head_dim * c.dtype.size());
         plan::compact_positions(&mut self.positions, &old.pages, &pages, &lists[0], ps);
         let mut offs = vec![0usize; c.num_kv_heads];
@@ -384,6 +509,7 @@ impl KvCache {
                 }
             });
         }
+        crate::alloc::step("compact: rows moved");
         for p in old.pages {
             self.pool.decref(p);
         }
@@ -393,6 +519,7 @@ impl KvCache {
 
     /// The CSR page table of a batch of sequences, in the given order.
     pub fn page_table(&self, ids: &[SeqId]) -> Result<PageTable> {
+        self.check_usable()?;
         self.seqs.page_table(ids, self.cfg.page_size)
     }
 
@@ -413,7 +540,8 @@ impl KvCache {
         };
         // SAFETY: the buffers hold capacity_pages pages in this layout, are aligned to 8 bytes,
         // and cannot be written while `self` is borrowed immutably for 'a.
-        let view = unsafe { PagedKv::from_raw(self.k[layer].as_ptr(), self.v[layer].as_ptr(), layout, table.as_ref())? };
+        let view =
+            unsafe { PagedKv::from_raw(self.k[layer].as_ptr(), self.v[layer].as_ptr(), layout, table.as_ref())? };
         Ok(view.with_positions(&self.positions)?.with_key_rope(c.key_rope))
     }
 
@@ -422,10 +550,15 @@ impl KvCache {
     pub fn page_key_bounds(&self, id: SeqId, layer: usize, page_index: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         self.check_layer(layer)?;
         let s = self.seq(id)?;
-        let b = self.bounds.as_ref().ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
-        let page = *s.pages.get(page_index).ok_or_else(|| {
-            Error::out_of_range("page_index", page_index as i64, format!("0..{}", s.pages.len()))
-        })? as usize;
+        let b = self
+            .bounds
+            .as_ref()
+            .ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
+        let page = *s
+            .pages
+            .get(page_index)
+            .ok_or_else(|| Error::out_of_range("page_index", page_index as i64, format!("0..{}", s.pages.len())))?
+            as usize;
         let (mut min, mut max) = (Vec::new(), Vec::new());
         for h in 0..self.cfg.num_kv_heads {
             let (a, b2) = b.get(&self.cfg, layer, page, h);
@@ -438,8 +571,16 @@ impl KvCache {
     /// Key bounds of every page of the pool at one layer, for page-bound scoring.
     pub fn key_bounds(&self, layer: usize) -> Result<KeyBoundsRef<'_>> {
         self.check_layer(layer)?;
-        let b = self.bounds.as_ref().ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
-        Ok(KeyBoundsRef { bytes: b.layer_bytes(layer), dtype: self.cfg.dtype, num_kv_heads: self.cfg.num_kv_heads, head_dim: self.cfg.head_dim })
+        let b = self
+            .bounds
+            .as_ref()
+            .ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
+        Ok(KeyBoundsRef {
+            bytes: b.layer_bytes(layer),
+            dtype: self.cfg.dtype,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        })
     }
 
     /// Keys of a sequence at a layer as f32, `[seq_len, num_kv_heads, head_dim]` flattened.
@@ -511,7 +652,11 @@ impl KvCache {
             for &p in &s.pages {
                 counts[p as usize] += 1;
             }
-            let ok = if s.pages.is_empty() { s.len == 0 } else { s.len > (s.pages.len() - 1) * ps && s.len <= s.pages.len() * ps };
+            let ok = if s.pages.is_empty() {
+                s.len == 0
+            } else {
+                s.len > (s.pages.len() - 1) * ps && s.len <= s.pages.len() * ps
+            };
             if !ok {
                 return Err(format!("sequence {id}: len {} does not fit {} pages of {ps}", s.len, s.pages.len()));
             }
@@ -561,3 +706,6 @@ fn store_row(dst: &mut [u8], dt: crate::dtype::DType, off: usize, src: &TensorVi
         store_f32(out, dt, c, src.get_at(base + c * inner));
     }
 }
+
+#[cfg(test)]
+mod fault_tests;

@@ -51,6 +51,20 @@ pub(crate) fn slot(pages: &[u32], page_size: usize, t: usize) -> usize {
     pages[t / page_size] as usize * page_size + t % page_size
 }
 
+/// The element ranges `(offset, len)` within one page of one layer that hold slots
+/// `keep..page_size` (every head), in the layout of `c`: one range for token-major pages,
+/// one per head for head-major ones.
+pub(crate) fn tail_rows(c: &CacheConfig, keep: usize) -> Vec<(usize, usize)> {
+    let (ps, st) = (c.page_size, c.strides());
+    if keep >= ps {
+        return Vec::new();
+    }
+    if st[1] == c.num_kv_heads * c.head_dim {
+        return vec![(keep * st[1], (ps - keep) * st[1])];
+    }
+    (0..c.num_kv_heads).map(|h| (h * st[2] + keep * st[1], (ps - keep) * c.head_dim)).collect()
+}
+
 /// Positions of a compaction: slot `i` of the new pages takes the position of the `i`-th
 /// token of `first` (the first keep list) in the old pages.
 pub(crate) fn compact_positions(positions: &mut [i32], old: &[u32], new: &[u32], first: &[u32], page_size: usize) {
@@ -62,7 +76,15 @@ pub(crate) fn compact_positions(positions: &mut [i32], old: &[u32], new: &[u32],
 /// The K/V rows one layer of a compaction moves to `new` pages, in destination order: for
 /// kept slot `i` and KV head `h`, `f(i, h, src, dst)` with the element offsets (into the
 /// layer's buffer, strides of `c`) of the source row in `old` and the destination row.
-pub(crate) fn compact_rows(c: &CacheConfig, old: &[u32], new: &[u32], keep: KeepTokens, layer: usize, k: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+pub(crate) fn compact_rows(
+    c: &CacheConfig,
+    old: &[u32],
+    new: &[u32],
+    keep: KeepTokens,
+    layer: usize,
+    k: usize,
+    mut f: impl FnMut(usize, usize, usize, usize),
+) {
     let (ps, st) = (c.page_size, c.strides());
     for i in 0..k {
         let (dp, ds) = (new[i / ps] as usize, i % ps);
@@ -102,14 +124,24 @@ impl<'a> KeepTokens<'a> {
         let k = lists[0].len();
         for (li, l) in lists.iter().enumerate() {
             if l.len() != k {
-                return Err(Error::shape(format!("keep[{li}]"), format!("{k} tokens (as keep[0])"), format!("{}", l.len())));
+                return Err(Error::shape(
+                    format!("keep[{li}]"),
+                    format!("{k} tokens (as keep[0])"),
+                    format!("{}", l.len()),
+                ));
             }
             if let Some(i) = (0..l.len()).find(|&i| l[i] as usize >= seq_len || (i > 0 && l[i] <= l[i - 1])) {
-                return Err(Error::invalid(format!("keep[{li}][{i}]"), format!("strictly ascending token indices below seq_len {seq_len}, got {}", l[i])));
+                return Err(Error::invalid(
+                    format!("keep[{li}][{i}]"),
+                    format!("strictly ascending token indices below seq_len {seq_len}, got {}", l[i]),
+                ));
             }
         }
         if c.key_rope == KeyRope::PreRope && lists.iter().any(|l| l != &lists[0]) {
-            return Err(Error::invalid("keep", "the same tokens in every list: keys stored before RoPE need one position per slot"));
+            return Err(Error::invalid(
+                "keep",
+                "the same tokens in every list: keys stored before RoPE need one position per slot",
+            ));
         }
         Ok((lists, k))
     }

@@ -7,11 +7,18 @@ pub(crate) struct PagePool {
     refcount: Vec<u32>,
     /// Free page ids; allocation pops from the end, so the lowest ids are used first.
     free: Vec<u32>,
+    /// Pages handed out at least once: their memory may hold an earlier owner's K/V and is
+    /// cleared before it is handed out again. The others are still zero from allocation.
+    used: Vec<bool>,
 }
 
 impl PagePool {
-    pub fn new(capacity: usize) -> Self {
-        PagePool { refcount: vec![0; capacity], free: (0..capacity as u32).rev().collect() }
+    pub fn new(capacity: usize) -> Result<Self> {
+        let refcount = crate::alloc::zeroed_vec(capacity, "page pool reference counts")?;
+        let mut free = crate::alloc::vec_with_capacity(capacity, "page pool free list")?;
+        free.extend((0..capacity as u32).rev());
+        let used = crate::alloc::zeroed_vec(capacity, "page pool use marks")?;
+        Ok(PagePool { refcount, free, used })
     }
 
     pub fn capacity(&self) -> usize {
@@ -34,12 +41,15 @@ impl PagePool {
         Ok(())
     }
 
-    /// Take one page (refcount 1). Call [`PagePool::reserve`] first; panics if empty.
-    pub fn alloc(&mut self) -> u32 {
+    /// Take one page (refcount 1), and whether it was handed out before (so its memory
+    /// must be cleared: it may hold another sequence's K/V). Call [`PagePool::reserve`]
+    /// first; panics if empty.
+    pub fn alloc(&mut self) -> (u32, bool) {
         let p = self.free.pop().expect("page pool: alloc without reserve");
         debug_assert_eq!(self.refcount[p as usize], 0);
         self.refcount[p as usize] = 1;
-        p
+        let reused = std::mem::replace(&mut self.used[p as usize], true);
+        (p, reused)
     }
 
     pub fn incref(&mut self, page: u32) {

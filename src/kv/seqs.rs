@@ -47,7 +47,10 @@ impl Sequences {
 
     /// A new sequence holding all of `src`'s pages, each page's reference count raised.
     pub fn fork(&mut self, pool: &mut PagePool, src: SeqId) -> Result<SeqId> {
-        let s = self.get(src)?.clone();
+        let from = self.get(src)?;
+        let mut pages = crate::alloc::vec_with_capacity(from.pages.len(), "forked page list")?;
+        pages.extend_from_slice(&from.pages);
+        let s = Sequence { pages, len: from.len };
         for &p in &s.pages {
             pool.incref(p);
         }
@@ -66,12 +69,22 @@ impl Sequences {
     /// Remove whole pages of sequence `id` (pages of `page_size` slots): `page_indices`
     /// index its page list, strictly increasing (checked before anything changes). Each
     /// removed page loses one reference in `pool`; later token indices shift down.
-    pub fn evict_pages(&mut self, pool: &mut PagePool, id: SeqId, page_indices: &[usize], page_size: usize) -> Result<()> {
+    pub fn evict_pages(
+        &mut self,
+        pool: &mut PagePool,
+        id: SeqId,
+        page_indices: &[usize],
+        page_size: usize,
+    ) -> Result<()> {
         let s = self.map.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
         let np = s.pages.len();
         for (i, &pi) in page_indices.iter().enumerate() {
             if pi >= np {
-                return Err(Error::out_of_range(format!("page_indices[{i}]"), pi as i64, format!("0..{np} (pages of sequence {id})")));
+                return Err(Error::out_of_range(
+                    format!("page_indices[{i}]"),
+                    pi as i64,
+                    format!("0..{np} (pages of sequence {id})"),
+                ));
             }
             if i > 0 && page_indices[i - 1] >= pi {
                 return Err(Error::invalid("page_indices", "strictly increasing page indices"));
@@ -102,6 +115,12 @@ impl Sequences {
         self.next_id += 1;
         self.map.insert(id, s);
         id
+    }
+
+    /// Room for `n` more pages in sequence `id`'s page list (nothing else changes).
+    pub fn reserve_pages(&mut self, id: SeqId, n: usize) -> Result<()> {
+        let s = self.map.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        crate::alloc::reserve(&mut s.pages, n, "page list")
     }
 
     /// Take a sequence out to change it; the caller has checked that `id` exists and puts

@@ -1,6 +1,8 @@
 //! Page memory: one zero-initialised buffer per layer for K and for V, starting on a cache
 //! line.
 
+use crate::error::Result;
+
 /// Bytes of a cache line: buffers start on one, so that rows whose size is a multiple of it
 /// (a 128-channel f16 head is 256 bytes) never straddle lines and their vector loads never
 /// split across two.
@@ -17,12 +19,13 @@ pub(crate) struct Buffer {
 }
 
 impl Buffer {
-    pub fn zeroed(bytes: usize) -> Self {
-        let words = vec![0u64; (bytes + LINE).div_ceil(8)];
+    /// `bytes` zeroed bytes; out of memory is an error naming `what`.
+    pub fn zeroed(bytes: usize, what: &str) -> Result<Self> {
+        let words = crate::alloc::zeroed_vec::<u64>(bytes.saturating_add(LINE).div_ceil(8), what)?;
         let skip = (LINE - words.as_ptr() as usize % LINE) % LINE;
         let buf = Buffer { words, skip, len: bytes };
         advise_huge_pages(buf.as_ptr(), bytes);
-        buf
+        Ok(buf)
     }
     pub fn bytes(&self) -> &[u8] {
         &bytemuck::cast_slice(&self.words)[self.skip..self.skip + self.len]
@@ -64,7 +67,7 @@ mod tests {
     #[test]
     fn buffers_start_on_a_line_are_zeroed_and_sized() {
         for bytes in [0usize, 1, 7, 8, 63, 64, 65, 4096, 3 << 20, (9 << 20) + 24] {
-            let mut b = Buffer::zeroed(bytes);
+            let mut b = Buffer::zeroed(bytes, "test").unwrap();
             assert_eq!(b.as_ptr() as usize % LINE, 0, "{bytes} bytes");
             assert_eq!(b.bytes().len(), bytes);
             assert!(b.bytes().iter().all(|&x| x == 0), "{bytes} bytes");

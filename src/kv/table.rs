@@ -58,7 +58,10 @@ impl<'a> PageTableRef<'a> {
         }
         for b in 0..batch {
             if self.indptr[b + 1] < self.indptr[b] {
-                return Err(Error::invalid("indptr", format!("non-decreasing values, indptr[{}] < indptr[{b}]", b + 1)));
+                return Err(Error::invalid(
+                    "indptr",
+                    format!("non-decreasing values, indptr[{}] < indptr[{b}]", b + 1),
+                ));
             }
             let n = self.indptr[b + 1] - self.indptr[b];
             let last = self.last_page_len[b];
@@ -80,7 +83,11 @@ impl<'a> PageTableRef<'a> {
             ));
         }
         if let Some((i, &p)) = self.indices.iter().enumerate().find(|(_, &p)| p < 0 || p as usize >= num_pages) {
-            return Err(Error::out_of_range(format!("indices[{i}]"), p as i64, format!("0..{num_pages} (pages in the KV memory)")));
+            return Err(Error::out_of_range(
+                format!("indices[{i}]"),
+                p as i64,
+                format!("0..{num_pages} (pages in the KV memory)"),
+            ));
         }
         Ok(())
     }

@@ -30,7 +30,14 @@ pub struct PagedKvLayout {
 
 impl PagedKvLayout {
     /// Dense packing in the given in-page layout, K and V in separate buffers.
-    pub fn packed(dtype: DType, num_pages: usize, page_size: usize, num_kv_heads: usize, head_dim: usize, layout: PageLayout) -> Self {
+    pub fn packed(
+        dtype: DType,
+        num_pages: usize,
+        page_size: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        layout: PageLayout,
+    ) -> Self {
         let (h, d, p) = (num_kv_heads, head_dim, page_size);
         let s = match layout {
             PageLayout::Nhd => [p * h * d, h * d, d],
@@ -81,7 +88,11 @@ impl<'a> PagedKv<'a> {
     /// A view over K and V held in slices (checked against the layout's extent).
     pub fn new<T: Element>(k: &'a [T], v: &'a [T], layout: PagedKvLayout, table: PageTableRef<'a>) -> Result<Self> {
         if layout.dtype != T::DTYPE {
-            return Err(Error::DType { param: "k".into(), expected: layout.dtype.name().into(), got: T::DTYPE.name().into() });
+            return Err(Error::DType {
+                param: "k".into(),
+                expected: layout.dtype.name().into(),
+                got: T::DTYPE.name().into(),
+            });
         }
         layout.validate()?;
         for (name, buf, s) in [("k", k.len(), layout.k_strides), ("v", v.len(), layout.v_strides)] {
@@ -131,7 +142,11 @@ impl<'a> PagedKv<'a> {
     pub fn with_positions(mut self, positions: &'a [i32]) -> Result<Self> {
         let need = self.layout.num_pages * self.layout.page_size;
         if positions.len() < need {
-            return Err(Error::shape("positions", format!("at least num_pages * page_size = {need} entries"), format!("{}", positions.len())));
+            return Err(Error::shape(
+                "positions",
+                format!("at least num_pages * page_size = {need} entries"),
+                format!("{}", positions.len()),
+            ));
         }
         self.positions = Some(positions);
         Ok(self)

@@ -8,14 +8,27 @@ use crate::tensor::{TensorView, TensorViewMut};
 
 impl KvCache {
     /// Run `f` on the view of `layer` over the batch `ids`.
-    pub(crate) fn with_layer_view<R>(&self, layer: usize, ids: &[SeqId], f: impl FnOnce(&crate::kv::PagedKv) -> Result<R>) -> Result<R> {
+    pub(crate) fn with_layer_view<R>(
+        &self,
+        layer: usize,
+        ids: &[SeqId],
+        f: impl FnOnce(&crate::kv::PagedKv) -> Result<R>,
+    ) -> Result<R> {
         let table = self.page_table(ids)?;
         f(&self.layer_view(layer, &table)?)
     }
 
     /// Decode attention of one query token per sequence in `ids` at `layer`.
     /// Shapes as in [`crate::attention::decode`].
-    pub fn decode(&self, layer: usize, ids: &[SeqId], q: &TensorView, out: &mut TensorViewMut, lse: Option<&mut [f32]>, params: &AttentionParams) -> Result<()> {
+    pub fn decode(
+        &self,
+        layer: usize,
+        ids: &[SeqId],
+        q: &TensorView,
+        out: &mut TensorViewMut,
+        lse: Option<&mut [f32]>,
+        params: &AttentionParams,
+    ) -> Result<()> {
         self.with_layer_view(layer, ids, |kv| decode(kv, q, out, lse, params))
     }
 

@@ -46,7 +46,12 @@ pub enum IndexedKeys {
 
 /// Run `f` on the keys of (`seq`, `layer`) as an index of `cache` clusters them: in place
 /// for post-RoPE keys, as an f32 copy of the raw keys for pre-RoPE ones.
-fn with_layer_keys<T>(cache: &KvCache, seq: SeqId, layer: usize, f: impl FnOnce(KeySource<'_>) -> Result<T>) -> Result<T> {
+fn with_layer_keys<T>(
+    cache: &KvCache,
+    seq: SeqId,
+    layer: usize,
+    f: impl FnOnce(KeySource<'_>) -> Result<T>,
+) -> Result<T> {
     let c = cache.config();
     if c.key_rope == KeyRope::PostRope {
         return f(KeySource::Cache { cache, seq, layer });
@@ -128,7 +133,10 @@ impl ClusterIndexSet {
             if *keys != frame {
                 return Err(Error::invalid(
                     "cache",
-                    format!("a cache storing keys {} (as the index of sequence {seq} at layer {layer} was built from)", frame_text(*keys)),
+                    format!(
+                        "a cache storing keys {} (as the index of sequence {seq} at layer {layer} was built from)",
+                        frame_text(*keys)
+                    ),
                 ));
             }
             let mut next = index.clone();

@@ -3,9 +3,9 @@
 
 use crate::attention::{apply_rope, decode, decode_sparse, prefill_sparse, AttentionParams, StreamingWindow};
 use crate::config::KeyRope;
+use crate::config::PositionMode;
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, SeqId};
-use crate::config::PositionMode;
 use crate::runtime::{ClusterIndexSet, IndexedKeys, PolicySelection};
 use crate::select::{first_and_last, read_query, Policy, Selection};
 use crate::tensor::{TensorView, TensorViewMut};
@@ -81,7 +81,11 @@ impl KvCache {
             return Ok(Vec::new());
         }
         if q.shape().first() != Some(&ids.len()) {
-            return Err(Error::shape("q", format!("[{}, num_qo_heads, head_dim] (one query per sequence)", ids.len()), format!("{:?}", q.shape())));
+            return Err(Error::shape(
+                "q",
+                format!("[{}, num_qo_heads, head_dim] (one query per sequence)", ids.len()),
+                format!("{:?}", q.shape()),
+            ));
         }
         let clusters = policy.uses_clusters(layer, c.num_kv_heads);
         let sels = ids

@@ -5,7 +5,10 @@ use crate::error::{Error, Result};
 use crate::kv::{KvCache, SeqId};
 use crate::runtime::ClusterIndexSet;
 use crate::select::cluster::{CoarseRetrieve, Retrieve};
-use crate::select::{first_and_last, merge_union, read_query, score_sequence, ClusterRank, Policy, SeqPageScores, Selection, Spec, HIER_OPEN_MULTIPLE};
+use crate::select::{
+    first_and_last, merge_union, read_query, score_sequence, ClusterRank, Policy, Selection, SeqPageScores, Spec,
+    HIER_OPEN_MULTIPLE,
+};
 use crate::tensor::TensorView;
 
 impl Policy {
@@ -36,11 +39,25 @@ impl Policy {
     /// Errors, beyond `select`'s: no index for (`seq`, `layer`) in `indexes` (build one with
     /// [`ClusterIndexSet::build`]); an index longer than the sequence (truncated or
     /// compacted since: build again) or of another shape.
-    pub fn select_with_clusters(&self, cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView, indexes: &ClusterIndexSet) -> Result<PolicySelection> {
+    pub fn select_with_clusters(
+        &self,
+        cache: &KvCache,
+        seq: SeqId,
+        layer: usize,
+        q: &TensorView,
+        indexes: &ClusterIndexSet,
+    ) -> Result<PolicySelection> {
         self.select_inner(cache, seq, layer, q, Some(indexes))
     }
 
-    pub(crate) fn select_inner(&self, cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView, indexes: Option<&ClusterIndexSet>) -> Result<PolicySelection> {
+    pub(crate) fn select_inner(
+        &self,
+        cache: &KvCache,
+        seq: SeqId,
+        layer: usize,
+        q: &TensorView,
+        indexes: Option<&ClusterIndexSet>,
+    ) -> Result<PolicySelection> {
         let c = cache.config();
         self.validate_clauses(c.num_layers, c.num_kv_heads)?;
         if layer >= c.num_layers {
@@ -50,11 +67,21 @@ impl Policy {
         self.validate_layer_clusters(layer, c.num_kv_heads)?;
         let (_, hq) = read_query(q, c.head_dim)?;
         if hq == 0 || hq % c.num_kv_heads != 0 {
-            return Err(Error::invalid("q", format!("a number of query heads that is a positive multiple of num_kv_heads ({}), got {hq}", c.num_kv_heads)));
+            return Err(Error::invalid(
+                "q",
+                format!(
+                    "a number of query heads that is a positive multiple of num_kv_heads ({}), got {hq}",
+                    c.num_kv_heads
+                ),
+            ));
         }
         let seq_len = cache.seq_len(seq)?;
         if seq_len > u32::MAX as usize {
-            return Err(Error::out_of_range("seq_len", seq_len as i64, format!("0..={} (token indices are u32)", u32::MAX)));
+            return Err(Error::out_of_range(
+                "seq_len",
+                seq_len as i64,
+                format!("0..={} (token indices are u32)", u32::MAX),
+            ));
         }
         let specs: Vec<&Spec> = (0..c.num_kv_heads).map(|h| self.spec(layer, h)).collect();
         // Page scores are only needed when some head's budget is below the sequence length.
@@ -96,7 +123,11 @@ impl Policy {
         if total > u32::MAX as usize {
             return Err(Error::invalid("policy", "selections whose tokens over all heads fit u32 offsets"));
         }
-        Ok(PolicySelection { selection: Selection::from_heads_unchecked(seq_len, &heads), centroids_scored, radii_read })
+        Ok(PolicySelection {
+            selection: Selection::from_heads_unchecked(seq_len, &heads),
+            centroids_scored,
+            radii_read,
+        })
     }
 
     /// Centroid retrieval for every head of `layer` with the budget of `spec`, each head's
@@ -118,21 +149,25 @@ impl Policy {
             return Err(Error::invalid(
                 "policy",
                 format!(
-                    "no `clusters=` at layer {layer} here: centroid retrieval needs the cluster indexes, so build a cluster index set after prefill and decode with it"
+                    "no `clusters=` at layer {layer} here: centroid retrieval needs the cluster indexes, so build a ClusterIndexSet after prefill and decode with it"
                 ),
             ));
         };
         let Some(index) = set.get(seq, layer) else {
             return Err(Error::invalid(
                 "clusters",
-                format!("a cluster index for sequence {seq} at layer {layer} (its policy uses `clusters=`): build the cluster index set for the sequence after prefill"),
+                format!("a cluster index for sequence {seq} at layer {layer} (its policy uses `clusters=`): build the ClusterIndexSet for the sequence after prefill"),
             ));
         };
         if index.num_kv_heads() != c.num_kv_heads || index.head_dim() != c.head_dim {
             return Err(Error::shape(
                 "clusters",
                 format!("an index of num_kv_heads {} and head_dim {} (as the cache)", c.num_kv_heads, c.head_dim),
-                format!("num_kv_heads {} and head_dim {} (sequence {seq}, layer {layer})", index.num_kv_heads(), index.head_dim()),
+                format!(
+                    "num_kv_heads {} and head_dim {} (sequence {seq}, layer {layer})",
+                    index.num_kv_heads(),
+                    index.head_dim()
+                ),
             ));
         }
         if index.seq_len() > seq_len {
@@ -146,7 +181,9 @@ impl Policy {
         }
         let how = spec.rank.unwrap_or(ClusterRank::Estimate).retrieve(budget);
         let r = match spec.hier {
-            Some(_) => index.retrieve_hierarchical(q, CoarseRetrieve::BudgetMultiple(HIER_OPEN_MULTIPLE), &how, seq_len)?,
+            Some(_) => {
+                index.retrieve_hierarchical(q, CoarseRetrieve::BudgetMultiple(HIER_OPEN_MULTIPLE), &how, seq_len)?
+            }
             None => index.retrieve(q, &how, seq_len)?,
         };
         let tail: Vec<u32> = (index.clustered_len() as u32..seq_len as u32).collect();

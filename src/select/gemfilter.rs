@@ -17,9 +17,9 @@ use crate::cpu;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kv::{PageTable, PagedKv};
+use crate::select::keys::read_query;
 /// Re-exported: the filter reads its keys through it.
 pub use crate::select::keys::KeySource;
-use crate::select::keys::read_query;
 use crate::select::selection::Selection;
 use crate::select::topk::top_k;
 use crate::tensor::TensorView;
@@ -60,7 +60,10 @@ fn keys<'a>(src: &KeySource<'a>, view: Option<PagedKv<'a>>) -> Result<Keys<'a>> 
         KeySource::Cache { .. } => {
             let kv = view.expect("built by cache_view");
             if kv.key_rope() == crate::KeyRope::PreRope {
-                return Err(Error::invalid("keys", "keys stored after RoPE (the filter scores the model's real logits)"));
+                return Err(Error::invalid(
+                    "keys",
+                    "keys stored after RoPE (the filter scores the model's real logits)",
+                ));
             }
             Ok(Keys {
                 n: kv.seq_len(0),
@@ -116,7 +119,11 @@ pub fn token_scores(q: &TensorView, src: KeySource) -> Result<Vec<f32>> {
     let k = keys(&src, cache_view(&src, &mut table)?)?;
     let (qr, hq) = read_query(q, k.d)?;
     if hq == 0 || hq % k.hk != 0 {
-        return Err(Error::shape("q", format!("a number of query heads that is a positive multiple of num_kv_heads {}", k.hk), format!("{hq}")));
+        return Err(Error::shape(
+            "q",
+            format!("a number of query heads that is a positive multiple of num_kv_heads {}", k.hk),
+            format!("{hq}"),
+        ));
     }
     let (d, hk, g) = (k.d, k.hk, hq / k.hk);
     // Sum each group's queries: sum_h q_h·k = (sum_h q_h)·k for the shared key.
@@ -192,7 +199,10 @@ pub fn select(q: &TensorView, src: KeySource, cfg: &GemFilterConfig) -> Result<V
         return Err(Error::out_of_range("k", cfg.k as i64, format!("1..={n} (the context length)")));
     }
     if cfg.keep_first + cfg.keep_last > cfg.k {
-        return Err(Error::invalid("k", format!("at least keep_first + keep_last = {}", cfg.keep_first + cfg.keep_last)));
+        return Err(Error::invalid(
+            "k",
+            format!("at least keep_first + keep_last = {}", cfg.keep_first + cfg.keep_last),
+        ));
     }
     let mut pooled = avg_pool(&scores, cfg.pool_kernel)?;
     // Forced tokens rank first (score +inf); the rest by pooled score, ties by position.
@@ -269,7 +279,11 @@ pub fn snapkv(q_window: &TensorView, src: KeySource, cfg: &SnapKvConfig) -> Resu
     let (n, hk, d) = (k.n, k.hk, k.d);
     let sh = q_window.shape();
     if sh.len() != 3 || sh[2] != d || sh[1] == 0 || !sh[1].is_multiple_of(hk) {
-        return Err(Error::shape("q_window", format!("[w, num_qo_heads (a multiple of {hk}), {d}]"), format!("{sh:?}")));
+        return Err(Error::shape(
+            "q_window",
+            format!("[w, num_qo_heads (a multiple of {hk}), {d}]"),
+            format!("{sh:?}"),
+        ));
     }
     let (w, hq) = (sh[0], sh[1]);
     let g = hq / hk;
@@ -277,7 +291,11 @@ pub fn snapkv(q_window: &TensorView, src: KeySource, cfg: &SnapKvConfig) -> Resu
         return Err(Error::out_of_range("q_window", w as i64, format!("1..={n} window queries (the context length)")));
     }
     if cfg.k < w || cfg.k > n {
-        return Err(Error::out_of_range("k", cfg.k as i64, format!("{w}..={n} (at least the window, at most the context)")));
+        return Err(Error::out_of_range(
+            "k",
+            cfg.k as i64,
+            format!("{w}..={n} (at least the window, at most the context)"),
+        ));
     }
     let scale = cfg.scale.unwrap_or(1.0 / (d as f32).sqrt());
     let prefix = n - w;

@@ -23,7 +23,11 @@ pub(crate) fn read_query(q: &TensorView, head_dim: usize) -> Result<(Vec<f32>, u
         [1, hq, d] if d == head_dim => (vec![0], hq),
         _ => {
             let got: Vec<String> = shape.iter().map(|x| x.to_string()).collect();
-            return Err(Error::shape("q", format!("[num_qo_heads, {head_dim}] or [1, num_qo_heads, {head_dim}]"), format!("[{}]", got.join(", "))));
+            return Err(Error::shape(
+                "q",
+                format!("[num_qo_heads, {head_dim}] or [1, num_qo_heads, {head_dim}]"),
+                format!("[{}]", got.join(", ")),
+            ));
         }
     };
     let mut out = vec![0f32; hq * head_dim];

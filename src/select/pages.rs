@@ -25,9 +25,9 @@
 use rayon::prelude::*;
 
 use crate::config::KeyRope;
+use crate::cpu::bounds::{score_block, BoundsLayout};
 use crate::error::{Error, Result};
 use crate::kv::{KeyBoundsRef, KvCache, SeqId};
-use crate::cpu::bounds::{score_block, BoundsLayout};
 use crate::select::keys::read_query;
 use crate::select::selection::Selection;
 use crate::select::topk::{partition_top, rank_cmp};
@@ -87,25 +87,52 @@ pub fn page_scores(bounds: KeyBoundsRef, pages: &[u32], q: &[f32], num_qo_heads:
 }
 
 /// [`page_scores`] into a caller-provided buffer of `num_kv_heads * pages.len()` floats.
-pub fn page_scores_into(bounds: KeyBoundsRef, pages: &[u32], q: &[f32], num_qo_heads: usize, out: &mut [f32]) -> Result<()> {
+pub fn page_scores_into(
+    bounds: KeyBoundsRef,
+    pages: &[u32],
+    q: &[f32],
+    num_qo_heads: usize,
+    out: &mut [f32],
+) -> Result<()> {
     let (hk, d) = (bounds.num_kv_heads, bounds.head_dim);
     if hk == 0 || d == 0 {
         return Err(Error::invalid("bounds", format!("num_kv_heads >= 1 and head_dim >= 1, got {hk} and {d}")));
     }
     if num_qo_heads == 0 || !num_qo_heads.is_multiple_of(hk) {
-        return Err(Error::invalid("num_qo_heads", format!("a positive multiple of num_kv_heads ({hk}), got {num_qo_heads}")));
+        return Err(Error::invalid(
+            "num_qo_heads",
+            format!("a positive multiple of num_kv_heads ({hk}), got {num_qo_heads}"),
+        ));
     }
     if q.len() != num_qo_heads * d {
-        return Err(Error::shape("q", format!("[num_qo_heads * head_dim] = [{}]", num_qo_heads * d), format!("[{}]", q.len())));
+        return Err(Error::shape(
+            "q",
+            format!("[num_qo_heads * head_dim] = [{}]", num_qo_heads * d),
+            format!("[{}]", q.len()),
+        ));
     }
     let np = pages.len();
     if out.len() != hk * np {
-        return Err(Error::shape("out", format!("[num_kv_heads * num_pages] = [{}]", hk * np), format!("[{}]", out.len())));
+        return Err(Error::shape(
+            "out",
+            format!("[num_kv_heads * num_pages] = [{}]", hk * np),
+            format!("[{}]", out.len()),
+        ));
     }
-    let layout = BoundsLayout { bytes: bounds.bytes, dtype: bounds.dtype, num_kv_heads: hk, head_dim: d, group: num_qo_heads / hk };
+    let layout = BoundsLayout {
+        bytes: bounds.bytes,
+        dtype: bounds.dtype,
+        num_kv_heads: hk,
+        head_dim: d,
+        group: num_qo_heads / hk,
+    };
     let pool = layout.num_pages();
     if let Some(i) = pages.iter().position(|&p| p as usize >= pool) {
-        return Err(Error::out_of_range(format!("pages[{i}]"), pages[i] as i64, format!("0..{pool} (pages the bounds hold)")));
+        return Err(Error::out_of_range(
+            format!("pages[{i}]"),
+            pages[i] as i64,
+            format!("0..{pool} (pages the bounds hold)"),
+        ));
     }
     // Kernels write [page][head]; transpose into [head][page].
     let mut by_page = vec![0f32; np * hk];
@@ -139,7 +166,11 @@ pub fn pages_to_keep(scores: &[f32], page_size: usize, seq_len: usize, cfg: &Pag
     }
     let n = seq_len.div_ceil(page_size);
     if scores.len() != n {
-        return Err(Error::shape("scores", format!("[ceil(seq_len / page_size)] = [{n}]"), format!("[{}]", scores.len())));
+        return Err(Error::shape(
+            "scores",
+            format!("[ceil(seq_len / page_size)] = [{n}]"),
+            format!("[{}]", scores.len()),
+        ));
     }
     if n > u32::MAX as usize {
         return Err(Error::invalid("seq_len", "at most u32::MAX pages"));
@@ -222,16 +253,32 @@ pub(crate) fn usable_bounds(cache: &KvCache, layer: usize) -> Result<KeyBoundsRe
 
 /// Score every page of sequence `seq` at `layer` for the decode query `q`.
 /// `skip_if_within` short-cuts sequences no longer than that many tokens (no scoring).
-pub(crate) fn score_sequence(cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView, skip_if_within: usize) -> Result<SeqPageScores> {
+pub(crate) fn score_sequence(
+    cache: &KvCache,
+    seq: SeqId,
+    layer: usize,
+    q: &TensorView,
+    skip_if_within: usize,
+) -> Result<SeqPageScores> {
     let bounds = usable_bounds(cache, layer)?;
     let (qf, hq) = read_query(q, bounds.head_dim)?;
     let page_size = cache.config().page_size;
     let seq_len = cache.seq_len(seq)?;
     if seq_len > u32::MAX as usize {
-        return Err(Error::out_of_range("seq_len", seq_len as i64, format!("0..={} (token indices are u32)", u32::MAX)));
+        return Err(Error::out_of_range(
+            "seq_len",
+            seq_len as i64,
+            format!("0..={} (token indices are u32)", u32::MAX),
+        ));
     }
     if hq == 0 || hq % bounds.num_kv_heads != 0 {
-        return Err(Error::invalid("q", format!("a number of query heads that is a positive multiple of num_kv_heads ({}), got {hq}", bounds.num_kv_heads)));
+        return Err(Error::invalid(
+            "q",
+            format!(
+                "a number of query heads that is a positive multiple of num_kv_heads ({}), got {hq}",
+                bounds.num_kv_heads
+            ),
+        ));
     }
     if seq_len <= skip_if_within {
         return Ok(SeqPageScores { scores: Vec::new(), num_pages: 0, page_size, seq_len });
@@ -250,7 +297,13 @@ pub(crate) fn score_sequence(cache: &KvCache, seq: SeqId, layer: usize, q: &Tens
 ///
 /// Errors: an invalid `cfg`; an unknown sequence or layer; a cache without key bounds
 /// (`track_key_bounds`); keys stored before RoPE (`key_rope`); a badly shaped `q`.
-pub fn page_bounds(cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView, cfg: &PageBoundsConfig) -> Result<Selection> {
+pub fn page_bounds(
+    cache: &KvCache,
+    seq: SeqId,
+    layer: usize,
+    q: &TensorView,
+    cfg: &PageBoundsConfig,
+) -> Result<Selection> {
     cfg.validate()?;
     let s = score_sequence(cache, seq, layer, q, cfg.budget_tokens)?;
     let hk = cache.config().num_kv_heads;

@@ -92,8 +92,6 @@
 //! [`Policy::select`]; that centroid retrieval has an index, by
 //! [`Policy::select_with_clusters`].
 
-use std::fmt;
-
 use crate::config::PositionMode;
 use crate::error::{Error, Result};
 use crate::select::cluster::{ClusterBuild, ClusterSizing, Retrieve, DEFAULT_CLUSTER_SIZE};
@@ -298,7 +296,11 @@ impl Spec {
 
     /// Whether the spec selects no token at all (no `dense`, window or pages, and no sinks).
     pub fn is_empty(&self) -> bool {
-        !self.dense && self.window.is_none() && self.pages.is_none() && self.clusters.is_none() && self.sinks.unwrap_or(0) == 0
+        !self.dense
+            && self.window.is_none()
+            && self.pages.is_none()
+            && self.clusters.is_none()
+            && self.sinks.unwrap_or(0) == 0
     }
 
     /// Whether the spec is made of sinks and a window alone (no `dense`, `pages` or
@@ -325,8 +327,14 @@ impl Spec {
     }
 
     /// Semantic problems, as what was expected.
-    fn problem(&self) -> Option<String> {
-        if self.dense && (self.sinks.is_some() || self.window.is_some() || self.pages.is_some() || self.min_pages.is_some() || self.clusters.is_some()) {
+    pub(crate) fn problem(&self) -> Option<String> {
+        if self.dense
+            && (self.sinks.is_some()
+                || self.window.is_some()
+                || self.pages.is_some()
+                || self.min_pages.is_some()
+                || self.clusters.is_some())
+        {
             return Some("`dense` alone, or with only `positions=` and `max_distance=`".into());
         }
         if self.is_empty() {
@@ -345,7 +353,8 @@ impl Spec {
             return Some("clusters=N with a token budget N >= 1".into());
         }
         if self.clusters.is_none() {
-            for (key, v) in [("clusters_k", self.clusters_k), ("cluster_size", self.cluster_size), ("hier", self.hier)] {
+            for (key, v) in [("clusters_k", self.clusters_k), ("cluster_size", self.cluster_size), ("hier", self.hier)]
+            {
                 if v.is_some() {
                     return Some(format!("`{key}=` only together with `clusters=`"));
                 }
@@ -355,7 +364,9 @@ impl Spec {
             }
         }
         if self.clusters_k.is_some() && self.cluster_size.is_some() {
-            return Some("one of `clusters_k=` (clusters per head) and `cluster_size=` (tokens per cluster), not both".into());
+            return Some(
+                "one of `clusters_k=` (clusters per head) and `cluster_size=` (tokens per cluster), not both".into(),
+            );
         }
         for (key, v) in [("clusters_k", self.clusters_k), ("cluster_size", self.cluster_size), ("hier", self.hier)] {
             if v == Some(0) {
@@ -363,10 +374,15 @@ impl Spec {
             }
         }
         match (self.positions, self.max_distance) {
-            (Some(PositionKind::Capped), None) => Some("`max_distance=N` with `positions=capped` (or `global=`/`local=`)".into()),
+            (Some(PositionKind::Capped), None) => {
+                Some("`max_distance=N` with `positions=capped` (or `global=`/`local=`)".into())
+            }
             (Some(PositionKind::Capped), Some(0)) => Some("max_distance=N with N >= 1".into()),
             (Some(PositionKind::Capped), Some(_)) => None,
-            (_, Some(_)) => Some("`positions=capped` (or `global=`/`local=`) with `max_distance=`, which only caps capped positions".into()),
+            (_, Some(_)) => Some(
+                "`positions=capped` (or `global=`/`local=`) with `max_distance=`, which only caps capped positions"
+                    .into(),
+            ),
             _ => None,
         }
     }
@@ -427,7 +443,7 @@ impl HeadOverride {
 
 /// Which clause gave a (layer, head) its spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+pub(crate) enum Source {
     Default,
     Layer(usize),
     Head(usize),
@@ -497,7 +513,7 @@ impl Policy {
         &self.heads
     }
 
-    fn source(&self, layer: usize, head: usize) -> Source {
+    pub(crate) fn source(&self, layer: usize, head: usize) -> Source {
         if let Some(i) = self.heads.iter().rposition(|o| o.contains(layer, head)) {
             return Source::Head(i);
         }
@@ -507,7 +523,7 @@ impl Policy {
         Source::Default
     }
 
-    fn spec_of(&self, src: Source) -> &Spec {
+    pub(crate) fn spec_of(&self, src: Source) -> &Spec {
         match src {
             Source::Default => &self.default,
             Source::Layer(i) => &self.layers[i].spec,
@@ -516,7 +532,7 @@ impl Policy {
     }
 
     /// The clause's canonical text, to name it in messages.
-    fn clause_text(&self, src: Source) -> String {
+    pub(crate) fn clause_text(&self, src: Source) -> String {
         match src {
             Source::Default => self.default.to_string(),
             Source::Layer(i) => self.layers[i].to_string(),
@@ -540,109 +556,14 @@ impl Policy {
     /// without the head count: a layer whose spec is sparse is reported not dense even if
     /// head overrides make every head dense (then a dense selection is simply computed).
     pub fn is_dense(&self, layer: usize) -> bool {
-        let layer_spec = self.spec_of(self.layers.iter().rposition(|o| o.contains(layer)).map_or(Source::Default, Source::Layer));
+        let layer_spec =
+            self.spec_of(self.layers.iter().rposition(|o| o.contains(layer)).map_or(Source::Default, Source::Layer));
         layer_spec.dense && self.heads.iter().all(|o| o.spec.dense || !o.heads.iter().any(|&(l, _)| l == layer))
-    }
-
-    /// Every check that needs no per-layer walk: each clause's spec and its layer and head
-    /// numbers. Messages name the clause.
-    pub(crate) fn validate_clauses(&self, num_layers: usize, num_kv_heads: usize) -> Result<()> {
-        let mut sources = vec![Source::Default];
-        sources.extend((0..self.layers.len()).map(Source::Layer));
-        sources.extend((0..self.heads.len()).map(Source::Head));
-        for src in sources {
-            if let Some(problem) = self.spec_of(src).problem() {
-                return Err(Error::invalid(self.clause_text(src), problem));
-            }
-            match src {
-                Source::Default => {}
-                Source::Layer(i) => {
-                    if let Some(&(_, last)) = self.layers[i].layers.last() {
-                        if last >= num_layers {
-                            return Err(Error::out_of_range(self.clause_text(src), last as i64, format!("0..{num_layers} (the model's layers)")));
-                        }
-                    }
-                }
-                Source::Head(i) => {
-                    for &(l, h) in &self.heads[i].heads {
-                        if l >= num_layers {
-                            return Err(Error::out_of_range(self.clause_text(src), l as i64, format!("0..{num_layers} (the model's layers)")));
-                        }
-                        if h >= num_kv_heads {
-                            return Err(Error::out_of_range(self.clause_text(src), h as i64, format!("0..{num_kv_heads} (KV heads of layer {l})")));
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Check that all heads of `layer` use one position mode.
-    pub(crate) fn validate_layer_positions(&self, layer: usize, num_kv_heads: usize) -> Result<()> {
-        let first = self.source(layer, 0);
-        let mode = self.spec_of(first).position_mode();
-        for h in 1..num_kv_heads {
-            let src = self.source(layer, h);
-            let m = self.spec_of(src).position_mode();
-            if m != mode {
-                return Err(Error::invalid(
-                    self.clause_text(src),
-                    format!(
-                        "one position mode for all heads of layer {layer} (attention applies one per layer call): head {h} gets {} here, head 0 gets {} from `{}`",
-                        mode_text(m),
-                        mode_text(mode),
-                        self.clause_text(first)
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Check that the heads of `layer` that use `clusters=` agree on the budget and the
-    /// index options (one index and one retrieval serve the layer).
-    pub(crate) fn validate_layer_clusters(&self, layer: usize, num_kv_heads: usize) -> Result<()> {
-        let mut first: Option<(usize, Source)> = None;
-        for h in 0..num_kv_heads {
-            let src = self.source(layer, h);
-            let s = self.spec_of(src);
-            if s.clusters.is_none() {
-                continue;
-            }
-            match first {
-                None => first = Some((h, src)),
-                Some((h0, src0)) => {
-                    let s0 = self.spec_of(src0);
-                    if (s0.clusters, s0.cluster_build(), s0.rank) != (s.clusters, s.cluster_build(), s.rank) {
-                        return Err(Error::invalid(
-                            self.clause_text(src),
-                            format!(
-                                "the same `clusters=`, `clusters_k=`/`cluster_size=`, `hier=` and `rank=` for every head of layer {layer} that uses centroid retrieval (one index per layer): head {h} differs from head {h0}, which gets them from `{}`",
-                                self.clause_text(src0)
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Check the policy against a model of `num_layers` layers and `num_kv_heads` KV heads
-    /// (see the module docs for the list). Errors name the clause at fault.
-    pub fn validate(&self, num_layers: usize, num_kv_heads: usize) -> Result<()> {
-        self.validate_clauses(num_layers, num_kv_heads)?;
-        for layer in 0..num_layers {
-            self.validate_layer_positions(layer, num_kv_heads)?;
-            self.validate_layer_clusters(layer, num_kv_heads)?;
-        }
-        Ok(())
     }
 
     /// Whether some KV head of `layer` uses centroid retrieval (`clusters=`).
     pub fn uses_clusters(&self, layer: usize, num_kv_heads: usize) -> bool {
-        (0..num_kv_heads).any(|h| self.spec(layer, h).clusters.is_some())
+        self.boundary_heads(layer, num_kv_heads).into_iter().any(|h| self.spec(layer, h).clusters.is_some())
     }
 
     /// What the cluster index of `layer` is built with, when some head uses `clusters=`:
@@ -650,7 +571,12 @@ impl Policy {
     /// clustering the smallest `window=` among those heads (0 if one has none). Assumes a
     /// validated policy.
     pub fn cluster_plan(&self, layer: usize, num_kv_heads: usize) -> Option<(ClusterBuild, usize)> {
-        let specs: Vec<&Spec> = (0..num_kv_heads).map(|h| self.spec(layer, h)).filter(|s| s.clusters.is_some()).collect();
+        let specs: Vec<&Spec> = self
+            .boundary_heads(layer, num_kv_heads)
+            .into_iter()
+            .map(|h| self.spec(layer, h))
+            .filter(|s| s.clusters.is_some())
+            .collect();
         let build = specs.first()?.cluster_build()?;
         let exclude = specs.iter().map(|s| s.window.unwrap_or(0)).min().unwrap_or(0);
         Some((build, exclude))
@@ -663,11 +589,17 @@ impl Policy {
     /// otherwise none. Page ids are shared by all layers, so every layer must agree.
     ///
     /// Errors: the policy fails [`Policy::validate`]; `page_size` 0.
-    pub fn window_pages_to_evict(&self, num_layers: usize, num_kv_heads: usize, seq_len: usize, page_size: usize) -> Result<Vec<usize>> {
+    pub fn window_pages_to_evict(
+        &self,
+        num_layers: usize,
+        num_kv_heads: usize,
+        seq_len: usize,
+        page_size: usize,
+    ) -> Result<Vec<usize>> {
         self.validate(num_layers, num_kv_heads)?;
         let (mut sinks, mut window) = (0usize, 0usize);
-        for layer in 0..num_layers {
-            for h in 0..num_kv_heads {
+        for layer in self.boundary_layers(num_layers) {
+            for h in self.boundary_heads(layer, num_kv_heads) {
                 let s = self.spec(layer, h);
                 match s.window {
                     Some(w) if s.is_window_only() => {
@@ -690,80 +622,3 @@ impl Policy {
 /// Under `hier=`, hierarchical lookup opens coarse clusters (best first) until the tokens
 /// beneath them reach this multiple of the `clusters=` budget.
 pub const HIER_OPEN_MULTIPLE: f64 = 2.0;
-
-/// A position mode as the text form writes it.
-fn mode_text(mode: PositionMode) -> String {
-    match mode {
-        PositionMode::Original => "positions=original".into(),
-        PositionMode::Contiguous => "positions=contiguous".into(),
-        PositionMode::Capped { max_distance } => format!("positions=capped,max_distance={max_distance}"),
-    }
-}
-
-impl fmt::Display for Spec {
-    /// Canonical order: `dense, sinks, window, pages, min_pages, clusters, clusters_k,
-    /// cluster_size, hier, rank, positions, max_distance`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut items: Vec<String> = Vec::new();
-        if self.dense {
-            items.push("dense".into());
-        }
-        let numbers = [
-            ("sinks", self.sinks),
-            ("window", self.window),
-            ("pages", self.pages),
-            ("min_pages", self.min_pages),
-            ("clusters", self.clusters),
-            ("clusters_k", self.clusters_k),
-            ("cluster_size", self.cluster_size),
-            ("hier", self.hier),
-        ];
-        items.extend(numbers.iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))));
-        if let Some(r) = self.rank {
-            items.push(format!("rank={}", r.name()));
-        }
-        if let Some(p) = self.positions {
-            items.push(format!("positions={}", p.name()));
-        }
-        if let Some(m) = self.max_distance {
-            items.push(format!("max_distance={m}"));
-        }
-        f.write_str(&items.join(","))
-    }
-}
-
-impl fmt::Display for LayerOverride {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ranges: Vec<String> = self.layers.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
-        write!(f, "layers={}:{}", ranges.join(","), self.spec)
-    }
-}
-
-impl fmt::Display for HeadOverride {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let heads: Vec<String> = self.heads.iter().map(|(l, h)| format!("{l}.{h}")).collect();
-        write!(f, "heads={}:{}", heads.join(","), self.spec)
-    }
-}
-
-impl fmt::Display for Policy {
-    /// The canonical text form: the default spec, then layer clauses, then head clauses.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.default)?;
-        for o in &self.layers {
-            write!(f, ";{o}")?;
-        }
-        for o in &self.heads {
-            write!(f, ";{o}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::str::FromStr for Policy {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Policy::parse(s)
-    }
-}

@@ -2,6 +2,9 @@
 //! a tokenizer that records byte offsets, then recursive descent. Every error is
 //! [`Error::Parse`] at the offset of the offending token (the text's length at its end).
 
+use std::fmt;
+
+use crate::config::PositionMode;
 use crate::error::{Error, Result};
 use crate::select::policy::{ClusterRank, HeadOverride, LayerOverride, Policy, PositionKind, Spec};
 
@@ -116,7 +119,8 @@ impl<'a> Parser<'a> {
         match self.peek() {
             (off, Tok::Number(s)) => {
                 let v = s.parse::<u64>().ok().filter(|&v| v <= max);
-                let v = v.ok_or_else(|| err(off, format!("expected {what} from 0 to {max} after {after}, found `{s}`")))?;
+                let v =
+                    v.ok_or_else(|| err(off, format!("expected {what} from 0 to {max} after {after}, found `{s}`")))?;
                 self.bump();
                 Ok(v)
             }
@@ -137,7 +141,10 @@ impl<'a> Parser<'a> {
                 Tok::Name("layers") => layers.push(self.layers_clause()?),
                 Tok::Name("heads") => heads.push(self.heads_clause()?),
                 Tok::Punct(';') | Tok::End => {
-                    return Err(err(off, format!("expected a clause (a spec, `layers=` or `heads=`), found {}", t.describe())));
+                    return Err(err(
+                        off,
+                        format!("expected a clause (a spec, `layers=` or `heads=`), found {}", t.describe()),
+                    ));
                 }
                 _ => {
                     if let Some((first, _)) = default {
@@ -152,7 +159,9 @@ impl<'a> Parser<'a> {
             match self.bump() {
                 (_, Tok::End) => break,
                 (_, Tok::Punct(';')) => {}
-                (off, t) => return Err(err(off, format!("expected `,`, `;` or the end of the text, found {}", t.describe()))),
+                (off, t) => {
+                    return Err(err(off, format!("expected `,`, `;` or the end of the text, found {}", t.describe())))
+                }
             }
         }
         Ok(Policy::from_parts(default.map_or_else(Spec::dense, |(_, s)| s), layers, heads))
@@ -207,7 +216,8 @@ impl<'a> Parser<'a> {
         let mut heads = Vec::new();
         let mut after = "`heads=`";
         loop {
-            let l = self.number("a layer number (heads are written layer.head, e.g. 2.5)", after, usize::MAX as u64)? as usize;
+            let l = self.number("a layer number (heads are written layer.head, e.g. 2.5)", after, usize::MAX as u64)?
+                as usize;
             if !self.eat('.') {
                 let (off, t) = self.peek();
                 return Err(err(off, format!("expected `.` and a head number after layer {l} (heads are written layer.head, e.g. 2.5), found {}", t.describe())));
@@ -261,14 +271,22 @@ impl<'a> Parser<'a> {
             "max_distance" => "max_distance",
             "positions" => "positions",
             "layers" | "heads" => {
-                return Err(err(off, format!("expected {ITEMS}, found `{name}`: `{name}=` starts a clause, so separate clauses with `;`")));
+                return Err(err(
+                    off,
+                    format!(
+                        "expected {ITEMS}, found `{name}`: `{name}=` starts a clause, so separate clauses with `;`"
+                    ),
+                ));
             }
             _ => return Err(err(off, format!("expected {ITEMS}, found unknown key `{name}`"))),
         };
         self.bump();
         if key == "dense" {
             if self.peek().1 == Tok::Punct('=') {
-                return Err(err(self.peek().0, "expected `,`, `;` or the end of the text after `dense`, which takes no value, found `=`"));
+                return Err(err(
+                    self.peek().0,
+                    "expected `,`, `;` or the end of the text after `dense`, which takes no value, found `=`",
+                ));
             }
             set_once(&mut b.dense_at, off, key, "dense")?;
             b.spec.dense = true;
@@ -316,7 +334,12 @@ impl<'a> Parser<'a> {
                 b.spec.rank = Some(match vt {
                     Tok::Name("estimate") => ClusterRank::Estimate,
                     Tok::Name("mixed") => ClusterRank::Mixed,
-                    _ => return Err(err(voff, format!("expected `estimate` or `mixed` after `rank=`, found {}", vt.describe()))),
+                    _ => {
+                        return Err(err(
+                            voff,
+                            format!("expected `estimate` or `mixed` after `rank=`, found {}", vt.describe()),
+                        ))
+                    }
                 });
                 self.bump();
             }
@@ -331,7 +354,15 @@ impl<'a> Parser<'a> {
                     Tok::Name("original") => PositionKind::Original,
                     Tok::Name("contiguous") => PositionKind::Contiguous,
                     Tok::Name("capped") => PositionKind::Capped,
-                    _ => return Err(err(voff, format!("expected `original`, `contiguous` or `capped` after `positions=`, found {}", vt.describe()))),
+                    _ => {
+                        return Err(err(
+                            voff,
+                            format!(
+                                "expected `original`, `contiguous` or `capped` after `positions=`, found {}",
+                                vt.describe()
+                            ),
+                        ))
+                    }
                 };
                 self.bump();
                 if kind != PositionKind::Capped {
@@ -359,7 +390,10 @@ impl<'a> Parser<'a> {
 fn set_once(at: &mut Option<(usize, &'static str)>, off: usize, key: &'static str, field: &str) -> Result<()> {
     if let Some((prev, pkey)) = *at {
         let by = if pkey == key { format!("an earlier `{pkey}`") } else { format!("`{pkey}`") };
-        return Err(err(off, format!("expected each item once per spec, but `{key}` sets {field}, already set by {by} at byte {prev}")));
+        return Err(err(
+            off,
+            format!("expected each item once per spec, but `{key}` sets {field}, already set by {by} at byte {prev}"),
+        ));
     }
     *at = Some((off, key));
     Ok(())
@@ -369,7 +403,17 @@ fn set_once(at: &mut Option<(usize, &'static str)>, off: usize, key: &'static st
 /// the later item (`key` at `off`).
 fn check_dense(b: &SpecBuilder, off: usize, key: &str) -> Result<()> {
     let Some((doff, _)) = b.dense_at else { return Ok(()) };
-    let others = [b.sinks_at, b.window_at, b.pages_at, b.min_pages_at, b.clusters_at, b.clusters_k_at, b.cluster_size_at, b.hier_at, b.rank_at];
+    let others = [
+        b.sinks_at,
+        b.window_at,
+        b.pages_at,
+        b.min_pages_at,
+        b.clusters_at,
+        b.clusters_k_at,
+        b.cluster_size_at,
+        b.hier_at,
+        b.rank_at,
+    ];
     let Some((ooff, okey)) = others.iter().flatten().next().copied() else { return Ok(()) };
     let message = if key == "dense" {
         format!("expected `dense` alone (with `positions=` and `max_distance=` at most), but `{okey}=` was given at byte {ooff}")
@@ -383,4 +427,84 @@ fn check_dense(b: &SpecBuilder, off: usize, key: &str) -> Result<()> {
 pub(crate) fn parse(text: &str) -> Result<Policy> {
     let toks = tokenize(text)?;
     Parser { toks, pos: 0 }.policy()
+}
+
+// ---- The printer: the canonical text form (see the policy module's docs).
+
+/// A position mode as the text form writes it.
+pub(crate) fn mode_text(mode: PositionMode) -> String {
+    match mode {
+        PositionMode::Original => "positions=original".into(),
+        PositionMode::Contiguous => "positions=contiguous".into(),
+        PositionMode::Capped { max_distance } => format!("positions=capped,max_distance={max_distance}"),
+    }
+}
+
+impl fmt::Display for Spec {
+    /// Canonical order: `dense, sinks, window, pages, min_pages, clusters, clusters_k,
+    /// cluster_size, hier, rank, positions, max_distance`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut items: Vec<String> = Vec::new();
+        if self.dense {
+            items.push("dense".into());
+        }
+        let numbers = [
+            ("sinks", self.sinks),
+            ("window", self.window),
+            ("pages", self.pages),
+            ("min_pages", self.min_pages),
+            ("clusters", self.clusters),
+            ("clusters_k", self.clusters_k),
+            ("cluster_size", self.cluster_size),
+            ("hier", self.hier),
+        ];
+        items.extend(numbers.iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))));
+        if let Some(r) = self.rank {
+            items.push(format!("rank={}", r.name()));
+        }
+        if let Some(p) = self.positions {
+            items.push(format!("positions={}", p.name()));
+        }
+        if let Some(m) = self.max_distance {
+            items.push(format!("max_distance={m}"));
+        }
+        f.write_str(&items.join(","))
+    }
+}
+
+impl fmt::Display for LayerOverride {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ranges: Vec<String> =
+            self.layers.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+        write!(f, "layers={}:{}", ranges.join(","), self.spec)
+    }
+}
+
+impl fmt::Display for HeadOverride {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let heads: Vec<String> = self.heads.iter().map(|(l, h)| format!("{l}.{h}")).collect();
+        write!(f, "heads={}:{}", heads.join(","), self.spec)
+    }
+}
+
+impl fmt::Display for Policy {
+    /// The canonical text form: the default spec, then layer clauses, then head clauses.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.default_spec())?;
+        for o in self.layer_overrides() {
+            write!(f, ";{o}")?;
+        }
+        for o in self.head_overrides() {
+            write!(f, ";{o}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Policy::parse(s)
+    }
 }

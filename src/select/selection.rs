@@ -41,14 +41,21 @@ pub struct SelectionStats {
 
 fn check_seq_len(seq_len: usize) -> Result<()> {
     if seq_len > u32::MAX as usize {
-        return Err(Error::out_of_range("seq_len", seq_len as i64, format!("0..={} (token indices are u32)", u32::MAX)));
+        return Err(Error::out_of_range(
+            "seq_len",
+            seq_len as i64,
+            format!("0..={} (token indices are u32)", u32::MAX),
+        ));
     }
     Ok(())
 }
 
 fn check_num_kv_heads(num_kv_heads: usize) -> Result<()> {
-    if num_kv_heads == 0 {
-        return Err(Error::invalid("num_kv_heads", "at least 1"));
+    if num_kv_heads == 0 || num_kv_heads > crate::config::MAX_KV_HEADS {
+        return Err(Error::invalid(
+            "num_kv_heads",
+            format!("1 to {}, got {num_kv_heads}", crate::config::MAX_KV_HEADS),
+        ));
     }
     Ok(())
 }
@@ -79,7 +86,11 @@ fn check_head(head: &[u32], h: usize, base: usize, seq_len: usize) -> Result<()>
             ));
         }
         if t as usize >= seq_len {
-            return Err(Error::out_of_range(format!("indices[{}]", base + i), t as i64, format!("0..{seq_len} (seq_len; head {h})")));
+            return Err(Error::out_of_range(
+                format!("indices[{}]", base + i),
+                t as i64,
+                format!("0..{seq_len} (seq_len; head {h})"),
+            ));
         }
     }
     Ok(())
@@ -136,7 +147,11 @@ impl Selection {
     pub fn from_csr(seq_len: usize, head_indptr: Vec<u32>, indices: Vec<u32>) -> Result<Self> {
         check_seq_len(seq_len)?;
         if head_indptr.len() < 2 {
-            return Err(Error::shape("head_indptr", "[num_kv_heads + 1] with num_kv_heads >= 1", format!("[{}]", head_indptr.len())));
+            return Err(Error::shape(
+                "head_indptr",
+                "[num_kv_heads + 1] with num_kv_heads >= 1",
+                format!("[{}]", head_indptr.len()),
+            ));
         }
         if head_indptr[0] != 0 {
             return Err(Error::invalid("head_indptr", format!("head_indptr[0] == 0, got {}", head_indptr[0])));
@@ -145,7 +160,12 @@ impl Selection {
             if head_indptr[h] < head_indptr[h - 1] {
                 return Err(Error::invalid(
                     "head_indptr",
-                    format!("non-decreasing offsets, but head_indptr[{h}] = {} is less than head_indptr[{}] = {}", head_indptr[h], h - 1, head_indptr[h - 1]),
+                    format!(
+                        "non-decreasing offsets, but head_indptr[{h}] = {} is less than head_indptr[{}] = {}",
+                        head_indptr[h],
+                        h - 1,
+                        head_indptr[h - 1]
+                    ),
                 ));
             }
         }
@@ -169,7 +189,11 @@ impl Selection {
     /// above `u32::MAX` (the CSR offsets are u32).
     pub fn dense(num_kv_heads: usize, seq_len: usize) -> Result<Self> {
         check_seq_len(seq_len)?;
-        Self::same_for_all_heads_unchecked(num_kv_heads, seq_len, (0..seq_len as u32).collect())
+        check_num_kv_heads(num_kv_heads)?;
+        check_total(num_kv_heads.saturating_mul(seq_len))?;
+        let mut tokens = crate::alloc::vec_with_capacity(seq_len, "selection indices")?;
+        tokens.extend(0..seq_len as u32);
+        Self::same_for_all_heads_unchecked(num_kv_heads, seq_len, tokens)
     }
 
     /// The same strictly ascending token list for every head (validated as in
@@ -186,8 +210,15 @@ impl Selection {
         let total = num_kv_heads.saturating_mul(tokens.len());
         check_total(total)?;
         let n = tokens.len() as u32;
-        let head_indptr = (0..=num_kv_heads as u32).map(|h| h * n).collect();
-        let indices = if num_kv_heads == 1 { tokens } else { tokens.repeat(num_kv_heads) };
+        let mut head_indptr = crate::alloc::vec_with_capacity(num_kv_heads + 1, "selection head_indptr")?;
+        head_indptr.extend((0..=num_kv_heads as u32).map(|h| h * n));
+        let indices = if num_kv_heads == 1 {
+            tokens
+        } else {
+            let mut all = crate::alloc::vec_with_capacity(total, "selection indices")?;
+            (0..num_kv_heads).for_each(|_| all.extend_from_slice(&tokens));
+            all
+        };
         Ok(Selection { seq_len, head_indptr, indices })
     }
 

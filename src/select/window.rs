@@ -16,7 +16,11 @@ pub(crate) fn first_and_last(seq_len: usize, first: usize, last: usize) -> Vec<u
 
 fn check_seq_len(seq_len: usize) -> Result<()> {
     if seq_len > u32::MAX as usize {
-        return Err(Error::out_of_range("seq_len", seq_len as i64, format!("0..={} (token indices are u32)", u32::MAX)));
+        return Err(Error::out_of_range(
+            "seq_len",
+            seq_len as i64,
+            format!("0..={} (token indices are u32)", u32::MAX),
+        ));
     }
     Ok(())
 }
@@ -29,7 +33,10 @@ fn check_seq_len(seq_len: usize) -> Result<()> {
 /// `sinks` 0 is allowed (a plain sliding window).
 pub fn streaming(num_kv_heads: usize, seq_len: usize, sinks: usize, window: usize) -> Result<Selection> {
     if window == 0 {
-        return Err(Error::invalid("window", "at least 1 recent token (window = 0 would hide the query's own context)"));
+        return Err(Error::invalid(
+            "window",
+            "at least 1 recent token (window = 0 would hide the query's own context)",
+        ));
     }
     check_seq_len(seq_len)?;
     Selection::same_for_all_heads_unchecked(num_kv_heads, seq_len, first_and_last(seq_len, sinks, window))

@@ -37,7 +37,9 @@ pub fn fill_sequence(cache: &mut KvCache, len: usize, rng: &mut Rng, scale: f32)
         let k = rng.vec(n, scale);
         let v = rng.vec(n, 1.0);
         let shape = [len, c.num_kv_heads, c.head_dim];
-        cache.write(id, layer, 0, &TensorView::new(&k, &shape).unwrap(), &TensorView::new(&v, &shape).unwrap()).unwrap();
+        cache
+            .write(id, layer, 0, &TensorView::new(&k, &shape).unwrap(), &TensorView::new(&v, &shape).unwrap())
+            .unwrap();
     }
     id
 }

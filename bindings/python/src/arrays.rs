@@ -1,13 +1,13 @@
 //! numpy arrays in and out: float arrays become strided `TensorView`s over numpy's own
-//! memory (no copy), integer arguments become checked Rust vectors, results become new
+//! memory (no copy; float64 arguments become float32 copies), integer arguments become checked Rust vectors, results become new
 //! numpy arrays that take ownership of Rust vectors.
 
 use half::f16;
 use kvsieve::{DType, Error, TensorView, TensorViewMut};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{
-    Element, PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
+    Element, PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
@@ -43,13 +43,39 @@ fn strides_usable(a: &Bound<'_, PyUntypedArray>) -> bool {
 }
 
 fn borrow_error(param: &str, writable: bool) -> PyErr {
-    let expected =
-        if writable { "a writable array that no other kvsieve call is using" } else { "an array that no kvsieve call is writing" };
+    let expected = if writable {
+        "a writable array that no other kvsieve call is using"
+    } else {
+        "an array that no kvsieve call is writing"
+    };
     to_py_err(Error::InvalidArgument { param: param.into(), expected: expected.into() })
 }
 
-fn float_dtype_error(param: &str, a: &Bound<'_, PyUntypedArray>) -> PyErr {
-    to_py_err(Error::DType { param: param.into(), expected: "float32 or float16".into(), got: a.dtype().to_string() })
+fn float_dtype_error(param: &str, a: &Bound<'_, PyUntypedArray>, expected: &str) -> PyErr {
+    to_py_err(Error::DType { param: param.into(), expected: expected.into(), got: a.dtype().to_string() })
+}
+
+/// What a read-only float argument may be.
+const FLOAT_DTYPES: &str = "float32, float16 or float64";
+
+/// Whether the array holds float64 (read-only arguments take it as a float32 copy).
+fn is_float64(a: &Bound<'_, PyUntypedArray>) -> bool {
+    let dt = a.dtype();
+    dt.kind() == b'f' && dt.itemsize() == 8
+}
+
+/// A C-ordered float32 copy of a float64 array.
+fn float64_to_f32<'py>(a: &Bound<'py, PyUntypedArray>) -> PyResult<Bound<'py, PyUntypedArray>> {
+    Ok(a.call_method1("astype", ("float32", "C"))?.cast_into::<PyUntypedArray>()?)
+}
+
+/// A new array with `obj`'s values that the caller may write: a copy in C order, as
+/// float32 for a float64 array. `obj` must have passed [`FloatArray::extract`].
+pub fn writable_copy<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    match obj.cast::<PyUntypedArray>() {
+        Ok(a) if is_float64(a) => Ok(float64_to_f32(a)?.into_any()),
+        _ => obj.call_method0("copy"),
+    }
 }
 
 /// Element strides of an array whose byte strides passed [`strides_usable`].
@@ -57,7 +83,8 @@ fn elem_strides<T>(strides: &[isize]) -> Vec<usize> {
     strides.iter().map(|&s| s as usize / std::mem::size_of::<T>()).collect()
 }
 
-/// A read-only float32 or float16 numpy array, borrowed for the duration of a call.
+/// A read-only float32 or float16 numpy array, borrowed for the duration of a call (a
+/// float64 argument is converted to a float32 copy, which this holds instead).
 pub enum FloatArray<'py> {
     F32(PyReadonlyArrayDyn<'py, f32>),
     F16(PyReadonlyArrayDyn<'py, f16>),
@@ -65,9 +92,13 @@ pub enum FloatArray<'py> {
 
 impl<'py> FloatArray<'py> {
     /// Borrow `obj` as a float array. Arrays with negative strides (reversed views) are
-    /// copied to C order when `copy_if_needed`, and rejected otherwise.
+    /// copied to C order when `copy_if_needed`, and rejected otherwise; float64 arrays are
+    /// always copied, to float32 in C order.
     pub fn extract(obj: &Bound<'py, PyAny>, param: &str, copy_if_needed: bool) -> PyResult<Self> {
-        let mut arr = as_ndarray(obj, param, "float32 or float16")?;
+        let mut arr = as_ndarray(obj, param, FLOAT_DTYPES)?;
+        if is_float64(&arr) {
+            arr = float64_to_f32(&arr)?;
+        }
         if !strides_usable(&arr) {
             if !copy_if_needed {
                 return Err(Error::Shape {
@@ -85,7 +116,7 @@ impl<'py> FloatArray<'py> {
         if let Ok(a) = arr.cast::<PyArrayDyn<f16>>() {
             return Ok(FloatArray::F16(a.try_readonly().map_err(|_| borrow_error(param, false))?));
         }
-        Err(float_dtype_error(param, &arr))
+        Err(float_dtype_error(param, &arr, FLOAT_DTYPES))
     }
 
     pub fn dtype(&self) -> DType {
@@ -143,7 +174,8 @@ pub enum FloatArrayMut<'py> {
 
 impl<'py> FloatArrayMut<'py> {
     pub fn extract(obj: &Bound<'py, PyAny>, param: &str) -> PyResult<Self> {
-        let arr = as_ndarray(obj, param, "float32 or float16")?;
+        // float64 cannot be written in place as float32; the caller converts it first.
+        let arr = as_ndarray(obj, param, "float32 or float16 (written in place)")?;
         if !strides_usable(&arr) {
             return Err(Error::Shape {
                 param: param.into(),
@@ -158,14 +190,18 @@ impl<'py> FloatArrayMut<'py> {
         if let Ok(a) = arr.cast::<PyArrayDyn<f16>>() {
             return Ok(FloatArrayMut::F16(a.try_readwrite().map_err(|_| borrow_error(param, true))?));
         }
-        Err(float_dtype_error(param, &arr))
+        Err(float_dtype_error(param, &arr, "float32 or float16 (written in place)"))
     }
 
     /// A writable strided view of the array's own memory.
     pub fn view_mut(&mut self) -> Result<TensorViewMut<'_>, Error> {
         let (ptr, dtype, shape, strides) = match self {
-            FloatArrayMut::F32(a) => (a.data() as *mut u8, DType::F32, a.shape().to_vec(), elem_strides::<f32>(a.strides())),
-            FloatArrayMut::F16(a) => (a.data() as *mut u8, DType::F16, a.shape().to_vec(), elem_strides::<f16>(a.strides())),
+            FloatArrayMut::F32(a) => {
+                (a.data() as *mut u8, DType::F32, a.shape().to_vec(), elem_strides::<f32>(a.strides()))
+            }
+            FloatArrayMut::F16(a) => {
+                (a.data() as *mut u8, DType::F16, a.shape().to_vec(), elem_strides::<f16>(a.strides()))
+            }
         };
         // SAFETY: shape and strides are numpy's own, so every reachable element lies in the
         // buffer; the exclusive borrow held by `self` keeps other kvsieve calls off the array.
@@ -178,10 +214,20 @@ pub fn int_vec(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<Vec<i64>> {
     if let Ok(arr) = obj.cast::<PyUntypedArray>() {
         let kind = arr.dtype().kind();
         if kind != b'i' && kind != b'u' {
-            return Err(Error::DType { param: param.into(), expected: "an integer array".into(), got: arr.dtype().to_string() }).kv();
+            return Err(Error::DType {
+                param: param.into(),
+                expected: "an integer array".into(),
+                got: arr.dtype().to_string(),
+            })
+            .kv();
         }
         if arr.ndim() != 1 {
-            return Err(Error::Shape { param: param.into(), expected: "a 1-D array".into(), got: fmt_shape(arr.shape()) }).kv();
+            return Err(Error::Shape {
+                param: param.into(),
+                expected: "a 1-D array".into(),
+                got: fmt_shape(arr.shape()),
+            })
+            .kv();
         }
         let a = arr.call_method1("astype", ("int64",))?;
         let a = a.cast::<PyArray1<i64>>()?.readonly();
@@ -258,12 +304,16 @@ pub fn seq_ids(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<Vec<u64>> {
 
 /// A non-negative integer argument.
 pub fn usize_arg(x: i64, param: &str) -> PyResult<usize> {
-    usize::try_from(x).map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative integers".into() }).kv()
+    usize::try_from(x)
+        .map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative integers".into() })
+        .kv()
 }
 
 /// A sequence id (sequence ids are non-negative).
 pub fn seq_id(x: i64, param: &str) -> PyResult<u64> {
-    u64::try_from(x).map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative sequence ids".into() }).kv()
+    u64::try_from(x)
+        .map_err(|_| Error::OutOfRange { param: param.into(), value: x, range: "non-negative sequence ids".into() })
+        .kv()
 }
 
 /// A new numpy array of `shape` owning `data` (C order).
@@ -308,8 +358,13 @@ impl OutBuf {
         match DType::parse(out_dtype) {
             Some(DType::F32) => Ok(OutBuf::F32(filled(param, n, 0.0)?)),
             Some(DType::F16) => Ok(OutBuf::F16(filled(param, n, f16::ZERO)?)),
-            Some(DType::BF16) => Err(Error::Unsupported("out_dtype bf16: numpy has no bfloat16 dtype; use \"f32\" or \"f16\"".into())),
-            None => Err(Error::InvalidArgument { param: "out_dtype".into(), expected: format!("\"f32\" or \"f16\", got {out_dtype:?}") }),
+            Some(DType::BF16) => {
+                Err(Error::Unsupported("out_dtype bf16: numpy has no bfloat16 dtype; use \"f32\" or \"f16\"".into()))
+            }
+            None => Err(Error::InvalidArgument {
+                param: "out_dtype".into(),
+                expected: format!("\"f32\" or \"f16\", got {out_dtype:?}"),
+            }),
         }
     }
 

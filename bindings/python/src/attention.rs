@@ -6,8 +6,8 @@ use kvsieve::{Error, PageLayout, PageTableRef, PagedKv, PagedKvLayout, Selection
 use pyo3::prelude::*;
 
 use crate::arrays::{filled, i32_vec, numel, to_numpy, FloatArray, OutBuf};
-use crate::errors::KvResultExt;
-use crate::options::{attention_params, check_position_mode, parse_key_rope, parse_layout, query_shape};
+use crate::errors::{detach, KvResultExt};
+use crate::options::{check_position_mode, parse_key_rope, parse_layout, query_shape, AttentionKw};
 use crate::rope::PyRopeConfig;
 use crate::selection::selections_arg;
 use crate::sparse::windows_arg;
@@ -110,7 +110,7 @@ impl<'py> EnginePages<'py> {
     }
 }
 
-/// Decode attention over engine-owned paged K/V arrays; returns ``(out, lse)``.
+#[doc = doc!(paged_decode)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, *, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
 #[allow(clippy::too_many_arguments)]
@@ -134,13 +134,15 @@ pub fn paged_decode<'py>(
     out_dtype: &str,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let pages = EnginePages::extract(k_pages, v_pages, indptr, indices, last_page_len, layout, positions, key_rope)?;
-    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "batch").kv()?;
-    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::decode(kv, qv, out, Some(lse), &params))
+    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| {
+        attention::decode(kv, qv, out, Some(lse), &params)
+    })
 }
 
-/// Prefill attention over engine-owned paged K/V arrays; returns ``(out, lse)``.
+#[doc = doc!(paged_prefill)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, qo_indptr, *, causal = true, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
 #[allow(clippy::too_many_arguments)]
@@ -167,7 +169,7 @@ pub fn paged_prefill<'py>(
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let pages = EnginePages::extract(k_pages, v_pages, indptr, indices, last_page_len, layout, positions, key_rope)?;
     let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
-    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "total").kv()?;
     run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| {
@@ -175,8 +177,7 @@ pub fn paged_prefill<'py>(
     })
 }
 
-/// Sparse decode over engine-owned paged K/V arrays: KV head ``h`` of sequence ``b`` reads
-/// only ``selections[b].head(h)``; returns ``(out, lse)``.
+#[doc = doc!(paged_decode_sparse)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, selections, *, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
 #[allow(clippy::too_many_arguments)]
@@ -203,14 +204,15 @@ pub fn paged_decode_sparse<'py>(
     let pages = EnginePages::extract(k_pages, v_pages, indptr, indices, last_page_len, layout, positions, key_rope)?;
     let sels = selections_arg(selections, "selections")?;
     let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
-    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "batch").kv()?;
-    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| attention::decode_sparse(kv, qv, &sels, out, Some(lse), &params))
+    run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| {
+        attention::decode_sparse(kv, qv, &sels, out, Some(lse), &params)
+    })
 }
 
-/// Sparse causal prefill over engine-owned paged K/V arrays, with optional per-KV-head row
-/// windows; returns ``(out, lse)``.
+#[doc = doc!(paged_prefill_sparse)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, qo_indptr, selections, windows = None, *, layout = "nhd", positions = None, key_rope = "post", scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
 #[allow(clippy::too_many_arguments)]
@@ -241,7 +243,7 @@ pub fn paged_prefill_sparse<'py>(
     let sels = selections_arg(selections, "selections")?;
     let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
     let windows = windows_arg(windows)?;
-    let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+    let params = AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
     let q = FloatArray::extract(q, "q", true)?;
     let shape = query_shape(q.shape(), "total").kv()?;
     run(py, &pages, &params, &q, shape, out_dtype, |kv, qv, out, lse| {
@@ -264,11 +266,11 @@ fn run<'py>(
     let qv = q.view().kv()?;
     let mut out = OutBuf::new(out_dtype, "q", &shape).kv()?;
     let mut lse = filled("q", numel("q", &shape[..2]).kv()?, 0f32).kv()?;
-    py.detach(|| f(&kv, &qv, &mut out.view_mut(&shape)?, &mut lse)).kv()?;
+    detach(py, || f(&kv, &qv, &mut out.view_mut(&shape)?, &mut lse))?;
     Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
 }
 
-/// Merge two partial attention results over disjoint key sets by their LSEs.
+#[doc = doc!(merge_states)]
 #[pyfunction]
 #[pyo3(signature = (v_a, lse_a, v_b, lse_b, *, out_dtype = "f32"))]
 pub fn merge_states<'py>(
@@ -283,13 +285,17 @@ pub fn merge_states<'py>(
     let shape: [usize; 3] = va
         .shape()
         .try_into()
-        .map_err(|_| Error::Shape { param: "v_a".into(), expected: "[n, heads, head_dim]".into(), got: format!("{:?}", va.shape()) })
+        .map_err(|_| Error::Shape {
+            param: "v_a".into(),
+            expected: "[n, heads, head_dim]".into(),
+            got: format!("{:?}", va.shape()),
+        })
         .kv()?;
     let la = FloatArray::extract(lse_a, "lse_a", true)?.to_f32_vec();
     let lb = FloatArray::extract(lse_b, "lse_b", true)?.to_f32_vec();
     let (av, bv) = (va.view().kv()?, vb.view().kv()?);
     let mut out = OutBuf::new(out_dtype, "v_a", &shape).kv()?;
     let mut lse = filled("v_a", numel("v_a", &shape[..2]).kv()?, 0f32).kv()?;
-    py.detach(|| attention::merge_states(&av, &la, &bv, &lb, &mut out.view_mut(&shape)?, &mut lse)).kv()?;
+    detach(py, || attention::merge_states(&av, &la, &bv, &lb, &mut out.view_mut(&shape)?, &mut lse))?;
     Ok((out.into_numpy(py, &shape)?, to_numpy(py, lse, &shape[..2])?))
 }

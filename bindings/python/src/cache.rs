@@ -10,29 +10,41 @@ use parking_lot::RwLock;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::arrays::{filled, i32_vec, int_vec, numel, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, FloatArray, OutBuf};
-use crate::errors::KvResultExt;
-use crate::options::{
-    attention_params, check_position_mode, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape,
+use crate::arrays::{
+    filled, i32_vec, int_vec, numel, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, FloatArray, OutBuf,
 };
 use crate::cluster_set::PyClusterIndexSet;
+use crate::errors::{detach, KvResultExt};
+use crate::options::{
+    check_position_mode, key_rope_name, layout_name, parse_dtype, parse_key_rope, parse_layout, query_shape,
+    AttentionKw,
+};
 use crate::policy::policy_arg;
 use crate::rope::PyRopeConfig;
 use crate::selection::{selections_arg, PySelection};
 use crate::sparse::{keep_lists, parse_keep_per, windows_arg, KeepPer};
 
-/// Shape and storage of a :class:`KvCache` (read-only).
+#[doc = doc!(CacheConfig)]
 #[pyclass(name = "CacheConfig", module = "kvsieve", frozen, get_all)]
 #[derive(Clone)]
 pub struct PyCacheConfig {
+    #[doc = doc!(CacheConfig.num_layers)]
     num_layers: usize,
+    #[doc = doc!(CacheConfig.num_kv_heads)]
     num_kv_heads: usize,
+    #[doc = doc!(CacheConfig.head_dim)]
     head_dim: usize,
+    #[doc = doc!(CacheConfig.page_size)]
     page_size: usize,
+    #[doc = doc!(CacheConfig.capacity_pages)]
     capacity_pages: usize,
+    #[doc = doc!(CacheConfig.dtype)]
     dtype: &'static str,
+    #[doc = doc!(CacheConfig.layout)]
     layout: &'static str,
+    #[doc = doc!(CacheConfig.key_rope)]
     key_rope: &'static str,
+    #[doc = doc!(CacheConfig.track_key_bounds)]
     track_key_bounds: bool,
 }
 
@@ -96,7 +108,7 @@ impl From<&CacheConfig> for PyCacheConfig {
     }
 }
 
-/// Paged KV storage owned by kvsieve, for many sequences. See the stub for the full docs.
+#[doc = doc!(KvCache)]
 #[pyclass(name = "KvCache", module = "kvsieve", frozen)]
 pub struct PyKvCache {
     inner: RwLock<KvCache>,
@@ -104,13 +116,21 @@ pub struct PyKvCache {
 
 impl PyKvCache {
     /// Run `f` on the cache under the read lock, with the GIL released.
-    pub(crate) fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&KvCache) -> Result<T, Error> + Send) -> PyResult<T> {
-        py.detach(|| f(&self.inner.read())).kv()
+    pub(crate) fn with_read<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&KvCache) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
+        detach(py, || f(&self.inner.read()))
     }
 
     /// Run `f` on the cache under the write lock, with the GIL released.
-    fn with_write<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut KvCache) -> Result<T, Error> + Send) -> PyResult<T> {
-        py.detach(|| f(&mut self.inner.write())).kv()
+    fn with_write<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut KvCache) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
+        detach(py, || f(&mut self.inner.write()))
     }
 }
 
@@ -131,42 +151,58 @@ impl PyKvCache {
         key_rope: &str,
         track_key_bounds: bool,
     ) -> PyResult<Self> {
-        let cfg = cache_config(num_layers, num_kv_heads, head_dim, page_size, capacity_pages, dtype, layout, key_rope, track_key_bounds)?;
-        let cache = py.detach(|| KvCache::new(cfg)).kv()?;
+        let cfg = cache_config(
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            page_size,
+            capacity_pages,
+            dtype,
+            layout,
+            key_rope,
+            track_key_bounds,
+        )?;
+        let cache = detach(py, || KvCache::new(cfg))?;
         Ok(PyKvCache { inner: RwLock::new(cache) })
     }
 
-    /// The cache's configuration.
+    #[doc = doc!(KvCache.config)]
     #[getter]
     fn config(&self, py: Python<'_>) -> PyResult<PyCacheConfig> {
         self.with_read(py, |c| Ok(PyCacheConfig::from(c.config())))
     }
 
-    /// Create an empty sequence; returns its id.
+    #[doc = doc!(KvCache.create_sequence)]
     fn create_sequence(&self, py: Python<'_>) -> PyResult<u64> {
         self.with_write(py, |c| Ok(c.create_sequence()))
     }
 
-    /// A new sequence sharing all of ``seq``'s pages (copied on the first write by either side).
+    #[doc = doc!(KvCache.fork)]
     fn fork(&self, py: Python<'_>, seq: i64) -> PyResult<u64> {
         let seq = seq_id(seq, "seq")?;
         self.with_write(py, |c| c.fork(seq))
     }
 
-    /// Drop a sequence; pages no other sequence shares go back to the pool.
+    #[doc = doc!(KvCache.free_sequence)]
     fn free_sequence(&self, py: Python<'_>, seq: i64) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
         self.with_write(py, |c| c.free_sequence(seq))
     }
 
-    /// Ids of all live sequences, ascending.
+    #[doc = doc!(KvCache.sequences)]
     fn sequences(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
         self.with_read(py, |c| Ok(c.sequences()))
     }
 
-    /// Append ``n`` token slots to a sequence; returns the slot mapping (int64).
+    #[doc = doc!(KvCache.append)]
     #[pyo3(signature = (seq, n, positions = None))]
-    fn append<'py>(&self, py: Python<'py>, seq: i64, n: i64, positions: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    fn append<'py>(
+        &self,
+        py: Python<'py>,
+        seq: i64,
+        n: i64,
+        positions: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let seq = seq_id(seq, "seq")?;
         let n = usize_arg(n, "n")?;
         let positions = positions.map(|p| i32_vec(p, "positions")).transpose()?;
@@ -175,8 +211,16 @@ impl PyKvCache {
         to_numpy(py, slots, &[len])
     }
 
-    /// Write K and V of one layer for tokens ``start .. start + n`` of a sequence.
-    fn write(&self, py: Python<'_>, seq: i64, layer: i64, start: i64, k: &Bound<'_, PyAny>, v: &Bound<'_, PyAny>) -> PyResult<()> {
+    #[doc = doc!(KvCache.write)]
+    fn write(
+        &self,
+        py: Python<'_>,
+        seq: i64,
+        layer: i64,
+        start: i64,
+        k: &Bound<'_, PyAny>,
+        v: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
         let layer = usize_arg(layer, "layer")?;
         let start = usize_arg(start, "start")?;
@@ -185,7 +229,7 @@ impl PyKvCache {
         self.with_write(py, |c| c.write(seq, layer, start, &kv, &vv))
     }
 
-    /// Write K and V of one layer into slots from a slot mapping returned by ``append``.
+    #[doc = doc!(KvCache.write_slots)]
     fn write_slots(
         &self,
         py: Python<'_>,
@@ -203,27 +247,27 @@ impl PyKvCache {
         self.with_write(py, |c| c.write_slots(seq, layer, &slots, &kv, &vv))
     }
 
-    /// Keep the first ``new_len`` tokens of a sequence.
+    #[doc = doc!(KvCache.truncate)]
     fn truncate(&self, py: Python<'_>, seq: i64, new_len: i64) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
         let new_len = usize_arg(new_len, "new_len")?;
         self.with_write(py, |c| c.truncate(seq, new_len))
     }
 
-    /// Evict whole pages (indices into the sequence's page list, strictly increasing).
+    #[doc = doc!(KvCache.evict_pages)]
     fn evict_pages(&self, py: Python<'_>, seq: i64, page_indices: &Bound<'_, PyAny>) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
         let pages = usize_vec(page_indices, "page_indices")?;
         self.with_write(py, |c| c.evict_pages(seq, &pages))
     }
 
-    /// Tokens held by a sequence.
+    #[doc = doc!(KvCache.seq_len)]
     fn seq_len(&self, py: Python<'_>, seq: i64) -> PyResult<usize> {
         let seq = seq_id(seq, "seq")?;
         self.with_read(py, |c| c.seq_len(seq))
     }
 
-    /// Original position of every token of a sequence (int32).
+    #[doc = doc!(KvCache.positions)]
     fn positions<'py>(&self, py: Python<'py>, seq: i64) -> PyResult<Bound<'py, PyAny>> {
         let seq = seq_id(seq, "seq")?;
         let p = self.with_read(py, |c| c.positions(seq))?;
@@ -231,7 +275,7 @@ impl PyKvCache {
         to_numpy(py, p, &[n])
     }
 
-    /// Page ids of a sequence in token order (int32).
+    #[doc = doc!(KvCache.seq_pages)]
     fn seq_pages<'py>(&self, py: Python<'py>, seq: i64) -> PyResult<Bound<'py, PyAny>> {
         let seq = seq_id(seq, "seq")?;
         let pages: Vec<i32> = self.with_read(py, |c| c.seq_pages(seq))?.into_iter().map(|p| p as i32).collect();
@@ -239,7 +283,7 @@ impl PyKvCache {
         to_numpy(py, pages, &[n])
     }
 
-    /// Reference count of a page id (0 = free).
+    #[doc = doc!(KvCache.page_refcount)]
     fn page_refcount(&self, py: Python<'_>, page: i64) -> PyResult<u32> {
         let page = u32::try_from(page)
             .map_err(|_| Error::OutOfRange { param: "page".into(), value: page, range: "page ids 0..2^32".into() })
@@ -247,7 +291,7 @@ impl PyKvCache {
         self.with_read(py, |c| c.page_refcount(page))
     }
 
-    /// The CSR page table of a batch: ``(indptr, indices, last_page_len)``, int32 arrays.
+    #[doc = doc!(KvCache.page_table)]
     fn page_table<'py>(
         &self,
         py: Python<'py>,
@@ -259,7 +303,7 @@ impl PyKvCache {
         Ok((to_numpy(py, t.indptr, &[a])?, to_numpy(py, t.indices, &[b])?, to_numpy(py, t.last_page_len, &[c])?))
     }
 
-    /// Per-channel key ``(min, max)`` of one page at one layer, each float32 ``[num_kv_heads, head_dim]``.
+    #[doc = doc!(KvCache.page_key_bounds)]
     fn page_key_bounds<'py>(
         &self,
         py: Python<'py>,
@@ -277,17 +321,17 @@ impl PyKvCache {
         Ok((to_numpy(py, min, &[h, d])?, to_numpy(py, max, &[h, d])?))
     }
 
-    /// Keys of a sequence at a layer, float32 ``[seq_len, num_kv_heads, head_dim]``.
+    #[doc = doc!(KvCache.read_keys)]
     fn read_keys<'py>(&self, py: Python<'py>, seq: i64, layer: i64) -> PyResult<Bound<'py, PyAny>> {
         self.read_kv(py, seq, layer, true)
     }
 
-    /// Values of a sequence at a layer, float32 ``[seq_len, num_kv_heads, head_dim]``.
+    #[doc = doc!(KvCache.read_values)]
     fn read_values<'py>(&self, py: Python<'py>, seq: i64, layer: i64) -> PyResult<Bound<'py, PyAny>> {
         self.read_kv(py, seq, layer, false)
     }
 
-    /// Memory statistics as a dict.
+    #[doc = doc!(KvCache.stats)]
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.with_read(py, |c| Ok(c.stats()))?;
         let d = PyDict::new(py);
@@ -302,12 +346,14 @@ impl PyKvCache {
         Ok(d)
     }
 
-    /// Check every internal invariant; raises ``InternalError`` naming the first violation.
+    #[doc = doc!(KvCache.check_invariants)]
     fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
-        self.with_read(py, |c| c.check_invariants().map_err(|m| Error::Internal(format!("cache invariant violated: {m}"))))
+        self.with_read(py, |c| {
+            c.check_invariants().map_err(|m| Error::Internal(format!("cache invariant violated: {m}")))
+        })
     }
 
-    /// Decode attention of one query token per sequence at ``layer``; returns ``(out, lse)``.
+    #[doc = doc!(KvCache.decode)]
     #[pyo3(signature = (layer, seqs, q, *, scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn decode<'py>(
@@ -326,14 +372,16 @@ impl PyKvCache {
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
         let layer = usize_arg(layer, "layer")?;
         let ids = seq_ids(seqs, "seqs")?;
-        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params =
+            AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
-        let (out, lse, ()) =
-            self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| c.decode(layer, &ids, qv, out, Some(lse), &params))?;
+        let (out, lse, ()) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| {
+            c.decode(layer, &ids, qv, out, Some(lse), &params)
+        })?;
         Ok((out, lse))
     }
 
-    /// Prefill attention of the last tokens of each sequence at ``layer``; returns ``(out, lse)``.
+    #[doc = doc!(KvCache.prefill)]
     #[pyo3(signature = (layer, seqs, q, qo_indptr, *, causal = true, scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn prefill<'py>(
@@ -355,7 +403,8 @@ impl PyKvCache {
         let layer = usize_arg(layer, "layer")?;
         let ids = seq_ids(seqs, "seqs")?;
         let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
-        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params =
+            AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
             c.prefill(layer, &ids, qv, &qo_indptr, out, Some(lse), &params, causal)
@@ -363,7 +412,7 @@ impl PyKvCache {
         Ok((out, lse))
     }
 
-    /// Decode attention where KV head ``h`` of ``seqs[b]`` reads only ``selections[b].head(h)``.
+    #[doc = doc!(KvCache.decode_sparse)]
     #[pyo3(signature = (layer, seqs, q, selections, *, scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn decode_sparse<'py>(
@@ -385,7 +434,8 @@ impl PyKvCache {
         let ids = seq_ids(seqs, "seqs")?;
         let sels = selections_arg(selections, "selections")?;
         let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
-        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params =
+            AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| {
             c.decode_sparse(layer, &ids, qv, &sels, out, Some(lse), &params)
@@ -393,8 +443,7 @@ impl PyKvCache {
         Ok((out, lse))
     }
 
-    /// Causal prefill where KV head ``h`` of ``seqs[b]`` reads only ``selections[b].head(h)``,
-    /// restricted per query row by ``windows[h]``; returns ``(out, lse)``.
+    #[doc = doc!(KvCache.prefill_sparse)]
     #[pyo3(signature = (layer, seqs, q, qo_indptr, selections, windows = None, *, scale = None, logit_soft_cap = None, rope = None, position_mode = "original", max_distance = None, chunk_size = None, out_dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn prefill_sparse<'py>(
@@ -420,7 +469,8 @@ impl PyKvCache {
         let sels = selections_arg(selections, "selections")?;
         let sels: Vec<&Selection> = sels.iter().map(|s| &s.get().inner).collect();
         let windows = windows_arg(windows)?;
-        let params = attention_params(position_mode, max_distance, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params =
+            AttentionKw { scale, logit_soft_cap, rope, position_mode, max_distance, chunk_size }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
             c.prefill_sparse(layer, &ids, qv, &qo_indptr, &sels, &windows, out, Some(lse), &params)
@@ -428,8 +478,7 @@ impl PyKvCache {
         Ok((out, lse))
     }
 
-    /// Decode under a policy; returns ``(out, lse, selections)`` (``selections`` empty for a
-    /// dense layer). A policy with ``clusters=`` needs ``clusters``, a ``ClusterIndexSet``.
+    #[doc = doc!(KvCache.decode_with_policy)]
     #[pyo3(signature = (layer, seqs, q, policy, *, clusters = None, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn decode_with_policy<'py>(
@@ -446,12 +495,12 @@ impl PyKvCache {
         chunk_size: Option<i64>,
         out_dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<PySelection>)> {
-        let (out, lse, sels) = self.policy_decode(py, layer, seqs, q, policy, clusters, scale, logit_soft_cap, rope, chunk_size, out_dtype)?;
+        let kw = AttentionKw { scale, logit_soft_cap, rope, chunk_size, ..Default::default() };
+        let (out, lse, sels) = self.policy_decode(py, layer, seqs, q, policy, clusters, kw, out_dtype)?;
         Ok((out, lse, sels.into_iter().map(|s| PySelection::from(s.selection)).collect()))
     }
 
-    /// Decode under a policy with centroid retrieval from ``clusters``; returns ``(out, lse,
-    /// selections, centroids_scored, radii_read)``, the last two per sequence.
+    #[doc = doc!(KvCache.decode_with_clusters)]
     #[pyo3(signature = (layer, seqs, q, policy, clusters, *, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn decode_with_clusters<'py>(
@@ -468,13 +517,14 @@ impl PyKvCache {
         chunk_size: Option<i64>,
         out_dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<PySelection>, Vec<usize>, Vec<usize>)> {
-        let (out, lse, sels) = self.policy_decode(py, layer, seqs, q, policy, Some(clusters), scale, logit_soft_cap, rope, chunk_size, out_dtype)?;
+        let kw = AttentionKw { scale, logit_soft_cap, rope, chunk_size, ..Default::default() };
+        let (out, lse, sels) = self.policy_decode(py, layer, seqs, q, policy, Some(clusters), kw, out_dtype)?;
         let scored = sels.iter().map(|s| s.centroids_scored).collect();
         let radii = sels.iter().map(|s| s.radii_read).collect();
         Ok((out, lse, sels.into_iter().map(|s| PySelection::from(s.selection)).collect(), scored, radii))
     }
 
-    /// Causal prefill under a policy; returns ``(out, lse)``.
+    #[doc = doc!(KvCache.prefill_with_policy)]
     #[pyo3(signature = (layer, seqs, q, qo_indptr, policy, *, scale = None, logit_soft_cap = None, rope = None, chunk_size = None, out_dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn prefill_with_policy<'py>(
@@ -495,7 +545,7 @@ impl PyKvCache {
         let ids = seq_ids(seqs, "seqs")?;
         let qo_indptr = i32_vec(qo_indptr, "qo_indptr")?;
         let policy = policy_arg(policy)?;
-        let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        let params = AttentionKw { scale, logit_soft_cap, rope, chunk_size, ..Default::default() }.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let (out, lse, ()) = self.attend(py, &params, &q, "total", out_dtype, |c, qv, out, lse| {
             c.prefill_with_policy(layer, &ids, qv, &qo_indptr, &policy, out, Some(lse), &params)
@@ -503,14 +553,14 @@ impl PyKvCache {
         Ok((out, lse))
     }
 
-    /// Evict the pages of a sequence that the policy never reads again; returns how many.
+    #[doc = doc!(KvCache.evict_for_policy)]
     fn evict_for_policy(&self, py: Python<'_>, seq: i64, policy: &Bound<'_, PyAny>) -> PyResult<usize> {
         let seq = seq_id(seq, "seq")?;
         let policy = policy_arg(policy)?;
         self.with_write(py, |c| c.evict_for_policy(seq, &policy))
     }
 
-    /// Keep only the tokens ``keep`` of a sequence, moved into fresh pages in order.
+    #[doc = doc!(KvCache.compact)]
     #[pyo3(signature = (seq, keep, per = "all"))]
     fn compact(&self, py: Python<'_>, seq: i64, keep: &Bound<'_, PyAny>, per: &str) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
@@ -528,7 +578,13 @@ impl PyKvCache {
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let (cfg, s) = self.with_read(py, |c| Ok((PyCacheConfig::from(c.config()), c.stats())))?;
-        Ok(format!("KvCache({}, sequences={}, pages_used={}/{})", cfg.__repr__(), s.num_sequences, s.pages_used, s.pages_total))
+        Ok(format!(
+            "KvCache({}, sequences={}, pages_used={}/{})",
+            cfg.__repr__(),
+            s.num_sequences,
+            s.pages_used,
+            s.pages_total
+        ))
     }
 }
 
@@ -544,17 +600,14 @@ impl PyKvCache {
         q: &Bound<'py, PyAny>,
         policy: &Bound<'py, PyAny>,
         clusters: Option<&Bound<'py, PyClusterIndexSet>>,
-        scale: Option<f32>,
-        logit_soft_cap: Option<f32>,
-        rope: Option<PyRef<'py, PyRopeConfig>>,
-        chunk_size: Option<i64>,
+        kw: AttentionKw<'_, 'py>,
         out_dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Vec<kvsieve::runtime::PolicySelection>)> {
         let layer = usize_arg(layer, "layer")?;
         let ids = seq_ids(seqs, "seqs")?;
         let policy = policy_arg(policy)?;
-        // The policy sets the position mode of the layer.
-        let params = attention_params("original", None, scale, logit_soft_cap, rope.as_deref(), chunk_size).kv()?;
+        // The policy sets the position mode of the layer (`kw` has none).
+        let params = kw.params().kv()?;
         let q = FloatArray::extract(q, "q", true)?;
         let set = clusters.map(|s| &s.get().inner);
         self.attend(py, &params, &q, "batch", out_dtype, |c, qv, out, lse| match set {

@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyList, PyTuple};
 
 use crate::arrays::{to_numpy, type_name, usize_arg, FloatArray};
-use crate::errors::KvResultExt;
+use crate::errors::{detach, KvResultExt};
 use crate::gemfilter::{key_source, with_keys, Keys};
 use crate::selection::PySelection;
 
@@ -86,7 +86,10 @@ fn path_arg(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<PathBuf> {
 
 /// Check `(num_kv_heads, head_dim)` of a key source against an index, naming the Python
 /// argument the keys came from.
-fn check_same_heads(index: (usize, usize), param: &'static str) -> impl Fn(usize, usize) -> Result<(), Error> + Send + Sync {
+fn check_same_heads(
+    index: (usize, usize),
+    param: &'static str,
+) -> impl Fn(usize, usize) -> Result<(), Error> + Send + Sync {
     move |hk, d| {
         if (hk, d) != index {
             return Err(Error::Shape {
@@ -106,7 +109,7 @@ fn source_param(keys: &Keys<'_>) -> &'static str {
     }
 }
 
-/// Thresholds chosen by [`PyClusterIndex::calibrate`]. See the stub for the full docs.
+#[doc = doc!(ClusterThresholds)]
 #[pyclass(name = "ClusterThresholds", module = "kvsieve", frozen)]
 #[derive(Clone)]
 pub struct PyClusterThresholds {
@@ -115,7 +118,7 @@ pub struct PyClusterThresholds {
 
 #[pymethods]
 impl PyClusterThresholds {
-    /// τ per KV head (float64).
+    #[doc = doc!(ClusterThresholds.per_head)]
     #[getter]
     fn per_head<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let v = self.inner.per_head.clone();
@@ -123,7 +126,7 @@ impl PyClusterThresholds {
         to_numpy(py, v, &[n])
     }
 
-    /// Mean kept fraction of the clustered keys per KV head on the calibration queries.
+    #[doc = doc!(ClusterThresholds.kept_fraction)]
     #[getter]
     fn kept_fraction<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let v = self.inner.kept_fraction.clone();
@@ -131,19 +134,19 @@ impl PyClusterThresholds {
         to_numpy(py, v, &[n])
     }
 
-    /// The fraction asked for.
+    #[doc = doc!(ClusterThresholds.target)]
     #[getter]
     fn target(&self) -> f64 {
         self.inner.target
     }
 
-    /// Whether each head was calibrated on its own.
+    #[doc = doc!(ClusterThresholds.per_head_mode)]
     #[getter]
     fn per_head_mode(&self) -> bool {
         self.inner.per_head_mode
     }
 
-    /// The kept fraction averaged over heads.
+    #[doc = doc!(ClusterThresholds.mean_kept_fraction)]
     fn mean_kept_fraction(&self) -> f64 {
         self.inner.mean_kept_fraction()
     }
@@ -165,23 +168,41 @@ impl PyClusterThresholds {
 }
 
 /// The fine retrieval rule from `threshold=` / `budget=` (exactly one).
-pub(crate) fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64>, hk: usize, rank: &str) -> PyResult<Retrieve> {
+pub(crate) fn fine_rule(
+    threshold: Option<&Bound<'_, PyAny>>,
+    budget: Option<i64>,
+    hk: usize,
+    rank: &str,
+) -> PyResult<Retrieve> {
     let mixed = match rank {
         "estimate" => false,
         "mixed" => true,
-        _ => return Err(Error::InvalidArgument { param: "rank".into(), expected: format!("\"estimate\" or \"mixed\", got {rank:?}") }).kv(),
+        _ => {
+            return Err(Error::InvalidArgument {
+                param: "rank".into(),
+                expected: format!("\"estimate\" or \"mixed\", got {rank:?}"),
+            })
+            .kv()
+        }
     };
     if mixed && budget.is_none() {
-        return Err(Error::InvalidArgument { param: "rank".into(), expected: "\"estimate\" unless budget= is given (rank orders clusters to fill a budget)".into() }).kv();
+        return Err(Error::InvalidArgument {
+            param: "rank".into(),
+            expected: "\"estimate\" unless budget= is given (rank orders clusters to fill a budget)".into(),
+        })
+        .kv();
     }
     match (threshold, budget) {
         (None, Some(b)) if mixed => Ok(Retrieve::MixedBudget(usize_arg(b, "budget")?)),
-        (None, None) => {
-            Err(Error::InvalidArgument { param: "threshold".into(), expected: "a threshold= or a budget= (neither was given)".into() }).kv()
-        }
+        (None, None) => Err(Error::InvalidArgument {
+            param: "threshold".into(),
+            expected: "a threshold= or a budget= (neither was given)".into(),
+        })
+        .kv(),
         (Some(_), Some(_)) => Err(Error::InvalidArgument {
             param: "budget".into(),
-            expected: "None when threshold= is given (keep clusters by a threshold or by a token budget, not both)".into(),
+            expected: "None when threshold= is given (keep clusters by a threshold or by a token budget, not both)"
+                .into(),
         })
         .kv(),
         (None, Some(b)) => Ok(Retrieve::Budget(usize_arg(b, "budget")?)),
@@ -191,13 +212,16 @@ pub(crate) fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64
                 expected: "a float, a ClusterThresholds, or one float per KV head (a sequence or 1-D array)".into(),
                 got: format!("an object of type {}", type_name(t)),
             };
-            let per_head =
-                t.is_instance_of::<PyList>() || t.is_instance_of::<PyTuple>() || t.cast::<PyUntypedArray>().is_ok_and(|a| a.ndim() > 0);
+            let per_head = t.is_instance_of::<PyList>()
+                || t.is_instance_of::<PyTuple>()
+                || t.cast::<PyUntypedArray>().is_ok_and(|a| a.ndim() > 0);
             let taus: Vec<f64> = if let Ok(th) = t.cast::<PyClusterThresholds>() {
                 th.get().inner.per_head.clone()
             } else if per_head {
                 let list = match t.cast::<PyUntypedArray>() {
-                    Ok(a) if a.ndim() == 1 => a.call_method1("astype", ("float64",)).and_then(|a| a.call_method0("tolist")).ok(),
+                    Ok(a) if a.ndim() == 1 => {
+                        a.call_method1("astype", ("float64",)).and_then(|a| a.call_method0("tolist")).ok()
+                    }
                     Ok(a) => {
                         return Err(Error::Shape {
                             param: "threshold".into(),
@@ -215,7 +239,11 @@ pub(crate) fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64
                 }
                 let v = t.extract::<f64>().map_err(|_| wrong()).kv()?;
                 if v.is_nan() {
-                    return Err(Error::InvalidArgument { param: "threshold".into(), expected: "a threshold that is not NaN".into() }).kv();
+                    return Err(Error::InvalidArgument {
+                        param: "threshold".into(),
+                        expected: "a threshold that is not NaN".into(),
+                    })
+                    .kv();
                 }
                 return Ok(Retrieve::Threshold(v));
             };
@@ -228,8 +256,11 @@ pub(crate) fn fine_rule(threshold: Option<&Bound<'_, PyAny>>, budget: Option<i64
                 .kv();
             }
             if let Some(h) = taus.iter().position(|t| t.is_nan()) {
-                return Err(Error::InvalidArgument { param: format!("threshold[{h}]"), expected: "a threshold that is not NaN".into() })
-                    .kv();
+                return Err(Error::InvalidArgument {
+                    param: format!("threshold[{h}]"),
+                    expected: "a threshold that is not NaN".into(),
+                })
+                .kv();
             }
             Ok(Retrieve::PerHeadThreshold(taus))
         }
@@ -245,15 +276,22 @@ pub(crate) fn coarse_rule(
     multiple: Option<f64>,
     fine: &Retrieve,
 ) -> PyResult<Option<CoarseRetrieve>> {
-    let given: Vec<&str> =
-        [("coarse_threshold", threshold.is_some()), ("coarse_budget", budget.is_some()), ("coarse_budget_multiple", multiple.is_some())]
-            .iter()
-            .filter(|g| g.1)
-            .map(|g| g.0)
-            .collect();
+    let given: Vec<&str> = [
+        ("coarse_threshold", threshold.is_some()),
+        ("coarse_budget", budget.is_some()),
+        ("coarse_budget_multiple", multiple.is_some()),
+    ]
+    .iter()
+    .filter(|g| g.1)
+    .map(|g| g.0)
+    .collect();
     if !hierarchical {
         if let Some(&param) = given.first() {
-            return Err(Error::InvalidArgument { param: param.into(), expected: "None unless hierarchical=True".into() }).kv();
+            return Err(Error::InvalidArgument {
+                param: param.into(),
+                expected: "None unless hierarchical=True".into(),
+            })
+            .kv();
         }
         return Ok(None);
     }
@@ -269,14 +307,19 @@ pub(crate) fn coarse_rule(
     }
     if let Some(t) = threshold {
         if t.is_nan() {
-            return Err(Error::InvalidArgument { param: "coarse_threshold".into(), expected: "a threshold that is not NaN".into() }).kv();
+            return Err(Error::InvalidArgument {
+                param: "coarse_threshold".into(),
+                expected: "a threshold that is not NaN".into(),
+            })
+            .kv();
         }
         return Ok(Some(CoarseRetrieve::Threshold(t)));
     }
     if let Some(b) = budget {
         let b = usize_arg(b, "coarse_budget")?;
         if b == 0 {
-            return Err(Error::InvalidArgument { param: "coarse_budget".into(), expected: "at least 1 token".into() }).kv();
+            return Err(Error::InvalidArgument { param: "coarse_budget".into(), expected: "at least 1 token".into() })
+                .kv();
         }
         return Ok(Some(CoarseRetrieve::Budget(b)));
     }
@@ -291,7 +334,8 @@ pub(crate) fn coarse_rule(
         if !matches!(fine, Retrieve::Budget(_) | Retrieve::MixedBudget(_)) {
             return Err(Error::InvalidArgument {
                 param: "coarse_budget_multiple".into(),
-                expected: "a fine budget= to multiply (with threshold=, use coarse_threshold= or coarse_budget=)".into(),
+                expected: "a fine budget= to multiply (with threshold=, use coarse_threshold= or coarse_budget=)"
+                    .into(),
             })
             .kv();
         }
@@ -299,13 +343,13 @@ pub(crate) fn coarse_rule(
     }
     Err(Error::InvalidArgument {
         param: "hierarchical".into(),
-        expected: "a coarse rule with hierarchical=True: coarse_threshold=, coarse_budget= or coarse_budget_multiple=".into(),
+        expected: "a coarse rule with hierarchical=True: coarse_threshold=, coarse_budget= or coarse_budget_multiple="
+            .into(),
     })
     .kv()
 }
 
-/// K-means clusters of the keys of one (sequence, layer), every KV head, for centroid
-/// retrieval. See the stub for the full docs.
+#[doc = doc!(ClusterIndex)]
 #[pyclass(name = "ClusterIndex", module = "kvsieve", frozen)]
 pub struct PyClusterIndex {
     inner: RwLock<ClusterIndex>,
@@ -324,8 +368,12 @@ impl PyClusterIndex {
     }
 
     /// Run `f` on the index under the read lock, with the GIL released.
-    fn with_read<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&ClusterIndex) -> Result<T, Error> + Send) -> PyResult<T> {
-        py.detach(|| f(&self.inner.read())).kv()
+    fn with_read<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&ClusterIndex) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
+        detach(py, || f(&self.inner.read()))
     }
 
     /// `h` checked against the index's KV heads.
@@ -339,7 +387,12 @@ impl PyClusterIndex {
     }
 
     /// One head's `[num_clusters, head_dim]` f32 rows.
-    fn head_rows<'py>(&self, py: Python<'py>, h: i64, f: impl Fn(&cluster::Clustering) -> &[f32]) -> PyResult<Bound<'py, PyAny>> {
+    fn head_rows<'py>(
+        &self,
+        py: Python<'py>,
+        h: i64,
+        f: impl Fn(&cluster::Clustering) -> &[f32],
+    ) -> PyResult<Bound<'py, PyAny>> {
         let h = self.head_arg(h)?;
         let (v, k, d) = {
             let index = self.inner.read();
@@ -349,7 +402,12 @@ impl PyClusterIndex {
     }
 
     /// One head's u32 vector.
-    fn head_u32<'py>(&self, py: Python<'py>, h: i64, f: impl Fn(&cluster::Clustering) -> &[u32]) -> PyResult<Bound<'py, PyAny>> {
+    fn head_u32<'py>(
+        &self,
+        py: Python<'py>,
+        h: i64,
+        f: impl Fn(&cluster::Clustering) -> &[u32],
+    ) -> PyResult<Bound<'py, PyAny>> {
         let h = self.head_arg(h)?;
         let v = f(self.inner.read().head(h)).to_vec();
         let n = v.len();
@@ -359,7 +417,7 @@ impl PyClusterIndex {
 
 #[pymethods]
 impl PyClusterIndex {
-    /// Cluster every KV head of the keys (an array or a cache's sequence at one layer).
+    #[doc = doc!(ClusterIndex.build)]
     #[staticmethod]
     #[pyo3(signature = (keys = None, *, cache = None, seq = None, layer = None, clusters, max_iter = 20, seed = 0, exclude_window = 0, coarse = None))]
     #[allow(clippy::too_many_arguments)]
@@ -380,15 +438,14 @@ impl PyClusterIndex {
         with_keys(py, &keys, true, |_, _| Ok(()), |src| ClusterIndex::build(src, &cfg)).map(Self::from)
     }
 
-    /// Read an index written by :meth:`save`.
+    #[doc = doc!(ClusterIndex.load)]
     #[staticmethod]
     fn load(py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<Self> {
         let path = path_arg(path, "path")?;
-        py.detach(|| ClusterIndex::load(&path)).kv().map(Self::from)
+        detach(py, || ClusterIndex::load(&path)).map(Self::from)
     }
 
-    /// :meth:`load`, then check that the index fits the keys (same heads, a sequence at
-    /// least as long as the index covers).
+    #[doc = doc!(ClusterIndex.load_for)]
     #[staticmethod]
     #[pyo3(signature = (path, keys = None, *, cache = None, seq = None, layer = None))]
     fn load_for(
@@ -404,7 +461,7 @@ impl PyClusterIndex {
         with_keys(py, &keys, false, |_, _| Ok(()), |src| ClusterIndex::load_for(&path, src)).map(Self::from)
     }
 
-    /// Parse the bytes of :meth:`to_bytes` (or of a saved file).
+    #[doc = doc!(ClusterIndex.from_bytes)]
     #[staticmethod]
     fn from_bytes(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Self> {
         let data = data
@@ -416,62 +473,64 @@ impl PyClusterIndex {
             })
             .kv()?;
         let bytes = data.as_bytes();
-        py.detach(|| ClusterIndex::from_bytes(bytes)).kv().map(Self::from)
+        detach(py, || ClusterIndex::from_bytes(bytes)).map(Self::from)
     }
 
-    /// Write the index to ``path`` (a checksummed safetensors file).
+    #[doc = doc!(ClusterIndex.save)]
     fn save(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
         let path = path_arg(path, "path")?;
         self.with_read(py, |i| i.save(&path))
     }
 
-    /// The index as the bytes :meth:`save` writes.
+    #[doc = doc!(ClusterIndex.to_bytes)]
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let bytes = self.with_read(py, |i| i.to_bytes())?;
         Ok(PyBytes::new(py, &bytes))
     }
 
+    #[doc = doc!(ClusterIndex.num_kv_heads)]
     #[getter]
     fn num_kv_heads(&self) -> usize {
         self.inner.read().num_kv_heads()
     }
 
+    #[doc = doc!(ClusterIndex.head_dim)]
     #[getter]
     fn head_dim(&self) -> usize {
         self.inner.read().head_dim()
     }
 
-    /// Fine clusters per KV head.
+    #[doc = doc!(ClusterIndex.num_clusters)]
     #[getter]
     fn num_clusters(&self) -> usize {
         self.inner.read().num_clusters()
     }
 
-    /// Coarse clusters per KV head (0 without a coarse level).
+    #[doc = doc!(ClusterIndex.num_coarse_clusters)]
     #[getter]
     fn num_coarse_clusters(&self) -> usize {
         self.inner.read().num_coarse_clusters()
     }
 
-    /// Sequence length when the index was built.
+    #[doc = doc!(ClusterIndex.seq_len_at_build)]
     #[getter]
     fn seq_len_at_build(&self) -> usize {
         self.inner.read().seq_len_at_build()
     }
 
-    /// Sequence length when the index was built or last updated.
+    #[doc = doc!(ClusterIndex.seq_len)]
     #[getter]
     fn seq_len(&self) -> usize {
         self.inner.read().seq_len()
     }
 
-    /// Tokens ``0 .. clustered_len`` are in clusters.
+    #[doc = doc!(ClusterIndex.clustered_len)]
     #[getter]
     fn clustered_len(&self) -> usize {
         self.inner.read().clustered_len()
     }
 
-    /// The build options, as a dict.
+    #[doc = doc!(ClusterIndex.config)]
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = *self.inner.read().config();
@@ -484,18 +543,17 @@ impl PyClusterIndex {
         Ok(d)
     }
 
-    /// Raw-key mean of each cluster of KV head ``h``, float32 ``[num_clusters, head_dim]``.
+    #[doc = doc!(ClusterIndex.centroids)]
     fn centroids<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         self.head_rows(py, h, |c| c.centroids())
     }
 
-    /// Unit centroids used for assignment, float32 ``[num_clusters, head_dim]``.
+    #[doc = doc!(ClusterIndex.centroids_normalized)]
     fn centroids_normalized<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         self.head_rows(py, h, |c| c.centroids_normalized())
     }
 
-    /// Each cluster's radius (largest member distance to its raw centroid) of head ``h``,
-    /// float32 ``[num_clusters]``, or empty for an index without radii.
+    #[doc = doc!(ClusterIndex.radii)]
     fn radii<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         let h = self.head_arg(h)?;
         let v = self.inner.read().head(h).radii().to_vec();
@@ -503,18 +561,17 @@ impl PyClusterIndex {
         to_numpy(py, v, &[n])
     }
 
-    /// Tokens per cluster of head ``h``, uint32 ``[num_clusters]``.
+    #[doc = doc!(ClusterIndex.sizes)]
     fn sizes<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         self.head_u32(py, h, |c| c.sizes())
     }
 
-    /// CSR offsets into :meth:`members`, uint32 ``[num_clusters + 1]``.
+    #[doc = doc!(ClusterIndex.member_offsets)]
     fn member_offsets<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         self.head_u32(py, h, |c| c.member_offsets())
     }
 
-    /// Members of cluster ``c`` of head ``h`` (ascending token indices), or with ``c=None``
-    /// every cluster's members concatenated in cluster order (uint32).
+    #[doc = doc!(ClusterIndex.members)]
     #[pyo3(signature = (h, c = None))]
     fn members<'py>(&self, py: Python<'py>, h: i64, c: Option<i64>) -> PyResult<Bound<'py, PyAny>> {
         let Some(c) = c else {
@@ -527,7 +584,11 @@ impl PyClusterIndex {
             let c = usize::try_from(c)
                 .ok()
                 .filter(|&c| c < k)
-                .ok_or_else(|| Error::OutOfRange { param: "c".into(), value: c, range: format!("0..{k} (num_clusters)") })
+                .ok_or_else(|| Error::OutOfRange {
+                    param: "c".into(),
+                    value: c,
+                    range: format!("0..{k} (num_clusters)"),
+                })
                 .kv()?;
             index.head(h).members(c).to_vec()
         };
@@ -535,13 +596,12 @@ impl PyClusterIndex {
         to_numpy(py, v, &[n])
     }
 
-    /// Cluster of each clustered token of head ``h``, uint32 ``[clustered_len]``.
+    #[doc = doc!(ClusterIndex.assignment)]
     fn assignment<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         self.head_u32(py, h, |c| c.assignment())
     }
 
-    /// Build diagnostics of head ``h``: ``inertia``, ``inertia_history``, ``iterations``,
-    /// ``converged``, ``seeds``.
+    #[doc = doc!(ClusterIndex.diagnostics)]
     fn diagnostics<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyDict>> {
         let h = self.head_arg(h)?;
         let (inertia, history, iterations, converged, seeds) = {
@@ -559,8 +619,7 @@ impl PyClusterIndex {
         Ok(d)
     }
 
-    /// The coarse level of head ``h`` as a dict (``centroids``, ``sizes``,
-    /// ``child_offsets``, ``children``), or None without a coarse level.
+    #[doc = doc!(ClusterIndex.coarse_level)]
     fn coarse_level<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Option<Bound<'py, PyDict>>> {
         let h = self.head_arg(h)?;
         let (level, d) = {
@@ -579,8 +638,7 @@ impl PyClusterIndex {
         Ok(Some(out))
     }
 
-    /// Group-averaged estimated attention per key of every fine cluster, float64
-    /// ``[num_kv_heads, num_clusters]``.
+    #[doc = doc!(ClusterIndex.cluster_estimates)]
     fn cluster_estimates<'py>(&self, py: Python<'py>, q: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let q = FloatArray::extract(q, "q", true)?;
         let qv = q.view().kv()?;
@@ -589,7 +647,7 @@ impl PyClusterIndex {
         to_numpy(py, est.into_iter().flatten().collect(), &[hk, k])
     }
 
-    /// Centroid retrieval for a decode query: ``(selection, stats)``.
+    #[doc = doc!(ClusterIndex.retrieve)]
     #[pyo3(signature = (q, *, threshold = None, budget = None, seq_len = None, hierarchical = false, coarse_threshold = None, coarse_budget = None, coarse_budget_multiple = None, rank = "estimate"))]
     #[allow(clippy::too_many_arguments)]
     fn retrieve<'py>(
@@ -640,16 +698,22 @@ impl PyClusterIndex {
         Ok((PySelection::from(r.selection), d))
     }
 
-    /// Thresholds that keep ``target_fraction`` of the clustered keys on calibration queries.
+    #[doc = doc!(ClusterIndex.calibrate)]
     #[pyo3(signature = (queries, target_fraction, per_head = false))]
-    fn calibrate(&self, py: Python<'_>, queries: &Bound<'_, PyAny>, target_fraction: f64, per_head: bool) -> PyResult<PyClusterThresholds> {
+    fn calibrate(
+        &self,
+        py: Python<'_>,
+        queries: &Bound<'_, PyAny>,
+        target_fraction: f64,
+        per_head: bool,
+    ) -> PyResult<PyClusterThresholds> {
         let q = FloatArray::extract(queries, "queries", true)?;
         let qv = q.view().kv()?;
-        self.with_read(py, |i| cluster::calibrate(i, &qv, target_fraction, per_head)).map(|inner| PyClusterThresholds { inner })
+        self.with_read(py, |i| cluster::calibrate(i, &qv, target_fraction, per_head))
+            .map(|inner| PyClusterThresholds { inner })
     }
 
-    /// Assign the tokens that arrived since the last update to their nearest centroid;
-    /// returns how many tokens were assigned per head.
+    #[doc = doc!(ClusterIndex.assign_new)]
     #[pyo3(signature = (keys = None, *, cache = None, seq = None, layer = None))]
     fn assign_new(
         &self,
@@ -661,10 +725,12 @@ impl PyClusterIndex {
     ) -> PyResult<usize> {
         let keys = key_source(keys, cache, seq, layer)?;
         let heads = (self.num_kv_heads(), self.head_dim());
-        with_keys(py, &keys, false, check_same_heads(heads, source_param(&keys)), |src| self.inner.write().assign_new(src))
+        with_keys(py, &keys, false, check_same_heads(heads, source_param(&keys)), |src| {
+            self.inner.write().assign_new(src)
+        })
     }
 
-    /// Cluster again from scratch, with the same options, over the keys' current tokens.
+    #[doc = doc!(ClusterIndex.rebuild)]
     #[pyo3(signature = (keys = None, *, cache = None, seq = None, layer = None))]
     fn rebuild(
         &self,
@@ -717,14 +783,17 @@ fn clustering_dict<'py>(py: Python<'py>, c: cluster::Clustering) -> PyResult<Bou
 fn rows_arg(obj: &Bound<'_, PyAny>, param: &str) -> PyResult<(Vec<f32>, usize)> {
     let a = FloatArray::extract(obj, param, true)?;
     let &[_, d] = a.shape() else {
-        return Err(Error::Shape { param: param.into(), expected: "a 2-D array [rows, head_dim]".into(), got: format!("{:?}", a.shape()) })
-            .kv();
+        return Err(Error::Shape {
+            param: param.into(),
+            expected: "a 2-D array [rows, head_dim]".into(),
+            got: format!("{:?}", a.shape()),
+        })
+        .kv();
     };
     Ok((a.to_f32_vec(), d))
 }
 
-/// K-means over one head's keys: from k-means++ seeds (``clusters``) or from given
-/// centroids (``init``).
+#[doc = doc!(kmeans)]
 #[pyfunction]
 #[pyo3(signature = (keys, clusters = None, *, init = None, max_iter = 20, seed = 0))]
 pub fn kmeans<'py>(
@@ -741,7 +810,7 @@ pub fn kmeans<'py>(
     let cl = match (clusters, init) {
         (Some(c), None) => {
             let cfg = cluster::KMeansConfig { clusters: cluster_count(c, "clusters")?, max_iter, seed };
-            py.detach(|| cluster::kmeans(&rows, d, &cfg)).kv()?
+            detach(py, || cluster::kmeans(&rows, d, &cfg))?
         }
         (None, Some(i)) => {
             let (init, di) = rows_arg(i, "init")?;
@@ -753,7 +822,7 @@ pub fn kmeans<'py>(
                 })
                 .kv();
             }
-            py.detach(|| cluster::kmeans_from_centroids(&rows, d, &init, max_iter)).kv()?
+            detach(py, || cluster::kmeans_from_centroids(&rows, d, &init, max_iter))?
         }
         (None, None) => {
             return Err(Error::InvalidArgument {
@@ -765,7 +834,8 @@ pub fn kmeans<'py>(
         (Some(_), Some(_)) => {
             return Err(Error::InvalidArgument {
                 param: "init".into(),
-                expected: "None when clusters= is given (start from k-means++ seeds or from given centroids, not both)".into(),
+                expected: "None when clusters= is given (start from k-means++ seeds or from given centroids, not both)"
+                    .into(),
             })
             .kv()
         }
@@ -773,14 +843,14 @@ pub fn kmeans<'py>(
     clustering_dict(py, cl)
 }
 
-/// The k-means++ seeds (key indices, in the order drawn) that :func:`kmeans` starts from.
+#[doc = doc!(kmeans_seeds)]
 #[pyfunction]
 #[pyo3(signature = (keys, k, seed = 0))]
 pub fn kmeans_seeds<'py>(py: Python<'py>, keys: &Bound<'py, PyAny>, k: i64, seed: i128) -> PyResult<Bound<'py, PyAny>> {
     let k = usize_arg(k, "k")?;
     let seed = seed_arg(seed)?;
     let (rows, d) = rows_arg(keys, "keys")?;
-    let seeds = py.detach(|| cluster::seed_plus_plus(&rows, d, k, seed)).kv()?;
+    let seeds = detach(py, || cluster::seed_plus_plus(&rows, d, k, seed))?;
     let n = seeds.len();
     to_numpy(py, seeds, &[n])
 }

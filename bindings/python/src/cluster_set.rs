@@ -10,7 +10,7 @@ use crate::cache::PyKvCache;
 use crate::cluster::{seed_arg, PyClusterIndex};
 use crate::policy::policy_arg;
 
-/// Cluster indexes keyed by (sequence, layer). See the stub for the full docs.
+#[doc = doc!(ClusterIndexSet)]
 #[pyclass(name = "ClusterIndexSet", module = "kvsieve", frozen)]
 pub struct PyClusterIndexSet {
     pub(crate) inner: RwLock<ClusterIndexSet>,
@@ -24,37 +24,41 @@ impl PyClusterIndexSet {
         Ok(PyClusterIndexSet { inner: RwLock::new(ClusterIndexSet::with_seed(seed_arg(seed)?)) })
     }
 
-    /// Build the indexes of ``seq`` for every layer where ``policy`` uses ``clusters=``;
-    /// returns the number of layers indexed.
-    fn build(&self, py: Python<'_>, cache: &Bound<'_, PyKvCache>, seq: i64, policy: &Bound<'_, PyAny>) -> PyResult<usize> {
+    #[doc = doc!(ClusterIndexSet.build)]
+    fn build(
+        &self,
+        py: Python<'_>,
+        cache: &Bound<'_, PyKvCache>,
+        seq: i64,
+        policy: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
         let seq = seq_id(seq, "seq")?;
         let policy = policy_arg(policy)?;
         let set = &self.inner;
         cache.get().with_read(py, |c| set.write().build(c, seq, &policy))
     }
 
-    /// Assign the tokens of ``seq`` that arrived and left the window since the last build
-    /// or update; returns the tokens assigned per head, summed over layers.
+    #[doc = doc!(ClusterIndexSet.update)]
     fn update(&self, py: Python<'_>, cache: &Bound<'_, PyKvCache>, seq: i64) -> PyResult<usize> {
         let seq = seq_id(seq, "seq")?;
         let set = &self.inner;
         cache.get().with_read(py, |c| set.write().update(c, seq))
     }
 
-    /// Drop every index of ``seq``; returns how many there were.
+    #[doc = doc!(ClusterIndexSet.remove_sequence)]
     fn remove_sequence(&self, seq: i64) -> PyResult<usize> {
         let seq = seq_id(seq, "seq")?;
         Ok(self.inner.write().remove_sequence(seq))
     }
 
-    /// A copy of the index of (``seq``, ``layer``), or None.
+    #[doc = doc!(ClusterIndexSet.get)]
     fn get(&self, seq: i64, layer: i64) -> PyResult<Option<PyClusterIndex>> {
         let seq = seq_id(seq, "seq")?;
         let layer = usize_arg(layer, "layer")?;
         Ok(self.inner.read().get(seq, layer).cloned().map(PyClusterIndex::from))
     }
 
-    /// The (sequence, layer) pairs indexed, in order.
+    #[doc = doc!(ClusterIndexSet.keys)]
     fn keys(&self) -> Vec<(u64, usize)> {
         self.inner.read().keys().collect()
     }

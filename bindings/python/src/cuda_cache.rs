@@ -1,56 +1,47 @@
-//! `CudaKvCache`: kvsieve-owned paged K/V on a CUDA device, through the C ABI's
-//! `kvsieve_cuda_cache_*` calls. Host rows come as numpy arrays, device rows and decode
-//! arguments as `__dlpack__` arrays (torch, cupy, jax).
+//! `CudaKvCache`: kvsieve-owned paged K/V on a CUDA device (the backend's `CudaKvCache`)
+//! behind a reader-writer lock: decodes from several Python threads run at once, changes
+//! are serialised, and the lock is only taken with the GIL released. Host rows come as
+//! numpy arrays, device rows and decode arguments as `__dlpack__` arrays (torch, cupy, jax).
 
-use std::ffi::c_void;
-use std::ptr;
-
-use kvsieve::ffi::{self as c, kvsieve_cache_config_t, kvsieve_paged_kv_t, kvsieve_tensor_t};
-use kvsieve::Error;
-use numpy::{PyArrayMethods, PyUntypedArrayMethods};
+use kvsieve::{DType, Error, KeepTokens};
+use parking_lot::RwLock;
 use pyo3::prelude::*;
 
-use crate::arrays::{seq_id, seq_ids, to_numpy, usize_arg, usize_vec};
+use crate::arrays::{i32_vec, seq_id, seq_ids, to_numpy, usize_arg, usize_vec, FloatArray};
 use crate::cache::cache_config;
-use crate::cuda::{call_detached, check, dlpack};
-use crate::errors::KvResultExt;
+use crate::cuda::backend::attention;
+use crate::cuda::backend::{CudaDevice, CudaKvCache, CudaSelections, DeviceTensor};
+use crate::cuda::{
+    bad_shape, decode_workspace, dlpack, f32_contiguous, invalid, stream_handle, stream_on, token_lists,
+};
+use crate::cuda_select::device_ordinal;
+use crate::errors::{detach, KvResultExt};
+use crate::options::AttentionKw;
 use crate::sparse::{keep_lists, parse_keep_per, KeepPer};
 
-/// Paged K/V resident on a CUDA device. See the stub.
+#[doc = doc!(CudaKvCache)]
 #[pyclass(name = "CudaKvCache", module = "kvsieve", frozen)]
 pub struct PyCudaKvCache {
-    handle: usize,
-}
-
-impl Drop for PyCudaKvCache {
-    fn drop(&mut self) {
-        // SAFETY: the handle came from kvsieve_cuda_cache_new and is freed once, here.
-        unsafe { c::kvsieve_cuda_cache_free(self.handle as *mut c::kvsieve_cuda_cache_t) };
-    }
+    inner: RwLock<CudaKvCache>,
 }
 
 impl PyCudaKvCache {
-    fn h(&self) -> *mut c::kvsieve_cuda_cache_t {
-        self.handle as *mut c::kvsieve_cuda_cache_t
+    /// Run `f` on the cache under the read lock, with the GIL released.
+    fn with_read<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&CudaKvCache) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
+        detach(py, || f(&self.inner.read()))
     }
 
-    /// Run a C call with the GIL released.
-    fn call(&self, py: Python<'_>, f: impl FnOnce(usize) -> usize + Send) -> PyResult<()> {
-        call_detached(py, None, self.handle, move |h, _| f(h) as *mut c::kvsieve_error_t)
-    }
-}
-
-/// A host float32 array's descriptor (the array must stay alive and unchanged while used).
-fn host_tensor(a: &Bound<'_, numpy::PyArrayDyn<f32>>, shape: &mut Vec<i64>) -> kvsieve_tensor_t {
-    *shape = a.shape().iter().map(|&d| d as i64).collect();
-    kvsieve_tensor_t {
-        data: a.data() as *mut c_void,
-        device: c::kvsieve_device_t { device_type: c::DEVICE_CPU, device_id: 0 },
-        ndim: shape.len() as i32,
-        dtype: c::kvsieve_dtype_t { code: c::DTYPE_CODE_FLOAT, bits: 32, lanes: 1 },
-        shape: shape.as_ptr(),
-        strides: ptr::null(),
-        byte_offset: 0,
+    /// Run `f` on the cache under the write lock, with the GIL released.
+    fn with_write<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut CudaKvCache) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
+        detach(py, || f(&mut self.inner.write()))
     }
 }
 
@@ -72,137 +63,163 @@ impl PyCudaKvCache {
         track_key_bounds: bool,
         device: i32,
     ) -> PyResult<Self> {
-        let cfg = cache_config(num_layers, num_kv_heads, head_dim, page_size, capacity_pages, dtype, layout, key_rope, track_key_bounds)?;
-        let cc = kvsieve_cache_config_t::from_core(&cfg);
-        let (e, h) = py.detach(move || {
-            let mut out: *mut c::kvsieve_cuda_cache_t = ptr::null_mut();
-            // SAFETY: a readable config and a writable out-parameter.
-            let e = unsafe { c::kvsieve_cuda_cache_new(&cc, device, &mut out) };
-            (e as usize, out as usize)
-        });
-        check(e as *mut c::kvsieve_error_t)?;
-        Ok(PyCudaKvCache { handle: h })
+        let cfg = cache_config(
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            page_size,
+            capacity_pages,
+            dtype,
+            layout,
+            key_rope,
+            track_key_bounds,
+        )?;
+        let ordinal = device_ordinal(device)?;
+        let cache = detach(py, move || CudaKvCache::new(&CudaDevice::get(ordinal)?, cfg))?;
+        Ok(PyCudaKvCache { inner: RwLock::new(cache) })
     }
 
-    /// A new empty sequence; returns its id.
-    fn create_sequence(&self) -> PyResult<u64> {
-        let mut id = 0u64;
-        // SAFETY: a live handle; `id` is writable.
-        check(unsafe { c::kvsieve_cuda_cache_create_sequence(self.h(), &mut id) })?;
-        Ok(id)
+    #[doc = doc!(CudaKvCache.create_sequence)]
+    fn create_sequence(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with_write(py, |c| Ok(c.create_sequence()))
     }
 
-    /// Fork ``seq`` (prefix sharing, copy on write); returns the new id.
-    fn fork(&self, seq: i64) -> PyResult<u64> {
-        let mut id = 0u64;
-        // SAFETY: as above.
-        check(unsafe { c::kvsieve_cuda_cache_fork(self.h(), seq_id(seq, "seq")?, &mut id) })?;
-        Ok(id)
+    #[doc = doc!(CudaKvCache.fork)]
+    fn fork(&self, py: Python<'_>, seq: i64) -> PyResult<u64> {
+        let seq = seq_id(seq, "seq")?;
+        self.with_write(py, |c| c.fork(seq))
     }
 
-    fn free_sequence(&self, seq: i64) -> PyResult<()> {
-        // SAFETY: a live handle.
-        check(unsafe { c::kvsieve_cuda_cache_free_sequence(self.h(), seq_id(seq, "seq")?) })
+    #[doc = doc!(CudaKvCache.free_sequence)]
+    fn free_sequence(&self, py: Python<'_>, seq: i64) -> PyResult<()> {
+        let seq = seq_id(seq, "seq")?;
+        self.with_write(py, |c| c.free_sequence(seq))
     }
 
-    fn seq_len(&self, seq: i64) -> PyResult<usize> {
-        let mut n = 0usize;
-        // SAFETY: as above.
-        check(unsafe { c::kvsieve_cuda_cache_seq_len(self.h(), seq_id(seq, "seq")?, &mut n) })?;
-        Ok(n)
+    #[doc = doc!(CudaKvCache.seq_len)]
+    fn seq_len(&self, py: Python<'_>, seq: i64) -> PyResult<usize> {
+        let seq = seq_id(seq, "seq")?;
+        self.with_read(py, |c| c.seq_len(seq))
     }
 
-    /// Reserve ``n`` slots at the end of ``seq``; returns their slot numbers (int64).
+    #[doc = doc!(CudaKvCache.append)]
     #[pyo3(signature = (seq, n, positions = None))]
-    fn append<'py>(&self, py: Python<'py>, seq: i64, n: i64, positions: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    fn append<'py>(
+        &self,
+        py: Python<'py>,
+        seq: i64,
+        n: i64,
+        positions: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let (seq, n) = (seq_id(seq, "seq")?, usize_arg(n, "n")?);
-        let pos: Option<Vec<i32>> = positions.map(|p| crate::arrays::i32_vec(p, "positions")).transpose()?;
+        let pos: Option<Vec<i32>> = positions.map(|p| i32_vec(p, "positions")).transpose()?;
         if let Some(p) = &pos {
             if p.len() != n {
-                return Err(Error::Shape { param: "positions".into(), expected: format!("[{n}] (n)"), got: format!("[{}]", p.len()) }).kv();
+                return Err(bad_shape("positions", format!("[{n}] (n)"), format!("[{}]", p.len()))).kv();
             }
         }
-        let mut slots = vec![0i64; n];
-        let sp = slots.as_mut_ptr() as usize;
-        self.call(py, move |h| {
-            let pp = pos.as_ref().map_or(ptr::null(), |p| p.as_ptr());
-            // SAFETY: a live handle; `pos` and `slots` hold n values and outlive the call.
-            unsafe { c::kvsieve_cuda_cache_append(h as *mut _, seq, n, pp, sp as *mut i64, n) as usize }
-        })?;
+        let slots = self.with_write(py, |c| c.append(seq, n, pos.as_deref()))?;
         to_numpy(py, slots, &[n])
     }
 
-    /// Write K and V of tokens ``start .. start + n`` of ``layer``: numpy arrays (host,
-    /// converted to float32) or ``__dlpack__`` device arrays, ``[n, num_kv_heads, head_dim]``.
+    #[doc = doc!(CudaKvCache.write)]
     #[pyo3(signature = (seq, layer, start, k, v))]
-    fn write<'py>(&self, py: Python<'py>, seq: i64, layer: i64, start: i64, k: &Bound<'py, PyAny>, v: &Bound<'py, PyAny>) -> PyResult<()> {
+    fn write<'py>(
+        &self,
+        py: Python<'py>,
+        seq: i64,
+        layer: i64,
+        start: i64,
+        k: &Bound<'py, PyAny>,
+        v: &Bound<'py, PyAny>,
+    ) -> PyResult<()> {
         let (seq, layer, start) = (seq_id(seq, "seq")?, usize_arg(layer, "layer")?, usize_arg(start, "start")?);
+        let dims = ["n", "num_kv_heads", "head_dim"];
         let np = py.import("numpy")?;
-        let is_host = k.is_instance(&np.getattr("ndarray")?)?;
-        if is_host {
-            let as_f32 = |x: &Bound<'py, PyAny>, name: &str| -> PyResult<Bound<'py, numpy::PyArrayDyn<f32>>> {
+        if k.is_instance(&np.getattr("ndarray")?)? {
+            let as_f32 = |x: &Bound<'py, PyAny>, name: &str| -> PyResult<FloatArray<'py>> {
                 let a = np.call_method1("ascontiguousarray", (x, "float32"))?;
-                a.cast_into::<numpy::PyArrayDyn<f32>>().map_err(|_| Error::DType { param: name.into(), expected: "a float array".into(), got: "another object".into() }).kv()
+                FloatArray::extract(&a, name, false)
             };
             let (ka, va) = (as_f32(k, "k")?, as_f32(v, "v")?);
-            let (mut ks, mut vs) = (Vec::new(), Vec::new());
-            let (kt, vt) = (host_tensor(&ka, &mut ks), host_tensor(&va, &mut vs));
-            let h = self.handle;
-            call_detached(py, None, (kt, vt), move |(kt, vt), _| {
-                let _keep = (&ks, &vs);
-                // SAFETY: a live handle; the arrays and shapes live until the call returns.
-                unsafe { c::kvsieve_cuda_cache_write(h as *mut _, seq, layer, start, &kt, &vt) }
-            })
-        } else {
-            let kd = dlpack(k, "k", None)?;
-            let vd = dlpack(v, "v", None)?;
-            let h = self.handle;
-            call_detached(py, None, (kd.t, vd.t), move |(kt, vt), _| {
-                // SAFETY: a live handle; the capsules keep the device arrays alive.
-                unsafe { c::kvsieve_cuda_cache_write(h as *mut _, seq, layer, start, &kt, &vt) }
-            })
+            let (kv, vv) = (ka.view().kv()?, va.view().kv()?);
+            for (x, name) in [(&kv, "k"), (&vv, "v")] {
+                if x.shape().len() != dims.len() {
+                    return Err(bad_shape(
+                        name,
+                        format!("[{}]", dims.join(", ")),
+                        format!("{} dimensions", x.shape().len()),
+                    ))
+                    .kv();
+                }
+            }
+            return self.with_write(py, |c| c.write(seq, layer, start, &kv, &vv));
         }
+        let kd = dlpack(k, "k", None)?;
+        let vd = dlpack(v, "v", None)?;
+        if !kd.on_device() {
+            // SAFETY: the capsules keep the host arrays alive, unwritten during the call.
+            let (kv, vv) = unsafe { (kd.host_view(&dims).kv()?, vd.host_view(&dims).kv()?) };
+            return self.with_write(py, |c| c.write(seq, layer, start, &kv, &vv));
+        }
+        let (kt, vt) = (kd.device_tensor(&dims).kv()?, vd.device_tensor(&dims).kv()?);
+        self.with_write(py, |c| {
+            let ordinal = c.device().ordinal();
+            if kt.device != ordinal {
+                return Err(invalid(
+                    "k",
+                    format!("memory on the cache's CUDA device {ordinal}, got device {}", kt.device),
+                ));
+            }
+            // SAFETY: the capsules keep the device arrays alive, unwritten during the call.
+            unsafe { c.write_device(seq, layer, start, &kt, &vt) }
+        })
     }
 
+    #[doc = doc!(CudaKvCache.truncate)]
     fn truncate(&self, py: Python<'_>, seq: i64, new_len: i64) -> PyResult<()> {
         let (seq, n) = (seq_id(seq, "seq")?, usize_arg(new_len, "new_len")?);
-        // SAFETY: a live handle.
-        self.call(py, move |h| unsafe { c::kvsieve_cuda_cache_truncate(h as *mut _, seq, n) as usize })
+        self.with_write(py, |c| c.truncate(seq, n))
     }
 
-    /// Evict whole pages (indices into the sequence's page list, strictly increasing).
+    #[doc = doc!(CudaKvCache.evict_pages)]
     fn evict_pages(&self, py: Python<'_>, seq: i64, page_indices: &Bound<'_, PyAny>) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
         let idx = usize_vec(page_indices, "page_indices")?;
-        // SAFETY: a live handle; `idx` outlives the call.
-        self.call(py, move |h| unsafe { c::kvsieve_cuda_cache_evict_pages(h as *mut _, seq, idx.as_ptr(), idx.len()) as usize })
+        self.with_write(py, |c| c.evict_pages(seq, &idx))
     }
 
-    /// Keep only the tokens ``keep`` of ``seq`` (as :meth:`KvCache.compact`).
+    #[doc = doc!(CudaKvCache.compact)]
     #[pyo3(signature = (seq, keep, per = "all"))]
     fn compact(&self, py: Python<'_>, seq: i64, keep: &Bound<'_, PyAny>, per: &str) -> PyResult<()> {
         let seq = seq_id(seq, "seq")?;
         let per = parse_keep_per(per).kv()?;
         let lists = keep_lists(keep, per)?;
-        let kind = match per {
-            KeepPer::All => c::KEEP_ALL,
-            KeepPer::Layer => c::KEEP_PER_LAYER,
-            KeepPer::Head => c::KEEP_PER_HEAD,
-        };
-        let mut indptr = vec![0u32];
-        let mut flat = Vec::new();
-        for l in &lists {
-            flat.extend_from_slice(l);
-            indptr.push(u32::try_from(flat.len()).map_err(|_| Error::InvalidArgument { param: "keep".into(), expected: "fewer than 2^32 tokens".into() }).kv()?);
-        }
-        // SAFETY: a live handle; `indptr` and `flat` outlive the call.
-        self.call(py, move |h| unsafe { c::kvsieve_cuda_cache_compact(h as *mut _, seq, kind, indptr.as_ptr(), lists.len(), flat.as_ptr(), flat.len()) as usize })
+        self.with_write(py, |c| {
+            let cfg = c.config();
+            let want = match per {
+                KeepPer::All => 1,
+                KeepPer::Layer => cfg.num_layers,
+                KeepPer::Head => cfg.num_layers * cfg.num_kv_heads,
+            };
+            if lists.len() != want {
+                return Err(invalid(
+                    "keep",
+                    format!("{want} token lists for per=\"{}\", got {}", per_name(per), lists.len()),
+                ));
+            }
+            c.compact(
+                seq,
+                match per {
+                    KeepPer::All => KeepTokens::All(&lists[0]),
+                    KeepPer::Layer => KeepTokens::PerLayer(&lists),
+                    KeepPer::Head => KeepTokens::PerHead(&lists),
+                },
+            )
+        })
     }
 
-    /// Dense (or, with ``sel_indptr``/``sel_indices``, sparse) decode of ``layer`` for the
-    /// sequences ``seqs``: ``q`` and ``out`` device arrays ``[len(seqs), num_qo_heads,
-    /// head_dim]``; ``lse`` optional float32 ``[len(seqs), num_qo_heads]``. Waits for the
-    /// decode (the page table it reads is freed at the end).
+    #[doc = doc!(CudaKvCache.decode)]
     #[pyo3(signature = (layer, seqs, q, out, *, lse = None, sel_indptr = None, sel_indices = None, max_per_head = None, scale = None, logit_soft_cap = None, stream = None))]
     #[allow(clippy::too_many_arguments)]
     fn decode<'py>(
@@ -224,58 +241,52 @@ impl PyCudaKvCache {
         let ids = seq_ids(seqs, "seqs")?;
         let qd = dlpack(q, "q", stream)?;
         let od = dlpack(out, "out", stream)?;
-        let lse_ptr = match lse {
-            Some(l) => {
-                let l = dlpack(l, "lse", stream)?;
-                crate::cuda::f32_contiguous(&l, &[ids.len() as i64, qd.shape().get(1).copied().unwrap_or(0)])? as usize
-            }
-            None => 0,
-        };
-        let lists = match (sel_indptr, sel_indices) {
-            (None, None) => None,
-            (Some(a), Some(b)) => {
-                let a = dlpack(a, "sel_indptr", stream)?;
-                let b = dlpack(b, "sel_indices", stream)?;
-                let mp = max_per_head
-                    .ok_or_else(|| Error::InvalidArgument { param: "max_per_head".into(), expected: "an upper bound on every list's length (with sel_indptr)".into() })
-                    .kv()?;
-                Some((a.int_array(32)? as usize, b.int_array(32)? as usize, mp))
-            }
-            _ => return Err(Error::InvalidArgument { param: "sel_indices".into(), expected: "sel_indptr and sel_indices together".into() }).kv(),
-        };
-        let pc = c::kvsieve_attention_params_t {
-            scale: scale.unwrap_or(0.0),
-            logit_soft_cap: logit_soft_cap.unwrap_or(0.0),
-            rope: ptr::null(),
-            chunk_size: 0,
-            position_mode: c::POSITIONS_ORIGINAL,
-            max_distance: 0,
-        };
-        let h = self.handle;
-        call_detached(py, stream, (qd.t, od.t, pc), move |(qt, ot, pc), st| {
-            let mut table: *mut c::kvsieve_cuda_table_t = ptr::null_mut();
-            // SAFETY: all-zero is a valid (empty) descriptor value; the call fills it.
-            let mut view: kvsieve_paged_kv_t = unsafe { std::mem::zeroed() };
-            let mut max_len = 0usize;
-            // SAFETY: a live handle; `ids` outlives the call; the out-parameters are writable.
-            let e = unsafe { c::kvsieve_cuda_cache_layer_view(h as *const _, layer, ids.as_ptr(), ids.len(), &mut table, &mut view, ptr::null_mut(), &mut max_len) };
-            if !e.is_null() {
-                return e;
-            }
-            // SAFETY: the view and table are live; the capsules keep q, out, lse and the lists.
-            let e = unsafe {
-                match lists {
-                    None => c::kvsieve_cuda_paged_decode(&view, max_len, &qt, &ot, lse_ptr as *mut f32, &pc, st),
-                    Some((a, b, mp)) => c::kvsieve_cuda_paged_decode_sparse(&view, max_len, a as *const i32, b as *const i32, mp, &qt, &ot, lse_ptr as *mut f32, &pc, st),
+        let ld = lse.map(|l| dlpack(l, "lse", stream)).transpose()?;
+        let lse = ld
+            .as_ref()
+            .map(|l| f32_contiguous(l, &[ids.len() as i64, qd.shape().get(1).copied().unwrap_or(0)]))
+            .transpose()?;
+        let lists = token_lists(sel_indptr, sel_indices, max_per_head, stream)?;
+        let sel = lists.as_ref().map(|l| l.raw);
+        let params = AttentionKw { scale, logit_soft_cap, ..Default::default() }.cuda_params().kv()?;
+        let dims = ["batch", "num_qo_heads", "head_dim"];
+        // Checked after the cache's view is made, as they go with it.
+        let (q, out) = (qd.device_tensor(&dims), od.device_tensor(&dims));
+        let st = stream_handle(stream);
+        self.with_read(py, |c| {
+            let table = c.page_table(&ids)?;
+            let view = c.layer_view(layer, &table)?;
+            let (q, out) = (q?, out?);
+            let dev = c.device();
+            let lse = lse.map(|p| DeviceTensor::contiguous(p, DType::F32, &[ids.len(), q.shape[1]], view.device()));
+            // SAFETY: q, out, lse and the token lists come from DLPack capsules held until
+            // this call returns (the lists' contents are the caller's promise, as
+            // documented); the view reads the cache, which the read lock keeps unchanged.
+            // Dropping the table at the end (cuMemFree) waits for the queued decode.
+            unsafe {
+                let s = stream_on(dev, st);
+                let ws = decode_workspace(dev, st)?;
+                match sel {
+                    None => attention::decode(&view, &q, &out, lse.as_ref(), &params, &ws, &s),
+                    Some((ip, ix, mp)) => {
+                        let sels =
+                            CudaSelections::from_device(ip, ix, ids.len(), view.num_kv_heads(), mp, view.device())?;
+                        attention::decode_sparse(&view, &q, &sels, &out, lse.as_ref(), &params, &ws, &s)
+                    }
                 }
-            };
-            // SAFETY: freed once; cuMemFree waits for the queued decode that reads it.
-            unsafe { c::kvsieve_cuda_table_free(table) };
-            e
+            }
         })
     }
 
     fn __repr__(&self) -> String {
-        format!("CudaKvCache(handle={:#x})", self.handle)
+        format!("CudaKvCache(handle={:#x})", &self.inner as *const RwLock<CudaKvCache> as usize)
+    }
+}
+
+fn per_name(per: KeepPer) -> &'static str {
+    match per {
+        KeepPer::All => "all",
+        KeepPer::Layer => "layer",
+        KeepPer::Head => "head",
     }
 }

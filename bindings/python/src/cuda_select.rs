@@ -1,27 +1,36 @@
 //! CUDA selection and prefill on device arrays given through DLPack: page key bounds and
 //! page-bound selection, prefill with masks and token lists, a K-means index on the device
 //! (`CudaClusterIndex`) with centroid retrieval, and GemFilter. As in `cuda.rs`, each call
-//! goes through the C ABI's `kvsieve_cuda_*` entry points and writes its results in place
-//! into arrays the caller passes, on the given stream.
+//! checks its arguments on the host, runs kvsieve's CUDA backend with the GIL released and
+//! writes its results in place into arrays the caller passes, on the given stream.
 
-use std::ffi::c_void;
-use std::ptr;
+use std::sync::{Mutex, OnceLock};
 
-use kvsieve::ffi::{self as c, kvsieve_attention_params_t, kvsieve_cluster_config_t, kvsieve_retrieve_config_t, kvsieve_streaming_window_t};
-use kvsieve::select::cluster::{CoarseRetrieve, Retrieve};
-use kvsieve::Error;
+use kvsieve::attention::StreamingWindow;
+use kvsieve::select::gemfilter::GemFilterConfig;
+use kvsieve::select::PageBoundsConfig;
+use kvsieve::{DType, Error};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use crate::arrays::i32_vec;
 use crate::cluster::{cluster_config, coarse_rule, fine_rule, PyClusterIndex};
-use crate::cuda::{call_detached, check, dlpack, paged_kv, Raw};
-use crate::errors::KvResultExt;
+use crate::cuda::backend::attention::update_key_bounds;
+use crate::cuda::backend::prefill::{prefill, PrefillMasks, PrefillQueries};
+use crate::cuda::backend::select::cluster::{build_index, ClusterWorkspace, CudaClusterIndex};
+use crate::cuda::backend::select::gemfilter::{gemfilter_select, GemFilterWorkspace};
+use crate::cuda::backend::select::kmeans::Assignment;
+use crate::cuda::backend::select::pages::{page_bounds, PageBoundsWorkspace};
+use crate::cuda::backend::{CudaDevice, CudaSelections, DeviceTensor, KeyBoundsLayout};
+use crate::cuda::{
+    bad_shape, dlpack, f32_contiguous, invalid, non_null, paged_kv, shared, stream_handle, stream_on, token_lists,
+    Shared,
+};
+use crate::errors::{detach, KvResultExt};
+use crate::options::AttentionKw;
 use crate::sparse::windows_arg;
 
-/// Update page key bounds kept in a device array (`[num_pages, num_kv_heads, 2, head_dim]`
-/// of the page dtype) from the keys in the slots ``entries`` names: an int32 device array
-/// ``[n, 4]`` of (page, reset, slot mask low 32 bits, slot mask high 32 bits).
+#[doc = doc!(cuda_update_key_bounds)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, key_bounds, entries, *, layout = "nhd", stream = None))]
 #[allow(clippy::too_many_arguments)]
@@ -38,29 +47,38 @@ pub fn cuda_update_key_bounds<'py>(
     let vp = dlpack(v_pages, "v_pages", stream)?;
     let kb = dlpack(key_bounds, "key_bounds", stream)?;
     let en = dlpack(entries, "entries", stream)?;
-    let desc = paged_kv(&kp, &vp, layout, "post", None, None)?;
-    let es = en.shape();
-    let row_major = en.strides().is_none_or(|s| s.len() == 2 && (s[1] == 1 || es[1] <= 1) && (s[0] == 4 || es[0] <= 1));
-    if en.t.dtype.code != 0 || en.t.dtype.bits != 32 || es.len() != 2 || es[1] != 4 || !row_major {
-        return Err(Error::Shape {
-            param: "entries".into(),
-            expected: "a contiguous int32 [n, 4] array (page, reset, mask low, mask high)".into(),
-            got: format!("shape {es:?}, DLPack code {} bits {}", en.t.dtype.code, en.t.dtype.bits),
+    let pages = paged_kv(&kp, &vp, layout, "post", None, None)?;
+    en.int_rows(4, "a contiguous int32 [n, 4] array (page, reset, mask low, mask high)").kv()?;
+    let n = en.shape()[0].max(0) as usize;
+    let (bounds, ents) = (kb.addr(), en.addr());
+    let kv = pages.checked().kv()?;
+    if n > 0 {
+        non_null(bounds, "key_bounds").kv()?;
+        non_null(ents, "entries").kv()?;
+    }
+    if n > i32::MAX as usize {
+        return Err(Error::OutOfRange {
+            param: "num_entries".into(),
+            value: n as i64,
+            range: format!("0..={}", i32::MAX),
         })
         .kv();
     }
-    let n = es[0].max(0) as usize;
-    let (bounds, ents) = (kb.addr() as usize, en.addr() as usize);
-    call_detached(py, stream, desc, move |desc, st| {
-        // SAFETY: every pointer comes from a live DLPack capsule held until the call returns;
-        // the device memory's contents are the caller's promise, as the C header documents.
-        unsafe { c::kvsieve_cuda_update_key_bounds(&desc, bounds as *mut c_void, ents as *const c::kvsieve_key_bounds_entry_t, n, st) }
+    let st = stream_handle(stream);
+    detach(py, move || {
+        let dev = CudaDevice::get(kv.device)?;
+        // SAFETY: every address comes from a DLPack capsule held until this call returns;
+        // that the device memory holds what it claims (entries naming distinct pages of the
+        // pool, bounds for every page) is the caller's promise, as documented.
+        unsafe {
+            let table = kv.table(0)?;
+            let view = kv.view(&table)?;
+            update_key_bounds(&dev, &view, bounds, ents, n, &stream_on(&dev, st))
+        }
     })
 }
 
-/// Page-bound (Quest) selection on the GPU for every sequence of the page table, written
-/// into device int32 arrays ``sel_indptr`` (``batch * num_kv_heads + 1``) and
-/// ``sel_indices`` (room for ``batch * num_kv_heads * max_seq_len``).
+#[doc = doc!(cuda_page_bounds)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, key_bounds, q, sel_indptr, sel_indices, *, max_seq_len, budget_tokens, min_pages = 0, layout = "nhd", stream = None))]
 #[allow(clippy::too_many_arguments)]
@@ -90,19 +108,39 @@ pub fn cuda_page_bounds<'py>(
     let qd = dlpack(q, "q", stream)?;
     let si = dlpack(sel_indptr, "sel_indptr", stream)?;
     let sx = dlpack(sel_indices, "sel_indices", stream)?;
-    let desc = paged_kv(&kp, &vp, layout, "post", Some((&ip, &ix, &lp)), None)?;
-    let (sip, six) = (si.int_array(32)? as usize, sx.int_array(32)? as usize);
-    let bounds = kb.addr() as usize;
-    let cfg = c::kvsieve_page_bounds_config_t { budget_tokens, min_pages };
-    call_detached(py, stream, (desc, qd.t), move |(desc, qt), st| {
-        // SAFETY: as in cuda_update_key_bounds.
-        unsafe { c::kvsieve_cuda_page_bounds(&desc, max_seq_len, bounds as *const c_void, &qt, &cfg, sip as *mut i32, six as *mut i32, st) }
+    let pages = paged_kv(&kp, &vp, layout, "post", Some((&ip, &ix, &lp)), None)?;
+    let (sip, six) = (si.int_array(32)?, sx.int_array(32)?);
+    let bounds = kb.addr();
+    let cfg = PageBoundsConfig { budget_tokens, min_pages };
+    let kv = pages.checked().kv()?;
+    let q = qd.device_tensor(&["batch", "num_qo_heads", "head_dim"]).kv()?;
+    cfg.validate().kv()?;
+    for (addr, name) in [(bounds, "key_bounds"), (sip, "sel_indptr"), (six, "sel_indices")] {
+        non_null(addr, name).kv()?;
+    }
+    let st = stream_handle(stream);
+    // Scratch per (device, stream, batch shape): calls on one stream are ordered.
+    static WORKSPACES: Shared<(usize, usize, [usize; 6]), Mutex<PageBoundsWorkspace>> = OnceLock::new();
+    detach(py, move || {
+        let dev = CudaDevice::get(kv.device)?;
+        let (l, hq) = (kv.layout, q.shape[1]);
+        // SAFETY: as in cuda_update_key_bounds; the key bounds are those
+        // cuda_update_key_bounds keeps for these pages, the lists have the documented sizes.
+        unsafe {
+            let table = kv.table(max_seq_len)?;
+            let view = kv.view(&table)?.with_key_bounds(KeyBoundsLayout { ptr: bounds })?;
+            let shape = [kv.batch, max_seq_len, l.page_size, hq, l.num_kv_heads, l.head_dim];
+            let ws = shared(&WORKSPACES, (kv.device, st, shape), || {
+                PageBoundsWorkspace::for_view(&dev, &view, hq).map(Mutex::new)
+            })?;
+            let out = CudaSelections::from_device(sip, six, kv.batch, l.num_kv_heads, max_seq_len, kv.device)?;
+            let mut ws = ws.lock().unwrap_or_else(|e| e.into_inner());
+            page_bounds(&stream_on(&dev, st), &view, &q, &cfg, &mut ws, &out)
+        }
     })
 }
 
-/// Prefill attention on the GPU (tensor cores) over device pages with keys after RoPE:
-/// ``qo_indptr`` is a host sequence, ``windows`` optional (sinks, window) pairs per KV head,
-/// ``sel_indptr``/``sel_indices`` optional device token lists; writes ``out`` (and ``lse``).
+#[doc = doc!(cuda_paged_prefill)]
 #[pyfunction]
 #[pyo3(signature = (k_pages, v_pages, indptr, indices, last_page_len, q, qo_indptr, out, *, causal = true, windows = None, sel_indptr = None, sel_indices = None, max_per_head = None, lse = None, layout = "nhd", scale = None, logit_soft_cap = None, stream = None))]
 #[allow(clippy::too_many_arguments)]
@@ -128,10 +166,7 @@ pub fn cuda_paged_prefill<'py>(
     stream: Option<i64>,
 ) -> PyResult<()> {
     let qo = i32_vec(qo_indptr, "qo_indptr")?;
-    let wins: Vec<kvsieve_streaming_window_t> = windows_arg(windows)?
-        .into_iter()
-        .map(|w| w.map_or(kvsieve_streaming_window_t { sinks: 0, window: 0 }, |w| kvsieve_streaming_window_t { sinks: w.sinks, window: w.window }))
-        .collect();
+    let wins = windows_arg(windows)?;
     let kp = dlpack(k_pages, "k_pages", stream)?;
     let vp = dlpack(v_pages, "v_pages", stream)?;
     let ip = dlpack(indptr, "indptr", stream)?;
@@ -139,67 +174,82 @@ pub fn cuda_paged_prefill<'py>(
     let lp = dlpack(last_page_len, "last_page_len", stream)?;
     let qd = dlpack(q, "q", stream)?;
     let od = dlpack(out, "out", stream)?;
-    let desc = paged_kv(&kp, &vp, layout, "post", Some((&ip, &ix, &lp)), None)?;
-    if qo.len() != desc.batch + 1 {
-        return Err(Error::Shape { param: "qo_indptr".into(), expected: format!("[{}] (batch + 1)", desc.batch + 1), got: format!("[{}]", qo.len()) }).kv();
+    let pages = paged_kv(&kp, &vp, layout, "post", Some((&ip, &ix, &lp)), None)?;
+    let batch = pages.batch;
+    if qo.len() != batch + 1 {
+        return Err(bad_shape("qo_indptr", format!("[{}] (batch + 1)", batch + 1), format!("[{}]", qo.len()))).kv();
     }
-    let lse_ptr = match lse {
+    let ld = lse.map(|l| dlpack(l, "lse", stream)).transpose()?;
+    let lse = match &ld {
         Some(l) => {
-            let l = dlpack(l, "lse", stream)?;
             let qs = qd.shape();
             if qs.len() != 3 {
-                return Err(Error::Shape { param: "q".into(), expected: "[total, num_qo_heads, head_dim]".into(), got: format!("{qs:?}") }).kv();
+                return Err(bad_shape("q", "[total, num_qo_heads, head_dim]", format!("{qs:?}"))).kv();
             }
-            crate::cuda::f32_contiguous(&l, &qs[..2])? as usize
+            Some(f32_contiguous(l, &qs[..2])?)
         }
-        None => 0,
+        None => None,
     };
-    let lists = match (sel_indptr, sel_indices) {
-        (None, None) => None,
-        (Some(a), Some(b)) => {
-            let a = dlpack(a, "sel_indptr", stream)?;
-            let b = dlpack(b, "sel_indices", stream)?;
-            let mp = max_per_head
-                .ok_or_else(|| Error::InvalidArgument { param: "max_per_head".into(), expected: "an upper bound on every list's length (with sel_indptr)".into() })
-                .kv()?;
-            Some((a.int_array(32)? as usize, b.int_array(32)? as usize, mp))
-        }
-        _ => return Err(Error::InvalidArgument { param: "sel_indices".into(), expected: "sel_indptr and sel_indices together".into() }).kv(),
-    };
-    let pc = kvsieve_attention_params_t {
-        scale: scale.unwrap_or(0.0),
-        logit_soft_cap: logit_soft_cap.unwrap_or(0.0),
-        rope: ptr::null(),
-        chunk_size: 0,
-        position_mode: c::POSITIONS_ORIGINAL,
-        max_distance: 0,
-    };
-    call_detached(py, stream, (desc, qd.t, od.t, pc), move |(desc, qt, ot, pc), st| {
-        let (sip, six, mp) = lists.unwrap_or((0, 0, 0));
-        let wp = if wins.is_empty() { ptr::null() } else { wins.as_ptr() };
-        // SAFETY: as in cuda_update_key_bounds; `qo` and `wins` are host memory read during the call.
+    let lists = token_lists(sel_indptr, sel_indices, max_per_head, stream)?;
+    let sel = lists.as_ref().map(|l| l.raw);
+    let params = AttentionKw { scale, logit_soft_cap, ..Default::default() }.cuda_params().kv()?;
+    let kv = pages.checked().kv()?;
+    let wins = head_windows(&wins, kv.layout.num_kv_heads).kv()?;
+    let dims = ["total", "num_qo_heads", "head_dim"];
+    let q = qd.device_tensor(&dims).kv()?;
+    let out = od.device_tensor(&dims).kv()?;
+    let st = stream_handle(stream);
+    detach(py, move || {
+        let dev = CudaDevice::get(kv.device)?;
+        // SAFETY: as in cuda_update_key_bounds; the token lists are ascending and in range.
         unsafe {
-            c::kvsieve_cuda_paged_prefill(
-                &desc,
-                &qt,
-                qo.as_ptr(),
-                causal,
-                wp,
-                wins.len(),
-                sip as *const i32,
-                six as *const i32,
-                mp,
-                &ot,
-                lse_ptr as *mut f32,
-                &pc,
-                st,
-            )
+            // The prefill kernel bounds every sequence by its own table row, not by a maximum.
+            let table = kv.table(i32::MAX as usize)?;
+            let view = kv.view(&table)?;
+            let s = stream_on(&dev, st);
+            let queries = PrefillQueries::upload(&dev, &qo, &table, &s)?;
+            let masks = if wins.is_empty() { None } else { Some(PrefillMasks::upload(&dev, &wins, &s)?) };
+            let sels = match sel {
+                Some((ip, ix, mp)) => {
+                    Some(CudaSelections::from_device(ip, ix, kv.batch, kv.layout.num_kv_heads, mp, kv.device)?)
+                }
+                None => None,
+            };
+            let lse = lse.map(|p| DeviceTensor::contiguous(p, DType::F32, &[queries.total(), q.shape[1]], kv.device));
+            prefill(&s, &view, &q, &queries, masks.as_ref(), sels.as_ref(), &out, lse.as_ref(), &params, causal)
         }
     })
 }
 
-/// GemFilter on the GPU: the ``k`` tokens the last query points at, ascending, written to
-/// the device int32 array ``indices`` (``k`` values).
+/// `windows=` for the device prefill: none, or one per KV head, where a window of 0 tokens
+/// means no window for its head (and then takes no sinks).
+fn head_windows(
+    windows: &[Option<StreamingWindow>],
+    num_kv_heads: usize,
+) -> Result<Vec<Option<StreamingWindow>>, Error> {
+    let wins = windows
+        .iter()
+        .enumerate()
+        .map(|(h, w)| match *w {
+            Some(StreamingWindow { sinks: 0, window: 0 }) | None => Ok(None),
+            Some(StreamingWindow { sinks, window: 0 }) => Err(invalid(
+                format!("windows[{h}].sinks"),
+                format!("0 when windows[{h}].window is 0 (an entry with window 0 means no window for that KV head), got {sinks}"),
+            )),
+            Some(w) => Ok(Some(w)),
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    if !wins.is_empty() && wins.len() != num_kv_heads {
+        return Err(bad_shape(
+            "windows",
+            format!("[{num_kv_heads}] (one per KV head) or none"),
+            format!("[{}]", wins.len()),
+        ));
+    }
+    Ok(wins)
+}
+
+#[doc = doc!(cuda_gemfilter_select)]
 #[pyfunction]
 #[pyo3(signature = (q, keys, indices, *, k, pool_kernel = 5, keep_first = 0, keep_last = 0, stream = None))]
 #[allow(clippy::too_many_arguments)]
@@ -217,104 +267,79 @@ pub fn cuda_gemfilter_select<'py>(
     let qd = dlpack(q, "q", stream)?;
     let kd = dlpack(keys, "keys", stream)?;
     let id = dlpack(indices, "indices", stream)?;
-    let out = id.int_array(32)? as usize;
+    let dst = id.int_array(32)?;
     if id.shape().first().copied().unwrap_or(0) < k as i64 {
-        return Err(Error::Shape { param: "indices".into(), expected: format!("room for k = {k} int32"), got: format!("{:?}", id.shape()) }).kv();
+        return Err(bad_shape("indices", format!("room for k = {k} int32"), format!("{:?}", id.shape()))).kv();
     }
-    let cfg = c::kvsieve_gemfilter_config_t { k, pool_kernel, keep_first, keep_last };
-    call_detached(py, stream, (qd.t, kd.t), move |(qt, kt), st| {
-        // SAFETY: as in cuda_update_key_bounds.
-        unsafe { c::kvsieve_cuda_gemfilter_select(&qt, &kt, &cfg, out as *mut i32, st) }
+    let cfg = GemFilterConfig { k, pool_kernel, keep_first, keep_last };
+    let q = qd.device_query().kv()?;
+    let keys = kd.device_tensor(&["n", "num_kv_heads", "head_dim"]).kv()?;
+    non_null(dst, "indices").kv()?;
+    if q.device != keys.device {
+        return Err(invalid("q", format!("memory on the keys' CUDA device {}, got device {}", keys.device, q.device)))
+            .kv();
+    }
+    let st = stream_handle(stream);
+    detach(py, move || {
+        let dev = CudaDevice::get(keys.device)?;
+        // SAFETY: `stream` as documented (see cuda_paged_decode).
+        let s = unsafe { stream_on(&dev, st) };
+        let (n, hq, d) = (keys.shape[0], q.shape[q.shape.len() - 2], keys.shape[2]);
+        let mut ws = GemFilterWorkspace::new(&dev, n, hq, d, cfg.k.clamp(1, n.max(1)), &s)?;
+        gemfilter_select(&s, &q, &keys, &cfg, &mut ws)?;
+        // SAFETY: `dst` holds room for k int32 (checked above) on the keys' device; the
+        // workspace's drop (cuMemFree) waits for the queued copy.
+        unsafe { ws.copy_selected_to(dst, &s) }
     })
 }
 
-/// A K-means index on a CUDA device for centroid retrieval on the GPU. See the stub.
+#[doc = doc!(CudaClusterIndex)]
 #[pyclass(name = "CudaClusterIndex", module = "kvsieve", frozen)]
 pub struct PyCudaClusterIndex {
-    handle: usize,
+    index: CudaClusterIndex,
+    /// Retrieval scratch, made for one query head count (remade when another comes).
+    ws: Mutex<Option<(usize, ClusterWorkspace)>>,
 }
 
-impl Drop for PyCudaClusterIndex {
-    fn drop(&mut self) {
-        // SAFETY: the handle came from the C ABI and is freed once, here.
-        unsafe { c::kvsieve_cuda_cluster_index_free(self.handle as *mut c::kvsieve_cuda_cluster_index_t) };
-    }
-}
-
-impl PyCudaClusterIndex {
-    fn info(&self) -> PyResult<[usize; 5]> {
-        let mut v = [0usize; 5];
-        let [a, b, cc, d, e] = &mut v;
-        // SAFETY: a live handle; the out-parameters are writable.
-        check(unsafe { c::kvsieve_cuda_cluster_index_info(self.handle as *const _, a, b, cc, d, e) })?;
-        Ok(v)
+impl From<CudaClusterIndex> for PyCudaClusterIndex {
+    fn from(index: CudaClusterIndex) -> Self {
+        PyCudaClusterIndex { index, ws: Mutex::new(None) }
     }
 }
 
-/// The C form of a retrieval rule (thresholds point into `taus`, which must outlive it).
-fn retrieve_config(fine: &Retrieve, coarse: Option<CoarseRetrieve>, taus: &[f64]) -> kvsieve_retrieve_config_t {
-    let mut c = c::kvsieve_retrieve_config_default(1);
-    match fine {
-        Retrieve::Threshold(t) => {
-            c.mode = c::RETRIEVE_THRESHOLD;
-            c.threshold = *t;
+/// The core names the coarse rules with spaces; the keywords have underscores.
+fn rename_coarse(e: Error) -> Error {
+    match e {
+        Error::InvalidArgument { param, expected } if param.starts_with("coarse ") => {
+            Error::InvalidArgument { param: param.replace(' ', "_"), expected }
         }
-        Retrieve::PerHeadThreshold(_) => {
-            c.mode = c::RETRIEVE_PER_HEAD_THRESHOLD;
-            c.thresholds = taus.as_ptr();
-            c.num_thresholds = taus.len();
-        }
-        Retrieve::Budget(b) => {
-            c.mode = c::RETRIEVE_BUDGET;
-            c.budget = *b;
-        }
-        Retrieve::MixedBudget(b) => {
-            c.mode = c::RETRIEVE_BUDGET_MIXED;
-            c.budget = *b;
-        }
+        e => e,
     }
-    if let Some(cr) = coarse {
-        c.hierarchical = true;
-        match cr {
-            CoarseRetrieve::Threshold(t) => {
-                c.coarse_mode = c::COARSE_THRESHOLD;
-                c.coarse_threshold = t;
-            }
-            CoarseRetrieve::Budget(b) => {
-                c.coarse_mode = c::COARSE_BUDGET;
-                c.coarse_budget = b;
-            }
-            CoarseRetrieve::BudgetMultiple(m) => {
-                c.coarse_mode = c::COARSE_BUDGET_MULTIPLE;
-                c.coarse_budget_multiple = m;
-            }
-        }
-    }
-    c
+}
+
+/// A CUDA device ordinal (`device=`).
+pub(crate) fn device_ordinal(device: i32) -> PyResult<usize> {
+    usize::try_from(device).map_err(|_| invalid("device", format!("a CUDA device ordinal >= 0, got {device}"))).kv()
 }
 
 #[pymethods]
 impl PyCudaClusterIndex {
-    /// Copy a host :class:`ClusterIndex` to CUDA device ``device``.
+    #[doc = doc!(CudaClusterIndex.upload)]
     #[staticmethod]
     #[pyo3(signature = (index, *, device = 0, stream = None))]
     fn upload(py: Python<'_>, index: PyRef<'_, PyClusterIndex>, device: i32, stream: Option<i64>) -> PyResult<Self> {
-        let host = c::cluster_index_into_handle(index.snapshot());
-        let (h, st) = (host as usize, stream.unwrap_or(0) as usize);
-        let r = py.detach(move || {
-            let mut out: *mut c::kvsieve_cuda_cluster_index_t = ptr::null_mut();
-            // SAFETY: `host` is a live handle made above and freed below; `out` is writable.
-            let e = unsafe { c::kvsieve_cuda_cluster_index_upload(h as *const _, device, st as *mut c_void, &mut out) };
-            // SAFETY: freed once; nothing else holds it.
-            unsafe { c::kvsieve_cluster_index_free(h as *mut _) };
-            (e as usize, out as usize)
-        });
-        check(r.0 as *mut c::kvsieve_error_t)?;
-        Ok(PyCudaClusterIndex { handle: r.1 })
+        let host = index.snapshot();
+        let ordinal = device_ordinal(device)?;
+        let st = stream_handle(stream);
+        detach(py, move || {
+            let dev = CudaDevice::get(ordinal)?;
+            // SAFETY: `stream` as documented (see cuda_paged_decode).
+            CudaClusterIndex::upload(&dev, &host, &unsafe { stream_on(&dev, st) })
+        })
+        .map(Self::from)
     }
 
-    /// Cluster device keys ``[n, num_kv_heads, head_dim]`` on their GPU; returns
-    /// ``(ClusterIndex, CudaClusterIndex)``: the same index on the host and on the device.
+    #[doc = doc!(CudaClusterIndex.build)]
     #[staticmethod]
     #[pyo3(signature = (keys, *, clusters, max_iter = 20, seed = 0, exclude_window = 0, coarse = None, stream = None))]
     #[allow(clippy::too_many_arguments)]
@@ -329,49 +354,49 @@ impl PyCudaClusterIndex {
         stream: Option<i64>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let cfg = cluster_config(clusters, max_iter, seed, exclude_window, coarse)?;
-        let cc = kvsieve_cluster_config_t::from_core(&cfg);
         let kd = dlpack(keys, "keys", stream)?;
-        let raw = Raw(kd.t);
-        let st = stream.unwrap_or(0) as usize;
-        let (e, host, dev) = py.detach(move || {
-            let raw = raw;
-            let mut host: *mut c::kvsieve_cluster_index_t = ptr::null_mut();
-            let mut dev: *mut c::kvsieve_cuda_cluster_index_t = ptr::null_mut();
-            // SAFETY: as in cuda_update_key_bounds; the out-parameters are writable.
-            let e = unsafe { c::kvsieve_cuda_cluster_index_build(&raw.0, &cc, st as *mut c_void, &mut host, &mut dev) };
-            (e as usize, host as usize, dev as usize)
-        });
-        check(e as *mut c::kvsieve_error_t)?;
-        let dev = PyCudaClusterIndex { handle: dev };
-        // SAFETY: a live handle the build returned, taken once.
-        let host = unsafe { c::cluster_index_from_handle(host as *mut _) }.kv()?;
-        PyTuple::new(py, [Bound::new(py, PyClusterIndex::from(host))?.into_any(), Bound::new(py, dev)?.into_any()])
+        let keys = kd.device_tensor(&["n", "num_kv_heads", "head_dim"]).kv()?;
+        let st = stream_handle(stream);
+        let (host, dev) = detach(py, move || {
+            let dev = CudaDevice::get(keys.device)?;
+            // SAFETY: the keys are device memory as their capsule describes, held until
+            // this call returns; `stream` as documented (see cuda_paged_decode).
+            let s = unsafe { stream_on(&dev, st) };
+            build_index(&dev, &keys, &cfg, Assignment::default_for(keys.dtype, keys.shape[2]), &s)
+        })?;
+        PyTuple::new(
+            py,
+            [Bound::new(py, PyClusterIndex::from(host))?.into_any(), Bound::new(py, Self::from(dev))?.into_any()],
+        )
     }
 
+    #[doc = doc!(CudaClusterIndex.num_kv_heads)]
     #[getter]
-    fn num_kv_heads(&self) -> PyResult<usize> {
-        Ok(self.info()?[0])
+    fn num_kv_heads(&self) -> usize {
+        self.index.num_kv_heads()
     }
+    #[doc = doc!(CudaClusterIndex.head_dim)]
     #[getter]
-    fn head_dim(&self) -> PyResult<usize> {
-        Ok(self.info()?[1])
+    fn head_dim(&self) -> usize {
+        self.index.head_dim()
     }
+    #[doc = doc!(CudaClusterIndex.num_clusters)]
     #[getter]
-    fn num_clusters(&self) -> PyResult<usize> {
-        Ok(self.info()?[2])
+    fn num_clusters(&self) -> usize {
+        self.index.num_clusters()
     }
+    #[doc = doc!(CudaClusterIndex.num_coarse_clusters)]
     #[getter]
-    fn num_coarse_clusters(&self) -> PyResult<usize> {
-        Ok(self.info()?[3])
+    fn num_coarse_clusters(&self) -> usize {
+        self.index.num_coarse_clusters()
     }
-    /// Tokens clustered per KV head: ``sel_indices`` needs ``num_kv_heads * clustered_len``.
+    #[doc = doc!(CudaClusterIndex.clustered_len)]
     #[getter]
-    fn clustered_len(&self) -> PyResult<usize> {
-        Ok(self.info()?[4])
+    fn clustered_len(&self) -> usize {
+        self.index.clustered_len()
     }
 
-    /// Centroid retrieval on the GPU for the decode query ``q`` (device, after RoPE) into
-    /// device int32 arrays ``sel_indptr`` (``num_kv_heads + 1``) and ``sel_indices``.
+    #[doc = doc!(CudaClusterIndex.retrieve)]
     #[pyo3(signature = (q, sel_indptr, sel_indices, *, threshold = None, budget = None, hierarchical = false, coarse_threshold = None, coarse_budget = None, coarse_budget_multiple = None, rank = "estimate", stream = None))]
     #[allow(clippy::too_many_arguments)]
     fn retrieve<'py>(
@@ -389,35 +414,56 @@ impl PyCudaClusterIndex {
         rank: &str,
         stream: Option<i64>,
     ) -> PyResult<()> {
-        let [hk, _, _, _, m] = self.info()?;
+        let (hk, m) = (self.index.num_kv_heads(), self.index.clustered_len());
         let fine = fine_rule(threshold, budget, hk, rank)?;
         let coarse = coarse_rule(hierarchical, coarse_threshold, coarse_budget, coarse_budget_multiple, &fine)?;
-        let taus = match &fine {
-            Retrieve::PerHeadThreshold(t) => t.clone(),
-            _ => Vec::new(),
-        };
         let qd = dlpack(q, "q", stream)?;
         let si = dlpack(sel_indptr, "sel_indptr", stream)?;
         let sx = dlpack(sel_indices, "sel_indices", stream)?;
-        let (sip, six) = (si.int_array(32)? as usize, sx.int_array(32)? as usize);
+        let (sip, six) = (si.int_array(32)?, sx.int_array(32)?);
         if si.shape()[0] < (hk + 1) as i64 || sx.shape()[0] < (hk * m) as i64 {
-            return Err(Error::Shape {
-                param: "sel_indices".into(),
-                expected: format!("sel_indptr of at least {} and sel_indices of at least {} int32", hk + 1, hk * m),
-                got: format!("{:?} and {:?}", si.shape(), sx.shape()),
-            })
+            return Err(bad_shape(
+                "sel_indices",
+                format!("sel_indptr of at least {} and sel_indices of at least {} int32", hk + 1, hk * m),
+                format!("{:?} and {:?}", si.shape(), sx.shape()),
+            ))
             .kv();
         }
-        let h = self.handle;
-        call_detached(py, stream, qd.t, move |qt, st| {
-            let cfg = retrieve_config(&fine, coarse, &taus);
-            // SAFETY: a live handle; as in cuda_update_key_bounds; `taus` outlives the call.
-            unsafe { c::kvsieve_cuda_cluster_index_retrieve(h as *const _, &qt, &cfg, sip as *mut i32, six as *mut i32, st) }
+        let q = qd.device_query().kv()?;
+        non_null(sip, "sel_indptr").kv()?;
+        non_null(six, "sel_indices").kv()?;
+        if coarse.is_some() && self.index.num_coarse_clusters() == 0 {
+            return Err(invalid("hierarchical", "False for an index built without coarse= (it has no coarse level)"))
+                .kv();
+        }
+        let st = stream_handle(stream);
+        detach(py, || {
+            let dev = CudaDevice::get(q.device)?;
+            let hq = q.shape[q.shape.len() - 2];
+            // SAFETY: the lists have the sizes checked above, on the query's device; `stream`
+            // as documented (see cuda_paged_decode).
+            let (out, s) = unsafe { (CudaSelections::from_device(sip, six, 1, hk, m, q.device)?, stream_on(&dev, st)) };
+            let mut guard = self.ws.lock().unwrap_or_else(|e| e.into_inner());
+            if guard.as_ref().is_none_or(|(n, _)| *n != hq) {
+                *guard = Some((hq, ClusterWorkspace::new(&self.index, hq)?));
+            }
+            let ws = &mut guard.as_mut().expect("set above").1;
+            match coarse {
+                None => self.index.retrieve(&s, &q, &fine, ws, &out),
+                Some(c) => self.index.retrieve_hierarchical(&s, &q, c, &fine, ws, &out).map_err(rename_coarse),
+            }
         })
     }
 
-    fn __repr__(&self) -> PyResult<String> {
-        let [hk, d, k, k1, m] = self.info()?;
-        Ok(format!("CudaClusterIndex(num_kv_heads={hk}, head_dim={d}, num_clusters={k}, num_coarse_clusters={k1}, clustered_len={m})"))
+    fn __repr__(&self) -> String {
+        let i = &self.index;
+        format!(
+            "CudaClusterIndex(num_kv_heads={}, head_dim={}, num_clusters={}, num_coarse_clusters={}, clustered_len={})",
+            i.num_kv_heads(),
+            i.head_dim(),
+            i.num_clusters(),
+            i.num_coarse_clusters(),
+            i.clustered_len()
+        )
     }
 }

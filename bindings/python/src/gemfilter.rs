@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 
 use crate::arrays::{items, seq_id, to_numpy, type_name, usize_arg, FloatArray};
 use crate::cache::PyKvCache;
-use crate::errors::KvResultExt;
+use crate::errors::{detach, KvResultExt};
 use crate::selection::PySelection;
 
 /// Where a call's keys come from.
@@ -26,8 +26,11 @@ pub(crate) fn key_source<'py>(
     seq: Option<i64>,
     layer: Option<i64>,
 ) -> PyResult<Keys<'py>> {
-    let given: Vec<&str> =
-        [("cache", cache.is_some()), ("seq", seq.is_some()), ("layer", layer.is_some())].iter().filter(|g| g.1).map(|g| g.0).collect();
+    let given: Vec<&str> = [("cache", cache.is_some()), ("seq", seq.is_some()), ("layer", layer.is_some())]
+        .iter()
+        .filter(|g| g.1)
+        .map(|g| g.0)
+        .collect();
     if let Some(keys) = keys {
         if let Some(&param) = given.first() {
             return Err(Error::InvalidArgument {
@@ -54,7 +57,8 @@ pub(crate) fn key_source<'py>(
         })
         .kv()?
         .clone();
-    let missing = |param: &str| Error::InvalidArgument { param: param.into(), expected: "an int when cache= is given".into() };
+    let missing =
+        |param: &str| Error::InvalidArgument { param: param.into(), expected: "an int when cache= is given".into() };
     let seq = seq_id(seq.ok_or_else(|| missing("seq")).kv()?, "seq")?;
     let layer = usize_arg(layer.ok_or_else(|| missing("layer")).kv()?, "layer")?;
     Ok(Keys::Cache { cache, seq, layer })
@@ -64,16 +68,30 @@ pub(crate) fn key_source<'py>(
 /// (the scoring kernels need a head_dim that is a multiple of 8).
 fn check_keys(shape: &[usize], param: &str) -> Result<(usize, usize, usize), Error> {
     let &[n, hk, d] = shape else {
-        return Err(Error::Shape { param: param.into(), expected: "[n, num_kv_heads, head_dim]".into(), got: format!("{shape:?}") });
+        return Err(Error::Shape {
+            param: param.into(),
+            expected: "[n, num_kv_heads, head_dim]".into(),
+            got: format!("{shape:?}"),
+        });
     };
     if hk == 0 {
-        return Err(Error::Shape { param: param.into(), expected: "at least one KV head".into(), got: format!("{shape:?}") });
+        return Err(Error::Shape {
+            param: param.into(),
+            expected: "at least one KV head".into(),
+            got: format!("{shape:?}"),
+        });
     }
     if d == 0 || d % 8 != 0 || d > MAX_HEAD_DIM {
-        return Err(Error::Unsupported(format!("`{param}` head_dim {d}: expected a multiple of 8 from 8 to {MAX_HEAD_DIM}")));
+        return Err(Error::Unsupported(format!(
+            "`{param}` head_dim {d}: expected a multiple of 8 from 8 to {MAX_HEAD_DIM}"
+        )));
     }
     if n > u32::MAX as usize {
-        return Err(Error::Shape { param: param.into(), expected: format!("at most {} tokens", u32::MAX), got: format!("{shape:?}") });
+        return Err(Error::Shape {
+            param: param.into(),
+            expected: format!("at most {} tokens", u32::MAX),
+            got: format!("{shape:?}"),
+        });
     }
     Ok((n, hk, d))
 }
@@ -116,7 +134,12 @@ fn check_window(shape: &[usize], hk: usize, d: usize) -> Result<(), Error> {
 
 /// Checks of a cache source, under the cache's lock: keys stored after RoPE, a known
 /// sequence (non-empty when `non_empty`) and the query against the cache's heads.
-fn check_cache(c: &KvCache, seq: u64, non_empty: bool, check_q: impl FnOnce(usize, usize) -> Result<(), Error>) -> Result<(), Error> {
+fn check_cache(
+    c: &KvCache,
+    seq: u64,
+    non_empty: bool,
+    check_q: impl FnOnce(usize, usize) -> Result<(), Error>,
+) -> Result<(), Error> {
     let cfg = c.config();
     if cfg.key_rope == KeyRope::PreRope {
         return Err(Error::InvalidArgument {
@@ -147,7 +170,7 @@ pub(crate) fn with_keys<T: Send>(
             let (_, hk, d) = check_keys(a.shape(), "keys").kv()?;
             check_q(hk, d).kv()?;
             let kv = a.view().kv()?;
-            py.detach(|| f(KeySource::Tensor(&kv))).kv()
+            detach(py, || f(KeySource::Tensor(&kv)))
         }
         Keys::Cache { cache, seq, layer } => {
             let (seq, layer) = (*seq, *layer);
@@ -159,7 +182,7 @@ pub(crate) fn with_keys<T: Send>(
     }
 }
 
-/// Unpooled GemFilter scores: per token, the sum over query heads of ``q_h · k_t``.
+#[doc = doc!(gemfilter_scores)]
 #[pyfunction]
 #[pyo3(signature = (q, keys = None, *, cache = None, seq = None, layer = None))]
 pub fn gemfilter_scores<'py>(
@@ -174,25 +197,34 @@ pub fn gemfilter_scores<'py>(
     let keys = key_source(keys, cache, seq, layer)?;
     let qv = q.view().kv()?;
     let shape = q.shape().to_vec();
-    let scores = with_keys(py, &keys, false, |hk, d| check_query(&shape, hk, d, "q"), |src| gemfilter::token_scores(&qv, src))?;
+    let scores =
+        with_keys(py, &keys, false, |hk, d| check_query(&shape, hk, d, "q"), |src| gemfilter::token_scores(&qv, src))?;
     let n = scores.len();
     to_numpy(py, scores, &[n])
 }
 
-/// Centred 1-D average pool over the entries that exist (odd ``kernel``).
+#[doc = doc!(avg_pool)]
 #[pyfunction]
 pub fn avg_pool<'py>(py: Python<'py>, scores: &Bound<'py, PyAny>, kernel: i64) -> PyResult<Bound<'py, PyAny>> {
     let kernel = usize_arg(kernel, "kernel")?;
     if kernel % 2 == 0 {
-        return Err(Error::InvalidArgument { param: "kernel".into(), expected: format!("an odd width (1 = no pooling), got {kernel}") })
-            .kv();
+        return Err(Error::InvalidArgument {
+            param: "kernel".into(),
+            expected: format!("an odd width (1 = no pooling), got {kernel}"),
+        })
+        .kv();
     }
     let arr = FloatArray::extract(scores, "scores", true)?;
     if arr.shape().len() != 1 {
-        return Err(Error::Shape { param: "scores".into(), expected: "a 1-D array".into(), got: format!("{:?}", arr.shape()) }).kv();
+        return Err(Error::Shape {
+            param: "scores".into(),
+            expected: "a 1-D array".into(),
+            got: format!("{:?}", arr.shape()),
+        })
+        .kv();
     }
     let values = arr.to_f32_vec();
-    let pooled = py.detach(|| gemfilter::avg_pool(&values, kernel)).kv()?;
+    let pooled = detach(py, || gemfilter::avg_pool(&values, kernel))?;
     let n = pooled.len();
     to_numpy(py, pooled, &[n])
 }
@@ -206,8 +238,7 @@ fn gemfilter_config(k: i64, pool_kernel: i64, keep_first: i64, keep_last: i64) -
     })
 }
 
-/// GemFilter: the ``k`` tokens the query points at (pooled scores, forced first and last
-/// tokens), ascending.
+#[doc = doc!(gemfilter_select)]
 #[pyfunction]
 #[pyo3(signature = (q, keys = None, *, cache = None, seq = None, layer = None, k, pool_kernel = 5, keep_first = 0, keep_last = 0))]
 #[allow(clippy::too_many_arguments)]
@@ -228,13 +259,13 @@ pub fn gemfilter_select<'py>(
     let keys = key_source(keys, cache, seq, layer)?;
     let qv = q.view().kv()?;
     let shape = q.shape().to_vec();
-    let kept = with_keys(py, &keys, true, |hk, d| check_query(&shape, hk, d, "q"), |src| gemfilter::select(&qv, src, &cfg))?;
+    let kept =
+        with_keys(py, &keys, true, |hk, d| check_query(&shape, hk, d, "q"), |src| gemfilter::select(&qv, src, &cfg))?;
     let n = kept.len();
     to_numpy(py, kept, &[n])
 }
 
-/// SnapKV: per KV head, the ``k - w`` prefix tokens the window queries attend to most
-/// (pooled), plus the window; returns ``(selection, union)``.
+#[doc = doc!(snapkv)]
 #[pyfunction]
 #[pyo3(signature = (q_window, keys = None, *, cache = None, seq = None, layer = None, k, pool_kernel = 7, scale = None))]
 #[allow(clippy::too_many_arguments)]
@@ -268,8 +299,7 @@ pub fn snapkv<'py>(
     Ok((PySelection::from(res.per_head), to_numpy(py, res.union, &[n])?))
 }
 
-/// Filter-layer calibration: per layer, the share of the needle ``needle_start ..
-/// needle_end`` that GemFilter keeps from that layer's query and keys (float64 array).
+#[doc = doc!(calibrate_filter_layer)]
 #[pyfunction]
 #[pyo3(signature = (queries, keys, needle_start, needle_end, *, k, pool_kernel = 5, keep_first = 0, keep_last = 0))]
 #[allow(clippy::too_many_arguments)]
@@ -325,14 +355,12 @@ pub fn calibrate_filter_layer<'py>(
         arrays.push((q, kk));
     }
     let views = arrays.iter().map(|(q, kk)| Ok((q.view()?, kk.view()?))).collect::<Result<Vec<_>, Error>>().kv()?;
-    let res = py
-        .detach(|| {
-            gemfilter::calibrate_layers(views.len(), start..end, &cfg, &mut |l| {
-                let (q, kk): &(TensorView, TensorView) = &views[l];
-                Ok((q.clone(), KeySource::Tensor(kk)))
-            })
+    let res = detach(py, || {
+        gemfilter::calibrate_layers(views.len(), start..end, &cfg, &mut |l| {
+            let (q, kk): &(TensorView, TensorView) = &views[l];
+            Ok((q.clone(), KeySource::Tensor(kk)))
         })
-        .kv()?;
+    })?;
     let recalls: Vec<f64> = res.iter().map(|r| r.recall).collect();
     let n = recalls.len();
     to_numpy(py, recalls, &[n])

@@ -2,6 +2,10 @@
 //! and errors to and from the core crate and releases the GIL around the work; it holds no
 //! logic of its own.
 
+// `doc!`, the docstrings of the stub; declared first so every module below can use it.
+#[macro_use]
+mod docs;
+
 mod arrays;
 mod attention;
 mod cache;
@@ -20,13 +24,13 @@ mod sparse;
 
 use pyo3::prelude::*;
 
-/// The SIMD instruction set the CPU kernels use on this machine ("avx512f+avx2+fma+f16c",
-/// "avx2+fma+f16c" or "portable"; `KVSIEVE_ISA=avx2` or `portable` lowers it).
+#[doc = doc!(isa)]
 #[pyfunction]
 fn isa() -> &'static str {
     kvsieve::cpu::isa()
 }
 
+#[doc = doc!(@module)]
 #[pymodule]
 fn _kvsieve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", kvsieve::VERSION)?;

@@ -2,6 +2,9 @@
 
 use kvsieve::attention::{AttentionParams, PositionMode, RopeStyle};
 use kvsieve::{DType, Error, KeyRope, PageLayout};
+use pyo3::PyRef;
+
+use crate::rope::PyRopeConfig;
 
 fn invalid(param: &str, expected: &str, got: &str) -> Error {
     Error::InvalidArgument { param: param.into(), expected: format!("{expected}, got {got:?}") }
@@ -111,30 +114,70 @@ pub fn position_mode_parts(mode: PositionMode) -> (&'static str, Option<u32>) {
     }
 }
 
-/// The keyword arguments shared by every attention call.
-pub fn attention_params(
-    position_mode: &str,
-    max_distance: Option<i64>,
-    scale: Option<f32>,
-    logit_soft_cap: Option<f32>,
-    rope: Option<&crate::rope::PyRopeConfig>,
-    chunk_size: Option<i64>,
-) -> Result<AttentionParams, Error> {
-    let positions = parse_position_mode(position_mode, max_distance)?;
-    let chunk_size = match chunk_size {
-        None => None,
-        Some(c) => Some(usize::try_from(c).map_err(|_| Error::InvalidArgument {
-            param: "chunk_size".into(),
-            expected: format!("at least 1 (or None for automatic), got {c}"),
-        })?),
-    };
-    Ok(AttentionParams { scale, logit_soft_cap, rope: rope.map(|r| r.inner), chunk_size, positions })
+/// The attention keywords of one call: `scale=`, `logit_soft_cap=`, `rope=`,
+/// `position_mode=`, `max_distance=` and `chunk_size=`, as Python passed them. Every
+/// attention entry point (host and CUDA) translates them here and nowhere else; a call
+/// that takes only some of them leaves the rest at their defaults (`..Default::default()`:
+/// "original" positions, everything else None).
+pub struct AttentionKw<'a, 'py> {
+    pub scale: Option<f32>,
+    pub logit_soft_cap: Option<f32>,
+    pub rope: Option<PyRef<'py, PyRopeConfig>>,
+    pub position_mode: &'a str,
+    pub max_distance: Option<i64>,
+    pub chunk_size: Option<i64>,
+}
+
+impl Default for AttentionKw<'_, '_> {
+    fn default() -> Self {
+        AttentionKw {
+            scale: None,
+            logit_soft_cap: None,
+            rope: None,
+            position_mode: "original",
+            max_distance: None,
+            chunk_size: None,
+        }
+    }
+}
+
+impl AttentionKw<'_, '_> {
+    /// The parameters of a host (CPU) call.
+    pub fn params(&self) -> Result<AttentionParams, Error> {
+        let positions = parse_position_mode(self.position_mode, self.max_distance)?;
+        let chunk_size = match self.chunk_size {
+            None => None,
+            Some(c) => Some(usize::try_from(c).map_err(|_| Error::InvalidArgument {
+                param: "chunk_size".into(),
+                expected: format!("at least 1 (or None for automatic), got {c}"),
+            })?),
+        };
+        let rope = self.rope.as_ref().map(|r| r.inner);
+        Ok(AttentionParams { scale: self.scale, logit_soft_cap: self.logit_soft_cap, rope, chunk_size, positions })
+    }
+
+    /// The parameters of a CUDA call: as [`AttentionKw::params`], except that 0 means the
+    /// default for `scale=`, `logit_soft_cap=` and `chunk_size=` (the CUDA entry points
+    /// have always read them that way).
+    pub fn cuda_params(&self) -> Result<AttentionParams, Error> {
+        let p = self.params()?;
+        Ok(AttentionParams {
+            scale: p.scale.filter(|&s| s != 0.0),
+            logit_soft_cap: p.logit_soft_cap.filter(|&c| c != 0.0),
+            chunk_size: p.chunk_size.filter(|&c| c != 0),
+            ..p
+        })
+    }
 }
 
 /// Shape of an attention query: `[tokens, num_qo_heads, head_dim]`.
 pub fn query_shape(q: &[usize], tokens: &str) -> Result<[usize; 3], Error> {
     match q {
         &[n, h, d] => Ok([n, h, d]),
-        _ => Err(Error::Shape { param: "q".into(), expected: format!("[{tokens}, num_qo_heads, head_dim]"), got: format!("{q:?}") }),
+        _ => Err(Error::Shape {
+            param: "q".into(),
+            expected: format!("[{tokens}, num_qo_heads, head_dim]"),
+            got: format!("{q:?}"),
+        }),
     }
 }

@@ -6,11 +6,11 @@ use pyo3::types::PyString;
 
 use crate::arrays::{seq_id, to_numpy, type_name, usize_arg, FloatArray};
 use crate::cache::PyKvCache;
-use crate::errors::KvResultExt;
+use crate::errors::{detach, guard, KvResultExt};
 use crate::options::position_mode_parts;
 use crate::selection::PySelection;
 
-/// A selection policy for every (layer, KV head) of a model. See the stub for the full docs.
+#[doc = doc!(Policy)]
 #[pyclass(name = "Policy", module = "kvsieve", frozen, eq, hash)]
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct PyPolicy {
@@ -19,7 +19,7 @@ pub struct PyPolicy {
 
 impl PyPolicy {
     fn parse_text(text: &str) -> PyResult<Self> {
-        Policy::parse(text).kv().map(|inner| PyPolicy { inner })
+        guard(|| Policy::parse(text)).kv().map(|inner| PyPolicy { inner })
     }
 }
 
@@ -46,21 +46,28 @@ impl PyPolicy {
         Self::parse_text(text)
     }
 
-    /// Parse the text form (syntax only; see ``validate``).
+    #[doc = doc!(Policy.parse)]
     #[staticmethod]
     fn parse(text: &str) -> PyResult<Self> {
         Self::parse_text(text)
     }
 
-    /// Check the policy against a model of ``num_layers`` layers and ``num_kv_heads`` KV heads.
+    #[doc = doc!(Policy.validate)]
     fn validate(&self, py: Python<'_>, num_layers: i64, num_kv_heads: i64) -> PyResult<()> {
         let num_layers = usize_arg(num_layers, "num_layers")?;
         let num_kv_heads = usize_arg(num_kv_heads, "num_kv_heads")?;
-        py.detach(|| self.inner.validate(num_layers, num_kv_heads)).kv()
+        detach(py, || self.inner.validate(num_layers, num_kv_heads))
     }
 
-    /// The tokens each KV head of ``layer`` reads for the decode query ``q`` of sequence ``seq``.
-    fn select(&self, py: Python<'_>, cache: &Bound<'_, PyKvCache>, seq: i64, layer: i64, q: &Bound<'_, PyAny>) -> PyResult<PySelection> {
+    #[doc = doc!(Policy.select)]
+    fn select(
+        &self,
+        py: Python<'_>,
+        cache: &Bound<'_, PyKvCache>,
+        seq: i64,
+        layer: i64,
+        q: &Bound<'_, PyAny>,
+    ) -> PyResult<PySelection> {
         let seq = seq_id(seq, "seq")?;
         let layer = usize_arg(layer, "layer")?;
         let q = FloatArray::extract(q, "q", true)?;
@@ -69,27 +76,26 @@ impl PyPolicy {
         cache.get().with_read(py, |c| policy.select(c, seq, layer, &qv)).map(PySelection::from)
     }
 
-    /// ``(name, max_distance)`` of the position numbering attention uses at ``layer``.
+    #[doc = doc!(Policy.position_mode)]
     fn position_mode(&self, layer: i64) -> PyResult<(&'static str, Option<u32>)> {
         let layer = usize_arg(layer, "layer")?;
         Ok(position_mode_parts(self.inner.position_mode(layer)))
     }
 
-    /// Whether every head of ``layer`` is dense.
+    #[doc = doc!(Policy.is_dense)]
     fn is_dense(&self, layer: i64) -> PyResult<bool> {
         let layer = usize_arg(layer, "layer")?;
         Ok(self.inner.is_dense(layer))
     }
 
-    /// The canonical text of the spec of KV head ``head`` in ``layer``.
+    #[doc = doc!(Policy.spec)]
     fn spec(&self, layer: i64, head: i64) -> PyResult<String> {
         let layer = usize_arg(layer, "layer")?;
         let head = usize_arg(head, "head")?;
         Ok(self.inner.spec(layer, head).to_string())
     }
 
-    /// Pages of a sequence that no (layer, head) of the policy reads again (int64 indices
-    /// into its page list).
+    #[doc = doc!(Policy.window_pages_to_evict)]
     fn window_pages_to_evict<'py>(
         &self,
         py: Python<'py>,
@@ -102,7 +108,7 @@ impl PyPolicy {
         let num_kv_heads = usize_arg(num_kv_heads, "num_kv_heads")?;
         let seq_len = usize_arg(seq_len, "seq_len")?;
         let page_size = usize_arg(page_size, "page_size")?;
-        let pages = py.detach(|| self.inner.window_pages_to_evict(num_layers, num_kv_heads, seq_len, page_size)).kv()?;
+        let pages = detach(py, || self.inner.window_pages_to_evict(num_layers, num_kv_heads, seq_len, page_size))?;
         let pages: Vec<i64> = pages.into_iter().map(|p| p as i64).collect();
         let n = pages.len();
         to_numpy(py, pages, &[n])

@@ -3,15 +3,11 @@
 use kvsieve::attention::{self, RopeConfig};
 use pyo3::prelude::*;
 
-use crate::arrays::{i32_vec, usize_arg, FloatArray, FloatArrayMut};
-use crate::errors::KvResultExt;
+use crate::arrays::{i32_vec, usize_arg, writable_copy, FloatArray, FloatArrayMut};
+use crate::errors::{detach, KvResultExt};
 use crate::options::{parse_style, style_name};
 
-/// Rotary position embedding parameters.
-///
-/// Pair ``i`` (``0 <= i < rotary_dim / 2``) rotates by
-/// ``(position / position_scale) * theta ** (-2 i / rotary_dim)``; channels past
-/// ``rotary_dim`` are left unchanged. ``rotary_dim=0`` means all of head_dim.
+#[doc = doc!(RopeConfig)]
 #[pyclass(name = "RopeConfig", module = "kvsieve", frozen, eq)]
 #[derive(Clone, PartialEq)]
 pub struct PyRopeConfig {
@@ -37,25 +33,25 @@ impl PyRopeConfig {
         Self::build(theta, style, rotary_dim, position_scale)
     }
 
-    /// Base of the rotation frequencies.
+    #[doc = doc!(RopeConfig.theta)]
     #[getter]
     fn theta(&self) -> f32 {
         self.inner.theta
     }
 
-    /// ``"half_split"`` (GPT-NeoX, HF Llama) or ``"adjacent_pairs"`` (GPT-J, GGUF Llama).
+    #[doc = doc!(RopeConfig.style)]
     #[getter]
     fn style(&self) -> &'static str {
         style_name(self.inner.style)
     }
 
-    /// Rotated channels (0 = all of head_dim).
+    #[doc = doc!(RopeConfig.rotary_dim)]
     #[getter]
     fn rotary_dim(&self) -> usize {
         self.inner.rotary_dim
     }
 
-    /// Positions are divided by this before rotation (linear scaling).
+    #[doc = doc!(RopeConfig.position_scale)]
     #[getter]
     fn position_scale(&self) -> f32 {
         self.inner.position_scale
@@ -73,8 +69,7 @@ impl PyRopeConfig {
     }
 }
 
-/// RoPE on ``x`` (``[n, heads, head_dim]``, float32 or float16), token ``i`` at ``positions[i]``.
-/// Returns a new array, or rotates ``x`` itself and returns it when ``inplace``.
+#[doc = doc!(apply_rope)]
 #[pyfunction]
 #[pyo3(signature = (x, positions, theta, style = "half_split", rotary_dim = 0, position_scale = 1.0, *, inplace = false))]
 #[allow(clippy::too_many_arguments)]
@@ -93,14 +88,15 @@ pub fn apply_rope<'py>(
     let target = if inplace {
         x.clone()
     } else {
-        // Check that x is a float array first, so the error names it; the copy is C-ordered.
+        // Check that x is a float array first, so the error names it; the copy is C-ordered
+        // (and float32 for a float64 x).
         FloatArray::extract(x, "x", true)?;
-        x.call_method0("copy")?
+        writable_copy(x)?
     };
     {
         let mut arr = FloatArrayMut::extract(&target, "x")?;
         let mut view = arr.view_mut().kv()?;
-        py.detach(|| attention::apply_rope(&mut view, &positions, &cfg)).kv()?;
+        detach(py, || attention::apply_rope(&mut view, &positions, &cfg))?;
     }
     Ok(target)
 }

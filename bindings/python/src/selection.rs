@@ -8,10 +8,9 @@ use pyo3::types::PyDict;
 
 use crate::arrays::{items, seq_id, to_numpy, type_name, u32_vec, usize_arg, FloatArray};
 use crate::cache::PyKvCache;
-use crate::errors::KvResultExt;
+use crate::errors::{detach, KvResultExt};
 
-/// Tokens read by each KV head of one (sequence, layer), in CSR form over heads. See the
-/// stub for the full docs.
+#[doc = doc!(Selection)]
 #[pyclass(name = "Selection", module = "kvsieve", frozen, eq, hash)]
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct PySelection {
@@ -35,7 +34,11 @@ fn check_tokens(tokens: &[u32], param: &str, seq_len: usize) -> Result<(), Error
             });
         }
         if t as usize >= seq_len {
-            return Err(Error::OutOfRange { param: format!("{param}[{i}]"), value: t as i64, range: format!("0..{seq_len} (seq_len)") });
+            return Err(Error::OutOfRange {
+                param: format!("{param}[{i}]"),
+                value: t as i64,
+                range: format!("0..{seq_len} (seq_len)"),
+            });
         }
     }
     Ok(())
@@ -43,16 +46,21 @@ fn check_tokens(tokens: &[u32], param: &str, seq_len: usize) -> Result<(), Error
 
 #[pymethods]
 impl PySelection {
-    /// A selection from its CSR arrays.
+    #[doc = doc!(Selection.from_csr)]
     #[staticmethod]
-    fn from_csr(py: Python<'_>, seq_len: i64, head_indptr: &Bound<'_, PyAny>, indices: &Bound<'_, PyAny>) -> PyResult<Self> {
+    fn from_csr(
+        py: Python<'_>,
+        seq_len: i64,
+        head_indptr: &Bound<'_, PyAny>,
+        indices: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
         let seq_len = usize_arg(seq_len, "seq_len")?;
         let head_indptr = u32_vec(head_indptr, "head_indptr")?;
         let indices = u32_vec(indices, "indices")?;
-        py.detach(|| Selection::from_csr(seq_len, head_indptr, indices)).kv().map(Self::from)
+        detach(py, || Selection::from_csr(seq_len, head_indptr, indices)).map(Self::from)
     }
 
-    /// A selection from one strictly ascending token list per KV head.
+    #[doc = doc!(Selection.from_heads)]
     #[staticmethod]
     fn from_heads(py: Python<'_>, seq_len: i64, heads: &Bound<'_, PyAny>) -> PyResult<Self> {
         let seq_len = usize_arg(seq_len, "seq_len")?;
@@ -66,40 +74,45 @@ impl PySelection {
                 Ok(tokens)
             })
             .collect::<PyResult<Vec<_>>>()?;
-        py.detach(|| Selection::from_heads(seq_len, lists)).kv().map(Self::from)
+        detach(py, || Selection::from_heads(seq_len, lists)).map(Self::from)
     }
 
-    /// Every token for every head.
+    #[doc = doc!(Selection.dense)]
     #[staticmethod]
     fn dense(py: Python<'_>, num_kv_heads: i64, seq_len: i64) -> PyResult<Self> {
         let num_kv_heads = usize_arg(num_kv_heads, "num_kv_heads")?;
         let seq_len = usize_arg(seq_len, "seq_len")?;
-        py.detach(|| Selection::dense(num_kv_heads, seq_len)).kv().map(Self::from)
+        detach(py, || Selection::dense(num_kv_heads, seq_len)).map(Self::from)
     }
 
-    /// The same strictly ascending token list for every head.
+    #[doc = doc!(Selection.same_for_all_heads)]
     #[staticmethod]
-    fn same_for_all_heads(py: Python<'_>, num_kv_heads: i64, seq_len: i64, tokens: &Bound<'_, PyAny>) -> PyResult<Self> {
+    fn same_for_all_heads(
+        py: Python<'_>,
+        num_kv_heads: i64,
+        seq_len: i64,
+        tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
         let num_kv_heads = usize_arg(num_kv_heads, "num_kv_heads")?;
         let seq_len = usize_arg(seq_len, "seq_len")?;
         let tokens = u32_vec(tokens, "tokens")?;
         check_tokens(&tokens, "tokens", seq_len).kv()?;
-        py.detach(|| Selection::same_for_all_heads(num_kv_heads, seq_len, tokens)).kv().map(Self::from)
+        detach(py, || Selection::same_for_all_heads(num_kv_heads, seq_len, tokens)).map(Self::from)
     }
 
-    /// Number of KV heads.
+    #[doc = doc!(Selection.num_kv_heads)]
     #[getter]
     fn num_kv_heads(&self) -> usize {
         self.inner.num_kv_heads()
     }
 
-    /// Tokens in the sequence the selection was made for.
+    #[doc = doc!(Selection.seq_len)]
     #[getter]
     fn seq_len(&self) -> usize {
         self.inner.seq_len()
     }
 
-    /// The CSR offsets, uint32 ``[num_kv_heads + 1]``.
+    #[doc = doc!(Selection.head_indptr)]
     #[getter]
     fn head_indptr<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let v = self.inner.head_indptr().to_vec();
@@ -107,7 +120,7 @@ impl PySelection {
         to_numpy(py, v, &[n])
     }
 
-    /// Every head's token indices, concatenated in head order (uint32).
+    #[doc = doc!(Selection.indices)]
     #[getter]
     fn indices<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let v = self.inner.indices().to_vec();
@@ -115,7 +128,7 @@ impl PySelection {
         to_numpy(py, v, &[n])
     }
 
-    /// Token indices read by KV head ``h`` (uint32, strictly ascending).
+    #[doc = doc!(Selection.head)]
     fn head<'py>(&self, py: Python<'py>, h: i64) -> PyResult<Bound<'py, PyAny>> {
         let hk = self.inner.num_kv_heads();
         let h = usize::try_from(h)
@@ -128,7 +141,7 @@ impl PySelection {
         to_numpy(py, v, &[n])
     }
 
-    /// Selected tokens summed over heads.
+    #[doc = doc!(Selection.len)]
     fn len(&self) -> usize {
         self.inner.len()
     }
@@ -137,31 +150,31 @@ impl PySelection {
         self.inner.len()
     }
 
-    /// Whether no head reads any token.
+    #[doc = doc!(Selection.is_empty)]
     fn is_empty(&self) -> bool {
         self.inner.is_empty()
     }
 
-    /// Whether every head reads every token.
+    #[doc = doc!(Selection.is_dense)]
     fn is_dense(&self) -> bool {
         self.inner.is_dense()
     }
 
-    /// Per head, the tokens read by either selection.
+    #[doc = doc!(Selection.union)]
     fn union(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<Self> {
         let other = selection_arg(other, "other")?;
         let other = &other.get().inner;
-        py.detach(|| self.inner.union(other)).kv().map(Self::from)
+        detach(py, || self.inner.union(other)).map(Self::from)
     }
 
-    /// Per head, the tokens read by both selections.
+    #[doc = doc!(Selection.intersection)]
     fn intersection(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<Self> {
         let other = selection_arg(other, "other")?;
         let other = &other.get().inner;
-        py.detach(|| self.inner.intersection(other)).kv().map(Self::from)
+        detach(py, || self.inner.intersection(other)).map(Self::from)
     }
 
-    /// Kept-token counts and densities, as a dict.
+    #[doc = doc!(Selection.stats)]
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let d = PyDict::new(py);
@@ -208,28 +221,27 @@ pub fn selections_arg<'py>(obj: &Bound<'py, PyAny>, param: &str) -> PyResult<Vec
         .collect()
 }
 
-/// StreamingLLM: every head reads the first ``sinks`` tokens and the last ``window``.
+#[doc = doc!(streaming)]
 #[pyfunction]
 pub fn streaming(py: Python<'_>, num_kv_heads: i64, seq_len: i64, sinks: i64, window: i64) -> PyResult<PySelection> {
     let num_kv_heads = usize_arg(num_kv_heads, "num_kv_heads")?;
     let seq_len = usize_arg(seq_len, "seq_len")?;
     let sinks = usize_arg(sinks, "sinks")?;
     let window = usize_arg(window, "window")?;
-    py.detach(|| select::streaming(num_kv_heads, seq_len, sinks, window)).kv().map(PySelection::from)
+    detach(py, || select::streaming(num_kv_heads, seq_len, sinks, window)).map(PySelection::from)
 }
 
-/// LM-Infinite's Λ-mask: every head reads the first ``global_`` tokens and the last ``local``.
+#[doc = doc!(lambda_mask)]
 #[pyfunction]
 pub fn lambda_mask(py: Python<'_>, num_kv_heads: i64, seq_len: i64, global_: i64, local: i64) -> PyResult<PySelection> {
     let num_kv_heads = usize_arg(num_kv_heads, "num_kv_heads")?;
     let seq_len = usize_arg(seq_len, "seq_len")?;
     let global = usize_arg(global_, "global_")?;
     let local = usize_arg(local, "local")?;
-    py.detach(|| select::lambda(num_kv_heads, seq_len, global, local)).kv().map(PySelection::from)
+    detach(py, || select::lambda(num_kv_heads, seq_len, global, local)).map(PySelection::from)
 }
 
-/// Quest page bounds: per KV head, the pages with the best upper bound of the query's
-/// logits, up to ``budget_tokens`` tokens.
+#[doc = doc!(page_bounds)]
 #[pyfunction]
 #[pyo3(signature = (cache, seq, layer, q, budget_tokens, min_pages = 0))]
 pub fn page_bounds(
@@ -243,39 +255,57 @@ pub fn page_bounds(
 ) -> PyResult<PySelection> {
     let seq = seq_id(seq, "seq")?;
     let layer = usize_arg(layer, "layer")?;
-    let cfg = PageBoundsConfig { budget_tokens: usize_arg(budget_tokens, "budget_tokens")?, min_pages: usize_arg(min_pages, "min_pages")? };
+    let cfg = PageBoundsConfig {
+        budget_tokens: usize_arg(budget_tokens, "budget_tokens")?,
+        min_pages: usize_arg(min_pages, "min_pages")?,
+    };
     let q = FloatArray::extract(q, "q", true)?;
     let qv = q.view().kv()?;
     cache.get().with_read(py, |c| select::page_bounds(c, seq, layer, &qv, &cfg)).map(PySelection::from)
 }
 
-/// Indices of the ``k`` largest scores, ascending (ties: lower index first; NaN ranks last).
+#[doc = doc!(top_k)]
 #[pyfunction]
 pub fn top_k<'py>(py: Python<'py>, scores: &Bound<'py, PyAny>, k: i64) -> PyResult<Bound<'py, PyAny>> {
     let k = usize_arg(k, "k")?;
     let arr = FloatArray::extract(scores, "scores", true)?;
     if arr.shape().len() != 1 {
-        return Err(Error::Shape { param: "scores".into(), expected: "a 1-D array".into(), got: format!("{:?}", arr.shape()) }).kv();
+        return Err(Error::Shape {
+            param: "scores".into(),
+            expected: "a 1-D array".into(),
+            got: format!("{:?}", arr.shape()),
+        })
+        .kv();
     }
     let n = arr.shape()[0];
     if n > u32::MAX as usize {
-        return Err(Error::Shape { param: "scores".into(), expected: format!("at most {} scores", u32::MAX), got: format!("[{n}]") }).kv();
+        return Err(Error::Shape {
+            param: "scores".into(),
+            expected: format!("at most {} scores", u32::MAX),
+            got: format!("[{n}]"),
+        })
+        .kv();
     }
     let values = arr.to_f32_vec();
-    let idx = py.detach(|| select::top_k(&values, k));
+    let idx = detach(py, || Ok(select::top_k(&values, k)))?;
     let n = idx.len();
     to_numpy(py, idx, &[n])
 }
 
-/// Pages of a sequence (indices into its page list) that a sinks + window selection never
-/// reads again.
+#[doc = doc!(window_pages_to_evict)]
 #[pyfunction]
-pub fn window_pages_to_evict<'py>(py: Python<'py>, seq_len: i64, page_size: i64, sinks: i64, window: i64) -> PyResult<Bound<'py, PyAny>> {
+pub fn window_pages_to_evict<'py>(
+    py: Python<'py>,
+    seq_len: i64,
+    page_size: i64,
+    sinks: i64,
+    window: i64,
+) -> PyResult<Bound<'py, PyAny>> {
     let seq_len = usize_arg(seq_len, "seq_len")?;
     let page_size = usize_arg(page_size, "page_size")?;
     let sinks = usize_arg(sinks, "sinks")?;
     let window = usize_arg(window, "window")?;
-    let pages = select::window_pages_to_evict(seq_len, page_size, sinks, window).kv()?;
+    let pages = detach(py, || select::window_pages_to_evict(seq_len, page_size, sinks, window))?;
     let pages: Vec<i64> = pages.into_iter().map(|p| p as i64).collect();
     let n = pages.len();
     to_numpy(py, pages, &[n])

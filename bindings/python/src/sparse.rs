@@ -20,10 +20,10 @@ pub fn windows_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Option<Stream
                 return Ok(None);
             }
             let param = format!("windows[{h}]");
-            let pair = int_vec(w, &param)
-                .ok()
-                .filter(|p| p.len() == 2)
-                .ok_or_else(|| Error::InvalidArgument { param: param.clone(), expected: "None or a (sinks, window) pair of ints".into() });
+            let pair = int_vec(w, &param).ok().filter(|p| p.len() == 2).ok_or_else(|| Error::InvalidArgument {
+                param: param.clone(),
+                expected: "None or a (sinks, window) pair of ints".into(),
+            });
             let pair = pair.kv()?;
             let sinks = usize_arg(pair[0], &format!("{param}.sinks"))?;
             let window = usize_arg(pair[1], &format!("{param}.window"))?;
@@ -61,8 +61,10 @@ pub fn parse_keep_per(per: &str) -> Result<KeepPer, Error> {
 pub fn keep_lists(keep: &Bound<'_, PyAny>, per: KeepPer) -> PyResult<Vec<Vec<u32>>> {
     match per {
         KeepPer::All => Ok(vec![u32_vec(keep, "keep")?]),
-        KeepPer::Layer | KeepPer::Head => {
-            items(keep, "keep", "1-D integer arrays")?.iter().enumerate().map(|(i, l)| u32_vec(l, &format!("keep[{i}]"))).collect()
-        }
+        KeepPer::Layer | KeepPer::Head => items(keep, "keep", "1-D integer arrays")?
+            .iter()
+            .enumerate()
+            .map(|(i, l)| u32_vec(l, &format!("keep[{i}]")))
+            .collect(),
     }
 }

@@ -627,7 +627,7 @@ def test_build_errors(rng):
     with expect(kvsieve.UnsupportedError, "head_dim 12"):
         kvsieve.ClusterIndex.build(np.ones((4, 2, 12), np.float32), clusters=1)
     with expect(kvsieve.DTypeError, "`keys`"):
-        kvsieve.ClusterIndex.build(keys.astype(np.float64), clusters=1)
+        kvsieve.ClusterIndex.build(keys.astype(np.int32), clusters=1)
 
 
 def test_retrieve_and_calibrate_errors(rng):
@@ -663,7 +663,7 @@ def test_retrieve_and_calibrate_errors(rng):
     with expect(kvsieve.InvalidArgumentError, "`q`", "finite"):
         index.retrieve(bad, budget=4)
     with expect(kvsieve.DTypeError, "`q`"):
-        index.retrieve(q.astype(np.float64), budget=4)
+        index.retrieve(q.astype(np.complex64), budget=4)
     with expect(kvsieve.OutOfRangeError, "`seq_len`"):
         index.retrieve(q, budget=4, seq_len=79)
     # Hierarchical rules.

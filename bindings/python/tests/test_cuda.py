@@ -282,3 +282,55 @@ def test_device_cache_decode_matches_host_cache():
         gpu.decode(layer, [a, b], torch.from_numpy(q).to(dev), out, lse=lse)
         np.testing.assert_allclose(out.cpu().numpy(), want, atol=2e-4, rtol=2e-3)
         np.testing.assert_allclose(lse.cpu().numpy(), want_lse, atol=1e-3)
+
+
+def test_device_cache_sparse_decode_and_host_side_checks():
+    torch = _torch_cuda()
+    rng = np.random.default_rng(9)
+    hk, d, ps, hq = 2, 64, 16, 4
+    dev = torch.device("cuda")
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+    gpu = kvsieve.CudaKvCache(1, hk, d, ps, 16)
+    cpu = kvsieve.KvCache(1, hk, d, ps, 16)
+    lens = [37, 20]
+    ids = [(gpu.create_sequence(), cpu.create_sequence()) for _ in lens]
+    for (a, b), n in zip(ids, lens):
+        np.testing.assert_array_equal(gpu.append(a, n), cpu.append(b, n))
+        k = rng.standard_normal((n, hk, d)).astype(np.float32)
+        v = rng.standard_normal((n, hk, d)).astype(np.float32)
+        gpu.write(a, 0, 0, k, v)
+        cpu.write(b, 0, 0, k, v)
+    q = rng.standard_normal((2, hq, d)).astype(np.float32)
+    sels = [kvsieve.Selection.from_heads(n, [list(range(0, n, 2)), list(range(n - 5, n))]) for n in lens]
+    want, want_lse = cpu.decode_sparse(0, [b for _, b in ids], q, sels)
+    lists = [s.head(h) for s in sels for h in range(hk)]
+    sel_indptr = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int32)
+    sel_indices = np.concatenate([np.asarray(x, np.int32) for x in lists])
+    out = torch.full((2, hq, d), float("nan"), device=dev)
+    lse = torch.full((2, hq), float("nan"), device=dev)
+    # scale=0 means the default 1/sqrt(head_dim) on the device calls.
+    gpu.decode(0, [a for a, _ in ids], t(q), out, lse=lse, sel_indptr=t(sel_indptr), sel_indices=t(sel_indices),
+               max_per_head=max(lens), scale=0.0)
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(out.cpu().numpy(), want, atol=2e-4, rtol=2e-3)
+    np.testing.assert_allclose(lse.cpu().numpy(), want_lse, atol=1e-3)
+
+    with pytest.raises(kvsieve.UnknownSequenceError):
+        gpu.decode(0, [99], t(q[:1]), torch.zeros((1, hq, d), device=dev))
+    with pytest.raises(kvsieve.InvalidArgumentError, match="keep"):
+        gpu.compact(ids[0][0], [[0, 1], [0, 1]], per="layer")
+    # A window of 0 tokens is no window, and then takes no sinks.
+    pages = torch.zeros((4, ps, hk, d), dtype=torch.float16, device=dev)
+    table = (t(np.array([0, 1], np.int32)), t(np.array([0], np.int32)), t(np.array([3], np.int32)))
+    qp, op = t(np.zeros((1, hq, d), np.float16)), torch.zeros((1, hq, d), dtype=torch.float16, device=dev)
+    kvsieve.cuda_paged_prefill(pages, pages, *table, qp, [0, 1], op, windows=[(0, 0), None])
+    with pytest.raises(kvsieve.InvalidArgumentError, match=r"windows\[0\]\.sinks"):
+        kvsieve.cuda_paged_prefill(pages, pages, *table, qp, [0, 1], op, windows=[(3, 0), None])
+    with pytest.raises(kvsieve.ShapeError, match="windows"):
+        kvsieve.cuda_paged_prefill(pages, pages, *table, qp, [0, 1], op, windows=[None])
+    # Hierarchical retrieval needs an index with a coarse level.
+    keys = rng.standard_normal((64, hk, d)).astype(np.float32)
+    flat = kvsieve.CudaClusterIndex.upload(kvsieve.ClusterIndex.build(keys, clusters=8))
+    r_ip, r_ix = torch.zeros(hk + 1, dtype=torch.int32, device=dev), torch.zeros(hk * 64, dtype=torch.int32, device=dev)
+    with pytest.raises(kvsieve.InvalidArgumentError, match="hierarchical"):
+        flat.retrieve(t(q[0]), r_ip, r_ix, budget=8, hierarchical=True, coarse_budget=16)

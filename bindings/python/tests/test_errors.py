@@ -54,14 +54,28 @@ def test_exception_classes():
         kvsieve.IoError: ErrorCode.IO,
         kvsieve.ParseError: ErrorCode.PARSE,
         kvsieve.InternalError: ErrorCode.INTERNAL,
+        kvsieve.OutOfMemoryError: ErrorCode.OUT_OF_MEMORY,
     }
-    assert len(pairs) == len(ErrorCode) == 12
+    assert len(pairs) == len(ErrorCode) == 13
     for cls, code in pairs.items():
         assert issubclass(cls, kvsieve.KvsieveError)
         assert cls.code is code and cls.code_name == code.name.lower()
         assert cls.__module__ == "kvsieve"
+    # Kinds with a built-in counterpart derive from it too.
+    builtin = {
+        kvsieve.InvalidArgumentError: ValueError,
+        kvsieve.ShapeError: ValueError,
+        kvsieve.DTypeError: TypeError,
+        kvsieve.UnknownSequenceError: KeyError,
+        kvsieve.OutOfRangeError: IndexError,
+        kvsieve.OutOfPagesError: MemoryError,
+        kvsieve.OutOfMemoryError: MemoryError,
+    }
+    for cls in pairs:
+        assert cls.__bases__ == (kvsieve.KvsieveError,) + ((builtin[cls],) if cls in builtin else ()), cls
+    assert kvsieve.KvsieveError.__bases__ == (Exception,)
     # Stable values, shared with the C ABI.
-    assert [int(c) for c in ErrorCode] == list(range(1, 13))
+    assert [int(c) for c in ErrorCode] == list(range(1, 14))
     assert ErrorCode.SHAPE == 2 and ErrorCode.OUT_OF_PAGES == 7
 
 
@@ -141,8 +155,8 @@ def test_array_shapes_and_dtypes(cache):
         c.write(s, 0, 0, kv(2), kv(3))
     with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`k`"):
         c.write(s, 0, 0, np.ones((2, H * D), np.float32), kv(2))
-    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`k`", "float64"):
-        c.write(s, 0, 0, kv(2, dtype=np.float64), kv(2))
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`k`", "int16"):
+        c.write(s, 0, 0, kv(2, dtype=np.int16), kv(2))
     with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`v`", "int32"):
         c.write(s, 0, 0, kv(2), kv(2, dtype=np.int32))
     with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`k`", "list"):
@@ -163,8 +177,8 @@ def test_array_shapes_and_dtypes(cache):
         c.decode(0, [s], np.ones((), np.float32))
     with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`q`", "batch"):
         c.decode(0, [s, s], kv(1))
-    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`q`", "float64"):
-        c.decode(0, [s], kv(1, dtype=np.float64))
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`q`", "complex64", "float32, float16 or float64"):
+        c.decode(0, [s], kv(1, dtype=np.complex64))
     with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "qo_indptr"):
         c.prefill(0, [s], kv(7), [0, 7])  # more queries than tokens
     with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "qo_indptr"):
@@ -241,8 +255,8 @@ def test_engine_memory_errors(rng):
         kvsieve.paged_decode(k, v[:3], *ok, q)
     with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "v_pages"):
         kvsieve.paged_decode(k, v.astype(np.float16), *ok, q)
-    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "k_pages", "float64"):
-        kvsieve.paged_decode(k.astype(np.float64), v, *ok, q)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "k_pages", "int32"):
+        kvsieve.paged_decode(k.astype(np.int32), v, *ok, q)
     wide = rng.standard_normal((4, 8, 2, 64)).astype(np.float32)
     with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "k_pages", "innermost"):
         kvsieve.paged_decode(wide[..., ::2], wide[..., 1::2], *ok, q)
@@ -275,8 +289,8 @@ def test_op_errors(rng):
         kvsieve.merge_states(v, lse, v, lse[:1])
     with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "v_a"):
         kvsieve.merge_states(v[0], lse, v, lse)
-    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "lse_a", "float64"):
-        kvsieve.merge_states(v, lse.astype(np.float64), v, lse)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "lse_a", "int64"):
+        kvsieve.merge_states(v, lse.astype(np.int64), v, lse)
     x = rng.standard_normal((2, 3, 8)).astype(np.float32)
     with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "positions"):
         kvsieve.apply_rope(x, [1, 2, 3], 1e4)
@@ -286,8 +300,10 @@ def test_op_errors(rng):
         kvsieve.apply_rope(x, [1, 2], 1e4, rotary_dim=7)
     with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "style"):
         kvsieve.apply_rope(x, [1, 2], 1e4, style="neox")
-    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`x`", "float64"):
-        kvsieve.apply_rope(x.astype(np.float64), [1, 2], 1e4)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`x`", "int32"):
+        kvsieve.apply_rope(x.astype(np.int32), [1, 2], 1e4)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`x`", "float64", "written in place"):
+        kvsieve.apply_rope(x.astype(np.float64), [1, 2], 1e4, inplace=True)
     frozen = x.copy()
     frozen.flags.writeable = False
     with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`x`", "writable"):
@@ -379,8 +395,8 @@ def test_selection_errors():
         kvsieve.streaming(1, 10, -4, 4)
     with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "scores"):
         kvsieve.top_k(np.zeros((2, 3), np.float32), 1)
-    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "scores", "float64"):
-        kvsieve.top_k(np.zeros(3), 1)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "scores", "int64"):
+        kvsieve.top_k(np.zeros(3, np.int64), 1)
     with raises(kvsieve.OutOfRangeError, ErrorCode.OUT_OF_RANGE, "`k`"):
         kvsieve.top_k(np.zeros(3, np.float32), -1)
     with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "page_size"):
@@ -595,8 +611,8 @@ def test_gemfilter_errors(cache):
         kvsieve.gemfilter_scores(q, keys.astype(np.int32))
     with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "keys", "list"):
         kvsieve.gemfilter_scores(q, keys.tolist())
-    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`q`", "float64"):
-        kvsieve.gemfilter_scores(q.astype(np.float64), keys)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "`q`", "int8"):
+        kvsieve.gemfilter_scores(q.astype(np.int8), keys)
     with raises(kvsieve.InvalidArgumentError, ErrorCode.INVALID_ARGUMENT, "`keys`", "non-empty"):
         kvsieve.gemfilter_select(q, keys[:0], k=1)
     # Bad cache sources.
@@ -623,8 +639,8 @@ def test_gemfilter_errors(cache):
         kvsieve.avg_pool(np.ones(5, np.float32), -3)
     with raises(kvsieve.ShapeError, ErrorCode.SHAPE, "`scores`", "1-D"):
         kvsieve.avg_pool(np.ones((2, 3), np.float32), 3)
-    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "scores", "float64"):
-        kvsieve.avg_pool(np.ones(5), 3)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "scores", "bool"):
+        kvsieve.avg_pool(np.ones(5, bool), 3)
     # SnapKV.
     qw = np.ones((2, 4, D), np.float32)
     kvsieve.snapkv(qw, k=3, **src)
@@ -659,8 +675,8 @@ def test_gemfilter_errors(cache):
         kvsieve.calibrate_filter_layer(qs, [keys[0], keys], 1, 3, k=2)
     with raises(kvsieve.UnsupportedError, ErrorCode.UNSUPPORTED, "`keys[1]`", "head_dim 12"):
         kvsieve.calibrate_filter_layer(qs, [keys, np.ones((6, H, 12), np.float32)], 1, 3, k=2)
-    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "queries[0]", "float64"):
-        kvsieve.calibrate_filter_layer([q.astype(np.float64), q], ks, 1, 3, k=2)
+    with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "queries[0]", "complex128"):
+        kvsieve.calibrate_filter_layer([q.astype(np.complex128), q], ks, 1, 3, k=2)
     with raises(kvsieve.DTypeError, ErrorCode.DTYPE, "queries", "int"):
         kvsieve.calibrate_filter_layer(3, ks, 1, 3, k=2)
     for start, end in [(3, 3), (3, 1)]:
@@ -676,3 +692,67 @@ def test_gemfilter_errors(cache):
         kvsieve.calibrate_filter_layer(qs, ks, 1, 3, k=2, pool_kernel=6)
     assert snapshot(c, s) == before
     c.check_invariants()
+
+
+def test_errors_are_caught_as_builtins(cache):
+    """`except ValueError` (and the other built-ins) catch kvsieve's errors of that nature,
+    which keep their code and a plain message."""
+    c, s = cache
+    with pytest.raises(ValueError) as info:
+        kvsieve.KvCache(1, 1, 64, 0, 4)
+    assert isinstance(info.value, kvsieve.InvalidArgumentError) and info.value.code == ErrorCode.INVALID_ARGUMENT
+    with pytest.raises(ValueError) as info:
+        c.write(s, 0, 0, kv(2), kv(3))
+    assert isinstance(info.value, kvsieve.ShapeError)
+    with pytest.raises(TypeError) as info:
+        c.decode(0, [s], kv(1, dtype=np.int32))
+    assert isinstance(info.value, kvsieve.DTypeError) and info.value.code == ErrorCode.DTYPE
+    with pytest.raises(KeyError) as info:
+        c.seq_len(12345)
+    err = info.value
+    assert isinstance(err, kvsieve.UnknownSequenceError) and err.code == ErrorCode.UNKNOWN_SEQUENCE
+    # Plain text, not KeyError's quoted repr of the message.
+    assert str(err) == "unknown sequence id 12345" == err.args[0]
+    with pytest.raises(LookupError):
+        c.free_sequence(12345)
+    with pytest.raises(IndexError) as info:
+        c.write(s, 7, 0, kv(1), kv(1))
+    assert isinstance(info.value, kvsieve.OutOfRangeError)
+    with pytest.raises(MemoryError) as info:
+        c.append(s, 10_000)
+    assert isinstance(info.value, kvsieve.OutOfPagesError) and info.value.code == ErrorCode.OUT_OF_PAGES
+    # Parse errors keep their offset; errors without a built-in base are plain Exceptions.
+    with pytest.raises(kvsieve.ParseError) as info:
+        kvsieve.Policy("sinks=4,bogus=1")
+    assert isinstance(info.value.offset, int) and not isinstance(info.value, ValueError)
+    # Raised from Python, the classes behave like any exception class.
+    e = kvsieve.UnknownSequenceError("no such sequence")
+    assert str(e) == "no such sequence" and e.code == ErrorCode.UNKNOWN_SEQUENCE
+
+
+def test_errors_pickle():
+    import pickle
+
+    for cls in (kvsieve.ShapeError, kvsieve.UnknownSequenceError, kvsieve.OutOfPagesError, kvsieve.InternalError):
+        back = pickle.loads(pickle.dumps(cls("message")))
+        assert type(back) is cls and str(back) == "message"
+
+
+def test_a_panic_raises_internal_error():
+    """A panic inside the extension is an InternalError (an Exception, so `except
+    Exception` catches it), never pyo3's PanicException (a BaseException). The core has no
+    known panic to trigger, so the extension has a hidden function that panics through the
+    same path as every call into the core."""
+    with pytest.raises(kvsieve.InternalError) as info:
+        kvsieve._kvsieve._panic_for_tests("boom at 42")
+    err = info.value
+    assert err.code == ErrorCode.INTERNAL and err.code_name == "internal"
+    assert "panic" in str(err) and "boom at 42" in str(err)
+    try:
+        kvsieve._kvsieve._panic_for_tests("again")
+    except Exception as e:  # noqa: BLE001 - the point of the test
+        assert type(e) is kvsieve.InternalError
+    # The module keeps working after a caught panic.
+    c = kvsieve.KvCache(1, 1, 8, 4, 2, dtype="f32")
+    assert c.sequences() == []
+    assert "_panic_for_tests" not in kvsieve.__all__

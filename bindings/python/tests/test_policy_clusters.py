@@ -114,7 +114,7 @@ def test_errors_name_what_to_call(rng):
     with pytest.raises(kvsieve.InvalidArgumentError, match="ClusterIndexSet"):
         c.decode_with_policy(0, [s], q, policy)
     clusters = kvsieve.ClusterIndexSet()
-    with pytest.raises(kvsieve.InvalidArgumentError, match=f"a cluster index for sequence {s} at layer 0.*build the cluster index set"):
+    with pytest.raises(kvsieve.InvalidArgumentError, match=f"a cluster index for sequence {s} at layer 0.*build the ClusterIndexSet"):
         c.decode_with_policy(0, [s], q, policy, clusters=clusters)
     clusters.build(c, s, policy)
     c.truncate(s, 50)

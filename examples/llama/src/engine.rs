@@ -16,9 +16,7 @@ use std::time::Instant;
 
 use kvsieve::attention::{apply_rope, AttentionParams, PositionMode};
 use kvsieve::runtime::PolicySelection;
-use kvsieve::{
-    CacheConfig, ClusterIndexSet, DType, KeyRope, KvCache, Policy, SeqId, TensorView, TensorViewMut,
-};
+use kvsieve::{CacheConfig, ClusterIndexSet, DType, KeyRope, KvCache, Policy, SeqId, TensorView, TensorViewMut};
 use rayon::prelude::*;
 
 use crate::matmul::matmul;
@@ -53,21 +51,8 @@ impl Kv {
     /// Caches for `model` with room for `tokens` tokens (rounded up to pages, plus a margin
     /// of `extra_pages`), f16 storage, NHD pages of `page_size`; with a pre-RoPE twin when
     /// `with_pre` is set.
-    pub fn new(
-        model: &Model,
-        tokens: usize,
-        page_size: usize,
-        extra_pages: usize,
-        with_pre: bool,
-    ) -> Result<Kv> {
-        Kv::with_layers(
-            model,
-            model.cfg.num_layers,
-            tokens,
-            page_size,
-            extra_pages,
-            with_pre,
-        )
+    pub fn new(model: &Model, tokens: usize, page_size: usize, extra_pages: usize, with_pre: bool) -> Result<Kv> {
+        Kv::with_layers(model, model.cfg.num_layers, tokens, page_size, extra_pages, with_pre)
     }
 
     /// As [`Kv::new`] with pages for only the first `layers` layers (a forward step limited
@@ -81,25 +66,15 @@ impl Kv {
         with_pre: bool,
     ) -> Result<Kv> {
         let c = &model.cfg;
-        let cfg = CacheConfig::new(
-            layers,
-            c.num_kv_heads,
-            c.head_dim,
-            page_size,
-            tokens.div_ceil(page_size) + extra_pages,
-        )
-        .with_dtype(DType::F16);
+        let cfg =
+            CacheConfig::new(layers, c.num_kv_heads, c.head_dim, page_size, tokens.div_ceil(page_size) + extra_pages)
+                .with_dtype(DType::F16);
         let pre = if with_pre {
-            Some(KvCache::new(
-                cfg.with_key_rope(KeyRope::PreRope).with_key_bounds(false),
-            )?)
+            Some(KvCache::new(cfg.with_key_rope(KeyRope::PreRope).with_key_bounds(false))?)
         } else {
             None
         };
-        Ok(Kv {
-            post: KvCache::new(cfg)?,
-            pre,
-        })
+        Ok(Kv { post: KvCache::new(cfg)?, pre })
     }
 
     pub fn cache(&self, side: Side) -> &KvCache {
@@ -165,11 +140,7 @@ pub struct Lane<'a> {
 impl<'a> Lane<'a> {
     /// A lane in the cache `policy` needs.
     pub fn new(seq: SeqId, policy: &'a Policy, num_layers: usize) -> Self {
-        Lane {
-            seq,
-            side: side_for(policy, num_layers),
-            policy,
-        }
+        Lane { seq, side: side_for(policy, num_layers), policy }
     }
 }
 
@@ -188,12 +159,7 @@ pub struct Step {
 
 impl Default for Step {
     fn default() -> Self {
-        Step {
-            mirror: false,
-            logits: Logits::Last,
-            layers: None,
-            capture_queries: false,
-        }
+        Step { mirror: false, logits: Logits::Last, layers: None, capture_queries: false }
     }
 }
 
@@ -245,15 +211,13 @@ pub struct Engine<'m> {
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
-    out.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .for_each(|(o, r)| {
-            let ms = r.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let s = 1.0 / (ms + eps).sqrt();
-            for ((o, &v), &g) in o.iter_mut().zip(r).zip(w) {
-                *o = v * s * g;
-            }
-        });
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
+        let ms = r.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let s = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &g) in o.iter_mut().zip(r).zip(w) {
+            *o = v * s * g;
+        }
+    });
 }
 
 fn positions_of(cache: &KvCache, seq: SeqId, n: usize) -> Result<Vec<i32>> {
@@ -263,12 +227,7 @@ fn positions_of(cache: &KvCache, seq: SeqId, n: usize) -> Result<Vec<i32>> {
 
 impl<'m> Engine<'m> {
     pub fn new(model: &'m Model) -> Self {
-        Engine {
-            model,
-            stats: HashMap::new(),
-            attention_secs: 0.0,
-            clusters: ClusterIndexSet::new(),
-        }
+        Engine { model, stats: HashMap::new(), attention_secs: 0.0, clusters: ClusterIndexSet::new() }
     }
 
     /// Build the cluster indexes of a lane for the layers where its policy uses
@@ -277,14 +236,8 @@ impl<'m> Engine<'m> {
     /// capped positions). Returns the seconds it took (0 without `clusters=`).
     pub fn build_clusters(&mut self, kv: &Kv, lane: &Lane) -> Result<f64> {
         let t0 = Instant::now();
-        let n = self
-            .clusters
-            .build(kv.cache(lane.side), lane.seq, lane.policy)?;
-        Ok(if n > 0 {
-            t0.elapsed().as_secs_f64()
-        } else {
-            0.0
-        })
+        let n = self.clusters.build(kv.cache(lane.side), lane.seq, lane.policy)?;
+        Ok(if n > 0 { t0.elapsed().as_secs_f64() } else { 0.0 })
     }
 
     /// Give `to` a copy of `from`'s cluster indexes (forks of one context share them).
@@ -302,28 +255,23 @@ impl<'m> Engine<'m> {
     /// tokens (a prefill, or a decode step when there is one); with several, one token each
     /// (a batched decode step: the linear layers run once for the batch, attention per
     /// group of lanes sharing a cache and a policy). Appends the tokens to the caches.
-    pub fn forward(
-        &mut self,
-        kv: &mut Kv,
-        lanes: &[Lane],
-        tokens: &[u32],
-        step: &Step,
-    ) -> Result<StepOut> {
+    pub fn forward(&mut self, kv: &mut Kv, lanes: &[Lane], tokens: &[u32], step: &Step) -> Result<StepOut> {
         let m = self.model;
         let c = &m.cfg;
         let n = tokens.len();
         if lanes.is_empty() || n == 0 || (lanes.len() > 1 && n != lanes.len()) {
-            return Err(format!("forward: {} lanes and {n} tokens (one lane with any tokens, or one token per lane)", lanes.len()).into());
+            return Err(format!(
+                "forward: {} lanes and {n} tokens (one lane with any tokens, or one token per lane)",
+                lanes.len()
+            )
+            .into());
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(format!("token {t} is outside the vocabulary of {}", c.vocab_size).into());
         }
         let needs_pre = step.mirror || lanes.iter().any(|l| l.side == Side::Pre);
         if needs_pre && kv.pre.is_none() {
-            return Err(
-                "a lane on the pre-RoPE side (or Step::mirror) needs a Kv with a pre-RoPE cache"
-                    .into(),
-            );
+            return Err("a lane on the pre-RoPE side (or Step::mirror) needs a Kv with a pre-RoPE cache".into());
         }
         for l in lanes {
             l.policy.validate(c.num_layers, c.num_kv_heads)?;
@@ -359,10 +307,7 @@ impl<'m> Engine<'m> {
         // Attention groups: lanes with the same cache and policy (one call each).
         let mut groups: Vec<Vec<usize>> = Vec::new();
         for (i, l) in lanes.iter().enumerate() {
-            match groups
-                .iter_mut()
-                .find(|g| lanes[g[0]].side == l.side && std::ptr::eq(lanes[g[0]].policy, l.policy))
-            {
+            match groups.iter_mut().find(|g| lanes[g[0]].side == l.side && std::ptr::eq(lanes[g[0]].policy, l.policy)) {
                 Some(g) => g.push(i),
                 None => groups.push(vec![i]),
             }
@@ -385,10 +330,7 @@ impl<'m> Engine<'m> {
         let mut out = StepOut::default();
         let layers = step.layers.unwrap_or(c.num_layers).min(c.num_layers);
         let params_post = AttentionParams::default();
-        let params_pre = AttentionParams {
-            rope: Some(rope),
-            ..AttentionParams::default()
-        };
+        let params_pre = AttentionParams { rope: Some(rope), ..AttentionParams::default() };
         let (qrow, krow) = (hq * hd, hk * hd);
 
         for (li, layer) in m.layers[..layers].iter().enumerate() {
@@ -416,11 +358,7 @@ impl<'m> Engine<'m> {
                     )?;
                 }
                 if r.post {
-                    apply_rope(
-                        &mut TensorViewMut::new(&mut k[a * krow..b * krow], &[r.rows, hk, hd])?,
-                        pos,
-                        &rope,
-                    )?;
+                    apply_rope(&mut TensorViewMut::new(&mut k[a * krow..b * krow], &[r.rows, hk, hd])?, pos, &rope)?;
                     write(
                         kv.cache_mut(Side::Post),
                         l.seq,
@@ -433,11 +371,7 @@ impl<'m> Engine<'m> {
                     )?;
                 }
                 if l.side == Side::Post {
-                    apply_rope(
-                        &mut TensorViewMut::new(&mut q[a * qrow..b * qrow], &[r.rows, hq, hd])?,
-                        pos,
-                        &rope,
-                    )?;
+                    apply_rope(&mut TensorViewMut::new(&mut q[a * qrow..b * qrow], &[r.rows, hq, hd])?, pos, &rope)?;
                 }
             }
             if step.capture_queries {
@@ -453,11 +387,7 @@ impl<'m> Engine<'m> {
             for g in &groups {
                 let l0 = lanes[g[0]];
                 let cache = kv.cache(l0.side);
-                let params = if l0.side == Side::Pre {
-                    &params_pre
-                } else {
-                    &params_post
-                };
+                let params = if l0.side == Side::Pre { &params_pre } else { &params_post };
                 if decode {
                     let ids: Vec<SeqId> = g.iter().map(|&i| lanes[i].seq).collect();
                     let mut qg = Vec::with_capacity(g.len() * qrow);
@@ -478,23 +408,13 @@ impl<'m> Engine<'m> {
                     )?;
                     let dt = tg.elapsed().as_secs_f64() / g.len() as f64;
                     for (j, &i) in g.iter().enumerate() {
-                        att[i * qrow..(i + 1) * qrow]
-                            .copy_from_slice(&og[j * qrow..(j + 1) * qrow]);
+                        att[i * qrow..(i + 1) * qrow].copy_from_slice(&og[j * qrow..(j + 1) * qrow]);
                         self.count_decode(cache, lanes[i].seq, li, l0.policy, sels.get(j), dt)?;
                     }
                 } else {
                     let qv = TensorView::new(&q, &[n, hq, hd])?;
                     let mut ov = TensorViewMut::new(&mut att, &[n, hq, hd])?;
-                    cache.prefill_with_policy(
-                        li,
-                        &[l0.seq],
-                        &qv,
-                        &[0, n as i32],
-                        l0.policy,
-                        &mut ov,
-                        None,
-                        params,
-                    )?;
+                    cache.prefill_with_policy(li, &[l0.seq], &qv, &[0, n as i32], l0.policy, &mut ov, None, params)?;
                 }
             }
             self.attention_secs += t0.elapsed().as_secs_f64();
@@ -505,9 +425,7 @@ impl<'m> Engine<'m> {
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut xn);
             matmul(&xn, n, &layer.w_gate, &mut gate);
             matmul(&xn, n, &layer.w_up, &mut up);
-            gate.par_iter_mut()
-                .zip(&up)
-                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            gate.par_iter_mut().zip(&up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
             matmul(&gate, n, &layer.w_down, &mut proj);
             x.par_iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
@@ -560,9 +478,8 @@ impl<'m> Engine<'m> {
                 let s = &p.selection;
                 st.decode_kv_bytes += s.len() as f64 * row;
                 st.decode_kv_bytes += ((p.centroids_scored * c.head_dim + p.radii_read) * 4) as f64;
-                let paged = (0..c.num_kv_heads)
-                    .filter(|&h| policy.spec(layer, h).pages.is_some_and(|p| p < len))
-                    .count();
+                let paged =
+                    (0..c.num_kv_heads).filter(|&h| policy.spec(layer, h).pages.is_some_and(|p| p < len)).count();
                 st.decode_kv_bytes += (len.div_ceil(c.page_size) * paged) as f64 * row;
             }
         }
@@ -582,13 +499,7 @@ fn write(
     hd: usize,
 ) -> Result<()> {
     let n = k.len() / (hk * hd);
-    cache.write(
-        seq,
-        layer,
-        start,
-        &TensorView::new(k, &[n, hk, hd])?,
-        &TensorView::new(v, &[n, hk, hd])?,
-    )?;
+    cache.write(seq, layer, start, &TensorView::new(k, &[n, hk, hd])?, &TensorView::new(v, &[n, hk, hd])?)?;
     Ok(())
 }
 
@@ -605,18 +516,10 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
     let sum: f64 = logits.iter().map(|&l| (l as f64 - mx).exp()).sum();
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let k = k.min(idx.len());
-    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| {
-        logits[b as usize].total_cmp(&logits[a as usize])
-    });
+    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
     idx.truncate(k);
-    idx.sort_by(|&a, &b| {
-        logits[b as usize]
-            .total_cmp(&logits[a as usize])
-            .then(a.cmp(&b))
-    });
-    idx.into_iter()
-        .map(|i| (i, (logits[i as usize] as f64 - mx).exp() / sum))
-        .collect()
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    idx.into_iter().map(|i| (i, (logits[i as usize] as f64 - mx).exp() / sum)).collect()
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {

@@ -10,13 +10,7 @@ use crate::tokenizer::Tokenizer;
 pub const PREFILL_CHUNK: usize = 1024;
 
 /// Prefill `tokens` into sequence `seq` in chunks; returns the last token's logits.
-pub fn prefill(
-    engine: &mut Engine,
-    kv: &mut Kv,
-    lane: &Lane,
-    tokens: &[u32],
-    step: &Step,
-) -> Result<StepOut> {
+pub fn prefill(engine: &mut Engine, kv: &mut Kv, lane: &Lane, tokens: &[u32], step: &Step) -> Result<StepOut> {
     prefill_chunked(engine, kv, lane, tokens, step, PREFILL_CHUNK)
 }
 
@@ -45,12 +39,7 @@ pub fn prefill_chunked(
 }
 
 /// The next-token distribution's `k` most likely tokens after `prompt` (dense attention).
-pub fn next_token_top_k(
-    model: &Model,
-    tok: &Tokenizer,
-    prompt: &str,
-    k: usize,
-) -> Result<Vec<(u32, f64)>> {
+pub fn next_token_top_k(model: &Model, tok: &Tokenizer, prompt: &str, k: usize) -> Result<Vec<(u32, f64)>> {
     let ids = tok.encode(prompt);
     let mut kv = Kv::new(model, ids.len() + 1, 16, 1, false)?;
     let seq = kv.create();
@@ -63,22 +52,10 @@ pub fn next_token_top_k(
 
 /// Greedy generation of at most `max_tokens` after `prompt` under `policy`, stopping at the
 /// end-of-sequence token. Returns the new tokens.
-pub fn generate(
-    model: &Model,
-    tok: &Tokenizer,
-    prompt: &str,
-    max_tokens: usize,
-    policy: &Policy,
-) -> Result<Vec<u32>> {
+pub fn generate(model: &Model, tok: &Tokenizer, prompt: &str, max_tokens: usize, policy: &Policy) -> Result<Vec<u32>> {
     let ids = tok.encode(prompt);
     let side = crate::engine::side_for(policy, model.cfg.num_layers);
-    let mut kv = Kv::new(
-        model,
-        ids.len() + max_tokens + 1,
-        16,
-        1,
-        side == crate::engine::Side::Pre,
-    )?;
+    let mut kv = Kv::new(model, ids.len() + max_tokens + 1, 16, 1, side == crate::engine::Side::Pre)?;
     let seq = kv.create();
     let mut engine = Engine::new(model);
     let lane = Lane { seq, side, policy };

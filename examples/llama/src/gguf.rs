@@ -176,10 +176,7 @@ struct Cursor<'a> {
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.pos.checked_add(n).is_none_or(|e| e > self.b.len()) {
-            return err(format!(
-                "unexpected end of file at byte {} (needed {n} more bytes)",
-                self.pos
-            ));
+            return err(format!("unexpected end of file at byte {} (needed {n} more bytes)", self.pos));
         }
         let s = &self.b[self.pos..self.pos + n];
         self.pos += n;
@@ -224,10 +221,7 @@ impl<'a> Cursor<'a> {
                 let n = self.u64()? as usize;
                 // Every element takes at least one byte: refuse lengths past the file.
                 if n > self.b.len() - self.pos {
-                    return err(format!(
-                        "array of {n} elements at byte {} is longer than the file",
-                        self.pos
-                    ));
+                    return err(format!("array of {n} elements at byte {} is longer than the file", self.pos));
                 }
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -238,12 +232,7 @@ impl<'a> Cursor<'a> {
             10 => Value::U64(self.u64()?),
             11 => Value::I64(i64::from_le_bytes(self.arr()?)),
             12 => Value::F64(f64::from_le_bytes(self.arr()?)),
-            t => {
-                return err(format!(
-                    "unknown metadata value type {t} at byte {}",
-                    self.pos
-                ))
-            }
+            t => return err(format!("unknown metadata value type {t} at byte {}", self.pos)),
         })
     }
 }
@@ -261,9 +250,7 @@ impl Gguf {
         }
         let version = c.u32()?;
         if !(2..=3).contains(&version) {
-            return err(format!(
-                "GGUF version {version} (this reader knows 2 and 3)"
-            ));
+            return err(format!("GGUF version {version} (this reader knows 2 and 3)"));
         }
         let n_tensors = c.u64()? as usize;
         let n_kv = c.u64()? as usize;
@@ -279,19 +266,12 @@ impl Gguf {
             let name = c.string()?;
             let nd = c.u32()? as usize;
             if nd > 4 {
-                return err(format!(
-                    "tensor {name}: {nd} dimensions (GGUF allows at most 4)"
-                ));
+                return err(format!("tensor {name}: {nd} dimensions (GGUF allows at most 4)"));
             }
             let dims = (0..nd).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
             let ggml_type = GgmlType::from_id(c.u32()?);
             let offset = c.u64()?;
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-            });
+            tensors.push(TensorInfo { name, dims, ggml_type, offset });
         }
         let alignment = match metadata.get("general.alignment") {
             None => 32,
@@ -319,14 +299,7 @@ impl Gguf {
                 }
             }
         }
-        Ok(Gguf {
-            version,
-            metadata,
-            tensors,
-            alignment,
-            data,
-            data_start,
-        })
+        Ok(Gguf { version, metadata, tensors, alignment, data, data_start })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -334,23 +307,17 @@ impl Gguf {
     }
 
     pub fn require(&self, key: &str) -> Result<&Value> {
-        self.get(key)
-            .ok_or_else(|| GgufError(format!("metadata key {key} is missing")))
+        self.get(key).ok_or_else(|| GgufError(format!("metadata key {key} is missing")))
     }
 
     pub fn u64(&self, key: &str) -> Result<u64> {
         let v = self.require(key)?;
-        v.as_u64().ok_or_else(|| {
-            GgufError(format!(
-                "metadata {key}: expected an unsigned integer, got {v:?}"
-            ))
-        })
+        v.as_u64().ok_or_else(|| GgufError(format!("metadata {key}: expected an unsigned integer, got {v:?}")))
     }
 
     pub fn f64(&self, key: &str) -> Result<f64> {
         let v = self.require(key)?;
-        v.as_f64()
-            .ok_or_else(|| GgufError(format!("metadata {key}: expected a number, got {v:?}")))
+        v.as_f64().ok_or_else(|| GgufError(format!("metadata {key}: expected a number, got {v:?}")))
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
@@ -359,25 +326,19 @@ impl Gguf {
 
     /// Raw bytes of a tensor.
     pub fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
-        let n = t.num_bytes().ok_or_else(|| {
-            GgufError(format!(
-                "tensor {}: GGML type {:?} is not supported",
-                t.name, t.ggml_type
-            ))
-        })?;
+        let n = t
+            .num_bytes()
+            .ok_or_else(|| GgufError(format!("tensor {}: GGML type {:?} is not supported", t.name, t.ggml_type)))?;
         let start = self.data_start + t.offset as usize;
         Ok(&self.data[start..start + n])
     }
 
     /// A tensor's elements as f32, in storage order (`dims[0]` fastest).
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let t = self
-            .tensor(name)
-            .ok_or_else(|| GgufError(format!("tensor {name} is missing")))?;
+        let t = self.tensor(name).ok_or_else(|| GgufError(format!("tensor {name} is missing")))?;
         let bytes = self.tensor_bytes(t)?;
         let mut out = vec![0f32; t.num_elements()];
-        quant::dequantize(t.ggml_type, bytes, &mut out)
-            .map_err(|e| GgufError(format!("tensor {name}: {e}")))?;
+        quant::dequantize(t.ggml_type, bytes, &mut out).map_err(|e| GgufError(format!("tensor {name}: {e}")))?;
         Ok(out)
     }
 }

@@ -26,11 +26,8 @@ pub mod tokenizer;
 
 /// Where scripts/fetch-model.sh leaves the model.
 pub fn default_model_path() -> std::path::PathBuf {
-    let cache = std::env::var_os("KVSIEVE_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/kvsieve")
-        });
+    let cache = std::env::var_os("KVSIEVE_CACHE").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kvsieve")
+    });
     cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }

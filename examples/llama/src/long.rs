@@ -50,21 +50,13 @@ pub struct LongConfig {
 
 impl LongConfig {
     pub fn lambda_text(&self) -> String {
-        format!(
-            "global=4,local={},max_distance={}",
-            self.local, self.max_distance
-        )
+        format!("global=4,local={},max_distance={}", self.local, self.max_distance)
     }
     pub fn clusters_text(&self) -> String {
         if let Some(t) = &self.retrieval_policy {
             return t.clone();
         }
-        format!(
-            "{},clusters={},clusters_k={}",
-            self.lambda_text(),
-            self.clusters,
-            self.clusters_k
-        )
+        format!("{},clusters={},clusters_k={}", self.lambda_text(), self.clusters, self.clusters_k)
     }
 }
 
@@ -107,10 +99,7 @@ fn decode_lanes(
     let mut logits = Vec::new();
     for (i, &t) in trial.question.iter().enumerate() {
         let last = i + 1 == trial.question.len();
-        let step = Step {
-            logits: if last { Logits::Last } else { Logits::None },
-            ..Step::default()
-        };
+        let step = Step { logits: if last { Logits::Last } else { Logits::None }, ..Step::default() };
         logits = engine.forward(kv, lanes, &vec![t; n], &step)?.logits;
         observe(kv, &mut peaks)?;
     }
@@ -177,9 +166,7 @@ pub fn run(
     let mut rows = Vec::new();
     for &length in &cfg.lengths {
         for i in 0..cfg.trials {
-            let seed = cfg
-                .seed
-                .wrapping_add(31_000_000 + 1000 * length as u64 + i as u64);
+            let seed = cfg.seed.wrapping_add(31_000_000 + 1000 * length as u64 + i as u64);
             let trial = tasks::passkey(tok, length, tasks::depth(i, cfg.trials), seed);
             let extra = trial.question.len() + trial.answer_tokens;
             let total = trial.context.len() + extra;
@@ -195,29 +182,19 @@ pub fn run(
                     &mut kv,
                     &Lane::new(base, &lambda, layers),
                     &trial.context,
-                    &Step {
-                        logits: Logits::None,
-                        ..Step::default()
-                    },
+                    &Step { logits: Logits::None, ..Step::default() },
                     LAMBDA_PREFILL_CHUNK,
                 )?;
                 let prefill_secs = t0.elapsed().as_secs_f64();
                 let a = kv.fork(base)?;
                 let b = kv.fork(base)?;
                 kv.free(base)?;
-                let lanes = [
-                    Lane::new(a, &lambda, layers),
-                    Lane::new(b, &clusters, layers),
-                ];
+                let lanes = [Lane::new(a, &lambda, layers), Lane::new(b, &clusters, layers)];
                 debug_assert!(lanes.iter().all(|l| l.side == Side::Pre));
                 let index_secs = build_lane_clusters(&mut engine, &kv, &lanes, layers, hk)?;
                 let out = decode_lanes(&mut engine, &mut kv, &lanes, &trial, tok, vocab)?;
-                for (j, (name, text)) in [
-                    ("lambda", cfg.lambda_text()),
-                    ("lambda+clusters", cfg.clusters_text()),
-                ]
-                .into_iter()
-                .enumerate()
+                for (j, (name, text)) in
+                    [("lambda", cfg.lambda_text()), ("lambda+clusters", cfg.clusters_text())].into_iter().enumerate()
                 {
                     let r = row(
                         length,
@@ -248,26 +225,12 @@ pub fn run(
                     &mut kv,
                     &lane,
                     &trial.context,
-                    &Step {
-                        logits: Logits::None,
-                        ..Step::default()
-                    },
+                    &Step { logits: Logits::None, ..Step::default() },
                 )?;
                 let prefill_secs = t0.elapsed().as_secs_f64();
                 let out = decode_lanes(&mut engine, &mut kv, &[lane], &trial, tok, vocab)?;
-                let r = row(
-                    length,
-                    "dense",
-                    "dense",
-                    i,
-                    &trial,
-                    &out[0].0,
-                    prefill_secs,
-                    &engine,
-                    &lane,
-                    &kv,
-                    out[0].1,
-                );
+                let r =
+                    row(length, "dense", "dense", i, &trial, &out[0].0, prefill_secs, &engine, &lane, &kv, out[0].1);
                 progress(&r);
                 rows.push(r);
             }
@@ -300,8 +263,7 @@ pub fn write_csv(rows: &[LongRow], path: &std::path::Path) -> std::io::Result<()
 
 /// Accuracy and means per (length, policy).
 pub fn summary(rows: &[LongRow]) -> String {
-    let mut keys: Vec<(usize, String)> =
-        rows.iter().map(|r| (r.length, r.policy.clone())).collect();
+    let mut keys: Vec<(usize, String)> = rows.iter().map(|r| (r.length, r.policy.clone())).collect();
     keys.dedup();
     keys.sort();
     keys.dedup();
@@ -310,10 +272,7 @@ pub fn summary(rows: &[LongRow]) -> String {
         "length", "policy", "passkey", "prefill s", "KV KB/step", "attn ms", "peak MB"
     );
     for (len, p) in keys {
-        let rs: Vec<&LongRow> = rows
-            .iter()
-            .filter(|r| r.length == len && r.policy == p)
-            .collect();
+        let rs: Vec<&LongRow> = rows.iter().filter(|r| r.length == len && r.policy == p).collect();
         let n = rs.len() as f64;
         let mean = |f: &dyn Fn(&LongRow) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n;
         s.push_str(&format!(

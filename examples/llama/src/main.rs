@@ -8,10 +8,7 @@ use kvsieve_llama::engine::Result;
 use kvsieve_llama::{default_model_path, generate, model::Model};
 
 #[derive(Parser)]
-#[command(
-    name = "kvsieve-llama",
-    about = "A Llama-architecture CPU engine on kvsieve, and its policy evaluation"
-)]
+#[command(name = "kvsieve-llama", about = "A Llama-architecture CPU engine on kvsieve, and its policy evaluation")]
 struct Cli {
     /// GGUF model file (default: where scripts/fetch-model.sh puts SmolLM2-135M-Instruct).
     #[arg(long, global = true)]
@@ -182,11 +179,7 @@ fn long(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: LongArgs) -
     let csv = a.out.join("long.csv");
     write_csv(&rows, &csv)?;
     print!("{}", summary(&rows));
-    println!(
-        "({:.0} s) CSV: {}",
-        t0.elapsed().as_secs_f64(),
-        csv.display()
-    );
+    println!("({:.0} s) CSV: {}", t0.elapsed().as_secs_f64(), csv.display());
     Ok(())
 }
 
@@ -205,10 +198,7 @@ fn sweep(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: SweepArgs)
     use kvsieve_llama::sweep::{default_policies, PolicyDef, Sweep, SweepConfig};
     let full = a.full;
     let budgets = match a.budgets {
-        Some(b) => b
-            .iter()
-            .map(|s| parse_frac(s))
-            .collect::<Result<Vec<_>>>()?,
+        Some(b) => b.iter().map(|s| parse_frac(s)).collect::<Result<Vec<_>>>()?,
         None if full => vec![0.5, 0.25, 0.125, 0.0625],
         None => vec![0.25, 0.125],
     };
@@ -219,18 +209,12 @@ fn sweep(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: SweepArgs)
         gemfilter &= only.iter().any(|o| o == "gemfilter");
     }
     for e in &a.extra {
-        let (name, text) = e
-            .split_once('=')
-            .ok_or_else(|| format!("--policy {e}: expected NAME=TEXT"))?;
+        let (name, text) = e.split_once('=').ok_or_else(|| format!("--policy {e}: expected NAME=TEXT"))?;
         policies.retain(|p| p.name != name);
         policies.push(PolicyDef::new(name, text));
     }
     let cfg = SweepConfig {
-        contexts: a.contexts.unwrap_or(if full {
-            vec![2048, 4096, 8192]
-        } else {
-            vec![2048]
-        }),
+        contexts: a.contexts.unwrap_or(if full { vec![2048, 4096, 8192] } else { vec![2048] }),
         budgets,
         policies,
         gemfilter,
@@ -244,15 +228,7 @@ fn sweep(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: SweepArgs)
     };
     let kjv = kvsieve_llama::text::kjv()?;
     let t0 = std::time::Instant::now();
-    let result = Sweep {
-        model,
-        tok,
-        kjv: &kjv,
-        cfg,
-        cells: Default::default(),
-        trials: Vec::new(),
-    }
-    .run(!a.quiet)?;
+    let result = Sweep { model, tok, kjv: &kjv, cfg, cells: Default::default(), trials: Vec::new() }.run(!a.quiet)?;
     std::fs::create_dir_all(&a.out)?;
     let csv = a.out.join("sweep.csv");
     let svg = a.out.join("accuracy.svg");
@@ -290,11 +266,7 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let path = cli.model.unwrap_or_else(default_model_path);
     if !path.exists() {
-        return Err(format!(
-            "{}: no model file (run scripts/fetch-model.sh)",
-            path.display()
-        )
-        .into());
+        return Err(format!("{}: no model file (run scripts/fetch-model.sh)", path.display()).into());
     }
     let (model, tok) = Model::open(&path)?;
     match cli.cmd {
@@ -302,34 +274,21 @@ fn run() -> Result<()> {
             let best = generate::next_token_top_k(&model, &tok, &prompt, top)?;
             let tokens: Vec<String> = best.iter().map(|&(t, _)| tok.decode(&[t])).collect();
             let probs: Vec<f64> = best.iter().map(|&(_, p)| (p * 1e6).round() / 1e6).collect();
-            println!(
-                "{}",
-                serde_json::json!({ "tokens": tokens, "probs": probs })
-            );
+            println!("{}", serde_json::json!({ "tokens": tokens, "probs": probs }));
         }
-        Cmd::Generate {
-            prompt,
-            max_tokens,
-            policy,
-        } => {
+        Cmd::Generate { prompt, max_tokens, policy } => {
             let policy = Policy::parse(&policy)?;
             let out = generate::generate(&model, &tok, &prompt, max_tokens, &policy)?;
             println!("{}", tok.decode(&out));
         }
-        Cmd::Perplexity {
-            file,
-            tokens,
-            dump_tokens,
-        } => {
+        Cmd::Perplexity { file, tokens, dump_tokens } => {
             let text = match file {
                 Some(f) => std::fs::read_to_string(f)?,
                 None => kvsieve_llama::text::kjv()?,
             };
             let mut ids = tok.encode(&text);
             if ids.len() < tokens {
-                return Err(
-                    format!("the text has {} tokens, fewer than {tokens}", ids.len()).into(),
-                );
+                return Err(format!("the text has {} tokens, fewer than {tokens}", ids.len()).into());
             }
             ids.truncate(tokens);
             if let Some(p) = dump_tokens {

@@ -114,9 +114,8 @@ mod tests {
         let mut y = vec![0f32; n * w.rows];
         for i in 0..n {
             for j in 0..w.rows {
-                y[i * w.rows + j] = (0..w.cols)
-                    .map(|p| x[i * w.cols + p] as f64 * w.row(j)[p] as f64)
-                    .sum::<f64>() as f32;
+                y[i * w.rows + j] =
+                    (0..w.cols).map(|p| x[i * w.cols + p] as f64 * w.row(j)[p] as f64).sum::<f64>() as f32;
             }
         }
         y
@@ -126,9 +125,7 @@ mod tests {
     fn matches_naive_for_gemv_and_gemm_shapes() {
         let mut s = 12345u64;
         let mut rnd = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
         for &(n, k, m) in &[(1, 70, 33), (3, 64, 200), (17, 130, 301), (64, 576, 192)] {

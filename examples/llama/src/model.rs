@@ -31,23 +31,17 @@ pub struct Config {
 
 impl Config {
     pub fn from_gguf(g: &Gguf) -> Result<Config, GgufError> {
-        let arch = g
-            .get("general.architecture")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
+        let arch = g.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("");
         if arch != "llama" {
-            return Err(GgufError(format!(
-                "general.architecture {arch:?}: only \"llama\" is supported"
-            )));
+            return Err(GgufError(format!("general.architecture {arch:?}: only \"llama\" is supported")));
         }
         let key = |k: &str| format!("{arch}.{k}");
         let d_model = g.u64(&key("embedding_length"))? as usize;
         let num_heads = g.u64(&key("attention.head_count"))? as usize;
         let num_kv_heads = match g.get(&key("attention.head_count_kv")) {
-            Some(v) => v
-                .as_u64()
-                .ok_or_else(|| GgufError("attention.head_count_kv is not an integer".into()))?
-                as usize,
+            Some(v) => {
+                v.as_u64().ok_or_else(|| GgufError("attention.head_count_kv is not an integer".into()))? as usize
+            }
             None => num_heads,
         };
         if num_heads == 0
@@ -62,10 +56,7 @@ impl Config {
         let head_dim = d_model / num_heads;
         let vocab_size = match g.get(&key("vocab_size")).and_then(|v| v.as_u64()) {
             Some(v) => v as usize,
-            None => g
-                .get("tokenizer.ggml.tokens")
-                .and_then(|v| v.as_array())
-                .map_or(0, |a| a.len()),
+            None => g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map_or(0, |a| a.len()),
         };
         Ok(Config {
             num_layers: g.u64(&key("block_count"))? as usize,
@@ -76,18 +67,9 @@ impl Config {
             d_ff: g.u64(&key("feed_forward_length"))? as usize,
             vocab_size,
             rms_eps: g.f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
-            rope_theta: g
-                .get(&key("rope.freq_base"))
-                .and_then(|v| v.as_f64())
-                .unwrap_or(10000.0) as f32,
-            rope_dim: g
-                .get(&key("rope.dimension_count"))
-                .and_then(|v| v.as_u64())
-                .map_or(head_dim, |v| v as usize),
-            context_length: g
-                .get(&key("context_length"))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0) as usize,
+            rope_theta: g.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
+            rope_dim: g.get(&key("rope.dimension_count")).and_then(|v| v.as_u64()).map_or(head_dim, |v| v as usize),
+            context_length: g.get(&key("context_length")).and_then(|v| v.as_u64()).unwrap_or(0) as usize,
         })
     }
 
@@ -120,14 +102,9 @@ pub struct Model {
 }
 
 fn matrix(g: &Gguf, name: &str, rows: usize, cols: usize) -> Result<Matrix, GgufError> {
-    let t = g
-        .tensor(name)
-        .ok_or_else(|| GgufError(format!("tensor {name} is missing")))?;
+    let t = g.tensor(name).ok_or_else(|| GgufError(format!("tensor {name} is missing")))?;
     if t.dims != [cols as u64, rows as u64] {
-        return Err(GgufError(format!(
-            "tensor {name}: expected dims [{cols}, {rows}], got {:?}",
-            t.dims
-        )));
+        return Err(GgufError(format!("tensor {name}: expected dims [{cols}, {rows}], got {:?}", t.dims)));
     }
     Ok(Matrix::new(rows, cols, g.tensor_f32(name)?))
 }
@@ -135,10 +112,7 @@ fn matrix(g: &Gguf, name: &str, rows: usize, cols: usize) -> Result<Matrix, Gguf
 fn vector(g: &Gguf, name: &str, n: usize) -> Result<Vec<f32>, GgufError> {
     let v = g.tensor_f32(name)?;
     if v.len() != n {
-        return Err(GgufError(format!(
-            "tensor {name}: expected {n} elements, got {}",
-            v.len()
-        )));
+        return Err(GgufError(format!("tensor {name}: expected {n} elements, got {}", v.len())));
     }
     Ok(v)
 }

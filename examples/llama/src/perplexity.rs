@@ -16,10 +16,7 @@ pub fn perplexity(model: &Model, tokens: &[u32]) -> Result<f64> {
     let mut engine = Engine::new(model);
     let policy = Policy::dense();
     let lane = Lane::new(seq, &policy, model.cfg.num_layers);
-    let step = Step {
-        logits: Logits::All,
-        ..Step::default()
-    };
+    let step = Step { logits: Logits::All, ..Step::default() };
     let v = model.cfg.vocab_size;
     let mut nll = 0.0;
     for (ci, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {

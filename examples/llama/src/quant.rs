@@ -45,9 +45,7 @@ fn q8_0_block(b: &[u8], out: &mut [f32]) {
 
 /// Dequantise `bytes` of type `ty` into `out` (its length is the element count).
 pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), String> {
-    let (be, bb) = ty
-        .block()
-        .ok_or_else(|| format!("GGML type {ty:?} is not supported"))?;
+    let (be, bb) = ty.block().ok_or_else(|| format!("GGML type {ty:?} is not supported"))?;
     if !out.len().is_multiple_of(be) || bytes.len() != out.len() / be * bb {
         return Err(format!(
             "{} elements of {ty:?} need {} bytes, got {}",
@@ -61,22 +59,16 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Str
             .par_iter_mut()
             .zip(bytes.par_chunks_exact(4))
             .for_each(|(o, b)| *o = f32::from_le_bytes(b.try_into().unwrap())),
-        GgmlType::F16 => out
-            .par_iter_mut()
-            .zip(bytes.par_chunks_exact(2))
-            .for_each(|(o, b)| *o = f16_at(b, 0)),
-        GgmlType::Q4_0 => out
-            .par_chunks_exact_mut(32)
-            .zip(bytes.par_chunks_exact(bb))
-            .for_each(|(o, b)| q4_0_block(b, o)),
-        GgmlType::Q4_1 => out
-            .par_chunks_exact_mut(32)
-            .zip(bytes.par_chunks_exact(bb))
-            .for_each(|(o, b)| q4_1_block(b, o)),
-        GgmlType::Q8_0 => out
-            .par_chunks_exact_mut(32)
-            .zip(bytes.par_chunks_exact(bb))
-            .for_each(|(o, b)| q8_0_block(b, o)),
+        GgmlType::F16 => out.par_iter_mut().zip(bytes.par_chunks_exact(2)).for_each(|(o, b)| *o = f16_at(b, 0)),
+        GgmlType::Q4_0 => {
+            out.par_chunks_exact_mut(32).zip(bytes.par_chunks_exact(bb)).for_each(|(o, b)| q4_0_block(b, o))
+        }
+        GgmlType::Q4_1 => {
+            out.par_chunks_exact_mut(32).zip(bytes.par_chunks_exact(bb)).for_each(|(o, b)| q4_1_block(b, o))
+        }
+        GgmlType::Q8_0 => {
+            out.par_chunks_exact_mut(32).zip(bytes.par_chunks_exact(bb)).for_each(|(o, b)| q8_0_block(b, o))
+        }
         GgmlType::Other(_) => unreachable!("block() is None for other types"),
     }
     Ok(())

@@ -13,14 +13,11 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 
 /// Dense perplexity of the same context, for the change columns.
 fn dense_ppl(r: &SweepResult, context: usize) -> Option<f64> {
-    r.cells
-        .get(&(context, "dense".to_string(), crate::sweep::frac_key(1.0)))
-        .and_then(Cell::perplexity)
+    r.cells.get(&(context, "dense".to_string(), crate::sweep::frac_key(1.0))).and_then(Cell::perplexity)
 }
 
 fn dense_cell(r: &SweepResult, context: usize) -> Option<&Cell> {
-    r.cells
-        .get(&(context, "dense".to_string(), crate::sweep::frac_key(1.0)))
+    r.cells.get(&(context, "dense".to_string(), crate::sweep::frac_key(1.0)))
 }
 
 fn budget_label(key: &CellKey) -> String {
@@ -48,34 +45,22 @@ impl Row<'_> {
         (self.cell.prefills > 0).then(|| self.cell.prefill_secs / self.cell.prefills as f64)
     }
     fn held_mb(&self) -> Option<f64> {
-        (self.cell.kv_samples > 0)
-            .then(|| self.cell.kv_bytes_held / self.cell.kv_samples as f64 / 1e6)
+        (self.cell.kv_samples > 0).then(|| self.cell.kv_bytes_held / self.cell.kv_samples as f64 / 1e6)
     }
     fn peak_mb(&self) -> Option<f64> {
-        (self.cell.kv_samples > 0)
-            .then(|| self.cell.kv_bytes_peak / self.cell.kv_samples as f64 / 1e6)
+        (self.cell.kv_samples > 0).then(|| self.cell.kv_bytes_peak / self.cell.kv_samples as f64 / 1e6)
     }
 }
 
 fn rows(r: &SweepResult) -> Vec<Row<'_>> {
-    let mut rows: Vec<Row> = r
-        .cells
-        .iter()
-        .map(|(key, cell)| Row { key, cell })
-        .collect();
+    let mut rows: Vec<Row> = r.cells.iter().map(|(key, cell)| Row { key, cell }).collect();
     rows.sort_by(|a, b| {
-        (
-            a.key.0,
-            a.key.1 != "dense",
-            &a.key.1,
-            std::cmp::Reverse(a.key.2),
-        )
-            .cmp(&(
-                b.key.0,
-                b.key.1 != "dense",
-                &b.key.1,
-                std::cmp::Reverse(b.key.2),
-            ))
+        (a.key.0, a.key.1 != "dense", &a.key.1, std::cmp::Reverse(a.key.2)).cmp(&(
+            b.key.0,
+            b.key.1 != "dense",
+            &b.key.1,
+            std::cmp::Reverse(b.key.2),
+        ))
     });
     rows
 }
@@ -109,9 +94,8 @@ pub fn write_csv(r: &SweepResult, path: &Path) -> std::io::Result<()> {
     for row in rows(r) {
         let c = row.cell;
         let dense = dense_cell(r, row.key.0);
-        let dense_attn = dense.and_then(|d| {
-            (d.decode_steps > 0).then(|| d.attention_secs / d.decode_steps as f64 * 1e3)
-        });
+        let dense_attn =
+            dense.and_then(|d| (d.decode_steps > 0).then(|| d.attention_secs / d.decode_steps as f64 * 1e3));
         let trials = |t: Task| c.correct.get(t.name()).map_or(0, |x| x.1);
         writeln!(
             s,
@@ -128,11 +112,7 @@ pub fn write_csv(r: &SweepResult, path: &Path) -> std::io::Result<()> {
             fmt_opt(dense_ppl(r, row.key.0), 5),
             fmt_opt(row.ppl_change_pct(r), 3),
             fmt_opt(row.per_step(c.kv_bytes), 0),
-            fmt_opt(
-                dense
-                    .and_then(|d| (d.decode_steps > 0).then(|| d.kv_bytes / d.decode_steps as f64)),
-                0
-            ),
+            fmt_opt(dense.and_then(|d| (d.decode_steps > 0).then(|| d.kv_bytes / d.decode_steps as f64)), 0),
             fmt_opt(row.per_step(c.attention_secs * 1e3), 4),
             fmt_opt(dense_attn, 4),
             fmt_opt(row.prefill(), 3),
@@ -167,13 +147,8 @@ pub fn table(r: &SweepResult) -> String {
     .unwrap();
     for row in rows(r) {
         let c = row.cell;
-        let acc = |t: Task| {
-            c.accuracy(t)
-                .map_or("-".to_string(), |a| format!("{:.0}%", a * 100.0))
-        };
-        let dense = dense_cell(r, row.key.0)
-            .filter(|d| d.decode_steps > 0)
-            .map(|d| d.kv_bytes / d.decode_steps as f64);
+        let acc = |t: Task| c.accuracy(t).map_or("-".to_string(), |a| format!("{:.0}%", a * 100.0));
+        let dense = dense_cell(r, row.key.0).filter(|d| d.decode_steps > 0).map(|d| d.kv_bytes / d.decode_steps as f64);
         let ratio = match (row.per_step(c.kv_bytes), dense) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
             _ => "-".into(),
@@ -187,13 +162,10 @@ pub fn table(r: &SweepResult) -> String {
             acc(Task::Passkey),
             acc(Task::Needle),
             c.perplexity().map_or("-".into(), |p| format!("{p:.3}")),
-            row.ppl_change_pct(r)
-                .map_or("-".into(), |p| format!("{p:+.2}")),
-            row.per_step(c.kv_bytes)
-                .map_or("-".into(), |b| format!("{:.0}", b / 1024.0)),
+            row.ppl_change_pct(r).map_or("-".into(), |p| format!("{p:+.2}")),
+            row.per_step(c.kv_bytes).map_or("-".into(), |b| format!("{:.0}", b / 1024.0)),
             ratio,
-            row.per_step(c.attention_secs * 1e3)
-                .map_or("-".into(), |t| format!("{t:.2}")),
+            row.per_step(c.attention_secs * 1e3).map_or("-".into(), |t| format!("{t:.2}")),
             row.prefill().map_or("-".into(), |t| format!("{t:.2}")),
             row.peak_mb().map_or("-".into(), |m| format!("{m:.1}")),
         )
@@ -202,9 +174,7 @@ pub fn table(r: &SweepResult) -> String {
     s
 }
 
-const COLORS: [&str; 8] = [
-    "#000000", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
-];
+const COLORS: [&str; 8] = ["#000000", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b"];
 
 /// Accuracy (retrieval tasks pooled) against KV budget, one line per policy, one panel per
 /// context length. The budget axis is logarithmic; dense sits at budget 1.
@@ -219,13 +189,7 @@ pub fn write_svg(r: &SweepResult, path: &Path) -> std::io::Result<()> {
     policies.dedup();
     policies.sort_by_key(|p| p != "dense");
     let fracs: Vec<f64> = r.cells.keys().map(|k| k.2 as f64 / 65536.0).collect();
-    let lo = fracs
-        .iter()
-        .cloned()
-        .fold(1.0, f64::min)
-        .log2()
-        .floor()
-        .min(-1.0);
+    let lo = fracs.iter().cloned().fold(1.0, f64::min).log2().floor().min(-1.0);
     let (pw, ph, ml, mt, gap) = (300.0, 220.0, 60.0, 60.0, 40.0);
     let width = (ml + contexts.len() as f64 * (pw + gap) + 150.0).max(640.0);
     let height = mt + ph + 60.0;
@@ -238,36 +202,17 @@ pub fn write_svg(r: &SweepResult, path: &Path) -> std::io::Result<()> {
         let (y0, y1) = (mt, mt + ph);
         let sx = |f: f64| x0 + (f.log2() - lo) / (0.0 - lo) * pw;
         let sy = |a: f64| y1 - a * ph;
-        writeln!(
-            s,
-            r#"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
-        )
-        .unwrap();
-        writeln!(
-            s,
-            r#"<text x="{}" y="{}" text-anchor="middle">{ctx} tokens</text>"#,
-            x0 + pw / 2.0,
-            y0 - 6.0
-        )
-        .unwrap();
+        writeln!(s, r#"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#).unwrap();
+        writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">{ctx} tokens</text>"#, x0 + pw / 2.0, y0 - 6.0)
+            .unwrap();
         for a in [0.0, 0.25, 0.5, 0.75, 1.0] {
             writeln!(s, r##"<line x1="{x0}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{:.0}%</text>"##, x0 + pw, x0 - 4.0, sy(a) + 4.0, a * 100.0, y = sy(a)).unwrap();
         }
         let mut e = lo as i32;
         while e <= 0 {
             let f = 2f64.powi(e);
-            let label = if e == 0 {
-                "1".to_string()
-            } else {
-                format!("1/{}", 1 << -e)
-            };
-            writeln!(
-                s,
-                r#"<text x="{}" y="{}" text-anchor="middle">{label}</text>"#,
-                sx(f),
-                y1 + 16.0
-            )
-            .unwrap();
+            let label = if e == 0 { "1".to_string() } else { format!("1/{}", 1 << -e) };
+            writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">{label}</text>"#, sx(f), y1 + 16.0).unwrap();
             e += 1;
         }
         writeln!(
@@ -284,40 +229,35 @@ pub fn write_svg(r: &SweepResult, path: &Path) -> std::io::Result<()> {
                 .iter()
                 .filter(|(k, _)| k.0 == ctx && &k.1 == p)
                 .filter_map(|(k, c)| {
-                    let (ok, n) = c
-                        .correct
-                        .values()
-                        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+                    let (ok, n) = c.correct.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
                     (n > 0).then(|| (k.2 as f64 / 65536.0, ok as f64 / n as f64))
                 })
                 .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
             if p == "dense" {
                 if let Some(&(_, a)) = pts.first() {
-                    writeln!(s, r#"<line x1="{x0}" x2="{}" y1="{y}" y2="{y}" stroke="{color}" stroke-dasharray="4 3"/>"#, x0 + pw, y = sy(a)).unwrap();
+                    writeln!(
+                        s,
+                        r#"<line x1="{x0}" x2="{}" y1="{y}" y2="{y}" stroke="{color}" stroke-dasharray="4 3"/>"#,
+                        x0 + pw,
+                        y = sy(a)
+                    )
+                    .unwrap();
                 }
                 continue;
             }
-            let path: Vec<String> = pts
-                .iter()
-                .map(|&(f, a)| format!("{:.1},{:.1}", sx(f), sy(a)))
-                .collect();
+            let path: Vec<String> = pts.iter().map(|&(f, a)| format!("{:.1},{:.1}", sx(f), sy(a))).collect();
             if !path.is_empty() {
-                let dash = if pi % 2 == 0 {
-                    r#" stroke-dasharray="7 3""#
-                } else {
-                    ""
-                };
-                writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#, path.join(" ")).unwrap();
-            }
-            for &(f, a) in &pts {
+                let dash = if pi % 2 == 0 { r#" stroke-dasharray="7 3""# } else { "" };
                 writeln!(
                     s,
-                    r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
-                    sx(f),
-                    sy(a)
+                    r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#,
+                    path.join(" ")
                 )
                 .unwrap();
+            }
+            for &(f, a) in &pts {
+                writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, sx(f), sy(a)).unwrap();
             }
         }
     }

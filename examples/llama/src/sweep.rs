@@ -32,10 +32,7 @@ pub struct PolicyDef {
 
 impl PolicyDef {
     pub fn new(name: &str, template: &str) -> Self {
-        PolicyDef {
-            name: name.into(),
-            template: template.into(),
-        }
+        PolicyDef { name: name.into(), template: template.into() }
     }
 
     /// The policy text for a budget, or `None` when the budget is too small for it.
@@ -47,9 +44,7 @@ impl PolicyDef {
             let end = p + rest[p..].find('}')?;
             let inner = &rest[p + "{budget".len()..end];
             let value = match inner.strip_prefix('-') {
-                Some(n) => budget
-                    .checked_sub(n.trim().parse().ok()?)
-                    .filter(|&v| v > 0)?,
+                Some(n) => budget.checked_sub(n.trim().parse().ok()?).filter(|&v| v > 0)?,
                 None if inner.is_empty() => budget,
                 None => return None,
             };
@@ -65,24 +60,12 @@ impl PolicyDef {
 /// More plug in with `--policy NAME=TEXT`.
 pub fn default_policies() -> Vec<PolicyDef> {
     vec![
-        PolicyDef::new(
-            "sinks+window",
-            "sinks=4,window={budget-4},positions=contiguous",
-        ),
+        PolicyDef::new("sinks+window", "sinks=4,window={budget-4},positions=contiguous"),
         PolicyDef::new("lambda", "global=4,local={budget-4},max_distance={budget}"),
         PolicyDef::new("page-bounds", "sinks=4,window=64,pages={budget-68}"),
-        PolicyDef::new(
-            "clusters-est",
-            "sinks=4,window=64,clusters={budget-68},cluster_size=32",
-        ),
-        PolicyDef::new(
-            "clusters",
-            "sinks=4,window=64,clusters={budget-68},cluster_size=32,rank=mixed",
-        ),
-        PolicyDef::new(
-            "clusters-hier",
-            "sinks=4,window=64,clusters={budget-68},cluster_size=32,hier=16,rank=mixed",
-        ),
+        PolicyDef::new("clusters-est", "sinks=4,window=64,clusters={budget-68},cluster_size=32"),
+        PolicyDef::new("clusters", "sinks=4,window=64,clusters={budget-68},cluster_size=32,rank=mixed"),
+        PolicyDef::new("clusters-hier", "sinks=4,window=64,clusters={budget-68},cluster_size=32,hier=16,rank=mixed"),
     ]
 }
 
@@ -100,9 +83,7 @@ pub fn build_lane_clusters(
     let mut built: Vec<(String, u64, f64)> = Vec::new();
     let mut secs = vec![0.0; lanes.len()];
     for (i, l) in lanes.iter().enumerate() {
-        let plan: Vec<_> = (0..num_layers)
-            .map(|layer| l.policy.cluster_plan(layer, num_kv_heads))
-            .collect();
+        let plan: Vec<_> = (0..num_layers).map(|layer| l.policy.cluster_plan(layer, num_kv_heads)).collect();
         if plan.iter().all(Option::is_none) {
             continue;
         }
@@ -170,10 +151,7 @@ pub struct Cell {
 
 impl Cell {
     pub fn accuracy(&self, task: Task) -> Option<f64> {
-        self.correct
-            .get(task.name())
-            .filter(|c| c.1 > 0)
-            .map(|&(ok, n)| ok as f64 / n as f64)
+        self.correct.get(task.name()).filter(|c| c.1 > 0).map(|&(ok, n)| ok as f64 / n as f64)
     }
     pub fn perplexity(&self) -> Option<f64> {
         (self.nll_count > 0).then(|| (self.nll / self.nll_count as f64).exp())
@@ -214,12 +192,7 @@ struct LaneDef {
     budget: usize,
 }
 
-fn lane_defs(
-    cfg: &SweepConfig,
-    context: usize,
-    num_layers: usize,
-    num_kv_heads: usize,
-) -> Result<Vec<LaneDef>> {
+fn lane_defs(cfg: &SweepConfig, context: usize, num_layers: usize, num_kv_heads: usize) -> Result<Vec<LaneDef>> {
     let mut defs = vec![LaneDef {
         key: (context, "dense".into(), frac_key(1.0)),
         policy: Policy::dense(),
@@ -230,17 +203,9 @@ fn lane_defs(
         for &f in &cfg.budgets {
             let budget = ((context as f64) * f).round() as usize;
             let Some(text) = p.text(budget) else { continue };
-            let policy =
-                Policy::parse(&text).map_err(|e| format!("policy {} ({text}): {e}", p.name))?;
-            policy
-                .validate(num_layers, num_kv_heads)
-                .map_err(|e| format!("policy {} ({text}): {e}", p.name))?;
-            defs.push(LaneDef {
-                key: (context, p.name.clone(), frac_key(f)),
-                policy,
-                text,
-                budget,
-            });
+            let policy = Policy::parse(&text).map_err(|e| format!("policy {} ({text}): {e}", p.name))?;
+            policy.validate(num_layers, num_kv_heads).map_err(|e| format!("policy {} ({text}): {e}", p.name))?;
+            defs.push(LaneDef { key: (context, p.name.clone(), frac_key(f)), policy, text, budget });
         }
     }
     Ok(defs)
@@ -277,12 +242,7 @@ impl<'a> Sweep<'a> {
                 tasks::passkey(self.tok, context, depth, seed),
                 tasks::needle(self.tok, self.kjv, context, depth, seed),
             ] {
-                let prompt: Vec<u32> = trial
-                    .context
-                    .iter()
-                    .chain(&trial.question)
-                    .copied()
-                    .collect();
+                let prompt: Vec<u32> = trial.context.iter().chain(&trial.question).copied().collect();
                 let mut kv = Kv::new(m, prompt.len(), self.cfg.page_size, 1, false)?;
                 let seq = kv.create();
                 let mut engine = Engine::new(m);
@@ -293,25 +253,16 @@ impl<'a> Sweep<'a> {
                     &mut kv,
                     &lane,
                     &prompt,
-                    &Step {
-                        capture_queries: true,
-                        logits: Logits::None,
-                        ..Step::default()
-                    },
+                    &Step { capture_queries: true, logits: Logits::None, ..Step::default() },
                 )?;
                 let gcfg = filter_config(prompt.len() / 8, trial.question.len());
                 let (hq, hd) = (m.cfg.num_heads, m.cfg.head_dim);
-                let recalls =
-                    gemfilter::calibrate_layers(layers, trial.needle.clone(), &gcfg, &mut |l| {
-                        Ok((
-                            TensorView::new(&out.queries[l], &[hq, hd])?,
-                            KeySource::Cache {
-                                cache: &kv.post,
-                                seq,
-                                layer: l,
-                            },
-                        ))
-                    })?;
+                let recalls = gemfilter::calibrate_layers(layers, trial.needle.clone(), &gcfg, &mut |l| {
+                    Ok((
+                        TensorView::new(&out.queries[l], &[hq, hd])?,
+                        KeySource::Cache { cache: &kv.post, seq, layer: l },
+                    ))
+                })?;
                 for r in recalls {
                     sum[r.layer] += r.recall;
                 }
@@ -344,15 +295,7 @@ impl<'a> Sweep<'a> {
                 Some(l) => (l, Vec::new()),
                 None => {
                     bar.set_message("calibrating GemFilter's layer");
-                    self.calibrate_gemfilter(
-                        self.cfg
-                            .contexts
-                            .iter()
-                            .copied()
-                            .min()
-                            .unwrap_or(2048)
-                            .min(2048),
-                    )?
+                    self.calibrate_gemfilter(self.cfg.contexts.iter().copied().min().unwrap_or(2048).min(2048))?
                 }
             };
             gem_layer = Some(layer);
@@ -360,62 +303,29 @@ impl<'a> Sweep<'a> {
         for &context in &self.cfg.contexts.clone() {
             let defs = lane_defs(&self.cfg, context, layers, hk)?;
             for i in 0..self.cfg.passkey_trials {
-                bar.set_message(format!(
-                    "{context} tokens: passkey {}/{}",
-                    i + 1,
-                    self.cfg.passkey_trials
-                ));
+                bar.set_message(format!("{context} tokens: passkey {}/{}", i + 1, self.cfg.passkey_trials));
                 let seed = self.cfg.seed.wrapping_add(1000 * context as u64 + i as u64);
-                let trial = tasks::passkey(
-                    self.tok,
-                    context,
-                    tasks::depth(i, self.cfg.passkey_trials),
-                    seed,
-                );
+                let trial = tasks::passkey(self.tok, context, tasks::depth(i, self.cfg.passkey_trials), seed);
                 self.retrieval(&defs, &trial, gem_layer.as_ref().map(|g| g.0))?;
                 bar.inc(1);
             }
             for i in 0..self.cfg.needle_trials {
-                bar.set_message(format!(
-                    "{context} tokens: needle {}/{}",
-                    i + 1,
-                    self.cfg.needle_trials
-                ));
-                let seed = self
-                    .cfg
-                    .seed
-                    .wrapping_add(7_000_000 + 1000 * context as u64 + i as u64);
-                let trial = tasks::needle(
-                    self.tok,
-                    self.kjv,
-                    context,
-                    tasks::depth(i, self.cfg.needle_trials),
-                    seed,
-                );
+                bar.set_message(format!("{context} tokens: needle {}/{}", i + 1, self.cfg.needle_trials));
+                let seed = self.cfg.seed.wrapping_add(7_000_000 + 1000 * context as u64 + i as u64);
+                let trial = tasks::needle(self.tok, self.kjv, context, tasks::depth(i, self.cfg.needle_trials), seed);
                 self.retrieval(&defs, &trial, gem_layer.as_ref().map(|g| g.0))?;
                 bar.inc(1);
             }
             for i in 0..self.cfg.ppl_windows {
-                bar.set_message(format!(
-                    "{context} tokens: perplexity {}/{}",
-                    i + 1,
-                    self.cfg.ppl_windows
-                ));
-                let seed = self
-                    .cfg
-                    .seed
-                    .wrapping_add(13_000_000 + 1000 * context as u64 + i as u64);
+                bar.set_message(format!("{context} tokens: perplexity {}/{}", i + 1, self.cfg.ppl_windows));
+                let seed = self.cfg.seed.wrapping_add(13_000_000 + 1000 * context as u64 + i as u64);
                 let window = tasks::text_window(self.tok, self.kjv, context, seed);
                 self.perplexity(&defs, &window, gem_layer.as_ref().map(|g| g.0))?;
                 bar.inc(1);
             }
         }
         bar.finish_and_clear();
-        Ok(SweepResult {
-            cells: self.cells,
-            trials: self.trials,
-            gemfilter_layer: gem_layer,
-        })
+        Ok(SweepResult { cells: self.cells, trials: self.trials, gemfilter_layer: gem_layer })
     }
 
     /// Prefill `context` once and fork it for every lane. Returns the caches, the lanes'
@@ -429,9 +339,7 @@ impl<'a> Sweep<'a> {
         let m = self.model;
         let layers = m.cfg.num_layers;
         let ps = self.cfg.page_size;
-        let with_pre = defs
-            .iter()
-            .any(|d| side_for(&d.policy, layers) == Side::Pre);
+        let with_pre = defs.iter().any(|d| side_for(&d.policy, layers) == Side::Pre);
         let extra = defs.len() * (extra_tokens.div_ceil(ps) + 2) + 2;
         let mut kv = Kv::new(m, context.len(), ps, extra, with_pre)?;
         let base = kv.create();
@@ -443,17 +351,10 @@ impl<'a> Sweep<'a> {
             &mut kv,
             &Lane::new(base, &dense, layers),
             context,
-            &Step {
-                mirror: with_pre,
-                logits: Logits::None,
-                ..Step::default()
-            },
+            &Step { mirror: with_pre, logits: Logits::None, ..Step::default() },
         )?;
         let secs = t0.elapsed().as_secs_f64();
-        let seqs = defs
-            .iter()
-            .map(|_| kv.fork(base))
-            .collect::<Result<Vec<_>>>()?;
+        let seqs = defs.iter().map(|_| kv.fork(base)).collect::<Result<Vec<_>>>()?;
         kv.free(base)?;
         Ok((kv, engine, seqs, secs))
     }
@@ -493,38 +394,19 @@ impl<'a> Sweep<'a> {
         Ok(())
     }
 
-    fn retrieval(
-        &mut self,
-        defs: &[LaneDef],
-        trial: &Trial,
-        gem_layer: Option<usize>,
-    ) -> Result<()> {
+    fn retrieval(&mut self, defs: &[LaneDef], trial: &Trial, gem_layer: Option<usize>) -> Result<()> {
         let layers = self.model.cfg.num_layers;
         let extra = trial.question.len() + trial.answer_tokens;
-        let (mut kv, mut engine, seqs, prefill_secs) =
-            self.fork_lanes(defs, &trial.context, extra)?;
-        let lanes: Vec<Lane> = defs
-            .iter()
-            .zip(&seqs)
-            .map(|(d, &s)| Lane::new(s, &d.policy, layers))
-            .collect();
-        let index_secs = build_lane_clusters(
-            &mut engine,
-            &kv,
-            &lanes,
-            layers,
-            self.model.cfg.num_kv_heads,
-        )?;
+        let (mut kv, mut engine, seqs, prefill_secs) = self.fork_lanes(defs, &trial.context, extra)?;
+        let lanes: Vec<Lane> = defs.iter().zip(&seqs).map(|(d, &s)| Lane::new(s, &d.policy, layers)).collect();
+        let index_secs = build_lane_clusters(&mut engine, &kv, &lanes, layers, self.model.cfg.num_kv_heads)?;
         let n = lanes.len();
         let mut peaks = vec![0usize; n];
         observe_peaks(&kv, &lanes, &mut peaks)?;
         let mut logits = Vec::new();
         for (i, &t) in trial.question.iter().enumerate() {
             let last = i + 1 == trial.question.len();
-            let step = Step {
-                logits: if last { Logits::Last } else { Logits::None },
-                ..Step::default()
-            };
+            let step = Step { logits: if last { Logits::Last } else { Logits::None }, ..Step::default() };
             logits = engine.forward(&mut kv, &lanes, &vec![t; n], &step)?.logits;
             observe_peaks(&kv, &lanes, &mut peaks)?;
             self.evict(&mut kv, &lanes)?;
@@ -537,9 +419,7 @@ impl<'a> Sweep<'a> {
                 g.push(t);
             }
             if step + 1 < trial.answer_tokens {
-                logits = engine
-                    .forward(&mut kv, &lanes, &next, &Step::default())?
-                    .logits;
+                logits = engine.forward(&mut kv, &lanes, &next, &Step::default())?.logits;
                 observe_peaks(&kv, &lanes, &mut peaks)?;
                 self.evict(&mut kv, &lanes)?;
             }
@@ -548,34 +428,16 @@ impl<'a> Sweep<'a> {
             let text = self.tok.decode(g);
             let ok = trial.is_correct(&text);
             self.record_trial(def.key.clone(), trial, text, ok);
-            self.record_lane(
-                def,
-                &kv,
-                lane,
-                &engine,
-                prefill_secs + index_secs[i],
-                peaks[i],
-            )?;
+            self.record_lane(def, &kv, lane, &engine, prefill_secs + index_secs[i], peaks[i])?;
             let c = self.cell(&def.key, &def.text, def.budget);
             let e = c.correct.entry(trial.task.name()).or_default();
             e.0 += usize::from(ok);
             e.1 += 1;
         }
         if let Some(layer) = gem_layer {
-            let prompt: Vec<u32> = trial
-                .context
-                .iter()
-                .chain(&trial.question)
-                .copied()
-                .collect();
-            let runs = self.gemfilter(
-                &prompt,
-                trial.question.len(),
-                layer,
-                trial.context.len(),
-                trial.answer_tokens,
-                None,
-            )?;
+            let prompt: Vec<u32> = trial.context.iter().chain(&trial.question).copied().collect();
+            let runs =
+                self.gemfilter(&prompt, trial.question.len(), layer, trial.context.len(), trial.answer_tokens, None)?;
             for run in runs {
                 let text = self.tok.decode(&run.generated);
                 let ok = trial.is_correct(&text);
@@ -622,12 +484,7 @@ impl<'a> Sweep<'a> {
 
     /// The configured context length a prompt of `len` tokens belongs to.
     fn context_of(&self, len: usize) -> usize {
-        *self
-            .cfg
-            .contexts
-            .iter()
-            .min_by_key(|&&c| c.abs_diff(len))
-            .unwrap_or(&len)
+        *self.cfg.contexts.iter().min_by_key(|&&c| c.abs_diff(len)).unwrap_or(&len)
     }
 
     /// GemFilter on `prompt` (its last `keep_last` tokens are kept): layers `0..=layer` over
@@ -655,12 +512,7 @@ impl<'a> Sweep<'a> {
             &mut kv,
             &Lane::new(seq, &dense, layers),
             prompt,
-            &Step {
-                layers: Some(layer + 1),
-                capture_queries: true,
-                logits: Logits::None,
-                ..Step::default()
-            },
+            &Step { layers: Some(layer + 1), capture_queries: true, logits: Logits::None, ..Step::default() },
         )?;
         let q = TensorView::new(&out.queries[layer], &[hq, hd])?;
         let mut picks = Vec::new();
@@ -672,15 +524,7 @@ impl<'a> Sweep<'a> {
             picks.push((
                 f,
                 k,
-                gemfilter::select(
-                    &q,
-                    KeySource::Cache {
-                        cache: &kv.post,
-                        seq,
-                        layer,
-                    },
-                    &filter_config(k, keep_last),
-                )?,
+                gemfilter::select(&q, KeySource::Cache { cache: &kv.post, seq, layer }, &filter_config(k, keep_last))?,
             ));
         }
         let first_pass = t0.elapsed().as_secs_f64();
@@ -697,8 +541,7 @@ impl<'a> Sweep<'a> {
             let seq = kv.create();
             let mut engine = Engine::new(m);
             let lane = Lane::new(seq, &dense, layers);
-            let mut logits =
-                prefill(&mut engine, &mut kv, &lane, &tokens, &Step::default())?.logits;
+            let mut logits = prefill(&mut engine, &mut kv, &lane, &tokens, &Step::default())?.logits;
             let prefill_secs = first_pass + t1.elapsed().as_secs_f64();
             let mut peak = kv.post.stats().bytes_used;
             let mut generated = Vec::new();
@@ -709,18 +552,14 @@ impl<'a> Sweep<'a> {
                         let t = argmax(&logits);
                         generated.push(t);
                         if step + 1 < answer_tokens {
-                            logits = engine
-                                .forward(&mut kv, &[lane], &[t], &Step::default())?
-                                .logits;
+                            logits = engine.forward(&mut kv, &[lane], &[t], &Step::default())?.logits;
                             peak = peak.max(kv.post.stats().bytes_used);
                         }
                     }
                 }
                 Some(e) => {
                     for w in e.windows(2) {
-                        logits = engine
-                            .forward(&mut kv, &[lane], &[w[0]], &Step::default())?
-                            .logits;
+                        logits = engine.forward(&mut kv, &[lane], &[w[0]], &Step::default())?.logits;
                         nll -= log_prob(&logits[..v], w[1]);
                         count += 1;
                         peak = peak.max(kv.post.stats().bytes_used);
@@ -743,37 +582,20 @@ impl<'a> Sweep<'a> {
         Ok(runs)
     }
 
-    fn perplexity(
-        &mut self,
-        defs: &[LaneDef],
-        window: &[u32],
-        gem_layer: Option<usize>,
-    ) -> Result<()> {
+    fn perplexity(&mut self, defs: &[LaneDef], window: &[u32], gem_layer: Option<usize>) -> Result<()> {
         let layers = self.model.cfg.num_layers;
         let e = self.cfg.ppl_eval_tokens.min(window.len() / 2);
         let (context, eval) = window.split_at(window.len() - e);
         let (mut kv, mut engine, seqs, prefill_secs) = self.fork_lanes(defs, context, e)?;
-        let lanes: Vec<Lane> = defs
-            .iter()
-            .zip(&seqs)
-            .map(|(d, &s)| Lane::new(s, &d.policy, layers))
-            .collect();
-        let index_secs = build_lane_clusters(
-            &mut engine,
-            &kv,
-            &lanes,
-            layers,
-            self.model.cfg.num_kv_heads,
-        )?;
+        let lanes: Vec<Lane> = defs.iter().zip(&seqs).map(|(d, &s)| Lane::new(s, &d.policy, layers)).collect();
+        let index_secs = build_lane_clusters(&mut engine, &kv, &lanes, layers, self.model.cfg.num_kv_heads)?;
         let n = lanes.len();
         let v = self.model.cfg.vocab_size;
         let mut nll = vec![0f64; n];
         let mut peaks = vec![0usize; n];
         observe_peaks(&kv, &lanes, &mut peaks)?;
         for w in eval.windows(2) {
-            let logits = engine
-                .forward(&mut kv, &lanes, &vec![w[0]; n], &Step::default())?
-                .logits;
+            let logits = engine.forward(&mut kv, &lanes, &vec![w[0]; n], &Step::default())?.logits;
             for (i, row) in logits.chunks(v).enumerate() {
                 nll[i] -= log_prob(row, w[1]);
             }
@@ -781,14 +603,7 @@ impl<'a> Sweep<'a> {
             self.evict(&mut kv, &lanes)?;
         }
         for (i, ((def, lane), nl)) in defs.iter().zip(&lanes).zip(&nll).enumerate() {
-            self.record_lane(
-                def,
-                &kv,
-                lane,
-                &engine,
-                prefill_secs + index_secs[i],
-                peaks[i],
-            )?;
+            self.record_lane(def, &kv, lane, &engine, prefill_secs + index_secs[i], peaks[i])?;
             let c = self.cell(&def.key, &def.text, def.budget);
             c.nll += nl;
             c.nll_count += e - 1;
@@ -810,12 +625,7 @@ impl<'a> Sweep<'a> {
 /// GemFilter's settings here: pool of 5, the first 4 tokens (attention sinks) and the
 /// question always kept.
 fn filter_config(k: usize, keep_last: usize) -> GemFilterConfig {
-    GemFilterConfig {
-        k,
-        pool_kernel: 5,
-        keep_first: 4,
-        keep_last,
-    }
+    GemFilterConfig { k, pool_kernel: 5, keep_first: 4, keep_last }
 }
 
 struct GemRun {

@@ -47,11 +47,8 @@ pub struct Trial {
 impl Trial {
     /// Whether generated text answers the trial: its first run of digits is the answer.
     pub fn is_correct(&self, generated: &str) -> bool {
-        let digits: String = generated
-            .chars()
-            .skip_while(|c| !c.is_ascii_digit())
-            .take_while(|c| c.is_ascii_digit())
-            .collect();
+        let digits: String =
+            generated.chars().skip_while(|c| !c.is_ascii_digit()).take_while(|c| c.is_ascii_digit()).collect();
         digits == self.answer
     }
 }
@@ -95,8 +92,8 @@ pub fn passkey(tok: &Tokenizer, context_tokens: usize, depth: f64, seed: u64) ->
 }
 
 const NEEDLE_WORDS: [&str; 16] = [
-    "apple", "river", "lantern", "falcon", "copper", "meadow", "violet", "harbor", "summit",
-    "cedar", "marble", "thunder", "orchid", "compass", "ember", "glacier",
+    "apple", "river", "lantern", "falcon", "copper", "meadow", "violet", "harbor", "summit", "cedar", "marble",
+    "thunder", "orchid", "compass", "ember", "glacier",
 ];
 
 /// Needle in a haystack: "The special magic number for WORD is: NNNNNNN." at `depth` of

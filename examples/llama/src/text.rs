@@ -15,10 +15,7 @@ pub fn kjv() -> Result<String> {
     let path = kjv_path();
     if !path.exists() {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fetch-text.sh");
-        let status = std::process::Command::new("bash")
-            .arg(script)
-            .stdout(std::process::Stdio::null())
-            .status()?;
+        let status = std::process::Command::new("bash").arg(script).stdout(std::process::Stdio::null()).status()?;
         if !status.success() {
             return Err(format!("{script} failed ({status})").into());
         }

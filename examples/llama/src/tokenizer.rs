@@ -33,8 +33,7 @@ pub struct Tokenizer {
 /// GPT-2's reversible map from bytes to printable characters.
 fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
-    let printable =
-        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut n = 0;
     for b in 0..256u32 {
         table[b as usize] = if printable(b) {
@@ -52,20 +51,13 @@ fn strings(v: Option<&Value>, key: &str) -> Result<Vec<String>, GgufError> {
         .and_then(|v| v.as_array())
         .ok_or_else(|| GgufError(format!("metadata {key}: expected an array of strings")))?;
     arr.iter()
-        .map(|x| {
-            x.as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| GgufError(format!("metadata {key}: expected strings")))
-        })
+        .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| GgufError(format!("metadata {key}: expected strings"))))
         .collect()
 }
 
 impl Tokenizer {
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer, GgufError> {
-        let model = g
-            .get("tokenizer.ggml.model")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
+        let model = g.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("");
         if model != "gpt2" {
             return Err(GgufError(format!(
                 "tokenizer.ggml.model {model:?}: only \"gpt2\" (byte-level BPE) is supported"
@@ -73,23 +65,14 @@ impl Tokenizer {
         }
         let tokens = strings(g.get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")?;
         let merges = strings(g.get("tokenizer.ggml.merges"), "tokenizer.ggml.merges")?;
-        let types: Vec<i64> = match g
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.as_array())
-        {
+        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
             Some(a) => a.iter().map(|x| x.as_i64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
-        let vocab: HashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let mut ranks = HashMap::with_capacity(merges.len());
         for (r, m) in merges.iter().enumerate() {
-            let (a, b) = m
-                .split_once(' ')
-                .ok_or_else(|| GgufError(format!("merge {r} {m:?} is not two tokens")))?;
+            let (a, b) = m.split_once(' ').ok_or_else(|| GgufError(format!("merge {r} {m:?} is not two tokens")))?;
             ranks.insert((a.to_owned(), b.to_owned()), r as u32);
         }
         let mut special: Vec<(String, u32)> = types
@@ -101,15 +84,11 @@ impl Tokenizer {
             .collect();
         special.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
         let byte_to_char = bytes_to_unicode();
-        let char_to_byte = byte_to_char
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
+        let char_to_byte = byte_to_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
         let id = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
         // GPT-2's pattern without its look-ahead `\s+(?!\S)`, which `split_words` emulates.
-        let split = Regex::new(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+")
-            .expect("valid pattern");
+        let split =
+            Regex::new(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+").expect("valid pattern");
         Ok(Tokenizer {
             tokens,
             vocab,
@@ -121,10 +100,7 @@ impl Tokenizer {
             cache: Mutex::new(HashMap::new()),
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
-            add_bos: g
-                .get("tokenizer.ggml.add_bos_token")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+            add_bos: g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
         })
     }
 
@@ -190,10 +166,7 @@ impl Tokenizer {
     fn split_pattern<'a>(&self, text: &'a str, words: &mut Vec<&'a str>) {
         let mut pos = 0;
         while pos < text.len() {
-            let m = self
-                .split
-                .find_at(text, pos)
-                .expect("the pattern matches any character");
+            let m = self.split.find_at(text, pos).expect("the pattern matches any character");
             let (s, mut e) = (m.start(), m.end());
             debug_assert_eq!(s, pos);
             let piece = &text[s..e];
@@ -227,17 +200,10 @@ impl Tokenizer {
 
     /// Byte-level BPE of one pre-tokenised word.
     fn bpe(&self, word: &str) -> Vec<u32> {
-        let mut parts: Vec<String> = word
-            .bytes()
-            .map(|b| self.byte_to_char[b as usize].to_string())
-            .collect();
+        let mut parts: Vec<String> = word.bytes().map(|b| self.byte_to_char[b as usize].to_string()).collect();
         loop {
             let best = (0..parts.len().saturating_sub(1))
-                .filter_map(|i| {
-                    self.ranks
-                        .get(&(parts[i].clone(), parts[i + 1].clone()))
-                        .map(|&r| (r, i))
-                })
+                .filter_map(|i| self.ranks.get(&(parts[i].clone(), parts[i + 1].clone())).map(|&r| (r, i)))
                 .min();
             let Some((_, i)) = best else { break };
             let merged = format!("{}{}", parts[i], parts[i + 1]);
@@ -249,10 +215,7 @@ impl Tokenizer {
             .flat_map(|p| match self.vocab.get(p) {
                 Some(&id) => vec![id],
                 // A piece with no token (not expected with a full byte vocabulary): its bytes.
-                None => p
-                    .chars()
-                    .filter_map(|c| self.vocab.get(&c.to_string()).copied())
-                    .collect(),
+                None => p.chars().filter_map(|c| self.vocab.get(&c.to_string()).copied()).collect(),
             })
             .collect()
     }
@@ -265,10 +228,7 @@ impl Tokenizer {
             if self.is_special(id) {
                 bytes.extend(s.as_bytes());
             } else {
-                bytes.extend(
-                    s.chars()
-                        .map(|c| self.char_to_byte.get(&c).copied().unwrap_or(b'?')),
-                );
+                bytes.extend(s.chars().map(|c| self.char_to_byte.get(&c).copied().unwrap_or(b'?')));
             }
         }
         String::from_utf8_lossy(&bytes).into_owned()

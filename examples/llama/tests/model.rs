@@ -12,10 +12,7 @@ use kvsieve_llama::model::Model;
 use kvsieve_llama::tokenizer::Tokenizer;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
 fn model_path() -> PathBuf {
@@ -25,19 +22,8 @@ fn model_path() -> PathBuf {
             .arg(repo_root().join("scripts/fetch-model.sh"))
             .output()
             .expect("run scripts/fetch-model.sh");
-        assert!(
-            out.status.success(),
-            "fetch-model.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(
-            String::from_utf8(out.stdout)
-                .unwrap()
-                .trim()
-                .lines()
-                .last()
-                .unwrap(),
-        )
+        assert!(out.status.success(), "fetch-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim().lines().last().unwrap())
     })
     .clone()
 }
@@ -52,30 +38,13 @@ fn python() -> PathBuf {
     let root = repo_root();
     let py = root.join(".venv/bin/python");
     if !py.exists() {
-        let ok = Command::new("bash")
-            .arg(root.join("scripts/setup.sh"))
-            .status()
-            .unwrap()
-            .success();
+        let ok = Command::new("bash").arg(root.join("scripts/setup.sh")).status().unwrap().success();
         assert!(ok, "scripts/setup.sh failed");
     }
-    let have = Command::new(&py)
-        .args(["-c", "import numpy, gguf, tokenizers"])
-        .status()
-        .unwrap()
-        .success();
+    let have = Command::new(&py).args(["-c", "import numpy, gguf, tokenizers"]).status().unwrap().success();
     if !have {
         let ok = Command::new(&py)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "numpy",
-                "gguf",
-                "tokenizers",
-            ])
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "numpy", "gguf", "tokenizers"])
             .status()
             .unwrap()
             .success();
@@ -92,11 +61,7 @@ fn reference(what: &str, input: &Path) -> serde_json::Value {
         .arg(input)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "reference.py {what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "reference.py {what} failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -110,30 +75,11 @@ fn tmp(name: &str) -> PathBuf {
 fn config_comes_from_the_file() {
     let (m, tok) = model();
     let c = &m.cfg;
-    assert_eq!(
-        (
-            c.num_layers,
-            c.d_model,
-            c.num_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            c.d_ff
-        ),
-        (30, 576, 9, 3, 64, 1536)
-    );
-    assert_eq!(
-        (c.rope_theta, c.context_length, c.vocab_size),
-        (100000.0, 8192, 49152)
-    );
+    assert_eq!((c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.d_ff), (30, 576, 9, 3, 64, 1536));
+    assert_eq!((c.rope_theta, c.context_length, c.vocab_size), (100000.0, 8192, 49152));
     assert!((c.rms_eps - 1e-5).abs() < 1e-9);
-    assert!(
-        m.output.is_none(),
-        "SmolLM2 ties the output projection to the token embedding"
-    );
-    assert!(
-        !tok.add_bos,
-        "the file says tokenizer.ggml.add_bos_token = false"
-    );
+    assert!(m.output.is_none(), "SmolLM2 ties the output projection to the token embedding");
+    assert!(!tok.add_bos, "the file says tokenizer.ggml.add_bos_token = false");
 }
 
 #[test]
@@ -145,11 +91,7 @@ fn next_token_top5_is_pinned() {
             [" Paris", " the", " London", " Le", " New"],
             [0.7720, 0.0647, 0.0125, 0.0099, 0.0093],
         ),
-        (
-            "1, 2, 3, 4,",
-            [" ", " and", " ...", " etc", " -"],
-            [0.9259, 0.0280, 0.0067, 0.0046, 0.0045],
-        ),
+        ("1, 2, 3, 4,", [" ", " and", " ...", " etc", " -"], [0.9259, 0.0280, 0.0067, 0.0046, 0.0045]),
         (
             "<|im_start|>user\nWhat is the capital of Germany?<|im_end|>\n<|im_start|>assistant\n",
             ["The", "Germany", "Der", "L", "Ber"],
@@ -161,10 +103,7 @@ fn next_token_top5_is_pinned() {
         let words: Vec<String> = got.iter().map(|&(t, _)| tok.decode(&[t])).collect();
         assert_eq!(words, tokens, "{prompt:?}");
         for ((_, p), want) in got.iter().zip(probs) {
-            assert!(
-                (p - want).abs() < 0.005,
-                "{prompt:?}: probability {p} vs pinned {want}"
-            );
+            assert!((p - want).abs() < 0.005, "{prompt:?}: probability {p} vs pinned {want}");
         }
     }
 }
@@ -183,11 +122,7 @@ fn cli_logits_prints_paris_first() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tokens"][0], " Paris");
     assert_eq!(v["tokens"].as_array().unwrap().len(), 5);
@@ -211,27 +146,17 @@ fn tokenizer_matches_hugging_face_tokenizers() {
 }
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "2048 tokens through the model need a release build (cargo test --release)"
-)]
+#[cfg_attr(debug_assertions, ignore = "2048 tokens through the model need a release build (cargo test --release)")]
 fn perplexity_matches_numpy_reference() {
     let (m, tok) = model();
     let mut ids = tok.encode(&kvsieve_llama::text::kjv().unwrap());
     ids.truncate(2048);
     let path = tmp("ppl_tokens.txt");
-    std::fs::write(
-        &path,
-        ids.iter().map(|t| format!("{t}\n")).collect::<String>(),
-    )
-    .unwrap();
+    std::fs::write(&path, ids.iter().map(|t| format!("{t}\n")).collect::<String>()).unwrap();
     let ours = kvsieve_llama::perplexity::perplexity(m, &ids).unwrap();
     let theirs = reference("ppl", &path)["perplexity"].as_f64().unwrap();
     let rel = (ours - theirs).abs() / theirs;
     eprintln!("perplexity over 2048 KJV tokens: kvsieve-llama {ours:.5}, numpy reference {theirs:.5}, relative difference {rel:.2e}");
     assert!(rel < 0.005, "perplexity {ours} vs reference {theirs}");
-    assert!(
-        ours < 8.0,
-        "the model predicts the text well (perplexity {ours})"
-    );
+    assert!(ours < 8.0, "the model predicts the text well (perplexity {ours})");
 }

@@ -960,7 +960,8 @@ kvsieve_selection_t * llm_graph_input_kvsieve::retrieve(int il, const seq_plan &
         kstrides[0]  = (int64_t) hk * d;
         keys.data    = key_buf.data();
     }
-    kvsieve_key_source_t src = {};
+    kvsieve_key_source_t src;
+    kvsieve_key_source_init(&src);
     src.tensor = &keys;
 
     auto & entry = s.clusters.at(sp.seq);
@@ -1065,7 +1066,10 @@ bool llm_graph_input_kvsieve::same_as_kvsieve_pages(int il, const seq_plan & sp,
     qt.ndim = 2;
     qt.dtype = KVSIEVE_DTYPE_F32;
     qt.shape = qshape;
-    kvsieve_page_bounds_config_t pc = { spec.pages, spec.min_pages };
+    kvsieve_page_bounds_config_t pc;
+    kvsieve_page_bounds_config_init(&pc);
+    pc.budget_tokens = spec.pages;
+    pc.min_pages     = spec.min_pages;
     kvsieve_selection_t * pages = nullptr, * win = nullptr, * both = nullptr;
     check(kvsieve_selection_page_bounds(cache, seq, 0, &qt, &pc, &pages), "kvsieve_selection_page_bounds");
     if (spec.window > 0) {
@@ -1152,7 +1156,8 @@ void llm_graph_input_kvsieve::compute(ggml_tensor * dst, const llama_kvsieve_lay
     const uint32_t hq = s.n_head, hk = s.n_head_kv, d = s.head_dim;
     const size_t esize = ggml_type_size(kt->type);
 
-    kvsieve_paged_kv_t kvd = {};
+    kvsieve_paged_kv_t kvd;
+    kvsieve_paged_kv_init(&kvd);
     kvd.k            = kt->data;
     kvd.v            = vt->data;
     kvd.device       = { KVSIEVE_DEVICE_CPU, 0 };
@@ -1208,7 +1213,8 @@ void llm_graph_input_kvsieve::compute(ggml_tensor * dst, const llama_kvsieve_lay
     ot.data    = odata;
     ot.strides = nullptr;
 
-    kvsieve_attention_params_t params = {};
+    kvsieve_attention_params_t params;
+    kvsieve_attention_params_init(&params);
     params.scale          = op.scale;
     params.logit_soft_cap = s.soft_cap;
 
@@ -1256,7 +1262,11 @@ void llm_graph_input_kvsieve::compute(ggml_tensor * dst, const llama_kvsieve_lay
         for (size_t b = 0; b < seqs.size(); ++b) {
             check(kvsieve_selection_dense(hk, (size_t) seqs[b].n, &sels[b]), "kvsieve_selection_dense");
         }
-        std::vector<kvsieve_streaming_window_t> win(hk, kvsieve_streaming_window_t{ spec.sinks, spec.window ? spec.window : (size_t) std::numeric_limits<int32_t>::max() });
+        kvsieve_streaming_window_t w;
+        kvsieve_streaming_window_init(&w);
+        w.sinks  = spec.sinks;
+        w.window = spec.window ? spec.window : (size_t) std::numeric_limits<int32_t>::max();
+        std::vector<kvsieve_streaming_window_t> win(hk, w);
         check(kvsieve_paged_prefill_sparse(&kvd, &qt, qo_indptr.data(), sels.data(), win.data(), win.size(), &ot, nullptr, &params),
                 "kvsieve_paged_prefill_sparse");
         for (auto * sel : sels) {

@@ -211,7 +211,14 @@ pub struct DecodePlan {
 impl DecodePlan {
     /// The split for lists of at most `max_len` tokens: `params.chunk_size` (rounded up to a
     /// multiple of 64) or one chosen to give the device a few blocks per SM.
-    pub fn new(dev: &CudaDevice, params: &AttentionParams, batch: usize, num_qo_heads: usize, num_kv_heads: usize, max_len: usize) -> Result<Self> {
+    pub fn new(
+        dev: &CudaDevice,
+        params: &AttentionParams,
+        batch: usize,
+        num_qo_heads: usize,
+        num_kv_heads: usize,
+        max_len: usize,
+    ) -> Result<Self> {
         let chunk = match params.chunk_size {
             Some(0) => return Err(Error::invalid("chunk_size", "at least 1 (or None for automatic)")),
             Some(c) => c.div_ceil(CHUNK_QUANTUM) * CHUNK_QUANTUM,
@@ -246,12 +253,32 @@ fn rows_per_block(group: usize) -> usize {
 fn decode_kernel(dtype: DType, d: usize, rows: usize) -> &'static str {
     const NAMES: [[[&str; 4]; 2]; 2] = [
         [
-            ["kvsieve_decode_f16_d64_r1", "kvsieve_decode_f16_d64_r2", "kvsieve_decode_f16_d64_r4", "kvsieve_decode_f16_d64_r8"],
-            ["kvsieve_decode_f16_d128_r1", "kvsieve_decode_f16_d128_r2", "kvsieve_decode_f16_d128_r4", "kvsieve_decode_f16_d128_r8"],
+            [
+                "kvsieve_decode_f16_d64_r1",
+                "kvsieve_decode_f16_d64_r2",
+                "kvsieve_decode_f16_d64_r4",
+                "kvsieve_decode_f16_d64_r8",
+            ],
+            [
+                "kvsieve_decode_f16_d128_r1",
+                "kvsieve_decode_f16_d128_r2",
+                "kvsieve_decode_f16_d128_r4",
+                "kvsieve_decode_f16_d128_r8",
+            ],
         ],
         [
-            ["kvsieve_decode_bf16_d64_r1", "kvsieve_decode_bf16_d64_r2", "kvsieve_decode_bf16_d64_r4", "kvsieve_decode_bf16_d64_r8"],
-            ["kvsieve_decode_bf16_d128_r1", "kvsieve_decode_bf16_d128_r2", "kvsieve_decode_bf16_d128_r4", "kvsieve_decode_bf16_d128_r8"],
+            [
+                "kvsieve_decode_bf16_d64_r1",
+                "kvsieve_decode_bf16_d64_r2",
+                "kvsieve_decode_bf16_d64_r4",
+                "kvsieve_decode_bf16_d64_r8",
+            ],
+            [
+                "kvsieve_decode_bf16_d128_r1",
+                "kvsieve_decode_bf16_d128_r2",
+                "kvsieve_decode_bf16_d128_r4",
+                "kvsieve_decode_bf16_d128_r8",
+            ],
         ],
     ];
     let t = usize::from(dtype == DType::BF16);
@@ -272,14 +299,22 @@ pub(crate) fn check_kv_for_device(kv: &CudaPagedKv) -> Result<()> {
         return Err(Error::Unsupported(format!("CUDA attention over {} pages: the kernels read f16 or bf16", l.dtype)));
     }
     if l.head_dim != 64 && l.head_dim != 128 {
-        return Err(Error::Unsupported(format!("CUDA attention with head_dim {}: the kernels take 64 or 128", l.head_dim)));
+        return Err(Error::Unsupported(format!(
+            "CUDA attention with head_dim {}: the kernels take 64 or 128",
+            l.head_dim
+        )));
     }
     if !l.page_size.is_power_of_two() {
-        return Err(Error::Unsupported(format!("CUDA attention with page_size {}: the kernels need a power of two", l.page_size)));
+        return Err(Error::Unsupported(format!(
+            "CUDA attention with page_size {}: the kernels need a power of two",
+            l.page_size
+        )));
     }
     for (name, s) in [("k_strides", l.k_strides), ("v_strides", l.v_strides)] {
         if s.iter().any(|&x| x % 8 != 0 || x > i64::MAX as usize) {
-            return Err(Error::Unsupported(format!("{name} {s:?}: the CUDA kernels need strides that are multiples of 8 elements")));
+            return Err(Error::Unsupported(format!(
+                "{name} {s:?}: the CUDA kernels need strides that are multiples of 8 elements"
+            )));
         }
     }
     let (k, v) = kv.kv_ptrs();
@@ -348,7 +383,10 @@ unsafe fn run_decode(
 ) -> Result<()> {
     let dev = &ws.dev;
     if kv.device() != dev.ordinal() {
-        return Err(Error::invalid("kv", format!("a view on CUDA device {}, got device {}", dev.ordinal(), kv.device())));
+        return Err(Error::invalid(
+            "kv",
+            format!("a view on CUDA device {}, got device {}", dev.ordinal(), kv.device()),
+        ));
     }
     check_kv_for_device(kv)?;
     let l = *kv.layout();
@@ -358,7 +396,11 @@ unsafe fn run_decode(
     q.expect("q", &[Some(batch), None, Some(d)], &all, dev.ordinal())?;
     let hq = q.shape[1];
     if hq == 0 || !hq.is_multiple_of(hk) {
-        return Err(Error::shape("q", format!("num_qo_heads a positive multiple of num_kv_heads {hk}"), format!("{hq} query heads")));
+        return Err(Error::shape(
+            "q",
+            format!("num_qo_heads a positive multiple of num_kv_heads {hk}"),
+            format!("{hq} query heads"),
+        ));
     }
     out.expect("out", &[Some(batch), Some(hq), Some(d)], &all, dev.ordinal())?;
     if let Some(t) = lse {
@@ -372,12 +414,16 @@ unsafe fn run_decode(
         return Err(Error::invalid("scale", format!("a finite value, got {scale}")));
     }
     let soft_cap = match params.logit_soft_cap {
-        Some(c) if !(c.is_finite() && c > 0.0) => return Err(Error::invalid("logit_soft_cap", format!("a finite value > 0, got {c}"))),
+        Some(c) if !(c.is_finite() && c > 0.0) => {
+            return Err(Error::invalid("logit_soft_cap", format!("a finite value > 0, got {c}")))
+        }
         Some(c) => c,
         None => 0.0,
     };
     let rope = match (kv.key_rope(), params.rope) {
-        (KeyRope::PreRope, None) => return Err(Error::invalid("rope", "a RopeConfig: the keys are stored before RoPE")),
+        (KeyRope::PreRope, None) => {
+            return Err(Error::invalid("rope", "a RopeConfig: the keys are stored before RoPE"))
+        }
         (KeyRope::PreRope, Some(r)) => {
             r.validate(d)?;
             Some(r)
@@ -391,11 +437,14 @@ unsafe fn run_decode(
         ));
     }
     let mut inv_freq = [0f32; MAX_HALF_ROTARY];
-    let (mut rope_mode, mut rope_style, mut rotary_dim, mut position_scale, mut max_distance) = (0u32, 0u32, 0i32, 1f32, 0i32);
+    let (mut rope_mode, mut rope_style, mut rotary_dim, mut position_scale, mut max_distance) =
+        (0u32, 0u32, 0i32, 1f32, 0i32);
     if let Some(r) = rope {
         let rd = r.rotary_dim_for(d);
         if r.style == RopeStyle::HalfSplit && rd % 16 != 0 {
-            return Err(Error::Unsupported(format!("CUDA RoPE at read with half-split pairs and rotary_dim {rd}: needs a multiple of 16")));
+            return Err(Error::Unsupported(format!(
+                "CUDA RoPE at read with half-split pairs and rotary_dim {rd}: needs a multiple of 16"
+            )));
         }
         for (i, f) in r.inv_freq(d).into_iter().enumerate() {
             inv_freq[i] = f;
@@ -409,7 +458,9 @@ unsafe fn run_decode(
         rope_mode = match params.positions {
             PositionMode::Original => 1,
             PositionMode::Contiguous => 2,
-            PositionMode::Capped { max_distance: 0 } => return Err(Error::invalid("positions.max_distance", "at least 1")),
+            PositionMode::Capped { max_distance: 0 } => {
+                return Err(Error::invalid("positions.max_distance", "at least 1"))
+            }
             PositionMode::Capped { max_distance: m } => {
                 max_distance = m.min(i32::MAX as u32) as i32;
                 3
@@ -419,7 +470,11 @@ unsafe fn run_decode(
     let (sel_indptr, sel_indices, max_len) = match sel {
         Some(s) => {
             if s.batch_size() != batch {
-                return Err(Error::shape("selections", format!("{batch} sequences (batch of the page table)"), format!("{}", s.batch_size())));
+                return Err(Error::shape(
+                    "selections",
+                    format!("{batch} sequences (batch of the page table)"),
+                    format!("{}", s.batch_size()),
+                ));
             }
             if s.num_kv_heads() != hk {
                 return Err(Error::shape("selections", format!("{hk} KV heads"), format!("{}", s.num_kv_heads())));
@@ -437,7 +492,10 @@ unsafe fn run_decode(
     }
     let plan = DecodePlan::new(dev, params, batch, hq, hk, max_len)?;
     if plan.max_chunks > 65535 {
-        return Err(Error::invalid("chunk_size", format!("at most 65535 chunks per sequence ({} needed)", plan.max_chunks)));
+        return Err(Error::invalid(
+            "chunk_size",
+            format!("at most 65535 chunks per sequence ({} needed)", plan.max_chunks),
+        ));
     }
     let g = hq / hk;
     let rows = rows_per_block(g);
@@ -487,7 +545,14 @@ unsafe fn run_decode(
         return Err(Error::invalid("batch", "at most 65535 sequences per call"));
     }
     let grid = (plan.max_chunks as u32, (hk * row_groups) as u32, batch as u32);
-    launch(dev, stream, ModuleId::Attention, decode_kernel(l.dtype, d, rows), LaunchDims::new(grid, DECODE_THREADS), &p)?;
+    launch(
+        dev,
+        stream,
+        ModuleId::Attention,
+        decode_kernel(l.dtype, d, rows),
+        LaunchDims::new(grid, DECODE_THREADS),
+        &p,
+    )?;
     let m = DecodeMergeParams {
         o_part,
         lse_part,
@@ -501,7 +566,14 @@ unsafe fn run_decode(
         out_dtype: out.dtype as u32,
         _pad: 0,
     };
-    launch(dev, stream, ModuleId::Attention, "kvsieve_decode_merge", LaunchDims::new(((batch * hq) as u32, 1, 1), d as u32), &m)?;
+    launch(
+        dev,
+        stream,
+        ModuleId::Attention,
+        "kvsieve_decode_merge",
+        LaunchDims::new(((batch * hq) as u32, 1, 1), d as u32),
+        &m,
+    )?;
     // Keep the workspace alive at least until the queued work has been ordered after any
     // later growth (DeviceBuffer's drop frees with cuMemFree, which waits for the device),
     // and locked until both kernels are queued.
@@ -567,7 +639,14 @@ pub unsafe fn merge_states(
         out_dtype: out.dtype as u32,
     };
     let threads = d.clamp(32, 256) as u32;
-    launch(dev, stream, ModuleId::Attention, "kvsieve_merge_states", LaunchDims::new(((n * h) as u32, 1, 1), threads), &p)
+    launch(
+        dev,
+        stream,
+        ModuleId::Attention,
+        "kvsieve_merge_states",
+        LaunchDims::new(((n * h) as u32, 1, 1), threads),
+        &p,
+    )
 }
 
 /// Paged append on the device (the engine-owned-cache form, like vLLM's
@@ -582,7 +661,14 @@ pub unsafe fn merge_states(
 ///    reads the written slots until the work completes);
 /// 2. `k`, `v`, `slot_mapping` are valid device memory for their shapes; every non-negative
 ///    slot is below `num_pages * page_size`.
-pub unsafe fn append(dev: &CudaDevice, kv: &CudaPagedKv, k: &DeviceTensor, v: &DeviceTensor, slot_mapping: u64, stream: &Stream) -> Result<()> {
+pub unsafe fn append(
+    dev: &CudaDevice,
+    kv: &CudaPagedKv,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    slot_mapping: u64,
+    stream: &Stream,
+) -> Result<()> {
     let l = *kv.layout();
     let all = [DType::F32, DType::F16, DType::BF16];
     let o = dev.ordinal();
@@ -654,7 +740,14 @@ pub(crate) unsafe fn launch_append(
 /// 1. `bounds` is valid device memory for every page of the view's pool;
 /// 2. `entries` holds `num_entries` [`BoundsEntry`] with distinct pages below `num_pages`
 ///    and masks of slots below `page_size` (at most 64 slots per page).
-pub unsafe fn update_key_bounds(dev: &CudaDevice, kv: &CudaPagedKv, bounds: u64, entries: u64, num_entries: usize, stream: &Stream) -> Result<()> {
+pub unsafe fn update_key_bounds(
+    dev: &CudaDevice,
+    kv: &CudaPagedKv,
+    bounds: u64,
+    entries: u64,
+    num_entries: usize,
+    stream: &Stream,
+) -> Result<()> {
     if num_entries == 0 {
         return Ok(());
     }
@@ -675,7 +768,15 @@ pub unsafe fn update_key_bounds(dev: &CudaDevice, kv: &CudaPagedKv, bounds: u64,
 ///
 /// # Safety
 /// As [`update_key_bounds`].
-pub(crate) unsafe fn launch_key_bounds(dev: &CudaDevice, stream: &Stream, l: &PagedKvLayout, k_cache: u64, bounds: u64, entries: u64, num_entries: usize) -> Result<()> {
+pub(crate) unsafe fn launch_key_bounds(
+    dev: &CudaDevice,
+    stream: &Stream,
+    l: &PagedKvLayout,
+    k_cache: u64,
+    bounds: u64,
+    entries: u64,
+    num_entries: usize,
+) -> Result<()> {
     if !matches!(l.dtype, DType::F16 | DType::BF16) {
         return Err(Error::Unsupported(format!("CUDA key bounds of {} pages: f16 or bf16 only", l.dtype)));
     }
@@ -694,7 +795,14 @@ pub(crate) unsafe fn launch_key_bounds(dev: &CudaDevice, stream: &Stream, l: &Pa
     };
     let name = if l.dtype == DType::F16 { "kvsieve_key_bounds_f16" } else { "kvsieve_key_bounds_bf16" };
     let threads = l.head_dim.clamp(32, 256) as u32;
-    launch(dev, stream, ModuleId::Append, name, LaunchDims::new((num_entries as u32, l.num_kv_heads as u32, 1), threads), &p)
+    launch(
+        dev,
+        stream,
+        ModuleId::Append,
+        name,
+        LaunchDims::new((num_entries as u32, l.num_kv_heads as u32, 1), threads),
+        &p,
+    )
 }
 
 #[cfg(test)]
@@ -709,7 +817,10 @@ mod tests {
     fn launched_kernels_exist_in_the_modules() {
         let attention = ModuleId::Attention.ptxas_report();
         let append = ModuleId::Append.ptxas_report();
-        let has = |report: &str, name: &str| report.contains(&format!("Compiling entry function '{name}' for 'sm_80'")) && report.contains(&format!("Compiling entry function '{name}' for 'sm_90'"));
+        let has = |report: &str, name: &str| {
+            report.contains(&format!("Compiling entry function '{name}' for 'sm_80'"))
+                && report.contains(&format!("Compiling entry function '{name}' for 'sm_90'"))
+        };
         for dtype in [DType::F16, DType::BF16] {
             for d in [64, 128] {
                 for g in 1..=16 {
@@ -749,9 +860,18 @@ mod tests {
         };
         assert!(check_kv_for_device(&view(DType::F16, 16, 128, PageLayout::Nhd, 0x1000)).is_ok());
         assert!(check_kv_for_device(&view(DType::BF16, 64, 64, PageLayout::Hnd, 0x1000)).is_ok());
-        assert!(matches!(check_kv_for_device(&view(DType::F32, 16, 128, PageLayout::Nhd, 0x1000)), Err(Error::Unsupported(_))));
-        assert!(matches!(check_kv_for_device(&view(DType::F16, 16, 96, PageLayout::Nhd, 0x1000)), Err(Error::Unsupported(_))));
-        assert!(matches!(check_kv_for_device(&view(DType::F16, 24, 128, PageLayout::Nhd, 0x1000)), Err(Error::Unsupported(_))));
+        assert!(matches!(
+            check_kv_for_device(&view(DType::F32, 16, 128, PageLayout::Nhd, 0x1000)),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(matches!(
+            check_kv_for_device(&view(DType::F16, 16, 96, PageLayout::Nhd, 0x1000)),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(matches!(
+            check_kv_for_device(&view(DType::F16, 24, 128, PageLayout::Nhd, 0x1000)),
+            Err(Error::Unsupported(_))
+        ));
         let e = check_kv_for_device(&view(DType::F16, 16, 128, PageLayout::Nhd, 0x1008)).unwrap_err();
         assert!(matches!(&e, Error::InvalidArgument { param, .. } if param == "k"), "{e}");
         let mut l = PagedKvLayout::packed(DType::F16, 4, 16, 2, 64, PageLayout::Nhd);

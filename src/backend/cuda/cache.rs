@@ -8,7 +8,10 @@
 //!
 //! Every mutating call validates its arguments before changing anything and returns when
 //! its device work is done (it synchronises kvsieve's stream), so none of them is
-//! graph-capturable; the attention calls over its views are.
+//! graph-capturable; the attention calls over its views are. A call refused by validation
+//! (bad input, out of pages) changes nothing. A device error (or a panic) after the change
+//! began leaves the cache *poisoned*: every later call returns [`Error::Internal`] saying
+//! so, and the cache should be dropped; it is never silently half-changed.
 
 use std::sync::Arc;
 
@@ -44,6 +47,8 @@ pub struct CudaKvCache {
     /// copies and kernels on the cache's stream run in order, so a later upload cannot
     /// overwrite what an earlier queued kernel still reads.
     staging: Option<DeviceBuffer>,
+    /// Set while a change commits; still set if a device error or a panic interrupted one.
+    poisoned: bool,
 }
 
 impl std::fmt::Debug for CudaKvCache {
@@ -67,10 +72,16 @@ impl CudaKvCache {
             return Err(Error::Unsupported(format!("a CUDA cache of {} pages: f16 or bf16 only", cfg.dtype)));
         }
         if !cfg.page_size.is_power_of_two() {
-            return Err(Error::Unsupported(format!("a CUDA cache with page_size {}: a power of two is needed", cfg.page_size)));
+            return Err(Error::Unsupported(format!(
+                "a CUDA cache with page_size {}: a power of two is needed",
+                cfg.page_size
+            )));
         }
         if cfg.track_key_bounds && cfg.page_size > 64 {
-            return Err(Error::Unsupported(format!("a CUDA cache with key bounds and page_size {}: at most 64", cfg.page_size)));
+            return Err(Error::Unsupported(format!(
+                "a CUDA cache with key bounds and page_size {}: at most 64",
+                cfg.page_size
+            )));
         }
         let stream = dev.stream().clone();
         let layer_bytes = cfg.capacity_pages * cfg.page_elems() * cfg.dtype.size();
@@ -91,15 +102,18 @@ impl CudaKvCache {
         Ok(CudaKvCache {
             dev: dev.clone(),
             stream,
-            pool: PagePool::new(cfg.capacity_pages),
+            pool: PagePool::new(cfg.capacity_pages)?,
             k,
             v,
             bounds,
-            written: (0..cfg.num_layers).map(|_| vec![0u64; cfg.capacity_pages]).collect(),
-            positions_host: vec![0; cfg.capacity_pages * cfg.page_size],
+            written: (0..cfg.num_layers)
+                .map(|_| crate::alloc::zeroed_vec(cfg.capacity_pages, "key bound slot masks"))
+                .collect::<Result<_>>()?,
+            positions_host: crate::alloc::zeroed_vec(cfg.capacity_pages * cfg.page_size, "slot positions")?,
             positions,
             seqs: Sequences::default(),
             staging: None,
+            poisoned: false,
             cfg,
         })
     }
@@ -116,7 +130,33 @@ impl CudaKvCache {
     }
 
     fn seq(&self, id: SeqId) -> Result<&Sequence> {
+        self.check_usable()?;
         self.seqs.get(id)
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::Internal(
+                "this device cache was left half-changed by a device error or a panic in an earlier call; drop it"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a device error or a panic in an earlier call left this cache unusable.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Commit a change whose arguments were checked: an error or a panic part-way through
+    /// leaves the cache poisoned (see the module docs).
+    fn commit<R>(&mut self, change: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        self.check_usable()?;
+        self.poisoned = true;
+        let r = change(self)?;
+        self.poisoned = false;
+        Ok(r)
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -125,7 +165,6 @@ impl CudaKvCache {
         }
         Ok(())
     }
-
 
     fn page_bytes(&self) -> usize {
         self.cfg.page_elems() * self.cfg.dtype.size()
@@ -138,7 +177,15 @@ impl CudaKvCache {
     fn layout(&self) -> PagedKvLayout {
         let c = &self.cfg;
         let s = c.strides();
-        PagedKvLayout { dtype: c.dtype, num_pages: c.capacity_pages, page_size: c.page_size, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, k_strides: s, v_strides: s }
+        PagedKvLayout {
+            dtype: c.dtype,
+            num_pages: c.capacity_pages,
+            page_size: c.page_size,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            k_strides: s,
+            v_strides: s,
+        }
     }
 
     /// Wait for the queued work.
@@ -184,13 +231,36 @@ impl CudaKvCache {
         let at = self.stage(&[bytemuck::cast_slice(entries)])?[0];
         // SAFETY: the entries name distinct pages of this pool with masks below page_size;
         // the bounds and key buffers cover the pool.
-        unsafe { launch_key_bounds(&self.dev, &self.stream, &self.layout(), self.k[layer].ptr(), self.bounds[layer].ptr(), at, entries.len()) }
+        unsafe {
+            launch_key_bounds(
+                &self.dev,
+                &self.stream,
+                &self.layout(),
+                self.k[layer].ptr(),
+                self.bounds[layer].ptr(),
+                at,
+                entries.len(),
+            )
+        }
     }
 
     /// Take `n` fresh pages: empty bounds and no written slot in every layer.
     fn alloc_fresh(&mut self, n: usize) -> Result<Vec<u32>> {
-        let pages: Vec<u32> = (0..n).map(|_| self.pool.alloc()).collect();
-        let entries: Vec<BoundsEntry> = pages.iter().map(|&p| BoundsEntry { page: p as i32, reset: 1, mask: 0 }).collect();
+        let taken: Vec<(u32, bool)> = (0..n).map(|_| self.pool.alloc()).collect();
+        let pages: Vec<u32> = taken.iter().map(|&(p, _)| p).collect();
+        // A page handed out before may hold an earlier owner's K/V: clear it, so slots
+        // appended but not yet written never show another sequence's data.
+        let n = self.page_bytes();
+        for &(p, reused) in &taken {
+            if reused {
+                for layer in 0..self.cfg.num_layers {
+                    self.k[layer].memset_range(p as usize * n, n, 0, &self.stream)?;
+                    self.v[layer].memset_range(p as usize * n, n, 0, &self.stream)?;
+                }
+            }
+        }
+        let entries: Vec<BoundsEntry> =
+            pages.iter().map(|&p| BoundsEntry { page: p as i32, reset: 1, mask: 0 }).collect();
         for layer in 0..self.cfg.num_layers {
             for &p in &pages {
                 self.written[layer][p as usize] = 0;
@@ -200,18 +270,38 @@ impl CudaKvCache {
         Ok(pages)
     }
 
+    /// Zero slots `keep..page_size` of `page` (K and V of every layer, and positions; the
+    /// caller uploads the positions).
+    fn clear_tail(&mut self, page: usize, keep: usize) -> Result<()> {
+        let (n, es) = (self.page_bytes(), self.cfg.dtype.size());
+        let tail = plan::tail_rows(&self.cfg, keep);
+        for layer in 0..self.cfg.num_layers {
+            for buf in [&self.k[layer], &self.v[layer]] {
+                for &(off, len) in &tail {
+                    buf.memset_range(page * n + off * es, len * es, 0, &self.stream)?;
+                }
+            }
+        }
+        let ps = self.cfg.page_size;
+        self.positions_host[page * ps + keep.min(ps)..(page + 1) * ps].fill(0);
+        Ok(())
+    }
+
     /// Copy page `src` into a fresh page keeping the first `keep` slots (the caller
     /// reserved it), dropping one reference to `src`.
     fn copy_page(&mut self, src: u32, keep: usize) -> Result<u32> {
-        let dst = self.pool.alloc();
+        let (dst, _) = self.pool.alloc();
         let (s, d) = (src as usize, dst as usize);
         let n = self.page_bytes();
         for layer in 0..self.cfg.num_layers {
-            self.k[layer].copy_from(d * n, &self.k[layer], s * n, n, &self.stream)?;
-            self.v[layer].copy_from(d * n, &self.v[layer], s * n, n, &self.stream)?;
+            for buf in [&self.k[layer], &self.v[layer]] {
+                buf.copy_from(d * n, buf, s * n, n, &self.stream)?;
+            }
         }
         let ps = self.cfg.page_size;
         self.positions_host.copy_within(s * ps..(s + 1) * ps, d * ps);
+        // Slots past `keep` belong to the other holders of `src`: the copy's are zero.
+        self.clear_tail(d, keep)?;
         self.upload_positions(d)?;
         if !self.bounds.is_empty() {
             let bn = self.bounds_page_bytes();
@@ -237,11 +327,13 @@ impl CudaKvCache {
 
     /// A new sequence sharing all of `src`'s pages (copied on the first write by either side).
     pub fn fork(&mut self, src: SeqId) -> Result<SeqId> {
+        self.check_usable()?;
         self.seqs.fork(&mut self.pool, src)
     }
 
     /// Drop a sequence; pages no other sequence shares go back to the pool.
     pub fn free_sequence(&mut self, id: SeqId) -> Result<()> {
+        self.check_usable()?;
         self.seqs.free(&mut self.pool, id)
     }
 
@@ -272,7 +364,11 @@ impl CudaKvCache {
         let s = self.seq(id)?;
         if let Some(p) = positions {
             if p.len() != n {
-                return Err(Error::shape("positions", format!("[{n}] (one per appended token)"), format!("[{}]", p.len())));
+                return Err(Error::shape(
+                    "positions",
+                    format!("[{n}] (one per appended token)"),
+                    format!("[{}]", p.len()),
+                ));
             }
         }
         let ps = self.cfg.page_size;
@@ -281,17 +377,31 @@ impl CudaKvCache {
         let cow = usize::from(n > 0 && room > 0 && self.pool.refcount(*s.pages.last().unwrap()) > 1);
         let fresh = (n - n.min(room)).div_ceil(ps);
         self.pool.reserve(cow + fresh)?;
-        let next_pos = if s.len == 0 { 0 } else { self.positions_host[*s.pages.last().unwrap() as usize * ps + last_len - 1].wrapping_add(1) };
+        let next_pos = if s.len == 0 {
+            0
+        } else {
+            self.positions_host[*s.pages.last().unwrap() as usize * ps + last_len - 1].wrapping_add(1)
+        };
 
-        let mut s = self.seqs.take(id);
-        let r = self.append_inner(&mut s, n, positions, next_pos, cow == 1, fresh);
-        self.seqs.put(id, s);
-        let slots = r?;
-        self.flush()?;
-        Ok(slots)
+        self.commit(|c| {
+            let mut s = c.seqs.take(id);
+            let r = c.append_inner(&mut s, n, positions, next_pos, cow == 1, fresh);
+            c.seqs.put(id, s);
+            let slots = r?;
+            c.flush()?;
+            Ok(slots)
+        })
     }
 
-    fn append_inner(&mut self, s: &mut Sequence, n: usize, positions: Option<&[i32]>, next_pos: i32, cow: bool, fresh: usize) -> Result<Vec<i64>> {
+    fn append_inner(
+        &mut self,
+        s: &mut Sequence,
+        n: usize,
+        positions: Option<&[i32]>,
+        next_pos: i32,
+        cow: bool,
+        fresh: usize,
+    ) -> Result<Vec<i64>> {
         let ps = self.cfg.page_size;
         if cow {
             let last_len = s.last_len(self.cfg.page_size);
@@ -333,7 +443,14 @@ impl CudaKvCache {
     /// # Safety
     /// `k` and `v` are valid device memory for their shapes and strides, not written by
     /// others while this call runs.
-    pub unsafe fn write_device(&mut self, id: SeqId, layer: usize, start: usize, k: &DeviceTensor, v: &DeviceTensor) -> Result<()> {
+    pub unsafe fn write_device(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        start: usize,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+    ) -> Result<()> {
         self.write_impl(id, layer, start, Source::Device(k, v))
     }
 
@@ -357,7 +474,11 @@ impl CudaKvCache {
         };
         let s = self.seq(id)?;
         if start.checked_add(n).is_none_or(|e| e > s.len) {
-            return Err(Error::out_of_range("start", start as i64, format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len)));
+            return Err(Error::out_of_range(
+                "start",
+                start as i64,
+                format!("0..={} so that start + n (n = {n}) <= seq_len {}", s.len.saturating_sub(n), s.len),
+            ));
         }
         if n == 0 {
             return Ok(());
@@ -371,15 +492,26 @@ impl CudaKvCache {
         let shared: Vec<usize> = touched.iter().copied().filter(|&pi| self.pool.refcount(s.pages[pi]) > 1).collect();
         self.pool.reserve(shared.len())?;
 
-        let mut s = self.seqs.take(id);
-        let r = self.write_inner(&mut s, layer, start, n, &touched, &shared, src);
-        self.seqs.put(id, s);
-        r?;
-        self.flush()
+        self.commit(|c| {
+            let mut s = c.seqs.take(id);
+            let r = c.write_inner(&mut s, layer, start, n, &touched, &shared, src);
+            c.seqs.put(id, s);
+            r?;
+            c.flush()
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn write_inner(&mut self, s: &mut Sequence, layer: usize, start: usize, n: usize, touched: &[usize], shared: &[usize], src: Source) -> Result<()> {
+    fn write_inner(
+        &mut self,
+        s: &mut Sequence,
+        layer: usize,
+        start: usize,
+        n: usize,
+        touched: &[usize],
+        shared: &[usize],
+        src: Source,
+    ) -> Result<()> {
         let ps = self.cfg.page_size;
         let (h, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
         for &pi in shared {
@@ -402,13 +534,30 @@ impl CudaKvCache {
                     buf
                 };
                 let (kr, vr) = (gather(k), gather(v));
-                let at = self.stage(&[bytemuck::cast_slice(&slots), bytemuck::cast_slice(&kr), bytemuck::cast_slice(&vr)])?;
-                (at[0], DeviceTensor::contiguous(at[1], DType::F32, &[n, h, d], ord), DeviceTensor::contiguous(at[2], DType::F32, &[n, h, d], ord))
+                let at =
+                    self.stage(&[bytemuck::cast_slice(&slots), bytemuck::cast_slice(&kr), bytemuck::cast_slice(&vr)])?;
+                (
+                    at[0],
+                    DeviceTensor::contiguous(at[1], DType::F32, &[n, h, d], ord),
+                    DeviceTensor::contiguous(at[2], DType::F32, &[n, h, d], ord),
+                )
             }
             Source::Device(k, v) => (self.stage(&[bytemuck::cast_slice(&slots)])?[0], k.clone(), v.clone()),
         };
         // SAFETY: slots are this sequence's, inside the pool; sources checked above.
-        unsafe { launch_append(&self.dev, &self.stream, &self.layout(), self.k[layer].ptr(), self.v[layer].ptr(), &kt, &vt, slots_at, n)? };
+        unsafe {
+            launch_append(
+                &self.dev,
+                &self.stream,
+                &self.layout(),
+                self.k[layer].ptr(),
+                self.v[layer].ptr(),
+                &kt,
+                &vt,
+                slots_at,
+                n,
+            )?
+        };
         if !self.bounds.is_empty() {
             let mut entries = Vec::with_capacity(touched.len());
             for &pi in touched {
@@ -435,31 +584,39 @@ impl CudaKvCache {
         let plan = Truncate::plan(self.seq(id)?, &self.pool, new_len, self.cfg.page_size)?;
         self.pool.reserve(usize::from(plan.cow))?;
 
-        let mut s = self.seqs.take(id);
-        plan.drop_pages(&mut s, &mut self.pool);
-        let r = if plan.cow {
-            let last = s.pages.pop().unwrap();
-            self.copy_page(last, plan.keep_last).map(|c| s.pages.push(c))
-        } else if plan.partial && !self.bounds.is_empty() {
-            let last = *s.pages.last().unwrap() as usize;
-            let keep_mask = (1u64 << plan.keep_last) - 1;
-            (0..self.cfg.num_layers).try_for_each(|layer| {
-                self.written[layer][last] &= keep_mask;
-                let mask = self.written[layer][last];
-                self.run_bounds(layer, &[BoundsEntry { page: last as i32, reset: 1, mask }])
-            })
-        } else {
-            Ok(())
-        };
-        self.seqs.put(id, s);
-        r?;
-        self.flush()
+        self.commit(|c| {
+            let mut s = c.seqs.take(id);
+            plan.drop_pages(&mut s, &mut c.pool);
+            let r = if plan.cow {
+                let last = s.pages.pop().unwrap();
+                c.copy_page(last, plan.keep_last).map(|copy| s.pages.push(copy))
+            } else if plan.partial {
+                // The dropped slots are cleared: slots appended there later read as zeros
+                // until written, not as the tokens truncated away.
+                let last = *s.pages.last().unwrap() as usize;
+                let keep_mask = (1u64 << plan.keep_last) - 1;
+                let layers = if c.bounds.is_empty() { 0 } else { c.cfg.num_layers };
+                c.clear_tail(last, plan.keep_last).and_then(|()| c.upload_positions(last)).and_then(|()| {
+                    (0..layers).try_for_each(|layer| {
+                        c.written[layer][last] &= keep_mask;
+                        let mask = c.written[layer][last];
+                        c.run_bounds(layer, &[BoundsEntry { page: last as i32, reset: 1, mask }])
+                    })
+                })
+            } else {
+                Ok(())
+            };
+            c.seqs.put(id, s);
+            r?;
+            c.flush()
+        })
     }
 
     /// Evict whole pages from anywhere in a sequence (as [`crate::KvCache::evict_pages`]):
     /// `page_indices` index its page list, strictly increasing; the remaining tokens keep
     /// their positions and later token indices shift down. Bookkeeping only: no device work.
     pub fn evict_pages(&mut self, id: SeqId, page_indices: &[usize]) -> Result<()> {
+        self.check_usable()?;
         self.seqs.evict_pages(&mut self.pool, id, page_indices, self.cfg.page_size)
     }
 
@@ -476,24 +633,33 @@ impl CudaKvCache {
         let new_pages = k.div_ceil(ps);
         self.pool.reserve(new_pages)?;
 
-        let old = self.seqs.take(id);
-        let pages = match self.alloc_fresh(new_pages) {
-            Ok(p) => p,
-            Err(e) => {
-                self.seqs.put(id, old);
-                return Err(e);
+        self.commit(|c| {
+            let old = c.seqs.take(id);
+            let pages = match c.alloc_fresh(new_pages) {
+                Ok(p) => p,
+                Err(e) => {
+                    c.seqs.put(id, old);
+                    return Err(e);
+                }
+            };
+            let r = c.compact_into(&old, &pages, keep, lists, k);
+            for &p in &old.pages {
+                c.pool.decref(p);
             }
-        };
-        let r = self.compact_into(&old, &pages, keep, lists, k);
-        for &p in &old.pages {
-            self.pool.decref(p);
-        }
-        self.seqs.put(id, Sequence { pages, len: k });
-        r?;
-        self.flush()
+            c.seqs.put(id, Sequence { pages, len: k });
+            r?;
+            c.flush()
+        })
     }
 
-    fn compact_into(&mut self, old: &Sequence, pages: &[u32], keep: KeepTokens, lists: &[Vec<u32>], k: usize) -> Result<()> {
+    fn compact_into(
+        &mut self,
+        old: &Sequence,
+        pages: &[u32],
+        keep: KeepTokens,
+        lists: &[Vec<u32>],
+        k: usize,
+    ) -> Result<()> {
         let c = self.cfg;
         let ps = c.page_size;
         plan::compact_positions(&mut self.positions_host, &old.pages, pages, &lists[0], ps);
@@ -535,6 +701,7 @@ impl CudaKvCache {
 
     /// The CSR page table of a batch of sequences, on the host.    /// The CSR page table of a batch of sequences, on the host.
     pub fn host_page_table(&self, ids: &[SeqId]) -> Result<PageTable> {
+        self.check_usable()?;
         self.seqs.page_table(ids, self.cfg.page_size)
     }
 
@@ -566,7 +733,10 @@ impl CudaKvCache {
     /// Device address of one layer's key bounds.
     pub fn key_bounds(&self, layer: usize) -> Result<KeyBoundsLayout> {
         self.check_layer(layer)?;
-        let b = self.bounds.get(layer).ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
+        let b = self
+            .bounds
+            .get(layer)
+            .ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
         Ok(KeyBoundsLayout { ptr: b.ptr() })
     }
 
@@ -575,8 +745,15 @@ impl CudaKvCache {
     pub fn page_key_bounds(&self, id: SeqId, layer: usize, page_index: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         self.check_layer(layer)?;
         let s = self.seq(id)?;
-        let b = self.bounds.get(layer).ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
-        let page = *s.pages.get(page_index).ok_or_else(|| Error::out_of_range("page_index", page_index as i64, format!("0..{}", s.pages.len())))? as usize;
+        let b = self
+            .bounds
+            .get(layer)
+            .ok_or_else(|| Error::invalid("track_key_bounds", "a cache created with key bounds on"))?;
+        let page = *s
+            .pages
+            .get(page_index)
+            .ok_or_else(|| Error::out_of_range("page_index", page_index as i64, format!("0..{}", s.pages.len())))?
+            as usize;
         let bn = self.bounds_page_bytes();
         let mut bytes = vec![0u8; bn];
         b.download(page * bn, &mut bytes, &self.stream)?;

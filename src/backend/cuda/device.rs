@@ -27,7 +27,9 @@ pub(crate) fn driver_present() -> Result<()> {
             // SAFETY: only tries to dlopen the driver library by its usual names.
             let found = catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false);
             if !found {
-                return Err("the CUDA driver library (libcuda.so) was not found: no NVIDIA driver on this machine".into());
+                return Err(
+                    "the CUDA driver library (libcuda.so) was not found: no NVIDIA driver on this machine".into()
+                );
             }
             catch_unwind(cu::init)
                 .map_err(|_| "the CUDA driver library could not be loaded".to_string())?
@@ -89,7 +91,9 @@ impl CudaDevice {
     fn create(ordinal: usize) -> Result<CudaDevice> {
         let count = device_count()?;
         if ordinal >= count {
-            return Err(Error::CudaUnavailable(format!("no CUDA device {ordinal}: the driver reports {count} device(s)")));
+            return Err(Error::CudaUnavailable(format!(
+                "no CUDA device {ordinal}: the driver reports {count} device(s)"
+            )));
         }
         let ctx = catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| Error::CudaUnavailable(format!("creating the context of CUDA device {ordinal} panicked")))?
@@ -186,7 +190,13 @@ impl CudaDevice {
         }
         let image = cudarc::nvrtc::Ptx::from_binary(id.image().to_vec());
         let m = self.ctx.load_module(image).map_err(|e| {
-            Error::CudaUnavailable(format!("loading kernel module `{}` on {} (sm_{}{}): {e}", id.name(), self.name, self.compute_capability.0, self.compute_capability.1))
+            Error::CudaUnavailable(format!(
+                "loading kernel module `{}` on {} (sm_{}{}): {e}",
+                id.name(),
+                self.name,
+                self.compute_capability.0,
+                self.compute_capability.1
+            ))
         })?;
         mods.insert(id, m.clone());
         Ok(m)

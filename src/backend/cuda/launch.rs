@@ -29,7 +29,14 @@ impl LaunchDims {
 /// 2. every device address in `params` is valid for what the kernel reads and writes with
 ///    these dimensions, until the kernel completes;
 /// 3. `stream` belongs to `dev`.
-pub unsafe fn launch<P: Copy>(dev: &CudaDevice, stream: &Stream, module: ModuleId, name: &'static str, dims: LaunchDims, params: &P) -> Result<()> {
+pub unsafe fn launch<P: Copy>(
+    dev: &CudaDevice,
+    stream: &Stream,
+    module: ModuleId,
+    name: &'static str,
+    dims: LaunchDims,
+    params: &P,
+) -> Result<()> {
     if dims.grid.0 == 0 || dims.grid.1 == 0 || dims.grid.2 == 0 {
         return Ok(());
     }

@@ -35,9 +35,10 @@ impl DeviceBuffer {
         } else {
             // SAFETY: the context is current; the result is checked.
             unsafe { cu::malloc_sync(len) }.map_err(|e| match e.0 {
-                cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
-                    Error::invalid("capacity", format!("an allocation that fits in device memory ({len} bytes failed: out of memory)"))
-                }
+                cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::invalid(
+                    "capacity",
+                    format!("an allocation that fits in device memory ({len} bytes failed: out of memory)"),
+                ),
                 _ => Error::CudaUnavailable(format!("cuMemAlloc of {len} bytes: {e}")),
             })?
         };
@@ -77,7 +78,11 @@ impl DeviceBuffer {
 
     fn check_range(&self, param: &str, offset: usize, n: usize) -> Result<()> {
         if offset.checked_add(n).is_none_or(|e| e > self.len) {
-            return Err(Error::out_of_range(param, offset as i64, format!("offsets with offset + {n} <= {} bytes of the buffer", self.len)));
+            return Err(Error::out_of_range(
+                param,
+                offset as i64,
+                format!("offsets with offset + {n} <= {} bytes of the buffer", self.len),
+            ));
         }
         Ok(())
     }
@@ -91,7 +96,8 @@ impl DeviceBuffer {
         }
         stream.bind()?;
         // SAFETY: range checked; the driver copies pageable host memory before returning.
-        unsafe { cu::memcpy_htod_async(self.ptr + offset as u64, src, stream.raw()) }.map_err(driver_err("copying to the device"))
+        unsafe { cu::memcpy_htod_async(self.ptr + offset as u64, src, stream.raw()) }
+            .map_err(driver_err("copying to the device"))
     }
 
     /// Copy bytes from `offset` into `dst`; waits for `stream` (so for earlier work on it).
@@ -102,7 +108,8 @@ impl DeviceBuffer {
         }
         stream.bind()?;
         // SAFETY: range checked; synchronized before `dst` is released.
-        unsafe { cu::memcpy_dtoh_async(dst, self.ptr + offset as u64, stream.raw()) }.map_err(driver_err("copying from the device"))?;
+        unsafe { cu::memcpy_dtoh_async(dst, self.ptr + offset as u64, stream.raw()) }
+            .map_err(driver_err("copying from the device"))?;
         stream.synchronize()
     }
 
@@ -123,8 +130,27 @@ impl DeviceBuffer {
         unsafe { cu::memset_d8_async(self.ptr, value, self.len, stream.raw()) }.map_err(driver_err("cuMemsetD8"))
     }
 
+    /// Set `n` bytes from `offset` to `value` (queued on `stream`).
+    pub fn memset_range(&self, offset: usize, n: usize, value: u8, stream: &Stream) -> Result<()> {
+        self.check_range("offset", offset, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.bind()?;
+        // SAFETY: range checked.
+        unsafe { cu::memset_d8_async(self.ptr + offset as u64, value, n, stream.raw()) }
+            .map_err(driver_err("cuMemsetD8"))
+    }
+
     /// Copy `n` bytes from `src_offset` of `src` to `dst_offset` of this buffer (queued).
-    pub fn copy_from(&self, dst_offset: usize, src: &DeviceBuffer, src_offset: usize, n: usize, stream: &Stream) -> Result<()> {
+    pub fn copy_from(
+        &self,
+        dst_offset: usize,
+        src: &DeviceBuffer,
+        src_offset: usize,
+        n: usize,
+        stream: &Stream,
+    ) -> Result<()> {
         self.check_range("dst_offset", dst_offset, n)?;
         src.check_range("src_offset", src_offset, n)?;
         if n == 0 {
@@ -140,7 +166,11 @@ impl DeviceBuffer {
     pub fn tensor(&self, dtype: DType, shape: &[usize]) -> Result<DeviceTensor> {
         let n: usize = shape.iter().product();
         if n * dtype.size() > self.len {
-            return Err(Error::shape("tensor", format!("at most {} bytes", self.len), format!("{shape:?} of {dtype} ({} bytes)", n * dtype.size())));
+            return Err(Error::shape(
+                "tensor",
+                format!("at most {} bytes", self.len),
+                format!("{shape:?} of {dtype} ({} bytes)", n * dtype.size()),
+            ));
         }
         Ok(DeviceTensor::contiguous(self.ptr, dtype, shape, self.dev.ordinal()))
     }
@@ -177,7 +207,11 @@ impl DeviceTensor {
     /// A strided tensor at `ptr` (strides in elements).
     pub fn strided(ptr: u64, dtype: DType, shape: &[usize], strides: &[usize], device: usize) -> Result<Self> {
         if shape.len() != strides.len() {
-            return Err(Error::shape("tensor.strides", format!("{} strides (one per dimension)", shape.len()), format!("{}", strides.len())));
+            return Err(Error::shape(
+                "tensor.strides",
+                format!("{} strides (one per dimension)", shape.len()),
+                format!("{}", strides.len()),
+            ));
         }
         Ok(DeviceTensor { ptr, dtype, shape: shape.to_vec(), strides: strides.to_vec(), device })
     }
@@ -190,14 +224,19 @@ impl DeviceTensor {
     /// Check shape (`None` = any size), dtype set, device, non-null and element alignment.
     #[allow(dead_code)]
     pub(crate) fn expect(&self, param: &str, shape: &[Option<usize>], dtypes: &[DType], device: usize) -> Result<()> {
-        let ok = self.shape.len() == shape.len() && self.shape.iter().zip(shape).all(|(&a, b)| b.is_none_or(|b| a == b));
+        let ok =
+            self.shape.len() == shape.len() && self.shape.iter().zip(shape).all(|(&a, b)| b.is_none_or(|b| a == b));
         if !ok {
             let want: Vec<String> = shape.iter().map(|d| d.map_or("_".into(), |d| d.to_string())).collect();
             return Err(Error::shape(param, format!("[{}]", want.join(", ")), format!("{:?}", self.shape)));
         }
         if !dtypes.contains(&self.dtype) {
             let names: Vec<&str> = dtypes.iter().map(|d| d.name()).collect();
-            return Err(Error::DType { param: param.into(), expected: names.join(" or "), got: self.dtype.name().into() });
+            return Err(Error::DType {
+                param: param.into(),
+                expected: names.join(" or "),
+                got: self.dtype.name().into(),
+            });
         }
         if self.device != device {
             return Err(Error::invalid(param, format!("memory on CUDA device {device}, got device {}", self.device)));

@@ -65,7 +65,11 @@ impl PrefillQueries {
     pub fn upload(dev: &Arc<CudaDevice>, qo_indptr: &[i32], table: &CudaPageTable, stream: &Stream) -> Result<Self> {
         let batch = table.batch_size();
         if qo_indptr.len() != batch + 1 {
-            return Err(Error::shape("qo_indptr", format!("[{}] (batch + 1)", batch + 1), format!("[{}]", qo_indptr.len())));
+            return Err(Error::shape(
+                "qo_indptr",
+                format!("[{}] (batch + 1)", batch + 1),
+                format!("[{}]", qo_indptr.len()),
+            ));
         }
         if qo_indptr[0] != 0 {
             return Err(Error::invalid("qo_indptr", "qo_indptr[0] == 0"));
@@ -74,19 +78,30 @@ impl PrefillQueries {
         for b in 0..batch {
             let n = qo_indptr[b + 1] - qo_indptr[b];
             if n < 0 {
-                return Err(Error::invalid("qo_indptr", format!("non-decreasing values, qo_indptr[{}] < qo_indptr[{b}]", b + 1)));
+                return Err(Error::invalid(
+                    "qo_indptr",
+                    format!("non-decreasing values, qo_indptr[{}] < qo_indptr[{b}]", b + 1),
+                ));
             }
             if let Some(lens) = table.seq_lens() {
                 if n as usize > lens[b] {
                     return Err(Error::invalid(
                         "qo_indptr",
-                        format!("at most seq_len = {} queries for sequence {b} (queries are its last tokens), got {n}", lens[b]),
+                        format!(
+                            "at most seq_len = {} queries for sequence {b} (queries are its last tokens), got {n}",
+                            lens[b]
+                        ),
                     ));
                 }
             }
             max_q_len = max_q_len.max(n as usize);
         }
-        Ok(PrefillQueries { indptr: DeviceBuffer::from_slice(dev, qo_indptr, stream)?, batch, total: qo_indptr[batch] as usize, max_q_len })
+        Ok(PrefillQueries {
+            indptr: DeviceBuffer::from_slice(dev, qo_indptr, stream)?,
+            batch,
+            total: qo_indptr[batch] as usize,
+            max_q_len,
+        })
     }
 
     /// Query rows in all.
@@ -113,7 +128,11 @@ impl PrefillMasks {
                 Some(x) => {
                     let ok = |v: usize| u32::try_from(v).ok().filter(|&v| v != u32::MAX);
                     let (Some(a), Some(b)) = (ok(x.sinks), ok(x.window)) else {
-                        return Err(Error::out_of_range(format!("windows[{h}]"), x.window.max(x.sinks) as i64, format!("0..{}", u32::MAX)));
+                        return Err(Error::out_of_range(
+                            format!("windows[{h}]"),
+                            x.window.max(x.sinks) as i64,
+                            format!("0..{}", u32::MAX),
+                        ));
                     };
                     s.push(a);
                     w.push(b);
@@ -128,7 +147,11 @@ impl PrefillMasks {
             s.push(0);
             w.push(u32::MAX);
         }
-        Ok(PrefillMasks { sinks: DeviceBuffer::from_slice(dev, &s, stream)?, windows: DeviceBuffer::from_slice(dev, &w, stream)?, num_kv_heads: windows.len() })
+        Ok(PrefillMasks {
+            sinks: DeviceBuffer::from_slice(dev, &s, stream)?,
+            windows: DeviceBuffer::from_slice(dev, &w, stream)?,
+            num_kv_heads: windows.len(),
+        })
     }
 }
 
@@ -160,10 +183,15 @@ pub fn prefill(
     let dev = CudaDevice::get(kv.device())?;
     let (dtype, hk, d) = (kv.dtype(), kv.num_kv_heads(), kv.head_dim());
     if dtype == DType::F32 || !(d == 64 || d == 128) {
-        return Err(Error::Unsupported(format!("tensor-core prefill of {dtype} K/V with head_dim {d} (needs f16 / bf16 and head_dim 64 or 128)")));
+        return Err(Error::Unsupported(format!(
+            "tensor-core prefill of {dtype} K/V with head_dim {d} (needs f16 / bf16 and head_dim 64 or 128)"
+        )));
     }
     if kv.key_rope() == KeyRope::PreRope || params.rope.is_some() {
-        return Err(Error::invalid("key_rope", "keys stored after RoPE and no RoPE at read (the device prefill does not rotate keys)"));
+        return Err(Error::invalid(
+            "key_rope",
+            "keys stored after RoPE and no RoPE at read (the device prefill does not rotate keys)",
+        ));
     }
     let scale = params.scale.unwrap_or(1.0 / (d as f32).sqrt());
     if !scale.is_finite() {
@@ -184,7 +212,11 @@ pub fn prefill(
     for (name, x) in [("q", q), ("out", out)] {
         x.expect(name, &[Some(total), Some(hq), Some(d)], &[dtype], dev.ordinal())?;
         if !crate::backend::cuda::select::is_contiguous(x) || x.ptr % 4 != 0 {
-            return Err(Error::shape(name, "a contiguous tensor aligned to 4 bytes", format!("strides {:?}", x.strides)));
+            return Err(Error::shape(
+                name,
+                "a contiguous tensor aligned to 4 bytes",
+                format!("strides {:?}", x.strides),
+            ));
         }
     }
     if let Some(l) = lse {
@@ -214,7 +246,10 @@ pub fn prefill(
     let (k, v) = kv.kv_ptrs();
     let aligned = l.k_strides.iter().chain(&l.v_strides).all(|&s| s % 8 == 0) && k % 16 == 0 && v % 16 == 0;
     if !aligned {
-        return Err(Error::invalid("kv", "K/V strides that are multiples of 8 elements and 16-byte aligned addresses (vector loads)"));
+        return Err(Error::invalid(
+            "kv",
+            "K/V strides that are multiples of 8 elements and 16-byte aligned addresses (vector loads)",
+        ));
     }
     let (indptr, indices, last) = kv.table().device_ptrs();
     let p = Params {

@@ -40,14 +40,25 @@ impl std::fmt::Debug for CudaPageTable {
 impl CudaPageTable {
     /// Validate a host table against a pool of `num_pages` pages of `page_size` and copy it
     /// to the device (not graph-capturable: it uploads).
-    pub fn upload(dev: &Arc<CudaDevice>, table: PageTableRef, page_size: usize, num_pages: usize, stream: &Stream) -> Result<Self> {
+    pub fn upload(
+        dev: &Arc<CudaDevice>,
+        table: PageTableRef,
+        page_size: usize,
+        num_pages: usize,
+        stream: &Stream,
+    ) -> Result<Self> {
         table.validate(page_size, num_pages)?;
         let batch = table.batch_size();
         let seq_lens: Vec<usize> = (0..batch).map(|b| table.seq_len(b, page_size)).collect();
         let ip = DeviceBuffer::from_slice(dev, table.indptr, stream)?;
         // Never a zero-length allocation: kernels may form (unread) addresses into it.
-        let ix = DeviceBuffer::from_slice(dev, if table.indices.is_empty() { &[0i32][..] } else { table.indices }, stream)?;
-        let lp = DeviceBuffer::from_slice(dev, if table.last_page_len.is_empty() { &[0i32][..] } else { table.last_page_len }, stream)?;
+        let ix =
+            DeviceBuffer::from_slice(dev, if table.indices.is_empty() { &[0i32][..] } else { table.indices }, stream)?;
+        let lp = DeviceBuffer::from_slice(
+            dev,
+            if table.last_page_len.is_empty() { &[0i32][..] } else { table.last_page_len },
+            stream,
+        )?;
         Ok(CudaPageTable {
             indptr: ip.ptr(),
             indices: ix.ptr(),
@@ -70,7 +81,14 @@ impl CudaPageTable {
     /// 2. the arrays satisfy the CSR invariants of `crate::kv::PageTable` for the pool of the
     ///    view they are used with (page ids below its `num_pages`);
     /// 3. no sequence holds more than `max_seq_len` tokens.
-    pub unsafe fn from_device(indptr: u64, indices: u64, last_page_len: u64, batch: usize, max_seq_len: usize, device: usize) -> Result<Self> {
+    pub unsafe fn from_device(
+        indptr: u64,
+        indices: u64,
+        last_page_len: u64,
+        batch: usize,
+        max_seq_len: usize,
+        device: usize,
+    ) -> Result<Self> {
         if batch > 0 {
             for (name, p) in [("indptr", indptr), ("indices", indices), ("last_page_len", last_page_len)] {
                 if p == 0 {
@@ -84,7 +102,17 @@ impl CudaPageTable {
         if max_seq_len > i32::MAX as usize {
             return Err(Error::out_of_range("max_seq_len", max_seq_len as i64, format!("0..={}", i32::MAX)));
         }
-        Ok(CudaPageTable { indptr, indices, last_page_len, batch, max_seq_len, device, seq_lens: None, validated_for: None, _owned: Vec::new() })
+        Ok(CudaPageTable {
+            indptr,
+            indices,
+            last_page_len,
+            batch,
+            max_seq_len,
+            device,
+            seq_lens: None,
+            validated_for: None,
+            _owned: Vec::new(),
+        })
     }
 
     pub fn batch_size(&self) -> usize {
@@ -168,7 +196,16 @@ impl<'a> CudaPagedKv<'a> {
                 ));
             }
         }
-        Ok(CudaPagedKv { k, v, layout, table, positions: None, key_bounds: None, key_rope: KeyRope::PostRope, device: table.device() })
+        Ok(CudaPagedKv {
+            k,
+            v,
+            layout,
+            table,
+            positions: None,
+            key_bounds: None,
+            key_rope: KeyRope::PostRope,
+            device: table.device(),
+        })
     }
 
     /// Attach slot positions: int32 `[num_pages * page_size]` in device memory.
@@ -261,20 +298,33 @@ pub struct CudaSelections {
 
 impl std::fmt::Debug for CudaSelections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaSelections").field("batch", &self.batch).field("num_kv_heads", &self.num_kv_heads).field("max_per_head", &self.max_per_head).finish()
+        f.debug_struct("CudaSelections")
+            .field("batch", &self.batch)
+            .field("num_kv_heads", &self.num_kv_heads)
+            .field("max_per_head", &self.max_per_head)
+            .finish()
     }
 }
 
 impl CudaSelections {
     /// Copy per-sequence selections (all with `num_kv_heads` heads) to the device
     /// (not graph-capturable: it uploads).
-    pub fn upload<S: HeadTokens>(dev: &Arc<CudaDevice>, selections: &[S], num_kv_heads: usize, stream: &Stream) -> Result<Self> {
+    pub fn upload<S: HeadTokens>(
+        dev: &Arc<CudaDevice>,
+        selections: &[S],
+        num_kv_heads: usize,
+        stream: &Stream,
+    ) -> Result<Self> {
         let mut indptr = vec![0i32];
         let mut indices: Vec<i32> = Vec::new();
         let mut max_per_head = 0;
         for (b, s) in selections.iter().enumerate() {
             if s.num_kv_heads() != num_kv_heads {
-                return Err(Error::shape(format!("selections[{b}]"), format!("{num_kv_heads} KV heads"), format!("{}", s.num_kv_heads())));
+                return Err(Error::shape(
+                    format!("selections[{b}]"),
+                    format!("{num_kv_heads} KV heads"),
+                    format!("{}", s.num_kv_heads()),
+                ));
             }
             for h in 0..num_kv_heads {
                 let l = s.head(h);
@@ -305,7 +355,13 @@ impl CudaSelections {
     /// Room for `batch * num_kv_heads` lists of at most `capacity_per_head` tokens each,
     /// for a selection kernel to fill: it writes `indptr` (CSR: the lists lie back to back)
     /// and `indices`. `indptr` starts zeroed, so every list starts empty.
-    pub fn alloc(dev: &Arc<CudaDevice>, batch: usize, num_kv_heads: usize, capacity_per_head: usize, stream: &Stream) -> Result<Self> {
+    pub fn alloc(
+        dev: &Arc<CudaDevice>,
+        batch: usize,
+        num_kv_heads: usize,
+        capacity_per_head: usize,
+        stream: &Stream,
+    ) -> Result<Self> {
         let lists = batch * num_kv_heads;
         let total = lists.checked_mul(capacity_per_head).filter(|&n| n <= i32::MAX as usize).ok_or_else(|| {
             Error::invalid("capacity_per_head", "batch * num_kv_heads * capacity_per_head below 2^31")
@@ -330,7 +386,14 @@ impl CudaSelections {
     ///    (int32) are valid device addresses on `device` while kernels reading them run;
     /// 2. each list is strictly ascending with tokens below its sequence's length, and no
     ///    list is longer than `max_per_head`.
-    pub unsafe fn from_device(indptr: u64, indices: u64, batch: usize, num_kv_heads: usize, max_per_head: usize, device: usize) -> Result<Self> {
+    pub unsafe fn from_device(
+        indptr: u64,
+        indices: u64,
+        batch: usize,
+        num_kv_heads: usize,
+        max_per_head: usize,
+        device: usize,
+    ) -> Result<Self> {
         for (name, p) in [("indptr", indptr), ("indices", indices)] {
             if p == 0 {
                 return Err(Error::NullPointer { param: name.into() });
@@ -387,7 +450,8 @@ impl CudaSelections {
                 let h = self.num_kv_heads;
                 let base = indptr[b * h];
                 let ip: Vec<u32> = (0..=h).map(|i| (indptr[b * h + i] - base) as u32).collect();
-                let ix: Vec<u32> = indices[base as usize..indptr[(b + 1) * h] as usize].iter().map(|&t| t as u32).collect();
+                let ix: Vec<u32> =
+                    indices[base as usize..indptr[(b + 1) * h] as usize].iter().map(|&t| t as u32).collect();
                 Selection::from_csr(seq_lens[b], ip, ix)
             })
             .collect()

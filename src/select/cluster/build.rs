@@ -42,7 +42,10 @@ impl ClusterBuild {
             ClusterSizing::TokensPerCluster(s) => m.div_ceil(s.max(1)),
         }
         .max(1);
-        let mut cfg = ClusterConfig::new(ClusterCount::Absolute(k)).with_exclude_window(exclude).with_seed(seed).with_max_iter(SET_MAX_ITER);
+        let mut cfg = ClusterConfig::new(ClusterCount::Absolute(k))
+            .with_exclude_window(exclude)
+            .with_seed(seed)
+            .with_max_iter(SET_MAX_ITER);
         if let Some(c) = self.coarse {
             cfg = cfg.with_coarse(ClusterCount::Absolute(c.clamp(1, k)));
         }

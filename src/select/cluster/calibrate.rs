@@ -72,7 +72,12 @@ fn cut(pairs: &mut [(f64, f64)], target: f64) -> f64 {
 ///
 /// Errors: `target_fraction` outside `(0, 1]`; `queries` of the wrong shape, empty, or not
 /// finite.
-pub fn calibrate(index: &ClusterIndex, queries: &TensorView, target_fraction: f64, per_head: bool) -> Result<Thresholds> {
+pub fn calibrate(
+    index: &ClusterIndex,
+    queries: &TensorView,
+    target_fraction: f64,
+    per_head: bool,
+) -> Result<Thresholds> {
     if !(target_fraction > 0.0 && target_fraction <= 1.0) {
         return Err(Error::invalid("target_fraction", format!("a fraction in (0, 1], got {target_fraction}")));
     }
@@ -98,6 +103,7 @@ pub fn calibrate(index: &ClusterIndex, queries: &TensorView, target_fraction: f6
         let mut all: Vec<(f64, f64)> = pairs.iter().flatten().map(|&(s, w)| (s, w / hk as f64)).collect();
         vec![cut(&mut all, target_fraction); hk]
     };
-    let kept_fraction = pairs.iter().zip(&per_head_tau).map(|(p, &t)| p.iter().filter(|x| x.0 > t).map(|x| x.1).sum()).collect();
+    let kept_fraction =
+        pairs.iter().zip(&per_head_tau).map(|(p, &t)| p.iter().filter(|x| x.0 > t).map(|x| x.1).sum()).collect();
     Ok(Thresholds { per_head: per_head_tau, kept_fraction, target: target_fraction, per_head_mode: per_head })
 }

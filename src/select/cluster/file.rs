@@ -115,19 +115,34 @@ fn checksum(meta: &HashMap<String, String>, tensors: &[(&str, Vec<usize>, &[u8])
     format!("{:016x}", h.0)
 }
 
-const FINE: [&str; 8] = ["centroids", "centroids_normalized", "sizes", "member_offsets", "members", "inertia", "iterations", "converged"];
+const FINE: [&str; 8] =
+    ["centroids", "centroids_normalized", "sizes", "member_offsets", "members", "inertia", "iterations", "converged"];
 const COARSE: [&str; 4] = ["coarse_centroids", "coarse_sizes", "coarse_child_offsets", "coarse_children"];
 
 impl ClusterIndex {
     fn tensors(&self) -> Vec<Tensor> {
         let (hk, k, d, m) = (self.num_kv_heads, self.num_clusters(), self.head_dim, self.clustered_len);
-        let cat_f32 = |f: &dyn Fn(&Clustering) -> &[f32]| le(&self.heads.iter().flat_map(|c| f(c).iter().copied()).collect::<Vec<_>>(), f32::to_le_bytes);
-        let cat_u32 = |f: &dyn Fn(&Clustering) -> &[u32]| le(&self.heads.iter().flat_map(|c| f(c).iter().copied()).collect::<Vec<_>>(), u32::to_le_bytes);
+        let cat_f32 = |f: &dyn Fn(&Clustering) -> &[f32]| {
+            le(&self.heads.iter().flat_map(|c| f(c).iter().copied()).collect::<Vec<_>>(), f32::to_le_bytes)
+        };
+        let cat_u32 = |f: &dyn Fn(&Clustering) -> &[u32]| {
+            le(&self.heads.iter().flat_map(|c| f(c).iter().copied()).collect::<Vec<_>>(), u32::to_le_bytes)
+        };
         let mut t = vec![
             Tensor { name: "centroids", dtype: Dtype::F32, shape: vec![hk, k, d], data: cat_f32(&|c| &c.centroids) },
-            Tensor { name: "centroids_normalized", dtype: Dtype::F32, shape: vec![hk, k, d], data: cat_f32(&|c| &c.centroids_normalized) },
+            Tensor {
+                name: "centroids_normalized",
+                dtype: Dtype::F32,
+                shape: vec![hk, k, d],
+                data: cat_f32(&|c| &c.centroids_normalized),
+            },
             Tensor { name: "sizes", dtype: Dtype::U32, shape: vec![hk, k], data: cat_u32(&|c| &c.sizes) },
-            Tensor { name: "member_offsets", dtype: Dtype::U32, shape: vec![hk, k + 1], data: cat_u32(&|c| &c.member_offsets) },
+            Tensor {
+                name: "member_offsets",
+                dtype: Dtype::U32,
+                shape: vec![hk, k + 1],
+                data: cat_u32(&|c| &c.member_offsets),
+            },
             Tensor { name: "members", dtype: Dtype::U32, shape: vec![hk, m], data: cat_u32(&|c| &c.members) },
             Tensor {
                 name: "inertia",
@@ -141,23 +156,43 @@ impl ClusterIndex {
                 shape: vec![hk],
                 data: le(&self.heads.iter().map(|c| c.iterations as u32).collect::<Vec<_>>(), u32::to_le_bytes),
             },
-            Tensor { name: "converged", dtype: Dtype::U8, shape: vec![hk], data: self.heads.iter().map(|c| c.converged as u8).collect() },
+            Tensor {
+                name: "converged",
+                dtype: Dtype::U8,
+                shape: vec![hk],
+                data: self.heads.iter().map(|c| c.converged as u8).collect(),
+            },
         ];
         if self.heads.iter().all(|c| c.radii.len() == k) {
             t.push(Tensor { name: "radii", dtype: Dtype::F32, shape: vec![hk, k], data: cat_f32(&|c| &c.radii) });
         }
         if !self.coarse.is_empty() {
             let k1 = self.num_coarse_clusters();
-            let cat = |f: &dyn Fn(&CoarseLevel) -> &[u32]| le(&self.coarse.iter().flat_map(|c| f(c).iter().copied()).collect::<Vec<_>>(), u32::to_le_bytes);
+            let cat = |f: &dyn Fn(&CoarseLevel) -> &[u32]| {
+                le(&self.coarse.iter().flat_map(|c| f(c).iter().copied()).collect::<Vec<_>>(), u32::to_le_bytes)
+            };
             t.push(Tensor {
                 name: "coarse_centroids",
                 dtype: Dtype::F32,
                 shape: vec![hk, k1, d],
-                data: le(&self.coarse.iter().flat_map(|c| c.centroids.iter().copied()).collect::<Vec<_>>(), f32::to_le_bytes),
+                data: le(
+                    &self.coarse.iter().flat_map(|c| c.centroids.iter().copied()).collect::<Vec<_>>(),
+                    f32::to_le_bytes,
+                ),
             });
             t.push(Tensor { name: "coarse_sizes", dtype: Dtype::U32, shape: vec![hk, k1], data: cat(&|c| &c.sizes) });
-            t.push(Tensor { name: "coarse_child_offsets", dtype: Dtype::U32, shape: vec![hk, k1 + 1], data: cat(&|c| &c.child_offsets) });
-            t.push(Tensor { name: "coarse_children", dtype: Dtype::U32, shape: vec![hk, k], data: cat(&|c| &c.children) });
+            t.push(Tensor {
+                name: "coarse_child_offsets",
+                dtype: Dtype::U32,
+                shape: vec![hk, k1 + 1],
+                data: cat(&|c| &c.child_offsets),
+            });
+            t.push(Tensor {
+                name: "coarse_children",
+                dtype: Dtype::U32,
+                shape: vec![hk, k],
+                data: cat(&|c| &c.children),
+            });
         }
         t
     }
@@ -185,7 +220,8 @@ impl ClusterIndex {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let tensors = self.tensors();
-        let parts: Vec<(&str, Vec<usize>, &[u8])> = tensors.iter().map(|t| (t.name, t.shape.clone(), &t.data[..])).collect();
+        let parts: Vec<(&str, Vec<usize>, &[u8])> =
+            tensors.iter().map(|t| (t.name, t.shape.clone(), &t.data[..])).collect();
         meta.insert("checksum".into(), checksum(&meta, &parts));
         let views = tensors
             .iter()
@@ -206,7 +242,8 @@ impl ClusterIndex {
     /// docs). Every failure is [`Error::Io`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::Io(format!("reading cluster index {}: {e}", path.display())))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| Error::Io(format!("reading cluster index {}: {e}", path.display())))?;
         Self::from_bytes(&bytes).map_err(|e| match e {
             Error::Io(m) => Error::Io(format!("cluster index {}: {m}", path.display())),
             other => other,
@@ -231,7 +268,12 @@ impl ClusterIndex {
                 )));
             }
             if keys.n < index.seq_len {
-                return Err(Error::Io(format!("cluster index {} covers {} tokens, the sequence holds only {}", path.display(), index.seq_len, keys.n)));
+                return Err(Error::Io(format!(
+                    "cluster index {} covers {} tokens, the sequence holds only {}",
+                    path.display(),
+                    index.seq_len,
+                    keys.n
+                )));
             }
             Ok(())
         })?;
@@ -242,7 +284,8 @@ impl ClusterIndex {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let io = |m: String| Error::Io(m);
         let st = SafeTensors::deserialize(bytes).map_err(|e| io(format!("not a valid safetensors file: {e}")))?;
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| io(format!("not a valid safetensors file: {e}")))?;
+        let (_, header) =
+            SafeTensors::read_metadata(bytes).map_err(|e| io(format!("not a valid safetensors file: {e}")))?;
         let meta = header.metadata().clone().ok_or_else(|| io("no metadata (not a kvsieve cluster index)".into()))?;
         let field = |k: &str| meta.get(k).ok_or_else(|| io(format!("metadata field `{k}` missing")));
         if field("format")? != FORMAT {
@@ -256,11 +299,17 @@ impl ClusterIndex {
         if has_radii && version == "1" {
             return Err(io("tensor `radii` in a version 1 file".into()));
         }
-        let num = |k: &str| -> Result<usize> { field(k)?.parse::<usize>().map_err(|_| io(format!("metadata field `{k}` is not a count: `{}`", meta[k]))) };
-        let (hk, d, k, k1) = (num("num_kv_heads")?, num("head_dim")?, num("num_clusters")?, num("num_coarse_clusters")?);
+        let num = |k: &str| -> Result<usize> {
+            field(k)?.parse::<usize>().map_err(|_| io(format!("metadata field `{k}` is not a count: `{}`", meta[k])))
+        };
+        let (hk, d, k, k1) =
+            (num("num_kv_heads")?, num("head_dim")?, num("num_clusters")?, num("num_coarse_clusters")?);
         let (seq_len, seq_len_at_build, m) = (num("seq_len")?, num("seq_len_at_build")?, num("clustered_len")?);
-        let clusters = parse_count(field("config.clusters")?).flatten().ok_or_else(|| io("metadata field `config.clusters` malformed".into()))?;
-        let coarse_cfg = parse_count(field("config.coarse")?).ok_or_else(|| io("metadata field `config.coarse` malformed".into()))?;
+        let clusters = parse_count(field("config.clusters")?)
+            .flatten()
+            .ok_or_else(|| io("metadata field `config.clusters` malformed".into()))?;
+        let coarse_cfg = parse_count(field("config.coarse")?)
+            .ok_or_else(|| io("metadata field `config.coarse` malformed".into()))?;
         let config = ClusterConfig {
             clusters,
             exclude_window: num("config.exclude_window")?,
@@ -269,11 +318,39 @@ impl ClusterIndex {
             coarse: coarse_cfg,
         };
         validate_head_dim(d).map_err(|e| io(format!("head_dim: {e}")))?;
-        if hk == 0 || k == 0 || k > m || m > seq_len || seq_len > u32::MAX as usize || seq_len_at_build > seq_len || k1 > k || (k1 > 0) != coarse_cfg.is_some()
+        if hk == 0
+            || k == 0
+            || k > m
+            || m > seq_len
+            || seq_len > u32::MAX as usize
+            || seq_len_at_build > seq_len
+            || k1 > k
+            || (k1 > 0) != coarse_cfg.is_some()
         {
             return Err(io(format!(
                 "inconsistent sizes: num_kv_heads {hk}, num_clusters {k}, num_coarse_clusters {k1}, clustered_len {m}, seq_len {seq_len}, seq_len_at_build {seq_len_at_build}"
             )));
+        }
+        // The configuration must give these counts for the context it was built over, and
+        // updates only ever cluster more tokens, up to the window the configuration leaves out.
+        let (m0, k0, k10) = config
+            .counts(seq_len_at_build)
+            .map_err(|e| io(format!("metadata `config.*` and `seq_len_at_build` {seq_len_at_build} disagree: {e}")))?;
+        if (k0, k10.unwrap_or(0)) != (k, k1) {
+            return Err(io(format!(
+                "metadata `num_clusters` {k} / `num_coarse_clusters` {k1}: the configuration gives {k0} / {} for `seq_len_at_build` {seq_len_at_build}",
+                k10.unwrap_or(0)
+            )));
+        }
+        if m < m0 || (m > m0 && m > seq_len.saturating_sub(config.exclude_window)) {
+            return Err(io(format!(
+                "metadata `clustered_len` {m}: expected {m0} tokens clustered at build (`seq_len_at_build` {seq_len_at_build} less `config.exclude_window` {}), or more after updates up to {} (`seq_len` {seq_len} less the window)",
+                config.exclude_window,
+                seq_len.saturating_sub(config.exclude_window).max(m0)
+            )));
+        }
+        if hk > crate::config::MAX_KV_HEADS {
+            return Err(io(format!("metadata `num_kv_heads` {hk}: at most {}", crate::config::MAX_KV_HEADS)));
         }
         let mut shapes: Vec<(&str, Dtype, Vec<usize>)> = vec![
             ("centroids", Dtype::F32, vec![hk, k, d]),
@@ -294,8 +371,12 @@ impl ClusterIndex {
             shapes.push(("coarse_child_offsets", Dtype::U32, vec![hk, k1 + 1]));
             shapes.push(("coarse_children", Dtype::U32, vec![hk, k]));
         }
-        let expected: Vec<&str> =
-            FINE.iter().chain(if has_radii { &["radii"][..] } else { &[] }).chain(if k1 > 0 { &COARSE[..] } else { &[] }).copied().collect();
+        let expected: Vec<&str> = FINE
+            .iter()
+            .chain(if has_radii { &["radii"][..] } else { &[] })
+            .chain(if k1 > 0 { &COARSE[..] } else { &[] })
+            .copied()
+            .collect();
         if st.len() != expected.len() {
             let mut names = st.names();
             names.sort();
@@ -305,7 +386,11 @@ impl ClusterIndex {
         for (name, dtype, shape) in &shapes {
             let t = st.tensor(name).map_err(|_| io(format!("tensor `{name}` missing")))?;
             if t.dtype() != *dtype || t.shape() != &shape[..] {
-                return Err(io(format!("tensor `{name}`: expected {dtype:?} {shape:?}, got {:?} {:?}", t.dtype(), t.shape())));
+                return Err(io(format!(
+                    "tensor `{name}`: expected {dtype:?} {shape:?}, got {:?} {:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
             }
             data.insert(name, t.data());
         }
@@ -315,10 +400,16 @@ impl ClusterIndex {
         if *stored != computed {
             return Err(io(format!("checksum mismatch (stored {stored}, computed {computed}): the file is corrupted")));
         }
-        let f32s = |n: &str| -> Vec<f32> { data[n].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect() };
-        let u32s = |n: &str| -> Vec<u32> { data[n].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect() };
-        let (cents, cnorm, sizes, offs, mems) = (f32s("centroids"), f32s("centroids_normalized"), u32s("sizes"), u32s("member_offsets"), u32s("members"));
-        let inertia: Vec<f64> = data["inertia"].chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+        let f32s = |n: &str| -> Vec<f32> {
+            data[n].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        };
+        let u32s = |n: &str| -> Vec<u32> {
+            data[n].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        };
+        let (cents, cnorm, sizes, offs, mems) =
+            (f32s("centroids"), f32s("centroids_normalized"), u32s("sizes"), u32s("member_offsets"), u32s("members"));
+        let inertia: Vec<f64> =
+            data["inertia"].chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
         let iters = u32s("iterations");
         let conv = data["converged"];
         if let Some(i) = cents.iter().chain(&cnorm).position(|v| !v.is_finite()) {
@@ -333,9 +424,16 @@ impl ClusterIndex {
             let off = offs[h * (k + 1)..(h + 1) * (k + 1)].to_vec();
             let members = mems[h * m..(h + 1) * m].to_vec();
             let hsizes = sizes[h * k..(h + 1) * k].to_vec();
-            let assignment = check_csr(&off, &members, &hsizes, m).map_err(|e| io(format!("head {h}: members: {e}")))?;
+            let assignment =
+                check_csr(&off, &members, &hsizes, m).map_err(|e| io(format!("head {h}: members: {e}")))?;
             if conv[h] > 1 || !inertia[h].is_finite() || inertia[h] < 0.0 {
                 return Err(io(format!("head {h}: bad inertia {} or converged flag {}", inertia[h], conv[h])));
+            }
+            if iters[h] as usize > config.max_iter {
+                return Err(io(format!(
+                    "tensor `iterations`: head {h} ran {} iterations, above `config.max_iter` {}",
+                    iters[h], config.max_iter
+                )));
             }
             heads.push(Clustering {
                 d,
@@ -355,7 +453,8 @@ impl ClusterIndex {
         }
         let mut coarse = Vec::new();
         if k1 > 0 {
-            let (cc, cs, co, ch) = (f32s("coarse_centroids"), u32s("coarse_sizes"), u32s("coarse_child_offsets"), u32s("coarse_children"));
+            let (cc, cs, co, ch) =
+                (f32s("coarse_centroids"), u32s("coarse_sizes"), u32s("coarse_child_offsets"), u32s("coarse_children"));
             if let Some(i) = cc.iter().position(|v| !v.is_finite()) {
                 return Err(io(format!("non-finite coarse centroid value at flat position {i}")));
             }
@@ -364,17 +463,38 @@ impl ClusterIndex {
                 let children = ch[h * k..(h + 1) * k].to_vec();
                 let csizes = cs[h * k1..(h + 1) * k1].to_vec();
                 let child_counts: Vec<u32> = off.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
-                check_csr(&off, &children, &child_counts, k).map_err(|e| io(format!("head {h}: coarse children: {e}")))?;
+                check_csr(&off, &children, &child_counts, k)
+                    .map_err(|e| io(format!("head {h}: coarse children: {e}")))?;
                 for c in 0..k1 {
-                    let total: u64 = children[off[c] as usize..off[c + 1] as usize].iter().map(|&f| heads[h].sizes[f as usize] as u64).sum();
+                    let total: u64 = children[off[c] as usize..off[c + 1] as usize]
+                        .iter()
+                        .map(|&f| heads[h].sizes[f as usize] as u64)
+                        .sum();
                     if total != csizes[c] as u64 {
-                        return Err(io(format!("head {h}: coarse cluster {c} has size {}, its children hold {total}", csizes[c])));
+                        return Err(io(format!(
+                            "head {h}: coarse cluster {c} has size {}, its children hold {total}",
+                            csizes[c]
+                        )));
                     }
                 }
-                coarse.push(CoarseLevel { centroids: cc[h * k1 * d..(h + 1) * k1 * d].to_vec(), sizes: csizes, child_offsets: off, children });
+                coarse.push(CoarseLevel {
+                    centroids: cc[h * k1 * d..(h + 1) * k1 * d].to_vec(),
+                    sizes: csizes,
+                    child_offsets: off,
+                    children,
+                });
             }
         }
-        Ok(ClusterIndex { config, num_kv_heads: hk, head_dim: d, seq_len_at_build, seq_len, clustered_len: m, heads, coarse })
+        Ok(ClusterIndex {
+            config,
+            num_kv_heads: hk,
+            head_dim: d,
+            seq_len_at_build,
+            seq_len,
+            clustered_len: m,
+            heads,
+            coarse,
+        })
     }
 }
 
@@ -412,7 +532,8 @@ mod tests {
         let (n, d) = (120, 16);
         let keys: Vec<f32> = (0..n * d).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
         let t = TensorView::new(&keys, &[n, 1, d]).unwrap();
-        ClusterIndex::build(KeySource::Tensor(&t), &ClusterConfig::new(ClusterCount::Absolute(12)).with_max_iter(4)).unwrap()
+        ClusterIndex::build(KeySource::Tensor(&t), &ClusterConfig::new(ClusterCount::Absolute(12)).with_max_iter(4))
+            .unwrap()
     }
 
     /// An index without radii (as a GPU build makes) saves without the tensor; a version 1
@@ -434,7 +555,8 @@ mod tests {
         meta.insert("format_version".into(), "1".into());
         meta.remove("checksum");
         let tensors = back.tensors();
-        let parts: Vec<(&str, Vec<usize>, &[u8])> = tensors.iter().map(|t| (t.name, t.shape.clone(), &t.data[..])).collect();
+        let parts: Vec<(&str, Vec<usize>, &[u8])> =
+            tensors.iter().map(|t| (t.name, t.shape.clone(), &t.data[..])).collect();
         meta.insert("checksum".into(), checksum(&meta, &parts));
         let v1 = safetensors::serialize(st.tensors(), Some(meta)).unwrap();
         let old = ClusterIndex::from_bytes(&v1).unwrap();
@@ -449,6 +571,43 @@ mod tests {
         let full = index();
         let again = ClusterIndex::from_bytes(&full.to_bytes().unwrap()).unwrap();
         assert_eq!(again.head(0).radii(), full.head(0).radii());
-        assert_eq!(again.retrieve(&qv, &Retrieve::MixedBudget(10), 120).unwrap(), full.retrieve(&qv, &Retrieve::MixedBudget(10), 120).unwrap());
+        assert_eq!(
+            again.retrieve(&qv, &Retrieve::MixedBudget(10), 120).unwrap(),
+            full.retrieve(&qv, &Retrieve::MixedBudget(10), 120).unwrap()
+        );
+    }
+
+    /// Metadata that contradicts itself is refused with the field named, even when whoever
+    /// edited it also recomputed the checksum (the checksum only catches accidents).
+    #[test]
+    fn contradictory_metadata_is_refused_even_with_a_valid_checksum() {
+        let ix = index();
+        let bytes = ix.to_bytes().unwrap();
+        let tensors = ix.tensors();
+        let parts: Vec<(&str, Vec<usize>, &[u8])> =
+            tensors.iter().map(|t| (t.name, t.shape.clone(), &t.data[..])).collect();
+        let resealed = |edit: &dyn Fn(&mut HashMap<String, String>)| {
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+            let mut meta = header.metadata().clone().unwrap();
+            edit(&mut meta);
+            meta.remove("checksum");
+            meta.insert("checksum".into(), checksum(&meta, &parts));
+            ClusterIndex::from_bytes(&safetensors::serialize(st.tensors(), Some(meta)).unwrap())
+        };
+        assert!(resealed(&|_| {}).is_ok(), "an unedited file resealed loads");
+        type Edit<'a> = &'a dyn Fn(&mut HashMap<String, String>);
+        let cases: [(&str, Edit); 5] = [
+            ("seq_len_at_build 150", &|m| drop(m.insert("seq_len_at_build".into(), "150".into()))),
+            ("disagree", &|m| drop(m.insert("config.clusters".into(), "absolute:0".into()))),
+            ("`num_clusters` 12", &|m| drop(m.insert("config.clusters".into(), "absolute:6".into()))),
+            ("`config.max_iter` 1", &|m| drop(m.insert("config.max_iter".into(), "1".into()))),
+            ("`clustered_len` 120", &|m| drop(m.insert("config.exclude_window".into(), "10".into()))),
+        ];
+        for (word, edit) in cases {
+            let e = resealed(edit).expect_err(word);
+            assert_eq!(e.code(), crate::error::ErrorCode::Io);
+            assert!(e.to_string().contains(word), "expected `{word}` in: {e}");
+        }
     }
 }

@@ -2,10 +2,12 @@
 //! optionally with a coarse level over the fine centroids, kept up to date as tokens are
 //! appended.
 
-use crate::error::{Error, Result};
 use crate::cpu::assign::{nearest, PackedCentroids};
+use crate::error::{Error, Result};
 use crate::select::cluster::keys::{with_keys, KeyRows};
-use crate::select::cluster::kmeans::{cluster_normalized, grow_radii, members_csr, normalize_rows, ClusterCount, Clustering};
+use crate::select::cluster::kmeans::{
+    cluster_normalized, grow_radii, members_csr, normalize_rows, ClusterCount, Clustering,
+};
 use crate::select::KeySource;
 
 /// Mixed into the seed of the coarse level so it draws differently from the fine one.
@@ -43,7 +45,10 @@ impl ClusterConfig {
         if self.exclude_window >= n {
             return Err(Error::invalid(
                 "exclude_window",
-                format!("fewer than the {n} tokens of the context, so that some are clustered, got {}", self.exclude_window),
+                format!(
+                    "fewer than the {n} tokens of the context, so that some are clustered, got {}",
+                    self.exclude_window
+                ),
             ));
         }
         let m = n - self.exclude_window;
@@ -131,7 +136,12 @@ impl CoarseLevel {
         let d = fine.d;
         let (x, xsq) = normalize_rows(&fine.centroids, d);
         let cl = cluster_normalized(&fine.centroids, &x, &xsq, d, k1, seed ^ COARSE_SEED_SALT, max_iter);
-        let mut level = CoarseLevel { centroids: vec![0f32; k1 * d], sizes: vec![0; k1], child_offsets: cl.member_offsets, children: cl.members };
+        let mut level = CoarseLevel {
+            centroids: vec![0f32; k1 * d],
+            sizes: vec![0; k1],
+            child_offsets: cl.member_offsets,
+            children: cl.members,
+        };
         level.refresh(fine);
         level
     }
@@ -183,7 +193,16 @@ impl ClusterIndex {
             }
             heads.push(fine);
         }
-        Ok(ClusterIndex { config: *cfg, num_kv_heads: keys.hk, head_dim: d, seq_len_at_build: n, seq_len: n, clustered_len: m, heads, coarse })
+        Ok(ClusterIndex {
+            config: *cfg,
+            num_kv_heads: keys.hk,
+            head_dim: d,
+            seq_len_at_build: n,
+            seq_len: n,
+            clustered_len: m,
+            heads,
+            coarse,
+        })
     }
 
     /// Assign the keys that arrived since the index was built or last updated (tokens
@@ -231,7 +250,9 @@ impl ClusterIndex {
                 offsets.push(0u32);
                 for c in 0..k {
                     members.extend_from_slice(head.members(c));
-                    members.extend(new_mem[new_off[c] as usize..new_off[c + 1] as usize].iter().map(|&i| i + start as u32));
+                    members.extend(
+                        new_mem[new_off[c] as usize..new_off[c + 1] as usize].iter().map(|&i| i + start as u32),
+                    );
                     offsets.push(members.len() as u32);
                 }
                 head.sizes = offsets.windows(2).map(|w| w[1] - w[0]).collect();

@@ -57,9 +57,18 @@ pub(crate) fn with_keys<R>(src: KeySource<'_>, f: impl FnOnce(&KeyRows<'_>) -> R
 /// Convert one stored row to f32.
 fn row_to_f32(bytes: &[u8], dtype: DType, out: &mut [f32]) {
     match dtype {
-        DType::F32 => bytes.chunks_exact(4).zip(out.iter_mut()).for_each(|(b, o)| *o = f32::from_ne_bytes([b[0], b[1], b[2], b[3]])),
-        DType::F16 => bytes.chunks_exact(2).zip(out.iter_mut()).for_each(|(b, o)| *o = f16::from_bits(u16::from_ne_bytes([b[0], b[1]])).to_f32()),
-        DType::BF16 => bytes.chunks_exact(2).zip(out.iter_mut()).for_each(|(b, o)| *o = bf16::from_bits(u16::from_ne_bytes([b[0], b[1]])).to_f32()),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .zip(out.iter_mut())
+            .for_each(|(b, o)| *o = f32::from_ne_bytes([b[0], b[1], b[2], b[3]])),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .zip(out.iter_mut())
+            .for_each(|(b, o)| *o = f16::from_bits(u16::from_ne_bytes([b[0], b[1]])).to_f32()),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .zip(out.iter_mut())
+            .for_each(|(b, o)| *o = bf16::from_bits(u16::from_ne_bytes([b[0], b[1]])).to_f32()),
     }
 }
 
@@ -88,7 +97,10 @@ impl KeyRows<'_> {
         });
         if let Some(bad) = out.iter().position(|x| !x.is_finite()) {
             let (t, c) = (range.start + bad / d, bad % d);
-            return Err(Error::invalid("keys", format!("finite values, but the key of token {t}, KV head {h} holds {} at channel {c}", out[bad])));
+            return Err(Error::invalid(
+                "keys",
+                format!("finite values, but the key of token {t}, KV head {h} holds {} at channel {c}", out[bad]),
+            ));
         }
         Ok(out)
     }

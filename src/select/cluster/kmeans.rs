@@ -34,11 +34,11 @@
 
 use rayon::prelude::*;
 
-use crate::cpu;
 use crate::config::validate_head_dim;
+use crate::cpu;
+use crate::cpu::assign::{nearest, PackedCentroids};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::cpu::assign::{nearest, PackedCentroids};
 use crate::select::cluster::rng::SplitMix64;
 
 /// How many clusters: a number, or a fraction of the keys clustered.
@@ -212,7 +212,10 @@ pub fn kmeans_from_centroids(keys: &[f32], head_dim: usize, init: &[f32], max_it
     let k = init.len() / head_dim;
     ClusterCount::Absolute(k).resolve(n, "init")?;
     if let Some(i) = init.iter().position(|v| !v.is_finite()) {
-        return Err(Error::invalid("init", format!("finite centroids, but centroid {} holds {}", i / head_dim, init[i])));
+        return Err(Error::invalid(
+            "init",
+            format!("finite centroids, but centroid {} holds {}", i / head_dim, init[i]),
+        ));
     }
     let (x, xsq) = normalize_rows(keys, head_dim);
     let (cn, _) = normalize_rows(init, head_dim);
@@ -230,10 +233,17 @@ pub fn seed_plus_plus(keys: &[f32], head_dim: usize, k: usize, seed: u64) -> Res
 fn check_keys(keys: &[f32], d: usize) -> Result<usize> {
     validate_head_dim(d)?;
     if !keys.len().is_multiple_of(d) {
-        return Err(Error::shape("keys", format!("[n, {d}]"), format!("{} values (not a multiple of {d})", keys.len())));
+        return Err(Error::shape(
+            "keys",
+            format!("[n, {d}]"),
+            format!("{} values (not a multiple of {d})", keys.len()),
+        ));
     }
     if let Some(i) = keys.iter().position(|v| !v.is_finite()) {
-        return Err(Error::invalid("keys", format!("finite values, but key {} holds {} at channel {}", i / d, keys[i], i % d)));
+        return Err(Error::invalid(
+            "keys",
+            format!("finite values, but key {} holds {} at channel {}", i / d, keys[i], i % d),
+        ));
     }
     Ok(keys.len() / d)
 }
@@ -276,7 +286,17 @@ const SEED_CHUNK: usize = 2048;
 /// One chunk's share of a k-means++ step: lower `d2` / update `near` for the points the new
 /// seed `p` (index `s`) may be nearest to, and return the chunk's f64 sum of `d2`.
 #[allow(clippy::too_many_arguments)]
-fn seed_update(x: &[f32], xsq: &[f32], d: usize, p: usize, s: u32, ss2: &[f32], base: usize, d2: &mut [f32], near: &mut [u32]) -> f64 {
+fn seed_update(
+    x: &[f32],
+    xsq: &[f32],
+    d: usize,
+    p: usize,
+    s: u32,
+    ss2: &[f32],
+    base: usize,
+    d2: &mut [f32],
+    near: &mut [u32],
+) -> f64 {
     let xp = &x[p * d..(p + 1) * d];
     let mut ptrs = Vec::with_capacity(d2.len());
     let mut idx = Vec::with_capacity(d2.len());
@@ -295,7 +315,9 @@ fn seed_update(x: &[f32], xsq: &[f32], d: usize, p: usize, s: u32, ss2: &[f32], 
         let mut all = vec![0f32; len];
         // SAFETY: the chunk's rows are len * d f32 inside `x`; `xp` is a full row; d is a
         // multiple of 8.
-        unsafe { cpu::scores(&x[base * d..(base + len) * d], len, d, &[xp.as_ptr() as *const u8], DType::F32, &mut all) };
+        unsafe {
+            cpu::scores(&x[base * d..(base + len) * d], len, d, &[xp.as_ptr() as *const u8], DType::F32, &mut all)
+        };
         idx.iter().map(|&j| all[j]).collect()
     } else {
         let mut dots = vec![0f32; idx.len()];
@@ -388,7 +410,15 @@ fn plus_plus(x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64) -> Vec<u32> 
 }
 
 /// k-means++ then Lloyd, on keys already normalised (`x`, `xsq`) with `raw` for the means.
-pub(crate) fn cluster_normalized(raw: &[f32], x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64, max_iter: usize) -> Clustering {
+pub(crate) fn cluster_normalized(
+    raw: &[f32],
+    x: &[f32],
+    xsq: &[f32],
+    d: usize,
+    k: usize,
+    seed: u64,
+    max_iter: usize,
+) -> Clustering {
     let seeds = plus_plus(x, xsq, d, k, seed);
     let mut init = Vec::with_capacity(k * d);
     for &s in &seeds {

@@ -91,10 +91,20 @@ pub(crate) fn scaled_query(index: &ClusterIndex, q: &TensorView, param: &str) ->
     let (lead, hq) = match sh.len() {
         2 if sh[1] == d => (None, sh[0]),
         3 if sh[0] == 1 && sh[2] == d => (Some(0), sh[1]),
-        _ => return Err(Error::shape(param, format!("[num_qo_heads, {d}] or [1, num_qo_heads, {d}] (head_dim {d} of the index)"), format!("{sh:?}"))),
+        _ => {
+            return Err(Error::shape(
+                param,
+                format!("[num_qo_heads, {d}] or [1, num_qo_heads, {d}] (head_dim {d} of the index)"),
+                format!("{sh:?}"),
+            ))
+        }
     };
     if hq == 0 || hq % hk != 0 {
-        return Err(Error::shape(param, format!("a number of query heads that is a positive multiple of num_kv_heads {hk}"), format!("{hq}")));
+        return Err(Error::shape(
+            param,
+            format!("a number of query heads that is a positive multiple of num_kv_heads {hk}"),
+            format!("{hq}"),
+        ));
     }
     let mut rows = vec![0f32; hq * d];
     for h in 0..hq {
@@ -102,7 +112,10 @@ pub(crate) fn scaled_query(index: &ClusterIndex, q: &TensorView, param: &str) ->
         q.read_row(&idx, &mut rows[h * d..(h + 1) * d]);
     }
     if let Some(i) = rows.iter().position(|v| !v.is_finite()) {
-        return Err(Error::invalid(param, format!("finite values, but query head {} holds {} at channel {}", i / d, rows[i], i % d)));
+        return Err(Error::invalid(
+            param,
+            format!("finite values, but query head {} holds {} at channel {}", i / d, rows[i], i % d),
+        ));
     }
     let scale = 1.0 / (d as f32).sqrt();
     rows.iter_mut().for_each(|v| *v *= scale);
@@ -132,8 +145,8 @@ fn estimates(g: usize, l_sc: &[f32], n_sc: &[u32], l_ex: &[f32], n_ex: &[u32]) -
         let mx = row.iter().chain(ex.iter()).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         cpu::exp_sub_sum(&mut row, mx);
         cpu::exp_sub_sum(&mut ex, mx);
-        let denom: f64 =
-            row.iter().zip(n_sc).map(|(&e, &n)| e as f64 * n as f64).sum::<f64>() + ex.iter().zip(n_ex).map(|(&e, &n)| e as f64 * n as f64).sum::<f64>();
+        let denom: f64 = row.iter().zip(n_sc).map(|(&e, &n)| e as f64 * n as f64).sum::<f64>()
+            + ex.iter().zip(n_ex).map(|(&e, &n)| e as f64 * n as f64).sum::<f64>();
         for (o, &e) in s.iter_mut().zip(&row) {
             *o += e as f64 / denom;
         }
@@ -162,11 +175,17 @@ impl Retrieve {
             Retrieve::Threshold(t) => check_threshold("threshold", *t),
             Retrieve::PerHeadThreshold(v) => {
                 if v.len() != hk {
-                    return Err(Error::shape("thresholds", format!("[{hk}] (one per KV head)"), format!("[{}]", v.len())));
+                    return Err(Error::shape(
+                        "thresholds",
+                        format!("[{hk}] (one per KV head)"),
+                        format!("[{}]", v.len()),
+                    ));
                 }
                 v.iter().try_for_each(|&t| check_threshold("thresholds", t))
             }
-            Retrieve::Budget(0) | Retrieve::MixedBudget(0) => Err(Error::invalid("budget", "at least 1 token (a budget of 0 keeps nothing)")),
+            Retrieve::Budget(0) | Retrieve::MixedBudget(0) => {
+                Err(Error::invalid("budget", "at least 1 token (a budget of 0 keeps nothing)"))
+            }
             Retrieve::Budget(_) | Retrieve::MixedBudget(_) => Ok(()),
         }
     }
@@ -193,7 +212,9 @@ impl Retrieve {
     /// The kept `(cluster id, tokens taken from it)` among scored clusters `ids`; `bounds`
     /// (one per scored cluster) for `MixedBudget`.
     fn choose(&self, h: usize, scores: &[f64], bounds: &[f64], ids: &[u32], sizes: &[u32]) -> Vec<(u32, usize)> {
-        let keep_above = |t: f64| ids.iter().zip(scores).filter(|(_, &s)| s > t).map(|(&c, _)| (c, sizes[c as usize] as usize)).collect();
+        let keep_above = |t: f64| {
+            ids.iter().zip(scores).filter(|(_, &s)| s > t).map(|(&c, _)| (c, sizes[c as usize] as usize)).collect()
+        };
         let fill = |order: &mut dyn Iterator<Item = usize>, budget: usize| {
             let mut left = budget;
             let mut out = Vec::new();
@@ -212,7 +233,9 @@ impl Retrieve {
             Retrieve::Threshold(t) => keep_above(*t),
             Retrieve::PerHeadThreshold(v) => keep_above(v[h]),
             Retrieve::Budget(b) => fill(&mut ranked(scores, ids).into_iter(), *b),
-            Retrieve::MixedBudget(b) => fill(&mut interleave(&ranked(scores, ids), &ranked(bounds, ids)).into_iter(), *b),
+            Retrieve::MixedBudget(b) => {
+                fill(&mut interleave(&ranked(scores, ids), &ranked(bounds, ids)).into_iter(), *b)
+            }
         }
     }
 }
@@ -254,7 +277,11 @@ fn upper_bounds(q: &[f32], g: usize, d: usize, l: &[f32], ids: &[u32], radii: &[
 impl ClusterIndex {
     fn check_seq_len(&self, seq_len: usize) -> Result<()> {
         if seq_len < self.seq_len || seq_len > u32::MAX as usize {
-            return Err(Error::out_of_range("seq_len", seq_len as i64, format!("{}..={} (at least the length the index covers)", self.seq_len, u32::MAX)));
+            return Err(Error::out_of_range(
+                "seq_len",
+                seq_len as i64,
+                format!("{}..={} (at least the length the index covers)", self.seq_len, u32::MAX),
+            ));
         }
         Ok(())
     }
@@ -333,7 +360,13 @@ impl ClusterIndex {
     /// module docs for the estimate). With every coarse cluster opened the result equals
     /// [`ClusterIndex::retrieve`]'s. Errors as `retrieve`, plus: no coarse level, a NaN τ1,
     /// a coarse budget of 0, a budget multiple that is not positive or without a fine budget.
-    pub fn retrieve_hierarchical(&self, q: &TensorView, coarse: CoarseRetrieve, fine: &Retrieve, seq_len: usize) -> Result<Retrieval> {
+    pub fn retrieve_hierarchical(
+        &self,
+        q: &TensorView,
+        coarse: CoarseRetrieve,
+        fine: &Retrieve,
+        seq_len: usize,
+    ) -> Result<Retrieval> {
         if self.coarse.is_empty() {
             return Err(Error::invalid("coarse", "an index built with a coarse level (ClusterConfig::coarse)"));
         }
@@ -348,8 +381,18 @@ impl ClusterIndex {
             CoarseRetrieve::Budget(b) => Some(b),
             CoarseRetrieve::BudgetMultiple(m) => match fine.budget() {
                 Some(b) if m > 0.0 && m.is_finite() => Some(((m * b as f64).ceil() as usize).max(1)),
-                Some(_) => return Err(Error::invalid("coarse budget multiple", format!("a positive finite multiple, got {m}"))),
-                None => return Err(Error::invalid("coarse", "a fine Retrieve::Budget to multiply (BudgetMultiple), or a coarse Threshold/Budget")),
+                Some(_) => {
+                    return Err(Error::invalid(
+                        "coarse budget multiple",
+                        format!("a positive finite multiple, got {m}"),
+                    ))
+                }
+                None => {
+                    return Err(Error::invalid(
+                        "coarse",
+                        "a fine Retrieve::Budget to multiply (BudgetMultiple), or a coarse Threshold/Budget",
+                    ))
+                }
             },
         };
         self.check_seq_len(seq_len)?;
@@ -384,7 +427,8 @@ impl ClusterIndex {
                     }
                 }
             }
-            let mut children: Vec<u32> = (0..k1).filter(|&c| open[c]).flat_map(|c| level.children(c).iter().copied()).collect();
+            let mut children: Vec<u32> =
+                (0..k1).filter(|&c| open[c]).flat_map(|c| level.children(c).iter().copied()).collect();
             children.sort_unstable();
             let closed: Vec<usize> = (0..k1).filter(|&c| !open[c]).collect();
             let mut l_ex = Vec::with_capacity(g * closed.len());

@@ -36,7 +36,10 @@ On an NVIDIA GPU (a wheel built with the ``cuda`` feature), :func:`cuda_paged_de
 given through ``__dlpack__`` (torch, cupy, jax), in place, on the caller's stream.
 
 Every error is a :class:`KvsieveError` (one subclass per kind) carrying a stable
-:class:`ErrorCode`.
+:class:`ErrorCode`; kinds with a built-in counterpart derive from it too (a
+:class:`ShapeError` is a ``ValueError``, an :class:`UnknownSequenceError` a ``KeyError``, ...).
+float64 arrays are accepted wherever float32 ones are, as a float32 copy. ``help()`` on any
+class or function shows its full documentation.
 """
 
 from kvsieve._kvsieve import (
@@ -52,6 +55,7 @@ from kvsieve._kvsieve import (
     DTypeError,
     ErrorCode,
     InternalError,
+    OutOfMemoryError,
     InvalidArgumentError,
     IoError,
     KvCache,
@@ -109,6 +113,7 @@ __all__ = [
     "DTypeError",
     "ErrorCode",
     "InternalError",
+    "OutOfMemoryError",
     "InvalidArgumentError",
     "IoError",
     "KvCache",

@@ -1,10 +1,16 @@
-"""Type stubs of the kvsieve extension module (`kvsieve._kvsieve`).
+"""The kvsieve extension module, ``kvsieve._kvsieve`` (use it through ``kvsieve``).
+
+This stub is also where its documentation lives: the docstrings the classes and functions
+show at run time (``help(kvsieve.KvCache.decode)``) are generated from it.
 
 Conventions shared by every call:
 
 * Float arrays are numpy arrays of float32 or float16, with any non-negative strides
   (transposed or sliced views are read in place, without a copy). Arguments other than
-  engine-owned pages that have negative strides are copied first.
+  engine-owned pages that have negative strides are copied first. float64 arrays are
+  accepted wherever float32 is, as a float32 copy (for engine-owned pages too, so pass
+  those as float32 or float16 to keep them uncopied); other dtypes raise
+  :class:`DTypeError`.
 * Integer arguments (sequence ids, slots, page tables, positions) are sequences of Python
   ints or 1-D integer numpy arrays.
 * Queries are ``[tokens, num_qo_heads, head_dim]`` with ``num_qo_heads`` a multiple of
@@ -33,7 +39,7 @@ from typing import Any, ClassVar, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
-FloatArray = Union[npt.NDArray[np.float32], npt.NDArray[np.float16]]
+FloatArray = Union[npt.NDArray[np.float32], npt.NDArray[np.float16], npt.NDArray[np.float64]]
 IntArray = Union[Sequence[int], npt.NDArray[np.integer]]
 
 __version__: str
@@ -60,6 +66,7 @@ class ErrorCode(enum.IntEnum):
     IO = 10
     PARSE = 11
     INTERNAL = 12
+    OUT_OF_MEMORY = 13
 
 class KvsieveError(Exception):
     """Base class of every error raised by kvsieve.
@@ -68,31 +75,40 @@ class KvsieveError(Exception):
     carries, as class attributes, ``code`` (the stable :class:`ErrorCode` of its kind) and
     ``code_name`` (its short lowercase name: ``"shape"``, ``"out_of_pages"``, ...). The
     message names the parameter at fault and what was expected.
+
+    Kinds with a built-in counterpart derive from it too, so ``except ValueError`` and the
+    like catch them: :class:`InvalidArgumentError` and :class:`ShapeError` derive from
+    ``ValueError``, :class:`DTypeError` from ``TypeError``, :class:`UnknownSequenceError`
+    from ``KeyError``, :class:`OutOfRangeError` from ``IndexError``, and
+    :class:`OutOfPagesError` and :class:`OutOfMemoryError` from ``MemoryError``. A panic
+    inside kvsieve (a bug) raises :class:`InternalError`.
     """
 
     code: ClassVar[ErrorCode]
     code_name: ClassVar[str]
 
-class InvalidArgumentError(KvsieveError):
-    """An argument has a value outside what the call accepts."""
+class InvalidArgumentError(KvsieveError, ValueError):
+    """An argument has a value outside what the call accepts (also a ``ValueError``)."""
 
-class ShapeError(KvsieveError):
-    """An array has the wrong shape or strides."""
+class ShapeError(KvsieveError, ValueError):
+    """An array has the wrong shape or strides (also a ``ValueError``)."""
 
-class DTypeError(KvsieveError):
-    """An array has a dtype the call does not accept."""
+class DTypeError(KvsieveError, TypeError):
+    """An array (or another argument) has a type the call does not accept (also a
+    ``TypeError``)."""
 
 class NullPointerError(KvsieveError):
     """A required buffer was missing."""
 
-class UnknownSequenceError(KvsieveError):
-    """A sequence id the cache does not hold."""
+class UnknownSequenceError(KvsieveError, KeyError):
+    """A sequence id the cache does not hold (also a ``KeyError``, whose ``str()`` is the
+    plain message)."""
 
-class OutOfRangeError(KvsieveError):
-    """An index (token, slot, page, layer, head) is out of range."""
+class OutOfRangeError(KvsieveError, IndexError):
+    """An index (token, slot, page, layer, head) is out of range (also an ``IndexError``)."""
 
-class OutOfPagesError(KvsieveError):
-    """The page pool has too few free pages for the request."""
+class OutOfPagesError(KvsieveError, MemoryError):
+    """The page pool has too few free pages for the request (also a ``MemoryError``)."""
 
 class UnsupportedError(KvsieveError):
     """A configuration kvsieve does not support (for example a head_dim)."""
@@ -113,7 +129,12 @@ class ParseError(KvsieveError):
     offset: int
 
 class InternalError(KvsieveError):
-    """A bug inside kvsieve (or a failed :meth:`KvCache.check_invariants`). Please report it."""
+    """A bug inside kvsieve (a failed :meth:`KvCache.check_invariants`, or a panic, whose
+    message follows ``"panic: "``). Please report it."""
+
+class OutOfMemoryError(KvsieveError, MemoryError):
+    """Memory for a buffer the call needs could not be allocated; the call changed nothing
+    (also a ``MemoryError``)."""
 
 class RopeConfig:
     """Rotary position embedding parameters, usable as the ``rope=`` argument.
@@ -153,11 +174,14 @@ class CacheConfig:
     """Shape and storage of a :class:`KvCache` (read-only)."""
 
     @property
-    def num_layers(self) -> int: ...
+    def num_layers(self) -> int:
+        """Number of layers."""
     @property
-    def num_kv_heads(self) -> int: ...
+    def num_kv_heads(self) -> int:
+        """KV heads per layer."""
     @property
-    def head_dim(self) -> int: ...
+    def head_dim(self) -> int:
+        """Channels per head."""
     @property
     def page_size(self) -> int:
         """Token slots per page."""
@@ -425,8 +449,8 @@ class KvCache:
         """Write K and V of one layer for tokens ``start .. start + n`` of a sequence.
 
         Args:
-            k: ``[n, num_kv_heads, head_dim]`` float32 or float16, any strides.
-            v: same shape as ``k``, float32 or float16.
+            k: ``[n, num_kv_heads, head_dim]`` float32 or float16 (or float64), any strides.
+            v: same shape as ``k``, float32 or float16 (or float64).
 
         Pages shared with another sequence are copied first; key bounds are updated.
 
@@ -522,7 +546,7 @@ class KvCache:
         Args:
             layer: the layer whose K/V are read.
             seqs: the batch's sequences (repeats allowed).
-            q: ``[len(seqs), num_qo_heads, head_dim]`` float32 or float16.
+            q: ``[len(seqs), num_qo_heads, head_dim]`` float32 or float16 (or float64).
             scale: multiplier of q·k (default ``1/sqrt(head_dim)``).
             logit_soft_cap: if ``c > 0``, scores become ``c * tanh(score / c)``.
             rope: required for a ``key_rope="pre"`` cache, whose queries are then given
@@ -925,9 +949,11 @@ class ClusterIndex:
     def to_bytes(self) -> bytes:
         """The bytes :meth:`save` writes."""
     @property
-    def num_kv_heads(self) -> int: ...
+    def num_kv_heads(self) -> int:
+        """KV heads the index covers."""
     @property
-    def head_dim(self) -> int: ...
+    def head_dim(self) -> int:
+        """Channels per key."""
     @property
     def num_clusters(self) -> int:
         """Fine clusters per KV head."""
@@ -1048,7 +1074,7 @@ class ClusterIndex:
             ShapeError: ``q`` of the wrong shape (another head_dim, heads not a multiple of
                 ``num_kv_heads``); per-head thresholds not one per KV head.
             OutOfRangeError: ``seq_len`` shorter than :attr:`seq_len`; a negative budget.
-            DTypeError: ``q`` not float32 / float16; ``threshold`` of another type.
+            DTypeError: ``q`` not float32 / float16 / float64; ``threshold`` of another type.
         """
     def calibrate(self, queries: FloatArray, target_fraction: float, per_head: bool = False) -> ClusterThresholds:
         """Thresholds that keep on average ``target_fraction`` of the clustered keys on the
@@ -1118,7 +1144,8 @@ def paged_decode(
         k_pages: ``[num_pages, page_size, num_kv_heads, head_dim]`` (layout ``"nhd"``) or
             ``[num_pages, num_kv_heads, page_size, head_dim]`` (``"hnd"``), float32 or
             float16, any non-negative strides with a contiguous head_dim (for example
-            ``kv[:, 0]`` of a combined ``[num_pages, 2, ...]`` array).
+            ``kv[:, 0]`` of a combined ``[num_pages, 2, ...]`` array). float64 pages are
+            accepted but copied to float32 on every call.
         v_pages: same shape and dtype as ``k_pages``.
         indptr, indices, last_page_len: the batch's CSR page table (int32 values):
             sequence ``b`` holds pages ``indices[indptr[b]:indptr[b+1]]``, the last one
@@ -1262,7 +1289,7 @@ def top_k(scores: FloatArray, k: int) -> npt.NDArray[np.uint32]:
     returns every index.
 
     Raises:
-        ShapeError: ``scores`` not 1-D. DTypeError: not float32 or float16.
+        ShapeError: ``scores`` not 1-D. DTypeError: not float32, float16 or float64.
     """
 
 def window_pages_to_evict(seq_len: int, page_size: int, sinks: int, window: int) -> npt.NDArray[np.int64]:
@@ -1288,8 +1315,9 @@ def gemfilter_scores(
     num_qo_heads // num_kv_heads``).
 
     The keys come from exactly one source: ``keys``, an array ``[n, num_kv_heads,
-    head_dim]`` (after RoPE; float32 or float16, any strides), or ``cache=``, ``seq=`` and
-    ``layer=``, the keys of that sequence at that layer in a ``key_rope="post"`` cache.
+    head_dim]`` (after RoPE; float32, float16 or float64, any strides), or ``cache=``,
+    ``seq=`` and ``layer=``, the keys of that sequence at that layer in a
+    ``key_rope="post"`` cache.
 
     Args:
         q: the filter layer's last query (after RoPE), ``[num_qo_heads, head_dim]`` or
@@ -1307,7 +1335,7 @@ def gemfilter_scores(
             their ``num_kv_heads`` as its number of heads.
         UnsupportedError: a ``keys`` head_dim that is not a multiple of 8 from 8 to
             :data:`MAX_HEAD_DIM`.
-        DTypeError: ``q`` or ``keys`` not float32 / float16, ``cache`` not a :class:`KvCache`.
+        DTypeError: ``q`` or ``keys`` not float32 / float16 / float64, ``cache`` not a :class:`KvCache`.
         UnknownSequenceError, OutOfRangeError: a bad ``seq`` or ``layer``.
     """
 
@@ -1316,7 +1344,7 @@ def avg_pool(scores: FloatArray, kernel: int) -> npt.NDArray[np.float32]:
     r`` (``r = kernel // 2``) that exist, so entries near the ends average fewer values.
 
     Args:
-        scores: 1-D, float32 or float16.
+        scores: 1-D, float32, float16 or float64.
         kernel: the window width, odd; 1 returns the scores unchanged (as float32).
 
     Returns:
@@ -1459,7 +1487,7 @@ def kmeans(
     assignment ties go to the lower cluster.
 
     Args:
-        keys: ``[n, head_dim]``, float32 or float16.
+        keys: ``[n, head_dim]``, float32, float16 or float64.
         clusters: an int, or a float fraction of ``n`` in ``(0, 1]``; exactly one of
             ``clusters`` and ``init``.
         init: initial centroids ``[k, head_dim]`` (``1 <= k <= n``).
@@ -1727,13 +1755,17 @@ class CudaClusterIndex:
         the coarse level on the host). Returns the index on the host and on the device."""
 
     @property
-    def num_kv_heads(self) -> int: ...
+    def num_kv_heads(self) -> int:
+        """KV heads the index covers."""
     @property
-    def head_dim(self) -> int: ...
+    def head_dim(self) -> int:
+        """Channels per key."""
     @property
-    def num_clusters(self) -> int: ...
+    def num_clusters(self) -> int:
+        """Clusters per KV head."""
     @property
-    def num_coarse_clusters(self) -> int: ...
+    def num_coarse_clusters(self) -> int:
+        """Coarse clusters per KV head (0 without a coarse level)."""
     @property
     def clustered_len(self) -> int:
         """Tokens clustered per KV head: ``sel_indices`` needs ``num_kv_heads * clustered_len``."""
@@ -1790,8 +1822,10 @@ class CudaKvCache:
         """A new empty sequence; returns its id."""
     def fork(self, seq: int) -> int:
         """Fork ``seq`` (prefix sharing, copy on write); returns the new id."""
-    def free_sequence(self, seq: int) -> None: ...
-    def seq_len(self, seq: int) -> int: ...
+    def free_sequence(self, seq: int) -> None:
+        """Drop ``seq``; pages no other sequence shares go back to the pool."""
+    def seq_len(self, seq: int) -> int:
+        """Tokens held by ``seq``."""
     def append(self, seq: int, n: int, positions: IntArray | Sequence[int] | None = None) -> npt.NDArray[np.int64]:
         """Reserve ``n`` slots at the end of ``seq``; returns their slot numbers
         (``page * page_size + slot``)."""
@@ -1799,7 +1833,8 @@ class CudaKvCache:
         """Write K and V of tokens ``start .. start + n`` of ``layer``, ``[n, num_kv_heads,
         head_dim]``: numpy arrays (converted to float32 on the host) or ``__dlpack__`` device
         arrays on the cache's device (float32, float16 or bfloat16)."""
-    def truncate(self, seq: int, new_len: int) -> None: ...
+    def truncate(self, seq: int, new_len: int) -> None:
+        """Keep the first ``new_len`` tokens of ``seq``."""
     def evict_pages(self, seq: int, page_indices: IntArray | Sequence[int]) -> None:
         """Evict whole pages (indices into the sequence's page list, strictly increasing)."""
     def compact(self, seq: int, keep: Any, per: str = "all") -> None:

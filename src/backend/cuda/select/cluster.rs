@@ -159,7 +159,11 @@ impl CudaClusterIndex {
                     }
                 }
             }
-            Some((DeviceBuffer::from_slice(dev, &cc, stream)?, DeviceBuffer::from_slice(dev, &cs, stream)?, DeviceBuffer::from_slice(dev, &parent, stream)?))
+            Some((
+                DeviceBuffer::from_slice(dev, &cc, stream)?,
+                DeviceBuffer::from_slice(dev, &cs, stream)?,
+                DeviceBuffer::from_slice(dev, &parent, stream)?,
+            ))
         } else {
             None
         };
@@ -175,7 +179,11 @@ impl CudaClusterIndex {
             sizes: DeviceBuffer::from_slice(dev, &sizes, stream)?,
             assign: DeviceBuffer::from_slice(dev, if assign.is_empty() { &[0u32][..] } else { &assign }, stream)?,
             rank: DeviceBuffer::from_slice(dev, if rank.is_empty() { &[0u32][..] } else { &rank }, stream)?,
-            radii: if has_radii && !radii.is_empty() { Some(DeviceBuffer::from_slice(dev, &radii, stream)?) } else { None },
+            radii: if has_radii && !radii.is_empty() {
+                Some(DeviceBuffer::from_slice(dev, &radii, stream)?)
+            } else {
+                None
+            },
             coarse,
         })
     }
@@ -211,10 +219,17 @@ impl CudaClusterIndex {
     }
 
     fn check_out(&self, out: &CudaSelections) -> Result<()> {
-        if out.batch_size() != 1 || out.num_kv_heads() != self.num_kv_heads || out.max_per_head() < self.clustered_len || out.device() != self.dev.ordinal() {
+        if out.batch_size() != 1
+            || out.num_kv_heads() != self.num_kv_heads
+            || out.max_per_head() < self.clustered_len
+            || out.device() != self.dev.ordinal()
+        {
             return Err(Error::shape(
                 "out",
-                format!("selections for 1 sequence, {} KV heads, room for {} tokens per list", self.num_kv_heads, self.clustered_len),
+                format!(
+                    "selections for 1 sequence, {} KV heads, room for {} tokens per list",
+                    self.num_kv_heads, self.clustered_len
+                ),
                 format!("batch {}, {} KV heads, room for {}", out.batch_size(), out.num_kv_heads(), out.max_per_head()),
             ));
         }
@@ -226,16 +241,35 @@ impl CudaClusterIndex {
         let qi = check_query(&self.dev, q, "q", 1, self.num_kv_heads, self.head_dim)?;
         let g = qi.num_qo_heads / self.num_kv_heads;
         if g > MAX_GROUP {
-            return Err(Error::Unsupported(format!("centroid retrieval on the device with more than {MAX_GROUP} query heads per KV head (got {g})")));
+            return Err(Error::Unsupported(format!(
+                "centroid retrieval on the device with more than {MAX_GROUP} query heads per KV head (got {g})"
+            )));
         }
-        if ws.num_qo_heads != qi.num_qo_heads || ws.hk != self.num_kv_heads || ws.k < self.k || ws.k1 < self.k1 || ws.d != self.head_dim {
-            return Err(Error::invalid("workspace", format!("a workspace made by ClusterWorkspace::new for this index and {} query heads", qi.num_qo_heads)));
+        if ws.num_qo_heads != qi.num_qo_heads
+            || ws.hk != self.num_kv_heads
+            || ws.k < self.k
+            || ws.k1 < self.k1
+            || ws.d != self.head_dim
+        {
+            return Err(Error::invalid(
+                "workspace",
+                format!("a workspace made by ClusterWorkspace::new for this index and {} query heads", qi.num_qo_heads),
+            ));
         }
         Ok(g)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn logits(&self, stream: &Stream, q: u64, cent: u64, k: usize, g: usize, open: Option<(u64, u64)>, out: u64) -> Result<()> {
+    fn logits(
+        &self,
+        stream: &Stream,
+        q: u64,
+        cent: u64,
+        k: usize,
+        g: usize,
+        open: Option<(u64, u64)>,
+        out: u64,
+    ) -> Result<()> {
         let (parent, open_ptr) = open.unwrap_or((0, 0));
         let p = LogitsParams {
             q,
@@ -252,13 +286,31 @@ impl CudaClusterIndex {
         let grid = ((k as u32).div_ceil(LOGIT_WARPS), self.num_kv_heads as u32, 1);
         // SAFETY: q holds hq * d f32, cent hk * k * d, out hk * g * k (workspace checked);
         // parent / open (when given) hk * k and hk * k1.
-        unsafe { launch(&self.dev, stream, ModuleId::Cluster, "kvs_cluster_logits", LaunchDims::new(grid, 32 * LOGIT_WARPS), &p) }
+        unsafe {
+            launch(
+                &self.dev,
+                stream,
+                ModuleId::Cluster,
+                "kvs_cluster_logits",
+                LaunchDims::new(grid, 32 * LOGIT_WARPS),
+                &p,
+            )
+        }
     }
 
     /// Queue one estimate-and-select pass (see `cuda/cluster.cu`).
     fn estimate(&self, stream: &Stream, p: EstimateParams) -> Result<()> {
         // SAFETY: every array holds hk rows of its size (workspace and index checked).
-        unsafe { launch(&self.dev, stream, ModuleId::Cluster, "kvs_cluster_estimate_select", LaunchDims::new((self.num_kv_heads as u32, 1, 1), EST_BLOCK), &p) }
+        unsafe {
+            launch(
+                &self.dev,
+                stream,
+                ModuleId::Cluster,
+                "kvs_cluster_estimate_select",
+                LaunchDims::new((self.num_kv_heads as u32, 1, 1), EST_BLOCK),
+                &p,
+            )
+        }
     }
 
     fn gather(&self, stream: &Stream, ws: &ClusterWorkspace, out: &CudaSelections) -> Result<()> {
@@ -274,13 +326,33 @@ impl CudaClusterIndex {
             m: self.clustered_len as u32,
         };
         // SAFETY: `out` holds hk + 1 offsets and hk * clustered_len tokens (checked).
-        unsafe { launch(&self.dev, stream, ModuleId::Cluster, "kvs_cluster_gather", LaunchDims::new((self.num_kv_heads as u32, 1, 1), GATHER_BLOCK), &p) }
+        unsafe {
+            launch(
+                &self.dev,
+                stream,
+                ModuleId::Cluster,
+                "kvs_cluster_gather",
+                LaunchDims::new((self.num_kv_heads as u32, 1, 1), GATHER_BLOCK),
+                &p,
+            )
+        }
     }
 
     /// Queue the mixed ranking's choice after estimates of mode 2 (see `cuda/cluster.cu`);
     /// `open` = (parents, opened coarse clusters) for a hierarchical retrieval.
-    fn mixed(&self, stream: &Stream, ws: &ClusterWorkspace, q: u64, g: usize, budget: u32, open: Option<(u64, u64)>) -> Result<()> {
-        let radii = self.radii.as_ref().ok_or_else(|| Error::Internal("mixed ranking without radii (checked by check_how)".into()))?;
+    fn mixed(
+        &self,
+        stream: &Stream,
+        ws: &ClusterWorkspace,
+        q: u64,
+        g: usize,
+        budget: u32,
+        open: Option<(u64, u64)>,
+    ) -> Result<()> {
+        let radii = self
+            .radii
+            .as_ref()
+            .ok_or_else(|| Error::Internal("mixed ranking without radii (checked by check_how)".into()))?;
         let (parent, open_ptr) = open.unwrap_or((0, 0));
         let p = MixedParams {
             logits: ws.logits.ptr(),
@@ -304,7 +376,16 @@ impl CudaClusterIndex {
         };
         // SAFETY: logits hk * g * k, q hk * g * d, radii / sizes / est / bound / take hk * k,
         // stats hk * 3, cand hk * 2 * cap ranked entries with cap >= k (workspace checked).
-        unsafe { launch(&self.dev, stream, ModuleId::Cluster, "kvs_cluster_mixed_select", LaunchDims::new((self.num_kv_heads as u32, 1, 1), MIX_BLOCK), &p) }
+        unsafe {
+            launch(
+                &self.dev,
+                stream,
+                ModuleId::Cluster,
+                "kvs_cluster_mixed_select",
+                LaunchDims::new((self.num_kv_heads as u32, 1, 1), MIX_BLOCK),
+                &p,
+            )
+        }
     }
 
     /// `how` is valid and this index can answer it (radii for the mixed ranking).
@@ -320,7 +401,13 @@ impl CudaClusterIndex {
     }
 
     /// Mode, threshold address and budget of a fine or coarse choice.
-    fn mode(&self, how: &Retrieve, ws: &mut ClusterWorkspace, stream: &Stream, coarse: bool) -> Result<(u32, u64, u32)> {
+    fn mode(
+        &self,
+        how: &Retrieve,
+        ws: &mut ClusterWorkspace,
+        stream: &Stream,
+        coarse: bool,
+    ) -> Result<(u32, u64, u32)> {
         let hk = self.num_kv_heads;
         let t = match how {
             Retrieve::Threshold(t) => vec![*t; hk],
@@ -328,7 +415,11 @@ impl CudaClusterIndex {
             Retrieve::Budget(b) => return Ok((1, 0, (*b).min(u32::MAX as usize) as u32)),
             Retrieve::MixedBudget(b) => return Ok((2, 0, (*b).min(u32::MAX as usize) as u32)),
         };
-        let (buf, last) = if coarse { (&ws.cthresholds, &mut ws.last_cthresholds) } else { (&ws.thresholds, &mut ws.last_thresholds) };
+        let (buf, last) = if coarse {
+            (&ws.cthresholds, &mut ws.last_cthresholds)
+        } else {
+            (&ws.thresholds, &mut ws.last_thresholds)
+        };
         if last.as_deref() != Some(&t[..]) {
             // The driver reads pageable host memory before the call returns.
             buf.upload(0, bytemuck::cast_slice(&t), stream)?;
@@ -344,7 +435,14 @@ impl CudaClusterIndex {
     ///
     /// Errors: as [`ClusterIndex::retrieve`] (bad `q`, NaN threshold, budget 0, per-head
     /// thresholds of the wrong length), a workspace or `out` of other sizes.
-    pub fn retrieve(&self, stream: &Stream, q: &DeviceTensor, how: &Retrieve, ws: &mut ClusterWorkspace, out: &CudaSelections) -> Result<()> {
+    pub fn retrieve(
+        &self,
+        stream: &Stream,
+        q: &DeviceTensor,
+        how: &Retrieve,
+        ws: &mut ClusterWorkspace,
+        out: &CudaSelections,
+    ) -> Result<()> {
         self.check_how(how)?;
         self.check_out(out)?;
         let g = self.prepare(q, ws)?;
@@ -404,9 +502,21 @@ impl CudaClusterIndex {
             CoarseRetrieve::Budget(0) => return Err(Error::invalid("coarse budget", "at least 1 token")),
             CoarseRetrieve::Budget(b) => Retrieve::Budget(b),
             CoarseRetrieve::BudgetMultiple(m) => match fine {
-                Retrieve::Budget(b) if m > 0.0 && m.is_finite() => Retrieve::Budget(((m * *b as f64).ceil() as usize).max(1)),
-                Retrieve::Budget(_) => return Err(Error::invalid("coarse budget multiple", format!("a positive finite multiple, got {m}"))),
-                _ => return Err(Error::invalid("coarse", "a fine Retrieve::Budget to multiply (BudgetMultiple), or a coarse Threshold/Budget")),
+                Retrieve::Budget(b) if m > 0.0 && m.is_finite() => {
+                    Retrieve::Budget(((m * *b as f64).ceil() as usize).max(1))
+                }
+                Retrieve::Budget(_) => {
+                    return Err(Error::invalid(
+                        "coarse budget multiple",
+                        format!("a positive finite multiple, got {m}"),
+                    ))
+                }
+                _ => {
+                    return Err(Error::invalid(
+                        "coarse",
+                        "a fine Retrieve::Budget to multiply (BudgetMultiple), or a coarse Threshold/Budget",
+                    ))
+                }
             },
         };
         self.check_out(out)?;
@@ -466,7 +576,13 @@ impl CudaClusterIndex {
 }
 
 fn validate_retrieve(how: &Retrieve, hk: usize) -> Result<()> {
-    let check = |param: &str, t: f64| if t.is_nan() { Err(Error::invalid(param, "a threshold that is not NaN")) } else { Ok(()) };
+    let check = |param: &str, t: f64| {
+        if t.is_nan() {
+            Err(Error::invalid(param, "a threshold that is not NaN"))
+        } else {
+            Ok(())
+        }
+    };
     match how {
         Retrieve::Threshold(t) => check("threshold", *t),
         Retrieve::PerHeadThreshold(v) => {
@@ -475,7 +591,9 @@ fn validate_retrieve(how: &Retrieve, hk: usize) -> Result<()> {
             }
             v.iter().try_for_each(|&t| check("thresholds", t))
         }
-        Retrieve::Budget(0) | Retrieve::MixedBudget(0) => Err(Error::invalid("budget", "at least 1 token (a budget of 0 keeps nothing)")),
+        Retrieve::Budget(0) | Retrieve::MixedBudget(0) => {
+            Err(Error::invalid("budget", "at least 1 token (a budget of 0 keeps nothing)"))
+        }
         Retrieve::Budget(_) | Retrieve::MixedBudget(_) => Ok(()),
     }
 }
@@ -513,7 +631,10 @@ impl ClusterWorkspace {
     pub fn new(index: &CudaClusterIndex, num_qo_heads: usize) -> Result<Self> {
         let (hk, k, k1) = (index.num_kv_heads, index.k, index.k1);
         if num_qo_heads == 0 || !num_qo_heads.is_multiple_of(hk) {
-            return Err(Error::invalid("num_qo_heads", format!("a positive multiple of num_kv_heads ({hk}), got {num_qo_heads}")));
+            return Err(Error::invalid(
+                "num_qo_heads",
+                format!("a positive multiple of num_kv_heads ({hk}), got {num_qo_heads}"),
+            ));
         }
         let g = num_qo_heads / hk;
         let dev = &index.dev;
@@ -621,7 +742,16 @@ pub fn build_index(
         Some(k1) => heads.iter().map(|fine| CoarseLevel::build(fine, k1, cfg.seed, cfg.max_iter)).collect(),
         None => Vec::new(),
     };
-    let index = ClusterIndex { config: *cfg, num_kv_heads: hk, head_dim: d, seq_len_at_build: n, seq_len: n, clustered_len: m, heads, coarse };
+    let index = ClusterIndex {
+        config: *cfg,
+        num_kv_heads: hk,
+        head_dim: d,
+        seq_len_at_build: n,
+        seq_len: n,
+        clustered_len: m,
+        heads,
+        coarse,
+    };
     let dindex = CudaClusterIndex::upload(dev, &index, stream)?;
     Ok((index, dindex))
 }

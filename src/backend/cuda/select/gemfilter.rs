@@ -67,7 +67,14 @@ pub struct GemFilterWorkspace {
 impl GemFilterWorkspace {
     /// Scratch for `n` tokens, `num_qo_heads * head_dim` query values and up to `max_k`
     /// kept tokens.
-    pub fn new(dev: &Arc<CudaDevice>, n: usize, num_qo_heads: usize, head_dim: usize, max_k: usize, stream: &Stream) -> Result<Self> {
+    pub fn new(
+        dev: &Arc<CudaDevice>,
+        n: usize,
+        num_qo_heads: usize,
+        head_dim: usize,
+        max_k: usize,
+        stream: &Stream,
+    ) -> Result<Self> {
         let n32 = to_u32("n", n)?;
         Ok(GemFilterWorkspace {
             dev: dev.clone(),
@@ -129,7 +136,12 @@ impl GemFilterWorkspace {
 /// Queue the unpooled GemFilter scores of every token of `keys` (`[n, num_kv_heads,
 /// head_dim]` on the device, channels contiguous) for the query `q` (`[num_qo_heads,
 /// head_dim]` or with a leading 1) into the workspace. Graph-capturable.
-pub fn gemfilter_scores(stream: &Stream, q: &DeviceTensor, keys: &DeviceTensor, ws: &mut GemFilterWorkspace) -> Result<()> {
+pub fn gemfilter_scores(
+    stream: &Stream,
+    q: &DeviceTensor,
+    keys: &DeviceTensor,
+    ws: &mut GemFilterWorkspace,
+) -> Result<()> {
     let dev = ws.dev.clone();
     let [n, hk, d] = keys.shape[..] else {
         return Err(Error::shape("keys", "[n, num_kv_heads, head_dim]", format!("{:?}", keys.shape)));
@@ -143,7 +155,11 @@ pub fn gemfilter_scores(stream: &Stream, q: &DeviceTensor, keys: &DeviceTensor, 
         return Err(Error::shape("keys", "contiguous channels (last stride 1)", format!("strides {:?}", keys.strides)));
     }
     if hk * d * 4 > MAX_SHARED {
-        return Err(Error::Unsupported(format!("GemFilter on the device with num_kv_heads * head_dim above {} (got {})", MAX_SHARED / 4, hk * d)));
+        return Err(Error::Unsupported(format!(
+            "GemFilter on the device with num_kv_heads * head_dim above {} (got {})",
+            MAX_SHARED / 4,
+            hk * d
+        )));
     }
     let qi = check_query(&dev, q, "q", 1, hk, d)?;
     if n != ws.n || q.numel() > ws.numel_q {
@@ -167,7 +183,8 @@ pub fn gemfilter_scores(stream: &Stream, q: &DeviceTensor, keys: &DeviceTensor, 
         DType::BF16 => "kvs_gemfilter_scores_bf16",
     };
     let grid = to_u32("n", n.div_ceil(SCORE_WARPS * TOKENS_PER_WARP))?;
-    let dims = LaunchDims { grid: (grid, 1, 1), block: ((32 * SCORE_WARPS) as u32, 1, 1), shared_bytes: (hk * d * 4) as u32 };
+    let dims =
+        LaunchDims { grid: (grid, 1, 1), block: ((32 * SCORE_WARPS) as u32, 1, 1), shared_bytes: (hk * d * 4) as u32 };
     // SAFETY: keys checked (shape, dtype, device, alignment; valid per DeviceTensor's
     // contract for its shape and strides); q f32 with hq * d values; scores n f32.
     unsafe { launch(&dev, stream, ModuleId::Gemfilter, name, dims, &p) }
@@ -180,7 +197,13 @@ pub fn gemfilter_scores(stream: &Stream, q: &DeviceTensor, keys: &DeviceTensor, 
 /// Errors: as [`crate::select::gemfilter::select`] (empty context, `k` outside `1..=n`,
 /// forced tokens above `k`, an even pool width), a bad `q` or `keys`, a workspace made for
 /// another size or a smaller `k`.
-pub fn gemfilter_select(stream: &Stream, q: &DeviceTensor, keys: &DeviceTensor, cfg: &GemFilterConfig, ws: &mut GemFilterWorkspace) -> Result<()> {
+pub fn gemfilter_select(
+    stream: &Stream,
+    q: &DeviceTensor,
+    keys: &DeviceTensor,
+    cfg: &GemFilterConfig,
+    ws: &mut GemFilterWorkspace,
+) -> Result<()> {
     let n = keys.shape.first().copied().unwrap_or(0);
     if n == 0 {
         return Err(Error::invalid("keys", "a non-empty context"));
@@ -189,13 +212,19 @@ pub fn gemfilter_select(stream: &Stream, q: &DeviceTensor, keys: &DeviceTensor, 
         return Err(Error::out_of_range("k", cfg.k as i64, format!("1..={n} (the context length)")));
     }
     if cfg.keep_first + cfg.keep_last > cfg.k {
-        return Err(Error::invalid("k", format!("at least keep_first + keep_last = {}", cfg.keep_first + cfg.keep_last)));
+        return Err(Error::invalid(
+            "k",
+            format!("at least keep_first + keep_last = {}", cfg.keep_first + cfg.keep_last),
+        ));
     }
     if cfg.pool_kernel == 0 || cfg.pool_kernel.is_multiple_of(2) {
         return Err(Error::invalid("pool_kernel", format!("an odd width (1 = no pooling), got {}", cfg.pool_kernel)));
     }
     if cfg.k > ws.k {
-        return Err(Error::invalid("workspace", format!("a workspace for at least k = {} tokens (it has room for {})", cfg.k, ws.k)));
+        return Err(Error::invalid(
+            "workspace",
+            format!("a workspace for at least k = {} tokens (it has room for {})", cfg.k, ws.k),
+        ));
     }
     gemfilter_scores(stream, q, keys, ws)?;
     let dev = ws.dev.clone();

@@ -134,7 +134,13 @@ impl CudaKMeans {
     ///
     /// Errors: a bad shape or dtype, `k` 0 or above `n`, `head_dim` not a multiple of 8 in
     /// `8..=512`, an assignment path the keys do not allow.
-    pub fn new(dev: &Arc<CudaDevice>, keys: &DeviceTensor, k: usize, max_iter: usize, assignment: Assignment) -> Result<Self> {
+    pub fn new(
+        dev: &Arc<CudaDevice>,
+        keys: &DeviceTensor,
+        k: usize,
+        max_iter: usize,
+        assignment: Assignment,
+    ) -> Result<Self> {
         let [n, hk, d] = keys.shape[..] else {
             return Err(Error::shape("keys", "[n, num_kv_heads, head_dim]", format!("{:?}", keys.shape)));
         };
@@ -144,7 +150,11 @@ impl CudaKMeans {
         }
         crate::config::validate_head_dim(d)?;
         if keys.strides[2] != 1 {
-            return Err(Error::shape("keys", "contiguous channels (last stride 1)", format!("strides {:?}", keys.strides)));
+            return Err(Error::shape(
+                "keys",
+                "contiguous channels (last stride 1)",
+                format!("strides {:?}", keys.strides),
+            ));
         }
         if n == 0 {
             return Err(Error::invalid("keys", "at least one key to cluster (the context is empty)"));
@@ -165,7 +175,10 @@ impl CudaKMeans {
                 ));
             }
             if !keys.ptr.is_multiple_of(4) || !keys.strides[0].is_multiple_of(2) || !keys.strides[1].is_multiple_of(2) {
-                return Err(Error::invalid("keys", "4-byte aligned key rows (even token and head strides) for the tensor-core assignment"));
+                return Err(Error::invalid(
+                    "keys",
+                    "4-byte aligned key rows (even token and head strides) for the tensor-core assignment",
+                ));
             }
         }
         let nt = if assignment == Assignment::Split { 32 } else { 64 };
@@ -234,7 +247,10 @@ impl CudaKMeans {
             step: 0,
         };
         // Order matters: see the BUF_* positions.
-        let mut bufs = vec![inv_norm, xsq, csq, sizes, sums, ctl, assign, best, raw, centroids, d2, chunk_sums, rng, chosen, seeds, near, ss2, radii];
+        let mut bufs = vec![
+            inv_norm, xsq, csq, sizes, sums, ctl, assign, best, raw, centroids, d2, chunk_sums, rng, chosen, seeds,
+            near, ss2, radii,
+        ];
         bufs.extend(chi);
         bufs.extend(clo);
         Ok(CudaKMeans {
@@ -261,12 +277,21 @@ impl CudaKMeans {
     pub fn set_centroids(&self, init: &[f32], stream: &Stream) -> Result<()> {
         let want = self.hk * self.k * self.d;
         if init.len() != want {
-            return Err(Error::shape("init", format!("[{}, {}, {}] = {want} values", self.hk, self.k, self.d), format!("{} values", init.len())));
+            return Err(Error::shape(
+                "init",
+                format!("[{}, {}, {}] = {want} values", self.hk, self.k, self.d),
+                format!("{} values", init.len()),
+            ));
         }
         if let Some(i) = init.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid(
                 "init",
-                format!("finite centroids, but head {} centroid {} holds {}", i / (self.k * self.d), i / self.d % self.k, init[i]),
+                format!(
+                    "finite centroids, but head {} centroid {} holds {}",
+                    i / (self.k * self.d),
+                    i / self.d % self.k,
+                    init[i]
+                ),
             ));
         }
         self.cn.upload(0, bytemuck::cast_slice(init), stream)?;
@@ -324,7 +349,15 @@ impl CudaKMeans {
         }
     }
 
-    fn go(&self, stream: &Stream, name: &'static str, grid: (u32, u32, u32), block: u32, shared: u32, p: &Params) -> Result<()> {
+    fn go(
+        &self,
+        stream: &Stream,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        p: &Params,
+    ) -> Result<()> {
         let dims = LaunchDims { grid, block: (block, 1, 1), shared_bytes: shared };
         // SAFETY: every address in `p` was allocated by `new` with the sizes the kernels
         // index (hk * n, hk * k * d, hk * kp * d, ...); the keys tensor was checked.
@@ -436,7 +469,11 @@ impl CudaKMeans {
         let ctl: Vec<u32> = self._bufs[BUF_CTL].to_vec(stream)?;
         let inertia: Vec<f64> = self.inertia.to_vec(stream)?;
         let radii: Vec<u32> = self._bufs[BUF_RADII].to_vec(stream)?;
-        let seeds = if self.plus_plus.load(std::sync::atomic::Ordering::Relaxed) { self.seeds(stream)? } else { vec![Vec::new(); hk] };
+        let seeds = if self.plus_plus.load(std::sync::atomic::Ordering::Relaxed) {
+            self.seeds(stream)?
+        } else {
+            vec![Vec::new(); hk]
+        };
         let mut out = Vec::with_capacity(hk);
         for h in 0..hk {
             let a = assign[h * n..(h + 1) * n].to_vec();

@@ -48,7 +48,14 @@ struct ToF32Params {
 ///
 /// # Safety
 /// `input` holds `n` elements of `dtype` and `out` room for `n` f32, on `dev`.
-pub(crate) unsafe fn to_f32(dev: &CudaDevice, stream: &Stream, input: u64, dtype: DType, n: usize, out: u64) -> Result<()> {
+pub(crate) unsafe fn to_f32(
+    dev: &CudaDevice,
+    stream: &Stream,
+    input: u64,
+    dtype: DType,
+    n: usize,
+    out: u64,
+) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
@@ -71,22 +78,41 @@ pub(crate) struct QueryF32 {
 /// Check a decode query `q` (`[rows, num_qo_heads, head_dim]`, or `[num_qo_heads, head_dim]`
 /// when `rows == 1`), contiguous, f32 / f16 / bf16 on `dev`, with `num_qo_heads` a positive
 /// multiple of `num_kv_heads`.
-pub(crate) fn check_query(dev: &CudaDevice, q: &DeviceTensor, param: &str, rows: usize, num_kv_heads: usize, head_dim: usize) -> Result<QueryF32> {
+pub(crate) fn check_query(
+    dev: &CudaDevice,
+    q: &DeviceTensor,
+    param: &str,
+    rows: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Result<QueryF32> {
     let hq = match *q.shape.as_slice() {
         [r, hq, d] if r == rows && d == head_dim => hq,
         [hq, d] if rows == 1 && d == head_dim => hq,
         _ => {
-            let want =
-                if rows == 1 { format!("[num_qo_heads, {head_dim}] or [1, num_qo_heads, {head_dim}]") } else { format!("[{rows}, num_qo_heads, {head_dim}]") };
+            let want = if rows == 1 {
+                format!("[num_qo_heads, {head_dim}] or [1, num_qo_heads, {head_dim}]")
+            } else {
+                format!("[{rows}, num_qo_heads, {head_dim}]")
+            };
             return Err(Error::shape(param, want, format!("{:?}", q.shape)));
         }
     };
-    q.expect(param, &q.shape.iter().map(|&x| Some(x)).collect::<Vec<_>>(), &[DType::F32, DType::F16, DType::BF16], dev.ordinal())?;
+    q.expect(
+        param,
+        &q.shape.iter().map(|&x| Some(x)).collect::<Vec<_>>(),
+        &[DType::F32, DType::F16, DType::BF16],
+        dev.ordinal(),
+    )?;
     if !is_contiguous(q) {
         return Err(Error::shape(param, "a contiguous (row-major) tensor", format!("strides {:?}", q.strides)));
     }
     if hq == 0 || hq % num_kv_heads != 0 {
-        return Err(Error::shape(param, format!("a number of query heads that is a positive multiple of num_kv_heads {num_kv_heads}"), format!("{hq}")));
+        return Err(Error::shape(
+            param,
+            format!("a number of query heads that is a positive multiple of num_kv_heads {num_kv_heads}"),
+            format!("{hq}"),
+        ));
     }
     Ok(QueryF32 { num_qo_heads: hq })
 }
@@ -99,7 +125,11 @@ pub(crate) fn query_f32(dev: &CudaDevice, stream: &Stream, q: &DeviceTensor, buf
     }
     let n = q.numel();
     if buf.len() < n * 4 {
-        return Err(Error::shape("q", format!("at most {} elements (the workspace's query size)", buf.len() / 4), format!("{n}")));
+        return Err(Error::shape(
+            "q",
+            format!("at most {} elements (the workspace's query size)", buf.len() / 4),
+            format!("{n}"),
+        ));
     }
     // SAFETY: `q` was checked (shape, dtype, device, alignment) and holds n elements;
     // `buf` holds at least n f32.

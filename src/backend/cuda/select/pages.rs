@@ -101,10 +101,14 @@ impl PageBoundsWorkspace {
             return Err(Error::invalid("page_size", "at least 1"));
         }
         if num_kv_heads == 0 || num_qo_heads == 0 || !num_qo_heads.is_multiple_of(num_kv_heads) {
-            return Err(Error::invalid("num_qo_heads", format!("a positive multiple of num_kv_heads ({num_kv_heads}), got {num_qo_heads}")));
+            return Err(Error::invalid(
+                "num_qo_heads",
+                format!("a positive multiple of num_kv_heads ({num_kv_heads}), got {num_qo_heads}"),
+            ));
         }
         let max_pages = max_seq_len.div_ceil(page_size);
-        let slots = batch.checked_mul(max_pages).and_then(|x| x.checked_mul(num_kv_heads)).filter(|&x| x <= u32::MAX as usize);
+        let slots =
+            batch.checked_mul(max_pages).and_then(|x| x.checked_mul(num_kv_heads)).filter(|&x| x <= u32::MAX as usize);
         let slots = slots.ok_or_else(|| Error::invalid("max_seq_len", "batch * pages * num_kv_heads below 2^32"))?;
         Ok(PageBoundsWorkspace {
             dev: dev.clone(),
@@ -124,14 +128,26 @@ impl PageBoundsWorkspace {
 
     /// Scratch sized for a view (its batch and `max_seq_len`) and `num_qo_heads`.
     pub fn for_view(dev: &Arc<CudaDevice>, kv: &CudaPagedKv, num_qo_heads: usize) -> Result<Self> {
-        Self::new(dev, kv.batch_size(), kv.table().max_seq_len(), kv.page_size(), num_qo_heads, kv.num_kv_heads(), kv.head_dim())
+        Self::new(
+            dev,
+            kv.batch_size(),
+            kv.table().max_seq_len(),
+            kv.page_size(),
+            num_qo_heads,
+            kv.num_kv_heads(),
+            kv.head_dim(),
+        )
     }
 
     /// The scores of the last run, per sequence `[num_kv_heads][pages]` row-major, given the
     /// sequences' page counts (waits for `stream`).
     pub fn scores_to_host(&self, pages_per_seq: &[usize], stream: &Stream) -> Result<Vec<Vec<f32>>> {
         if pages_per_seq.len() != self.batch {
-            return Err(Error::shape("pages_per_seq", format!("[{}]", self.batch), format!("[{}]", pages_per_seq.len())));
+            return Err(Error::shape(
+                "pages_per_seq",
+                format!("[{}]", self.batch),
+                format!("[{}]", pages_per_seq.len()),
+            ));
         }
         let all: Vec<f32> = self.scores.to_vec(stream)?;
         let hk = self.num_kv_heads;
@@ -139,7 +155,11 @@ impl PageBoundsWorkspace {
         let mut out = Vec::with_capacity(self.batch);
         for &np in pages_per_seq {
             if np > self.max_pages || (start + np) * hk > all.len() {
-                return Err(Error::out_of_range("pages_per_seq", np as i64, format!("0..={} pages per sequence", self.max_pages)));
+                return Err(Error::out_of_range(
+                    "pages_per_seq",
+                    np as i64,
+                    format!("0..={} pages per sequence", self.max_pages),
+                ));
             }
             out.push(all[start * hk..(start + np) * hk].to_vec());
             start += np;
@@ -152,7 +172,11 @@ impl PageBoundsWorkspace {
     pub fn check_status(&self, stream: &Stream) -> Result<()> {
         let s: Vec<u32> = self.status.to_vec(stream)?;
         if s[0] & 1 != 0 {
-            return Err(Error::out_of_range("indices", -1, "page ids below the pool's num_pages (a page id of the table is past the pool)"));
+            return Err(Error::out_of_range(
+                "indices",
+                -1,
+                "page ids below the pool's num_pages (a page id of the table is past the pool)",
+            ));
         }
         Ok(())
     }
@@ -160,7 +184,9 @@ impl PageBoundsWorkspace {
 
 /// Check the view and the query against the workspace; returns the group size.
 fn check(kv: &CudaPagedKv, q: &DeviceTensor, ws: &PageBoundsWorkspace) -> Result<(u64, usize)> {
-    let bounds = kv.key_bounds().ok_or_else(|| Error::invalid("kv", "a view with key bounds attached (CudaPagedKv::with_key_bounds)"))?;
+    let bounds = kv
+        .key_bounds()
+        .ok_or_else(|| Error::invalid("kv", "a view with key bounds attached (CudaPagedKv::with_key_bounds)"))?;
     if kv.key_rope() == KeyRope::PreRope {
         return Err(Error::invalid(
             "key_rope",
@@ -168,7 +194,10 @@ fn check(kv: &CudaPagedKv, q: &DeviceTensor, ws: &PageBoundsWorkspace) -> Result
         ));
     }
     if kv.device() != ws.dev.ordinal() {
-        return Err(Error::invalid("kv", format!("memory on CUDA device {}, got device {}", ws.dev.ordinal(), kv.device())));
+        return Err(Error::invalid(
+            "kv",
+            format!("memory on CUDA device {}, got device {}", ws.dev.ordinal(), kv.device()),
+        ));
     }
     let b = kv.batch_size();
     let qi = check_query(&ws.dev, q, "q", b, kv.num_kv_heads(), kv.head_dim())?;
@@ -224,7 +253,9 @@ pub fn page_scores(stream: &Stream, kv: &CudaPagedKv, q: &DeviceTensor, ws: &mut
     };
     // SAFETY: the view's contracts give valid bounds and table addresses; the workspace was
     // checked to hold every page slot of this batch and the f32 query.
-    unsafe { launch(&dev, stream, ModuleId::SelectPages, name, LaunchDims::new((grid, 1, 1), (32 * SCORE_WARPS) as u32), &p) }
+    unsafe {
+        launch(&dev, stream, ModuleId::SelectPages, name, LaunchDims::new((grid, 1, 1), (32 * SCORE_WARPS) as u32), &p)
+    }
 }
 
 /// Queue page-bound selection for every sequence of `kv` (graph-capturable): per sequence
@@ -246,10 +277,18 @@ pub fn page_bounds(
     let budget = to_u32("budget_tokens", cfg.budget_tokens)?;
     let min_pages = cfg.min_pages.min(u32::MAX as usize) as u32;
     let hk = kv.num_kv_heads();
-    if out.batch_size() != kv.batch_size() || out.num_kv_heads() != hk || out.max_per_head() < kv.table().max_seq_len() || out.device() != kv.device() {
+    if out.batch_size() != kv.batch_size()
+        || out.num_kv_heads() != hk
+        || out.max_per_head() < kv.table().max_seq_len()
+        || out.device() != kv.device()
+    {
         return Err(Error::shape(
             "out",
-            format!("selections for batch {}, {hk} KV heads, room for {} tokens per list", kv.batch_size(), kv.table().max_seq_len()),
+            format!(
+                "selections for batch {}, {hk} KV heads, room for {} tokens per list",
+                kv.batch_size(),
+                kv.table().max_seq_len()
+            ),
             format!("batch {}, {} KV heads, room for {}", out.batch_size(), out.num_kv_heads(), out.max_per_head()),
         ));
     }
@@ -271,7 +310,15 @@ pub fn page_bounds(
     };
     let grid = (hk as u32, to_u32("batch", ws.batch)?, 1);
     let (oi, ox) = out.device_ptrs();
-    let ep = ExpandParams { indptr, kept: ws.kept.ptr(), seg_tokens: ws.seg_tokens.ptr(), head_indptr: oi, out: ox, hk: hk as u32, page_size: ps };
+    let ep = ExpandParams {
+        indptr,
+        kept: ws.kept.ptr(),
+        seg_tokens: ws.seg_tokens.ptr(),
+        head_indptr: oi,
+        out: ox,
+        hk: hk as u32,
+        page_size: ps,
+    };
     // SAFETY: scratch sized for batch * max_pages * hk slots (checked); `out` holds
     // batch * hk + 1 offsets and batch * hk * max_seq_len tokens (checked above).
     unsafe {

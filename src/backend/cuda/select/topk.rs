@@ -53,7 +53,13 @@ pub unsafe fn top_k_segments_raw(
 /// (uploaded; not graph-capturable). Returns per segment the kept indices, ascending.
 ///
 /// Errors: `scores` shorter than the segments, `k` 0 or above u32.
-pub fn top_k_segments(dev: &Arc<CudaDevice>, stream: &Stream, scores: &DeviceBuffer, seg_lens: &[usize], k: usize) -> Result<Vec<Vec<u32>>> {
+pub fn top_k_segments(
+    dev: &Arc<CudaDevice>,
+    stream: &Stream,
+    scores: &DeviceBuffer,
+    seg_lens: &[usize],
+    k: usize,
+) -> Result<Vec<Vec<u32>>> {
     if k == 0 {
         return Err(Error::invalid("k", "at least 1"));
     }
@@ -65,7 +71,11 @@ pub fn top_k_segments(dev: &Arc<CudaDevice>, stream: &Stream, scores: &DeviceBuf
     }
     let total = *indptr.last().expect("starts with 0") as usize;
     if scores.len() < total * 4 {
-        return Err(Error::shape("scores", format!("at least {total} f32 (the segments' total length)"), format!("{} bytes", scores.len())));
+        return Err(Error::shape(
+            "scores",
+            format!("at least {total} f32 (the segments' total length)"),
+            format!("{} bytes", scores.len()),
+        ));
     }
     let ns = seg_lens.len();
     let ip = DeviceBuffer::from_slice(dev, &indptr, stream)?;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test: Rust (unit, property, integration), the C library (crates/kvsieve-c: C programs
-# against the headers and the built library, header/export check), the examples, and
-# pytest on the installed wheel.
+# against the headers and the built library, header/export check), the examples, pytest on
+# the installed wheel, and llama.cpp patched to compute its attention through kvsieve.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -52,6 +52,9 @@ echo "== examples/llama: SmolLM2-135M-Instruct on kvsieve (release; fetches the 
 bash scripts/fetch-model.sh >/dev/null
 bash examples/llama/scripts/fetch-text.sh >/dev/null
 cargo test --release -p kvsieve-llama --no-fail-fast
+
+echo "== llama.cpp with its attention through kvsieve: build (integrations/llama.cpp/build.sh), stock against kvsieve dense"
+bash integrations/llama.cpp/test.sh
 
 # ---- CUDA backend: every kernel compiles (spills in hot kernels fail the build); the GPU
 # ---- tests run where a GPU is present and print "skipped: <reason>" elsewhere.

@@ -30,7 +30,7 @@ def label(mode):
 
 
 def load(paths):
-    runs = defaultdict(dict)  # mode -> depth -> record
+    runs = defaultdict(dict)  # label -> depth -> record
     prefill = {}
     for p in paths:
         for line in open(p):
@@ -39,7 +39,7 @@ def load(paths):
                 continue
             r = json.loads(line)
             if "mode" in r and "tok_s" in r:
-                runs[r["mode"]][r["depth"]] = r
+                runs[label(r["mode"])][r["depth"]] = r
             elif "prefill_s" in r:
                 prefill[r["depth"]] = r
     return runs, prefill
@@ -47,20 +47,20 @@ def load(paths):
 
 def table(runs):
     depths = sorted({d for m in runs.values() for d in m})
-    print("| mode | policy | " + " | ".join(f"{d // 1024}K tok/s (min-max)" for d in depths) + " |")
-    print("|---|---|" + "---|" * len(depths))
-    best_stock = {d: max((runs[m][d]["mean"] for m in ("stock-fa", "stock-nofa") if d in runs.get(m, {})), default=None) for d in depths}
-    for mode, by_depth in runs.items():
+    print("| mode | " + " | ".join(f"{d // 1024}K tok/s (min-max)" for d in depths) + " |")
+    print("|---|" + "---|" * len(depths))
+    stock = [LABELS["stock-fa"], LABELS["stock-nofa"]]
+    best_stock = {d: max((runs[m][d]["mean"] for m in stock if d in runs.get(m, {})), default=None) for d in depths}
+    for name, by_depth in runs.items():
         cells = []
         for d in depths:
             r = by_depth.get(d)
             if r is None:
                 cells.append("-")
                 continue
-            ratio = f", {r['mean'] / best_stock[d]:.2f}x" if best_stock[d] and not mode.startswith("stock") else ""
+            ratio = f", {r['mean'] / best_stock[d]:.2f}x" if best_stock[d] and name not in stock else ""
             cells.append(f"{r['mean']:.1f} ({r['min']:.1f}-{r['max']:.1f}{ratio})")
-        policy = "" if mode.startswith("stock") or mode == "dense" else f"`{mode}`"
-        print(f"| {label(mode)} | {policy} | " + " | ".join(cells) + " |")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main():
@@ -79,13 +79,13 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for mode, by_depth in runs.items():
+    for name, by_depth in runs.items():
         ds = sorted(by_depth)
         mean = [by_depth[d]["mean"] for d in ds]
         lo = [by_depth[d]["mean"] - by_depth[d]["min"] for d in ds]
         hi = [by_depth[d]["max"] - by_depth[d]["mean"] for d in ds]
-        style = "--" if mode.startswith("stock") else "-"
-        ax.errorbar(ds, mean, yerr=[lo, hi], fmt="o" + style, capsize=3, label=label(mode), linewidth=1.5, markersize=4)
+        style = "--" if name.startswith("stock") else "-"
+        ax.errorbar(ds, mean, yerr=[lo, hi], fmt="o" + style, capsize=3, label=name, linewidth=1.5, markersize=4)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(sorted({d for m in runs.values() for d in m}))

@@ -10,12 +10,17 @@
 # Both run with f32 K/V caches and stock without flash attention, the stock path whose
 # attention arithmetic is f32 like kvsieve's (see README.md, "Correctness").
 #
-# Usage: integrations/llama.cpp/test.sh [--kvsieve-prefix DIR]   (default target/kvsieve-prefix)
+# Usage: integrations/llama.cpp/test.sh [--kvsieve-prefix DIR]
+#   (default: scripts/install.sh --prefix target/kvsieve-prefix first, from this checkout)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 start=$(date +%s)
 
+# kvsieve from the given prefix, or installed from this checkout into target/kvsieve-prefix
+if [ $# -eq 0 ]; then
+  bash "$root/scripts/install.sh" --prefix "$root/target/kvsieve-prefix" >&2
+fi
 bin=$(bash "$here/build.sh" --targets llama-perplexity "$@" | tail -n 1)
 model=$(bash "$root/scripts/fetch-model.sh")
 kjv=$(bash "$root/examples/llama/scripts/fetch-text.sh")

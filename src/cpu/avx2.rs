@@ -64,53 +64,44 @@ unsafe fn dot_rows<const L: u8, const G: usize>(
     }
 }
 
-/// Dot products of 2 query rows with 2 key rows, reduced together:
-/// out[0][0], out[0][1] for row 0 and out[1][0], out[1][1] for row 1 (row stride `os`).
+/// Dot products of R query rows (R <= 4) with 2 key rows, each key loaded once:
+/// out[r * os] and out[r * os + 1] for row r. Rows are reduced two at a time by horizontal
+/// adds; an odd last row lane by lane, as `dot_rows` reduces, so that one row's scores do
+/// not depend on the tiling.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_2x2<const L: u8>(q: *const f32, d: usize, k0: *const u8, k1: *const u8, out: *mut f32, os: usize) {
-    let (mut a00, mut a01, mut a10, mut a11) =
-        (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+unsafe fn dot_rx2<const L: u8, const R: usize>(
+    q: *const f32,
+    d: usize,
+    k0: *const u8,
+    k1: *const u8,
+    out: *mut f32,
+    os: usize,
+) {
+    let mut a = [[_mm256_setzero_ps(); 2]; R];
     let mut c = 0;
     while c < d {
         let x0 = load8::<L>(k0.add(c * size::<L>()));
         let x1 = load8::<L>(k1.add(c * size::<L>()));
-        let q0 = _mm256_loadu_ps(q.add(c));
-        let q1 = _mm256_loadu_ps(q.add(d + c));
-        a00 = _mm256_fmadd_ps(q0, x0, a00);
-        a01 = _mm256_fmadd_ps(q0, x1, a01);
-        a10 = _mm256_fmadd_ps(q1, x0, a10);
-        a11 = _mm256_fmadd_ps(q1, x1, a11);
-        c += 8;
-    }
-    // [r0t0, r0t1, r1t0, r1t1] in one vector by three horizontal adds.
-    let w = _mm256_hadd_ps(_mm256_hadd_ps(a00, a01), _mm256_hadd_ps(a10, a11));
-    let s = _mm_add_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps::<1>(w));
-    _mm_storel_pd(out as *mut f64, _mm_castps_pd(s));
-    _mm_storeh_pd(out.add(os) as *mut f64, _mm_castps_pd(s));
-}
-
-/// Dot products of 4 query rows with 2 key rows (two 2x2 tiles sharing the key loads).
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn dot_4x2<const L: u8>(q: *const f32, d: usize, k0: *const u8, k1: *const u8, out: *mut f32, os: usize) {
-    let mut a = [_mm256_setzero_ps(); 8];
-    let mut c = 0;
-    while c < d {
-        let x0 = load8::<L>(k0.add(c * size::<L>()));
-        let x1 = load8::<L>(k1.add(c * size::<L>()));
-        for r in 0..4 {
+        for (r, ar) in a.iter_mut().enumerate() {
             let qr = _mm256_loadu_ps(q.add(r * d + c));
-            a[2 * r] = _mm256_fmadd_ps(qr, x0, a[2 * r]);
-            a[2 * r + 1] = _mm256_fmadd_ps(qr, x1, a[2 * r + 1]);
+            ar[0] = _mm256_fmadd_ps(qr, x0, ar[0]);
+            ar[1] = _mm256_fmadd_ps(qr, x1, ar[1]);
         }
         c += 8;
     }
-    for r in (0..4).step_by(2) {
-        let w = _mm256_hadd_ps(_mm256_hadd_ps(a[2 * r], a[2 * r + 1]), _mm256_hadd_ps(a[2 * r + 2], a[2 * r + 3]));
+    let mut r = 0;
+    while r + 2 <= R {
+        // [r t0, r t1, r+1 t0, r+1 t1] in one vector by three horizontal adds.
+        let w = _mm256_hadd_ps(_mm256_hadd_ps(a[r][0], a[r][1]), _mm256_hadd_ps(a[r + 1][0], a[r + 1][1]));
         let s = _mm_add_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps::<1>(w));
         _mm_storel_pd(out.add(r * os) as *mut f64, _mm_castps_pd(s));
         _mm_storeh_pd(out.add((r + 1) * os) as *mut f64, _mm_castps_pd(s));
+        r += 2;
+    }
+    if r < R {
+        *out.add(r * os) = hsum(a[r][0]);
+        *out.add(r * os + 1) = hsum(a[r][1]);
     }
 }
 
@@ -132,16 +123,15 @@ pub unsafe fn scores<const L: u8>(
         let (k0, k1) = (k_rows[j], k_rows[j + 1]);
         let mut r = 0;
         while r + 4 <= rows {
-            dot_4x2::<L>(qp.add(r * d), d, k0, k1, op.add(r * t + j), t);
+            dot_rx2::<L, 4>(qp.add(r * d), d, k0, k1, op.add(r * t + j), t);
             r += 4;
         }
-        if r + 2 <= rows {
-            dot_2x2::<L>(qp.add(r * d), d, k0, k1, op.add(r * t + j), t);
-            r += 2;
-        }
-        if r < rows {
-            dot_rows::<L, 1>(qp.add(r * d), d, k0, op.add(r * t + j), t);
-            dot_rows::<L, 1>(qp.add(r * d), d, k1, op.add(r * t + j + 1), t);
+        let (qr, or) = (qp.add(r * d), op.add(r * t + j));
+        match rows - r {
+            3 => dot_rx2::<L, 3>(qr, d, k0, k1, or, t),
+            2 => dot_rx2::<L, 2>(qr, d, k0, k1, or, t),
+            1 => dot_rx2::<L, 1>(qr, d, k0, k1, or, t),
+            _ => {}
         }
         j += 2;
     }

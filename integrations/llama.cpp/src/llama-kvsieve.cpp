@@ -184,35 +184,76 @@ bool is_decode(const llama_ubatch & ub, bool causal) {
     return true;
 }
 
+// Bounds element types: f16 for an f16 cache (min and max of f16 keys are f16 values), f32
+// otherwise.
+inline float bound_load(const uint16_t * p) { return ggml_fp16_to_fp32(*p); }
+inline float bound_load(const float * p) { return *p; }
+inline void bound_store(uint16_t * p, float x) { *p = ggml_fp32_to_fp16(x); }
+inline void bound_store(float * p, float x) { *p = x; }
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+inline __m256 bound_load8(const uint16_t * p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) p)); }
+inline __m256 bound_load8(const float * p) { return _mm256_loadu_ps(p); }
+#endif
+
 // Upper bound of the logits of g query heads over a page: max over r of
 // sum_c max(q_rc * hi_c, q_rc * lo_c) = qp_r . hi + qn_r . lo (qp, qn: the query's positive
 // and negative parts, [g][d]).
-float page_bound(const float * qp, const float * qn, const float * lo, const float * hi, uint32_t g, uint32_t d) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+inline float hsum8(__m256 x) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    return _mm_cvtss_f32(v);
+}
+
+// G rows at once: 2G independent accumulator chains, each page's bounds loaded once.
+template <int G, typename T>
+float page_bound_g(const float * qp, const float * qn, const T * lo, const T * hi, uint32_t d) {
+    __m256 a[G], b[G];
+    for (int r = 0; r < G; ++r) {
+        a[r] = _mm256_setzero_ps();
+        b[r] = _mm256_setzero_ps();
+    }
+    for (uint32_t c = 0; c < d; c += 8) {
+        const __m256 l = bound_load8(lo + c);
+        const __m256 h = bound_load8(hi + c);
+        for (int r = 0; r < G; ++r) {
+            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qp + r * d + c), h, a[r]);
+            b[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qn + r * d + c), l, b[r]);
+        }
+    }
     float best = -std::numeric_limits<float>::infinity();
-#if defined(__AVX2__) && defined(__FMA__)
+    for (int r = 0; r < G; ++r) {
+        best = std::max(best, hsum8(_mm256_add_ps(a[r], b[r])));
+    }
+    return best;
+}
+#endif
+
+template <typename T>
+float page_bound(const float * qp, const float * qn, const T * lo, const T * hi, uint32_t g, uint32_t d) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     if (d % 8 == 0) {
-        for (uint32_t r = 0; r < g; ++r) {
-            const float * a = qp + r * d;
-            const float * b = qn + r * d;
-            __m256 acc0 = _mm256_setzero_ps();
-            __m256 acc1 = _mm256_setzero_ps();
-            for (uint32_t c = 0; c < d; c += 8) {
-                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(hi + c), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(b + c), _mm256_loadu_ps(lo + c), acc1);
-            }
-            const __m256 acc = _mm256_add_ps(acc0, acc1);
-            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            v = _mm_add_ss(v, _mm_movehdup_ps(v));
-            best = std::max(best, _mm_cvtss_f32(v));
+        float best = -std::numeric_limits<float>::infinity();
+        uint32_t r = 0;
+        for (; r + 4 <= g; r += 4) {
+            best = std::max(best, page_bound_g<4>(qp + r * d, qn + r * d, lo, hi, d));
+        }
+        switch (g - r) {
+            case 3: best = std::max(best, page_bound_g<3>(qp + r * d, qn + r * d, lo, hi, d)); break;
+            case 2: best = std::max(best, page_bound_g<2>(qp + r * d, qn + r * d, lo, hi, d)); break;
+            case 1: best = std::max(best, page_bound_g<1>(qp + r * d, qn + r * d, lo, hi, d)); break;
+            default: break;
         }
         return best;
     }
 #endif
+    float best = -std::numeric_limits<float>::infinity();
     for (uint32_t r = 0; r < g; ++r) {
         float acc[8] = { 0 };
         for (uint32_t c = 0; c < d; ++c) {
-            acc[c % 8] += qp[r * d + c] * hi[c] + qn[r * d + c] * lo[c];
+            acc[c % 8] += qp[r * d + c] * bound_load(hi + c) + qn[r * d + c] * bound_load(lo + c);
         }
         float sum = 0.0f;
         for (float x : acc) {
@@ -254,8 +295,10 @@ struct llama_kvsieve {
     kvsieve_dtype_t dtype = KVSIEVE_DTYPE_F16;
 
     // page key bounds, per layer using pages=: [n_bpages][n_head_kv][2][head_dim] (min, max),
-    // and the cell signature each page was computed for (0: to compute)
-    std::vector<std::vector<float>>    bounds;
+    // f16 for an f16 cache, else f32; and the cell signature each page was computed for
+    // (0: to compute)
+    bool bounds_f16 = false;
+    std::vector<std::vector<uint8_t>>  bounds;
     std::vector<std::vector<uint64_t>> bounds_sig;
 
     // cluster indexes, per sequence: one per layer using clusters=, and the page table they
@@ -291,7 +334,7 @@ struct llama_kvsieve {
     // statistics (LLAMA_KVSIEVE_STATS=1 prints them when the context is freed)
     bool     stats = false;
     uint64_t n_calls = 0, n_sparse = 0, tokens_read = 0, tokens_total = 0, n_builds = 0;
-    double   t_build = 0.0, t_select = 0.0, t_attn = 0.0, t_plan = 0.0;
+    double   t_build = 0.0, t_select = 0.0, t_attn = 0.0, t_plan = 0.0, t_refresh = 0.0, t_score = 0.0, t_retrieve = 0.0;
 
     // prefill (several queries of a sequence in a ubatch) through kvsieve, or through
     // llama.cpp's own attention (flash attention over the same cache); decode always
@@ -310,6 +353,8 @@ struct llama_kvsieve {
                     (unsigned long long) n_calls, (unsigned long long) n_sparse,
                     tokens_total ? (double) tokens_read / (double) tokens_total : 1.0,
                     (unsigned long long) n_builds, t_build, t_plan, t_select, t_attn);
+            LLAMA_LOG_INFO("kvsieve: of the selection: page bounds refresh %.3f s, page scoring %.3f s, cluster retrieval %.3f s\n",
+                    t_refresh, t_score, t_retrieve);
         }
         if (check_pages) {
             LLAMA_LOG_INFO("kvsieve: page-bound selections checked against kvsieve's own: %llu, differing: %llu "
@@ -398,6 +443,8 @@ public:
 private:
     void plan_pages(const llama_ubatch * ubatch);
     void refresh_bounds(int il);
+    template <typename T> void refresh_bounds_t(int il);
+    template <typename T> void score_pages(int il, const seq_plan & sp, const float * qp, const float * qn);
     void select_pages(int il, const seq_plan & sp, const float * q, std::vector<uint32_t> & indptr, std::vector<uint32_t> & toks);
     kvsieve_selection_t * select(int il, const seq_plan & sp, const float * q, const kvsieve_paged_kv_t & kv);
     kvsieve_selection_t * retrieve(int il, const seq_plan & sp, const float * q, const kvsieve_paged_kv_t & kv);
@@ -701,10 +748,19 @@ void llm_graph_input_kvsieve::plan_pages(const llama_ubatch * ubatch) {
 
 // Recompute the key bounds of layer il's pages that changed since they were computed.
 void llm_graph_input_kvsieve::refresh_bounds(int il) {
+    if (ks->bounds_f16) {
+        refresh_bounds_t<uint16_t>(il);
+    } else {
+        refresh_bounds_t<float>(il);
+    }
+}
+
+template <typename T>
+void llm_graph_input_kvsieve::refresh_bounds_t(int il) {
     llama_kvsieve & s = *ks;
     const llama_kv_cache & kv = *s.kv;
-    auto & bounds = s.bounds[il];
-    auto & sig    = s.bounds_sig[il];
+    T * bounds = (T *) s.bounds[il].data();
+    auto & sig = s.bounds_sig[il];
     const ggml_tensor * kt = kv.get_k_storage(il);
     const uint32_t hk = s.n_head_kv, d = s.head_dim;
     const size_t row = kt->nb[1];
@@ -714,7 +770,7 @@ void llm_graph_input_kvsieve::refresh_bounds(int il) {
         seq_of_stream.emplace(sp.stream, sp.seq);
     }
 
-    std::vector<float> row_f(hk * d);
+    std::vector<float> row_f(hk * d), lo(hk * d), hi(hk * d);
     for (size_t i = 0; i < touched_pages.size(); ++i) {
         const uint32_t page = touched_pages[i];
         if (sig[page] == touched_sig[i]) {
@@ -722,11 +778,8 @@ void llm_graph_input_kvsieve::refresh_bounds(int il) {
         }
         const uint32_t stream = page * BOUNDS_PAGE / s.kv_size;
         const llama_kv_cells & cc = kv.get_cells(seq_of_stream.at(stream));
-        float * b = bounds.data() + (size_t) page * hk * 2 * d;
-        for (uint32_t h = 0; h < hk; ++h) {
-            std::fill(b + (h * 2 + 0) * d, b + (h * 2 + 1) * d,  std::numeric_limits<float>::infinity());
-            std::fill(b + (h * 2 + 1) * d, b + (h * 2 + 2) * d, -std::numeric_limits<float>::infinity());
-        }
+        std::fill(lo.begin(), lo.end(),  std::numeric_limits<float>::infinity());
+        std::fill(hi.begin(), hi.end(), -std::numeric_limits<float>::infinity());
         const uint32_t j0 = page * BOUNDS_PAGE - stream * s.kv_size;
         for (uint32_t j = j0; j < j0 + BOUNDS_PAGE; ++j) {
             if (cc.is_empty(j)) {
@@ -740,17 +793,49 @@ void llm_graph_input_kvsieve::refresh_bounds(int il) {
             } else {
                 std::memcpy(row_f.data(), src, sizeof(float) * hk * d);
             }
-            for (uint32_t h = 0; h < hk; ++h) {
-                float * lo = b + (h * 2 + 0) * d;
-                float * hi = b + (h * 2 + 1) * d;
-                const float * x = row_f.data() + h * d;
-                for (uint32_t c = 0; c < d; ++c) {
-                    lo[c] = std::min(lo[c], x[c]);
-                    hi[c] = std::max(hi[c], x[c]);
-                }
+            for (uint32_t c = 0; c < hk * d; ++c) {
+                lo[c] = std::min(lo[c], row_f[c]);
+                hi[c] = std::max(hi[c], row_f[c]);
+            }
+        }
+        T * b = bounds + (size_t) page * hk * 2 * d;
+        for (uint32_t h = 0; h < hk; ++h) {
+            for (uint32_t c = 0; c < d; ++c) {
+                bound_store(b + (h * 2 + 0) * d + c, lo[h * d + c]);
+                bound_store(b + (h * 2 + 1) * d + c, hi[h * d + c]);
             }
         }
         sig[page] = touched_sig[i];
+    }
+}
+
+// Scores of the sequence's segments for every KV head, scores[h * nseg + i]: pages
+// outermost (a page's bounds of every head lie together), the next page prefetched; a page
+// without a written key scores -inf.
+template <typename T>
+void llm_graph_input_kvsieve::score_pages(int il, const seq_plan & sp, const float * qp, const float * qn) {
+    const llama_kvsieve & s = *ks;
+    const uint32_t hk = s.n_head_kv, d = s.head_dim, g = s.n_head / s.n_head_kv;
+    const int32_t nseg = sp.seg1 - sp.seg0;
+    const segment * sg = segs.data() + sp.seg0;
+    const T * bounds = (const T *) s.bounds[il].data();
+    const size_t page_elems = (size_t) hk * 2 * d;
+    scores.resize((size_t) hk * nseg);
+    for (int32_t i = 0; i < nseg; ++i) {
+        const T * b = bounds + (size_t) sg[i].page * page_elems;
+        if (i + 1 < nseg) {
+            const char * nb = (const char *) (bounds + (size_t) sg[i + 1].page * page_elems);
+            for (size_t off = 0; off < page_elems * sizeof(T); off += 64) {
+                __builtin_prefetch(nb + off);
+            }
+        }
+        for (uint32_t h = 0; h < hk; ++h) {
+            const T * lo = b + (size_t) h * 2 * d;
+            const T * hi = lo + d;
+            scores[(size_t) h * nseg + i] = bound_load(lo) <= bound_load(hi)
+                ? page_bound(qp + (size_t) h * g * d, qn + (size_t) h * g * d, lo, hi, g, d)
+                : -std::numeric_limits<float>::infinity();
+        }
     }
 }
 
@@ -763,17 +848,27 @@ void llm_graph_input_kvsieve::select_pages(int il, const seq_plan & sp, const fl
         std::vector<uint32_t> & head_indptr, std::vector<uint32_t> & toks) {
     const llama_kvsieve & s = *ks;
     const layer_spec & spec = s.spec(il);
-    const uint32_t hk = s.n_head_kv, d = s.head_dim, g = s.n_head / s.n_head_kv;
+    const uint32_t hk = s.n_head_kv, d = s.head_dim;
     const int32_t n = sp.n;
     const int32_t nseg = sp.seg1 - sp.seg0;
     const segment * sg = segs.data() + sp.seg0;
-    const float * bounds = s.bounds[il].data();
 
     // q split into its positive and negative parts: the bound is q+ . max + q- . min
     std::vector<float> qp(s.n_head * d), qn(s.n_head * d);
     for (uint32_t i = 0; i < s.n_head * d; ++i) {
         qp[i] = std::max(q[i], 0.0f);
         qn[i] = std::min(q[i], 0.0f);
+    }
+    const int64_t t0 = ks->stats ? ggml_time_us() : 0;
+    if (n > (int32_t) spec.pages) {
+        if (s.bounds_f16) {
+            score_pages<uint16_t>(il, sp, qp.data(), qn.data());
+        } else {
+            score_pages<float>(il, sp, qp.data(), qn.data());
+        }
+    }
+    if (ks->stats) {
+        ks->t_score += (ggml_time_us() - t0) * 1e-6;
     }
 
     head_indptr.assign(1, 0);
@@ -784,20 +879,13 @@ void llm_graph_input_kvsieve::select_pages(int il, const seq_plan & sp, const fl
         if (n <= (int32_t) spec.pages) {
             ranges.emplace_back(0, n);
         } else {
-            scores.resize(nseg);
-            for (int32_t i = 0; i < nseg; ++i) {
-                const float * lo = bounds + ((size_t) sg[i].page * hk + h) * 2 * d;
-                const float * hi = lo + d;
-                // a page without a written key scores -inf
-                scores[i] = lo[0] <= hi[0] ? page_bound(qp.data() + h * g * d, qn.data() + h * g * d, lo, hi, g, d)
-                                           : -std::numeric_limits<float>::infinity();
-            }
+            const float * sc = scores.data() + (size_t) h * nseg;
             order.resize(nseg);
             for (int32_t i = 0; i < nseg; ++i) {
                 order[i] = (uint32_t) i;
             }
             auto better = [&](uint32_t a, uint32_t b) {
-                return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+                return sc[a] > sc[b] || (sc[a] == sc[b] && a < b);
             };
             int32_t k = std::min<int32_t>(nseg, (int32_t) ((spec.pages + BOUNDS_PAGE - 1) / BOUNDS_PAGE));
             std::nth_element(order.begin(), order.begin() + k, order.end(), better);
@@ -922,7 +1010,11 @@ kvsieve_selection_t * llm_graph_input_kvsieve::retrieve(int il, const seq_plan &
         rc.coarse_budget_multiple = 2.0;
     }
     kvsieve_selection_t * sel = nullptr;
+    const int64_t t0 = s.stats ? ggml_time_us() : 0;
     check(kvsieve_cluster_index_retrieve(ix, &qt, &rc, &sel, nullptr), "kvsieve_cluster_index_retrieve");
+    if (s.stats) {
+        s.t_retrieve += (ggml_time_us() - t0) * 1e-6;
+    }
 
     size_t clustered = 0;
     check(kvsieve_cluster_index_clustered_len(ix, &clustered), "kvsieve_cluster_index_clustered_len");
@@ -1132,6 +1224,9 @@ void llm_graph_input_kvsieve::compute(ggml_tensor * dst, const llama_kvsieve_lay
     if (decode && !spec.dense) {
         if (spec.pages > 0) {
             refresh_bounds(il);
+            if (s.stats) {
+                s.t_refresh += (ggml_time_us() - t_start) * 1e-6;
+            }
         }
         std::vector<kvsieve_selection_t *> sels(seqs.size(), nullptr);
         for (size_t b = 0; b < seqs.size(); ++b) {
@@ -1373,11 +1468,13 @@ void llama_kvsieve_attach(llama_kvsieve & ks, llama_memory_i * memory) {
     }
     if (ks.any_pages) {
         const size_t n_pages = (size_t) ks.kv_size * ks.n_stream / BOUNDS_PAGE;
+        ks.bounds_f16 = kv->type_k() == GGML_TYPE_F16;
+        const size_t esize = ks.bounds_f16 ? sizeof(uint16_t) : sizeof(float);
         ks.bounds.resize(ks.n_layer);
         ks.bounds_sig.resize(ks.n_layer);
         for (uint32_t il = 0; il < ks.n_layer; ++il) {
             if (!ks.specs[il].dense && ks.specs[il].pages > 0) {
-                ks.bounds[il].assign(n_pages * ks.n_head_kv * 2 * ks.head_dim, 0.0f);
+                ks.bounds[il].assign(n_pages * ks.n_head_kv * 2 * ks.head_dim * esize, 0);
                 ks.bounds_sig[il].assign(n_pages, 0);
             }
         }

@@ -443,7 +443,19 @@ int cmd_bench(llama_model * model, const args & a) {
         // one prefill (token-major V), copied into a fresh context for each mode; the
         // transposed-V layout of stock without flash attention is made from it
         std::vector<uint8_t> state_tm, state_tr;
-        {
+        // KVSIEVE_BENCH_STATE_DIR: keep the prefilled state in a file per depth and reuse it
+        const char * sdir = getenv("KVSIEVE_BENCH_STATE_DIR");
+        const std::string spath = sdir ? std::string(sdir) + "/state-" + std::to_string(depth) + ".bin" : "";
+        if (sdir) {
+            if (FILE * f = std::fopen(spath.c_str(), "rb")) {
+                std::fseek(f, 0, SEEK_END);
+                state_tm.resize(std::ftell(f));
+                std::fseek(f, 0, SEEK_SET);
+                if (std::fread(state_tm.data(), 1, state_tm.size(), f) != state_tm.size()) state_tm.clear();
+                std::fclose(f);
+            }
+        }
+        if (state_tm.empty()) {
             llama_context * ctx = make_ctx(model, a, pmode, n_ctx);
             const double t0 = now_s();
             decode_tokens(ctx, ctx_toks, 0, a.n_batch);
@@ -454,6 +466,13 @@ int cmd_bench(llama_model * model, const args & a) {
                     depth, json_str(pmode).c_str(), dt, depth / dt);
             std::fflush(stdout);
             llama_free(ctx);
+            if (sdir) {
+                FILE * f = std::fopen(spath.c_str(), "wb");
+                if (f) {
+                    std::fwrite(state_tm.data(), 1, state_tm.size(), f);
+                    std::fclose(f);
+                }
+            }
         }
 
         for (const std::string & mode : modes) {

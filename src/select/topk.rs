@@ -68,3 +68,23 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
     idx.sort_unstable();
     idx
 }
+
+/// [`top_k`] with its buffers allocated fallibly ([`crate::Error::OutOfMemory`]), for
+/// score lists as long as a caller's context. `scores.len()` must fit u32.
+pub(crate) fn try_top_k(scores: &[f32], k: usize) -> crate::error::Result<Vec<u32>> {
+    let n = scores.len();
+    debug_assert!(n <= u32::MAX as usize);
+    let mut idx = crate::alloc::collect_n(n, 0..n as u32, "top-k indices")?;
+    if k >= n {
+        return Ok(idx);
+    }
+    let mut keys = crate::alloc::vec_with_capacity(n, "top-k keys")?;
+    keys.extend(idx.iter().map(|&i| rank_key(scores[i as usize], i)));
+    keys.select_nth_unstable(k - 1);
+    for (i, &key) in idx.iter_mut().zip(&keys) {
+        *i = key as u32;
+    }
+    idx.truncate(k);
+    idx.sort_unstable();
+    Ok(idx)
+}

@@ -584,7 +584,12 @@ fn threads_share_a_cache() {
     c_test(
         "threads",
         &Expect {
-            lines: &["ok - concurrent decode with a writer", "ok - policy decode and shared selections across threads"],
+            lines: &[
+                "ok - concurrent decode with a writer",
+                "ok - policy decode and shared selections across threads",
+                "ok - shared cluster set and index across threads",
+                "ok - separate caches and indexes on separate threads",
+            ],
             summary: true,
         },
     );

@@ -180,4 +180,8 @@ fn gemfilter_and_snapkv_fail_cleanly() {
         fail_each("snapkv", &mut (), |_| gemfilter::snapkv(&qw, KeySource::Tensor(&t), &cfg), |_, _| {});
     assert!(points >= 2, "only {points} allocation points");
     assert_eq!((got.per_head, got.union), (expected.per_head, expected.union));
+    // k equal to the window keeps just the window (top-k of zero prefix tokens).
+    let cfg = SnapKvConfig { k: 2, pool_kernel: 3, scale: None };
+    let only = gemfilter::snapkv(&qw, KeySource::Tensor(&t), &cfg).unwrap();
+    assert_eq!(only.union, vec![n as u32 - 2, n as u32 - 1]);
 }

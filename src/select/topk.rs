@@ -56,17 +56,10 @@ pub(crate) fn partition_top(scores: &[f32], idx: &mut [u32], k: usize) {
 /// `scores.len()` returns every index. Runs in expected `O(n + k log k)` time
 /// (a partition around the `k`-th best, then a sort of the `k` kept indices).
 ///
-/// Panics if `scores.len()` exceeds `u32::MAX`.
+/// Panics if `scores.len()` exceeds `u32::MAX` or its buffers cannot be allocated.
 pub fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
     assert!(scores.len() <= u32::MAX as usize, "top_k: more than u32::MAX scores");
-    let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
-    if k >= idx.len() {
-        return idx;
-    }
-    partition_top(scores, &mut idx, k);
-    idx.truncate(k);
-    idx.sort_unstable();
-    idx
+    try_top_k(scores, k).unwrap_or_else(|e| panic!("top_k: {e}"))
 }
 
 /// [`top_k`] with its buffers allocated fallibly ([`crate::Error::OutOfMemory`]), for
@@ -74,6 +67,9 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
 pub(crate) fn try_top_k(scores: &[f32], k: usize) -> crate::error::Result<Vec<u32>> {
     let n = scores.len();
     debug_assert!(n <= u32::MAX as usize);
+    if k == 0 {
+        return Ok(Vec::new());
+    }
     let mut idx = crate::alloc::collect_n(n, 0..n as u32, "top-k indices")?;
     if k >= n {
         return Ok(idx);
@@ -87,4 +83,40 @@ pub(crate) fn try_top_k(scores: &[f32], k: usize) -> crate::error::Result<Vec<u3
     idx.truncate(k);
     idx.sort_unstable();
     Ok(idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `k` best by a full sort (higher score first, NaN as -inf, ties by index),
+    /// ascending by index.
+    fn naive(scores: &[f32], k: usize) -> Vec<u32> {
+        let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
+        idx.sort_by(|&a, &b| rank_cmp(scores, a, b));
+        idx.truncate(k);
+        idx.sort_unstable();
+        idx
+    }
+
+    #[test]
+    fn top_k_matches_a_full_sort() {
+        let mut x = 0x9E37_79B9u32;
+        for n in [0usize, 1, 2, 7, 64, 1000] {
+            let scores: Vec<f32> = (0..n)
+                .map(|i| {
+                    x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    match i % 11 {
+                        0 => f32::NAN,
+                        1 => 0.5,
+                        _ => (x >> 16) as f32 / 65536.0 - 0.5,
+                    }
+                })
+                .collect();
+            for k in [0, 1, 2, n / 3, n.saturating_sub(1), n, n + 5] {
+                assert_eq!(top_k(&scores, k), naive(&scores, k), "n {n}, k {k}");
+                assert_eq!(try_top_k(&scores, k).unwrap(), naive(&scores, k), "n {n}, k {k}");
+            }
+        }
+    }
 }

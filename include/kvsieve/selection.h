@@ -4,8 +4,10 @@
  * \brief Selections: which cached tokens each KV head of one (sequence, layer) reads, built
  * from CSR arrays, by the StreamingLLM and LM-Infinite rules, by set operations, or by
  * page bounds (Quest), and read back.
- * Selections sized by the arguments (dense, streaming, Λ, unions) are allocated fallibly:
- * when memory runs out the call fails with #KVSIEVE_ERROR_OUT_OF_MEMORY and writes nothing.
+ * Selections sized by the arguments (dense, streaming, Λ, unions, and the copies
+ * kvsieve_selection_from_csr() and kvsieve_selection_same_for_all_heads() make of their
+ * arrays) are allocated fallibly: when memory runs out the call fails with
+ * #KVSIEVE_ERROR_OUT_OF_MEMORY and writes nothing.
  * kvsieve.h includes this header; the conventions stated there apply to it.
  */
 

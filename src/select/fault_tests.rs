@@ -6,7 +6,7 @@
 
 use crate::alloc::{fail_after, fail_each};
 use crate::error::ErrorCode;
-use crate::select::cluster::{ClusterConfig, ClusterCount, ClusterIndex};
+use crate::select::cluster::{calibrate, ClusterConfig, ClusterCount, ClusterIndex};
 use crate::select::gemfilter::{self, GemFilterConfig, SnapKvConfig};
 use crate::select::{lambda, streaming, window_pages_to_evict, KeySource, Selection};
 use crate::tensor::TensorView;
@@ -115,6 +115,32 @@ fn cluster_index_update_is_all_or_nothing() {
         let (c, points) = fail_each("try_clone", &mut (), |_| ix.try_clone(), |_, _| {});
         assert!(points >= 5);
         assert!(c == ix);
+    }
+}
+
+#[test]
+fn cluster_index_rebuild_and_calibration_fail_cleanly() {
+    let (k, cfg) = index(120, 8, true);
+    let first = TensorView::new(&k[..80 * HK * D], &[80, HK, D]).unwrap();
+    let all = TensorView::new(&k, &[120, HK, D]).unwrap();
+    let mut ix = ClusterIndex::build(KeySource::Tensor(&first), &cfg).unwrap();
+    let copy = ix.clone();
+    let ((), points) = fail_each(
+        "rebuild",
+        &mut ix,
+        |ix| ix.rebuild(KeySource::Tensor(&all)),
+        |ix, n| assert!(*ix == copy, "rebuild: allocation {n} failed and the index changed"),
+    );
+    assert!(points >= 10, "only {points} allocation points");
+    assert!(ix == ClusterIndex::build(KeySource::Tensor(&all), &cfg).unwrap());
+
+    let q = keys(6, 5);
+    let qv = TensorView::new(&q[..3 * 4 * D], &[3, 4, D]).unwrap();
+    for per_head in [false, true] {
+        let expected = calibrate(&ix, &qv, 0.3, per_head).unwrap();
+        let (got, points) = fail_each("calibrate", &mut (), |_| calibrate(&ix, &qv, 0.3, per_head), |_, _| {});
+        assert!(points >= 3, "only {points} allocation points");
+        assert_eq!(got, expected);
     }
 }
 

@@ -45,6 +45,33 @@ pub(crate) fn reserve<T>(v: &mut Vec<T>, n: usize, what: &str) -> Result<()> {
     v.try_reserve(n).map_err(|_| Error::OutOfMemory { what: what.into(), bytes: n.saturating_mul(size_of::<T>()) })
 }
 
+/// A vector of `n` copies of `value`.
+pub(crate) fn filled_vec<T: Clone>(n: usize, value: T, what: &str) -> Result<Vec<T>> {
+    let mut v = vec_with_capacity(n, what)?;
+    v.resize(n, value);
+    Ok(v)
+}
+
+/// A copy of `s` in a new vector.
+pub(crate) fn copy_of<T: Copy>(s: &[T], what: &str) -> Result<Vec<T>> {
+    let mut v = vec_with_capacity(s.len(), what)?;
+    v.extend_from_slice(s);
+    Ok(v)
+}
+
+/// The items of an iterator of known length `n`, collected into a vector allocated
+/// fallibly (at most `n` items are taken).
+pub(crate) fn collect_n<T>(n: usize, it: impl IntoIterator<Item = T>, what: &str) -> Result<Vec<T>> {
+    let mut v = vec_with_capacity(n, what)?;
+    v.extend(it.into_iter().take(n));
+    Ok(v)
+}
+
+/// `a * b`, or an error naming `what` (the product of sizes it is) when it overflows.
+pub(crate) fn mul(a: usize, b: usize, what: &str) -> Result<usize> {
+    a.checked_mul(b).ok_or_else(|| Error::invalid(what, format!("a size that fits in memory, but {a} x {b} overflows")))
+}
+
 #[cfg(test)]
 thread_local! {
     /// Fallible allocations left before one fails (`None`: never).
@@ -83,6 +110,34 @@ pub(crate) fn panic_after(n: Option<usize>) {
 #[cfg(test)]
 pub(crate) fn fail_after(n: Option<usize>) {
     FAIL_AFTER.with(|c| c.set(n));
+}
+
+/// Run `op` on `state` with its first, second, ... fallible allocation failing, until it
+/// succeeds. After each failure the error must be an injected [`Error::OutOfMemory`], and
+/// `unchanged(state, n)` checks that the failure at allocation `n` changed nothing.
+/// Returns the successful result and the number of allocation points tried.
+#[cfg(test)]
+pub(crate) fn fail_each<S, T>(
+    name: &str,
+    state: &mut S,
+    mut op: impl FnMut(&mut S) -> Result<T>,
+    mut unchanged: impl FnMut(&S, usize),
+) -> (T, usize) {
+    let mut n = 0;
+    loop {
+        fail_after(Some(n));
+        let r = op(state);
+        fail_after(None);
+        match r {
+            Ok(v) => return (v, n),
+            Err(e) => {
+                assert_eq!(e.code(), crate::error::ErrorCode::OutOfMemory, "{name}, allocation {n}: {e}");
+                assert!(e.to_string().contains("injected"), "{name}, allocation {n}: {e}");
+                unchanged(state, n);
+                n += 1;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,10 @@
  *
  * \brief Attention: its parameters (scale, soft cap, RoPE, position modes), RoPE and
  * merging of partial results, and dense and sparse decode and prefill over a cache.
+ * Attention allocates its work space (scaled queries, one partial result per chunk of
+ * `chunk_size` tokens and query head, the merged rows) fallibly and before writing any
+ * output: when memory runs out the call fails with #KVSIEVE_ERROR_OUT_OF_MEMORY and `out`
+ * and `lse` are untouched.
  * kvsieve.h includes this header; the conventions stated there apply to it.
  */
 

@@ -4,6 +4,9 @@
  * \brief Clusters: K-means indexes of the keys of one (sequence, layer) and centroid
  * retrieval over them (Squeezed Attention), and cluster sets, the indexes a policy with
  * `clusters=` reads during decode.
+ * Building, loading, updating (assign_new, cluster-set build and update) and retrieval
+ * allocate their arrays fallibly: when memory runs out the call fails with
+ * #KVSIEVE_ERROR_OUT_OF_MEMORY and the index or set is unchanged.
  * kvsieve.h includes this header; the conventions stated there apply to it.
  */
 

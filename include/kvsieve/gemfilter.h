@@ -3,6 +3,8 @@
  *
  * \brief Prompt filtering: GemFilter (token scores, selection, filter-layer calibration),
  * SnapKV and the average pool both apply to their scores.
+ * Score buffers as long as the context (and SnapKV's window x context logits) are
+ * allocated fallibly: #KVSIEVE_ERROR_OUT_OF_MEMORY when memory runs out.
  * kvsieve.h includes this header; the conventions stated there apply to it.
  */
 

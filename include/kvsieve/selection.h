@@ -4,6 +4,10 @@
  * \brief Selections: which cached tokens each KV head of one (sequence, layer) reads, built
  * from CSR arrays, by the StreamingLLM and LM-Infinite rules, by set operations, or by
  * page bounds (Quest), and read back.
+ * Selections sized by the arguments (dense, streaming, Λ, unions, and the copies
+ * kvsieve_selection_from_csr() and kvsieve_selection_same_for_all_heads() make of their
+ * arrays) are allocated fallibly: when memory runs out the call fails with
+ * #KVSIEVE_ERROR_OUT_OF_MEMORY and writes nothing.
  * kvsieve.h includes this header; the conventions stated there apply to it.
  */
 
@@ -100,7 +104,9 @@ kvsieve_error_t *kvsieve_selection_from_csr(size_t seq_len, const uint32_t *head
  * \brief Every token for every head.
  *
  * \param num_kv_heads At least 1.
- * \param seq_len Tokens in the sequence; `num_kv_heads * seq_len` at most UINT32_MAX.
+ * \param seq_len Tokens in the sequence; `num_kv_heads * seq_len` at most UINT32_MAX
+ *        (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `indices` otherwise). The indices take
+ *        4 bytes per token and head: #KVSIEVE_ERROR_OUT_OF_MEMORY when they cannot be allocated.
  * \param out Receives the new selection (required); untouched on failure.
  *
  * Ownership: the caller owns `*out` (release with kvsieve_selection_free()) and frees any

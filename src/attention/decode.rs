@@ -3,9 +3,9 @@
 
 use rayon::prelude::*;
 
+use crate::alloc::{mul, vec_with_capacity};
 use crate::attention::kernel::{
-    attend_block, merge_into, scaled_queries, write_partials, Block, Ctx, KeyPos, Partial, Pass, RowState, Scratch,
-    Tokens, BLOCK,
+    attend_block, merge_into, scaled_queries, Block, Ctx, KeyPos, Pass, RowState, Rows, Scratch, Tokens, BLOCK,
 };
 use crate::attention::{AttentionParams, HeadTokens, PositionMode};
 use crate::error::{Error, Result};
@@ -112,7 +112,7 @@ fn decode_shared<'l>(
     }
     let total: usize = (0..batch).map(|b| list(b).len()).sum();
     let chunk = chunk_len(params, total)?;
-    let mut qs = scaled_queries(q, ctx.scale);
+    let mut qs = scaled_queries(q, ctx.scale)?;
     let (hq, d, g) = (ctx.num_qo_heads, ctx.d, ctx.group);
     // Keys stored before RoPE: each query is rotated once to its position (the last token's
     // stored position, or under contiguous numbering the count of listed tokens before it),
@@ -129,62 +129,53 @@ fn decode_shared<'l>(
         }
     }
 
-    let tasks: Vec<(usize, usize, usize)> = (0..batch)
-        .flat_map(|b| {
-            let n = list(b).len();
-            (0..n.div_ceil(chunk)).map(move |c| (b, c * chunk, ((c + 1) * chunk).min(n)))
-        })
-        .collect();
-    let parts: Vec<(usize, Vec<f32>, Vec<f32>)> = tasks
-        .par_iter()
-        .map_init(
-            || Scratch::new(g, d),
-            |sc, &(b, start, end)| {
-                let mut o = vec![0f32; hq * d];
-                let mut l = vec![f32::NEG_INFINITY; hq];
-                let hk = kv.num_kv_heads();
-                let mut states: Vec<RowState> = (0..hk).map(|_| RowState::new(g, d)).collect();
-                // Blocks outermost, heads inside: the sequence's memory is read once, in order.
-                let toks = list(b).slice(start, end);
-                let pass =
-                    Pass { key_pos: if contiguous { KeyPos::Index(start) } else { KeyPos::Stored }, ..Pass::ALL };
-                let n = toks.len();
-                let (mut cur, mut next) = (Block::default(), Block::default());
-                cur.fill(kv, b, &toks, 0, n.min(BLOCK));
-                for i0 in (0..n).step_by(BLOCK) {
-                    let i1 = (i0 + BLOCK).min(n);
-                    next.fill(kv, b, &toks, i1, (i1 + BLOCK).min(n));
-                    for (kh, st) in states.iter_mut().enumerate() {
-                        let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
-                        attend_block(ctx, b, kh, qrows, g, &cur, &next, &pass, usize::MAX, st, sc);
-                    }
-                    std::mem::swap(&mut cur, &mut next);
+    let ntasks: usize = (0..batch).map(|b| list(b).len().div_ceil(chunk)).sum();
+    let mut tasks = vec_with_capacity(ntasks, "decode tasks")?;
+    tasks.extend((0..batch).flat_map(|b| {
+        let n = list(b).len();
+        (0..n.div_ceil(chunk)).map(move |c| (b, c * chunk, ((c + 1) * chunk).min(n)))
+    }));
+    // Every task's rows for all query heads, then their merge per sequence: sized by the
+    // caller's batch, heads and chunking, so allocated fallibly before any work.
+    let mut parts = Rows::new(mul(ntasks, hq, "chunk_size")?, d, "decode partial results")?;
+    let mut merged = Rows::new(batch * hq, d, "decode results")?;
+    parts.out.par_chunks_mut(hq * d).zip(parts.lse.par_chunks_mut(hq)).zip(tasks.par_iter()).for_each_init(
+        || Scratch::new(g, d),
+        |sc, ((o, l), &(b, start, end))| {
+            let hk = kv.num_kv_heads();
+            let mut states: Vec<RowState> = (0..hk).map(|_| RowState::new(g, d)).collect();
+            // Blocks outermost, heads inside: the sequence's memory is read once, in order.
+            let toks = list(b).slice(start, end);
+            let pass = Pass { key_pos: if contiguous { KeyPos::Index(start) } else { KeyPos::Stored }, ..Pass::ALL };
+            let n = toks.len();
+            let (mut cur, mut next) = (Block::default(), Block::default());
+            cur.fill(kv, b, &toks, 0, n.min(BLOCK));
+            for i0 in (0..n).step_by(BLOCK) {
+                let i1 = (i0 + BLOCK).min(n);
+                next.fill(kv, b, &toks, i1, (i1 + BLOCK).min(n));
+                for (kh, st) in states.iter_mut().enumerate() {
+                    let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
+                    attend_block(ctx, b, kh, qrows, g, &cur, &next, &pass, usize::MAX, st, sc);
                 }
-                for (kh, st) in states.iter().enumerate() {
-                    for r in 0..g {
-                        let h = kh * g + r;
-                        l[h] = st.finish_row(r, d, &mut o[h * d..(h + 1) * d]);
-                    }
+                std::mem::swap(&mut cur, &mut next);
+            }
+            for (kh, st) in states.iter().enumerate() {
+                for r in 0..g {
+                    let h = kh * g + r;
+                    l[h] = st.finish_row(r, d, &mut o[h * d..(h + 1) * d]);
                 }
-                (b, o, l)
-            },
-        )
-        .collect();
+            }
+        },
+    );
 
     // Merge chunk states per sequence, in token order.
-    let mut merged: Vec<Partial> = Vec::with_capacity(batch * hq);
-    for b in 0..batch {
+    for (i, &(b, _, _)) in tasks.iter().enumerate() {
         for h in 0..hq {
-            merged.push(Partial { token: b, head: h, out: vec![0f32; d], lse: f32::NEG_INFINITY });
+            let (mo, ml) = merged.row(b * hq + h);
+            merge_into(mo, ml, &parts.out[(i * hq + h) * d..(i * hq + h + 1) * d], parts.lse[i * hq + h]);
         }
     }
-    for (b, o, l) in &parts {
-        for h in 0..hq {
-            let m = &mut merged[b * hq + h];
-            merge_into(&mut m.out, &mut m.lse, &o[h * d..(h + 1) * d], l[h]);
-        }
-    }
-    write_partials(&merged, hq, out, lse);
+    merged.write(hq, out, lse);
     Ok(())
 }
 
@@ -226,8 +217,9 @@ fn decode_lists<'l>(
     let (hq, d, g, hk) = (ctx.num_qo_heads, ctx.d, ctx.group, kv.num_kv_heads());
     let total: usize = (0..batch).map(|b| (0..hk).map(|h| lists(b, h).len()).sum::<usize>()).sum::<usize>() / hk;
     let chunk = chunk_len(params, total)?;
-    let qs = scaled_queries(q, ctx.scale);
-    let mut tasks = Vec::new();
+    let qs = scaled_queries(q, ctx.scale)?;
+    let ntasks: usize = (0..batch).map(|b| (0..hk).map(|h| lists(b, h).len().div_ceil(chunk)).sum::<usize>()).sum();
+    let mut tasks = vec_with_capacity(ntasks, "decode tasks")?;
     for b in 0..batch {
         for kh in 0..hk {
             let n = lists(b, kh).len();
@@ -236,34 +228,26 @@ fn decode_lists<'l>(
             }
         }
     }
-    let parts: Vec<Partial> = tasks
-        .par_iter()
-        .map_init(
-            || Scratch::new(g, d),
-            |sc, &(b, kh, i0, i1)| {
-                let all = lists(b, kh);
-                let last = kv.seq_len(b) - 1;
-                let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
-                let st =
-                    ctx.attend_rows(b, kh, qrows, g, &|_| last, all, i0, all.slice(i0, i1), &|_| usize::MAX, None, sc);
-                (0..g)
-                    .map(|r| {
-                        let mut o = vec![0f32; d];
-                        let lse = st.finish_row(r, d, &mut o);
-                        Partial { token: b, head: kh * g + r, out: o, lse }
-                    })
-                    .collect::<Vec<_>>()
-            },
-        )
-        .flatten()
-        .collect();
-    let mut merged: Vec<Partial> = (0..batch * hq)
-        .map(|i| Partial { token: i / hq, head: i % hq, out: vec![0f32; d], lse: f32::NEG_INFINITY })
-        .collect();
-    for p in &parts {
-        let m = &mut merged[p.token * hq + p.head];
-        merge_into(&mut m.out, &mut m.lse, &p.out, p.lse);
+    let mut parts = Rows::new(mul(ntasks, g, "chunk_size")?, d, "decode partial results")?;
+    let mut merged = Rows::new(batch * hq, d, "decode results")?;
+    parts.out.par_chunks_mut(g * d).zip(parts.lse.par_chunks_mut(g)).zip(tasks.par_iter()).for_each_init(
+        || Scratch::new(g, d),
+        |sc, ((o, l), &(b, kh, i0, i1))| {
+            let all = lists(b, kh);
+            let last = kv.seq_len(b) - 1;
+            let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
+            let st = ctx.attend_rows(b, kh, qrows, g, &|_| last, all, i0, all.slice(i0, i1), &|_| usize::MAX, None, sc);
+            for r in 0..g {
+                l[r] = st.finish_row(r, d, &mut o[r * d..(r + 1) * d]);
+            }
+        },
+    );
+    for (i, &(b, kh, _, _)) in tasks.iter().enumerate() {
+        for r in 0..g {
+            let (mo, ml) = merged.row(b * hq + kh * g + r);
+            merge_into(mo, ml, &parts.out[(i * g + r) * d..(i * g + r + 1) * d], parts.lse[i * g + r]);
+        }
     }
-    write_partials(&merged, hq, out, lse);
+    merged.write(hq, out, lse);
     Ok(())
 }

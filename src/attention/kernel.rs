@@ -526,18 +526,46 @@ pub(crate) fn merge_into(acc_o: &mut [f32], acc_lse: &mut f32, o: &[f32], lse: f
     *acc_lse = m + (wa + wb).ln();
 }
 
-/// One task's result: query rows `first_token..` of `heads`, normalised outputs and LSEs.
-pub(crate) struct Partial {
-    pub token: usize,
-    pub head: usize,
+/// Finished query rows (normalised outputs `[rows][d]` and LSEs `[rows]`) in one buffer,
+/// allocated fallibly: how many rows there are comes from the caller's batch, heads,
+/// sequence lengths and chunk size.
+pub(crate) struct Rows {
     pub out: Vec<f32>,
-    pub lse: f32,
+    pub lse: Vec<f32>,
+    pub d: usize,
+}
+
+impl Rows {
+    /// `rows` rows of zeros with LSE `-inf` (a row that saw no key).
+    pub fn new(rows: usize, d: usize, what: &str) -> Result<Self> {
+        Ok(Rows {
+            out: crate::alloc::zeroed_vec(crate::alloc::mul(rows, d, what)?, what)?,
+            lse: crate::alloc::filled_vec(rows, f32::NEG_INFINITY, what)?,
+            d,
+        })
+    }
+
+    /// Row `r`: its output and its LSE slot.
+    pub fn row(&mut self, r: usize) -> (&mut [f32], &mut f32) {
+        (&mut self.out[r * self.d..(r + 1) * self.d], &mut self.lse[r])
+    }
+
+    /// Write row `token * hq + head` to `out[token, head]` and `lse[token * hq + head]`,
+    /// for every row.
+    pub fn write(&self, hq: usize, out: &mut TensorViewMut, lse: Option<&mut [f32]>) {
+        for (r, o) in self.out.chunks_exact(self.d).enumerate() {
+            out.write_row(&[r / hq, r % hq], o);
+        }
+        if let Some(l) = lse {
+            l[..self.lse.len()].copy_from_slice(&self.lse);
+        }
+    }
 }
 
 /// Scale the query rows of `q` (`[n, hq, d]`) into a contiguous f32 buffer.
-pub(crate) fn scaled_queries(q: &TensorView, scale: f32) -> Vec<f32> {
+pub(crate) fn scaled_queries(q: &TensorView, scale: f32) -> Result<Vec<f32>> {
     let (n, hq, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    let mut buf = vec![0f32; n * hq * d];
+    let mut buf = crate::alloc::zeroed_vec(n * hq * d, "scaled queries")?;
     buf.par_chunks_mut(hq * d).enumerate().for_each(|(i, row)| {
         for h in 0..hq {
             q.read_row(&[i, h], &mut row[h * d..(h + 1) * d]);
@@ -546,15 +574,5 @@ pub(crate) fn scaled_queries(q: &TensorView, scale: f32) -> Vec<f32> {
             *x *= scale;
         }
     });
-    buf
-}
-
-/// Write finished rows into `out` and `lse`.
-pub(crate) fn write_partials(parts: &[Partial], hq: usize, out: &mut TensorViewMut, mut lse: Option<&mut [f32]>) {
-    for p in parts {
-        out.write_row(&[p.token, p.head], &p.out);
-        if let Some(l) = lse.as_deref_mut() {
-            l[p.token * hq + p.head] = p.lse;
-        }
-    }
+    Ok(buf)
 }

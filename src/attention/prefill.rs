@@ -2,8 +2,9 @@
 
 use rayon::prelude::*;
 
+use crate::alloc::vec_with_capacity;
 use crate::attention::decode::check_selections;
-use crate::attention::kernel::{scaled_queries, write_partials, Ctx, Partial, Scratch, Tokens};
+use crate::attention::kernel::{scaled_queries, Ctx, Rows, Scratch, Tokens};
 use crate::attention::{AttentionParams, HeadTokens};
 use crate::error::{Error, Result};
 use crate::kv::PagedKv;
@@ -119,13 +120,15 @@ fn run<'l>(
     windows: &[Option<StreamingWindow>],
 ) -> Result<()> {
     let kv = ctx.kv;
-    let qs = scaled_queries(q, ctx.scale);
-    let (hq, d, g) = (ctx.num_qo_heads, ctx.d, ctx.group);
+    let qs = scaled_queries(q, ctx.scale)?;
+    let (hq, d, g, hk) = (ctx.num_qo_heads, ctx.d, ctx.group, kv.num_kv_heads());
 
-    let mut tasks = Vec::new();
+    let ntasks: usize =
+        (0..kv.batch_size()).map(|b| hk * (qo_indptr[b + 1] as usize - qo_indptr[b] as usize).div_ceil(TILE)).sum();
+    let mut tasks = vec_with_capacity(ntasks, "prefill tasks")?;
     for b in 0..kv.batch_size() {
         let (s, e) = (qo_indptr[b] as usize, qo_indptr[b + 1] as usize);
-        for kh in 0..kv.num_kv_heads() {
+        for kh in 0..hk {
             for t0 in (s..e).step_by(TILE) {
                 tasks.push((b, kh, t0, (t0 + TILE).min(e), s, e));
             }
@@ -133,44 +136,58 @@ fn run<'l>(
     }
     // Longest tasks (latest queries see the most keys) first, for better balance.
     tasks.sort_by_key(|&(b, _, t0, _, s, e)| std::cmp::Reverse(kv.seq_len(b) - (e - s) + (t0 - s)));
-    let parts: Vec<Partial> = tasks
-        .par_iter()
-        .map_init(
-            || Scratch::new(TILE * g, d),
-            |sc, &(b, kh, t0, t1, s, e)| {
-                let nt = t1 - t0;
-                let rows = nt * g;
-                let mut qrows = vec![0f32; rows * d];
-                for i in 0..nt {
-                    for r in 0..g {
-                        let src = ((t0 + i) * hq + kh * g + r) * d;
-                        qrows[(i * g + r) * d..(i * g + r + 1) * d].copy_from_slice(&qs[src..src + d]);
-                    }
+    // Every query row's result, task after task (`q.shape()[0] * hq` rows in all), split
+    // into one piece per task before the parallel work.
+    let mut res = Rows::new(q.shape()[0] * hq, d, "prefill results")?;
+    let mut pieces = vec_with_capacity(tasks.len(), "prefill tasks")?;
+    let (mut rest_o, mut rest_l) = (&mut res.out[..], &mut res.lse[..]);
+    for task in &tasks {
+        let rows = (task.3 - task.2) * g;
+        let (o, o_rest) = std::mem::take(&mut rest_o).split_at_mut(rows * d);
+        let (l, l_rest) = std::mem::take(&mut rest_l).split_at_mut(rows);
+        pieces.push((task, o, l));
+        (rest_o, rest_l) = (o_rest, l_rest);
+    }
+    pieces.into_par_iter().for_each_init(
+        || Scratch::new(TILE * g, d),
+        |sc, (&(b, kh, t0, t1, s, e), o, l)| {
+            let nt = t1 - t0;
+            let rows = nt * g;
+            let mut qrows = vec![0f32; rows * d];
+            for i in 0..nt {
+                for r in 0..g {
+                    let src = ((t0 + i) * hq + kh * g + r) * d;
+                    qrows[(i * g + r) * d..(i * g + r + 1) * d].copy_from_slice(&qs[src..src + d]);
                 }
-                let len = kv.seq_len(b);
-                let first = len - (e - s) + (t0 - s);
-                let q_token = |r: usize| first + r / g;
-                let limit = |r: usize| if causal { first + r / g } else { usize::MAX };
-                let window = windows.get(kh).copied().flatten();
-                let in_window =
-                    |r: usize, t: usize| window.is_some_and(|w| t < w.sinks || q_token(r).saturating_sub(t) < w.window);
-                let filter: Option<&(dyn Fn(usize, usize) -> bool + Sync)> =
-                    if window.is_some() { Some(&in_window) } else { None };
-                let all = lists(b, kh);
-                let st = ctx.attend_rows(b, kh, &qrows, rows, &q_token, all, 0, all, &limit, filter, sc);
-                let mut res = Vec::with_capacity(rows);
-                for i in 0..nt {
-                    for r in 0..g {
-                        let mut o = vec![0f32; d];
-                        let lse = st.finish_row(i * g + r, d, &mut o);
-                        res.push(Partial { token: t0 + i, head: kh * g + r, out: o, lse });
-                    }
+            }
+            let len = kv.seq_len(b);
+            let first = len - (e - s) + (t0 - s);
+            let q_token = |r: usize| first + r / g;
+            let limit = |r: usize| if causal { first + r / g } else { usize::MAX };
+            let window = windows.get(kh).copied().flatten();
+            let in_window =
+                |r: usize, t: usize| window.is_some_and(|w| t < w.sinks || q_token(r).saturating_sub(t) < w.window);
+            let filter: Option<&(dyn Fn(usize, usize) -> bool + Sync)> =
+                if window.is_some() { Some(&in_window) } else { None };
+            let all = lists(b, kh);
+            let st = ctx.attend_rows(b, kh, &qrows, rows, &q_token, all, 0, all, &limit, filter, sc);
+            for (r, l) in l.iter_mut().enumerate() {
+                *l = st.finish_row(r, d, &mut o[r * d..(r + 1) * d]);
+            }
+        },
+    );
+    let mut lse = lse;
+    let mut row = 0;
+    for &(_, kh, t0, t1, _, _) in &tasks {
+        for t in t0..t1 {
+            for h in kh * g..(kh + 1) * g {
+                out.write_row(&[t, h], &res.out[row * d..(row + 1) * d]);
+                if let Some(l) = lse.as_deref_mut() {
+                    l[t * hq + h] = res.lse[row];
                 }
-                res
-            },
-        )
-        .flatten()
-        .collect();
-    write_partials(&parts, hq, out, lse);
+                row += 1;
+            }
+        }
+    }
     Ok(())
 }

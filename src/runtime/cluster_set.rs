@@ -100,7 +100,7 @@ impl ClusterIndexSet {
         let c = cache.config();
         policy.validate(c.num_layers, c.num_kv_heads)?;
         let n = cache.seq_len(seq)?;
-        let mut built = Vec::new();
+        let mut built = crate::alloc::vec_with_capacity(c.num_layers, "cluster indexes")?;
         for layer in 0..c.num_layers {
             if let Some((plan, exclude)) = policy.cluster_plan(layer, c.num_kv_heads) {
                 let cfg = plan.config(n, exclude, self.seed)?;
@@ -127,7 +127,7 @@ impl ClusterIndexSet {
     pub fn update(&mut self, cache: &KvCache, seq: SeqId) -> Result<usize> {
         cache.seq_len(seq)?;
         let frame = frame_of(cache);
-        let mut fresh = Vec::new();
+        let mut fresh = crate::alloc::vec_with_capacity(self.indexes.len(), "cluster indexes")?;
         let mut total = 0usize;
         for (&(_, layer), (index, keys)) in self.indexes.range((seq, 0)..=(seq, usize::MAX)) {
             if *keys != frame {
@@ -139,7 +139,7 @@ impl ClusterIndexSet {
                     ),
                 ));
             }
-            let mut next = index.clone();
+            let mut next = index.try_clone()?;
             total += with_layer_keys(cache, seq, layer, |src| next.assign_new(src))?;
             fresh.push((layer, next));
         }

@@ -15,3 +15,6 @@ mod policy_select;
 
 pub use cluster_set::{ClusterIndexSet, IndexedKeys};
 pub use policy_select::PolicySelection;
+
+#[cfg(test)]
+mod fault_tests;

@@ -178,13 +178,13 @@ impl KvCache {
                     (Some(&s), Some(&e)) if narrow && s >= 0 && e >= s && (e - s) as usize <= len => (e - s) as usize,
                     _ => return Selection::dense(c.num_kv_heads, len),
                 };
-                let heads: Vec<Vec<u32>> = windows
+                let heads = windows
                     .iter()
                     .map(|w| match w {
                         Some(w) => first_and_last(len, w.sinks, w.window.saturating_add(new).saturating_sub(1)),
-                        None => (0..len as u32).collect(),
+                        None => crate::alloc::collect_n(len, 0..len as u32, "selection indices"),
                     })
-                    .collect();
+                    .collect::<Result<Vec<_>>>()?;
                 Selection::from_heads(len, heads)
             })
             .collect::<Result<Vec<_>>>()?;

@@ -100,16 +100,18 @@ impl Policy {
         let mut radii_read = 0usize;
         for (h, spec) in specs.iter().enumerate() {
             let tokens = if spec.dense {
-                (0..seq_len as u32).collect()
+                crate::alloc::collect_n(seq_len, 0..seq_len as u32, "selection indices")?
             } else {
-                let mut tokens = first_and_last(seq_len, spec.sinks.unwrap_or(0), spec.window.unwrap_or(0));
+                let mut tokens = first_and_last(seq_len, spec.sinks.unwrap_or(0), spec.window.unwrap_or(0))?;
                 if let (Some(cfg), Some(s)) = (spec.page_bounds_config(), &scores) {
-                    let mut out = Vec::with_capacity(tokens.len() + cfg.budget_tokens.min(seq_len));
-                    merge_union(&tokens, &s.keep_tokens(h, &cfg), &mut out);
+                    let keep = s.keep_tokens(h, &cfg);
+                    let mut out = crate::alloc::vec_with_capacity(tokens.len() + keep.len(), "selection indices")?;
+                    merge_union(&tokens, &keep, &mut out);
                     tokens = out;
                 }
                 if let (Some(_), Some(r)) = (spec.clusters, &retrieved) {
-                    let mut out = Vec::with_capacity(tokens.len() + r.tokens[h].len());
+                    let mut out =
+                        crate::alloc::vec_with_capacity(tokens.len() + r.tokens[h].len(), "selection indices")?;
                     merge_union(&tokens, &r.tokens[h], &mut out);
                     tokens = out;
                     centroids_scored += r.centroids_scored[h];
@@ -124,7 +126,7 @@ impl Policy {
             return Err(Error::invalid("policy", "selections whose tokens over all heads fit u32 offsets"));
         }
         Ok(PolicySelection {
-            selection: Selection::from_heads_unchecked(seq_len, &heads),
+            selection: Selection::from_heads_unchecked(seq_len, &heads)?,
             centroids_scored,
             radii_read,
         })

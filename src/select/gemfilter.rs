@@ -13,6 +13,7 @@
 
 use rayon::prelude::*;
 
+use crate::alloc::{collect_n, filled_vec, mul, reserve, zeroed_vec};
 use crate::cpu;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -21,7 +22,7 @@ use crate::select::keys::read_query;
 /// Re-exported: the filter reads its keys through it.
 pub use crate::select::keys::KeySource;
 use crate::select::selection::Selection;
-use crate::select::topk::top_k;
+use crate::select::topk::try_top_k;
 use crate::tensor::TensorView;
 
 /// Options of [`select`].
@@ -134,7 +135,7 @@ pub fn token_scores(q: &TensorView, src: KeySource) -> Result<Vec<f32>> {
         }
     }
     const CHUNK: usize = 1024;
-    let mut scores = vec![0f32; k.n];
+    let mut scores = zeroed_vec(k.n, "scores")?;
     scores.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, out)| {
         let t0 = ci * CHUNK;
         let mut ptrs = Vec::with_capacity(64);
@@ -174,16 +175,15 @@ pub fn avg_pool(scores: &[f32], kernel: usize) -> Result<Vec<f32>> {
     }
     let r = kernel / 2;
     let n = scores.len();
-    let mut prefix = vec![0f64; n + 1];
+    let mut prefix = zeroed_vec::<f64>(n + 1, "pooled scores")?;
     for i in 0..n {
         prefix[i + 1] = prefix[i] + scores[i] as f64;
     }
-    Ok((0..n)
-        .map(|i| {
-            let (a, b) = (i.saturating_sub(r), (i + r + 1).min(n));
-            ((prefix[b] - prefix[a]) / (b - a) as f64) as f32
-        })
-        .collect())
+    let pooled = (0..n).map(|i| {
+        let (a, b) = (i.saturating_sub(r), (i + r + 1).min(n));
+        ((prefix[b] - prefix[a]) / (b - a) as f64) as f32
+    });
+    collect_n(n, pooled, "pooled scores")
 }
 
 /// GemFilter: the `cfg.k` prompt tokens the filter layer's last query `q` points at,
@@ -192,8 +192,8 @@ pub fn avg_pool(scores: &[f32], kernel: usize) -> Result<Vec<f32>> {
 pub fn select(q: &TensorView, src: KeySource, cfg: &GemFilterConfig) -> Result<Vec<u32>> {
     let scores = token_scores(q, src)?;
     let n = scores.len();
-    if n == 0 {
-        return Err(Error::invalid("keys", "a non-empty context"));
+    if n == 0 || n > u32::MAX as usize {
+        return Err(Error::invalid("keys", format!("a non-empty context of at most {} tokens, got {n}", u32::MAX)));
     }
     if cfg.k == 0 || cfg.k > n {
         return Err(Error::out_of_range("k", cfg.k as i64, format!("1..={n} (the context length)")));
@@ -211,7 +211,7 @@ pub fn select(q: &TensorView, src: KeySource, cfg: &GemFilterConfig) -> Result<V
             *s = f32::INFINITY;
         }
     }
-    Ok(top_k(&pooled, cfg.k))
+    try_top_k(&pooled, cfg.k)
 }
 
 /// How well one layer ranks a known needle: the share of the needle's tokens inside the
@@ -297,21 +297,26 @@ pub fn snapkv(q_window: &TensorView, src: KeySource, cfg: &SnapKvConfig) -> Resu
             format!("{w}..={n} (at least the window, at most the context)"),
         ));
     }
+    if n > u32::MAX as usize {
+        return Err(Error::invalid("keys", format!("a context of at most {} tokens, got {n}", u32::MAX)));
+    }
     let scale = cfg.scale.unwrap_or(1.0 / (d as f32).sqrt());
     let prefix = n - w;
-    let heads: Vec<Vec<u32>> = (0..hk)
+    // Each head's logits are window queries x context: check that size before any work.
+    let rows = mul(g, w, "q_window")?;
+    let logits_len = mul(rows, n, "q_window")?;
+    let heads = (0..hk)
         .into_par_iter()
         .map(|h| {
-            let rows = g * w;
             // Row (i, j): window query i, query head h*g + j.
-            let mut qr = vec![0f32; rows * d];
+            let mut qr = zeroed_vec::<f32>(rows * d, "q_window rows")?;
             for i in 0..w {
                 for j in 0..g {
                     q_window.read_row(&[i, h * g + j], &mut qr[(i * g + j) * d..(i * g + j + 1) * d]);
                 }
             }
             qr.iter_mut().for_each(|x| *x *= scale);
-            let mut logits = vec![f32::NEG_INFINITY; rows * n];
+            let mut logits = filled_vec(logits_len, f32::NEG_INFINITY, "SnapKV logits")?;
             let mut ptrs = Vec::with_capacity(64);
             let mut part = vec![0f32; rows * 64];
             let mut rowbuf = vec![0f32; 64 * d];
@@ -341,7 +346,7 @@ pub fn snapkv(q_window: &TensorView, src: KeySource, cfg: &SnapKvConfig) -> Resu
                     }
                 }
             }
-            let mut votes = vec![0f32; prefix];
+            let mut votes = zeroed_vec::<f32>(prefix, "SnapKV votes")?;
             for r in 0..rows {
                 let row = &mut logits[r * n..(r + 1) * n];
                 let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -350,13 +355,15 @@ pub fn snapkv(q_window: &TensorView, src: KeySource, cfg: &SnapKvConfig) -> Resu
                     *v += p / sum;
                 }
             }
-            let pooled = avg_pool(&votes, cfg.pool_kernel).expect("kernel checked above");
-            let mut kept = top_k(&pooled, cfg.k - w);
+            let pooled = avg_pool(&votes, cfg.pool_kernel)?;
+            let mut kept = try_top_k(&pooled, cfg.k - w)?;
+            reserve(&mut kept, w, "selection indices")?;
             kept.extend(prefix as u32..n as u32);
-            kept
+            Ok(kept)
         })
-        .collect();
-    let mut union: Vec<u32> = heads.iter().flatten().copied().collect();
+        .collect::<Result<Vec<_>>>()?;
+    let total = heads.iter().map(Vec::len).sum();
+    let mut union = collect_n(total, heads.iter().flatten().copied(), "union")?;
     union.sort_unstable();
     union.dedup();
     Ok(SnapKvSelection { per_head: Selection::from_heads(n, heads)?, union })

@@ -28,6 +28,9 @@ mod selection;
 mod topk;
 mod window;
 
+#[cfg(test)]
+mod fault_tests;
+
 pub use cluster::{ClusterBuild, ClusterSizing, DEFAULT_CLUSTER_SIZE};
 pub(crate) use keys::read_query;
 pub use keys::KeySource;

@@ -315,5 +315,5 @@ pub fn page_bounds(
     if total > u32::MAX as usize {
         return Err(Error::invalid("budget_tokens", "a budget whose selection over all heads fits u32 offsets"));
     }
-    Ok(Selection::from_heads_unchecked(s.seq_len, &heads))
+    Selection::from_heads_unchecked(s.seq_len, &heads)
 }

@@ -137,7 +137,7 @@ impl Selection {
             check_head(head, h, base, seq_len)?;
             base += head.len();
         }
-        Ok(Self::from_heads_unchecked(seq_len, &heads))
+        Self::from_heads_unchecked(seq_len, &heads)
     }
 
     /// A selection from its CSR arrays, validated: `head_indptr` has `num_kv_heads + 1 >= 2`
@@ -224,17 +224,18 @@ impl Selection {
 
     /// Build from per-head lists that are known to satisfy the invariants (at least one
     /// head, each strictly ascending and below `seq_len <= u32::MAX`, total within u32).
-    pub(crate) fn from_heads_unchecked(seq_len: usize, heads: &[Vec<u32>]) -> Self {
+    /// Errors only when the arrays cannot be allocated.
+    pub(crate) fn from_heads_unchecked(seq_len: usize, heads: &[Vec<u32>]) -> Result<Self> {
         let total: usize = heads.iter().map(Vec::len).sum();
-        let mut indices = Vec::with_capacity(total);
-        let mut head_indptr = Vec::with_capacity(heads.len() + 1);
+        let mut indices = crate::alloc::vec_with_capacity(total, "selection indices")?;
+        let mut head_indptr = crate::alloc::vec_with_capacity(heads.len() + 1, "selection head_indptr")?;
         head_indptr.push(0);
         for head in heads {
             debug_assert!(head.windows(2).all(|w| w[0] < w[1]) && head.last().is_none_or(|&t| (t as usize) < seq_len));
             indices.extend_from_slice(head);
             head_indptr.push(indices.len() as u32);
         }
-        Selection { seq_len, head_indptr, indices }
+        Ok(Selection { seq_len, head_indptr, indices })
     }
 
     /// Number of KV heads.
@@ -300,8 +301,10 @@ impl Selection {
 
     fn combine(&self, other: &Selection, merge: fn(&[u32], &[u32], &mut Vec<u32>)) -> Result<Selection> {
         self.check_same_shape(other)?;
-        let mut indices = Vec::with_capacity(self.indices.len().max(other.indices.len()));
-        let mut head_indptr = Vec::with_capacity(self.head_indptr.len());
+        // At most the two lists together: merging then never grows the vector.
+        let most = self.indices.len() + other.indices.len();
+        let mut indices = crate::alloc::vec_with_capacity(most, "selection indices")?;
+        let mut head_indptr = crate::alloc::vec_with_capacity(self.head_indptr.len(), "selection head_indptr")?;
         head_indptr.push(0);
         for h in 0..self.num_kv_heads() {
             merge(self.head(h), other.head(h), &mut indices);

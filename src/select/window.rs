@@ -6,12 +6,15 @@ use crate::select::selection::Selection;
 
 /// `0..min(first, seq_len)` joined with `seq_len - min(last, seq_len)..seq_len`, ascending,
 /// overlapping ranges merged.
-pub(crate) fn first_and_last(seq_len: usize, first: usize, last: usize) -> Vec<u32> {
+/// Errors only when the list cannot be allocated.
+pub(crate) fn first_and_last(seq_len: usize, first: usize, last: usize) -> Result<Vec<u32>> {
     let head_end = first.min(seq_len);
     let tail_start = seq_len - last.min(seq_len);
-    let mut tokens: Vec<u32> = (0..head_end as u32).collect();
+    let n = head_end + (seq_len - tail_start.max(head_end));
+    let mut tokens = crate::alloc::vec_with_capacity(n, "selection indices")?;
+    tokens.extend(0..head_end as u32);
     tokens.extend(tail_start.max(head_end) as u32..seq_len as u32);
-    tokens
+    Ok(tokens)
 }
 
 fn check_seq_len(seq_len: usize) -> Result<()> {
@@ -39,7 +42,7 @@ pub fn streaming(num_kv_heads: usize, seq_len: usize, sinks: usize, window: usiz
         ));
     }
     check_seq_len(seq_len)?;
-    Selection::same_for_all_heads_unchecked(num_kv_heads, seq_len, first_and_last(seq_len, sinks, window))
+    Selection::same_for_all_heads_unchecked(num_kv_heads, seq_len, first_and_last(seq_len, sinks, window)?)
 }
 
 /// LM-Infinite's Λ-shaped mask, for the last query of the sequence: every head reads the
@@ -52,7 +55,7 @@ pub fn lambda(num_kv_heads: usize, seq_len: usize, global: usize, local: usize) 
         return Err(Error::invalid("local", "at least 1 recent token (local = 0 would hide the query's own context)"));
     }
     check_seq_len(seq_len)?;
-    Selection::same_for_all_heads_unchecked(num_kv_heads, seq_len, first_and_last(seq_len, global, local))
+    Selection::same_for_all_heads_unchecked(num_kv_heads, seq_len, first_and_last(seq_len, global, local)?)
 }
 
 /// Pages of a sequence that a sinks + window selection never reads again: indices into
@@ -75,5 +78,6 @@ pub fn window_pages_to_evict(seq_len: usize, page_size: usize, sinks: usize, win
     let first = sinks.div_ceil(page_size);
     let tail_start = seq_len.saturating_sub(window);
     let end = tail_start / page_size;
-    Ok((first..end.max(first)).collect())
+    let pages = first..end.max(first);
+    crate::alloc::collect_n(pages.len(), pages, "pages")
 }

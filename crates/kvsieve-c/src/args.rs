@@ -205,6 +205,16 @@ pub(crate) unsafe fn read_versioned_opt<T: Versioned>(ptr: *const T, param: &str
     read_versioned(ptr, param).map(Some)
 }
 
+/// A copy of a caller's array, or [`Error::OutOfMemory`] naming `param` (a plain
+/// `to_vec` would abort the process when memory runs out).
+pub(crate) fn copy_array<T: Copy>(s: &[T], param: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(s.len())
+        .map_err(|_| Error::OutOfMemory { what: param.into(), bytes: std::mem::size_of_val(s) })?;
+    v.extend_from_slice(s);
+    Ok(v)
+}
+
 /// A caller array of `n` versioned structs (NULL accepted when `n` is 0), laid out as the
 /// caller compiled them: entry `i` at byte `i * struct_size`, where `struct_size` is entry
 /// 0's, checked as [`read_versioned`] does; every entry must state the same size
@@ -226,7 +236,8 @@ pub(crate) unsafe fn read_versioned_array<T: Versioned>(
     let bytes = n.checked_mul(stride).filter(|&b| b <= isize::MAX as usize);
     let bytes = bytes.ok_or_else(|| Error::invalid(param, format!("a length that fits in memory, got {n}")))?;
     let base = ptr.cast::<u8>();
-    let mut items = Vec::with_capacity(n);
+    let mut items = Vec::new();
+    items.try_reserve_exact(n).map_err(|_| Error::OutOfMemory { what: param.into(), bytes })?;
     for i in 0..n {
         let at = base.add(i * stride);
         let size = at.cast::<usize>().read_unaligned();

@@ -18,8 +18,8 @@ use kvsieve::kv::{KeepTokens, KvCache, MemoryStats};
 use kvsieve::select::gemfilter::KeySource;
 
 use super::args::{
-    check_capacity, check_disjoint, non_null, opt_slice, opt_slice_mut, read_versioned, rename, sizes_are_valid, slice,
-    slice_mut, write_out, Region, Versioned, VersionedOut,
+    check_capacity, check_disjoint, copy_array, non_null, opt_slice, opt_slice_mut, read_versioned, rename,
+    sizes_are_valid, slice, slice_mut, write_out, Region, Versioned, VersionedOut,
 };
 use super::error::{guard, guard_value, kvsieve_error_t};
 use super::tensor::{kvsieve_dtype_t, kvsieve_tensor_t, Tensor};
@@ -544,7 +544,7 @@ pub(crate) fn keep_lists(indptr: &[u32], keep: &[u32]) -> Result<Vec<Vec<u32>>> 
             format!("keep_indptr[{last}] == keep_len = {}, got {}", keep.len(), indptr[last]),
         ));
     }
-    Ok(indptr.windows(2).map(|w| keep[w[0] as usize..w[1] as usize].to_vec()).collect())
+    indptr.windows(2).map(|w| copy_array(&keep[w[0] as usize..w[1] as usize], "keep")).collect()
 }
 
 /// `lists` as the `KeepTokens` of `kind` for a cache of `cfg` (the list count checked).

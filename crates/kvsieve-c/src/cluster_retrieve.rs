@@ -12,8 +12,8 @@ use kvsieve::error::{Error, Result};
 use kvsieve::select::cluster::{calibrate, CoarseRetrieve, RetrievalStats, Retrieve};
 
 use super::args::{
-    check_capacity, check_disjoint, non_null, opt_slice_mut, read_versioned, rename, sizes_are_valid, slice, slice_mut,
-    write_out, Region, Versioned, VersionedOut,
+    check_capacity, check_disjoint, copy_array, non_null, opt_slice_mut, read_versioned, rename, sizes_are_valid,
+    slice, slice_mut, write_out, Region, Versioned, VersionedOut,
 };
 use super::cluster::{copy_out, index_ref, kvsieve_cluster_index_t};
 use super::error::{guard, kvsieve_error_t};
@@ -227,7 +227,7 @@ pub(crate) unsafe fn retrieval_rule(
         RETRIEVE_THRESHOLD => Retrieve::Threshold(c.threshold),
         RETRIEVE_PER_HEAD_THRESHOLD => {
             non_null(c.thresholds, "thresholds")?;
-            Retrieve::PerHeadThreshold(slice(c.thresholds, c.num_thresholds, "thresholds")?.to_vec())
+            Retrieve::PerHeadThreshold(copy_array(slice(c.thresholds, c.num_thresholds, "thresholds")?, "thresholds")?)
         }
         RETRIEVE_BUDGET => Retrieve::Budget(c.budget),
         RETRIEVE_BUDGET_MIXED => Retrieve::MixedBudget(c.budget),

@@ -11,8 +11,8 @@ use kvsieve::error::{Error, Result};
 use kvsieve::select::{lambda, page_bounds, streaming, PageBoundsConfig, Selection};
 
 use super::args::{
-    check_capacity, check_disjoint, non_null, opt_slice_mut, read_versioned, sizes_are_valid, slice, slice_mut,
-    write_out, Region, Versioned, VersionedOut,
+    check_capacity, check_disjoint, copy_array, non_null, opt_slice_mut, read_versioned, sizes_are_valid, slice,
+    slice_mut, write_out, Region, Versioned, VersionedOut,
 };
 use super::cache::{cache_ref, kvsieve_cache_t};
 use super::error::{guard, guard_value, kvsieve_error_t};
@@ -180,7 +180,7 @@ pub unsafe extern "C" fn kvsieve_selection_from_csr(
         non_null(head_indptr, "head_indptr")?;
         let indptr = slice(head_indptr, head_indptr_len, "head_indptr")?;
         let idx = slice(indices, nnz, "indices")?;
-        make(out, || Selection::from_csr(seq_len, indptr.to_vec(), idx.to_vec()))
+        make(out, || Selection::from_csr(seq_len, copy_array(indptr, "head_indptr")?, copy_array(idx, "indices")?))
     })
 }
 
@@ -211,7 +211,7 @@ pub unsafe extern "C" fn kvsieve_selection_same_for_all_heads(
 ) -> *mut kvsieve_error_t {
     guard("kvsieve_selection_same_for_all_heads", || {
         let t = slice(indices, num_indices, "indices")?;
-        make(out, || Selection::same_for_all_heads(num_kv_heads, seq_len, t.to_vec()))
+        make(out, || Selection::same_for_all_heads(num_kv_heads, seq_len, copy_array(t, "indices")?))
     })
 }
 

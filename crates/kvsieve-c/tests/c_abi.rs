@@ -579,12 +579,36 @@ fn versioned_structs() {
     );
 }
 
+/// Requests too large to allocate are `KVSIEVE_ERROR_OUT_OF_MEMORY`, not an abort: the
+/// program runs under a 4 GiB address-space limit (`ulimit -v`), and not under valgrind,
+/// whose own allocator would be the one to run out.
+#[test]
+#[cfg(target_os = "linux")]
+fn huge_requests_under_a_memory_limit() {
+    let exe = compile("oom", &crate_dir().join("tests/c/oom.c"), Lang::C);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg("ulimit -v 4194304 && exec \"$0\"").arg(&exe);
+    check_output(
+        "oom",
+        &run(cmd),
+        &Expect {
+            lines: &["ok - huge requests are out-of-memory errors", "ok - the process goes on after them"],
+            summary: true,
+        },
+    );
+}
+
 #[test]
 fn threads_share_a_cache() {
     c_test(
         "threads",
         &Expect {
-            lines: &["ok - concurrent decode with a writer", "ok - policy decode and shared selections across threads"],
+            lines: &[
+                "ok - concurrent decode with a writer",
+                "ok - policy decode and shared selections across threads",
+                "ok - shared cluster set and index across threads",
+                "ok - separate caches and indexes on separate threads",
+            ],
             summary: true,
         },
     );

@@ -10,6 +10,7 @@
 //! `per_head` each head gets its own cut; otherwise one cut over all heads' pairs (weights
 //! then also divided by the number of heads), repeated per head.
 
+use crate::alloc::{collect_n, copy_of, mul, vec_with_capacity};
 use crate::error::{Error, Result};
 use crate::select::cluster::index::ClusterIndex;
 use crate::select::cluster::retrieve::{scaled_query, Retrieve};
@@ -71,7 +72,8 @@ fn cut(pairs: &mut [(f64, f64)], target: f64) -> f64 {
 /// the clustered keys: over all heads together, or each head on its own (`per_head`).
 ///
 /// Errors: `target_fraction` outside `(0, 1]`; `queries` of the wrong shape, empty, or not
-/// finite.
+/// finite; memory for one estimate per query, cluster and head running out
+/// ([`Error::OutOfMemory`]).
 pub fn calibrate(
     index: &ClusterIndex,
     queries: &TensorView,
@@ -88,7 +90,13 @@ pub fn calibrate(
     }
     let m = sh[0];
     let norm = index.clustered_len() as f64 * m as f64;
-    let mut pairs: Vec<Vec<(f64, f64)>> = vec![Vec::with_capacity(m * index.num_clusters()); hk];
+    // One (estimate, weight) pair per query and cluster, per head: sized by the caller's
+    // query count, so allocated fallibly.
+    let per_head_len = mul(m, index.num_clusters(), "queries")?;
+    let mut pairs: Vec<Vec<(f64, f64)>> = vec_with_capacity(hk, "calibration estimates")?;
+    for _ in 0..hk {
+        pairs.push(vec_with_capacity(per_head_len, "calibration estimates")?);
+    }
     for i in 0..m {
         let qi = queries.narrow0(i)?;
         let (hq, rows) = scaled_query(index, &qi, "queries")?;
@@ -98,9 +106,14 @@ pub fn calibrate(
         }
     }
     let per_head_tau: Vec<f64> = if per_head {
-        pairs.iter().map(|p| cut(&mut p.clone(), target_fraction)).collect()
+        let mut taus = Vec::with_capacity(hk);
+        for p in &pairs {
+            taus.push(cut(&mut copy_of(p, "calibration estimates")?, target_fraction));
+        }
+        taus
     } else {
-        let mut all: Vec<(f64, f64)> = pairs.iter().flatten().map(|&(s, w)| (s, w / hk as f64)).collect();
+        let all = pairs.iter().flatten().map(|&(s, w)| (s, w / hk as f64));
+        let mut all = collect_n(mul(hk, per_head_len, "queries")?, all, "calibration estimates")?;
         vec![cut(&mut all, target_fraction); hk]
     };
     let kept_fraction =

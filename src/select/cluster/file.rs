@@ -35,13 +35,15 @@
 //! and shape, the checksum, and the index's invariants (offsets, members forming each
 //! token exactly once and ascending per cluster, sizes, finite centroids, the coarse
 //! children forming each fine cluster once); any failure is [`Error::Io`] naming the file and
-//! what is wrong.
+//! what is wrong, except memory running out while the arrays are copied
+//! ([`Error::OutOfMemory`]).
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView as StView};
 
+use crate::alloc::{collect_n, copy_of, filled_vec, vec_with_capacity};
 use crate::config::validate_head_dim;
 use crate::error::{Error, Result};
 use crate::select::cluster::index::{ClusterConfig, ClusterIndex, CoarseLevel};
@@ -239,7 +241,8 @@ impl ClusterIndex {
     }
 
     /// Read an index written by [`ClusterIndex::save`], verifying everything (see the module
-    /// docs). Every failure is [`Error::Io`].
+    /// docs). Every failure is [`Error::Io`], except memory running out
+    /// ([`Error::OutOfMemory`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes =
@@ -400,32 +403,45 @@ impl ClusterIndex {
         if *stored != computed {
             return Err(io(format!("checksum mismatch (stored {stored}, computed {computed}): the file is corrupted")));
         }
-        let f32s = |n: &str| -> Vec<f32> {
-            data[n].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        // Every array is as long as its tensor in the file, but is allocated fallibly all
+        // the same: a file can be large.
+        let f32s = |n: &str| -> Result<Vec<f32>> {
+            let b = data[n];
+            collect_n(b.len() / 4, b.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])), n)
         };
-        let u32s = |n: &str| -> Vec<u32> {
-            data[n].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        let u32s = |n: &str| -> Result<Vec<u32>> {
+            let b = data[n];
+            collect_n(b.len() / 4, b.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])), n)
         };
-        let (cents, cnorm, sizes, offs, mems) =
-            (f32s("centroids"), f32s("centroids_normalized"), u32s("sizes"), u32s("member_offsets"), u32s("members"));
-        let inertia: Vec<f64> =
-            data["inertia"].chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
-        let iters = u32s("iterations");
+        let (cents, cnorm, sizes, offs, mems) = (
+            f32s("centroids")?,
+            f32s("centroids_normalized")?,
+            u32s("sizes")?,
+            u32s("member_offsets")?,
+            u32s("members")?,
+        );
+        let inertia: Vec<f64> = collect_n(
+            hk,
+            data["inertia"].chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))),
+            "inertia",
+        )?;
+        let iters = u32s("iterations")?;
         let conv = data["converged"];
         if let Some(i) = cents.iter().chain(&cnorm).position(|v| !v.is_finite()) {
             return Err(io(format!("non-finite centroid value at flat position {i}")));
         }
-        let radii = if has_radii { f32s("radii") } else { Vec::new() };
+        let radii = if has_radii { f32s("radii")? } else { Vec::new() };
         if let Some(i) = radii.iter().position(|v| !v.is_finite() || *v < 0.0) {
             return Err(io(format!("radius at flat position {i} is {}, expected a finite value >= 0", radii[i])));
         }
-        let mut heads = Vec::with_capacity(hk);
+        let mut heads = vec_with_capacity(hk, "cluster index heads")?;
         for h in 0..hk {
-            let off = offs[h * (k + 1)..(h + 1) * (k + 1)].to_vec();
-            let members = mems[h * m..(h + 1) * m].to_vec();
-            let hsizes = sizes[h * k..(h + 1) * k].to_vec();
+            let off = copy_of(&offs[h * (k + 1)..(h + 1) * (k + 1)], "member_offsets")?;
+            let members = copy_of(&mems[h * m..(h + 1) * m], "members")?;
+            let hsizes = copy_of(&sizes[h * k..(h + 1) * k], "sizes")?;
+            let group = filled_vec(m, u32::MAX, "cluster assignment")?;
             let assignment =
-                check_csr(&off, &members, &hsizes, m).map_err(|e| io(format!("head {h}: members: {e}")))?;
+                check_csr(&off, &members, &hsizes, group).map_err(|e| io(format!("head {h}: members: {e}")))?;
             if conv[h] > 1 || !inertia[h].is_finite() || inertia[h] < 0.0 {
                 return Err(io(format!("head {h}: bad inertia {} or converged flag {}", inertia[h], conv[h])));
             }
@@ -437,8 +453,8 @@ impl ClusterIndex {
             }
             heads.push(Clustering {
                 d,
-                centroids: cents[h * k * d..(h + 1) * k * d].to_vec(),
-                centroids_normalized: cnorm[h * k * d..(h + 1) * k * d].to_vec(),
+                centroids: copy_of(&cents[h * k * d..(h + 1) * k * d], "centroids")?,
+                centroids_normalized: copy_of(&cnorm[h * k * d..(h + 1) * k * d], "centroids_normalized")?,
                 sizes: hsizes,
                 member_offsets: off,
                 members,
@@ -448,22 +464,27 @@ impl ClusterIndex {
                 iterations: iters[h] as usize,
                 converged: conv[h] == 1,
                 seeds: Vec::new(),
-                radii: if has_radii { radii[h * k..(h + 1) * k].to_vec() } else { Vec::new() },
+                radii: if has_radii { copy_of(&radii[h * k..(h + 1) * k], "radii")? } else { Vec::new() },
             });
         }
-        let mut coarse = Vec::new();
+        let mut coarse = vec_with_capacity(if k1 > 0 { hk } else { 0 }, "cluster index heads")?;
         if k1 > 0 {
-            let (cc, cs, co, ch) =
-                (f32s("coarse_centroids"), u32s("coarse_sizes"), u32s("coarse_child_offsets"), u32s("coarse_children"));
+            let (cc, cs, co, ch) = (
+                f32s("coarse_centroids")?,
+                u32s("coarse_sizes")?,
+                u32s("coarse_child_offsets")?,
+                u32s("coarse_children")?,
+            );
             if let Some(i) = cc.iter().position(|v| !v.is_finite()) {
                 return Err(io(format!("non-finite coarse centroid value at flat position {i}")));
             }
             for h in 0..hk {
-                let off = co[h * (k1 + 1)..(h + 1) * (k1 + 1)].to_vec();
-                let children = ch[h * k..(h + 1) * k].to_vec();
-                let csizes = cs[h * k1..(h + 1) * k1].to_vec();
-                let child_counts: Vec<u32> = off.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
-                check_csr(&off, &children, &child_counts, k)
+                let off = copy_of(&co[h * (k1 + 1)..(h + 1) * (k1 + 1)], "coarse_child_offsets")?;
+                let children = copy_of(&ch[h * k..(h + 1) * k], "coarse_children")?;
+                let csizes = copy_of(&cs[h * k1..(h + 1) * k1], "coarse_sizes")?;
+                let child_counts = collect_n(k1, off.windows(2).map(|w| w[1].wrapping_sub(w[0])), "coarse_sizes")?;
+                let group = filled_vec(k, u32::MAX, "coarse children")?;
+                check_csr(&off, &children, &child_counts, group)
                     .map_err(|e| io(format!("head {h}: coarse children: {e}")))?;
                 for c in 0..k1 {
                     let total: u64 = children[off[c] as usize..off[c + 1] as usize]
@@ -478,7 +499,7 @@ impl ClusterIndex {
                     }
                 }
                 coarse.push(CoarseLevel {
-                    centroids: cc[h * k1 * d..(h + 1) * k1 * d].to_vec(),
+                    centroids: copy_of(&cc[h * k1 * d..(h + 1) * k1 * d], "coarse_centroids")?,
                     sizes: csizes,
                     child_offsets: off,
                     children,
@@ -500,13 +521,18 @@ impl ClusterIndex {
 
 /// Check a CSR grouping of the items `0..n` into `sizes.len()` groups: offsets from 0 to
 /// `n`, non-decreasing, group sizes equal to `sizes`, items ascending within a group, every
-/// item exactly once. Returns each item's group.
-fn check_csr(offsets: &[u32], items: &[u32], sizes: &[u32], n: usize) -> std::result::Result<Vec<u32>, String> {
-    let k = sizes.len();
+/// item exactly once. `group` is `n` entries of `u32::MAX`; returns it holding each item's
+/// group.
+fn check_csr(
+    offsets: &[u32],
+    items: &[u32],
+    sizes: &[u32],
+    mut group: Vec<u32>,
+) -> std::result::Result<Vec<u32>, String> {
+    let (k, n) = (sizes.len(), group.len());
     if offsets[0] != 0 || offsets[k] as usize != n {
         return Err(format!("offsets run from {} to {}, expected 0 to {n}", offsets[0], offsets[k]));
     }
-    let mut group = vec![u32::MAX; n];
     for c in 0..k {
         let (a, b) = (offsets[c] as usize, offsets[c + 1] as usize);
         if b < a || b > n || (b - a) as u64 != sizes[c] as u64 || sizes[c] == 0 {

@@ -2,6 +2,7 @@
 //! optionally with a coarse level over the fine centroids, kept up to date as tokens are
 //! appended.
 
+use crate::alloc::{collect_n, copy_of, mul, reserve, vec_with_capacity, zeroed_vec};
 use crate::cpu::assign::{nearest, PackedCentroids};
 use crate::error::{Error, Result};
 use crate::select::cluster::keys::{with_keys, KeyRows};
@@ -132,19 +133,37 @@ impl CoarseLevel {
         }
     }
 
-    pub(crate) fn build(fine: &Clustering, k1: usize, seed: u64, max_iter: usize) -> Self {
+    pub(crate) fn build(fine: &Clustering, k1: usize, seed: u64, max_iter: usize) -> Result<Self> {
         let d = fine.d;
-        let (x, xsq) = normalize_rows(&fine.centroids, d);
-        let cl = cluster_normalized(&fine.centroids, &x, &xsq, d, k1, seed ^ COARSE_SEED_SALT, max_iter);
+        let (x, xsq) = normalize_rows(&fine.centroids, d)?;
+        let cl = cluster_normalized(&fine.centroids, &x, &xsq, d, k1, seed ^ COARSE_SEED_SALT, max_iter)?;
         let mut level = CoarseLevel {
-            centroids: vec![0f32; k1 * d],
-            sizes: vec![0; k1],
+            centroids: zeroed_vec(mul(k1, d, "coarse")?, "coarse centroids")?,
+            sizes: zeroed_vec(k1, "coarse sizes")?,
             child_offsets: cl.member_offsets,
             children: cl.members,
         };
         level.refresh(fine);
-        level
+        Ok(level)
     }
+
+    fn try_clone(&self) -> Result<Self> {
+        Ok(CoarseLevel {
+            centroids: copy_of(&self.centroids, "coarse centroids")?,
+            sizes: copy_of(&self.sizes, "coarse sizes")?,
+            child_offsets: copy_of(&self.child_offsets, "coarse child offsets")?,
+            children: copy_of(&self.children, "coarse children")?,
+        })
+    }
+}
+
+/// One head's lists after [`ClusterIndex::assign_new`], made before any is put in place.
+struct Assigned {
+    sizes: Vec<u32>,
+    offsets: Vec<u32>,
+    members: Vec<u32>,
+    radii: Option<Vec<f32>>,
+    assignment: Vec<u32>,
 }
 
 /// K-means clusters of the keys of one (sequence, layer), every KV head, for centroid
@@ -182,14 +201,14 @@ impl ClusterIndex {
         let n = keys.n;
         let (m, k, k1) = cfg.counts(n)?;
         let d = keys.d;
-        let mut heads = Vec::with_capacity(keys.hk);
-        let mut coarse = Vec::new();
+        let mut heads = vec_with_capacity(keys.hk, "cluster index heads")?;
+        let mut coarse = vec_with_capacity(if k1.is_some() { keys.hk } else { 0 }, "cluster index heads")?;
         for h in 0..keys.hk {
             let raw = keys.read(h, 0..m)?;
-            let (x, xsq) = normalize_rows(&raw, d);
-            let fine = cluster_normalized(&raw, &x, &xsq, d, k, cfg.seed, cfg.max_iter);
+            let (x, xsq) = normalize_rows(&raw, d)?;
+            let fine = cluster_normalized(&raw, &x, &xsq, d, k, cfg.seed, cfg.max_iter)?;
             if let Some(k1) = k1 {
-                coarse.push(CoarseLevel::build(&fine, k1, cfg.seed, cfg.max_iter));
+                coarse.push(CoarseLevel::build(&fine, k1, cfg.seed, cfg.max_iter)?);
             }
             heads.push(fine);
         }
@@ -219,46 +238,38 @@ impl ClusterIndex {
     ///
     /// Errors: a source with a different `num_kv_heads` or `head_dim`; a sequence shorter
     /// than [`ClusterIndex::seq_len`] (it was truncated or compacted: rebuild); NaN or
-    /// infinite keys. On error the index is unchanged.
+    /// infinite keys, or memory running out ([`Error::OutOfMemory`]). On error the index is
+    /// unchanged: every head's new lists are made first, then put in place.
     pub fn assign_new(&mut self, src: KeySource<'_>) -> Result<usize> {
         with_keys(src, |keys| {
             self.check_source(keys)?;
             let n = keys.n;
             let end = n.saturating_sub(self.config.exclude_window).max(self.clustered_len);
             let start = self.clustered_len;
-            let d = self.head_dim;
-            let mut fresh = Vec::with_capacity(self.num_kv_heads);
+            let mut changes = vec_with_capacity(self.num_kv_heads, "cluster index heads")?;
             for h in 0..self.num_kv_heads {
-                fresh.push(if end > start { keys.read(h, start..end)? } else { Vec::new() });
+                changes.push(if end > start {
+                    Some(self.assigned(h, keys.read(h, start..end)?, start)?)
+                } else {
+                    None
+                });
             }
-            for (h, raw) in fresh.into_iter().enumerate() {
-                if raw.is_empty() {
-                    continue;
+            for (head, change) in self.heads.iter_mut().zip(&changes) {
+                if let Some(c) = change {
+                    reserve(&mut head.assignment, c.assignment.len(), "cluster assignment")?;
                 }
-                let (x, _) = normalize_rows(&raw, d);
+            }
+            // Nothing below allocates more than a head_dim row, nor fails.
+            for (h, change) in changes.into_iter().enumerate() {
+                let Some(c) = change else { continue };
                 let head = &mut self.heads[h];
-                let k = head.sizes.len();
-                let mut a = vec![0u32; end - start];
-                let mut best = vec![0f32; end - start];
-                nearest(&x, d, &PackedCentroids::new(&head.centroids_normalized, k, d), &mut a, &mut best);
-                if head.radii.len() == k {
-                    grow_radii(&mut head.radii, &raw, d, &head.centroids, &a);
+                head.sizes = c.sizes;
+                head.member_offsets = c.offsets;
+                head.members = c.members;
+                if let Some(r) = c.radii {
+                    head.radii = r;
                 }
-                let (new_off, new_mem) = members_csr(&a, k);
-                let mut members = Vec::with_capacity(head.members.len() + a.len());
-                let mut offsets = Vec::with_capacity(k + 1);
-                offsets.push(0u32);
-                for c in 0..k {
-                    members.extend_from_slice(head.members(c));
-                    members.extend(
-                        new_mem[new_off[c] as usize..new_off[c + 1] as usize].iter().map(|&i| i + start as u32),
-                    );
-                    offsets.push(members.len() as u32);
-                }
-                head.sizes = offsets.windows(2).map(|w| w[1] - w[0]).collect();
-                head.member_offsets = offsets;
-                head.members = members;
-                head.assignment.extend_from_slice(&a);
+                head.assignment.extend_from_slice(&c.assignment);
                 if let Some(level) = self.coarse.get_mut(h) {
                     level.refresh(head);
                 }
@@ -267,6 +278,64 @@ impl ClusterIndex {
             self.seq_len = n;
             Ok(end - start)
         })
+    }
+
+    /// Head `h`'s lists with the keys `raw` (tokens from `start` on) assigned to their
+    /// nearest normalised centroids; the index itself is not touched.
+    fn assigned(&self, h: usize, raw: Vec<f32>, start: usize) -> Result<Assigned> {
+        let d = self.head_dim;
+        let (x, _) = normalize_rows(&raw, d)?;
+        let head = &self.heads[h];
+        let k = head.sizes.len();
+        let count = raw.len() / d;
+        let mut a = zeroed_vec::<u32>(count, "cluster assignment")?;
+        let mut best = zeroed_vec::<f32>(count, "cluster assignment")?;
+        nearest(&x, d, &PackedCentroids::new(&head.centroids_normalized, k, d), &mut a, &mut best);
+        let radii = if head.radii.len() == k {
+            let mut r = copy_of(&head.radii, "cluster radii")?;
+            grow_radii(&mut r, &raw, d, &head.centroids, &a);
+            Some(r)
+        } else {
+            None
+        };
+        let (new_off, new_mem) = members_csr(&a, k)?;
+        let mut members = vec_with_capacity(head.members.len() + a.len(), "cluster members")?;
+        let mut offsets = vec_with_capacity(k + 1, "cluster member offsets")?;
+        offsets.push(0u32);
+        for c in 0..k {
+            members.extend_from_slice(head.members(c));
+            members.extend(new_mem[new_off[c] as usize..new_off[c + 1] as usize].iter().map(|&i| i + start as u32));
+            offsets.push(members.len() as u32);
+        }
+        let sizes = collect_n(k, offsets.windows(2).map(|w| w[1] - w[0]), "cluster sizes")?;
+        Ok(Assigned { sizes, offsets, members, radii, assignment: a })
+    }
+
+    /// A copy, or [`Error::OutOfMemory`] (`Clone` aborts when memory runs out).
+    pub fn try_clone(&self) -> Result<Self> {
+        let mut heads = vec_with_capacity(self.heads.len(), "cluster index heads")?;
+        for c in &self.heads {
+            heads.push(Clustering {
+                d: c.d,
+                centroids: copy_of(&c.centroids, "centroids")?,
+                centroids_normalized: copy_of(&c.centroids_normalized, "centroids")?,
+                sizes: copy_of(&c.sizes, "cluster sizes")?,
+                member_offsets: copy_of(&c.member_offsets, "cluster member offsets")?,
+                members: copy_of(&c.members, "cluster members")?,
+                assignment: copy_of(&c.assignment, "cluster assignment")?,
+                inertia: c.inertia,
+                inertia_history: copy_of(&c.inertia_history, "inertia history")?,
+                iterations: c.iterations,
+                converged: c.converged,
+                seeds: copy_of(&c.seeds, "k-means++ seeds")?,
+                radii: copy_of(&c.radii, "cluster radii")?,
+            });
+        }
+        let mut coarse = vec_with_capacity(self.coarse.len(), "cluster index heads")?;
+        for c in &self.coarse {
+            coarse.push(c.try_clone()?);
+        }
+        Ok(ClusterIndex { heads, coarse, ..*self })
     }
 
     /// Cluster again from scratch with the same configuration over the source's current

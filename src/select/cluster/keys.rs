@@ -74,10 +74,11 @@ fn row_to_f32(bytes: &[u8], dtype: DType, out: &mut [f32]) {
 
 impl KeyRows<'_> {
     /// Keys of head `h` for tokens `range`, as f32 rows `[range.len()][d]`. Errors on the
-    /// first (lowest) token holding a NaN or infinite channel.
+    /// first (lowest) token holding a NaN or infinite channel, or when the rows cannot be
+    /// allocated.
     pub(crate) fn read(&self, h: usize, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
         let d = self.d;
-        let mut out = vec![0f32; range.len() * d];
+        let mut out = crate::alloc::zeroed_vec(crate::alloc::mul(range.len(), d, "keys")?, "keys")?;
         const CHUNK: usize = 256;
         out.par_chunks_mut(CHUNK * d).enumerate().for_each(|(ci, rows)| {
             for (j, row) in rows.chunks_exact_mut(d).enumerate() {

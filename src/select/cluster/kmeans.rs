@@ -34,6 +34,7 @@
 
 use rayon::prelude::*;
 
+use crate::alloc::{collect_n, copy_of, filled_vec, mul, vec_with_capacity, zeroed_vec};
 use crate::config::validate_head_dim;
 use crate::cpu;
 use crate::cpu::assign::{nearest, PackedCentroids};
@@ -198,8 +199,8 @@ impl Clustering {
 pub fn kmeans(keys: &[f32], head_dim: usize, cfg: &KMeansConfig) -> Result<Clustering> {
     let n = check_keys(keys, head_dim)?;
     let k = cfg.clusters.resolve(n, "clusters")?;
-    let (x, xsq) = normalize_rows(keys, head_dim);
-    Ok(cluster_normalized(keys, &x, &xsq, head_dim, k, cfg.seed, cfg.max_iter))
+    let (x, xsq) = normalize_rows(keys, head_dim)?;
+    cluster_normalized(keys, &x, &xsq, head_dim, k, cfg.seed, cfg.max_iter)
 }
 
 /// Lloyd iterations from given initial centroids (`[k][head_dim]`, any length; scaled to
@@ -217,17 +218,17 @@ pub fn kmeans_from_centroids(keys: &[f32], head_dim: usize, init: &[f32], max_it
             format!("finite centroids, but centroid {} holds {}", i / head_dim, init[i]),
         ));
     }
-    let (x, xsq) = normalize_rows(keys, head_dim);
-    let (cn, _) = normalize_rows(init, head_dim);
-    Ok(lloyd(keys, &x, &xsq, head_dim, cn, max_iter))
+    let (x, xsq) = normalize_rows(keys, head_dim)?;
+    let (cn, _) = normalize_rows(init, head_dim)?;
+    lloyd(keys, &x, &xsq, head_dim, cn, max_iter)
 }
 
 /// The k-means++ seeds (point indices, in the order drawn) that [`kmeans`] starts from.
 pub fn seed_plus_plus(keys: &[f32], head_dim: usize, k: usize, seed: u64) -> Result<Vec<u32>> {
     let n = check_keys(keys, head_dim)?;
     ClusterCount::Absolute(k).resolve(n, "k")?;
-    let (x, xsq) = normalize_rows(keys, head_dim);
-    Ok(plus_plus(&x, &xsq, head_dim, k, seed))
+    let (x, xsq) = normalize_rows(keys, head_dim)?;
+    plus_plus(&x, &xsq, head_dim, k, seed)
 }
 
 fn check_keys(keys: &[f32], d: usize) -> Result<usize> {
@@ -249,10 +250,10 @@ fn check_keys(keys: &[f32], d: usize) -> Result<usize> {
 }
 
 /// Unit rows and their squared norms (1, or 0 for a zero row).
-pub(crate) fn normalize_rows(keys: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn normalize_rows(keys: &[f32], d: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let n = keys.len() / d;
-    let mut x = vec![0f32; keys.len()];
-    let mut xsq = vec![0f32; n];
+    let mut x = zeroed_vec(keys.len(), "normalised keys")?;
+    let mut xsq = zeroed_vec(n, "key norms")?;
     x.par_chunks_mut(d).zip(xsq.par_iter_mut()).zip(keys.par_chunks(d)).for_each(|((o, s), r)| {
         let norm = r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
         if norm > 0.0 {
@@ -262,7 +263,7 @@ pub(crate) fn normalize_rows(keys: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
             *s = 1.0;
         }
     });
-    (x, xsq)
+    Ok((x, xsq))
 }
 
 /// `out[j] = q · x[idx[j]]` for rows of `x` (`[n][d]`), in parallel for long lists.
@@ -342,18 +343,19 @@ fn seed_update(
 /// k-means++ over unit rows (see the module docs for the exact draws). The squared
 /// distances are kept per chunk of [`SEED_CHUNK`] points with the chunk's f64 sum, so a
 /// step updates the chunks in parallel and a draw walks the chunk sums, then one chunk.
-fn plus_plus(x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64) -> Vec<u32> {
+fn plus_plus(x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64) -> Result<Vec<u32>> {
     let n = xsq.len();
     let mut rng = SplitMix64::new(seed);
     let first = rng.below(n);
-    let mut chosen = vec![first as u32];
-    let mut is_chosen = vec![false; n];
+    let mut chosen = vec_with_capacity(k, "k-means++ seeds")?;
+    chosen.push(first as u32);
+    let mut is_chosen = filled_vec(n, false, "k-means++ seeds")?;
     is_chosen[first] = true;
     // Before the first seed every point is "infinitely" far: all are evaluated against it.
-    let mut d2 = vec![f32::INFINITY; n];
-    let mut near = vec![0u32; n];
+    let mut d2 = filled_vec(n, f32::INFINITY, "k-means++ distances")?;
+    let mut near = zeroed_vec::<u32>(n, "k-means++ distances")?;
     // The first step compares with no earlier seed: nothing is pruned.
-    let mut ss2 = vec![0f32; k];
+    let mut ss2 = zeroed_vec::<f32>(k, "k-means++ seed distances")?;
     let step = |p: usize, s: u32, ss2: &[f32], d2: &mut [f32], near: &mut [u32]| -> Vec<f64> {
         d2.par_chunks_mut(SEED_CHUNK)
             .zip(near.par_chunks_mut(SEED_CHUNK))
@@ -406,7 +408,7 @@ fn plus_plus(x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64) -> Vec<u32> 
         is_chosen[p] = true;
         chosen.push(p as u32);
     }
-    chosen
+    Ok(chosen)
 }
 
 /// k-means++ then Lloyd, on keys already normalised (`x`, `xsq`) with `raw` for the means.
@@ -418,37 +420,37 @@ pub(crate) fn cluster_normalized(
     k: usize,
     seed: u64,
     max_iter: usize,
-) -> Clustering {
-    let seeds = plus_plus(x, xsq, d, k, seed);
-    let mut init = Vec::with_capacity(k * d);
+) -> Result<Clustering> {
+    let seeds = plus_plus(x, xsq, d, k, seed)?;
+    let mut init = vec_with_capacity(mul(k, d, "clusters")?, "centroids")?;
     for &s in &seeds {
         init.extend_from_slice(&x[s as usize * d..(s as usize + 1) * d]);
     }
-    let mut c = lloyd(raw, x, xsq, d, init, max_iter);
+    let mut c = lloyd(raw, x, xsq, d, init, max_iter)?;
     c.seeds = seeds;
-    c
+    Ok(c)
 }
 
 /// Members of each cluster in CSR form (counting sort; ascending within a cluster).
-pub(crate) fn members_csr(a: &[u32], k: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut offsets = vec![0u32; k + 1];
+pub(crate) fn members_csr(a: &[u32], k: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    let mut offsets = zeroed_vec::<u32>(k + 1, "cluster member offsets")?;
     for &c in a {
         offsets[c as usize + 1] += 1;
     }
     for c in 0..k {
         offsets[c + 1] += offsets[c];
     }
-    let mut fill: Vec<u32> = offsets[..k].to_vec();
-    let mut members = vec![0u32; a.len()];
+    let mut fill = copy_of(&offsets[..k], "cluster member offsets")?;
+    let mut members = zeroed_vec::<u32>(a.len(), "cluster members")?;
     for (i, &c) in a.iter().enumerate() {
         members[fill[c as usize] as usize] = i as u32;
         fill[c as usize] += 1;
     }
-    (offsets, members)
+    Ok((offsets, members))
 }
 
-fn row_sq(cn: &[f32], d: usize) -> Vec<f32> {
-    cn.chunks_exact(d).map(|r| r.iter().map(|&v| v * v).sum()).collect()
+fn row_sq(cn: &[f32], d: usize) -> Result<Vec<f32>> {
+    collect_n(cn.len() / d, cn.chunks_exact(d).map(|r| r.iter().map(|&v| v * v).sum()), "centroid norms")
 }
 
 fn inertia(xsq: &[f32], csq: &[f32], a: &[u32], best: &[f32]) -> f64 {
@@ -457,9 +459,9 @@ fn inertia(xsq: &[f32], csq: &[f32], a: &[u32], best: &[f32]) -> f64 {
 
 /// Normalised means of the members of each cluster; a cluster with no members or a mean
 /// of length 0 keeps its centroid.
-fn update(x: &[f32], d: usize, a: &[u32], cn: &mut [f32]) {
+fn update(x: &[f32], d: usize, a: &[u32], cn: &mut [f32]) -> Result<()> {
     let k = cn.len() / d;
-    let (offsets, members) = members_csr(a, k);
+    let (offsets, members) = members_csr(a, k)?;
     cn.par_chunks_mut(d).enumerate().for_each(|(c, row)| {
         let m = &members[offsets[c] as usize..offsets[c + 1] as usize];
         if m.is_empty() {
@@ -478,17 +480,26 @@ fn update(x: &[f32], d: usize, a: &[u32], cn: &mut [f32]) {
             }
         }
     });
+    Ok(())
 }
 
 /// Refill empty clusters (see the module docs). Returns whether anything moved.
-fn repair(x: &[f32], xsq: &[f32], d: usize, a: &mut [u32], best: &mut [f32], cn: &mut [f32], csq: &mut [f32]) -> bool {
+fn repair(
+    x: &[f32],
+    xsq: &[f32],
+    d: usize,
+    a: &mut [u32],
+    best: &mut [f32],
+    cn: &mut [f32],
+    csq: &mut [f32],
+) -> Result<bool> {
     let k = csq.len();
-    let mut sizes = vec![0usize; k];
+    let mut sizes = zeroed_vec::<usize>(k, "cluster sizes")?;
     for &c in a.iter() {
         sizes[c as usize] += 1;
     }
     if !sizes.contains(&0) {
-        return false;
+        return Ok(false);
     }
     for e in 0..k {
         if sizes[e] != 0 {
@@ -518,26 +529,26 @@ fn repair(x: &[f32], xsq: &[f32], d: usize, a: &mut [u32], best: &mut [f32], cn:
         csq[e] = xsq[p];
         best[p] = xsq[p];
     }
-    true
+    Ok(true)
 }
 
 /// Lloyd iterations from unit centroids `cn` (see the module docs).
-fn lloyd(raw: &[f32], x: &[f32], xsq: &[f32], d: usize, mut cn: Vec<f32>, max_iter: usize) -> Clustering {
+fn lloyd(raw: &[f32], x: &[f32], xsq: &[f32], d: usize, mut cn: Vec<f32>, max_iter: usize) -> Result<Clustering> {
     let n = xsq.len();
     let k = cn.len() / d;
-    let mut csq = row_sq(&cn, d);
-    let mut a = vec![0u32; n];
-    let mut a2 = vec![0u32; n];
-    let mut best = vec![0f32; n];
+    let mut csq = row_sq(&cn, d)?;
+    let mut a = zeroed_vec::<u32>(n, "cluster assignment")?;
+    let mut a2 = zeroed_vec::<u32>(n, "cluster assignment")?;
+    let mut best = zeroed_vec::<f32>(n, "cluster assignment")?;
     nearest(x, d, &PackedCentroids::new(&cn, k, d), &mut a, &mut best);
-    repair(x, xsq, d, &mut a, &mut best, &mut cn, &mut csq);
+    repair(x, xsq, d, &mut a, &mut best, &mut cn, &mut csq)?;
     let mut history = vec![inertia(xsq, &csq, &a, &best)];
     let (mut iterations, mut converged) = (0, false);
     while iterations < max_iter {
-        update(x, d, &a, &mut cn);
-        csq = row_sq(&cn, d);
+        update(x, d, &a, &mut cn)?;
+        csq = row_sq(&cn, d)?;
         nearest(x, d, &PackedCentroids::new(&cn, k, d), &mut a2, &mut best);
-        let repaired = repair(x, xsq, d, &mut a2, &mut best, &mut cn, &mut csq);
+        let repaired = repair(x, xsq, d, &mut a2, &mut best, &mut cn, &mut csq)?;
         let changed = a != a2;
         std::mem::swap(&mut a, &mut a2);
         iterations += 1;
@@ -547,11 +558,11 @@ fn lloyd(raw: &[f32], x: &[f32], xsq: &[f32], d: usize, mut cn: Vec<f32>, max_it
             break;
         }
     }
-    let (member_offsets, members) = members_csr(&a, k);
-    let sizes: Vec<u32> = member_offsets.windows(2).map(|w| w[1] - w[0]).collect();
-    let centroids = raw_means(raw, d, &member_offsets, &members);
-    let radii = radii(raw, d, &centroids, &a);
-    Clustering {
+    let (member_offsets, members) = members_csr(&a, k)?;
+    let sizes = collect_n(k, member_offsets.windows(2).map(|w| w[1] - w[0]), "cluster sizes")?;
+    let centroids = raw_means(raw, d, &member_offsets, &members)?;
+    let radii = radii(raw, d, &centroids, &a)?;
+    Ok(Clustering {
         d,
         centroids,
         centroids_normalized: cn,
@@ -565,15 +576,15 @@ fn lloyd(raw: &[f32], x: &[f32], xsq: &[f32], d: usize, mut cn: Vec<f32>, max_it
         converged,
         seeds: Vec::new(),
         radii,
-    }
+    })
 }
 
 /// Per cluster, the largest distance of a point (raw rows `[n][d]`) to its cluster's
 /// centroid (`[k][d]`), for the points' assignment `a`.
-pub(crate) fn radii(raw: &[f32], d: usize, centroids: &[f32], a: &[u32]) -> Vec<f32> {
-    let mut r = vec![0f32; centroids.len() / d];
+pub(crate) fn radii(raw: &[f32], d: usize, centroids: &[f32], a: &[u32]) -> Result<Vec<f32>> {
+    let mut r = zeroed_vec(centroids.len() / d, "cluster radii")?;
     grow_radii(&mut r, raw, d, centroids, a);
-    r
+    Ok(r)
 }
 
 /// Fold more points (rows of `raw`, assigned by `a`) into the radii `r`.
@@ -587,9 +598,9 @@ pub(crate) fn grow_radii(r: &mut [f32], raw: &[f32], d: usize, centroids: &[f32]
 
 /// Mean of each cluster's raw keys (f64 sums), `[k][d]`. A cluster with no members gets
 /// a zero centroid.
-pub(crate) fn raw_means(raw: &[f32], d: usize, offsets: &[u32], members: &[u32]) -> Vec<f32> {
+pub(crate) fn raw_means(raw: &[f32], d: usize, offsets: &[u32], members: &[u32]) -> Result<Vec<f32>> {
     let k = offsets.len() - 1;
-    let mut out = vec![0f32; k * d];
+    let mut out = zeroed_vec(mul(k, d, "clusters")?, "centroids")?;
     out.par_chunks_mut(d).enumerate().for_each(|(c, row)| {
         let m = &members[offsets[c] as usize..offsets[c + 1] as usize];
         if m.is_empty() {
@@ -605,5 +616,5 @@ pub(crate) fn raw_means(raw: &[f32], d: usize, offsets: &[u32], members: &[u32])
             *o = (v / m.len() as f64) as f32;
         }
     });
-    out
+    Ok(out)
 }

@@ -352,7 +352,7 @@ impl ClusterIndex {
             heads.push(tokens);
         }
         stats.centroid_evals = stats.fine_evals;
-        Ok(Retrieval { selection: Selection::from_heads_unchecked(seq_len, &heads), stats })
+        Ok(Retrieval { selection: Selection::from_heads_unchecked(seq_len, &heads)?, stats })
     }
 
     /// Hierarchical retrieval: score the coarse centroids, open the coarse clusters chosen
@@ -451,6 +451,6 @@ impl ClusterIndex {
             heads.push(tokens);
         }
         stats.centroid_evals = stats.coarse_evals + stats.fine_evals;
-        Ok(Retrieval { selection: Selection::from_heads_unchecked(seq_len, &heads), stats })
+        Ok(Retrieval { selection: Selection::from_heads_unchecked(seq_len, &heads)?, stats })
     }
 }

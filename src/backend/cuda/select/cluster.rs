@@ -739,7 +739,9 @@ pub fn build_index(
     km.run(stream)?;
     let heads = km.results(stream)?;
     let coarse = match k1 {
-        Some(k1) => heads.iter().map(|fine| CoarseLevel::build(fine, k1, cfg.seed, cfg.max_iter)).collect(),
+        Some(k1) => {
+            heads.iter().map(|fine| CoarseLevel::build(fine, k1, cfg.seed, cfg.max_iter)).collect::<Result<_>>()?
+        }
         None => Vec::new(),
     };
     let index = ClusterIndex {

@@ -1,10 +1,15 @@
 //! Figures for `scripts/bench.sh`: dense decode time against memory-read bandwidth measured
-//! in the same process with the same thread count. Prints a table and, with
+//! in the same process with the same thread count, and against ggml's CPU flash attention
+//! (the peer, run as a subprocess alternating with kvsieve). Prints a table and, with
 //! `--json PATH`, writes a flat JSON object of named figures.
 //!
 //! Shape (f16, head_dim 128, 8 KV heads, 32 query heads, page size 16, 32K tokens, batch 1
-//! and batch 8) can be changed with `--tokens N` for a quick run.
+//! and batch 8) can be changed with `--tokens N` for a quick run. `--ggml-fa PATH` names the
+//! peer program (benches/ggml_fa, built by scripts/build-ggml-peer.sh); `--ggml-fa-only`
+//! measures that comparison alone.
 
+use std::path::Path;
+use std::process::Command;
 use std::time::Instant;
 
 use kvsieve::attention::AttentionParams;
@@ -36,17 +41,17 @@ struct DecodeFigures {
     kv_bytes: f64,
 }
 
-/// Dense decode of `batch` sequences of `tokens`; with `pre_rope`, keys stored before RoPE
-/// and rotated at read under contiguous positions (StreamingLLM's renumbering).
-fn bench_decode(batch: usize, tokens: usize, pre_rope: bool) -> DecodeFigures {
-    let (hk, hq, d, ps) = (8, 32, 128, 16);
+/// A cache holding `batch` sequences of `tokens` of random-ish K/V (the same values for K and
+/// V), written in slabs of 1024 tokens laid out [token, kv_head, dim]: an xorshift32 stream
+/// from 0x12345678 mapped to [-1, 1). benches/ggml_fa/ggml_fa_bench.c draws the same stream.
+fn filled_cache(batch: usize, tokens: usize, pre_rope: bool) -> (KvCache, Vec<u64>) {
+    let (hk, d, ps) = (8, 128, 16);
     let pages = batch * tokens.div_ceil(ps);
     let mut cfg = CacheConfig::new(1, hk, d, ps, pages).with_dtype(DType::F16).with_key_bounds(false);
     if pre_rope {
         cfg = cfg.with_key_rope(kvsieve::KeyRope::PreRope);
     }
     let mut cache = KvCache::new(cfg).unwrap();
-    // Random-ish K/V written in slabs so the pages hold real data.
     let slab = 1024;
     let mut x = 0x1234_5678u32;
     let mut data = vec![0f32; slab * hk * d];
@@ -68,7 +73,33 @@ fn bench_decode(batch: usize, tokens: usize, pre_rope: bool) -> DecodeFigures {
             id
         })
         .collect();
-    let q: Vec<f32> = (0..batch * hq * d).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    (cache, ids)
+}
+
+/// The decode query of `batch` sequences, [batch, 32, 128]: q[i] = ((i * 7919) % 1000) / 1000 - 0.5.
+fn decode_query(batch: usize) -> Vec<f32> {
+    (0..batch * 32 * 128).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()
+}
+
+/// Median seconds of 10 calls of `f` after 2 warm-up calls.
+fn time_median(f: &mut dyn FnMut()) -> f64 {
+    let mut v = Vec::new();
+    for i in 0..12 {
+        let t = Instant::now();
+        f();
+        if i >= 2 {
+            v.push(t.elapsed().as_secs_f64());
+        }
+    }
+    median(v)
+}
+
+/// Dense decode of `batch` sequences of `tokens`; with `pre_rope`, keys stored before RoPE
+/// and rotated at read under contiguous positions (StreamingLLM's renumbering).
+fn bench_decode(batch: usize, tokens: usize, pre_rope: bool) -> DecodeFigures {
+    let (hk, hq, d) = (8, 32, 128);
+    let (cache, ids) = filled_cache(batch, tokens, pre_rope);
+    let q = decode_query(batch);
     let qv = TensorView::new(&q, &[batch, hq, d]).unwrap();
     let mut out = vec![0f32; batch * hq * d];
     let mut lse = vec![0f32; batch * hq];
@@ -77,18 +108,167 @@ fn bench_decode(batch: usize, tokens: usize, pre_rope: bool) -> DecodeFigures {
         p.rope = Some(kvsieve::attention::RopeConfig::new(10_000.0, kvsieve::attention::RopeStyle::HalfSplit));
         p.positions = kvsieve::attention::PositionMode::Contiguous;
     }
-    let mut times = Vec::new();
-    for i in 0..12 {
-        let t = Instant::now();
+    let secs = time_median(&mut || {
         cache
             .decode(0, &ids, &qv, &mut TensorViewMut::new(&mut out, &[batch, hq, d]).unwrap(), Some(&mut lse), &p)
             .unwrap();
-        if i >= 2 {
-            times.push(t.elapsed().as_secs_f64());
+    });
+    let kv_bytes = (batch * tokens * hk * d * 2 * 2) as f64;
+    DecodeFigures { secs, kv_bytes }
+}
+
+/// The two layouts the peer program times (its `--layout`).
+const GGML_LAYOUTS: [&str; 2] = ["contiguous", "llama"];
+
+struct PeerFigures {
+    /// Per round: kvsieve's median step, then ggml's on each of `GGML_LAYOUTS`, in seconds.
+    rounds: Vec<[f64; 3]>,
+    /// The output checks: (tokens, [kvsieve, ggml per layout]).
+    checks: Vec<(usize, [OutputCheck; 3])>,
+}
+
+impl PeerFigures {
+    /// Median over rounds of column `i` (0: kvsieve, 1 and 2: ggml per layout).
+    fn median_secs(&self, i: usize) -> f64 {
+        median(self.rounds.iter().map(|r| r[i]).collect())
+    }
+}
+
+/// An output against kvsieve's f64 reference (`attention::reference`) for the same K/V and query.
+#[derive(Clone, Copy, Default)]
+struct OutputCheck {
+    /// Largest |out - reference| over the [32, 128] output, relative to the largest |reference|.
+    max_rel: f64,
+    /// ||out - reference|| / ||reference|| (L2 over the whole output).
+    rel_l2: f64,
+}
+
+impl OutputCheck {
+    fn new(got: &[f32], want: &[f64]) -> OutputCheck {
+        let max_abs = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let diff: Vec<f64> = got.iter().zip(want).map(|(&g, &w)| f64::from(g) - w).collect();
+        OutputCheck {
+            max_rel: diff.iter().fold(0f64, |m, x| if x.is_nan() || m.is_nan() { f64::NAN } else { m.max(x.abs()) })
+                / max_abs,
+            rel_l2: diff.iter().map(|x| x * x).sum::<f64>().sqrt() / norm,
         }
     }
-    let kv_bytes = (batch * tokens * hk * d * 2 * 2) as f64;
-    DecodeFigures { secs: median(times), kv_bytes }
+}
+
+/// The query scale of the output checks: the bench's query gives scores of standard deviation
+/// ~0.17, a near-uniform softmax that would hide score errors; times 8 spreads the weights
+/// over e^±4 or so.
+const CHECK_Q_SCALE: f32 = 8.0;
+
+/// The checks, as (tokens, tolerance on ggml's `max_rel`); `None` stands for the bench's own
+/// token count. ggml's decode accumulates the weighted V sum in f16 (VKQ16 in its ops.cpp),
+/// which rounds off 1.0e-2 of the largest output at 4K tokens and 4.1e-2 at 32K, as much as a
+/// 5% error in the query scale would; wrong data, heads or tokens give differences of order 1.
+/// So the check at the bench's length catches those, and a short one bounds the rest tightly.
+const CHECKS: [(Option<usize>, f64); 2] = [(None, 0.1), (Some(1024), 0.02)];
+
+/// One run of the peer program with `extra` arguments; returns its median step in seconds.
+fn run_ggml_fa(bin: &Path, tokens: usize, threads: usize, layout: &str, extra: &[&std::ffi::OsStr]) -> f64 {
+    let mut cmd = Command::new(bin);
+    cmd.args(["--tokens", &tokens.to_string(), "--threads", &threads.to_string(), "--layout", layout]);
+    cmd.args(extra);
+    let res = cmd.output().unwrap_or_else(|e| panic!("--ggml-fa {}: cannot run: {e}", bin.display()));
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "--ggml-fa {} --layout {layout}: {}\n{stdout}{}",
+        bin.display(),
+        res.status,
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let ms = stdout
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("median_ms="))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("--ggml-fa {}: no median_ms= in its output: {stdout}", bin.display()));
+    ms * 1e-3
+}
+
+/// kvsieve's and ggml's outputs (both layouts) at `tokens` against the f64 reference, with the
+/// query scaled by `CHECK_Q_SCALE`. Panics when kvsieve is off by more than 1e-3 or ggml by
+/// more than `ggml_tol` (as `max_rel`): a ratio between different computations means nothing.
+fn check_vs_ggml(bin: &Path, tokens: usize, threads: usize, ggml_tol: f64) -> [OutputCheck; 3] {
+    let (hq, d) = (32, 128);
+    let (cache, ids) = filled_cache(1, tokens, false);
+    let q: Vec<f32> = decode_query(1).iter().map(|x| x * CHECK_Q_SCALE).collect();
+    let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
+    let p = AttentionParams::default();
+    let table = cache.page_table(&ids).unwrap();
+    let want = kvsieve::attention::reference::decode(&cache.layer_view(0, &table).unwrap(), &qv, &p).unwrap();
+    let want = &want[0].out;
+    let mut out = vec![f32::NAN; hq * d];
+    cache.decode(0, &ids, &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &p).unwrap();
+    let mut checks = [OutputCheck::new(&out, want); 3];
+    assert!(
+        checks[0].max_rel <= 1e-3,
+        "kvsieve's decode at {tokens} tokens differs from its f64 reference by {:.3e}",
+        checks[0].max_rel
+    );
+    for (i, layout) in GGML_LAYOUTS.iter().enumerate() {
+        let path = std::env::temp_dir().join(format!("kvsieve-ggml-fa-{}-{layout}.bin", std::process::id()));
+        let scale = CHECK_Q_SCALE.to_string();
+        let extra = [
+            "--q-scale".as_ref(),
+            scale.as_ref(),
+            "--warmup".as_ref(),
+            "0".as_ref(),
+            "--reps".as_ref(),
+            "1".as_ref(),
+            "--out".as_ref(),
+            path.as_os_str(),
+        ];
+        run_ggml_fa(bin, tokens, threads, layout, &extra);
+        let bytes = std::fs::read(&path).expect("read the peer's output");
+        std::fs::remove_file(&path).ok();
+        assert_eq!(bytes.len(), hq * d * 4, "--ggml-fa --layout {layout}: output size");
+        let got: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        checks[i + 1] = OutputCheck::new(&got, want);
+        assert!(
+            checks[i + 1].max_rel <= ggml_tol,
+            "--ggml-fa --layout {layout}: output at {tokens} tokens differs from the f64 reference by {:.3e} of its \
+             largest value (tolerance {ggml_tol})",
+            checks[i + 1].max_rel
+        );
+    }
+    checks
+}
+
+/// kvsieve's dense decode (batch 1) against ggml's flash attention on the same K/V and query,
+/// after the output checks (`CHECKS`): `rounds` times in alternation, kvsieve, ggml on
+/// contiguous K/V, ggml on llama.cpp's cache layout, each the median of its own steps.
+fn bench_vs_ggml(bin: &Path, tokens: usize, threads: usize, rounds: usize) -> PeerFigures {
+    let checks = CHECKS
+        .iter()
+        .map(|&(n, tol)| {
+            let n = n.unwrap_or(tokens);
+            (n, check_vs_ggml(bin, n, threads, tol))
+        })
+        .collect();
+    let (hq, d) = (32, 128);
+    let (cache, ids) = filled_cache(1, tokens, false);
+    let q = decode_query(1);
+    let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
+    let p = AttentionParams::default();
+    let mut out = vec![0f32; hq * d];
+    let rounds = (0..rounds)
+        .map(|_| {
+            let ks = time_median(&mut || {
+                cache.decode(0, &ids, &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &p).unwrap()
+            });
+            let mut row = [ks, 0.0, 0.0];
+            for (i, layout) in GGML_LAYOUTS.iter().enumerate() {
+                row[i + 1] = run_ggml_fa(bin, tokens, threads, layout, &[]);
+            }
+            row
+        })
+        .collect();
+    PeerFigures { rounds, checks }
 }
 
 struct SparseFigures {
@@ -164,7 +344,61 @@ fn bench_sparse(tokens: usize, policy_text: &str) -> SparseFigures {
     SparseFigures { dense_secs, sparse_secs, select_secs, selected_tokens, gemfilter_secs }
 }
 
+/// Prints the peer comparison and adds its figures to `json`.
+fn report_peer(peer: &PeerFigures, json: &mut Vec<(&'static str, String)>) {
+    let ks = peer.median_secs(0);
+    let (contiguous, llama) = (peer.median_secs(1), peer.median_secs(2));
+    println!(
+        "{:<34} {} rounds of kvsieve, ggml contiguous, ggml llama layout (median ms):",
+        "ggml flash attention (peer)",
+        peer.rounds.len()
+    );
+    for r in &peer.rounds {
+        println!("{:<34} {:>9.3} {:>9.3} {:>9.3}", "", r[0] * 1e3, r[1] * 1e3, r[2] * 1e3);
+    }
+    println!(
+        "{:<34} {:.3} of ggml's time on contiguous K/V, {:.3} on llama.cpp's cache layout",
+        "kvsieve decode batch 1",
+        ks / contiguous,
+        ks / llama
+    );
+    for (n, checks) in &peer.checks {
+        for (name, c) in ["kvsieve", "ggml contiguous", "ggml llama layout"].iter().zip(checks) {
+            println!(
+                "{:<34} {name}: max |out - f64 reference| {:.2e} of max |reference|, relative L2 {:.2e}",
+                format!("output check, {n} tokens, q x{CHECK_Q_SCALE}"),
+                c.max_rel,
+                c.rel_l2
+            );
+        }
+    }
+    json.push(("decode_vs_ggml_fa", format!("{:.4}", ks / contiguous)));
+    json.push(("decode_vs_ggml_fa_llama_layout", format!("{:.4}", ks / llama)));
+    json.push(("ggml_fa_ms", format!("{:.4}", contiguous * 1e3)));
+    json.push(("ggml_fa_llama_layout_ms", format!("{:.4}", llama * 1e3)));
+    json.push(("ggml_fa_kvsieve_ms", format!("{:.4}", ks * 1e3)));
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let tokens: usize = arg("--tokens").map_or(32768, |s| s.parse().expect("--tokens N"));
+    let threads = rayon::current_num_threads();
+    let mut json: Vec<(&'static str, String)> =
+        vec![("decode_tokens", tokens.to_string()), ("threads", threads.to_string())];
+    let peer = arg("--ggml-fa").map(|bin| {
+        let rounds = arg("--ggml-fa-rounds").map_or(5, |s| s.parse().expect("--ggml-fa-rounds N"));
+        bench_vs_ggml(Path::new(&bin), tokens, threads, rounds)
+    });
+    if args.iter().any(|a| a == "--ggml-fa-only") {
+        let peer = peer.expect("--ggml-fa-only needs --ggml-fa PATH");
+        println!("kvsieve dense decode against ggml, f16, head_dim 128, 8 KV / 32 query heads, {tokens} tokens, {threads} threads, isa {}", kvsieve::cpu::isa());
+        report_peer(&peer, &mut json);
+        if let Some(path) = arg("--json") {
+            write_json(&path, &json);
+        }
+        return;
+    }
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let tokens: usize = arg("--tokens").map_or(32768, |s| s.parse().expect("--tokens N"));
@@ -230,14 +464,29 @@ fn main() {
         sp.gemfilter_secs * 1e3,
         sp.gemfilter_secs / sp.dense_secs
     );
-    if let Some(path) = arg("--json") {
-        let json = format!(
-            "{{\n  \"memory_read_gbps\": {:.4},\n  \"decode_dense_b1_ms\": {:.4},\n  \"decode_dense_b8_ms\": {:.4},\n  \"decode_dense_bw_fraction_b1\": {:.4},\n  \"decode_dense_bw_fraction\": {:.4},\n  \"decode_tokens\": {tokens},\n  \"threads\": {threads},\n  \"decode_sparse_speedup_128k\": {:.4},\n  \"selection_overhead_fraction\": {:.4},\n  \"decode_sparse_selected_tokens\": {},\n  \"decode_sparse_context_tokens\": {sparse_tokens},\n  \"gemfilter_vs_dense_decode_128k\": {:.4},\n  \"decode_pre_rope_vs_post_rope\": {:.4}\n}}\n",
-            bw / 1e9, b1.secs * 1e3, b8.secs * 1e3, frac1, frac8,
-            sp.dense_secs / sp.sparse_secs, sp.select_secs / sp.sparse_secs, sp.selected_tokens,
-            sp.gemfilter_secs / sp.dense_secs,
-            b1_pre.secs / b1.secs
-        );
-        std::fs::write(&path, json).expect("write --json file");
+    if let Some(peer) = &peer {
+        report_peer(peer, &mut json);
     }
+    json.extend([
+        ("memory_read_gbps", format!("{:.4}", bw / 1e9)),
+        ("decode_dense_b1_ms", format!("{:.4}", b1.secs * 1e3)),
+        ("decode_dense_b8_ms", format!("{:.4}", b8.secs * 1e3)),
+        ("decode_dense_bw_fraction_b1", format!("{frac1:.4}")),
+        ("decode_dense_bw_fraction", format!("{frac8:.4}")),
+        ("decode_sparse_speedup_128k", format!("{:.4}", sp.dense_secs / sp.sparse_secs)),
+        ("selection_overhead_fraction", format!("{:.4}", sp.select_secs / sp.sparse_secs)),
+        ("decode_sparse_selected_tokens", sp.selected_tokens.to_string()),
+        ("decode_sparse_context_tokens", sparse_tokens.to_string()),
+        ("gemfilter_vs_dense_decode_128k", format!("{:.4}", sp.gemfilter_secs / sp.dense_secs)),
+        ("decode_pre_rope_vs_post_rope", format!("{:.4}", b1_pre.secs / b1.secs)),
+    ]);
+    if let Some(path) = arg("--json") {
+        write_json(&path, &json);
+    }
+}
+
+/// Writes `figures` as a flat JSON object of numbers.
+fn write_json(path: &str, figures: &[(&str, String)]) {
+    let body: Vec<String> = figures.iter().map(|(k, v)| format!("  \"{k}\": {v}")).collect();
+    std::fs::write(path, format!("{{\n{}\n}}\n", body.join(",\n"))).expect("write --json file");
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Figures: builds release benches and the wheel, measures, prints a table and writes
-# target/bench/report.json (a flat JSON object of named figures). A few minutes on 2 cores.
+# Figures: builds release benches, the wheel and the peer (ggml's CPU flash attention from the
+# pinned llama.cpp source, scripts/build-ggml-peer.sh), measures, prints a table and writes
+# target/bench/report.json (a flat JSON object of named figures). A few minutes on 2 cores
+# (the first run also builds ggml: about 2 minutes more).
 #   --quick     smaller contexts and shapes (for a smoke run; figures not comparable)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +16,11 @@ mkdir -p target/bench
 echo "== building"
 cargo build --release --benches -q
 bash scripts/build-wheel.sh --release
+ggml_fa=$(bash scripts/build-ggml-peer.sh | tail -n 1)
 
 rm -f target/bench/*.json
-echo "== dense and sparse decode against memory bandwidth, GemFilter select (Rust, one process)"
-cargo bench -q --bench report -- --tokens "$tokens" --json target/bench/decode.json
+echo "== dense and sparse decode against memory bandwidth and ggml's flash attention, GemFilter select"
+cargo bench -q --bench report -- --tokens "$tokens" --ggml-fa "$ggml_fa" --json target/bench/decode.json
 echo "== K-means against faiss-cpu, centroid retrieval recall, hierarchical lookup (Rust + Python)"
 cargo bench -q --bench kmeans -- "${quick[@]}" --json target/bench/kmeans.json
 echo "== dense decode against numpy (Python binding, one process)"
@@ -42,6 +45,8 @@ targets = {
     "kmeans_time_vs_faiss": ("<=", 1.0),
     "kmeans_inertia_vs_faiss": ("<=", 1.01),
     "hier_lookup_fraction": ("<=", 0.25),
+    "decode_vs_ggml_fa": ("<=", 0.4),
+    "decode_vs_ggml_fa_llama_layout": ("<=", 0.15),
 }
 print("\n%-34s %12s %10s" % ("figure", "value", "target"))
 for k in sorted(report):

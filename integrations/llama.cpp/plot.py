@@ -61,6 +61,12 @@ def table(runs):
             ratio = f", {r['mean'] / best_stock[d]:.2f}x" if best_stock[d] and name not in stock else ""
             cells.append(f"{r['mean']:.1f} ({r['min']:.1f}-{r['max']:.1f}{ratio})")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    # the untimed first decode step: it builds the cluster indexes of a clusters= policy
+    print()
+    print("| first decode step, s | " + " | ".join(f"{d // 1024}K" for d in depths) + " |")
+    print("|---|" + "---|" * len(depths))
+    for name, by_depth in runs.items():
+        print(f"| {name} | " + " | ".join(f"{by_depth[d]['first_step_s']:.2f}" if d in by_depth else "-" for d in depths) + " |")
 
 
 def main():

@@ -166,6 +166,7 @@ struct seq_plan {
 };
 
 constexpr uint32_t BOUNDS_PAGE = 16; // cells per page of key bounds
+constexpr uint32_t VIEW_PAGE   = 16; // cells per page of kvsieve's view where cells are consecutive
 constexpr size_t ASSIGN_EVERY = 16;  // tokens past the window assigned to clusters at once
 
 // A decode ubatch: causal, and one token per sequence.
@@ -462,6 +463,10 @@ private:
     bool rows_identity = true;     // grouped query order == ubatch order
     std::vector<seq_plan> seqs;
     std::vector<int32_t> indptr, indices, last_page_len, qo_indptr, tok_pos, rows;
+    // the page table handed to kvsieve: `indices` itself (one cell per page), or pages of
+    // VIEW_PAGE cells when every sequence's cells are consecutive from a page start
+    uint32_t view_page = 1;
+    std::vector<int32_t> view_indptr, view_indices, view_last;
     std::vector<segment> segs;
     std::vector<uint32_t> touched_pages;   // bounds pages holding tokens of the decode sequences
     std::vector<uint64_t> touched_sig;
@@ -584,6 +589,29 @@ void llm_graph_input_kvsieve::set_input(const llama_ubatch * ubatch) {
         }
         qo_indptr.push_back((int32_t) rows.size());
         seqs.push_back(sp);
+    }
+
+    // Whole pages of VIEW_PAGE cells where they fit: the common case of a sequence whose
+    // cells are consecutive from a page boundary (one sequence, or one stream each). kvsieve
+    // then reads each page's rows with one lookup instead of one per token.
+    view_page = (s.kv_size % VIEW_PAGE == 0) ? VIEW_PAGE : 1;
+    for (const auto & sp : seqs) {
+        if (sp.n > 0 && (sp.first < 0 || sp.first % VIEW_PAGE != 0)) {
+            view_page = 1;
+        }
+    }
+    if (view_page > 1) {
+        view_indptr.assign(1, 0);
+        view_indices.clear();
+        view_last.clear();
+        for (const auto & sp : seqs) {
+            const int32_t np = (sp.n + (int32_t) view_page - 1) / (int32_t) view_page;
+            for (int32_t j = 0; j < np; ++j) {
+                view_indices.push_back(sp.first / (int32_t) view_page + j);
+            }
+            view_indptr.push_back((int32_t) view_indices.size());
+            view_last.push_back(np > 0 ? sp.n - (np - 1) * (int32_t) view_page : 0);
+        }
     }
 
     rows_identity = true;
@@ -940,7 +968,7 @@ kvsieve_selection_t * llm_graph_input_kvsieve::retrieve(int il, const seq_plan &
     // consecutive, else gathered
     const size_t esize = s.dtype.bits / 8;
     int64_t kshape[3]   = { (int64_t) n, (int64_t) hk, (int64_t) d };
-    int64_t kstrides[3] = { kvd.k_strides[0], (int64_t) d, 1 };
+    int64_t kstrides[3] = { kvd.k_strides[1], (int64_t) d, 1 };
     kvsieve_tensor_t keys = {};
     keys.device = { KVSIEVE_DEVICE_CPU, 0 };
     keys.ndim   = 3;
@@ -949,13 +977,13 @@ kvsieve_selection_t * llm_graph_input_kvsieve::retrieve(int il, const seq_plan &
     keys.strides = kstrides;
     if (sp.first >= 0) {
         keys.data        = const_cast<void *>(kvd.k);
-        keys.byte_offset = (uint64_t) sp.first * (uint64_t) kvd.k_strides[0] * esize;
+        keys.byte_offset = (uint64_t) sp.first * (uint64_t) kvd.k_strides[1] * esize;
     } else {
         key_buf.resize(n * hk * d * esize / sizeof(uint16_t) + 1);
         const size_t rb = (size_t) hk * d * esize;
         for (size_t t = 0; t < n; ++t) {
             std::memcpy((char *) key_buf.data() + t * rb,
-                    (const char *) kvd.k + (size_t) indices[sp.t0 + t] * kvd.k_strides[0] * esize, rb);
+                    (const char *) kvd.k + (size_t) indices[sp.t0 + t] * kvd.k_strides[1] * esize, rb);
         }
         kstrides[0]  = (int64_t) hk * d;
         keys.data    = key_buf.data();
@@ -1048,7 +1076,7 @@ bool llm_graph_input_kvsieve::same_as_kvsieve_pages(int il, const seq_plan & sp,
     check(kvsieve_cache_create_sequence(cache, &seq), "kvsieve_cache_create_sequence");
     check(kvsieve_cache_append(cache, seq, n, nullptr, nullptr), "kvsieve_cache_append");
     int64_t shape[3]   = { (int64_t) n, (int64_t) hk, (int64_t) d };
-    int64_t strides[3] = { kvd.k_strides[0], (int64_t) d, 1 };
+    int64_t strides[3] = { kvd.k_strides[1], (int64_t) d, 1 };
     kvsieve_tensor_t k = {};
     k.data = const_cast<void *>(kvd.k);
     k.device = { KVSIEVE_DEVICE_CPU, 0 };
@@ -1056,7 +1084,7 @@ bool llm_graph_input_kvsieve::same_as_kvsieve_pages(int il, const seq_plan & sp,
     k.dtype = s.dtype;
     k.shape = shape;
     k.strides = strides;
-    k.byte_offset = (uint64_t) sp.first * (uint64_t) kvd.k_strides[0] * esize;
+    k.byte_offset = (uint64_t) sp.first * (uint64_t) kvd.k_strides[1] * esize;
     check(kvsieve_cache_write(cache, seq, 0, 0, &k, &k), "kvsieve_cache_write");
 
     int64_t qshape[2] = { (int64_t) s.n_head, (int64_t) d };
@@ -1163,18 +1191,21 @@ void llm_graph_input_kvsieve::compute(ggml_tensor * dst, const llama_kvsieve_lay
     kvd.device       = { KVSIEVE_DEVICE_CPU, 0 };
     kvd.dtype        = s.dtype;
     kvd.key_rope     = KVSIEVE_KEYS_POST_ROPE;
-    kvd.num_pages    = (size_t) s.kv_size * s.n_stream;
-    kvd.page_size    = 1;
+    // [page, slot, head] strides in elements; a slot is one cell (one cache row)
+    kvd.num_pages    = (size_t) s.kv_size * s.n_stream / view_page;
+    kvd.page_size    = view_page;
     kvd.num_kv_heads = hk;
     kvd.head_dim     = d;
-    kvd.k_strides[0] = kvd.k_strides[1] = (int64_t) (kt->nb[1] / esize);
+    kvd.k_strides[1] = (int64_t) (kt->nb[1] / esize);
+    kvd.k_strides[0] = kvd.k_strides[1] * view_page;
     kvd.k_strides[2] = d;
-    kvd.v_strides[0] = kvd.v_strides[1] = (int64_t) (vt->nb[1] / esize);
+    kvd.v_strides[1] = (int64_t) (vt->nb[1] / esize);
+    kvd.v_strides[0] = kvd.v_strides[1] * view_page;
     kvd.v_strides[2] = d;
     kvd.batch         = seqs.size();
-    kvd.indptr        = indptr.data();
-    kvd.indices       = indices.data();
-    kvd.last_page_len = last_page_len.data();
+    kvd.indptr        = view_page > 1 ? view_indptr.data() : indptr.data();
+    kvd.indices       = view_page > 1 ? view_indices.data() : indices.data();
+    kvd.last_page_len = view_page > 1 ? view_last.data() : last_page_len.data();
     kvd.positions     = nullptr;
 
     // queries and output, [rows, n_head, head_dim] in grouped order

@@ -2,8 +2,9 @@
 # Builds llama.cpp with attention through kvsieve into target/llama.cpp/.
 #
 # The llama.cpp source is the copy that llama-cpp-python 0.3.36 vendors (vendor/llama.cpp,
-# llama.cpp commit 0c1e57098bba), taken from its sdist on PyPI and checked against the
-# sha256 below. It is unpacked to target/llama.cpp/src, patched with llama-kvsieve.patch,
+# llama.cpp commit 0c1e57098bba), taken from its sdist on PyPI and checked by sha256 by
+# scripts/fetch-llama-cpp.sh into target/llama.cpp/upstream. It is copied to
+# target/llama.cpp/src, patched with llama-kvsieve.patch,
 # given our sources (src/llama-kvsieve.{h,cpp}) and built (CPU, Release, native ISA) for the
 # targets needed here only, plus our evaluation tool (tools/llama-kvsieve-eval.cpp).
 #
@@ -17,9 +18,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 
-VERSION=0.3.36
-SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
-LLAMA_CPP_COMMIT=0c1e57098bba
+LLAMA_CPP_COMMIT=0c1e57098bba   # as pinned by scripts/fetch-llama-cpp.sh
 
 prefix="$root/target/kvsieve-prefix"
 jobs=2
@@ -52,25 +51,17 @@ fi
 
 out="$root/target/llama.cpp"
 mkdir -p "$out"
-sdist="$out/llama_cpp_python-$VERSION.tar.gz"
-if [ ! -s "$sdist" ]; then
-  echo "== fetching llama-cpp-python==$VERSION (sdist) from PyPI" >&2
-  pip=("$root/.venv/bin/python" -m pip)
-  [ -x "$root/.venv/bin/python" ] || pip=(python3 -m pip)
-  "${pip[@]}" download -q --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
-    "llama-cpp-python==$VERSION" -d "$out" >&2
-fi
-echo "$SHA256  $sdist" | sha256sum -c --quiet - >&2 || { echo "build.sh: sha256 mismatch for $sdist" >&2; exit 1; }
+# the pinned, unpatched source (scripts/fetch-llama-cpp.sh: download once, sha256, unpack)
+upstream=$(bash "$root/scripts/fetch-llama-cpp.sh" "$out/upstream" | tail -n 1)
 
-# unpack and patch again whenever the patch changes
+# copy and patch again whenever the patch changes
 src="$out/src"
 stamp="$(sha256sum "$here/llama-kvsieve.patch" | cut -c1-16)-$LLAMA_CPP_COMMIT"
 if [ "$(cat "$src/.kvsieve-stamp" 2>/dev/null)" != "$stamp" ]; then
-  echo "== unpacking vendor/llama.cpp (llama.cpp $LLAMA_CPP_COMMIT) into $src" >&2
+  echo "== copying llama.cpp $LLAMA_CPP_COMMIT to $src and patching it" >&2
   rm -rf "$src" "$out/build"
-  mkdir -p "$src"
-  tar xzf "$sdist" -C "$src" --strip-components=3 "llama_cpp_python-$VERSION/vendor/llama.cpp"
-  rm -f "$src/.git"
+  cp -a "$upstream" "$src"
+  rm -f "$src/.llama-cpp-stamp"
   patch -d "$src" -p1 --quiet --forward < "$here/llama-kvsieve.patch"
   echo "$stamp" > "$src/.kvsieve-stamp"
 fi

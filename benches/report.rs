@@ -304,17 +304,7 @@ fn bench_sparse(tokens: usize, policy_text: &str) -> SparseFigures {
     let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
     let mut out = vec![0f32; hq * d];
     let p = AttentionParams::default();
-    let time = |f: &mut dyn FnMut()| {
-        let mut v = Vec::new();
-        for i in 0..12 {
-            let t = Instant::now();
-            f();
-            if i >= 2 {
-                v.push(t.elapsed().as_secs_f64());
-            }
-        }
-        median(v)
-    };
+    let time = time_median;
     let dense_secs = time(&mut || {
         cache.decode(0, &[id], &qv, &mut TensorViewMut::new(&mut out, &[1, hq, d]).unwrap(), None, &p).unwrap()
     });

@@ -69,6 +69,20 @@ std::string take_error(kvsieve_error_t * e) {
 
 // Inside a graph computation nothing can be returned: a kvsieve error ends the process with
 // its message.
+// A host tensor of kvsieve's C API over `data` (strides in elements; null: contiguous).
+kvsieve_tensor_t host_tensor(const void * data, kvsieve_dtype_t dtype, int32_t ndim, int64_t * shape, int64_t * strides = nullptr,
+        uint64_t byte_offset = 0) {
+    kvsieve_tensor_t t = {};
+    t.data        = const_cast<void *>(data);
+    t.device      = { KVSIEVE_DEVICE_CPU, 0 };
+    t.ndim        = ndim;
+    t.dtype       = dtype;
+    t.shape       = shape;
+    t.strides     = strides;
+    t.byte_offset = byte_offset;
+    return t;
+}
+
 void check(kvsieve_error_t * e, const char * what) {
     if (e) {
         const std::string m = take_error(e);
@@ -969,12 +983,7 @@ kvsieve_selection_t * llm_graph_input_kvsieve::retrieve(int il, const seq_plan &
     const size_t esize = s.dtype.bits / 8;
     int64_t kshape[3]   = { (int64_t) n, (int64_t) hk, (int64_t) d };
     int64_t kstrides[3] = { kvd.k_strides[1], (int64_t) d, 1 };
-    kvsieve_tensor_t keys = {};
-    keys.device = { KVSIEVE_DEVICE_CPU, 0 };
-    keys.ndim   = 3;
-    keys.dtype  = s.dtype;
-    keys.shape  = kshape;
-    keys.strides = kstrides;
+    kvsieve_tensor_t keys = host_tensor(nullptr, s.dtype, 3, kshape, kstrides);
     if (sp.first >= 0) {
         keys.data        = const_cast<void *>(kvd.k);
         keys.byte_offset = (uint64_t) sp.first * (uint64_t) kvd.k_strides[1] * esize;
@@ -1022,12 +1031,7 @@ kvsieve_selection_t * llm_graph_input_kvsieve::retrieve(int il, const seq_plan &
     }
 
     int64_t qshape[2] = { (int64_t) s.n_head, (int64_t) d };
-    kvsieve_tensor_t qt = {};
-    qt.data   = const_cast<float *>(q);
-    qt.device = { KVSIEVE_DEVICE_CPU, 0 };
-    qt.ndim   = 2;
-    qt.dtype  = KVSIEVE_DTYPE_F32;
-    qt.shape  = qshape;
+    kvsieve_tensor_t qt = host_tensor(q, KVSIEVE_DTYPE_F32, 2, qshape);
 
     kvsieve_retrieve_config_t rc = kvsieve_retrieve_config_default(spec.clusters);
     rc.mode    = spec.rank_mixed ? KVSIEVE_RETRIEVE_BUDGET_MIXED : KVSIEVE_RETRIEVE_BUDGET;
@@ -1077,23 +1081,11 @@ bool llm_graph_input_kvsieve::same_as_kvsieve_pages(int il, const seq_plan & sp,
     check(kvsieve_cache_append(cache, seq, n, nullptr, nullptr), "kvsieve_cache_append");
     int64_t shape[3]   = { (int64_t) n, (int64_t) hk, (int64_t) d };
     int64_t strides[3] = { kvd.k_strides[1], (int64_t) d, 1 };
-    kvsieve_tensor_t k = {};
-    k.data = const_cast<void *>(kvd.k);
-    k.device = { KVSIEVE_DEVICE_CPU, 0 };
-    k.ndim = 3;
-    k.dtype = s.dtype;
-    k.shape = shape;
-    k.strides = strides;
-    k.byte_offset = (uint64_t) sp.first * (uint64_t) kvd.k_strides[1] * esize;
+    kvsieve_tensor_t k = host_tensor(kvd.k, s.dtype, 3, shape, strides, (uint64_t) sp.first * (uint64_t) kvd.k_strides[1] * esize);
     check(kvsieve_cache_write(cache, seq, 0, 0, &k, &k), "kvsieve_cache_write");
 
     int64_t qshape[2] = { (int64_t) s.n_head, (int64_t) d };
-    kvsieve_tensor_t qt = {};
-    qt.data = const_cast<float *>(q);
-    qt.device = { KVSIEVE_DEVICE_CPU, 0 };
-    qt.ndim = 2;
-    qt.dtype = KVSIEVE_DTYPE_F32;
-    qt.shape = qshape;
+    kvsieve_tensor_t qt = host_tensor(q, KVSIEVE_DTYPE_F32, 2, qshape);
     kvsieve_page_bounds_config_t pc;
     kvsieve_page_bounds_config_init(&pc);
     pc.budget_tokens = spec.pages;
@@ -1233,13 +1225,7 @@ void llm_graph_input_kvsieve::compute(ggml_tensor * dst, const llama_kvsieve_lay
         odata = o_buf.data();
     }
 
-    kvsieve_tensor_t qt = {};
-    qt.data    = qdata;
-    qt.device  = { KVSIEVE_DEVICE_CPU, 0 };
-    qt.ndim    = 3;
-    qt.dtype   = KVSIEVE_DTYPE_F32;
-    qt.shape   = shape;
-    qt.strides = qstr;
+    kvsieve_tensor_t qt = host_tensor(qdata, KVSIEVE_DTYPE_F32, 3, shape, qstr);
     kvsieve_tensor_t ot = qt;
     ot.data    = odata;
     ot.strides = nullptr;

@@ -284,7 +284,7 @@ fn index_set_errors_and_staleness() {
     let mut t = twin(2, hk, d, 4, 100, 200, DType::F32, true, &rope, &mut rng);
     let policy = Policy::parse("sinks=2,window=16,clusters=24,clusters_k=10,hier=3").unwrap();
     let mut set = ClusterIndexSet::new();
-    // Raw pre-RoPE keys score capped positions only; such an index does not serve a
+    // Raw pre-RoPE keys score capped or contiguous positions only; such an index does not serve a
     // post-RoPE cache either.
     let pre = t.pre.as_ref().unwrap();
     assert_eq!(set.build(pre, t.seq, &policy).unwrap(), 2);
@@ -306,7 +306,7 @@ fn index_set_errors_and_staleness() {
                 &rp,
             )
             .unwrap_err();
-        assert!(e.to_string().contains("scores capped positions only"), "{e}");
+        assert!(e.to_string().contains("scores capped or contiguous positions only"), "{e}");
         let e = t
             .post
             .decode_with_clusters(

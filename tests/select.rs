@@ -544,33 +544,44 @@ fn spec_strategy() -> impl Strategy<Value = Spec> {
     let dense = (positions_strategy(), proptest::option::of(0u32..100_000))
         .prop_map(|(positions, max_distance)| Spec { dense: true, positions, max_distance, ..Spec::default() });
     let rank = prop_oneof![Just(None), Just(Some(ClusterRank::Estimate)), Just(Some(ClusterRank::Mixed))];
-    let sparse =
-        (n(), n(), n(), n(), (n(), n(), n(), n(), rank), positions_strategy(), proptest::option::of(any::<u32>()))
-            .prop_map(
-                |(
-                    sinks,
-                    window,
-                    pages,
-                    min_pages,
-                    (clusters, clusters_k, cluster_size, hier, rank),
-                    positions,
-                    max_distance,
-                )| Spec {
-                    dense: false,
-                    sinks,
-                    window,
-                    pages,
-                    min_pages,
-                    clusters,
-                    clusters_k,
-                    cluster_size,
-                    hier,
-                    rank,
-                    positions,
-                    max_distance,
-                },
-            )
-            .prop_filter("a spec has at least one item", |s| s.to_string() != "");
+    let sparse = (
+        n(),
+        n(),
+        n(),
+        n(),
+        (n(), n(), n(), n(), rank),
+        (n(), n()),
+        positions_strategy(),
+        proptest::option::of(any::<u32>()),
+    )
+        .prop_map(
+            |(
+                sinks,
+                window,
+                pages,
+                min_pages,
+                (clusters, clusters_k, cluster_size, hier, rank),
+                (topk, span),
+                positions,
+                max_distance,
+            )| Spec {
+                dense: false,
+                sinks,
+                window,
+                pages,
+                min_pages,
+                clusters,
+                clusters_k,
+                cluster_size,
+                hier,
+                rank,
+                topk,
+                span,
+                positions,
+                max_distance,
+            },
+        )
+        .prop_filter("a spec has at least one item", |s| s.to_string() != "");
     prop_oneof![1 => dense, 3 => sparse]
 }
 

@@ -21,10 +21,11 @@
 //! - a cache of pre-RoPE keys (remapped positions): the raw, unrotated keys; decode with
 //!   `positions=capped,max_distance=M` scores the query rotated to position `M`, which is
 //!   exactly the logit attention gives a token at a capped distance (every token at least
-//!   `M` back, so every retrieved token when `window >= M`, LM-Infinite's usual setting).
-//!   Other position modes cannot be scored against raw keys: build from a twin cache of
-//!   post-RoPE keys instead (same sequence ids and tokens), and decode scores the query at
-//!   its real position.
+//!   `M` back, so every retrieved token when `window >= M`, LM-Infinite's usual setting);
+//!   with `positions=contiguous` it scores the raw query, position-free (ReAttention's
+//!   rule: retrieved tokens are renumbered anyway). Original positions cannot be scored
+//!   against raw keys: build from a twin cache of post-RoPE keys instead (same sequence
+//!   ids and tokens), and decode scores the query at its real position.
 
 use std::collections::BTreeMap;
 
@@ -40,7 +41,8 @@ use crate::tensor::TensorView;
 pub enum IndexedKeys {
     /// Keys after RoPE at their real positions (built from a post-RoPE cache).
     PostRope,
-    /// Raw keys before RoPE (built from a pre-RoPE cache); scored for capped positions.
+    /// Raw keys before RoPE (built from a pre-RoPE cache); scored for capped or contiguous
+    /// positions.
     PreRope,
 }
 

@@ -107,13 +107,21 @@ impl KvCache {
                         ))
                     }
                     (KeyRope::PreRope, Some(IndexedKeys::PreRope), PositionMode::Capped { max_distance }) => Some(max_distance.min(i32::MAX as u32) as i32),
+                    // Contiguous positions: raw keys, scored position-free by the raw query.
+                    (KeyRope::PreRope, Some(IndexedKeys::PreRope), PositionMode::Contiguous) => None,
                     (KeyRope::PreRope, Some(IndexedKeys::PreRope), _) => {
                         return Err(Error::invalid(
                             "clusters",
-                            format!("an index of post-RoPE keys (built from a twin cache) for sequence {id} at layer {layer}: an index of raw pre-RoPE keys scores capped positions only, and layer {layer} uses {:?}", params.positions),
+                            format!("an index of post-RoPE keys (built from a twin cache) for sequence {id} at layer {layer}: an index of raw pre-RoPE keys scores capped or contiguous positions only, and layer {layer} uses {:?}", params.positions),
                         ))
                     }
                     (KeyRope::PreRope, Some(IndexedKeys::PostRope), _) => {
+                        if (0..c.num_kv_heads).any(|h| { let s = policy.spec(layer, h); s.clusters.is_some() && s.span.is_some() }) {
+                            return Err(Error::invalid(
+                                "clusters",
+                                format!("an index of this cache's raw keys for sequence {id} at layer {layer}: `span=` ranks retrieved tokens by the logits of the keys the cache holds, which an index built from a twin cache of post-RoPE keys does not score"),
+                            ));
+                        }
                         Some(*self.positions(id)?.last().ok_or_else(|| Error::invalid("seq_ids", format!("sequence {id} holding the query's token (it is empty)")))?)
                     }
                 };
@@ -134,10 +142,20 @@ impl KvCache {
         Ok(sels)
     }
 
-    /// Prefill under a policy (causal). Per KV head of `layer`: a spec made of sinks and a
-    /// window alone becomes a row mask (each query sees the sinks and its own last `window`
-    /// tokens: the Λ-mask); any other spec (dense, or with page bounds or centroid
-    /// retrieval, which choose tokens per decode query) attends every earlier token.
+    /// Prefill under a policy (causal). Per KV head of `layer`, for the new tokens of each
+    /// sequence (a chunk `[s, e)` of its last tokens):
+    /// - with `positions=contiguous`: a sparse spec reads its sinks, the `window - 1` tokens
+    ///   before the chunk and the chunk itself (causally), and with `topk=` the best tokens
+    ///   outside those for the chunk's mean query (the mean over the chunk's rows and the
+    ///   group's query heads; grown into spans with `span=`); all numbered contiguously
+    ///   over that concatenation in cache order, each query at its own rank. The cost of a
+    ///   chunk is bounded by the spec's budget, so a prompt prefilled in chunks costs time
+    ///   linear in its length, and a one-token chunk reads what decode reads. `pages=` and
+    ///   `clusters=` choose tokens per decode query (an index exists after prefill) and add
+    ///   nothing here;
+    /// - otherwise, a spec made of sinks and a window alone becomes a row mask (each query
+    ///   sees the sinks and its own last `window` tokens: the Λ-mask); any other spec
+    ///   (dense, or with a retrieval item) attends every earlier token.
     #[allow(clippy::too_many_arguments)]
     pub fn prefill_with_policy(
         &self,
@@ -156,39 +174,53 @@ impl KvCache {
             return Err(Error::out_of_range("layer", layer as i64, format!("0..{}", c.num_layers)));
         }
         let params = AttentionParams { positions: policy.position_mode(layer), ..*params };
+        let contiguous = params.positions == PositionMode::Contiguous;
         let windows: Vec<Option<StreamingWindow>> = (0..c.num_kv_heads)
             .map(|h| {
                 let s = policy.spec(layer, h);
                 match s.window {
-                    Some(window) if s.is_window_only() => Some(StreamingWindow { sinks: s.sinks.unwrap_or(0), window }),
+                    Some(window) if s.is_window_only() && !contiguous => {
+                        Some(StreamingWindow { sinks: s.sinks.unwrap_or(0), window })
+                    }
                     _ => None,
                 }
             })
             .collect();
         // A windowed head's new queries see only the sinks and the last `window + new - 1`
         // tokens: reading just those keeps a long windowed prefill linear in the context.
-        // (Contiguous positions number the tokens read, so they read everything.)
-        let narrow = params.positions != PositionMode::Contiguous && windows.iter().any(|w| w.is_some());
-        let sels = ids
-            .iter()
-            .enumerate()
-            .map(|(b, &id)| {
-                let len = self.seq_len(id)?;
-                let new = match (qo_indptr.get(b), qo_indptr.get(b + 1)) {
-                    (Some(&s), Some(&e)) if narrow && s >= 0 && e >= s && (e - s) as usize <= len => (e - s) as usize,
-                    _ => return Selection::dense(c.num_kv_heads, len),
-                };
-                let heads = windows
-                    .iter()
-                    .map(|w| match w {
-                        Some(w) => first_and_last(len, w.sinks, w.window.saturating_add(new).saturating_sub(1)),
-                        None => crate::alloc::collect_n(len, 0..len as u32, "selection indices"),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Selection::from_heads(len, heads)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.with_layer_view(layer, ids, |kv| prefill_sparse(kv, q, qo_indptr, &sels, &windows, out, lse, &params))
+        let narrow = windows.iter().any(|w| w.is_some());
+        self.with_layer_view(layer, ids, |kv| {
+            let sels = ids
+                .iter()
+                .enumerate()
+                .map(|(b, &id)| {
+                    let len = self.seq_len(id)?;
+                    let new = match (qo_indptr.get(b), qo_indptr.get(b + 1)) {
+                        (Some(&s), Some(&e))
+                            if (narrow || contiguous) && s >= 0 && e >= s && (e - s) as usize <= len =>
+                        {
+                            (e - s) as usize
+                        }
+                        _ => return Selection::dense(c.num_kv_heads, len),
+                    };
+                    let heads = (0..c.num_kv_heads)
+                        .map(|h| {
+                            let spec = policy.spec(layer, h);
+                            if contiguous && !spec.dense {
+                                let rows = (qo_indptr[b] as usize, qo_indptr[b + 1] as usize);
+                                return contiguous_chunk_tokens(kv, b, h, q, rows, spec, len, new);
+                            }
+                            match windows[h] {
+                                Some(w) => first_and_last(len, w.sinks, w.window.saturating_add(new).saturating_sub(1)),
+                                None => crate::alloc::collect_n(len, 0..len as u32, "selection indices"),
+                            }
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Selection::from_heads(len, heads)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            prefill_sparse(kv, q, qo_indptr, &sels, &windows, out, lse, &params)
+        })
     }
 
     /// Evict the pages of a sequence that the policy will never read again (only a policy made
@@ -200,4 +232,45 @@ impl KvCache {
         self.evict_pages(id, &pages)?;
         Ok(pages.len())
     }
+}
+
+/// The tokens KV head `h` of batch entry `b` reads for a prefill chunk of its last `new`
+/// tokens under contiguous positions (see [`KvCache::prefill_with_policy`]): the sinks,
+/// the `window - 1` tokens before the chunk, the chunk, and `topk=` tokens for the chunk's
+/// mean query (`q` rows `rows.0..rows.1`).
+#[allow(clippy::too_many_arguments)]
+fn contiguous_chunk_tokens(
+    kv: &crate::kv::PagedKv,
+    b: usize,
+    h: usize,
+    q: &TensorView,
+    rows: (usize, usize),
+    spec: &crate::select::Spec,
+    len: usize,
+    new: usize,
+) -> Result<Vec<u32>> {
+    let reach = spec.window.map_or(new, |w| w.saturating_add(new).saturating_sub(1).max(new));
+    let base = first_and_last(len, spec.sinks.unwrap_or(0), reach)?;
+    let Some(budget) = spec.topk else { return Ok(base) };
+    let d = kv.head_dim();
+    let hq = q.shape().get(1).copied().unwrap_or(0);
+    let group = hq / kv.num_kv_heads();
+    if q.shape().len() != 3 || q.shape()[2] != d || group == 0 || rows.1 > q.shape()[0] {
+        // Shapes are checked by prefill_sparse, which reports them; nothing to rank here.
+        return Ok(base);
+    }
+    let mut mean = vec![0f32; d];
+    let mut row = vec![0f32; d];
+    for t in rows.0..rows.1 {
+        for g in 0..group {
+            q.read_row(&[t, h * group + g], &mut row);
+            mean.iter_mut().zip(&row).for_each(|(m, x)| *m += x);
+        }
+    }
+    let n = ((rows.1 - rows.0) * group).max(1) as f32;
+    mean.iter_mut().for_each(|m| *m /= n);
+    let part = crate::select::topk_tokens(kv, b, h, &mean, budget, spec.span, &base)?;
+    let mut out = crate::alloc::vec_with_capacity(base.len() + part.len(), "selection indices")?;
+    crate::select::merge_union(&base, &part, &mut out);
+    Ok(out)
 }

@@ -6,8 +6,8 @@ use crate::kv::{KvCache, SeqId};
 use crate::runtime::ClusterIndexSet;
 use crate::select::cluster::{CoarseRetrieve, Retrieve};
 use crate::select::{
-    first_and_last, merge_union, read_query, score_sequence, ClusterRank, Policy, Selection, SeqPageScores, Spec,
-    HIER_OPEN_MULTIPLE,
+    first_and_last, hits_to_tokens, merge_union, ranked_top, raw_scores, read_query, score_sequence, topk_tokens,
+    ClusterRank, Policy, Selection, SeqPageScores, Spec, HIER_OPEN_MULTIPLE,
 };
 use crate::tensor::TensorView;
 
@@ -94,6 +94,17 @@ impl Policy {
             None => None,
             Some(h0) => Some(self.retrieve(cache, seq, layer, q, indexes, specs[h0], seq_len)?),
         };
+        // Top-k and span ranking read the keys themselves, through one view of the layer.
+        let needs_keys =
+            specs.iter().any(|s| !s.dense && (s.topk.is_some() || (s.span.is_some() && s.clusters.is_some())));
+        let table = if needs_keys { Some(cache.page_table(&[seq])?) } else { None };
+        let view = match &table {
+            Some(t) => Some(cache.layer_view(layer, t)?),
+            None => None,
+        };
+        let rows = if needs_keys { read_query(q, c.head_dim)?.0 } else { Vec::new() };
+        let group = hq / c.num_kv_heads;
+        let head_rows = |h: usize| &rows[h * group * c.head_dim..(h + 1) * group * c.head_dim];
         let mut heads = Vec::with_capacity(specs.len());
         let mut total = 0usize;
         let mut centroids_scored = 0usize;
@@ -102,20 +113,42 @@ impl Policy {
             let tokens = if spec.dense {
                 crate::alloc::collect_n(seq_len, 0..seq_len as u32, "selection indices")?
             } else {
-                let mut tokens = first_and_last(seq_len, spec.sinks.unwrap_or(0), spec.window.unwrap_or(0))?;
+                let base = first_and_last(seq_len, spec.sinks.unwrap_or(0), spec.window.unwrap_or(0))?;
+                let mut tokens = crate::alloc::copy_of(&base, "selection indices")?;
+                let mut add = |part: &[u32]| -> Result<()> {
+                    let mut out = crate::alloc::vec_with_capacity(tokens.len() + part.len(), "selection indices")?;
+                    merge_union(&tokens, part, &mut out);
+                    tokens = out;
+                    Ok(())
+                };
                 if let (Some(cfg), Some(s)) = (spec.page_bounds_config(), &scores) {
-                    let keep = s.keep_tokens(h, &cfg);
-                    let mut out = crate::alloc::vec_with_capacity(tokens.len() + keep.len(), "selection indices")?;
-                    merge_union(&tokens, &keep, &mut out);
-                    tokens = out;
+                    match spec.span {
+                        Some(_) if s.seq_len > cfg.budget_tokens => {
+                            add(&hits_to_tokens(s.ranked_page_hits(h)?, spec.span, cfg.budget_tokens, seq_len, &base)?)?
+                        }
+                        _ => add(&s.keep_tokens(h, &cfg))?,
+                    }
                 }
-                if let (Some(_), Some(r)) = (spec.clusters, &retrieved) {
-                    let mut out =
-                        crate::alloc::vec_with_capacity(tokens.len() + r.tokens[h].len(), "selection indices")?;
-                    merge_union(&tokens, &r.tokens[h], &mut out);
-                    tokens = out;
+                if let (Some(budget), Some(r)) = (spec.clusters, &retrieved) {
+                    match (spec.span, &view) {
+                        (Some(_), Some(kv)) => {
+                            // Rank the retrieved (clustered) tokens by their own logits, grow them
+                            // into spans, and keep the tokens the index does not cover yet.
+                            let covered = r.clustered_len as u32;
+                            let cand: Vec<u32> = r.tokens[h].iter().copied().filter(|&t| t < covered).collect();
+                            let scores = raw_scores(kv, 0, h, head_rows(h), &cand)?;
+                            let hits = ranked_top(&cand, &scores, cand.len())?;
+                            add(&hits_to_tokens(hits, spec.span, budget, seq_len, &base)?)?;
+                            let tail: Vec<u32> = r.tokens[h].iter().copied().filter(|&t| t >= covered).collect();
+                            add(&tail)?;
+                        }
+                        _ => add(&r.tokens[h])?,
+                    }
                     centroids_scored += r.centroids_scored[h];
                     radii_read += r.radii_read[h];
+                }
+                if let (Some(budget), Some(kv)) = (spec.topk, &view) {
+                    add(&topk_tokens(kv, 0, h, head_rows(h), budget, spec.span, &base)?)?;
                 }
                 tokens
             };
@@ -203,7 +236,7 @@ impl Policy {
             centroids_scored.push(r.stats.clusters_scored[h] + coarse_rows);
             radii_read.push(if mixed { r.stats.clusters_scored[h] } else { 0 });
         }
-        Ok(Retrieved { tokens, centroids_scored, radii_read })
+        Ok(Retrieved { tokens, centroids_scored, radii_read, clustered_len: index.clustered_len() })
     }
 }
 
@@ -224,6 +257,8 @@ pub struct PolicySelection {
 /// Per-head retrieval result inside `select_inner`.
 struct Retrieved {
     tokens: Vec<Vec<u32>>,
+    /// Tokens below this are the index's; the rest are the uncovered tail.
+    clustered_len: usize,
     centroids_scored: Vec<usize>,
     radii_read: Vec<usize>,
 }

@@ -12,6 +12,8 @@
 //!   by threshold or token budget, flat or through a coarse level;
 //! - [`gemfilter`]: one-shot prompt filtering from an early layer (GemFilter) and
 //!   observation-window scoring (SnapKV);
+//! - [`expand_spans`] and `topk=`: retrieved tokens grown into spans of their neighbours,
+//!   and position-free top-k over raw keys (ReAttention);
 //! - [`top_k`]: the linear-time ranking the methods share;
 //! - [`Policy`]: per-layer and per-head compositions of these, with a text form
 //!   (`sinks=4,window=1024,pages=2048;layers=0-1:dense`). Running a policy on a cache
@@ -25,6 +27,7 @@ mod policy;
 mod policy_check;
 mod policy_text;
 mod selection;
+mod spans;
 mod topk;
 mod window;
 
@@ -39,6 +42,8 @@ pub(crate) use pages::{score_sequence, SeqPageScores};
 pub use policy::{ClusterRank, HeadOverride, LayerOverride, Policy, PositionKind, Spec, HIER_OPEN_MULTIPLE};
 pub(crate) use selection::merge_union;
 pub use selection::{Selection, SelectionStats};
+pub use spans::{expand_spans, span_range};
+pub(crate) use spans::{hits_to_tokens, ranked_top, raw_scores, topk_tokens};
 pub use topk::top_k;
 pub(crate) use window::first_and_last;
 pub use window::{lambda, streaming, window_pages_to_evict};

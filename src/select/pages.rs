@@ -227,6 +227,22 @@ impl SeqPageScores {
         &self.scores[h * self.num_pages..(h + 1) * self.num_pages]
     }
 
+    /// Every token of the sequence as a hit for spans (`span=`), page by page in the rank
+    /// order of head `h`'s pages (within a page, in order). A sequence that was not scored
+    /// (no longer than the budget) lists its tokens in order.
+    pub fn ranked_page_hits(&self, h: usize) -> crate::error::Result<Vec<u32>> {
+        let mut out = crate::alloc::vec_with_capacity(self.seq_len, "page hits")?;
+        if self.num_pages == 0 {
+            out.extend(0..self.seq_len as u32);
+            return Ok(out);
+        }
+        let scores = self.head(h);
+        let mut pages = crate::alloc::collect_n(self.num_pages, 0..self.num_pages as u32, "page ranking")?;
+        pages.sort_unstable_by(|&a, &b| rank_cmp(scores, a, b));
+        page_tokens(&pages, self.page_size, self.seq_len, &mut out);
+        Ok(out)
+    }
+
     /// Token indices page-bound selection keeps for KV head `h`.
     pub fn keep_tokens(&self, h: usize, cfg: &PageBoundsConfig) -> Vec<u32> {
         let mut out = Vec::new();

@@ -30,7 +30,8 @@
 //!               | "clusters" | "clusters_k" | "cluster_size" | "hier"
 //!               | "global" | "local" | "max_distance" ) , "=" , number
 //!             | "positions" , "=" , ( "original" | "contiguous" | "capped" )
-//!             | "rank" , "=" , ( "estimate" | "mixed" ) ;
+//!             | "rank" , "=" , ( "estimate" | "mixed" )
+//!             | ( "topk" | "span" ) , "=" , number ;
 //! number      = digit , { digit } ;
 //! ```
 //!
@@ -52,6 +53,17 @@
 //!   the budget ([`ClusterRank`]; default `estimate`). The index leaves out the smallest `window=`
 //!   of the layer's cluster heads (those tokens are read anyway). All heads of a layer
 //!   that use `clusters=` share its value and options.
+//! - `topk=N`: position-free top-k (ReAttention): per KV head, the N tokens outside the
+//!   sinks and the window whose stored keys score highest against the query as passed
+//!   (raw `q·k` for keys stored before RoPE; the best score among the GQA group's query
+//!   heads). It reads every key of the sequence once per step, so it finds what a budget
+//!   can hold exactly but costs a pass over the keys.
+//! - `span=S`: with any retrieval item (`topk=`, `pages=`, `clusters=`), each retrieved
+//!   token grows into the S tokens around it ([`crate::select::expand_spans`]): hits are
+//!   taken best first (top-k and cluster hits by their raw `q·k`, page hits in page rank
+//!   order) and their spans added until the item's budget is reached, so the item still
+//!   reads at most its budget. Retrieved text stays readable when positions are renumbered
+//!   contiguously (the digits of a key keep their neighbours).
 //! - `global=N` / `local=N`: LM-Infinite's Λ-mask, aliases of `sinks=` / `window=` that
 //!   also set `positions=capped`.
 //! - `positions=original|contiguous|capped` ([`PositionMode`]); `max_distance=N` is the cap
@@ -73,10 +85,12 @@
 //! window=512;layers=0-1,30-31:dense;heads=5.1:pages=4096,min_pages=2
 //! sinks=4,window=64,clusters=512,cluster_size=16
 //! sinks=4,window=64,clusters=512,clusters_k=256,hier=16;layers=0-1:dense
+//! sinks=32,window=256,topk=1024,span=32,positions=contiguous
 //! ```
 //!
 //! `Display` prints a canonical form (items in the order `dense, sinks, window, pages,
-//! min_pages, clusters, clusters_k, cluster_size, hier, positions, max_distance`; the
+//! min_pages, clusters, clusters_k, cluster_size, hier, rank, topk, span, positions,
+//! max_distance`; the
 //! default first, then layer clauses, then head clauses; ranges sorted and merged) that
 //! parses back to an equal policy.
 //!
@@ -179,6 +193,13 @@ pub struct Spec {
     pub hier: Option<usize>,
     /// With `clusters`: how clusters fill the budget; `None` means [`ClusterRank::Estimate`].
     pub rank: Option<ClusterRank>,
+    /// Position-free top-k: the tokens (outside the sinks and the window) whose stored key
+    /// scores highest against the query as it is passed (raw `q·k`, the best of the GQA
+    /// group's query heads), to this many tokens per KV head (at least 1).
+    pub topk: Option<usize>,
+    /// With a retrieval item (`topk`, `pages`, `clusters`): each retrieved token grows into
+    /// the span of this many tokens around it (at least 1); see [`crate::select::expand_spans`].
+    pub span: Option<usize>,
     /// Position numbering; `None` means original positions.
     pub positions: Option<PositionKind>,
     /// The cap of `positions = Capped` (at least 1).
@@ -265,6 +286,18 @@ impl Spec {
         self
     }
 
+    /// The same spec, also keeping the `budget_tokens` best tokens by raw `q·k` per KV head.
+    pub fn with_topk(mut self, budget_tokens: usize) -> Spec {
+        self.topk = Some(budget_tokens);
+        self
+    }
+
+    /// The same spec with every retrieved token grown into a span of `tokens` tokens.
+    pub fn with_span(mut self, tokens: usize) -> Spec {
+        self.span = Some(tokens);
+        self
+    }
+
     /// The same spec with position numbering `mode`.
     pub fn with_position_mode(mut self, mode: PositionMode) -> Spec {
         match mode {
@@ -300,13 +333,20 @@ impl Spec {
             && self.window.is_none()
             && self.pages.is_none()
             && self.clusters.is_none()
+            && self.topk.is_none()
             && self.sinks.unwrap_or(0) == 0
     }
 
     /// Whether the spec is made of sinks and a window alone (no `dense`, `pages` or
     /// `clusters`): the tokens it reads depend only on the sequence length.
     pub fn is_window_only(&self) -> bool {
-        !self.dense && self.pages.is_none() && self.clusters.is_none()
+        !self.dense && self.pages.is_none() && self.clusters.is_none() && self.topk.is_none()
+    }
+
+    /// Whether the spec has a retrieval item (`topk`, `pages` or `clusters`), the items
+    /// `span=` applies to.
+    pub fn retrieves(&self) -> bool {
+        self.topk.is_some() || self.pages.is_some() || self.clusters.is_some()
     }
 
     /// The options that shape a layer's cluster index (`clusters_k`, `cluster_size`,
@@ -333,18 +373,29 @@ impl Spec {
                 || self.window.is_some()
                 || self.pages.is_some()
                 || self.min_pages.is_some()
-                || self.clusters.is_some())
+                || self.clusters.is_some()
+                || self.topk.is_some()
+                || self.span.is_some())
         {
             return Some("`dense` alone, or with only `positions=` and `max_distance=`".into());
         }
         if self.is_empty() {
-            return Some("a spec that selects tokens: `dense` or at least one of `sinks=` (above 0), `window=`, `pages=`, `clusters=`".into());
+            return Some("a spec that selects tokens: `dense` or at least one of `sinks=` (above 0), `window=`, `pages=`, `clusters=`, `topk=`".into());
         }
         if self.window == Some(0) {
             return Some("window=N with N >= 1 (window=0 hides the query's own recent context)".into());
         }
         if self.pages == Some(0) {
             return Some("pages=N with a token budget N >= 1".into());
+        }
+        if self.topk == Some(0) {
+            return Some("topk=N with a token budget N >= 1".into());
+        }
+        if self.span == Some(0) {
+            return Some("span=N with N >= 1 tokens per span".into());
+        }
+        if self.span.is_some() && !self.retrieves() {
+            return Some("`span=` only together with a retrieval item: `topk=`, `pages=` or `clusters=`".into());
         }
         if self.min_pages.is_some() && self.pages.is_none() {
             return Some("`min_pages=` only together with `pages=`".into());

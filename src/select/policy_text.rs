@@ -64,7 +64,7 @@ fn tokenize(text: &str) -> Result<Vec<(usize, Tok<'_>)>> {
     Ok(toks)
 }
 
-const ITEMS: &str = "`dense`, `sinks=`, `window=`, `pages=`, `min_pages=`, `clusters=`, `clusters_k=`, `cluster_size=`, `hier=`, `rank=`, `global=`, `local=`, `max_distance=` or `positions=`";
+const ITEMS: &str = "`dense`, `sinks=`, `window=`, `pages=`, `min_pages=`, `clusters=`, `clusters_k=`, `cluster_size=`, `hier=`, `rank=`, `topk=`, `span=`, `global=`, `local=`, `max_distance=` or `positions=`";
 
 /// The fields of a spec that items set, with where each was set (for conflict messages).
 #[derive(Default)]
@@ -81,6 +81,8 @@ struct SpecBuilder {
     cluster_size_at: Option<(usize, &'static str)>,
     hier_at: Option<(usize, &'static str)>,
     rank_at: Option<(usize, &'static str)>,
+    topk_at: Option<(usize, &'static str)>,
+    span_at: Option<(usize, &'static str)>,
     max_distance_at: Option<(usize, &'static str)>,
     /// Where positions were given explicitly, and where an alias implied capped.
     positions_at: Option<(usize, &'static str)>,
@@ -266,6 +268,8 @@ impl<'a> Parser<'a> {
             "cluster_size" => "cluster_size",
             "hier" => "hier",
             "rank" => "rank",
+            "topk" => "topk",
+            "span" => "span",
             "global" => "global",
             "local" => "local",
             "max_distance" => "max_distance",
@@ -327,6 +331,14 @@ impl<'a> Parser<'a> {
             "hier" => {
                 set_once(&mut b.hier_at, off, key, "the coarse cluster count")?;
                 b.spec.hier = Some(self.number("a number", &after_key, usize_max)? as usize);
+            }
+            "topk" => {
+                set_once(&mut b.topk_at, off, key, "the top-k budget")?;
+                b.spec.topk = Some(self.number("a number", &after_key, usize_max)? as usize);
+            }
+            "span" => {
+                set_once(&mut b.span_at, off, key, "the span length")?;
+                b.spec.span = Some(self.number("a number", &after_key, usize_max)? as usize);
             }
             "rank" => {
                 set_once(&mut b.rank_at, off, key, "the cluster ranking")?;
@@ -413,6 +425,8 @@ fn check_dense(b: &SpecBuilder, off: usize, key: &str) -> Result<()> {
         b.cluster_size_at,
         b.hier_at,
         b.rank_at,
+        b.topk_at,
+        b.span_at,
     ];
     let Some((ooff, okey)) = others.iter().flatten().next().copied() else { return Ok(()) };
     let message = if key == "dense" {
@@ -442,7 +456,7 @@ pub(crate) fn mode_text(mode: PositionMode) -> String {
 
 impl fmt::Display for Spec {
     /// Canonical order: `dense, sinks, window, pages, min_pages, clusters, clusters_k,
-    /// cluster_size, hier, rank, positions, max_distance`.
+    /// cluster_size, hier, rank, topk, span, positions, max_distance`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut items: Vec<String> = Vec::new();
         if self.dense {
@@ -462,6 +476,9 @@ impl fmt::Display for Spec {
         if let Some(r) = self.rank {
             items.push(format!("rank={}", r.name()));
         }
+        items.extend(
+            [("topk", self.topk), ("span", self.span)].iter().filter_map(|(k, v)| v.map(|v| format!("{k}={v}"))),
+        );
         if let Some(p) = self.positions {
             items.push(format!("positions={}", p.name()));
         }

@@ -453,8 +453,8 @@ impl<'m> Engine<'m> {
     }
 
     /// Count one layer of a decode step of `seq`: the K and V rows its selection read (all
-    /// rows for a dense layer), plus the page key bounds that page-bound selection scanned
-    /// and the f32 centroids that centroid retrieval scored, against what dense attention
+    /// rows for a dense layer), plus the page key bounds that page-bound selection scanned,
+    /// the f32 centroids that centroid retrieval scored and the keys `topk=` scored, against what dense attention
     /// reads; and its share of the attention time.
     fn count_decode(
         &mut self,
@@ -481,6 +481,15 @@ impl<'m> Engine<'m> {
                 let paged =
                     (0..c.num_kv_heads).filter(|&h| policy.spec(layer, h).pages.is_some_and(|p| p < len)).count();
                 st.decode_kv_bytes += (len.div_ceil(c.page_size) * paged) as f64 * row;
+                // `topk=` scores every key outside its sinks and window: K rows only.
+                let scanned: usize = (0..c.num_kv_heads)
+                    .filter(|&h| policy.spec(layer, h).topk.is_some())
+                    .map(|h| {
+                        let sp = policy.spec(layer, h);
+                        len.saturating_sub(sp.sinks.unwrap_or(0).saturating_add(sp.window.unwrap_or(0)))
+                    })
+                    .sum();
+                st.decode_kv_bytes += scanned as f64 * row / 2.0;
             }
         }
         Ok(())

@@ -1,69 +1,67 @@
-//! Past the training window: passkey retrieval in contexts longer than the model's 8K
-//! training context, dense attention against LM-Infinite's Λ-mask and the Λ-mask plus
-//! centroid retrieval.
+//! Past the training window: retrieval tasks and perplexity in contexts longer than the
+//! model's 8K training context, dense attention against sparse policies.
 //!
-//! Per trial (a passkey at an evenly spread depth):
-//! - `dense`: the context prefilled with every token at its real position, then the question
-//!   and answer decoded densely;
-//! - `lambda`: the context prefilled under the Λ-mask (`global=4,local=W,max_distance=M`,
-//!   keys stored before RoPE, relative distances capped at M), then decoded under it;
-//! - `lambda+clusters`: a fork of the same Λ-mask prefill whose decode also reads the best
-//!   K-means clusters of each (layer, KV head) up to a token budget, scored at the capped
-//!   distance (the index clusters the raw keys, built once after prefill).
+//! Per (length, task, trial) every policy gets the same prompt: the context is prefilled
+//! under the policy's *prefill form* (the policy without the items that choose tokens per
+//! decode query from an index or page bounds, `clusters=` and `pages=`: those join at
+//! decode), in chunks of [`LONG_PREFILL_CHUNK`] tokens; policies with equal prefill forms
+//! share one prefill (kvsieve forks, copy on write). Then the question and the answer are
+//! decoded under each full policy. Policies that renumber or cap positions store keys
+//! before RoPE; `positions=contiguous` prefill reads, per chunk, the sinks, the retrieved
+//! spans and the window (kvsieve's prefill rule), so its cost is linear in the length.
 //!
-//! Reported per (length, policy, trial): whether the answer is right, prefill seconds
-//! (index build included), attention ms and KV bytes read per decode step (selected rows
-//! plus centroids scored), and the peak KV memory the sequence held.
+//! Reported per (length, task, policy, trial): whether the answer is right, prefill seconds
+//! (index build included), attention ms and KV bytes read per decode step (selected rows,
+//! plus centroids scored and keys scanned by `topk=`), and the peak KV memory held.
+//!
+//! [`perplexity`] measures each policy's perplexity over a long KJV text per 1K-token
+//! bucket of position: the text is prefilled under the policy's prefill form with every
+//! row's logits kept.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
+use kvsieve::select::{LayerOverride, Spec};
 use kvsieve::Policy;
 
-use crate::engine::{argmax, Engine, Kv, Lane, Logits, Result, Side, Step};
-use crate::generate::{prefill, prefill_chunked};
+use crate::engine::{argmax, log_prob, side_for, Engine, Kv, Lane, Logits, Result, Side, Step};
+use crate::generate::prefill_chunked;
 use crate::model::Model;
 use crate::sweep::build_lane_clusters;
-use crate::tasks::{self, Trial};
+use crate::tasks::{self, Task, Trial};
 use crate::tokenizer::Tokenizer;
 
-/// Tokens per Λ-mask prefill call: each call reads the sinks, the window and the chunk.
-pub const LAMBDA_PREFILL_CHUNK: usize = 512;
+/// Tokens per prefill call: a windowed or span policy's chunk reads its sinks, its window,
+/// what it retrieves and the chunk.
+pub const LONG_PREFILL_CHUNK: usize = 512;
+
+/// The default policies of `long`: dense (real positions), LM-Infinite's Λ-mask, and
+/// span retrieval with contiguous positions (ReAttention's rule), each reading at most 4K
+/// tokens per KV head at decode (dense excepted).
+pub fn default_policies() -> Vec<(String, String)> {
+    vec![
+        ("dense".into(), "dense".into()),
+        ("lambda".into(), "global=4,local=1024,max_distance=4096".into()),
+        ("spans".into(), "sinks=64,window=256,topk=512,span=32,positions=contiguous".into()),
+    ]
+}
 
 #[derive(Debug, Clone)]
 pub struct LongConfig {
     pub lengths: Vec<usize>,
     pub trials: usize,
-    /// The Λ-mask's local window and distance cap.
-    pub local: usize,
-    pub max_distance: usize,
-    /// Centroid retrieval budget (tokens per KV head) and fine clusters per head.
-    pub clusters: usize,
-    pub clusters_k: usize,
-    /// Replaces the retrieval lane's policy text (it must store keys before RoPE: a
-    /// position mode other than original).
-    pub retrieval_policy: Option<String>,
-    /// Run dense attention too (its prefill is quadratic in the length).
-    pub dense: bool,
+    pub tasks: Vec<Task>,
+    /// (name, policy text), in report order.
+    pub policies: Vec<(String, String)>,
     pub page_size: usize,
     pub seed: u64,
 }
 
-impl LongConfig {
-    pub fn lambda_text(&self) -> String {
-        format!("global=4,local={},max_distance={}", self.local, self.max_distance)
-    }
-    pub fn clusters_text(&self) -> String {
-        if let Some(t) = &self.retrieval_policy {
-            return t.clone();
-        }
-        format!("{},clusters={},clusters_k={}", self.lambda_text(), self.clusters, self.clusters_k)
-    }
-}
-
-/// One (length, policy, trial) result.
+/// One (length, task, policy, trial) result.
 #[derive(Debug, Clone)]
 pub struct LongRow {
     pub length: usize,
+    pub task: Task,
     pub policy: String,
     pub policy_text: String,
     pub trial: usize,
@@ -75,6 +73,39 @@ pub struct LongRow {
     pub attention_ms_per_step: f64,
     pub kv_bytes_per_step: f64,
     pub peak_kv_mb: f64,
+}
+
+fn reduce(spec: &Spec) -> Spec {
+    let mut s = Spec {
+        clusters: None,
+        clusters_k: None,
+        cluster_size: None,
+        hier: None,
+        rank: None,
+        pages: None,
+        min_pages: None,
+        ..spec.clone()
+    };
+    if s.topk.is_none() {
+        s.span = None;
+    }
+    if s.is_empty() {
+        s = Spec { dense: true, positions: s.positions, max_distance: s.max_distance, ..Spec::default() };
+    }
+    s
+}
+
+/// The policy a context is prefilled under before `policy` decodes (see the module docs).
+pub fn prefill_form(policy: &Policy) -> Policy {
+    let mut p = Policy::new(reduce(policy.default_spec()));
+    for o in policy.layer_overrides() {
+        let LayerOverride { layers, spec } = o;
+        p = p.with_layers(layers.iter().copied(), reduce(spec));
+    }
+    for o in policy.head_overrides() {
+        p = p.with_heads(o.heads.iter().copied(), reduce(&o.spec));
+    }
+    p
 }
 
 /// Decode `trial`'s question and answer for several lanes at once; returns per lane the
@@ -117,42 +148,24 @@ fn decode_lanes(
     Ok(generated.iter().map(|g| tok.decode(g)).zip(peaks).collect())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn row(
-    cfg_len: usize,
-    name: &str,
-    text: &str,
-    i: usize,
-    trial: &Trial,
-    generated: &str,
-    prefill_secs: f64,
-    engine: &Engine,
-    lane: &Lane,
-    kv: &Kv,
-    peak_pages: usize,
-) -> LongRow {
-    let st = engine.stats.get(&lane.seq).copied().unwrap_or_default();
-    let page = kv.cache(lane.side).stats().bytes_per_page;
-    LongRow {
-        length: cfg_len,
-        policy: name.into(),
-        policy_text: text.into(),
-        trial: i,
-        depth: trial.depth,
-        answer: trial.answer.clone(),
-        generated: generated.trim().to_string(),
-        correct: trial.is_correct(generated),
-        prefill_secs,
-        attention_ms_per_step: st.attention_secs_per_step() * 1e3,
-        kv_bytes_per_step: st.kv_bytes_per_step(),
-        peak_kv_mb: (peak_pages * page) as f64 / 1e6,
+/// Policies grouped by prefill form: (prefill form, indices into `policies`).
+fn prefill_groups(policies: &[Policy]) -> Vec<(Policy, Vec<usize>)> {
+    let mut groups: Vec<(Policy, Vec<usize>)> = Vec::new();
+    for (i, p) in policies.iter().enumerate() {
+        let form = prefill_form(p);
+        match groups.iter_mut().find(|(f, _)| *f == form) {
+            Some((_, v)) => v.push(i),
+            None => groups.push((form, vec![i])),
+        }
     }
+    groups
 }
 
 /// Run every trial; `progress` prints a line per finished run.
 pub fn run(
     model: &Model,
     tok: &Tokenizer,
+    kjv: &str,
     cfg: &LongConfig,
     progress: &mut dyn FnMut(&LongRow),
 ) -> Result<Vec<LongRow>> {
@@ -160,91 +173,84 @@ pub fn run(
     let hk = model.cfg.num_kv_heads;
     let vocab = model.cfg.vocab_size;
     let ps = cfg.page_size;
-    let lambda = Policy::parse(&cfg.lambda_text())?;
-    let clusters = Policy::parse(&cfg.clusters_text())?;
-    let dense = Policy::dense();
+    let policies: Vec<Policy> = cfg.policies.iter().map(|(_, t)| Policy::parse(t)).collect::<kvsieve::Result<_>>()?;
+    for p in &policies {
+        p.validate(layers, hk)?;
+    }
+    let groups = prefill_groups(&policies);
     let mut rows = Vec::new();
     for &length in &cfg.lengths {
-        for i in 0..cfg.trials {
-            let seed = cfg.seed.wrapping_add(31_000_000 + 1000 * length as u64 + i as u64);
-            let trial = tasks::passkey(tok, length, tasks::depth(i, cfg.trials), seed);
-            let extra = trial.question.len() + trial.answer_tokens;
-            let total = trial.context.len() + extra;
-
-            // Λ-mask and Λ-mask + retrieval: one prefill, two forks.
-            {
-                let mut kv = Kv::new(model, total, ps, 2 * (extra.div_ceil(ps) + 2), true)?;
-                let base = kv.create();
-                let mut engine = Engine::new(model);
-                let t0 = Instant::now();
-                prefill_chunked(
-                    &mut engine,
-                    &mut kv,
-                    &Lane::new(base, &lambda, layers),
-                    &trial.context,
-                    &Step { logits: Logits::None, ..Step::default() },
-                    LAMBDA_PREFILL_CHUNK,
-                )?;
-                let prefill_secs = t0.elapsed().as_secs_f64();
-                let a = kv.fork(base)?;
-                let b = kv.fork(base)?;
-                kv.free(base)?;
-                let lanes = [Lane::new(a, &lambda, layers), Lane::new(b, &clusters, layers)];
-                debug_assert!(lanes.iter().all(|l| l.side == Side::Pre));
-                let index_secs = build_lane_clusters(&mut engine, &kv, &lanes, layers, hk)?;
-                let out = decode_lanes(&mut engine, &mut kv, &lanes, &trial, tok, vocab)?;
-                for (j, (name, text)) in
-                    [("lambda", cfg.lambda_text()), ("lambda+clusters", cfg.clusters_text())].into_iter().enumerate()
-                {
-                    let r = row(
-                        length,
-                        name,
-                        &text,
-                        i,
-                        &trial,
-                        &out[j].0,
-                        prefill_secs + index_secs[j],
-                        &engine,
-                        &lanes[j],
-                        &kv,
-                        out[j].1,
-                    );
-                    progress(&r);
-                    rows.push(r);
+        for &task in &cfg.tasks {
+            for i in 0..cfg.trials {
+                let seed = cfg.seed.wrapping_add(31_000_000 + 1000 * length as u64 + i as u64);
+                let trial = task.trial(tok, kjv, length, tasks::depth(i, cfg.trials), seed);
+                let extra = trial.question.len() + trial.answer_tokens;
+                let total = trial.context.len() + extra;
+                for (form, members) in &groups {
+                    let side = side_for(form, layers);
+                    let n = members.len();
+                    let mut kv = Kv::new(model, total, ps, n * (extra.div_ceil(ps) + 2), side == Side::Pre)?;
+                    let base = kv.create();
+                    let mut engine = Engine::new(model);
+                    let t0 = Instant::now();
+                    prefill_chunked(
+                        &mut engine,
+                        &mut kv,
+                        &Lane { seq: base, side, policy: form },
+                        &trial.context,
+                        &Step { logits: Logits::None, ..Step::default() },
+                        LONG_PREFILL_CHUNK,
+                    )?;
+                    let prefill_secs = t0.elapsed().as_secs_f64();
+                    let seqs: Vec<_> = if n == 1 {
+                        vec![base]
+                    } else {
+                        let s = (0..n).map(|_| kv.fork(base)).collect::<Result<Vec<_>>>()?;
+                        kv.free(base)?;
+                        s
+                    };
+                    let lanes: Vec<Lane> =
+                        members.iter().zip(&seqs).map(|(&m, &seq)| Lane { seq, side, policy: &policies[m] }).collect();
+                    let index_secs = build_lane_clusters(&mut engine, &kv, &lanes, layers, hk)?;
+                    let out = decode_lanes(&mut engine, &mut kv, &lanes, &trial, tok, vocab)?;
+                    for (j, &m) in members.iter().enumerate() {
+                        let st = engine.stats.get(&lanes[j].seq).copied().unwrap_or_default();
+                        let page = kv.cache(side).stats().bytes_per_page;
+                        let r = LongRow {
+                            length,
+                            task,
+                            policy: cfg.policies[m].0.clone(),
+                            policy_text: cfg.policies[m].1.clone(),
+                            trial: i,
+                            depth: trial.depth,
+                            answer: trial.answer.clone(),
+                            generated: out[j].0.trim().to_string(),
+                            correct: trial.is_correct(&out[j].0),
+                            prefill_secs: prefill_secs + index_secs[j],
+                            attention_ms_per_step: st.attention_secs_per_step() * 1e3,
+                            kv_bytes_per_step: st.kv_bytes_per_step(),
+                            peak_kv_mb: (out[j].1 * page) as f64 / 1e6,
+                        };
+                        progress(&r);
+                        rows.push(r);
+                    }
                 }
-            }
-
-            if cfg.dense {
-                let mut kv = Kv::new(model, total, ps, 2, false)?;
-                let seq = kv.create();
-                let mut engine = Engine::new(model);
-                let lane = Lane::new(seq, &dense, layers);
-                let t0 = Instant::now();
-                prefill(
-                    &mut engine,
-                    &mut kv,
-                    &lane,
-                    &trial.context,
-                    &Step { logits: Logits::None, ..Step::default() },
-                )?;
-                let prefill_secs = t0.elapsed().as_secs_f64();
-                let out = decode_lanes(&mut engine, &mut kv, &[lane], &trial, tok, vocab)?;
-                let r =
-                    row(length, "dense", "dense", i, &trial, &out[0].0, prefill_secs, &engine, &lane, &kv, out[0].1);
-                progress(&r);
-                rows.push(r);
             }
         }
     }
+    // Report order: length, task, then the configured policy order, then trial.
+    let order = |r: &LongRow| cfg.policies.iter().position(|(n, _)| *n == r.policy).unwrap_or(usize::MAX);
+    rows.sort_by_key(|r| (r.length, r.task, order(r), r.trial));
     Ok(rows)
 }
 
 pub fn write_csv(rows: &[LongRow], path: &std::path::Path) -> std::io::Result<()> {
-    let mut s = String::from("length,policy,trial,depth,answer,generated,correct,prefill_s,attention_ms_per_step,kv_bytes_per_step,peak_kv_mb,policy_text\n");
+    let mut s = String::from("length,task,policy,trial,depth,answer,generated,correct,prefill_s,attention_ms_per_step,kv_bytes_per_step,peak_kv_mb,policy_text\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{:.3},{},\"{}\",{},{:.2},{:.3},{:.0},{:.1},\"{}\"\n",
+            "{},{},{},{},{:.3},{},\"{}\",{},{:.2},{:.3},{:.0},{:.1},\"{}\"\n",
             r.length,
+            r.task.name(),
             r.policy,
             r.trial,
             r.depth,
@@ -261,23 +267,27 @@ pub fn write_csv(rows: &[LongRow], path: &std::path::Path) -> std::io::Result<()
     std::fs::write(path, s)
 }
 
-/// Accuracy and means per (length, policy).
+/// Accuracy and means per (length, task, policy).
 pub fn summary(rows: &[LongRow]) -> String {
-    let mut keys: Vec<(usize, String)> = rows.iter().map(|r| (r.length, r.policy.clone())).collect();
-    keys.dedup();
-    keys.sort();
-    keys.dedup();
+    let mut keys: Vec<(usize, Task, String)> = Vec::new();
+    for r in rows {
+        let k = (r.length, r.task, r.policy.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
     let mut s = format!(
-        "{:>7} {:<16} {:>8} {:>10} {:>12} {:>10} {:>9}\n",
-        "length", "policy", "passkey", "prefill s", "KV KB/step", "attn ms", "peak MB"
+        "{:>7} {:<17} {:<10} {:>8} {:>10} {:>12} {:>10} {:>9}\n",
+        "length", "task", "policy", "correct", "prefill s", "KV KB/step", "attn ms", "peak MB"
     );
-    for (len, p) in keys {
-        let rs: Vec<&LongRow> = rows.iter().filter(|r| r.length == len && r.policy == p).collect();
+    for (len, task, p) in keys {
+        let rs: Vec<&LongRow> = rows.iter().filter(|r| r.length == len && r.task == task && r.policy == p).collect();
         let n = rs.len() as f64;
         let mean = |f: &dyn Fn(&LongRow) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n;
         s.push_str(&format!(
-            "{:>7} {:<16} {:>8} {:>10.1} {:>12.0} {:>10.2} {:>9.1}\n",
+            "{:>7} {:<17} {:<10} {:>8} {:>10.1} {:>12.0} {:>10.2} {:>9.1}\n",
             len,
+            task.name(),
             p,
             format!("{}/{}", rs.iter().filter(|r| r.correct).count(), rs.len()),
             mean(&|r| r.prefill_secs),
@@ -287,4 +297,153 @@ pub fn summary(rows: &[LongRow]) -> String {
         ));
     }
     s
+}
+
+/// Perplexity per bucket of `bucket` positions of `tokens` (the first token is not
+/// predicted) under each policy's prefill form; returns per policy name the perplexity of
+/// each bucket, in order, and the prefill seconds.
+pub fn perplexity(
+    model: &Model,
+    tokens: &[u32],
+    policies: &[(String, String)],
+    bucket: usize,
+    page_size: usize,
+    progress: &mut dyn FnMut(&str, usize, f64),
+) -> Result<BTreeMap<String, (Vec<f64>, f64)>> {
+    let layers = model.cfg.num_layers;
+    let v = model.cfg.vocab_size;
+    let mut out = BTreeMap::new();
+    for (name, text) in policies {
+        let form = prefill_form(&Policy::parse(text)?);
+        form.validate(layers, model.cfg.num_kv_heads)?;
+        let side = side_for(&form, layers);
+        let mut kv = Kv::new(model, tokens.len(), page_size, 2, side == Side::Pre)?;
+        let seq = kv.create();
+        let mut engine = Engine::new(model);
+        let lane = Lane { seq, side, policy: &form };
+        let step = Step { logits: Logits::All, ..Step::default() };
+        let nb = tokens.len().div_ceil(bucket);
+        let (mut nll, mut count) = (vec![0f64; nb], vec![0usize; nb]);
+        let t0 = Instant::now();
+        for (ci, chunk) in tokens.chunks(LONG_PREFILL_CHUNK).enumerate() {
+            let logits = engine.forward(&mut kv, &[lane], chunk, &step)?.logits;
+            for (i, row) in logits.chunks(v).enumerate() {
+                let next = ci * LONG_PREFILL_CHUNK + i + 1;
+                if next < tokens.len() {
+                    nll[next / bucket] -= log_prob(row, tokens[next]);
+                    count[next / bucket] += 1;
+                }
+            }
+            let done = (ci + 1) * LONG_PREFILL_CHUNK;
+            if done % (4 * bucket) == 0 {
+                let b = done / bucket - 1;
+                progress(name, done, (nll[b] / count[b].max(1) as f64).exp());
+            }
+        }
+        let ppl = nll.iter().zip(&count).map(|(l, &c)| (l / c.max(1) as f64).exp()).collect();
+        out.insert(name.clone(), (ppl, t0.elapsed().as_secs_f64()));
+    }
+    Ok(out)
+}
+
+/// Perplexity per bucket as CSV: `policy,bucket_start,bucket_end,ppl`.
+pub fn write_ppl_csv(
+    ppl: &BTreeMap<String, (Vec<f64>, f64)>,
+    bucket: usize,
+    path: &std::path::Path,
+) -> std::io::Result<()> {
+    let mut s = String::from("policy,bucket_start,bucket_end,ppl\n");
+    for (name, (v, _)) in ppl {
+        for (i, p) in v.iter().enumerate() {
+            s.push_str(&format!("{name},{},{},{p:.4}\n", i * bucket, (i + 1) * bucket));
+        }
+    }
+    std::fs::write(path, s)
+}
+
+/// Perplexity against position, one line per policy, as an SVG (log-scale y).
+pub fn ppl_svg(ppl: &BTreeMap<String, (Vec<f64>, f64)>, bucket: usize, training: usize) -> String {
+    let (w, h, l, r, t, b) = (720.0, 420.0, 60.0, 150.0, 30.0, 50.0);
+    let n = ppl.values().map(|(v, _)| v.len()).max().unwrap_or(1).max(1);
+    let all: Vec<f64> = ppl.values().flat_map(|(v, _)| v.iter().copied()).filter(|x| x.is_finite()).collect();
+    let lo = all.iter().cloned().fold(f64::INFINITY, f64::min).max(1.0).ln();
+    let hi = all.iter().cloned().fold(0.0, f64::max).max(2.0).ln();
+    let (lo, hi) = if hi - lo < 0.1 { (lo - 0.05, hi + 0.05) } else { (lo, hi) };
+    let x = |i: f64| l + (w - l - r) * i / n as f64;
+    let y = |p: f64| t + (h - t - b) * (1.0 - (p.max(1e-9).ln() - lo) / (hi - lo));
+    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"];
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    s.push_str(&format!(
+        "<text x=\"{}\" y=\"18\" text-anchor=\"middle\">KJV perplexity per {bucket}-token bucket (log scale)</text>\n",
+        (w - r + l) / 2.0
+    ));
+    s.push_str(&format!("<line x1=\"{l}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n", h - b, w - r, h - b));
+    s.push_str(&format!("<line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{}\" stroke=\"black\"/>\n", h - b));
+    let tx = x(training as f64 / bucket as f64);
+    s.push_str(&format!(
+        "<line x1=\"{tx}\" y1=\"{t}\" x2=\"{tx}\" y2=\"{}\" stroke=\"#999\" stroke-dasharray=\"4 3\"/><text x=\"{}\" y=\"{}\" fill=\"#666\">training context</text>\n",
+        h - b,
+        tx + 4.0,
+        t + 12.0
+    ));
+    let step = (n / 8).max(1);
+    for i in (0..=n).step_by(step) {
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}K</text>\n",
+            x(i as f64),
+            h - b + 18.0,
+            i * bucket / 1024
+        ));
+    }
+    s.push_str(&format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">position (tokens)</text>\n",
+        (w - r + l) / 2.0,
+        h - 10.0
+    ));
+    for k in 0..=4 {
+        let p = (lo + (hi - lo) * k as f64 / 4.0).exp();
+        s.push_str(&format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{p:.1}</text>\n", l - 6.0, y(p) + 4.0));
+    }
+    for (ci, (name, (v, _))) in ppl.iter().enumerate() {
+        let c = colors[ci % colors.len()];
+        let pts: Vec<String> =
+            v.iter().enumerate().map(|(i, &p)| format!("{:.1},{:.1}", x(i as f64 + 0.5), y(p))).collect();
+        s.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            pts.join(" ")
+        ));
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" fill=\"{c}\">{name}</text>\n",
+            w - r + 8.0,
+            t + 16.0 * (ci as f64 + 1.0)
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_form_drops_decode_only_items() {
+        let p = Policy::parse(
+            "sinks=4,window=64,clusters=512,cluster_size=32,rank=mixed,positions=contiguous;layers=0:dense",
+        )
+        .unwrap();
+        assert_eq!(prefill_form(&p).to_string(), "sinks=4,window=64,positions=contiguous;layers=0:dense");
+        let p = Policy::parse("sinks=4,window=64,topk=512,span=32,positions=contiguous").unwrap();
+        assert_eq!(prefill_form(&p), p);
+        let p = Policy::parse("pages=64,span=16").unwrap();
+        assert_eq!(prefill_form(&p).to_string(), "dense");
+        let groups = prefill_groups(&[
+            Policy::parse("global=4,local=64,max_distance=128").unwrap(),
+            Policy::parse("global=4,local=64,max_distance=128,clusters=32").unwrap(),
+            Policy::dense(),
+        ]);
+        assert_eq!(groups.iter().map(|g| g.1.clone()).collect::<Vec<_>>(), vec![vec![0, 1], vec![2]]);
+    }
 }

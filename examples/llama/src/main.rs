@@ -53,8 +53,9 @@ enum Cmd {
     /// Writes sweep.csv, trials.csv and accuracy.svg to --out and prints a table. Defaults are a short
     /// run; --full is the whole grid.
     Sweep(SweepArgs),
-    /// Passkey retrieval past the 8K training window: dense, the Λ-mask, and the Λ-mask
-    /// plus centroid retrieval; writes `long.csv` under `--out`.
+    /// Past the 8K training window: passkey and needle (synthetic and natural filler, chat
+    /// template) under dense, the Λ-mask and span retrieval, and perplexity per 1K-token
+    /// bucket; writes `long.csv` (and `ppl.csv`, `ppl.svg`) under `--out`.
     Long(LongArgs),
     /// Print the token ids of a text as JSON.
     Tokenize {
@@ -116,27 +117,23 @@ struct LongArgs {
     /// Context lengths in tokens.
     #[arg(long, value_delimiter = ',', default_values_t = vec![16384, 32768])]
     lengths: Vec<usize>,
-    /// Passkey trials per length (depths spread evenly).
+    /// Trials per (length, task) (depths spread evenly).
     #[arg(long, default_value_t = 2)]
     trials: usize,
-    /// The Λ-mask's local window.
-    #[arg(long, default_value_t = 1024)]
-    local: usize,
-    /// The Λ-mask's distance cap.
-    #[arg(long, default_value_t = 8192)]
-    max_distance: usize,
-    /// Centroid retrieval budget, tokens per KV head.
-    #[arg(long, default_value_t = 2048)]
-    clusters: usize,
-    /// Fine clusters per KV head.
-    #[arg(long, default_value_t = 256)]
-    clusters_k: usize,
-    /// Replace the retrieval lane's policy text.
-    #[arg(long)]
-    retrieval_policy: Option<String>,
-    /// Skip dense attention (its prefill is quadratic in the length).
-    #[arg(long)]
-    no_dense: bool,
+    /// Tasks, comma-separated: passkey (synthetic filler), passkey-kjv-chat (KJV filler in
+    /// the chat template), needle (KJV), needle-chat (KJV in the chat template).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["passkey".to_string(), "passkey-kjv-chat".to_string()])]
+    tasks: Vec<String>,
+    /// A policy as NAME=TEXT (repeatable); replaces the default set (dense, lambda, spans).
+    #[arg(long = "policy", value_name = "NAME=TEXT")]
+    policies: Vec<String>,
+    /// Only these of the policies (names), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// Also measure KJV perplexity per 1K-token bucket over this many tokens (each policy's
+    /// prefill form), writing ppl.csv and ppl.svg; 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    ppl_tokens: usize,
     #[arg(long, default_value_t = 16)]
     page_size: usize,
     #[arg(long, default_value_t = 1)]
@@ -146,25 +143,57 @@ struct LongArgs {
 }
 
 fn long(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: LongArgs) -> Result<()> {
-    use kvsieve_llama::long::{run, summary, write_csv, LongConfig};
-    let cfg = LongConfig {
-        lengths: a.lengths,
-        trials: a.trials,
-        local: a.local,
-        max_distance: a.max_distance,
-        clusters: a.clusters,
-        clusters_k: a.clusters_k,
-        retrieval_policy: a.retrieval_policy,
-        dense: !a.no_dense,
-        page_size: a.page_size,
-        seed: a.seed,
+    use kvsieve_llama::long::{
+        default_policies, perplexity, ppl_svg, run, summary, write_csv, write_ppl_csv, LongConfig,
     };
+    use kvsieve_llama::tasks::Task;
+    let mut policies = if a.policies.is_empty() { default_policies() } else { Vec::new() };
+    for p in &a.policies {
+        let (name, text) = p.split_once('=').ok_or_else(|| format!("--policy {p}: expected NAME=TEXT"))?;
+        policies.push((name.to_string(), text.to_string()));
+    }
+    if let Some(only) = &a.only {
+        policies.retain(|(n, _)| only.contains(n));
+    }
+    let tasks = a
+        .tasks
+        .iter()
+        .map(|t| Task::parse(t).ok_or_else(|| format!("--tasks: unknown task {t}")))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let kjv = kvsieve_llama::text::kjv()?;
+    std::fs::create_dir_all(&a.out)?;
     let t0 = std::time::Instant::now();
-    let rows = run(model, tok, &cfg, &mut |r| {
+    if a.ppl_tokens > 0 {
+        let tokens = kvsieve_llama::tasks::text_window(tok, &kjv, a.ppl_tokens, a.seed);
+        let bucket = 1024;
+        let ppl = perplexity(model, &tokens, &policies, bucket, a.page_size, &mut |name, done, p| {
+            eprintln!("[{:>5.0} s] ppl {name}: {done} tokens, last bucket {p:.2}", t0.elapsed().as_secs_f64())
+        })?;
+        write_ppl_csv(&ppl, bucket, &a.out.join("ppl.csv"))?;
+        std::fs::write(a.out.join("ppl.svg"), ppl_svg(&ppl, bucket, model.cfg.context_length.max(1)))?;
+        for (name, (v, secs)) in &ppl {
+            let k = v.len().min(8);
+            let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len().max(1) as f64;
+            println!(
+                "ppl {name}: first {k}K {:.3}, last {k}K {:.3} ({:+.1}%), {secs:.0} s; per bucket {:?}",
+                mean(&v[..k]),
+                mean(&v[v.len() - k..]),
+                100.0 * (mean(&v[v.len() - k..]) / mean(&v[..k]) - 1.0),
+                v.iter().map(|p| (p * 100.0).round() / 100.0).collect::<Vec<_>>()
+            );
+        }
+    }
+    if a.trials == 0 || tasks.is_empty() {
+        return Ok(());
+    }
+    let cfg =
+        LongConfig { lengths: a.lengths, trials: a.trials, tasks, policies, page_size: a.page_size, seed: a.seed };
+    let rows = run(model, tok, &kjv, &cfg, &mut |r| {
         eprintln!(
-            "[{:>5.0} s] {} tokens, {}, trial {} (depth {:.2}): {} (answer {}, generated {:?}), prefill {:.1} s, peak KV {:.0} MB",
+            "[{:>5.0} s] {} tokens, {}, {}, trial {} (depth {:.2}): {} (answer {}, generated {:?}), prefill {:.1} s, KV {:.0} KB/step",
             t0.elapsed().as_secs_f64(),
             r.length,
+            r.task.name(),
             r.policy,
             r.trial,
             r.depth,
@@ -172,10 +201,9 @@ fn long(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: LongArgs) -
             r.answer,
             r.generated,
             r.prefill_secs,
-            r.peak_kv_mb
+            r.kv_bytes_per_step / 1024.0
         )
     })?;
-    std::fs::create_dir_all(&a.out)?;
     let csv = a.out.join("long.csv");
     write_csv(&rows, &csv)?;
     print!("{}", summary(&rows));

@@ -13,8 +13,14 @@ use crate::tokenizer::Tokenizer;
 /// Which task a trial belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Task {
+    /// Passkey in the repeated synthetic filler sentence.
     Passkey,
+    /// A magic number in the KJV (plain text).
     Needle,
+    /// Passkey in KJV text, inside SmolLM2's chat template.
+    PasskeyKjvChat,
+    /// A magic number in the KJV, inside the chat template.
+    NeedleChat,
 }
 
 impl Task {
@@ -22,7 +28,109 @@ impl Task {
         match self {
             Task::Passkey => "passkey",
             Task::Needle => "needle",
+            Task::PasskeyKjvChat => "passkey-kjv-chat",
+            Task::NeedleChat => "needle-chat",
         }
+    }
+
+    /// The task named `name` (as [`Task::name`] writes it).
+    pub fn parse(name: &str) -> Option<Task> {
+        [Task::Passkey, Task::Needle, Task::PasskeyKjvChat, Task::NeedleChat].into_iter().find(|t| t.name() == name)
+    }
+
+    /// A trial of this task: about `context_tokens` of context, the fact at `depth`.
+    pub fn trial(self, tok: &Tokenizer, kjv: &str, context_tokens: usize, depth: f64, seed: u64) -> Trial {
+        match self {
+            Task::Passkey => passkey(tok, context_tokens, depth, seed),
+            Task::Needle => needle(tok, kjv, context_tokens, depth, seed),
+            Task::PasskeyKjvChat => passkey_kjv_chat(tok, kjv, context_tokens, depth, seed),
+            Task::NeedleChat => needle_chat(tok, kjv, context_tokens, depth, seed),
+        }
+    }
+}
+
+/// SmolLM2-Instruct's chat template up to the user's message (its default system prompt).
+pub const CHAT_OPEN: &str =
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n";
+
+/// The end of the user's message (`question`), then the assistant's turn opened with
+/// `answer_prefix`.
+fn chat_close(question: &str, answer_prefix: &str) -> String {
+    format!("{question}<|im_end|>\n<|im_start|>assistant\n{answer_prefix}")
+}
+
+/// KJV verses from a seeded start (wrapping round) whose tokens, one newline each, fit
+/// `budget` tokens.
+fn kjv_lines<'k>(tok: &Tokenizer, kjv: &'k str, budget: usize, rng: &mut Rng) -> Vec<&'k str> {
+    let verses: Vec<&str> = kjv.lines().collect();
+    let start = rng.range(0, verses.len() as u64 / 2) as usize;
+    let mut lines = Vec::new();
+    let mut count = 0;
+    for v in verses[start..].iter().chain(verses.iter()) {
+        let n = tok.encode(v).len() + 1;
+        if count + n > budget {
+            break;
+        }
+        count += n;
+        lines.push(*v);
+    }
+    lines
+}
+
+fn join_lines(ls: &[&str]) -> String {
+    ls.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// Passkey retrieval in natural text with the chat template: the user asks the model to
+/// find a 5-digit pass key hidden in KJV verses (about `context_tokens` tokens in all); the
+/// key sentence sits at `depth`; the question closes the user's turn and the assistant's
+/// answer starts with "The pass key is".
+pub fn passkey_kjv_chat(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth: f64, seed: u64) -> Trial {
+    let mut rng = Rng::new(seed ^ 0x6b6a_7670);
+    let key = rng.range(10000, 100000).to_string();
+    let fact = format!("The pass key is {key}. Remember it. {key} is the pass key.\n");
+    let intro = format!("{CHAT_OPEN}{PASSKEY_INTRO}\n");
+    let fixed = tok.encode(&intro).len() + tok.encode(&fact).len();
+    let lines = kjv_lines(tok, kjv, context_tokens.saturating_sub(fixed), &mut rng);
+    let at = ((lines.len() as f64 * depth).round() as usize).min(lines.len());
+    let before = format!("{intro}{}", join_lines(&lines[..at]));
+    let (context, needle) = assemble(tok, &before, &fact, &join_lines(&lines[at..]));
+    Trial {
+        task: Task::PasskeyKjvChat,
+        context,
+        question: tok.encode(&chat_close("\nWhat is the pass key?", "The pass key is")),
+        answer: key,
+        needle,
+        depth,
+        answer_tokens: 7,
+    }
+}
+
+/// [`needle`] inside the chat template: the instruction opens the user's turn, the
+/// question closes it, and the assistant's answer starts with the needle's own words.
+pub fn needle_chat(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth: f64, seed: u64) -> Trial {
+    let mut rng = Rng::new(seed ^ 0x6e65_6564_6c65);
+    let word = NEEDLE_WORDS[rng.range(0, NEEDLE_WORDS.len() as u64) as usize];
+    let number = rng.range(1_000_000, 10_000_000).to_string();
+    let fact = format!("The special magic number for {word} is: {number}.\n");
+    let intro =
+        format!("{CHAT_OPEN}Read the text below. A special magic number is hidden in it; I will ask you about it.\n\n");
+    let fixed = tok.encode(&intro).len() + tok.encode(&fact).len();
+    let lines = kjv_lines(tok, kjv, context_tokens.saturating_sub(fixed), &mut rng);
+    let at = ((lines.len() as f64 * depth).round() as usize).min(lines.len());
+    let before = format!("{intro}{}", join_lines(&lines[..at]));
+    let (context, needle) = assemble(tok, &before, &fact, &join_lines(&lines[at..]));
+    Trial {
+        task: Task::NeedleChat,
+        context,
+        question: tok.encode(&chat_close(
+            &format!("\nWhat is the special magic number for {word} mentioned in the text above?"),
+            &format!("The special magic number for {word} is:"),
+        )),
+        answer: number,
+        needle,
+        depth,
+        answer_tokens: 9,
     }
 }
 

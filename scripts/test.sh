@@ -32,7 +32,7 @@ bash scripts/package-test.sh
 for isa in avx2 portable; do
     echo "== cargo test, CPU kernels limited to $isa (KVSIEVE_ISA=$isa)"
     KVSIEVE_ISA=$isa cargo test --no-fail-fast --lib --test attention --test sparse --test gemfilter \
-        --test cluster --test select --test policy_clusters
+        --test cluster --test select --test policy_clusters --test spans
 done
 
 echo "== fuzzing: kept inputs replayed, then a short run of every driver (scripts/fuzz.sh)"

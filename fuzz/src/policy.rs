@@ -7,7 +7,7 @@ use kvsieve::{ErrorCode, Policy};
 
 use crate::rng::Rng;
 
-const KEYS: [&str; 13] = [
+const KEYS: [&str; 15] = [
     "sinks",
     "window",
     "pages",
@@ -21,6 +21,8 @@ const KEYS: [&str; 13] = [
     "max_distance",
     "positions",
     "rank",
+    "topk",
+    "span",
 ];
 const NOISE: [&str; 12] = [";", ":", ",", "=", "-", ".", " ", "layers=", "heads=", "dense", "\u{e9}", "\t"];
 

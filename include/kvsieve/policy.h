@@ -31,7 +31,10 @@ extern "C" {
  * comma-separated list of `sinks=N`, `window=N`, `pages=N` (page bounds to N tokens per KV
  * head), `min_pages=N`, `clusters=N` with `clusters_k=K` / `cluster_size=S`, `hier=C` and
  * `rank=estimate|mixed` (centroid retrieval; see ::kvsieve_cluster_set_t), `global=N` /
- * `local=N` (Λ-mask: sinks / window with capped positions),
+ * `local=N` (Λ-mask: sinks / window with capped positions), `topk=N` (the N tokens outside
+ * the sinks and window whose stored keys score highest by raw q·k: position-free top-k),
+ * `span=S` (each token retrieved by `topk`, `pages` or `clusters` grown into the S tokens
+ * around it, best hit first, up to the item's budget),
  * `positions=original|contiguous|capped` and `max_distance=N`. The clause
  * without a prefix is the default (dense if absent); a head clause beats a layer clause,
  * and later clauses of one kind beat earlier ones. For example
@@ -191,8 +194,13 @@ kvsieve_error_t *kvsieve_cache_decode_with_policy(const kvsieve_cache_t *cache, 
  * \brief Causal prefill under a policy. Per KV head of `layer`: a spec made of sinks and a
  * window alone masks each query row to the sinks and its own last `window` tokens (as a
  * ::kvsieve_streaming_window_t); any other spec (dense, or with page bounds, which choose
- * tokens per decode query) attends every earlier token. The policy's position mode for the
- * layer replaces `params->position_mode` and `params->max_distance`.
+ * tokens per decode query) attends every earlier token. Under `positions=contiguous` a
+ * sparse spec instead reads, per call (a chunk of new tokens), its sinks, the `window - 1`
+ * tokens before the chunk, the chunk itself (causally) and, with `topk=`, the best tokens
+ * for the chunk's mean query (in spans with `span=`), numbered contiguously over that
+ * list: bounded work per chunk, and a one-token chunk reads what decode reads. The
+ * policy's position mode for the layer replaces `params->position_mode` and
+ * `params->max_distance`.
  *
  * \param cache The cache (required).
  * \param layer Layer index.

@@ -169,6 +169,50 @@ def test_decode_with_policy_uses_the_policy_position_mode(rng, text, mode, max_d
     np.testing.assert_allclose(lse, rl, atol=ROPE_ATOL)
 
 
+def numpy_topk_spans(keys, q, base, budget, span):
+    """Brute-force ``topk=budget,span=span`` for one head: rank the tokens outside ``base``
+    by the best raw q.k of the group's rows (ties: lower index), then grow hits into spans,
+    nearest tokens first, until ``budget`` tokens are taken."""
+    n = len(keys)
+    base = set(int(t) for t in base)
+    cand = [t for t in range(n) if t not in base]
+    scores = (q @ keys[cand].T).max(axis=0)
+    hits = [cand[i] for i in sorted(range(len(cand)), key=lambda i: (-scores[i], cand[i]))[:budget]]
+    taken = []
+    for t in hits:
+        lo, hi = max(0, t - (span - 1) // 2), min(n - 1, t + span // 2)
+        for c in sorted(range(lo, hi + 1), key=lambda c: (abs(c - t), c)):
+            if len(taken) < budget and c not in base and c not in taken:
+                taken.append(c)
+    return sorted(base | set(taken))
+
+
+def test_topk_spans_select_and_contiguous_decode(rng):
+    """``topk=`` with ``span=`` on keys stored before RoPE: the selection equals numpy's
+    brute-force ranking grown into spans, and decode attends over exactly it, numbered
+    contiguously."""
+    n, hk, sinks, window, budget, span = 150, 2, 3, 10, 20, 7
+    c, s = small_cache(rng, n, hk, key_rope="pre")
+    text = f"sinks={sinks},window={window},topk={budget},span={span},positions=contiguous"
+    p = kvsieve.Policy(text)
+    assert str(p) == text
+    q = rng.standard_normal((4, D)).astype(np.float32)
+    sel = p.select(c, s, 1, q)
+    base = [t for t in range(n) if t < sinks or t >= n - window]
+    keys = c.read_keys(s, 1)
+    for h in range(hk):
+        want = numpy_topk_spans(keys[:, h], q[2 * h : 2 * h + 2], base, budget, span)
+        np.testing.assert_array_equal(sel.head(h), want)
+    rope = kvsieve.RopeConfig(THETA)
+    out, lse, sels = c.decode_with_policy(1, [s], q[None], p, rope=rope)
+    assert sels[0] == sel
+    ro, rl = c.decode_sparse(1, [s], q[None], [sel], rope=rope, position_mode="contiguous")
+    np.testing.assert_allclose(out, ro, atol=1e-5)
+    np.testing.assert_allclose(lse, rl, atol=1e-5)
+    with pytest.raises(kvsieve.InvalidArgumentError, match="span="):
+        kvsieve.Policy("window=8,span=4").validate(3, hk)
+
+
 def test_prefill_with_policy(rng):
     """Window-only heads become row windows (the Λ-mask); other heads attend causally."""
     n, new = 60, 25

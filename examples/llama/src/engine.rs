@@ -185,12 +185,23 @@ pub struct Stats {
     /// Bytes dense decode attention would have read over the same steps of this sequence
     /// (after any eviction, what the sequence still holds).
     pub decode_dense_kv_bytes: f64,
+    /// With [`Engine::probe`]: fact tokens held by the (layer, KV head) selections of sparse
+    /// decode steps, and the fact's length times those selections (dense layers count whole).
+    pub fact_tokens_read: usize,
+    pub fact_tokens_total: usize,
 }
 
 impl Stats {
     /// Mean decode attention seconds per step (all layers, selection included).
     pub fn attention_secs_per_step(&self) -> f64 {
         self.decode_attention_secs / self.decode_steps.max(1) as f64
+    }
+    /// Share of the planted fact's tokens the selections held (1 for dense).
+    pub fn fact_recall(&self) -> f64 {
+        if self.fact_tokens_total == 0 {
+            return f64::NAN;
+        }
+        self.fact_tokens_read as f64 / self.fact_tokens_total as f64
     }
     /// Mean KV bytes read per decode step (all layers).
     pub fn kv_bytes_per_step(&self) -> f64 {
@@ -207,6 +218,9 @@ pub struct Engine<'m> {
     /// Cluster indexes of the sequences whose policy uses centroid retrieval (`clusters=`),
     /// built by [`Engine::build_clusters`] after prefill.
     pub clusters: ClusterIndexSet,
+    /// Token range of a planted fact: sparse decode steps then count how much of it each
+    /// (layer, KV head) selection holds ([`Stats::fact_tokens_read`]).
+    pub probe: Option<std::ops::Range<usize>>,
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -227,7 +241,7 @@ fn positions_of(cache: &KvCache, seq: SeqId, n: usize) -> Result<Vec<i32>> {
 
 impl<'m> Engine<'m> {
     pub fn new(model: &'m Model) -> Self {
-        Engine { model, stats: HashMap::new(), attention_secs: 0.0, clusters: ClusterIndexSet::new() }
+        Engine { model, stats: HashMap::new(), attention_secs: 0.0, clusters: ClusterIndexSet::new(), probe: None }
     }
 
     /// Build the cluster indexes of a lane for the layers where its policy uses
@@ -469,7 +483,18 @@ impl<'m> Engine<'m> {
         let row = 2.0 * (c.head_dim * c.dtype.size()) as f64;
         let len = cache.seq_len(seq)?;
         let dense = (len * c.num_kv_heads) as f64 * row;
+        let probe = self.probe.clone();
         let st = self.stats.entry(seq).or_default();
+        if let Some(r) = probe {
+            let r = r.start.min(len)..r.end.min(len);
+            st.fact_tokens_total += r.len() * c.num_kv_heads;
+            st.fact_tokens_read += match sel {
+                None => r.len() * c.num_kv_heads,
+                Some(p) => (0..c.num_kv_heads)
+                    .map(|h| p.selection.head(h).iter().filter(|&&t| r.contains(&(t as usize))).count())
+                    .sum(),
+            };
+        }
         st.decode_attention_secs += secs;
         st.decode_dense_kv_bytes += dense;
         match sel {

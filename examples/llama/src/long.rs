@@ -73,6 +73,8 @@ pub struct LongRow {
     pub attention_ms_per_step: f64,
     pub kv_bytes_per_step: f64,
     pub peak_kv_mb: f64,
+    /// Share of the planted fact's tokens that the decode selections held.
+    pub fact_recall: f64,
 }
 
 fn reduce(spec: &Spec) -> Spec {
@@ -192,6 +194,7 @@ pub fn run(
                     let mut kv = Kv::new(model, total, ps, n * (extra.div_ceil(ps) + 2), side == Side::Pre)?;
                     let base = kv.create();
                     let mut engine = Engine::new(model);
+                    engine.probe = Some(trial.needle.clone());
                     let t0 = Instant::now();
                     prefill_chunked(
                         &mut engine,
@@ -230,6 +233,7 @@ pub fn run(
                             attention_ms_per_step: st.attention_secs_per_step() * 1e3,
                             kv_bytes_per_step: st.kv_bytes_per_step(),
                             peak_kv_mb: (out[j].1 * page) as f64 / 1e6,
+                            fact_recall: st.fact_recall(),
                         };
                         progress(&r);
                         rows.push(r);
@@ -245,10 +249,10 @@ pub fn run(
 }
 
 pub fn write_csv(rows: &[LongRow], path: &std::path::Path) -> std::io::Result<()> {
-    let mut s = String::from("length,task,policy,trial,depth,answer,generated,correct,prefill_s,attention_ms_per_step,kv_bytes_per_step,peak_kv_mb,policy_text\n");
+    let mut s = String::from("length,task,policy,trial,depth,answer,generated,correct,prefill_s,attention_ms_per_step,kv_bytes_per_step,peak_kv_mb,fact_recall,policy_text\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{},{:.3},{},\"{}\",{},{:.2},{:.3},{:.0},{:.1},\"{}\"\n",
+            "{},{},{},{},{:.3},{},\"{}\",{},{:.2},{:.3},{:.0},{:.1},{:.4},\"{}\"\n",
             r.length,
             r.task.name(),
             r.policy,
@@ -261,6 +265,7 @@ pub fn write_csv(rows: &[LongRow], path: &std::path::Path) -> std::io::Result<()
             r.attention_ms_per_step,
             r.kv_bytes_per_step,
             r.peak_kv_mb,
+            r.fact_recall,
             r.policy_text
         ));
     }
@@ -277,15 +282,15 @@ pub fn summary(rows: &[LongRow]) -> String {
         }
     }
     let mut s = format!(
-        "{:>7} {:<17} {:<10} {:>8} {:>10} {:>12} {:>10} {:>9}\n",
-        "length", "task", "policy", "correct", "prefill s", "KV KB/step", "attn ms", "peak MB"
+        "{:>7} {:<17} {:<10} {:>8} {:>10} {:>12} {:>10} {:>9} {:>7}\n",
+        "length", "task", "policy", "correct", "prefill s", "KV KB/step", "attn ms", "peak MB", "recall"
     );
     for (len, task, p) in keys {
         let rs: Vec<&LongRow> = rows.iter().filter(|r| r.length == len && r.task == task && r.policy == p).collect();
         let n = rs.len() as f64;
         let mean = |f: &dyn Fn(&LongRow) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n;
         s.push_str(&format!(
-            "{:>7} {:<17} {:<10} {:>8} {:>10.1} {:>12.0} {:>10.2} {:>9.1}\n",
+            "{:>7} {:<17} {:<10} {:>8} {:>10.1} {:>12.0} {:>10.2} {:>9.1} {:>7.3}\n",
             len,
             task.name(),
             p,
@@ -294,6 +299,7 @@ pub fn summary(rows: &[LongRow]) -> String {
             mean(&|r| r.kv_bytes_per_step) / 1024.0,
             mean(&|r| r.attention_ms_per_step),
             mean(&|r| r.peak_kv_mb),
+            mean(&|r| r.fact_recall),
         ));
     }
     s

@@ -190,7 +190,7 @@ fn long(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: LongArgs) -
         LongConfig { lengths: a.lengths, trials: a.trials, tasks, policies, page_size: a.page_size, seed: a.seed };
     let rows = run(model, tok, &kjv, &cfg, &mut |r| {
         eprintln!(
-            "[{:>5.0} s] {} tokens, {}, {}, trial {} (depth {:.2}): {} (answer {}, generated {:?}), prefill {:.1} s, KV {:.0} KB/step",
+            "[{:>5.0} s] {} tokens, {}, {}, trial {} (depth {:.2}): {} (answer {}, generated {:?}), prefill {:.1} s, KV {:.0} KB/step, fact recall {:.3}",
             t0.elapsed().as_secs_f64(),
             r.length,
             r.task.name(),
@@ -201,7 +201,8 @@ fn long(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: LongArgs) -
             r.answer,
             r.generated,
             r.prefill_secs,
-            r.kv_bytes_per_step / 1024.0
+            r.kv_bytes_per_step / 1024.0,
+            r.fact_recall
         )
     })?;
     let csv = a.out.join("long.csv");

@@ -81,6 +81,10 @@ fn join_lines(ls: &[&str]) -> String {
     ls.iter().map(|l| format!("{l}\n")).collect()
 }
 
+const CHAT_PASSKEY_INTRO: &str =
+    "A five-digit pass key is hidden in the text below. Find it and remember it: I will ask you for it.\n\n";
+const CHAT_PASSKEY_QUESTION: &str = "\nWhat is the pass key hidden in the text? Answer with its five digits.";
+
 /// Passkey retrieval in natural text with the chat template: the user asks the model to
 /// find a 5-digit pass key hidden in KJV verses (about `context_tokens` tokens in all); the
 /// key sentence sits at `depth`; the question closes the user's turn and the assistant's
@@ -89,7 +93,7 @@ pub fn passkey_kjv_chat(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth
     let mut rng = Rng::new(seed ^ 0x6b6a_7670);
     let key = rng.range(10000, 100000).to_string();
     let fact = format!("The pass key is {key}. Remember it. {key} is the pass key.\n");
-    let intro = format!("{CHAT_OPEN}{PASSKEY_INTRO}\n");
+    let intro = format!("{CHAT_OPEN}{CHAT_PASSKEY_INTRO}");
     let fixed = tok.encode(&intro).len() + tok.encode(&fact).len();
     let lines = kjv_lines(tok, kjv, context_tokens.saturating_sub(fixed), &mut rng);
     let at = ((lines.len() as f64 * depth).round() as usize).min(lines.len());
@@ -98,7 +102,7 @@ pub fn passkey_kjv_chat(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth
     Trial {
         task: Task::PasskeyKjvChat,
         context,
-        question: tok.encode(&chat_close("\nWhat is the pass key?", "The pass key is")),
+        question: tok.encode(&chat_close(CHAT_PASSKEY_QUESTION, "The pass key is")),
         answer: key,
         needle,
         depth,

@@ -290,8 +290,12 @@ class Policy:
     (sequence, layer)'s index in a :class:`ClusterIndexSet`, with optional
     ``clusters_k=K`` clusters per head or ``cluster_size=S`` tokens per cluster, default 16,
     and ``hier=C`` for a hierarchical lookup through C coarse clusters that opens the best
-    ones until they hold twice the budget), plus ``positions=original|contiguous|capped`` and
-    ``max_distance=N``; ``global=N`` / ``local=N`` are ``sinks`` / ``window`` that also set
+    ones until they hold twice the budget) and ``topk=N`` (the N tokens outside the sinks
+    and window whose stored keys score highest by raw ``q·k``, ReAttention's position-free
+    top-k), with ``span=S`` growing each retrieved token of ``topk``/``pages``/``clusters``
+    into the S tokens around it (up to the item's budget), plus
+    ``positions=original|contiguous|capped`` and ``max_distance=N``; ``global=N`` /
+    ``local=N`` are ``sinks`` / ``window`` that also set
     ``positions=capped`` (LM-Infinite). Clauses are separated by ``;``: one default spec,
     ``layers=a-b,c:spec`` overrides and ``heads=layer.head,...:spec`` overrides (later
     clauses of a kind win; a head override beats a layer override). Empty text means dense.
@@ -300,6 +304,7 @@ class Policy:
         sinks=4,window=1024,pages=2048;layers=0-1:dense;heads=2.0,2.5:sinks=4,window=256
         global=4,local=4096,max_distance=4096
         sinks=4,window=64,clusters=512,cluster_size=16,hier=16;layers=0-1:dense
+        sinks=32,window=256,topk=1024,span=32,positions=contiguous
 
     ``str(policy)`` is the canonical text, which parses back to an equal policy. Parsing
     checks syntax only; :meth:`validate` checks against a model. Policies compare equal and
@@ -321,7 +326,8 @@ class Policy:
         """Check the policy against a model: layers and heads in range, ``window``,
         ``pages``, ``clusters`` and ``max_distance`` at least 1, a spec that selects
         something, ``min_pages`` only with ``pages``, ``clusters_k`` / ``cluster_size``
-        (not both) and ``hier`` only with ``clusters``, ``max_distance`` exactly with
+        (not both) and ``hier`` only with ``clusters``, ``topk`` and ``span`` at least 1 and
+        ``span`` only with ``topk``, ``pages`` or ``clusters``, ``max_distance`` exactly with
         ``capped``, one position mode for all heads of a layer, and one set of cluster
         options for the heads of a layer that use ``clusters=``.
 
@@ -736,7 +742,12 @@ class KvCache:
         """Causal prefill under a policy, with the layer's position mode. Per KV head, a spec
         made of sinks and a window alone becomes a row window ``(sinks, window)`` as in
         :meth:`prefill_sparse`; any other spec (dense, or with page bounds, which choose
-        tokens per decode query) attends every earlier token.
+        tokens per decode query) attends every earlier token. Under
+        ``positions=contiguous`` a sparse spec instead reads, per call (a chunk of new
+        tokens), its sinks, the ``window - 1`` tokens before the chunk, the chunk itself
+        (causally) and, with ``topk=``, the best tokens for the chunk's mean query (in spans
+        with ``span=``), numbered contiguously over that list: bounded work per chunk, and a
+        one-token chunk reads what decode reads.
         """
     def evict_for_policy(self, seq: int, policy: Policy | str) -> int:
         """Evict the pages of a sequence that the policy never reads again; returns how many.

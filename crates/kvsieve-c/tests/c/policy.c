@@ -38,6 +38,8 @@ static void text_round_trip(void) {
          "window=512;layers=0-1,30-31:dense;heads=2.0,5.1:pages=4096,min_pages=2"},
         {"layers=2-3,0-1:dense", "dense;layers=0-3:dense"},
         {"sinks=4,window=16,positions=contiguous", "sinks=4,window=16,positions=contiguous"},
+        {"span=32, topk=1024,window=256,sinks=32,positions=contiguous",
+         "sinks=32,window=256,topk=1024,span=32,positions=contiguous"},
     };
     int before = g_failed;
     size_t i, n = sizeof cases / sizeof cases[0];
@@ -104,6 +106,8 @@ static void validate(void) {
         {"window=4,positions=capped", KVSIEVE_ERROR_INVALID_ARGUMENT, "`max_distance=N`"},
         {"sinks=0", KVSIEVE_ERROR_INVALID_ARGUMENT, "a spec that selects tokens"},
         {"window=4;heads=1.1:window=4,positions=contiguous", KVSIEVE_ERROR_INVALID_ARGUMENT, "one position mode"},
+        {"window=4,span=8", KVSIEVE_ERROR_INVALID_ARGUMENT, "`span=` only together with a retrieval item"},
+        {"window=4,topk=0", KVSIEVE_ERROR_INVALID_ARGUMENT, "topk=N with a token budget N >= 1"},
     };
     int before = g_failed;
     size_t i;

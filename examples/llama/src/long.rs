@@ -77,6 +77,13 @@ pub struct LongRow {
     pub fact_recall: f64,
 }
 
+/// A policy text with `{prefix}` replaced by the trial's opening length in tokens (the
+/// chat template and the instruction): an engine that knows where the user's instruction
+/// ends protects it by making that many tokens sinks.
+pub fn with_prefix(text: &str, prefix: usize) -> String {
+    text.replace("{prefix}", &prefix.max(1).to_string())
+}
+
 fn reduce(spec: &Spec) -> Spec {
     let mut s = Spec {
         clusters: None,
@@ -175,17 +182,19 @@ pub fn run(
     let hk = model.cfg.num_kv_heads;
     let vocab = model.cfg.vocab_size;
     let ps = cfg.page_size;
-    let policies: Vec<Policy> = cfg.policies.iter().map(|(_, t)| Policy::parse(t)).collect::<kvsieve::Result<_>>()?;
-    for p in &policies {
-        p.validate(layers, hk)?;
+    // Check every text once up front (with a stand-in for `{prefix}`).
+    for (_, t) in &cfg.policies {
+        Policy::parse(&with_prefix(t, 1))?.validate(layers, hk)?;
     }
-    let groups = prefill_groups(&policies);
     let mut rows = Vec::new();
     for &length in &cfg.lengths {
         for &task in &cfg.tasks {
             for i in 0..cfg.trials {
                 let seed = cfg.seed.wrapping_add(31_000_000 + 1000 * length as u64 + i as u64);
                 let trial = task.trial(tok, kjv, length, tasks::depth(i, cfg.trials), seed);
+                let texts: Vec<String> = cfg.policies.iter().map(|(_, t)| with_prefix(t, trial.prefix)).collect();
+                let policies: Vec<Policy> = texts.iter().map(|t| Policy::parse(t)).collect::<kvsieve::Result<_>>()?;
+                let groups = prefill_groups(&policies);
                 let extra = trial.question.len() + trial.answer_tokens;
                 let total = trial.context.len() + extra;
                 for (form, members) in &groups {
@@ -223,7 +232,7 @@ pub fn run(
                             length,
                             task,
                             policy: cfg.policies[m].0.clone(),
-                            policy_text: cfg.policies[m].1.clone(),
+                            policy_text: texts[m].clone(),
                             trial: i,
                             depth: trial.depth,
                             answer: trial.answer.clone(),
@@ -320,7 +329,8 @@ pub fn perplexity(
     let v = model.cfg.vocab_size;
     let mut out = BTreeMap::new();
     for (name, text) in policies {
-        let form = prefill_form(&Policy::parse(text)?);
+        // A plain text has no instruction: `{prefix}` becomes StreamingLLM's 4 sinks.
+        let form = prefill_form(&Policy::parse(&with_prefix(text, 4))?);
         form.validate(layers, model.cfg.num_kv_heads)?;
         let side = side_for(&form, layers);
         let mut kv = Kv::new(model, tokens.len(), page_size, 2, side == Side::Pre)?;

@@ -107,6 +107,7 @@ pub fn passkey_kjv_chat(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth
         needle,
         depth,
         answer_tokens: 7,
+        prefix: tok.encode(&intro).len(),
     }
 }
 
@@ -135,6 +136,7 @@ pub fn needle_chat(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth: f64
         needle,
         depth,
         answer_tokens: 9,
+        prefix: tok.encode(&intro).len(),
     }
 }
 
@@ -154,6 +156,8 @@ pub struct Trial {
     pub depth: f64,
     /// Tokens to generate for the answer.
     pub answer_tokens: usize,
+    /// Tokens of the prompt's opening (chat template and instruction) before the text.
+    pub prefix: usize,
 }
 
 impl Trial {
@@ -200,6 +204,7 @@ pub fn passkey(tok: &Tokenizer, context_tokens: usize, depth: f64, seed: u64) ->
         needle,
         depth,
         answer_tokens: 7,
+        prefix: tok.encode(PASSKEY_INTRO).len(),
     }
 }
 
@@ -240,6 +245,7 @@ pub fn needle(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth: f64, see
         needle,
         depth,
         answer_tokens: 9,
+        prefix: 0,
     }
 }
 

@@ -376,6 +376,35 @@ kvsieve_error_t *kvsieve_selection_page_bounds(const kvsieve_cache_t *cache, uin
                                                const kvsieve_tensor_t *q, const kvsieve_page_bounds_config_t *config,
                                                kvsieve_selection_t **out);
 
+/**
+ * \brief Spans (ReAttention): grow ranked hit tokens into spans of their neighbours, up to a
+ * budget, as the `span=` policy item does. The span of hit `t` is the tokens
+ * `t - (span - 1) / 2 ..= t + span / 2` inside `0..seq_len`. Hits are taken in order (best
+ * first); each adds the tokens of its span that are neither taken yet nor in
+ * `read_anyway`, nearest to the hit first (a tie: the earlier token), until `budget` tokens
+ * are taken. Hits at or past `seq_len` are ignored.
+ *
+ * \param hits `num_hits` token indices, best first (NULL only if `num_hits` is 0).
+ * \param num_hits Number of hits.
+ * \param span Tokens per span, at least 1 (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `span`
+ *        otherwise); 1 keeps the hits themselves.
+ * \param budget Most tokens to take.
+ * \param seq_len The sequence length.
+ * \param read_anyway Strictly ascending tokens read in any case (sinks, window), neither
+ *        taken nor counted (NULL only if `num_read_anyway` is 0).
+ * \param num_read_anyway Their number.
+ * \param out Receives the tokens taken, ascending; must not overlap the inputs.
+ * \param capacity Its length; too small gives #KVSIEVE_ERROR_INVALID_ARGUMENT naming
+ *        `capacity` (`min(budget, seq_len)` is always enough; nothing is written).
+ * \param out_len Optional: receives the number of tokens written; untouched on failure.
+ * \return NULL on success, or an error (owned by the caller); nothing is written on failure.
+ *
+ * Ownership: nothing is retained. Thread safety: thread-safe.
+ */
+kvsieve_error_t *kvsieve_expand_spans(const uint32_t *hits, size_t num_hits, size_t span, size_t budget, size_t seq_len,
+                                      const uint32_t *read_anyway, size_t num_read_anyway, uint32_t *out,
+                                      size_t capacity, size_t *out_len);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -1029,6 +1029,21 @@ returns every index.
 Raises:
     ShapeError: ``scores`` not 1-D. DTypeError: not float32, float16 or float64."
     };
+    (expand_spans) => {
+        "Spans (ReAttention): grow ranked hit tokens into spans of their neighbours, up to a
+budget, as the ``span=`` policy item does; returns the tokens taken, ascending (uint32).
+
+The span of hit ``t`` is ``t - (span - 1) // 2 ..= t + span // 2`` inside
+``0..seq_len``. Hits are taken in order (best first); each adds the tokens of its span
+that are neither taken yet nor in ``read_anyway`` (strictly ascending: the sinks and
+window read in any case, which do not count), nearest to the hit first (a tie: the
+earlier token), until ``budget`` tokens are taken. Hits at or past ``seq_len`` are
+ignored.
+
+Raises:
+    InvalidArgumentError: ``span`` 0, or ``read_anyway`` not strictly ascending.
+    OutOfRangeError: a negative count or an index outside uint32."
+    };
     (window_pages_to_evict) => {
         "Pages of a sequence (ascending indices into its page list) whose tokens all lie
 outside the first ``sinks`` and the last ``window`` tokens, so a sinks + window

@@ -66,6 +66,7 @@ fn _kvsieve(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(selection::lambda_mask, m)?)?;
     m.add_function(wrap_pyfunction!(selection::page_bounds, m)?)?;
     m.add_function(wrap_pyfunction!(selection::top_k, m)?)?;
+    m.add_function(wrap_pyfunction!(selection::expand_spans, m)?)?;
     m.add_function(wrap_pyfunction!(selection::window_pages_to_evict, m)?)?;
     m.add_function(wrap_pyfunction!(gemfilter::gemfilter_scores, m)?)?;
     m.add_function(wrap_pyfunction!(gemfilter::avg_pool, m)?)?;

@@ -292,6 +292,35 @@ pub fn top_k<'py>(py: Python<'py>, scores: &Bound<'py, PyAny>, k: i64) -> PyResu
     to_numpy(py, idx, &[n])
 }
 
+#[doc = doc!(expand_spans)]
+#[pyfunction]
+#[pyo3(signature = (hits, span, budget, seq_len, read_anyway = None))]
+pub fn expand_spans<'py>(
+    py: Python<'py>,
+    hits: &Bound<'py, PyAny>,
+    span: i64,
+    budget: i64,
+    seq_len: i64,
+    read_anyway: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (span, budget, seq_len) =
+        (usize_arg(span, "span")?, usize_arg(budget, "budget")?, usize_arg(seq_len, "seq_len")?);
+    if span == 0 {
+        return Err(Error::invalid("span", "at least 1 token")).kv();
+    }
+    let hits = u32_vec(hits, "hits")?;
+    let anyway = match read_anyway {
+        Some(a) => u32_vec(a, "read_anyway")?,
+        None => Vec::new(),
+    };
+    if anyway.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(Error::invalid("read_anyway", "strictly ascending token indices")).kv();
+    }
+    let got = detach(py, || select::expand_spans(&hits, span, budget, seq_len, &anyway))?;
+    let n = got.len();
+    to_numpy(py, got, &[n])
+}
+
 #[doc = doc!(window_pages_to_evict)]
 #[pyfunction]
 pub fn window_pages_to_evict<'py>(

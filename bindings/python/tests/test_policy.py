@@ -187,6 +187,31 @@ def numpy_topk_spans(keys, q, base, budget, span):
     return sorted(base | set(taken))
 
 
+def test_expand_spans_matches_the_rule(rng):
+    for _ in range(100):
+        n = int(rng.integers(1, 150))
+        hits = rng.integers(0, 160, size=int(rng.integers(0, 10))).tolist()
+        span, budget = int(rng.integers(1, 16)), int(rng.integers(0, 60))
+        anyway = sorted(set(rng.integers(0, n, size=int(rng.integers(0, 12))).tolist()))
+        got = kvsieve.expand_spans(hits, span, budget, n, anyway)
+        assert got.dtype == np.uint32
+        # numpy_topk_spans' expansion step, with the hits given directly.
+        taken = []
+        for t in hits:
+            if t >= n:
+                continue
+            lo, hi = max(0, t - (span - 1) // 2), min(n - 1, t + span // 2)
+            for c in sorted(range(lo, hi + 1), key=lambda c: (abs(c - t), c)):
+                if len(taken) < budget and c not in anyway and c not in taken:
+                    taken.append(c)
+        np.testing.assert_array_equal(got, sorted(taken))
+    np.testing.assert_array_equal(kvsieve.expand_spans([10, 30], 5, 7, 100), [8, 9, 10, 11, 12, 29, 30])
+    with pytest.raises(kvsieve.InvalidArgumentError, match="span"):
+        kvsieve.expand_spans([1], 0, 4, 10)
+    with pytest.raises(kvsieve.InvalidArgumentError, match="read_anyway"):
+        kvsieve.expand_spans([1], 3, 4, 10, [5, 2])
+
+
 def test_topk_spans_select_and_contiguous_decode(rng):
     """``topk=`` with ``span=`` on keys stored before RoPE: the selection equals numpy's
     brute-force ranking grown into spans, and decode attends over exactly it, numbered

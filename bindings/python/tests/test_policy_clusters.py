@@ -124,13 +124,13 @@ def test_errors_name_what_to_call(rng):
     with pytest.raises(kvsieve.InvalidArgumentError, match="rebuild"):
         clusters.update(c, s)
     assert clusters.get(s, 0).clustered_len == before
-    # A pre-RoPE cache's raw keys are scored for capped positions only.
+    # A pre-RoPE cache's raw keys are scored for capped or contiguous positions only.
     pre = kvsieve.KvCache(1, 2, D, 8, 20, key_rope="pre", track_key_bounds=False)
     p = pre.create_sequence()
     fill(rng, pre, p, 30)
     assert clusters.build(pre, p, policy) == 1
     rope = kvsieve.RopeConfig(1000.0)
-    with pytest.raises(kvsieve.InvalidArgumentError, match="capped positions only"):
+    with pytest.raises(kvsieve.InvalidArgumentError, match="capped or contiguous positions only"):
         pre.decode_with_policy(0, [p], q, policy, clusters=clusters, rope=rope)
     capped = kvsieve.Policy("global=2,local=8,max_distance=8,clusters=16")
     assert clusters.build(pre, p, capped) == 1

@@ -122,11 +122,12 @@ pub use policy::{
     kvsieve_policy_to_string, kvsieve_policy_validate,
 };
 pub use selection::{
-    kvsieve_page_bounds_config_t, kvsieve_selection_dense, kvsieve_selection_free, kvsieve_selection_from_csr,
-    kvsieve_selection_head, kvsieve_selection_head_indptr, kvsieve_selection_indices, kvsieve_selection_intersection,
-    kvsieve_selection_lambda, kvsieve_selection_len, kvsieve_selection_num_kv_heads, kvsieve_selection_page_bounds,
-    kvsieve_selection_same_for_all_heads, kvsieve_selection_seq_len, kvsieve_selection_stats,
-    kvsieve_selection_stats_t, kvsieve_selection_streaming, kvsieve_selection_t, kvsieve_selection_union,
+    kvsieve_expand_spans, kvsieve_page_bounds_config_t, kvsieve_selection_dense, kvsieve_selection_free,
+    kvsieve_selection_from_csr, kvsieve_selection_head, kvsieve_selection_head_indptr, kvsieve_selection_indices,
+    kvsieve_selection_intersection, kvsieve_selection_lambda, kvsieve_selection_len, kvsieve_selection_num_kv_heads,
+    kvsieve_selection_page_bounds, kvsieve_selection_same_for_all_heads, kvsieve_selection_seq_len,
+    kvsieve_selection_stats, kvsieve_selection_stats_t, kvsieve_selection_streaming, kvsieve_selection_t,
+    kvsieve_selection_union,
 };
 pub use tensor::{
     kvsieve_device_t, kvsieve_dtype_t, kvsieve_tensor_t, DEVICE_CPU, DTYPE_CODE_BFLOAT, DTYPE_CODE_FLOAT,

@@ -486,3 +486,47 @@ pub unsafe extern "C" fn kvsieve_selection_page_bounds(
         Ok(())
     })
 }
+
+/// Spans: ranked hit tokens grown into spans of their neighbours, to a budget.
+///
+/// # Safety
+/// `hits` readable for `num_hits` values and `read_anyway` for `num_read_anyway` (each NULL
+/// only with a count of 0); `out` NULL or writable for `capacity` values; `out_len` NULL or
+/// writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kvsieve_expand_spans(
+    hits: *const u32,
+    num_hits: usize,
+    span: usize,
+    budget: usize,
+    seq_len: usize,
+    read_anyway: *const u32,
+    num_read_anyway: usize,
+    out: *mut u32,
+    capacity: usize,
+    out_len: *mut usize,
+) -> *mut kvsieve_error_t {
+    guard("kvsieve_expand_spans", || {
+        check_disjoint(
+            &[Region::of(out, capacity, "out"), Region::of(out_len, 1, "out_len")],
+            &[Region::of(hits, num_hits, "hits"), Region::of(read_anyway, num_read_anyway, "read_anyway")],
+        )?;
+        if span == 0 {
+            return Err(Error::invalid("span", "at least 1 token"));
+        }
+        let h = slice(hits, num_hits, "hits")?;
+        let anyway = slice(read_anyway, num_read_anyway, "read_anyway")?;
+        if anyway.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::invalid("read_anyway", "strictly ascending token indices"));
+        }
+        let buf = slice_mut(out, capacity, "out")?;
+        let got = kvsieve::select::expand_spans(h, span, budget, seq_len, anyway)?;
+        check_capacity("capacity", capacity, got.len(), "the tokens taken")?;
+        buf[..got.len()].copy_from_slice(&got);
+        if !out_len.is_null() {
+            *out_len = got.len();
+        }
+        Ok(())
+    })
+}

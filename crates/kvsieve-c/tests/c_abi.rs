@@ -465,6 +465,7 @@ fn selections() {
         "selection",
         &Expect {
             lines: &[
+                "ok - expand_spans follows the span rule",
                 "ok - selection from CSR: inspection round trip",
                 "ok - dense, same-for-all-heads, streaming and lambda selections",
                 "ok - union and intersection",

@@ -97,6 +97,7 @@ from kvsieve._kvsieve import (
     snapkv,
     streaming,
     top_k,
+    expand_spans,
     window_pages_to_evict,
 )
 
@@ -155,5 +156,6 @@ __all__ = [
     "snapkv",
     "streaming",
     "top_k",
+    "expand_spans",
     "window_pages_to_evict",
 ]

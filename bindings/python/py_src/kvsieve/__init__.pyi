@@ -55,6 +55,7 @@ from kvsieve._kvsieve import (
     snapkv as snapkv,
     streaming as streaming,
     top_k as top_k,
+    expand_spans as expand_spans,
     window_pages_to_evict as window_pages_to_evict,
 )
 
@@ -113,5 +114,6 @@ __all__ = [
     "snapkv",
     "streaming",
     "top_k",
+    "expand_spans",
     "window_pages_to_evict",
 ]

@@ -273,8 +273,63 @@ static void page_bounds(void) {
     section_done("page bounds selection matches the ranking of the page key bounds", before);
 }
 
+/* The span rule restated plainly: per hit, the span's free tokens by distance, then index. */
+static size_t spans_reference(const uint32_t *hits, size_t nh, size_t span, size_t budget, size_t len,
+                              const uint8_t *anyway, uint32_t *out) {
+    uint8_t taken[256] = {0};
+    size_t n = 0, i, d, k;
+    for (i = 0; i < nh && n < budget; i++) {
+        long t = (long)hits[i], lo = t - (long)((span - 1) / 2), hi = t + (long)(span / 2);
+        if (hits[i] >= len) continue;
+        for (d = 0; d <= span && n < budget; d++) {
+            long c[2] = {t - (long)d, t + (long)d};
+            for (k = 0; k < (d ? 2u : 1u) && n < budget; k++) {
+                if (c[k] < lo || c[k] > hi || c[k] < 0 || c[k] >= (long)len || taken[c[k]] || anyway[c[k]]) continue;
+                taken[c[k]] = 1;
+                n++;
+            }
+        }
+    }
+    for (i = 0, k = 0; i < len; i++)
+        if (taken[i]) out[k++] = (uint32_t)i;
+    return n;
+}
+
+static void spans(void) {
+    int before = g_failed, trial;
+    for (trial = 0; trial < 200; trial++) {
+        size_t len = 1 + (size_t)(rng_next() % (200)), nh = (size_t)(rng_next() % (10)), span = 1 + (size_t)(rng_next() % (15)), budget = (size_t)(rng_next() % (60));
+        uint32_t hits[10], anyway[256], got[256], want[256];
+        uint8_t is_anyway[256] = {0};
+        size_t na = 0, i, n = 0, nw;
+        for (i = 0; i < nh; i++) hits[i] = (uint32_t)(size_t)(rng_next() % (210));
+        for (i = 0; i < len; i++)
+            if ((size_t)(rng_next() % (8)) == 0) is_anyway[i] = 1, anyway[na++] = (uint32_t)i;
+        nw = spans_reference(hits, nh, span, budget, len, is_anyway, want);
+        EXPECT_OK(kvsieve_expand_spans(hits, nh, span, budget, len, anyway, na, got, 256, &n));
+        CHECK(n == nw && memcmp(got, want, n * sizeof *got) == 0, "expand_spans trial %d: %zu tokens, expected %zu",
+              trial, n, nw);
+    }
+    {
+        uint32_t h[2] = {10, 30}, out[8], want[7] = {8, 9, 10, 11, 12, 29, 30}, unsorted[2] = {5, 3};
+        size_t n = 99;
+        EXPECT_OK(kvsieve_expand_spans(h, 2, 5, 7, 100, NULL, 0, out, 8, &n));
+        CHECK(n == 7 && memcmp(out, want, sizeof want) == 0, "two hits, span 5, budget 7");
+        n = 99;
+        EXPECT_ERR(kvsieve_expand_spans(h, 2, 0, 7, 100, NULL, 0, out, 8, &n), KVSIEVE_ERROR_INVALID_ARGUMENT, "span");
+        EXPECT_ERR(kvsieve_expand_spans(h, 2, 5, 7, 100, NULL, 0, out, 6, &n), KVSIEVE_ERROR_INVALID_ARGUMENT,
+                   "capacity");
+        EXPECT_ERR(kvsieve_expand_spans(h, 2, 5, 7, 100, unsorted, 2, out, 8, &n), KVSIEVE_ERROR_INVALID_ARGUMENT,
+                   "read_anyway");
+        EXPECT_ERR(kvsieve_expand_spans(NULL, 2, 5, 7, 100, NULL, 0, out, 8, &n), KVSIEVE_ERROR_NULL_POINTER, "`hits`");
+        CHECK(n == 99, "out_len untouched by failed calls");
+    }
+    section_done("expand_spans follows the span rule", before);
+}
+
 int main(void) {
     rng_seed(11);
+    spans();
     from_csr_round_trip();
     constructors();
     union_and_intersection();

@@ -94,6 +94,10 @@ struct SweepArgs {
     passkey_trials: Option<usize>,
     #[arg(long)]
     needle_trials: Option<usize>,
+    /// Trials of each chat-template task on natural text (passkey in KJV, needle in KJV)
+    /// per context [default: 0, --full: 10].
+    #[arg(long)]
+    chat_trials: Option<usize>,
     /// Perplexity windows per context.
     #[arg(long)]
     ppl_windows: Option<usize>,
@@ -250,6 +254,7 @@ fn sweep(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: SweepArgs)
         gemfilter_layer: a.gemfilter_layer,
         passkey_trials: a.passkey_trials.unwrap_or(if full { 20 } else { 4 }),
         needle_trials: a.needle_trials.unwrap_or(if full { 10 } else { 2 }),
+        chat_trials: a.chat_trials.unwrap_or(if full { 10 } else { 0 }),
         ppl_windows: a.ppl_windows.unwrap_or(if full { 2 } else { 1 }),
         ppl_eval_tokens: a.ppl_tokens,
         page_size: a.page_size,

@@ -89,7 +89,7 @@ pub fn write_trials_csv(r: &SweepResult, path: &Path) -> std::io::Result<()> {
 
 pub fn write_csv(r: &SweepResult, path: &Path) -> std::io::Result<()> {
     let mut s = String::from(
-        "context,policy,budget,budget_tokens,passkey_accuracy,passkey_trials,needle_accuracy,needle_trials,perplexity,perplexity_dense,perplexity_change_pct,kv_bytes_per_step,dense_kv_bytes_per_step,attention_ms_per_step,dense_attention_ms_per_step,prefill_s,kv_mb_held,kv_mb_peak,policy_text\n",
+        "context,policy,budget,budget_tokens,passkey_accuracy,passkey_trials,needle_accuracy,needle_trials,passkey_chat_accuracy,passkey_chat_trials,needle_chat_accuracy,needle_chat_trials,perplexity,perplexity_dense,perplexity_change_pct,kv_bytes_per_step,dense_kv_bytes_per_step,attention_ms_per_step,dense_attention_ms_per_step,prefill_s,kv_mb_held,kv_mb_peak,policy_text\n",
     );
     for row in rows(r) {
         let c = row.cell;
@@ -99,7 +99,7 @@ pub fn write_csv(r: &SweepResult, path: &Path) -> std::io::Result<()> {
         let trials = |t: Task| c.correct.get(t.name()).map_or(0, |x| x.1);
         writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
             row.key.0,
             row.key.1,
             budget_label(row.key),
@@ -108,6 +108,10 @@ pub fn write_csv(r: &SweepResult, path: &Path) -> std::io::Result<()> {
             trials(Task::Passkey),
             fmt_opt(c.accuracy(Task::Needle), 4),
             trials(Task::Needle),
+            fmt_opt(c.accuracy(Task::PasskeyKjvChat), 4),
+            trials(Task::PasskeyKjvChat),
+            fmt_opt(c.accuracy(Task::NeedleChat), 4),
+            trials(Task::NeedleChat),
             fmt_opt(c.perplexity(), 5),
             fmt_opt(dense_ppl(r, row.key.0), 5),
             fmt_opt(row.ppl_change_pct(r), 3),
@@ -130,12 +134,14 @@ pub fn table(r: &SweepResult) -> String {
     let mut s = String::new();
     writeln!(
         s,
-        "{:>7} {:<13} {:>6} {:>8} {:>7} {:>7} {:>8} {:>10} {:>9} {:>10} {:>9} {:>8}",
+        "{:>7} {:<13} {:>6} {:>8} {:>7} {:>8} {:>7} {:>7} {:>8} {:>10} {:>9} {:>10} {:>9} {:>8}",
         "context",
         "policy",
         "budget",
         "passkey",
         "needle",
+        "pk chat",
+        "nd chat",
         "ppl",
         "ppl Δ%",
         "KV KB/step",
@@ -155,12 +161,14 @@ pub fn table(r: &SweepResult) -> String {
         };
         writeln!(
             s,
-            "{:>7} {:<13} {:>6} {:>8} {:>7} {:>7} {:>8} {:>10} {:>9} {:>10} {:>9} {:>8}",
+            "{:>7} {:<13} {:>6} {:>8} {:>7} {:>8} {:>7} {:>7} {:>8} {:>10} {:>9} {:>10} {:>9} {:>8}",
             row.key.0,
             row.key.1,
             budget_label(row.key),
             acc(Task::Passkey),
             acc(Task::Needle),
+            acc(Task::PasskeyKjvChat),
+            acc(Task::NeedleChat),
             c.perplexity().map_or("-".into(), |p| format!("{p:.3}")),
             row.ppl_change_pct(r).map_or("-".into(), |p| format!("{p:+.2}")),
             row.per_step(c.kv_bytes).map_or("-".into(), |b| format!("{:.0}", b / 1024.0)),

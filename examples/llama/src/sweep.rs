@@ -122,6 +122,9 @@ pub struct SweepConfig {
     pub gemfilter_layer: Option<usize>,
     pub passkey_trials: usize,
     pub needle_trials: usize,
+    /// Trials of each chat-template task on natural text (passkey in KJV verses, needle in
+    /// the KJV), per context.
+    pub chat_trials: usize,
     /// Perplexity windows per context, and the tokens evaluated at the end of each.
     pub ppl_windows: usize,
     pub ppl_eval_tokens: usize,
@@ -278,7 +281,8 @@ impl<'a> Sweep<'a> {
     pub fn run(mut self, progress: bool) -> Result<SweepResult> {
         let m = self.model;
         let (layers, hk) = (m.cfg.num_layers, m.cfg.num_kv_heads);
-        let per_context = self.cfg.passkey_trials + self.cfg.needle_trials + self.cfg.ppl_windows;
+        let per_context =
+            self.cfg.passkey_trials + self.cfg.needle_trials + 2 * self.cfg.chat_trials + self.cfg.ppl_windows;
         let bar = if progress {
             ProgressBar::new((per_context * self.cfg.contexts.len()) as u64)
         } else {
@@ -315,6 +319,15 @@ impl<'a> Sweep<'a> {
                 let trial = tasks::needle(self.tok, self.kjv, context, tasks::depth(i, self.cfg.needle_trials), seed);
                 self.retrieval(&defs, &trial, gem_layer.as_ref().map(|g| g.0))?;
                 bar.inc(1);
+            }
+            for task in [Task::PasskeyKjvChat, Task::NeedleChat] {
+                for i in 0..self.cfg.chat_trials {
+                    bar.set_message(format!("{context} tokens: {} {}/{}", task.name(), i + 1, self.cfg.chat_trials));
+                    let seed = self.cfg.seed.wrapping_add(17_000_000 + 1000 * context as u64 + i as u64);
+                    let trial = task.trial(self.tok, self.kjv, context, tasks::depth(i, self.cfg.chat_trials), seed);
+                    self.retrieval(&defs, &trial, gem_layer.as_ref().map(|g| g.0))?;
+                    bar.inc(1);
+                }
             }
             for i in 0..self.cfg.ppl_windows {
                 bar.set_message(format!("{context} tokens: perplexity {}/{}", i + 1, self.cfg.ppl_windows));

@@ -6,7 +6,8 @@
 mod common;
 use common::Rng;
 use kvsieve::attention::{reference, AttentionParams, PositionMode, RopeConfig, RopeStyle};
-use kvsieve::select::{expand_spans, span_range, Policy, Spec};
+use kvsieve::runtime::ClusterIndexSet;
+use kvsieve::select::{expand_spans, page_scores, span_range, ClusterRank, Policy, Spec};
 use kvsieve::{CacheConfig, DType, KeyRope, KvCache, SeqId, TensorView, TensorViewMut};
 use proptest::prelude::*;
 
@@ -190,7 +191,8 @@ proptest! {
 
     /// Chunked prefill under contiguous positions: each chunk reads the sinks, the
     /// `window - 1` tokens before it, itself (causally) and the `topk=` tokens of the
-    /// chunk's mean query (in spans), numbered contiguously over that list.
+    /// chunk's queries (per query head the mean over the chunk, the best of the group), in
+    /// spans, numbered contiguously over that list.
     #[test]
     fn contiguous_chunked_prefill_matches_reference(
         len in 8usize..160,
@@ -211,8 +213,7 @@ proptest! {
             Some((b, None)) => format!(",topk={b}"),
             None => String::new(),
         };
-        // Head 1 is dense: it reads everything, numbered as its index.
-        let policy = Policy::parse(&format!("sinks={sinks},window={window}{retrieval},positions=contiguous;heads=0.1:dense,positions=contiguous")).unwrap();
+        let policy = Policy::parse(&format!("sinks={sinks},window={window}{retrieval},positions=contiguous")).unwrap();
         let rope = RopeConfig::new(500.0, RopeStyle::AdjacentPairs);
         let params = AttentionParams { rope: Some(rope), ..Default::default() };
         let rparams = AttentionParams { positions: PositionMode::Contiguous, ..params };
@@ -230,30 +231,141 @@ proptest! {
             let mut out = vec![f32::NAN; m * hq * d];
             let mut lse = vec![f32::NAN; m * hq];
             cache.prefill_with_policy(0, &[id], &qv, &[0, m as i32], &policy, &mut TensorViewMut::new(&mut out, &[m, hq, d]).unwrap(), Some(&mut lse), &params).unwrap();
-            // The chunk's list for head 0; head 1 reads all.
-            let reach = (window + m - 1).max(m);
-            let base = first_and_last(e, sinks, reach);
-            let list0 = match topk {
-                None => base.clone(),
-                Some((b, sp)) => {
-                    let mut mean = vec![0f32; d];
-                    for i in 0..m {
-                        for r in 0..g {
-                            for c in 0..d {
-                                mean[c] += qs[(i * hq + r) * d + c];
-                            }
-                        }
+            let base = first_and_last(e, sinks, window + m - 1);
+            let lists: Vec<Vec<u32>> = (0..hk)
+                .map(|h| match topk {
+                    None => base.clone(),
+                    Some((b, sp)) => {
+                        let means: Vec<Vec<f32>> = (0..g)
+                            .map(|r| {
+                                (0..d).map(|c| (0..m).map(|i| qs[(i * hq + h * g + r) * d + c]).sum::<f32>() / m as f32).collect()
+                            })
+                            .collect();
+                        union(&base, &topk_reference(&keys(&cache, id, h), &means, &base, b, sp))
                     }
-                    mean.iter_mut().for_each(|x| *x /= (m * g) as f32);
-                    union(&base, &topk_reference(&keys(&cache, id, 0), &[mean], &base, b, sp))
-                }
-            };
+                })
+                .collect();
             let table = cache.page_table(&[id]).unwrap();
             let kv = cache.layer_view(0, &table).unwrap();
-            let keep = |_: usize, h: usize, t: usize| h == 1 || list0.binary_search(&(t as u32)).is_ok();
+            let keep = |_: usize, h: usize, t: usize| lists[h].binary_search(&(t as u32)).is_ok();
             let r = reference::prefill_selected(&kv, &qv, &[0, m as i32], &rparams, &keep, &|_, _, qt, t| t <= qt).unwrap();
             let (eo, el) = common::max_err(&out, &lse, &r);
             prop_assert!(eo < 5e-5 && el < 5e-5, "chunk {}..{}: out err {}, lse err {}", s, e, eo, el);
+        }
+    }
+
+    /// A one-token prefill chunk reads exactly what decode reads (GQA groups of 2).
+    #[test]
+    fn one_token_prefill_equals_decode(
+        len in 2usize..200,
+        sinks in 0usize..6,
+        window in 1usize..20,
+        budget in 1usize..40,
+        span in proptest::option::of(1usize..10),
+        seed in any::<u64>(),
+    ) {
+        let (hk, g, d, ps) = (2, 2, 16, 8);
+        let hq = hk * g;
+        let mut rng = Rng(seed);
+        let (cache, id) = pre_rope_cache(len, hk, d, ps, &mut rng);
+        let span_text = span.map_or(String::new(), |s| format!(",span={s}"));
+        let policy = Policy::parse(&format!("sinks={sinks},window={window},topk={budget}{span_text},positions=contiguous")).unwrap();
+        let q = rng.vec(hq * d, 1.0);
+        let params = AttentionParams { rope: Some(RopeConfig::new(500.0, RopeStyle::AdjacentPairs)), ..Default::default() };
+        let (mut o1, mut l1) = (vec![f32::NAN; hq * d], vec![f32::NAN; hq]);
+        let (mut o2, mut l2) = (vec![f32::NAN; hq * d], vec![f32::NAN; hq]);
+        let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
+        cache.decode_with_policy(0, &[id], &qv, &policy, &mut TensorViewMut::new(&mut o1, &[1, hq, d]).unwrap(), Some(&mut l1), &params).unwrap();
+        cache.prefill_with_policy(0, &[id], &qv, &[0, 1], &policy, &mut TensorViewMut::new(&mut o2, &[1, hq, d]).unwrap(), Some(&mut l2), &params).unwrap();
+        for (a, b) in o1.iter().zip(&o2).chain(l1.iter().zip(&l2)) {
+            prop_assert!((a - b).abs() < 1e-5, "decode {} vs prefill {}", a, b);
+        }
+    }
+
+    /// `pages=` with `span=`: pages ranked by their bounds, their tokens as hits in that
+    /// order, grown into spans outside the sinks and window, to the page budget.
+    #[test]
+    fn page_spans_follow_the_page_ranking(
+        len in 40usize..300,
+        budget in 1usize..80,
+        span in 1usize..12,
+        seed in any::<u64>(),
+    ) {
+        let (hk, g, d, ps, sinks, window) = (2, 2, 16, 8, 2, 6);
+        let hq = hk * g;
+        let mut rng = Rng(seed);
+        let mut cache = KvCache::new(CacheConfig::new(1, hk, d, ps, len.div_ceil(ps) + 2).with_dtype(DType::F32)).unwrap();
+        let id = common::fill_sequence(&mut cache, len, &mut rng, 2.0);
+        let q = rng.vec(hq * d, 1.0);
+        let qv = TensorView::new(&q, &[hq, d]).unwrap();
+        let policy = Policy::parse(&format!("sinks={sinks},window={window},pages={budget},span={span}")).unwrap();
+        let sel = policy.select(&cache, id, 0, &qv).unwrap();
+        let pages = cache.seq_pages(id).unwrap();
+        let scores = page_scores(cache.key_bounds(0).unwrap(), &pages, &q, hq).unwrap();
+        let base = first_and_last(len, sinks, window);
+        for h in 0..hk {
+            let want = if len <= budget {
+                (0..len as u32).collect::<Vec<u32>>()
+            } else {
+                let sc = &scores[h * pages.len()..(h + 1) * pages.len()];
+                let mut order: Vec<usize> = (0..pages.len()).collect();
+                order.sort_by(|&a, &b| sc[b].partial_cmp(&sc[a]).unwrap().then(a.cmp(&b)));
+                let hits: Vec<u32> = order.iter().flat_map(|&p| (p * ps..((p + 1) * ps).min(len)).map(|t| t as u32)).collect();
+                union(&base, &spans_reference(&hits, span, budget, len, &base))
+            };
+            prop_assert_eq!(sel.head(h), &want[..], "head {}", h);
+        }
+    }
+
+    /// `clusters=` with `span=` under contiguous positions (an index of raw pre-RoPE keys,
+    /// scored with the raw query): the retrieved tokens (those of the same policy without
+    /// `span=`) ranked by raw q·k, grown into spans outside the sinks, window and
+    /// uncovered tail, to the budget; the tail kept.
+    #[test]
+    fn cluster_spans_rank_the_retrieved_tokens(
+        len in 60usize..300,
+        budget in 4usize..60,
+        span in 1usize..10,
+        seed in any::<u64>(),
+    ) {
+        let (hk, g, d, ps, sinks, window) = (2, 2, 16, 8, 2, 8);
+        let hq = hk * g;
+        let mut rng = Rng(seed);
+        let (mut cache, id) = pre_rope_cache(len, hk, d, ps, &mut rng);
+        let plain = format!("sinks={sinks},window={window},clusters={budget},cluster_size=4,positions=contiguous");
+        let with_span = Policy::parse(&format!("{plain},span={span}")).unwrap();
+        let plain = Policy::parse(&plain).unwrap();
+        let mut set = ClusterIndexSet::new();
+        set.build(&cache, id, &with_span).unwrap();
+        // Two tokens appended after the build stay uncovered.
+        cache.append(id, 2, None).unwrap();
+        let shape = [2, hk, d];
+        cache.write(id, 0, len, &TensorView::new(&rng.vec(2 * hk * d, 2.0), &shape).unwrap(), &TensorView::new(&rng.vec(2 * hk * d, 1.0), &shape).unwrap()).unwrap();
+        let n = len + 2;
+        let q = rng.vec(hq * d, 1.0);
+        let qv = TensorView::new(&q, &[hq, d]).unwrap();
+        let got = with_span.select_with_clusters(&cache, id, 0, &qv, &set).unwrap().selection;
+        let index = set.get(id, 0).unwrap();
+        let retrieved = index.retrieve(&qv, &ClusterRank::Estimate.retrieve(budget), n).unwrap().selection;
+        // The policy without span= reads exactly base ∪ retrieved ∪ tail.
+        let covered = index.clustered_len() as u32;
+        let base = first_and_last(n, sinks, window);
+        let tail: Vec<u32> = (covered..n as u32).collect();
+        let no_span = plain.select_with_clusters(&cache, id, 0, &qv, &set).unwrap().selection;
+        for h in 0..hk {
+            prop_assert_eq!(no_span.head(h), &union(&union(&base, retrieved.head(h)), &tail)[..]);
+            let cand: Vec<u32> = retrieved.head(h).to_vec();
+            let ks = keys(&cache, id, h);
+            let rows: Vec<&[f32]> = (0..g).map(|r| &q[(h * g + r) * d..(h * g + r + 1) * d]).collect();
+            let mut ranked: Vec<(f32, u32)> = cand
+                .iter()
+                .map(|&t| (rows.iter().map(|r| r.iter().zip(&ks[t as usize]).map(|(a, b)| a * b).sum::<f32>()).fold(f32::NEG_INFINITY, f32::max), t))
+                .collect();
+            ranked.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)));
+            let hits: Vec<u32> = ranked.iter().map(|x| x.1).collect();
+            let anyway = union(&base, &tail);
+            let want = union(&anyway, &spans_reference(&hits, span, budget, n, &anyway));
+            prop_assert_eq!(got.head(h), &want[..], "head {}", h);
         }
     }
 }

@@ -733,9 +733,10 @@ kvsieve_error_t *kvsieve_cluster_set_info(const kvsieve_cluster_set_t *set, uint
  * (remapped positions: `positions=capped` or `contiguous`), `q` is before RoPE,
  * `params->rope` is required (#KVSIEVE_ERROR_INVALID_ARGUMENT naming `params.rope`), and a
  * copy of `q` is rotated for scoring: to position `max_distance` against an index of this
- * cache's raw keys (capped positions only), or to its original position against an index
- * built from a twin cache of post-RoPE keys. A mismatch (raw keys under other positions,
- * or with a post-RoPE cache) fails naming `clusters`.
+ * cache's raw keys under capped positions (not rotated under contiguous positions: the raw
+ * query, position-free), or to its original position against an index
+ * built from a twin cache of post-RoPE keys. A mismatch (raw keys under original positions,
+ * or with a post-RoPE cache; `span=` with a twin-cache index) fails naming `clusters`.
  *
  * \param cache The cache (required).
  * \param layer Layer index.

@@ -80,7 +80,8 @@ void kvsieve_policy_free(kvsieve_policy_t *policy);
 
 /**
  * \brief The policy's canonical text form, which parses back to an equal policy: items in
- * the order `dense, sinks, window, pages, min_pages, positions, max_distance` (`global=` and
+ * the order `dense, sinks, window, pages, min_pages, clusters, clusters_k, cluster_size,
+ * hier, rank, topk, span, positions, max_distance` (`global=` and
  * `local=` written as `sinks=`, `window=` and `positions=capped`), the default first, then
  * layer clauses, then head clauses, ranges sorted and merged.
  *
@@ -138,7 +139,7 @@ kvsieve_error_t *kvsieve_policy_position_mode(const kvsieve_policy_t *policy, si
 /**
  * \brief The tokens a policy has each KV head of `layer` read for the decode query `q` of
  * sequence `seq`: per head, every token if its spec is dense, else the union of its sinks,
- * window and page-bound parts.
+ * window, page-bound and `topk=` parts (grown into spans with `span=`).
  *
  * \param policy The policy (required); validated against the cache's shape.
  * \param cache The cache (required). Page bounds need `track_key_bounds` and post-RoPE keys.
@@ -197,8 +198,11 @@ kvsieve_error_t *kvsieve_cache_decode_with_policy(const kvsieve_cache_t *cache, 
  * tokens per decode query) attends every earlier token. Under `positions=contiguous` a
  * sparse spec instead reads, per call (a chunk of new tokens), its sinks, the `window - 1`
  * tokens before the chunk, the chunk itself (causally) and, with `topk=`, the best tokens
- * for the chunk's mean query (in spans with `span=`), numbered contiguously over that
- * list: bounded work per chunk, and a one-token chunk reads what decode reads. The
+ * for the chunk's queries (per query head its mean over the chunk; in spans with `span=`),
+ * numbered contiguously over that list (InfLLM's chunk rule): a one-token chunk reads
+ * exactly what decode reads, and a chunk's attention reads a bounded number of tokens
+ * (`topk=` adds a scan of the keys). Results depend on the chunk size: keep chunks at most
+ * the window. The
  * policy's position mode for the layer replaces `params->position_mode` and
  * `params->max_distance`.
  *

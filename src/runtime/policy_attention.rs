@@ -38,12 +38,14 @@ impl KvCache {
     /// keys; before RoPE when it stores pre-RoPE keys. Then `params.rope` is required and
     /// a copy of `q` is rotated for scoring: to position `max_distance` against an index
     /// of this cache's raw keys under capped positions (the logit of a token at the capped
-    /// distance), or to its original position against an index built from a twin cache
-    /// of post-RoPE keys. Returns, per sequence, the selection and the centroid rows scored
+    /// distance), not at all under contiguous positions (the raw query, position-free), or
+    /// to its original position against an index built from a twin cache of post-RoPE
+    /// keys. `topk=` always scores the query as passed. Returns, per sequence, the selection and the centroid rows scored
     /// (empty for a dense layer).
     ///
     /// Errors: as `decode_with_policy`, plus a missing, stale or mismatched index (an index
-    /// of raw keys under positions other than capped, or with a post-RoPE cache); a
+    /// of raw keys under original positions, or with a post-RoPE cache; `span=` with an
+    /// index built from a twin cache); a
     /// pre-RoPE cache without `params.rope`. On error nothing is written.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_with_clusters(
@@ -94,7 +96,7 @@ impl KvCache {
             .map(|(b, &id)| {
                 let qb = q.narrow0(b)?;
                 let Some(set) = indexes.filter(|_| clusters) else {
-                    return policy.select_inner(self, id, layer, &qb, indexes);
+                    return policy.select_inner(self, id, layer, &qb, indexes, None);
                 };
                 // The position the query is scored at (see ClusterIndexSet's docs), or none
                 // when the query is already after RoPE.
@@ -126,7 +128,7 @@ impl KvCache {
                     }
                 };
                 let Some(pos) = at else {
-                    return policy.select_inner(self, id, layer, &qb, indexes);
+                    return policy.select_inner(self, id, layer, &qb, indexes, None);
                 };
                 let Some(rope) = rope.as_ref() else {
                     return Err(Error::invalid("params.rope", "a RoPE configuration: this cache stores keys before RoPE, and centroid retrieval scores the query after RoPE"));
@@ -134,7 +136,7 @@ impl KvCache {
                 let d = c.head_dim;
                 let (mut rows, hq) = read_query(&qb, d)?;
                 apply_rope(&mut TensorViewMut::new(&mut rows, &[1, hq, d])?, &[pos], rope)?;
-                policy.select_inner(self, id, layer, &TensorView::new(&rows, &[hq, d])?, indexes)
+                policy.select_inner(self, id, layer, &TensorView::new(&rows, &[hq, d])?, indexes, Some(&qb))
             })
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&Selection> = sels.iter().map(|s| &s.selection).collect();
@@ -144,14 +146,17 @@ impl KvCache {
 
     /// Prefill under a policy (causal). Per KV head of `layer`, for the new tokens of each
     /// sequence (a chunk `[s, e)` of its last tokens):
-    /// - with `positions=contiguous`: a sparse spec reads its sinks, the `window - 1` tokens
-    ///   before the chunk and the chunk itself (causally), and with `topk=` the best tokens
-    ///   outside those for the chunk's mean query (the mean over the chunk's rows and the
-    ///   group's query heads; grown into spans with `span=`); all numbered contiguously
-    ///   over that concatenation in cache order, each query at its own rank. The cost of a
-    ///   chunk is bounded by the spec's budget, so a prompt prefilled in chunks costs time
-    ///   linear in its length, and a one-token chunk reads what decode reads. `pages=` and
-    ///   `clusters=` choose tokens per decode query (an index exists after prefill) and add
+    /// - with `positions=contiguous` (InfLLM's chunk rule): a sparse spec reads its sinks,
+    ///   the `window - 1` tokens before the chunk and the chunk itself (each row causally,
+    ///   so a row also sees the chunk's earlier rows), and with `topk=` the best tokens
+    ///   outside those for the chunk's queries (per query head its mean over the chunk's
+    ///   rows, the best of the GQA group as in decode; grown into spans with `span=`); all
+    ///   numbered contiguously over that concatenation in cache order, each query at its
+    ///   own rank. A one-token chunk reads exactly what decode reads; a chunk's attention
+    ///   reads at most sinks + budget + window + chunk tokens, so chunked prefill does
+    ///   attention work linear in the prompt (`topk=` adds a scan of the keys per chunk).
+    ///   Results depend on the chunk size: keep chunks at most the window. `pages=` and
+    ///   `clusters=` choose tokens per decode query (bounds scored, an index built) and add
     ///   nothing here;
     /// - otherwise, a spec made of sinks and a window alone becomes a row mask (each query
     ///   sees the sinks and its own last `window` tokens: the Λ-mask); any other spec
@@ -236,8 +241,10 @@ impl KvCache {
 
 /// The tokens KV head `h` of batch entry `b` reads for a prefill chunk of its last `new`
 /// tokens under contiguous positions (see [`KvCache::prefill_with_policy`]): the sinks,
-/// the `window - 1` tokens before the chunk, the chunk, and `topk=` tokens for the chunk's
-/// mean query (`q` rows `rows.0..rows.1`).
+/// the `window + new - 1` last tokens (the `window - 1` before the chunk and the chunk), and
+/// `topk=` tokens scored, like decode's, by the best of the group's query heads, each
+/// head's query being its mean over the chunk's rows (`q` rows `rows.0..rows.1`). For a
+/// one-token chunk this is exactly what decode reads.
 #[allow(clippy::too_many_arguments)]
 fn contiguous_chunk_tokens(
     kv: &crate::kv::PagedKv,
@@ -249,25 +256,25 @@ fn contiguous_chunk_tokens(
     len: usize,
     new: usize,
 ) -> Result<Vec<u32>> {
-    let reach = spec.window.map_or(new, |w| w.saturating_add(new).saturating_sub(1).max(new));
+    let reach = spec.window.unwrap_or(0).saturating_add(new).saturating_sub(1);
     let base = first_and_last(len, spec.sinks.unwrap_or(0), reach)?;
     let Some(budget) = spec.topk else { return Ok(base) };
     let d = kv.head_dim();
     let hq = q.shape().get(1).copied().unwrap_or(0);
     let group = hq / kv.num_kv_heads();
-    if q.shape().len() != 3 || q.shape()[2] != d || group == 0 || rows.1 > q.shape()[0] {
-        // Shapes are checked by prefill_sparse, which reports them; nothing to rank here.
+    if new == 0 || q.shape().len() != 3 || q.shape()[2] != d || group == 0 || rows.1 > q.shape()[0] {
+        // No query rows, or shapes prefill_sparse reports: nothing to rank.
         return Ok(base);
     }
-    let mut mean = vec![0f32; d];
+    let mut mean = vec![0f32; group * d];
     let mut row = vec![0f32; d];
     for t in rows.0..rows.1 {
-        for g in 0..group {
+        for (g, m) in mean.chunks_exact_mut(d).enumerate() {
             q.read_row(&[t, h * group + g], &mut row);
-            mean.iter_mut().zip(&row).for_each(|(m, x)| *m += x);
+            m.iter_mut().zip(&row).for_each(|(m, x)| *m += x);
         }
     }
-    let n = ((rows.1 - rows.0) * group).max(1) as f32;
+    let n = (rows.1 - rows.0) as f32;
     mean.iter_mut().for_each(|m| *m /= n);
     let part = crate::select::topk_tokens(kv, b, h, &mean, budget, spec.span, &base)?;
     let mut out = crate::alloc::vec_with_capacity(base.len() + part.len(), "selection indices")?;

@@ -14,8 +14,8 @@ use crate::tensor::TensorView;
 impl Policy {
     /// The tokens each KV head of `layer` reads for the decode query `q` of sequence `seq`
     /// (`[num_qo_heads, head_dim]` or `[1, num_qo_heads, head_dim]`): per head, every
-    /// token if its spec is dense, else the union of its sinks, window and page-bound
-    /// parts. Page scores are computed once per call, for every head that needs them.
+    /// token if its spec is dense, else the union of its sinks, window, page-bound and
+    /// `topk=` parts (grown into spans with `span=`). Page scores are computed once per call, for every head that needs them.
     /// A policy with `clusters=` needs its cluster indexes: use [`Policy::select_with_clusters`].
     ///
     /// Errors: the policy fails [`Policy::validate`] for the cache's shape (clauses, and
@@ -23,7 +23,7 @@ impl Policy {
     /// `q`; page bounds on a cache without key bounds or with pre-RoPE keys; `clusters=`
     /// at this layer.
     pub fn select(&self, cache: &KvCache, seq: SeqId, layer: usize, q: &TensorView) -> Result<Selection> {
-        Ok(self.select_inner(cache, seq, layer, q, None)?.selection)
+        Ok(self.select_inner(cache, seq, layer, q, None, None)?.selection)
     }
 
     /// [`Policy::select`] with centroid retrieval: a head with `clusters=N` also reads the
@@ -33,8 +33,9 @@ impl Policy {
     /// the recent tokens, which a `window=` at least as large as the index's left-out
     /// window reads anyway). `q` is the query as the index's keys need it: after RoPE at
     /// its position for an index of post-RoPE keys, rotated to `max_distance` for an index
-    /// of raw pre-RoPE keys under capped positions ([`crate::KvCache::decode_with_clusters`]
-    /// does this).
+    /// of raw pre-RoPE keys under capped positions, unrotated under contiguous positions
+    /// ([`crate::KvCache::decode_with_clusters`] does this). With `span=`, the retrieved
+    /// tokens are ranked by `q` against this cache's keys.
     ///
     /// Errors, beyond `select`'s: no index for (`seq`, `layer`) in `indexes` (build one with
     /// [`ClusterIndexSet::build`]); an index longer than the sequence (truncated or
@@ -47,7 +48,7 @@ impl Policy {
         q: &TensorView,
         indexes: &ClusterIndexSet,
     ) -> Result<PolicySelection> {
-        self.select_inner(cache, seq, layer, q, Some(indexes))
+        self.select_inner(cache, seq, layer, q, Some(indexes), None)
     }
 
     pub(crate) fn select_inner(
@@ -57,6 +58,7 @@ impl Policy {
         layer: usize,
         q: &TensorView,
         indexes: Option<&ClusterIndexSet>,
+        raw_q: Option<&TensorView>,
     ) -> Result<PolicySelection> {
         let c = cache.config();
         self.validate_clauses(c.num_layers, c.num_kv_heads)?;
@@ -103,8 +105,16 @@ impl Policy {
             None => None,
         };
         let rows = if needs_keys { read_query(q, c.head_dim)?.0 } else { Vec::new() };
+        // `topk=` scores the query as the caller passed it, even when centroid retrieval
+        // scores a rotated copy (`raw_q`).
+        let raw_rows = match raw_q {
+            Some(r) if needs_keys => read_query(r, c.head_dim)?.0,
+            _ => Vec::new(),
+        };
         let group = hq / c.num_kv_heads;
-        let head_rows = |h: usize| &rows[h * group * c.head_dim..(h + 1) * group * c.head_dim];
+        let span_of = |h: usize| h * group * c.head_dim..(h + 1) * group * c.head_dim;
+        let head_rows = |h: usize| &rows[span_of(h)];
+        let topk_rows = |h: usize| if raw_rows.is_empty() { &rows[span_of(h)] } else { &raw_rows[span_of(h)] };
         let mut heads = Vec::with_capacity(specs.len());
         let mut total = 0usize;
         let mut centroids_scored = 0usize;
@@ -134,13 +144,18 @@ impl Policy {
                         (Some(_), Some(kv)) => {
                             // Rank the retrieved (clustered) tokens by their own logits, grow them
                             // into spans, and keep the tokens the index does not cover yet.
+                            // Tokens the head reads anyway (sinks, window, uncovered tail) do
+                            // not count against the budget.
                             let covered = r.clustered_len as u32;
-                            let cand: Vec<u32> = r.tokens[h].iter().copied().filter(|&t| t < covered).collect();
-                            let scores = raw_scores(kv, 0, h, head_rows(h), &cand)?;
-                            let hits = ranked_top(&cand, &scores, cand.len())?;
-                            add(&hits_to_tokens(hits, spec.span, budget, seq_len, &base)?)?;
-                            let tail: Vec<u32> = r.tokens[h].iter().copied().filter(|&t| t >= covered).collect();
-                            add(&tail)?;
+                            let split = r.tokens[h].partition_point(|&t| t < covered);
+                            let (cand, tail) = r.tokens[h].split_at(split);
+                            let scores = raw_scores(kv, 0, h, head_rows(h), cand)?;
+                            let hits = ranked_top(cand, &scores, cand.len())?;
+                            let mut anyway =
+                                crate::alloc::vec_with_capacity(base.len() + tail.len(), "span exclusions")?;
+                            merge_union(&base, tail, &mut anyway);
+                            add(&hits_to_tokens(hits, spec.span, budget, seq_len, &anyway)?)?;
+                            add(tail)?;
                         }
                         _ => add(&r.tokens[h])?,
                     }
@@ -148,7 +163,7 @@ impl Policy {
                     radii_read += r.radii_read[h];
                 }
                 if let (Some(budget), Some(kv)) = (spec.topk, &view) {
-                    add(&topk_tokens(kv, 0, h, head_rows(h), budget, spec.span, &base)?)?;
+                    add(&topk_tokens(kv, 0, h, topk_rows(h), budget, spec.span, &base)?)?;
                 }
                 tokens
             };

@@ -2,8 +2,9 @@
 //! numbered, composed from the selection methods, with a compact text form.
 //!
 //! A [`Spec`] composes methods for one head: `dense`, or any of attention sinks, a recent
-//! window, page bounds and centroid retrieval (the head reads the union of their tokens),
-//! plus a position mode. A [`Policy`] holds a default spec, layer overrides and
+//! window, page bounds, centroid retrieval and position-free top-k (the head reads the
+//! union of their tokens; retrieved tokens optionally grown into spans), plus a position
+//! mode. A [`Policy`] holds a default spec, layer overrides and
 //! (layer, head) overrides.
 //!
 //! # Text form
@@ -97,7 +98,8 @@
 //! # Checks
 //! Parsing checks syntax only. [`Policy::validate`] checks a policy against a model:
 //! layers and heads in range, `window`/`pages`/`clusters`/`max_distance` at least 1, a
-//! spec that selects something, `min_pages` only with `pages`, `clusters_k`,
+//! spec that selects something, `topk` and `span` at least 1, `span` only with `topk`,
+//! `pages` or `clusters` and not with `min_pages`, `min_pages` only with `pages`, `clusters_k`,
 //! `cluster_size` (not both, each at least 1) and `hier` (at least 1) only with
 //! `clusters`, `capped` with `max_distance` and `max_distance` only with `capped`, one
 //! position mode for all heads of a layer (attention applies one position mode per layer
@@ -337,8 +339,8 @@ impl Spec {
             && self.sinks.unwrap_or(0) == 0
     }
 
-    /// Whether the spec is made of sinks and a window alone (no `dense`, `pages` or
-    /// `clusters`): the tokens it reads depend only on the sequence length.
+    /// Whether the spec is made of sinks and a window alone (no `dense`, `pages`,
+    /// `clusters` or `topk`): the tokens it reads depend only on the sequence length.
     pub fn is_window_only(&self) -> bool {
         !self.dense && self.pages.is_none() && self.clusters.is_none() && self.topk.is_none()
     }
@@ -396,6 +398,9 @@ impl Spec {
         }
         if self.span.is_some() && !self.retrieves() {
             return Some("`span=` only together with a retrieval item: `topk=`, `pages=` or `clusters=`".into());
+        }
+        if self.min_pages.is_some() && self.span.is_some() {
+            return Some("no `min_pages=` with `span=`: spans fill the page budget token by token".into());
         }
         if self.min_pages.is_some() && self.pages.is_none() {
             return Some("`min_pages=` only together with `pages=`".into());

@@ -34,22 +34,36 @@ pub fn span_range(t: u32, span: usize, seq_len: usize) -> std::ops::Range<u32> {
 /// later hit unless the budget runs out inside it. `span = 1` keeps the hits themselves.
 /// Hits at or past `seq_len` are ignored.
 ///
-/// Errors: [`crate::Error::OutOfMemory`] when the `seq_len` flags cannot be allocated.
+/// Errors: `seq_len` above `u32::MAX` (token indices are u32); [`crate::Error::OutOfMemory`]
+/// when the `seq_len` flags cannot be allocated.
 pub fn expand_spans(hits: &[u32], span: usize, budget: usize, seq_len: usize, read_anyway: &[u32]) -> Result<Vec<u32>> {
+    if seq_len > u32::MAX as usize {
+        return Err(crate::Error::out_of_range(
+            "seq_len",
+            seq_len as i64,
+            format!("0..={} (token indices are u32)", u32::MAX),
+        ));
+    }
     let mut taken = crate::alloc::filled_vec(seq_len, false, "span flags")?;
+    let mut free = seq_len;
     for &t in read_anyway {
         if let Some(x) = taken.get_mut(t as usize) {
+            free -= usize::from(!*x);
             *x = true;
         }
     }
-    let mut out = crate::alloc::vec_with_capacity(budget.min(seq_len), "span tokens")?;
+    // Hits already expanded add nothing again.
+    let mut expanded = crate::alloc::filled_vec(seq_len, false, "span flags")?;
+    let limit = budget.min(free);
+    let mut out = crate::alloc::vec_with_capacity(limit, "span tokens")?;
     'hits: for &t in hits {
-        if out.len() >= budget {
+        if out.len() >= limit {
             break;
         }
-        if t as usize >= seq_len {
+        if t as usize >= seq_len || expanded[t as usize] {
             continue;
         }
+        expanded[t as usize] = true;
         let r = span_range(t, span, seq_len);
         // Nearest first: t, t-1, t+1, t-2, t+2, ...
         let reach = (t - r.start).max(r.end - 1 - t);
@@ -60,7 +74,7 @@ pub fn expand_spans(hits: &[u32], span: usize, budget: usize, seq_len: usize, re
                 }
                 taken[c as usize] = true;
                 out.push(c);
-                if out.len() >= budget {
+                if out.len() >= limit {
                     break 'hits;
                 }
             }

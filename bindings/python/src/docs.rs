@@ -567,7 +567,8 @@ Args:
         this layer up to N tokens, plus the tokens the index does not cover yet.
         With a cache storing keys before RoPE, ``rope`` is required and a copy of
         ``q`` is rotated for scoring: to ``max_distance`` against an index of the
-        cache's raw keys (capped positions only), or to the query's position
+        cache's raw keys under capped positions (unrotated under contiguous
+        positions), or to the query's position
         against a set built from a twin cache of post-RoPE keys.
     Others: as in :meth:`decode`.
 
@@ -599,9 +600,11 @@ made of sinks and a window alone becomes a row window ``(sinks, window)`` as in
 tokens per decode query) attends every earlier token. Under
 ``positions=contiguous`` a sparse spec instead reads, per call (a chunk of new
 tokens), its sinks, the ``window - 1`` tokens before the chunk, the chunk itself
-(causally) and, with ``topk=``, the best tokens for the chunk's mean query (in spans
-with ``span=``), numbered contiguously over that list: bounded work per chunk, and a
-one-token chunk reads what decode reads."
+(causally) and, with ``topk=``, the best tokens for the chunk's queries (per query
+head its mean over the chunk; in spans with ``span=``), numbered contiguously over
+that list (InfLLM's chunk rule): a one-token chunk reads exactly what decode reads,
+and a chunk's attention reads a bounded number of tokens (``topk=`` adds a scan of
+the keys). Results depend on the chunk size: keep chunks at most the window."
     };
     (KvCache . evict_for_policy) => {
         "Evict the pages of a sequence that the policy never reads again; returns how many.

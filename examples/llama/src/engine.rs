@@ -515,6 +515,15 @@ impl<'m> Engine<'m> {
                     })
                     .sum();
                 st.decode_kv_bytes += scanned as f64 * row / 2.0;
+                // `clusters=` with `span=` ranks its retrieved tokens by their keys: about
+                // its budget of K rows (whole clusters can overshoot it slightly).
+                let ranked: usize = (0..c.num_kv_heads)
+                    .map(|h| policy.spec(layer, h))
+                    .filter(|sp| sp.span.is_some())
+                    .filter_map(|sp| sp.clusters)
+                    .map(|b| b.min(len))
+                    .sum();
+                st.decode_kv_bytes += ranked as f64 * row / 2.0;
             }
         }
         Ok(())

@@ -8,7 +8,7 @@
 //! share one prefill (kvsieve forks, copy on write). Then the question and the answer are
 //! decoded under each full policy. Policies that renumber or cap positions store keys
 //! before RoPE; `positions=contiguous` prefill reads, per chunk, the sinks, the retrieved
-//! spans and the window (kvsieve's prefill rule), so its cost is linear in the length.
+//! spans and the window (kvsieve's prefill rule), so its attention work is linear in the length.
 //!
 //! Reported per (length, task, policy, trial): whether the answer is right, prefill seconds
 //! (index build included), attention ms and KV bytes read per decode step (selected rows,

@@ -79,6 +79,12 @@ fn union(a: &[u32], b: &[u32]) -> Vec<u32> {
     v
 }
 
+/// `sinks=..,window=..,topk=..[,span=..],positions=contiguous`.
+fn topk_policy(sinks: usize, window: usize, budget: usize, span: Option<usize>) -> Policy {
+    let span_text = span.map_or(String::new(), |s| format!(",span={s}"));
+    Policy::parse(&format!("sinks={sinks},window={window},topk={budget}{span_text},positions=contiguous")).unwrap()
+}
+
 fn pre_rope_cache(len: usize, hk: usize, d: usize, ps: usize, rng: &mut Rng) -> (KvCache, SeqId) {
     let cfg = CacheConfig::new(1, hk, d, ps, len.div_ceil(ps) + 2)
         .with_dtype(DType::F32)
@@ -163,8 +169,7 @@ proptest! {
         let hq = hk * g;
         let mut rng = Rng(seed);
         let (cache, id) = pre_rope_cache(len, hk, d, ps, &mut rng);
-        let span_text = span.map_or(String::new(), |s| format!(",span={s}"));
-        let policy = Policy::parse(&format!("sinks={sinks},window={window},topk={budget}{span_text},positions=contiguous")).unwrap();
+        let policy = topk_policy(sinks, window, budget, span);
         let q = rng.vec(hq * d, 1.0);
         let qv = TensorView::new(&q, &[1, hq, d]).unwrap();
         let sel = policy.select(&cache, id, 0, &qv).unwrap();
@@ -268,8 +273,7 @@ proptest! {
         let hq = hk * g;
         let mut rng = Rng(seed);
         let (cache, id) = pre_rope_cache(len, hk, d, ps, &mut rng);
-        let span_text = span.map_or(String::new(), |s| format!(",span={s}"));
-        let policy = Policy::parse(&format!("sinks={sinks},window={window},topk={budget}{span_text},positions=contiguous")).unwrap();
+        let policy = topk_policy(sinks, window, budget, span);
         let q = rng.vec(hq * d, 1.0);
         let params = AttentionParams { rope: Some(RopeConfig::new(500.0, RopeStyle::AdjacentPairs)), ..Default::default() };
         let (mut o1, mut l1) = (vec![f32::NAN; hq * d], vec![f32::NAN; hq]);

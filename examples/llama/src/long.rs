@@ -36,13 +36,16 @@ use crate::tokenizer::Tokenizer;
 pub const LONG_PREFILL_CHUNK: usize = 512;
 
 /// The default policies of `long`: dense (real positions), LM-Infinite's Λ-mask, and
-/// span retrieval with contiguous positions (ReAttention's rule), each reading at most 4K
-/// tokens per KV head at decode (dense excepted).
+/// centroid retrieval grown into spans with contiguous positions (ReAttention's rule),
+/// each reading at most 4K tokens per KV head at decode (dense excepted).
 pub fn default_policies() -> Vec<(String, String)> {
     vec![
         ("dense".into(), "dense".into()),
         ("lambda".into(), "global=4,local=1024,max_distance=4096".into()),
-        ("spans".into(), "sinks=64,window=256,topk=512,span=32,positions=contiguous".into()),
+        (
+            "cspans".into(),
+            "sinks=64,window=256,clusters=512,cluster_size=32,rank=mixed,span=32,positions=contiguous".into(),
+        ),
     ]
 }
 

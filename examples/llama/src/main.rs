@@ -128,7 +128,8 @@ struct LongArgs {
     /// the chat template), needle (KJV), needle-chat (KJV in the chat template).
     #[arg(long, value_delimiter = ',', default_values_t = vec!["passkey".to_string(), "passkey-kjv-chat".to_string()])]
     tasks: Vec<String>,
-    /// A policy as NAME=TEXT (repeatable); replaces the default set (dense, lambda, spans).
+    /// A policy as NAME=TEXT (repeatable; `{prefix}` is the prompt's opening length in tokens);
+    /// replaces the default set (dense, lambda, cspans).
     #[arg(long = "policy", value_name = "NAME=TEXT")]
     policies: Vec<String>,
     /// Only these of the policies (names), comma-separated.

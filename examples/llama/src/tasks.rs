@@ -220,23 +220,9 @@ pub fn needle(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth: f64, see
     let word = NEEDLE_WORDS[rng.range(0, NEEDLE_WORDS.len() as u64) as usize];
     let number = rng.range(1_000_000, 10_000_000).to_string();
     let fact = format!("The special magic number for {word} is: {number}.\n");
-    let verses: Vec<&str> = kjv.lines().collect();
-    // About 4 characters per token: take enough verses, then trim by tokens.
-    let start = rng.range(0, verses.len() as u64 / 2) as usize;
-    let budget = context_tokens.saturating_sub(tok.encode(&fact).len());
-    let mut lines = Vec::new();
-    let mut count = 0;
-    for v in verses[start..].iter().chain(verses.iter()) {
-        let n = tok.encode(v).len() + 1;
-        if count + n > budget {
-            break;
-        }
-        count += n;
-        lines.push(*v);
-    }
+    let lines = kjv_lines(tok, kjv, context_tokens.saturating_sub(tok.encode(&fact).len()), &mut rng);
     let at = ((lines.len() as f64 * depth).round() as usize).min(lines.len());
-    let join = |ls: &[&str]| ls.iter().map(|l| format!("{l}\n")).collect::<String>();
-    let (context, needle) = assemble(tok, &join(&lines[..at]), &fact, &join(&lines[at..]));
+    let (context, needle) = assemble(tok, &join_lines(&lines[..at]), &fact, &join_lines(&lines[at..]));
     Trial {
         task: Task::Needle,
         context,

@@ -354,7 +354,7 @@ pub fn perplexity(
                 }
             }
             let done = (ci + 1) * LONG_PREFILL_CHUNK;
-            if done % (4 * bucket) == 0 {
+            if done.is_multiple_of(4 * bucket) {
                 let b = done / bucket - 1;
                 progress(name, done, (nll[b] / count[b].max(1) as f64).exp());
             }

@@ -380,6 +380,22 @@ pub fn write_ppl_csv(
     std::fs::write(path, s)
 }
 
+/// Read perplexity rows written by [`write_ppl_csv`] (several files may be merged; a policy
+/// in two files keeps the later one).
+pub fn read_ppl_csv(path: &std::path::Path, into: &mut BTreeMap<String, (Vec<f64>, f64)>) -> Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let mut fresh: BTreeMap<String, (Vec<f64>, f64)> = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 4 {
+            return Err(format!("{}: expected policy,bucket_start,bucket_end,ppl, got {line:?}", path.display()).into());
+        }
+        fresh.entry(f[0].to_string()).or_default().0.push(f[3].parse()?);
+    }
+    into.extend(fresh);
+    Ok(())
+}
+
 /// Perplexity against position, one line per policy, as an SVG (log-scale y).
 pub fn ppl_svg(ppl: &BTreeMap<String, (Vec<f64>, f64)>, bucket: usize, training: usize) -> String {
     let (w, h, l, r, t, b) = (720.0, 420.0, 60.0, 150.0, 30.0, 50.0);

@@ -139,6 +139,9 @@ struct LongArgs {
     /// prefill form), writing ppl.csv and ppl.svg; 0 skips it.
     #[arg(long, default_value_t = 0)]
     ppl_tokens: usize,
+    /// Only draw ppl.svg under --out from these ppl.csv files (comma-separated), merged.
+    #[arg(long, value_delimiter = ',')]
+    plot_ppl: Option<Vec<PathBuf>>,
     #[arg(long, default_value_t = 16)]
     page_size: usize,
     #[arg(long, default_value_t = 1)]
@@ -165,8 +168,17 @@ fn long(model: &Model, tok: &kvsieve_llama::tokenizer::Tokenizer, a: LongArgs) -
         .iter()
         .map(|t| Task::parse(t).ok_or_else(|| format!("--tasks: unknown task {t}")))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let kjv = kvsieve_llama::text::kjv()?;
     std::fs::create_dir_all(&a.out)?;
+    if let Some(files) = &a.plot_ppl {
+        let mut ppl = std::collections::BTreeMap::new();
+        for f in files {
+            kvsieve_llama::long::read_ppl_csv(f, &mut ppl)?;
+        }
+        std::fs::write(a.out.join("ppl.svg"), ppl_svg(&ppl, 1024, model.cfg.context_length.max(1)))?;
+        println!("plot: {}", a.out.join("ppl.svg").display());
+        return Ok(());
+    }
+    let kjv = kvsieve_llama::text::kjv()?;
     let t0 = std::time::Instant::now();
     if a.ppl_tokens > 0 {
         let tokens = kvsieve_llama::tasks::text_window(tok, &kjv, a.ppl_tokens, a.seed);

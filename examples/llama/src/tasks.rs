@@ -85,6 +85,26 @@ const CHAT_PASSKEY_INTRO: &str =
     "A five-digit pass key is hidden in the text below. Find it and remember it: I will ask you for it.\n\n";
 const CHAT_PASSKEY_QUESTION: &str = "\nWhat is the pass key hidden in the text? Answer with its five digits.";
 
+/// A chat prompt's context: `intro` (template and instruction), KJV verses to about
+/// `context_tokens` in all with `fact` at `depth`. Returns the context, the fact's token
+/// range and the intro's length in tokens.
+fn chat_context(
+    tok: &Tokenizer,
+    kjv: &str,
+    intro: &str,
+    fact: &str,
+    context_tokens: usize,
+    depth: f64,
+    rng: &mut Rng,
+) -> (Vec<u32>, Range<usize>, usize) {
+    let prefix = tok.encode(intro).len();
+    let lines = kjv_lines(tok, kjv, context_tokens.saturating_sub(prefix + tok.encode(fact).len()), rng);
+    let at = ((lines.len() as f64 * depth).round() as usize).min(lines.len());
+    let before = format!("{intro}{}", join_lines(&lines[..at]));
+    let (context, needle) = assemble(tok, &before, fact, &join_lines(&lines[at..]));
+    (context, needle, prefix)
+}
+
 /// Passkey retrieval in natural text with the chat template: the user asks the model to
 /// find a 5-digit pass key hidden in KJV verses (about `context_tokens` tokens in all); the
 /// key sentence sits at `depth`; the question closes the user's turn and the assistant's
@@ -94,11 +114,7 @@ pub fn passkey_kjv_chat(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth
     let key = rng.range(10000, 100000).to_string();
     let fact = format!("The pass key is {key}. Remember it. {key} is the pass key.\n");
     let intro = format!("{CHAT_OPEN}{CHAT_PASSKEY_INTRO}");
-    let fixed = tok.encode(&intro).len() + tok.encode(&fact).len();
-    let lines = kjv_lines(tok, kjv, context_tokens.saturating_sub(fixed), &mut rng);
-    let at = ((lines.len() as f64 * depth).round() as usize).min(lines.len());
-    let before = format!("{intro}{}", join_lines(&lines[..at]));
-    let (context, needle) = assemble(tok, &before, &fact, &join_lines(&lines[at..]));
+    let (context, needle, prefix) = chat_context(tok, kjv, &intro, &fact, context_tokens, depth, &mut rng);
     Trial {
         task: Task::PasskeyKjvChat,
         context,
@@ -107,7 +123,7 @@ pub fn passkey_kjv_chat(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth
         needle,
         depth,
         answer_tokens: 7,
-        prefix: tok.encode(&intro).len(),
+        prefix,
     }
 }
 
@@ -120,11 +136,7 @@ pub fn needle_chat(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth: f64
     let fact = format!("The special magic number for {word} is: {number}.\n");
     let intro =
         format!("{CHAT_OPEN}Read the text below. A special magic number is hidden in it; I will ask you about it.\n\n");
-    let fixed = tok.encode(&intro).len() + tok.encode(&fact).len();
-    let lines = kjv_lines(tok, kjv, context_tokens.saturating_sub(fixed), &mut rng);
-    let at = ((lines.len() as f64 * depth).round() as usize).min(lines.len());
-    let before = format!("{intro}{}", join_lines(&lines[..at]));
-    let (context, needle) = assemble(tok, &before, &fact, &join_lines(&lines[at..]));
+    let (context, needle, prefix) = chat_context(tok, kjv, &intro, &fact, context_tokens, depth, &mut rng);
     Trial {
         task: Task::NeedleChat,
         context,
@@ -136,7 +148,7 @@ pub fn needle_chat(tok: &Tokenizer, kjv: &str, context_tokens: usize, depth: f64
         needle,
         depth,
         answer_tokens: 9,
-        prefix: tok.encode(&intro).len(),
+        prefix,
     }
 }
 

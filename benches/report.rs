@@ -334,6 +334,88 @@ fn bench_sparse(tokens: usize, policy_text: &str) -> SparseFigures {
     SparseFigures { dense_secs, sparse_secs, select_secs, selected_tokens, gemfilter_secs }
 }
 
+/// Causal prefill attention of one sequence of `tokens` (f16 K/V, 1 KV head, 4 query heads,
+/// head_dim 128, one call for the whole prompt): seconds and FLOP (QK and PV, 2 per
+/// multiply-add, over the causal triangle including the diagonal).
+fn bench_prefill(tokens: usize) -> (f64, f64) {
+    let (hk, hq, d, ps) = (1, 4, 128, 16);
+    let mut cache = KvCache::new(CacheConfig::new(1, hk, d, ps, tokens.div_ceil(ps)).with_dtype(DType::F16)).unwrap();
+    let id = cache.create_sequence();
+    cache.append(id, tokens, None).unwrap();
+    let mut x = 0x2545_f491u32;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+    };
+    let kv: Vec<f32> = (0..tokens * hk * d).map(|_| next()).collect();
+    let t = TensorView::new(&kv, &[tokens, hk, d]).unwrap();
+    cache.write(id, 0, 0, &t, &t).unwrap();
+    let q: Vec<f32> = (0..tokens * hq * d).map(|_| next()).collect();
+    let qv = TensorView::new(&q, &[tokens, hq, d]).unwrap();
+    let mut out = vec![0f32; tokens * hq * d];
+    let p = AttentionParams::default();
+    let indptr = [0, tokens as i32];
+    let mut run = || {
+        let mut o = TensorViewMut::new(&mut out, &[tokens, hq, d]).unwrap();
+        cache.prefill(0, &[id], &qv, &indptr, &mut o, None, &p, true).unwrap();
+    };
+    run();
+    // One timed call at long contexts (32K takes seconds), the median of three below.
+    let reps = if tokens > 8192 { 1 } else { 3 };
+    let secs = median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                run();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    let pairs = tokens as f64 * (tokens as f64 + 1.0) / 2.0;
+    (secs, pairs * hq as f64 * d as f64 * 2.0 * 2.0)
+}
+
+/// The FLOP rate of matrixmultiply's sgemm with its threads (C = A B, 2048 x 2048 x 2048,
+/// row-major), the best of three calls after a warm-up.
+fn sgemm_flops() -> f64 {
+    let n = 2048;
+    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| ((i * 104_729) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let mut c = vec![0f32; n * n];
+    let mut run = || {
+        // SAFETY: a, b and c hold n x n row-major matrices (row stride n, column stride 1).
+        unsafe {
+            matrixmultiply::sgemm(
+                n,
+                n,
+                n,
+                1.0,
+                a.as_ptr(),
+                n as isize,
+                1,
+                b.as_ptr(),
+                n as isize,
+                1,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            )
+        }
+    };
+    run();
+    let best = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            run();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    2.0 * (n * n * n) as f64 / best
+}
+
 /// Prints the peer comparison and adds its figures to `json`.
 fn report_peer(peer: &PeerFigures, json: &mut Vec<(&'static str, String)>) {
     let ks = peer.median_secs(0);
@@ -416,6 +498,24 @@ fn main() {
     let sparse_tokens: usize = arg("--sparse-tokens").map_or(131072, |s| s.parse().expect("--sparse-tokens N"));
     // Budget 2048 of 128K (1/64): sinks 64 + window 512 + page bounds for the rest.
     let sp = bench_sparse(sparse_tokens, "sinks=64,window=512,pages=1472");
+    // Prefill attention against sgemm, both on the pool's thread count (`--no-prefill` skips
+    // it: the 32K prompt alone takes tens of seconds on 2 cores).
+    let prefill = if args.iter().any(|a| a == "--no-prefill") {
+        None
+    } else {
+        if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+            std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
+        }
+        let gemm = sgemm_flops();
+        let runs: Vec<(usize, f64, f64)> = [8192usize, 32768]
+            .into_iter()
+            .map(|n| {
+                let (secs, flop) = bench_prefill(n);
+                (n, secs, flop)
+            })
+            .collect();
+        Some((gemm, runs))
+    };
 
     println!("kvsieve dense decode, f16, head_dim 128, 8 KV / 32 query heads, page 16, {tokens} tokens, {threads} threads, isa {}", kvsieve::cpu::isa());
     println!("{:<34} {:>12}", "memory read bandwidth (GB/s)", format!("{:.2}", bw / 1e9));
@@ -454,6 +554,21 @@ fn main() {
         sp.gemfilter_secs * 1e3,
         sp.gemfilter_secs / sp.dense_secs
     );
+    if let Some((gemm, runs)) = &prefill {
+        println!("{:<34} {:>9.2} GFLOP/s (matrixmultiply, 2048^3)", "sgemm", gemm / 1e9);
+        for &(n, secs, flop) in runs {
+            let name = if n == 8192 { "prefill_vs_sgemm_8k" } else { "prefill_vs_sgemm_32k" };
+            println!(
+                "{:<34} {:>9.3} s  {:>7.2} GFLOP/s  {:.3} of sgemm's rate",
+                format!("causal prefill, {n} tokens"),
+                secs,
+                flop / secs / 1e9,
+                flop / secs / gemm
+            );
+            json.push((name, format!("{:.4}", flop / secs / gemm)));
+        }
+        json.push(("sgemm_gflops", format!("{:.4}", gemm / 1e9)));
+    }
     if let Some(peer) = &peer {
         report_peer(peer, &mut json);
     }

@@ -3,7 +3,7 @@
 //! times the query tokens of a prefill tile).
 
 use crate::attention::rope::RopeTable;
-use crate::attention::{AttentionParams, PositionMode, RopeConfig};
+use crate::attention::{AttentionParams, PositionMode, RopeConfig, RopeStyle};
 use crate::cpu;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -264,6 +264,10 @@ pub(crate) struct Scratch {
     k_ptrs: Vec<*const u8>,
     v_ptrs: Vec<*const u8>,
     k_rot: Vec<f32>,
+    /// Per key of the block, its RoPE (cos, sin) row for the fused score tile, and rows
+    /// computed for positions the shared table does not cover.
+    cs_ptrs: Vec<*const f32>,
+    cs_rows: Vec<f32>,
     /// K and V rows of the next block, prefetched while this one is computed.
     ahead_k: Vec<*const u8>,
     ahead_v: Vec<*const u8>,
@@ -276,6 +280,8 @@ impl Scratch {
             k_ptrs: Vec::with_capacity(BLOCK),
             v_ptrs: Vec::with_capacity(BLOCK),
             k_rot: vec![0.0; BLOCK * d],
+            cs_ptrs: Vec::with_capacity(BLOCK),
+            cs_rows: Vec::new(),
             ahead_k: Vec::with_capacity(BLOCK),
             ahead_v: Vec::with_capacity(BLOCK),
         }
@@ -447,7 +453,40 @@ pub(crate) fn attend_block(
     next.head_rows(kv, kh, &mut sc.ahead_k, &mut sc.ahead_v);
     let mut k_dtype = kv.dtype();
     let mut ahead_k = &sc.ahead_k[..];
-    if let (Some((rope, inv, table)), false) = (&ctx.rope, pass.key_pos == KeyPos::Raw) {
+    let s = &mut sc.s[..rows * t];
+    let rope = ctx.rope.as_ref().filter(|_| pass.key_pos != KeyPos::Raw);
+    let key_pos = |j: usize, tok: usize| match pass.key_pos {
+        KeyPos::Index(base) => (base + blk.first + j) as f32,
+        _ => kv.position(b, tok) as f32,
+    };
+    // Keys stored before RoPE: rotated in registers inside the score tile where a fused
+    // kernel applies, each key by its table row (or a row computed like one).
+    let mut fused = false;
+    if let Some((rope, inv, table)) = rope {
+        let rot = 2 * inv.len();
+        sc.cs_ptrs.clear();
+        if sc.cs_rows.len() < t * rot {
+            sc.cs_rows.resize(t * rot, 0.0);
+        }
+        let base = sc.cs_rows.as_mut_ptr();
+        for (j, &tok) in blk.tokens.iter().enumerate() {
+            let pos = key_pos(j, tok);
+            match table.row(pos).filter(|r| r.len() == rot) {
+                Some(row) => sc.cs_ptrs.push(row.as_ptr()),
+                None => {
+                    // SAFETY: cs_rows holds t * rot floats (resized above); rows do not overlap.
+                    let row = unsafe { std::slice::from_raw_parts_mut(base.add(j * rot), rot) };
+                    rope.rotation_row(pos, inv, row);
+                    sc.cs_ptrs.push(row.as_ptr());
+                }
+            }
+        }
+        let how = (&sc.cs_ptrs[..], rot, rope.style == RopeStyle::HalfSplit);
+        // SAFETY: key pointers come from the view (d valid elements each); each cs pointer
+        // is valid for `rot` floats (a table row or a row of cs_rows).
+        fused = unsafe { cpu::scores_rope_ahead(q, rows, d, &sc.k_ptrs, k_dtype, how, s, ahead_k) };
+    }
+    if let (Some((rope, inv, table)), false) = (rope, fused) {
         // The keys are rotated into f32 rows here, so the next block's stored rows are
         // prefetched here too, with their own size.
         let mut ahead = cpu::Ahead::new(&sc.ahead_k, d * k_dtype.size());
@@ -458,19 +497,16 @@ pub(crate) fn attend_block(
             // SAFETY: k_ptrs[j] points at d valid elements (PagedKv contract).
             let bytes = unsafe { std::slice::from_raw_parts(sc.k_ptrs[j], d * k_dtype.size()) };
             crate::cpu::convert::load_row(bytes, k_dtype, row);
-            let pos = match pass.key_pos {
-                KeyPos::Index(base) => (base + blk.first + j) as f32,
-                _ => kv.position(b, tok) as f32,
-            };
-            rope.rotate_with(row, pos, inv, table);
+            rope.rotate_with(row, key_pos(j, tok), inv, table);
             sc.k_ptrs[j] = row.as_ptr() as *const u8;
         }
         ahead.upto(usize::MAX);
         k_dtype = DType::F32;
     }
-    let s = &mut sc.s[..rows * t];
-    // SAFETY: pointers come from the view (or k_rot), each valid for d elements.
-    unsafe { cpu::scores_ahead(q, rows, d, &sc.k_ptrs, k_dtype, s, ahead_k) };
+    if !fused {
+        // SAFETY: pointers come from the view (or k_rot), each valid for d elements.
+        unsafe { cpu::scores_ahead(q, rows, d, &sc.k_ptrs, k_dtype, s, ahead_k) };
+    }
     let masked = *blk.tokens.last().unwrap() > min_limit || pass.filter.is_some();
     for r in 0..rows {
         let sr = &mut s[r * t..(r + 1) * t];

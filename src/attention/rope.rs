@@ -96,15 +96,15 @@ impl RopeConfig {
 }
 
 /// Rotations at integer positions `0..len` for one RoPE configuration and head_dim: the
-/// `(cos, sin)` of every rotated pair, computed exactly as [`RopeConfig::rotate`] does, so
+/// cos and sin of every rotated pair, computed exactly as [`RopeConfig::rotate`] does, so
 /// rotating through the table gives the same bits. Keys stored before RoPE are rotated at
 /// every read; the table turns the per-pair `sin_cos` into a lookup.
 #[derive(Debug)]
 pub(crate) struct RopeTable {
     half: usize,
     len: usize,
-    /// `[len][half]` pairs of (cos, sin).
-    cs: Vec<[f32; 2]>,
+    /// `[len][cos | sin][half]`: per position the cos of every pair, then the sin.
+    cs: Vec<f32>,
 }
 
 /// Longest table kept (positions beyond it are rotated by computing `sin_cos`).
@@ -113,13 +113,9 @@ const TABLE_MAX_POSITIONS: usize = 1 << 16;
 impl RopeTable {
     fn build(cfg: &RopeConfig, inv_freq: &[f32], len: usize) -> Self {
         let half = inv_freq.len();
-        let mut cs = vec![[0f32; 2]; len * half];
-        cs.par_chunks_mut(half.max(1)).enumerate().for_each(|(pos, row)| {
-            let p = (pos as f32 / cfg.position_scale) as f64;
-            for (e, &f) in row.iter_mut().zip(inv_freq) {
-                let (sin, cos) = (p * f as f64).sin_cos();
-                *e = [cos as f32, sin as f32];
-            }
+        let mut cs = vec![0f32; len * 2 * half];
+        cs.par_chunks_mut((2 * half).max(1)).enumerate().for_each(|(pos, row)| {
+            cfg.rotation_row(pos as f32, inv_freq, row);
         });
         RopeTable { half, len, cs }
     }
@@ -156,31 +152,59 @@ impl RopeConfig {
             return self.rotate(x, position, inv_freq);
         }
         let half = table.half;
-        let row = &table.cs[i * half..(i + 1) * half];
+        let (cos, sin) = table.cs[i * 2 * half..(i + 1) * 2 * half].split_at(half);
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::has_avx2() {
             // SAFETY: the CPU has AVX2 (checked); the loop is plain arithmetic on slices.
-            return unsafe { rotate_pairs_avx2(self.style, x, row) };
+            return unsafe { rotate_pairs_avx2(self.style, x, cos, sin) };
         }
-        rotate_pairs(self.style, x, row);
+        rotate_pairs(self.style, x, cos, sin);
     }
 }
 
-/// Rotate the pairs of `x` by the (cos, sin) of `row`, one per pair. Separate multiplies and
+impl RopeTable {
+    /// The rotation of integer position `position` as `2 * half` floats (the cos of every
+    /// pair, then the sin), if the table covers it.
+    #[inline]
+    pub(crate) fn row(&self, position: f32) -> Option<&[f32]> {
+        let i = position as usize;
+        if position < 0.0 || i as f32 != position || i >= self.len {
+            return None;
+        }
+        Some(&self.cs[i * 2 * self.half..(i + 1) * 2 * self.half])
+    }
+}
+
+impl RopeConfig {
+    /// The cos and sin [`RopeConfig::rotate`] uses at `position` for every pair, into `out`
+    /// (`2 * inv_freq.len()` floats: every cos, then every sin), as a table row holds them.
+    pub(crate) fn rotation_row(&self, position: f32, inv_freq: &[f32], out: &mut [f32]) {
+        let p = (position / self.position_scale) as f64;
+        let (cos, sin) = out.split_at_mut(inv_freq.len());
+        for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
+            let (sn, cs) = (p * f as f64).sin_cos();
+            *c = cs as f32;
+            *s = sn as f32;
+        }
+    }
+}
+
+/// Rotate the pairs of `x` by `cos` and `sin`, one of each per pair. Separate multiplies and
 /// adds (no FMA), so every instruction set gives the same bits.
 #[inline(always)]
-fn rotate_pairs(style: RopeStyle, x: &mut [f32], row: &[[f32; 2]]) {
+fn rotate_pairs(style: RopeStyle, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let row = cos.iter().zip(sin);
     match style {
         RopeStyle::HalfSplit => {
-            let (lo, hi) = x.split_at_mut(row.len());
-            for ((a, b), &[cos, sin]) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
+            let (lo, hi) = x.split_at_mut(cos.len());
+            for ((a, b), (&cos, &sin)) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
                 let (xa, xb) = (*a, *b);
                 *a = xa * cos - xb * sin;
                 *b = xa * sin + xb * cos;
             }
         }
         RopeStyle::AdjacentPairs => {
-            for (pair, &[cos, sin]) in x.chunks_exact_mut(2).zip(row) {
+            for (pair, (&cos, &sin)) in x.chunks_exact_mut(2).zip(row) {
                 let (xa, xb) = (pair[0], pair[1]);
                 pair[0] = xa * cos - xb * sin;
                 pair[1] = xa * sin + xb * cos;
@@ -192,8 +216,8 @@ fn rotate_pairs(style: RopeStyle, x: &mut [f32], row: &[[f32; 2]]) {
 /// [`rotate_pairs`] compiled for AVX2 (256-bit vectors instead of the baseline's 128-bit).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn rotate_pairs_avx2(style: RopeStyle, x: &mut [f32], row: &[[f32; 2]]) {
-    rotate_pairs(style, x, row)
+unsafe fn rotate_pairs_avx2(style: RopeStyle, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    rotate_pairs(style, x, cos, sin)
 }
 
 /// Apply RoPE in place to `x` of shape `[n, heads, head_dim]`, token `i` at `positions[i]`.

@@ -51,6 +51,41 @@ pub(crate) unsafe fn scores_ahead(
     portable::scores(q, rows, d, k_rows, dtype, out)
 }
 
+/// [`scores_ahead`] of keys stored before RoPE, each rotated in registers as it is read:
+/// key `j` by the `rot / 2` (cos, sin) pairs at `cs[j]`, paired `(i, i + rot / 2)` when
+/// `half_split`, else `(2i, 2i + 1)`; the scores equal those of rotating each row with
+/// `RopeConfig::rotate` first. Returns false, computing nothing, where no fused kernel
+/// applies (no AVX2, or `rot` not a multiple of 16 / 8); the caller then rotates rows.
+///
+/// # Safety
+/// As for [`scores`], and every `cs[j]` is valid for reads of `rot` floats
+/// (`cs.len() == k_rows.len()`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn scores_rope_ahead(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    k_rows: &[*const u8],
+    dtype: DType,
+    (cs, rot, half_split): (&[*const f32], usize, bool),
+    out: &mut [f32],
+    ahead: &[*const u8],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && rot <= d && rot.is_multiple_of(if half_split { 16 } else { 8 }) {
+        debug_assert_eq!(cs.len(), k_rows.len());
+        let rope = avx2::Rope { cs, rot, half_split };
+        match dtype {
+            DType::F32 => avx2::scores_rope::<{ avx2::F32 }>(q, rows, d, k_rows, rope, out, ahead),
+            DType::F16 => avx2::scores_rope::<{ avx2::F16 }>(q, rows, d, k_rows, rope, out, ahead),
+            DType::BF16 => avx2::scores_rope::<{ avx2::BF16 }>(q, rows, d, k_rows, rope, out, ahead),
+        }
+        return true;
+    }
+    let _ = (q, rows, d, k_rows, dtype, cs, rot, half_split, out, ahead);
+    false
+}
+
 /// `o[r] += sum_j p[r][j] * v_rows[j]`, prefetching the rows `ahead` as [`scores_ahead`] does.
 ///
 /// # Safety

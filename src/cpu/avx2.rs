@@ -40,20 +40,82 @@ pub unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Dot products of G query rows with one key row.
+/// Where the fused tile finds a key's RoPE rotation: `cs[j]` points at key `j`'s rotation,
+/// the cos of its `rot / 2` pairs then their sin (a row of the shared rotation table);
+/// `rot` channels are rotated, paired `(i, i + rot / 2)` when `half_split`, else
+/// `(2i, 2i + 1)`. `rot` is a multiple of 16 (half split) or 8.
+#[derive(Clone, Copy)]
+pub struct Rope<'a> {
+    pub cs: &'a [*const f32],
+    pub rot: usize,
+    pub half_split: bool,
+}
+
+/// Channels `c..c + 8` of a key row; with `ROPE` and adjacent pairs (`c < rot`) rotated:
+/// lane `2i` is `x_2i cos_i - x_2i+1 sin_i`, lane `2i + 1` is `x_2i+1 cos_i + x_2i sin_i`,
+/// separate multiplies and an add, the bits `RopeConfig::rotate` gives. (Half-split pairs
+/// are rotated by [`load_half_pair`]; this is only called past them.)
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_rows<const L: u8, const G: usize>(
+unsafe fn load_key<const L: u8, const ROPE: bool>(k: *const u8, c: usize, cs: *const f32, rot: usize) -> __m256 {
+    let x = load8::<L>(k.add(c * size::<L>()));
+    if !ROPE || c >= rot {
+        return x;
+    }
+    // Pairs c/2 .. c/2 + 4: their cos and sin, each repeated for the pair's two lanes.
+    let dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    let cos = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(cs.add(c / 2))), dup);
+    let sin = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(cs.add(rot / 2 + c / 2))), dup);
+    let swapped = _mm256_permute_ps::<0b10_11_00_01>(x);
+    _mm256_addsub_ps(_mm256_mul_ps(x, cos), _mm256_mul_ps(swapped, sin))
+}
+
+/// Half-split pairs `c..c + 8`: channels `c..c + 8` and `h + c..h + c + 8` of a key row
+/// (`h = rot / 2`) rotated, `x_i cos - x_h+i sin` and `x_i sin + x_h+i cos` as
+/// `RopeConfig::rotate` computes them.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load_half_pair<const L: u8>(k: *const u8, c: usize, cs: *const f32, h: usize) -> (__m256, __m256) {
+    let lo = load8::<L>(k.add(c * size::<L>()));
+    let hi = load8::<L>(k.add((h + c) * size::<L>()));
+    let (cos, sin) = (_mm256_loadu_ps(cs.add(c)), _mm256_loadu_ps(cs.add(h + c)));
+    (
+        _mm256_sub_ps(_mm256_mul_ps(lo, cos), _mm256_mul_ps(hi, sin)),
+        _mm256_add_ps(_mm256_mul_ps(lo, sin), _mm256_mul_ps(hi, cos)),
+    )
+}
+
+/// Dot products of G query rows with one key row (rotated by RoPE when `ROPE`, see
+/// [`load_key`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_rows<const L: u8, const G: usize, const ROPE: bool>(
     q: *const f32,
     d: usize,
     k: *const u8,
+    cs: *const f32,
+    rope: (usize, bool),
     out: *mut f32,
     out_stride: usize,
 ) {
     let mut acc = [_mm256_setzero_ps(); G];
     let mut c = 0;
+    if ROPE && rope.1 {
+        // Half-split pairs: both halves of each pair rotated together, then the rest.
+        let h = rope.0 / 2;
+        while c < h {
+            let (lo, hi) = load_half_pair::<L>(k, c, cs, h);
+            for (g, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), lo, *a);
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + h + c)), hi, *a);
+            }
+            c += 8;
+        }
+        c = rope.0;
+    }
     while c < d {
-        let kv = load8::<L>(k.add(c * size::<L>()));
+        let kv = load_key::<L, ROPE>(k, c, cs, if rope.1 { 0 } else { rope.0 });
         for (g, a) in acc.iter_mut().enumerate() {
             *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), kv, *a);
         }
@@ -70,19 +132,37 @@ unsafe fn dot_rows<const L: u8, const G: usize>(
 /// not depend on the tiling.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_rx2<const L: u8, const R: usize>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_rx2<const L: u8, const R: usize, const ROPE: bool>(
     q: *const f32,
     d: usize,
-    k0: *const u8,
-    k1: *const u8,
+    (k0, k1): (*const u8, *const u8),
+    (cs0, cs1): (*const f32, *const f32),
+    rope: (usize, bool),
     out: *mut f32,
     os: usize,
 ) {
     let mut a = [[_mm256_setzero_ps(); 2]; R];
     let mut c = 0;
+    if ROPE && rope.1 {
+        // Half-split pairs: both halves of each pair rotated together, then the rest.
+        let h = rope.0 / 2;
+        while c < h {
+            let (l0, h0) = load_half_pair::<L>(k0, c, cs0, h);
+            let (l1, h1) = load_half_pair::<L>(k1, c, cs1, h);
+            for (r, ar) in a.iter_mut().enumerate() {
+                let (ql, qh) = (_mm256_loadu_ps(q.add(r * d + c)), _mm256_loadu_ps(q.add(r * d + h + c)));
+                ar[0] = _mm256_fmadd_ps(qh, h0, _mm256_fmadd_ps(ql, l0, ar[0]));
+                ar[1] = _mm256_fmadd_ps(qh, h1, _mm256_fmadd_ps(ql, l1, ar[1]));
+            }
+            c += 8;
+        }
+        c = rope.0;
+    }
+    let adjacent = if rope.1 { 0 } else { rope.0 };
     while c < d {
-        let x0 = load8::<L>(k0.add(c * size::<L>()));
-        let x1 = load8::<L>(k1.add(c * size::<L>()));
+        let x0 = load_key::<L, ROPE>(k0, c, cs0, adjacent);
+        let x1 = load_key::<L, ROPE>(k1, c, cs1, adjacent);
         for (r, ar) in a.iter_mut().enumerate() {
             let qr = _mm256_loadu_ps(q.add(r * d + c));
             ar[0] = _mm256_fmadd_ps(qr, x0, ar[0]);
@@ -114,37 +194,68 @@ pub unsafe fn scores<const L: u8>(
     out: &mut [f32],
     ahead: &[*const u8],
 ) {
+    scores_tile::<L, false>(q, rows, d, k_rows, Rope { cs: &[], rot: 0, half_split: false }, out, ahead)
+}
+
+/// [`scores`] of keys stored before RoPE, each rotated in registers as it is loaded
+/// (`rope.cs[j]` for key `j`), the same scores as rotating the rows first.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn scores_rope<const L: u8>(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    k_rows: &[*const u8],
+    rope: Rope,
+    out: &mut [f32],
+    ahead: &[*const u8],
+) {
+    scores_tile::<L, true>(q, rows, d, k_rows, rope, out, ahead)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scores_tile<const L: u8, const ROPE: bool>(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    k_rows: &[*const u8],
+    rope: Rope,
+    out: &mut [f32],
+    ahead: &[*const u8],
+) {
     let t = k_rows.len();
     let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
     let mut ahead = super::Ahead::new(ahead, d * size::<L>());
+    let cs = |j: usize| if ROPE { rope.cs[j] } else { std::ptr::null() };
+    let how = (rope.rot, rope.half_split);
     let mut j = 0;
     while j + 2 <= t {
         ahead.upto(j + 2);
-        let (k0, k1) = (k_rows[j], k_rows[j + 1]);
+        let (k, c) = ((k_rows[j], k_rows[j + 1]), (cs(j), cs(j + 1)));
         let mut r = 0;
         while r + 4 <= rows {
-            dot_rx2::<L, 4>(qp.add(r * d), d, k0, k1, op.add(r * t + j), t);
+            dot_rx2::<L, 4, ROPE>(qp.add(r * d), d, k, c, how, op.add(r * t + j), t);
             r += 4;
         }
         let (qr, or) = (qp.add(r * d), op.add(r * t + j));
         match rows - r {
-            3 => dot_rx2::<L, 3>(qr, d, k0, k1, or, t),
-            2 => dot_rx2::<L, 2>(qr, d, k0, k1, or, t),
-            1 => dot_rx2::<L, 1>(qr, d, k0, k1, or, t),
+            3 => dot_rx2::<L, 3, ROPE>(qr, d, k, c, how, or, t),
+            2 => dot_rx2::<L, 2, ROPE>(qr, d, k, c, how, or, t),
+            1 => dot_rx2::<L, 1, ROPE>(qr, d, k, c, how, or, t),
             _ => {}
         }
         j += 2;
     }
     ahead.upto(usize::MAX);
     if j < t {
-        let k = k_rows[j];
+        let (k, c) = (k_rows[j], cs(j));
         let mut r = 0;
         while r + 4 <= rows {
-            dot_rows::<L, 4>(qp.add(r * d), d, k, op.add(r * t + j), t);
+            dot_rows::<L, 4, ROPE>(qp.add(r * d), d, k, c, how, op.add(r * t + j), t);
             r += 4;
         }
         while r < rows {
-            dot_rows::<L, 1>(qp.add(r * d), d, k, op.add(r * t + j), t);
+            dot_rows::<L, 1, ROPE>(qp.add(r * d), d, k, c, how, op.add(r * t + j), t);
             r += 1;
         }
     }

@@ -17,7 +17,7 @@ pub(crate) mod assign;
 pub(crate) mod bounds;
 pub(crate) mod convert;
 
-pub(crate) use attend::{accumulate_ahead, exp_sub_sum, max, scores, scores_ahead};
+pub(crate) use attend::{accumulate_ahead, exp_sub_sum, max, scores, scores_ahead, scores_rope_ahead};
 pub use isa::isa;
 pub(crate) use isa::{has_avx2, has_avx512};
 pub(crate) use prefetch::{prefetch, Ahead};

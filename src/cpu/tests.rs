@@ -132,3 +132,80 @@ proptest! {
         prop_assert_eq!(max(&x), x.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// The fused RoPE score tile against rotating each stored row with `RopeConfig::rotate`
+    /// first: bit for bit the scores of the same level's tile over the rotated f32 rows for
+    /// adjacent pairs (same order of operations), and within f32 rounding of f64 sums over
+    /// the rotated rows for half-split pairs (each pair's halves are summed together), for
+    /// partial rotary dims, every dtype, tile shapes and tails, and positions inside and
+    /// past the shared table.
+    #[test]
+    fn fused_rope_scores_equal_rotating_rows_first(
+        seed in any::<u64>(), rows in 1usize..10, t in 1usize..20,
+        d in prop_oneof![Just(16usize), Just(32), Just(64), Just(128)], partial in any::<bool>(),
+        half_split in any::<bool>(), dt in 0usize..3,
+    ) {
+        use crate::attention::{RopeConfig, RopeStyle};
+        let dtype = [DType::F32, DType::F16, DType::BF16][dt];
+        let style = if half_split { RopeStyle::HalfSplit } else { RopeStyle::AdjacentPairs };
+        let rot = if partial { d / 2 } else { d };
+        let cfg = RopeConfig { theta: 10_000.0, rotary_dim: rot, style, position_scale: 1.0 };
+        let inv = cfg.inv_freq(d);
+        let table = cfg.table(d, 512);
+        let mut state = seed | 1;
+        let mut next = || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; state };
+        let q: Vec<f32> = (0..rows * d).map(|_| (next() % 20_001) as f32 / 10_000.0 - 1.0).collect();
+        let es = dtype.size();
+        let mut kb = vec![0u8; t * d * es];
+        for i in 0..t * d {
+            store_f32(&mut kb, dtype, i, (next() % 20_001) as f32 / 10_000.0 - 1.0);
+        }
+        let positions: Vec<f32> = (0..t).map(|j| if j % 3 == 2 { 70_000.0 + j as f32 } else { (next() % 600) as f32 }).collect();
+        let mut computed = vec![0f32; t * rot];
+        let cs: Vec<*const f32> = positions.iter().enumerate().map(|(j, &p)| match table.row(p) {
+            Some(r) => r.as_ptr(),
+            None => {
+                cfg.rotation_row(p, &inv, &mut computed[j * rot..(j + 1) * rot]);
+                computed[j * rot..].as_ptr()
+            }
+        }).collect();
+        let mut rotated = vec![0f32; t * d];
+        for j in 0..t {
+            let row = &mut rotated[j * d..(j + 1) * d];
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = load_f32(&kb, dtype, j * d + c);
+            }
+            cfg.rotate(row, positions[j], &inv);
+        }
+        let k_rows: Vec<*const u8> = (0..t).map(|j| kb[j * d * es..].as_ptr()).collect();
+        let r_rows: Vec<*const u8> = (0..t).map(|j| rotated[j * d..].as_ptr() as *const u8).collect();
+        let (mut fused, mut plain) = (vec![0f32; rows * t], vec![0f32; rows * t]);
+        // SAFETY: every row pointer covers d elements, every cs pointer rot floats.
+        let ran = unsafe { scores_rope_ahead(&q, rows, d, &k_rows, dtype, (&cs, rot, half_split), &mut fused, &[]) };
+        if ran {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above; the fused kernel ran, so the CPU has AVX2, FMA and F16C.
+            unsafe { avx2::scores::<{ avx2::F32 }>(&q, rows, d, &r_rows, &mut plain, &[]) };
+            if half_split {
+                for r in 0..rows {
+                    for j in 0..t {
+                        let qr = &q[r * d..(r + 1) * d];
+                        let kr = &rotated[j * d..(j + 1) * d];
+                        let want: f64 = qr.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let mag: f64 = qr.iter().zip(kr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                        let got = fused[r * t + j] as f64;
+                        prop_assert!((got - want).abs() <= 1e-5 * mag + 1e-30, "row {} key {}: {} vs {}", r, j, got, want);
+                    }
+                }
+            } else {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(bits(&fused), bits(&plain));
+            }
+        } else {
+            // Only a half-split rotation of 8 channels (4 pairs, half a vector) has no fused tile.
+            prop_assert!(!has_avx2() || (half_split && rot == 8), "no fused tile for rot {} half_split {}", rot, half_split);
+        }
+    }
+}

@@ -7,6 +7,12 @@
 //! and batch 8) can be changed with `--tokens N` for a quick run. `--ggml-fa PATH` names the
 //! peer program (benches/ggml_fa, built by scripts/build-ggml-peer.sh); `--ggml-fa-only`
 //! measures that comparison alone.
+//!
+//! Also: sparse decode at 128K tokens (`--sparse-tokens N`) with its selection's share of
+//! the step, decode with keys rotated at read against post-RoPE keys, GemFilter's select,
+//! and causal prefill attention at 8K and 32K tokens as a fraction of the FLOP rate of
+//! matrixmultiply's sgemm measured in the same run (`prefill_vs_sgemm_8k`, `_32k`;
+//! `--no-prefill` skips them).
 
 use std::path::Path;
 use std::process::Command;

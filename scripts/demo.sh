@@ -9,9 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tokens=4096
 llama_args=()
+bench_args=(--no-prefill)
 if [ "${1:-}" = "--full" ]; then
   tokens=32768
   llama_args=(--full)
+  bench_args=()
 fi
 
 bash scripts/setup.sh
@@ -34,7 +36,7 @@ echo; echo "== Python: examples/python/01_store_and_decode.py"
 .venv/bin/python examples/python/01_store_and_decode.py
 
 echo; echo "== dense decode benchmark ($tokens tokens)"
-cargo bench -q --bench report -- --tokens "$tokens"
+cargo bench -q --bench report -- --tokens "$tokens" "${bench_args[@]}"
 
 echo; echo "== SmolLM2-135M-Instruct on kvsieve (examples/llama)"
 model=$(bash scripts/fetch-model.sh)

@@ -71,7 +71,8 @@ proptest! {
 
     /// Keys stored before RoPE and rotated at read, under each position mode, against the
     /// reference: ragged batches (empty sequences included), stored positions with gaps (so
-    /// original and contiguous numbering differ), both pair styles, small chunks.
+    /// original and contiguous numbering differ), inside and across the end of the shared
+    /// rotation table (65,536 positions), both pair styles, small chunks.
     #[test]
     fn pre_rope_decode_matches_reference(
         dtype in dtype_strategy(),
@@ -82,16 +83,18 @@ proptest! {
         chunk in prop_oneof![Just(None), Just(Some(7usize)), Just(Some(64))],
         mode in prop_oneof![Just(PositionMode::Original), Just(PositionMode::Contiguous), (1u32..90).prop_map(|m| PositionMode::Capped { max_distance: m })],
         half_split in any::<bool>(),
+        far in any::<bool>(),
     ) {
         let (hk, ps) = (2, 16);
         let hq = hk * group;
+        let base = if far { 65_300 } else { 0 };
         let pages: usize = lens.iter().map(|l| l.div_ceil(ps)).sum::<usize>() + 1;
         let cfg = CacheConfig::new(1, hk, head_dim, ps, pages).with_dtype(dtype).with_key_rope(KeyRope::PreRope);
         let mut cache = KvCache::new(cfg).unwrap();
         let mut rng = Rng(seed);
         let ids: Vec<_> = lens.iter().map(|&n| {
             let id = cache.create_sequence();
-            let positions: Vec<i32> = (0..n as i32).map(|i| 3 * i + (i % 5)).collect();
+            let positions: Vec<i32> = (0..n as i32).map(|i| base + 3 * i + (i % 5)).collect();
             cache.append(id, n, Some(&positions)).unwrap();
             let (k, v) = (rng.vec(n * hk * head_dim, 2.0), rng.vec(n * hk * head_dim, 1.0));
             cache.write(id, 0, 0, &TensorView::new(&k, &[n, hk, head_dim]).unwrap(), &TensorView::new(&v, &[n, hk, head_dim]).unwrap()).unwrap();

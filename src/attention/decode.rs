@@ -155,7 +155,7 @@ fn decode_shared<'l>(
                 next.fill(kv, b, &toks, i1, (i1 + BLOCK).min(n));
                 for (kh, st) in states.iter_mut().enumerate() {
                     let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
-                    attend_block(ctx, b, kh, qrows, g, &cur, &next, &pass, usize::MAX, st, sc);
+                    attend_block(ctx, b, kh, qrows, g, &mut cur, &next, &pass, usize::MAX, st, sc);
                 }
                 std::mem::swap(&mut cur, &mut next);
             }

@@ -264,10 +264,6 @@ pub(crate) struct Scratch {
     k_ptrs: Vec<*const u8>,
     v_ptrs: Vec<*const u8>,
     k_rot: Vec<f32>,
-    /// Per key of the block, its RoPE (cos, sin) row for the fused score tile, and rows
-    /// computed for positions the shared table does not cover.
-    cs_ptrs: Vec<*const f32>,
-    cs_rows: Vec<f32>,
     /// K and V rows of the next block, prefetched while this one is computed.
     ahead_k: Vec<*const u8>,
     ahead_v: Vec<*const u8>,
@@ -280,8 +276,6 @@ impl Scratch {
             k_ptrs: Vec::with_capacity(BLOCK),
             v_ptrs: Vec::with_capacity(BLOCK),
             k_rot: vec![0.0; BLOCK * d],
-            cs_ptrs: Vec::with_capacity(BLOCK),
-            cs_rows: Vec::new(),
             ahead_k: Vec::with_capacity(BLOCK),
             ahead_v: Vec::with_capacity(BLOCK),
         }
@@ -365,6 +359,12 @@ pub(crate) struct Block {
     /// K and V of head 0 of each token; head `h` is `h * head stride` further.
     k0: Vec<*const u8>,
     v0: Vec<*const u8>,
+    /// Keys stored before RoPE: each token's rotation for the fused score tile (a row of
+    /// the shared table, or of `cs_rows` for positions it does not cover), computed once
+    /// for the pass `cs_for` and reused by every KV head of the block.
+    cs: Vec<*const f32>,
+    cs_rows: Vec<f32>,
+    cs_for: Option<KeyPos>,
 }
 
 // SAFETY: the pointers are read-only addresses into a PagedKv shared by the workers.
@@ -376,6 +376,7 @@ impl Block {
         self.tokens.clear();
         self.k0.clear();
         self.v0.clear();
+        self.cs_for = None;
         self.first = i0;
         for i in i0..i1 {
             let t = tokens.get(i);
@@ -420,7 +421,7 @@ pub(crate) fn attend(
     for i0 in (0..n).step_by(BLOCK) {
         let i1 = (i0 + BLOCK).min(n);
         next.fill(kv, b, &tokens, i1, (i1 + BLOCK).min(n));
-        attend_block(ctx, b, kh, q, rows, &cur, &next, pass, min_limit, st, sc);
+        attend_block(ctx, b, kh, q, rows, &mut cur, &next, pass, min_limit, st, sc);
         std::mem::swap(&mut cur, &mut next);
     }
 }
@@ -436,7 +437,7 @@ pub(crate) fn attend_block(
     kh: usize,
     q: &[f32],
     rows: usize,
-    blk: &Block,
+    blk: &mut Block,
     next: &Block,
     pass: &Pass,
     min_limit: usize,
@@ -455,35 +456,40 @@ pub(crate) fn attend_block(
     let mut ahead_k = &sc.ahead_k[..];
     let s = &mut sc.s[..rows * t];
     let rope = ctx.rope.as_ref().filter(|_| pass.key_pos != KeyPos::Raw);
+    let first = blk.first;
     let key_pos = |j: usize, tok: usize| match pass.key_pos {
-        KeyPos::Index(base) => (base + blk.first + j) as f32,
+        KeyPos::Index(base) => (base + first + j) as f32,
         _ => kv.position(b, tok) as f32,
     };
     // Keys stored before RoPE: rotated in registers inside the score tile where a fused
-    // kernel applies, each key by its table row (or a row computed like one).
+    // kernel applies, each key by its table row (or a row computed like one), found once
+    // per block and pass for all KV heads.
     let mut fused = false;
     if let Some((rope, inv, table)) = rope {
         let rot = 2 * inv.len();
-        sc.cs_ptrs.clear();
-        if sc.cs_rows.len() < t * rot {
-            sc.cs_rows.resize(t * rot, 0.0);
-        }
-        let base = sc.cs_rows.as_mut_ptr();
-        for (j, &tok) in blk.tokens.iter().enumerate() {
-            let pos = key_pos(j, tok);
-            match table.row(pos).filter(|r| r.len() == rot) {
-                Some(row) => sc.cs_ptrs.push(row.as_ptr()),
-                None => {
-                    // SAFETY: cs_rows holds t * rot floats (resized above); rows do not overlap.
-                    let row = unsafe { std::slice::from_raw_parts_mut(base.add(j * rot), rot) };
-                    rope.rotation_row(pos, inv, row);
-                    sc.cs_ptrs.push(row.as_ptr());
+        if blk.cs_for != Some(pass.key_pos) {
+            let positions: Vec<f32> = blk.tokens.iter().enumerate().map(|(j, &tok)| key_pos(j, tok)).collect();
+            blk.cs_rows.clear();
+            for &pos in &positions {
+                if table.row(pos).filter(|r| r.len() == rot).is_none() {
+                    let at = blk.cs_rows.len();
+                    blk.cs_rows.resize(at + rot, 0.0);
+                    rope.rotation_row(pos, inv, &mut blk.cs_rows[at..]);
                 }
             }
+            blk.cs.clear();
+            let mut computed = blk.cs_rows.chunks_exact(rot.max(1));
+            for &pos in &positions {
+                match table.row(pos).filter(|r| r.len() == rot) {
+                    Some(row) => blk.cs.push(row.as_ptr()),
+                    None => blk.cs.push(computed.next().map_or(std::ptr::null(), |r| r.as_ptr())),
+                }
+            }
+            blk.cs_for = Some(pass.key_pos);
         }
-        let how = (&sc.cs_ptrs[..], rot, rope.style == RopeStyle::HalfSplit);
+        let how = (&blk.cs[..], rot, rope.style == RopeStyle::HalfSplit);
         // SAFETY: key pointers come from the view (d valid elements each); each cs pointer
-        // is valid for `rot` floats (a table row or a row of cs_rows).
+        // is valid for `rot` floats (a table row or a row of cs_rows, not changed since).
         fused = unsafe { cpu::scores_rope_ahead(q, rows, d, &sc.k_ptrs, k_dtype, how, s, ahead_k) };
     }
     if let (Some((rope, inv, table)), false) = (rope, fused) {

@@ -155,7 +155,14 @@ fn decode_shared<'l>(
                 next.fill(kv, b, &toks, i1, (i1 + BLOCK).min(n));
                 for (kh, st) in states.iter_mut().enumerate() {
                     let qrows = &qs[(b * hq + kh * g) * d..(b * hq + (kh + 1) * g) * d];
-                    attend_block(ctx, b, kh, qrows, g, &mut cur, &next, &pass, usize::MAX, st, sc);
+                    // Rows read next: the next head's of this block, after the last head
+                    // the first head's of the next block.
+                    if kh + 1 < hk {
+                        cur.head_rows(kv, kh + 1, &mut sc.ahead_k, &mut sc.ahead_v);
+                    } else {
+                        next.head_rows(kv, 0, &mut sc.ahead_k, &mut sc.ahead_v);
+                    }
+                    attend_block(ctx, b, kh, qrows, g, &mut cur, &pass, usize::MAX, st, sc);
                 }
                 std::mem::swap(&mut cur, &mut next);
             }

@@ -264,9 +264,10 @@ pub(crate) struct Scratch {
     k_ptrs: Vec<*const u8>,
     v_ptrs: Vec<*const u8>,
     k_rot: Vec<f32>,
-    /// K and V rows of the next block, prefetched while this one is computed.
-    ahead_k: Vec<*const u8>,
-    ahead_v: Vec<*const u8>,
+    /// K and V rows read next, prefetched while this block is computed (see
+    /// [`attend_block`]).
+    pub(crate) ahead_k: Vec<*const u8>,
+    pub(crate) ahead_v: Vec<*const u8>,
 }
 
 impl Scratch {
@@ -388,7 +389,7 @@ impl Block {
     }
 
     /// Pointers to head `kh`'s K and V rows of the block's tokens, replacing `k` and `v`.
-    fn head_rows(&self, kv: &PagedKv, kh: usize, k: &mut Vec<*const u8>, v: &mut Vec<*const u8>) {
+    pub(crate) fn head_rows(&self, kv: &PagedKv, kh: usize, k: &mut Vec<*const u8>, v: &mut Vec<*const u8>) {
         let es = kv.dtype().size();
         let (ko, vo) = (kh * kv.layout().k_strides[2] * es, kh * kv.layout().v_strides[2] * es);
         k.clear();
@@ -421,15 +422,20 @@ pub(crate) fn attend(
     for i0 in (0..n).step_by(BLOCK) {
         let i1 = (i0 + BLOCK).min(n);
         next.fill(kv, b, &tokens, i1, (i1 + BLOCK).min(n));
-        attend_block(ctx, b, kh, q, rows, &mut cur, &next, pass, min_limit, st, sc);
+        next.head_rows(kv, kh, &mut sc.ahead_k, &mut sc.ahead_v);
+        attend_block(ctx, b, kh, q, rows, &mut cur, pass, min_limit, st, sc);
         std::mem::swap(&mut cur, &mut next);
     }
 }
 
 /// Attend `rows` query rows to one block of tokens of KV head `kh` (see [`attend`]);
-/// `min_limit` is the smallest `limit(r)`, so blocks below it skip the causal mask. The
-/// head's rows of `next` (the block to be read after this one) are prefetched a few at a
-/// time between the block's dot products, so that memory and arithmetic overlap.
+/// `min_limit` is the smallest `limit(r)`, so blocks below it skip the causal mask.
+/// Memory and arithmetic overlap by prefetching: this block's V rows of the head before the
+/// scores; the K rows of `sc.ahead_k` a few at a time between the scores' dot products; the
+/// V rows of `sc.ahead_v` between the weighted sum's. The caller fills those two with the
+/// rows it reads next (the next block's of this head, or, with heads innermost, the next
+/// head's of this block): each is read about one call after its prefetch, while it is still
+/// in the near caches (a whole block of heads later, they were not).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_block(
     ctx: &Ctx,
@@ -438,7 +444,6 @@ pub(crate) fn attend_block(
     q: &[f32],
     rows: usize,
     blk: &mut Block,
-    next: &Block,
     pass: &Pass,
     min_limit: usize,
     st: &mut RowState,
@@ -451,7 +456,11 @@ pub(crate) fn attend_block(
         return;
     }
     blk.head_rows(kv, kh, &mut sc.k_ptrs, &mut sc.v_ptrs);
-    next.head_rows(kv, kh, &mut sc.ahead_k, &mut sc.ahead_v);
+    // This block's V rows, asked for before the scores: most are on their way already (the
+    // previous call's weighted sum prefetched them), and the scores give them time to arrive.
+    for &v in &sc.v_ptrs {
+        cpu::prefetch(v, d * kv.dtype().size());
+    }
     let mut k_dtype = kv.dtype();
     let mut ahead_k = &sc.ahead_k[..];
     let s = &mut sc.s[..rows * t];

@@ -47,6 +47,15 @@ struct DecodeFigures {
     kv_bytes: f64,
 }
 
+/// The next value of an xorshift32 stream mapped to [-1, 1) (benches/ggml_fa/ggml_fa_bench.c
+/// draws the same stream).
+fn uniform(x: &mut u32) -> f32 {
+    *x ^= *x << 13;
+    *x ^= *x >> 17;
+    *x ^= *x << 5;
+    (*x as f32 / u32::MAX as f32) * 2.0 - 1.0
+}
+
 /// A cache holding `batch` sequences of `tokens` of random-ish K/V (the same values for K and
 /// V), written in slabs of 1024 tokens laid out [token, kv_head, dim]: an xorshift32 stream
 /// from 0x12345678 mapped to [-1, 1). benches/ggml_fa/ggml_fa_bench.c draws the same stream.
@@ -68,10 +77,7 @@ fn filled_cache(batch: usize, tokens: usize, pre_rope: bool) -> (KvCache, Vec<u6
             for s in (0..tokens).step_by(slab) {
                 let n = slab.min(tokens - s);
                 for v in data.iter_mut() {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    *v = (x as f32 / u32::MAX as f32) * 2.0 - 1.0;
+                    *v = uniform(&mut x);
                 }
                 let t = TensorView::new(&data[..n * hk * d], &[n, hk, d]).unwrap();
                 cache.write(id, 0, s, &t, &t).unwrap();
@@ -297,10 +303,7 @@ fn bench_sparse(tokens: usize, policy_text: &str) -> SparseFigures {
     for s in (0..tokens).step_by(slab) {
         let n = slab.min(tokens - s);
         for v in data.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            *v = (x as f32 / u32::MAX as f32) * 2.0 - 1.0;
+            *v = uniform(&mut x);
         }
         let t = TensorView::new(&data[..n * hk * d], &[n, hk, d]).unwrap();
         cache.write(id, 0, s, &t, &t).unwrap();
@@ -349,16 +352,10 @@ fn bench_prefill(tokens: usize) -> (f64, f64) {
     let id = cache.create_sequence();
     cache.append(id, tokens, None).unwrap();
     let mut x = 0x2545_f491u32;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        (x as f32 / u32::MAX as f32) * 2.0 - 1.0
-    };
-    let kv: Vec<f32> = (0..tokens * hk * d).map(|_| next()).collect();
+    let kv: Vec<f32> = (0..tokens * hk * d).map(|_| uniform(&mut x)).collect();
     let t = TensorView::new(&kv, &[tokens, hk, d]).unwrap();
     cache.write(id, 0, 0, &t, &t).unwrap();
-    let q: Vec<f32> = (0..tokens * hq * d).map(|_| next()).collect();
+    let q: Vec<f32> = (0..tokens * hq * d).map(|_| uniform(&mut x)).collect();
     let qv = TensorView::new(&q, &[tokens, hq, d]).unwrap();
     let mut out = vec![0f32; tokens * hq * d];
     let p = AttentionParams::default();

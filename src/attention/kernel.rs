@@ -361,8 +361,8 @@ pub(crate) struct Block {
     k0: Vec<*const u8>,
     v0: Vec<*const u8>,
     /// Keys stored before RoPE: each token's rotation for the fused score tile (a row of
-    /// the shared table, or of `cs_rows` for positions it does not cover), computed once
-    /// for the pass `cs_for` and reused by every KV head of the block.
+    /// the shared table, or for a position it does not cover the token's row of `cs_rows`),
+    /// found once for the pass `cs_for` and reused by every KV head of the block.
     cs: Vec<*const f32>,
     cs_rows: Vec<f32>,
     cs_for: Option<KeyPos>,
@@ -477,22 +477,23 @@ pub(crate) fn attend_block(
     if let Some((rope, inv, table)) = rope {
         let rot = 2 * inv.len();
         if blk.cs_for != Some(pass.key_pos) {
-            let positions: Vec<f32> = blk.tokens.iter().enumerate().map(|(j, &tok)| key_pos(j, tok)).collect();
-            blk.cs_rows.clear();
-            for &pos in &positions {
-                if table.row(pos).filter(|r| r.len() == rot).is_none() {
-                    let at = blk.cs_rows.len();
-                    blk.cs_rows.resize(at + rot, 0.0);
-                    rope.rotation_row(pos, inv, &mut blk.cs_rows[at..]);
-                }
+            // Key j's computed row, when needed, is row j of cs_rows (sized before any
+            // pointer into it is taken).
+            if blk.cs_rows.len() < t * rot {
+                blk.cs_rows.resize(t * rot, 0.0);
             }
             blk.cs.clear();
-            let mut computed = blk.cs_rows.chunks_exact(rot.max(1));
-            for &pos in &positions {
-                match table.row(pos).filter(|r| r.len() == rot) {
-                    Some(row) => blk.cs.push(row.as_ptr()),
-                    None => blk.cs.push(computed.next().map_or(std::ptr::null(), |r| r.as_ptr())),
-                }
+            for (j, &tok) in blk.tokens.iter().enumerate() {
+                let pos = key_pos(j, tok);
+                let row = match table.row(pos).filter(|r| r.len() == rot) {
+                    Some(row) => row,
+                    None => {
+                        let row = &mut blk.cs_rows[j * rot..(j + 1) * rot];
+                        rope.rotation_row(pos, inv, row);
+                        row
+                    }
+                };
+                blk.cs.push(row.as_ptr());
             }
             blk.cs_for = Some(pass.key_pos);
         }

@@ -76,9 +76,9 @@ pub(crate) unsafe fn scores_rope_ahead(
         debug_assert_eq!(cs.len(), k_rows.len());
         let rope = avx2::Rope { cs, rot, half_split };
         match dtype {
-            DType::F32 => avx2::scores_rope::<{ avx2::F32 }>(q, rows, d, k_rows, rope, out, ahead),
-            DType::F16 => avx2::scores_rope::<{ avx2::F16 }>(q, rows, d, k_rows, rope, out, ahead),
-            DType::BF16 => avx2::scores_rope::<{ avx2::BF16 }>(q, rows, d, k_rows, rope, out, ahead),
+            DType::F32 => avx2::scores_tile::<{ avx2::F32 }, true>(q, rows, d, k_rows, rope, out, ahead),
+            DType::F16 => avx2::scores_tile::<{ avx2::F16 }, true>(q, rows, d, k_rows, rope, out, ahead),
+            DType::BF16 => avx2::scores_tile::<{ avx2::BF16 }, true>(q, rows, d, k_rows, rope, out, ahead),
         }
         return true;
     }

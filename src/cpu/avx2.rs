@@ -54,7 +54,7 @@ pub struct Rope<'a> {
 /// Channels `c..c + 8` of a key row; with `ROPE` and adjacent pairs (`c < rot`) rotated:
 /// lane `2i` is `x_2i cos_i - x_2i+1 sin_i`, lane `2i + 1` is `x_2i+1 cos_i + x_2i sin_i`,
 /// separate multiplies and an add, the bits `RopeConfig::rotate` gives. (Half-split pairs
-/// are rotated by [`load_half_pair`]; this is only called past them.)
+/// are rotated by [`load_half_pair`]; after them the callers start at `c = rot`.)
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn load_key<const L: u8, const ROPE: bool>(k: *const u8, c: usize, cs: *const f32, rot: usize) -> __m256 {
@@ -115,7 +115,7 @@ unsafe fn dot_rows<const L: u8, const G: usize, const ROPE: bool>(
         c = rope.0;
     }
     while c < d {
-        let kv = load_key::<L, ROPE>(k, c, cs, if rope.1 { 0 } else { rope.0 });
+        let kv = load_key::<L, ROPE>(k, c, cs, rope.0);
         for (g, a) in acc.iter_mut().enumerate() {
             *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), kv, *a);
         }
@@ -159,10 +159,9 @@ unsafe fn dot_rx2<const L: u8, const R: usize, const ROPE: bool>(
         }
         c = rope.0;
     }
-    let adjacent = if rope.1 { 0 } else { rope.0 };
     while c < d {
-        let x0 = load_key::<L, ROPE>(k0, c, cs0, adjacent);
-        let x1 = load_key::<L, ROPE>(k1, c, cs1, adjacent);
+        let x0 = load_key::<L, ROPE>(k0, c, cs0, rope.0);
+        let x1 = load_key::<L, ROPE>(k1, c, cs1, rope.0);
         for (r, ar) in a.iter_mut().enumerate() {
             let qr = _mm256_loadu_ps(q.add(r * d + c));
             ar[0] = _mm256_fmadd_ps(qr, x0, ar[0]);
@@ -197,24 +196,12 @@ pub unsafe fn scores<const L: u8>(
     scores_tile::<L, false>(q, rows, d, k_rows, Rope { cs: &[], rot: 0, half_split: false }, out, ahead)
 }
 
-/// [`scores`] of keys stored before RoPE, each rotated in registers as it is loaded
-/// (`rope.cs[j]` for key `j`), the same scores as rotating the rows first.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn scores_rope<const L: u8>(
-    q: &[f32],
-    rows: usize,
-    d: usize,
-    k_rows: &[*const u8],
-    rope: Rope,
-    out: &mut [f32],
-    ahead: &[*const u8],
-) {
-    scores_tile::<L, true>(q, rows, d, k_rows, rope, out, ahead)
-}
-
+/// [`scores`], and with `ROPE` of keys stored before RoPE, each rotated in registers as it
+/// is loaded (`rope.cs[j]` for key `j`; see [`Rope`]), the same scores as rotating the rows
+/// first.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn scores_tile<const L: u8, const ROPE: bool>(
+pub unsafe fn scores_tile<const L: u8, const ROPE: bool>(
     q: &[f32],
     rows: usize,
     d: usize,

@@ -3,11 +3,14 @@
 //! `[n × d] · [d × C]` product fused with a running argmax.
 //!
 //! Centroids are packed into panels of [`PANEL`] centroids stored channel-major
-//! (`panel[c][j]` = channel `c` of centroid `panel_index * PANEL + j`), so the inner loop
+//! (`panel[c][j]` = channel `c` of centroid `panel_index * PANEL + j`). The AVX2 inner loop
 //! loads two 8-wide vectors of one channel for 16 centroids and broadcasts that channel of
-//! six points against them: 12 FMAs per 8 loads. Points are taken in blocks of [`BLOCK`]
-//! rows; each block runs over groups of [`GROUP`] panels (128 KiB at head_dim 128, held in
-//! L2 while every micro-tile of the block uses it). Each row keeps, per lane, the best
+//! six points against them: 12 FMAs per 8 loads; points are taken in blocks of [`BLOCK`]
+//! rows, each block running over groups of [`GROUP`] panels (128 KiB at head_dim 128, held
+//! in L2 while every micro-tile of the block uses it). The AVX-512 inner loop loads one
+//! 16-wide vector of four panels each and broadcasts six points (interleaved channel by
+//! channel) against them: 24 FMAs of twice the width per 10 loads; four panels (32 KiB,
+//! in L1) meet every micro-tile of the block before the next four. Each row keeps, per lane, the best
 //! value and its centroid index; ties keep the earlier (lower) index, and the lanes reduce
 //! to the first maximum, so the answer is the lowest-index argmax whatever the tiling and
 //! thread count.
@@ -20,6 +23,29 @@ pub(crate) const PANEL: usize = 16;
 const MR: usize = 6;
 /// Points per parallel task (a multiple of `MR`).
 const BLOCK: usize = 8 * MR;
+
+/// Which micro-tile a block runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernel {
+    Portable,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx512,
+}
+
+impl Kernel {
+    /// The best kernel the CPU (and `KVSIEVE_ISA`) allows.
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::has_avx512() {
+            return Kernel::Avx512;
+        } else if crate::cpu::has_avx2() {
+            return Kernel::Avx2;
+        }
+        Kernel::Portable
+    }
+}
 /// Panels scored by one block before it moves on.
 const GROUP: usize = 16;
 
@@ -66,23 +92,31 @@ pub(crate) fn nearest(points: &[f32], d: usize, cents: &PackedCentroids, idx: &m
     assert_eq!(cents.d, d);
     let n = idx.len();
     assert!(points.len() == n * d && best.len() == n && cents.k >= 1);
-    #[cfg(target_arch = "x86_64")]
-    let simd = crate::cpu::has_avx2();
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
+    let kernel = Kernel::best();
     idx.par_chunks_mut(BLOCK).zip(best.par_chunks_mut(BLOCK)).enumerate().for_each(|(b, (idx, best))| {
         let rows = idx.len();
         let x = &points[b * BLOCK * d..(b * BLOCK + rows) * d];
-        block(x, rows, d, cents, idx, best, simd);
+        block(x, rows, d, cents, idx, best, kernel);
     });
 }
 
-/// One block of up to [`BLOCK`] rows; `simd` only where the CPU has AVX2 and FMA.
-fn block(x: &[f32], rows: usize, d: usize, cents: &PackedCentroids, idx: &mut [u32], best: &mut [f32], simd: bool) {
+/// One block of up to [`BLOCK`] rows with `kernel` (one the CPU has).
+fn block(x: &[f32], rows: usize, d: usize, cents: &PackedCentroids, idx: &mut [u32], best: &mut [f32], kernel: Kernel) {
     let padded = rows.div_ceil(MR) * MR;
-    // Rows padded with zeros to whole micro-tiles (their results are dropped).
+    // Rows padded with zeros to whole micro-tiles (their results are dropped); for AVX-512
+    // each micro-tile's rows are interleaved channel by channel (`[c][MR]`), so that its
+    // broadcasts walk one pointer.
     let mut buf;
-    let x = if padded == rows {
+    let x = if kernel == Kernel::Avx512 {
+        buf = vec![0f32; padded * d];
+        for (r, row) in x.chunks_exact(d).enumerate() {
+            let tile = &mut buf[(r / MR) * MR * d..];
+            for (c, &v) in row.iter().enumerate() {
+                tile[c * MR + r % MR] = v;
+            }
+        }
+        &buf[..]
+    } else if padded == rows {
         x
     } else {
         buf = vec![0f32; padded * d];
@@ -91,24 +125,12 @@ fn block(x: &[f32], rows: usize, d: usize, cents: &PackedCentroids, idx: &mut [u
     };
     let mut bv = [f32::NEG_INFINITY; BLOCK * PANEL];
     let mut bi = [0i32; BLOCK * PANEL];
-    let panels = cents.panels();
-    for g0 in (0..panels).step_by(GROUP) {
-        for t in 0..padded / MR {
-            let xt = &x[t * MR * d..(t + 1) * MR * d];
-            let (tv, ti) =
-                (&mut bv[t * MR * PANEL..(t + 1) * MR * PANEL], &mut bi[t * MR * PANEL..(t + 1) * MR * PANEL]);
-            for p in g0..(g0 + GROUP).min(panels) {
-                let (panel, valid, col0) = (cents.panel(p), cents.valid(p), (p * PANEL) as i32);
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: the CPU has AVX2 and FMA (the caller checked); `xt` holds MR rows of d,
-                    // `panel` d * PANEL values, `tv`/`ti` MR * PANEL entries.
-                    unsafe { avx2::tile(xt, d, panel, valid, col0, tv, ti) };
-                    continue;
-                }
-                portable_tile(xt, d, panel, valid, col0, tv, ti);
-            }
-        }
+    match kernel {
+        // SAFETY: the CPU has AVX-512F (the caller picked the kernel); `x` holds `padded` rows
+        // of d, `bv`/`bi` BLOCK * PANEL >= padded * PANEL entries.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { avx512_block(x, padded / MR, d, cents, &mut bv, &mut bi) },
+        _ => by_groups(x, padded / MR, d, cents, kernel, &mut bv, &mut bi),
     }
     for r in 0..rows {
         let (v, i) = (&bv[r * PANEL..(r + 1) * PANEL], &bi[r * PANEL..(r + 1) * PANEL]);
@@ -121,6 +143,77 @@ fn block(x: &[f32], rows: usize, d: usize, cents: &PackedCentroids, idx: &mut [u
         }
         idx[r] = bii as u32;
         best[r] = bvv;
+    }
+}
+
+/// The AVX2 or portable tile over groups of [`GROUP`] panels, each group against all `tiles`
+/// micro-tiles of `x` before the next.
+fn by_groups(
+    x: &[f32],
+    tiles: usize,
+    d: usize,
+    cents: &PackedCentroids,
+    kernel: Kernel,
+    bv: &mut [f32],
+    bi: &mut [i32],
+) {
+    let panels = cents.panels();
+    for g0 in (0..panels).step_by(GROUP) {
+        for t in 0..tiles {
+            let xt = &x[t * MR * d..(t + 1) * MR * d];
+            let (tv, ti) =
+                (&mut bv[t * MR * PANEL..(t + 1) * MR * PANEL], &mut bi[t * MR * PANEL..(t + 1) * MR * PANEL]);
+            for p in g0..(g0 + GROUP).min(panels) {
+                let (panel, valid, col0) = (cents.panel(p), cents.valid(p), (p * PANEL) as i32);
+                #[cfg(target_arch = "x86_64")]
+                if kernel == Kernel::Avx2 {
+                    // SAFETY: the CPU has AVX2 and FMA (the caller picked the kernel); `xt` holds
+                    // MR rows of d, `panel` d * PANEL values, `tv`/`ti` MR * PANEL entries.
+                    unsafe { avx2::tile(xt, d, panel, valid, col0, tv, ti) };
+                    continue;
+                }
+                portable_tile(xt, d, panel, valid, col0, tv, ti);
+            }
+        }
+    }
+}
+
+/// The AVX-512 tile over every panel, four at a time (then two, then one), each set of
+/// panels (32 KiB at head_dim 128, held in L1) against all `tiles` micro-tiles of `x` before
+/// the next.
+///
+/// # Safety
+/// The CPU has AVX-512F; `x` holds `tiles * MR` rows of `cents.d` (interleaved per
+/// micro-tile), `bv`/`bi` `tiles * MR * PANEL` entries.
+#[cfg(target_arch = "x86_64")]
+unsafe fn avx512_block(x: &[f32], tiles: usize, d: usize, cents: &PackedCentroids, bv: &mut [f32], bi: &mut [i32]) {
+    let panels = cents.panels();
+    // Real centroids from panel p's first on (the tile needs only whether each lane is one).
+    let valid = |p: usize| cents.k - p * PANEL;
+    let mut p = 0;
+    while p < panels {
+        let np = if p + 4 <= panels {
+            4
+        } else if p + 2 <= panels {
+            2
+        } else {
+            1
+        };
+        for t in 0..tiles {
+            let xt = &x[t * MR * d..(t + 1) * MR * d];
+            let (tv, ti) =
+                (&mut bv[t * MR * PANEL..(t + 1) * MR * PANEL], &mut bi[t * MR * PANEL..(t + 1) * MR * PANEL]);
+            let col0 = (p * PANEL) as i32;
+            match np {
+                4 => {
+                    let quad = [cents.panel(p), cents.panel(p + 1), cents.panel(p + 2), cents.panel(p + 3)];
+                    avx512::tile::<4>(xt, d, quad, valid(p), col0, tv, ti)
+                }
+                2 => avx512::tile::<2>(xt, d, [cents.panel(p), cents.panel(p + 1)], valid(p), col0, tv, ti),
+                _ => avx512::tile::<1>(xt, d, [cents.panel(p)], valid(p), col0, tv, ti),
+            }
+        }
+        p += np;
     }
 }
 
@@ -211,14 +304,78 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{MR, PANEL};
+    use std::arch::x86_64::*;
+
+    /// The AVX2 tile's job for NP consecutive panels at once (`panels[i]`, their first
+    /// centroid `col0 + i * PANEL`) and MR rows interleaved channel by channel (`x[c * MR + r]`),
+    /// one 16-lane vector per row and panel: per channel NP
+    /// loads and MR broadcasts feed MR * NP FMAs. The same FMA order per lane as the AVX2
+    /// tile, so the same bits. `valid` counts the real centroids from `col0` on (more than
+    /// the NP panels hold where they are not the last); panels merge into `bv` / `bi`
+    /// (`[MR][PANEL]`) in order, so ties keep the lower index as one panel at a time does.
+    ///
+    /// # Safety
+    /// 1. the CPU supports AVX-512F;
+    /// 2. `x.len() >= MR * d`, each panel holds `d * PANEL` values, `bv.len() >= MR * PANEL`,
+    ///    `bi.len() >= MR * PANEL`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile<const NP: usize>(
+        x: &[f32],
+        d: usize,
+        panels: [&[f32]; NP],
+        valid: usize,
+        col0: i32,
+        bv: &mut [f32],
+        bi: &mut [i32],
+    ) {
+        debug_assert!(x.len() >= MR * d && bv.len() >= MR * PANEL && bi.len() >= MR * PANEL);
+        debug_assert!(panels.iter().all(|p| p.len() >= d * PANEL));
+        let xp = x.as_ptr();
+        let bp = panels.map(|p| p.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); NP]; MR];
+        for c in 0..d {
+            let mut b = [_mm512_setzero_ps(); NP];
+            for (v, p) in b.iter_mut().zip(bp) {
+                *v = _mm512_loadu_ps(p.add(c * PANEL));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*xp.add(c * MR + r));
+                for (av, bv) in a.iter_mut().zip(b) {
+                    *av = _mm512_fmadd_ps(xv, bv, *av);
+                }
+            }
+        }
+        let lane0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let (vp, ip) = (bv.as_mut_ptr(), bi.as_mut_ptr());
+        for i in 0..NP {
+            let first = col0 + (i * PANEL) as i32;
+            let lanes = _mm512_add_epi32(_mm512_set1_epi32(first), lane0);
+            // Padding lanes (the last panel's centroids at or past `valid`) never win.
+            let left = valid.saturating_sub(i * PANEL);
+            let real: __mmask16 = if left >= PANEL { !0 } else { (1u16 << left) - 1 };
+            for (r, a) in acc.iter().enumerate() {
+                let o = r * PANEL;
+                let cur = _mm512_loadu_ps(vp.add(o));
+                let gt = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(real, a[i], cur);
+                _mm512_storeu_ps(vp.add(o), _mm512_mask_blend_ps(gt, cur, a[i]));
+                let ci = _mm512_loadu_si512(ip.add(o) as *const _);
+                _mm512_storeu_si512(ip.add(o) as *mut _, _mm512_mask_blend_epi32(gt, ci, lanes));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Both paths against a plain argmax over f64 dot products, on shapes with partial
+    /// Every kernel the CPU has against a plain argmax over f64 dot products, on shapes with partial
     /// micro-tiles, partial panels and several panel groups.
     #[test]
-    fn portable_and_simd_match_plain_argmax() {
+    fn every_kernel_matches_plain_argmax() {
         let mut state = 0x1234_5678_u64;
         let mut next = || {
             state ^= state << 13;
@@ -242,25 +399,29 @@ mod tests {
                     )
                 })
                 .collect();
+            let mut kernels = vec![Kernel::Portable];
             #[cfg(target_arch = "x86_64")]
-            let simd_ok = crate::cpu::has_avx2();
-            #[cfg(not(target_arch = "x86_64"))]
-            let simd_ok = false;
-            for simd in [false, true] {
-                if simd && !simd_ok {
-                    continue;
+            {
+                if crate::cpu::has_avx2() {
+                    kernels.push(Kernel::Avx2);
                 }
+                if crate::cpu::has_avx512() {
+                    kernels.push(Kernel::Avx512);
+                }
+            }
+            let mut first_simd: Option<(Vec<u32>, Vec<f32>)> = None;
+            for kernel in kernels {
                 let (mut idx, mut best) = (vec![0u32; n], vec![0f32; n]);
                 for b in 0..n.div_ceil(BLOCK) {
                     let rows = (n - b * BLOCK).min(BLOCK);
                     let r = b * BLOCK..b * BLOCK + rows;
-                    block(&x[r.start * d..r.end * d], rows, d, &packed, &mut idx[r.clone()], &mut best[r], simd);
+                    block(&x[r.start * d..r.end * d], rows, d, &packed, &mut idx[r.clone()], &mut best[r], kernel);
                 }
                 for i in 0..n {
                     let (wi, wv) = want[i];
                     assert!(
                         (best[i] as f64 - wv).abs() < 1e-4,
-                        "n {n} k {k} d {d} simd {simd}: best {} vs {wv}",
+                        "n {n} k {k} d {d} {kernel:?}: best {} vs {wv}",
                         best[i]
                     );
                     if idx[i] != wi {
@@ -272,9 +433,22 @@ mod tests {
                             .sum();
                         assert!(
                             (other - wv).abs() < 1e-5,
-                            "n {n} k {k} d {d} simd {simd}: point {i} got {} not {wi}",
+                            "n {n} k {k} d {d} {kernel:?}: point {i} got {} not {wi}",
                             idx[i]
                         );
+                    }
+                }
+                // The SIMD kernels fuse each multiply-add in the same order: the same bits.
+                if kernel != Kernel::Portable {
+                    match &first_simd {
+                        None => first_simd = Some((idx, best)),
+                        Some((i0, b0)) => {
+                            assert_eq!(&idx, i0, "n {n} k {k} d {d}: {kernel:?} indices");
+                            assert!(
+                                best.iter().zip(b0).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "n {n} k {k} d {d}: {kernel:?} values"
+                            );
+                        }
                     }
                 }
             }

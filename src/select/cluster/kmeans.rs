@@ -18,7 +18,8 @@
 //!   exceeds `u` (summed per chunk of 2048 points, then over chunks in order), `D²` being the squared distance to the nearest seed so far. If every
 //!   `D²` is 0 (fewer distinct keys than clusters) the lowest-index point not yet a seed is
 //!   taken. Distances are only recomputed for points the triangle inequality cannot rule
-//!   out (`‖s_new − s_near‖ < 2·D`), which changes no result.
+//!   out (`‖s_new − s_near‖ < 2·D`) and, of those, exactly only for points that an f16 copy
+//!   of the row with its rounding error bound cannot rule out; neither changes a result.
 //! - **Lloyd**: assign; then up to `max_iter` times: update the normalised centroids,
 //!   assign again; stop when an assignment pass changes nothing and needed no repair.
 //!   Assignment ties go to the lowest cluster index.
@@ -284,11 +285,42 @@ pub(crate) fn dots(x: &[f32], d: usize, q: &[f32], idx: &[u32], out: &mut [f32])
 /// Points per chunk of the k-means++ bookkeeping (fixed, so sums do not depend on threads).
 const SEED_CHUNK: usize = 2048;
 
+/// Half-precision copies of the unit rows that screen k-means++ candidates: the rows as
+/// f16 (`[n][d]`, native-endian bits) and per row an upper bound on `‖x − f16(x)‖`.
+struct HalfRows {
+    rows: Vec<half::f16>,
+    err: Vec<f32>,
+}
+
+impl HalfRows {
+    fn new(x: &[f32], d: usize) -> Result<Self> {
+        use half::slice::HalfFloatSliceExt;
+        let n = x.len() / d;
+        let mut rows = filled_vec(x.len(), half::f16::ZERO, "k-means++ screening rows")?;
+        let mut err = zeroed_vec::<f32>(n, "k-means++ screening rows")?;
+        rows.par_chunks_mut(d).zip(err.par_iter_mut()).zip(x.par_chunks(d)).for_each(|((h, e), r)| {
+            h.convert_from_f32_slice(r);
+            let sq: f64 = h.iter().zip(r).map(|(&a, &b)| (a.to_f64() - b as f64).powi(2)).sum();
+            // Rounded up, so that it stays a bound in f32.
+            *e = (sq.sqrt() * (1.0 + 1e-6)) as f32;
+        });
+        Ok(HalfRows { rows, err })
+    }
+}
+
 /// One chunk's share of a k-means++ step: lower `d2` / update `near` for the points the new
-/// seed `p` (index `s`) may be nearest to, and return the chunk's f64 sum of `d2`.
+/// seed `p` (index `s`) is nearer to, and return the chunk's f64 sum of `d2` (`prev`, the
+/// sum before, where nothing changed).
+///
+/// Points the triangle inequality rules out are skipped; the rest are screened with their
+/// f16 copies (`half`): `|x·s − f16(x)·s| <= ‖x − f16(x)‖ ‖s‖`, so where even the largest
+/// dot product that allows leaves the distance at or above `d2`, the exact one would too.
+/// Only the others are computed exactly, so every `d2` and `near` is what computing every
+/// distance exactly gives.
 #[allow(clippy::too_many_arguments)]
 fn seed_update(
     x: &[f32],
+    half: &HalfRows,
     xsq: &[f32],
     d: usize,
     p: usize,
@@ -297,6 +329,7 @@ fn seed_update(
     base: usize,
     d2: &mut [f32],
     near: &mut [u32],
+    prev: f64,
 ) -> f64 {
     let xp = &x[p * d..(p + 1) * d];
     let mut ptrs = Vec::with_capacity(d2.len());
@@ -305,39 +338,49 @@ fn seed_update(
         // ‖s_new − s_near‖ >= 2·D means the new seed cannot be nearer (triangle inequality);
         // a small margin keeps rounding on the safe side.
         if v > 0.0 && ss2[m as usize] < 4.0 * v * (1.0 + 1e-4) + 1e-6 {
-            ptrs.push(x[(base + j) * d..].as_ptr() as *const u8);
+            ptrs.push(half.rows[(base + j) * d..].as_ptr() as *const u8);
             idx.push(j);
         }
     }
-    let len = d2.len();
-    let dots = if idx.len() * 4 >= len {
-        // Many candidates: score the whole chunk with the chunk's rows as the query side,
-        // four independent rows at a time (the same per-row arithmetic as one at a time).
-        let mut all = vec![0f32; len];
-        // SAFETY: the chunk's rows are len * d f32 inside `x`; `xp` is a full row; d is a
-        // multiple of 8.
-        unsafe {
-            cpu::scores(&x[base * d..(base + len) * d], len, d, &[xp.as_ptr() as *const u8], DType::F32, &mut all)
-        };
-        idx.iter().map(|&j| all[j]).collect()
-    } else {
-        let mut dots = vec![0f32; idx.len()];
-        // SAFETY: every pointer addresses a full row of d f32 inside `x`; d is a multiple of 8.
-        unsafe { cpu::scores(xp, 1, d, &ptrs, DType::F32, &mut dots) };
-        dots
-    };
-    for (&j, &dp) in idx.iter().zip(&dots) {
+    let mut approx = vec![0f32; idx.len()];
+    // SAFETY: every pointer addresses a full row of d f16 inside `half.rows`; d is a multiple of 8.
+    unsafe { cpu::scores(xp, 1, d, &ptrs, DType::F16, &mut approx) };
+    // Both dot products also carry f32 rounding: at most about d·2⁻²⁴ of ‖x‖‖s‖ <= 1 each.
+    let (ns, slack) = (xsq[p].sqrt(), 4.0 * d as f32 * f32::EPSILON + 1e-6);
+    ptrs.clear();
+    let mut exact = Vec::with_capacity(idx.len());
+    for (&j, &a) in idx.iter().zip(&approx) {
+        let i = base + j;
+        let least = xsq[i] + xsq[p] - 2.0 * (a + half.err[i] * ns + slack);
+        // Distances are at most 4: 4e-6 covers the rounding of the exact distance below.
+        if least - 4e-6 >= d2[j] {
+            continue;
+        }
+        ptrs.push(x[i * d..].as_ptr() as *const u8);
+        exact.push(j);
+    }
+    let mut dots = vec![0f32; exact.len()];
+    // SAFETY: every pointer addresses a full row of d f32 inside `x`; d is a multiple of 8.
+    unsafe { cpu::scores(xp, 1, d, &ptrs, DType::F32, &mut dots) };
+    let mut changed = false;
+    for (&j, &dp) in exact.iter().zip(&dots) {
         let nd = (xsq[base + j] + xsq[p] - 2.0 * dp).max(0.0);
         if nd < d2[j] {
             d2[j] = nd;
             near[j] = s;
+            changed = true;
         }
     }
     if (base..base + d2.len()).contains(&p) {
         d2[p - base] = 0.0;
         near[p - base] = s;
+        changed = true;
     }
-    d2.iter().map(|&v| v as f64).sum()
+    if changed {
+        d2.iter().map(|&v| v as f64).sum()
+    } else {
+        prev
+    }
 }
 
 /// k-means++ over unit rows (see the module docs for the exact draws). The squared
@@ -356,14 +399,17 @@ fn plus_plus(x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64) -> Result<Ve
     let mut near = zeroed_vec::<u32>(n, "k-means++ distances")?;
     // The first step compares with no earlier seed: nothing is pruned.
     let mut ss2 = zeroed_vec::<f32>(k, "k-means++ seed distances")?;
-    let step = |p: usize, s: u32, ss2: &[f32], d2: &mut [f32], near: &mut [u32]| -> Vec<f64> {
+    let half = HalfRows::new(x, d)?;
+    let step = |p: usize, s: u32, ss2: &[f32], d2: &mut [f32], near: &mut [u32], prev: &[f64]| -> Vec<f64> {
         d2.par_chunks_mut(SEED_CHUNK)
             .zip(near.par_chunks_mut(SEED_CHUNK))
+            .zip(prev.par_iter())
             .enumerate()
-            .map(|(c, (d2, near))| seed_update(x, xsq, d, p, s, ss2, c * SEED_CHUNK, d2, near))
+            .map(|(c, ((d2, near), &prev))| seed_update(x, &half, xsq, d, p, s, ss2, c * SEED_CHUNK, d2, near, prev))
             .collect()
     };
-    let mut sums = step(first, 0, &ss2, &mut d2, &mut near);
+    // The first step changes every chunk (no previous sums are used).
+    let mut sums = step(first, 0, &ss2, &mut d2, &mut near, &vec![f64::NAN; n.div_ceil(SEED_CHUNK)]);
     for s in 1..k {
         let total: f64 = sums.iter().sum();
         let u = rng.next_f64() * total;
@@ -404,7 +450,7 @@ fn plus_plus(x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64) -> Result<Ve
         for (j, v) in ss2[..s].iter_mut().enumerate() {
             *v = (xsq[chosen[j] as usize] + xsq[p] - 2.0 * *v).max(0.0);
         }
-        sums = step(p, s as u32, &ss2, &mut d2, &mut near);
+        sums = step(p, s as u32, &ss2, &mut d2, &mut near, &sums);
         is_chosen[p] = true;
         chosen.push(p as u32);
     }

@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 /// Loads 16 consecutive elements of storage type `L` as f32.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn load16<const L: u8>(p: *const u8) -> __m512 {
+pub unsafe fn load16<const L: u8>(p: *const u8) -> __m512 {
     match L {
         F32 => _mm512_loadu_ps(p as *const f32),
         F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
@@ -44,7 +44,7 @@ unsafe fn fold32(v0: __m512, v1: __m512, v2: __m512, v3: __m512) -> __m512 {
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn reduce16(a: [__m512; 16]) -> __m512 {
+pub unsafe fn reduce16(a: [__m512; 16]) -> __m512 {
     let v0 = fold128(fold256(a[0], a[1]), fold256(a[2], a[3]));
     let v1 = fold128(fold256(a[4], a[5]), fold256(a[6], a[7]));
     let v2 = fold128(fold256(a[8], a[9]), fold256(a[10], a[11]));

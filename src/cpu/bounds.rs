@@ -1,7 +1,10 @@
 //! The inner loop of page-bound scoring: for each page and KV head, the largest upper
 //! bound of `q·k` over the pages' keys among the query heads of the KV head's GQA group.
-//! An AVX2 + FMA + F16C path is chosen at run time, with a portable fallback; bounds are
-//! read in their storage dtype and converted to f32 in registers.
+//! An AVX-512F path (head dims that are multiples of 16: four pages against four query rows
+//! per tile) or an AVX2 + FMA + F16C path is chosen at run time, with a portable fallback;
+//! bounds are read in their storage dtype and converted to f32 in registers. The paths
+//! round differently (sums in other orders), but on one machine a page's score never
+//! depends on which other pages are scored with it.
 //!
 //! Per channel the bound picks `max[i]` where `q[i] >= 0` and `min[i]` where `q[i] < 0`
 //! (by the sign bit), which equals `max(q[i] * max[i], q[i] * min[i])` because
@@ -10,7 +13,7 @@
 use crate::dtype::{load_f32, DType};
 
 #[cfg(target_arch = "x86_64")]
-use crate::cpu::has_avx2;
+use crate::cpu::{has_avx2, has_avx512};
 
 /// Geometry of one layer's bounds: `[page][head][min | max][head_dim]` elements of `dtype`.
 #[derive(Clone, Copy)]
@@ -43,6 +46,20 @@ pub(crate) fn score_block(layout: &BoundsLayout, pages: &[u32], q: &[f32], out: 
     assert!(pages.iter().all(|&p| (p as usize) < layout.num_pages()));
     assert_eq!(q.len(), layout.num_kv_heads * layout.group * layout.head_dim);
     assert_eq!(out.len(), pages.len() * layout.num_kv_heads);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() && layout.head_dim.is_multiple_of(16) {
+        // SAFETY: the CPU supports AVX-512F (and the AVX2 set); page ids are within the buffer
+        // and head_dim is a multiple of 16 (asserted and checked above), so every load is in
+        // bounds.
+        unsafe {
+            match layout.dtype {
+                DType::F32 => avx512::score_block::<{ avx2::F32 }>(layout, pages, q, out),
+                DType::F16 => avx512::score_block::<{ avx2::F16 }>(layout, pages, q, out),
+                DType::BF16 => avx512::score_block::<{ avx2::BF16 }>(layout, pages, q, out),
+            }
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() && layout.head_dim.is_multiple_of(8) {
         // SAFETY: the CPU supports AVX2, FMA and F16C; page ids are within the buffer and
@@ -210,6 +227,105 @@ mod avx2 {
                 }
                 out[j * hk + h] = best;
             }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{is_empty, BoundsLayout};
+    use std::arch::x86_64::*;
+
+    use crate::cpu::avx2::size;
+    use crate::cpu::avx512::{load16, reduce16};
+    use crate::cpu::prefetch;
+
+    /// Bounds of four page-heads (`lo[c]` / `hi[c]`, `d` elements each) against four query
+    /// rows: lane `c` of the result is page `c`'s largest bound over the rows. Per 16
+    /// channels each row's sign bits pick `lo` or `hi` (a masked blend), then one FMA;
+    /// accumulator `4c + r` holds page `c` with row `r`, so [`reduce16`] leaves row `r`'s
+    /// four sums in 128-bit lane `r` and two shuffles take the maximum over rows. Every
+    /// page's sums take the same steps whatever its position, so a page's score does not
+    /// depend on the pages beside it.
+    #[target_feature(enable = "avx512f")]
+    #[inline(never)]
+    unsafe fn tile<const L: u8>(q: [*const f32; 4], d: usize, lo: [*const u8; 4], hi: [*const u8; 4]) -> __m128 {
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let mut a = [_mm512_setzero_ps(); 16];
+        let mut ch = 0;
+        while ch < d {
+            let o = ch * size::<L>();
+            let l = [
+                load16::<L>(lo[0].add(o)),
+                load16::<L>(lo[1].add(o)),
+                load16::<L>(lo[2].add(o)),
+                load16::<L>(lo[3].add(o)),
+            ];
+            let h = [
+                load16::<L>(hi[0].add(o)),
+                load16::<L>(hi[1].add(o)),
+                load16::<L>(hi[2].add(o)),
+                load16::<L>(hi[3].add(o)),
+            ];
+            for (r, &qr) in q.iter().enumerate() {
+                let qv = _mm512_loadu_ps(qr.add(ch));
+                let neg = _mm512_test_epi32_mask(_mm512_castps_si512(qv), sign);
+                for c in 0..4 {
+                    a[4 * c + r] = _mm512_fmadd_ps(qv, _mm512_mask_blend_ps(neg, h[c], l[c]), a[4 * c + r]);
+                }
+            }
+            ch += 16;
+        }
+        let v = reduce16(a);
+        let v = _mm512_max_ps(v, _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v));
+        let v = _mm512_max_ps(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v));
+        _mm512_castps512_ps128(v)
+    }
+
+    /// # Safety
+    /// 1. the CPU supports AVX-512F;
+    /// 2. every page id is below `layout.num_pages()`, `head_dim` is a multiple of 16,
+    ///    `q.len() == num_kv_heads * group * head_dim`, `out.len() == pages.len() * num_kv_heads`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn score_block<const L: u8>(layout: &BoundsLayout, pages: &[u32], q: &[f32], out: &mut [f32]) {
+        let (hk, d, g) = (layout.num_kv_heads, layout.head_dim, layout.group);
+        let row = d * size::<L>();
+        let page_bytes = layout.page_bytes();
+        let base = layout.bytes.as_ptr();
+        let np = pages.len();
+        // Four pages at a time; a short last group repeats its last page (results dropped).
+        let at = |j: usize| base.add(pages[j.min(np - 1)] as usize * page_bytes);
+        let mut j = 0;
+        while j < np {
+            let p = [at(j), at(j + 1), at(j + 2), at(j + 3)];
+            let next = (j + 4 < np).then(|| [at(j + 4), at(j + 5), at(j + 6), at(j + 7)]);
+            for h in 0..hk {
+                if let Some(n) = next {
+                    for x in n {
+                        prefetch(x.add(h * 2 * row), 2 * row);
+                    }
+                }
+                let lo = p.map(|x| x.add(h * 2 * row));
+                let hi = lo.map(|x| x.add(row));
+                // Rows four at a time; a short last group repeats its last row (the maximum is
+                // unchanged).
+                let qh = q.as_ptr().add(h * g * d);
+                let qr = |r: usize| qh.add(r.min(g - 1) * d);
+                let mut best = _mm_set1_ps(f32::NEG_INFINITY);
+                let mut r = 0;
+                while r < g {
+                    let s = tile::<L>([qr(r), qr(r + 1), qr(r + 2), qr(r + 3)], d, lo, hi);
+                    best = if r == 0 { s } else { _mm_max_ps(best, s) };
+                    r += 4;
+                }
+                let mut s = [0f32; 4];
+                _mm_storeu_ps(s.as_mut_ptr(), best);
+                for (c, &v) in s.iter().enumerate().take(np - j) {
+                    let e = is_empty(layout, pages[j + c] as usize, h);
+                    out[(j + c) * hk + h] = if e { f32::NEG_INFINITY } else { v };
+                }
+            }
+            j += 4;
         }
     }
 }

@@ -54,8 +54,9 @@ pub(crate) unsafe fn scores_ahead(
 /// [`scores_ahead`] of keys stored before RoPE, each rotated in registers as it is read:
 /// key `j` by the `rot / 2` (cos, sin) pairs at `cs[j]`, paired `(i, i + rot / 2)` when
 /// `half_split`, else `(2i, 2i + 1)`; the scores equal those of rotating each row with
-/// `RopeConfig::rotate` first. Returns false, computing nothing, where no fused kernel
-/// applies (no AVX2, or `rot` not a multiple of 16 / 8); the caller then rotates rows.
+/// `RopeConfig::rotate` first. The AVX-512 tile runs where [`rope_avx512`] says so, else the
+/// AVX2 one. Returns false, computing nothing, where no fused kernel applies (no AVX2, or
+/// `rot` not a multiple of 16 / 8); the caller then rotates rows.
 ///
 /// # Safety
 /// As for [`scores`], and every `cs[j]` is valid for reads of `rot` floats
@@ -72,6 +73,17 @@ pub(crate) unsafe fn scores_rope_ahead(
     ahead: &[*const u8],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
+    if rope_avx512(rows, d, rot, half_split) {
+        debug_assert_eq!(cs.len(), k_rows.len());
+        let rope = avx2::Rope { cs, rot, half_split };
+        match dtype {
+            DType::F32 => avx512::scores_rope::<{ avx2::F32 }>(q, rows, d, k_rows, rope, out, ahead),
+            DType::F16 => avx512::scores_rope::<{ avx2::F16 }>(q, rows, d, k_rows, rope, out, ahead),
+            DType::BF16 => avx512::scores_rope::<{ avx2::BF16 }>(q, rows, d, k_rows, rope, out, ahead),
+        }
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() && rot <= d && rot.is_multiple_of(if half_split { 16 } else { 8 }) {
         debug_assert_eq!(cs.len(), k_rows.len());
         let rope = avx2::Rope { cs, rot, half_split };
@@ -84,6 +96,23 @@ pub(crate) unsafe fn scores_rope_ahead(
     }
     let _ = (q, rows, d, k_rows, dtype, cs, rot, half_split, out, ahead);
     false
+}
+
+/// Whether [`scores_rope_ahead`] runs the AVX-512 tile (which then matches [`scores`] on
+/// rotated rows computed with AVX-512 too): AVX-512 in use, rows a multiple of 4, `d` of
+/// 16, and the rotary dim of 16 (adjacent pairs) or 32 (half split).
+pub(crate) fn rope_avx512(rows: usize, d: usize, rot: usize, half_split: bool) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return has_avx512()
+        && rows.is_multiple_of(4)
+        && d.is_multiple_of(16)
+        && rot <= d
+        && rot.is_multiple_of(if half_split { 32 } else { 16 });
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (rows, d, rot, half_split);
+        false
+    }
 }
 
 /// `o[r] += sum_j p[r][j] * v_rows[j]`, prefetching the rows `ahead` as [`scores_ahead`] does.

@@ -65,20 +65,92 @@ macro_rules! fmas {
     ($($a:expr, $b:expr => $acc:ident);* $(;)?) => { $( $acc = _mm512_fmadd_ps($a, $b, $acc); )* };
 }
 
+/// Channels `c..c + 16` of a key row; with `ROPE` and adjacent pairs (`c < rot`) rotated
+/// as `avx2::load_key` rotates 8: lane `2i` is `x_2i cos_i - x_2i+1 sin_i`, lane `2i + 1`
+/// is `x_2i+1 cos_i + x_2i sin_i`, separate multiplies then a subtract or an add, the bits
+/// `RopeConfig::rotate` gives.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load_key<const L: u8, const ROPE: bool>(k: *const u8, c: usize, cs: *const f32, rot: usize) -> __m512 {
+    let x = load16::<L>(k.add(c * size::<L>()));
+    if !ROPE || c >= rot {
+        return x;
+    }
+    // Pairs c/2 .. c/2 + 8: their cos and sin, each repeated for the pair's two lanes.
+    let dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let cos = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(cs.add(c / 2))));
+    let sin = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(cs.add(rot / 2 + c / 2))));
+    let (xc, ys) = (_mm512_mul_ps(x, cos), _mm512_mul_ps(_mm512_permute_ps::<0b10_11_00_01>(x), sin));
+    // Even lanes subtract, odd lanes add.
+    _mm512_mask_sub_ps(_mm512_add_ps(xc, ys), 0x5555, xc, ys)
+}
+
+/// Half-split pairs `c..c + 16`: channels `c..c + 16` and `h + c..h + c + 16` of a key row
+/// (`h = rot / 2`) rotated, `x_i cos - x_h+i sin` and `x_i sin + x_h+i cos`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load_half_pair<const L: u8>(k: *const u8, c: usize, cs: *const f32, h: usize) -> (__m512, __m512) {
+    let lo = load16::<L>(k.add(c * size::<L>()));
+    let hi = load16::<L>(k.add((h + c) * size::<L>()));
+    let (cos, sin) = (_mm512_loadu_ps(cs.add(c)), _mm512_loadu_ps(cs.add(h + c)));
+    (
+        _mm512_sub_ps(_mm512_mul_ps(lo, cos), _mm512_mul_ps(hi, sin)),
+        _mm512_add_ps(_mm512_mul_ps(lo, sin), _mm512_mul_ps(hi, cos)),
+    )
+}
+
 /// Dot products of 4 query rows (stride `qs`) with 4 keys; accumulator `4c + r` holds row
-/// r with key c, so in [`reduce16`]'s order lanes `4r..4r+4` are row r's four scores.
+/// r with key c, so in [`reduce16`]'s order lanes `4r..4r+4` are row r's four scores. With
+/// `ROPE`, key `c` is rotated in registers by the rotation at `cs[c]` (`rope`: rotary dim
+/// and whether pairs are half split; see `avx2::Rope`), half-split pairs' two halves
+/// summed together.
 #[target_feature(enable = "avx512f")]
 #[inline(never)]
-unsafe fn tile4x4<const L: u8>(q: *const f32, qs: usize, d: usize, k: &[*const u8]) -> __m512 {
-    let (k0, k1, k2, k3) = (k[0], k[1], k[2], k[3]);
+unsafe fn tile4x4<const L: u8, const ROPE: bool>(
+    q: *const f32,
+    qs: usize,
+    d: usize,
+    k: [*const u8; 4],
+    cs: [*const f32; 4],
+    rope: (usize, bool),
+) -> __m512 {
+    let [k0, k1, k2, k3] = k;
     let z = _mm512_setzero_ps();
     let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5, mut a6, mut a7) = (z, z, z, z, z, z, z, z);
     let (mut a8, mut a9, mut a10, mut a11, mut a12, mut a13, mut a14, mut a15) = (z, z, z, z, z, z, z, z);
     let mut ch = 0;
+    if ROPE && rope.1 {
+        let h = rope.0 / 2;
+        while ch < h {
+            let (l0, h0) = load_half_pair::<L>(k0, ch, cs[0], h);
+            let (l1, h1) = load_half_pair::<L>(k1, ch, cs[1], h);
+            let (l2, h2) = load_half_pair::<L>(k2, ch, cs[2], h);
+            let (l3, h3) = load_half_pair::<L>(k3, ch, cs[3], h);
+            let ql = |r: usize| _mm512_loadu_ps(q.add(r * qs + ch));
+            let qh = |r: usize| _mm512_loadu_ps(q.add(r * qs + h + ch));
+            let (q0, p0) = (ql(0), qh(0));
+            fmas!(q0, l0 => a0; q0, l1 => a4; q0, l2 => a8; q0, l3 => a12);
+            fmas!(p0, h0 => a0; p0, h1 => a4; p0, h2 => a8; p0, h3 => a12);
+            let (q1, p1) = (ql(1), qh(1));
+            fmas!(q1, l0 => a1; q1, l1 => a5; q1, l2 => a9; q1, l3 => a13);
+            fmas!(p1, h0 => a1; p1, h1 => a5; p1, h2 => a9; p1, h3 => a13);
+            let (q2, p2) = (ql(2), qh(2));
+            fmas!(q2, l0 => a2; q2, l1 => a6; q2, l2 => a10; q2, l3 => a14);
+            fmas!(p2, h0 => a2; p2, h1 => a6; p2, h2 => a10; p2, h3 => a14);
+            let (q3, p3) = (ql(3), qh(3));
+            fmas!(q3, l0 => a3; q3, l1 => a7; q3, l2 => a11; q3, l3 => a15);
+            fmas!(p3, h0 => a3; p3, h1 => a7; p3, h2 => a11; p3, h3 => a15);
+            ch += 16;
+        }
+        ch = rope.0;
+    }
     while ch < d {
-        let o = ch * size::<L>();
-        let (x0, x1, x2, x3) =
-            (load16::<L>(k0.add(o)), load16::<L>(k1.add(o)), load16::<L>(k2.add(o)), load16::<L>(k3.add(o)));
+        let (x0, x1, x2, x3) = (
+            load_key::<L, ROPE>(k0, ch, cs[0], rope.0),
+            load_key::<L, ROPE>(k1, ch, cs[1], rope.0),
+            load_key::<L, ROPE>(k2, ch, cs[2], rope.0),
+            load_key::<L, ROPE>(k3, ch, cs[3], rope.0),
+        );
         let q0 = _mm512_loadu_ps(q.add(ch));
         fmas!(q0, x0 => a0; q0, x1 => a4; q0, x2 => a8; q0, x3 => a12);
         let q1 = _mm512_loadu_ps(q.add(qs + ch));
@@ -169,7 +241,8 @@ pub unsafe fn scores<const L: u8>(
         while j + 4 <= t {
             ahead.upto(j + 4);
             // Lanes 4i..4i+4 are row r+i's scores with keys j..j+4.
-            let v = tile4x4::<L>(qp.add(r * d), d, d, &k_rows[j..j + 4]);
+            let k = [k_rows[j], k_rows[j + 1], k_rows[j + 2], k_rows[j + 3]];
+            let v = tile4x4::<L, false>(qp.add(r * d), d, d, k, [std::ptr::null(); 4], (0, false));
             _mm_storeu_ps(op.add(r * t + j), _mm512_extractf32x4_ps::<0>(v));
             _mm_storeu_ps(op.add((r + 1) * t + j), _mm512_extractf32x4_ps::<1>(v));
             _mm_storeu_ps(op.add((r + 2) * t + j), _mm512_extractf32x4_ps::<2>(v));
@@ -192,6 +265,46 @@ pub unsafe fn scores<const L: u8>(
         }
         for (j, &k) in k_rows.iter().enumerate().skip(j) {
             *op.add(r * t + j) = dot::<L>(qp.add(r * d), d, k);
+        }
+    }
+    ahead.upto(usize::MAX);
+}
+
+/// [`scores`] of keys stored before RoPE, each rotated in registers as the tile loads it
+/// (`rope.cs[j]` for key `j`; see `avx2::Rope`), for `rows` a multiple of 4, `d` of 16 and
+/// `rope.rot` of 16 (adjacent pairs) or 32 (half split). Keys go four at a time, a short
+/// last group repeating its last key (those results dropped), so every score comes from
+/// the same tile.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn scores_rope<const L: u8>(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    k_rows: &[*const u8],
+    rope: super::avx2::Rope,
+    out: &mut [f32],
+    ahead: &[*const u8],
+) {
+    debug_assert!(rows.is_multiple_of(4) && rope.cs.len() == k_rows.len());
+    let t = k_rows.len();
+    let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+    let mut ahead = super::Ahead::new(ahead, d * size::<L>());
+    let how = (rope.rot, rope.half_split);
+    for r in (0..rows).step_by(4) {
+        let mut j = 0;
+        while j < t {
+            ahead.upto(j + 4);
+            let at = |i: usize| (j + i).min(t - 1);
+            let k = [k_rows[at(0)], k_rows[at(1)], k_rows[at(2)], k_rows[at(3)]];
+            let cs = [rope.cs[at(0)], rope.cs[at(1)], rope.cs[at(2)], rope.cs[at(3)]];
+            let v = tile4x4::<L, true>(qp.add(r * d), d, d, k, cs, how);
+            let mut s = [0f32; 16];
+            _mm512_storeu_ps(s.as_mut_ptr(), v);
+            let n = (t - j).min(4);
+            for i in 0..4 {
+                std::ptr::copy_nonoverlapping(s.as_ptr().add(4 * i), op.add((r + i) * t + j), n);
+            }
+            j += 4;
         }
     }
     ahead.upto(usize::MAX);

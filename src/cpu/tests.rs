@@ -186,8 +186,13 @@ proptest! {
         let ran = unsafe { scores_rope_ahead(&q, rows, d, &k_rows, dtype, (&cs, rot, half_split), &mut fused, &[]) };
         if ran {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above; the fused kernel ran, so the CPU has AVX2, FMA and F16C.
-            unsafe { avx2::scores::<{ avx2::F32 }>(&q, rows, d, &r_rows, &mut plain, &[]) };
+            if super::attend::rope_avx512(rows, d, rot, half_split) {
+                // SAFETY: as above; the AVX-512 fused tile ran, so the CPU has AVX-512F.
+                unsafe { avx512::scores::<{ avx2::F32 }>(&q, rows, d, &r_rows, &mut plain, &[]) };
+            } else {
+                // SAFETY: as above; the fused kernel ran, so the CPU has AVX2, FMA and F16C.
+                unsafe { avx2::scores::<{ avx2::F32 }>(&q, rows, d, &r_rows, &mut plain, &[]) };
+            }
             if half_split {
                 for r in 0..rows {
                     for j in 0..t {

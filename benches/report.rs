@@ -1,5 +1,7 @@
 //! Figures for `scripts/bench.sh`: dense decode time against memory-read bandwidth measured
-//! in the same process with the same thread count, and against ggml's CPU flash attention
+//! in the same process with the same thread count (five rounds alternating the two; each
+//! figure the median of the rounds' ratios, printed with the lowest and highest), and
+//! against ggml's CPU flash attention
 //! (the peer, run as a subprocess alternating with kvsieve). Prints a table and, with
 //! `--json PATH`, writes a flat JSON object of named figures.
 //!
@@ -42,9 +44,66 @@ fn read_bandwidth(buf: &[u64]) -> f64 {
     (buf.len() * 8) as f64 / median(times)
 }
 
-struct DecodeFigures {
-    secs: f64,
+/// A dense decode, set up once and timed in every round: the filled cache, the query and
+/// the output buffers of `batch` sequences of `tokens`.
+struct DecodeRun {
+    cache: KvCache,
+    ids: Vec<u64>,
+    q: Vec<f32>,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    params: AttentionParams,
+    batch: usize,
+    /// K and V bytes one step reads.
     kv_bytes: f64,
+}
+
+impl DecodeRun {
+    /// With `pre_rope`, keys stored before RoPE and rotated at read under contiguous
+    /// positions (StreamingLLM's renumbering).
+    fn new(batch: usize, tokens: usize, pre_rope: bool) -> DecodeRun {
+        let (hk, hq, d) = (8, 32, 128);
+        let (cache, ids) = filled_cache(batch, tokens, pre_rope);
+        let mut params = AttentionParams::default();
+        if pre_rope {
+            params.rope = Some(kvsieve::attention::RopeConfig::new(10_000.0, kvsieve::attention::RopeStyle::HalfSplit));
+            params.positions = kvsieve::attention::PositionMode::Contiguous;
+        }
+        DecodeRun {
+            cache,
+            ids,
+            q: decode_query(batch),
+            out: vec![0f32; batch * hq * d],
+            lse: vec![0f32; batch * hq],
+            params,
+            batch,
+            kv_bytes: (batch * tokens * hk * d * 2 * 2) as f64,
+        }
+    }
+
+    /// Median seconds of one decode step (see [`time_median`]).
+    fn time(&mut self) -> f64 {
+        let (b, hq, d) = (self.batch, 32, 128);
+        let qv = TensorView::new(&self.q, &[b, hq, d]).unwrap();
+        let (cache, ids, out, lse, p) = (&self.cache, &self.ids, &mut self.out, &mut self.lse, &self.params);
+        time_median(&mut || {
+            cache.decode(0, ids, &qv, &mut TensorViewMut::new(out, &[b, hq, d]).unwrap(), Some(lse), p).unwrap();
+        })
+    }
+}
+
+/// Rounds of the dense decode figures. Each round times the read bandwidth and then each
+/// decode, so that a change of load on a shared machine moves both sides of a round's
+/// ratios alike; figures are medians over the rounds.
+const DECODE_ROUNDS: usize = 5;
+
+/// One round: read bandwidth (bytes/s), then seconds of batch 1, batch 8 and batch 1 with
+/// RoPE at read.
+struct DecodeRound {
+    bw: f64,
+    b1: f64,
+    b8: f64,
+    b1_pre: f64,
 }
 
 /// The next value of an xorshift32 stream mapped to [-1, 1) (benches/ggml_fa/ggml_fa_bench.c
@@ -104,29 +163,6 @@ fn time_median(f: &mut dyn FnMut()) -> f64 {
         }
     }
     median(v)
-}
-
-/// Dense decode of `batch` sequences of `tokens`; with `pre_rope`, keys stored before RoPE
-/// and rotated at read under contiguous positions (StreamingLLM's renumbering).
-fn bench_decode(batch: usize, tokens: usize, pre_rope: bool) -> DecodeFigures {
-    let (hk, hq, d) = (8, 32, 128);
-    let (cache, ids) = filled_cache(batch, tokens, pre_rope);
-    let q = decode_query(batch);
-    let qv = TensorView::new(&q, &[batch, hq, d]).unwrap();
-    let mut out = vec![0f32; batch * hq * d];
-    let mut lse = vec![0f32; batch * hq];
-    let mut p = AttentionParams::default();
-    if pre_rope {
-        p.rope = Some(kvsieve::attention::RopeConfig::new(10_000.0, kvsieve::attention::RopeStyle::HalfSplit));
-        p.positions = kvsieve::attention::PositionMode::Contiguous;
-    }
-    let secs = time_median(&mut || {
-        cache
-            .decode(0, &ids, &qv, &mut TensorViewMut::new(&mut out, &[batch, hq, d]).unwrap(), Some(&mut lse), &p)
-            .unwrap();
-    });
-    let kv_bytes = (batch * tokens * hk * d * 2 * 2) as f64;
-    DecodeFigures { secs, kv_bytes }
 }
 
 /// The two layouts the peer program times (its `--layout`).
@@ -490,14 +526,31 @@ fn main() {
         unsafe { libc::madvise(start as *mut libc::c_void, (p + len) / HUGE * HUGE - start, libc::MADV_HUGEPAGE) };
     }
     buf.iter_mut().enumerate().for_each(|(i, x)| *x = i as u64);
-    let bw = read_bandwidth(&buf);
+    let mut runs =
+        [DecodeRun::new(1, tokens, false), DecodeRun::new(8, tokens, false), DecodeRun::new(1, tokens, true)];
+    let rounds: Vec<DecodeRound> = (0..DECODE_ROUNDS)
+        .map(|_| DecodeRound {
+            bw: read_bandwidth(&buf),
+            b1: runs[0].time(),
+            b8: runs[1].time(),
+            b1_pre: runs[2].time(),
+        })
+        .collect();
     drop(buf);
-
-    let b1 = bench_decode(1, tokens, false);
-    let b8 = bench_decode(8, tokens, false);
-    let b1_pre = bench_decode(1, tokens, true);
-    let frac1 = b1.kv_bytes / b1.secs / bw;
-    let frac8 = b8.kv_bytes / b8.secs / bw;
+    let (kv1, kv8) = (runs[0].kv_bytes, runs[1].kv_bytes);
+    drop(runs);
+    let over_rounds = |f: &dyn Fn(&DecodeRound) -> f64| {
+        let v: Vec<f64> = rounds.iter().map(f).collect();
+        let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+        (median(v), lo, hi)
+    };
+    let bw = over_rounds(&|r| r.bw);
+    let b1 = over_rounds(&|r| r.b1);
+    let b8 = over_rounds(&|r| r.b8);
+    let frac1 = over_rounds(&|r| kv1 / r.b1 / r.bw);
+    let frac8 = over_rounds(&|r| kv8 / r.b8 / r.bw);
+    let pre = over_rounds(&|r| r.b1_pre / r.b1);
+    let b1_pre = over_rounds(&|r| r.b1_pre);
     let sparse_tokens: usize = arg("--sparse-tokens").map_or(131072, |s| s.parse().expect("--sparse-tokens N"));
     // Budget 2048 of 128K (1/64): sinks 64 + window 512 + page bounds for the rest.
     let sp = bench_sparse(sparse_tokens, "sinks=64,window=512,pages=1472");
@@ -521,21 +574,25 @@ fn main() {
     };
 
     println!("kvsieve dense decode, f16, head_dim 128, 8 KV / 32 query heads, page 16, {tokens} tokens, {threads} threads, isa {}", kvsieve::cpu::isa());
-    println!("{:<34} {:>12}", "memory read bandwidth (GB/s)", format!("{:.2}", bw / 1e9));
-    for (name, f, fr) in [("batch 1", &b1, frac1), ("batch 8", &b8, frac8)] {
+    println!("{DECODE_ROUNDS} rounds, each the read bandwidth then every decode; medians (lowest-highest round)");
+    println!("{:<34} {:>9.2}       ({:.2}-{:.2})", "memory read bandwidth (GB/s)", bw.0 / 1e9, bw.1 / 1e9, bw.2 / 1e9);
+    for (name, t, fr) in [("batch 1", b1, frac1), ("batch 8", b8, frac8)] {
         println!(
-            "{:<34} {:>9.3} ms  {:>7.2} GB/s  {:.3} of bandwidth",
+            "{:<34} {:>9.3} ms  {:.3} of bandwidth ({:.3}-{:.3})",
             format!("decode {name}"),
-            f.secs * 1e3,
-            f.kv_bytes / f.secs / 1e9,
-            fr
+            t.0 * 1e3,
+            fr.0,
+            fr.1,
+            fr.2
         );
     }
     println!(
-        "{:<34} {:>9.3} ms  {:.2}x the post-RoPE decode",
+        "{:<34} {:>9.3} ms  {:.2}x the post-RoPE decode ({:.2}-{:.2})",
         "decode batch 1, RoPE at read",
-        b1_pre.secs * 1e3,
-        b1_pre.secs / b1.secs
+        b1_pre.0 * 1e3,
+        pre.0,
+        pre.1,
+        pre.2
     );
     println!(
         "{:<34} dense {:.3} ms, sparse {:.3} ms (selection {:.3} ms), {} tokens per head of {sparse_tokens}",
@@ -576,17 +633,17 @@ fn main() {
         report_peer(peer, &mut json);
     }
     json.extend([
-        ("memory_read_gbps", format!("{:.4}", bw / 1e9)),
-        ("decode_dense_b1_ms", format!("{:.4}", b1.secs * 1e3)),
-        ("decode_dense_b8_ms", format!("{:.4}", b8.secs * 1e3)),
-        ("decode_dense_bw_fraction_b1", format!("{frac1:.4}")),
-        ("decode_dense_bw_fraction", format!("{frac8:.4}")),
+        ("memory_read_gbps", format!("{:.4}", bw.0 / 1e9)),
+        ("decode_dense_b1_ms", format!("{:.4}", b1.0 * 1e3)),
+        ("decode_dense_b8_ms", format!("{:.4}", b8.0 * 1e3)),
+        ("decode_dense_bw_fraction_b1", format!("{:.4}", frac1.0)),
+        ("decode_dense_bw_fraction", format!("{:.4}", frac8.0)),
         ("decode_sparse_speedup_128k", format!("{:.4}", sp.dense_secs / sp.sparse_secs)),
         ("selection_overhead_fraction", format!("{:.4}", sp.select_secs / sp.sparse_secs)),
         ("decode_sparse_selected_tokens", sp.selected_tokens.to_string()),
         ("decode_sparse_context_tokens", sparse_tokens.to_string()),
         ("gemfilter_vs_dense_decode_128k", format!("{:.4}", sp.gemfilter_secs / sp.dense_secs)),
-        ("decode_pre_rope_vs_post_rope", format!("{:.4}", b1_pre.secs / b1.secs)),
+        ("decode_pre_rope_vs_post_rope", format!("{:.4}", pre.0)),
     ]);
     if let Some(path) = arg("--json") {
         write_json(&path, &json);

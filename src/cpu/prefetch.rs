@@ -1,7 +1,10 @@
 //! Software prefetch of the rows a kernel will read next.
 
 /// Ask for the cache lines holding the `bytes` bytes at `p` ahead of their use (a hint:
-/// never faults).
+/// never faults). `prefetcht2`: into the outer caches (L2 on current x86 cores), not L1;
+/// the kernels reach the lines a few microseconds later. On a 2-core Xeon with AVX-512,
+/// batch-8 decode at 32K tokens (1 GB of K/V per step) ran 6-8% faster than with
+/// prefetches into L1 (48-50 against 52-53 ms; batch 1 and page selection unchanged).
 #[inline(always)]
 pub(crate) fn prefetch(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -11,7 +14,7 @@ pub(crate) fn prefetch(p: *const u8, bytes: usize) {
         while o < bytes as isize {
             // SAFETY: prefetch is only a hint and never faults, whatever the address.
             unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_offset(o) as *const i8)
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T2 }>(p.wrapping_offset(o) as *const i8)
             };
             o += 64;
         }

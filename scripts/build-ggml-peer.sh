@@ -2,7 +2,8 @@
 # Builds the peer of the decode figures, ggml's CPU flash attention, into target/ggml-peer/.
 #
 # ggml comes from the pinned llama.cpp source (scripts/fetch-llama-cpp.sh, unpacked into
-# target/ggml-peer/src) and is built static, Release, for the native ISA, with the options
+# target/ggml-peer/src) and is built static, Release, for the native ISA (scripts/ggml-isa.sh:
+# without AMX where the machine lists it but cannot run it), with the options
 # llama.cpp's own CMakeLists.txt gives it (llamafile sgemm on, OpenMP if found), together
 # with benches/ggml_fa/ggml_fa_bench.c and nothing of llama.cpp itself.
 #
@@ -31,12 +32,17 @@ fi
 out="$root/target/ggml-peer"
 src=$(bash "$root/scripts/fetch-llama-cpp.sh" "$out/src" | tail -n 1)
 build="$out/build"
-# configure again when the source was unpacked again (its stamp is newer than the cache)
-if [ ! -f "$build/CMakeCache.txt" ] || [ "$src/.llama-cpp-stamp" -nt "$build/CMakeCache.txt" ]; then
+# ggml's instruction sets: native, without AMX where the machine lists it but cannot run it
+mapfile -t isa < <(bash "$root/scripts/ggml-isa.sh")
+isa_used="${isa[*]}"
+# configure again when the source was unpacked again (its stamp is newer than the cache) or
+# the instruction sets changed
+if [ ! -f "$build/CMakeCache.txt" ] || [ "$src/.llama-cpp-stamp" -nt "$build/CMakeCache.txt" ] \
+   || ! grep -qxF "KVSIEVE_GGML_ISA:STRING=$isa_used" "$build/CMakeCache.txt"; then
   echo "== configuring ggml (static, Release, native ISA) from $src" >&2
   rm -rf "$build"
   cmake -S "$root/benches/ggml_fa" -B "$build" -DLLAMA_CPP_DIR="$src" \
-    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DGGML_LLAMAFILE=ON \
+    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF "${isa[@]}" -DKVSIEVE_GGML_ISA:STRING="$isa_used" -DGGML_LLAMAFILE=ON \
     -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF >&2
 fi
 echo "== building ggml_fa_bench (-j$jobs)" >&2

@@ -71,10 +71,14 @@ done
 
 build="$out/build"
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig:$prefix/lib64/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
-if [ ! -f "$build/CMakeCache.txt" ] || ! grep -q "^KVSIEVE_PREFIX_USED:STRING=$prefix\$" "$build/CMakeCache.txt"; then
+# ggml's instruction sets: native, without AMX where the machine lists it but cannot run it
+mapfile -t isa < <(bash "$root/scripts/ggml-isa.sh")
+isa_used="${isa[*]}"
+if [ ! -f "$build/CMakeCache.txt" ] || ! grep -q "^KVSIEVE_PREFIX_USED:STRING=$prefix\$" "$build/CMakeCache.txt" \
+   || ! grep -qxF "KVSIEVE_GGML_ISA:STRING=$isa_used" "$build/CMakeCache.txt"; then
   echo "== configuring (CPU, Release, native ISA) against kvsieve at $prefix" >&2
   rm -rf "$build"
-  cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=ON \
+  cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release "${isa[@]}" -DKVSIEVE_GGML_ISA:STRING="$isa_used" -DBUILD_SHARED_LIBS=ON \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF -DLLAMA_SUBPROCESS=OFF \
     -DCMAKE_PREFIX_PATH="$prefix" -DKVSIEVE_PREFIX_USED:STRING="$prefix" >&2

@@ -3,7 +3,7 @@
 #
 # ggml comes from the pinned llama.cpp source (scripts/fetch-llama-cpp.sh, unpacked into
 # target/ggml-peer/src) and is built static, Release, for the native ISA (scripts/ggml-isa.sh:
-# without AMX where the machine lists it but cannot run it), with the options
+# AMX switched off where the machine lists it but cannot run it), with the options
 # llama.cpp's own CMakeLists.txt gives it (llamafile sgemm on, OpenMP if found), together
 # with benches/ggml_fa/ggml_fa_bench.c and nothing of llama.cpp itself.
 #

@@ -6,8 +6,10 @@
 # Normally just -DGGML_NATIVE=ON (-march=native). A virtual machine can list AMX among the
 # CPU's flags and still fault on the first tile instruction; -march=native then builds
 # ggml's AMX kernels in and llama.cpp dies on SIGILL in its first matrix product. Where the
-# CPU lists AMX and a probe program cannot run a tile instruction, the instruction sets are
-# named one by one from /proc/cpuinfo instead, AMX left out.
+# CPU lists AMX and a probe program cannot run a tile instruction, the compiler flags are
+# -march=native with AMX switched off (-mno-amx-*), given as CMAKE_C/CXX_FLAGS, and ggml's
+# own options name the instruction sets from /proc/cpuinfo, AMX left out; everything else
+# -march=native enables (AVX512-FP16, for one) stays on.
 set -euo pipefail
 flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
 has() { [[ "$flags" == *" $1 "* ]]; }
@@ -37,20 +39,23 @@ int main(void) {
     return 0;
 }
 C
-  # (a subshell, so that the shell's own note of a killed program stays quiet too)
-  gcc -O1 -mamx-tile -o "$dir/amx" "$dir/amx.c" 2>/dev/null && ("$dir/amx") 2>/dev/null
+  # (through sh, so that the note of a killed program goes to sh's silenced stderr)
+  gcc -O1 -mamx-tile -o "$dir/amx" "$dir/amx.c" 2>/dev/null && sh -c '"$1"' sh "$dir/amx" 2>/dev/null
 }
 
 if ! has amx_tile || amx_runs; then
   echo "-DGGML_NATIVE=ON"
   exit 0
 fi
-echo "ggml-isa.sh: the CPU lists AMX but cannot run it here; naming the other instruction sets" >&2
+echo "ggml-isa.sh: the CPU lists AMX but cannot run it here; building for it without AMX" >&2
+native="-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 on() { if has "$1"; then echo ON; else echo OFF; fi; }
 avx512=OFF
 if has avx512f && has avx512cd && has avx512vl && has avx512dq && has avx512bw; then avx512=ON; fi
 cat <<OPTS
 -DGGML_NATIVE=OFF
+-DCMAKE_C_FLAGS=$native
+-DCMAKE_CXX_FLAGS=$native
 -DGGML_SSE42=$(on sse4_2)
 -DGGML_AVX=$(on avx)
 -DGGML_AVX2=$(on avx2)

@@ -10,10 +10,10 @@
 //! in L2 while every micro-tile of the block uses it). The AVX-512 inner loop loads one
 //! 16-wide vector of four panels each and broadcasts six points (interleaved channel by
 //! channel) against them: 24 FMAs of twice the width per 10 loads; four panels (32 KiB,
-//! in L1) meet every micro-tile of the block before the next four. Each row keeps, per lane, the best
-//! value and its centroid index; ties keep the earlier (lower) index, and the lanes reduce
-//! to the first maximum, so the answer is the lowest-index argmax whatever the tiling and
-//! thread count.
+//! in L1) meet every micro-tile of the block before the next four. Each row keeps, per
+//! lane, the best value and its centroid index; ties keep the earlier (lower) index, and
+//! the lanes reduce to the first maximum, so the answer is the lowest-index argmax whatever
+//! the tiling and thread count.
 
 use rayon::prelude::*;
 
@@ -23,6 +23,9 @@ pub(crate) const PANEL: usize = 16;
 const MR: usize = 6;
 /// Points per parallel task (a multiple of `MR`).
 const BLOCK: usize = 8 * MR;
+
+/// Panels scored by one block before it moves on.
+const GROUP: usize = 16;
 
 /// Which micro-tile a block runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -46,8 +49,6 @@ impl Kernel {
         Kernel::Portable
     }
 }
-/// Panels scored by one block before it moves on.
-const GROUP: usize = 16;
 
 /// Centroids `[k][d]` repacked into channel-major panels of [`PANEL`], zero-padded.
 pub(crate) struct PackedCentroids {

@@ -164,6 +164,27 @@ unsafe fn tile4x4<const L: u8, const ROPE: bool>(
     reduce16([a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15])
 }
 
+/// Stores a [`tile4x4`] result: row `i`'s scores (lanes `4i..4i+4`) at `out + i * stride`,
+/// the first `n` (at most 4) of each.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_tile(v: __m512, out: *mut f32, stride: usize, n: usize) {
+    if n == 4 {
+        _mm_storeu_ps(out, _mm512_extractf32x4_ps::<0>(v));
+        _mm_storeu_ps(out.add(stride), _mm512_extractf32x4_ps::<1>(v));
+        _mm_storeu_ps(out.add(2 * stride), _mm512_extractf32x4_ps::<2>(v));
+        _mm_storeu_ps(out.add(3 * stride), _mm512_extractf32x4_ps::<3>(v));
+        return;
+    }
+    let mut s = [0f32; 16];
+    _mm512_storeu_ps(s.as_mut_ptr(), v);
+    for i in 0..4 {
+        for c in 0..n {
+            *out.add(i * stride + c) = s[4 * i + c];
+        }
+    }
+}
+
 /// Dot products of one query row with 16 keys, in key order.
 #[target_feature(enable = "avx512f")]
 #[inline(never)]
@@ -240,13 +261,9 @@ pub unsafe fn scores<const L: u8>(
         let mut j = 0;
         while j + 4 <= t {
             ahead.upto(j + 4);
-            // Lanes 4i..4i+4 are row r+i's scores with keys j..j+4.
             let k = [k_rows[j], k_rows[j + 1], k_rows[j + 2], k_rows[j + 3]];
             let v = tile4x4::<L, false>(qp.add(r * d), d, d, k, [std::ptr::null(); 4], (0, false));
-            _mm_storeu_ps(op.add(r * t + j), _mm512_extractf32x4_ps::<0>(v));
-            _mm_storeu_ps(op.add((r + 1) * t + j), _mm512_extractf32x4_ps::<1>(v));
-            _mm_storeu_ps(op.add((r + 2) * t + j), _mm512_extractf32x4_ps::<2>(v));
-            _mm_storeu_ps(op.add((r + 3) * t + j), _mm512_extractf32x4_ps::<3>(v));
+            store_tile(v, op.add(r * t + j), t, 4);
             j += 4;
         }
         for (j, &k) in k_rows.iter().enumerate().skip(j) {
@@ -298,12 +315,7 @@ pub unsafe fn scores_rope<const L: u8>(
             let k = [k_rows[at(0)], k_rows[at(1)], k_rows[at(2)], k_rows[at(3)]];
             let cs = [rope.cs[at(0)], rope.cs[at(1)], rope.cs[at(2)], rope.cs[at(3)]];
             let v = tile4x4::<L, true>(qp.add(r * d), d, d, k, cs, how);
-            let mut s = [0f32; 16];
-            _mm512_storeu_ps(s.as_mut_ptr(), v);
-            let n = (t - j).min(4);
-            for i in 0..4 {
-                std::ptr::copy_nonoverlapping(s.as_ptr().add(4 * i), op.add((r + i) * t + j), n);
-            }
+            store_tile(v, op.add(r * t + j), t, (t - j).min(4));
             j += 4;
         }
     }

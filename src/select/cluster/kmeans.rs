@@ -310,7 +310,7 @@ impl HalfRows {
 
 /// One chunk's share of a k-means++ step: lower `d2` / update `near` for the points the new
 /// seed `p` (index `s`) is nearer to, and return the chunk's f64 sum of `d2` (`prev`, the
-/// sum before, where nothing changed).
+/// sum before, if known and nothing changed).
 ///
 /// Points the triangle inequality rules out are skipped; the rest are screened with their
 /// f16 copies (`half`): `|x·s − f16(x)·s| <= ‖x − f16(x)‖ ‖s‖`, so where even the largest
@@ -329,7 +329,7 @@ fn seed_update(
     base: usize,
     d2: &mut [f32],
     near: &mut [u32],
-    prev: f64,
+    prev: Option<f64>,
 ) -> f64 {
     let xp = &x[p * d..(p + 1) * d];
     // Candidates, written without a branch per point (about a fifth pass, in no pattern).
@@ -377,10 +377,9 @@ fn seed_update(
         near[p - base] = s;
         changed = true;
     }
-    if changed {
-        d2.iter().map(|&v| v as f64).sum()
-    } else {
-        prev
+    match prev {
+        Some(sum) if !changed => sum,
+        _ => d2.iter().map(|&v| v as f64).sum(),
     }
 }
 
@@ -401,16 +400,16 @@ fn plus_plus(x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64) -> Result<Ve
     // The first step compares with no earlier seed: nothing is pruned.
     let mut ss2 = zeroed_vec::<f32>(k, "k-means++ seed distances")?;
     let half = HalfRows::new(x, d)?;
-    let step = |p: usize, s: u32, ss2: &[f32], d2: &mut [f32], near: &mut [u32], prev: &[f64]| -> Vec<f64> {
+    let step = |p: usize, s: u32, ss2: &[f32], d2: &mut [f32], near: &mut [u32], prev: Option<&[f64]>| -> Vec<f64> {
         d2.par_chunks_mut(SEED_CHUNK)
             .zip(near.par_chunks_mut(SEED_CHUNK))
-            .zip(prev.par_iter())
             .enumerate()
-            .map(|(c, ((d2, near), &prev))| seed_update(x, &half, xsq, d, p, s, ss2, c * SEED_CHUNK, d2, near, prev))
+            .map(|(c, (d2, near))| {
+                seed_update(x, &half, xsq, d, p, s, ss2, c * SEED_CHUNK, d2, near, prev.map(|sums| sums[c]))
+            })
             .collect()
     };
-    // The first step changes every chunk (no previous sums are used).
-    let mut sums = step(first, 0, &ss2, &mut d2, &mut near, &vec![f64::NAN; n.div_ceil(SEED_CHUNK)]);
+    let mut sums = step(first, 0, &ss2, &mut d2, &mut near, None);
     for s in 1..k {
         let total: f64 = sums.iter().sum();
         let u = rng.next_f64() * total;
@@ -451,7 +450,7 @@ fn plus_plus(x: &[f32], xsq: &[f32], d: usize, k: usize, seed: u64) -> Result<Ve
         for (j, v) in ss2[..s].iter_mut().enumerate() {
             *v = (xsq[chosen[j] as usize] + xsq[p] - 2.0 * *v).max(0.0);
         }
-        sums = step(p, s as u32, &ss2, &mut d2, &mut near, &sums);
+        sums = step(p, s as u32, &ss2, &mut d2, &mut near, Some(&sums));
         is_chosen[p] = true;
         chosen.push(p as u32);
     }
